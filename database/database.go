@@ -1,0 +1,69 @@
+// Package database owns ferry's own tables (inbox, links, event map, key-value facts) and their numbered
+// upgrades. They live beside mautrix's crypto store and state store in the same database, each with its own
+// version table. This package never imports bridge or crypto, and never stores message plaintext: the inbox
+// holds events exactly as the homeserver delivered them (ciphertext in encrypted rooms) and drops the payload
+// once an event is relayed.
+package database
+
+import (
+	"context"
+	"embed"
+	"errors"
+	"fmt"
+
+	"go.mau.fi/util/dbutil"
+)
+
+// VersionTable is the name of ferry's own schema version table.
+const VersionTable = "ferry_version"
+
+//go:embed upgrades/*.sql
+var upgrades embed.FS
+
+// UpgradeTable is ferry's schema history.
+var UpgradeTable = dbutil.BuildUpgradeTable().WithFSPath(upgrades, "upgrades").Finish()
+
+// Database is ferry's view of its own tables.
+type Database struct {
+	*dbutil.Database
+	Inbox    *InboxQuery
+	Links    *LinkQuery
+	EventMap *EventMapQuery
+	KV       *KVQuery
+}
+
+// New wraps a root database handle. The handle may be shared with the crypto and state stores (each uses its
+// own version table via Child).
+func New(root *dbutil.Database, log dbutil.DatabaseLogger) *Database {
+	db := root.Child(VersionTable, UpgradeTable, log)
+	return &Database{
+		Database: db,
+		Inbox:    &InboxQuery{db: db},
+		Links:    &LinkQuery{db: db},
+		EventMap: &EventMapQuery{db: db},
+		KV:       &KVQuery{db: db},
+	}
+}
+
+// UpgradeError says which schema failed to upgrade; cmd/ferry turns it into an exit code.
+type UpgradeError struct {
+	Section string
+	Err     error
+}
+
+func (e UpgradeError) Error() string {
+	if errors.Is(e.Err, dbutil.ErrUnsupportedDatabaseVersion) {
+		return fmt.Sprintf("the %s tables were written by a newer ferry than this one (%v); upgrade ferry or restore a backup", e.Section, e.Err)
+	}
+	return fmt.Sprintf("failed to upgrade %s tables: %v", e.Section, e.Err)
+}
+
+func (e UpgradeError) Unwrap() error { return e.Err }
+
+// Upgrade brings ferry's tables to the latest schema.
+func (db *Database) Upgrade(ctx context.Context) error {
+	if err := db.Database.Upgrade(ctx); err != nil {
+		return UpgradeError{Section: "ferry", Err: err}
+	}
+	return nil
+}

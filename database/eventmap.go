@@ -1,0 +1,115 @@
+package database
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/id"
+)
+
+// Copy is one relayed copy of an original event.
+type Copy struct {
+	SourceEvent id.EventID
+	SourceRoom  id.RoomID
+	TargetRoom  id.RoomID
+	TargetEvent id.EventID
+	Sender      id.UserID // the ghost that sent the copy
+	CreatedAt   time.Time
+	DisappearAt time.Time // zero when the copy does not disappear
+}
+
+// EventMapQuery reads and writes the event map.
+type EventMapQuery struct {
+	db *dbutil.Database
+}
+
+const copyColumns = `source_event, source_room, target_room, target_event, sender, created_at, disappear_at`
+
+// Put records a copy. Recording the same (source, target room) twice keeps the first.
+func (eq *EventMapQuery) Put(ctx context.Context, c *Copy) error {
+	var disappear int64
+	if !c.DisappearAt.IsZero() {
+		disappear = c.DisappearAt.UnixMilli()
+	}
+	_, err := eq.db.Exec(ctx, `INSERT INTO event_map (`+copyColumns+`) VALUES ($1, $2, $3, $4, $5, $6, $7)
+		ON CONFLICT (source_event, target_room) DO NOTHING`,
+		c.SourceEvent, c.SourceRoom, c.TargetRoom, c.TargetEvent, c.Sender, c.CreatedAt.UnixMilli(), disappear)
+	return err
+}
+
+// Get returns the copy of an original in a target room, or nil.
+func (eq *EventMapQuery) Get(ctx context.Context, source id.EventID, targetRoom id.RoomID) (*Copy, error) {
+	return scanCopyRow(eq.db.QueryRow(ctx, `SELECT `+copyColumns+` FROM event_map WHERE source_event=$1 AND target_room=$2`, source, targetRoom))
+}
+
+// ByTarget returns the map row whose copy is the given event, or nil when the event is not a copy.
+func (eq *EventMapQuery) ByTarget(ctx context.Context, target id.EventID) (*Copy, error) {
+	return scanCopyRow(eq.db.QueryRow(ctx, `SELECT `+copyColumns+` FROM event_map WHERE target_event=$1`, target))
+}
+
+// CopiesOf lists every copy of an original.
+func (eq *EventMapQuery) CopiesOf(ctx context.Context, source id.EventID) ([]*Copy, error) {
+	rows, err := eq.db.Query(ctx, `SELECT `+copyColumns+` FROM event_map WHERE source_event=$1`, source)
+	return dbutil.NewRowIterWithError(rows, scanCopy, err).AsList()
+}
+
+// Counterpart resolves an event seen in one room of a link to its counterpart in targetRoom: the copy there, or
+// the original if the original lives in targetRoom. ok=false when ferry has no counterpart.
+func (eq *EventMapQuery) Counterpart(ctx context.Context, evt id.EventID, targetRoom id.RoomID) (id.EventID, bool, error) {
+	original := evt
+	if c, err := eq.ByTarget(ctx, evt); err != nil {
+		return "", false, err
+	} else if c != nil {
+		if c.SourceRoom == targetRoom {
+			return c.SourceEvent, true, nil
+		}
+		original = c.SourceEvent
+	}
+	c, err := eq.Get(ctx, original, targetRoom)
+	if err != nil || c == nil {
+		return "", false, err
+	}
+	return c.TargetEvent, true, nil
+}
+
+// CountSince counts copies sent into or out of a set of rooms since a time.
+func (eq *EventMapQuery) CountForRoom(ctx context.Context, room id.RoomID) (int, error) {
+	var n int
+	err := eq.db.QueryRow(ctx, `SELECT COUNT(*) FROM event_map WHERE source_room=$1`, room).Scan(&n)
+	return n, err
+}
+
+// LastForRoom returns when the latest copy of an event from room was made, or zero.
+func (eq *EventMapQuery) LastForRoom(ctx context.Context, room id.RoomID) (time.Time, error) {
+	var ts sql.NullInt64
+	err := eq.db.QueryRow(ctx, `SELECT MAX(created_at) FROM event_map WHERE source_room=$1`, room).Scan(&ts)
+	if err != nil || !ts.Valid {
+		return time.Time{}, err
+	}
+	return time.UnixMilli(ts.Int64), nil
+}
+
+func scanCopyRow(row *sql.Row) (*Copy, error) {
+	c, err := scanCopy(row)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil
+	}
+	return c, err
+}
+
+func scanCopy(row dbutil.Scannable) (*Copy, error) {
+	var c Copy
+	var created, disappear int64
+	err := row.Scan(&c.SourceEvent, &c.SourceRoom, &c.TargetRoom, &c.TargetEvent, &c.Sender, &created, &disappear)
+	if err != nil {
+		return nil, err
+	}
+	c.CreatedAt = time.UnixMilli(created)
+	if disappear > 0 {
+		c.DisappearAt = time.UnixMilli(disappear)
+	}
+	return &c, nil
+}

@@ -1,0 +1,199 @@
+package database
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"strings"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/id"
+)
+
+// InboxState is where an inbox event is in its life.
+type InboxState string
+
+const (
+	// InboxPending events wait for their room's worker.
+	InboxPending InboxState = "pending"
+	// InboxWaitingKeys events could not be decrypted yet; they are retried when their room key arrives.
+	InboxWaitingKeys InboxState = "waiting_keys"
+	// InboxDone events were handled (relayed, or deliberately dropped). Their payload is cleared.
+	InboxDone InboxState = "done"
+	// InboxFailed events hit a permanent error; the source room was told. Their payload is cleared.
+	InboxFailed InboxState = "failed"
+)
+
+// InboxEvent is one event as the homeserver delivered it.
+type InboxEvent struct {
+	Seq        int64
+	EventID    id.EventID
+	RoomID     id.RoomID
+	Sender     id.UserID
+	Type       string
+	Raw        []byte // the event JSON as received; nil once handled
+	State      InboxState
+	SessionID  id.SessionID // Megolm session of an encrypted event, for waking it when the key arrives
+	ReceivedAt time.Time
+	Attempts   int
+	NotBefore  time.Time
+	LastError  string
+}
+
+// InboxQuery reads and writes the inbox table.
+type InboxQuery struct {
+	db *dbutil.Database
+}
+
+const (
+	inboxColumns    = `seq, event_id, room_id, sender, event_type, raw, state, session_id, received_at, attempts, not_before, last_error`
+	inboxSelect     = `SELECT ` + inboxColumns + ` FROM inbox `
+	inboxInsertHead = `INSERT INTO inbox (event_id, room_id, sender, event_type, raw, state, session_id, received_at) VALUES `
+	inboxInsertTail = ` ON CONFLICT (event_id) DO NOTHING`
+)
+
+// Insert records events in one transaction and reports which were new (redeliveries of known event IDs are
+// skipped). Nothing is acknowledged to the homeserver before this returns without error.
+func (iq *InboxQuery) Insert(ctx context.Context, evts []*InboxEvent) (inserted int, err error) {
+	if len(evts) == 0 {
+		return 0, nil
+	}
+	// One multi-row statement: a transaction of 100 events costs one round trip, not 100.
+	const perRow = 8
+	var sb strings.Builder
+	sb.WriteString(inboxInsertHead)
+	args := make([]any, 0, len(evts)*perRow)
+	for i, evt := range evts {
+		if i > 0 {
+			sb.WriteByte(',')
+		}
+		sb.WriteString(placeholders(i*perRow, perRow))
+		args = append(args, evt.EventID, evt.RoomID, evt.Sender, evt.Type, string(evt.Raw), evt.State,
+			dbutil.StrPtr(evt.SessionID), evt.ReceivedAt.UnixMilli())
+	}
+	sb.WriteString(inboxInsertTail)
+	res, err := iq.db.Exec(ctx, sb.String(), args...)
+	if err != nil {
+		return 0, err
+	}
+	n, err := res.RowsAffected()
+	return int(n), err
+}
+
+func placeholders(offset, n int) string {
+	var sb strings.Builder
+	sb.WriteByte('(')
+	for i := 1; i <= n; i++ {
+		if i > 1 {
+			sb.WriteByte(',')
+		}
+		sb.WriteByte('$')
+		sb.WriteString(itoa(offset + i))
+	}
+	sb.WriteByte(')')
+	return sb.String()
+}
+
+func itoa(i int) string {
+	if i < 10 {
+		return string(rune('0' + i))
+	}
+	return itoa(i/10) + string(rune('0'+i%10))
+}
+
+// Get returns one event by ID, or nil.
+func (iq *InboxQuery) Get(ctx context.Context, evtID id.EventID) (*InboxEvent, error) {
+	return scanOne(iq.db.QueryRow(ctx, inboxSelect+`WHERE event_id=$1`, evtID))
+}
+
+// RoomsWithWork lists rooms that have pending events whose time has come.
+func (iq *InboxQuery) RoomsWithWork(ctx context.Context) ([]id.RoomID, error) {
+	rows, err := iq.db.Query(ctx, `SELECT DISTINCT room_id FROM inbox WHERE state=$1`, InboxPending)
+	return dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.RoomID], err).AsList()
+}
+
+// NextInRoom returns up to limit pending events of one room, oldest first.
+func (iq *InboxQuery) NextInRoom(ctx context.Context, roomID id.RoomID, limit int) ([]*InboxEvent, error) {
+	rows, err := iq.db.Query(ctx, inboxSelect+`WHERE room_id=$1 AND state=$2 ORDER BY seq LIMIT $3`, roomID, InboxPending, limit)
+	return dbutil.NewRowIterWithError(rows, scanInbox, err).AsList()
+}
+
+// Finish marks an event handled and drops its payload.
+func (iq *InboxQuery) Finish(ctx context.Context, seq int64, state InboxState, lastError string) error {
+	_, err := iq.db.Exec(ctx, `UPDATE inbox SET state=$2, raw=NULL, last_error=$3 WHERE seq=$1`, seq, state, dbutil.StrPtr(lastError))
+	return err
+}
+
+// Park marks an event as waiting for its room key.
+func (iq *InboxQuery) Park(ctx context.Context, seq int64, sessionID id.SessionID) error {
+	_, err := iq.db.Exec(ctx, `UPDATE inbox SET state=$2, session_id=$3, attempts=attempts+1 WHERE seq=$1`, seq, InboxWaitingKeys, sessionID)
+	return err
+}
+
+// Retry records a transient failure; the event stays pending and is not tried before notBefore.
+func (iq *InboxQuery) Retry(ctx context.Context, seq int64, notBefore time.Time, lastError string) error {
+	_, err := iq.db.Exec(ctx, `UPDATE inbox SET attempts=attempts+1, not_before=$2, last_error=$3 WHERE seq=$1`, seq, notBefore.UnixMilli(), lastError)
+	return err
+}
+
+// Wake moves events parked for a session back to pending and returns their rooms.
+func (iq *InboxQuery) Wake(ctx context.Context, sessionID id.SessionID) ([]id.RoomID, error) {
+	rows, err := iq.db.Query(ctx, `UPDATE inbox SET state=$1 WHERE state=$2 AND session_id=$3 RETURNING room_id`, InboxPending, InboxWaitingKeys, sessionID)
+	return dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.RoomID], err).AsList()
+}
+
+// Parked lists events waiting for keys, oldest first.
+func (iq *InboxQuery) Parked(ctx context.Context) ([]*InboxEvent, error) {
+	rows, err := iq.db.Query(ctx, inboxSelect+`WHERE state=$1 ORDER BY seq`, InboxWaitingKeys)
+	return dbutil.NewRowIterWithError(rows, scanInbox, err).AsList()
+}
+
+// CountByState counts a room's events per state (all rooms when roomID is empty).
+func (iq *InboxQuery) CountByState(ctx context.Context, roomID id.RoomID) (map[InboxState]int, error) {
+	q := `SELECT state, COUNT(*) FROM inbox WHERE ($1='' OR room_id=$1) GROUP BY state`
+	rows, err := iq.db.Query(ctx, q, roomID)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[InboxState]int{}
+	for rows.Next() {
+		var st InboxState
+		var n int
+		if err = rows.Scan(&st, &n); err != nil {
+			return nil, err
+		}
+		out[st] = n
+	}
+	return out, rows.Err()
+}
+
+func scanOne(row *sql.Row) (*InboxEvent, error) {
+	evt, err := scanInbox(row)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil
+	}
+	return evt, err
+}
+
+func scanInbox(row dbutil.Scannable) (*InboxEvent, error) {
+	var evt InboxEvent
+	var raw, sessionID, lastError sql.NullString
+	var receivedAt, notBefore int64
+	err := row.Scan(&evt.Seq, &evt.EventID, &evt.RoomID, &evt.Sender, &evt.Type, &raw, &evt.State, &sessionID,
+		&receivedAt, &evt.Attempts, &notBefore, &lastError)
+	if err != nil {
+		return nil, err
+	}
+	if raw.Valid {
+		evt.Raw = []byte(raw.String)
+	}
+	evt.SessionID = id.SessionID(sessionID.String)
+	evt.LastError = lastError.String
+	evt.ReceivedAt = time.UnixMilli(receivedAt)
+	if notBefore > 0 {
+		evt.NotBefore = time.UnixMilli(notBefore)
+	}
+	return &evt, nil
+}

@@ -1,0 +1,199 @@
+package database
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/id"
+)
+
+// ErrLinkNotFound is returned when a room is not part of any link. Callers ignore the event (nothing to relay)
+// or tell the user the room is not linked.
+var ErrLinkNotFound = errors.New("room is not linked")
+
+// ErrRoomAlreadyLinked is returned by AddRoom when the room already belongs to a link: a room belongs to at most one.
+var ErrRoomAlreadyLinked = errors.New("room already belongs to a link")
+
+// Link joins two or more rooms.
+type Link struct {
+	ID                string
+	CreatedBy         id.UserID
+	CreatedAt         time.Time
+	RequireEncryption bool
+	DisappearAfter    time.Duration
+	Rooms             []id.RoomID
+}
+
+// Others returns the link's rooms except the given one.
+func (l *Link) Others(roomID id.RoomID) []id.RoomID {
+	out := make([]id.RoomID, 0, len(l.Rooms))
+	for _, r := range l.Rooms {
+		if r != roomID {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// LinkRequest is a pending link that someone with power in RoomID must accept.
+type LinkRequest struct {
+	RoomID      id.RoomID
+	FromRoom    id.RoomID
+	RequestedBy id.UserID
+	CreatedAt   time.Time
+}
+
+// LinkQuery reads and writes links.
+type LinkQuery struct {
+	db *dbutil.Database
+}
+
+// GetByRoom returns the link a room belongs to, or ErrLinkNotFound.
+func (lq *LinkQuery) GetByRoom(ctx context.Context, roomID id.RoomID) (*Link, error) {
+	var linkID string
+	err := lq.db.QueryRow(ctx, `SELECT link_id FROM link_room WHERE room_id=$1`, roomID).Scan(&linkID)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, ErrLinkNotFound
+	} else if err != nil {
+		return nil, err
+	}
+	return lq.Get(ctx, linkID)
+}
+
+// Get returns a link with its rooms, or ErrLinkNotFound.
+func (lq *LinkQuery) Get(ctx context.Context, linkID string) (*Link, error) {
+	var link Link
+	var createdAt, disappearMS int64
+	err := lq.db.QueryRow(ctx, `SELECT id, created_by, created_at, require_encryption, disappear_ms FROM link WHERE id=$1`, linkID).
+		Scan(&link.ID, &link.CreatedBy, &createdAt, &link.RequireEncryption, &disappearMS)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, ErrLinkNotFound
+	} else if err != nil {
+		return nil, err
+	}
+	link.CreatedAt = time.UnixMilli(createdAt)
+	link.DisappearAfter = time.Duration(disappearMS) * time.Millisecond
+	rows, err := lq.db.Query(ctx, `SELECT room_id FROM link_room WHERE link_id=$1 ORDER BY added_at, room_id`, linkID)
+	link.Rooms, err = dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.RoomID], err).AsList()
+	if err != nil {
+		return nil, err
+	}
+	return &link, nil
+}
+
+// All lists every link.
+func (lq *LinkQuery) All(ctx context.Context) ([]*Link, error) {
+	rows, err := lq.db.Query(ctx, `SELECT id FROM link ORDER BY created_at, id`)
+	ids, err := dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[string], err).AsList()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*Link, 0, len(ids))
+	for _, linkID := range ids {
+		link, err := lq.Get(ctx, linkID)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, link)
+	}
+	return out, nil
+}
+
+// Join puts room into the link that `existing` belongs to, creating a new link (with the given ID) when
+// `existing` is in none. It fails with ErrRoomAlreadyLinked if room already belongs to a link. One transaction.
+func (lq *LinkQuery) Join(ctx context.Context, newLinkID string, existing, room id.RoomID, by id.UserID, now time.Time) (*Link, error) {
+	var link *Link
+	err := lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if _, err := lq.GetByRoom(ctx, room); err == nil {
+			return ErrRoomAlreadyLinked
+		} else if !errors.Is(err, ErrLinkNotFound) {
+			return err
+		}
+		existingLink, err := lq.GetByRoom(ctx, existing)
+		if errors.Is(err, ErrLinkNotFound) {
+			_, err = lq.db.Exec(ctx, `INSERT INTO link (id, created_by, created_at) VALUES ($1, $2, $3)`, newLinkID, by, now.UnixMilli())
+			if err != nil {
+				return err
+			}
+			if err = lq.addRoom(ctx, newLinkID, existing, by, now); err != nil {
+				return err
+			}
+			existingLink = &Link{ID: newLinkID}
+		} else if err != nil {
+			return err
+		}
+		if err = lq.addRoom(ctx, existingLink.ID, room, by, now.Add(time.Millisecond)); err != nil {
+			return err
+		}
+		link, err = lq.Get(ctx, existingLink.ID)
+		return err
+	})
+	return link, err
+}
+
+func (lq *LinkQuery) addRoom(ctx context.Context, linkID string, room id.RoomID, by id.UserID, now time.Time) error {
+	_, err := lq.db.Exec(ctx, `INSERT INTO link_room (room_id, link_id, added_by, added_at) VALUES ($1, $2, $3, $4)`, room, linkID, by, now.UnixMilli())
+	return err
+}
+
+// Leave removes a room from its link. When fewer than two rooms would remain, the whole link is dissolved.
+// It returns the link as it was before.
+func (lq *LinkQuery) Leave(ctx context.Context, room id.RoomID) (*Link, error) {
+	var before *Link
+	err := lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		var err error
+		before, err = lq.GetByRoom(ctx, room)
+		if err != nil {
+			return err
+		}
+		if len(before.Rooms) <= 2 {
+			_, err = lq.db.Exec(ctx, `DELETE FROM link_room WHERE link_id=$1`, before.ID)
+			if err == nil {
+				_, err = lq.db.Exec(ctx, `DELETE FROM link WHERE id=$1`, before.ID)
+			}
+			return err
+		}
+		_, err = lq.db.Exec(ctx, `DELETE FROM link_room WHERE room_id=$1`, room)
+		return err
+	})
+	return before, err
+}
+
+// SetRequireEncryption changes a link's encryption policy.
+func (lq *LinkQuery) SetRequireEncryption(ctx context.Context, linkID string, require bool) error {
+	_, err := lq.db.Exec(ctx, `UPDATE link SET require_encryption=$2 WHERE id=$1`, linkID, require)
+	return err
+}
+
+// SetDisappear changes a link's disappearing-message timer (0 = off).
+func (lq *LinkQuery) SetDisappear(ctx context.Context, linkID string, after time.Duration) error {
+	_, err := lq.db.Exec(ctx, `UPDATE link SET disappear_ms=$2 WHERE id=$1`, linkID, after.Milliseconds())
+	return err
+}
+
+// PutRequest stores (or replaces) a pending link request for a room.
+func (lq *LinkQuery) PutRequest(ctx context.Context, req *LinkRequest) error {
+	_, err := lq.db.Exec(ctx, `
+		INSERT INTO link_request (room_id, from_room, requested_by, created_at) VALUES ($1, $2, $3, $4)
+		ON CONFLICT (room_id) DO UPDATE SET from_room=excluded.from_room, requested_by=excluded.requested_by, created_at=excluded.created_at`,
+		req.RoomID, req.FromRoom, req.RequestedBy, req.CreatedAt.UnixMilli())
+	return err
+}
+
+// TakeRequest returns and deletes the pending request for a room, or nil when there is none.
+func (lq *LinkQuery) TakeRequest(ctx context.Context, room id.RoomID) (*LinkRequest, error) {
+	var req LinkRequest
+	var createdAt int64
+	err := lq.db.QueryRow(ctx, `DELETE FROM link_request WHERE room_id=$1 RETURNING room_id, from_room, requested_by, created_at`, room).
+		Scan(&req.RoomID, &req.FromRoom, &req.RequestedBy, &createdAt)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil
+	} else if err != nil {
+		return nil, err
+	}
+	req.CreatedAt = time.UnixMilli(createdAt)
+	return &req, nil
+}
