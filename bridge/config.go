@@ -1,0 +1,80 @@
+package bridge
+
+import (
+	"errors"
+	"strings"
+	"text/template"
+	"time"
+)
+
+// Defaults of the `bridge` section, used for keys absent from the config file.
+const (
+	DefaultCommandPrefix       = "!ferry"
+	DefaultGhostPrefix         = "_ferry_"
+	DefaultDisplaynameTemplate = "{{.DisplayName}} ({{.RoomName}})"
+	DefaultKeyWait             = 5 * time.Second
+	DefaultKeyNoticeAfter      = 60 * time.Second
+)
+
+// DefaultConfig returns the `bridge` section with every default filled in.
+func DefaultConfig() Config {
+	return Config{
+		CommandPrefix:           DefaultCommandPrefix,
+		GhostPrefix:             DefaultGhostPrefix,
+		DisplaynameTemplate:     DefaultDisplaynameTemplate,
+		AllowUnencryptedTargets: false,
+		KeyWait:                 DefaultKeyWait,
+		KeyNoticeAfter:          DefaultKeyNoticeAfter,
+		RedactOriginals:         true,
+	}
+}
+
+// Config is the `bridge` section of ferry's configuration: how links behave and how ghosts look.
+type Config struct {
+	// CommandPrefix starts every bot command outside a management room, e.g. "!ferry".
+	CommandPrefix string `yaml:"command_prefix"`
+	// GhostPrefix is the localpart prefix of every ghost user, e.g. "_ferry_".
+	GhostPrefix string `yaml:"ghost_prefix"`
+	// DisplaynameTemplate renders a ghost's per-room display name from GhostNameParams.
+	DisplaynameTemplate string `yaml:"displayname_template"`
+	// AllowUnencryptedTargets lets a link relay from an encrypted room into an unencrypted one.
+	AllowUnencryptedTargets bool `yaml:"allow_unencrypted_targets"`
+	// KeyWait is how long an event whose room key is missing holds its room's queue before later events pass it.
+	KeyWait time.Duration `yaml:"key_wait"`
+	// KeyNoticeAfter is how long ferry waits for a missing room key before telling the source room.
+	KeyNoticeAfter time.Duration `yaml:"key_notice_after"`
+	// RedactOriginals: when a disappearing timer expires, also redact the original if the bot may.
+	RedactOriginals bool `yaml:"redact_originals"`
+
+	// DisplaynameTmpl is DisplaynameTemplate compiled while loading.
+	DisplaynameTmpl *template.Template `yaml:"-"`
+}
+
+// GhostNameParams are the fields available to displayname_template.
+type GhostNameParams struct {
+	DisplayName string // the real user's display name in the source room (or their localpart)
+	UserID      string // the real user's Matrix ID
+	RoomName    string // the source room's name (or its canonical alias, or its ID)
+}
+
+// sampleGhostNameParams are rendered once while compiling displayname_template, so a template that refers to
+// a missing field or renders nothing fails at startup rather than on the first relayed message.
+var sampleGhostNameParams = GhostNameParams{DisplayName: "Alice", UserID: "@alice:example.com", RoomName: "Lobby"}
+
+// CompileDisplaynameTemplate parses DisplaynameTemplate into DisplaynameTmpl and renders it once with sample
+// values. The error does not name the config key; the caller adds it.
+func (c *Config) CompileDisplaynameTemplate() error {
+	tmpl, err := template.New("displayname_template").Option("missingkey=error").Parse(c.DisplaynameTemplate)
+	if err != nil {
+		return err
+	}
+	var sample strings.Builder
+	if err = tmpl.Execute(&sample, sampleGhostNameParams); err != nil {
+		return err
+	}
+	if strings.TrimSpace(sample.String()) == "" {
+		return errors.New("renders an empty display name")
+	}
+	c.DisplaynameTmpl = tmpl
+	return nil
+}

@@ -1,0 +1,322 @@
+// Command ferry is a Matrix application service that links rooms and relays end-to-end encrypted chats and
+// call signaling between them. This file is the only place that reads flags or exits.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"regexp"
+	"syscall"
+	"time"
+
+	"github.com/lib/pq"
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	_ "go.mau.fi/util/dbutil/litestream" // registers the sqlite3-fk-wal driver
+	"go.mau.fi/util/random"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/appservice"
+	mcrypto "maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/sqlstatestore"
+
+	"go.ferry.im/ferry"
+	"go.ferry.im/ferry/bridge"
+	"go.ferry.im/ferry/crypto"
+	"go.ferry.im/ferry/database"
+)
+
+// Set at build time with -ldflags "-X main.Version=... -X main.Commit=...".
+var (
+	Version = "0.1.0-dev"
+	Commit  = "unknown"
+)
+
+// Exit codes.
+const (
+	exitOK         = 0
+	exitFailure    = 1
+	exitConfig     = 2
+	exitDatabase   = 3
+	exitHomeserver = 4
+)
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	fs := flag.NewFlagSet("ferry", flag.ContinueOnError)
+	configPath := fs.String("c", "config.yaml", "path to the config file")
+	regPath := fs.String("r", "registration.yaml", "path to the appservice registration file (with -g)")
+	generate := fs.Bool("g", false, "write the appservice registration and exit")
+	example := fs.Bool("e", false, "write the example config to the -c path and exit")
+	version := fs.Bool("version", false, "print the version and exit")
+	if err := fs.Parse(args); err != nil {
+		return exitConfig
+	}
+	switch {
+	case *version:
+		fmt.Printf("ferry %s (commit %s)\n", Version, Commit)
+		return exitOK
+	case *example:
+		if _, err := os.Stat(*configPath); err == nil {
+			fmt.Fprintf(os.Stderr, "ferry: %s already exists; not overwriting it\n", *configPath)
+			return exitConfig
+		}
+		if err := WriteFileAtomic(*configPath, ferry.ExampleConfig, 0600); err != nil {
+			fmt.Fprintf(os.Stderr, "ferry: %v\n", err)
+			return exitFailure
+		}
+		fmt.Printf("Wrote the example config to %s: edit it, then run ferry -g -c %s -r registration.yaml\n", *configPath, *configPath)
+		return exitOK
+	}
+	cfg, err := LoadConfig(*configPath)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "ferry: %v\n", err)
+		return exitConfig
+	}
+	if *generate {
+		if err = generateRegistration(cfg, *configPath, *regPath); err != nil {
+			fmt.Fprintf(os.Stderr, "ferry: %v\n", err)
+			return exitFailure
+		}
+		fmt.Printf("Wrote the appservice registration to %s and its tokens to %s. Register it with your homeserver, then start ferry.\n", *regPath, *configPath)
+		return exitOK
+	}
+	if err = cfg.ValidateForRun(); err != nil {
+		fmt.Fprintf(os.Stderr, "ferry: %v\n", err)
+		return exitConfig
+	}
+	if cfg.Encryption.PickleKey == crypto.PickleKeyGenerate {
+		cfg.Encryption.PickleKey = random.String(64)
+		if err = WriteConfigValues(*configPath, map[string]string{"encryption.pickle_key": cfg.Encryption.PickleKey}); err != nil {
+			fmt.Fprintf(os.Stderr, "ferry: failed to save the generated pickle key: %v\n", err)
+			return exitConfig
+		}
+	}
+	log, closeLog, err := newLogger(cfg.Logging)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "ferry: logging: %v\n", err)
+		return exitConfig
+	}
+	defer closeLog()
+	for _, name := range UnknownEnvOverrides(os.Environ()) {
+		log.Warn().Str("variable", name).Msg("Ignoring an environment variable that names no config key")
+	}
+	bridge.Version = Version
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	code := start(ctx, cfg, log)
+	log.Info().Int("exit_code", code).Msg("ferry stopped")
+	return code
+}
+
+// registrationFor builds the appservice registration that matches the config.
+func registrationFor(cfg *Config) *appservice.Registration {
+	reg := &appservice.Registration{
+		ID:              cfg.Appservice.ID,
+		URL:             cfg.Appservice.Address,
+		AppToken:        cfg.Appservice.ASToken,
+		ServerToken:     cfg.Appservice.HSToken,
+		SenderLocalpart: cfg.Appservice.Bot.Username,
+		RateLimited:     new(false),
+	}
+	// One exclusive namespace covers the bot and every ghost.
+	users := fmt.Sprintf("^@(%s|%s.*):%s$", regexp.QuoteMeta(cfg.Appservice.Bot.Username), regexp.QuoteMeta(cfg.Bridge.GhostPrefix), regexp.QuoteMeta(cfg.Homeserver.Domain))
+	reg.Namespaces.UserIDs.Register(regexp.MustCompile(users), true)
+	if cfg.Encryption.Appservice {
+		reg.EphemeralEvents = true
+		reg.SoruEphemeralEvents = true
+		reg.MSC3202 = true
+		reg.MSC4190 = true
+	}
+	return reg
+}
+
+func generateRegistration(cfg *Config, configPath, regPath string) error {
+	if cfg.Appservice.ASToken == "" || cfg.Appservice.HSToken == "" {
+		cfg.Appservice.ASToken = random.String(64)
+		cfg.Appservice.HSToken = random.String(64)
+		err := WriteConfigValues(configPath, map[string]string{"appservice.as_token": cfg.Appservice.ASToken, "appservice.hs_token": cfg.Appservice.HSToken})
+		if err != nil {
+			return fmt.Errorf("failed to save tokens to the config: %w", err)
+		}
+	}
+	data, err := registrationFor(cfg).YAML()
+	if err != nil {
+		return err
+	}
+	return WriteFileAtomic(regPath, []byte(data), 0600)
+}
+
+func start(ctx context.Context, cfg *Config, log zerolog.Logger) int {
+	log.Info().Str("version", Version).Str("commit", Commit).Msg("Starting ferry")
+	mcrypto.PostgresArrayWrapper = pq.Array
+	dbLog := log.With().Str("component", "database").Logger()
+	root, err := dbutil.NewFromConfig("ferry", dbutil.Config{PoolConfig: dbutil.PoolConfig{
+		Type: cfg.Database.Type, URI: cfg.Database.URI, MaxOpenConns: cfg.Database.MaxOpenConns, MaxIdleConns: cfg.Database.MaxIdleConns,
+	}}, dbutil.ZeroLogger(dbLog))
+	if err != nil {
+		log.Error().Err(err).Msg("Failed to open the database")
+		return exitDatabase
+	}
+	defer root.Close()
+	db := database.New(root, dbutil.ZeroLogger(dbLog.With().Str("db_section", "ferry").Logger()))
+	if err = db.Upgrade(ctx); err != nil {
+		log.Error().Err(err).Msg("Database upgrade failed")
+		return exitDatabase
+	}
+	stateStore := sqlstatestore.NewSQLStateStore(root, dbutil.ZeroLogger(dbLog.With().Str("db_section", "state").Logger()), false)
+	if err = stateStore.Upgrade(ctx); err != nil {
+		log.Error().Err(database.UpgradeError{Section: "state store", Err: err}).Msg("Database upgrade failed")
+		return exitDatabase
+	}
+
+	as := appservice.Create()
+	as.Log = log.With().Str("component", "appservice").Logger()
+	as.HomeserverDomain = cfg.Homeserver.Domain
+	as.Registration = registrationFor(cfg)
+	as.StateStore = stateStore
+	as.Host = appservice.HostConfig{Hostname: cfg.Appservice.Hostname, Port: cfg.Appservice.Port}
+	if err = as.SetHomeserverURL(cfg.Homeserver.Address); err != nil {
+		log.Error().Err(err).Msg("Invalid homeserver.address")
+		return exitConfig
+	}
+
+	// The HTTP endpoint starts first so the homeserver can deliver while ferry finishes starting: intake only
+	// records events; workers start later.
+	mach := crypto.NewMachine(log.With().Str("component", "crypto").Logger(), cfg.Encryption, root, stateStore,
+		as.NewMautrixClient(as.BotMXID()), nil)
+	br := bridge.New(log.With().Str("component", "bridge").Logger(), &cfg.Bridge, cfg.Permissions, db, as, stateStore, mach)
+	mach.SetIsOwn(br.Ghosts.IsOwn)
+	mach.SessionReceived = br.SessionArrived
+	listener, err := net.Listen("tcp", net.JoinHostPort(cfg.Appservice.Hostname, fmt.Sprint(cfg.Appservice.Port)))
+	if err != nil {
+		log.Error().Err(err).Msg("Failed to listen for the homeserver")
+		return exitConfig
+	}
+	server := &http.Server{Handler: br.Router(nil), ReadHeaderTimeout: 30 * time.Second}
+	go func() {
+		if err := server.Serve(listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error().Err(err).Msg("HTTP server stopped")
+		}
+	}()
+	log.Info().Str("address", listener.Addr().String()).Msg("Listening for the homeserver")
+	defer func() {
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = server.Shutdown(shutdownCtx)
+	}()
+
+	path, err := checkHomeserver(ctx, cfg, as, log)
+	if err != nil {
+		if ctx.Err() != nil {
+			return exitOK
+		}
+		log.Error().Err(err).Msg("Homeserver check failed")
+		return exitHomeserver
+	}
+	br.EncryptionPath = path
+	if err = mach.Init(ctx); err != nil {
+		if ctx.Err() != nil {
+			return exitOK
+		}
+		log.Error().Err(err).Msg("Failed to set up encryption")
+		return exitHomeserver
+	}
+	mach.Start(ctx)
+	defer mach.Stop()
+	if err = br.Start(ctx); err != nil {
+		log.Error().Err(err).Msg("Failed to start the relay")
+		return exitDatabase
+	}
+	log.Info().Msg("ferry is ready")
+	<-ctx.Done()
+	log.Info().Msg("Shutting down")
+	br.Stop()
+	return exitOK
+}
+
+// checkHomeserver waits for the homeserver (retrying with backoff and saying why), registers the bot, checks
+// whoami, pings the appservice link where supported, and reports which encryption path the homeserver allows.
+func checkHomeserver(ctx context.Context, cfg *Config, as *appservice.AppService, log zerolog.Logger) (string, error) {
+	bot := as.BotIntent()
+	backoff := time.Second
+	var versions *mautrix.RespVersions
+	for {
+		var err error
+		versions, err = bot.Versions(ctx)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return "", ctx.Err()
+		}
+		log.Warn().Err(err).Str("homeserver", cfg.Homeserver.Address).Dur("retry_in", backoff).Msg("Homeserver unreachable, retrying")
+		select {
+		case <-ctx.Done():
+			return "", ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, time.Minute)
+	}
+	if as.SpecVersions != nil {
+		*as.SpecVersions = *versions
+	}
+	if err := bot.EnsureRegistered(ctx); err != nil {
+		return "", fmt.Errorf("failed to register the bot %s: %w", as.BotMXID(), err)
+	}
+	whoami, err := bot.Whoami(ctx)
+	if err != nil {
+		return "", fmt.Errorf("the homeserver rejected ferry's as_token (is the registration installed?): %w", err)
+	} else if whoami.UserID != as.BotMXID() {
+		return "", fmt.Errorf("whoami returned %s, expected the bot %s: check appservice.bot.username and the registration", whoami.UserID, as.BotMXID())
+	}
+	if versions.Supports(mautrix.FeatureAppservicePing) {
+		if _, err = bot.AppservicePing(ctx, as.Registration.ID, ""); err != nil {
+			return "", fmt.Errorf("the homeserver cannot reach ferry at %s: %w", cfg.Appservice.Address, err)
+		}
+		log.Info().Msg("Homeserver reached ferry through appservice ping")
+	} else {
+		log.Info().Msg("Homeserver has no appservice ping; skipping the reverse connectivity check")
+	}
+	if cfg.Appservice.Bot.Displayname != "" {
+		if err = bot.SetDisplayName(ctx, cfg.Appservice.Bot.Displayname); err != nil {
+			log.Warn().Err(err).Msg("Failed to set the bot's display name")
+		}
+	}
+	path := "login + /sync (m.login.application_service devices, to-device and device lists through /sync)"
+	if cfg.Encryption.Appservice {
+		path = "appservice mode (MSC2409 to-device, MSC3202 device lists and key counts, MSC4190 devices)"
+	}
+	log.Info().Str("encryption_path", path).Stringer("bot", as.BotMXID()).Msg("Homeserver checked")
+	return path, nil
+}
+
+func newLogger(cfg LoggingConfig) (zerolog.Logger, func(), error) {
+	level, err := zerolog.ParseLevel(cfg.MinLevel)
+	if err != nil || cfg.MinLevel == "" {
+		level = zerolog.InfoLevel
+	}
+	var out io.Writer = zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.RFC3339}
+	if cfg.Format == "json" {
+		out = os.Stderr
+	}
+	closeFn := func() {}
+	if cfg.File != "" {
+		f, err := os.OpenFile(cfg.File, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0600)
+		if err != nil {
+			return zerolog.Logger{}, nil, err
+		}
+		out = zerolog.MultiLevelWriter(out, f)
+		closeFn = func() { _ = f.Close() }
+	}
+	return zerolog.New(out).Level(level).With().Timestamp().Logger(), closeFn, nil
+}

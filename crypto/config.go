@@ -1,0 +1,57 @@
+package crypto
+
+// PickleKeyGenerate is the pickle_key marker meaning "generate a random key at first start and write it back
+// to the config file".
+const PickleKeyGenerate = "generate"
+
+// Device modes (encryption.device_mode).
+const (
+	DeviceModePerGhost     = "per_ghost"
+	DeviceModeSingleDevice = "single_device"
+)
+
+// DeviceModes lists the accepted device_mode values, default first.
+var DeviceModes = []string{DeviceModePerGhost, DeviceModeSingleDevice}
+
+// Trust levels for encryption.share_min_trust and encryption.receive_min_trust, weakest first.
+const (
+	// TrustUnverified accepts any device of the user.
+	TrustUnverified = "unverified"
+	// TrustCrossSignedTOFU accepts devices signed by the user's cross-signing key, the first seen master key
+	// being trusted on first use.
+	TrustCrossSignedTOFU = "cross_signed_tofu"
+	// TrustVerified accepts only devices whose user's master key ferry verified.
+	TrustVerified = "verified"
+)
+
+// TrustLevels lists the accepted trust values, weakest first.
+var TrustLevels = []string{TrustUnverified, TrustCrossSignedTOFU, TrustVerified}
+
+// DefaultConfig returns the `encryption` section with every default filled in.
+func DefaultConfig() Config {
+	return Config{
+		PickleKey:       PickleKeyGenerate,
+		DeviceMode:      DeviceModePerGhost,
+		Appservice:      false,
+		ShareMinTrust:   TrustCrossSignedTOFU,
+		ReceiveMinTrust: TrustUnverified,
+	}
+}
+
+// Config is the `encryption` section of ferry's configuration.
+type Config struct {
+	// PickleKey encrypts every private key ferry stores. "generate" means: generate once at first start and
+	// write it back to the config file.
+	PickleKey string `yaml:"pickle_key"`
+	// DeviceMode is "per_ghost" (default: every ghost sends from its own cross-signed device) or
+	// "single_device" (the bot's device encrypts for every ghost, as mautrix bridges do).
+	DeviceMode string `yaml:"device_mode"`
+	// Appservice enables appservice-mode encryption (MSC2409 to-device pushes, MSC3202 device lists and key
+	// counts, MSC4190 device creation). Only for homeservers that support it (Synapse); Dendrite does not.
+	Appservice bool `yaml:"appservice"`
+	// ShareMinTrust is the minimum trust of a recipient device for ferry's outbound room keys:
+	// "unverified", "cross_signed_tofu" or "verified".
+	ShareMinTrust string `yaml:"share_min_trust"`
+	// ReceiveMinTrust is the minimum trust of a sending device whose messages ferry relays.
+	ReceiveMinTrust string `yaml:"receive_min_trust"`
+}
