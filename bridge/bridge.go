@@ -1,0 +1,172 @@
+// Package bridge is ferry's relay. It takes events the homeserver pushes (intake), records them durably in the
+// inbox before acknowledging, and drains the inbox with one ordered worker per source room: decrypt with the
+// bot's device, translate for every other room of the room's link, encrypt for each target room, send as the
+// original sender's ghost with a deterministic transaction ID, and record the copy in the event map.
+//
+// Relay contract:
+//   - Crossing a link: m.room.message (every msgtype), m.sticker, m.reaction, redactions, and m.call.*; replies,
+//     threads, edits and reactions point at the counterpart in the target room; mentions map real users to
+//     ghosts and ghosts back to real users.
+//   - Dropped: events from ferry's own users (bot, ghosts) and from blocked users, bot commands, state events,
+//     relations to events ferry never relayed when no graceful fallback exists (edits, reactions).
+//   - Encryption: a copy sent into an encrypted room is always encrypted; relaying from an encrypted room into
+//     an unencrypted one is refused unless bridge.allow_unencrypted_targets is set.
+//   - Durability: an event is acknowledged to the homeserver only once recorded; it is relayed at most once per
+//     target room (event map + deterministic transaction IDs) and at least once (inbox rows stay until done).
+package bridge
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix/appservice"
+	"maunium.net/go/mautrix/id"
+	"maunium.net/go/mautrix/sqlstatestore"
+
+	"go.ferry.im/ferry/database"
+)
+
+// Version is set by cmd/ferry at start.
+var Version = "dev"
+
+// Bridge is one ferry instance attached to one homeserver.
+type Bridge struct {
+	Log        zerolog.Logger
+	Config     *Config
+	DB         *database.Database
+	AS         *appservice.AppService
+	StateStore *sqlstatestore.SQLStateStore
+	Crypto     Crypto
+	Ghosts     GhostNamer
+	// EncryptionPath describes how ferry gets keys from this homeserver (for status and logs).
+	EncryptionPath string
+
+	perms     atomic.Pointer[Permissions]
+	startedAt time.Time
+	rootCtx   context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+
+	// guards the following fields
+	workersLock sync.Mutex
+	workers     map[id.RoomID]*roomWorker
+
+	roomNames roomNameCache
+	stats     stats
+}
+
+// New creates a bridge. Call Start to begin draining the inbox.
+func New(log zerolog.Logger, cfg *Config, perms Permissions, db *database.Database, as *appservice.AppService, ss *sqlstatestore.SQLStateStore, cr Crypto) *Bridge {
+	b := &Bridge{
+		Log:        log,
+		Config:     cfg,
+		DB:         db,
+		AS:         as,
+		StateStore: ss,
+		Crypto:     cr,
+		Ghosts:     GhostNamer{Prefix: cfg.GhostPrefix, Domain: as.HomeserverDomain, BotUserID: as.BotMXID()},
+		workers:    make(map[id.RoomID]*roomWorker),
+	}
+	b.SetPermissions(perms)
+	b.roomNames.names = make(map[id.RoomID]string)
+	return b
+}
+
+// SetPermissions replaces the permission table (used at start and by the reload command).
+func (b *Bridge) SetPermissions(p Permissions) {
+	b.perms.Store(&p)
+}
+
+// Permission returns the configured level of a user.
+func (b *Bridge) Permission(user id.UserID) Level {
+	return b.perms.Load().Get(user)
+}
+
+// Start launches workers for every room with recorded, unfinished events and the background loops.
+func (b *Bridge) Start(ctx context.Context) error {
+	b.startedAt = time.Now()
+	b.rootCtx, b.cancel = context.WithCancel(ctx)
+	rooms, err := b.DB.Inbox.RoomsWithWork(ctx)
+	if err != nil {
+		return err
+	}
+	for _, room := range rooms {
+		b.Notify(room)
+	}
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		b.parkedLoop(b.rootCtx)
+	}()
+	b.Log.Info().Int("rooms_with_backlog", len(rooms)).Msg("Relay started")
+	return nil
+}
+
+// Stop cancels workers and waits for them to finish their current event.
+func (b *Bridge) Stop() {
+	if b.cancel != nil {
+		b.cancel()
+	}
+	b.wg.Wait()
+}
+
+// Uptime is how long the relay has been running.
+func (b *Bridge) Uptime() time.Duration { return time.Since(b.startedAt) }
+
+type roomNameCache struct {
+	// guards the following fields
+	lock  sync.Mutex
+	names map[id.RoomID]string
+}
+
+// stats are in-memory counters for the status command.
+type stats struct {
+	relayed   atomic.Int64
+	lastError atomic.Pointer[errorRecord]
+	// guards the following fields
+	lock   sync.Mutex
+	errors []errorRecord
+}
+
+type errorRecord struct {
+	at   time.Time
+	room id.RoomID
+}
+
+func (s *stats) recordError(room id.RoomID) {
+	s.lock.Lock()
+	defer s.lock.Unlock()
+	now := time.Now()
+	s.errors = append(s.errors, errorRecord{at: now, room: room})
+	cut := 0
+	for cut < len(s.errors) && now.Sub(s.errors[cut].at) > time.Hour {
+		cut++
+	}
+	s.errors = s.errors[cut:]
+}
+
+// errorsLastHour counts errors in the last hour for a set of rooms (all rooms when nil).
+func (s *stats) errorsLastHour(rooms []id.RoomID) int {
+	s.lock.Lock()
+	defer s.lock.Unlock()
+	n := 0
+	for _, e := range s.errors {
+		if time.Since(e.at) > time.Hour {
+			continue
+		}
+		if rooms == nil {
+			n++
+			continue
+		}
+		for _, r := range rooms {
+			if r == e.room {
+				n++
+				break
+			}
+		}
+	}
+	return n
+}

@@ -1,0 +1,27 @@
+package bridge
+
+import (
+	"context"
+	"time"
+
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+// Crypto is everything the relay needs from the E2EE layer. cmd/ferry passes a *crypto.Machine; tests fake it.
+type Crypto interface {
+	// Decrypt decrypts a Megolm event received by the bot. It returns an error wrapping crypto.ErrKeyMissing
+	// when the room key has not arrived yet.
+	Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error)
+	// WaitForKey waits up to timeout for the room key of an encrypted event.
+	WaitForKey(ctx context.Context, evt *event.Event, timeout time.Duration) bool
+	// RequestKey asks the sender's devices for the room key of an encrypted event.
+	RequestKey(ctx context.Context, evt *event.Event) error
+	// Encrypt encrypts content for roomID as sender (the bot or a ghost), sharing the room key with the room's
+	// real members only.
+	Encrypt(ctx context.Context, sender id.UserID, roomID id.RoomID, evtType event.Type, content *event.Content) (*event.EncryptedEventContent, error)
+	// HandleMemberEvent lets the E2EE layer rotate sessions when real members leave.
+	HandleMemberEvent(ctx context.Context, evt *event.Event)
+	// Rotate discards the outbound sessions ferry uses in a room.
+	Rotate(ctx context.Context, roomID id.RoomID) error
+}

@@ -1,0 +1,229 @@
+package bridge
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/crypto"
+	"go.ferry.im/ferry/database"
+)
+
+// parseEvent rebuilds an event from its inbox row.
+func parseEvent(row *database.InboxEvent) (*event.Event, error) {
+	var evt event.Event
+	if err := json.Unmarshal(row.Raw, &evt); err != nil {
+		return nil, fmt.Errorf("stored event is not valid JSON: %w", err)
+	}
+	if evt.StateKey != nil {
+		evt.Type.Class = event.StateEventType
+	} else {
+		evt.Type.Class = event.MessageEventType
+	}
+	if err := evt.Content.ParseRaw(evt.Type); err != nil && !errors.Is(err, event.ErrUnsupportedContentType) && !errors.Is(err, event.ErrContentAlreadyParsed) {
+		// Unparseable content of a known type is relayed raw where possible; translation works on the raw map.
+		zerolog.Ctx(context.Background()).Debug().Err(err).Msg("Content did not parse")
+	}
+	return &evt, nil
+}
+
+// handle decides what one inbox event means and does it.
+func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
+	if row.Raw == nil {
+		return outcome{state: database.InboxDone}
+	}
+	evt, err := parseEvent(row)
+	if err != nil {
+		return outcome{state: database.InboxFailed, err: err}
+	}
+	if evt.Type.Class == event.StateEventType {
+		mautrix.UpdateStateStore(ctx, b.StateStore, evt)
+		b.handleState(ctx, evt)
+		return outcome{state: database.InboxDone}
+	}
+	if b.Ghosts.IsOwn(evt.Sender) || b.Permission(evt.Sender) == LevelBlock {
+		return outcome{state: database.InboxDone}
+	}
+	if evt.Type == event.EventEncrypted {
+		dec, res, ok := b.decrypt(ctx, evt, row)
+		if !ok {
+			return res
+		}
+		evt = dec
+		b.keyArrived(ctx, evt.ID)
+	}
+	if evt.Type == event.EventMessage && b.isCommand(evt) {
+		b.handleCommand(ctx, evt)
+		return outcome{state: database.InboxDone}
+	}
+	return b.relay(ctx, evt)
+}
+
+// decrypt decrypts an encrypted inbox event. When its room key is missing, the first attempt waits briefly
+// (holding the room's order for at most bridge.key_wait), asks the sender for the key and parks the event.
+func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.InboxEvent) (*event.Event, outcome, bool) {
+	dec, err := b.Crypto.Decrypt(ctx, evt)
+	if err == nil {
+		return dec, outcome{}, true
+	}
+	content, _ := evt.Content.Parsed.(*event.EncryptedEventContent)
+	if content == nil || !(errors.Is(err, crypto.ErrKeyMissing) || errors.Is(err, crypto.ErrKeyWithheld)) {
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to decrypt event")
+		return nil, outcome{state: database.InboxFailed, err: err}, false
+	}
+	if row.Attempts == 0 && errors.Is(err, crypto.ErrKeyMissing) && b.Crypto.WaitForKey(ctx, evt, b.Config.KeyWait) {
+		if dec, err = b.Crypto.Decrypt(ctx, evt); err == nil {
+			return dec, outcome{}, true
+		}
+	}
+	if row.Attempts == 0 {
+		if rerr := b.Crypto.RequestKey(ctx, evt); rerr != nil {
+			zerolog.Ctx(ctx).Warn().Err(rerr).Msg("Failed to request missing room key")
+		}
+	}
+	zerolog.Ctx(ctx).Info().Stringer("session_id", content.SessionID).Msg("Room key missing, parking event until it arrives")
+	return nil, outcome{state: database.InboxWaitingKeys, sessionID: content.SessionID}, false
+}
+
+// handleState reacts to state changes the relay cares about.
+func (b *Bridge) handleState(ctx context.Context, evt *event.Event) {
+	switch evt.Type {
+	case event.StateMember:
+		member := evt.Content.AsMember()
+		target := id.UserID(evt.GetStateKey())
+		if target == b.AS.BotMXID() {
+			b.handleBotMembership(ctx, evt, member)
+			return
+		}
+		if b.Ghosts.IsOwn(target) {
+			return
+		}
+		b.Crypto.HandleMemberEvent(ctx, evt)
+		if member.Membership == event.MembershipJoin {
+			b.refreshGhostProfile(ctx, evt.RoomID, target)
+		}
+	case event.StateRoomName, event.StateCanonicalAlias:
+		b.roomNames.lock.Lock()
+		delete(b.roomNames.names, evt.RoomID)
+		b.roomNames.lock.Unlock()
+	}
+}
+
+func (b *Bridge) handleBotMembership(ctx context.Context, evt *event.Event, member *event.MemberEventContent) {
+	log := zerolog.Ctx(ctx)
+	switch member.Membership {
+	case event.MembershipInvite:
+		bot := b.AS.BotIntent()
+		if level := b.Permission(evt.Sender); level < LevelUser {
+			log.Info().Stringer("inviter", evt.Sender).Stringer("level", level).Msg("Declining invite from a user without permission")
+			_, err := bot.LeaveRoom(ctx, evt.RoomID, &mautrix.ReqLeave{Reason: "ferry: you are not allowed to invite this bot (permission level user is needed)"})
+			if err != nil {
+				log.Warn().Err(err).Msg("Failed to decline invite")
+			}
+			return
+		}
+		if _, err := bot.JoinRoomByID(ctx, evt.RoomID); err != nil {
+			log.Err(err).Msg("Failed to join room after invite")
+			return
+		}
+		if _, err := bot.State(ctx, evt.RoomID); err != nil {
+			log.Warn().Err(err).Msg("Failed to load room state after joining")
+		}
+		log.Info().Stringer("inviter", evt.Sender).Msg("Joined room after invite")
+	case event.MembershipLeave, event.MembershipBan:
+		if _, err := b.DB.Links.GetByRoom(ctx, evt.RoomID); err == nil {
+			log.Warn().Msg("The bot was removed from a linked room; unlinking it")
+			if _, err = b.DB.Links.Leave(ctx, evt.RoomID); err != nil {
+				log.Err(err).Msg("Failed to unlink room the bot left")
+			}
+		}
+	}
+}
+
+// isCommand tells bot commands apart from messages to relay.
+func (b *Bridge) isCommand(evt *event.Event) bool {
+	msg := evt.Content.AsMessage()
+	if msg.MsgType != event.MsgText || msg.RelatesTo != nil && msg.RelatesTo.Type == event.RelReplace {
+		return false
+	}
+	body := strings.TrimSpace(msg.Body)
+	return body == b.Config.CommandPrefix || strings.HasPrefix(body, b.Config.CommandPrefix+" ")
+}
+
+// keyNoticeKey names the kv entry holding the notice ferry posted about a missing key.
+func keyNoticeKey(evtID id.EventID) string { return "key_notice:" + string(evtID) }
+
+// keyArrived redacts the "could not decrypt" notice of an event that now decrypted.
+func (b *Bridge) keyArrived(ctx context.Context, evtID id.EventID) {
+	notice, err := b.DB.KV.Get(ctx, keyNoticeKey(evtID))
+	if err != nil || notice == "" {
+		return
+	}
+	parts := strings.SplitN(notice, " ", 2)
+	if len(parts) == 2 {
+		if _, err = b.AS.BotIntent().RedactEvent(ctx, id.RoomID(parts[0]), id.EventID(parts[1])); err != nil {
+			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to redact missing-key notice")
+		}
+	}
+	_ = b.DB.KV.Delete(ctx, keyNoticeKey(evtID))
+}
+
+// parkedLoop wakes parked events periodically (a key may have arrived while the event was being parked) and
+// tells source rooms about events whose keys have not come within bridge.key_notice_after.
+func (b *Bridge) parkedLoop(ctx context.Context) {
+	log := b.Log.With().Str("component", "parked").Logger()
+	ctx = log.WithContext(ctx)
+	tick := time.NewTicker(5 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		parked, err := b.DB.Inbox.Parked(ctx)
+		if err != nil {
+			log.Err(err).Msg("Failed to list parked events")
+			continue
+		}
+		for _, row := range parked {
+			if time.Since(row.ReceivedAt) > b.Config.KeyNoticeAfter {
+				b.noticeMissingKey(ctx, row)
+			}
+			b.SessionArrived(ctx, row.RoomID, row.SessionID)
+		}
+	}
+}
+
+func (b *Bridge) noticeMissingKey(ctx context.Context, row *database.InboxEvent) {
+	if v, err := b.DB.KV.Get(ctx, keyNoticeKey(row.EventID)); err != nil || v != "" {
+		return
+	}
+	text := fmt.Sprintf("ferry could not decrypt a message from %s: their device has not shared its room key with ferry. It will be relayed as soon as the key arrives.", row.Sender)
+	resp, err := b.sendNotice(ctx, row.RoomID, text, "", "")
+	if err != nil {
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to post missing-key notice")
+		return
+	}
+	_ = b.DB.KV.Set(ctx, keyNoticeKey(row.EventID), string(row.RoomID)+" "+string(resp))
+}
+
+// SessionArrived wakes events parked for a Megolm session. The crypto layer calls it when a key arrives.
+func (b *Bridge) SessionArrived(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) {
+	rooms, err := b.DB.Inbox.Wake(ctx, sessionID)
+	if err != nil {
+		b.Log.Err(err).Msg("Failed to wake parked events")
+		return
+	}
+	for _, r := range rooms {
+		b.Notify(r)
+	}
+}

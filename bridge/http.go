@@ -1,0 +1,175 @@
+package bridge
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database"
+)
+
+// maxTransactionBytes bounds one transaction body. Synapse sends at most 100 PDUs + 100 EDUs + 100 to-device
+// events per transaction; 64 MiB leaves ample room for large state events.
+const maxTransactionBytes = 64 << 20
+
+// ToDeviceHandler receives the encryption data that homeservers with MSC2409/MSC3202 push in transactions.
+// It is nil on homeservers that don't (ferry then runs a /sync loop for its devices).
+type ToDeviceHandler interface {
+	HandleTransactionCrypto(ctx context.Context, txn json.RawMessage) error
+}
+
+// Router returns ferry's appservice HTTP API.
+func (b *Bridge) Router(toDevice ToDeviceHandler) http.Handler {
+	mux := http.NewServeMux()
+	put := func(w http.ResponseWriter, r *http.Request) { b.putTransaction(w, r, toDevice) }
+	mux.HandleFunc("PUT /_matrix/app/v1/transactions/{txnID}", put)
+	mux.HandleFunc("PUT /transactions/{txnID}", put) // legacy path some homeservers still use
+	mux.HandleFunc("POST /_matrix/app/v1/ping", b.authed(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, struct{}{})
+	}))
+	mux.HandleFunc("GET /_matrix/app/v1/users/{userID}", b.authed(b.queryUser))
+	mux.HandleFunc("GET /_matrix/app/v1/rooms/{alias}", b.authed(func(w http.ResponseWriter, r *http.Request) {
+		mautrix.MNotFound.WithMessage("ferry does not provide room aliases").Write(w)
+	}))
+	live := func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, map[string]any{"ok": true}) }
+	ready := func(w http.ResponseWriter, r *http.Request) {
+		if b.rootCtx == nil || b.rootCtx.Err() != nil {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]any{"ok": false})
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"ok": true})
+	}
+	mux.HandleFunc("GET /_matrix/mau/live", live)
+	mux.HandleFunc("GET /_matrix/mau/ready", ready)
+	mux.HandleFunc("GET /health/live", live)
+	mux.HandleFunc("GET /health/ready", ready)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		mautrix.MUnrecognized.WithMessage("Unrecognized request").Write(w)
+	})
+	return mux
+}
+
+// authed checks the homeserver's token (Authorization: Bearer, or the legacy access_token query parameter)
+// in constant time: missing → 401 M_MISSING_TOKEN, wrong → 403 M_FORBIDDEN.
+func (b *Bridge) authed(next http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		token := ""
+		if h := r.Header.Get("Authorization"); strings.HasPrefix(h, "Bearer ") {
+			token = h[len("Bearer "):]
+		} else if q := r.URL.Query().Get("access_token"); q != "" {
+			token = q
+		}
+		if token == "" {
+			mautrix.MMissingToken.WithMessage("Missing homeserver token").Write(w)
+			return
+		}
+		if subtle.ConstantTimeCompare([]byte(token), []byte(b.AS.Registration.ServerToken)) != 1 {
+			mautrix.MForbidden.WithMessage("Invalid homeserver token").Write(w)
+			return
+		}
+		next(w, r)
+	}
+}
+
+// transactionBody is the part of a transaction ferry reads before recording its events verbatim.
+type transactionBody struct {
+	Events []json.RawMessage `json:"events"`
+}
+
+// eventHead is the part of an event ferry needs to file it in the inbox.
+type eventHead struct {
+	ID       id.EventID `json:"event_id"`
+	RoomID   id.RoomID  `json:"room_id"`
+	Sender   id.UserID  `json:"sender"`
+	Type     string     `json:"type"`
+	StateKey *string    `json:"state_key"`
+	Content  struct {
+		SessionID id.SessionID `json:"session_id"`
+	} `json:"content"`
+}
+
+func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice ToDeviceHandler) {
+	b.authed(func(w http.ResponseWriter, r *http.Request) {
+		txnID := r.PathValue("txnID")
+		log := b.Log.With().Str("component", "intake").Str("transaction_id", txnID).Logger()
+		body, err := io.ReadAll(io.LimitReader(r.Body, maxTransactionBytes+1))
+		if err != nil {
+			mautrix.MNotJSON.WithMessage("Failed to read request body").Write(w)
+			return
+		} else if len(body) > maxTransactionBytes {
+			mautrix.MTooLarge.WithMessage("Transaction too large").Write(w)
+			return
+		}
+		var txn transactionBody
+		if err = json.Unmarshal(body, &txn); err != nil {
+			mautrix.MNotJSON.WithMessage("Transaction body is not valid JSON").Write(w)
+			return
+		}
+		rows := make([]*database.InboxEvent, 0, len(txn.Events))
+		now := time.Now()
+		for _, raw := range txn.Events {
+			var head eventHead
+			if err = json.Unmarshal(raw, &head); err != nil || head.ID == "" || head.RoomID == "" || head.Type == "" {
+				// Refusing the whole transaction would make the homeserver redeliver it forever.
+				log.Warn().Msg("Skipping event without event_id, room_id or type")
+				continue
+			}
+			rows = append(rows, &database.InboxEvent{
+				EventID: head.ID, RoomID: head.RoomID, Sender: head.Sender, Type: head.Type, Raw: raw,
+				State: database.InboxPending, SessionID: head.Content.SessionID, ReceivedAt: now,
+			})
+		}
+		// Keep handling even if the homeserver hangs up: the transaction is answered only once recorded.
+		ctx := log.WithContext(context.WithoutCancel(r.Context()))
+		if toDevice != nil {
+			if err = toDevice.HandleTransactionCrypto(ctx, body); err != nil {
+				log.Err(err).Msg("Failed to handle encryption data in transaction")
+				mautrix.MUnknown.WithMessage("Failed to handle encryption data").Write(w)
+				return
+			}
+		}
+		inserted, err := b.DB.Inbox.Insert(ctx, rows)
+		if err != nil {
+			log.Err(err).Msg("Failed to record transaction")
+			writeJSON(w, http.StatusInternalServerError, mautrix.RespError{ErrCode: mautrix.MUnknown.ErrCode, Err: "Failed to record events"})
+			return
+		}
+		log.Debug().Int("events", len(rows)).Int("new", inserted).Msg("Recorded transaction")
+		writeJSON(w, http.StatusOK, struct{}{})
+		seen := make(map[id.RoomID]struct{}, len(rows))
+		for _, row := range rows {
+			if _, ok := seen[row.RoomID]; !ok {
+				seen[row.RoomID] = struct{}{}
+				b.Notify(row.RoomID)
+			}
+		}
+	})(w, r)
+}
+
+// queryUser answers the homeserver's user query for ghost IDs ferry would create.
+func (b *Bridge) queryUser(w http.ResponseWriter, r *http.Request) {
+	userID := id.UserID(r.PathValue("userID"))
+	if _, ok := b.Ghosts.Real(userID); !ok {
+		mautrix.MNotFound.WithMessage("Not a ferry ghost").Write(w)
+		return
+	}
+	if err := b.AS.Intent(userID).EnsureRegistered(r.Context()); err != nil {
+		b.Log.Err(err).Stringer("user_id", userID).Msg("Failed to register ghost on query")
+		mautrix.MUnknown.WithMessage("Failed to register ghost").Write(w)
+		return
+	}
+	writeJSON(w, http.StatusOK, struct{}{})
+}
+
+func writeJSON(w http.ResponseWriter, status int, body any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(body)
+}

@@ -1,0 +1,133 @@
+package bridge
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/appservice"
+	"maunium.net/go/mautrix/sqlstatestore"
+
+	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/database/dbtest"
+)
+
+const testHSToken = "hs-token-for-tests"
+
+// newTestBridge builds a bridge on a fresh database without starting workers.
+func newTestBridge(t *testing.T, dbType string) *Bridge {
+	t.Helper()
+	root := dbtest.Open(t, dbType)
+	db := database.New(root, dbutil.NoopLogger)
+	if err := db.Upgrade(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ss := sqlstatestore.NewSQLStateStore(root, dbutil.NoopLogger, false)
+	if err := ss.Upgrade(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	as := appservice.Create()
+	as.HomeserverDomain = "ferry.test"
+	as.Registration = &appservice.Registration{ID: "ferry", ServerToken: testHSToken, AppToken: "as", SenderLocalpart: "ferrybot"}
+	as.StateStore = ss
+	if err := as.SetHomeserverURL("http://127.0.0.1:1"); err != nil {
+		t.Fatal(err)
+	}
+	cfg := &Config{CommandPrefix: "!ferry", GhostPrefix: "_ferry_"}
+	return New(zerolog.Nop(), cfg, Permissions{"*": LevelRelay}, db, as, ss, nil)
+}
+
+func doRequest(h http.Handler, method, path, auth, body string) *httptest.ResponseRecorder {
+	req := httptest.NewRequest(method, path, strings.NewReader(body))
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, req)
+	return rec
+}
+
+func errcode(t *testing.T, rec *httptest.ResponseRecorder) string {
+	t.Helper()
+	var body struct {
+		ErrCode string `json:"errcode"`
+	}
+	_ = json.Unmarshal(rec.Body.Bytes(), &body)
+	return body.ErrCode
+}
+
+const txnBody = `{"events":[
+ {"event_id":"$e1","room_id":"!r:ferry.test","sender":"@alice:ferry.test","type":"m.room.encrypted","origin_server_ts":1,
+  "content":{"algorithm":"m.megolm.v1.aes-sha2","ciphertext":"AwgA","session_id":"S1","sender_key":"k","device_id":"D"}},
+ {"event_id":"$e2","room_id":"!r:ferry.test","sender":"@alice:ferry.test","type":"m.room.member","state_key":"@alice:ferry.test","origin_server_ts":2,
+  "content":{"membership":"join"}}
+]}`
+
+func TestTransactionAuthAndErrors(t *testing.T) {
+	b := newTestBridge(t, "sqlite3-fk-wal")
+	h := b.Router(nil)
+	cases := []struct {
+		name, method, path, auth, body string
+		status                         int
+		errcode                        string
+	}{
+		{"missing token", "PUT", "/_matrix/app/v1/transactions/1", "", txnBody, 401, "M_MISSING_TOKEN"},
+		{"wrong token", "PUT", "/_matrix/app/v1/transactions/1", "Bearer nope", txnBody, 403, "M_FORBIDDEN"},
+		{"malformed JSON", "PUT", "/_matrix/app/v1/transactions/1", "Bearer " + testHSToken, `{"events":[`, 400, "M_NOT_JSON"},
+		{"ping", "POST", "/_matrix/app/v1/ping", "Bearer " + testHSToken, `{"transaction_id":"x"}`, 200, ""},
+		{"ping wrong token", "POST", "/_matrix/app/v1/ping", "Bearer nope", `{}`, 403, "M_FORBIDDEN"},
+		{"user query for a ghost-shaped ID of another server", "GET", "/_matrix/app/v1/users/@someone:elsewhere", "Bearer " + testHSToken, "", 404, "M_NOT_FOUND"},
+		{"unknown route", "GET", "/_matrix/app/v1/nothing", "Bearer " + testHSToken, "", 404, "M_UNRECOGNIZED"},
+		{"liveness", "GET", "/_matrix/mau/live", "", "", 200, ""},
+		{"readiness before start", "GET", "/_matrix/mau/ready", "", "", 503, ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			rec := doRequest(h, tc.method, tc.path, tc.auth, tc.body)
+			if rec.Code != tc.status || errcode(t, rec) != tc.errcode {
+				t.Fatalf("%s %s = %d %s (%s), want %d %s", tc.method, tc.path, rec.Code, errcode(t, rec), rec.Body.String(), tc.status, tc.errcode)
+			}
+		})
+	}
+	// Nothing was recorded by the refused requests.
+	if n, _ := b.DB.Inbox.CountByState(context.Background(), ""); len(n) != 0 {
+		t.Fatalf("refused transactions recorded events: %v", n)
+	}
+}
+
+func TestTransactionIsRecordedDurablyAndOnce(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			b := newTestBridge(t, dialect)
+			h := b.Router(nil)
+			ctx := context.Background()
+			rec := doRequest(h, "PUT", "/_matrix/app/v1/transactions/t1", "Bearer "+testHSToken, txnBody)
+			if rec.Code != 200 {
+				t.Fatalf("transaction = %d %s", rec.Code, rec.Body.String())
+			}
+			// Answered 200 means recorded: both events are in the inbox, in order, as received.
+			rows, err := b.DB.Inbox.NextInRoom(ctx, "!r:ferry.test", 10)
+			if err != nil || len(rows) != 2 || rows[0].EventID != "$e1" || rows[1].EventID != "$e2" {
+				t.Fatalf("inbox after transaction = %v, %v", rows, err)
+			}
+			if rows[0].SessionID != "S1" || !strings.Contains(string(rows[0].Raw), `"ciphertext":"AwgA"`) {
+				t.Fatalf("encrypted event not recorded as received: %+v", rows[0])
+			}
+			// The same transaction replayed, and the same events under a new transaction ID: not recorded twice.
+			for _, txn := range []string{"t1", "t2"} {
+				if rec = doRequest(h, "PUT", "/_matrix/app/v1/transactions/"+txn, "Bearer "+testHSToken, txnBody); rec.Code != 200 {
+					t.Fatalf("replay %s = %d", txn, rec.Code)
+				}
+			}
+			counts, err := b.DB.Inbox.CountByState(ctx, "")
+			if err != nil || counts[database.InboxPending] != 2 {
+				t.Fatalf("after replays: %v, %v; want 2 pending", counts, err)
+			}
+		})
+	}
+}

@@ -1,0 +1,249 @@
+package bridge
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/appservice"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/format"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database"
+)
+
+// relayable lists the message event types that cross a link.
+func relayable(t event.Type) bool {
+	switch t {
+	case event.EventMessage, event.EventSticker, event.EventReaction, event.EventRedaction:
+		return true
+	}
+	return t.IsCall() || strings.HasPrefix(t.Type, "org.matrix.msc3381.poll.") || strings.HasPrefix(t.Type, "m.poll.")
+}
+
+// TxnID derives the transaction ID of the copy of sourceEvent in targetRoom. It is deterministic (a retry after
+// a crash reuses it, so the homeserver returns the first copy instead of posting a second) and unique across all
+// ghosts (homeservers like Dendrite scope transaction IDs per access token, and every ghost shares the
+// appservice token), because event IDs are globally unique.
+func TxnID(sourceEvent id.EventID, targetRoom id.RoomID) string {
+	sum := sha256.Sum256([]byte(string(sourceEvent) + "\x00" + string(targetRoom)))
+	return "ferry_" + base64.RawURLEncoding.EncodeToString(sum[:18])
+}
+
+// relay sends an event's copies into every other room of its link.
+func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
+	if !relayable(evt.Type) {
+		return outcome{state: database.InboxDone}
+	}
+	link, err := b.DB.Links.GetByRoom(ctx, evt.RoomID)
+	if errors.Is(err, database.ErrLinkNotFound) {
+		return outcome{state: database.InboxDone}
+	} else if err != nil {
+		return outcome{err: err}
+	}
+	if origin := OriginOf(&evt.Content); origin != nil {
+		// A copy made by another ferry instance: relaying it again would echo.
+		return outcome{state: database.InboxDone}
+	}
+	log := zerolog.Ctx(ctx).With().Str("link_id", link.ID).Logger()
+	ctx = log.WithContext(ctx)
+	srcEncrypted, _ := b.StateStore.IsEncrypted(ctx, evt.RoomID)
+	var disappearAt time.Time
+	if link.DisappearAfter > 0 {
+		disappearAt = time.UnixMilli(evt.Timestamp).Add(link.DisappearAfter)
+	}
+	var retry *outcome
+	for _, target := range link.Others(evt.RoomID) {
+		res := b.relayTo(ctx, evt, target, srcEncrypted, disappearAt)
+		if res.err != nil && res.state == "" {
+			retry = &res
+		} else if res.err != nil {
+			b.reportFailure(ctx, evt, target, res.err)
+		}
+	}
+	if retry != nil {
+		return *retry
+	}
+	b.stats.relayed.Add(1)
+	return outcome{state: database.InboxDone}
+}
+
+// relayTo sends one copy. A zero-state outcome with err means retry later; state failed means permanent.
+func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID, srcEncrypted bool, disappearAt time.Time) outcome {
+	log := zerolog.Ctx(ctx).With().Stringer("target_room_id", target).Logger()
+	if done, err := b.DB.EventMap.Get(ctx, evt.ID, target); err != nil {
+		return outcome{err: err}
+	} else if done != nil {
+		return outcome{state: database.InboxDone}
+	}
+	ghost := b.Ghosts.Ghost(evt.Sender)
+	intent := b.AS.Intent(ghost)
+	if evt.Type == event.EventRedaction {
+		return b.relayRedaction(ctx, evt, target)
+	}
+	targetEncrypted, err := b.StateStore.IsEncrypted(ctx, target)
+	if err != nil {
+		return outcome{err: err}
+	}
+	if srcEncrypted && !targetEncrypted && !b.Config.AllowUnencryptedTargets {
+		log.Debug().Msg("Not relaying from an encrypted room into an unencrypted one")
+		return outcome{state: database.InboxDone}
+	}
+	evtType, content, err := Translate(ctx, evt, &linkMapper{b: b, target: target}, Origin{EventID: evt.ID, RoomID: evt.RoomID, Instance: b.instanceID()})
+	if errors.Is(err, ErrNotRelayable) || errors.Is(err, ErrRelationTargetUnknown) {
+		log.Debug().Err(err).Msg("Event does not cross the link")
+		return outcome{state: database.InboxDone}
+	} else if err != nil {
+		return outcome{state: database.InboxFailed, err: err}
+	}
+	if err = b.ensureGhost(ctx, intent, evt.RoomID, evt.Sender, target); err != nil {
+		return classify(fmt.Errorf("failed to bring the sender's ghost into the room: %w", err))
+	}
+	resp, err := b.send(ctx, intent, target, targetEncrypted, evtType, content, TxnID(evt.ID, target))
+	if err != nil {
+		return classify(err)
+	}
+	err = b.DB.EventMap.Put(ctx, &database.Copy{
+		SourceEvent: evt.ID, SourceRoom: evt.RoomID, TargetRoom: target, TargetEvent: resp,
+		Sender: ghost, CreatedAt: time.Now(), DisappearAt: disappearAt,
+	})
+	if err != nil {
+		return outcome{err: fmt.Errorf("failed to record the copy: %w", err)}
+	}
+	log.Debug().Stringer("copy_event_id", resp).Msg("Relayed event")
+	return outcome{state: database.InboxDone}
+}
+
+// relayRedaction redacts the copy of the redacted event in target, as the ghost that sent the copy.
+func (b *Bridge) relayRedaction(ctx context.Context, evt *event.Event, target id.RoomID) outcome {
+	redacts := evt.Redacts
+	if redacts == "" {
+		redacts = evt.Content.AsRedaction().Redacts
+	}
+	counterpart, ok, err := b.DB.EventMap.Counterpart(ctx, redacts, target)
+	if err != nil {
+		return outcome{err: err}
+	} else if !ok {
+		return outcome{state: database.InboxDone}
+	}
+	sender := b.Ghosts.Ghost(evt.Sender)
+	if c, _ := b.DB.EventMap.ByTarget(ctx, counterpart); c != nil {
+		sender = c.Sender // the ghost that sent the copy may always redact it
+	}
+	// No reason: redactions are read by the server, a reason would leak into cleartext.
+	resp, err := b.AS.Intent(sender).RedactEvent(ctx, target, counterpart, mautrix.ReqRedact{TxnID: TxnID(evt.ID, target)})
+	if err != nil {
+		return classify(err)
+	}
+	err = b.DB.EventMap.Put(ctx, &database.Copy{SourceEvent: evt.ID, SourceRoom: evt.RoomID, TargetRoom: target, TargetEvent: resp.EventID, Sender: sender, CreatedAt: time.Now()})
+	if err != nil {
+		return outcome{err: err}
+	}
+	return outcome{state: database.InboxDone}
+}
+
+// send sends content into a room as intent's user, encrypting it when the room is encrypted.
+func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id.RoomID, encrypted bool, evtType event.Type, content *event.Content, txnID string) (id.EventID, error) {
+	sendType := evtType
+	var payload any = content
+	if encrypted {
+		enc, err := b.Crypto.Encrypt(ctx, intent.UserID, room, evtType, content)
+		if err != nil {
+			return "", fmt.Errorf("failed to encrypt: %w", err)
+		}
+		sendType = event.EventEncrypted
+		payload = enc
+	}
+	resp, err := intent.SendMessageEvent(ctx, room, sendType, payload, mautrix.ReqSendEvent{TransactionID: txnID, DontEncrypt: true})
+	if err != nil {
+		return "", err
+	}
+	return resp.EventID, nil
+}
+
+// sendNotice posts an m.notice from the bot (encrypted in encrypted rooms), optionally as a reply.
+func (b *Bridge) sendNotice(ctx context.Context, room id.RoomID, markdown string, replyTo id.EventID, txnID string) (id.EventID, error) {
+	msg := format.RenderMarkdown(markdown, true, false)
+	msg.MsgType = event.MsgNotice
+	if replyTo != "" {
+		msg.RelatesTo = (&event.RelatesTo{}).SetReplyTo(replyTo)
+	}
+	msg.Mentions = &event.Mentions{}
+	encrypted, _ := b.StateStore.IsEncrypted(ctx, room)
+	if txnID == "" {
+		txnID = "ferry_notice_" + base64.RawURLEncoding.EncodeToString([]byte(time.Now().Format(time.RFC3339Nano)))
+	}
+	return b.send(ctx, b.AS.BotIntent(), room, encrypted, event.EventMessage, &event.Content{Parsed: &msg}, txnID)
+}
+
+// reportFailure tells the source room once that a copy could not be delivered.
+func (b *Bridge) reportFailure(ctx context.Context, evt *event.Event, target id.RoomID, err error) {
+	zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", target).Msg("Permanent error relaying event")
+	b.stats.recordError(evt.RoomID)
+	text := fmt.Sprintf("ferry could not relay this message to %s: %s", b.roomName(ctx, target), userFacingError(err))
+	if _, nerr := b.sendNotice(ctx, evt.RoomID, text, evt.ID, TxnID(evt.ID, target)+"_failed"); nerr != nil {
+		zerolog.Ctx(ctx).Warn().Err(nerr).Msg("Failed to report relay failure")
+	}
+}
+
+func userFacingError(err error) string {
+	var httpErr mautrix.HTTPError
+	if errors.As(err, &httpErr) && httpErr.RespError != nil {
+		return fmt.Sprintf("the homeserver answered %s", httpErr.RespError.ErrCode)
+	}
+	return "an internal error occurred"
+}
+
+// classify turns a homeserver error into an outcome: rate limits wait as told, 5xx and network errors retry
+// with backoff, other 4xx are permanent.
+func classify(err error) outcome {
+	var httpErr mautrix.HTTPError
+	if errors.As(err, &httpErr) && httpErr.Response != nil {
+		status := httpErr.Response.StatusCode
+		if status == http.StatusTooManyRequests {
+			wait := time.Second
+			if httpErr.RespError != nil {
+				if ms, ok := httpErr.RespError.ExtraData["retry_after_ms"].(float64); ok && ms > 0 {
+					wait = time.Duration(ms) * time.Millisecond
+				}
+			}
+			return outcome{err: err, retryIn: wait}
+		}
+		if status >= 400 && status < 500 {
+			return outcome{state: database.InboxFailed, err: err}
+		}
+	}
+	return outcome{err: err}
+}
+
+func (b *Bridge) instanceID() string {
+	return b.AS.Registration.ID + "@" + b.AS.HomeserverDomain
+}
+
+// linkMapper resolves IDs for one target room.
+type linkMapper struct {
+	b      *Bridge
+	target id.RoomID
+}
+
+func (m *linkMapper) CopyOf(ctx context.Context, evt id.EventID) (id.EventID, bool, error) {
+	return m.b.DB.EventMap.Counterpart(ctx, evt, m.target)
+}
+
+func (m *linkMapper) UserIn(user id.UserID) id.UserID {
+	if real, ok := m.b.Ghosts.Real(user); ok {
+		return real
+	}
+	if user == m.b.AS.BotMXID() {
+		return user
+	}
+	return m.b.Ghosts.Ghost(user)
+}
