@@ -1,0 +1,649 @@
+package bridge
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"regexp"
+	"strings"
+
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+// OriginKey is the content key of the origin marker ferry puts in every relayed content, so that other ferry
+// instances (and ferry itself) recognise copies and never relay them again.
+// Its value is {"event_id": "$src", "room_id": "!src", "instance": "<appservice id>@<domain>"}.
+const OriginKey = "im.ferry.origin"
+
+// Origin is the value of the origin marker: which event a copy was made from, and by which ferry instance.
+type Origin struct {
+	EventID  id.EventID `json:"event_id"`
+	RoomID   id.RoomID  `json:"room_id"`
+	Instance string     `json:"instance"`
+}
+
+// ErrNotRelayable is returned by Translate for events that must not cross a link: state events, redactions
+// (the caller redacts copies through its own event map), m.room.encrypted events that were not decrypted,
+// in-room verification requests, event types ferry does not relay, and malformed content.
+// Callers should drop the event silently (it is not a failure to report to the room).
+var ErrNotRelayable = errors.New("event does not cross a link")
+
+// ErrRelationTargetUnknown is returned by Translate for events whose whole meaning is a relation to an event
+// ferry never relayed into the target room: edits, reactions, poll responses and poll ends. Sending them as a
+// standalone message would duplicate or garble the conversation, so callers should drop the event.
+var ErrRelationTargetUnknown = errors.New("relation target was never relayed")
+
+// Mapper resolves IDs across a link for one target room.
+type Mapper interface {
+	// CopyOf returns the ID of sourceEvent's counterpart in the target room: the relayed copy if sourceEvent
+	// originated elsewhere, or the original if the target room is where it originated (copies map back to their
+	// original). ok=false when ferry never relayed it.
+	CopyOf(ctx context.Context, sourceEvent id.EventID) (target id.EventID, ok bool, err error)
+	// UserIn maps a user mentioned in the source room to who should be mentioned in the target room: a real user
+	// becomes their ghost, a ghost becomes the real user it stands for, the bot stays the bot.
+	UserIn(user id.UserID) id.UserID
+}
+
+// Content keys and values Translate reads or rewrites.
+const (
+	keyRelatesTo     = "m.relates_to"
+	keyInReplyTo     = "m.in_reply_to"
+	keyNewContent    = "m.new_content"
+	keyMentions      = "m.mentions"
+	keyMentionsUsers = "user_ids"
+	keyEventID       = "event_id"
+	keyRelType       = "rel_type"
+	keyFallingBack   = "is_falling_back"
+	keyMsgType       = "msgtype"
+	keyBody          = "body"
+	keyFormat        = "format"
+	keyFormattedBody = "formatted_body"
+)
+
+// eventKind is how Translate treats an event type.
+type eventKind int
+
+const (
+	kindNone eventKind = iota
+	// kindMessage: messages, stickers and poll starts. They stand on their own, so a relation to an event that
+	// was never relayed (reply, thread, reference) is dropped and the message sent without it.
+	kindMessage
+	// kindReaction: m.reaction, which needs its m.annotation target.
+	kindReaction
+	// kindPollFollowUp: poll responses and ends, which need their m.reference target (the poll start).
+	kindPollFollowUp
+	// kindCall: 1:1 VoIP signalling, passed through untouched but for the origin marker.
+	kindCall
+)
+
+func kindOf(t event.Type) eventKind {
+	switch t.Type {
+	case event.EventMessage.Type, event.EventSticker.Type,
+		event.EventUnstablePollStart.Type, "m.poll.start":
+		return kindMessage
+	case event.EventReaction.Type:
+		return kindReaction
+	case event.EventUnstablePollResponse.Type, event.EventUnstablePollEnd.Type, "m.poll.response", "m.poll.end":
+		return kindPollFollowUp
+	}
+	if strings.HasPrefix(t.Type, "m.call.") {
+		return kindCall
+	}
+	return kindNone
+}
+
+// Translate turns a decrypted source event into the content to send in one target room: event IDs in
+// relations point at their counterparts in the target room, mentions and user pills at who stands for the
+// user there, reply fallbacks are stripped, and the origin marker is added. Everything else in the content,
+// including keys ferry does not know and encrypted attachments, is kept as it was.
+//
+// It reads src.Content.VeryRaw (the content as received or decrypted) when set, else the marshalled Raw and
+// Parsed. It never mutates src. The returned content has Raw (numbers as float64, like mautrix's own parsing)
+// and VeryRaw (the same content as JSON, for ParseRaw) set, and no Parsed.
+//
+// Errors: ErrNotRelayable and ErrRelationTargetUnknown (both mean: drop the event), or a wrapped Mapper error.
+// No error message contains message content.
+func Translate(ctx context.Context, src *event.Event, m Mapper, origin Origin) (evtType event.Type, content *event.Content, err error) {
+	if src == nil {
+		return event.Type{}, nil, fmt.Errorf("%w: no event", ErrNotRelayable)
+	}
+	evtType = event.Type{Type: src.Type.Type, Class: event.MessageEventType}
+	if src.StateKey != nil || src.Type.Class == event.StateEventType {
+		return evtType, nil, fmt.Errorf("%w: state event %s", ErrNotRelayable, src.Type.Type)
+	}
+	kind := kindOf(src.Type)
+	if kind == kindNone {
+		// Includes m.room.redaction (redacted through the event map) and m.room.encrypted (not decrypted).
+		return evtType, nil, fmt.Errorf("%w: event type %s", ErrNotRelayable, src.Type.Type)
+	}
+	raw, err := contentMap(&src.Content)
+	if err != nil {
+		return evtType, nil, fmt.Errorf("%w: %s content is not a JSON object", ErrNotRelayable, src.Type.Type)
+	}
+	tr := translator{ctx: ctx, m: m, standalone: kind == kindMessage}
+	switch kind {
+	case kindMessage:
+		err = tr.message(evtType, raw)
+	case kindReaction:
+		err = tr.requiredRelation(evtType, raw, event.RelAnnotation)
+	case kindPollFollowUp:
+		err = tr.requiredRelation(evtType, raw, event.RelReference)
+	case kindCall:
+		// Call IDs and party IDs are mapped by the call relay, not here.
+	}
+	if err != nil {
+		return evtType, nil, err
+	}
+	raw[OriginKey] = origin.raw()
+	data, err := json.Marshal(raw)
+	if err != nil {
+		return evtType, nil, fmt.Errorf("failed to marshal translated content: %w", err)
+	}
+	return evtType, &event.Content{VeryRaw: data, Raw: raw}, nil
+}
+
+// OriginOf reads the origin marker from any (decrypted) content, or returns nil when there is none. A marker
+// whose fields are missing or not strings still counts (the fields are left empty): its presence is what marks
+// a copy.
+func OriginOf(content *event.Content) *Origin {
+	if content == nil {
+		return nil
+	}
+	if v, ok := content.Raw[OriginKey]; ok {
+		return originFrom(v)
+	}
+	for _, data := range [][]byte{content.VeryRaw, marshalParsed(content.Parsed)} {
+		if len(data) == 0 {
+			continue
+		}
+		var probe map[string]json.RawMessage
+		if json.Unmarshal(data, &probe) == nil {
+			if v, ok := probe[OriginKey]; ok {
+				return originFrom(v)
+			}
+		}
+	}
+	return nil
+}
+
+func marshalParsed(parsed any) []byte {
+	if parsed == nil {
+		return nil
+	}
+	data, _ := json.Marshal(parsed)
+	return data
+}
+
+func originFrom(v any) *Origin {
+	switch o := v.(type) {
+	case *Origin:
+		if o == nil {
+			return nil
+		}
+		out := *o
+		return &out
+	case Origin:
+		return &o
+	}
+	data, err := json.Marshal(v)
+	if err != nil {
+		return nil
+	}
+	var fields map[string]any
+	if json.Unmarshal(data, &fields) != nil || fields == nil {
+		return nil
+	}
+	str := func(key string) string {
+		s, _ := fields[key].(string)
+		return s
+	}
+	return &Origin{EventID: id.EventID(str("event_id")), RoomID: id.RoomID(str("room_id")), Instance: str("instance")}
+}
+
+func (o Origin) raw() map[string]any {
+	return map[string]any{"event_id": string(o.EventID), "room_id": string(o.RoomID), "instance": o.Instance}
+}
+
+// contentMap returns a fresh, deep copy of content as a JSON object.
+func contentMap(c *event.Content) (map[string]any, error) {
+	data := []byte(c.VeryRaw)
+	if data == nil && (c.Raw != nil || c.Parsed != nil) {
+		// mautrix merges Parsed into Raw's nested maps in place while marshalling: marshal a copy of Raw.
+		tmp := event.Content{Parsed: c.Parsed}
+		if c.Raw != nil {
+			rawJSON, err := json.Marshal(c.Raw)
+			if err != nil {
+				return nil, err
+			}
+			if err = json.Unmarshal(rawJSON, &tmp.Raw); err != nil {
+				return nil, err
+			}
+		}
+		var err error
+		if data, err = json.Marshal(&tmp); err != nil {
+			return nil, err
+		}
+	}
+	if data == nil {
+		return map[string]any{}, nil
+	}
+	var out map[string]any
+	if err := json.Unmarshal(data, &out); err != nil {
+		return nil, err
+	} else if out == nil {
+		return nil, errors.New("content is null")
+	}
+	return out, nil
+}
+
+// translator carries what one Translate call needs.
+type translator struct {
+	ctx context.Context
+	m   Mapper
+	// standalone: the event means something without its relation (kindMessage), so a relation to an event
+	// that was never relayed is dropped instead of the event.
+	standalone bool
+}
+
+// message translates messages, stickers and poll starts.
+func (tr translator) message(evtType event.Type, content map[string]any) error {
+	if evtType == event.EventMessage {
+		msgType, _ := content[keyMsgType].(string)
+		if msgType == "" {
+			return fmt.Errorf("%w: message without msgtype", ErrNotRelayable)
+		} else if msgType == string(event.MsgVerificationRequest) {
+			// An in-room verification request is addressed to one user's devices; a ghost can't answer it.
+			return fmt.Errorf("%w: in-room verification request", ErrNotRelayable)
+		}
+	}
+	isReply, err := tr.relation(content)
+	if err != nil {
+		return err
+	}
+	tr.text(content, isReply)
+	if newContent, ok := content[keyNewContent].(map[string]any); ok {
+		// m.new_content never carries a relation (the spec ignores one there); drop it rather than leave a
+		// source-room ID behind.
+		delete(newContent, keyRelatesTo)
+		tr.text(newContent, false)
+	}
+	return nil
+}
+
+// text translates the human-readable parts of a content: reply fallback, mentions and pills.
+func (tr translator) text(content map[string]any, isReply bool) {
+	stripReplyFallback(content, isReply)
+	tr.mentions(content)
+	tr.pills(content)
+}
+
+// requiredRelation translates an event that is nothing without its relation of type relType.
+func (tr translator) requiredRelation(evtType event.Type, content map[string]any, relType event.RelationType) error {
+	rel, _ := content[keyRelatesTo].(map[string]any)
+	if t, _ := rel[keyRelType].(string); t != string(relType) {
+		return fmt.Errorf("%w: %s without an %s relation", ErrNotRelayable, evtType.Type, relType)
+	}
+	_, err := tr.relation(content)
+	return err
+}
+
+// relation remaps m.relates_to. isReply reports whether the source had an m.in_reply_to (so its fallback should
+// be stripped), whether or not it survived.
+func (tr translator) relation(content map[string]any) (isReply bool, err error) {
+	v, ok := content[keyRelatesTo]
+	if !ok {
+		return false, nil
+	}
+	rel, ok := v.(map[string]any)
+	if !ok {
+		delete(content, keyRelatesTo) // not a relation anyone can read, and it might hold a foreign ID
+		return false, nil
+	}
+	_, isReply = rel[keyInReplyTo]
+	relType, _ := rel[keyRelType].(string)
+	switch event.RelationType(relType) {
+	case "":
+		if err = tr.reply(rel); err == nil && len(rel) == 0 {
+			delete(content, keyRelatesTo)
+		}
+		return isReply, err
+	case event.RelThread:
+		return isReply, tr.thread(content, rel)
+	}
+	target, ok, err := tr.copyOf(rel[keyEventID])
+	if err != nil {
+		return isReply, err
+	} else if ok {
+		rel[keyEventID] = string(target)
+		return isReply, tr.reply(rel)
+	}
+	switch event.RelationType(relType) {
+	case event.RelReplace, event.RelAnnotation:
+		return isReply, fmt.Errorf("%w: %s target", ErrRelationTargetUnknown, relType)
+	case event.RelReference:
+		if !tr.standalone {
+			return isReply, fmt.Errorf("%w: %s target", ErrRelationTargetUnknown, relType)
+		}
+	}
+	return isReply, tr.degrade(content, rel)
+}
+
+// thread remaps an m.thread relation. If the root was never relayed the message goes out without the thread
+// (as a plain reply when it was a genuine reply to an event that was relayed).
+func (tr translator) thread(content, rel map[string]any) error {
+	root, ok, err := tr.copyOf(rel[keyEventID])
+	if err != nil {
+		return err
+	} else if !ok {
+		return tr.degrade(content, rel)
+	}
+	rel[keyEventID] = string(root)
+	v, present := rel[keyInReplyTo]
+	if !present {
+		return nil
+	}
+	var target id.EventID
+	irt, isObject := v.(map[string]any)
+	if isObject {
+		if target, ok, err = tr.copyOf(irt[keyEventID]); err != nil {
+			return err
+		}
+	}
+	if isObject && ok {
+		irt[keyEventID] = string(target)
+	} else {
+		// Thread-aware clients still render this; others see a reply to the root.
+		rel[keyInReplyTo] = map[string]any{keyEventID: string(root)}
+		rel[keyFallingBack] = true
+	}
+	return nil
+}
+
+// reply remaps rel's m.in_reply_to in place, removing it when its target was never relayed.
+func (tr translator) reply(rel map[string]any) error {
+	v, present := rel[keyInReplyTo]
+	if !present {
+		return nil
+	}
+	irt, ok := v.(map[string]any)
+	if !ok {
+		delete(rel, keyInReplyTo)
+		return nil
+	}
+	target, ok, err := tr.copyOf(irt[keyEventID])
+	if err != nil {
+		return err
+	} else if !ok {
+		delete(rel, keyInReplyTo)
+		return nil
+	}
+	irt[keyEventID] = string(target)
+	return nil
+}
+
+// degrade replaces a relation whose target was never relayed by what survives of it: a plain reply when the
+// source was a genuine reply (not a thread's fallback) to an event that was relayed, otherwise nothing.
+func (tr translator) degrade(content, rel map[string]any) error {
+	delete(content, keyRelatesTo)
+	if fallingBack, _ := rel[keyFallingBack].(bool); fallingBack {
+		return nil
+	}
+	irt, ok := rel[keyInReplyTo].(map[string]any)
+	if !ok {
+		return nil
+	}
+	plain := map[string]any{keyInReplyTo: irt}
+	if err := tr.reply(plain); err != nil {
+		return err
+	}
+	if len(plain) > 0 {
+		content[keyRelatesTo] = plain
+	}
+	return nil
+}
+
+// copyOf looks up the counterpart of an event ID found in content (any JSON value).
+func (tr translator) copyOf(v any) (id.EventID, bool, error) {
+	s, _ := v.(string)
+	if !strings.HasPrefix(s, "$") {
+		return "", false, nil
+	}
+	target, ok, err := tr.m.CopyOf(tr.ctx, id.EventID(s))
+	if err != nil {
+		return "", false, fmt.Errorf("failed to look up the counterpart of %s: %w", s, err)
+	} else if !ok || target == "" {
+		return "", false, nil
+	}
+	return target, true, nil
+}
+
+// mentions maps m.mentions.user_ids through UserIn, keeping m.mentions (and room) as they were otherwise.
+func (tr translator) mentions(content map[string]any) {
+	mentions, ok := content[keyMentions].(map[string]any)
+	if !ok {
+		return
+	}
+	users, ok := mentions[keyMentionsUsers].([]any)
+	if !ok {
+		return
+	}
+	out := make([]any, 0, len(users))
+	seen := make(map[string]bool, len(users))
+	for _, v := range users {
+		if s, ok := v.(string); ok {
+			s = string(tr.m.UserIn(id.UserID(s)))
+			if seen[s] {
+				continue // two source users that stand for the same target user
+			}
+			seen[s] = true
+			v = s
+		}
+		out = append(out, v)
+	}
+	mentions[keyMentionsUsers] = out
+}
+
+// hrefPattern finds the href attribute of <a> tags: group 1 is everything up to the value, group 2 the value
+// with its quotes, if any.
+var hrefPattern = regexp.MustCompile(`(?i)(<a\s(?:[^>]*?\s)?href\s*=\s*)("[^"]*"|'[^']*'|[^\s"'>]+)`)
+
+// pills rewrites user permalinks (pills) in an HTML formatted_body through UserIn.
+func (tr translator) pills(content map[string]any) {
+	if format, _ := content[keyFormat].(string); format != string(event.FormatHTML) {
+		return
+	}
+	html, ok := content[keyFormattedBody].(string)
+	if !ok {
+		return
+	}
+	matches := hrefPattern.FindAllStringSubmatchIndex(html, -1)
+	if matches == nil {
+		return
+	}
+	var b strings.Builder
+	last := 0
+	for _, loc := range matches {
+		start, end := loc[4], loc[5]
+		value := html[start:end]
+		quote := ""
+		if value[0] == '"' || value[0] == '\'' {
+			quote, value = value[:1], value[1:len(value)-1]
+		}
+		rewritten, ok := tr.permalink(value)
+		if !ok {
+			continue
+		}
+		b.WriteString(html[last:start])
+		b.WriteString(quote + rewritten + quote)
+		last = end
+	}
+	if last == 0 {
+		return
+	}
+	b.WriteString(html[last:])
+	content[keyFormattedBody] = b.String()
+}
+
+// User permalink forms ferry rewrites: matrix.to links (https://matrix.to/#/@user:server, optionally
+// percent-encoded, optionally with a ?query) and matrix: URIs (matrix:u/user:server).
+const matrixURIUserPrefix = "matrix:u/"
+
+var permalinkPrefixes = [...]string{"https://matrix.to/#/", "http://matrix.to/#/", matrixURIUserPrefix}
+
+// permalink maps a user permalink to the corresponding one in the target room. ok is false when the value is
+// not a user permalink or maps to itself.
+func (tr translator) permalink(value string) (string, bool) {
+	var prefix, idPart string
+	for _, p := range permalinkPrefixes {
+		if len(value) >= len(p) && strings.EqualFold(value[:len(p)], p) {
+			prefix, idPart = value[:len(p)], value[len(p):]
+			break
+		}
+	}
+	if prefix == "" {
+		return "", false
+	}
+	idPart, query, hasQuery := strings.Cut(idPart, "?")
+	if strings.ContainsAny(idPart, "/&") {
+		return "", false // a room/event permalink, or an HTML entity we'd rather not decode
+	}
+	decoded, err := url.PathUnescape(idPart)
+	if err != nil {
+		return "", false
+	}
+	isURI := strings.EqualFold(prefix, matrixURIUserPrefix)
+	if isURI {
+		decoded = "@" + decoded
+	}
+	if !strings.HasPrefix(decoded, "@") || !strings.Contains(decoded, ":") {
+		return "", false
+	}
+	mapped := string(tr.m.UserIn(id.UserID(decoded)))
+	if mapped == decoded || !strings.HasPrefix(mapped, "@") {
+		return "", false
+	}
+	if isURI {
+		mapped = mapped[1:]
+	}
+	out := prefix + escapeUserID(mapped, strings.Contains(idPart, "%"))
+	if hasQuery {
+		out += "?" + query
+	}
+	return out, true
+}
+
+// escapeUserID percent-encodes a user ID for a permalink. full encodes everything but RFC 3986 unreserved
+// characters (the form matrix.to documents, %40user%3Aserver); otherwise '@', ':' and the other sub-delimiters
+// that are safe in a URL fragment stay readable, like clients write them.
+func escapeUserID(s string, full bool) string {
+	const upperHex = "0123456789ABCDEF"
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		unreserved := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("-._~", c) >= 0
+		if unreserved || !full && strings.IndexByte("@:!$+,;=", c) >= 0 {
+			b.WriteByte(c)
+		} else {
+			b.WriteByte('%')
+			b.WriteByte(upperHex[c>>4])
+			b.WriteByte(upperHex[c&0x0f])
+		}
+	}
+	return b.String()
+}
+
+// Reply fallbacks (before Matrix v1.13 every reply quoted its target): an <mx-reply> block at the start of an
+// HTML formatted_body, and "> "-quoted lines followed by a blank line at the start of body.
+const (
+	mxReplyOpen  = "<mx-reply>"
+	mxReplyClose = "</mx-reply>"
+)
+
+// stripReplyFallback removes the reply fallback from a content. The HTML block is always removed (it is never
+// meant to be shown). The body's quote is removed when the HTML one was, or, for a reply without HTML, when it
+// looks like a fallback ("> <@sender> …" or "> * <@sender> …" and a blank line), so a message that merely
+// starts with a quote keeps it.
+func stripReplyFallback(content map[string]any, isReply bool) {
+	certain := false
+	hasHTML := false
+	if format, _ := content[keyFormat].(string); format == string(event.FormatHTML) {
+		if html, ok := content[keyFormattedBody].(string); ok {
+			hasHTML = true
+			if stripped, ok := cutReplyFallbackHTML(html); ok {
+				content[keyFormattedBody] = stripped
+				certain = true
+			}
+		}
+	}
+	if !certain && (!isReply || hasHTML) {
+		return
+	}
+	if body, ok := content[keyBody].(string); ok {
+		if stripped, ok := cutReplyFallbackText(body, certain); ok {
+			content[keyBody] = stripped
+		}
+	}
+}
+
+// cutReplyFallbackHTML removes a leading <mx-reply>…</mx-reply> block (nested blocks included). An unterminated
+// block is left alone rather than swallowing the message.
+func cutReplyFallbackHTML(html string) (string, bool) {
+	if !hasPrefixFold(html, mxReplyOpen) {
+		return html, false
+	}
+	depth := 0
+	for i := 0; i < len(html); {
+		switch {
+		case hasPrefixFold(html[i:], mxReplyOpen):
+			depth++
+			i += len(mxReplyOpen)
+		case hasPrefixFold(html[i:], mxReplyClose):
+			depth--
+			i += len(mxReplyClose)
+			if depth == 0 {
+				return html[i:], true
+			}
+		default:
+			i++
+		}
+	}
+	return html, false
+}
+
+// cutReplyFallbackText removes the leading quoted lines of a body and the blank line after them. Unless certain,
+// the quote must start like a fallback and be followed by a blank line. A body that is nothing but a quote is
+// left alone.
+func cutReplyFallbackText(body string, certain bool) (string, bool) {
+	if !certain && !strings.HasPrefix(body, "> <") && !strings.HasPrefix(body, "> * <") {
+		return body, false
+	}
+	pos := 0
+	for {
+		end := strings.IndexByte(body[pos:], '\n')
+		if end < 0 {
+			return body, false // the quote runs to the end: nothing would be left
+		}
+		line := body[pos : pos+end]
+		if !strings.HasPrefix(line, "> ") && line != ">" {
+			break
+		}
+		pos += end + 1
+	}
+	if pos == 0 {
+		return body, false
+	}
+	rest := body[pos:]
+	if after, ok := strings.CutPrefix(rest, "\n"); ok {
+		return after, true
+	} else if certain {
+		return rest, true
+	}
+	return body, false
+}
+
+func hasPrefixFold(s, prefix string) bool {
+	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
+}
