@@ -3,6 +3,7 @@ package database_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -108,11 +109,11 @@ func TestLinks(t *testing.T) {
 		if err != nil || len(link.Rooms) != 2 || link.ID != "L1" {
 			t.Fatalf("join = %+v, %v", link, err)
 		}
-		if _, err = db.Links.Join(ctx, "L2", "!c", "!b", "@u:x", now); !errors.Is(err, database.ErrRoomAlreadyLinked) {
-			t.Fatalf("linking a linked room again: %v, want ErrRoomAlreadyLinked", err)
+		if _, err = db.Links.Join(ctx, "L2", "!a", "!b", "@u:x", now); !errors.Is(err, database.ErrRoomAlreadyLinked) {
+			t.Fatalf("linking two linked rooms: %v, want ErrRoomAlreadyLinked", err)
 		}
-		// A third room joins the existing link through any of its rooms.
-		link, err = db.Links.Join(ctx, "unused", "!b", "!c", "@u:x", now)
+		// A third room joins the existing link through any of its rooms, from either side.
+		link, err = db.Links.Join(ctx, "unused", "!c", "!b", "@u:x", now)
 		if err != nil || link.ID != "L1" || len(link.Rooms) != 3 {
 			t.Fatalf("three-room link = %+v, %v", link, err)
 		}
@@ -196,7 +197,7 @@ func TestNewerSchemaIsRefused(t *testing.T) {
 		if !errors.As(err, &ue) || !errors.Is(err, dbutil.ErrUnsupportedDatabaseVersion) {
 			t.Fatalf("upgrade of a newer database = %v, want UpgradeError wrapping ErrUnsupportedDatabaseVersion", err)
 		}
-		if msg := err.Error(); !contains(msg, "newer ferry") {
+		if msg := err.Error(); !strings.Contains(msg, "newer ferry") {
 			t.Fatalf("message %q does not tell the admin what happened", msg)
 		}
 	})
@@ -220,11 +221,3 @@ func TestKV(t *testing.T) {
 	})
 }
 
-func contains(s, sub string) bool {
-	for i := 0; i+len(sub) <= len(s); i++ {
-		if s[i:i+len(sub)] == sub {
-			return true
-		}
-	}
-	return false
-}

@@ -102,33 +102,43 @@ func (lq *LinkQuery) All(ctx context.Context) ([]*Link, error) {
 	return out, nil
 }
 
-// Join puts room into the link that `existing` belongs to, creating a new link (with the given ID) when
-// `existing` is in none. It fails with ErrRoomAlreadyLinked if room already belongs to a link. One transaction.
-func (lq *LinkQuery) Join(ctx context.Context, newLinkID string, existing, room id.RoomID, by id.UserID, now time.Time) (*Link, error) {
+// Join links rooms a and b: when one of them already belongs to a link, the other joins that link; when
+// neither does, a new link with the given ID is created. It fails with ErrRoomAlreadyLinked when both already
+// belong to links. One transaction.
+func (lq *LinkQuery) Join(ctx context.Context, newLinkID string, a, b id.RoomID, by id.UserID, now time.Time) (*Link, error) {
 	var link *Link
 	err := lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		if _, err := lq.GetByRoom(ctx, room); err == nil {
+		linkA, err := lq.GetByRoom(ctx, a)
+		if err != nil && !errors.Is(err, ErrLinkNotFound) {
+			return err
+		}
+		linkB, err := lq.GetByRoom(ctx, b)
+		if err != nil && !errors.Is(err, ErrLinkNotFound) {
+			return err
+		}
+		switch {
+		case linkA != nil && linkB != nil:
 			return ErrRoomAlreadyLinked
-		} else if !errors.Is(err, ErrLinkNotFound) {
-			return err
-		}
-		existingLink, err := lq.GetByRoom(ctx, existing)
-		if errors.Is(err, ErrLinkNotFound) {
-			_, err = lq.db.Exec(ctx, `INSERT INTO link (id, created_by, created_at) VALUES ($1, $2, $3)`, newLinkID, by, now.UnixMilli())
-			if err != nil {
+		case linkA != nil:
+			err = lq.addRoom(ctx, linkA.ID, b, by, now)
+			link = linkA
+		case linkB != nil:
+			err = lq.addRoom(ctx, linkB.ID, a, by, now)
+			link = linkB
+		default:
+			if _, err = lq.db.Exec(ctx, `INSERT INTO link (id, created_by, created_at) VALUES ($1, $2, $3)`, newLinkID, by, now.UnixMilli()); err != nil {
 				return err
 			}
-			if err = lq.addRoom(ctx, newLinkID, existing, by, now); err != nil {
+			if err = lq.addRoom(ctx, newLinkID, a, by, now); err != nil {
 				return err
 			}
-			existingLink = &Link{ID: newLinkID}
-		} else if err != nil {
+			err = lq.addRoom(ctx, newLinkID, b, by, now.Add(time.Millisecond))
+			link = &Link{ID: newLinkID}
+		}
+		if err != nil {
 			return err
 		}
-		if err = lq.addRoom(ctx, existingLink.ID, room, by, now.Add(time.Millisecond)); err != nil {
-			return err
-		}
-		link, err = lq.Get(ctx, existingLink.ID)
+		link, err = lq.Get(ctx, link.ID)
 		return err
 	})
 	return link, err
