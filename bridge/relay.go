@@ -26,7 +26,7 @@ func relayable(t event.Type) bool {
 	case event.EventMessage, event.EventSticker, event.EventReaction, event.EventRedaction:
 		return true
 	}
-	return t.IsCall() || strings.HasPrefix(t.Type, "org.matrix.msc3381.poll.") || strings.HasPrefix(t.Type, "m.poll.")
+	return strings.HasPrefix(t.Type, "m.call.") || strings.HasPrefix(t.Type, "org.matrix.msc3381.poll.") || strings.HasPrefix(t.Type, "m.poll.")
 }
 
 // TxnID derives the transaction ID of the copy of sourceEvent in targetRoom. It is deterministic (a retry after
@@ -102,7 +102,8 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 		log.Debug().Err(err).Msg("Event does not cross the link")
 		return outcome{state: database.InboxDone}
 	} else if err != nil {
-		return outcome{state: database.InboxFailed, err: err}
+		// Translation itself is pure; what fails here is the event map lookup, which is worth retrying.
+		return outcome{err: err}
 	}
 	if err = b.ensureGhost(ctx, intent, evt.RoomID, evt.Sender, target); err != nil {
 		return classify(fmt.Errorf("failed to bring the sender's ghost into the room: %w", err))
@@ -242,7 +243,7 @@ func (m *linkMapper) UserIn(user id.UserID) id.UserID {
 	if real, ok := m.b.Ghosts.Real(user); ok {
 		return real
 	}
-	if user == m.b.AS.BotMXID() {
+	if m.b.Ghosts.IsOwn(user) {
 		return user
 	}
 	return m.b.Ghosts.Ghost(user)

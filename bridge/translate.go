@@ -100,8 +100,8 @@ func kindOf(t event.Type) eventKind {
 // user there, reply fallbacks are stripped, and the origin marker is added. Everything else in the content,
 // including keys ferry does not know and encrypted attachments, is kept as it was.
 //
-// It reads src.Content.VeryRaw (the content as received or decrypted) when set, else the marshalled Raw and
-// Parsed. It never mutates src. The returned content has Raw (numbers as float64, like mautrix's own parsing)
+// It reads src.Content.VeryRaw (the content as received or decrypted) when set, else Parsed with Raw merged
+// over it. It never mutates src. The returned content has Raw (numbers as float64, like mautrix's own parsing)
 // and VeryRaw (the same content as JSON, for ParseRaw) set, and no Parsed.
 //
 // Errors: ErrNotRelayable and ErrRelationTargetUnknown (both mean: drop the event), or a wrapped Mapper error.
@@ -207,29 +207,38 @@ func (o Origin) raw() map[string]any {
 	return map[string]any{"event_id": string(o.EventID), "room_id": string(o.RoomID), "instance": o.Instance}
 }
 
-// contentMap returns a fresh, deep copy of content as a JSON object.
+// contentMap returns a fresh, deep copy of content as a JSON object: VeryRaw when set (the bytes as received or
+// decrypted), else Parsed with Raw merged over it. Raw wins, as event.Content documents, and unlike mautrix's
+// MarshalJSON, which lets Parsed win and so rewrites e.g. a call's "version": "1" into 1.
 func contentMap(c *event.Content) (map[string]any, error) {
-	data := []byte(c.VeryRaw)
-	if data == nil && (c.Raw != nil || c.Parsed != nil) {
-		// mautrix merges Parsed into Raw's nested maps in place while marshalling: marshal a copy of Raw.
-		tmp := event.Content{Parsed: c.Parsed}
-		if c.Raw != nil {
-			rawJSON, err := json.Marshal(c.Raw)
-			if err != nil {
-				return nil, err
-			}
-			if err = json.Unmarshal(rawJSON, &tmp.Raw); err != nil {
-				return nil, err
-			}
+	if c.VeryRaw != nil {
+		return decodeObject(c.VeryRaw)
+	}
+	var parts []any
+	if c.Parsed != nil {
+		parts = append(parts, c.Parsed)
+	}
+	if c.Raw != nil {
+		parts = append(parts, c.Raw)
+	}
+	out := map[string]any{}
+	for _, part := range parts {
+		data, err := json.Marshal(part)
+		if err != nil {
+			return nil, err
+		} else if string(data) == "null" {
+			continue // a typed nil
 		}
-		var err error
-		if data, err = json.Marshal(&tmp); err != nil {
+		obj, err := decodeObject(data)
+		if err != nil {
 			return nil, err
 		}
+		mergeJSONObjects(out, obj)
 	}
-	if data == nil {
-		return map[string]any{}, nil
-	}
+	return out, nil
+}
+
+func decodeObject(data []byte) (map[string]any, error) {
 	var out map[string]any
 	if err := json.Unmarshal(data, &out); err != nil {
 		return nil, err
@@ -237,6 +246,19 @@ func contentMap(c *event.Content) (map[string]any, error) {
 		return nil, errors.New("content is null")
 	}
 	return out, nil
+}
+
+// mergeJSONObjects copies from into into, recursing where both hold an object.
+func mergeJSONObjects(into, from map[string]any) {
+	for key, value := range from {
+		existing, okInto := into[key].(map[string]any)
+		nested, okFrom := value.(map[string]any)
+		if okInto && okFrom {
+			mergeJSONObjects(existing, nested)
+		} else {
+			into[key] = value
+		}
+	}
 }
 
 // translator carries what one Translate call needs.
@@ -306,6 +328,17 @@ func (tr translator) relation(content map[string]any) (isReply bool, err error) 
 	relType, _ := rel[keyRelType].(string)
 	switch event.RelationType(relType) {
 	case "":
+		// A plain reply. An event_id without rel_type means nothing, but it must not point into the source room.
+		if _, present := rel[keyEventID]; present {
+			target, ok, err := tr.copyOf(rel[keyEventID])
+			if err != nil {
+				return isReply, err
+			} else if ok {
+				rel[keyEventID] = string(target)
+			} else {
+				delete(rel, keyEventID)
+			}
+		}
 		if err = tr.reply(rel); err == nil && len(rel) == 0 {
 			delete(content, keyRelatesTo)
 		}
@@ -621,16 +654,14 @@ func cutReplyFallbackText(body string, certain bool) (string, bool) {
 		return body, false
 	}
 	pos := 0
-	for {
-		end := strings.IndexByte(body[pos:], '\n')
-		if end < 0 {
-			return body, false // the quote runs to the end: nothing would be left
-		}
-		line := body[pos : pos+end]
+	for pos < len(body) {
+		line, _, more := strings.Cut(body[pos:], "\n")
 		if !strings.HasPrefix(line, "> ") && line != ">" {
 			break
+		} else if !more {
+			return body, false // the quote runs to the end: nothing would be left
 		}
-		pos += end + 1
+		pos += len(line) + 1
 	}
 	if pos == 0 {
 		return body, false
