@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database"
@@ -151,6 +152,30 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 			}
 		}
 	})(w, r)
+}
+
+// IngestSynced records room events that reached ferry through the bot's /sync rather than a transaction
+// (homeservers like Dendrite 0.13.8 never push redactions to appservices). Events already recorded are
+// recognised by event ID, so servers that deliver both ways cause no double processing.
+func (b *Bridge) IngestSynced(ctx context.Context, evts []*event.Event) {
+	rows := make([]*database.InboxEvent, 0, len(evts))
+	for _, evt := range evts {
+		raw, err := json.Marshal(evt)
+		if err != nil || evt.ID == "" || evt.RoomID == "" {
+			continue
+		}
+		rows = append(rows, &database.InboxEvent{EventID: evt.ID, RoomID: evt.RoomID, Sender: evt.Sender, Type: evt.Type.Type, Raw: raw, State: database.InboxPending, ReceivedAt: time.Now()})
+	}
+	n, err := b.DB.Inbox.Insert(ctx, rows)
+	if err != nil {
+		b.Log.Err(err).Msg("Failed to record synced events")
+		return
+	}
+	if n > 0 {
+		for _, row := range rows {
+			b.Notify(row.RoomID)
+		}
+	}
 }
 
 // queryUser answers the homeserver's user query for ghost IDs ferry would create.

@@ -48,6 +48,9 @@ type Machine struct {
 
 	// SessionReceived is called when a Megolm session arrives, so parked events can relay.
 	SessionReceived func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID)
+	// SyncedTimeline receives the room events the bot's /sync returns (only types in syncTimelineTypes): some
+	// homeservers (Dendrite 0.13.8) never push redactions to appservices.
+	SyncedTimeline func(ctx context.Context, evts []*event.Event)
 
 	// guards the following fields
 	lock       sync.Mutex
@@ -88,7 +91,11 @@ func (m *Machine) Init(ctx context.Context) error {
 		}
 	}
 	m.client.Store = m.store
-	m.client.Syncer = &cryptoSyncer{mach: m.mach, log: m.log}
+	m.client.Syncer = &cryptoSyncer{mach: m.mach, log: m.log, timeline: func(ctx context.Context, evts []*event.Event) {
+		if m.SyncedTimeline != nil {
+			m.SyncedTimeline(ctx, evts)
+		}
+	}}
 	if err = m.mach.Load(ctx); err != nil {
 		return fmt.Errorf("failed to load the bot's Olm account: %w", err)
 	}
@@ -284,13 +291,27 @@ func (m *Machine) allowKeyShare(ctx context.Context, device *id.Device, info eve
 	return nil
 }
 
+// syncTimelineTypes are the room event types the bot's /sync asks for besides to-device and device lists.
+var syncTimelineTypes = []event.Type{event.EventRedaction}
+
 type cryptoSyncer struct {
-	mach *crypto.OlmMachine
-	log  zerolog.Logger
+	mach     *crypto.OlmMachine
+	log      zerolog.Logger
+	timeline func(ctx context.Context, evts []*event.Event)
 }
 
 func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSync, since string) error {
 	s.mach.ProcessSyncResponse(ctx, resp, since)
+	var evts []*event.Event
+	for roomID, room := range resp.Rooms.Join {
+		for _, evt := range room.Timeline.Events {
+			evt.RoomID = roomID
+			evts = append(evts, evt)
+		}
+	}
+	if len(evts) > 0 {
+		s.timeline(ctx, evts)
+	}
 	return nil
 }
 
@@ -311,7 +332,7 @@ func (s *cryptoSyncer) GetFilterJSON(_ id.UserID) *mautrix.Filter {
 			Ephemeral:   &mautrix.FilterPart{NotTypes: everything},
 			AccountData: &mautrix.FilterPart{NotTypes: everything},
 			State:       &mautrix.FilterPart{NotTypes: everything},
-			Timeline:    &mautrix.FilterPart{NotTypes: everything},
+			Timeline:    &mautrix.FilterPart{Types: syncTimelineTypes, Limit: 50},
 		},
 	}
 }

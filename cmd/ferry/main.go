@@ -197,6 +197,7 @@ func start(ctx context.Context, cfg *Config, log zerolog.Logger) int {
 	br := bridge.New(log.With().Str("component", "bridge").Logger(), &cfg.Bridge, cfg.Permissions, db, as, stateStore, mach)
 	mach.SetIsOwn(br.Ghosts.IsOwn)
 	mach.SessionReceived = br.SessionArrived
+	mach.SyncedTimeline = br.IngestSynced
 	listener, err := net.Listen("tcp", net.JoinHostPort(cfg.Appservice.Hostname, fmt.Sprint(cfg.Appservice.Port)))
 	if err != nil {
 		log.Error().Err(err).Msg("Failed to listen for the homeserver")

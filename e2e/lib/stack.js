@@ -1,0 +1,89 @@
+// A whole ferry test stack: a fresh Postgres database, ferry's config and registration, Dendrite with that
+// registration, ferry itself, and helpers that read ferry's database the way an admin would.
+//
+//   const stack = await startStack({ permissions: { "ferry.test": "user" } });
+//   stack.botUserId, stack.hs.url, stack.ferry (restart with stack.restartFerry())
+//   await stack.sql("SELECT count(*) FROM inbox")  -> rows as arrays of strings
+import { execFileSync } from "node:child_process";
+import { startDendrite } from "./dendrite.js";
+import { createTestDatabase, prepareFerry, startFerry } from "./ferry.js";
+
+export const SHARED_SECRET = "ferry-e2e-shared-secret";
+
+export async function startStack({ permissions = { "*": "relay", "ferry.test": "user" }, admins = [], extraConfig = {}, db = "postgres" } = {}) {
+    const database = db === "postgres" ? createTestDatabase() : null;
+    const prepared = await prepareFerry({
+        hsDomain: "ferry.test",
+        sharedSecret: SHARED_SECRET,
+        db: database ? { type: "postgres", uri: database.uri } : undefined,
+        permissions,
+        admins,
+        extraConfig,
+    });
+    const hs = await startDendrite({
+        appserviceRegistrations: [prepared.registrationPath],
+        sharedSecret: prepared.sharedSecret,
+        serverName: prepared.hsDomain,
+        port: prepared.hsPort,
+    });
+    let ferry = await startFerry(prepared);
+    const stack = {
+        hs,
+        prepared,
+        database,
+        botUserId: "@ferrybot:ferry.test",
+        get ferry() {
+            return ferry;
+        },
+        async restartFerry({ kill = false } = {}) {
+            if (kill) await ferry.kill9();
+            else await ferry.stop();
+            ferry = await startFerry(prepared);
+            return ferry;
+        },
+        async stopFerry({ kill = false } = {}) {
+            if (kill) await ferry.kill9();
+            else await ferry.stop();
+        },
+        async startFerryAgain() {
+            ferry = await startFerry(prepared);
+            return ferry;
+        },
+        /** Runs SQL against ferry's database; returns rows as arrays of strings. */
+        sql(query) {
+            if (!database) throw new Error("sql(): the stack uses SQLite");
+            const out = execFileSync("psql", [database.uri, "-X", "-q", "-tA", "-F", "\t", "-c", query], { encoding: "utf8" });
+            return out.split("\n").filter((l) => l !== "").map((l) => l.split("\t"));
+        },
+        /** pg_dump of ferry's whole database as text. */
+        dump() {
+            if (!database) throw new Error("dump(): the stack uses SQLite");
+            return execFileSync("pg_dump", ["--no-owner", database.uri], { encoding: "utf8", maxBuffer: 256 << 20 });
+        },
+        async stop() {
+            await ferry?.stop().catch(() => {});
+            await hs?.stop();
+            database?.drop();
+            prepared.cleanup();
+        },
+    };
+    return stack;
+}
+
+/** Invites the bot into a room, waits until it joined and gives it moderator power (50), all ferry needs. */
+export async function inviteBot(stack, user, roomId, { power = 50 } = {}) {
+    await user.invite(roomId, stack.botUserId);
+    await user.waitForMembership(roomId, stack.botUserId, "join", 30000);
+    if (power) await user.client.setPowerLevel(roomId, stack.botUserId, power);
+}
+
+/** Sends a command and waits for the bot's decrypted m.notice reply to it; returns the reply's plain event. */
+export async function command(stack, user, roomId, text, timeoutMs = 30000) {
+    const cmdId = await user.sendText(roomId, text);
+    return user.waitForEvent(
+        roomId,
+        (e) => e.sender === stack.botUserId && e.type === "m.room.message" && e.content.msgtype === "m.notice" && e.content["m.relates_to"]?.["m.in_reply_to"]?.event_id === cmdId,
+        timeoutMs,
+        `the bot's reply to "${text}"`,
+    );
+}
