@@ -7,13 +7,19 @@
 import { execFileSync } from "node:child_process";
 import { startDendrite } from "./dendrite.js";
 import { createTestDatabase, prepareFerry, startFerry } from "./ferry.js";
+import { startSyncHoldProxy } from "./proxy.js";
+import { freePort } from "./util.js";
 
 export const SHARED_SECRET = "ferry-e2e-shared-secret";
 
-export async function startStack({ permissions = { "*": "relay", "ferry.test": "user" }, admins = [], extraConfig = {}, db = "postgres" } = {}) {
+export async function startStack({ permissions = { "*": "relay", "ferry.test": "user" }, admins = [], extraConfig = {}, db = "postgres", syncProxy = false } = {}) {
     const database = db === "postgres" ? createTestDatabase() : null;
+    // With syncProxy, ferry reaches Dendrite through a proxy that can hold its /sync (see proxy.js).
+    const hsPort = await freePort();
+    const proxy = syncProxy ? await startSyncHoldProxy(hsPort) : null;
     const prepared = await prepareFerry({
         hsDomain: "ferry.test",
+        hsUrl: proxy ? proxy.url : `http://127.0.0.1:${hsPort}`,
         sharedSecret: SHARED_SECRET,
         db: database ? { type: "postgres", uri: database.uri } : undefined,
         permissions,
@@ -24,11 +30,12 @@ export async function startStack({ permissions = { "*": "relay", "ferry.test": "
         appserviceRegistrations: [prepared.registrationPath],
         sharedSecret: prepared.sharedSecret,
         serverName: prepared.hsDomain,
-        port: prepared.hsPort,
+        port: hsPort,
     });
     let ferry = await startFerry(prepared);
     const stack = {
         hs,
+        proxy,
         prepared,
         database,
         botUserId: "@ferrybot:ferry.test",
@@ -63,6 +70,7 @@ export async function startStack({ permissions = { "*": "relay", "ferry.test": "
         async stop() {
             await ferry?.stop().catch(() => {});
             await hs?.stop();
+            await proxy?.close();
             database?.drop();
             prepared.cleanup();
         },
