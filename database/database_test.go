@@ -220,4 +220,3 @@ func TestKV(t *testing.T) {
 		}
 	})
 }
-

@@ -9,14 +9,13 @@
 //   const ferry = await startFerry(prepared);                              // waits for /_matrix/mau/ready
 //   ... await ferry.stop(); await hs.stop(); prepared.cleanup();
 //
-// or simply `const stack = await startStack({...}); ... await stack.stop();`.
+// (lib/stack.js wraps this sequence with a fresh Postgres database.)
 //
 // Env: FERRY_BIN (default <repo>/bin/ferry), FERRY_TEST_PG (admin URL for createTestDatabase), FERRY_E2E_KEEP=1.
 import { spawnSync } from "node:child_process";
 import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
-import { startDendrite } from "./dendrite.js";
 import {
     freePort,
     httpStatus,
@@ -295,38 +294,6 @@ export async function startFerry(prepared, { readyTimeoutMs = 30000, env } = {})
         },
     };
     return handle;
-}
-
-/**
- * The whole stack: prepareFerry → startDendrite (with ferry's registration) → startFerry. Options are
- * prepareFerry's plus { startFerry: true }. Returns { hs, ferry, prepared, stop() }.
- */
-export async function startStack(opts = {}) {
-    const prepared = await prepareFerry(opts);
-    let hs;
-    try {
-        hs = await startDendrite({
-            appserviceRegistrations: [prepared.registrationPath],
-            sharedSecret: prepared.sharedSecret,
-            serverName: prepared.hsDomain,
-            port: prepared.hsPort,
-        });
-        const ferry = opts.startFerry === false ? null : await startFerry(prepared);
-        return {
-            hs,
-            ferry,
-            prepared,
-            async stop() {
-                await ferry?.stop().catch(() => {});
-                await hs.stop();
-                prepared.cleanup();
-            },
-        };
-    } catch (e) {
-        await hs?.stop();
-        prepared.cleanup();
-        throw e;
-    }
 }
 
 // ---- Postgres ---------------------------------------------------------------------------------------------------

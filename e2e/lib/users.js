@@ -89,7 +89,7 @@ function makeLogger(prefix, muted) {
 }
 
 // ---- raw HTTP ---------------------------------------------------------------------------------------------------
-class HttpError extends Error {
+export class HttpError extends Error {
     constructor(method, url, status, body) {
         super(`${method} ${url} -> ${status}: ${JSON.stringify(body)}`);
         this.status = status;

@@ -80,20 +80,52 @@ export async function httpStatus(url, timeoutMs = 2000) {
 // ---- temp dirs ------------------------------------------------------------------------------------------------
 const tempDirs = new Set();
 
+const OWNER_FILE = ".e2e-owner-pid";
+const swept = new Set();
+
+/** Removes dirs `<tmp>/<prefix>*` left by a test process that was SIGKILLed (its owner pid is gone). */
+function sweepStale(prefix) {
+    if (swept.has(prefix)) return;
+    swept.add(prefix);
+    for (const name of fs.readdirSync(os.tmpdir())) {
+        if (!name.startsWith(prefix)) continue;
+        const dir = path.join(os.tmpdir(), name);
+        let pid;
+        try {
+            pid = Number(fs.readFileSync(path.join(dir, OWNER_FILE), "utf8"));
+        } catch {
+            continue; // kept on purpose (FERRY_E2E_KEEP=1) or not ours
+        }
+        try {
+            process.kill(pid, 0);
+        } catch (e) {
+            if (e.code === "ESRCH") fs.rmSync(dir, { recursive: true, force: true });
+        }
+    }
+}
+
 /** Makes a temp dir (removed by removeTempDir or at exit, unless FERRY_E2E_KEEP=1). */
 export function makeTempDir(prefix) {
+    installExitHooks();
+    sweepStale(prefix);
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+    fs.writeFileSync(path.join(dir, OWNER_FILE), String(process.pid));
     tempDirs.add(dir);
     return dir;
 }
 
-export function removeTempDir(dir) {
-    tempDirs.delete(dir);
+function keepOrRemove(dir) {
     if (keepArtifacts) {
-        console.log(`# e2e: kept ${dir} (FERRY_E2E_KEEP=1)`);
-        return;
+        fs.rmSync(path.join(dir, OWNER_FILE), { force: true });
+        console.log(`e2e: kept ${dir} (FERRY_E2E_KEEP=1)`);
+    } else {
+        fs.rmSync(dir, { recursive: true, force: true });
     }
-    fs.rmSync(dir, { recursive: true, force: true });
+}
+
+export function removeTempDir(dir) {
+    if (!tempDirs.delete(dir)) return;
+    keepOrRemove(dir);
 }
 
 // ---- child processes ------------------------------------------------------------------------------------------
@@ -122,10 +154,8 @@ function installExitHooks() {
     hooksInstalled = true;
     process.on("exit", () => {
         killAllChildrenSync();
-        for (const dir of tempDirs) {
-            if (keepArtifacts) console.log(`# e2e: kept ${dir} (FERRY_E2E_KEEP=1)`);
-            else fs.rmSync(dir, { recursive: true, force: true });
-        }
+        for (const dir of tempDirs) keepOrRemove(dir);
+        tempDirs.clear();
     });
     for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"]) {
         process.once(sig, () => {
