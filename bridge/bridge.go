@@ -43,6 +43,8 @@ type Bridge struct {
 	Ghosts     GhostNamer
 	// EncryptionPath describes how ferry gets keys from this homeserver (for status and logs).
 	EncryptionPath string
+	// Reload re-reads the permissions from the config file (the reload command); nil when unavailable.
+	Reload func() (Permissions, error)
 
 	perms     atomic.Pointer[Permissions]
 	startedAt time.Time

@@ -2,12 +2,12 @@ package bridge
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"strings"
-	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/event"
@@ -15,6 +15,14 @@ import (
 
 	"go.ferry.im/ferry/database"
 )
+
+// Bot commands. A message is a command when it starts with bridge.command_prefix, or, in a management room (a
+// room whose only joined or invited members are the sender and the bot, and which is not linked), when it is any
+// text at all. The sender's permission level and the room decide which commands run; every command is answered
+// with an m.notice reply, and every refusal says why.
+
+// maxEchoedName caps how much of an unknown command name a refusal repeats back.
+const maxEchoedName = 40
 
 // CommandEvent is one bot command being handled.
 type CommandEvent struct {
@@ -24,254 +32,407 @@ type CommandEvent struct {
 	RoomID  id.RoomID
 	Sender  id.UserID
 	Level   Level
+	Room    RoomContext
 	Command string
 	Args    []string
+
+	replies int // replies sent so far; each gets its own deterministic transaction ID
 }
 
-// Reply answers the command with an m.notice reply (Markdown rendered to HTML, plain text body).
+// Reply answers the command with an m.notice reply. format uses ferry's notice markup (see renderNotice); args
+// are inserted as text.
 func (ce *CommandEvent) Reply(format string, args ...any) {
-	text := fmt.Sprintf(format, args...)
-	if _, err := ce.Bridge.sendNotice(ce.Ctx, ce.RoomID, text, ce.Event.ID, "ferry_reply_"+TxnID(ce.Event.ID, ce.RoomID)); err != nil {
+	ce.reply(renderNotice(format, args...))
+}
+
+// reply sends a rendered notice as a reply to the command. Its transaction ID derives from the command's event
+// ID, so a command handled again after a crash is not answered twice.
+func (ce *CommandEvent) reply(n noticeText) {
+	txnID := "ferry_reply_" + TxnID(ce.Event.ID, ce.RoomID)
+	if ce.replies > 0 {
+		txnID += fmt.Sprintf("_%d", ce.replies)
+	}
+	ce.replies++
+	if _, err := ce.Bridge.sendRenderedNotice(ce.Ctx, ce.RoomID, n, ce.Event.ID, txnID); err != nil {
 		zerolog.Ctx(ce.Ctx).Err(err).Msg("Failed to reply to command")
 	}
+}
+
+// cmd renders a command line as the sender would type it here: without the prefix in a management room.
+func (ce *CommandEvent) cmd(line string) string {
+	return commandLine(ce.Bridge.Config.CommandPrefix, ce.Room.Management, line)
+}
+
+// commandLine renders a command line with the prefix, or without it in a management room.
+func commandLine(prefix string, management bool, line string) string {
+	if management || prefix == "" {
+		return line
+	}
+	return prefix + " " + line
+}
+
+// RoomContext is what command dispatch knows about the room a command was sent in.
+type RoomContext struct {
+	// Management: the room's only joined or invited members are the sender and the bot, and it is not linked.
+	// Commands need no prefix there.
+	Management bool
+	// Linked: the room belongs to a link.
+	Linked bool
+	// Encrypted: the room is encrypted.
+	Encrypted bool
+}
+
+// roomNeeds says where a command may run.
+type roomNeeds uint8
+
+const (
+	needLinked     roomNeeds = 1 << iota // the room must belong to a link
+	needManagement                       // the room must be a management room
+	needEncrypted                        // the room must be encrypted
+)
+
+// unmet explains why a command with these needs cannot run in room, or returns "".
+func (n roomNeeds) unmet(room RoomContext) string {
+	switch {
+	case n&needLinked != 0 && !room.Linked:
+		return "works only in a linked room, and this room is not linked"
+	case n&needManagement != 0 && !room.Management:
+		return "works only in a management room (a direct chat between you and me)"
+	case n&needEncrypted != 0 && !room.Encrypted:
+		return "works only in an encrypted room"
+	}
+	return ""
 }
 
 // commandHandler describes one bot command.
 type commandHandler struct {
 	Name     string
 	MinLevel Level
+	Needs    roomNeeds
 	Usage    string // arguments, e.g. "<room ID or alias>"
+	MinArgs  int
+	MaxArgs  int    // -1: unlimited
 	Help     string // one line
-	Example  string
+	Example  string // arguments of an example, e.g. "#team:example.org"
 	Func     func(ce *CommandEvent)
 }
 
-func (b *Bridge) commands() []*commandHandler {
-	return []*commandHandler{
-		{Name: "link", MinLevel: LevelUser, Usage: "<room ID or alias>", Help: "Link this room with another room the bot is in.", Example: "link #team:example.org", Func: cmdLink},
-		{Name: "accept", MinLevel: LevelUser, Help: "Accept a pending link request for this room.", Func: cmdAccept},
-		{Name: "unlink", MinLevel: LevelUser, Help: "Remove this room from its link.", Func: cmdUnlink},
+// line is the command's usage line without prefix, e.g. "link <room ID or alias>".
+func (h *commandHandler) line() string {
+	if h.Usage == "" {
+		return h.Name
+	}
+	return h.Name + " " + h.Usage
+}
+
+// commandTable lists every command. It is filled in init because the help command reads it.
+var commandTable []*commandHandler
+
+func init() {
+	commandTable = []*commandHandler{
+		{Name: "help", MinLevel: LevelUser, Usage: "[command]", MaxArgs: 1, Example: "link",
+			Help: "List the commands you may use here, or show how to use one.", Func: cmdHelp},
+		{Name: "link", MinLevel: LevelUser, Usage: "<room ID, alias or matrix.to link>", MinArgs: 1, MaxArgs: 1, Example: "#team:example.org",
+			Help: "Link this room with another room I am in; without power there, someone there accepts.", Func: cmdLink},
+		{Name: "accept", MinLevel: LevelUser,
+			Help: "Accept the pending link request for this room.", Func: cmdAccept},
+		{Name: "unlink", MinLevel: LevelUser, Needs: needLinked,
+			Help: "Remove this room from its link.", Func: cmdUnlink},
+		{Name: "links", MinLevel: LevelUser, Usage: "[all]", MaxArgs: 1,
+			Help: "Show this room's link: its rooms, their encryption and what was relayed (admins: all links).", Func: cmdLinks},
+		{Name: "status", MinLevel: LevelUser,
+			Help: "Show ferry's version, uptime, encryption path and how this room's link is doing.", Func: cmdStatus},
+		{Name: "encryption", MinLevel: LevelUser, Usage: "[require|optional]", MaxArgs: 1, Example: "require",
+			Help: "Show this room's encryption and the link's policy; room admins can require encryption for the whole link.", Func: cmdEncryption},
+		{Name: "devices", MinLevel: LevelUser,
+			Help: "Show ferry's devices, cross-signing and key-sharing policy.", Func: cmdDevices},
+		{Name: "ping", MinLevel: LevelUser,
+			Help: "Check that ferry answers.", Func: cmdPing},
+		{Name: "version", MinLevel: LevelUser,
+			Help: "Show ferry's version.", Func: cmdVersion},
+		{Name: "rotate", MinLevel: LevelAdmin, Needs: needEncrypted,
+			Help: "Discard ferry's outbound encryption sessions in this room; the next message starts a new one.", Func: cmdRotate},
+		{Name: "recovery-key", MinLevel: LevelAdmin, Needs: needManagement,
+			Help: "Show the recovery key of ferry's cross-signing identity.", Func: cmdRecoveryKey},
+		{Name: "reload", MinLevel: LevelAdmin,
+			Help: "Re-read the permissions from the config file without restarting.", Func: cmdReload},
 	}
 }
 
-// ParseCommand splits a command message into the command name and its arguments. ok=false when the body is
-// not addressed to ferry.
-func ParseCommand(body, prefix string) (cmd string, args []string, ok bool) {
+// findCommand returns the command with this name, or nil.
+func findCommand(table []*commandHandler, name string) *commandHandler {
+	for _, h := range table {
+		if h.Name == name {
+			return h
+		}
+	}
+	return nil
+}
+
+// visibleCommands lists the commands a user of this level may run in this room, in table order.
+func visibleCommands(table []*commandHandler, level Level, room RoomContext) []*commandHandler {
+	var out []*commandHandler
+	for _, h := range table {
+		if level >= h.MinLevel && h.Needs.unmet(room) == "" {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+// ParseCommand splits a message body into a command name (lower case) and its arguments. The body is addressed
+// to ferry when it starts with prefix (in any letter case) followed by whitespace or nothing — a bare prefix
+// means help — or, when management is true, when it is not blank. Arguments are separated by whitespace; an
+// argument that starts with a quote (" ' “ ‘) runs to the matching closing quote and may contain spaces. ok is
+// false when the body is not addressed to ferry.
+func ParseCommand(body, prefix string, management bool) (name string, args []string, ok bool) {
 	body = strings.TrimSpace(body)
-	if body != prefix && !strings.HasPrefix(body, prefix+" ") {
+	if rest, found := cutCommandPrefix(body, prefix); found {
+		body = rest
+	} else if !management || body == "" {
 		return "", nil, false
 	}
-	fields := strings.Fields(body[len(prefix):])
-	if len(fields) == 0 {
+	fields := splitCommandArgs(body)
+	if len(fields) == 0 || fields[0] == "" {
 		return "help", nil, true
 	}
 	return strings.ToLower(fields[0]), fields[1:], true
 }
 
-func (b *Bridge) handleCommand(ctx context.Context, evt *event.Event) {
-	msg := evt.Content.AsMessage()
-	name, args, ok := ParseCommand(msg.Body, b.Config.CommandPrefix)
-	if !ok {
-		return
+// cutCommandPrefix removes prefix and the whitespace after it from body.
+func cutCommandPrefix(body, prefix string) (string, bool) {
+	if prefix == "" || len(body) < len(prefix) || !strings.EqualFold(body[:len(prefix)], prefix) {
+		return "", false
 	}
-	ce := &CommandEvent{Ctx: ctx, Bridge: b, Event: evt, RoomID: evt.RoomID, Sender: evt.Sender, Level: b.Permission(evt.Sender), Command: name, Args: args}
-	zerolog.Ctx(ctx).Info().Str("command", name).Stringer("sender", evt.Sender).Msg("Handling command")
-	if ce.Level < LevelUser {
-		ce.Reply("You are not allowed to use ferry's commands (your permission level is `%s`; `user` is needed).", ce.Level)
-		return
+	rest := body[len(prefix):]
+	if rest == "" {
+		return "", true
 	}
-	for _, h := range b.commands() {
-		if h.Name != name {
-			continue
-		}
-		if ce.Level < h.MinLevel {
-			ce.Reply("`%s` needs permission level `%s`; yours is `%s`.", name, h.MinLevel, ce.Level)
-			return
-		}
-		h.Func(ce)
-		return
+	if r, _ := utf8.DecodeRuneInString(rest); !unicode.IsSpace(r) {
+		return "", false
 	}
-	ce.Reply("Unknown command `%s`. Try `%s help`.", name, b.Config.CommandPrefix)
+	return strings.TrimLeftFunc(rest, unicode.IsSpace), true
 }
 
-// hasStatePower tells whether user may change state in room (power level ≥ state_default). Admins of ferry
-// always may.
-func (b *Bridge) hasStatePower(ctx context.Context, room id.RoomID, user id.UserID) bool {
-	if b.Permission(user) >= LevelAdmin {
-		return true
-	}
-	pl, err := b.StateStore.GetPowerLevels(ctx, room)
-	if err != nil || pl == nil {
-		var content event.PowerLevelsEventContent
-		if err = b.AS.BotClient().StateEvent(ctx, room, event.StatePowerLevels, "", &content); err != nil {
-			return false
-		}
-		pl = &content
-	}
-	return pl.GetUserLevel(user) >= pl.StateDefault()
-}
+// commandQuotes maps each opening quote to its closing quote. Typographic quotes are included because phone
+// keyboards replace straight quotes with them.
+var commandQuotes = map[rune]rune{'"': '"', '\'': '\'', '“': '”', '‘': '’', '«': '»'}
 
-func (b *Bridge) resolveRoom(ctx context.Context, arg string) (id.RoomID, error) {
-	switch {
-	case strings.HasPrefix(arg, "!"):
-		return id.RoomID(arg), nil
-	case strings.HasPrefix(arg, "#"):
-		resp, err := b.AS.BotClient().ResolveAlias(ctx, id.RoomAlias(arg))
-		if err != nil {
-			return "", fmt.Errorf("could not resolve %s", arg)
+// splitCommandArgs splits on whitespace. A field that starts with an opening quote runs to its closing quote
+// (or the end of the text) and may contain whitespace; characters right after the closing quote belong to the
+// same field. Quotes inside a field are kept as they are.
+func splitCommandArgs(s string) []string {
+	var out []string
+	for {
+		s = strings.TrimLeftFunc(s, unicode.IsSpace)
+		if s == "" {
+			return out
 		}
-		return resp.RoomID, nil
-	}
-	return "", fmt.Errorf("%q is not a room ID (!…) or alias (#…)", arg)
-}
-
-func newLinkID() string {
-	b := make([]byte, 8)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
-}
-
-func cmdLink(ce *CommandEvent) {
-	b, ctx := ce.Bridge, ce.Ctx
-	if len(ce.Args) != 1 {
-		ce.Reply("Usage: `%s link <room ID or alias>`", b.Config.CommandPrefix)
-		return
-	}
-	target, err := b.resolveRoom(ctx, ce.Args[0])
-	if err != nil {
-		ce.Reply("Cannot link: %s.", err)
-		return
-	}
-	if target == ce.RoomID {
-		ce.Reply("Cannot link a room to itself.")
-		return
-	}
-	if !b.StateStore.IsInRoom(ctx, target, b.AS.BotMXID()) {
-		ce.Reply("Cannot link: I am not in %s. Invite me there first.", ce.Args[0])
-		return
-	}
-	if !b.hasStatePower(ctx, ce.RoomID, ce.Sender) {
-		ce.Reply("Cannot link: you need the power to change room settings here (power level ≥ state_default).")
-		return
-	}
-	if existing, err := b.DB.Links.GetByRoom(ctx, target); err == nil {
-		if current, _ := b.DB.Links.GetByRoom(ctx, ce.RoomID); current != nil && current.ID == existing.ID {
-			ce.Reply("This room is already linked with %s.", ce.Args[0])
-		} else {
-			ce.Reply("Cannot link: %s already belongs to another link. Unlink it there first.", ce.Args[0])
-		}
-		return
-	}
-	if reason := b.encryptionMismatch(ctx, ce.RoomID, target); reason != "" {
-		ce.Reply("Cannot link: %s", reason)
-		return
-	}
-	if !b.hasStatePower(ctx, target, ce.Sender) {
-		req := &database.LinkRequest{RoomID: target, FromRoom: ce.RoomID, RequestedBy: ce.Sender, CreatedAt: time.Now()}
-		if err = b.DB.Links.PutRequest(ctx, req); err != nil {
-			ce.Reply("Failed to store the link request.")
-			return
-		}
-		text := fmt.Sprintf("%s asks to link this room with **%s**. Someone who may change room settings here can accept with `%s accept`.",
-			ce.Sender, b.roomName(ctx, ce.RoomID), b.Config.CommandPrefix)
-		if _, err = b.sendNotice(ctx, target, text, "", "ferry_linkreq_"+TxnID(ce.Event.ID, target)); err != nil {
-			ce.Reply("Failed to post the link request in %s.", ce.Args[0])
-			return
-		}
-		ce.Reply("You lack the power to change room settings in %s, so I posted a link request there. Someone with power there can accept it with `%s accept`.", ce.Args[0], b.Config.CommandPrefix)
-		return
-	}
-	b.completeLink(ce, ce.RoomID, target)
-}
-
-func cmdAccept(ce *CommandEvent) {
-	b, ctx := ce.Bridge, ce.Ctx
-	if !b.hasStatePower(ctx, ce.RoomID, ce.Sender) {
-		ce.Reply("Cannot accept: you need the power to change room settings here (power level ≥ state_default).")
-		return
-	}
-	req, err := b.DB.Links.TakeRequest(ctx, ce.RoomID)
-	if err != nil {
-		ce.Reply("Failed to read the link request.")
-		return
-	} else if req == nil {
-		ce.Reply("There is no pending link request for this room.")
-		return
-	}
-	if reason := b.encryptionMismatch(ctx, req.FromRoom, ce.RoomID); reason != "" {
-		ce.Reply("Cannot link: %s", reason)
-		return
-	}
-	b.completeLink(ce, req.FromRoom, ce.RoomID)
-}
-
-func (b *Bridge) completeLink(ce *CommandEvent, from, to id.RoomID) {
-	ctx := ce.Ctx
-	link, err := b.DB.Links.Join(ctx, newLinkID(), from, to, ce.Sender, time.Now())
-	if errors.Is(err, database.ErrRoomAlreadyLinked) {
-		ce.Reply("Cannot link: the room already belongs to a link.")
-		return
-	} else if err != nil {
-		zerolog.Ctx(ctx).Err(err).Msg("Failed to store link")
-		ce.Reply("Failed to store the link.")
-		return
-	}
-	b.updateLinkState(ctx, link)
-	names := make([]string, 0, len(link.Rooms))
-	for _, r := range link.Rooms {
-		names = append(names, "**"+b.roomName(ctx, r)+"**")
-	}
-	ce.Reply("Linked: %s. Messages now cross between these rooms.", strings.Join(names, ", "))
-	for _, r := range link.Rooms {
-		if r != ce.RoomID {
-			if _, err = b.sendNotice(ctx, r, fmt.Sprintf("This room is now linked with %s by %s.", strings.Join(names, ", "), ce.Sender), "", "ferry_linked_"+TxnID(ce.Event.ID, r)); err != nil {
-				zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", r).Msg("Failed to announce link")
+		var field strings.Builder
+		r, size := utf8.DecodeRuneInString(s)
+		if closing, quoted := commandQuotes[r]; quoted {
+			s = s[size:]
+			end := strings.IndexRune(s, closing)
+			if end < 0 {
+				end = len(s)
+				field.WriteString(s)
+				s = ""
+			} else {
+				field.WriteString(s[:end])
+				_, closeSize := utf8.DecodeRuneInString(s[end:])
+				s = s[end+closeSize:]
 			}
 		}
+		end := strings.IndexFunc(s, unicode.IsSpace)
+		if end < 0 {
+			end = len(s)
+		}
+		field.WriteString(s[:end])
+		s = s[end:]
+		out = append(out, field.String())
 	}
 }
 
-func cmdUnlink(ce *CommandEvent) {
-	b, ctx := ce.Bridge, ce.Ctx
-	if !b.hasStatePower(ctx, ce.RoomID, ce.Sender) {
-		ce.Reply("Cannot unlink: you need the power to change room settings here (power level ≥ state_default).")
-		return
+// commandRequest is everything command dispatch depends on.
+type commandRequest struct {
+	Body   string
+	Prefix string
+	Level  Level
+	Room   RoomContext
+}
+
+// dispatchResult is the decision of dispatchCommand.
+type dispatchResult struct {
+	// Command: the message is addressed to ferry. When false, the message is not a command (relay it).
+	Command bool
+	Name    string
+	Args    []string
+	// Handler runs the command; nil when it is refused (or ignored, when Refusal is empty too).
+	Handler *commandHandler
+	// Refusal is the reply when Handler is nil.
+	Refusal noticeText
+}
+
+// dispatchCommand decides what a message means: not a command, a command to run, or a refusal to send. It is
+// pure, so permission gating is tested without a homeserver. Blocked users are ignored without an answer (the
+// bot does not talk to them at all); everyone else gets a handler or a reply saying why not.
+func dispatchCommand(table []*commandHandler, req commandRequest) dispatchResult {
+	name, args, ok := ParseCommand(req.Body, req.Prefix, req.Room.Management)
+	if !ok {
+		return dispatchResult{}
 	}
-	before, err := b.DB.Links.Leave(ctx, ce.RoomID)
-	if errors.Is(err, database.ErrLinkNotFound) {
-		ce.Reply("This room is not linked.")
-		return
-	} else if err != nil {
-		ce.Reply("Failed to unlink.")
-		return
+	res := dispatchResult{Command: true, Name: name, Args: args}
+	switch {
+	case req.Level <= LevelBlock:
+		return res
+	case req.Level < LevelUser:
+		res.Refusal = renderNotice("ferry's commands need permission level `%s`; yours is `%s`.", LevelUser, req.Level)
+		return res
 	}
-	b.clearLinkState(ctx, before, ce.RoomID)
-	if after, err := b.DB.Links.Get(ctx, before.ID); err == nil {
-		b.updateLinkState(ctx, after)
-	} else {
-		for _, r := range before.Others(ce.RoomID) {
-			b.clearLinkState(ctx, before, r)
+	h := findCommand(table, name)
+	if h == nil {
+		res.Refusal = renderNotice("Unknown command `%s`. Try `%s` to see the commands you may use here.",
+			truncateName(name), commandLine(req.Prefix, req.Room.Management, "help"))
+		return res
+	}
+	if req.Level < h.MinLevel {
+		res.Refusal = renderNotice("`%s` needs permission level `%s`; yours is `%s`.", h.Name, h.MinLevel, req.Level)
+		return res
+	}
+	if reason := h.Needs.unmet(req.Room); reason != "" {
+		res.Refusal = renderNotice("`%s` %s.", h.Name, reason)
+		return res
+	}
+	if len(args) < h.MinArgs || h.MaxArgs >= 0 && len(args) > h.MaxArgs {
+		res.Refusal = usageNotice(req.Prefix, req.Room.Management, h)
+		return res
+	}
+	res.Handler = h
+	return res
+}
+
+// usageNotice is the reply to a command with missing or extra arguments.
+func usageNotice(prefix string, management bool, h *commandHandler) noticeText {
+	n := renderNotice("Usage: `%s`", commandLine(prefix, management, h.line()))
+	if h.Example != "" {
+		n = n.join(renderNotice("Example: `%s`", commandLine(prefix, management, h.Name+" "+h.Example)))
+	}
+	return n
+}
+
+// truncateName shortens an unknown command name before it is repeated back.
+func truncateName(name string) string {
+	if utf8.RuneCountInString(name) <= maxEchoedName {
+		return name
+	}
+	runes := []rune(name)
+	return string(runes[:maxEchoedName]) + "…"
+}
+
+// handleCommand handles a message that may be a bot command. It returns false when the message is not
+// addressed to ferry (the caller relays it).
+func (b *Bridge) handleCommand(ctx context.Context, evt *event.Event) bool {
+	msg := evt.Content.AsMessage()
+	// Notices are bot output (never answer them: two bots would loop); edits re-send a command's text.
+	if msg.MsgType != event.MsgText || msg.RelatesTo != nil && msg.RelatesTo.Type == event.RelReplace {
+		return false
+	}
+	body := msg.Body
+	if msg.RelatesTo.GetReplyTo() != "" {
+		if stripped, ok := cutReplyFallbackText(body, msg.FormattedBody != "" && hasPrefixFold(msg.FormattedBody, mxReplyOpen)); ok {
+			body = stripped
 		}
 	}
-	ce.Reply("Unlinked. Messages no longer cross between this room and the others.")
-	for _, r := range before.Others(ce.RoomID) {
-		_, _ = b.sendNotice(ctx, r, fmt.Sprintf("%s was unlinked from this room by %s.", b.roomName(ctx, ce.RoomID), ce.Sender), "", "ferry_unlinked_"+TxnID(ce.Event.ID, r))
+	prefix := b.Config.CommandPrefix
+	req := commandRequest{Body: body, Prefix: prefix, Level: b.Permission(evt.Sender)}
+	if _, _, ok := ParseCommand(body, prefix, false); !ok {
+		// Only a management room takes commands without the prefix; check it only for such messages.
+		if !b.isManagementRoom(ctx, evt.RoomID, evt.Sender) {
+			return false
+		}
+		req.Room.Management = true
+	} else {
+		req.Room.Management = b.isManagementRoom(ctx, evt.RoomID, evt.Sender)
 	}
+	if !req.Room.Management {
+		_, err := b.DB.Links.GetByRoom(ctx, evt.RoomID)
+		req.Room.Linked = err == nil
+	}
+	req.Room.Encrypted, _ = b.StateStore.IsEncrypted(ctx, evt.RoomID)
+
+	res := dispatchCommand(commandTable, req)
+	ce := &CommandEvent{Ctx: ctx, Bridge: b, Event: evt, RoomID: evt.RoomID, Sender: evt.Sender, Level: req.Level,
+		Room: req.Room, Command: res.Name, Args: res.Args}
+	log := zerolog.Ctx(ctx).With().Stringer("sender", evt.Sender).Stringer("permission_level", req.Level).Logger()
+	if res.Handler == nil {
+		// The name is logged only for known commands: in a management room any message is a command, and an
+		// unknown name may be the first word of a message meant for a person.
+		log.Info().Bool("known_command", findCommand(commandTable, res.Name) != nil).Msg("Refusing command")
+		if res.Refusal.Plain != "" {
+			ce.reply(res.Refusal)
+		}
+		return true
+	}
+	log.Info().Str("command", res.Handler.Name).Msg("Handling command")
+	defer func() {
+		if p := recover(); p != nil {
+			log.Error().Str("panic", fmt.Sprint(p)).Bytes("stack", debug.Stack()).Str("command", res.Handler.Name).Msg("Panic while handling command")
+			ce.Reply("Something went wrong while handling `%s`; the details are in ferry's log.", res.Handler.Name)
+		}
+	}()
+	res.Handler.Func(ce)
+	return true
 }
 
-// encryptionMismatch explains why two rooms may not be linked under the encryption policy, or returns "".
-func (b *Bridge) encryptionMismatch(ctx context.Context, a, c id.RoomID) string {
-	if b.Config.AllowUnencryptedTargets {
-		return ""
+// isManagementRoom tells whether room is a management room for sender: its only joined or invited members are
+// the sender and the bot, and it is not linked (a linked room's messages are relayed, not commands).
+func (b *Bridge) isManagementRoom(ctx context.Context, room id.RoomID, sender id.UserID) bool {
+	members, err := b.StateStore.GetRoomJoinedOrInvitedMembers(ctx, room)
+	if err != nil || len(members) != 2 {
+		return false
 	}
-	encA, _ := b.StateStore.IsEncrypted(ctx, a)
-	encC, _ := b.StateStore.IsEncrypted(ctx, c)
-	if encA == encC {
-		return ""
+	bot := b.AS.BotMXID()
+	if sender == bot || !(members[0] == sender && members[1] == bot || members[0] == bot && members[1] == sender) {
+		return false
 	}
-	plain := a
-	if encA {
-		plain = c
+	_, err = b.DB.Links.GetByRoom(ctx, room)
+	return errors.Is(err, database.ErrLinkNotFound)
+}
+
+func cmdHelp(ce *CommandEvent) {
+	prefix, mgmt := ce.Bridge.Config.CommandPrefix, ce.Room.Management
+	if len(ce.Args) == 1 {
+		name := strings.ToLower(ce.Args[0])
+		h := findCommand(commandTable, name)
+		if h == nil {
+			ce.Reply("Unknown command `%s`. Try `%s` to see the commands you may use here.", truncateName(name), ce.cmd("help"))
+			return
+		}
+		n := renderNotice("`%s`: %s", commandLine(prefix, mgmt, h.line()), h.Help)
+		if h.Example != "" {
+			n = n.join(renderNotice("Example: `%s`", commandLine(prefix, mgmt, h.Name+" "+h.Example)))
+		}
+		if ce.Level < h.MinLevel {
+			n = n.join(renderNotice("It needs permission level `%s`; yours is `%s`.", h.MinLevel, ce.Level))
+		} else if reason := h.Needs.unmet(ce.Room); reason != "" {
+			n = n.join(renderNotice("It %s.", reason))
+		}
+		ce.reply(n)
+		return
 	}
-	return fmt.Sprintf("%s is not encrypted, and ferry does not relay messages from encrypted rooms into unencrypted ones. Enable encryption there first (or an admin sets `bridge.allow_unencrypted_targets`).", b.roomName(ctx, plain))
+	ce.reply(helpText(prefix, ce.Level, ce.Room))
+}
+
+// helpText lists the commands a user of this level may run in this room, one line each.
+func helpText(prefix string, level Level, room RoomContext) noticeText {
+	var n noticeText
+	if room.Management {
+		n = renderNotice("Commands you may use here (this is a management room, so no `%s` prefix is needed):", prefix)
+	} else {
+		n = renderNotice("Commands you may use here (permission level `%s`):", level)
+	}
+	for _, h := range visibleCommands(commandTable, level, room) {
+		n = n.join(renderNotice("- `%s`: %s", commandLine(prefix, room.Management, h.line()), h.Help))
+	}
+	return n.join(renderNotice("Details and an example: `%s`", commandLine(prefix, room.Management, "help <command>")))
 }

@@ -60,8 +60,7 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 		evt = dec
 		b.keyArrived(ctx, evt.ID)
 	}
-	if evt.Type == event.EventMessage && b.isCommand(evt) {
-		b.handleCommand(ctx, evt)
+	if evt.Type == event.EventMessage && b.handleCommand(ctx, evt) {
 		return outcome{state: database.InboxDone}
 	}
 	return b.relay(ctx, evt)
@@ -146,16 +145,6 @@ func (b *Bridge) handleBotMembership(ctx context.Context, evt *event.Event, memb
 			}
 		}
 	}
-}
-
-// isCommand tells bot commands apart from messages to relay.
-func (b *Bridge) isCommand(evt *event.Event) bool {
-	msg := evt.Content.AsMessage()
-	if msg.MsgType != event.MsgText || msg.RelatesTo != nil && msg.RelatesTo.Type == event.RelReplace {
-		return false
-	}
-	body := strings.TrimSpace(msg.Body)
-	return body == b.Config.CommandPrefix || strings.HasPrefix(body, b.Config.CommandPrefix+" ")
 }
 
 // keyNoticeKey names the kv entry holding the notice ferry posted about a missing key.
