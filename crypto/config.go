@@ -18,9 +18,10 @@ const (
 	// TrustUnverified accepts any device of the user.
 	TrustUnverified = "unverified"
 	// TrustCrossSignedTOFU accepts devices signed by the user's cross-signing key, the first seen master key
-	// being trusted on first use.
+	// being trusted on first use; users who never published a cross-signing identity are accepted as they are.
 	TrustCrossSignedTOFU = "cross_signed_tofu"
-	// TrustVerified accepts only devices whose user's master key ferry verified.
+	// TrustVerified accepts only devices whose user's master key ferry's bot signed (ferry has no
+	// verification flow yet, so nobody qualifies).
 	TrustVerified = "verified"
 )
 
@@ -43,14 +44,18 @@ type Config struct {
 	// PickleKey encrypts every private key ferry stores. "generate" means: generate once at first start and
 	// write it back to the config file.
 	PickleKey string `yaml:"pickle_key"`
-	// DeviceMode is "per_ghost" (default: every ghost sends from its own cross-signed device) or
-	// "single_device" (the bot's device encrypts for every ghost, as mautrix bridges do).
+	// DeviceMode is "per_ghost" (default: every ghost sends from its own device, cross-signed by the ghost's
+	// own identity) or "single_device" (the bot's device encrypts for every ghost, as mautrix bridges do).
+	// per_ghost needs Appservice (MSC4190) or, on Dendrite, homeserver.registration_shared_secret; without
+	// either ferry falls back to single_device and says so at start.
 	DeviceMode string `yaml:"device_mode"`
 	// Appservice enables appservice-mode encryption (MSC2409 to-device pushes, MSC3202 device lists and key
 	// counts, MSC4190 device creation). Only for homeservers that support it (Synapse); Dendrite does not.
 	Appservice bool `yaml:"appservice"`
 	// ShareMinTrust is the minimum trust of a recipient device for ferry's outbound room keys:
-	// "unverified", "cross_signed_tofu" or "verified".
+	// "unverified", "cross_signed_tofu" or "verified". Devices below it get m.room_key.withheld; key requests
+	// are answered under the same rule. cross_signed_tofu accepts users without any cross-signing identity as
+	// they are (see trustLevel.admits).
 	ShareMinTrust string `yaml:"share_min_trust"`
 	// ReceiveMinTrust is the minimum trust of a sending device whose messages ferry relays.
 	ReceiveMinTrust string `yaml:"receive_min_trust"`

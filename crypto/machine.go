@@ -1,7 +1,15 @@
 // Package crypto is ferry's device, trust, storage and policy layer around mautrix's Olm/Megolm implementation.
-// It owns the bot's device (and, in per-ghost mode, each ghost's device), decides who receives ferry's room
-// keys, and keeps every private key pickled with the pickle key in the crypto store. It never implements
-// Olm/Megolm primitives itself and never logs plaintext, keys or tokens. It does not import bridge or database.
+// It owns the bot's device (and, in per-ghost mode, each ghost's device), their cross-signing identities, decides
+// who receives ferry's room keys, and keeps every private key (Olm and Megolm pickles, cross-signing seeds,
+// passwords, access tokens, the recovery key) encrypted with the pickle key in the crypto store. It never
+// implements Olm/Megolm primitives itself and never logs plaintext, keys or tokens. It does not import bridge or
+// database.
+//
+// Devices: the bot has one device, cross-signed by the bot's identity; it receives and decrypts everything. In
+// per-ghost mode each ghost that sends into an encrypted room gets its own device (created on first use, with its
+// own Olm account in the shared crypto store under the ghost's user ID) signed by the ghost's own identity, and
+// the ghost's messages are encrypted with that device's Megolm session. Room keys go only to real members'
+// devices (joined and invited), never to the bot or ghosts, under encryption.share_min_trust.
 package crypto
 
 import (
@@ -13,6 +21,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"go.mau.fi/util/dbutil"
+	"go.mau.fi/util/exsync"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
@@ -27,7 +36,11 @@ var ErrKeyMissing = errors.New("room key not received yet")
 // ErrKeyWithheld is returned by Decrypt when the sender's device refused to share the room key.
 var ErrKeyWithheld = errors.New("room key withheld by sender")
 
-// accountID is the crypto store account of the bot device. Ghost devices use their user ID.
+// ErrUntrustedSender is returned by Decrypt when the sending device is below encryption.receive_min_trust. The
+// caller must not relay the event.
+var ErrUntrustedSender = errors.New("sending device is below encryption.receive_min_trust")
+
+// botAccountID is the crypto store account of the bot device. Ghost devices use their user ID.
 const botAccountID = "ferry-bot"
 
 // deviceDisplayName is shown in clients' device lists for ferry's devices.
@@ -37,20 +50,48 @@ const deviceDisplayName = "ferry"
 // receives, and the devices that encrypt what ferry sends.
 type Machine struct {
 	log        zerolog.Logger
+	dbLog      dbutil.DatabaseLogger
 	cfg        Config
 	db         *dbutil.Database
 	stateStore *sqlstatestore.SQLStateStore
 	client     *mautrix.Client
-	store      *crypto.SQLCryptoStore
-	mach       *crypto.OlmMachine
 	// IsOwn tells ferry's own users (bot and ghosts) apart from real users; they never receive ferry's keys.
 	isOwn func(id.UserID) bool
+
+	// SharedSecret is homeserver.registration_shared_secret. With it ferry registers its accounts with passwords
+	// (see registeringStateStore), which Dendrite's cross-signing upload asks for. Set before Init.
+	SharedSecret string
+	// NewUserClient returns an appservice client acting as a user (the as_token with user_id masquerading);
+	// cmd/ferry sets it to AppService.NewMautrixClient. Needed for ghost devices.
+	NewUserClient func(id.UserID) *mautrix.Client
 
 	// SessionReceived is called when a Megolm session arrives, so parked events can relay.
 	SessionReceived func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID)
 	// SyncedTimeline receives the room events the bot's /sync returns (only types in syncTimelineTypes): some
 	// homeservers (Dendrite 0.13.8) never push redactions to appservices.
 	SyncedTimeline func(ctx context.Context, evts []*event.Event)
+
+	shareLevel, receiveLevel trustLevel
+	// perGhost is the effective device mode (device_mode per_ghost and a way to cross-sign ghosts).
+	perGhost bool
+	bot      *device
+	// botSigned: the bot's device is signed by the bot's cross-signing identity.
+	botSigned bool
+
+	ghostCreate *exsync.KeyedMutex[id.UserID]
+	// guards the following fields
+	ghostsLock sync.Mutex
+	ghosts     map[id.UserID]*ghostState
+	drained    map[id.UserID]time.Time
+	lastSent   map[id.UserID]time.Time
+
+	// guards the following fields
+	openLock sync.Mutex
+	opened   bool
+
+	// guards the following fields
+	adminLock sync.Mutex
+	admin     *mautrix.Client
 
 	// guards the following fields
 	lock       sync.Mutex
@@ -60,19 +101,68 @@ type Machine struct {
 // NewMachine prepares the crypto layer. client must be a fresh appservice client for the bot (it will be logged
 // in as the bot's device). Call Init before use.
 func NewMachine(log zerolog.Logger, cfg Config, db *dbutil.Database, ss *sqlstatestore.SQLStateStore, client *mautrix.Client, isOwn func(id.UserID) bool) *Machine {
-	return &Machine{log: log, cfg: cfg, db: db, stateStore: ss, client: client, isOwn: isOwn}
+	return &Machine{
+		log: log, cfg: cfg, db: db, stateStore: ss, client: client, isOwn: isOwn,
+		dbLog:       dbutil.ZeroLogger(log.With().Str("db_section", "crypto").Logger()),
+		ghostCreate: exsync.NewKeyedMutex[id.UserID](),
+		ghosts:      make(map[id.UserID]*ghostState),
+		drained:     make(map[id.UserID]time.Time),
+		lastSent:    make(map[id.UserID]time.Time),
+	}
 }
 
-// Init upgrades the crypto store, creates or reuses the bot's device and loads its Olm account.
-func (m *Machine) Init(ctx context.Context) error {
-	if m.cfg.PickleKey == "" || m.cfg.PickleKey == "generate" {
+// open upgrades the crypto store once. The shared-secret registration needs it before Init.
+func (m *Machine) open(ctx context.Context) error {
+	m.openLock.Lock()
+	defer m.openLock.Unlock()
+	if m.opened {
+		return nil
+	}
+	if m.cfg.PickleKey == "" || m.cfg.PickleKey == PickleKeyGenerate {
 		return errors.New("encryption.pickle_key is not set")
 	}
-	m.store = crypto.NewSQLCryptoStore(m.db, dbutil.ZeroLogger(m.log.With().Str("db_section", "crypto").Logger()), botAccountID, "", []byte(m.cfg.PickleKey))
-	if err := m.store.DB.Upgrade(ctx); err != nil {
+	store := crypto.NewSQLCryptoStore(m.db, m.dbLog, botAccountID, "", []byte(m.cfg.PickleKey))
+	if err := store.DB.Upgrade(ctx); err != nil {
 		return fmt.Errorf("failed to upgrade crypto store: %w", err)
 	}
-	deviceID, err := m.store.FindDeviceID(ctx)
+	m.opened = true
+	return nil
+}
+
+// Init upgrades the crypto store, creates or reuses the bot's device and identity, and decides the device mode.
+func (m *Machine) Init(ctx context.Context) error {
+	if err := m.open(ctx); err != nil {
+		return err
+	}
+	var err error
+	if m.shareLevel, err = parseTrustLevel(m.cfg.ShareMinTrust); err != nil {
+		return fmt.Errorf("encryption.share_min_trust: %w", err)
+	}
+	if m.receiveLevel, err = parseTrustLevel(m.cfg.ReceiveMinTrust); err != nil {
+		return fmt.Errorf("encryption.receive_min_trust: %w", err)
+	}
+	if err = m.initBot(ctx); err != nil {
+		return err
+	}
+	m.perGhost = false
+	switch {
+	case m.cfg.DeviceMode != DeviceModePerGhost:
+		m.log.Info().Msg("Single-device mode: the bot's device encrypts every ghost's messages (encryption.device_mode)")
+	case m.cfg.Appservice:
+		m.perGhost = true
+		m.log.Info().Msg("Per-ghost devices: created through the appservice (MSC4190), cross-signed by each ghost")
+	case m.SharedSecret != "":
+		m.perGhost = true
+		m.log.Info().Msg("Per-ghost devices: logged in with m.login.application_service, cross-signed after password UIA (ferry sets its accounts' passwords with the shared secret)")
+	default:
+		m.log.Warn().Msg("encryption.device_mode is per_ghost, but ghost devices cannot be cross-signed here (needs encryption.appservice with MSC4190, or homeserver.registration_shared_secret): falling back to single-device mode")
+	}
+	return nil
+}
+
+func (m *Machine) initBot(ctx context.Context) error {
+	store := m.storeFor(m.client.UserID)
+	deviceID, err := store.FindDeviceID(ctx)
 	if err != nil {
 		return fmt.Errorf("failed to read the bot's device ID: %w", err)
 	}
@@ -80,38 +170,58 @@ func (m *Machine) Init(ctx context.Context) error {
 	if err = m.login(ctx, deviceID); err != nil {
 		return err
 	}
-	m.store.DeviceID = m.client.DeviceID
-	m.mach = crypto.NewOlmMachine(m.client, &m.log, m.store, m.stateStore)
-	// ferry decides who gets keys per room (real members only), so mautrix's own tracking is not needed.
-	m.mach.DisableSharedGroupSessionTracking = true
-	m.mach.AllowKeyShare = m.allowKeyShare
-	m.mach.SessionReceived = func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
+	store.DeviceID = m.client.DeviceID
+	mach := m.newOlmMachine(m.client, store)
+	mach.SessionReceived = func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
 		if m.SessionReceived != nil {
 			m.SessionReceived(ctx, roomID, sessionID)
 		}
 	}
-	m.client.Store = m.store
-	m.client.Syncer = &cryptoSyncer{mach: m.mach, log: m.log, timeline: func(ctx context.Context, evts []*event.Event) {
+	m.client.Store = store
+	m.client.Syncer = &cryptoSyncer{mach: mach, log: m.log, timeline: func(ctx context.Context, evts []*event.Event) {
 		if m.SyncedTimeline != nil {
 			m.SyncedTimeline(ctx, evts)
 		}
-	}}
-	if err = m.mach.Load(ctx); err != nil {
+	}, deviceChanges: m.rotateForDeviceChanges}
+	if err = mach.Load(ctx); err != nil {
 		return fmt.Errorf("failed to load the bot's Olm account: %w", err)
 	}
+	m.bot = newDevice(m.client.UserID, m.client, store, mach)
+	mach.AllowKeyShare = m.allowKeyShare(m.bot)
+	var serverMaster id.Ed25519
 	if existing {
-		ok, err := m.keysOnServer(ctx)
+		ok, master, err := m.ownKeysOnServer(ctx, m.bot)
 		if err != nil {
 			return err
 		} else if !ok {
 			m.log.Warn().Msg("The bot's device vanished from the homeserver, creating a new one")
 			return m.reset(ctx)
 		}
-	} else if err = m.mach.ShareKeys(ctx, -1); err != nil {
+		serverMaster = master
+	} else if err = mach.ShareKeys(ctx, -1); err != nil {
 		return fmt.Errorf("failed to upload the bot's device keys: %w", err)
 	}
-	m.log.Info().Stringer("device_id", m.client.DeviceID).Bool("new_device", !existing).Msg("Bot device ready")
+	if err = m.crossSign(ctx, m.bot, true, serverMaster); err != nil {
+		m.botSigned = false
+		if errors.Is(err, ErrNoPassword) {
+			m.log.Warn().Err(err).Msg("The bot's device is not cross-signed: the homeserver asks for the bot's password before accepting cross-signing keys, and ferry cannot set one (set homeserver.registration_shared_secret on Dendrite)")
+		} else {
+			m.log.Warn().Err(err).Msg("The bot's device is not cross-signed")
+		}
+	} else {
+		m.botSigned = true
+	}
+	m.log.Info().Stringer("device_id", m.client.DeviceID).Bool("new_device", !existing).Bool("cross_signed", m.botSigned).Msg("Bot device ready")
 	return nil
+}
+
+// newOlmMachine creates the OlmMachine of one of ferry's devices with ferry's settings.
+func (m *Machine) newOlmMachine(cli *mautrix.Client, store *crypto.SQLCryptoStore) *crypto.OlmMachine {
+	log := m.log.With().Stringer("device_user_id", cli.UserID).Logger()
+	mach := crypto.NewOlmMachine(cli, &log, store, m.stateStore)
+	// ferry rotates every device's sessions itself when a member's devices change (rotateForDeviceChanges).
+	mach.DisableDeviceChangeKeyRotation = true
+	return mach
 }
 
 func (m *Machine) login(ctx context.Context, deviceID id.DeviceID) error {
@@ -134,26 +244,40 @@ func (m *Machine) login(ctx context.Context, deviceID id.DeviceID) error {
 	return nil
 }
 
-func (m *Machine) keysOnServer(ctx context.Context) (bool, error) {
-	resp, err := m.client.QueryKeys(ctx, &mautrix.ReqQueryKeys{DeviceKeys: map[id.UserID]mautrix.DeviceIDList{m.client.UserID: {m.client.DeviceID}}})
+// ownKeysOnServer checks that d's device keys are still on the homeserver and returns the master key the server
+// publishes for d's user ("" when none).
+func (m *Machine) ownKeysOnServer(ctx context.Context, d *device) (bool, id.Ed25519, error) {
+	resp, err := d.client.QueryKeys(ctx, &mautrix.ReqQueryKeys{DeviceKeys: map[id.UserID]mautrix.DeviceIDList{d.userID: {d.client.DeviceID}}})
 	if err != nil {
-		return false, fmt.Errorf("failed to check that the bot's device still exists: %w", err)
+		return false, "", fmt.Errorf("failed to check that the device %s still exists: %w", d.client.DeviceID, err)
 	}
-	dev, ok := resp.DeviceKeys[m.client.UserID][m.client.DeviceID]
-	return ok && len(dev.Keys) > 0, nil
+	var master id.Ed25519
+	if mk, ok := resp.MasterKeys[d.userID]; ok {
+		master = mk.FirstKey()
+	}
+	dev, ok := resp.DeviceKeys[d.userID][d.client.DeviceID]
+	return ok && len(dev.Keys) > 0, master, nil
 }
 
-// reset forgets the bot's vanished device and creates a fresh one.
+// reset forgets the bot's vanished device (and the Olm and outbound Megolm sessions of its old identity key)
+// and creates a fresh one.
 func (m *Machine) reset(ctx context.Context) error {
-	if _, err := m.db.Exec(ctx, `DELETE FROM crypto_account WHERE account_id=$1`, botAccountID); err != nil {
-		return fmt.Errorf("failed to forget the vanished device: %w", err)
+	for _, q := range []string{
+		`DELETE FROM crypto_olm_session WHERE account_id=$1`,
+		`DELETE FROM crypto_megolm_outbound_session WHERE account_id=$1`,
+		`DELETE FROM crypto_account WHERE account_id=$1`,
+	} {
+		if _, err := m.db.Exec(ctx, q, botAccountID); err != nil {
+			return fmt.Errorf("failed to forget the vanished device: %w", err)
+		}
 	}
 	m.client.DeviceID = ""
 	m.client.AccessToken = ""
-	return m.Init(ctx)
+	return m.initBot(ctx)
 }
 
-// Start runs the to-device /sync loop for homeservers that do not push to-device events to appservices.
+// Start runs the bot's to-device /sync loop and the ghost devices' drain for homeservers that do not push
+// to-device events to appservices.
 func (m *Machine) Start(ctx context.Context) {
 	if m.cfg.Appservice {
 		return
@@ -174,9 +298,12 @@ func (m *Machine) Start(ctx context.Context) {
 			}
 		}
 	}()
+	if m.perGhost {
+		go m.drainLoop(ctx)
+	}
 }
 
-// Stop ends the sync loop.
+// Stop ends the sync loops.
 func (m *Machine) Stop() {
 	m.lock.Lock()
 	defer m.lock.Unlock()
@@ -192,19 +319,45 @@ func (m *Machine) SetIsOwn(isOwn func(id.UserID) bool) { m.isOwn = isOwn }
 // DeviceID is the bot's device.
 func (m *Machine) DeviceID() id.DeviceID { return m.client.DeviceID }
 
-// Olm exposes the bot's OlmMachine to appservice-mode listeners.
-func (m *Machine) Olm() *crypto.OlmMachine { return m.mach }
+// Olm exposes the bot's OlmMachine (nil before Init).
+func (m *Machine) Olm() *crypto.OlmMachine {
+	if m.bot == nil {
+		return nil
+	}
+	return m.bot.mach
+}
 
-// Decrypt decrypts a Megolm event received by the bot. A missing session is ErrKeyMissing.
+// Decrypt decrypts a Megolm event received by the bot. A missing session is ErrKeyMissing; a sending device
+// below encryption.receive_min_trust is ErrUntrustedSender.
 func (m *Machine) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
-	dec, err := m.mach.DecryptMegolmEvent(ctx, evt)
+	dec, err := m.bot.mach.DecryptMegolmEvent(ctx, evt)
 	switch {
 	case errors.Is(err, crypto.ErrNoSessionFound):
 		return nil, fmt.Errorf("%w: %w", ErrKeyMissing, err)
 	case errors.Is(err, crypto.ErrGroupSessionWithheld):
 		return nil, fmt.Errorf("%w: %w", ErrKeyWithheld, err)
+	case err != nil:
+		return nil, err
 	}
-	return dec, err
+	if m.receiveLevel > levelUnverified {
+		state := dec.Mautrix.TrustState
+		hasIdentity, err := m.hasIdentity(ctx, evt.Sender)
+		if err != nil {
+			return nil, err
+		}
+		if t := trustFromState(state, hasIdentity); !m.receiveLevel.admits(t) {
+			return nil, fmt.Errorf("%w (device trust %s)", ErrUntrustedSender, state)
+		}
+	}
+	return dec, nil
+}
+
+func (m *Machine) hasIdentity(ctx context.Context, userID id.UserID) (bool, error) {
+	keys, err := m.bot.store.GetCrossSigningKeys(ctx, userID)
+	if err != nil {
+		return false, fmt.Errorf("failed to read the cross-signing keys of %s: %w", userID, err)
+	}
+	return keys[id.XSUsageMaster].Key != "", nil
 }
 
 // WaitForKey waits up to timeout for the session of an encrypted event.
@@ -213,7 +366,7 @@ func (m *Machine) WaitForKey(ctx context.Context, evt *event.Event, timeout time
 	if !ok {
 		return false
 	}
-	return m.mach.WaitForSession(ctx, evt.RoomID, content.SenderKey, content.SessionID, timeout)
+	return m.bot.mach.WaitForSession(ctx, evt.RoomID, content.SenderKey, content.SessionID, timeout)
 }
 
 // RequestKey asks the sender's devices for the session of an encrypted event.
@@ -226,29 +379,62 @@ func (m *Machine) RequestKey(ctx context.Context, evt *event.Event) error {
 	if device == "" {
 		device = "*"
 	}
-	return m.mach.SendRoomKeyRequest(ctx, evt.RoomID, content.SenderKey, content.SessionID, "", map[id.UserID][]id.DeviceID{evt.Sender: {device}})
+	return m.bot.mach.SendRoomKeyRequest(ctx, evt.RoomID, content.SenderKey, content.SessionID, "", map[id.UserID][]id.DeviceID{evt.Sender: {device}})
 }
 
-// Encrypt encrypts content for a room as sender (the bot or a ghost). The room key is shared only with the
-// devices of the room's real members (joined and invited), never with ghosts or the bot.
+// Encrypt encrypts content for a room as sender (the bot or a ghost). In per-ghost mode a ghost's message is
+// encrypted by the ghost's own device (created on first use). The room key is shared only with the devices of
+// the room's real members (joined and invited), never with ghosts or the bot, under share_min_trust.
 func (m *Machine) Encrypt(ctx context.Context, sender id.UserID, roomID id.RoomID, evtType event.Type, content *event.Content) (*event.EncryptedEventContent, error) {
-	enc, err := m.mach.EncryptMegolmEvent(ctx, roomID, evtType, content)
-	if err != nil {
-		if !errors.Is(err, crypto.ErrSessionExpired) && !errors.Is(err, crypto.ErrSessionNotShared) && !errors.Is(err, crypto.ErrNoGroupSession) {
-			return nil, err
-		}
-		members, err := m.RealMembers(ctx, roomID)
+	d := m.bot
+	if sender != m.client.UserID && m.isOwn != nil && m.isOwn(sender) {
+		g, err := m.ghostDevice(ctx, sender)
 		if err != nil {
-			return nil, fmt.Errorf("failed to get room members: %w", err)
-		}
-		if err = m.mach.ShareGroupSession(ctx, roomID, members); err != nil {
-			return nil, fmt.Errorf("failed to share room key: %w", err)
-		}
-		if enc, err = m.mach.EncryptMegolmEvent(ctx, roomID, evtType, content); err != nil {
-			return nil, fmt.Errorf("failed to encrypt after sharing the room key: %w", err)
+			return nil, fmt.Errorf("failed to prepare the device of %s: %w", sender, err)
+		} else if g != nil {
+			d = g
+			m.markSent(sender)
 		}
 	}
-	return enc, nil
+	enc, err := d.encrypt(ctx, roomID, evtType, content, m.realMembersFunc(roomID), m.policy())
+	if err != nil && d != m.bot && errors.Is(err, mautrix.MUnknownToken) {
+		// The ghost's access token was revoked: log the same device in again and retry once.
+		m.forgetGhost(sender)
+		_ = m.storeFor(sender).DeleteSecret(ctx, secretAccessToken)
+		if d, err = m.ghostDevice(ctx, sender); err == nil && d != nil {
+			enc, err = d.encrypt(ctx, roomID, evtType, content, m.realMembersFunc(roomID), m.policy())
+		}
+	}
+	return enc, err
+}
+
+func (m *Machine) policy() sharePolicy {
+	return sharePolicy{level: m.shareLevel, resolver: m.resolver, encEvent: m.roomEncryption}
+}
+
+func (m *Machine) resolver() *trustResolver {
+	return newTrustResolver(m.bot.store, m.client.UserID, func(ctx context.Context) id.Ed25519 {
+		if !m.botSigned || m.bot.mach.CrossSigningKeys == nil {
+			return ""
+		}
+		return m.bot.mach.CrossSigningKeys.UserSigningKey.PublicKey()
+	})
+}
+
+func (m *Machine) roomEncryption(ctx context.Context, roomID id.RoomID) (*event.EncryptionEventContent, *event.HistoryVisibilityEventContent) {
+	enc, err := m.stateStore.GetEncryptionEvent(ctx, roomID)
+	if err != nil {
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to read m.room.encryption; using default rotation")
+	}
+	hv, err := m.stateStore.GetHistoryVisibility(ctx, roomID)
+	if err != nil {
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to read history visibility")
+	}
+	return enc, hv
+}
+
+func (m *Machine) realMembersFunc(roomID id.RoomID) func(context.Context) ([]id.UserID, error) {
+	return func(ctx context.Context) ([]id.UserID, error) { return m.RealMembers(ctx, roomID) }
 }
 
 // RealMembers lists a room's joined and invited members that are not ferry's own users.
@@ -259,49 +445,112 @@ func (m *Machine) RealMembers(ctx context.Context, roomID id.RoomID) ([]id.UserI
 	}
 	out := all[:0]
 	for _, u := range all {
-		if !m.isOwn(u) {
+		if m.isOwn == nil || !m.isOwn(u) {
 			out = append(out, u)
 		}
 	}
 	return out, nil
 }
 
-// HandleMemberEvent rotates a room's outbound session when a real member leaves.
+// HandleMemberEvent rotates the room's outbound sessions (of every ferry device) when a real member's
+// membership changes in a way that requires it (see membershipRotates).
 func (m *Machine) HandleMemberEvent(ctx context.Context, evt *event.Event) {
-	if evt.StateKey == nil || m.isOwn(id.UserID(*evt.StateKey)) {
+	if evt.StateKey == nil || (m.isOwn != nil && m.isOwn(id.UserID(*evt.StateKey))) {
 		return
 	}
-	m.mach.HandleMemberEvent(ctx, evt)
+	if encrypted, err := m.stateStore.IsEncrypted(ctx, evt.RoomID); err != nil || !encrypted {
+		return
+	}
+	content := evt.Content.AsMember()
+	prev := event.Membership("unknown")
+	if evt.Unsigned.PrevContent != nil {
+		_ = evt.Unsigned.PrevContent.ParseRaw(evt.Type)
+		if pc := evt.Unsigned.PrevContent.AsMember(); pc != nil && pc.Membership != "" {
+			prev = pc.Membership
+		}
+	}
+	if !membershipRotates(prev, content.Membership) {
+		return
+	}
+	if err := m.Rotate(ctx, evt.RoomID); err != nil {
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to rotate outbound sessions after a membership change")
+	}
 }
 
-// Rotate discards a room's outbound sessions so the next message starts a new one.
+// Rotate discards the outbound sessions of every ferry device (bot and ghosts) in a room, so the next message
+// from each starts a new one.
 func (m *Machine) Rotate(ctx context.Context, roomID id.RoomID) error {
-	return m.store.RemoveOutboundGroupSession(ctx, roomID)
+	_, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1`, roomID)
+	return err
 }
 
-// allowKeyShare answers key requests: only devices of real users who are members of the room.
-func (m *Machine) allowKeyShare(ctx context.Context, device *id.Device, info event.RequestedKeyInfo) *crypto.KeyShareRejection {
-	if m.isOwn(device.UserID) {
-		return &crypto.KeyShareRejectNoResponse
+// rotateForDeviceChanges rotates every ferry device's sessions in the encrypted rooms shared with real users
+// whose device lists (or cross-signing keys) changed: a removed device must not read what follows, and a new
+// device needs the key.
+func (m *Machine) rotateForDeviceChanges(ctx context.Context, users []id.UserID) {
+	for _, u := range users {
+		if m.isOwn != nil && m.isOwn(u) {
+			continue
+		}
+		rooms, err := m.stateStore.FindSharedRooms(ctx, u)
+		if err != nil {
+			m.log.Warn().Err(err).Msg("Failed to find rooms to rotate after a device change")
+			continue
+		}
+		for _, room := range rooms {
+			if err = m.Rotate(ctx, room); err != nil {
+				m.log.Warn().Err(err).Stringer("room_id", room).Msg("Failed to rotate after a device change")
+			}
+		}
+		if len(rooms) > 0 {
+			m.log.Debug().Stringer("user_id", u).Int("rooms", len(rooms)).Msg("Rotated outbound sessions after a device list change")
+		}
 	}
-	member := m.stateStore.IsMembership(ctx, info.RoomID, device.UserID, event.MembershipJoin, event.MembershipInvite)
-	if !member {
-		return &crypto.KeyShareRejectNotRecipient
+}
+
+// allowKeyShare answers key requests sent to d (see decideKeyRequest).
+func (m *Machine) allowKeyShare(d *device) func(context.Context, *id.Device, event.RequestedKeyInfo) *crypto.KeyShareRejection {
+	return func(ctx context.Context, dev *id.Device, info event.RequestedKeyInfo) *crypto.KeyShareRejection {
+		r := keyRequest{FromOwnUser: m.isOwn == nil || m.isOwn(dev.UserID)}
+		if !r.FromOwnUser {
+			var err error
+			r.OwnSession = d.ownsSession(ctx, info.RoomID, info.SessionID)
+			if r.Entitled, err = d.entitled(ctx, dev.UserID, info.SessionID); err != nil {
+				m.log.Warn().Err(err).Msg("Failed to check key request entitlement")
+				return &crypto.KeyShareRejectInternalError
+			}
+			r.Member = m.stateStore.IsMembership(ctx, info.RoomID, dev.UserID, event.MembershipJoin, event.MembershipInvite)
+			if r.Device, err = m.resolver().device(ctx, dev); err != nil {
+				m.log.Warn().Err(err).Msg("Failed to resolve the trust of a requesting device")
+				return &crypto.KeyShareRejectInternalError
+			}
+		}
+		rejection := decideKeyRequest(m.shareLevel, r)
+		evt := m.log.Debug().Stringer("device_user_id", d.userID).Stringer("requester", dev.UserID).Stringer("requesting_device", dev.DeviceID).
+			Stringer("session_id", info.SessionID).Bool("accepted", rejection == nil)
+		if rejection != nil {
+			evt = evt.Str("code", string(rejection.Code))
+		}
+		evt.Msg("Answered room key request")
+		return rejection
 	}
-	return nil
 }
 
 // syncTimelineTypes are the room event types the bot's /sync asks for besides to-device and device lists.
 var syncTimelineTypes = []event.Type{event.EventRedaction}
 
 type cryptoSyncer struct {
-	mach     *crypto.OlmMachine
-	log      zerolog.Logger
-	timeline func(ctx context.Context, evts []*event.Event)
+	mach          *crypto.OlmMachine
+	log           zerolog.Logger
+	timeline      func(ctx context.Context, evts []*event.Event)
+	deviceChanges func(ctx context.Context, users []id.UserID)
 }
 
 func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSync, since string) error {
 	s.mach.ProcessSyncResponse(ctx, resp, since)
+	if changed := append(resp.DeviceLists.Changed, resp.DeviceLists.Left...); since != "" && len(changed) > 0 {
+		s.deviceChanges(ctx, changed)
+	}
 	var evts []*event.Event
 	for roomID, room := range resp.Rooms.Join {
 		for _, evt := range room.Timeline.Events {

@@ -113,7 +113,7 @@ func run(args []string) int {
 	bridge.Version = Version
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	code := start(ctx, cfg, log)
+	code := start(ctx, cfg, *configPath, log)
 	log.Info().Int("exit_code", code).Msg("ferry stopped")
 	return code
 }
@@ -156,7 +156,7 @@ func generateRegistration(cfg *Config, configPath, regPath string) error {
 	return WriteFileAtomic(regPath, []byte(data), 0600)
 }
 
-func start(ctx context.Context, cfg *Config, log zerolog.Logger) int {
+func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logger) int {
 	log.Info().Str("version", Version).Str("commit", Commit).Msg("Starting ferry")
 	mcrypto.PostgresArrayWrapper = pq.Array
 	dbLog := log.With().Str("component", "database").Logger()
@@ -196,6 +196,22 @@ func start(ctx context.Context, cfg *Config, log zerolog.Logger) int {
 		as.NewMautrixClient(as.BotMXID()), nil)
 	br := bridge.New(log.With().Str("component", "bridge").Logger(), &cfg.Bridge, cfg.Permissions, db, as, stateStore, mach)
 	mach.SetIsOwn(br.Ghosts.IsOwn)
+	// Per-ghost devices: ghost clients come from the appservice, and with a shared secret ferry registers its
+	// accounts with passwords (for Dendrite's cross-signing UIA) before the appservice would register them.
+	mach.SharedSecret = cfg.Homeserver.RegistrationSharedSecret
+	mach.NewUserClient = as.NewMautrixClient
+	as.StateStore = mach.WrapStateStore(stateStore)
+	// The reload command re-reads only the permissions; everything else needs a restart.
+	br.Reload = func() (bridge.Permissions, error) {
+		reloaded, err := LoadConfig(configPath)
+		if err == nil {
+			err = reloaded.Validate()
+		}
+		if err != nil {
+			return nil, err
+		}
+		return reloaded.Permissions, nil
+	}
 	mach.SessionReceived = br.SessionArrived
 	mach.SyncedTimeline = br.IngestSynced
 	listener, err := net.Listen("tcp", net.JoinHostPort(cfg.Appservice.Hostname, fmt.Sprint(cfg.Appservice.Port)))
@@ -203,7 +219,13 @@ func start(ctx context.Context, cfg *Config, log zerolog.Logger) int {
 		log.Error().Err(err).Msg("Failed to listen for the homeserver")
 		return exitConfig
 	}
-	server := &http.Server{Handler: br.Router(nil), ReadHeaderTimeout: 30 * time.Second}
+	// With appservice-mode encryption the homeserver pushes to-device events, device lists and key counts in
+	// transactions; otherwise ferry's devices /sync for them.
+	var toDevice bridge.ToDeviceHandler
+	if cfg.Encryption.Appservice {
+		toDevice = mach
+	}
+	server := &http.Server{Handler: br.Router(toDevice), ReadHeaderTimeout: 30 * time.Second}
 	go func() {
 		if err := server.Serve(listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error().Err(err).Msg("HTTP server stopped")
@@ -251,9 +273,12 @@ func checkHomeserver(ctx context.Context, cfg *Config, as *appservice.AppService
 	bot := as.BotIntent()
 	backoff := time.Second
 	var versions *mautrix.RespVersions
+	// ferry's own loop retries (and logs why); the client's silent internal retries would hide the reason.
+	probe := as.NewMautrixClient(as.BotMXID())
+	probe.DefaultHTTPRetries = 0
 	for {
 		var err error
-		versions, err = bot.Versions(ctx)
+		versions, err = probe.Versions(ctx)
 		if err == nil {
 			break
 		}

@@ -1,0 +1,80 @@
+package crypto
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"maunium.net/go/mautrix/appservice"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+// HandleTransactionCrypto takes the encryption data that homeservers with MSC2409/MSC3202 push in appservice
+// transactions (encryption.appservice): to-device events, device list changes and one-time key counts, for the
+// bot's device and every ghost device. It implements bridge.ToDeviceHandler.
+//
+// To-device events for the bot go to its OlmMachine as if they came from /sync; for a ghost device only room key
+// requests matter (answered under the key-sharing policy), the rest is dropped without decrypting it, exactly as
+// the /sync drain does on other homeservers.
+func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessage) error {
+	var txn appservice.Transaction
+	if err := json.Unmarshal(raw, &txn); err != nil {
+		return fmt.Errorf("failed to parse transaction: %w", err)
+	}
+	if m.bot == nil {
+		// Not initialised yet: refuse the transaction, the homeserver retries it (room keys must not be lost).
+		return errors.New("encryption is not ready yet")
+	}
+	toDevice := txn.ToDeviceEvents
+	if len(toDevice) == 0 {
+		toDevice = txn.MSC2409ToDeviceEvents
+	}
+	for _, evt := range toDevice {
+		m.routeToDevice(ctx, evt)
+	}
+	lists := txn.DeviceLists
+	if lists == nil {
+		lists = txn.MSC3202DeviceLists
+	}
+	if lists != nil {
+		m.bot.mach.HandleDeviceLists(ctx, lists, "")
+		m.rotateForDeviceChanges(ctx, append(append([]id.UserID{}, lists.Changed...), lists.Left...))
+	}
+	counts := txn.DeviceOTKCount
+	if len(counts) == 0 {
+		counts = txn.MSC3202DeviceOTKCount
+	}
+	// Only the bot tops up one-time keys: ghost devices never decrypt what others send them, so their keys are
+	// only ever used to send ferry messages it discards.
+	if c, ok := counts[m.bot.userID][m.bot.client.DeviceID]; ok {
+		c.UserID, c.DeviceID = m.bot.userID, m.bot.client.DeviceID
+		m.bot.mach.HandleOTKCounts(ctx, &c)
+	}
+	return nil
+}
+
+// routeToDevice hands one pushed to-device event to the device it is addressed to.
+func (m *Machine) routeToDevice(ctx context.Context, evt *event.Event) {
+	evt.Type.Class = event.ToDeviceEventType
+	if err := evt.Content.ParseRaw(evt.Type); err != nil {
+		return
+	}
+	if evt.ToUserID == m.bot.userID && evt.ToDeviceID == m.bot.client.DeviceID {
+		m.bot.mach.HandleToDeviceEvent(ctx, evt)
+		return
+	}
+	if evt.Type != event.ToDeviceRoomKeyRequest || m.isOwn == nil || !m.isOwn(evt.ToUserID) {
+		return
+	}
+	m.ghostsLock.Lock()
+	st := m.ghosts[evt.ToUserID]
+	m.ghostsLock.Unlock()
+	if st == nil || st.dev == nil || st.dev.client.DeviceID != evt.ToDeviceID {
+		return // a ghost device not in use since the start has no session anyone could ask for yet
+	}
+	if req := evt.Content.AsRoomKeyRequest(); req != nil && req.Action == event.KeyRequestActionRequest {
+		st.dev.mach.HandleRoomKeyRequest(ctx, evt.Sender, req)
+	}
+}

@@ -1,0 +1,264 @@
+package crypto
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/exsync"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+// device is one of ferry's devices (the bot's or a ghost's): its own client (access token), its own account in
+// the shared crypto store (account_id = botAccountID or the ghost's user ID) and its own OlmMachine.
+type device struct {
+	userID id.UserID
+	client *mautrix.Client
+	store  *crypto.SQLCryptoStore
+	mach   *crypto.OlmMachine
+	// shareLock serialises key shares per room (mautrix's own lock is private to ShareGroupSession).
+	shareLock *exsync.KeyedMutex[id.RoomID]
+	// noOlm remembers devices already told m.no_olm, which the spec wants sent once per device.
+	noOlm *exsync.Set[id.IdentityKey]
+}
+
+func newDevice(userID id.UserID, client *mautrix.Client, store *crypto.SQLCryptoStore, mach *crypto.OlmMachine) *device {
+	return &device{userID: userID, client: client, store: store, mach: mach,
+		shareLock: exsync.NewKeyedMutex[id.RoomID](), noOlm: exsync.NewSet[id.IdentityKey]()}
+}
+
+// ShareStats describes one key share (for logs and benchmarks).
+type ShareStats struct {
+	SessionID id.SessionID
+	Shared    int // devices that got the room key
+	Withheld  int // devices refused by the trust policy (m.unverified, m.blacklisted)
+	NoOlm     int // devices without a one-time key (m.no_olm)
+	Elapsed   time.Duration
+}
+
+// sharePolicy is what a share needs from the Machine: the policy, a trust resolver and the room's state.
+type sharePolicy struct {
+	level    trustLevel
+	resolver func() *trustResolver
+	encEvent func(ctx context.Context, roomID id.RoomID) (*event.EncryptionEventContent, *event.HistoryVisibilityEventContent)
+}
+
+// encrypt Megolm-encrypts content with this device's outbound session in roomID, first creating and sharing a
+// session with users' devices (under the policy) when there is none, or it expired.
+func (d *device) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Type, content *event.Content, users func(context.Context) ([]id.UserID, error), policy sharePolicy) (*event.EncryptedEventContent, error) {
+	enc, err := d.mach.EncryptMegolmEvent(ctx, roomID, evtType, content)
+	if err == nil || !errors.Is(err, crypto.ErrSessionExpired) && !errors.Is(err, crypto.ErrSessionNotShared) && !errors.Is(err, crypto.ErrNoGroupSession) {
+		return enc, err
+	}
+	members, err := users(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("failed to get room members: %w", err)
+	}
+	if _, err = d.share(ctx, roomID, members, policy); err != nil {
+		return nil, fmt.Errorf("failed to share room key: %w", err)
+	}
+	if enc, err = d.mach.EncryptMegolmEvent(ctx, roomID, evtType, content); err != nil {
+		return nil, fmt.Errorf("failed to encrypt after sharing the room key: %w", err)
+	}
+	return enc, nil
+}
+
+// share makes sure this device has a shared, unexpired outbound session in roomID: otherwise it creates one and
+// sends it (Olm-encrypted, one request) to every device of users that the policy admits, and m.room_key.withheld
+// to the others. It records every device of every user as entitled to the session (so a device that the policy
+// refused now, or that did not exist yet, can later get it through a key request once it qualifies).
+func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID, policy sharePolicy) (*ShareStats, error) {
+	defer d.shareLock.WithLock(roomID)()
+	start := time.Now()
+	session, err := d.store.GetOutboundGroupSession(ctx, roomID)
+	if err != nil {
+		return nil, fmt.Errorf("failed to read the outbound session: %w", err)
+	} else if session != nil && session.Shared && !session.Expired() {
+		return &ShareStats{SessionID: session.ID()}, nil
+	}
+	if session == nil || session.Expired() {
+		if session, err = d.newSession(ctx, roomID, policy); err != nil {
+			return nil, err
+		}
+	}
+	log := zerolog.Ctx(ctx).With().Stringer("room_id", roomID).Stringer("session_id", session.ID()).Stringer("sender", d.userID).Logger()
+	stats := &ShareStats{SessionID: session.ID()}
+
+	devices, err := d.devicesOf(ctx, users)
+	if err != nil {
+		return nil, err
+	}
+	resolver := policy.resolver()
+	plain := &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
+	withheld := &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
+	keyContent := session.ShareContent()
+	for userID, devs := range devices {
+		for deviceID, dev := range devs {
+			if userID == d.userID && deviceID == d.client.DeviceID {
+				continue
+			}
+			// Entitlement is per user: a later device of a member may ask for this session.
+			if err = d.store.MarkOutboundGroupSessionShared(ctx, userID, dev.IdentityKey, session.ID()); err != nil {
+				return nil, fmt.Errorf("failed to record a session recipient: %w", err)
+			}
+			trust, err := resolver.device(ctx, dev)
+			if err != nil {
+				return nil, err
+			}
+			if !policy.level.admits(trust) {
+				addMessage(withheld, userID, deviceID, d.withheld(session, withheldCode(trust)))
+				stats.Withheld++
+				continue
+			}
+			addMessage(plain, userID, deviceID, &keyContent)
+		}
+	}
+	if len(plain.Messages) > 0 {
+		encrypted, err := d.mach.EncryptToDevices(ctx, event.ToDeviceRoomKey, plain)
+		if err != nil {
+			return nil, fmt.Errorf("failed to encrypt the room key for recipients: %w", err)
+		}
+		for userID, devs := range plain.Messages {
+			for deviceID := range devs {
+				if _, ok := encrypted.Messages[userID][deviceID]; ok {
+					stats.Shared++
+					continue
+				}
+				// No one-time key: tell the device once, as the spec asks, without room or session.
+				stats.NoOlm++
+				dev := devices[userID][deviceID]
+				if d.noOlm.Add(dev.IdentityKey) {
+					addMessage(withheld, userID, deviceID, &event.Content{Parsed: &event.RoomKeyWithheldEventContent{
+						Algorithm: id.AlgorithmMegolmV1, SenderKey: d.mach.OwnIdentity().IdentityKey,
+						Code: event.RoomKeyWithheldNoOlmSession, Reason: "No Olm session could be established with this device",
+					}})
+				}
+			}
+		}
+		dropEmpty(encrypted)
+		if len(encrypted.Messages) > 0 {
+			if _, err = d.client.SendToDevice(ctx, event.ToDeviceEncrypted, encrypted); err != nil {
+				return nil, fmt.Errorf("failed to send the room key: %w", err)
+			}
+		}
+	}
+	if len(withheld.Messages) > 0 {
+		if _, err = d.client.SendToDevice(ctx, event.ToDeviceRoomKeyWithheld, withheld); err != nil {
+			// The key itself went out; clients only show a vaguer error without the withheld notice.
+			log.Warn().Err(err).Msg("Failed to send m.room_key.withheld")
+		}
+	}
+	session.Shared = true
+	if err = d.store.AddOutboundGroupSession(ctx, session); err != nil {
+		return nil, fmt.Errorf("failed to save the shared session: %w", err)
+	}
+	stats.Elapsed = time.Since(start)
+	log.Debug().Int("shared", stats.Shared).Int("withheld", stats.Withheld).Int("no_olm", stats.NoOlm).
+		Dur("elapsed", stats.Elapsed).Msg("Shared room key")
+	return stats, nil
+}
+
+// newSession creates an outbound session from the room's m.room.encryption rotation settings and keeps an
+// inbound copy, which answering key requests needs.
+func (d *device) newSession(ctx context.Context, roomID id.RoomID, policy sharePolicy) (*crypto.OutboundGroupSession, error) {
+	encEvt, histVis := policy.encEvent(ctx, roomID)
+	session, err := crypto.NewOutboundGroupSession(roomID, encEvt, histVis)
+	if err != nil {
+		return nil, fmt.Errorf("failed to create an outbound session: %w", err)
+	}
+	own := d.mach.OwnIdentity()
+	igs, err := crypto.NewInboundGroupSession(own.IdentityKey, own.SigningKey, roomID, session.Internal.Key(),
+		session.MaxAge, session.MaxMessages, session.SharedHistory, false)
+	if err != nil {
+		return nil, fmt.Errorf("failed to create the inbound copy of the session: %w", err)
+	}
+	igs.SourceUser = d.userID
+	if err = d.store.PutGroupSession(ctx, igs); err != nil {
+		return nil, fmt.Errorf("failed to store the inbound copy of the session: %w", err)
+	}
+	// Saved before any ciphertext that depends on it exists.
+	if err = d.store.AddOutboundGroupSession(ctx, session); err != nil {
+		return nil, fmt.Errorf("failed to store the outbound session: %w", err)
+	}
+	return session, nil
+}
+
+// devicesOf returns the known devices of users, fetching users whose device lists are unknown or outdated.
+func (d *device) devicesOf(ctx context.Context, users []id.UserID) (map[id.UserID]map[id.DeviceID]*id.Device, error) {
+	out := make(map[id.UserID]map[id.DeviceID]*id.Device, len(users))
+	outdated, err := d.store.GetOutdatedTrackedUsers(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("failed to list outdated device lists: %w", err)
+	}
+	stale := make(map[id.UserID]bool, len(outdated))
+	for _, u := range outdated {
+		stale[u] = true
+	}
+	var fetch []id.UserID
+	for _, u := range users {
+		devs, err := d.store.GetDevices(ctx, u)
+		if err != nil {
+			return nil, fmt.Errorf("failed to read the devices of %s: %w", u, err)
+		} else if devs == nil || stale[u] {
+			fetch = append(fetch, u)
+			continue
+		}
+		out[u] = devs
+	}
+	if len(fetch) > 0 {
+		fetched, err := d.mach.FetchKeys(ctx, fetch, true)
+		if err != nil {
+			return nil, fmt.Errorf("failed to fetch device keys: %w", err)
+		}
+		for u, devs := range fetched {
+			out[u] = devs
+		}
+	}
+	return out, nil
+}
+
+func (d *device) withheld(session *crypto.OutboundGroupSession, code event.RoomKeyWithheldCode) *event.Content {
+	reason := "This device does not share keys with devices that are not cross-signed by their owner"
+	if code == event.RoomKeyWithheldBlacklisted {
+		reason = "This device does not share keys with blacklisted devices"
+	}
+	return &event.Content{Parsed: &event.RoomKeyWithheldEventContent{
+		RoomID: session.RoomID, Algorithm: id.AlgorithmMegolmV1, SessionID: session.ID(),
+		SenderKey: d.mach.OwnIdentity().IdentityKey, Code: code, Reason: reason,
+	}}
+}
+
+func addMessage(req *mautrix.ReqSendToDevice, userID id.UserID, deviceID id.DeviceID, content *event.Content) {
+	if req.Messages[userID] == nil {
+		req.Messages[userID] = make(map[id.DeviceID]*event.Content)
+	}
+	req.Messages[userID][deviceID] = content
+}
+
+func dropEmpty(req *mautrix.ReqSendToDevice) {
+	for userID, devs := range req.Messages {
+		if len(devs) == 0 {
+			delete(req.Messages, userID)
+		}
+	}
+}
+
+// ownsSession reports whether this device created the Megolm session (it holds the inbound copy with its own
+// sender key).
+func (d *device) ownsSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) bool {
+	igs, err := d.store.GetGroupSession(ctx, roomID, sessionID)
+	return err == nil && igs != nil && igs.SenderKey == d.mach.OwnIdentity().IdentityKey
+}
+
+// entitled reports whether userID was among the recipients of a session this device shared.
+func (d *device) entitled(ctx context.Context, userID id.UserID, sessionID id.SessionID) (bool, error) {
+	var ok bool
+	err := d.store.DB.QueryRow(ctx, `SELECT EXISTS(SELECT 1 FROM crypto_megolm_outbound_session_shared WHERE user_id=$1 AND session_id=$2)`,
+		userID, sessionID).Scan(&ok)
+	return ok, err
+}

@@ -1,0 +1,166 @@
+package crypto
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net/http"
+
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/id"
+)
+
+// secretPublishedMaster is the master public key ferry last published for the account, so a restart after a
+// failed upload publishes again instead of signing with keys the server does not know.
+const secretPublishedMaster id.Secret = "im.ferry.cross_signing_published"
+
+// crossSign gives d's user a cross-signing identity (master, self-signing and user-signing keys, generated once
+// and kept encrypted in the crypto store) and signs d's device with it. With ssss (the bot), the private keys
+// are also put in the account's secret storage, and the storage's recovery key is kept for the admin command.
+// serverMaster, when known, is the master key the homeserver currently publishes for the user: a mismatch means
+// the identity must be published again.
+func (m *Machine) crossSign(ctx context.Context, d *device, ssss bool, serverMaster id.Ed25519) error {
+	keys, err := loadSeeds(ctx, d.store)
+	if err != nil {
+		return err
+	} else if keys == nil {
+		if keys, err = d.mach.GenerateCrossSigningKeys(); err != nil {
+			return fmt.Errorf("failed to generate cross-signing keys: %w", err)
+		}
+		// Stored before publishing, so a retry publishes the same identity.
+		if err = storeSeeds(ctx, d.store, keys); err != nil {
+			return err
+		}
+	}
+	if err = d.mach.ImportCrossSigningKeys(keys.Seeds()); err != nil {
+		return fmt.Errorf("failed to load cross-signing keys: %w", err)
+	}
+	master := keys.MasterKey.PublicKey()
+	published, err := d.store.GetSecret(ctx, secretPublishedMaster)
+	if err != nil {
+		return fmt.Errorf("failed to read the publication marker: %w", err)
+	}
+	republish := published != master.String() || (serverMaster != "" && serverMaster != master)
+	if republish {
+		if err = m.publishIdentity(ctx, d, keys); err != nil {
+			return err
+		}
+		if err = d.store.PutSecret(ctx, secretPublishedMaster, master.String()); err != nil {
+			return fmt.Errorf("failed to store the publication marker: %w", err)
+		}
+		_ = d.store.DeleteSecret(ctx, secretSignedDevice)
+	}
+	if ssss {
+		if err = m.ensureSecretStorage(ctx, d, keys); err != nil {
+			return err
+		}
+	}
+	signed, err := d.store.GetSecret(ctx, secretSignedDevice)
+	if err != nil {
+		return fmt.Errorf("failed to read the device signature marker: %w", err)
+	} else if signed != string(d.client.DeviceID) {
+		if err = d.mach.SignOwnDevice(ctx, d.mach.OwnIdentity()); err != nil {
+			return fmt.Errorf("failed to sign the device with the self-signing key: %w", err)
+		}
+		if err = d.mach.SignOwnMasterKey(ctx); err != nil {
+			return fmt.Errorf("failed to sign the master key with the device: %w", err)
+		}
+		if err = d.store.PutSecret(ctx, secretSignedDevice, string(d.client.DeviceID)); err != nil {
+			return fmt.Errorf("failed to store the device signature marker: %w", err)
+		}
+	}
+	return nil
+}
+
+// publishIdentity uploads the public cross-signing keys. Homeservers that implement MSC4190 or spec v1.17 let
+// appservice users do this without UIA; Dendrite 0.13.8 asks for the account password, which ferry knows only
+// for accounts it registered through the shared-secret API.
+func (m *Machine) publishIdentity(ctx context.Context, d *device, keys *crypto.CrossSigningKeysCache) error {
+	password, err := d.store.GetSecret(ctx, secretPassword)
+	if err != nil {
+		return fmt.Errorf("failed to read the account password: %w", err)
+	}
+	err = d.mach.PublishCrossSigningKeys(ctx, keys, passwordUIA(d.userID, password))
+	var httpErr mautrix.HTTPError
+	if err != nil && password == "" && errors.As(err, &httpErr) && httpErr.IsStatus(http.StatusUnauthorized) {
+		// The server wants the password, and the account has none ferry knows: set one, then try again.
+		if password, err = m.provisionPassword(ctx, d.userID, d.store); err != nil {
+			return err
+		}
+		err = d.mach.PublishCrossSigningKeys(ctx, keys, passwordUIA(d.userID, password))
+	}
+	if err != nil {
+		return fmt.Errorf("failed to publish cross-signing keys: %w", err)
+	}
+	return nil
+}
+
+// ensureSecretStorage puts the cross-signing private keys into the account's secret storage (SSSS) under a
+// fresh default key, once, and keeps that key's recovery key (encrypted) for the recovery-key command.
+func (m *Machine) ensureSecretStorage(ctx context.Context, d *device, keys *crypto.CrossSigningKeysCache) error {
+	existing, err := d.store.GetSecret(ctx, secretRecoveryKey)
+	if err != nil {
+		return fmt.Errorf("failed to read the recovery key: %w", err)
+	} else if existing != "" {
+		return nil
+	}
+	key, err := d.mach.SSSS.GenerateAndUploadKey(ctx, "")
+	if err != nil {
+		return fmt.Errorf("failed to create the secret storage key: %w", err)
+	}
+	if err = d.mach.UploadCrossSigningKeysToSSSS(ctx, key, keys); err != nil {
+		return fmt.Errorf("failed to put the cross-signing keys in secret storage: %w", err)
+	}
+	if err = d.mach.SSSS.SetDefaultKeyID(ctx, key.ID); err != nil {
+		return fmt.Errorf("failed to make the secret storage key the default: %w", err)
+	}
+	if err = d.store.PutSecret(ctx, secretRecoveryKey, key.RecoveryKey()); err != nil {
+		return fmt.Errorf("failed to store the recovery key: %w", err)
+	}
+	return nil
+}
+
+var seedNames = [3]id.Secret{id.SecretXSMaster, id.SecretXSSelfSigning, id.SecretXSUserSigning}
+
+// loadSeeds reads the account's cross-signing private keys; nil when it has none.
+func loadSeeds(ctx context.Context, store *crypto.SQLCryptoStore) (*crypto.CrossSigningKeysCache, error) {
+	var raw [3][]byte
+	for i, name := range seedNames {
+		v, err := store.GetSecret(ctx, name)
+		if err != nil {
+			return nil, fmt.Errorf("failed to read cross-signing key %s: %w", name, err)
+		} else if v == "" {
+			return nil, nil
+		}
+		if raw[i], err = base64.RawStdEncoding.DecodeString(v); err != nil {
+			return nil, fmt.Errorf("stored cross-signing key %s is corrupt: %w", name, err)
+		}
+	}
+	seeds := crypto.CrossSigningSeeds{MasterKey: raw[0], SelfSigningKey: raw[1], UserSigningKey: raw[2]}
+	keys, err := seeds.Decode()
+	if err != nil {
+		return nil, fmt.Errorf("stored cross-signing keys are corrupt: %w", err)
+	}
+	return &keys, nil
+}
+
+func storeSeeds(ctx context.Context, store *crypto.SQLCryptoStore, keys *crypto.CrossSigningKeysCache) error {
+	seeds := keys.Seeds()
+	for i, seed := range [3][]byte{seeds.MasterKey, seeds.SelfSigningKey, seeds.UserSigningKey} {
+		if err := store.PutSecret(ctx, seedNames[i], base64.RawStdEncoding.EncodeToString(seed)); err != nil {
+			return fmt.Errorf("failed to store cross-signing key %s: %w", seedNames[i], err)
+		}
+	}
+	return nil
+}
+
+// RecoveryKey returns the recovery key of the bot's secret storage, which holds the bot's cross-signing keys;
+// "" while the bot's identity is not set up. Only the recovery-key admin command should call it.
+func (m *Machine) RecoveryKey(ctx context.Context) (string, error) {
+	if m.bot == nil {
+		return "", nil
+	}
+	return m.bot.store.GetSecret(ctx, secretRecoveryKey)
+}

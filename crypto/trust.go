@@ -1,0 +1,86 @@
+package crypto
+
+import (
+	"context"
+	"fmt"
+
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/id"
+)
+
+// userTrust is the cross-signing state of one user as ferry's crypto store knows it. It is computed once per
+// user per key share, so a share to N devices costs N signature lookups rather than N full trust resolutions.
+type userTrust struct {
+	hasIdentity      bool
+	selfSigning      id.Ed25519 // valid self-signing key (signed by the master key), or ""
+	masterKeyChanged bool
+	verifiedByFerry  bool
+}
+
+// trustResolver resolves the trust of other users' devices relative to ferry's bot identity: "verified" always
+// means "the bot's user-signing key signed their master key", whichever of ferry's devices asks.
+type trustResolver struct {
+	store crypto.Store
+	// bot is the bot's user ID; botUSK its user-signing public key ("" when the bot has no identity yet).
+	bot    id.UserID
+	botUSK func(ctx context.Context) id.Ed25519
+	users  map[id.UserID]*userTrust
+}
+
+func newTrustResolver(store crypto.Store, bot id.UserID, botUSK func(ctx context.Context) id.Ed25519) *trustResolver {
+	return &trustResolver{store: store, bot: bot, botUSK: botUSK, users: make(map[id.UserID]*userTrust)}
+}
+
+func (r *trustResolver) user(ctx context.Context, userID id.UserID) (*userTrust, error) {
+	if ut, ok := r.users[userID]; ok {
+		return ut, nil
+	}
+	ut := &userTrust{}
+	keys, err := r.store.GetCrossSigningKeys(ctx, userID)
+	if err != nil {
+		return nil, fmt.Errorf("failed to read cross-signing keys of %s: %w", userID, err)
+	}
+	master, ok := keys[id.XSUsageMaster]
+	if ok && master.Key != "" {
+		ut.hasIdentity = true
+		ut.masterKeyChanged = master.First != "" && master.First != master.Key
+		if ssk, ok := keys[id.XSUsageSelfSigning]; ok && ssk.Key != "" {
+			signed, err := r.store.IsKeySignedBy(ctx, userID, ssk.Key, userID, master.Key)
+			if err != nil {
+				return nil, fmt.Errorf("failed to check the self-signing key of %s: %w", userID, err)
+			} else if signed {
+				ut.selfSigning = ssk.Key
+			}
+		}
+		if usk := r.botUSK(ctx); usk != "" {
+			ut.verifiedByFerry, err = r.store.IsKeySignedBy(ctx, userID, master.Key, r.bot, usk)
+			if err != nil {
+				return nil, fmt.Errorf("failed to check whether ferry verified %s: %w", userID, err)
+			}
+		}
+	}
+	r.users[userID] = ut
+	return ut, nil
+}
+
+// device resolves one device's trust.
+func (r *trustResolver) device(ctx context.Context, dev *id.Device) (deviceTrust, error) {
+	ut, err := r.user(ctx, dev.UserID)
+	if err != nil {
+		return deviceTrust{}, err
+	}
+	t := deviceTrust{
+		Blacklisted:      dev.Trust == id.TrustStateBlacklisted,
+		KeyMismatch:      dev.Trust == id.TrustStateDeviceKeyMismatch,
+		HasIdentity:      ut.hasIdentity,
+		MasterKeyChanged: ut.masterKeyChanged,
+		VerifiedByFerry:  ut.verifiedByFerry,
+	}
+	if ut.selfSigning != "" {
+		t.SignedByOwner, err = r.store.IsKeySignedBy(ctx, dev.UserID, dev.SigningKey, dev.UserID, ut.selfSigning)
+		if err != nil {
+			return deviceTrust{}, fmt.Errorf("failed to check the signature of %s's device %s: %w", dev.UserID, dev.DeviceID, err)
+		}
+	}
+	return t, nil
+}
