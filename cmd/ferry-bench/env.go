@@ -1,0 +1,437 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httptrace"
+	"net/url"
+	"regexp"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lib/pq"
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/appservice"
+	mcrypto "maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+	"maunium.net/go/mautrix/sqlstatestore"
+
+	"go.ferry.im/ferry/bridge"
+	"go.ferry.im/ferry/crypto"
+	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/internal/fakehs"
+)
+
+// Identities of the simulated deployment.
+const (
+	benchDomain  = "bench.test"
+	benchASID    = "ferry"
+	botLocalpart = "ferrybot"
+	// benchPassword logs in the naive path's bot (the fake homeserver accepts any password on first login).
+	benchPassword = "naive-bot-password"
+)
+
+// env is one ferry instance, wired as cmd/ferry's start() wires it, against a fake homeserver, with the
+// simulated users and linked rooms around it.
+type env struct {
+	st  settings
+	log zerolog.Logger
+
+	db    *benchDB
+	hs    *fakehs.Server
+	root  *dbutil.Database
+	as    *appservice.AppService
+	mach  *crypto.Machine
+	timed *timedCrypto
+	http  *timedTransport
+	br    *bridge.Bridge
+	asSrv *httptest.Server
+	pairs []*pair
+	enc   *event.EncryptionEventContent
+
+	// sessionsReceived counts Megolm sessions ferry's bot imported (SessionReceived callbacks).
+	sessionsReceived atomic.Int64
+	// sessionsShared counts Megolm sessions the simulated senders shared (each one reaches the bot once).
+	sessionsShared atomic.Int64
+
+	// byTxn and byEvent index every generated message; they are filled before traffic starts and only read after.
+	byTxn   map[string]*msg
+	byEvent map[id.EventID]*msg
+	current atomic.Pointer[phaseState]
+
+	duplicates, plaintextCopies, echoes atomic.Int64
+	// guards the following fields
+	otherMu    sync.Mutex
+	otherSends map[string]int64
+}
+
+// pair is one link: source room A (senders and the bot) and target room B (receivers and the bot).
+type pair struct {
+	idx       int
+	a, b      id.RoomID
+	senders   []*fakehs.User
+	receivers []*fakehs.User
+}
+
+// benchDB is a fresh database on the Postgres server named by the admin URL, dropped by drop.
+type benchDB struct {
+	uri   string
+	name  string
+	admin *sql.DB
+}
+
+func createDatabase(adminURL string) (*benchDB, error) {
+	admin, err := sql.Open("postgres", adminURL)
+	if err != nil {
+		return nil, err
+	}
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	name := "ferry_bench_" + hex.EncodeToString(b)
+	if _, err = admin.Exec(`CREATE DATABASE ` + name); err != nil {
+		_ = admin.Close()
+		return nil, fmt.Errorf("create database: %w", err)
+	}
+	u, err := url.Parse(adminURL)
+	if err != nil {
+		_ = admin.Close()
+		return nil, err
+	}
+	u.Path = "/" + name
+	return &benchDB{uri: u.String(), name: name, admin: admin}, nil
+}
+
+func (d *benchDB) drop() {
+	_, _ = d.admin.Exec(`DROP DATABASE IF EXISTS ` + d.name + ` WITH (FORCE)`)
+	_ = d.admin.Close()
+}
+
+// newEnv starts the fake homeserver and ferry (as cmd/ferry's start() does, in login + /sync mode, the path
+// Dendrite needs), then creates the users, rooms and links.
+func newEnv(ctx context.Context, st settings, log zerolog.Logger) (*env, error) {
+	e := &env{st: st, log: log, otherSends: map[string]int64{}, byTxn: map[string]*msg{}, byEvent: map[id.EventID]*msg{}}
+	e.enc = &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1, RotationPeriodMillis: 7 * 24 * 3600 * 1000, RotationPeriodMessages: 100}
+	var err error
+	if e.db, err = createDatabase(st.adminURL); err != nil {
+		return nil, err
+	}
+	asToken, hsToken := randomToken(), randomToken()
+	ghostPrefix := bridge.DefaultGhostPrefix
+	users := regexp.MustCompile(fmt.Sprintf("^@(%s|%s.*):%s$", regexp.QuoteMeta(botLocalpart), regexp.QuoteMeta(ghostPrefix), regexp.QuoteMeta(benchDomain)))
+	hsOpts := fakehs.Options{
+		Domain: benchDomain, ASID: benchASID, ASToken: asToken, HSToken: hsToken, ASBotLocalpart: botLocalpart, ASUsers: users,
+		// Like Dendrite 0.13.8, the homeserver ferry's login + /sync mode is for: cross-signing uploads need the
+		// account password.
+		CrossSigningUIA: true,
+	}
+	if st.deviceMode == crypto.DeviceModePerGhost {
+		// Per-ghost devices on such a homeserver need homeserver.registration_shared_secret.
+		hsOpts.SharedSecret = randomToken()
+	}
+	e.hs = fakehs.New(hsOpts)
+	e.hs.OnSend = e.onSend
+	e.hs.OnTransaction = e.onTransaction
+	if err = e.startFerry(ctx, asToken, hsToken, hsOpts.SharedSecret, users); err != nil {
+		e.close()
+		return nil, err
+	}
+	if err = e.createPairs(ctx); err != nil {
+		e.close()
+		return nil, err
+	}
+	return e, nil
+}
+
+func randomToken() string {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// startFerry mirrors cmd/ferry's start(): database and its upgrades, state store, appservice, crypto machine,
+// bridge, HTTP endpoint, homeserver check, encryption init, relay start.
+func (e *env) startFerry(ctx context.Context, asToken, hsToken, sharedSecret string, users *regexp.Regexp) error {
+	log := e.log
+	mcrypto.PostgresArrayWrapper = pq.Array
+	dbLog := log.With().Str("component", "database").Logger()
+	root, err := dbutil.NewFromConfig("ferry", dbutil.Config{PoolConfig: dbutil.PoolConfig{
+		Type: pgDriverName, URI: e.db.uri, MaxOpenConns: e.st.dbMaxOpen, MaxIdleConns: e.st.dbMaxIdle,
+	}}, dbutil.ZeroLogger(dbLog))
+	if err != nil {
+		return fmt.Errorf("open database: %w", err)
+	}
+	e.root = root
+	db := database.New(root, dbutil.ZeroLogger(dbLog.With().Str("db_section", "ferry").Logger()))
+	if err = db.Upgrade(ctx); err != nil {
+		return err
+	}
+	stateStore := sqlstatestore.NewSQLStateStore(root, dbutil.ZeroLogger(dbLog.With().Str("db_section", "state").Logger()), false)
+	if err = stateStore.Upgrade(ctx); err != nil {
+		return err
+	}
+
+	as := appservice.Create()
+	as.Log = log.With().Str("component", "appservice").Logger()
+	as.HomeserverDomain = benchDomain
+	as.Registration = &appservice.Registration{
+		ID: benchASID, AppToken: asToken, ServerToken: hsToken, SenderLocalpart: botLocalpart, RateLimited: new(false),
+	}
+	as.Registration.Namespaces.UserIDs.Register(users, true)
+	as.StateStore = stateStore
+	if err = as.SetHomeserverURL(e.hs.URL); err != nil {
+		return err
+	}
+	// Same transport as production (Go's default), timed.
+	e.http = &timedTransport{base: http.DefaultTransport}
+	as.HTTPClient.Transport = e.http
+	e.as = as
+
+	bcfg := bridge.DefaultConfig()
+	if err = bcfg.CompileDisplaynameTemplate(); err != nil {
+		return err
+	}
+	ecfg := crypto.DefaultConfig()
+	ecfg.PickleKey = randomToken()
+	ecfg.DeviceMode = e.st.deviceMode
+	mach := crypto.NewMachine(log.With().Str("component", "crypto").Logger(), ecfg, root, stateStore, as.NewMautrixClient(as.BotMXID()), nil)
+	e.mach = mach
+	e.timed = &timedCrypto{Machine: mach}
+	br := bridge.New(log.With().Str("component", "bridge").Logger(), &bcfg, bridge.Permissions{"*": bridge.LevelRelay}, db, as, stateStore, e.timed)
+	e.br = br
+	mach.SetIsOwn(br.Ghosts.IsOwn)
+	mach.SharedSecret = sharedSecret
+	mach.NewUserClient = as.NewMautrixClient
+	as.StateStore = mach.WrapStateStore(stateStore)
+	mach.SessionReceived = func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) {
+		e.sessionsReceived.Add(1)
+		br.SessionArrived(ctx, roomID, sessionID)
+	}
+	mach.SyncedTimeline = br.IngestSynced
+	e.asSrv = httptest.NewServer(br.Router(nil))
+	as.Registration.URL = e.asSrv.URL
+	e.hs.SetAppserviceURL(e.asSrv.URL)
+
+	if err = checkHomeserver(ctx, as); err != nil {
+		return err
+	}
+	br.EncryptionPath = "login + /sync (m.login.application_service devices, to-device and device lists through /sync)"
+	if err = mach.Init(ctx); err != nil {
+		return fmt.Errorf("set up encryption: %w", err)
+	}
+	mach.Start(ctx)
+	return br.Start(ctx)
+}
+
+// checkHomeserver is cmd/ferry's start-up check, minus the retry loop.
+func checkHomeserver(ctx context.Context, as *appservice.AppService) error {
+	bot := as.BotIntent()
+	versions, err := bot.Versions(ctx)
+	if err != nil {
+		return err
+	}
+	if as.SpecVersions != nil {
+		*as.SpecVersions = *versions
+	}
+	if err = bot.EnsureRegistered(ctx); err != nil {
+		return err
+	}
+	whoami, err := bot.Whoami(ctx)
+	if err != nil {
+		return err
+	} else if whoami.UserID != as.BotMXID() {
+		return fmt.Errorf("whoami returned %s", whoami.UserID)
+	}
+	if versions.Supports(mautrix.FeatureAppservicePing) {
+		if _, err = bot.AppservicePing(ctx, as.Registration.ID, ""); err != nil {
+			return fmt.Errorf("appservice ping: %w", err)
+		}
+	}
+	return bot.SetDisplayName(ctx, "Ferry bridge bot")
+}
+
+// createPairs makes the simulated users (cross-signed, like Element users), the linked rooms and the links,
+// and seeds ferry's state store with the rooms' members and encryption (as after the bot joined them).
+func (e *env) createPairs(ctx context.Context) error {
+	bot := e.as.BotMXID()
+	ss := e.br.StateStore
+	for i := range e.st.pairs {
+		p := &pair{idx: i}
+		for j := range e.st.senders {
+			u, err := e.hs.NewUser(ctx, id.NewUserID(fmt.Sprintf("alice%d.%d", i, j), benchDomain), fakehs.UserOptions{
+				DisplayName: fmt.Sprintf("Alice %d.%d", i, j), CrossSign: true,
+			})
+			if err != nil {
+				return err
+			}
+			p.senders = append(p.senders, u)
+		}
+		for j := range e.st.receivers {
+			u, err := e.hs.NewUser(ctx, id.NewUserID(fmt.Sprintf("bob%d.%d", i, j), benchDomain), fakehs.UserOptions{
+				DisplayName: fmt.Sprintf("Bob %d.%d", i, j), CrossSign: true,
+			})
+			if err != nil {
+				return err
+			}
+			p.receivers = append(p.receivers, u)
+		}
+		aMembers := []id.UserID{bot}
+		for _, u := range p.senders {
+			aMembers = append(aMembers, u.ID)
+		}
+		bMembers := []id.UserID{bot}
+		for _, u := range p.receivers {
+			bMembers = append(bMembers, u.ID)
+		}
+		p.a = e.hs.CreateRoom(p.senders[0].ID, fakehs.RoomOptions{Name: fmt.Sprintf("Bench A%d", i), Encryption: e.enc, Members: aMembers})
+		p.b = e.hs.CreateRoom(p.receivers[0].ID, fakehs.RoomOptions{Name: fmt.Sprintf("Bench B%d", i), Encryption: e.enc, Members: bMembers})
+		for _, u := range p.senders {
+			if err := u.SetRoom(ctx, p.a, aMembers, e.enc); err != nil {
+				return err
+			}
+		}
+		for _, u := range p.receivers {
+			if err := u.SetRoom(ctx, p.b, bMembers, e.enc); err != nil {
+				return err
+			}
+		}
+		for room, members := range map[id.RoomID][]*fakehs.User{p.a: p.senders, p.b: p.receivers} {
+			for _, u := range members {
+				if err := ss.SetMember(ctx, room, u.ID, &event.MemberEventContent{Membership: event.MembershipJoin, Displayname: u.ID.Localpart()}); err != nil {
+					return err
+				}
+			}
+			if err := ss.SetMembership(ctx, room, bot, event.MembershipJoin); err != nil {
+				return err
+			}
+			if err := ss.SetEncryptionEvent(ctx, room, e.enc); err != nil {
+				return err
+			}
+		}
+		if _, err := e.br.DB.Links.Join(ctx, fmt.Sprintf("bench%d", i), p.a, p.b, p.senders[0].ID, time.Now()); err != nil {
+			return err
+		}
+		e.pairs = append(e.pairs, p)
+	}
+	return e.primeSenders(ctx)
+}
+
+// primeSenders makes every sender share its first Megolm session with the bot, one at a time so the bot's
+// one-time keys are replenished (through its /sync) between claims, as they would be between real users
+// joining over time.
+func (e *env) primeSenders(ctx context.Context) error {
+	bot, dev := e.as.BotMXID(), e.mach.DeviceID()
+	for _, p := range e.pairs {
+		for _, u := range p.senders {
+			deadline := time.Now().Add(30 * time.Second)
+			for e.hs.OTKCount(bot, dev) < 5 {
+				if time.Now().After(deadline) {
+					return errors.New("ferry's bot did not replenish its one-time keys")
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			_, shared, err := u.Encrypt(ctx, p.a, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "prime"})
+			if err != nil {
+				return fmt.Errorf("prime %s: %w", u.ID, err)
+			}
+			if shared {
+				e.sessionsShared.Add(1)
+			}
+		}
+	}
+	return nil
+}
+
+// waitForSessions waits until ferry's bot imported every Megolm session the senders shared.
+func (e *env) waitForSessions(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for e.sessionsReceived.Load() < e.sessionsShared.Load() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("ferry's bot imported %d of %d room keys within %s", e.sessionsReceived.Load(), e.sessionsShared.Load(), timeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+func (e *env) close() {
+	if e.br != nil {
+		e.br.Stop()
+	}
+	if e.mach != nil {
+		e.mach.Stop()
+	}
+	if e.asSrv != nil {
+		e.asSrv.Close()
+	}
+	if e.hs != nil {
+		e.hs.Close()
+	}
+	if e.root != nil {
+		_ = e.root.Close()
+	}
+	if e.db != nil {
+		if e.st.keepDB {
+			fmt.Printf("ferry-bench: kept database %s\n", e.db.name)
+			_ = e.db.admin.Close()
+		} else {
+			e.db.drop()
+		}
+	}
+}
+
+// timedCrypto is ferry's crypto machine with its Decrypt and Encrypt calls timed (wall time, including the
+// crypto store's database work).
+type timedCrypto struct {
+	*crypto.Machine
+	decrypts, decryptNanos, encrypts, encryptNanos atomic.Int64
+}
+
+func (t *timedCrypto) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
+	start := time.Now()
+	dec, err := t.Machine.Decrypt(ctx, evt)
+	t.decryptNanos.Add(int64(time.Since(start)))
+	t.decrypts.Add(1)
+	return dec, err
+}
+
+func (t *timedCrypto) Encrypt(ctx context.Context, sender id.UserID, roomID id.RoomID, evtType event.Type, content *event.Content) (*event.EncryptedEventContent, error) {
+	start := time.Now()
+	enc, err := t.Machine.Encrypt(ctx, sender, roomID, evtType, content)
+	t.encryptNanos.Add(int64(time.Since(start)))
+	t.encrypts.Add(1)
+	return enc, err
+}
+
+// timedTransport times ferry's requests to the homeserver and counts new TCP connections.
+type timedTransport struct {
+	base                      http.RoundTripper
+	requests, nanos, newConns atomic.Int64
+}
+
+func (t *timedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+		if !info.Reused {
+			t.newConns.Add(1)
+		}
+	}}
+	req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
+	start := time.Now()
+	resp, err := t.base.RoundTrip(req)
+	t.nanos.Add(int64(time.Since(start)))
+	t.requests.Add(1)
+	return resp, err
+}
