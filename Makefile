@@ -31,7 +31,9 @@ e2e: build
 demo: build
 	scripts/demo.sh
 
+# The relay load tool (see docs/BENCHMARKS.md), then the Go micro-benchmarks.
 bench:
+	scripts/with-postgres.sh $(GO) run ./cmd/ferry-bench -rate 500,100 $(BENCHFLAGS)
 	scripts/with-postgres.sh $(GO) test -run '^$$' -bench . -benchmem ./...
 
 fuzz:
