@@ -23,7 +23,22 @@ export function printNodeVersionOnce() {
 }
 
 /** Asks the kernel for a free TCP port on 127.0.0.1. */
-export function freePort() {
+// Ports handed out by this process: the OS may offer a just-released port again, and two reservations made
+// before either server binds (ferry's and Dendrite's) must never collide.
+const issuedPorts = new Set();
+
+export async function freePort() {
+    for (let i = 0; i < 50; i++) {
+        const port = await osFreePort();
+        if (!issuedPorts.has(port)) {
+            issuedPorts.add(port);
+            return port;
+        }
+    }
+    throw new Error("freePort: no unused loopback port after 50 tries");
+}
+
+function osFreePort() {
     return new Promise((resolve, reject) => {
         const srv = net.createServer();
         srv.unref();
