@@ -58,7 +58,6 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 			return res
 		}
 		evt = dec
-		b.keyArrived(ctx, evt.ID)
 	}
 	if evt.Type == event.EventMessage && b.handleCommand(ctx, evt) {
 		return outcome{state: database.InboxDone}
@@ -196,6 +195,9 @@ func (b *Bridge) noticeMissingKey(ctx context.Context, row *database.InboxEvent)
 	if v, err := b.DB.KV.Get(ctx, keyNoticeKey(row.EventID)); err != nil || v != "" {
 		return
 	}
+	if cur, err := b.DB.Inbox.Get(ctx, row.EventID); err != nil || cur == nil || cur.State != database.InboxWaitingKeys {
+		return
+	}
 	text := fmt.Sprintf("ferry could not decrypt a message from %s: their device has not shared its room key with ferry. It will be relayed as soon as the key arrives.", row.Sender)
 	resp, err := b.sendNotice(ctx, row.RoomID, text, "", "")
 	if err != nil {
@@ -203,6 +205,11 @@ func (b *Bridge) noticeMissingKey(ctx context.Context, row *database.InboxEvent)
 		return
 	}
 	_ = b.DB.KV.Set(ctx, keyNoticeKey(row.EventID), string(row.RoomID)+" "+string(resp))
+	// The worker checks for a notice after it marks an event done; checking the state after recording the
+	// notice covers every interleaving: one of the two sides always sees the other.
+	if cur, err := b.DB.Inbox.Get(ctx, row.EventID); err == nil && cur != nil && cur.State == database.InboxDone {
+		b.keyArrived(ctx, row.EventID)
+	}
 }
 
 // SessionArrived wakes events parked for a Megolm session. The crypto layer calls it when a key arrives.

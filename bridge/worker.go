@@ -124,6 +124,10 @@ func (b *Bridge) processRow(ctx context.Context, row *database.InboxEvent) bool 
 			}
 			continue
 		}
+		if err == nil && res.state == database.InboxDone && row.Type == "m.room.encrypted" {
+			// A "could not decrypt" notice posted while the event was parked is redacted now that it relayed.
+			b.keyArrived(ctx, row.EventID)
+		}
 		if err != nil {
 			log.Err(err).Msg("Failed to record event outcome, retrying")
 			if !sleep(ctx, time.Second) {

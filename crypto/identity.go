@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"time"
 
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto"
@@ -70,8 +71,31 @@ func (m *Machine) crossSign(ctx context.Context, d *device, ssss bool, serverMas
 		if err = d.store.PutSecret(ctx, secretSignedDevice, string(d.client.DeviceID)); err != nil {
 			return fmt.Errorf("failed to store the device signature marker: %w", err)
 		}
+		m.waitSignatureServed(ctx, d)
 	}
 	return nil
+}
+
+// signatureServeWait bounds how long a freshly signed device waits for the homeserver to serve its signature.
+const signatureServeWait = 10 * time.Second
+
+// waitSignatureServed waits until the homeserver's key query returns the device with its cross-signing
+// signature. Dendrite applies signature uploads asynchronously: a client that queries the device in between
+// caches it as unsigned and, when it excludes insecure devices, refuses the device's first messages.
+func (m *Machine) waitSignatureServed(ctx context.Context, d *device) {
+	user, dev := d.client.UserID, d.client.DeviceID
+	deadline := time.Now().Add(signatureServeWait)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		resp, err := d.client.QueryKeys(ctx, &mautrix.ReqQueryKeys{DeviceKeys: map[id.UserID]mautrix.DeviceIDList{user: {dev}}})
+		if err == nil {
+			// The device's own key signs it once; the self-signing key adds the second signature.
+			if keys, ok := resp.DeviceKeys[user][dev]; ok && len(keys.Signatures[user]) >= 2 {
+				return
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	m.log.Warn().Stringer("user_id", user).Stringer("device_id", dev).Msg("The homeserver does not serve the new device's cross-signing signature yet")
 }
 
 // publishIdentity uploads the public cross-signing keys. Homeservers that implement MSC4190 or spec v1.17 let
