@@ -71,11 +71,16 @@ function makeLogger(prefix, muted) {
 // ---- timers -----------------------------------------------------------------------------------------------------
 // js-sdk arms a setTimeout per HTTP request (60-110 s, its AbortSignal.timeout ponyfill) and never clears it, and its
 // capabilities poller may re-arm a 6 h timer after stopClient(). Those keep a finished test process alive for up to
-// two minutes. Unref exactly those timers: an in-flight request is kept alive by its socket anyway.
+// two minutes. Its Rust-crypto layer also keeps a 5-minute timer per live event that stays undecryptable
+// (onLiveEventFromSync), which kept whole test files alive for 5 minutes. Unref exactly those timers: an in-flight
+// request is kept alive by its socket anyway.
 {
     const realSetTimeout = globalThis.setTimeout;
     const isSdkTimer = (fn, ms) =>
-        typeof fn === "function" && (ms >= 3600000 || (ms >= 30000 && /^\(\) => \{\s*controller\.abort\(\);?\s*\}$/.test(fn.toString())));
+        typeof fn === "function" &&
+        (ms >= 3600000 ||
+            (ms >= 30000 && /^\(\) => \{\s*controller\.abort\(\);?\s*\}$/.test(fn.toString())) ||
+            (ms === 5 * 60 * 1000 && /onDecrypted/.test(fn.toString())));
     if (!realSetTimeout.ferryWrapped) {
         globalThis.setTimeout = Object.assign(
             function setTimeout(fn, ms, ...args) {

@@ -11,20 +11,6 @@ import { pollUntil } from "../lib/util.js";
 
 const T = 30000;
 
-// js-sdk keeps a 5-minute timer per event that stays undecryptable (rust-crypto onLiveEventFromSync), which would
-// keep this process alive for 5 minutes after the refused single-device copy. Unref exactly that timer.
-// (lib/users.js unrefs js-sdk's other long timers; this one belongs there too.)
-{
-    const wrapped = globalThis.setTimeout;
-    globalThis.setTimeout = Object.assign(
-        function setTimeout(fn, ms, ...args) {
-            const t = wrapped(fn, ms, ...args);
-            if (ms === 5 * 60 * 1000 && typeof fn === "function" && /onDecrypted/.test(fn.toString())) t?.unref?.();
-            return t;
-        },
-        { ferryWrapped: true, [Symbol.for("nodejs.util.promisify.custom")]: wrapped[Symbol.for("nodejs.util.promisify.custom")] },
-    );
-}
 const isGhost = (userId) => userId.startsWith("@_ferry_");
 
 let stack, alice, bob, roomA, roomB;
