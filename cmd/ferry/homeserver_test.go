@@ -38,16 +38,7 @@ func TestCheckHomeserverRetriesUntilReachable(t *testing.T) {
 		}
 	}))
 	defer srv.Close()
-	cfg, err := LoadConfig(writeConfig(t, strings.Replace(validConfig, "https://matrix.test.org", srv.URL, 1)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	as := appservice.Create()
-	as.HomeserverDomain = cfg.Homeserver.Domain
-	as.Registration = registrationFor(cfg)
-	if err = as.SetHomeserverURL(srv.URL); err != nil {
-		t.Fatal(err)
-	}
+	cfg, as := appserviceFor(t, srv.URL)
 	var logBuf bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -78,16 +69,25 @@ func TestCheckHomeserverWrongToken(t *testing.T) {
 		_, _ = w.Write([]byte(`{"errcode":"M_UNKNOWN_TOKEN","error":"unknown token"}`))
 	}))
 	defer srv.Close()
-	cfg, err := LoadConfig(writeConfig(t, strings.Replace(validConfig, "https://matrix.test.org", srv.URL, 1)))
+	cfg, as := appserviceFor(t, srv.URL)
+	_, err := checkHomeserver(context.Background(), cfg, as, zerolog.Nop())
+	if err == nil || !strings.Contains(err.Error(), "register the bot") {
+		t.Fatalf("err = %v, want a failure to register the bot", err)
+	}
+}
+
+// appserviceFor loads the test config pointed at a homeserver URL and builds ferry's appservice for it.
+func appserviceFor(t *testing.T, hsURL string) (*Config, *appservice.AppService) {
+	t.Helper()
+	cfg, err := LoadConfig(writeConfig(t, strings.Replace(validConfig, "https://matrix.test.org", hsURL, 1)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	as := appservice.Create()
 	as.HomeserverDomain = cfg.Homeserver.Domain
 	as.Registration = registrationFor(cfg)
-	_ = as.SetHomeserverURL(srv.URL)
-	_, err = checkHomeserver(context.Background(), cfg, as, zerolog.Nop())
-	if err == nil || !strings.Contains(err.Error(), "register the bot") {
-		t.Fatalf("err = %v, want a failure to register the bot", err)
+	if err = as.SetHomeserverURL(hsURL); err != nil {
+		t.Fatal(err)
 	}
+	return cfg, as
 }
