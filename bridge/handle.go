@@ -28,10 +28,8 @@ func parseEvent(row *database.InboxEvent) (*event.Event, error) {
 	} else {
 		evt.Type.Class = event.MessageEventType
 	}
-	if err := evt.Content.ParseRaw(evt.Type); err != nil && !errors.Is(err, event.ErrUnsupportedContentType) && !errors.Is(err, event.ErrContentAlreadyParsed) {
-		// Unparseable content of a known type is relayed raw where possible; translation works on the raw map.
-		zerolog.Ctx(context.Background()).Debug().Err(err).Msg("Content did not parse")
-	}
+	// Content that does not parse as its type is still handled: translation works on the raw map.
+	_ = evt.Content.ParseRaw(evt.Type)
 	return &evt, nil
 }
 
@@ -198,8 +196,8 @@ func (b *Bridge) noticeMissingKey(ctx context.Context, row *database.InboxEvent)
 	if cur, err := b.DB.Inbox.Get(ctx, row.EventID); err != nil || cur == nil || cur.State != database.InboxWaitingKeys {
 		return
 	}
-	text := fmt.Sprintf("ferry could not decrypt a message from %s: their device has not shared its room key with ferry. It will be relayed as soon as the key arrives.", row.Sender)
-	resp, err := b.sendNotice(ctx, row.RoomID, text, "", "")
+	text := renderNotice("ferry could not decrypt a message from %s: their device has not shared its room key with ferry. It will be relayed as soon as the key arrives.", row.Sender)
+	resp, err := b.sendRenderedNotice(ctx, row.RoomID, text, "", "")
 	if err != nil {
 		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to post missing-key notice")
 		return

@@ -14,7 +14,6 @@ import (
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/appservice"
 	"maunium.net/go/mautrix/event"
-	"maunium.net/go/mautrix/format"
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database"
@@ -170,27 +169,12 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 	return resp.EventID, nil
 }
 
-// sendNotice posts an m.notice from the bot (encrypted in encrypted rooms), optionally as a reply.
-func (b *Bridge) sendNotice(ctx context.Context, room id.RoomID, markdown string, replyTo id.EventID, txnID string) (id.EventID, error) {
-	msg := format.RenderMarkdown(markdown, true, false)
-	msg.MsgType = event.MsgNotice
-	if replyTo != "" {
-		msg.RelatesTo = (&event.RelatesTo{}).SetReplyTo(replyTo)
-	}
-	msg.Mentions = &event.Mentions{}
-	encrypted, _ := b.StateStore.IsEncrypted(ctx, room)
-	if txnID == "" {
-		txnID = "ferry_notice_" + base64.RawURLEncoding.EncodeToString([]byte(time.Now().Format(time.RFC3339Nano)))
-	}
-	return b.send(ctx, b.AS.BotIntent(), room, encrypted, event.EventMessage, &event.Content{Parsed: &msg}, txnID)
-}
-
 // reportFailure tells the source room once that a copy could not be delivered.
 func (b *Bridge) reportFailure(ctx context.Context, evt *event.Event, target id.RoomID, err error) {
 	zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", target).Msg("Permanent error relaying event")
 	b.stats.recordError(evt.RoomID)
-	text := fmt.Sprintf("ferry could not relay this message to %s: %s", b.roomName(ctx, target), userFacingError(err))
-	if _, nerr := b.sendNotice(ctx, evt.RoomID, text, evt.ID, TxnID(evt.ID, target)+"_failed"); nerr != nil {
+	text := renderNotice("ferry could not relay this message to %s: %s", b.roomName(ctx, target), userFacingError(err))
+	if _, nerr := b.sendRenderedNotice(ctx, evt.RoomID, text, evt.ID, TxnID(evt.ID, target)+"_failed"); nerr != nil {
 		zerolog.Ctx(ctx).Warn().Err(nerr).Msg("Failed to report relay failure")
 	}
 }
