@@ -25,3 +25,10 @@ type Crypto interface {
 	// Rotate discards the outbound sessions ferry uses in a room.
 	Rotate(ctx context.Context, roomID id.RoomID) error
 }
+
+// SenderPreparer is implemented by E2EE layers that give each ghost its own device: PrepareSender makes that
+// device ready (created, cross-signed, signature served) before the ghost joins an encrypted room, so members'
+// clients never cache it as unsigned.
+type SenderPreparer interface {
+	PrepareSender(ctx context.Context, sender id.UserID) error
+}

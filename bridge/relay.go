@@ -104,6 +104,15 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 		// Translation itself is pure; what fails here is the event map lookup, which is worth retrying.
 		return outcome{err: err}
 	}
+	if prep, ok := b.Crypto.(SenderPreparer); ok && targetEncrypted {
+		// The account must exist before its device does; registration is remembered, so this is cheap later.
+		if err = intent.EnsureRegistered(ctx); err != nil {
+			return classify(fmt.Errorf("failed to register the sender's ghost: %w", err))
+		}
+		if err = prep.PrepareSender(ctx, ghost); err != nil {
+			return outcome{err: err}
+		}
+	}
 	if err = b.ensureGhost(ctx, intent, evt.RoomID, evt.Sender, target); err != nil {
 		return classify(fmt.Errorf("failed to bring the sender's ghost into the room: %w", err))
 	}

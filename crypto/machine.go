@@ -408,6 +408,20 @@ func (m *Machine) Encrypt(ctx context.Context, sender id.UserID, roomID id.RoomI
 	return enc, err
 }
 
+// PrepareSender creates (or loads) the device a ghost sends from, cross-signed and with its signature served by
+// the homeserver, before the ghost joins a room: members' clients query a new member's keys when they see the
+// join, and a device created after that query stays "unsigned" in their cache. It does nothing for the bot or in
+// single-device mode.
+func (m *Machine) PrepareSender(ctx context.Context, sender id.UserID) error {
+	if sender == m.client.UserID || m.isOwn == nil || !m.isOwn(sender) {
+		return nil
+	}
+	if _, err := m.ghostDevice(ctx, sender); err != nil {
+		return fmt.Errorf("failed to prepare the device of %s: %w", sender, err)
+	}
+	return nil
+}
+
 func (m *Machine) policy() sharePolicy {
 	return sharePolicy{level: m.shareLevel, resolver: m.resolver, encEvent: m.roomEncryption}
 }
