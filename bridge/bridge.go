@@ -58,6 +58,7 @@ type Bridge struct {
 
 	roomNames roomNameCache
 	stats     stats
+	hot       hotCache
 }
 
 // New creates a bridge. Call Start to begin draining the inbox.

@@ -387,6 +387,10 @@ func (b *Bridge) handleCommand(ctx context.Context, evt *event.Event) bool {
 // isManagementRoom tells whether room is a management room for sender: its only joined or invited members are
 // the sender and the bot, and it is not linked (a linked room's messages are relayed, not commands).
 func (b *Bridge) isManagementRoom(ctx context.Context, room id.RoomID, sender id.UserID) bool {
+	// The link lookup is cached; the member list is read only for unlinked rooms.
+	if _, err := b.DB.Links.GetByRoom(ctx, room); !errors.Is(err, database.ErrLinkNotFound) {
+		return false
+	}
 	members, err := b.StateStore.GetRoomJoinedOrInvitedMembers(ctx, room)
 	if err != nil || len(members) != 2 {
 		return false
@@ -395,8 +399,7 @@ func (b *Bridge) isManagementRoom(ctx context.Context, room id.RoomID, sender id
 	if sender == bot || !(members[0] == sender && members[1] == bot || members[0] == bot && members[1] == sender) {
 		return false
 	}
-	_, err = b.DB.Links.GetByRoom(ctx, room)
-	return errors.Is(err, database.ErrLinkNotFound)
+	return true
 }
 
 func cmdHelp(ce *CommandEvent) {

@@ -16,10 +16,19 @@ import (
 // ensureGhost makes sure the ghost of realUser is in target with the per-room name and avatar derived from
 // realUser's profile in sourceRoom.
 func (b *Bridge) ensureGhost(ctx context.Context, intent *appservice.IntentAPI, sourceRoom id.RoomID, realUser id.UserID, target id.RoomID) error {
+	key := ghostKey{source: sourceRoom, real: realUser, target: target}
+	if b.hot.ghostReady(key) {
+		return nil
+	}
 	if err := intent.EnsureJoined(ctx, target); err != nil {
 		return err
 	}
-	return b.syncGhostProfile(ctx, intent, sourceRoom, realUser, target)
+	gen := b.hot.generation()
+	if err := b.syncGhostProfile(ctx, intent, sourceRoom, realUser, target); err != nil {
+		return err
+	}
+	b.hot.setGhostReady(key, gen)
+	return nil
 }
 
 // syncGhostProfile sends the ghost's m.room.member event in target when its name or avatar is out of date.

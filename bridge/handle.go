@@ -43,6 +43,7 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 		return outcome{state: database.InboxFailed, err: err}
 	}
 	if evt.Type.Class == event.StateEventType {
+		b.hot.stateChanged(evt.Type)
 		mautrix.UpdateStateStore(ctx, b.StateStore, evt)
 		b.handleState(ctx, evt)
 		return outcome{state: database.InboxDone}

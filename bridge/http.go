@@ -122,6 +122,11 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 				log.Warn().Msg("Skipping event without event_id, room_id or type")
 				continue
 			}
+			if head.StateKey == nil && b.Ghosts.IsOwn(head.Sender) {
+				// Echoes of ferry's own messages would only be stored, fetched and dropped by the worker. State
+				// events are kept: the state store learns ferry's own memberships from them.
+				continue
+			}
 			rows = append(rows, &database.InboxEvent{
 				EventID: head.ID, RoomID: head.RoomID, Sender: head.Sender, Type: head.Type, Raw: raw,
 				State: database.InboxPending, SessionID: head.Content.SessionID, ReceivedAt: now,
@@ -197,4 +202,15 @@ func writeJSON(w http.ResponseWriter, status int, body any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(body)
+}
+
+// HomeserverTransport is the HTTP transport for ferry's requests to the homeserver. Every room worker sends
+// through it at once; Go's default keeps only 2 idle connections per host, so most requests under load would
+// open a new connection.
+func HomeserverTransport() *http.Transport {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.MaxIdleConns = 256
+	t.MaxIdleConnsPerHost = 128
+	t.IdleConnTimeout = 90 * time.Second
+	return t
 }

@@ -54,7 +54,7 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
 	}
 	log := zerolog.Ctx(ctx).With().Str("link_id", link.ID).Logger()
 	ctx = log.WithContext(ctx)
-	srcEncrypted, _ := b.StateStore.IsEncrypted(ctx, evt.RoomID)
+	srcEncrypted, _ := b.isEncrypted(ctx, evt.RoomID)
 	var disappearAt time.Time
 	if link.DisappearAfter > 0 {
 		disappearAt = time.UnixMilli(evt.Timestamp).Add(link.DisappearAfter)
@@ -88,7 +88,7 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 	if evt.Type == event.EventRedaction {
 		return b.relayRedaction(ctx, evt, target)
 	}
-	targetEncrypted, err := b.StateStore.IsEncrypted(ctx, target)
+	targetEncrypted, err := b.isEncrypted(ctx, target)
 	if err != nil {
 		return outcome{err: err}
 	}
@@ -118,6 +118,7 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 	}
 	resp, err := b.send(ctx, intent, target, targetEncrypted, evtType, content, TxnID(evt.ID, target))
 	if err != nil {
+		b.hot.forgetGhosts() // the ghost may have been removed meanwhile: check its membership again next time
 		return classify(err)
 	}
 	err = b.DB.EventMap.Put(ctx, &database.Copy{
@@ -171,7 +172,9 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 		sendType = event.EventEncrypted
 		payload = enc
 	}
-	resp, err := intent.SendMessageEvent(ctx, room, sendType, payload, mautrix.ReqSendEvent{TransactionID: txnID, DontEncrypt: true})
+	// The caller made sure the ghost is in the room (ensureGhost): the client call skips the intent's second
+	// membership check.
+	resp, err := intent.Client.SendMessageEvent(ctx, room, sendType, payload, mautrix.ReqSendEvent{TransactionID: txnID, DontEncrypt: true})
 	if err != nil {
 		return "", err
 	}

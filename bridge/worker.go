@@ -124,8 +124,9 @@ func (b *Bridge) processRow(ctx context.Context, row *database.InboxEvent) bool 
 			}
 			continue
 		}
-		if err == nil && res.state == database.InboxDone && row.Type == "m.room.encrypted" {
+		if err == nil && res.state == database.InboxDone && row.Type == "m.room.encrypted" && row.Attempts > 0 {
 			// A "could not decrypt" notice posted while the event was parked is redacted now that it relayed.
+			// Only parked events (Park counts an attempt) can have one.
 			b.keyArrived(ctx, row.EventID)
 		}
 		if err != nil {

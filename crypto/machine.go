@@ -221,6 +221,9 @@ func (m *Machine) newOlmMachine(cli *mautrix.Client, store *crypto.SQLCryptoStor
 	mach := crypto.NewOlmMachine(cli, &log, store, m.stateStore)
 	// ferry rotates every device's sessions itself when a member's devices change (rotateForDeviceChanges).
 	mach.DisableDeviceChangeKeyRotation = true
+	// ferry does not ratchet inbound sessions forward on decrypt, so the per-message ratchet bookkeeping (a
+	// session write for every message) buys nothing. Replay protection (the message index) is unaffected.
+	mach.DisableRatchetTracking = true
 	return mach
 }
 

@@ -10,6 +10,7 @@ import (
 	"embed"
 	"errors"
 	"fmt"
+	"strings"
 
 	"go.mau.fi/util/dbutil"
 )
@@ -43,6 +44,23 @@ func New(root *dbutil.Database, log dbutil.DatabaseLogger) *Database {
 		EventMap: &EventMapQuery{db: db},
 		KV:       &KVQuery{db: db},
 	}
+}
+
+// TuneURI adjusts a database URI for ferry's access pattern: on Postgres (lib/pq), binary_parameters=yes sends
+// a parameterised statement in one round trip instead of two (Parse/Describe, then Bind/Execute). A value the
+// URI already sets is kept.
+func TuneURI(dbType, uri string) string {
+	if dbType != "postgres" || strings.Contains(uri, "binary_parameters=") {
+		return uri
+	}
+	if strings.HasPrefix(uri, "postgres://") || strings.HasPrefix(uri, "postgresql://") {
+		if strings.Contains(uri, "?") {
+			return uri + "&binary_parameters=yes"
+		}
+		return uri + "?binary_parameters=yes"
+	}
+	// key=value connection string
+	return uri + " binary_parameters=yes"
 }
 
 // UpgradeError says which schema failed to upgrade; cmd/ferry turns it into an exit code.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"sync"
 	"time"
 
 	"go.mau.fi/util/dbutil"
@@ -46,13 +47,64 @@ type LinkRequest struct {
 	CreatedAt   time.Time
 }
 
-// LinkQuery reads and writes links.
+// LinkQuery reads and writes links. It keeps the link of each room it was asked about in memory (every relayed
+// message asks): links change only through its own methods, which drop the cache.
 type LinkQuery struct {
 	db *dbutil.Database
+
+	cacheLock sync.Mutex
+	// gen counts writes; a lookup caches its result only when no write started or ended while it ran.
+	gen   uint64
+	cache map[id.RoomID]*Link // nil value: the room is not linked
+}
+
+// invalidate drops the cache. Writers call it before and after their transaction.
+func (lq *LinkQuery) invalidate() {
+	lq.cacheLock.Lock()
+	lq.gen++
+	lq.cache = nil
+	lq.cacheLock.Unlock()
 }
 
 // GetByRoom returns the link a room belongs to, or ErrLinkNotFound.
 func (lq *LinkQuery) GetByRoom(ctx context.Context, roomID id.RoomID) (*Link, error) {
+	lq.cacheLock.Lock()
+	cached, ok := lq.cache[roomID]
+	gen := lq.gen
+	lq.cacheLock.Unlock()
+	if ok {
+		if cached == nil {
+			return nil, ErrLinkNotFound
+		}
+		return cached.clone(), nil
+	}
+	link, err := lq.getByRoom(ctx, roomID)
+	if err != nil && !errors.Is(err, ErrLinkNotFound) {
+		return nil, err
+	}
+	lq.cacheLock.Lock()
+	if lq.gen == gen {
+		if lq.cache == nil {
+			lq.cache = make(map[id.RoomID]*Link)
+		}
+		if link != nil {
+			lq.cache[roomID] = link.clone()
+		} else {
+			lq.cache[roomID] = nil
+		}
+	}
+	lq.cacheLock.Unlock()
+	return link, err
+}
+
+func (l *Link) clone() *Link {
+	c := *l
+	c.Rooms = append([]id.RoomID(nil), l.Rooms...)
+	return &c
+}
+
+// getByRoom reads the link of a room from the database (inside a transaction, or to fill the cache).
+func (lq *LinkQuery) getByRoom(ctx context.Context, roomID id.RoomID) (*Link, error) {
 	var linkID string
 	err := lq.db.QueryRow(ctx, `SELECT link_id FROM link_room WHERE room_id=$1`, roomID).Scan(&linkID)
 	if errors.Is(err, sql.ErrNoRows) {
@@ -107,12 +159,14 @@ func (lq *LinkQuery) All(ctx context.Context) ([]*Link, error) {
 // belong to links. One transaction.
 func (lq *LinkQuery) Join(ctx context.Context, newLinkID string, a, b id.RoomID, by id.UserID, now time.Time) (*Link, error) {
 	var link *Link
+	lq.invalidate()
+	defer lq.invalidate()
 	err := lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		linkA, err := lq.GetByRoom(ctx, a)
+		linkA, err := lq.getByRoom(ctx, a)
 		if err != nil && !errors.Is(err, ErrLinkNotFound) {
 			return err
 		}
-		linkB, err := lq.GetByRoom(ctx, b)
+		linkB, err := lq.getByRoom(ctx, b)
 		if err != nil && !errors.Is(err, ErrLinkNotFound) {
 			return err
 		}
@@ -153,9 +207,11 @@ func (lq *LinkQuery) addRoom(ctx context.Context, linkID string, room id.RoomID,
 // It returns the link as it was before.
 func (lq *LinkQuery) Leave(ctx context.Context, room id.RoomID) (*Link, error) {
 	var before *Link
+	lq.invalidate()
+	defer lq.invalidate()
 	err := lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
 		var err error
-		before, err = lq.GetByRoom(ctx, room)
+		before, err = lq.getByRoom(ctx, room)
 		if err != nil {
 			return err
 		}
@@ -174,12 +230,16 @@ func (lq *LinkQuery) Leave(ctx context.Context, room id.RoomID) (*Link, error) {
 
 // SetRequireEncryption changes a link's encryption policy.
 func (lq *LinkQuery) SetRequireEncryption(ctx context.Context, linkID string, require bool) error {
+	lq.invalidate()
+	defer lq.invalidate()
 	_, err := lq.db.Exec(ctx, `UPDATE link SET require_encryption=$2 WHERE id=$1`, linkID, require)
 	return err
 }
 
 // SetDisappear changes a link's disappearing-message timer (0 = off).
 func (lq *LinkQuery) SetDisappear(ctx context.Context, linkID string, after time.Duration) error {
+	lq.invalidate()
+	defer lq.invalidate()
 	_, err := lq.db.Exec(ctx, `UPDATE link SET disappear_ms=$2 WHERE id=$1`, linkID, after.Milliseconds())
 	return err
 }

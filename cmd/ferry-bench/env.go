@@ -165,7 +165,7 @@ func (e *env) startFerry(ctx context.Context, asToken, hsToken, sharedSecret str
 	mcrypto.PostgresArrayWrapper = pq.Array
 	dbLog := log.With().Str("component", "database").Logger()
 	root, err := dbutil.NewFromConfig("ferry", dbutil.Config{PoolConfig: dbutil.PoolConfig{
-		Type: pgDriverName, URI: e.db.uri, MaxOpenConns: e.st.dbMaxOpen, MaxIdleConns: e.st.dbMaxIdle,
+		Type: pgDriverName, URI: database.TuneURI("postgres", e.db.uri), MaxOpenConns: e.st.dbMaxOpen, MaxIdleConns: e.st.dbMaxIdle,
 	}}, dbutil.ZeroLogger(dbLog))
 	if err != nil {
 		return fmt.Errorf("open database: %w", err)
@@ -191,8 +191,8 @@ func (e *env) startFerry(ctx context.Context, asToken, hsToken, sharedSecret str
 	if err = as.SetHomeserverURL(e.hs.URL); err != nil {
 		return err
 	}
-	// Same transport as production (Go's default), timed.
-	e.http = &timedTransport{base: http.DefaultTransport}
+	// Same transport as production, timed.
+	e.http = &timedTransport{base: bridge.HomeserverTransport()}
 	as.HTTPClient.Transport = e.http
 	e.as = as
 

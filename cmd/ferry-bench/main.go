@@ -92,7 +92,7 @@ func run(args []string) int {
 	fs.IntVar(&st.floorMessages, "floor-messages", 20000, "messages for the crypto floor")
 	fs.IntVar(&st.naiveMsgs, "naive-messages", 500, "messages for the naive path")
 	fs.IntVar(&st.dbMaxOpen, "db-max-open", 20, "ferry's database.max_open_conns (ferry's default: 20)")
-	fs.IntVar(&st.dbMaxIdle, "db-max-idle", 2, "ferry's database.max_idle_conns (ferry's default: 2)")
+	fs.IntVar(&st.dbMaxIdle, "db-max-idle", 20, "ferry's database.max_idle_conns (ferry's default: 20)")
 	fs.StringVar(&st.deviceMode, "device-mode", "per_ghost", "ferry's encryption.device_mode: per_ghost (ferry's default; the fake homeserver gets a registration shared secret) or single_device")
 	fs.StringVar(&phases, "phases", "full,rate,refs", "runs to do, comma-separated: full, rate, refs")
 	fs.StringVar(&st.cpuProfile, "cpuprofile", "", "write a CPU profile of the full-speed run to this file")

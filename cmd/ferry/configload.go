@@ -54,7 +54,7 @@ const (
 	defaultBotDisplayname     = "Ferry bridge bot"
 	defaultDatabaseURI        = "file:ferry.db?_txlock=immediate"
 	defaultMaxOpenConns       = 20
-	defaultMaxIdleConns       = 2
+	defaultMaxIdleConns       = defaultMaxOpenConns // idle connections are kept: reopening one costs a Postgres backend start
 	defaultLogLevel           = "info"
 	defaultLogFormat          = "console"
 )
