@@ -46,6 +46,14 @@ func New(root *dbutil.Database, log dbutil.DatabaseLogger) *Database {
 	}
 }
 
+// DriverFor returns the database/sql driver ferry opens a database.type with (PostgresDriver for postgres).
+func DriverFor(dbType string) string {
+	if dbType == "postgres" {
+		return PostgresDriver
+	}
+	return dbType
+}
+
 // TuneURI adjusts a database URI for ferry's access pattern: on Postgres (lib/pq), binary_parameters=yes sends
 // a parameterised statement in one round trip instead of two (Parse/Describe, then Bind/Execute). A value the
 // URI already sets is kept.

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/lib/pq"
+
+	"go.ferry.im/ferry/database"
 )
 
 // pgDriverName is the database/sql driver the benchmark opens ferry's database with: lib/pq on a connection
@@ -118,7 +120,11 @@ func (s *pgStats) query(text []byte) {
 type pgDriver struct{ stats *pgStats }
 
 func (d pgDriver) Open(dsn string) (driver.Conn, error) {
-	return pq.DialOpen(pgDialer(d), dsn)
+	conn, err := pq.DialOpen(pgDialer(d), dsn)
+	if err != nil {
+		return nil, err
+	}
+	return database.WrapConn(conn), nil
 }
 
 type pgDialer struct{ stats *pgStats }

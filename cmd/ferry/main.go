@@ -161,7 +161,7 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 	mcrypto.PostgresArrayWrapper = pq.Array
 	dbLog := log.With().Str("component", "database").Logger()
 	root, err := dbutil.NewFromConfig("ferry", dbutil.Config{PoolConfig: dbutil.PoolConfig{
-		Type: cfg.Database.Type, URI: database.TuneURI(cfg.Database.Type, cfg.Database.URI), MaxOpenConns: cfg.Database.MaxOpenConns, MaxIdleConns: cfg.Database.MaxIdleConns,
+		Type: database.DriverFor(cfg.Database.Type), URI: database.TuneURI(cfg.Database.Type, cfg.Database.URI), MaxOpenConns: cfg.Database.MaxOpenConns, MaxIdleConns: cfg.Database.MaxIdleConns,
 	}}, dbutil.ZeroLogger(dbLog))
 	if err != nil {
 		log.Error().Err(err).Msg("Failed to open the database")
