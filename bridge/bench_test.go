@@ -187,7 +187,8 @@ func BenchmarkRelayNoCrypto(b *testing.B) {
 		if err != nil || len(rows) != 1 {
 			b.Fatalf("inbox: %d rows, %v", len(rows), err)
 		}
-		if !br.processRow(ctx, rows[0]) {
+		bw := &batchWrites{}
+		if !br.processRow(context.WithValue(ctx, batchKey{}, bw), rows[0], bw) || !br.commitBatch(ctx, bw) {
 			b.Fatal("processRow gave up")
 		}
 	}

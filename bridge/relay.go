@@ -78,10 +78,12 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
 // relayTo sends one copy. A zero-state outcome with err means retry later; state failed means permanent.
 func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID, srcEncrypted bool, disappearAt time.Time) outcome {
 	log := zerolog.Ctx(ctx).With().Stringer("target_room_id", target).Logger()
-	if done, err := b.DB.EventMap.Get(ctx, evt.ID, target); err != nil {
-		return outcome{err: err}
-	} else if done != nil {
-		return outcome{state: database.InboxDone}
+	if !firstAttempt(ctx) {
+		if done, err := b.DB.EventMap.Get(ctx, evt.ID, target); err != nil {
+			return outcome{err: err}
+		} else if done != nil {
+			return outcome{state: database.InboxDone}
+		}
 	}
 	ghost := b.Ghosts.Ghost(evt.Sender)
 	intent := b.AS.Intent(ghost)
@@ -121,7 +123,7 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 		b.hot.forgetGhosts() // the ghost may have been removed meanwhile: check its membership again next time
 		return classify(err)
 	}
-	err = b.DB.EventMap.Put(ctx, &database.Copy{
+	err = b.recordCopy(ctx, &database.Copy{
 		SourceEvent: evt.ID, SourceRoom: evt.RoomID, TargetRoom: target, TargetEvent: resp,
 		Sender: ghost, CreatedAt: time.Now(), DisappearAt: disappearAt,
 	})
@@ -153,7 +155,7 @@ func (b *Bridge) relayRedaction(ctx context.Context, evt *event.Event, target id
 	if err != nil {
 		return classify(err)
 	}
-	err = b.DB.EventMap.Put(ctx, &database.Copy{SourceEvent: evt.ID, SourceRoom: evt.RoomID, TargetRoom: target, TargetEvent: resp.EventID, Sender: sender, CreatedAt: time.Now()})
+	err = b.recordCopy(ctx, &database.Copy{SourceEvent: evt.ID, SourceRoom: evt.RoomID, TargetRoom: target, TargetEvent: resp.EventID, Sender: sender, CreatedAt: time.Now()})
 	if err != nil {
 		return outcome{err: err}
 	}

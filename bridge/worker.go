@@ -7,6 +7,7 @@ import (
 	"runtime/debug"
 	"time"
 
+	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database"
@@ -73,43 +74,165 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 			if len(rows) == 0 {
 				break
 			}
+			bw := &batchWrites{}
+			bctx := context.WithValue(ctx, batchKey{}, bw)
 			for _, row := range rows {
-				if !b.processRow(ctx, row) {
+				if !b.processRow(bctx, row, bw) {
 					break
 				}
+			}
+			if !b.commitBatch(ctx, bw) {
+				return
 			}
 		}
 	}
 }
 
-// processRow handles one inbox row until it is done, parked or failed. It keeps retrying transient errors
-// (holding the room's order). It returns false when the context ended.
-func (b *Bridge) processRow(ctx context.Context, row *database.InboxEvent) bool {
+// batchWrites collects what a worker records about one batch of inbox rows: the copies it sent and the rows
+// it finished. commitBatch writes them in one transaction (one commit per batch instead of two per message).
+// Until then the rows stay pending: after a crash they are handled again, find no copy recorded, and send it
+// again with the same transaction ID, which the homeserver answers with the first copy.
+type batchWrites struct {
+	// first: the row being handled was never tried before (attempts 0, first try in this process). Its copies
+	// can only have been recorded together with its inbox state, so the relay skips the "already relayed?"
+	// lookup; a copy sent before a crash is sent again with the same transaction ID and deduplicated by the
+	// homeserver.
+	first  bool
+	copies []*database.Copy
+	done   []*database.InboxEvent
+	failed []failedRow
+}
+
+type failedRow struct {
+	row *database.InboxEvent
+	msg string
+}
+
+type batchKey struct{}
+
+// firstAttempt tells whether the worker handles its row for the first time (see batchWrites.first).
+func firstAttempt(ctx context.Context) bool {
+	bw, ok := ctx.Value(batchKey{}).(*batchWrites)
+	return ok && bw.first
+}
+
+// recordCopy records a copy: staged with the worker's batch when there is one, written at once otherwise.
+func (b *Bridge) recordCopy(ctx context.Context, c *database.Copy) error {
+	if bw, ok := ctx.Value(batchKey{}).(*batchWrites); ok {
+		b.DB.EventMap.Stage(c)
+		bw.copies = append(bw.copies, c)
+		return nil
+	}
+	return b.DB.EventMap.Put(ctx, c)
+}
+
+// ReplayIndexFlusher is implemented by E2EE layers that keep Megolm replay protection in memory: the relay
+// flushes it before it records the decrypted events as done.
+type ReplayIndexFlusher interface {
+	FlushReplayIndex(ctx context.Context) error
+}
+
+// commitBatch writes a batch's copies and inbox states, retrying until it succeeds. It returns false when the
+// context ended first (the rows stay pending and are handled again after a restart).
+func (b *Bridge) commitBatch(ctx context.Context, bw *batchWrites) bool {
+	if len(bw.copies) == 0 && len(bw.done) == 0 && len(bw.failed) == 0 {
+		return true
+	}
+	defer b.DB.EventMap.Unstage(bw.copies)
+	for {
+		err := b.writeBatch(ctx, bw)
+		if err == nil {
+			break
+		}
+		zerolog.Ctx(ctx).Err(err).Msg("Failed to record event outcomes, retrying")
+		if !sleep(ctx, time.Second) {
+			return false
+		}
+	}
+	for _, row := range bw.done {
+		if row.Type == "m.room.encrypted" && row.Attempts > 0 {
+			// A "could not decrypt" notice posted while the event was parked is redacted now that it relayed.
+			// Only parked events (Park counts an attempt) can have one.
+			b.keyArrived(ctx, row.EventID)
+		}
+	}
+	*bw = batchWrites{}
+	return true
+}
+
+func (b *Bridge) writeBatch(ctx context.Context, bw *batchWrites) error {
+	if f, ok := b.Crypto.(ReplayIndexFlusher); ok {
+		if err := f.FlushReplayIndex(ctx); err != nil {
+			return err
+		}
+	}
+	return b.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if err := b.DB.EventMap.PutMany(ctx, bw.copies); err != nil {
+			return err
+		}
+		seqs := make([]int64, len(bw.done))
+		for i, row := range bw.done {
+			seqs[i] = row.Seq
+		}
+		if err := b.DB.Inbox.FinishMany(ctx, seqs, database.InboxDone); err != nil {
+			return err
+		}
+		for _, f := range bw.failed {
+			if err := b.DB.Inbox.Finish(ctx, f.row.Seq, database.InboxFailed, f.msg); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// processRow handles one inbox row until it is done, parked or failed; done and failed rows join the batch. It
+// keeps retrying transient errors (holding the room's order, after writing what the batch has so far). It
+// returns false when the context ended.
+func (b *Bridge) processRow(ctx context.Context, row *database.InboxEvent, bw *batchWrites) bool {
 	log := b.Log.With().Str("component", "worker").Stringer("room_id", row.RoomID).Stringer("event_id", row.EventID).Logger()
 	ctx = log.WithContext(ctx)
 	backoff := time.Second
 	for attempt := 1; ; attempt++ {
-		if wait := time.Until(row.NotBefore); wait > 0 && !sleep(ctx, wait) {
-			return false
+		if wait := time.Until(row.NotBefore); wait > 0 {
+			if !b.commitBatch(ctx, bw) || !sleep(ctx, wait) {
+				return false
+			}
 		}
+		bw.first = row.Attempts == 0 && attempt == 1
 		start := time.Now()
 		res := b.safeHandle(ctx, row)
+		bw.first = false
 		if took := time.Since(start); took > slowEventWarning {
 			log.Warn().Dur("took", took).Msg("Handling an event took unusually long")
 		}
 		if ctx.Err() != nil {
 			return false
 		}
-		var err error
 		switch res.state {
-		case database.InboxDone, database.InboxFailed:
+		case database.InboxDone:
+			bw.done = append(bw.done, row)
+			return true
+		case database.InboxFailed:
 			msg := ""
 			if res.err != nil {
 				msg = res.err.Error()
 			}
-			err = b.DB.Inbox.Finish(ctx, row.Seq, res.state, msg)
+			bw.failed = append(bw.failed, failedRow{row: row, msg: msg})
+			return true
 		case database.InboxWaitingKeys:
-			err = b.DB.Inbox.Park(ctx, row.Seq, res.sessionID)
+			// Rows parked after it must not overtake what the batch already relayed.
+			if !b.commitBatch(ctx, bw) {
+				return false
+			}
+			if err := b.DB.Inbox.Park(ctx, row.Seq, res.sessionID); err != nil {
+				log.Err(err).Msg("Failed to record event outcome, retrying")
+				if !sleep(ctx, time.Second) {
+					return false
+				}
+				continue
+			}
+			return true
 		default:
 			retry := res.retryIn
 			if retry <= 0 {
@@ -119,24 +242,11 @@ func (b *Bridge) processRow(ctx context.Context, row *database.InboxEvent) bool 
 			log.Warn().Err(res.err).Int("attempt", attempt).Dur("retry_in", retry).Msg("Relaying failed, will retry")
 			b.stats.recordError(row.RoomID)
 			row.NotBefore = time.Now().Add(retry)
-			if err = b.DB.Inbox.Retry(ctx, row.Seq, row.NotBefore, res.err.Error()); err != nil {
+			if err := b.DB.Inbox.Retry(ctx, row.Seq, row.NotBefore, res.err.Error()); err != nil {
 				log.Err(err).Msg("Failed to record retry")
 			}
 			continue
 		}
-		if err == nil && res.state == database.InboxDone && row.Type == "m.room.encrypted" && row.Attempts > 0 {
-			// A "could not decrypt" notice posted while the event was parked is redacted now that it relayed.
-			// Only parked events (Park counts an attempt) can have one.
-			b.keyArrived(ctx, row.EventID)
-		}
-		if err != nil {
-			log.Err(err).Msg("Failed to record event outcome, retrying")
-			if !sleep(ctx, time.Second) {
-				return false
-			}
-			continue
-		}
-		return true
 	}
 }
 

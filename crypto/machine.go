@@ -79,6 +79,8 @@ type Machine struct {
 	botSigned bool
 
 	ghostCreate *exsync.KeyedMutex[id.UserID]
+	// cache is shared by the crypto stores of all of ferry's devices (see storeCache).
+	cache *storeCache
 	// guards the following fields
 	ghostsLock sync.Mutex
 	ghosts     map[id.UserID]*ghostState
@@ -105,6 +107,7 @@ func NewMachine(log zerolog.Logger, cfg Config, db *dbutil.Database, ss *sqlstat
 		log: log, cfg: cfg, db: db, stateStore: ss, client: client, isOwn: isOwn,
 		dbLog:       dbutil.ZeroLogger(log.With().Str("db_section", "crypto").Logger()),
 		ghostCreate: exsync.NewKeyedMutex[id.UserID](),
+		cache:       newStoreCache(),
 		ghosts:      make(map[id.UserID]*ghostState),
 		drained:     make(map[id.UserID]time.Time),
 		lastSent:    make(map[id.UserID]time.Time),
@@ -140,6 +143,9 @@ func (m *Machine) Init(ctx context.Context) error {
 	}
 	if m.receiveLevel, err = parseTrustLevel(m.cfg.ReceiveMinTrust); err != nil {
 		return fmt.Errorf("encryption.receive_min_trust: %w", err)
+	}
+	if err = m.checkCleanStop(ctx); err != nil {
+		return err
 	}
 	if err = m.initBot(ctx); err != nil {
 		return err
@@ -218,7 +224,7 @@ func (m *Machine) initBot(ctx context.Context) error {
 // newOlmMachine creates the OlmMachine of one of ferry's devices with ferry's settings.
 func (m *Machine) newOlmMachine(cli *mautrix.Client, store *crypto.SQLCryptoStore) *crypto.OlmMachine {
 	log := m.log.With().Stringer("device_user_id", cli.UserID).Logger()
-	mach := crypto.NewOlmMachine(cli, &log, store, m.stateStore)
+	mach := crypto.NewOlmMachine(cli, &log, &cachedStore{SQLCryptoStore: store, c: m.cache}, m.stateStore)
 	// ferry rotates every device's sessions itself when a member's devices change (rotateForDeviceChanges).
 	mach.DisableDeviceChangeKeyRotation = true
 	// ferry does not ratchet inbound sessions forward on decrypt, so the per-message ratchet bookkeeping (a
@@ -274,6 +280,7 @@ func (m *Machine) reset(ctx context.Context) error {
 			return fmt.Errorf("failed to forget the vanished device: %w", err)
 		}
 	}
+	m.cache.outboundChanged(botAccountID, "")
 	m.client.DeviceID = ""
 	m.client.AccessToken = ""
 	return m.initBot(ctx)
@@ -306,7 +313,8 @@ func (m *Machine) Start(ctx context.Context) {
 	}
 }
 
-// Stop ends the sync loops.
+// Stop ends the sync loops and writes the state held in memory (outbound sessions, replay index), marking the
+// stop as clean so that the next start keeps the outbound sessions. Call it after the relay stopped.
 func (m *Machine) Stop() {
 	m.lock.Lock()
 	defer m.lock.Unlock()
@@ -314,6 +322,50 @@ func (m *Machine) Stop() {
 		m.syncCancel()
 	}
 	m.client.StopSync()
+	if m.bot == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := m.cache.flushReplayIndex(ctx, m.bot.store); err != nil {
+		m.log.Err(err).Msg("Failed to write the replay index at shutdown")
+	}
+	if err := m.cache.flushOutbound(ctx); err != nil {
+		m.log.Err(err).Msg("Failed to write outbound sessions at shutdown; they will be rotated at the next start")
+		return
+	}
+	if err := m.bot.store.PutSecret(ctx, outboundCleanSecret, "yes"); err != nil {
+		m.log.Err(err).Msg("Failed to record the clean stop; outbound sessions will be rotated at the next start")
+	}
+}
+
+// outboundCleanSecret is "yes" in the bot's crypto store while ferry is stopped after writing every outbound
+// session (Stop), and "no" while it runs.
+const outboundCleanSecret id.Secret = "ferry_outbound_sessions_written"
+
+// checkCleanStop rotates every outbound Megolm session (of every ferry device) unless the previous run stopped
+// cleanly: their stored ratchet state may lag behind messages already sent (see storeCache), and reusing it would
+// repeat message indices. Then it marks the store as in use.
+func (m *Machine) checkCleanStop(ctx context.Context) error {
+	store := m.storeFor(m.client.UserID)
+	clean, err := store.GetSecret(ctx, outboundCleanSecret)
+	if err != nil {
+		return fmt.Errorf("failed to read the clean-stop marker: %w", err)
+	}
+	if clean != "yes" {
+		res, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session`)
+		if err != nil {
+			return fmt.Errorf("failed to rotate outbound sessions after an unclean stop: %w", err)
+		}
+		if n, _ := res.RowsAffected(); n > 0 {
+			m.log.Warn().Int64("sessions", n).Msg("The previous run did not stop cleanly: rotated every outbound Megolm session")
+		}
+	}
+	m.cache.outboundChanged("", "")
+	if err = store.PutSecret(ctx, outboundCleanSecret, "no"); err != nil {
+		return fmt.Errorf("failed to write the clean-stop marker: %w", err)
+	}
+	return nil
 }
 
 // SetIsOwn tells the machine which users are ferry's own (bot and ghosts); they never receive ferry's keys.
@@ -356,11 +408,17 @@ func (m *Machine) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, 
 }
 
 func (m *Machine) hasIdentity(ctx context.Context, userID id.UserID) (bool, error) {
-	keys, err := m.bot.store.GetCrossSigningKeys(ctx, userID)
+	keys, err := m.bot.mach.CryptoStore.GetCrossSigningKeys(ctx, userID)
 	if err != nil {
 		return false, fmt.Errorf("failed to read the cross-signing keys of %s: %w", userID, err)
 	}
 	return keys[id.XSUsageMaster].Key != "", nil
+}
+
+// FlushReplayIndex writes the replay protection entries of the events decrypted since the last flush. The relay
+// calls it before it records those events as done, so a restart never forgets an index it relayed.
+func (m *Machine) FlushReplayIndex(ctx context.Context) error {
+	return m.cache.flushReplayIndex(ctx, m.bot.store)
 }
 
 // WaitForKey waits up to timeout for the session of an encrypted event.
@@ -498,6 +556,7 @@ func (m *Machine) HandleMemberEvent(ctx context.Context, evt *event.Event) {
 // from each starts a new one.
 func (m *Machine) Rotate(ctx context.Context, roomID id.RoomID) error {
 	_, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1`, roomID)
+	m.cache.outboundChanged("", roomID)
 	return err
 }
 

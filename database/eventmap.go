@@ -4,6 +4,8 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"strings"
+	"sync"
 	"time"
 
 	"go.mau.fi/util/dbutil"
@@ -21,9 +23,97 @@ type Copy struct {
 	DisappearAt time.Time // zero when the copy does not disappear
 }
 
-// EventMapQuery reads and writes the event map.
+// EventMapQuery reads and writes the event map. Room workers stage the copies they send (Stage) and write them
+// with their batch's inbox states in one transaction (PutMany, then Unstage); staged copies are visible to Get,
+// ByTarget and Counterpart meanwhile, so a reply or redaction later in the same batch finds its target.
 type EventMapQuery struct {
 	db *dbutil.Database
+
+	stagedLock sync.RWMutex
+	bySource   map[copyKey]*Copy
+	byTarget   map[id.EventID]*Copy
+}
+
+type copyKey struct {
+	source id.EventID
+	target id.RoomID
+}
+
+// Stage makes a copy visible to lookups until Unstage; the caller writes it with PutMany.
+func (eq *EventMapQuery) Stage(c *Copy) {
+	eq.stagedLock.Lock()
+	defer eq.stagedLock.Unlock()
+	if eq.bySource == nil {
+		eq.bySource = make(map[copyKey]*Copy)
+		eq.byTarget = make(map[id.EventID]*Copy)
+	}
+	k := copyKey{c.SourceEvent, c.TargetRoom}
+	if _, ok := eq.bySource[k]; ok {
+		return
+	}
+	eq.bySource[k] = c
+	eq.byTarget[c.TargetEvent] = c
+}
+
+// Unstage forgets staged copies (once written, or when the batch is abandoned).
+func (eq *EventMapQuery) Unstage(cs []*Copy) {
+	eq.stagedLock.Lock()
+	defer eq.stagedLock.Unlock()
+	for _, c := range cs {
+		k := copyKey{c.SourceEvent, c.TargetRoom}
+		if eq.bySource[k] == c {
+			delete(eq.bySource, k)
+			delete(eq.byTarget, c.TargetEvent)
+		}
+	}
+}
+
+func (eq *EventMapQuery) staged(source id.EventID, target id.RoomID) *Copy {
+	eq.stagedLock.RLock()
+	defer eq.stagedLock.RUnlock()
+	if c := eq.bySource[copyKey{source, target}]; c != nil {
+		cp := *c
+		return &cp
+	}
+	return nil
+}
+
+func (eq *EventMapQuery) stagedByTarget(target id.EventID) *Copy {
+	eq.stagedLock.RLock()
+	defer eq.stagedLock.RUnlock()
+	if c := eq.byTarget[target]; c != nil {
+		cp := *c
+		return &cp
+	}
+	return nil
+}
+
+// PutMany records copies in one statement per 500. Recording the same (source, target room) twice keeps the
+// first.
+func (eq *EventMapQuery) PutMany(ctx context.Context, cs []*Copy) error {
+	const perRow, chunk = 7, 500
+	for start := 0; start < len(cs); start += chunk {
+		part := cs[start:min(start+chunk, len(cs))]
+		var sb strings.Builder
+		sb.WriteString(`INSERT INTO event_map (` + copyColumns + `) VALUES `)
+		args := make([]any, 0, len(part)*perRow)
+		for i, c := range part {
+			if i > 0 {
+				sb.WriteByte(',')
+			}
+			sb.WriteString(placeholders(i*perRow, perRow))
+			var disappear int64
+			if !c.DisappearAt.IsZero() {
+				disappear = c.DisappearAt.UnixMilli()
+			}
+			args = append(args, c.SourceEvent, c.SourceRoom, c.TargetRoom, c.TargetEvent, c.Sender, c.CreatedAt.UnixMilli(), disappear)
+		}
+		sb.WriteString(` ON CONFLICT (source_event, target_room) DO NOTHING`)
+		if _, err := eq.db.Exec(ctx, sb.String(), args...); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 const copyColumns = `source_event, source_room, target_room, target_event, sender, created_at, disappear_at`
@@ -42,11 +132,17 @@ func (eq *EventMapQuery) Put(ctx context.Context, c *Copy) error {
 
 // Get returns the copy of an original in a target room, or nil.
 func (eq *EventMapQuery) Get(ctx context.Context, source id.EventID, targetRoom id.RoomID) (*Copy, error) {
+	if c := eq.staged(source, targetRoom); c != nil {
+		return c, nil
+	}
 	return scanCopyRow(eq.db.QueryRow(ctx, `SELECT `+copyColumns+` FROM event_map WHERE source_event=$1 AND target_room=$2`, source, targetRoom))
 }
 
 // ByTarget returns the map row whose copy is the given event, or nil when the event is not a copy.
 func (eq *EventMapQuery) ByTarget(ctx context.Context, target id.EventID) (*Copy, error) {
+	if c := eq.stagedByTarget(target); c != nil {
+		return c, nil
+	}
 	return scanCopyRow(eq.db.QueryRow(ctx, `SELECT `+copyColumns+` FROM event_map WHERE target_event=$1`, target))
 }
 

@@ -125,6 +125,28 @@ func (iq *InboxQuery) Finish(ctx context.Context, seq int64, state InboxState, l
 	return err
 }
 
+// FinishMany marks events handled without error (done) and drops their payloads, in one statement.
+func (iq *InboxQuery) FinishMany(ctx context.Context, seqs []int64, state InboxState) error {
+	if len(seqs) == 0 {
+		return nil
+	}
+	const chunk = 500
+	for start := 0; start < len(seqs); start += chunk {
+		part := seqs[start:min(start+chunk, len(seqs))]
+		args := make([]any, 0, len(part)+1)
+		args = append(args, state)
+		for _, s := range part {
+			args = append(args, s)
+		}
+		// placeholders renders ($2,…,$n+1): an IN list works on Postgres and SQLite alike.
+		q := `UPDATE inbox SET state=$1, raw=NULL, last_error=NULL WHERE seq IN ` + placeholders(1, len(part))
+		if _, err := iq.db.Exec(ctx, q, args...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // Park marks an event as waiting for its room key.
 func (iq *InboxQuery) Park(ctx context.Context, seq int64, sessionID id.SessionID) error {
 	_, err := iq.db.Exec(ctx, `UPDATE inbox SET state=$2, session_id=$3, attempts=attempts+1 WHERE seq=$1`, seq, InboxWaitingKeys, sessionID)

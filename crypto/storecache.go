@@ -1,0 +1,515 @@
+package crypto
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/crypto/goolm/session"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+// storeCache keeps in memory what the decrypt path of every message would otherwise read from the crypto store
+// although it rarely changes: cross-signing keys and signatures (trust resolution), the device that owns a
+// session's sender key, and inbound Megolm sessions. It also holds the replay index (Megolm message index →
+// event) in memory and writes new entries in batches (FlushReplayIndex), which the relay calls before it records
+// the events as done.
+//
+// Every OlmMachine ferry creates uses the crypto store through cachedStore, so every write that can change a
+// cached answer (devices, cross-signing keys, signatures, inbound sessions) passes through it and drops the
+// entries it affects. Devices and cross-signing data are shared by all of ferry's accounts in the store;
+// inbound sessions are per account.
+type storeCache struct {
+	lock sync.Mutex
+	// gen counts device and cross-signing writes: a read that overlapped one does not fill the cache.
+	gen      uint64
+	xsKeys   map[id.UserID]map[id.CrossSigningUsage]id.CrossSigningKey
+	signedBy map[signatureKey]bool
+	devByKey map[deviceKey]*id.Device
+	// inbound sessions by account; sessionGen counts inbound-session writes, like gen.
+	sessionGen uint64
+	inbound    map[inboundKey]*crypto.InboundGroupSession
+
+	indexLock sync.Mutex
+	index     map[id.SessionID]*replayState
+	pending   []replayEntry
+
+	outboundLock sync.Mutex
+	outboundGen  uint64
+	outbound     map[outboundKey]*outboundEntry
+}
+
+type signatureKey struct {
+	user   id.UserID
+	key    id.Ed25519
+	signer id.UserID
+	sKey   id.Ed25519
+}
+
+type deviceKey struct {
+	user id.UserID
+	key  id.IdentityKey
+}
+
+type inboundKey struct {
+	account string
+	room    id.RoomID
+	session id.SessionID
+}
+
+type replayState struct {
+	seen      map[uint]replaySeen
+	unflushed int
+}
+
+type replaySeen struct {
+	eventID   id.EventID
+	timestamp int64
+}
+
+type replayEntry struct {
+	session   id.SessionID
+	index     uint
+	eventID   id.EventID
+	timestamp int64
+}
+
+// maxReplaySessions bounds the sessions whose replay index stays in memory; fully written ones are dropped
+// beyond it (and read again from the store when they come back).
+const maxReplaySessions = 4096
+
+func newStoreCache() *storeCache {
+	return &storeCache{index: make(map[id.SessionID]*replayState)}
+}
+
+// trustChanged drops every device and cross-signing entry.
+func (c *storeCache) trustChanged() {
+	c.lock.Lock()
+	c.gen++
+	c.xsKeys, c.signedBy, c.devByKey = nil, nil, nil
+	c.lock.Unlock()
+}
+
+// sessionsChanged drops inbound sessions: one (room and session given) or all.
+func (c *storeCache) sessionsChanged(k *inboundKey) {
+	c.lock.Lock()
+	c.sessionGen++
+	if k == nil {
+		c.inbound = nil
+	} else {
+		delete(c.inbound, *k)
+	}
+	c.lock.Unlock()
+}
+
+// cachedStore is one account's crypto store as its OlmMachine sees it.
+type cachedStore struct {
+	*crypto.SQLCryptoStore
+	c *storeCache
+}
+
+var _ crypto.Store = (*cachedStore)(nil)
+
+func (s *cachedStore) GetCrossSigningKeys(ctx context.Context, userID id.UserID) (map[id.CrossSigningUsage]id.CrossSigningKey, error) {
+	s.c.lock.Lock()
+	keys, ok := s.c.xsKeys[userID]
+	gen := s.c.gen
+	s.c.lock.Unlock()
+	if ok {
+		return copyKeys(keys), nil
+	}
+	keys, err := s.SQLCryptoStore.GetCrossSigningKeys(ctx, userID)
+	if err != nil {
+		return nil, err
+	}
+	s.c.lock.Lock()
+	if s.c.gen == gen {
+		if s.c.xsKeys == nil {
+			s.c.xsKeys = make(map[id.UserID]map[id.CrossSigningUsage]id.CrossSigningKey)
+		}
+		s.c.xsKeys[userID] = copyKeys(keys)
+	}
+	s.c.lock.Unlock()
+	return keys, nil
+}
+
+func copyKeys(in map[id.CrossSigningUsage]id.CrossSigningKey) map[id.CrossSigningUsage]id.CrossSigningKey {
+	out := make(map[id.CrossSigningUsage]id.CrossSigningKey, len(in))
+	for k, v := range in {
+		out[k] = v
+	}
+	return out
+}
+
+func (s *cachedStore) IsKeySignedBy(ctx context.Context, userID id.UserID, key id.Ed25519, signedByUser id.UserID, signedByKey id.Ed25519) (bool, error) {
+	k := signatureKey{userID, key, signedByUser, signedByKey}
+	s.c.lock.Lock()
+	signed, ok := s.c.signedBy[k]
+	gen := s.c.gen
+	s.c.lock.Unlock()
+	if ok {
+		return signed, nil
+	}
+	signed, err := s.SQLCryptoStore.IsKeySignedBy(ctx, userID, key, signedByUser, signedByKey)
+	if err != nil {
+		return false, err
+	}
+	s.c.lock.Lock()
+	if s.c.gen == gen {
+		if s.c.signedBy == nil {
+			s.c.signedBy = make(map[signatureKey]bool)
+		}
+		s.c.signedBy[k] = signed
+	}
+	s.c.lock.Unlock()
+	return signed, nil
+}
+
+func (s *cachedStore) FindDeviceByKey(ctx context.Context, userID id.UserID, identityKey id.IdentityKey) (*id.Device, error) {
+	k := deviceKey{userID, identityKey}
+	s.c.lock.Lock()
+	dev, ok := s.c.devByKey[k]
+	gen := s.c.gen
+	s.c.lock.Unlock()
+	if ok {
+		cp := *dev
+		return &cp, nil
+	}
+	dev, err := s.SQLCryptoStore.FindDeviceByKey(ctx, userID, identityKey)
+	if err != nil || dev == nil {
+		return dev, err
+	}
+	s.c.lock.Lock()
+	if s.c.gen == gen {
+		if s.c.devByKey == nil {
+			s.c.devByKey = make(map[deviceKey]*id.Device)
+		}
+		cp := *dev
+		s.c.devByKey[k] = &cp
+	}
+	s.c.lock.Unlock()
+	return dev, nil
+}
+
+func (s *cachedStore) PutDevice(ctx context.Context, userID id.UserID, device *id.Device) error {
+	defer s.c.trustChanged()
+	return s.SQLCryptoStore.PutDevice(ctx, userID, device)
+}
+
+func (s *cachedStore) PutDevices(ctx context.Context, userID id.UserID, devices map[id.DeviceID]*id.Device) error {
+	defer s.c.trustChanged()
+	return s.SQLCryptoStore.PutDevices(ctx, userID, devices)
+}
+
+func (s *cachedStore) PutCrossSigningKey(ctx context.Context, userID id.UserID, usage id.CrossSigningUsage, key id.Ed25519) error {
+	defer s.c.trustChanged()
+	return s.SQLCryptoStore.PutCrossSigningKey(ctx, userID, usage, key)
+}
+
+func (s *cachedStore) ResetMasterKeyTOFU(ctx context.Context, userID id.UserID, key id.Ed25519) error {
+	defer s.c.trustChanged()
+	return s.SQLCryptoStore.ResetMasterKeyTOFU(ctx, userID, key)
+}
+
+func (s *cachedStore) PutSignature(ctx context.Context, signedUser id.UserID, signedKey id.Ed25519, signerUser id.UserID, signerKey id.Ed25519, signature string) error {
+	defer s.c.trustChanged()
+	return s.SQLCryptoStore.PutSignature(ctx, signedUser, signedKey, signerUser, signerKey, signature)
+}
+
+func (s *cachedStore) DropSignaturesByKey(ctx context.Context, userID id.UserID, key id.Ed25519) (int64, error) {
+	defer s.c.trustChanged()
+	return s.SQLCryptoStore.DropSignaturesByKey(ctx, userID, key)
+}
+
+// GetGroupSession returns a copy of the cached session (decrypting advances the copy's ratchet, and other users
+// of the session, such as key requests, must not see that happen concurrently).
+func (s *cachedStore) GetGroupSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (*crypto.InboundGroupSession, error) {
+	k := inboundKey{s.AccountID, roomID, sessionID}
+	s.c.lock.Lock()
+	sess, ok := s.c.inbound[k]
+	gen := s.c.sessionGen
+	s.c.lock.Unlock()
+	if ok {
+		return copyInbound(sess), nil
+	}
+	sess, err := s.SQLCryptoStore.GetGroupSession(ctx, roomID, sessionID)
+	if err != nil || sess == nil {
+		return sess, err
+	}
+	if cp := copyInbound(sess); cp != nil {
+		s.c.lock.Lock()
+		if s.c.sessionGen == gen {
+			if s.c.inbound == nil {
+				s.c.inbound = make(map[inboundKey]*crypto.InboundGroupSession)
+			}
+			s.c.inbound[k] = cp
+		}
+		s.c.lock.Unlock()
+	}
+	return sess, nil
+}
+
+// copyInbound copies a session whose Megolm state is goolm's (plain values); other implementations are not
+// cached (nil).
+func copyInbound(sess *crypto.InboundGroupSession) *crypto.InboundGroupSession {
+	internal, ok := sess.Internal.(*session.MegolmInboundSession)
+	if !ok || internal == nil {
+		return nil
+	}
+	cp := *sess
+	in := *internal
+	cp.Internal = &in
+	return &cp
+}
+
+func (s *cachedStore) PutGroupSession(ctx context.Context, sess *crypto.InboundGroupSession) error {
+	defer s.c.sessionsChanged(&inboundKey{s.AccountID, sess.RoomID, sess.ID()})
+	return s.SQLCryptoStore.PutGroupSession(ctx, sess)
+}
+
+func (s *cachedStore) RedactGroupSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, reason string) error {
+	defer s.c.sessionsChanged(&inboundKey{s.AccountID, roomID, sessionID})
+	return s.SQLCryptoStore.RedactGroupSession(ctx, roomID, sessionID, reason)
+}
+
+func (s *cachedStore) RedactGroupSessions(ctx context.Context, roomID id.RoomID, senderKey id.SenderKey, reason string) ([]id.SessionID, error) {
+	defer s.c.sessionsChanged(nil)
+	return s.SQLCryptoStore.RedactGroupSessions(ctx, roomID, senderKey, reason)
+}
+
+func (s *cachedStore) RedactExpiredGroupSessions(ctx context.Context) ([]id.SessionID, error) {
+	defer s.c.sessionsChanged(nil)
+	return s.SQLCryptoStore.RedactExpiredGroupSessions(ctx)
+}
+
+func (s *cachedStore) RedactOutdatedGroupSessions(ctx context.Context) ([]id.SessionID, error) {
+	defer s.c.sessionsChanged(nil)
+	return s.SQLCryptoStore.RedactOutdatedGroupSessions(ctx)
+}
+
+func (s *cachedStore) PutWithheldGroupSession(ctx context.Context, content event.RoomKeyWithheldEventContent) error {
+	defer s.c.sessionsChanged(&inboundKey{s.AccountID, content.RoomID, content.SessionID})
+	return s.SQLCryptoStore.PutWithheldGroupSession(ctx, content)
+}
+
+// ValidateMessageIndex is replay protection: a Megolm message index of a session may belong to one event only.
+// The first use of a session in this process reads its known indices from the store; from then on the index is
+// decided in memory and new entries wait for FlushReplayIndex.
+func (s *cachedStore) ValidateMessageIndex(ctx context.Context, sessionID id.SessionID, eventID id.EventID, index uint, timestamp int64) (bool, error) {
+	c := s.c
+	c.indexLock.Lock()
+	if c.index[sessionID] == nil {
+		c.indexLock.Unlock()
+		loaded, err := s.loadReplayIndex(ctx, sessionID)
+		if err != nil {
+			return false, err
+		}
+		c.indexLock.Lock()
+		if c.index[sessionID] == nil {
+			c.index[sessionID] = loaded
+		}
+	}
+	defer c.indexLock.Unlock()
+	st := c.index[sessionID]
+	seen, ok := st.seen[index]
+	if eventID == "" && timestamp == 0 {
+		// No event to compare with (mautrix checks undecryptable copies this way): any known use is a replay.
+		return !ok, nil
+	}
+	if ok {
+		return seen.eventID == eventID && seen.timestamp == timestamp, nil
+	}
+	st.seen[index] = replaySeen{eventID: eventID, timestamp: timestamp}
+	st.unflushed++
+	c.pending = append(c.pending, replayEntry{session: sessionID, index: index, eventID: eventID, timestamp: timestamp})
+	return true, nil
+}
+
+func (s *cachedStore) loadReplayIndex(ctx context.Context, sessionID id.SessionID) (*replayState, error) {
+	rows, err := s.DB.Query(ctx, `SELECT "index", event_id, timestamp FROM crypto_message_index WHERE session_id=$1`, sessionID)
+	if err != nil {
+		return nil, fmt.Errorf("failed to read the replay index: %w", err)
+	}
+	defer rows.Close()
+	st := &replayState{seen: make(map[uint]replaySeen)}
+	for rows.Next() {
+		var idx int64
+		var seen replaySeen
+		if err = rows.Scan(&idx, &seen.eventID, &seen.timestamp); err != nil {
+			return nil, err
+		}
+		st.seen[uint(idx)] = seen
+	}
+	return st, rows.Err()
+}
+
+// flushReplayIndex writes the replay index entries decided since the last flush, in multi-row statements.
+func (c *storeCache) flushReplayIndex(ctx context.Context, s *crypto.SQLCryptoStore) error {
+	c.indexLock.Lock()
+	batch := c.pending
+	c.pending = nil
+	c.indexLock.Unlock()
+	if len(batch) == 0 {
+		return nil
+	}
+	const chunk = 500
+	for start := 0; start < len(batch); start += chunk {
+		part := batch[start:min(start+chunk, len(batch))]
+		var sb strings.Builder
+		sb.WriteString(`INSERT INTO crypto_message_index (session_id, "index", event_id, timestamp) VALUES `)
+		args := make([]any, 0, len(part)*4)
+		for i, e := range part {
+			if i > 0 {
+				sb.WriteByte(',')
+			}
+			fmt.Fprintf(&sb, "($%d,$%d,$%d,$%d)", i*4+1, i*4+2, i*4+3, i*4+4)
+			args = append(args, e.session, e.index, e.eventID, e.timestamp)
+		}
+		sb.WriteString(` ON CONFLICT (session_id, "index") DO NOTHING`)
+		if _, err := s.DB.Exec(ctx, sb.String(), args...); err != nil {
+			// Keep what was not written for the next flush.
+			c.indexLock.Lock()
+			c.pending = append(append([]replayEntry(nil), batch[start:]...), c.pending...)
+			c.indexLock.Unlock()
+			return fmt.Errorf("failed to write the replay index: %w", err)
+		}
+	}
+	c.indexLock.Lock()
+	for _, e := range batch {
+		if st := c.index[e.session]; st != nil {
+			st.unflushed--
+		}
+	}
+	if len(c.index) > maxReplaySessions {
+		for sid, st := range c.index {
+			if st.unflushed <= 0 {
+				delete(c.index, sid)
+			}
+			if len(c.index) <= maxReplaySessions/2 {
+				break
+			}
+		}
+	}
+	c.indexLock.Unlock()
+	return nil
+}
+
+// Outbound Megolm sessions stay in memory once shared: encrypting a message advances the session's ratchet, and
+// writing the ratchet back after every message was a statement and a commit per message. The written state may
+// therefore lag behind what was sent, so a session whose state was not written at a clean stop must never be
+// used again (its next message index would repeat one already sent): Machine.Init rotates every outbound session
+// unless the previous run ended with Machine.Stop writing them all (outboundCleanSecret).
+
+type outboundKey struct {
+	account string
+	room    id.RoomID
+}
+
+type outboundEntry struct {
+	sess  *crypto.OutboundGroupSession
+	store *crypto.SQLCryptoStore
+	dirty bool
+}
+
+func (s *cachedStore) GetOutboundGroupSession(ctx context.Context, roomID id.RoomID) (*crypto.OutboundGroupSession, error) {
+	k := outboundKey{s.AccountID, roomID}
+	s.c.outboundLock.Lock()
+	e := s.c.outbound[k]
+	if e != nil && !e.sess.Expired() {
+		s.c.outboundLock.Unlock()
+		return e.sess, nil
+	}
+	if e != nil {
+		// Expired: write its final state so that the share path (which reads the store) sees it expired too.
+		delete(s.c.outbound, k)
+	}
+	gen := s.c.outboundGen
+	s.c.outboundLock.Unlock()
+	if e != nil {
+		if e.dirty {
+			if err := e.store.UpdateOutboundGroupSession(ctx, e.sess); err != nil {
+				return nil, err
+			}
+		}
+		return e.sess, nil
+	}
+	sess, err := s.SQLCryptoStore.GetOutboundGroupSession(ctx, roomID)
+	if err != nil || sess == nil || !sess.Shared || sess.Expired() {
+		return sess, err
+	}
+	s.c.outboundLock.Lock()
+	defer s.c.outboundLock.Unlock()
+	if s.c.outboundGen != gen {
+		return sess, nil
+	}
+	if cur := s.c.outbound[k]; cur != nil {
+		return cur.sess, nil
+	}
+	if s.c.outbound == nil {
+		s.c.outbound = make(map[outboundKey]*outboundEntry)
+	}
+	s.c.outbound[k] = &outboundEntry{sess: sess, store: s.SQLCryptoStore}
+	return sess, nil
+}
+
+// UpdateOutboundGroupSession marks a cached session for writing at the next flush; others are written at once.
+func (s *cachedStore) UpdateOutboundGroupSession(ctx context.Context, sess *crypto.OutboundGroupSession) error {
+	s.c.outboundLock.Lock()
+	if e := s.c.outbound[outboundKey{s.AccountID, sess.RoomID}]; e != nil && e.sess == sess {
+		e.dirty = true
+		s.c.outboundLock.Unlock()
+		return nil
+	}
+	s.c.outboundLock.Unlock()
+	return s.SQLCryptoStore.UpdateOutboundGroupSession(ctx, sess)
+}
+
+func (s *cachedStore) AddOutboundGroupSession(ctx context.Context, sess *crypto.OutboundGroupSession) error {
+	defer s.c.outboundChanged(s.AccountID, sess.RoomID)
+	return s.SQLCryptoStore.AddOutboundGroupSession(ctx, sess)
+}
+
+func (s *cachedStore) RemoveOutboundGroupSession(ctx context.Context, roomID id.RoomID) error {
+	defer s.c.outboundChanged(s.AccountID, roomID)
+	return s.SQLCryptoStore.RemoveOutboundGroupSession(ctx, roomID)
+}
+
+// outboundChanged forgets cached outbound sessions without writing them: of one account in one room, of every
+// account in a room (account ""), or all (room "").
+func (c *storeCache) outboundChanged(account string, room id.RoomID) {
+	c.outboundLock.Lock()
+	defer c.outboundLock.Unlock()
+	c.outboundGen++
+	for k := range c.outbound {
+		if (room == "" || k.room == room) && (account == "" || k.account == account) {
+			delete(c.outbound, k)
+		}
+	}
+}
+
+// flushOutbound writes the state of every cached outbound session that encrypted since it was last written.
+func (c *storeCache) flushOutbound(ctx context.Context) error {
+	c.outboundLock.Lock()
+	var dirty []*outboundEntry
+	for _, e := range c.outbound {
+		if e.dirty {
+			e.dirty = false
+			dirty = append(dirty, e)
+		}
+	}
+	c.outboundLock.Unlock()
+	for i, e := range dirty {
+		if err := e.store.UpdateOutboundGroupSession(ctx, e.sess); err != nil {
+			c.outboundLock.Lock()
+			for _, rest := range dirty[i:] {
+				rest.dirty = true
+			}
+			c.outboundLock.Unlock()
+			return err
+		}
+	}
+	return nil
+}
