@@ -131,3 +131,24 @@ func TestTransactionIsRecordedDurablyAndOnce(t *testing.T) {
 		})
 	}
 }
+
+// TestIntakeSkipsOwnEchoes: the homeserver sends ferry's own messages back; they are not recorded (nothing
+// would relay them), while state events from ferry's users are (the state store learns memberships from them).
+func TestIntakeSkipsOwnEchoes(t *testing.T) {
+	b := newTestBridge(t, "postgres")
+	h := b.Router(nil)
+	ctx := context.Background()
+	body := `{"events":[
+ {"event_id":"$ghostmsg","room_id":"!r:ferry.test","sender":"@_ferry_alice=3ax.y:ferry.test","type":"m.room.encrypted","origin_server_ts":1,"content":{}},
+ {"event_id":"$botmsg","room_id":"!r:ferry.test","sender":"@ferrybot:ferry.test","type":"m.room.message","origin_server_ts":2,"content":{"msgtype":"m.notice","body":"x"}},
+ {"event_id":"$ghostjoin","room_id":"!r:ferry.test","sender":"@_ferry_alice=3ax.y:ferry.test","type":"m.room.member","state_key":"@_ferry_alice=3ax.y:ferry.test","origin_server_ts":3,"content":{"membership":"join"}},
+ {"event_id":"$real","room_id":"!r:ferry.test","sender":"@alice:ferry.test","type":"m.room.message","origin_server_ts":4,"content":{"msgtype":"m.text","body":"x"}}
+]}`
+	if rec := doRequest(h, "PUT", "/_matrix/app/v1/transactions/t1", "Bearer "+testHSToken, body); rec.Code != 200 {
+		t.Fatalf("transaction = %d %s", rec.Code, rec.Body.String())
+	}
+	rows, err := b.DB.Inbox.NextInRoom(ctx, "!r:ferry.test", 10)
+	if err != nil || len(rows) != 2 || rows[0].EventID != "$ghostjoin" || rows[1].EventID != "$real" {
+		t.Fatalf("recorded %v, %v; want the ghost's join and the real user's message", rows, err)
+	}
+}

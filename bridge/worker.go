@@ -74,6 +74,7 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 			if len(rows) == 0 {
 				break
 			}
+			drained := len(rows) < workerBatch
 			bw := &batchWrites{}
 			bctx := context.WithValue(ctx, batchKey{}, bw)
 			for _, row := range rows {
@@ -83,6 +84,11 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 			}
 			if !b.commitBatch(ctx, bw) {
 				return
+			}
+			if drained {
+				// The room had no more pending rows when they were read; rows recorded since then woke the
+				// worker again (Notify), so the next read waits for that instead of finding nothing.
+				break
 			}
 		}
 	}
@@ -126,10 +132,10 @@ func (b *Bridge) recordCopy(ctx context.Context, c *database.Copy) error {
 	return b.DB.EventMap.Put(ctx, c)
 }
 
-// ReplayIndexFlusher is implemented by E2EE layers that keep Megolm replay protection in memory: the relay
-// flushes it before it records the decrypted events as done.
-type ReplayIndexFlusher interface {
-	FlushReplayIndex(ctx context.Context) error
+// ReplayIndexWriter is implemented by E2EE layers that keep Megolm replay protection in memory: the relay writes
+// it in the transaction that records the decrypted events as done, then tells whether that committed.
+type ReplayIndexWriter interface {
+	WriteReplayIndex(ctx context.Context) (settle func(committed bool), err error)
 }
 
 // commitBatch writes a batch's copies and inbox states, retrying until it succeeds. It returns false when the
@@ -161,12 +167,14 @@ func (b *Bridge) commitBatch(ctx context.Context, bw *batchWrites) bool {
 }
 
 func (b *Bridge) writeBatch(ctx context.Context, bw *batchWrites) error {
-	if f, ok := b.Crypto.(ReplayIndexFlusher); ok {
-		if err := f.FlushReplayIndex(ctx); err != nil {
-			return err
+	var settle func(bool)
+	err := b.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if w, ok := b.Crypto.(ReplayIndexWriter); ok {
+			var err error
+			if settle, err = w.WriteReplayIndex(ctx); err != nil {
+				return err
+			}
 		}
-	}
-	return b.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
 		if err := b.DB.EventMap.PutMany(ctx, bw.copies); err != nil {
 			return err
 		}
@@ -184,6 +192,10 @@ func (b *Bridge) writeBatch(ctx context.Context, bw *batchWrites) error {
 		}
 		return nil
 	})
+	if settle != nil {
+		settle(err == nil)
+	}
+	return err
 }
 
 // processRow handles one inbox row until it is done, parked or failed; done and failed rows join the batch. It

@@ -415,10 +415,11 @@ func (m *Machine) hasIdentity(ctx context.Context, userID id.UserID) (bool, erro
 	return keys[id.XSUsageMaster].Key != "", nil
 }
 
-// FlushReplayIndex writes the replay protection entries of the events decrypted since the last flush. The relay
-// calls it before it records those events as done, so a restart never forgets an index it relayed.
-func (m *Machine) FlushReplayIndex(ctx context.Context) error {
-	return m.cache.flushReplayIndex(ctx, m.bot.store)
+// WriteReplayIndex writes the replay protection entries of the events decrypted since the last write, with ctx:
+// the relay calls it inside the transaction that records those events as done (so a restart never forgets an
+// index it relayed), then settle with whether that transaction committed (nil settle: nothing was pending).
+func (m *Machine) WriteReplayIndex(ctx context.Context) (settle func(committed bool), err error) {
+	return m.cache.writeReplayIndex(ctx, m.bot.store)
 }
 
 // WaitForKey waits up to timeout for the session of an encrypted event.

@@ -346,14 +346,48 @@ func (s *cachedStore) loadReplayIndex(ctx context.Context, sessionID id.SessionI
 	return st, rows.Err()
 }
 
-// flushReplayIndex writes the replay index entries decided since the last flush, in multi-row statements.
+// flushReplayIndex writes the replay index entries decided since the last flush.
 func (c *storeCache) flushReplayIndex(ctx context.Context, s *crypto.SQLCryptoStore) error {
+	settle, err := c.writeReplayIndex(ctx, s)
+	if settle != nil {
+		settle(err == nil)
+	}
+	return err
+}
+
+// writeReplayIndex writes the pending replay index entries in multi-row statements, with ctx (which may carry
+// the caller's transaction). settle(true) after the transaction committed marks them written; settle(false)
+// puts them back for the next write.
+func (c *storeCache) writeReplayIndex(ctx context.Context, s *crypto.SQLCryptoStore) (settle func(committed bool), err error) {
 	c.indexLock.Lock()
 	batch := c.pending
 	c.pending = nil
 	c.indexLock.Unlock()
 	if len(batch) == 0 {
-		return nil
+		return nil, nil
+	}
+	settle = func(committed bool) {
+		c.indexLock.Lock()
+		defer c.indexLock.Unlock()
+		if !committed {
+			c.pending = append(batch, c.pending...)
+			return
+		}
+		for _, e := range batch {
+			if st := c.index[e.session]; st != nil {
+				st.unflushed--
+			}
+		}
+		if len(c.index) > maxReplaySessions {
+			for sid, st := range c.index {
+				if st.unflushed <= 0 {
+					delete(c.index, sid)
+				}
+				if len(c.index) <= maxReplaySessions/2 {
+					break
+				}
+			}
+		}
 	}
 	const chunk = 500
 	for start := 0; start < len(batch); start += chunk {
@@ -369,32 +403,11 @@ func (c *storeCache) flushReplayIndex(ctx context.Context, s *crypto.SQLCryptoSt
 			args = append(args, e.session, e.index, e.eventID, e.timestamp)
 		}
 		sb.WriteString(` ON CONFLICT (session_id, "index") DO NOTHING`)
-		if _, err := s.DB.Exec(ctx, sb.String(), args...); err != nil {
-			// Keep what was not written for the next flush.
-			c.indexLock.Lock()
-			c.pending = append(append([]replayEntry(nil), batch[start:]...), c.pending...)
-			c.indexLock.Unlock()
-			return fmt.Errorf("failed to write the replay index: %w", err)
+		if _, err = s.DB.Exec(ctx, sb.String(), args...); err != nil {
+			return settle, fmt.Errorf("failed to write the replay index: %w", err)
 		}
 	}
-	c.indexLock.Lock()
-	for _, e := range batch {
-		if st := c.index[e.session]; st != nil {
-			st.unflushed--
-		}
-	}
-	if len(c.index) > maxReplaySessions {
-		for sid, st := range c.index {
-			if st.unflushed <= 0 {
-				delete(c.index, sid)
-			}
-			if len(c.index) <= maxReplaySessions/2 {
-				break
-			}
-		}
-	}
-	c.indexLock.Unlock()
-	return nil
+	return settle, nil
 }
 
 // Outbound Megolm sessions stay in memory once shared: encrypting a message advances the session's ratchet, and

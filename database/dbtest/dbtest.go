@@ -16,6 +16,8 @@ import (
 	_ "github.com/lib/pq"
 	"go.mau.fi/util/dbutil"
 	_ "go.mau.fi/util/dbutil/litestream"
+
+	"go.ferry.im/ferry/database"
 )
 
 // EnvPostgres names the environment variable holding an admin connection URL to a Postgres server.
@@ -67,10 +69,11 @@ func PostgresURI(t testing.TB) string {
 	return u.String()
 }
 
-// Postgres returns a fresh Postgres database.
+// Postgres returns a fresh Postgres database, opened as cmd/ferry opens one (ferry's driver, one round trip per
+// statement).
 func Postgres(t testing.TB) *dbutil.Database {
 	t.Helper()
-	return open(t, PostgresURI(t), "postgres")
+	return open(t, database.TuneURI("postgres", PostgresURI(t)), database.DriverFor("postgres"))
 }
 
 // SQLite returns a fresh SQLite database in the test's temp dir.

@@ -1,0 +1,221 @@
+package crypto
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"testing"
+
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database/dbtest"
+)
+
+// testKey makes a key-shaped value (43 characters of unpadded base64, as the store's columns expect).
+func testKey(name string) id.Ed25519 {
+	sum := sha256.Sum256([]byte(name))
+	return id.Ed25519(base64.RawStdEncoding.EncodeToString(sum[:]))
+}
+
+func newCachedStore(t *testing.T, db *dbutil.Database, account string, c *storeCache) *cachedStore {
+	t.Helper()
+	store := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, account, "", []byte("pickle"))
+	if err := store.DB.Upgrade(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return &cachedStore{SQLCryptoStore: store, c: c}
+}
+
+// TestReplayIndex: an index belongs to the first event that used it, in memory and, once flushed, across a
+// restart; entries not flushed before a crash are the only ones lost (which is why the relay flushes before it
+// records events as done).
+func TestReplayIndex(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			db := dbtest.Open(t, dialect)
+			s := newCachedStore(t, db, botAccountID, newStoreCache())
+			check := func(s *cachedStore, evt id.EventID, index uint, want bool) {
+				t.Helper()
+				ok, err := s.ValidateMessageIndex(ctx, "S", evt, index, 1000)
+				if err != nil || ok != want {
+					t.Fatalf("index %d for %s = %v, %v; want %v", index, evt, ok, err, want)
+				}
+			}
+			check(s, "$a", 0, true)
+			check(s, "$a", 0, true) // the same event again (a retry) is not a replay
+			check(s, "$b", 0, false)
+			check(s, "$b", 1, true)
+			if ok, _ := s.ValidateMessageIndex(ctx, "S", "", 1, 0); ok {
+				t.Fatal("an index in use passed the check without event")
+			}
+			if err := s.c.flushReplayIndex(ctx, s.SQLCryptoStore); err != nil {
+				t.Fatal(err)
+			}
+			check(s, "$c", 2, true) // not flushed
+
+			restarted := newCachedStore(t, db, botAccountID, newStoreCache())
+			check(restarted, "$x", 0, false)
+			check(restarted, "$b", 1, true)
+			check(restarted, "$d", 2, true) // $c's index was never written
+		})
+	}
+}
+
+// TestTrustCacheFollowsWrites: cross-signing keys, signatures and devices are cached, and a write through any of
+// ferry's stores (here another account's) is seen by the next read.
+func TestTrustCacheFollowsWrites(t *testing.T) {
+	ctx := context.Background()
+	db := dbtest.Open(t, "postgres")
+	c := newStoreCache()
+	bot := newCachedStore(t, db, botAccountID, c)
+	ghost := newCachedStore(t, db, "@ghost:x", c)
+	const user = id.UserID("@alice:x")
+	master, ssk := testKey("master"), testKey("ssk")
+	if keys, _ := bot.GetCrossSigningKeys(ctx, user); len(keys) != 0 {
+		t.Fatalf("keys before any: %v", keys)
+	}
+	if signed, _ := bot.IsKeySignedBy(ctx, user, ssk, user, master); signed {
+		t.Fatal("signed before any signature")
+	}
+	if err := ghost.PutCrossSigningKey(ctx, user, id.XSUsageMaster, master); err != nil {
+		t.Fatal(err)
+	}
+	if err := ghost.PutSignature(ctx, user, ssk, user, master, "sig"); err != nil {
+		t.Fatal(err)
+	}
+	if keys, _ := bot.GetCrossSigningKeys(ctx, user); keys[id.XSUsageMaster].Key != master {
+		t.Fatalf("new master key not seen: %v", keys)
+	}
+	if signed, _ := bot.IsKeySignedBy(ctx, user, ssk, user, master); !signed {
+		t.Fatal("new signature not seen")
+	}
+	dev := &id.Device{UserID: user, DeviceID: "D1", IdentityKey: id.Curve25519(testKey("curve")), SigningKey: testKey("device")}
+	if err := ghost.PutDevice(ctx, user, dev); err != nil {
+		t.Fatal(err)
+	}
+	got, err := bot.FindDeviceByKey(ctx, user, dev.IdentityKey)
+	if err != nil || got == nil || got.DeviceID != "D1" {
+		t.Fatalf("device = %+v, %v", got, err)
+	}
+	changed := *dev
+	changed.Name = "renamed"
+	if err = ghost.PutDevice(ctx, user, &changed); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ = bot.FindDeviceByKey(ctx, user, dev.IdentityKey); got.Name != "renamed" {
+		t.Fatalf("device change not seen: %+v", got)
+	}
+}
+
+// TestOutboundSessionsInMemory: a shared outbound session is kept in memory and its ratchet written only by a
+// flush, or when it expires (so that the share path, which reads the store, sees it expired).
+func TestOutboundSessionsInMemory(t *testing.T) {
+	ctx := context.Background()
+	db := dbtest.Open(t, "postgres")
+	s := newCachedStore(t, db, "@ghost:x", newStoreCache())
+	const room = id.RoomID("!r:x")
+	sess, err := crypto.NewOutboundGroupSession(room, &event.EncryptionEventContent{RotationPeriodMessages: 3}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess.Shared = true
+	if err = s.SQLCryptoStore.AddOutboundGroupSession(ctx, sess); err != nil {
+		t.Fatal(err)
+	}
+	stored := func() int {
+		t.Helper()
+		got, err := s.SQLCryptoStore.GetOutboundGroupSession(ctx, room)
+		if err != nil || got == nil {
+			t.Fatalf("stored session: %v", err)
+		}
+		return got.MessageCount
+	}
+	use := func() *crypto.OutboundGroupSession {
+		t.Helper()
+		got, err := s.GetOutboundGroupSession(ctx, room)
+		if err != nil || got == nil {
+			t.Fatalf("get: %v", err)
+		}
+		if !got.Expired() {
+			if _, err = got.Encrypt([]byte("x")); err != nil {
+				t.Fatal(err)
+			}
+			if err = s.UpdateOutboundGroupSession(ctx, got); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return got
+	}
+	first := use()
+	if second := use(); second != first || stored() != 0 {
+		t.Fatalf("not kept in memory: same object %v, stored count %d", second == first, stored())
+	}
+	if err = s.c.flushOutbound(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := stored(); n != 2 {
+		t.Fatalf("stored count after flush = %d, want 2", n)
+	}
+	use() // third message: the session is used up
+	if got := use(); !got.Expired() || stored() != 3 {
+		t.Fatalf("expired session: expired %v, stored count %d; want the final state written", got.Expired(), stored())
+	}
+}
+
+// TestUncleanStopRotatesOutboundSessions: outbound sessions survive a clean stop and are discarded after any
+// other, since their stored ratchet may lag behind what was sent.
+func TestUncleanStopRotatesOutboundSessions(t *testing.T) {
+	ctx := context.Background()
+	db := dbtest.Open(t, "postgres")
+	cfg := DefaultConfig()
+	cfg.PickleKey = "pickle"
+	m := NewMachine(zerolog.Nop(), cfg, db, nil, &mautrix.Client{UserID: "@bot:x"}, nil)
+	if err := m.open(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ghost := m.storeFor("@ghost:x")
+	addSession := func() {
+		t.Helper()
+		sess, err := crypto.NewOutboundGroupSession("!r:x", nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err = ghost.AddOutboundGroupSession(ctx, sess); err != nil {
+			t.Fatal(err)
+		}
+	}
+	present := func() bool {
+		t.Helper()
+		got, err := ghost.GetOutboundGroupSession(ctx, "!r:x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got != nil
+	}
+	addSession()
+	// First start (no marker): treated as unclean.
+	if err := m.checkCleanStop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if present() {
+		t.Fatal("outbound session kept after a start without a clean-stop marker")
+	}
+	addSession()
+	// Killed while running: the marker still says "in use".
+	if err := m.checkCleanStop(ctx); err != nil || present() {
+		t.Fatalf("outbound session kept after an unclean stop (err %v)", err)
+	}
+	addSession()
+	if err := m.storeFor("@bot:x").PutSecret(ctx, outboundCleanSecret, "yes"); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.checkCleanStop(ctx); err != nil || !present() {
+		t.Fatalf("outbound session dropped after a clean stop (err %v)", err)
+	}
+}

@@ -1,0 +1,151 @@
+package database_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/database/dbtest"
+)
+
+// TestLinkChangesApplyAtOnce: GetByRoom is cached, and every way a link changes is visible to the next lookup.
+func TestLinkChangesApplyAtOnce(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		now := time.Now()
+		// A negative answer is cached too; linking must replace it.
+		if _, err := db.Links.GetByRoom(ctx, "!a"); !errors.Is(err, database.ErrLinkNotFound) {
+			t.Fatalf("unlinked: %v", err)
+		}
+		if _, err := db.Links.Join(ctx, "L1", "!a", "!b", "@u:x", now); err != nil {
+			t.Fatal(err)
+		}
+		link, err := db.Links.GetByRoom(ctx, "!a")
+		if err != nil || len(link.Rooms) != 2 {
+			t.Fatalf("after join: %+v, %v", link, err)
+		}
+		// Callers cannot change the cached link through what they got.
+		link.Rooms[0], link.DisappearAfter = "!mutated", time.Hour
+		if again, _ := db.Links.GetByRoom(ctx, "!a"); again.Rooms[0] == "!mutated" || again.DisappearAfter != 0 {
+			t.Fatalf("cached link changed through a returned copy: %+v", again)
+		}
+		if err = db.Links.SetDisappear(ctx, "L1", time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		if err = db.Links.SetRequireEncryption(ctx, "L1", true); err != nil {
+			t.Fatal(err)
+		}
+		if link, _ = db.Links.GetByRoom(ctx, "!b"); link.DisappearAfter != time.Minute || !link.RequireEncryption {
+			t.Fatalf("settings not seen: %+v", link)
+		}
+		if _, err = db.Links.Join(ctx, "x", "!c", "!a", "@u:x", now); err != nil {
+			t.Fatal(err)
+		}
+		if link, _ = db.Links.GetByRoom(ctx, "!b"); len(link.Rooms) != 3 {
+			t.Fatalf("third room not seen from !b: %v", link.Rooms)
+		}
+		if _, err = db.Links.Leave(ctx, "!c"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err = db.Links.GetByRoom(ctx, "!c"); !errors.Is(err, database.ErrLinkNotFound) {
+			t.Fatalf("left room still linked: %v", err)
+		}
+		if _, err = db.Links.Leave(ctx, "!a"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err = db.Links.GetByRoom(ctx, "!b"); !errors.Is(err, database.ErrLinkNotFound) {
+			t.Fatalf("dissolved link still there: %v", err)
+		}
+	})
+}
+
+// TestStagedCopies: a staged copy is found by lookups before it is written, PutMany writes it (keeping the
+// first copy of a pair), and a handle without the staging (a restart) sees only written copies.
+func TestStagedCopies(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			root := dbtest.Open(t, dialect)
+			db := database.New(root, dbutil.NoopLogger)
+			if err := db.Upgrade(ctx); err != nil {
+				t.Fatal(err)
+			}
+			other := database.New(root, dbutil.NoopLogger) // another process's view
+			now := time.Now()
+			c := &database.Copy{SourceEvent: "$orig", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$inB", Sender: "@g:x", CreatedAt: now}
+			db.EventMap.Stage(c)
+			if got, ok, err := db.EventMap.Counterpart(ctx, "$orig", "!b"); err != nil || !ok || got != "$inB" {
+				t.Fatalf("staged copy not found: %s %v %v", got, ok, err)
+			}
+			if got, ok, _ := db.EventMap.Counterpart(ctx, "$inB", "!a"); !ok || got != "$orig" {
+				t.Fatalf("staged copy not found by target: %s %v", got, ok)
+			}
+			if got, _ := other.EventMap.Get(ctx, "$orig", "!b"); got != nil {
+				t.Fatalf("staged copy written before PutMany: %+v", got)
+			}
+			dup := *c
+			dup.TargetEvent = "$second"
+			if err := db.EventMap.PutMany(ctx, []*database.Copy{c, &dup}); err != nil {
+				t.Fatal(err)
+			}
+			db.EventMap.Unstage([]*database.Copy{c})
+			for _, q := range []*database.EventMapQuery{db.EventMap, other.EventMap} {
+				if got, err := q.Get(ctx, "$orig", "!b"); err != nil || got == nil || got.TargetEvent != "$inB" {
+					t.Fatalf("written copy = %+v, %v; want the first one", got, err)
+				}
+			}
+		})
+	}
+}
+
+// TestFinishMany marks a batch done in one statement and leaves other rows alone.
+func TestFinishMany(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		var evts []*database.InboxEvent
+		for _, e := range []id.EventID{"$1", "$2", "$3"} {
+			evts = append(evts, &database.InboxEvent{EventID: e, RoomID: "!a", Sender: "@a:x", Type: "m.room.message", Raw: []byte(`{}`), State: database.InboxPending, ReceivedAt: time.Now()})
+		}
+		if _, err := db.Inbox.Insert(ctx, evts); err != nil {
+			t.Fatal(err)
+		}
+		rows, _ := db.Inbox.NextInRoom(ctx, "!a", 10)
+		if err := db.Inbox.FinishMany(ctx, []int64{rows[0].Seq, rows[2].Seq}, database.InboxDone); err != nil {
+			t.Fatal(err)
+		}
+		left, _ := db.Inbox.NextInRoom(ctx, "!a", 10)
+		if len(left) != 1 || left[0].EventID != "$2" {
+			t.Fatalf("pending after FinishMany: %v", left)
+		}
+		if done, _ := db.Inbox.Get(ctx, "$1"); done.State != database.InboxDone || done.Raw != nil {
+			t.Fatalf("finished row = %+v", done)
+		}
+	})
+}
+
+// TestPostgresDriverJSONB: with binary parameters, JSON given as []byte still lands in jsonb columns (as
+// mautrix's stores write it), and binary bytea values stay byte-exact.
+func TestPostgresDriverJSONB(t *testing.T) {
+	ctx := context.Background()
+	db := dbtest.Postgres(t)
+	if _, err := db.Exec(ctx, `CREATE TABLE t (j jsonb, b bytea)`); err != nil {
+		t.Fatal(err)
+	}
+	bin := []byte{'{', 0, 0xff, '\\', '}'}
+	if _, err := db.Exec(ctx, `INSERT INTO t (j, b) VALUES ($1, $2)`, []byte(`{"algorithm":"m.megolm.v1.aes-sha2","x":"\u00e9\\n"}`), bin); err != nil {
+		t.Fatalf("insert: %v", err)
+	}
+	var alg string
+	var got []byte
+	if err := db.QueryRow(ctx, `SELECT j->>'algorithm', b FROM t`).Scan(&alg, &got); err != nil {
+		t.Fatal(err)
+	}
+	if alg != "m.megolm.v1.aes-sha2" || string(got) != string(bin) {
+		t.Fatalf("read back %q, %q", alg, got)
+	}
+}
