@@ -10,6 +10,7 @@ import (
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/id"
 
+	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/database"
 )
 
@@ -132,10 +133,11 @@ func (b *Bridge) recordCopy(ctx context.Context, c *database.Copy) error {
 	return b.DB.EventMap.Put(ctx, c)
 }
 
-// ReplayIndexWriter is implemented by E2EE layers that keep Megolm replay protection in memory: the relay writes
-// it in the transaction that records the decrypted events as done, then tells whether that committed.
-type ReplayIndexWriter interface {
-	WriteReplayIndex(ctx context.Context) (settle func(committed bool), err error)
+// ReplayIndexTaker is implemented by E2EE layers that keep Megolm replay protection in memory: the relay writes
+// the new entries in the statement or transaction that records the decrypted events as done, then tells whether
+// that committed.
+type ReplayIndexTaker interface {
+	TakeReplayIndex() (entries []crypto.ReplayEntry, settle func(committed bool))
 }
 
 // commitBatch writes a batch's copies and inbox states, retrying until it succeeds. It returns false when the
@@ -167,34 +169,24 @@ func (b *Bridge) commitBatch(ctx context.Context, bw *batchWrites) bool {
 }
 
 func (b *Bridge) writeBatch(ctx context.Context, bw *batchWrites) error {
-	var settle func(bool)
-	err := b.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
-		if w, ok := b.Crypto.(ReplayIndexWriter); ok {
-			var err error
-			if settle, err = w.WriteReplayIndex(ctx); err != nil {
-				return err
-			}
-		}
-		if err := b.DB.EventMap.PutMany(ctx, bw.copies); err != nil {
-			return err
-		}
-		seqs := make([]int64, len(bw.done))
-		for i, row := range bw.done {
-			seqs[i] = row.Seq
-		}
-		if err := b.DB.Inbox.FinishMany(ctx, seqs, database.InboxDone); err != nil {
-			return err
-		}
-		for _, f := range bw.failed {
-			if err := b.DB.Inbox.Finish(ctx, f.row.Seq, database.InboxFailed, f.msg); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if settle != nil {
-		settle(err == nil)
+	batch := &database.Batch{Copies: bw.copies}
+	for _, row := range bw.done {
+		batch.Done = append(batch.Done, row.Seq)
 	}
+	for _, f := range bw.failed {
+		batch.Failed = append(batch.Failed, database.FailedEvent{Seq: f.row.Seq, Error: f.msg})
+	}
+	settle := func(bool) {}
+	if t, ok := b.Crypto.(ReplayIndexTaker); ok {
+		var entries []crypto.ReplayEntry
+		entries, settle = t.TakeReplayIndex()
+		batch.Replay = make([]database.ReplayEntry, len(entries))
+		for i, e := range entries {
+			batch.Replay[i] = database.ReplayEntry(e)
+		}
+	}
+	err := b.DB.CommitBatch(ctx, batch)
+	settle(err == nil)
 	return err
 }
 

@@ -415,11 +415,11 @@ func (m *Machine) hasIdentity(ctx context.Context, userID id.UserID) (bool, erro
 	return keys[id.XSUsageMaster].Key != "", nil
 }
 
-// WriteReplayIndex writes the replay protection entries of the events decrypted since the last write, with ctx:
-// the relay calls it inside the transaction that records those events as done (so a restart never forgets an
-// index it relayed), then settle with whether that transaction committed (nil settle: nothing was pending).
-func (m *Machine) WriteReplayIndex(ctx context.Context) (settle func(committed bool), err error) {
-	return m.cache.writeReplayIndex(ctx, m.bot.store)
+// TakeReplayIndex hands over the replay protection entries of the events decrypted since the last call: the
+// relay writes them in the transaction that records those events as done (so a restart never forgets an index
+// it relayed), then calls settle with whether that transaction committed.
+func (m *Machine) TakeReplayIndex() (entries []ReplayEntry, settle func(committed bool)) {
+	return m.cache.takeReplayIndex()
 }
 
 // WaitForKey waits up to timeout for the session of an encrypted event.

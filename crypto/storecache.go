@@ -35,7 +35,7 @@ type storeCache struct {
 
 	indexLock sync.Mutex
 	index     map[id.SessionID]*replayState
-	pending   []replayEntry
+	pending   []ReplayEntry
 
 	outboundLock sync.Mutex
 	outboundGen  uint64
@@ -70,11 +70,13 @@ type replaySeen struct {
 	timestamp int64
 }
 
-type replayEntry struct {
-	session   id.SessionID
-	index     uint
-	eventID   id.EventID
-	timestamp int64
+// ReplayEntry is one replay index row (crypto_message_index): a Megolm message index of a session, used by an
+// event.
+type ReplayEntry struct {
+	SessionID id.SessionID
+	Index     uint
+	EventID   id.EventID
+	Timestamp int64
 }
 
 // maxReplaySessions bounds the sessions whose replay index stays in memory; fully written ones are dropped
@@ -324,7 +326,7 @@ func (s *cachedStore) ValidateMessageIndex(ctx context.Context, sessionID id.Ses
 	}
 	st.seen[index] = replaySeen{eventID: eventID, timestamp: timestamp}
 	st.unflushed++
-	c.pending = append(c.pending, replayEntry{session: sessionID, index: index, eventID: eventID, timestamp: timestamp})
+	c.pending = append(c.pending, ReplayEntry{SessionID: sessionID, Index: index, EventID: eventID, Timestamp: timestamp})
 	return true, nil
 }
 
@@ -349,24 +351,21 @@ func (s *cachedStore) loadReplayIndex(ctx context.Context, sessionID id.SessionI
 // flushReplayIndex writes the replay index entries decided since the last flush.
 func (c *storeCache) flushReplayIndex(ctx context.Context, s *crypto.SQLCryptoStore) error {
 	settle, err := c.writeReplayIndex(ctx, s)
-	if settle != nil {
-		settle(err == nil)
-	}
+	settle(err == nil)
 	return err
 }
 
-// writeReplayIndex writes the pending replay index entries in multi-row statements, with ctx (which may carry
-// the caller's transaction). settle(true) after the transaction committed marks them written; settle(false)
-// puts them back for the next write.
-func (c *storeCache) writeReplayIndex(ctx context.Context, s *crypto.SQLCryptoStore) (settle func(committed bool), err error) {
+// takeReplayIndex hands over the pending replay index entries for writing. settle(true) after they were
+// committed marks them written; settle(false) puts them back for the next write.
+func (c *storeCache) takeReplayIndex() ([]ReplayEntry, func(committed bool)) {
 	c.indexLock.Lock()
 	batch := c.pending
 	c.pending = nil
 	c.indexLock.Unlock()
 	if len(batch) == 0 {
-		return nil, nil
+		return nil, func(bool) {}
 	}
-	settle = func(committed bool) {
+	return batch, func(committed bool) {
 		c.indexLock.Lock()
 		defer c.indexLock.Unlock()
 		if !committed {
@@ -374,7 +373,7 @@ func (c *storeCache) writeReplayIndex(ctx context.Context, s *crypto.SQLCryptoSt
 			return
 		}
 		for _, e := range batch {
-			if st := c.index[e.session]; st != nil {
+			if st := c.index[e.SessionID]; st != nil {
 				st.unflushed--
 			}
 		}
@@ -389,6 +388,11 @@ func (c *storeCache) writeReplayIndex(ctx context.Context, s *crypto.SQLCryptoSt
 			}
 		}
 	}
+}
+
+// writeReplayIndex writes the pending replay index entries in multi-row statements.
+func (c *storeCache) writeReplayIndex(ctx context.Context, s *crypto.SQLCryptoStore) (settle func(committed bool), err error) {
+	batch, settle := c.takeReplayIndex()
 	const chunk = 500
 	for start := 0; start < len(batch); start += chunk {
 		part := batch[start:min(start+chunk, len(batch))]
@@ -400,7 +404,7 @@ func (c *storeCache) writeReplayIndex(ctx context.Context, s *crypto.SQLCryptoSt
 				sb.WriteByte(',')
 			}
 			fmt.Fprintf(&sb, "($%d,$%d,$%d,$%d)", i*4+1, i*4+2, i*4+3, i*4+4)
-			args = append(args, e.session, e.index, e.eventID, e.timestamp)
+			args = append(args, e.SessionID, e.Index, e.EventID, e.Timestamp)
 		}
 		sb.WriteString(` ON CONFLICT (session_id, "index") DO NOTHING`)
 		if _, err = s.DB.Exec(ctx, sb.String(), args...); err != nil {

@@ -95,20 +95,16 @@ func (eq *EventMapQuery) PutMany(ctx context.Context, cs []*Copy) error {
 	for start := 0; start < len(cs); start += chunk {
 		part := cs[start:min(start+chunk, len(cs))]
 		var sb strings.Builder
-		sb.WriteString(`INSERT INTO event_map (` + copyColumns + `) VALUES `)
+		sb.WriteString(copyInsertHead)
 		args := make([]any, 0, len(part)*perRow)
 		for i, c := range part {
 			if i > 0 {
 				sb.WriteByte(',')
 			}
 			sb.WriteString(placeholders(i*perRow, perRow))
-			var disappear int64
-			if !c.DisappearAt.IsZero() {
-				disappear = c.DisappearAt.UnixMilli()
-			}
-			args = append(args, c.SourceEvent, c.SourceRoom, c.TargetRoom, c.TargetEvent, c.Sender, c.CreatedAt.UnixMilli(), disappear)
+			args = append(args, copyArgs(c)...)
 		}
-		sb.WriteString(` ON CONFLICT (source_event, target_room) DO NOTHING`)
+		sb.WriteString(copyInsertTail)
 		if _, err := eq.db.Exec(ctx, sb.String(), args...); err != nil {
 			return err
 		}

@@ -149,3 +149,61 @@ func TestPostgresDriverJSONB(t *testing.T) {
 		t.Fatalf("read back %q, %q", alg, got)
 	}
 }
+
+// TestCommitBatch records replay index rows, copies and inbox states together, in the single-statement form
+// (no failures) and the transaction form (with a failure), on both dialects.
+func TestCommitBatch(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			root := dbtest.Open(t, dialect)
+			db := database.New(root, dbutil.NoopLogger)
+			if err := db.Upgrade(ctx); err != nil {
+				t.Fatal(err)
+			}
+			// The replay index table belongs to the crypto store; a minimal one stands in for it here.
+			if _, err := root.Exec(ctx, `CREATE TABLE crypto_message_index (session_id CHAR(43), "index" INTEGER, event_id TEXT NOT NULL, timestamp BIGINT NOT NULL, PRIMARY KEY (session_id, "index"))`); err != nil {
+				t.Fatal(err)
+			}
+			var evts []*database.InboxEvent
+			for _, e := range []id.EventID{"$1", "$2", "$3"} {
+				evts = append(evts, &database.InboxEvent{EventID: e, RoomID: "!a", Sender: "@a:x", Type: "m.room.encrypted", Raw: []byte(`{}`), State: database.InboxPending, ReceivedAt: time.Now()})
+			}
+			if _, err := db.Inbox.Insert(ctx, evts); err != nil {
+				t.Fatal(err)
+			}
+			rows, _ := db.Inbox.NextInRoom(ctx, "!a", 10)
+			now := time.Now()
+			err := db.CommitBatch(ctx, &database.Batch{
+				Replay: []database.ReplayEntry{{SessionID: "S", Index: 0, EventID: "$1", Timestamp: 1}, {SessionID: "S", Index: 1, EventID: "$2", Timestamp: 2}},
+				Copies: []*database.Copy{
+					{SourceEvent: "$1", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$1b", Sender: "@g:x", CreatedAt: now},
+					{SourceEvent: "$2", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$2b", Sender: "@g:x", CreatedAt: now, DisappearAt: now.Add(time.Hour)},
+				},
+				Done: []int64{rows[0].Seq, rows[1].Seq},
+			})
+			if err != nil {
+				t.Fatalf("single-statement batch: %v", err)
+			}
+			err = db.CommitBatch(ctx, &database.Batch{
+				Replay: []database.ReplayEntry{{SessionID: "S", Index: 0, EventID: "$1", Timestamp: 1}}, // again: kept once
+				Failed: []database.FailedEvent{{Seq: rows[2].Seq, Error: "refused"}},
+			})
+			if err != nil {
+				t.Fatalf("transaction batch: %v", err)
+			}
+			var replays int
+			if err = root.QueryRow(ctx, `SELECT COUNT(*) FROM crypto_message_index`).Scan(&replays); err != nil || replays != 2 {
+				t.Fatalf("replay rows = %d, %v", replays, err)
+			}
+			if c, _ := db.EventMap.Get(ctx, "$2", "!b"); c == nil || c.TargetEvent != "$2b" || c.DisappearAt.IsZero() {
+				t.Fatalf("copy = %+v", c)
+			}
+			for i, want := range []database.InboxState{database.InboxDone, database.InboxDone, database.InboxFailed} {
+				if got, _ := db.Inbox.Get(ctx, rows[i].EventID); got.State != want || got.Raw != nil {
+					t.Fatalf("%s = %s (raw %q), want %s", rows[i].EventID, got.State, got.Raw, want)
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,140 @@
+package database
+
+import (
+	"context"
+	"strings"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/id"
+)
+
+// ReplayEntry is one row of the crypto store's replay index (crypto_message_index, owned by mautrix's crypto
+// store): the Megolm message index of a session that an event used. The crypto layer keeps the index in memory
+// and hands new rows to the relay, which commits them together with the events they protect.
+type ReplayEntry struct {
+	SessionID id.SessionID
+	Index     uint
+	EventID   id.EventID
+	Timestamp int64
+}
+
+// FailedEvent is an inbox event that hit a permanent error.
+type FailedEvent struct {
+	Seq   int64
+	Error string
+}
+
+// Batch is what a room worker records about one batch of inbox events, atomically.
+type Batch struct {
+	Replay []ReplayEntry
+	Copies []*Copy
+	Done   []int64 // inbox seqs
+	Failed []FailedEvent
+}
+
+// maxBatchParams keeps the single-statement form well below Postgres's 65,535 parameters.
+const maxBatchParams = 20000
+
+// CommitBatch records a batch in one transaction. On Postgres a batch without failures is one statement (data-
+// modifying CTEs: one round trip, one commit); otherwise one statement per kind of row inside a transaction.
+func (db *Database) CommitBatch(ctx context.Context, b *Batch) error {
+	params := len(b.Replay)*4 + len(b.Copies)*7 + len(b.Done) + 1
+	if db.Dialect == dbutil.Postgres && len(b.Failed) == 0 && len(b.Done) > 0 && params <= maxBatchParams {
+		q, args := batchStatement(b)
+		_, err := db.Exec(ctx, q, args...)
+		return err
+	}
+	return db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if err := db.putReplay(ctx, b.Replay); err != nil {
+			return err
+		}
+		if err := db.EventMap.PutMany(ctx, b.Copies); err != nil {
+			return err
+		}
+		if err := db.Inbox.FinishMany(ctx, b.Done, InboxDone); err != nil {
+			return err
+		}
+		for _, f := range b.Failed {
+			if err := db.Inbox.Finish(ctx, f.Seq, InboxFailed, f.Error); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+const (
+	replayInsertHead = `INSERT INTO crypto_message_index (session_id, "index", event_id, timestamp) VALUES `
+	replayInsertTail = ` ON CONFLICT (session_id, "index") DO NOTHING`
+	copyInsertHead   = `INSERT INTO event_map (` + copyColumns + `) VALUES `
+	copyInsertTail   = ` ON CONFLICT (source_event, target_room) DO NOTHING`
+)
+
+// batchStatement renders a batch as one Postgres statement: the inserts as CTEs, the inbox update as its body.
+func batchStatement(b *Batch) (string, []any) {
+	var sb strings.Builder
+	args := make([]any, 0, len(b.Replay)*4+len(b.Copies)*7+len(b.Done)+1)
+	sb.WriteString("WITH ")
+	if len(b.Replay) > 0 {
+		sb.WriteString("replay AS (" + replayInsertHead)
+		for i, e := range b.Replay {
+			if i > 0 {
+				sb.WriteByte(',')
+			}
+			sb.WriteString(placeholders(len(args), 4))
+			args = append(args, e.SessionID, e.Index, e.EventID, e.Timestamp)
+		}
+		sb.WriteString(replayInsertTail + "), ")
+	}
+	if len(b.Copies) > 0 {
+		sb.WriteString("copies AS (" + copyInsertHead)
+		for i, c := range b.Copies {
+			if i > 0 {
+				sb.WriteByte(',')
+			}
+			sb.WriteString(placeholders(len(args), 7))
+			args = append(args, copyArgs(c)...)
+		}
+		sb.WriteString(copyInsertTail + "), ")
+	}
+	// A CTE list cannot end with a comma: a no-op CTE closes it.
+	sb.WriteString("done AS (SELECT 1) UPDATE inbox SET state=")
+	args = append(args, InboxDone)
+	sb.WriteString("$" + itoa(len(args)))
+	sb.WriteString(", raw=NULL, last_error=NULL WHERE seq IN ")
+	sb.WriteString(placeholders(len(args), len(b.Done)))
+	for _, seq := range b.Done {
+		args = append(args, seq)
+	}
+	return sb.String(), args
+}
+
+func (db *Database) putReplay(ctx context.Context, rows []ReplayEntry) error {
+	const chunk = 500
+	for start := 0; start < len(rows); start += chunk {
+		part := rows[start:min(start+chunk, len(rows))]
+		var sb strings.Builder
+		sb.WriteString(replayInsertHead)
+		args := make([]any, 0, len(part)*4)
+		for i, e := range part {
+			if i > 0 {
+				sb.WriteByte(',')
+			}
+			sb.WriteString(placeholders(len(args), 4))
+			args = append(args, e.SessionID, e.Index, e.EventID, e.Timestamp)
+		}
+		sb.WriteString(replayInsertTail)
+		if _, err := db.Exec(ctx, sb.String(), args...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func copyArgs(c *Copy) []any {
+	var disappear int64
+	if !c.DisappearAt.IsZero() {
+		disappear = c.DisappearAt.UnixMilli()
+	}
+	return []any{c.SourceEvent, c.SourceRoom, c.TargetRoom, c.TargetEvent, c.Sender, c.CreatedAt.UnixMilli(), disappear}
+}
