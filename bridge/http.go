@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tidwall/gjson"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -86,14 +87,34 @@ type transactionBody struct {
 
 // eventHead is the part of an event ferry needs to file it in the inbox.
 type eventHead struct {
-	ID       id.EventID `json:"event_id"`
-	RoomID   id.RoomID  `json:"room_id"`
-	Sender   id.UserID  `json:"sender"`
-	Type     string     `json:"type"`
-	StateKey *string    `json:"state_key"`
-	Content  struct {
-		SessionID id.SessionID `json:"session_id"`
-	} `json:"content"`
+	ID        id.EventID
+	RoomID    id.RoomID
+	Sender    id.UserID
+	Type      string
+	IsState   bool
+	SessionID id.SessionID
+}
+
+var eventHeadPaths = []string{"event_id", "room_id", "sender", "type", "state_key", "content.session_id"}
+
+// parseEventHead reads an event's head fields from its JSON, which the transaction's parse already validated,
+// without decoding the rest (the worker does that later). Fields of the wrong type read as absent.
+func parseEventHead(raw []byte) (head eventHead, ok bool) {
+	if len(raw) == 0 || raw[0] != '{' {
+		return head, false
+	}
+	res := gjson.GetManyBytes(raw, eventHeadPaths...)
+	str := func(r gjson.Result) string {
+		if r.Type == gjson.String {
+			return r.Str
+		}
+		return ""
+	}
+	head = eventHead{
+		ID: id.EventID(str(res[0])), RoomID: id.RoomID(str(res[1])), Sender: id.UserID(str(res[2])), Type: str(res[3]),
+		IsState: res[4].Type == gjson.String, SessionID: id.SessionID(str(res[5])),
+	}
+	return head, head.ID != "" && head.RoomID != "" && head.Type != ""
 }
 
 func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice ToDeviceHandler) {
@@ -116,20 +137,20 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 		rows := make([]*database.InboxEvent, 0, len(txn.Events))
 		now := time.Now()
 		for _, raw := range txn.Events {
-			var head eventHead
-			if err = json.Unmarshal(raw, &head); err != nil || head.ID == "" || head.RoomID == "" || head.Type == "" {
+			head, ok := parseEventHead(raw)
+			if !ok {
 				// Refusing the whole transaction would make the homeserver redeliver it forever.
 				log.Warn().Msg("Skipping event without event_id, room_id or type")
 				continue
 			}
-			if head.StateKey == nil && b.Ghosts.IsOwn(head.Sender) {
+			if !head.IsState && b.Ghosts.IsOwn(head.Sender) {
 				// Echoes of ferry's own messages would only be stored, fetched and dropped by the worker. State
 				// events are kept: the state store learns ferry's own memberships from them.
 				continue
 			}
 			rows = append(rows, &database.InboxEvent{
 				EventID: head.ID, RoomID: head.RoomID, Sender: head.Sender, Type: head.Type, Raw: raw,
-				State: database.InboxPending, SessionID: head.Content.SessionID, ReceivedAt: now,
+				State: database.InboxPending, SessionID: head.SessionID, ReceivedAt: now,
 			})
 		}
 		// Keep handling even if the homeserver hangs up: the transaction is answered only once recorded.

@@ -152,3 +152,25 @@ func TestIntakeSkipsOwnEchoes(t *testing.T) {
 		t.Fatalf("recorded %v, %v; want the ghost's join and the real user's message", rows, err)
 	}
 }
+
+func TestParseEventHead(t *testing.T) {
+	cases := []struct {
+		raw     string
+		ok      bool
+		isState bool
+		session string
+	}{
+		{`{"event_id":"$e","room_id":"!r","sender":"@a:x","type":"m.room.encrypted","content":{"session_id":"S"}}`, true, false, "S"},
+		{`{"event_id":"$e","room_id":"!r","sender":"@a:x","type":"m.room.create","state_key":"","content":{}}`, true, true, ""},
+		{`{"event_id":"$e","room_id":"!r","type":"m.room.message","state_key":null}`, true, false, ""},
+		{`{"event_id":1,"room_id":"!r","type":"m.room.message"}`, false, false, ""},
+		{`{"room_id":"!r","type":"m.room.message"}`, false, false, ""},
+		{`["not an event"]`, false, false, ""},
+	}
+	for _, tc := range cases {
+		head, ok := parseEventHead([]byte(tc.raw))
+		if ok != tc.ok || (ok && (head.IsState != tc.isState || string(head.SessionID) != tc.session)) {
+			t.Errorf("parseEventHead(%s) = %+v, %v", tc.raw, head, ok)
+		}
+	}
+}
