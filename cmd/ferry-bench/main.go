@@ -81,7 +81,7 @@ func run(args []string) int {
 	fs.IntVar(&st.pairs, "pairs", 50, "linked room pairs (A_i → B_i)")
 	fs.IntVar(&st.senders, "senders", 2, "sending users per source room")
 	fs.IntVar(&st.receivers, "receivers", 1, "receiving users (one device each) per target room")
-	fs.IntVar(&st.messages, "messages", 20000, "messages pre-encrypted for the full-speed run (it stops early when they run out)")
+	fs.IntVar(&st.messages, "messages", 80000, "messages pre-encrypted for the full-speed run (it stops early when they run out)")
 	fs.DurationVar(&st.duration, "duration", 20*time.Second, "how long the full-speed run produces messages")
 	fs.IntVar(&st.window, "window", 1000, "full speed: messages in flight at most (closed loop)")
 	fs.StringVar(&rates, "rate", fmt.Sprint(targetRate), "fixed-rate runs: messages per second offered (open loop), comma-separated")
