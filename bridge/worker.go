@@ -148,7 +148,11 @@ func (b *Bridge) commitBatch(ctx context.Context, bw *batchWrites) bool {
 	}
 	defer b.DB.EventMap.Unstage(bw.copies)
 	for {
-		err := b.writeBatch(ctx, bw)
+		// A worker that is stopping still records what it already sent (bounded), so that a clean restart
+		// does not send those copies again.
+		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		err := b.writeBatch(wctx, bw)
+		cancel()
 		if err == nil {
 			break
 		}
