@@ -110,6 +110,10 @@ func (b *Bridge) handleState(ctx context.Context, evt *event.Event) {
 		b.roomNames.lock.Lock()
 		delete(b.roomNames.names, evt.RoomID)
 		b.roomNames.lock.Unlock()
+	default:
+		if isCallMember(evt.Type) {
+			b.handleCallMember(ctx, evt)
+		}
 	}
 }
 
