@@ -73,6 +73,11 @@ test("a full 1:1 call crosses the link: every event decrypted, call IDs mapped p
     assert.deepEqual(inv.content.sdp_stream_metadata, { s1: { purpose: "m.usermedia" } });
     assert.ok(inv.content.lifetime > 0 && inv.content.lifetime <= 60000, `lifetime ${inv.content.lifetime} is what is left of 60000`);
     assert.ok(inv.sender.includes("alice"), "sent by alice's ghost");
+    // Element offers its 1:1 call button when the room has two members besides its functional members (the bot).
+    const service = bob.client.getRoom(roomB).currentState.getStateEvents("io.element.functional_members", "")?.getContent().service_members ?? [];
+    assert.deepEqual(service, [stack.botUserId]);
+    const people = bob.client.getRoom(roomB).getJoinedMembers().map((m) => m.userId).filter((u) => !service.includes(u));
+    assert.deepEqual(people.sort(), [bob.userId, inv.sender].sort(), "room B looks like a 1:1 room: bob and alice's ghost");
 
     // Candidates in two batches, in order.
     const c1 = [
@@ -191,6 +196,8 @@ test("glare: alice and bob call each other at once, exactly one call survives on
     const bobInvites = (await alice.events(roomA)).filter((e) => e.type === "m.call.invite" && e.content.party_id === "GLAREBBB");
     for (const e of bobInvites) await ghostCall(alice, roomA, "m.call.hangup", (c) => c.call_id === e.content.call_id, "the hangup of bob's invite copy");
 
+    assert.match(stack.ferry.logs(), /Glare: /, "ferry settled the glare itself");
+
     // The surviving call works: bob answers it, alice gets the answer for her call_id.
     await bob.sendEvent(roomB, "m.call.answer", { call_id: copyA, party_id: "GLAREBBB", version: "1", answer: { type: "answer", sdp: sdpAnswer } });
     const ans = await ghostCall(alice, roomA, "m.call.answer", (c) => c.party_id === "GLAREBBB", "bob's answer to the surviving call");
@@ -206,6 +213,25 @@ test("glare: alice and bob call each other at once, exactly one call survives on
     await alice.waitForEvent(roomA, (e) => isGhost(e.sender) && e.content.body === "after glare", T, "the text after glare");
     const stray = (await alice.events(roomA)).filter((e) => e.type === "m.call.candidates" && e.content.party_id === "GLAREBBB");
     assert.deepEqual(stray, [], "the losing call's candidates were not relayed");
+});
+
+test("glare after the losing invite was already relayed: its copy and the original are both hung up", async () => {
+    const stamp = Date.now();
+    const callA = `${stamp}1late`; // lesser: wins although it comes second
+    const callB = `${stamp}2late`;
+    await bob.sendEvent(roomB, "m.call.invite", invite(callB, "LATEBBBB"));
+    const bobsCopy = await ghostCall(alice, roomA, "m.call.invite", (c) => c.party_id === "LATEBBBB", "bob's invite in A");
+    // alice's invite crossed bob's in flight.
+    await alice.sendEvent(roomA, "m.call.invite", invite(callA, "LATEAAAA"));
+    const h1 = await ghostCall(alice, roomA, "m.call.hangup", (c) => c.call_id === bobsCopy.content.call_id, "the hangup of bob's copy in A");
+    assertDecrypted(h1);
+    assert.equal(h1.content.party_id, "LATEBBBB", "alice hears it from bob's party");
+    const h2 = await ghostCall(bob, roomB, "m.call.hangup", (c) => c.call_id === callB, "the hangup of bob's own call in B");
+    assert.equal(h2.content.party_id, "LATEAAAA", "bob hears it from alice's party");
+    const survivor = await ghostCall(bob, roomB, "m.call.invite", (c) => c.party_id === "LATEAAAA", "alice's invite in B");
+    assert.ok(survivor.content.call_id < callB, "bob's client would also keep alice's call");
+    await alice.sendEvent(roomA, "m.call.hangup", { call_id: callA, party_id: "LATEAAAA", version: "1" });
+    await ghostCall(bob, roomB, "m.call.hangup", (c) => c.call_id === survivor.content.call_id, "alice's hangup");
 });
 
 /** A werift peer that gathers loopback host candidates only (the test machine has no other reachable route). */
@@ -336,4 +362,11 @@ test("unlinking mid-call hangs up the call on both sides", async () => {
     assertDecrypted(hB);
     assert.ok(hB.sender.includes("alice"), "bob hears it from alice's ghost");
     assert.equal(hB.content.party_id, "UNLINKAP");
+});
+
+test("no SDP or ICE candidate reaches ferry's logs", () => {
+    const logs = stack.ferry.logs();
+    for (const secret of ["o=- 20518", "o=- 99120", "127.0.0.1 40001", "webrtc-datachannel", "a=fingerprint"]) {
+        assert.ok(!logs.includes(secret), `ferry's log contains ${JSON.stringify(secret)}`);
+    }
 });
