@@ -40,7 +40,8 @@ import (
 	"go.ferry.im/ferry/database"
 )
 
-// Legacy 1:1 call event types whose call_id ferry maps.
+// Legacy 1:1 call event types ferry knows by name. Every m.call.* message event except group-call ringing is
+// treated as 1:1 signaling: its call_id is mapped, and it crosses only for a call ferry relays.
 const (
 	callInvite          = "m.call.invite"
 	callCandidates      = "m.call.candidates"
@@ -53,11 +54,7 @@ const (
 )
 
 func isLegacyCall(t event.Type) bool {
-	switch t.Type {
-	case callInvite, callCandidates, callAnswer, callSelectAnswer, callReject, callNegotiate, callHangup, callStreamsMetadata:
-		return true
-	}
-	return false
+	return strings.HasPrefix(t.Type, "m.call.") && !isCallNotification(t) && !isCallMember(t)
 }
 
 // Group call ringing, as message events, newest first.
@@ -295,6 +292,9 @@ func (b *Bridge) mapCallFor(ctx context.Context, evt *event.Event, target id.Roo
 		return err
 	} else if call == nil || call.Rooms[target] == "" {
 		return errCallUnknown
+	} else if evt.RoomID != call.OriginRoom && target != call.OriginRoom {
+		// In a link of more than two rooms, the callee side talks only to the caller, never to other callees.
+		return errCallUnknown
 	}
 	m := &linkMapper{b: b, target: target}
 	if err = mapCallContent(evt.Type.Type, content.Raw, call.Rooms[target], time.UnixMilli(evt.Timestamp), time.Now(), m.UserIn); err != nil {
@@ -399,15 +399,20 @@ func (b *Bridge) endCallsForUnlink(ctx context.Context, link *database.Link, roo
 // callNotifiedKey names the kv entry holding when ferry last sent call ringing into a room.
 func callNotifiedKey(room id.RoomID) string { return "call_notified:" + string(room) }
 
-// claimCallNotification reports whether a call notification may go into room now, and records that one did.
-func (b *Bridge) claimCallNotification(ctx context.Context, room id.RoomID) bool {
+// claimCallNotification reports whether call ringing caused by event cause may go into room now, and records
+// that it did. The same cause may claim again (a retry of its relay), another one only after callNotifyWindow.
+func (b *Bridge) claimCallNotification(ctx context.Context, room id.RoomID, cause id.EventID) bool {
 	now := time.Now()
 	if v, err := b.DB.KV.Get(ctx, callNotifiedKey(room)); err == nil && v != "" {
-		if ms, perr := strconv.ParseInt(v, 10, 64); perr == nil && now.Sub(time.UnixMilli(ms)) < callNotifyWindow {
+		msText, prevCause, _ := strings.Cut(v, " ")
+		if id.EventID(prevCause) == cause {
+			return true
+		}
+		if ms, perr := strconv.ParseInt(msText, 10, 64); perr == nil && now.Sub(time.UnixMilli(ms)) < callNotifyWindow {
 			return false
 		}
 	}
-	_ = b.DB.KV.Set(ctx, callNotifiedKey(room), strconv.FormatInt(now.UnixMilli(), 10))
+	_ = b.DB.KV.Set(ctx, callNotifiedKey(room), strconv.FormatInt(now.UnixMilli(), 10)+" "+string(cause))
 	return true
 }
 
@@ -418,7 +423,7 @@ func (b *Bridge) prepareCallNotification(ctx context.Context, evt *event.Event, 
 		if done, err := b.DB.EventMap.Get(ctx, evt.ID, target); err == nil && done != nil {
 			continue
 		}
-		if !b.claimCallNotification(ctx, target) {
+		if !b.claimCallNotification(ctx, target, evt.ID) {
 			zerolog.Ctx(ctx).Debug().Stringer("target_room_id", target).Msg("Call ringing already sent, not relaying another")
 			return outcome{state: database.InboxDone}, true
 		}
@@ -452,7 +457,7 @@ func (b *Bridge) handleCallMember(ctx context.Context, evt *event.Event) {
 	}
 	where := b.roomName(ctx, evt.RoomID)
 	for _, target := range link.Others(evt.RoomID) {
-		if b.claimCallNotification(ctx, target) {
+		if b.claimCallNotification(ctx, target, evt.ID) {
 			notif := map[string]any{
 				"notification_type": "notification",
 				"sender_ts":         float64(evt.Timestamp),

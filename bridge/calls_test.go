@@ -181,7 +181,7 @@ func TestGlareWinner(t *testing.T) {
 }
 
 func TestCallEventKinds(t *testing.T) {
-	for _, typ := range []string{callInvite, callCandidates, callAnswer, callSelectAnswer, callReject, callNegotiate, callHangup, callStreamsMetadata} {
+	for _, typ := range []string{callInvite, callCandidates, callAnswer, callSelectAnswer, callReject, callNegotiate, callHangup, callStreamsMetadata, "m.call.asserted_identity"} {
 		et := event.Type{Type: typ, Class: event.MessageEventType}
 		if !isLegacyCall(et) || !relayable(et) {
 			t.Errorf("%s: legacy=%v relayable=%v", typ, isLegacyCall(et), relayable(et))
