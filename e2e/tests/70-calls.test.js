@@ -345,6 +345,38 @@ test("a group call starting in room A rings room B and names who is in it, witho
     assert.equal(rings.length, 1, "one notification for one call");
 });
 
+test("a client's own ringing event crosses once, standing alone, from the caller's ghost", async () => {
+    // Fresh rooms: ringing into a room is sent at most once a minute, and room B was just rung.
+    const a2 = await alice.createEncryptedRoom({ name: "Room A2" });
+    const b2 = await bob.createEncryptedRoom({ name: "Room B2" });
+    await inviteBot(stack, alice, a2);
+    await inviteBot(stack, bob, b2);
+    await command(stack, alice, a2, `!ferry link ${b2}`);
+    await bob.waitForEvent(b2, (e) => e.sender === stack.botUserId && /asks to link/.test(e.content.body ?? ""), T, "the second link request");
+    assert.match((await command(stack, bob, b2, "!ferry accept")).content.body, /Linked/);
+
+    // A state event stands in for the caller's call member event: state never crosses, so it has no copy in B2.
+    const memberEvent = await alice.sendState(a2, "m.room.topic", { topic: "calling" });
+    await alice.sendEvent(a2, "m.rtc.notification", {
+        "m.mentions": { user_ids: [], room: true },
+        notification_type: "ring",
+        "m.relates_to": { rel_type: "m.reference", event_id: memberEvent },
+        sender_ts: Date.now(),
+        lifetime: 30000,
+        "m.call.intent": "audio",
+    });
+    const ring = await bob.waitForEvent(b2, (e) => isGhost(e.sender) && e.type === "m.rtc.notification", T, "the relayed ring");
+    assertDecrypted(ring);
+    assert.equal(ring.content.notification_type, "ring");
+    assert.equal(ring.content["m.call.intent"], "audio");
+    assert.equal(ring.content["m.relates_to"], undefined, "the reference to a room-A event does not cross");
+    // A second ring moments later is not relayed.
+    await alice.sendEvent(a2, "m.rtc.notification", { "m.mentions": { user_ids: [], room: true }, notification_type: "ring", sender_ts: Date.now(), lifetime: 30000 });
+    await alice.sendText(a2, "after the rings");
+    await bob.waitForEvent(b2, (e) => isGhost(e.sender) && e.content.body === "after the rings", T, "the text after the rings");
+    assert.equal((await bob.events(b2)).filter((e) => e.type === "m.rtc.notification").length, 1, "one ring per call");
+});
+
 test("unlinking mid-call hangs up the call on both sides", async () => {
     const callA = newCallId("unlink");
     await alice.sendEvent(roomA, "m.call.invite", invite(callA, "UNLINKAP"));
