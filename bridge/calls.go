@@ -81,6 +81,9 @@ func isCallMember(t event.Type) bool {
 // defaultInviteLifetime is assumed for invites that state no lifetime.
 const defaultInviteLifetime = 90 * time.Second
 
+// hangupTimeout bounds one hangup ferry sends on its own (glare, unlink): it is not retried later.
+const hangupTimeout = 30 * time.Second
+
 // callNotifyWindow: a second notification for the same room within this window is not sent.
 const callNotifyWindow = time.Minute
 
@@ -219,8 +222,18 @@ func (b *Bridge) prepareCall(ctx context.Context, evt *event.Event, link *databa
 	return outcome{}, false
 }
 
-// prepareInvite records a new call and settles glare with calls already ringing in the link.
+// prepareInvite records a new call and settles glare with calls already ringing in the link. The hangups glare
+// calls for are sent after the decision, outside the lock.
 func (b *Bridge) prepareInvite(ctx context.Context, evt *event.Event, link *database.Link, raw map[string]any, callID string) (outcome, bool) {
+	var hangups []func()
+	res, stop := b.decideInvite(ctx, evt, link, raw, callID, &hangups)
+	for _, hangup := range hangups {
+		hangup()
+	}
+	return res, stop
+}
+
+func (b *Bridge) decideInvite(ctx context.Context, evt *event.Event, link *database.Link, raw map[string]any, callID string, hangups *[]func()) (outcome, bool) {
 	log := zerolog.Ctx(ctx).With().Str("call_id", callID).Logger()
 	callGlareLock.Lock()
 	defer callGlareLock.Unlock()
@@ -263,7 +276,7 @@ func (b *Bridge) prepareInvite(ctx context.Context, evt *event.Event, link *data
 			if err = b.DB.Calls.SetState(ctx, rival.Key, database.CallEnded); err != nil {
 				return outcome{err: err}, true
 			}
-			b.hangUpCall(ctx, rival, evt.Sender, evt.RoomID, call.CallerParty, "user_busy")
+			*hangups = append(*hangups, func() { b.hangUpCall(ctx, rival, evt.Sender, evt.RoomID, call.CallerParty, "user_busy") })
 			continue
 		}
 		log.Info().Str("winning_call_key", rival.Key).Msg("Glare: an invite already relayed wins; hanging this one up")
@@ -271,7 +284,9 @@ func (b *Bridge) prepareInvite(ctx context.Context, evt *event.Event, link *data
 		if err = b.DB.Calls.Insert(ctx, call); err != nil {
 			return outcome{err: err}, true
 		}
-		b.sendHangup(ctx, rival.Caller, rival.OriginRoom, evt.RoomID, callID, rival.CallerParty, "user_busy", call.Key)
+		*hangups = append(*hangups, func() {
+			b.sendHangup(ctx, rival.Caller, rival.OriginRoom, evt.RoomID, callID, rival.CallerParty, "user_busy", call.Key)
+		})
 		return outcome{state: database.InboxDone}, true
 	}
 	for _, target := range link.Others(evt.RoomID) {
@@ -328,6 +343,8 @@ func (b *Bridge) sendHangup(ctx context.Context, real id.UserID, realRoom, room 
 	}
 	raw := map[string]any{"call_id": callID, "party_id": party, "version": "1", "reason": reason}
 	txnID := TxnID(id.EventID("hangup:"+callKey+":"+callID), room)
+	ctx, cancel := context.WithTimeout(ctx, hangupTimeout)
+	defer cancel()
 	if err := b.sendAs(ctx, real, realRoom, room, event.Type{Type: callHangup, Class: event.MessageEventType}, raw, txnID); err != nil {
 		zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", room).Msg("Failed to hang up a call")
 	}

@@ -1,8 +1,11 @@
 package bridge
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -13,6 +16,8 @@ import (
 
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database/dbtest"
 )
 
 // The call fixtures live in testdata/calls: <case>.event.json is a call event shaped like the spec's examples,
@@ -240,5 +245,149 @@ func TestActiveCallMember(t *testing.T) {
 		if got := activeCallMember(raw); got != tc.want {
 			t.Errorf("%s: got %v, want %v", name, got, tc.want)
 		}
+	}
+}
+
+// callEvt builds a decrypted call event as the relay sees it.
+func callEvt(t *testing.T, evtID id.EventID, room id.RoomID, sender id.UserID, typ string, sentAt time.Time, content map[string]any) *event.Event {
+	t.Helper()
+	data, err := json.Marshal(content)
+	if err != nil {
+		t.Fatal(err)
+	}
+	evt := &event.Event{ID: evtID, RoomID: room, Sender: sender, Type: event.Type{Type: typ, Class: event.MessageEventType}, Timestamp: sentAt.UnixMilli()}
+	evt.Content.VeryRaw = data
+	_ = evt.Content.ParseRaw(evt.Type)
+	return evt
+}
+
+// TestCallRelayDecisions drives the relay's call bookkeeping on a real database for a link of three rooms: which
+// events cross into which room with which call_id, expiry, calls ferry does not know, ended calls, and glare in
+// both orders. (Sending is covered end to end; the homeserver here is unreachable, so hangups only get logged.)
+func TestCallRelayDecisions(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			b := newTestBridge(t, dialect)
+			// A homeserver that refuses everything at once, so the hangups glare sends fail fast.
+			hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusForbidden)
+				_, _ = w.Write([]byte(`{"errcode":"M_FORBIDDEN","error":"test"}`))
+			}))
+			defer hs.Close()
+			if err := b.AS.SetHomeserverURL(hs.URL); err != nil {
+				t.Fatal(err)
+			}
+			ctx := context.Background()
+			const roomA, roomB, roomC = id.RoomID("!a:ferry.test"), id.RoomID("!b:ferry.test"), id.RoomID("!c:ferry.test")
+			now := time.Now()
+			if _, err := b.DB.Links.Join(ctx, "L1", roomA, roomB, "@admin:ferry.test", now); err != nil {
+				t.Fatal(err)
+			}
+			link, err := b.DB.Links.Join(ctx, "unused", roomA, roomC, "@admin:ferry.test", now.Add(time.Second))
+			if err != nil {
+				t.Fatal(err)
+			}
+			const alice, bob = id.UserID("@alice:ferry.test"), id.UserID("@bob:ferry.test")
+			relays := func(evt *event.Event) bool {
+				t.Helper()
+				res, stop := b.prepareCall(ctx, evt, link)
+				if stop && res.err != nil {
+					t.Fatalf("prepareCall(%s): %v", evt.ID, res.err)
+				}
+				return !stop
+			}
+			// mapped returns the call_id evt gets in target, or "" when it does not cross there.
+			mapped := func(evt *event.Event, target id.RoomID) string {
+				t.Helper()
+				_, content, err := Translate(ctx, evt, &linkMapper{b: b, target: target}, Origin{EventID: evt.ID, RoomID: evt.RoomID})
+				if err != nil {
+					t.Fatalf("Translate(%s): %v", evt.ID, err)
+				}
+				if err = b.mapCallFor(ctx, evt, target, content); errors.Is(err, errCallUnknown) || errors.Is(err, errCallExpired) {
+					return ""
+				} else if err != nil {
+					t.Fatalf("mapCallFor(%s, %s): %v", evt.ID, target, err)
+				}
+				var back map[string]any
+				if err = json.Unmarshal(content.VeryRaw, &back); err != nil || back["call_id"] != content.Raw["call_id"] {
+					t.Fatalf("VeryRaw does not hold the mapped content: %s", content.VeryRaw)
+				}
+				return callString(content.Raw, "call_id")
+			}
+			base := func(callID, party string, extra map[string]any) map[string]any {
+				c := map[string]any{"call_id": callID, "party_id": party, "version": "1"}
+				for k, v := range extra {
+					c[k] = v
+				}
+				return c
+			}
+			offer := map[string]any{"lifetime": 60000, "offer": map[string]any{"type": "offer", "sdp": "v=0\r\n"}}
+
+			inv := callEvt(t, "$inv", roomA, alice, callInvite, now.Add(-time.Second), base("100call", "PA", offer))
+			if !relays(inv) {
+				t.Fatal("a fresh invite was not relayed")
+			}
+			inB, inC := mapped(inv, roomB), mapped(inv, roomC)
+			if inB == "" || inC == "" || inB == inC || inB == "100call" {
+				t.Fatalf("invite call_ids: B=%q C=%q", inB, inC)
+			}
+			// Candidates from the caller reach both callee rooms under their IDs.
+			cand := callEvt(t, "$cand", roomA, alice, callCandidates, now, base("100call", "PA", map[string]any{"candidates": []any{}}))
+			if !relays(cand) || mapped(cand, roomB) != inB || mapped(cand, roomC) != inC {
+				t.Fatal("caller's candidates not mapped per room")
+			}
+			// bob answers in B: it reaches alice under her ID, and not the other callee room.
+			ans := callEvt(t, "$ans", roomB, bob, callAnswer, now, base(inB, "PB", map[string]any{"answer": map[string]any{"type": "answer", "sdp": "v=0\r\n"}}))
+			if !relays(ans) || mapped(ans, roomA) != "100call" || mapped(ans, roomC) != "" {
+				t.Fatal("the answer from B must map to A's call_id only")
+			}
+			if c, _ := b.DB.Calls.ByRoomCallID(ctx, roomA, "100call"); c == nil || c.State != "answered" || c.Callee != bob || c.CalleeParty != "PB" {
+				t.Fatalf("answer not recorded: %+v", c)
+			}
+			// The copy's ID in A, or the original's in B, mean nothing.
+			if relays(callEvt(t, "$stray1", roomA, alice, callCandidates, now, base(inB, "PA", nil))) ||
+				relays(callEvt(t, "$stray2", roomB, bob, callCandidates, now, base("100call", "PB", nil))) {
+				t.Fatal("a call_id from the wrong room was accepted")
+			}
+			// Hangup ends the call; later signaling for it does not cross.
+			if !relays(callEvt(t, "$hang", roomB, bob, callHangup, now, base(inB, "PB", nil))) {
+				t.Fatal("hangup not relayed")
+			}
+			if relays(callEvt(t, "$late", roomA, alice, callCandidates, now, base("100call", "PA", nil))) {
+				t.Fatal("candidates of an ended call were relayed")
+			}
+			// Expired invite: not relayed, not recorded.
+			if relays(callEvt(t, "$old", roomA, alice, callInvite, now.Add(-2*time.Minute), base("200old", "PA", offer))) {
+				t.Fatal("an expired invite was relayed")
+			}
+			if c, _ := b.DB.Calls.ByRoomCallID(ctx, roomA, "200old"); c != nil {
+				t.Fatal("an expired invite was recorded")
+			}
+			if relays(callEvt(t, "$nocall", roomA, alice, callInvite, now, map[string]any{"version": "1", "lifetime": 60000})) {
+				t.Fatal("an invite without call_id was relayed")
+			}
+
+			// Glare, lesser call_id second: it wins and the first is ended.
+			if !relays(callEvt(t, "$g1", roomB, bob, callInvite, now, base("300glare-b", "GB", offer))) {
+				t.Fatal("first glare invite not relayed")
+			}
+			if !relays(callEvt(t, "$g2", roomA, alice, callInvite, now, base("300glare-a", "GA", offer))) {
+				t.Fatal("the winning glare invite was not relayed")
+			}
+			if c, _ := b.DB.Calls.ByRoomCallID(ctx, roomB, "300glare-b"); c == nil || c.State != "ended" {
+				t.Fatalf("the losing call was not ended: %+v", c)
+			}
+			// Glare, greater call_id second: it loses and is recorded as ended.
+			if relays(callEvt(t, "$g3", roomC, "@carol:ferry.test", callInvite, now, base("300glare-c", "GC", offer))) {
+				t.Fatal("the losing glare invite was relayed")
+			}
+			if c, _ := b.DB.Calls.ByRoomCallID(ctx, roomC, "300glare-c"); c == nil || c.State != "ended" {
+				t.Fatalf("the losing invite is not recorded as ended: %+v", c)
+			}
+			if c, _ := b.DB.Calls.ByRoomCallID(ctx, roomA, "300glare-a"); c == nil || c.State != "ringing" {
+				t.Fatalf("the winner is no longer ringing: %+v", c)
+			}
+		})
 	}
 }
