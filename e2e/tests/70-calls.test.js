@@ -59,11 +59,13 @@ after(async () => {
     await stack?.stop();
 });
 
-test("a full 1:1 call crosses the link: every event decrypted, call IDs mapped per room, party IDs kept", async () => {
+test("a full 1:1 call crosses the link: every event decrypted, call IDs mapped per room, party IDs kept", async (t) => {
     const callA = newCallId("flow");
+    const sentAt = Date.now();
     await alice.sendEvent(roomA, "m.call.invite", invite(callA, "ALICEPTY", { invitee: bobGhostInA, sdp_stream_metadata: { s1: { purpose: "m.usermedia" } } }));
     const inv = await ghostCall(bob, roomB, "m.call.invite", (c) => c.party_id === "ALICEPTY", "alice's invite");
     assertDecrypted(inv);
+    t.diagnostic(`invite relayed and decrypted ${Date.now() - sentAt} ms after alice sent it`);
     const callB = inv.content.call_id;
     assert.notEqual(callB, callA, "room B gets its own call_id");
     assert.equal(inv.content.offer.sdp, sdpOffer, "the SDP offer passes unchanged");
@@ -254,7 +256,7 @@ const withoutCandidates = (sdp) =>
         .filter((l) => !/^a=(candidate|end-of-candidates)/.test(l))
         .join("\r\n");
 
-test("a real WebRTC connection (ICE, DTLS, data channel) is set up using only the relayed signaling", async () => {
+test("a real WebRTC connection (ICE, DTLS, data channel) is set up using only the relayed signaling", async (t) => {
     const callA = newCallId("webrtc");
     const a = newPeer();
     const b = newPeer();
@@ -275,6 +277,7 @@ test("a real WebRTC connection (ICE, DTLS, data channel) is set up using only th
         await a.pc.setLocalDescription(await a.pc.createOffer());
         await a.gathered;
         assert.ok(a.candidates.length > 0, "alice gathered a loopback candidate");
+        const invitedAt = Date.now();
         await alice.sendEvent(roomA, "m.call.invite", invite(callA, "RTCALICE", { offer: { type: "offer", sdp: withoutCandidates(a.pc.localDescription.sdp) } }));
         await alice.sendEvent(roomA, "m.call.candidates", { call_id: callA, party_id: "RTCALICE", version: "1", candidates: [...a.candidates, { candidate: "", sdpMid: "0", sdpMLineIndex: 0 }] });
 
@@ -298,6 +301,7 @@ test("a real WebRTC connection (ICE, DTLS, data channel) is set up using only th
 
         const within = (p, what) => Promise.race([p, new Promise((_, rej) => setTimeout(() => rej(new Error(`timed out waiting for ${what}`)), T).unref())]);
         await within(dcOpen, "the data channel to open (ICE + DTLS + SCTP)");
+        t.diagnostic(`data channel open ${Date.now() - invitedAt} ms after alice sent the invite`);
         assert.equal(a.pc.connectionState, "connected");
         dc.send("ping from alice");
         assert.equal(await within(bGot, "bob's data channel message"), "ping from alice");
