@@ -30,6 +30,7 @@ type Database struct {
 	Links    *LinkQuery
 	EventMap *EventMapQuery
 	KV       *KVQuery
+	Calls    *CallQuery
 }
 
 // New wraps a root database handle. The handle may be shared with the crypto and state stores (each uses its
@@ -42,6 +43,7 @@ func New(root *dbutil.Database, log dbutil.DatabaseLogger) *Database {
 		Links:    &LinkQuery{db: db},
 		EventMap: &EventMapQuery{db: db},
 		KV:       &KVQuery{db: db},
+		Calls:    &CallQuery{db: db},
 	}
 }
 
