@@ -76,8 +76,13 @@ func newShareRig(tb testing.TB, db *dbutil.Database, n int) *shareRig {
 // database, as ferry does at start-up.
 func (r *shareRig) openGhost(tb testing.TB, deviceID id.DeviceID) *device {
 	tb.Helper()
+	return r.openDevice(tb, id.NewUserID("ghost", r.srv.Domain()), deviceID)
+}
+
+// openDevice logs one of ferry's devices in and loads (or creates and uploads) its Olm account.
+func (r *shareRig) openDevice(tb testing.TB, ghost id.UserID, deviceID id.DeviceID) *device {
+	tb.Helper()
 	ctx := context.Background()
-	ghost := id.NewUserID("ghost", r.srv.Domain())
 	cli, err := mautrix.NewClient(r.srv.URL, "", "")
 	if err != nil {
 		tb.Fatal(err)
