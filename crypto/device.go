@@ -45,7 +45,10 @@ type ShareStats struct {
 	NewOlm    int // Olm sessions created from claimed one-time keys
 	Messages  int // to-device messages sent (room keys and withheld notices)
 	Requests  int // to-device requests sent
-	Elapsed   time.Duration
+	// Where the time went: reading devices, trust and Olm sessions; claiming one-time keys and encrypting;
+	// saving the Olm sessions and recipients; sending.
+	Load, Encrypt, Save, Send time.Duration
+	Elapsed                   time.Duration
 }
 
 // sharePolicy is what a share needs from the Machine: the policy, a trust resolver and the room's state.
@@ -140,6 +143,8 @@ func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID,
 	if err != nil {
 		return nil, err
 	}
+	mark := time.Now()
+	stats.Load = mark.Sub(start)
 	encrypted := &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
 	if len(plain.Messages) > 0 {
 		// mautrix claims the missing one-time keys (one request), checks their signatures, creates the Olm
@@ -167,11 +172,13 @@ func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID,
 		dropEmpty(encrypted)
 	}
 	stats.NewOlm = batch.created
+	stats.Encrypt, mark = time.Since(mark), time.Now()
 	// Saved before sending: a crash after this point can only lose messages, never encrypt twice with the same
 	// Olm ratchet state.
 	if err = d.olm.saveShare(ctx, batch, recipients, session.ID()); err != nil {
 		return nil, err
 	}
+	stats.Save, mark = time.Since(mark), time.Now()
 	if len(encrypted.Messages) > 0 {
 		n, err := sendToDeviceChunked(ctx, d.client, event.ToDeviceEncrypted, encrypted)
 		stats.Requests += n
@@ -188,6 +195,7 @@ func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID,
 		}
 	}
 	stats.Messages = stats.Shared + countMessages(withheld)
+	stats.Send = time.Since(mark)
 	session.Shared = true
 	if err = d.store.AddOutboundGroupSession(ctx, session); err != nil {
 		return nil, fmt.Errorf("failed to save the shared session: %w", err)

@@ -139,6 +139,7 @@ func BenchmarkKeyShare(b *testing.B) {
 			b.Run(fmt.Sprintf("devices=%d/olm=%s/ferry", n, olm), func(b *testing.B) {
 				r := getBenchRig(b, n)
 				ctx := context.Background()
+				var phases [4]time.Duration
 				if olm == "existing" {
 					r.rotate(b)
 					if _, err := r.ghost.share(ctx, r.room, r.users, r.policy()); err != nil {
@@ -151,10 +152,18 @@ func BenchmarkKeyShare(b *testing.B) {
 						r.forgetOlm(b)
 					}
 				}, func() {
-					if _, err := r.ghost.share(ctx, r.room, r.users, r.policy()); err != nil {
+					stats, err := r.ghost.share(ctx, r.room, r.users, r.policy())
+					if err != nil {
 						b.Fatal(err)
 					}
+					phases[0] += stats.Load
+					phases[1] += stats.Encrypt
+					phases[2] += stats.Save
+					phases[3] += stats.Send
 				}, func() { r.verify(b, r.ghost.userID, r.ghost.mach) })
+				for i, name := range []string{"load-ms/op", "encrypt-ms/op", "save-ms/op", "send-ms/op"} {
+					b.ReportMetric(float64(phases[i].Microseconds())/1000/float64(b.N), name)
+				}
 			})
 			b.Run(fmt.Sprintf("devices=%d/olm=%s/mautrix-sql", n, olm), func(b *testing.B) {
 				r := getBenchRig(b, n)
