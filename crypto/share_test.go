@@ -309,3 +309,43 @@ func TestPlaceholders(t *testing.T) {
 		}
 	}
 }
+
+// TestShareConcurrentRooms shares from one device into several rooms at once, over the same Olm sessions, then
+// restarts: every member still decrypts every room's messages, so no save put back an older ratchet state.
+func TestShareConcurrentRooms(t *testing.T) {
+	ctx := context.Background()
+	r := newShareRig(t, dbtest.Open(t, "postgres"), 4)
+	rooms := []id.RoomID{"!a:fakehs.test", "!b:fakehs.test", "!c:fakehs.test"}
+	all := func(int) bool { return true }
+	for round := 0; round < 3; round++ {
+		errs := make(chan error, len(rooms))
+		for _, room := range rooms {
+			go func() {
+				_ = r.ghost.store.RemoveOutboundGroupSession(ctx, room)
+				_, err := r.ghost.share(ctx, room, r.users, r.policy())
+				errs <- err
+			}()
+		}
+		for range rooms {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, room := range rooms {
+			r.room = room
+			r.checkDecrypts(t, r.members, all, fmt.Sprintf("round %d in %s", round, room))
+		}
+	}
+	r.ghost = r.openGhost(t, r.ghost.client.DeviceID)
+	for _, room := range rooms {
+		r.room = room
+		r.rotate(t)
+		stats, err := r.ghost.share(ctx, room, r.users, r.policy())
+		if err != nil {
+			t.Fatal(err)
+		} else if stats.NewOlm != 0 {
+			t.Errorf("after a restart the share created %d Olm sessions, want 0", stats.NewOlm)
+		}
+		r.checkDecrypts(t, r.members, all, "after the restart in "+string(room))
+	}
+}
