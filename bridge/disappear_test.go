@@ -1,0 +1,325 @@
+package bridge
+
+import (
+	"context"
+	"errors"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database"
+)
+
+func TestParseDisappear(t *testing.T) {
+	ok := map[string]time.Duration{
+		"5s": 5 * time.Second, "90s": 90 * time.Second, "10m": 10 * time.Minute, "1h": time.Hour, "24h": 24 * time.Hour,
+		"1h30m": 90 * time.Minute, "1d": 24 * time.Hour, " 10M ": 10 * time.Minute, "off": 0, "OFF": 0, "5000ms": 5 * time.Second,
+	}
+	for in, want := range ok {
+		got, err := ParseDisappear(in)
+		if err != nil || got != want {
+			t.Errorf("ParseDisappear(%q) = %v, %v; want %v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"4s", "4999ms", "24h1s", "25h", "2d", "-5s", "0s", "5", "ten minutes", "", "1.5", "5x", "1e3s", "5s5", "1.0000001s", "d"} {
+		if got, err := ParseDisappear(in); err == nil {
+			t.Errorf("ParseDisappear(%q) = %v, want an error", in, got)
+		} else if !strings.Contains(err.Error(), "5 seconds to 24 hours") {
+			t.Errorf("ParseDisappear(%q) error %q does not name the allowed range", in, err)
+		}
+	}
+}
+
+func TestDisappearStateContent(t *testing.T) {
+	on, err := disappearStateContent(10 * time.Minute).MarshalJSON()
+	if err != nil || string(on) != `{"type":"after_send","timer":600000}` {
+		t.Fatalf("on = %s, %v", on, err)
+	}
+	off, err := disappearStateContent(0).MarshalJSON()
+	if err != nil || string(off) != `{}` {
+		t.Fatalf("off = %s, %v", off, err)
+	}
+}
+
+// fakeClock is a clock the test moves by hand.
+type fakeClock struct {
+	lock    sync.Mutex
+	now     time.Time
+	waiters []fakeWaiter
+}
+
+type fakeWaiter struct {
+	at time.Time
+	ch chan time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.lock.Lock()
+	defer c.lock.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) After(d time.Duration) <-chan time.Time {
+	c.lock.Lock()
+	defer c.lock.Unlock()
+	ch := make(chan time.Time, 1)
+	c.waiters = append(c.waiters, fakeWaiter{at: c.now.Add(d), ch: ch})
+	return ch
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.lock.Lock()
+	defer c.lock.Unlock()
+	c.now = c.now.Add(d)
+	kept := c.waiters[:0]
+	for _, w := range c.waiters {
+		if !w.at.After(c.now) {
+			w.ch <- c.now
+		} else {
+			kept = append(kept, w)
+		}
+	}
+	c.waiters = kept
+}
+
+// memStore is an in-memory redactionStore.
+type memStore struct {
+	lock sync.Mutex
+	rows map[id.EventID]*memRow
+}
+
+type memRow struct {
+	r         database.Redaction
+	notBefore time.Time
+	failed    string
+	lastError string
+}
+
+func newMemStore(rs ...*database.Redaction) *memStore {
+	s := &memStore{rows: make(map[id.EventID]*memRow)}
+	for _, r := range rs {
+		s.rows[r.EventID] = &memRow{r: *r}
+	}
+	return s
+}
+
+func (s *memStore) Due(_ context.Context, now time.Time, limit int) ([]*database.Redaction, error) {
+	s.lock.Lock()
+	defer s.lock.Unlock()
+	var out []*database.Redaction
+	for _, row := range s.rows {
+		if row.failed == "" && !row.r.Deadline.After(now) && !row.notBefore.After(now) {
+			r := row.r
+			out = append(out, &r)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Deadline.Before(out[j].Deadline) })
+	if len(out) > limit {
+		out = out[:limit]
+	}
+	return out, nil
+}
+
+func (s *memStore) Next(context.Context) (time.Time, bool, error) {
+	s.lock.Lock()
+	defer s.lock.Unlock()
+	var next time.Time
+	for _, row := range s.rows {
+		if row.failed != "" {
+			continue
+		}
+		at := row.r.Deadline
+		if row.notBefore.After(at) {
+			at = row.notBefore
+		}
+		if next.IsZero() || at.Before(next) {
+			next = at
+		}
+	}
+	return next, !next.IsZero(), nil
+}
+
+func (s *memStore) Done(_ context.Context, evt id.EventID) error {
+	s.lock.Lock()
+	defer s.lock.Unlock()
+	delete(s.rows, evt)
+	return nil
+}
+
+func (s *memStore) Retry(_ context.Context, evt id.EventID, notBefore time.Time, lastError string) error {
+	s.lock.Lock()
+	defer s.lock.Unlock()
+	row := s.rows[evt]
+	row.r.Attempts++
+	row.notBefore, row.lastError = notBefore, lastError
+	return nil
+}
+
+func (s *memStore) Fail(_ context.Context, evt id.EventID, lastError string) error {
+	s.lock.Lock()
+	defer s.lock.Unlock()
+	s.rows[evt].failed = lastError
+	return nil
+}
+
+func (s *memStore) count() int {
+	s.lock.Lock()
+	defer s.lock.Unlock()
+	return len(s.rows)
+}
+
+func (s *memStore) has(evt id.EventID) bool {
+	s.lock.Lock()
+	defer s.lock.Unlock()
+	_, ok := s.rows[evt]
+	return ok
+}
+
+// redactLog records redaction attempts and answers with scripted results.
+type redactLog struct {
+	lock     sync.Mutex
+	clock    *fakeClock
+	attempts map[id.EventID][]time.Time
+	script   map[id.EventID][]redactionResult
+}
+
+func (l *redactLog) redact(_ context.Context, r *database.Redaction) redactionResult {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	l.attempts[r.EventID] = append(l.attempts[r.EventID], l.clock.Now())
+	if s := l.script[r.EventID]; len(s) > 0 {
+		l.script[r.EventID] = s[1:]
+		return s[0]
+	}
+	return redactionResult{done: true}
+}
+
+func (l *redactLog) times(evt id.EventID) []time.Time {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	return append([]time.Time(nil), l.attempts[evt]...)
+}
+
+func newTestScheduler(t0 time.Time, rs ...*database.Redaction) (*scheduler, *fakeClock, *memStore, *redactLog) {
+	clk := &fakeClock{now: t0}
+	store := newMemStore(rs...)
+	log := &redactLog{clock: clk, attempts: make(map[id.EventID][]time.Time), script: make(map[id.EventID][]redactionResult)}
+	s := &scheduler{store: store, redact: log.redact, clock: clk, kick: make(chan struct{}), maxSleep: time.Hour, log: zerolog.Nop()}
+	return s, clk, store, log
+}
+
+func TestSchedulerRedactsAtDeadlines(t *testing.T) {
+	ctx := context.Background()
+	t0 := time.UnixMilli(1_700_000_000_000)
+	s, clk, store, log := newTestScheduler(t0,
+		&database.Redaction{EventID: "$copy", RoomID: "!b", RedactAs: "@_ferry_alice:x", Deadline: t0.Add(5 * time.Second)},
+		&database.Redaction{EventID: "$orig", RoomID: "!a", Original: true, Deadline: t0.Add(5 * time.Second)},
+		&database.Redaction{EventID: "$later", RoomID: "!b", Deadline: t0.Add(time.Minute)},
+	)
+	if wait := s.round(ctx); wait != 5*time.Second {
+		t.Fatalf("first wait = %v, want the 5s to the first deadline", wait)
+	}
+	if n := len(log.times("$copy")) + len(log.times("$orig")); n != 0 {
+		t.Fatalf("redacted %d events before their deadline", n)
+	}
+	clk.Advance(4999 * time.Millisecond)
+	s.round(ctx)
+	if len(log.times("$copy")) != 0 {
+		t.Fatal("redacted 1 ms early")
+	}
+	clk.Advance(time.Millisecond)
+	wait := s.round(ctx)
+	for _, evt := range []id.EventID{"$copy", "$orig"} {
+		if got := log.times(evt); len(got) != 1 || !got[0].Equal(t0.Add(5*time.Second)) {
+			t.Fatalf("%s redacted at %v, want once at the deadline", evt, got)
+		}
+		if store.has(evt) {
+			t.Fatalf("%s still scheduled after its redaction", evt)
+		}
+	}
+	if wait != 55*time.Second || len(log.times("$later")) != 0 {
+		t.Fatalf("after the first deadline: wait %v (want 55s), $later attempts %d", wait, len(log.times("$later")))
+	}
+}
+
+func TestSchedulerRetriesAndFails(t *testing.T) {
+	ctx := context.Background()
+	t0 := time.UnixMilli(1_700_000_000_000)
+	s, clk, store, log := newTestScheduler(t0,
+		&database.Redaction{EventID: "$limited", RoomID: "!b", Deadline: t0},
+		&database.Redaction{EventID: "$down", RoomID: "!b", Deadline: t0},
+		&database.Redaction{EventID: "$forbidden", RoomID: "!a", Original: true, Deadline: t0},
+	)
+	log.script["$limited"] = []redactionResult{{retryIn: 3 * time.Second, err: errors.New("M_LIMIT_EXCEEDED")}}
+	log.script["$down"] = []redactionResult{{err: errors.New("502")}, {err: errors.New("502")}}
+	log.script["$forbidden"] = []redactionResult{{fail: "the homeserver answered M_FORBIDDEN"}}
+
+	if wait := s.round(ctx); wait != time.Second {
+		t.Fatalf("wait after the first failures = %v, want the 1s backoff of $down", wait)
+	}
+	if !store.has("$forbidden") || store.rows["$forbidden"].failed == "" {
+		t.Fatal("a permanent failure must stay recorded as failed, not vanish")
+	}
+	clk.Advance(time.Second)
+	s.round(ctx) // $down: second failure, backoff doubles to 2s
+	clk.Advance(2 * time.Second)
+	s.round(ctx) // $down succeeds at t0+3s, and $limited's retry_after is over
+	if got := log.times("$down"); len(got) != 3 || !got[1].Equal(t0.Add(time.Second)) || !got[2].Equal(t0.Add(3*time.Second)) {
+		t.Fatalf("$down attempts at %v, want t0, t0+1s, t0+3s", got)
+	}
+	if got := log.times("$limited"); len(got) != 2 || !got[1].Equal(t0.Add(3*time.Second)) {
+		t.Fatalf("$limited attempts at %v, want t0 and after the 3s the server asked for", got)
+	}
+	if store.has("$down") || store.has("$limited") {
+		t.Fatal("retried redactions that went through are still scheduled")
+	}
+	clk.Advance(time.Hour)
+	s.round(ctx)
+	if n := len(log.times("$forbidden")); n != 1 {
+		t.Fatalf("a failed redaction was attempted %d times, want once", n)
+	}
+}
+
+func TestSchedulerCatchesUpAfterRestart(t *testing.T) {
+	// Deadlines that passed while ferry was stopped are redacted on the first round, not skipped.
+	t0 := time.UnixMilli(1_700_000_000_000)
+	var rs []*database.Redaction
+	for i := range 250 {
+		rs = append(rs, &database.Redaction{EventID: id.EventID("$e" + string(rune('a'+i%26)) + time.Duration(i).String()), RoomID: "!b", Deadline: t0.Add(-time.Duration(i) * time.Second)})
+	}
+	rs = append(rs, &database.Redaction{EventID: "$future", RoomID: "!b", Deadline: t0.Add(time.Hour)})
+	s, clk, store, log := newTestScheduler(t0, rs...)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.run(ctx); close(done) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for store.count() > 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d overdue redactions left after start", store.count()-1)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	for _, r := range rs[:250] {
+		if got := log.times(r.EventID); len(got) != 1 || !got[0].Equal(t0) {
+			t.Fatalf("%s redacted at %v, want once, right at start", r.EventID, got)
+		}
+	}
+	// The loop now sleeps until $future's deadline; moving the clock there wakes it.
+	for len(log.times("$future")) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("$future was not redacted after its deadline")
+		}
+		clk.Advance(10 * time.Minute)
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := log.times("$future")[0]; got.Before(t0.Add(time.Hour)) {
+		t.Fatalf("$future redacted at %v, before its deadline", got)
+	}
+	cancel()
+	<-done
+}
