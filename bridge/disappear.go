@@ -258,7 +258,9 @@ type roomSession struct {
 	session id.SessionID
 }
 
-// currentOutbound is the last tracked outbound session of one of ferry's users in a room.
+// currentOutbound is an outbound session ferry encrypted with. It is shared by every sender that used it (in
+// single-device mode the bot's session carries the bot's and every ghost's messages), so a change of its kind
+// is seen by all of them.
 type currentOutbound struct {
 	session   id.SessionID
 	firstUsed time.Time
@@ -268,16 +270,18 @@ type currentOutbound struct {
 // disappearer holds the in-memory index of tracked sessions, so the relay path touches the database only for
 // sessions that matter.
 type disappearer struct {
-	lock    sync.Mutex
-	tracked map[roomSession]bool // sessions in disappear_session whose keys are still stored
-	current map[senderRoom]*currentOutbound
-	loaded  bool
-	kick    chan struct{}
+	lock     sync.Mutex
+	tracked  map[roomSession]bool // sessions that have a row in disappear_session
+	current  map[senderRoom]*currentOutbound
+	sessions map[roomSession]*currentOutbound // the same objects, by session
+	loaded   bool
+	kick     chan struct{}
 }
 
 func (b *Bridge) disappear() *disappearer {
 	b.disappearOnce.Do(func() {
-		b.disappearing = &disappearer{tracked: make(map[roomSession]bool), current: make(map[senderRoom]*currentOutbound), kick: make(chan struct{}, 1)}
+		b.disappearing = &disappearer{tracked: make(map[roomSession]bool), current: make(map[senderRoom]*currentOutbound),
+			sessions: make(map[roomSession]*currentOutbound), kick: make(chan struct{}, 1)}
 	})
 	return b.disappearing
 }
@@ -310,6 +314,22 @@ func (d *disappearer) forgetRoom(room id.RoomID) {
 			delete(d.current, k)
 		}
 	}
+	for k := range d.sessions {
+		if k.room == room {
+			delete(d.sessions, k)
+		}
+	}
+}
+
+// use records that sender encrypted with session in room, and returns the shared record of the session.
+func (d *disappearer) use(sender id.UserID, room id.RoomID, session id.SessionID, firstUsed time.Time) *currentOutbound {
+	cur := d.sessions[roomSession{room, session}]
+	if cur == nil {
+		cur = &currentOutbound{session: session, firstUsed: firstUsed}
+		d.sessions[roomSession{room, session}] = cur
+	}
+	d.current[senderRoom{sender, room}] = cur
+	return cur
 }
 
 func (d *disappearer) forgetSession(room id.RoomID, session id.SessionID) {
@@ -320,6 +340,7 @@ func (d *disappearer) forgetSession(room id.RoomID, session id.SessionID) {
 			delete(d.current, k)
 		}
 	}
+	delete(d.sessions, roomSession{room, session})
 }
 
 func (d *disappearer) noteInbound(ctx context.Context, b *Bridge, room id.RoomID, session id.SessionID, sender id.UserID, deadline time.Time) {
@@ -352,9 +373,12 @@ func (b *Bridge) beforeEncrypt(ctx context.Context, sender id.UserID, room id.Ro
 	disappearing := info != nil && !info.deadline.IsZero()
 	d := b.disappear()
 	d.lock.Lock()
-	cur := d.current[senderRoom{sender, room}]
+	var cur currentOutbound
+	if c := d.current[senderRoom{sender, room}]; c != nil {
+		cur = *c
+	}
 	d.lock.Unlock()
-	if cur == nil {
+	if cur.session == "" {
 		return
 	}
 	stale := cur.keep == disappearing || disappearing && time.Since(cur.firstUsed) >= info.window
@@ -365,9 +389,7 @@ func (b *Bridge) beforeEncrypt(ctx context.Context, sender id.UserID, room id.Ro
 		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to rotate an outbound session for disappearing messages")
 		return
 	}
-	d.lock.Lock()
-	delete(d.current, senderRoom{sender, room})
-	d.lock.Unlock()
+	d.forgetSession(room, cur.session)
 }
 
 // afterEncrypt tracks the outbound session a message was encrypted with when the message disappears or the
@@ -388,9 +410,7 @@ func (b *Bridge) afterEncrypt(ctx context.Context, sender id.UserID, room id.Roo
 	if deadline.IsZero() && !d.isTracked(room, enc.SessionID) {
 		d.lock.Lock()
 		// Remembered (without a database row) so a later disappearing message does not join this session.
-		if cur := d.current[senderRoom{sender, room}]; cur == nil || cur.session != enc.SessionID {
-			d.current[senderRoom{sender, room}] = &currentOutbound{session: enc.SessionID, firstUsed: time.Now(), keep: true}
-		}
+		d.use(sender, room, enc.SessionID, time.Now()).keep = true
 		d.lock.Unlock()
 		return
 	}
@@ -401,7 +421,8 @@ func (b *Bridge) afterEncrypt(ctx context.Context, sender id.UserID, room id.Roo
 	}
 	d.lock.Lock()
 	d.tracked[roomSession{room, enc.SessionID}] = true
-	d.current[senderRoom{sender, room}] = &currentOutbound{session: s.SessionID, firstUsed: s.FirstUsed, keep: s.Keep}
+	cur := d.use(sender, room, s.SessionID, s.FirstUsed)
+	cur.firstUsed, cur.keep = s.FirstUsed, s.Keep
 	d.lock.Unlock()
 }
 

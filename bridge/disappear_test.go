@@ -4,15 +4,19 @@ import (
 	"context"
 	"errors"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/database/dbtest"
 )
 
 func TestParseDisappear(t *testing.T) {
@@ -322,4 +326,88 @@ func TestSchedulerCatchesUpAfterRestart(t *testing.T) {
 	}
 	cancel()
 	<-done
+}
+
+// rotationCrypto is a fake E2EE layer that hands out outbound sessions per (sender, room) like one device per
+// sender, and records discards.
+type rotationCrypto struct {
+	benchCrypto
+	next      int
+	current   map[senderRoom]id.SessionID
+	discarded []id.SessionID
+}
+
+func (c *rotationCrypto) Encrypt(_ context.Context, sender id.UserID, room id.RoomID, _ event.Type, _ *event.Content) (*event.EncryptedEventContent, error) {
+	k := senderRoom{sender, room}
+	if c.current[k] == "" {
+		c.next++
+		c.current[k] = id.SessionID("s" + strconv.Itoa(c.next))
+	}
+	return &event.EncryptedEventContent{SessionID: c.current[k]}, nil
+}
+
+func (c *rotationCrypto) DiscardOutboundSession(_ context.Context, room id.RoomID, session id.SessionID) error {
+	c.discarded = append(c.discarded, session)
+	for k, s := range c.current {
+		if k.room == room && s == session {
+			delete(c.current, k)
+		}
+	}
+	return nil
+}
+
+func (c *rotationCrypto) DestroySession(ctx context.Context, room id.RoomID, session id.SessionID) (int64, error) {
+	return 1, c.DiscardOutboundSession(ctx, room, session)
+}
+
+func TestOutboundSessionsNeverMixKinds(t *testing.T) {
+	db := database.New(dbtest.Open(t, dbtest.Dialects[0]), dbutil.NoopLogger)
+	ctx := context.Background()
+	if err := db.Upgrade(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cr := &rotationCrypto{current: make(map[senderRoom]id.SessionID)}
+	b := &Bridge{DB: db, Crypto: cr, Log: zerolog.Nop()}
+	const ghost, room = id.UserID("@_ferry_alice:x"), id.RoomID("!b")
+	send := func(deadline time.Time, window time.Duration) id.SessionID {
+		t.Helper()
+		ctx := context.WithValue(ctx, disappearCtxKey{}, &disappearInfo{deadline: deadline, window: window})
+		b.beforeEncrypt(ctx, ghost, room)
+		enc, _ := cr.Encrypt(ctx, ghost, room, event.EventMessage, nil)
+		b.afterEncrypt(ctx, ghost, room, enc)
+		return enc.SessionID
+	}
+	plain := send(time.Time{}, 0)
+	if again := send(time.Time{}, 0); again != plain {
+		t.Fatalf("messages without deadline changed session: %s then %s", plain, again)
+	}
+	if s, _ := db.Disappear.GetSession(ctx, room, plain); s != nil {
+		t.Fatal("a session without disappearing messages is tracked in the database")
+	}
+	d1 := send(time.Now().Add(time.Minute), time.Minute)
+	if d1 == plain {
+		t.Fatal("a disappearing message joined a session that carried messages without deadline")
+	}
+	if d2 := send(time.Now().Add(time.Minute), time.Minute); d2 != d1 {
+		t.Fatalf("two disappearing messages within the timer used %s and %s", d1, d2)
+	}
+	// The window passed: the next disappearing message starts a new session.
+	if _, err := db.Exec(ctx, `UPDATE disappear_session SET first_used=first_used-120000`); err != nil {
+		t.Fatal(err)
+	}
+	b.disappear().sessions[roomSession{room, d1}].firstUsed = time.Now().Add(-2 * time.Minute)
+	d3 := send(time.Now().Add(time.Minute), time.Minute)
+	if d3 == d1 {
+		t.Fatal("a session older than the timer carried another disappearing message")
+	}
+	// The timer is off again: a message without deadline does not join the disappearing session.
+	if p2 := send(time.Time{}, 0); p2 == d3 {
+		t.Fatal("a message without deadline joined a session that carried disappearing messages")
+	}
+	for _, s := range []id.SessionID{d1, d3} {
+		ts, err := db.Disappear.GetSession(ctx, room, s)
+		if err != nil || ts == nil || ts.Keep || !ts.Outbound {
+			t.Fatalf("session %s tracked as %+v, %v; want an outbound session without keep", s, ts, err)
+		}
+	}
 }
