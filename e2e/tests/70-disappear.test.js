@@ -72,7 +72,10 @@ before(async () => {
 });
 
 after(async () => {
-    if (figures.length) console.log(`disappear: redaction lateness after the deadline (ms): ${JSON.stringify(figures)}`);
+    if (figures.length) {
+        const all = [...figures].sort((a, b) => a - b);
+        console.log(`disappear: all ${all.length} redactions measured: lateness median ${all[Math.floor(all.length / 2)]} ms, max ${all.at(-1)} ms, within 2 s: ${all.filter((l) => l <= 2000).length}`);
+    }
     await Promise.all([alice?.stop(), bob?.stop()]);
     await stack?.stop();
 });
@@ -126,6 +129,12 @@ test("with a 5-second timer, alice's message reaches bob, then the copy, the ori
     const reaction = await bob.react(roomB, copy.eventId, "🔥");
     const relayedReaction = await alice.waitForEvent(roomA, (e) => isGhost(e.sender) && e.type === "m.reaction" && e.content["m.relates_to"]?.event_id === orig, T, "the relayed reaction");
     saved.push({ what: "the reaction's copy", raw: await rawEvent(alice, roomA, relayedReaction.eventId) });
+    // An edit by alice and a thread reply by bob go with it too.
+    const edit = await alice.edit(roomA, orig, "vanishing in five (edited)");
+    const thread = await bob.sendText(roomB, "a thread on it", { "m.relates_to": { rel_type: "m.thread", event_id: copy.eventId, is_falling_back: true, "m.in_reply_to": { event_id: copy.eventId } } });
+    const editCopy = await bob.waitForEvent(roomB, (e) => isGhost(e.sender) && e.content["m.relates_to"]?.rel_type === "m.replace", T, "the edit's copy");
+    const threadCopy = await alice.waitForEvent(roomA, (e) => isGhost(e.sender) && e.content["m.relates_to"]?.rel_type === "m.thread", T, "the thread reply's copy");
+    assert.equal(threadCopy.content["m.relates_to"].event_id, orig);
     for (const s of saved) assert.equal(keycheck(s.raw).decryptable, true, `ferry can decrypt ${s.what} before its deadline`);
 
     const late = await Promise.all([
@@ -133,12 +142,36 @@ test("with a 5-second timer, alice's message reaches bob, then the copy, the ori
         waitRedacted(alice, roomA, orig, deadline, "alice's original to be redacted"),
         waitRedacted(alice, roomA, relayedReaction.eventId, deadline, "the reaction's copy to be redacted"),
         waitRedacted(bob, roomB, reaction, deadline, "bob's reaction to be redacted"),
+        waitRedacted(bob, roomB, editCopy.eventId, deadline, "the edit's copy to be redacted"),
+        waitRedacted(alice, roomA, edit, deadline, "alice's edit to be redacted"),
+        waitRedacted(alice, roomA, threadCopy.eventId, deadline, "the thread reply's copy to be redacted"),
+        waitRedacted(bob, roomB, thread, deadline, "bob's thread reply to be redacted"),
     ]);
     figures.push(...late);
-    console.log(`disappear: copy, original, reaction copy, reaction redacted ${late.join(", ")} ms after the deadline`);
+    console.log(`disappear: copy, original, reaction copy, reaction, edit copy, edit, thread copy, thread reply redacted ${late.join(", ")} ms after the deadline`);
     for (const l of late) assert.ok(l >= -50, `redacted ${l} ms before the deadline`);
     const keptNow = (await bob.events(roomB)).find((e) => e.eventId === kept.eventId);
     assert.equal(keptNow.redacted, false, "a message sent before the timer was set stays");
+});
+
+test("a burst of 20 messages: every copy and original is redacted (lateness printed)", async () => {
+    const sent = [];
+    for (let i = 0; i < 20; i++) sent.push({ body: `burst ${i}`, id: await alice.sendText(roomA, `burst ${i}`) });
+    const late = [];
+    await Promise.all(
+        sent.map(async (m) => {
+            const copy = await bob.waitForEvent(roomB, (e) => isGhost(e.sender) && e.content.body === m.body, T, `the copy of ${m.body}`);
+            const deadline = (await rawEvent(alice, roomA, m.id)).origin_server_ts + TIMER_MS;
+            late.push(
+                await waitRedacted(bob, roomB, copy.eventId, deadline, `the copy of ${m.body} to be redacted`),
+                await waitRedacted(alice, roomA, m.id, deadline, `${m.body} to be redacted`),
+            );
+        }),
+    );
+    late.sort((a, b) => a - b);
+    figures.push(...late);
+    const pct = (p) => late[Math.min(late.length - 1, Math.floor((p / 100) * late.length))];
+    console.log(`disappear: burst of 20, ${late.length} redactions: lateness min ${late[0]} / median ${pct(50)} / p95 ${pct(95)} / max ${late.at(-1)} ms`);
 });
 
 test("deadlines that pass while ferry is stopped are met right after it starts again", async () => {
