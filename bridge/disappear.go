@@ -106,6 +106,10 @@ func disappearStateContent(d time.Duration) *event.BeeperDisappearingTimer {
 
 func cmdDisappear(ce *CommandEvent) {
 	b, ctx := ce.Bridge, ce.Ctx
+	if len(ce.Args) == 0 {
+		b.showDisappear(ce)
+		return
+	}
 	after, err := ParseDisappear(ce.Args[0])
 	if err != nil {
 		ce.Reply("Cannot set the disappearing timer: %s.", err)
@@ -142,6 +146,27 @@ func cmdDisappear(ce *CommandEvent) {
 			zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", r).Msg("Failed to announce the disappearing timer")
 		}
 	}
+}
+
+// showDisappear answers `disappear` without argument: the timer, how to set it, and for admins the redactions
+// waiting or failed.
+func (b *Bridge) showDisappear(ce *CommandEvent) {
+	ctx := ce.Ctx
+	link, err := b.DB.Links.GetByRoom(ctx, ce.RoomID)
+	if err != nil {
+		ce.Reply("Failed to read this room's link.")
+		return
+	}
+	n := disappearText(link.DisappearAfter).
+		join(renderNotice("Set it with `%s` (any duration from 5s to 24h), or turn it off with `%s`.", ce.cmd("disappear <duration>"), ce.cmd("disappear off")))
+	if ce.Level >= LevelAdmin {
+		pending, err1 := b.DB.Disappear.Count(ctx, database.RedactionPending)
+		failed, err2 := b.DB.Disappear.Count(ctx, database.RedactionFailed)
+		if err1 == nil && err2 == nil {
+			n = n.join(renderNotice("All links: %d redactions scheduled, %d refused for good (see `disappear_queue`).", pending, failed))
+		}
+	}
+	ce.reply(n)
 }
 
 // disappearText describes a link's timer.

@@ -85,8 +85,25 @@ test("bad durations are refused with the allowed range; the timer is set, announ
         const reply = await command(stack, bob, roomB, `!ferry disappear ${bad}`);
         assert.match(reply.content.body, /5 seconds to 24 hours/, `"${bad}" is refused with the range: ${reply.content.body}`);
     }
-    const usage = await command(stack, bob, roomB, "!ferry disappear");
-    assert.match(usage.content.body, /5s to 24h/, `a missing duration shows the range: ${usage.content.body}`);
+    const shown = await command(stack, bob, roomB, "!ferry disappear");
+    assert.match(shown.content.body, /off for this link/);
+    assert.match(shown.content.body, /from 5s to 24h/, `without a duration the reply shows the range: ${shown.content.body}`);
+    const extra = await command(stack, bob, roomB, "!ferry disappear 10 minutes");
+    assert.match(extra.content.body, /5s to 24h/, `two words get the usage with the range: ${extra.content.body}`);
+    assert.equal(await stateContent(bob, roomB, "com.beeper.disappearing_timer"), null, "refusals change no state");
+
+    // A member without the power to change room settings is refused.
+    const charlie = await createUser(stack.hs.url, "charlie");
+    try {
+        await bob.invite(roomB, charlie.userId);
+        await charlie.join(roomB);
+        await bob.waitForMembership(roomB, charlie.userId, "join");
+        const refused = await command(stack, charlie, roomB, "!ferry disappear 1h");
+        assert.match(refused.content.body, /power to change room settings/);
+        await charlie.leave(roomB);
+    } finally {
+        await charlie.stop();
+    }
     assert.equal(await stateContent(bob, roomB, "com.beeper.disappearing_timer"), null, "refusals change no state");
 
     const set = await command(stack, bob, roomB, "!ferry disappear 10m");
