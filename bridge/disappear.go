@@ -271,6 +271,8 @@ type KeyDestroyer interface {
 	DiscardOutboundSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) error
 	// DestroySession deletes every stored key of a session (inbound and outbound, every account).
 	DestroySession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (int64, error)
+	// DestroyLateCopies deletes copies of a destroyed session that ghost devices received afterwards.
+	DestroyLateCopies(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (int64, error)
 }
 
 type senderRoom struct {
@@ -668,7 +670,12 @@ func (b *Bridge) sweepKeys(ctx context.Context, now time.Time) {
 				continue
 			}
 		}
-		n, err := kd.DestroySession(ctx, s.RoomID, s.SessionID)
+		destroy := kd.DestroySession
+		if s.Deleted {
+			// Deleted already: a key ferry asked for again (a later message used the session) must stay.
+			destroy = kd.DestroyLateCopies
+		}
+		n, err := destroy(ctx, s.RoomID, s.SessionID)
 		if err != nil {
 			log.Err(err).Msg("Failed to delete an expired session")
 			continue

@@ -356,6 +356,10 @@ func (c *rotationCrypto) DiscardOutboundSession(_ context.Context, room id.RoomI
 	return nil
 }
 
+func (c *rotationCrypto) DestroyLateCopies(context.Context, id.RoomID, id.SessionID) (int64, error) {
+	return 0, nil
+}
+
 func (c *rotationCrypto) DestroySession(ctx context.Context, room id.RoomID, session id.SessionID) (int64, error) {
 	return 1, c.DiscardOutboundSession(ctx, room, session)
 }

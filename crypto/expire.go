@@ -42,3 +42,14 @@ func (m *Machine) DestroySession(ctx context.Context, roomID id.RoomID, sessionI
 	}
 	return total, nil
 }
+
+// DestroyLateCopies deletes copies of an already destroyed session that ghost devices received after it was
+// destroyed (their to-device messages are drained in the background). The bot's copy is left alone: the bot
+// only receives the key again when ferry asked for it, to decrypt a later message sent with the session.
+func (m *Machine) DestroyLateCopies(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (int64, error) {
+	res, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2 AND account_id<>$3`, roomID, sessionID, botAccountID)
+	if err != nil {
+		return 0, fmt.Errorf("failed to delete late copies of session %s: %w", sessionID, err)
+	}
+	return res.RowsAffected()
+}
