@@ -15,7 +15,7 @@ package bridge
 //     that carried a disappearing message is tracked from then on; a later message without deadline on it
 //     (the timer was turned off) keeps it for good.
 // Once every tracked message of a session passed its deadline and the session was idle for a while
-// (outboundIdle / inboundIdle, so a live conversation does not lose its key between two messages), ferry
+// (outboundIdle / bridge.disappear_key_idle, so a live conversation does not lose its key between two messages), ferry
 // deletes the session's keys under every account of its crypto store. A later message on a deleted inbound
 // session goes through the usual missing-key path: ferry asks the sender's devices for the key again. Messages
 // on an inbound session from before the timer was set do not keep it: ferry relayed them already and never needs
@@ -48,11 +48,9 @@ const (
 	MaxDisappear = 24 * time.Hour
 )
 
-// How long a session whose messages all expired must have been unused before ferry deletes its keys.
-const (
-	outboundIdle = 10 * time.Second
-	inboundIdle  = 30 * time.Second
-)
+// How long one of ferry's outbound sessions whose messages all expired must have been unused before ferry deletes
+// it. Inbound sessions wait bridge.disappear_key_idle.
+const outboundIdle = 10 * time.Second
 
 // Scheduler tuning.
 const (
@@ -651,7 +649,7 @@ func (b *Bridge) sweepKeys(ctx context.Context, now time.Time) {
 			return
 		}
 	}
-	expired, err := b.DB.Disappear.ExpiredSessions(ctx, now, now.Add(-outboundIdle), now.Add(-inboundIdle), now.Add(-keyResweep))
+	expired, err := b.DB.Disappear.ExpiredSessions(ctx, now, now.Add(-outboundIdle), now.Add(-b.Config.DisappearKeyIdle), now.Add(-keyResweep))
 	if err != nil {
 		log.Err(err).Msg("Failed to list expired sessions")
 		return

@@ -55,7 +55,8 @@ async function waitRedacted(user, roomId, eventId, deadline, what, timeoutMs = T
 }
 
 before(async () => {
-    stack = await startStack();
+    // Members' sessions are deleted 20 s after their last use once their messages expired (default 1 min).
+    stack = await startStack({ extraConfig: { bridge: { disappear_key_idle: "20s" } } });
     assert.ok(fs.existsSync(keycheckBin), `${keycheckBin} is built by make build`);
     [alice, bob] = await Promise.all([createUser(stack.hs.url, "alice"), createUser(stack.hs.url, "bob")]);
     roomA = await alice.createEncryptedRoom({ name: "Vanishing A" });
