@@ -237,6 +237,9 @@ func relatedEvent(evt *event.Event) id.EventID {
 // disappearDeadline computes a relayed event's deadline (zero: it stays), records the inbound session it came
 // with, and returns a context that carries both to send.
 func (b *Bridge) disappearDeadline(ctx context.Context, evt *event.Event, link *database.Link) (context.Context, time.Time) {
+	if evt.Type == event.EventRedaction {
+		return context.WithValue(ctx, disappearCtxKey{}, &disappearInfo{}), time.Time{}
+	}
 	info := &disappearInfo{window: link.DisappearAfter}
 	if prev := disappearFrom(ctx); prev != nil {
 		info.inbound = prev.inbound
@@ -244,7 +247,7 @@ func (b *Bridge) disappearDeadline(ctx context.Context, evt *event.Event, link *
 	if link.DisappearAfter > 0 {
 		info.deadline = time.UnixMilli(evt.Timestamp).Add(link.DisappearAfter)
 	}
-	if parent := relatedEvent(evt); parent != "" && evt.Type != event.EventRedaction {
+	if parent := relatedEvent(evt); parent != "" {
 		pd, err := b.DB.Disappear.DeadlineOf(ctx, parent)
 		if err != nil {
 			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to read the deadline of a related event")
@@ -255,8 +258,15 @@ func (b *Bridge) disappearDeadline(ctx context.Context, evt *event.Event, link *
 			}
 		}
 	}
-	if info.inbound != "" && evt.Type != event.EventRedaction {
+	if info.inbound != "" {
 		b.disappear().noteInbound(ctx, b, evt.RoomID, info.inbound, evt.Sender, info.deadline)
+	}
+	if !info.deadline.IsZero() {
+		// The original is scheduled now, so it disappears even when no copy of it could be made.
+		err := b.DB.Disappear.Schedule(ctx, &database.Redaction{EventID: evt.ID, RoomID: evt.RoomID, Original: true, Deadline: info.deadline})
+		if err != nil {
+			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to schedule the original's redaction; its copies schedule it again")
+		}
 	}
 	return context.WithValue(ctx, disappearCtxKey{}, info), info.deadline
 }
@@ -387,6 +397,15 @@ func (d *disappearer) noteInbound(ctx context.Context, b *Bridge, room id.RoomID
 	d.lock.Unlock()
 }
 
+// outboundInfo is the deadline information of a message ferry encrypts as sender: the bot's own notices (a relay
+// failure reported while a disappearing message is relayed, say) never disappear.
+func (b *Bridge) outboundInfo(ctx context.Context, sender id.UserID) *disappearInfo {
+	if b.AS != nil && sender == b.AS.BotMXID() {
+		return nil
+	}
+	return disappearFrom(ctx)
+}
+
 // beforeEncrypt starts a new outbound session for sender in room when the current one must not carry this
 // message: it is older than the timer, or it carried messages of the other kind (with / without deadline).
 func (b *Bridge) beforeEncrypt(ctx context.Context, sender id.UserID, room id.RoomID) {
@@ -394,7 +413,7 @@ func (b *Bridge) beforeEncrypt(ctx context.Context, sender id.UserID, room id.Ro
 	if !ok {
 		return
 	}
-	info := disappearFrom(ctx)
+	info := b.outboundInfo(ctx, sender)
 	disappearing := info != nil && !info.deadline.IsZero()
 	d := b.disappear()
 	d.lock.Lock()
@@ -426,7 +445,7 @@ func (b *Bridge) afterEncrypt(ctx context.Context, sender id.UserID, room id.Roo
 	if _, ok := b.Crypto.(KeyDestroyer); !ok {
 		return
 	}
-	info := disappearFrom(ctx)
+	info := b.outboundInfo(ctx, sender)
 	var deadline time.Time
 	if info != nil {
 		deadline = info.deadline
