@@ -415,3 +415,72 @@ func TestOutboundSessionsNeverMixKinds(t *testing.T) {
 		}
 	}
 }
+
+// sweepCrypto records which sessions the key sweep deletes, and how.
+type sweepCrypto struct {
+	rotationCrypto
+	destroyed, late []id.SessionID
+}
+
+func (c *sweepCrypto) DestroySession(_ context.Context, _ id.RoomID, s id.SessionID) (int64, error) {
+	c.destroyed = append(c.destroyed, s)
+	return 1, nil
+}
+
+func (c *sweepCrypto) DestroyLateCopies(_ context.Context, _ id.RoomID, s id.SessionID) (int64, error) {
+	c.late = append(c.late, s)
+	return 0, nil
+}
+
+func TestSweepKeys(t *testing.T) {
+	db := database.New(dbtest.Open(t, dbtest.Dialects[0]), dbutil.NoopLogger)
+	ctx := context.Background()
+	if err := db.Upgrade(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cr := &sweepCrypto{}
+	cfg := DefaultConfig()
+	b := &Bridge{DB: db, Crypto: cr, Log: zerolog.Nop(), Config: &cfg}
+	now := time.Now()
+	note := func(room id.RoomID, s id.SessionID, outbound bool, at, deadline time.Time) {
+		t.Helper()
+		if _, err := db.Disappear.NoteSession(ctx, &database.SessionUse{RoomID: room, SessionID: s, Sender: "@u:x", Outbound: outbound, At: at, Deadline: deadline}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	note("!a", "out-expired", true, now.Add(-time.Minute), now.Add(-time.Second))
+	note("!a", "out-live", true, now.Add(-time.Minute), now.Add(time.Minute))
+	note("!a", "in-expired", false, now.Add(-2*time.Minute), now.Add(-time.Second))
+	note("!a", "in-recent", false, now.Add(-10*time.Second), now.Add(-time.Second)) // used within disappear_key_idle
+	note("!busy", "in-busy", false, now.Add(-2*time.Minute), now.Add(-time.Second))
+	note("!a", "in-kept", false, now.Add(-2*time.Minute), now.Add(-time.Second))
+	note("!a", "in-kept", false, now.Add(-2*time.Minute), time.Time{})
+	// An event of !busy still waits for its key: the session may be needed to decrypt it.
+	if _, err := db.Inbox.Insert(ctx, []*database.InboxEvent{{EventID: "$q", RoomID: "!busy", Sender: "@u:x", Type: "m.room.encrypted", Raw: []byte(`{}`), State: database.InboxWaitingKeys, ReceivedAt: now}}); err != nil {
+		t.Fatal(err)
+	}
+	b.sweepKeys(ctx, now)
+	if got := strings.Join(sortedIDs(cr.destroyed), ","); got != "in-expired,out-expired" {
+		t.Fatalf("destroyed %s, want in-expired,out-expired", got)
+	}
+	// The next sweep only looks for late copies of what it destroyed.
+	cr.destroyed = nil
+	b.sweepKeys(ctx, now.Add(time.Second))
+	if len(cr.destroyed) != 0 || strings.Join(sortedIDs(cr.late), ",") != "in-expired,out-expired" {
+		t.Fatalf("second sweep destroyed %v and swept late copies of %v", cr.destroyed, cr.late)
+	}
+	// A later disappearing message on a destroyed session tracks it again.
+	note("!a", "in-expired", false, now.Add(2*time.Second), now.Add(time.Hour))
+	if s, _ := db.Disappear.GetSession(ctx, "!a", "in-expired"); s == nil || s.Deleted {
+		t.Fatalf("session used again is %+v, want tracked and not deleted", s)
+	}
+}
+
+func sortedIDs(ids []id.SessionID) []string {
+	out := make([]string, len(ids))
+	for i, s := range ids {
+		out[i] = string(s)
+	}
+	sort.Strings(out)
+	return out
+}
