@@ -266,6 +266,12 @@ func (b *Bridge) disappearDeadline(ctx context.Context, evt *event.Event, link *
 		err := b.DB.Disappear.Schedule(ctx, &database.Redaction{EventID: evt.ID, RoomID: evt.RoomID, Original: true, Deadline: info.deadline})
 		if err != nil {
 			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to schedule the original's redaction; its copies schedule it again")
+		} else if time.Until(info.deadline) < disappearMaxSleep {
+			// Due (or overdue: a reaction to a message about to disappear) before the scheduler would look again.
+			select {
+			case b.disappear().kick <- struct{}{}:
+			default:
+			}
 		}
 	}
 	return context.WithValue(ctx, disappearCtxKey{}, info), info.deadline
