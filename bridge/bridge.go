@@ -58,6 +58,9 @@ type Bridge struct {
 
 	roomNames roomNameCache
 	stats     stats
+
+	disappearOnce sync.Once
+	disappearing  *disappearer // see disappear.go
 }
 
 // New creates a bridge. Call Start to begin draining the inbox.
@@ -107,6 +110,7 @@ func (b *Bridge) Start(ctx context.Context) error {
 		defer b.wg.Done()
 		b.parkedLoop(b.rootCtx)
 	}()
+	b.startDisappear(b.rootCtx)
 	b.Log.Info().Int("rooms_with_backlog", len(rooms)).Msg("Relay started")
 	return nil
 }

@@ -55,6 +55,7 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 		if !ok {
 			return res
 		}
+		ctx = withInboundSession(ctx, evt) // disappearing messages track the session
 		evt = dec
 	}
 	if evt.Type == event.EventMessage && b.handleCommand(ctx, evt) {

@@ -58,10 +58,7 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
 		return res
 	}
 	srcEncrypted, _ := b.StateStore.IsEncrypted(ctx, evt.RoomID)
-	var disappearAt time.Time
-	if link.DisappearAfter > 0 {
-		disappearAt = time.UnixMilli(evt.Timestamp).Add(link.DisappearAfter)
-	}
+	ctx, disappearAt := b.disappearDeadline(ctx, evt, link) // see disappear.go
 	var retry *outcome
 	for _, target := range link.Others(evt.RoomID) {
 		res := b.relayTo(ctx, evt, target, srcEncrypted, disappearAt)
@@ -175,10 +172,12 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 	sendType := evtType
 	var payload any = content
 	if encrypted {
+		b.beforeEncrypt(ctx, intent.UserID, room) // disappearing messages: rotate the session when due
 		enc, err := b.Crypto.Encrypt(ctx, intent.UserID, room, evtType, content)
 		if err != nil {
 			return "", fmt.Errorf("failed to encrypt: %w", err)
 		}
+		b.afterEncrypt(ctx, intent.UserID, room, enc)
 		sendType = event.EventEncrypted
 		payload = enc
 	}
