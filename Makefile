@@ -10,6 +10,7 @@ LDFLAGS := -X main.Version=$(VERSION) -X main.Commit=$(COMMIT)
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ferry ./cmd/ferry
+	$(GO) build -o bin/ferry-keycheck ./cmd/ferry-keycheck
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }

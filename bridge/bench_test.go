@@ -206,7 +206,7 @@ func BenchmarkRelayNoCrypto(b *testing.B) {
 const benchHSToken = "hs-token-for-benchmarks"
 
 // newBenchBridge builds a bridge on a fresh Postgres database without starting workers.
-func newBenchBridge(b *testing.B, cr Crypto, hsURL string) *Bridge {
+func newBenchBridge(b testing.TB, cr Crypto, hsURL string) *Bridge {
 	b.Helper()
 	ctx := context.Background()
 	root := dbtest.Postgres(b)

@@ -59,6 +59,9 @@ type Bridge struct {
 	roomNames roomNameCache
 	stats     stats
 	hot       hotCache
+
+	disappearOnce sync.Once
+	disappearing  *disappearer // see disappear.go
 }
 
 // New creates a bridge. Call Start to begin draining the inbox.
@@ -73,6 +76,10 @@ func New(log zerolog.Logger, cfg *Config, perms Permissions, db *database.Databa
 		Ghosts:     GhostNamer{Prefix: cfg.GhostPrefix, Domain: as.HomeserverDomain, BotUserID: as.BotMXID()},
 		workers:    make(map[id.RoomID]*roomWorker),
 	}
+	// The relay retries failed requests itself, durably (the inbox row keeps its place and its not_before) and
+	// honouring retry_after_ms; mautrix's in-client retries would hold a room's worker for up to a minute with
+	// their own backoff and read only the Retry-After header, which Dendrite does not send.
+	as.DefaultHTTPRetries = 0
 	b.SetPermissions(perms)
 	b.roomNames.names = make(map[id.RoomID]string)
 	return b
@@ -104,6 +111,7 @@ func (b *Bridge) Start(ctx context.Context) error {
 		defer b.wg.Done()
 		b.parkedLoop(b.rootCtx)
 	}()
+	b.startDisappear(b.rootCtx)
 	b.Log.Info().Int("rooms_with_backlog", len(rooms)).Msg("Relay started")
 	return nil
 }

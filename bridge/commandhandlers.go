@@ -268,6 +268,7 @@ func cmdUnlink(ce *CommandEvent) {
 	}
 	zerolog.Ctx(ctx).Info().Str("link_id", before.ID).Msg("Room unlinked")
 	b.linkLeft(ctx, before, ce.RoomID)
+	b.endCallsForUnlink(ctx, before, ce.RoomID)
 	ce.Reply("Unlinked. Messages no longer cross between this room and %s.", b.joinRoomNames(ctx, before.Others(ce.RoomID)))
 	for _, r := range before.Others(ce.RoomID) {
 		n := renderNotice("**%s** was unlinked from this room by %s.", b.roomName(ctx, ce.RoomID), ce.Sender)

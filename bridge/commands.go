@@ -144,6 +144,8 @@ func init() {
 			Help: "Show ferry's version, uptime, encryption path and how this room's link is doing.", Func: cmdStatus},
 		{Name: "encryption", MinLevel: LevelUser, Usage: "[require|optional]", MaxArgs: 1, Example: "require",
 			Help: "Show this room's encryption and the link's policy; room admins can require encryption for the whole link.", Func: cmdEncryption},
+		{Name: "disappear", MinLevel: LevelUser, Needs: needLinked, Usage: "[5s to 24h, or off]", MaxArgs: 1, Example: "10m",
+			Help: "Show the link's disappearing-message timer, or set it (5 seconds to 24 hours, or off): new messages then disappear with ferry's keys for them.", Func: cmdDisappear},
 		{Name: "devices", MinLevel: LevelUser,
 			Help: "Show ferry's devices, cross-signing and key-sharing policy.", Func: cmdDevices},
 		{Name: "ping", MinLevel: LevelUser,

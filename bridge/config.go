@@ -14,6 +14,7 @@ const (
 	DefaultDisplaynameTemplate = "{{.DisplayName}} ({{.RoomName}})"
 	DefaultKeyWait             = 5 * time.Second
 	DefaultKeyNoticeAfter      = 60 * time.Second
+	DefaultDisappearKeyIdle    = time.Minute
 )
 
 // DefaultConfig returns the `bridge` section with every default filled in.
@@ -26,6 +27,7 @@ func DefaultConfig() Config {
 		KeyWait:                 DefaultKeyWait,
 		KeyNoticeAfter:          DefaultKeyNoticeAfter,
 		RedactOriginals:         true,
+		DisappearKeyIdle:        DefaultDisappearKeyIdle,
 	}
 }
 
@@ -45,6 +47,9 @@ type Config struct {
 	KeyNoticeAfter time.Duration `yaml:"key_notice_after"`
 	// RedactOriginals: when a disappearing timer expires, also redact the original if the bot may.
 	RedactOriginals bool `yaml:"redact_originals"`
+	// DisappearKeyIdle: how long a real user's Megolm session whose disappearing messages all expired must have
+	// been unused before ferry deletes its key (a later message on it then needs the key again).
+	DisappearKeyIdle time.Duration `yaml:"disappear_key_idle"`
 
 	// DisplaynameTmpl is DisplaynameTemplate compiled while loading.
 	DisplaynameTmpl *template.Template `yaml:"-"`

@@ -56,6 +56,7 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 		if !ok {
 			return res
 		}
+		ctx = withInboundSession(ctx, evt) // disappearing messages track the session
 		evt = dec
 	}
 	if evt.Type == event.EventMessage && b.handleCommand(ctx, evt) {
@@ -111,6 +112,10 @@ func (b *Bridge) handleState(ctx context.Context, evt *event.Event) {
 		b.roomNames.lock.Lock()
 		delete(b.roomNames.names, evt.RoomID)
 		b.roomNames.lock.Unlock()
+	default:
+		if isCallMember(evt.Type) {
+			b.handleCallMember(ctx, evt)
+		}
 	}
 }
 
@@ -138,8 +143,10 @@ func (b *Bridge) handleBotMembership(ctx context.Context, evt *event.Event, memb
 	case event.MembershipLeave, event.MembershipBan:
 		if _, err := b.DB.Links.GetByRoom(ctx, evt.RoomID); err == nil {
 			log.Warn().Msg("The bot was removed from a linked room; unlinking it")
-			if _, err = b.DB.Links.Leave(ctx, evt.RoomID); err != nil {
+			if before, err := b.DB.Links.Leave(ctx, evt.RoomID); err != nil {
 				log.Err(err).Msg("Failed to unlink room the bot left")
+			} else {
+				b.endCallsForUnlink(ctx, before, evt.RoomID)
 			}
 		}
 	}

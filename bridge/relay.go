@@ -25,7 +25,7 @@ func relayable(t event.Type) bool {
 	case event.EventMessage, event.EventSticker, event.EventReaction, event.EventRedaction:
 		return true
 	}
-	return strings.HasPrefix(t.Type, "m.call.") || strings.HasPrefix(t.Type, "org.matrix.msc3381.poll.") || strings.HasPrefix(t.Type, "m.poll.")
+	return strings.HasPrefix(t.Type, "m.call.") || isCallNotification(t) || strings.HasPrefix(t.Type, "org.matrix.msc3381.poll.") || strings.HasPrefix(t.Type, "m.poll.")
 }
 
 // TxnID derives the transaction ID of the copy of sourceEvent in targetRoom. It is deterministic (a retry after
@@ -54,11 +54,11 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
 	}
 	log := zerolog.Ctx(ctx).With().Str("link_id", link.ID).Logger()
 	ctx = log.WithContext(ctx)
-	srcEncrypted, _ := b.isEncrypted(ctx, evt.RoomID)
-	var disappearAt time.Time
-	if link.DisappearAfter > 0 {
-		disappearAt = time.UnixMilli(evt.Timestamp).Add(link.DisappearAfter)
+	if res, stop := b.prepareCall(ctx, evt, link); stop {
+		return res
 	}
+	srcEncrypted, _ := b.isEncrypted(ctx, evt.RoomID)
+	ctx, disappearAt := b.disappearDeadline(ctx, evt, link) // see disappear.go
 	var retry *outcome
 	for _, target := range link.Others(evt.RoomID) {
 		res := b.relayTo(ctx, evt, target, srcEncrypted, disappearAt)
@@ -105,6 +105,14 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 	} else if err != nil {
 		// Translation itself is pure; what fails here is the event map lookup, which is worth retrying.
 		return outcome{err: err}
+	}
+	if isLegacyCall(evtType) {
+		if err = b.mapCallFor(ctx, evt, target, content); errors.Is(err, errCallUnknown) || errors.Is(err, errCallExpired) || errors.Is(err, errCallMalformed) {
+			log.Debug().Err(err).Msg("Call event does not cross into this room")
+			return outcome{state: database.InboxDone}
+		} else if err != nil {
+			return outcome{err: err}
+		}
 	}
 	if prep, ok := b.Crypto.(SenderPreparer); ok && targetEncrypted {
 		// The account must exist before its device does; registration is remembered, so this is cheap later.
@@ -167,10 +175,12 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 	sendType := evtType
 	var payload any = content
 	if encrypted {
+		b.beforeEncrypt(ctx, intent.UserID, room) // disappearing messages: rotate the session when due
 		enc, err := b.Crypto.Encrypt(ctx, intent.UserID, room, evtType, content)
 		if err != nil {
 			return "", fmt.Errorf("failed to encrypt: %w", err)
 		}
+		b.afterEncrypt(ctx, intent.UserID, room, enc)
 		sendType = event.EventEncrypted
 		payload = enc
 	}

@@ -89,6 +89,10 @@ func kindOf(t event.Type) eventKind {
 	case event.EventUnstablePollResponse.Type, event.EventUnstablePollEnd.Type, "m.poll.response", "m.poll.end":
 		return kindPollFollowUp
 	}
+	if isCallNotification(t) {
+		// Group call ringing stands on its own: its reference to a call member event in the source room is dropped.
+		return kindMessage
+	}
 	if strings.HasPrefix(t.Type, "m.call.") {
 		return kindCall
 	}

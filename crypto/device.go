@@ -20,7 +20,9 @@ type device struct {
 	userID id.UserID
 	client *mautrix.Client
 	store  *crypto.SQLCryptoStore
-	mach   *crypto.OlmMachine
+	// olm is the store the OlmMachine uses: store, with one object per Olm session and batched shares.
+	olm  *olmStore
+	mach *crypto.OlmMachine
 	// shareLock serialises key shares per room (mautrix's own lock is private to ShareGroupSession).
 	shareLock *exsync.KeyedMutex[id.RoomID]
 	// noOlm remembers devices already told m.no_olm, which the spec wants sent once per device.
@@ -28,7 +30,15 @@ type device struct {
 }
 
 func newDevice(userID id.UserID, client *mautrix.Client, store *crypto.SQLCryptoStore, mach *crypto.OlmMachine) *device {
-	return &device{userID: userID, client: client, store: store, mach: mach,
+	// The machine's store is normally the cache over store (Machine.newOlmMachine); a machine made on the plain
+	// store (tests) gets a cache of its own, so the layers are always the same.
+	base, ok := mach.CryptoStore.(*cachedStore)
+	if !ok {
+		base = &cachedStore{SQLCryptoStore: store, c: newStoreCache()}
+	}
+	olm := newOlmStore(base)
+	mach.CryptoStore = olm
+	return &device{userID: userID, client: client, store: store, olm: olm, mach: mach,
 		shareLock: exsync.NewKeyedMutex[id.RoomID](), noOlm: exsync.NewSet[id.IdentityKey]()}
 }
 
@@ -38,7 +48,13 @@ type ShareStats struct {
 	Shared    int // devices that got the room key
 	Withheld  int // devices refused by the trust policy (m.unverified, m.blacklisted)
 	NoOlm     int // devices without a one-time key (m.no_olm)
-	Elapsed   time.Duration
+	NewOlm    int // Olm sessions created from claimed one-time keys
+	Messages  int // to-device messages sent (room keys and withheld notices)
+	Requests  int // to-device requests sent
+	// Where the time went: reading devices, trust and Olm sessions; claiming one-time keys and encrypting;
+	// saving the Olm sessions and recipients; sending.
+	Load, Encrypt, Save, Send time.Duration
+	Elapsed                   time.Duration
 }
 
 // sharePolicy is what a share needs from the Machine: the policy, a trust resolver and the room's state.
@@ -69,13 +85,17 @@ func (d *device) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Ty
 }
 
 // share makes sure this device has a shared, unexpired outbound session in roomID: otherwise it creates one and
-// sends it (Olm-encrypted, one request) to every device of users that the policy admits, and m.room_key.withheld
-// to the others. It records every device of every user as entitled to the session (so a device that the policy
-// refused now, or that did not exist yet, can later get it through a key request once it qualifies).
+// sends it (Olm-encrypted) to every device of users that the policy admits, and m.room_key.withheld to the
+// others. It records every device of every user as entitled to the session (so a device that the policy refused
+// now, or that did not exist yet, can later get it through a key request once it qualifies).
+//
+// Its cost does not grow in queries with the number of devices (see share.go): devices, trust and Olm sessions
+// are read in a few queries, one-time keys are claimed in one request, the advanced Olm sessions and the
+// recipients are saved in one transaction before anything is sent, and the messages go out in a few requests.
 func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID, policy sharePolicy) (*ShareStats, error) {
 	defer d.shareLock.WithLock(roomID)()
 	start := time.Now()
-	session, err := d.store.GetOutboundGroupSession(ctx, roomID)
+	session, err := d.olm.GetOutboundGroupSession(ctx, roomID)
 	if err != nil {
 		return nil, fmt.Errorf("failed to read the outbound session: %w", err)
 	} else if session != nil && session.Shared && !session.Expired() {
@@ -94,8 +114,13 @@ func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID,
 		return nil, err
 	}
 	resolver := policy.resolver()
+	if err = resolver.prefetch(ctx, users); err != nil {
+		return nil, err
+	}
 	plain := &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
 	withheld := &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
+	admitted := make(map[id.UserID]map[id.DeviceID]*id.Device)
+	var recipients []recipient
 	keyContent := session.ShareContent()
 	for userID, devs := range devices {
 		for deviceID, dev := range devs {
@@ -103,9 +128,7 @@ func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID,
 				continue
 			}
 			// Entitlement is per user: a later device of a member may ask for this session.
-			if err = d.store.MarkOutboundGroupSessionShared(ctx, userID, dev.IdentityKey, session.ID()); err != nil {
-				return nil, fmt.Errorf("failed to record a session recipient: %w", err)
-			}
+			recipients = append(recipients, recipient{userID: userID, identityKey: dev.IdentityKey})
 			trust, err := resolver.device(ctx, dev)
 			if err != nil {
 				return nil, err
@@ -116,11 +139,23 @@ func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID,
 				continue
 			}
 			addMessage(plain, userID, deviceID, &keyContent)
+			if admitted[userID] == nil {
+				admitted[userID] = make(map[id.DeviceID]*id.Device)
+			}
+			admitted[userID][deviceID] = dev
 		}
 	}
+	batch, err := d.olm.loadShareBatch(ctx, admitted)
+	if err != nil {
+		return nil, err
+	}
+	mark := time.Now()
+	stats.Load = mark.Sub(start)
+	encrypted := &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
 	if len(plain.Messages) > 0 {
-		encrypted, err := d.mach.EncryptToDevices(ctx, event.ToDeviceRoomKey, plain)
-		if err != nil {
+		// mautrix claims the missing one-time keys (one request), checks their signatures, creates the Olm
+		// sessions and encrypts, under its own lock; the batch keeps every Olm session change in memory.
+		if encrypted, err = d.mach.EncryptToDevices(withShareBatch(ctx, batch), event.ToDeviceRoomKey, plain); err != nil {
 			return nil, fmt.Errorf("failed to encrypt the room key for recipients: %w", err)
 		}
 		for userID, devs := range plain.Messages {
@@ -141,24 +176,39 @@ func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID,
 			}
 		}
 		dropEmpty(encrypted)
-		if len(encrypted.Messages) > 0 {
-			if _, err = d.client.SendToDevice(ctx, event.ToDeviceEncrypted, encrypted); err != nil {
-				return nil, fmt.Errorf("failed to send the room key: %w", err)
-			}
+	}
+	stats.NewOlm = batch.created
+	stats.Encrypt, mark = time.Since(mark), time.Now()
+	// Saved before sending: a crash after this point can only lose messages, never encrypt twice with the same
+	// Olm ratchet state.
+	if err = d.olm.saveShare(ctx, batch, recipients, session.ID()); err != nil {
+		return nil, err
+	}
+	stats.Save, mark = time.Since(mark), time.Now()
+	if len(encrypted.Messages) > 0 {
+		n, err := sendToDeviceChunked(ctx, d.client, event.ToDeviceEncrypted, encrypted)
+		stats.Requests += n
+		if err != nil {
+			return nil, fmt.Errorf("failed to send the room key: %w", err)
 		}
 	}
 	if len(withheld.Messages) > 0 {
-		if _, err = d.client.SendToDevice(ctx, event.ToDeviceRoomKeyWithheld, withheld); err != nil {
+		n, err := sendToDeviceChunked(ctx, d.client, event.ToDeviceRoomKeyWithheld, withheld)
+		stats.Requests += n
+		if err != nil {
 			// The key itself went out; clients only show a vaguer error without the withheld notice.
 			log.Warn().Err(err).Msg("Failed to send m.room_key.withheld")
 		}
 	}
+	stats.Messages = stats.Shared + countMessages(withheld)
+	stats.Send = time.Since(mark)
 	session.Shared = true
-	if err = d.store.AddOutboundGroupSession(ctx, session); err != nil {
+	if err = d.olm.AddOutboundGroupSession(ctx, session); err != nil {
 		return nil, fmt.Errorf("failed to save the shared session: %w", err)
 	}
 	stats.Elapsed = time.Since(start)
 	log.Debug().Int("shared", stats.Shared).Int("withheld", stats.Withheld).Int("no_olm", stats.NoOlm).
+		Int("new_olm_sessions", stats.NewOlm).Int("to_device_requests", stats.Requests).
 		Dur("elapsed", stats.Elapsed).Msg("Shared room key")
 	return stats, nil
 }
@@ -178,19 +228,24 @@ func (d *device) newSession(ctx context.Context, roomID id.RoomID, policy shareP
 		return nil, fmt.Errorf("failed to create the inbound copy of the session: %w", err)
 	}
 	igs.SourceUser = d.userID
-	if err = d.store.PutGroupSession(ctx, igs); err != nil {
+	if err = d.olm.PutGroupSession(ctx, igs); err != nil {
 		return nil, fmt.Errorf("failed to store the inbound copy of the session: %w", err)
 	}
 	// Saved before any ciphertext that depends on it exists.
-	if err = d.store.AddOutboundGroupSession(ctx, session); err != nil {
+	if err = d.olm.AddOutboundGroupSession(ctx, session); err != nil {
 		return nil, fmt.Errorf("failed to store the outbound session: %w", err)
 	}
 	return session, nil
 }
 
-// devicesOf returns the known devices of users, fetching users whose device lists are unknown or outdated.
+// devicesOf returns the known devices of users, fetching users whose device lists are unknown or outdated. The
+// stored lists are read in a few queries whatever the number of users.
 func (d *device) devicesOf(ctx context.Context, users []id.UserID) (map[id.UserID]map[id.DeviceID]*id.Device, error) {
-	out := make(map[id.UserID]map[id.DeviceID]*id.Device, len(users))
+	// A fetch stores a user's devices before their cross-signing keys and signatures; a concurrent share that
+	// found the devices already known would judge them unsigned and withhold the key. Checking and fetching
+	// under one lock (shared by all of the machine's devices, which share the device tables) prevents that.
+	d.olm.c.keysLock.Lock()
+	defer d.olm.c.keysLock.Unlock()
 	outdated, err := d.store.GetOutdatedTrackedUsers(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("failed to list outdated device lists: %w", err)
@@ -199,16 +254,16 @@ func (d *device) devicesOf(ctx context.Context, users []id.UserID) (map[id.UserI
 	for _, u := range outdated {
 		stale[u] = true
 	}
+	out, err := loadDevices(ctx, d.store.DB, users)
+	if err != nil {
+		return nil, err
+	}
 	var fetch []id.UserID
 	for _, u := range users {
-		devs, err := d.store.GetDevices(ctx, u)
-		if err != nil {
-			return nil, fmt.Errorf("failed to read the devices of %s: %w", u, err)
-		} else if devs == nil || stale[u] {
+		if _, known := out[u]; !known || stale[u] {
+			delete(out, u)
 			fetch = append(fetch, u)
-			continue
 		}
-		out[u] = devs
 	}
 	if len(fetch) > 0 {
 		fetched, err := d.mach.FetchKeys(ctx, fetch, true)
@@ -238,6 +293,14 @@ func addMessage(req *mautrix.ReqSendToDevice, userID id.UserID, deviceID id.Devi
 		req.Messages[userID] = make(map[id.DeviceID]*event.Content)
 	}
 	req.Messages[userID][deviceID] = content
+}
+
+func countMessages(req *mautrix.ReqSendToDevice) int {
+	n := 0
+	for _, devs := range req.Messages {
+		n += len(devs)
+	}
+	return n
 }
 
 func dropEmpty(req *mautrix.ReqSendToDevice) {

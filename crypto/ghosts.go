@@ -303,16 +303,31 @@ func (m *Machine) DrainGhost(ctx context.Context, ghost id.UserID) (*DrainStats,
 	if err != nil || dev == nil {
 		return nil, err
 	}
-	since, err := dev.store.GetNextBatch(ctx)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := dev.client.FullSyncRequest(ctx, mautrix.ReqSync{Since: since, FilterID: drainFilter})
+	stats, err := dev.drain(ctx)
 	if err != nil {
 		if errors.Is(err, mautrix.MUnknownToken) {
 			m.forgetGhost(ghost)
 			_ = dev.store.DeleteSecret(ctx, secretAccessToken)
 		}
+		return nil, err
+	}
+	stats.Elapsed = time.Since(start)
+	if stats.Events > 0 {
+		m.log.Debug().Stringer("ghost", ghost).Int("events", stats.Events).Int("key_requests", stats.KeyRequest).
+			Dur("elapsed", stats.Elapsed).Msg("Drained ghost device")
+	}
+	return stats, nil
+}
+
+// drain fetches the device's queued to-device events once, answers room key requests and discards the rest, and
+// stores the sync token (which acknowledges the fetched events at the next drain).
+func (d *device) drain(ctx context.Context) (*DrainStats, error) {
+	since, err := d.store.GetNextBatch(ctx)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := d.client.FullSyncRequest(ctx, mautrix.ReqSync{Since: since, FilterID: drainFilter})
+	if err != nil {
 		return nil, fmt.Errorf("to-device sync failed: %w", err)
 	}
 	stats := &DrainStats{Events: len(resp.ToDevice.Events)}
@@ -326,16 +341,11 @@ func (m *Machine) DrainGhost(ctx context.Context, ghost id.UserID) (*DrainStats,
 		}
 		if req := evt.Content.AsRoomKeyRequest(); req != nil && req.Action == event.KeyRequestActionRequest {
 			stats.KeyRequest++
-			dev.mach.HandleRoomKeyRequest(ctx, evt.Sender, req)
+			d.mach.HandleRoomKeyRequest(ctx, evt.Sender, req)
 		}
 	}
-	if err = dev.store.PutNextBatch(ctx, resp.NextBatch); err != nil {
+	if err = d.store.PutNextBatch(ctx, resp.NextBatch); err != nil {
 		return nil, err
-	}
-	stats.Elapsed = time.Since(start)
-	if stats.Events > 0 {
-		m.log.Debug().Stringer("ghost", ghost).Int("events", stats.Events).Int("key_requests", stats.KeyRequest).
-			Dur("elapsed", stats.Elapsed).Msg("Drained ghost device")
 	}
 	return stats, nil
 }

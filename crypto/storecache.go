@@ -23,6 +23,9 @@ import (
 // entries it affects. Devices and cross-signing data are shared by all of ferry's accounts in the store;
 // inbound sessions are per account.
 type storeCache struct {
+	// keysLock serialises device-list checks and fetches for key shares (see device.devicesOf).
+	keysLock sync.Mutex
+
 	lock sync.Mutex
 	// gen counts device and cross-signing writes: a read that overlapped one does not fill the cache.
 	gen      uint64
@@ -529,4 +532,38 @@ func (c *storeCache) flushOutbound(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// forgetSession drops one Megolm session from memory, as its keys are deleted from the store: the outbound
+// session of whichever account holds it (without writing it back: its stored row is gone or going) and the
+// inbound copies of every account.
+func (c *storeCache) forgetSession(room id.RoomID, session id.SessionID) {
+	c.outboundLock.Lock()
+	c.outboundGen++
+	for k, e := range c.outbound {
+		if k.room == room && e.sess.ID() == session {
+			delete(c.outbound, k)
+		}
+	}
+	c.outboundLock.Unlock()
+	c.lock.Lock()
+	c.sessionGen++
+	for k := range c.inbound {
+		if k.room == room && k.session == session {
+			delete(c.inbound, k)
+		}
+	}
+	c.lock.Unlock()
+}
+
+// forgetGhostCopies drops the inbound copies of a Megolm session held for accounts other than the bot's.
+func (c *storeCache) forgetGhostCopies(room id.RoomID, session id.SessionID) {
+	c.lock.Lock()
+	c.sessionGen++
+	for k := range c.inbound {
+		if k.room == room && k.session == session && k.account != botAccountID {
+			delete(c.inbound, k)
+		}
+	}
+	c.lock.Unlock()
 }

@@ -25,6 +25,26 @@ type trustResolver struct {
 	bot    id.UserID
 	botUSK func(ctx context.Context) id.Ed25519
 	users  map[id.UserID]*userTrust
+	// prefetched: the cross-signing keys and signatures of these users were loaded in bulk (see prefetch), and
+	// signed holds every signature made by the user itself or by the bot over their keys.
+	prefetched map[id.UserID]map[id.CrossSigningUsage]id.CrossSigningKey
+	signed     map[signature]bool
+}
+
+// signature is one stored cross-signing signature (signed key, and the key that signed it).
+type signature struct {
+	signedUser id.UserID
+	signedKey  id.Ed25519
+	signerUser id.UserID
+	signerKey  id.Ed25519
+}
+
+// isSigned answers from the prefetched signatures for prefetched users, from the store otherwise.
+func (r *trustResolver) isSigned(ctx context.Context, s signature) (bool, error) {
+	if _, ok := r.prefetched[s.signedUser]; ok {
+		return r.signed[s], nil
+	}
+	return r.store.IsKeySignedBy(ctx, s.signedUser, s.signedKey, s.signerUser, s.signerKey)
 }
 
 func newTrustResolver(store crypto.Store, bot id.UserID, botUSK func(ctx context.Context) id.Ed25519) *trustResolver {
@@ -36,16 +56,19 @@ func (r *trustResolver) user(ctx context.Context, userID id.UserID) (*userTrust,
 		return ut, nil
 	}
 	ut := &userTrust{}
-	keys, err := r.store.GetCrossSigningKeys(ctx, userID)
-	if err != nil {
-		return nil, fmt.Errorf("failed to read cross-signing keys of %s: %w", userID, err)
+	keys, ok := r.prefetched[userID]
+	if !ok {
+		var err error
+		if keys, err = r.store.GetCrossSigningKeys(ctx, userID); err != nil {
+			return nil, fmt.Errorf("failed to read cross-signing keys of %s: %w", userID, err)
+		}
 	}
 	master, ok := keys[id.XSUsageMaster]
 	if ok && master.Key != "" {
 		ut.hasIdentity = true
 		ut.masterKeyChanged = master.First != "" && master.First != master.Key
 		if ssk, ok := keys[id.XSUsageSelfSigning]; ok && ssk.Key != "" {
-			signed, err := r.store.IsKeySignedBy(ctx, userID, ssk.Key, userID, master.Key)
+			signed, err := r.isSigned(ctx, signature{userID, ssk.Key, userID, master.Key})
 			if err != nil {
 				return nil, fmt.Errorf("failed to check the self-signing key of %s: %w", userID, err)
 			} else if signed {
@@ -53,7 +76,8 @@ func (r *trustResolver) user(ctx context.Context, userID id.UserID) (*userTrust,
 			}
 		}
 		if usk := r.botUSK(ctx); usk != "" {
-			ut.verifiedByFerry, err = r.store.IsKeySignedBy(ctx, userID, master.Key, r.bot, usk)
+			var err error
+			ut.verifiedByFerry, err = r.isSigned(ctx, signature{userID, master.Key, r.bot, usk})
 			if err != nil {
 				return nil, fmt.Errorf("failed to check whether ferry verified %s: %w", userID, err)
 			}
@@ -77,7 +101,7 @@ func (r *trustResolver) device(ctx context.Context, dev *id.Device) (deviceTrust
 		VerifiedByFerry:  ut.verifiedByFerry,
 	}
 	if ut.selfSigning != "" {
-		t.SignedByOwner, err = r.store.IsKeySignedBy(ctx, dev.UserID, dev.SigningKey, dev.UserID, ut.selfSigning)
+		t.SignedByOwner, err = r.isSigned(ctx, signature{dev.UserID, dev.SigningKey, dev.UserID, ut.selfSigning})
 		if err != nil {
 			return deviceTrust{}, fmt.Errorf("failed to check the signature of %s's device %s: %w", dev.UserID, dev.DeviceID, err)
 		}

@@ -74,18 +74,26 @@ func TestTrustResolverAgainstStore(t *testing.T) {
 				"self-signing key not signed by MSK": {device("@badssk:x", "m1"), true, false, false},
 				"blacklisted":                        {func() *id.Device { d := device("@signed:x", "m1"); d.Trust = id.TrustStateBlacklisted; return d }(), false, false, false},
 			} {
-				t.Run(name, func(t *testing.T) {
-					r := newTrustResolver(store, bot, func(context.Context) id.Ed25519 { return botUSK })
-					trust, err := r.device(ctx, tc.device)
-					if err != nil {
-						t.Fatal(err)
-					}
-					for level, want := range map[trustLevel]bool{levelUnverified: tc.unverified, levelCrossSignedTOFU: tc.tofu, levelVerified: tc.veri} {
-						if got := level.admits(trust); got != want {
-							t.Errorf("%s admits %+v = %v, want %v", level, trust, got, want)
+				// A share resolves trust from keys and signatures loaded in bulk (prefetch); both ways must agree.
+				for _, bulk := range []bool{false, true} {
+					t.Run(fmt.Sprintf("%s/bulk=%v", name, bulk), func(t *testing.T) {
+						r := newTrustResolver(store, bot, func(context.Context) id.Ed25519 { return botUSK })
+						if bulk {
+							if err := r.prefetch(ctx, []id.UserID{tc.device.UserID, "@absent:x"}); err != nil {
+								t.Fatal(err)
+							}
 						}
-					}
-				})
+						trust, err := r.device(ctx, tc.device)
+						if err != nil {
+							t.Fatal(err)
+						}
+						for level, want := range map[trustLevel]bool{levelUnverified: tc.unverified, levelCrossSignedTOFU: tc.tofu, levelVerified: tc.veri} {
+							if got := level.admits(trust); got != want {
+								t.Errorf("%s admits %+v = %v, want %v", level, trust, got, want)
+							}
+						}
+					})
+				}
 			}
 		})
 	}

@@ -39,7 +39,11 @@ const maxBatchParams = 20000
 // modifying CTEs: one round trip, one commit); otherwise one statement per kind of row inside a transaction.
 func (db *Database) CommitBatch(ctx context.Context, b *Batch) error {
 	params := len(b.Replay)*4 + len(b.Copies)*7 + len(b.Done) + 1
-	if db.Dialect == dbutil.Postgres && len(b.Failed) == 0 && len(b.Done) > 0 && params <= maxBatchParams {
+	var redactions []*Redaction
+	for _, c := range b.Copies {
+		redactions = append(redactions, c.redactions()...)
+	}
+	if db.Dialect == dbutil.Postgres && len(b.Failed) == 0 && len(b.Done) > 0 && len(redactions) == 0 && params <= maxBatchParams {
 		q, args := batchStatement(b)
 		_, err := db.Exec(ctx, q, args...)
 		return err
@@ -50,6 +54,12 @@ func (db *Database) CommitBatch(ctx context.Context, b *Batch) error {
 		}
 		if err := db.EventMap.PutMany(ctx, b.Copies); err != nil {
 			return err
+		}
+		// Copies of disappearing messages are scheduled for redaction in the same transaction (see Put).
+		if len(redactions) > 0 {
+			if err := db.Disappear.Schedule(ctx, redactions...); err != nil {
+				return err
+			}
 		}
 		if err := db.Inbox.FinishMany(ctx, b.Done, InboxDone); err != nil {
 			return err

@@ -31,6 +31,9 @@ type Database struct {
 	Links    *LinkQuery
 	EventMap *EventMapQuery
 	KV       *KVQuery
+	// Disappear holds disappearing-message deadlines and the sessions that carried such messages.
+	Disappear *DisappearQuery
+	Calls     *CallQuery
 }
 
 // New wraps a root database handle. The handle may be shared with the crypto and state stores (each uses its
@@ -38,11 +41,13 @@ type Database struct {
 func New(root *dbutil.Database, log dbutil.DatabaseLogger) *Database {
 	db := root.Child(VersionTable, UpgradeTable, log)
 	return &Database{
-		Database: db,
-		Inbox:    &InboxQuery{db: db},
-		Links:    &LinkQuery{db: db},
-		EventMap: &EventMapQuery{db: db},
-		KV:       &KVQuery{db: db},
+		Database:  db,
+		Inbox:     &InboxQuery{db: db},
+		Links:     &LinkQuery{db: db},
+		EventMap:  &EventMapQuery{db: db},
+		KV:        &KVQuery{db: db},
+		Disappear: &DisappearQuery{db: db},
+		Calls:     &CallQuery{db: db},
 	}
 }
 

@@ -220,3 +220,128 @@ func TestKV(t *testing.T) {
 		}
 	})
 }
+
+func TestDisappearQueue(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		t0 := time.UnixMilli(1_700_000_000_000)
+		// A copy with a deadline schedules the copy and its original in one step.
+		err := db.EventMap.Put(ctx, &database.Copy{SourceEvent: "$orig", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$copy",
+			Sender: "@_ferry_alice:x", CreatedAt: t0, DisappearAt: t0.Add(5 * time.Second)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The same original copied into a third room keeps one row for the original.
+		err = db.EventMap.Put(ctx, &database.Copy{SourceEvent: "$orig", SourceRoom: "!a", TargetRoom: "!c", TargetEvent: "$copy2",
+			Sender: "@_ferry_alice:x", CreatedAt: t0, DisappearAt: t0.Add(5 * time.Second)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if due, err := db.Disappear.Due(ctx, t0.Add(4999*time.Millisecond), 10); err != nil || len(due) != 0 {
+			t.Fatalf("due before the deadline: %v, %v", due, err)
+		}
+		next, ok, err := db.Disappear.Next(ctx)
+		if err != nil || !ok || !next.Equal(t0.Add(5*time.Second)) {
+			t.Fatalf("next = %v %v %v", next, ok, err)
+		}
+		due, err := db.Disappear.Due(ctx, t0.Add(5*time.Second), 10)
+		if err != nil || len(due) != 3 {
+			t.Fatalf("due at the deadline: %d rows, %v; want copy, copy2 and original", len(due), err)
+		}
+		byID := map[id.EventID]*database.Redaction{}
+		for _, r := range due {
+			byID[r.EventID] = r
+		}
+		if c := byID["$copy"]; c == nil || c.RedactAs != "@_ferry_alice:x" || c.Original || c.RoomID != "!b" {
+			t.Fatalf("copy row = %+v", c)
+		}
+		if o := byID["$orig"]; o == nil || !o.Original || o.RoomID != "!a" || o.RedactAs != "" {
+			t.Fatalf("original row = %+v", o)
+		}
+		// A relation's earlier deadline wins; the deadline of a known event is readable.
+		if dl, err := db.Disappear.DeadlineOf(ctx, "$copy"); err != nil || !dl.Equal(t0.Add(5*time.Second)) {
+			t.Fatalf("DeadlineOf(copy) = %v, %v", dl, err)
+		}
+		if dl, err := db.Disappear.DeadlineOf(ctx, "$unknown"); err != nil || !dl.IsZero() {
+			t.Fatalf("DeadlineOf(unknown) = %v, %v", dl, err)
+		}
+		if err = db.Disappear.Schedule(ctx, &database.Redaction{EventID: "$copy", RoomID: "!b", Deadline: t0.Add(time.Hour)}); err != nil {
+			t.Fatal(err)
+		}
+		// Retry postpones, Done removes, Fail keeps a failed row that is no longer due.
+		if err = db.Disappear.Retry(ctx, "$copy", t0.Add(time.Minute), "502"); err != nil {
+			t.Fatal(err)
+		}
+		if err = db.Disappear.Done(ctx, "$copy2"); err != nil {
+			t.Fatal(err)
+		}
+		if err = db.Disappear.Fail(ctx, "$orig", "M_FORBIDDEN"); err != nil {
+			t.Fatal(err)
+		}
+		if due, _ = db.Disappear.Due(ctx, t0.Add(30*time.Second), 10); len(due) != 0 {
+			t.Fatalf("due while retrying: %d rows", len(due))
+		}
+		if next, _, _ = db.Disappear.Next(ctx); !next.Equal(t0.Add(time.Minute)) {
+			t.Fatalf("next during retry = %v, want the retry time", next)
+		}
+		if due, _ = db.Disappear.Due(ctx, t0.Add(time.Minute), 10); len(due) != 1 || due[0].Attempts != 1 || !due[0].Deadline.Equal(t0.Add(5*time.Second)) {
+			t.Fatalf("due after retry time: %+v (the earlier deadline must be kept)", due)
+		}
+		if n, _ := db.Disappear.Count(ctx, database.RedactionFailed); n != 1 {
+			t.Fatalf("failed rows = %d, want 1", n)
+		}
+	})
+}
+
+func TestDisappearSessions(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		t0 := time.UnixMilli(1_700_000_000_000)
+		use := func(session id.SessionID, outbound bool, at, deadline time.Time) {
+			t.Helper()
+			if _, err := db.Disappear.NoteSession(ctx, &database.SessionUse{RoomID: "!r", SessionID: session, Sender: "@u:x", Outbound: outbound, At: at, Deadline: deadline}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		use("out", true, t0, t0.Add(5*time.Second))
+		use("out", true, t0.Add(time.Second), t0.Add(6*time.Second))
+		use("in", false, t0, t0.Add(5*time.Second))
+		use("mixed", false, t0, t0.Add(5*time.Second))
+		use("mixed", false, t0.Add(time.Second), time.Time{}) // a message without deadline: kept for good
+		use("kept", true, t0, t0.Add(5*time.Second))
+		if err := db.Disappear.KeepSession(ctx, "!r", "kept"); err != nil {
+			t.Fatal(err)
+		}
+		expired := func(now time.Time) []id.SessionID {
+			t.Helper()
+			got, err := db.Disappear.ExpiredSessions(ctx, now, now.Add(-10*time.Second), now.Add(-30*time.Second), now.Add(-2*time.Minute))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ids []id.SessionID
+			for _, s := range got {
+				ids = append(ids, s.SessionID)
+			}
+			return ids
+		}
+		if got := expired(t0.Add(5500 * time.Millisecond)); len(got) != 0 {
+			t.Fatalf("expired before the last deadline and idle time: %v", got)
+		}
+		if got := expired(t0.Add(11 * time.Second)); len(got) != 1 || got[0] != "out" {
+			t.Fatalf("expired at t0+11s = %v, want only the outbound session", got)
+		}
+		if got := expired(t0.Add(31 * time.Second)); len(got) != 2 {
+			t.Fatalf("expired at t0+31s = %v, want out and in (mixed and kept are kept)", got)
+		}
+		if err := db.Disappear.SessionDeleted(ctx, "!r", "out", t0.Add(31*time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		if got := expired(t0.Add(time.Hour)); len(got) != 1 || got[0] != "in" {
+			t.Fatalf("expired an hour later = %v, want only the session not deleted yet", got)
+		}
+		s, err := db.Disappear.GetSession(ctx, "!r", "out")
+		if err != nil || s == nil || !s.Deleted || !s.LastDeadline.Equal(t0.Add(6*time.Second)) || !s.FirstUsed.Equal(t0) {
+			t.Fatalf("out = %+v, %v", s, err)
+		}
+	})
+}

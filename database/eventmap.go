@@ -114,16 +114,37 @@ func (eq *EventMapQuery) PutMany(ctx context.Context, cs []*Copy) error {
 
 const copyColumns = `source_event, source_room, target_room, target_event, sender, created_at, disappear_at`
 
-// Put records a copy. Recording the same (source, target room) twice keeps the first.
+// Put records a copy. Recording the same (source, target room) twice keeps the first. A copy with a deadline
+// is scheduled for redaction in the same transaction, together with its original.
 func (eq *EventMapQuery) Put(ctx context.Context, c *Copy) error {
-	var disappear int64
-	if !c.DisappearAt.IsZero() {
-		disappear = c.DisappearAt.UnixMilli()
+	if c.DisappearAt.IsZero() {
+		_, err := eq.db.Exec(ctx, `INSERT INTO event_map (`+copyColumns+`) VALUES ($1, $2, $3, $4, $5, $6, 0)
+			ON CONFLICT (source_event, target_room) DO NOTHING`,
+			c.SourceEvent, c.SourceRoom, c.TargetRoom, c.TargetEvent, c.Sender, c.CreatedAt.UnixMilli())
+		return err
 	}
-	_, err := eq.db.Exec(ctx, `INSERT INTO event_map (`+copyColumns+`) VALUES ($1, $2, $3, $4, $5, $6, $7)
-		ON CONFLICT (source_event, target_room) DO NOTHING`,
-		c.SourceEvent, c.SourceRoom, c.TargetRoom, c.TargetEvent, c.Sender, c.CreatedAt.UnixMilli(), disappear)
-	return err
+	return eq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		_, err := eq.db.Exec(ctx, `INSERT INTO event_map (`+copyColumns+`) VALUES ($1, $2, $3, $4, $5, $6, $7)
+			ON CONFLICT (source_event, target_room) DO NOTHING`,
+			c.SourceEvent, c.SourceRoom, c.TargetRoom, c.TargetEvent, c.Sender, c.CreatedAt.UnixMilli(), c.DisappearAt.UnixMilli())
+		if err != nil {
+			return err
+		}
+		dq := DisappearQuery{db: eq.db}
+		return dq.Schedule(ctx, c.redactions()...)
+	})
+}
+
+// redactions are what a copy with a deadline schedules: the copy, redacted by the ghost that sent it, and its
+// original, redacted by the bot. None without a deadline.
+func (c *Copy) redactions() []*Redaction {
+	if c.DisappearAt.IsZero() {
+		return nil
+	}
+	return []*Redaction{
+		{EventID: c.TargetEvent, RoomID: c.TargetRoom, RedactAs: c.Sender, Deadline: c.DisappearAt},
+		{EventID: c.SourceEvent, RoomID: c.SourceRoom, Original: true, Deadline: c.DisappearAt},
+	}
 }
 
 // Get returns the copy of an original in a target room, or nil.

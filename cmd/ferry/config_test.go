@@ -171,6 +171,7 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 			"key_wait":                  {d.Bridge.KeyWait, 5 * time.Second},
 			"key_notice_after":          {d.Bridge.KeyNoticeAfter, 60 * time.Second},
 			"redact_originals":          {d.Bridge.RedactOriginals, true},
+			"disappear_key_idle":        {d.Bridge.DisappearKeyIdle, time.Minute},
 			"pickle_key":                {d.Encryption.PickleKey, crypto.PickleKeyGenerate},
 			"device_mode":               {d.Encryption.DeviceMode, "per_ghost"},
 			"appservice":                {d.Encryption.Appservice, false},

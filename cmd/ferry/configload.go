@@ -831,6 +831,9 @@ func (c *Config) validate(forRun bool) error {
 	if br.KeyNoticeAfter <= 0 {
 		v.fail("bridge.key_notice_after", "must be positive, got %s", br.KeyNoticeAfter)
 	}
+	if br.DisappearKeyIdle <= 0 {
+		v.fail("bridge.disappear_key_idle", "must be positive, got %s", br.DisappearKeyIdle)
+	}
 
 	enc := c.Encryption
 	v.required("encryption.pickle_key", enc.PickleKey)

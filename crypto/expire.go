@@ -1,0 +1,61 @@
+package crypto
+
+import (
+	"context"
+	"fmt"
+
+	"maunium.net/go/mautrix/id"
+)
+
+// DiscardOutboundSession discards one outbound Megolm session (whichever of ferry's devices owns it), so the
+// device's next message in the room starts a new one. The inbound copy stays: it is deleted with
+// DestroySession once the messages sent with it expired.
+func (m *Machine) DiscardOutboundSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) error {
+	_, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1 AND session_id=$2`, roomID, sessionID)
+	// Outbound sessions live in memory between writes (storecache.go): forgetting the row alone would let the
+	// device go on encrypting with it.
+	m.cache.forgetSession(roomID, sessionID)
+	return err
+}
+
+// DestroySession deletes every stored key of a Megolm session in a room: the outbound session when ferry owns
+// it, and the inbound session under every account in the crypto store (the bot's and each ghost's device may
+// hold a copy). Afterwards nothing in ferry's database decrypts messages sent with the session. It returns how
+// many rows held key material.
+func (m *Machine) DestroySession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (int64, error) {
+	var total int64
+	err := m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		for _, q := range []string{
+			`DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1 AND session_id=$2`,
+			`DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`,
+		} {
+			res, err := m.db.Exec(ctx, q, roomID, sessionID)
+			if err != nil {
+				return err
+			}
+			n, _ := res.RowsAffected()
+			total += n
+		}
+		// Who the session was shared with; no key material, but nothing to keep once the key is gone.
+		_, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session_shared WHERE session_id=$1`, sessionID)
+		return err
+	})
+	// Also from memory, where the relay's decryption and the device's encryption would still find it.
+	m.cache.forgetSession(roomID, sessionID)
+	if err != nil {
+		return 0, fmt.Errorf("failed to delete the keys of session %s: %w", sessionID, err)
+	}
+	return total, nil
+}
+
+// DestroyLateCopies deletes copies of an already destroyed session that ghost devices received after it was
+// destroyed (their to-device messages are drained in the background). The bot's copy is left alone: the bot
+// only receives the key again when ferry asked for it, to decrypt a later message sent with the session.
+func (m *Machine) DestroyLateCopies(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (int64, error) {
+	res, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2 AND account_id<>$3`, roomID, sessionID, botAccountID)
+	m.cache.forgetGhostCopies(roomID, sessionID)
+	if err != nil {
+		return 0, fmt.Errorf("failed to delete late copies of session %s: %w", sessionID, err)
+	}
+	return res.RowsAffected()
+}

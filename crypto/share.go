@@ -1,0 +1,460 @@
+package crypto
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/crypto/olm"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+// Fast key sharing.
+//
+// A room key share to N devices needs, per device, its device keys, its trust, its latest Olm session, one Olm
+// encryption, the updated Olm session saved, and a record that the device's user may later ask for the session.
+// Done one device at a time against the SQL store (as mautrix's ShareGroupSession does) that is several
+// statements and two commits per device. ferry keeps mautrix's OlmMachine for the Olm work itself (the one-time
+// key claim and its signature checks, session creation, encryption, all under the machine's own lock) and gives
+// it a store (olmStore) that, during one share, answers from data loaded in a few queries and collects the
+// updated sessions, which ferry then saves in one transaction before anything is sent. Olm sessions stay in
+// mautrix's crypto_olm_session table with mautrix's pickles, so mautrix's own code reads them as before.
+
+// shareChunkRows bounds the rows of one multi-row statement (SQLite allows 999 parameters in old builds).
+const shareChunkRows = 100
+
+// toDeviceChunk bounds the devices per to-device request: a room key to 1,000 devices is about 1.5 MB of JSON,
+// which homeservers accept, but a few requests keep each one well under request body limits.
+const toDeviceChunk = 250
+
+// olmStore is a device's crypto store as its OlmMachine sees it. Outside a share it behaves like the SQL store,
+// except that it hands out one Go object per Olm session (the first one loaded), so a session advanced by a
+// share is never used again in an older copy, which would reuse a message key. Inside a share (a context made
+// by withShareBatch) it serves devices and latest sessions from the batch and records updated sessions there
+// instead of writing them one by one.
+//
+// It sits on top of the store cache (cachedStore, see storecache.go): Olm sessions are olmStore's, Megolm
+// sessions, trust and the replay index the cache's, and everything else the SQL store's.
+type olmStore struct {
+	*cachedStore
+	mu    sync.Mutex
+	canon map[id.SessionID]*crypto.OlmSession
+}
+
+var _ crypto.Store = (*olmStore)(nil)
+
+func newOlmStore(base *cachedStore) *olmStore {
+	return &olmStore{cachedStore: base, canon: make(map[id.SessionID]*crypto.OlmSession)}
+}
+
+// adopt returns the one object that stands for sess's Olm session.
+func (s *olmStore) adopt(sess *crypto.OlmSession) *crypto.OlmSession {
+	if sess == nil {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c, ok := s.canon[sess.ID()]; ok {
+		return c
+	}
+	s.canon[sess.ID()] = sess
+	return sess
+}
+
+// shareBatch is what one share loaded and what it changed.
+type shareBatch struct {
+	devices map[id.UserID]map[id.DeviceID]*id.Device
+	// latest holds, for every recipient's identity key, its latest Olm session (nil: none yet).
+	latest map[id.SenderKey]*crypto.OlmSession
+	mu     sync.Mutex
+	dirty  map[id.SessionID]*pickledSession
+	// created counts the Olm sessions made from claimed one-time keys.
+	created int
+}
+
+// pickledSession is an Olm session as it will be saved: pickled when it was updated, which happens under the
+// OlmMachine's lock, so the save never reads a session another goroutine is advancing.
+type pickledSession struct {
+	senderKey                           id.SenderKey
+	pickle                              []byte
+	created, lastEncrypted, lastDecrypt time.Time
+}
+
+type shareBatchKey struct{}
+
+func withShareBatch(ctx context.Context, b *shareBatch) context.Context {
+	return context.WithValue(ctx, shareBatchKey{}, b)
+}
+
+func batchFrom(ctx context.Context) *shareBatch {
+	b, _ := ctx.Value(shareBatchKey{}).(*shareBatch)
+	return b
+}
+
+func (s *olmStore) record(b *shareBatch, key id.SenderKey, sess *crypto.OlmSession) error {
+	pickle, err := sess.Internal.Pickle(s.PickleKey)
+	if err != nil {
+		return err
+	}
+	b.mu.Lock()
+	b.dirty[sess.ID()] = &pickledSession{senderKey: key, pickle: pickle, created: sess.CreationTime,
+		lastEncrypted: sess.LastEncryptedTime, lastDecrypt: sess.LastDecryptedTime}
+	b.mu.Unlock()
+	return nil
+}
+
+func (s *olmStore) GetDevice(ctx context.Context, userID id.UserID, deviceID id.DeviceID) (*id.Device, error) {
+	if b := batchFrom(ctx); b != nil {
+		if dev := b.devices[userID][deviceID]; dev != nil {
+			return dev, nil
+		}
+	}
+	return s.SQLCryptoStore.GetDevice(ctx, userID, deviceID)
+}
+
+func (s *olmStore) HasSession(ctx context.Context, key id.SenderKey) bool {
+	if b := batchFrom(ctx); b != nil {
+		b.mu.Lock()
+		sess, ok := b.latest[key]
+		b.mu.Unlock()
+		if ok {
+			return sess != nil
+		}
+	}
+	return s.SQLCryptoStore.HasSession(ctx, key)
+}
+
+func (s *olmStore) GetLatestSession(ctx context.Context, key id.SenderKey) (*crypto.OlmSession, error) {
+	if b := batchFrom(ctx); b != nil {
+		b.mu.Lock()
+		sess, ok := b.latest[key]
+		b.mu.Unlock()
+		if ok {
+			return sess, nil
+		}
+	}
+	sess, err := s.SQLCryptoStore.GetLatestSession(ctx, key)
+	return s.adopt(sess), err
+}
+
+func (s *olmStore) GetSessions(ctx context.Context, key id.SenderKey) (crypto.OlmSessionList, error) {
+	list, err := s.SQLCryptoStore.GetSessions(ctx, key)
+	for i, sess := range list {
+		list[i] = s.adopt(sess)
+	}
+	return list, err
+}
+
+func (s *olmStore) AddSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
+	if b := batchFrom(ctx); b != nil {
+		sess = s.adopt(sess)
+		if err := s.record(b, key, sess); err != nil {
+			return err
+		}
+		b.mu.Lock()
+		b.latest[key] = sess
+		b.created++
+		b.mu.Unlock()
+		return nil
+	}
+	err := s.SQLCryptoStore.AddSession(ctx, key, sess)
+	s.adopt(sess)
+	return err
+}
+
+func (s *olmStore) UpdateSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
+	if b := batchFrom(ctx); b != nil {
+		return s.record(b, key, sess)
+	}
+	return s.SQLCryptoStore.UpdateSession(ctx, key, sess)
+}
+
+// loadShareBatch loads, in one query, the latest Olm session with each recipient device.
+func (s *olmStore) loadShareBatch(ctx context.Context, devices map[id.UserID]map[id.DeviceID]*id.Device) (*shareBatch, error) {
+	b := &shareBatch{devices: devices, latest: make(map[id.SenderKey]*crypto.OlmSession), dirty: make(map[id.SessionID]*pickledSession)}
+	var keys []any
+	for _, devs := range devices {
+		for _, dev := range devs {
+			if _, ok := b.latest[dev.IdentityKey]; !ok {
+				b.latest[dev.IdentityKey] = nil
+				keys = append(keys, dev.IdentityKey)
+			}
+		}
+	}
+	type row struct {
+		sessionID     id.SessionID
+		pickle        []byte
+		created, enc  time.Time
+		lastDecrypted time.Time
+	}
+	best := make(map[id.SenderKey]*row, len(keys))
+	for start := 0; start < len(keys); start += shareChunkRows * 5 {
+		chunk := keys[start:min(start+shareChunkRows*5, len(keys))]
+		args := append([]any{s.AccountID}, chunk...)
+		q := `SELECT sender_key, session_id, session, created_at, last_encrypted, last_decrypted FROM crypto_olm_session
+			WHERE account_id=$1 AND sender_key IN (` + placeholders(2, len(chunk), 1) + `)`
+		rows, err := s.DB.Query(ctx, q, args...)
+		if err != nil {
+			return nil, fmt.Errorf("failed to load Olm sessions: %w", err)
+		}
+		for rows.Next() {
+			var key id.SenderKey
+			var r row
+			if err = rows.Scan(&key, &r.sessionID, &r.pickle, &r.created, &r.enc, &r.lastDecrypted); err != nil {
+				_ = rows.Close()
+				return nil, fmt.Errorf("failed to read an Olm session: %w", err)
+			}
+			// The same choice as the store's GetLatestSession: the most recently decrypted.
+			if prev := best[key]; prev == nil || r.lastDecrypted.After(prev.lastDecrypted) {
+				best[key] = &r
+			}
+		}
+		if err = closeRows(rows); err != nil {
+			return nil, err
+		}
+	}
+	for key, r := range best {
+		s.mu.Lock()
+		known := s.canon[r.sessionID]
+		s.mu.Unlock()
+		if known != nil {
+			b.latest[key] = known
+			continue
+		}
+		sess := &crypto.OlmSession{Internal: olm.NewBlankSession()}
+		if err := sess.Internal.Unpickle(r.pickle, s.PickleKey); err != nil {
+			return nil, fmt.Errorf("failed to unpickle an Olm session: %w", err)
+		}
+		sess.CreationTime, sess.LastEncryptedTime, sess.LastDecryptedTime = r.created, r.enc, r.lastDecrypted
+		b.latest[key] = s.adopt(sess)
+	}
+	return b, nil
+}
+
+// saveShare saves, in one transaction, the Olm sessions the share created or advanced and the recipients
+// entitled to the Megolm session. A session row is only overwritten by a state at least as new as the stored
+// one (last_encrypted), so a slower concurrent save never puts back an older ratchet.
+func (s *olmStore) saveShare(ctx context.Context, b *shareBatch, recipients []recipient, sessionID id.SessionID) error {
+	// Rows in a fixed order: concurrent shares of one device into different rooms upsert overlapping sessions,
+	// and two transactions locking the same rows in different orders deadlock.
+	ids := make([]id.SessionID, 0, len(b.dirty))
+	for sid := range b.dirty {
+		ids = append(ids, sid)
+	}
+	slices.Sort(ids)
+	sessions := make([]any, 0, len(b.dirty)*7)
+	for _, sid := range ids {
+		p := b.dirty[sid]
+		sessions = append(sessions, s.AccountID, sid, p.senderKey, p.pickle, p.created, p.lastEncrypted, p.lastDecrypt)
+	}
+	return s.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
+		for start := 0; start < len(sessions); start += shareChunkRows * 7 {
+			chunk := sessions[start:min(start+shareChunkRows*7, len(sessions))]
+			q := `INSERT INTO crypto_olm_session (account_id, session_id, sender_key, session, created_at, last_encrypted, last_decrypted)
+				VALUES ` + placeholders(1, len(chunk)/7, 7) + `
+				ON CONFLICT (account_id, session_id) DO UPDATE SET session=excluded.session,
+					last_encrypted=excluded.last_encrypted, last_decrypted=excluded.last_decrypted
+				WHERE crypto_olm_session.last_encrypted <= excluded.last_encrypted`
+			if _, err := s.DB.Exec(ctx, q, chunk...); err != nil {
+				return fmt.Errorf("failed to save Olm sessions: %w", err)
+			}
+		}
+		for start := 0; start < len(recipients); start += shareChunkRows {
+			chunk := recipients[start:min(start+shareChunkRows, len(recipients))]
+			args := make([]any, 0, len(chunk)*3)
+			for _, r := range chunk {
+				args = append(args, r.userID, r.identityKey, sessionID)
+			}
+			q := `INSERT INTO crypto_megolm_outbound_session_shared (user_id, identity_key, session_id) VALUES ` +
+				placeholders(1, len(chunk), 3) + ` ON CONFLICT DO NOTHING`
+			if _, err := s.DB.Exec(ctx, q, args...); err != nil {
+				return fmt.Errorf("failed to record session recipients: %w", err)
+			}
+		}
+		return nil
+	})
+}
+
+// recipient is a device entitled to a Megolm session.
+type recipient struct {
+	userID      id.UserID
+	identityKey id.IdentityKey
+}
+
+// placeholders returns rows groups of width numbered parameters from first: "($1,$2),($3,$4)". With width 1 it
+// returns a plain list "$1,$2".
+func placeholders(first, rows, width int) string {
+	var sb strings.Builder
+	n := first
+	for r := 0; r < rows; r++ {
+		if r > 0 {
+			sb.WriteByte(',')
+		}
+		if width > 1 {
+			sb.WriteByte('(')
+		}
+		for c := 0; c < width; c++ {
+			if c > 0 {
+				sb.WriteByte(',')
+			}
+			fmt.Fprintf(&sb, "$%d", n)
+			n++
+		}
+		if width > 1 {
+			sb.WriteByte(')')
+		}
+	}
+	return sb.String()
+}
+
+// sendToDeviceChunked sends req in requests of at most toDeviceChunk devices. It returns the number of requests.
+func sendToDeviceChunked(ctx context.Context, cli *mautrix.Client, evtType event.Type, req *mautrix.ReqSendToDevice) (int, error) {
+	requests := 0
+	part := &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
+	n := 0
+	flush := func() error {
+		if n == 0 {
+			return nil
+		}
+		if _, err := cli.SendToDevice(ctx, evtType, part); err != nil {
+			return err
+		}
+		requests++
+		part = &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
+		n = 0
+		return nil
+	}
+	for userID, devs := range req.Messages {
+		for deviceID, content := range devs {
+			addMessage(part, userID, deviceID, content)
+			if n++; n >= toDeviceChunk {
+				if err := flush(); err != nil {
+					return requests, err
+				}
+			}
+		}
+	}
+	return requests, flush()
+}
+
+// loadDevices reads the stored devices of users in a few queries: users whose device list ferry does not track
+// yet are left out (the caller fetches them).
+func loadDevices(ctx context.Context, db *dbutil.Database, users []id.UserID) (map[id.UserID]map[id.DeviceID]*id.Device, error) {
+	out := make(map[id.UserID]map[id.DeviceID]*id.Device, len(users))
+	for start := 0; start < len(users); start += shareChunkRows * 5 {
+		chunk := users[start:min(start+shareChunkRows*5, len(users))]
+		args := make([]any, len(chunk))
+		for i, u := range chunk {
+			args[i] = u
+		}
+		rows, err := db.Query(ctx, `SELECT user_id FROM crypto_tracked_user WHERE user_id IN (`+placeholders(1, len(chunk), 1)+`)`, args...)
+		if err != nil {
+			return nil, fmt.Errorf("failed to read tracked users: %w", err)
+		}
+		for rows.Next() {
+			var u id.UserID
+			if err = rows.Scan(&u); err != nil {
+				_ = rows.Close()
+				return nil, err
+			}
+			out[u] = make(map[id.DeviceID]*id.Device)
+		}
+		if err = closeRows(rows); err != nil {
+			return nil, err
+		}
+		rows, err = db.Query(ctx, `SELECT user_id, device_id, identity_key, signing_key, trust, deleted, name FROM crypto_device
+			WHERE deleted=false AND user_id IN (`+placeholders(1, len(chunk), 1)+`)`, args...)
+		if err != nil {
+			return nil, fmt.Errorf("failed to read devices: %w", err)
+		}
+		for rows.Next() {
+			var dev id.Device
+			if err = rows.Scan(&dev.UserID, &dev.DeviceID, &dev.IdentityKey, &dev.SigningKey, &dev.Trust, &dev.Deleted, &dev.Name); err != nil {
+				_ = rows.Close()
+				return nil, err
+			}
+			if devs := out[dev.UserID]; devs != nil {
+				devs[dev.DeviceID] = &dev
+			}
+		}
+		if err = closeRows(rows); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// prefetch loads the cross-signing keys of users and the signatures over them (by themselves or by the bot) in a
+// few queries, so that resolving the trust of their devices needs no further query. It does nothing when the
+// store is not SQL.
+func (r *trustResolver) prefetch(ctx context.Context, users []id.UserID) error {
+	store, ok := r.store.(*crypto.SQLCryptoStore)
+	if !ok || len(users) == 0 {
+		return nil
+	}
+	keys := make(map[id.UserID]map[id.CrossSigningUsage]id.CrossSigningKey, len(users))
+	signed := make(map[signature]bool)
+	for start := 0; start < len(users); start += shareChunkRows * 5 {
+		chunk := users[start:min(start+shareChunkRows*5, len(users))]
+		args := make([]any, 0, len(chunk)+1)
+		args = append(args, r.bot)
+		for _, u := range chunk {
+			args = append(args, u)
+			keys[u] = make(map[id.CrossSigningUsage]id.CrossSigningKey)
+		}
+		list := placeholders(2, len(chunk), 1)
+		rows, err := store.DB.Query(ctx, `SELECT user_id, usage, key, first_seen_key FROM crypto_cross_signing_keys
+			WHERE user_id IN (`+list+`) AND user_id<>$1`, args...)
+		if err != nil {
+			return fmt.Errorf("failed to read cross-signing keys: %w", err)
+		}
+		for rows.Next() {
+			var u id.UserID
+			var usage id.CrossSigningUsage
+			var key, first id.Ed25519
+			if err = rows.Scan(&u, &usage, &key, &first); err != nil {
+				_ = rows.Close()
+				return err
+			}
+			keys[u][usage] = id.CrossSigningKey{Key: key, First: first}
+		}
+		if err = closeRows(rows); err != nil {
+			return err
+		}
+		rows, err = store.DB.Query(ctx, `SELECT signed_user_id, signed_key, signer_user_id, signer_key FROM crypto_cross_signing_signatures
+			WHERE signed_user_id IN (`+list+`) AND (signer_user_id=signed_user_id OR signer_user_id=$1)`, args...)
+		if err != nil {
+			return fmt.Errorf("failed to read cross-signing signatures: %w", err)
+		}
+		for rows.Next() {
+			var s signature
+			if err = rows.Scan(&s.signedUser, &s.signedKey, &s.signerUser, &s.signerKey); err != nil {
+				_ = rows.Close()
+				return err
+			}
+			signed[s] = true
+		}
+		if err = closeRows(rows); err != nil {
+			return err
+		}
+	}
+	// The bot's own keys are never prefetched: it is not a recipient.
+	delete(keys, r.bot)
+	r.prefetched, r.signed = keys, signed
+	return nil
+}
+
+func closeRows(rows dbutil.Rows) error {
+	if err := rows.Err(); err != nil {
+		_ = rows.Close()
+		return err
+	}
+	return rows.Close()
+}

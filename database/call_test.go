@@ -1,0 +1,66 @@
+package database_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database"
+)
+
+func TestCalls(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		now := time.Now()
+		call := &database.Call{
+			Key: "k1", LinkID: "L", OriginRoom: "!a", OriginCallID: "c1", Caller: "@alice:x", CallerParty: "PA",
+			State: database.CallRinging, ExpiresAt: now.Add(time.Minute), CreatedAt: now, UpdatedAt: now,
+			Rooms: map[id.RoomID]string{"!a": "c1", "!b": "c1-b"},
+		}
+		if err := db.Calls.Insert(ctx, call); err != nil {
+			t.Fatal(err)
+		}
+		// Both directions resolve to the same call.
+		for room, callID := range map[id.RoomID]string{"!a": "c1", "!b": "c1-b"} {
+			got, err := db.Calls.ByRoomCallID(ctx, room, callID)
+			if err != nil || got == nil || got.Key != "k1" || got.Rooms["!a"] != "c1" || got.Rooms["!b"] != "c1-b" {
+				t.Fatalf("ByRoomCallID(%s, %s) = %+v, %v", room, callID, got, err)
+			}
+		}
+		if got, err := db.Calls.ByRoomCallID(ctx, "!b", "c1"); err != nil || got != nil {
+			t.Fatalf("the original ID must not resolve in the copy room: %+v, %v", got, err)
+		}
+		// A second call may not take a (room, call_id) pair already used, and the failed insert leaves nothing.
+		dup := *call
+		dup.Key = "k2"
+		dup.Rooms = map[id.RoomID]string{"!c": "c9", "!a": "c1"}
+		if err := db.Calls.Insert(ctx, &dup); err == nil {
+			t.Fatal("a duplicate (room, call_id) was accepted")
+		}
+		if got, _ := db.Calls.ByRoomCallID(ctx, "!c", "c9"); got != nil {
+			t.Fatal("a failed insert left a row behind")
+		}
+		// The first answer is recorded; a second device's answer changes nothing.
+		if err := db.Calls.Answered(ctx, "k1", "@bob:x", "PB"); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.Calls.Answered(ctx, "k1", "@bob:x", "PB2"); err != nil {
+			t.Fatal(err)
+		}
+		live, err := db.Calls.Live(ctx, "L")
+		if err != nil || len(live) != 1 || live[0].State != database.CallAnswered || live[0].Callee != "@bob:x" || live[0].CalleeParty != "PB" {
+			t.Fatalf("Live = %+v, %v", live, err)
+		}
+		if err = db.Calls.SetState(ctx, "k1", database.CallEnded); err != nil {
+			t.Fatal(err)
+		}
+		if live, err = db.Calls.Live(ctx, "L"); err != nil || len(live) != 0 {
+			t.Fatalf("an ended call is still live: %+v, %v", live, err)
+		}
+		if got, _ := db.Calls.ByRoomCallID(ctx, "!b", "c1-b"); got == nil || got.State != database.CallEnded {
+			t.Fatalf("an ended call is still resolvable, as ended: %+v", got)
+		}
+	})
+}

@@ -1,0 +1,206 @@
+package database
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/id"
+)
+
+// Redaction is one event ferry redacts at a deadline (a disappearing message's copy or original).
+type Redaction struct {
+	EventID  id.EventID
+	RoomID   id.RoomID
+	RedactAs id.UserID // the ghost that sent the copy; empty for an original (the bot redacts it)
+	Original bool
+	Deadline time.Time
+	Attempts int
+}
+
+// Redaction states. A done redaction's row is deleted.
+const (
+	RedactionPending = "pending"
+	RedactionFailed  = "failed"
+)
+
+// DisappearQuery reads and writes the disappearing-message deadlines and the sessions that carried such messages.
+type DisappearQuery struct {
+	db *dbutil.Database
+}
+
+const upsertRedaction = `INSERT INTO disappear_queue (event_id, room_id, redact_as, original, deadline) VALUES ($1, $2, $3, $4, $5)
+	ON CONFLICT (event_id) DO UPDATE SET deadline=CASE WHEN excluded.deadline < disappear_queue.deadline THEN excluded.deadline ELSE disappear_queue.deadline END`
+
+// Schedule records redactions (keeping the earlier deadline when an event is already scheduled).
+func (dq *DisappearQuery) Schedule(ctx context.Context, rs ...*Redaction) error {
+	return dq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		for _, r := range rs {
+			if _, err := dq.db.Exec(ctx, upsertRedaction, r.EventID, r.RoomID, r.RedactAs, r.Original, r.Deadline.UnixMilli()); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// Due lists pending redactions whose deadline and retry time have passed, earliest deadline first.
+func (dq *DisappearQuery) Due(ctx context.Context, now time.Time, limit int) ([]*Redaction, error) {
+	rows, err := dq.db.Query(ctx, `SELECT event_id, room_id, redact_as, original, deadline, attempts FROM disappear_queue
+		WHERE state=$1 AND deadline<=$2 AND not_before<=$2 ORDER BY deadline, event_id LIMIT $3`, RedactionPending, now.UnixMilli(), limit)
+	return dbutil.NewRowIterWithError(rows, scanRedaction, err).AsList()
+}
+
+func scanRedaction(row dbutil.Scannable) (*Redaction, error) {
+	var r Redaction
+	var deadline int64
+	if err := row.Scan(&r.EventID, &r.RoomID, &r.RedactAs, &r.Original, &deadline, &r.Attempts); err != nil {
+		return nil, err
+	}
+	r.Deadline = time.UnixMilli(deadline)
+	return &r, nil
+}
+
+// Next returns when the next pending redaction becomes due; ok=false when none is pending.
+func (dq *DisappearQuery) Next(ctx context.Context) (time.Time, bool, error) {
+	var next sql.NullInt64
+	err := dq.db.QueryRow(ctx, `SELECT MIN(CASE WHEN not_before > deadline THEN not_before ELSE deadline END)
+		FROM disappear_queue WHERE state=$1`, RedactionPending).Scan(&next)
+	if err != nil || !next.Valid {
+		return time.Time{}, false, err
+	}
+	return time.UnixMilli(next.Int64), true, nil
+}
+
+// Done removes a redaction that went through.
+func (dq *DisappearQuery) Done(ctx context.Context, evt id.EventID) error {
+	_, err := dq.db.Exec(ctx, `DELETE FROM disappear_queue WHERE event_id=$1`, evt)
+	return err
+}
+
+// Retry postpones a redaction after a transient error.
+func (dq *DisappearQuery) Retry(ctx context.Context, evt id.EventID, notBefore time.Time, lastError string) error {
+	_, err := dq.db.Exec(ctx, `UPDATE disappear_queue SET attempts=attempts+1, not_before=$2, last_error=$3 WHERE event_id=$1`, evt, notBefore.UnixMilli(), lastError)
+	return err
+}
+
+// Fail marks a redaction as failed for good; the row stays for the admin to see.
+func (dq *DisappearQuery) Fail(ctx context.Context, evt id.EventID, lastError string) error {
+	_, err := dq.db.Exec(ctx, `UPDATE disappear_queue SET attempts=attempts+1, state=$2, last_error=$3 WHERE event_id=$1`, evt, RedactionFailed, lastError)
+	return err
+}
+
+// Count counts redactions by state (pending or failed).
+func (dq *DisappearQuery) Count(ctx context.Context, state string) (int, error) {
+	var n int
+	err := dq.db.QueryRow(ctx, `SELECT COUNT(*) FROM disappear_queue WHERE state=$1`, state).Scan(&n)
+	return n, err
+}
+
+// DeadlineOf returns the earliest deadline of an event ferry knows as an original or a copy, or zero when it
+// does not disappear.
+func (dq *DisappearQuery) DeadlineOf(ctx context.Context, evt id.EventID) (time.Time, error) {
+	var ms sql.NullInt64
+	err := dq.db.QueryRow(ctx, `SELECT MIN(disappear_at) FROM event_map WHERE (source_event=$1 OR target_event=$1) AND disappear_at>0`, evt).Scan(&ms)
+	if err != nil || !ms.Valid {
+		return time.Time{}, err
+	}
+	return time.UnixMilli(ms.Int64), nil
+}
+
+// SessionUse is one use of a Megolm session by a message: deadline zero means the message does not disappear.
+type SessionUse struct {
+	RoomID    id.RoomID
+	SessionID id.SessionID
+	Sender    id.UserID
+	Outbound  bool
+	At        time.Time
+	Deadline  time.Time
+}
+
+// TrackedSession is a session in disappear_session.
+type TrackedSession struct {
+	RoomID       id.RoomID
+	SessionID    id.SessionID
+	Sender       id.UserID
+	Outbound     bool
+	FirstUsed    time.Time
+	LastUsed     time.Time
+	LastDeadline time.Time
+	Keep         bool
+	Deleted      bool // ferry deleted its keys already
+}
+
+// NoteSession records that a message used a session. A use without deadline marks the session as kept.
+func (dq *DisappearQuery) NoteSession(ctx context.Context, u *SessionUse) (*TrackedSession, error) {
+	var deadline int64
+	if !u.Deadline.IsZero() {
+		deadline = u.Deadline.UnixMilli()
+	}
+	row := dq.db.QueryRow(ctx, `INSERT INTO disappear_session (room_id, session_id, sender, outbound, first_used, last_used, last_deadline, keep)
+		VALUES ($1, $2, $3, $4, $5, $5, $6, $7)
+		ON CONFLICT (room_id, session_id) DO UPDATE SET
+			last_used=CASE WHEN excluded.last_used > disappear_session.last_used THEN excluded.last_used ELSE disappear_session.last_used END,
+			last_deadline=CASE WHEN excluded.last_deadline > disappear_session.last_deadline THEN excluded.last_deadline ELSE disappear_session.last_deadline END,
+			keep=(disappear_session.keep OR excluded.keep), deleted_at=0
+		RETURNING `+sessionColumns,
+		u.RoomID, u.SessionID, u.Sender, u.Outbound, u.At.UnixMilli(), deadline, deadline == 0)
+	return scanSession(row)
+}
+
+// KeepSession marks a tracked session as kept (a message without deadline used it); untracked sessions are
+// left alone.
+func (dq *DisappearQuery) KeepSession(ctx context.Context, room id.RoomID, session id.SessionID) error {
+	_, err := dq.db.Exec(ctx, `UPDATE disappear_session SET keep=true WHERE room_id=$1 AND session_id=$2`, room, session)
+	return err
+}
+
+const sessionColumns = `room_id, session_id, sender, outbound, first_used, last_used, last_deadline, keep, deleted_at`
+
+func scanSession(row dbutil.Scannable) (*TrackedSession, error) {
+	var s TrackedSession
+	var first, last, deadline, deleted int64
+	if err := row.Scan(&s.RoomID, &s.SessionID, &s.Sender, &s.Outbound, &first, &last, &deadline, &s.Keep, &deleted); err != nil {
+		return nil, err
+	}
+	s.Deleted = deleted > 0
+	s.FirstUsed, s.LastUsed = time.UnixMilli(first), time.UnixMilli(last)
+	if deadline > 0 {
+		s.LastDeadline = time.UnixMilli(deadline)
+	}
+	return &s, nil
+}
+
+// GetSession returns a tracked session, or nil.
+func (dq *DisappearQuery) GetSession(ctx context.Context, room id.RoomID, session id.SessionID) (*TrackedSession, error) {
+	s, err := scanSession(dq.db.QueryRow(ctx, `SELECT `+sessionColumns+` FROM disappear_session WHERE room_id=$1 AND session_id=$2`, room, session))
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil
+	}
+	return s, err
+}
+
+// ExpiredSessions lists sessions that only carried messages whose deadlines passed before now, and that were
+// last used before idleSince (outbound) or inboundIdleSince (inbound). Sessions deleted since resweepSince are
+// listed again, so a copy of their key that arrived late is deleted too.
+func (dq *DisappearQuery) ExpiredSessions(ctx context.Context, now, idleSince, inboundIdleSince, resweepSince time.Time) ([]*TrackedSession, error) {
+	rows, err := dq.db.Query(ctx, `SELECT `+sessionColumns+` FROM disappear_session
+		WHERE (deleted_at=0 OR deleted_at>=CAST($4 AS BIGINT)) AND keep=false AND last_deadline>0 AND last_deadline<=$1
+			AND last_used <= CASE WHEN outbound THEN CAST($2 AS BIGINT) ELSE CAST($3 AS BIGINT) END
+		ORDER BY last_deadline`, now.UnixMilli(), idleSince.UnixMilli(), inboundIdleSince.UnixMilli(), resweepSince.UnixMilli())
+	return dbutil.NewRowIterWithError(rows, scanSession, err).AsList()
+}
+
+// SessionDeleted records that ferry deleted a session's keys.
+func (dq *DisappearQuery) SessionDeleted(ctx context.Context, room id.RoomID, session id.SessionID, at time.Time) error {
+	_, err := dq.db.Exec(ctx, `UPDATE disappear_session SET deleted_at=$3 WHERE room_id=$1 AND session_id=$2`, room, session, at.UnixMilli())
+	return err
+}
+
+// LiveTracked lists the tracked sessions whose keys are still stored (for the in-memory index at start).
+func (dq *DisappearQuery) LiveTracked(ctx context.Context) ([]*TrackedSession, error) {
+	rows, err := dq.db.Query(ctx, `SELECT `+sessionColumns+` FROM disappear_session WHERE deleted_at=0`)
+	return dbutil.NewRowIterWithError(rows, scanSession, err).AsList()
+}
