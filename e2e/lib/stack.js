@@ -95,3 +95,15 @@ export async function command(stack, user, roomId, text, timeoutMs = 30000) {
         `the bot's reply to "${text}"`,
     );
 }
+
+/**
+ * Links roomA (where `a` runs `!ferry link`) with roomB: when ferry answers with a link request (a lacks power in
+ * roomB), `b` waits for the request in roomB and accepts it. Resolves once the rooms are linked.
+ */
+export async function linkByRequest(stack, a, roomA, b, roomB, timeoutMs = 30000) {
+    const asked = await command(stack, a, roomA, `!ferry link ${roomB}`, timeoutMs);
+    if (/Linked/.test(asked.content.body)) return;
+    await b.waitForEvent(roomB, (e) => e.sender === stack.botUserId && /asks to link/.test(e.content.body ?? ""), timeoutMs, "the link request");
+    const accepted = await command(stack, b, roomB, "!ferry accept", timeoutMs);
+    if (!/Linked/.test(accepted.content.body)) throw new Error(`!ferry accept answered: ${accepted.content.body}`);
+}

@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { createUser } from "../lib/users.js";
-import { command, inviteBot, startStack } from "../lib/stack.js";
+import { inviteBot, linkByRequest, startStack } from "../lib/stack.js";
 
 let stack, alice, bob, roomA, roomB, aliceGhost;
 const T = 30000;
@@ -23,9 +23,7 @@ before(async () => {
     roomB = await bob.createEncryptedRoom({ name: "Kitchen" });
     await inviteBot(stack, alice, roomA);
     await inviteBot(stack, bob, roomB);
-    await command(stack, alice, roomA, `!ferry link ${roomB}`);
-    await bob.waitForEvent(roomB, (e) => e.sender === stack.botUserId && /asks to link/.test(e.content.body ?? ""), T, "the link request");
-    assert.match((await command(stack, bob, roomB, "!ferry accept")).content.body, /Linked/);
+    await linkByRequest(stack, alice, roomA, bob, roomB);
 });
 
 after(async () => {

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import crypto from "node:crypto";
 import { createUser, loginUser } from "../lib/users.js";
-import { command, inviteBot, startStack } from "../lib/stack.js";
+import { command, inviteBot, linkByRequest, startStack } from "../lib/stack.js";
 import { pollUntil } from "../lib/util.js";
 
 const T = 30000;
@@ -28,13 +28,7 @@ async function linkedPair(stk, names) {
         const rB = await b.createEncryptedRoom({ name: `${names[1]}'s room` });
         await inviteBot(stk, a, rA);
         await inviteBot(stk, b, rB);
-        const asked = await command(stk, a, rA, `!ferry link ${rB}`);
-        if (!/Linked/.test(asked.content.body)) {
-            // Not an admin: the other room's member accepts the request.
-            await b.waitForEvent(rB, (e) => e.sender === stk.botUserId && /asks to link/.test(e.content.body ?? ""), T, "the link request");
-            const accepted = await command(stk, b, rB, "!ferry accept");
-            assert.match(accepted.content.body, /Linked/);
-        }
+        await linkByRequest(stk, a, rA, b, rB);
         return { a, b, rA, rB };
     } catch (e) {
         await Promise.all(users.map((u) => u.stop()));

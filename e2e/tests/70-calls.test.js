@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { RTCPeerConnection } from "werift";
 import { createUser } from "../lib/users.js";
-import { command, inviteBot, startStack } from "../lib/stack.js";
+import { command, inviteBot, linkByRequest, startStack } from "../lib/stack.js";
 
 let stack, alice, bob, roomA, roomB, bobGhostInA;
 const T = 30000;
@@ -42,9 +42,7 @@ before(async () => {
     roomB = await bob.createEncryptedRoom({ name: "Room B" });
     await inviteBot(stack, alice, roomA);
     await inviteBot(stack, bob, roomB);
-    await command(stack, alice, roomA, `!ferry link ${roomB}`);
-    await bob.waitForEvent(roomB, (e) => e.sender === stack.botUserId && /asks to link/.test(e.content.body ?? ""), T, "the link request");
-    assert.match((await command(stack, bob, roomB, "!ferry accept")).content.body, /Linked/);
+    await linkByRequest(stack, alice, roomA, bob, roomB);
     // Each user speaks once, so each one's ghost is in the other room (alice's invite names bob's ghost).
     await alice.sendText(roomA, "hi from A");
     await bob.waitForEvent(roomB, (e) => isGhost(e.sender) && e.content.body === "hi from A", T, "alice's greeting");
@@ -355,9 +353,7 @@ test("a client's own ringing event crosses once, standing alone, from the caller
     const b2 = await bob.createEncryptedRoom({ name: "Room B2" });
     await inviteBot(stack, alice, a2);
     await inviteBot(stack, bob, b2);
-    await command(stack, alice, a2, `!ferry link ${b2}`);
-    await bob.waitForEvent(b2, (e) => e.sender === stack.botUserId && /asks to link/.test(e.content.body ?? ""), T, "the second link request");
-    assert.match((await command(stack, bob, b2, "!ferry accept")).content.body, /Linked/);
+    await linkByRequest(stack, alice, a2, bob, b2);
 
     // A state event stands in for the caller's call member event: state never crosses, so it has no copy in B2.
     const memberEvent = await alice.sendState(a2, "m.room.topic", { topic: "calling" });
