@@ -205,7 +205,9 @@ func (b *Bridge) noticeMissingKey(ctx context.Context, row *database.InboxEvent)
 		return
 	}
 	text := renderNotice("ferry could not decrypt a message from %s: their device has not shared its room key with ferry. It will be relayed as soon as the key arrives.", row.Sender)
-	resp, err := b.sendRenderedNotice(ctx, row.RoomID, text, "", "")
+	// A fixed transaction ID: if ferry stops between the send and recording the notice below, the next attempt
+	// gets the same notice back from the homeserver instead of posting a second one that nothing would redact.
+	resp, err := b.sendRenderedNotice(ctx, row.RoomID, text, "", TxnID(row.EventID, row.RoomID)+"_keynotice")
 	if err != nil {
 		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to post missing-key notice")
 		return
