@@ -165,7 +165,7 @@ func (b *Bridge) commitBatch(ctx context.Context, bw *batchWrites) bool {
 		if row.Type == "m.room.encrypted" && row.Attempts > 0 {
 			// A "could not decrypt" notice posted while the event was parked is redacted now that it relayed.
 			// Only parked events (Park counts an attempt) can have one.
-			b.keyArrived(ctx, row.EventID)
+			b.keyArrived(ctx, row)
 		}
 	}
 	*bw = batchWrites{}
