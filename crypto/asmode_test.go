@@ -79,6 +79,9 @@ type asRig struct {
 	ghost  id.UserID
 	room   id.RoomID
 	enc    *event.EncryptionEventContent
+	db     *dbutil.Database
+	ss     *sqlstatestore.SQLStateStore
+	secret string
 }
 
 func newASRig(t *testing.T, opts fakehs.Options, sharedSecret string) *asRig {
@@ -121,14 +124,21 @@ func newASRig(t *testing.T, opts fakehs.Options, sharedSecret string) *asRig {
 		t.Fatal(err)
 	}
 
+	r.db, r.ss, r.secret = db, ss, sharedSecret
+	r.m = r.newMachine(t)
+	srv.ResetCounts() // from here on the counters show only what ferry's Machine does
+	return r
+}
+
+// newMachine makes ferry's crypto Machine (encryption.appservice on) over the rig's database, as a start does.
+func (r *asRig) newMachine(t *testing.T) *Machine {
 	cfg := DefaultConfig()
 	cfg.PickleKey, cfg.Appservice = asmodePickle, true
 	isOwn := func(u id.UserID) bool { return u == r.bot || strings.HasPrefix(string(u), "@ghost_") }
-	r.m = NewMachine(zerolog.New(r.logs), cfg, db, ss, r.asClient(t, r.bot), isOwn)
-	r.m.SharedSecret = sharedSecret
-	r.m.NewUserClient = func(u id.UserID) *mautrix.Client { return r.asClient(t, u) }
-	srv.ResetCounts() // from here on the counters show only what ferry's Machine does
-	return r
+	m := NewMachine(zerolog.New(r.logs), cfg, r.db, r.ss, r.asClient(t, r.bot), isOwn)
+	m.SharedSecret = r.secret
+	m.NewUserClient = func(u id.UserID) *mautrix.Client { return r.asClient(t, u) }
+	return m
 }
 
 // asClient is an appservice client acting as user, as appservice.AppService.NewMautrixClient makes them.
@@ -194,7 +204,8 @@ func TestAppserviceModeMSC4190(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.m.Start(ctx)
-	defer r.m.Stop()
+	first := r.m
+	defer first.Stop()
 	if !r.m.AppserviceMode() {
 		t.Fatal("the Machine left appservice mode on a homeserver with MSC4190")
 	}
@@ -263,6 +274,36 @@ func TestAppserviceModeMSC4190(t *testing.T) {
 	r.m.lock.Unlock()
 	if syncing {
 		t.Error("Start began a /sync loop in appservice mode")
+	}
+
+	// A restart reuses the bot's and the ghost's devices and identities: no new devices, and the member's
+	// client still sees the ghost's messages as cross-signed by the same owner.
+	first.Stop()
+	botDevice := first.DeviceID()
+	r.m = r.newMachine(t)
+	if err = r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	if r.m.DeviceID() != botDevice {
+		t.Errorf("after a restart the bot uses device %s, want %s", r.m.DeviceID(), botDevice)
+	}
+	if err = r.m.PrepareSender(ctx, r.ghost); err != nil {
+		t.Fatal(err)
+	}
+	if devs := r.srv.Devices(r.bot); len(devs) != 1 {
+		t.Errorf("after a restart the bot has devices %v, want one", devs)
+	}
+	if devs := r.srv.Devices(r.ghost); len(devs) != 1 || devs[0] != ghostDevices[0] {
+		t.Errorf("after a restart the ghost has devices %v, want only %s", devs, ghostDevices[0])
+	}
+	again := r.sendAs(t, r.ghost, "the ghost after a restart")
+	if trust := r.memberReads(t, again, "the ghost after a restart"); trust != id.TrustStateCrossSignedTOFU {
+		t.Errorf("after a restart the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+	}
+	if n := r.srv.Counts()[routeLogin] + r.srv.Counts()[routeSync]; n != 0 {
+		t.Errorf("the restart logged in or ran /sync (%d requests)", n)
 	}
 }
 
