@@ -398,6 +398,7 @@ func checkFallbackLine(t *testing.T, r *asRig, fallback string) {
 	if len(lines) != 1 {
 		t.Fatalf("%d warnings about MSC4190, want exactly one: %q", len(lines), lines)
 	}
+	t.Logf("start-up warning: %s", lines[0])
 	for _, want := range []string{"encryption.appservice", "does not offer MSC4190", "404", "/sync", fallback} {
 		if !strings.Contains(lines[0], want) {
 			t.Errorf("the fallback warning %q does not say %q", lines[0], want)
