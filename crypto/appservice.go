@@ -27,6 +27,11 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 		// Not initialised yet: refuse the transaction, the homeserver retries it (room keys must not be lost).
 		return errors.New("encryption is not ready yet")
 	}
+	if !m.asMode.Load() {
+		// encryption.appservice fell back to /sync (the homeserver lacks MSC4190): the devices' /sync delivers
+		// all of this, and handling pushed copies too would process every to-device event twice.
+		return nil
+	}
 	toDevice := txn.ToDeviceEvents
 	if len(toDevice) == 0 {
 		toDevice = txn.MSC2409ToDeviceEvents

@@ -98,7 +98,7 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 	if err != nil {
 		return nil, false, fmt.Errorf("failed to read the ghost's device: %w", err)
 	}
-	if !m.cfg.Appservice {
+	if !m.asMode.Load() {
 		// Without MSC4190 the cross-signing upload needs the password: without one, don't create a device
 		// that would only ever be unsigned.
 		published, err := store.GetSecret(ctx, secretPublishedMaster)
@@ -118,7 +118,7 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 	}
 	created, relogged := false, false
 	var cli *mautrix.Client
-	if m.cfg.Appservice {
+	if m.asMode.Load() {
 		if m.NewUserClient == nil {
 			return nil, false, errors.New("no appservice client factory")
 		}

@@ -16,7 +16,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -77,6 +79,10 @@ type Machine struct {
 	bot      *device
 	// botSigned: the bot's device is signed by the bot's cross-signing identity.
 	botSigned bool
+	// asMode is the effective encryption.appservice: true while ferry's devices are created through the
+	// appservice (MSC4190) and get their to-device events in transactions; Init turns it off when the
+	// homeserver does not offer MSC4190 (see login). Read by the transaction handler, hence atomic.
+	asMode atomic.Bool
 
 	ghostCreate *exsync.KeyedMutex[id.UserID]
 	// cache is shared by the crypto stores of all of ferry's devices (see storeCache).
@@ -147,6 +153,7 @@ func (m *Machine) Init(ctx context.Context) error {
 	if err = m.checkCleanStop(ctx); err != nil {
 		return err
 	}
+	m.asMode.Store(m.cfg.Appservice)
 	if err = m.initBot(ctx); err != nil {
 		return err
 	}
@@ -154,12 +161,14 @@ func (m *Machine) Init(ctx context.Context) error {
 	switch {
 	case m.cfg.DeviceMode != DeviceModePerGhost:
 		m.log.Info().Msg("Single-device mode: the bot's device encrypts every ghost's messages (encryption.device_mode)")
-	case m.cfg.Appservice:
+	case m.asMode.Load():
 		m.perGhost = true
 		m.log.Info().Msg("Per-ghost devices: created through the appservice (MSC4190), cross-signed by each ghost")
 	case m.SharedSecret != "":
 		m.perGhost = true
 		m.log.Info().Msg("Per-ghost devices: logged in with m.login.application_service, cross-signed after password UIA (ferry sets its accounts' passwords with the shared secret)")
+	case m.cfg.Appservice:
+		// login already said, in one line, that the homeserver lacks MSC4190 and that this is the fallback.
 	default:
 		m.log.Warn().Msg("encryption.device_mode is per_ghost, but ghost devices cannot be cross-signed here (needs encryption.appservice with MSC4190, or homeserver.registration_shared_secret): falling back to single-device mode")
 	}
@@ -233,13 +242,79 @@ func (m *Machine) newOlmMachine(cli *mautrix.Client, store *crypto.SQLCryptoStor
 	return mach
 }
 
+// AppserviceMode tells whether ferry's devices use the appservice encryption path (MSC4190 devices, to-device
+// events and device lists in transactions): encryption.appservice, unless Init found the homeserver without
+// MSC4190 and fell back to logins and /sync.
+func (m *Machine) AppserviceMode() bool { return m.asMode.Load() }
+
+// lacksMSC4190 tells whether an error creating a device through the appservice means the homeserver does not
+// offer MSC4190 (as opposed to a network failure or a server error, which must not switch the path for the whole
+// run): servers without it answer PUT /devices/{id} for an unknown device with 404 (M_NOT_FOUND or
+// M_UNRECOGNIZED), 405 or 501, or reject the request with a 4xx M_UNRECOGNIZED or M_UNKNOWN.
+func lacksMSC4190(err error) bool {
+	var httpErr mautrix.HTTPError
+	if !errors.As(err, &httpErr) || httpErr.Response == nil {
+		return false
+	}
+	switch status := httpErr.Response.StatusCode; {
+	case status == http.StatusNotFound, status == http.StatusMethodNotAllowed, status == http.StatusNotImplemented:
+		return true
+	case status >= 400 && status < 500 && httpErr.RespError != nil:
+		code := httpErr.RespError.ErrCode
+		return code == mautrix.MUnrecognized.ErrCode || code == mautrix.MUnknown.ErrCode
+	}
+	return false
+}
+
+// describeHTTPError renders what the homeserver answered, for the MSC4190 detection line.
+func describeHTTPError(err error) string {
+	var httpErr mautrix.HTTPError
+	if errors.As(err, &httpErr) && httpErr.Response != nil {
+		if httpErr.RespError != nil && httpErr.RespError.ErrCode != "" {
+			return fmt.Sprintf("%d %s", httpErr.Response.StatusCode, httpErr.RespError.ErrCode)
+		}
+		return fmt.Sprint(httpErr.Response.StatusCode)
+	}
+	return err.Error()
+}
+
+// fallbackDescription says what ferry does without MSC4190, for the detection line.
+func (m *Machine) fallbackDescription() string {
+	switch {
+	case m.cfg.DeviceMode != DeviceModePerGhost:
+		return "single-device mode as configured"
+	case m.SharedSecret != "":
+		return "per-ghost devices cross-signed with passwords set through homeserver.registration_shared_secret"
+	default:
+		return "single-device mode, because per-ghost devices would need homeserver.registration_shared_secret here"
+	}
+}
+
 func (m *Machine) login(ctx context.Context, deviceID id.DeviceID) error {
-	if m.cfg.Appservice {
-		if err := m.client.CreateDeviceMSC4190(ctx, deviceID, deviceDisplayName); err != nil {
-			return fmt.Errorf("failed to create the bot's device through the appservice (MSC4190): %w", err)
+	if m.asMode.Load() {
+		err := m.client.CreateDeviceMSC4190(ctx, deviceID, deviceDisplayName)
+		if err == nil {
+			return nil
+		} else if !lacksMSC4190(err) {
+			return fmt.Errorf("failed to create the bot's device through the appservice (MSC4190, encryption.appservice): %w", err)
+		}
+		m.log.Warn().Msgf("encryption.appservice is true, but the homeserver does not offer MSC4190 appservice device creation "+
+			"(PUT /_matrix/client/v3/devices/{deviceId} answered %s; on Synapse, the installed registration may lack "+
+			"io.element.msc4190: regenerate it): falling back to m.login.application_service devices "+
+			"with to-device and device lists through /sync, and %s; set encryption.appservice to false to silence this",
+			describeHTTPError(err), m.fallbackDescription())
+		m.asMode.Store(false)
+		if loginErr := m.loginAppservice(ctx, deviceID); loginErr != nil {
+			return fmt.Errorf("encryption.appservice is true, but the homeserver offers neither MSC4190 device creation (%s) "+
+				"nor m.login.application_service logins, so ferry's bot cannot have an encryption device: %w", describeHTTPError(err), loginErr)
 		}
 		return nil
 	}
+	return m.loginAppservice(ctx, deviceID)
+}
+
+// loginAppservice logs the bot's device in with m.login.application_service.
+func (m *Machine) loginAppservice(ctx context.Context, deviceID id.DeviceID) error {
 	_, err := m.client.Login(ctx, &mautrix.ReqLogin{
 		Type:                     mautrix.AuthTypeAppservice,
 		Identifier:               mautrix.UserIdentifier{Type: mautrix.IdentifierTypeUser, User: string(m.client.UserID)},
@@ -289,7 +364,7 @@ func (m *Machine) reset(ctx context.Context) error {
 // Start runs the bot's to-device /sync loop and the ghost devices' drain for homeservers that do not push
 // to-device events to appservices.
 func (m *Machine) Start(ctx context.Context) {
-	if m.cfg.Appservice {
+	if m.asMode.Load() {
 		return
 	}
 	ctx, cancel := context.WithCancel(ctx)

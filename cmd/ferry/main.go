@@ -247,7 +247,6 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 		log.Error().Err(err).Msg("Homeserver check failed")
 		return exitHomeserver
 	}
-	br.EncryptionPath = path
 	if err = mach.Init(ctx); err != nil {
 		if ctx.Err() != nil {
 			return exitOK
@@ -255,6 +254,11 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 		log.Error().Err(err).Msg("Failed to set up encryption")
 		return exitHomeserver
 	}
+	if cfg.Encryption.Appservice && !mach.AppserviceMode() {
+		// The homeserver lacks MSC4190: Init said so and fell back to logins and /sync.
+		path = encryptionPathSync
+	}
+	br.EncryptionPath = path
 	mach.Start(ctx)
 	defer mach.Stop()
 	if err = br.Start(ctx); err != nil {
@@ -267,6 +271,12 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 	br.Stop()
 	return exitOK
 }
+
+// The encryption paths, as logged and shown by the status command.
+const (
+	encryptionPathSync       = "login + /sync (m.login.application_service devices, to-device and device lists through /sync)"
+	encryptionPathAppservice = "appservice mode (MSC2409 to-device, MSC3202 device lists and key counts, MSC4190 devices)"
+)
 
 // checkHomeserver waits for the homeserver (retrying with backoff and saying why), registers the bot, checks
 // whoami, pings the appservice link where supported, and reports which encryption path the homeserver allows.
@@ -319,9 +329,10 @@ func checkHomeserver(ctx context.Context, cfg *Config, as *appservice.AppService
 			log.Warn().Err(err).Msg("Failed to set the bot's display name")
 		}
 	}
-	path := "login + /sync (m.login.application_service devices, to-device and device lists through /sync)"
+	path := encryptionPathSync
 	if cfg.Encryption.Appservice {
-		path = "appservice mode (MSC2409 to-device, MSC3202 device lists and key counts, MSC4190 devices)"
+		// Confirmed (or, without MSC4190, replaced by the /sync path) when the crypto layer creates its devices.
+		path = encryptionPathAppservice
 	}
 	log.Info().Str("encryption_path", path).Stringer("bot", as.BotMXID()).Msg("Homeserver checked")
 	return path, nil

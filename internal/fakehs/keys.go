@@ -226,7 +226,9 @@ func (s *Server) postDeviceSigningUpload(w http.ResponseWriter, r *http.Request,
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.opts.CrossSigningUIA && !s.checkPasswordUIA(w, req.Auth, c) {
+	// Homeservers with MSC4190 let the appservice upload its users' cross-signing keys without UIA.
+	exempt := c.appservice && !s.opts.NoMSC4190
+	if s.opts.CrossSigningUIA && !exempt && !s.checkPasswordUIA(w, req.Auth, c) {
 		return
 	}
 	acc := s.accountLocked(c.user)

@@ -68,8 +68,16 @@ type Options struct {
 	// /_dendrite/admin/resetPassword.
 	SharedSecret string
 	// CrossSigningUIA makes /keys/device_signing/upload ask for the account password (m.login.password UIA),
-	// as Dendrite 0.13.8 does even for appservice users. Accounts without a password cannot upload.
+	// as Dendrite 0.13.8 does even for appservice users. Accounts without a password cannot upload. Requests made
+	// with the as_token are exempt unless NoMSC4190 is set, as on Synapse with MSC4190 enabled.
 	CrossSigningUIA bool
+	// NoMSC4190 turns appservice device creation (MSC4190, PUT /devices/{id} with the as_token) off: creating a
+	// device answers 404 M_NOT_FOUND like a homeserver without it (Dendrite 0.13.8), renaming an existing device
+	// still works, and cross-signing uploads with the as_token need the password UIA too.
+	NoMSC4190 bool
+	// NoAppserviceLogin refuses m.login.application_service logins (M_UNKNOWN, unsupported login type), like a
+	// homeserver that offers appservices no devices at all.
+	NoAppserviceLogin bool
 }
 
 // Server is a running fake homeserver. Create it with New and Close it when done.
@@ -104,6 +112,8 @@ type Server struct {
 	seq          int64
 	claimMisses  int64
 	nonces       map[string]struct{}
+	// asListsPos is the stream position up to which TakeAppserviceTransaction reported device-list changes.
+	asListsPos int64
 
 	as asSender
 }
@@ -496,6 +506,10 @@ func (s *Server) postLogin(w http.ResponseWriter, r *http.Request) {
 	}
 	switch req.Type {
 	case "m.login.application_service":
+		if s.opts.NoAppserviceLogin {
+			writeError(w, http.StatusBadRequest, "M_UNKNOWN", "Unsupported login type")
+			return
+		}
 		token := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if s.opts.ASToken == "" || token != s.opts.ASToken {
 			writeError(w, http.StatusUnauthorized, "M_MISSING_TOKEN", "Appservice login needs the as_token")
@@ -560,7 +574,7 @@ func (s *Server) putDevice(w http.ResponseWriter, r *http.Request, c caller) {
 	acc := s.accountLocked(c.user)
 	dev := acc.devices[devID]
 	if dev == nil {
-		if !c.appservice {
+		if !c.appservice || s.opts.NoMSC4190 {
 			writeError(w, http.StatusNotFound, "M_NOT_FOUND", "Unknown device")
 			return
 		}
@@ -808,6 +822,72 @@ func (s *Server) TakeToDevice(user id.UserID, devID id.DeviceID) []*event.Event 
 		out = append(out, &evt)
 	}
 	return out
+}
+
+// TakeAppserviceTransaction removes the to-device events queued for the devices of the appservice's users and
+// returns them, with those devices' one-time key counts and the device-list changes since the previous call, as
+// the body of one appservice transaction under the unstable field names Synapse pushes (MSC2409 to-device events
+// with to_user_id and to_device_id, MSC3202 device lists and key counts). Tests hand it to the appservice in
+// place of /sync.
+func (s *Server) TakeAppserviceTransaction() json.RawMessage {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	toDevice := []map[string]any{}
+	counts := map[id.UserID]map[id.DeviceID]map[string]int{}
+	fallback := map[id.UserID]map[id.DeviceID][]string{}
+	users := make([]id.UserID, 0, len(s.accounts))
+	for u := range s.accounts {
+		users = append(users, u)
+	}
+	sort.Slice(users, func(i, j int) bool { return users[i] < users[j] })
+	var changed []id.UserID
+	for _, u := range users {
+		if !s.isASUser(u) {
+			continue
+		}
+		acc := s.accounts[u]
+		for _, dev := range acc.devices {
+			for _, q := range dev.inbox {
+				var evt map[string]any
+				if json.Unmarshal(q.raw, &evt) != nil {
+					continue
+				}
+				evt["to_user_id"], evt["to_device_id"] = u, dev.id
+				toDevice = append(toDevice, evt)
+			}
+			dev.inbox = nil
+			if dev.keys == nil {
+				continue
+			}
+			if counts[u] == nil {
+				counts[u], fallback[u] = map[id.DeviceID]map[string]int{}, map[id.DeviceID][]string{}
+			}
+			counts[u][dev.id] = otkCounts(dev)
+			types := []string{}
+			for _, k := range dev.fallback {
+				alg, _, _ := strings.Cut(k.id, ":")
+				types = append(types, alg)
+			}
+			fallback[u][dev.id] = types
+			dev.otkDirty = false
+		}
+		for _, c := range s.changedSinceLocked(u, s.asListsPos, s.stream) {
+			if !contains(changed, c) {
+				changed = append(changed, c)
+			}
+		}
+	}
+	s.asListsPos = s.stream
+	if changed == nil {
+		changed = []id.UserID{}
+	}
+	return mustJSON(map[string]any{
+		"events":                                              []any{},
+		"de.sorunome.msc2409.to_device":                       toDevice,
+		"org.matrix.msc3202.device_lists":                     map[string]any{"changed": changed, "left": []id.UserID{}},
+		"org.matrix.msc3202.device_one_time_keys_count":       counts,
+		"org.matrix.msc3202.device_unused_fallback_key_types": fallback,
+	})
 }
 
 // OTKCount is how many unclaimed signed_curve25519 one-time keys a device has.

@@ -1,0 +1,411 @@
+package crypto
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+	"maunium.net/go/mautrix/sqlstatestore"
+
+	"go.ferry.im/ferry/database/dbtest"
+	"go.ferry.im/ferry/internal/fakehs"
+)
+
+const (
+	asmodeASToken = "asmode-as-token"
+	asmodePickle  = "asmode-pickle-key"
+)
+
+// Request counters of the fake homeserver that tell which encryption path ferry took.
+const (
+	routeLogin     = "POST /_matrix/client/v3/login"
+	routeSync      = "GET /_matrix/client/v3/sync"
+	routePutDevice = "PUT /_matrix/client/v3/devices/{deviceID}"
+)
+
+// lockedBuffer collects log output written from several goroutines.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// lines returns the JSON log lines at warn level or above whose message contains substr.
+func (b *lockedBuffer) warnings(substr string) []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []string
+	for _, line := range strings.Split(b.buf.String(), "\n") {
+		var entry struct {
+			Level   string `json:"level"`
+			Message string `json:"message"`
+		}
+		if json.Unmarshal([]byte(line), &entry) != nil || (entry.Level != "warn" && entry.Level != "error") {
+			continue
+		}
+		if strings.Contains(entry.Message, substr) {
+			out = append(out, entry.Message)
+		}
+	}
+	return out
+}
+
+// asRig is ferry's crypto Machine with encryption.appservice on, in front of a fake homeserver, with one real
+// member (a mautrix OlmMachine cross-signed like an Element user, sharing its room keys only with cross-signed
+// devices) in an encrypted room with ferry's bot and one ghost.
+type asRig struct {
+	srv    *fakehs.Server
+	m      *Machine
+	logs   *lockedBuffer
+	member *fakehs.User
+	bot    id.UserID
+	ghost  id.UserID
+	room   id.RoomID
+	enc    *event.EncryptionEventContent
+	db     *dbutil.Database
+	ss     *sqlstatestore.SQLStateStore
+	secret string
+}
+
+func newASRig(t *testing.T, opts fakehs.Options, sharedSecret string) *asRig {
+	t.Helper()
+	ctx := context.Background()
+	opts.ASID, opts.ASToken, opts.HSToken, opts.ASBotLocalpart = "ferry", asmodeASToken, "asmode-hs-token", "ferrybot"
+	opts.ASUsers = regexp.MustCompile(`^@ghost_.*:` + regexp.QuoteMeta(fakehs.DefaultDomain) + `$`)
+	opts.NoEcho = true
+	srv := fakehs.New(opts)
+	t.Cleanup(srv.Close)
+	r := &asRig{srv: srv, logs: &lockedBuffer{}, bot: srv.BotID(), ghost: id.NewUserID("ghost_alice", srv.Domain()),
+		room: id.RoomID("!asmode:" + srv.Domain()), enc: &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1}}
+
+	// The ghost is registered by the appservice before it sends, as the relay's intents do.
+	if _, err := r.asClient(t, r.bot).MakeRequest(ctx, http.MethodPost, r.asClient(t, r.bot).BuildClientURL("v3", "register"),
+		map[string]any{"type": mautrix.AuthTypeAppservice, "username": r.ghost.Localpart(), "inhibit_login": true}, nil); err != nil {
+		t.Fatal(err)
+	}
+	var err error
+	r.member, err = srv.NewUser(ctx, id.NewUserID("member", srv.Domain()), fakehs.UserOptions{CrossSign: true, ShareMinTrust: id.TrustStateCrossSignedTOFU})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	db := dbtest.Open(t, "postgres")
+	ss := sqlstatestore.NewSQLStateStore(db, dbutil.NoopLogger, false)
+	if err = ss.Upgrade(ctx); err != nil {
+		t.Fatal(err)
+	}
+	inRoom := []id.UserID{r.member.ID, r.bot, r.ghost}
+	for _, u := range inRoom {
+		if err = ss.SetMembership(ctx, r.room, u, event.MembershipJoin); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err = ss.SetEncryptionEvent(ctx, r.room, r.enc); err != nil {
+		t.Fatal(err)
+	}
+	if err = r.member.SetRoom(ctx, r.room, inRoom, r.enc); err != nil {
+		t.Fatal(err)
+	}
+
+	r.db, r.ss, r.secret = db, ss, sharedSecret
+	r.m = r.newMachine(t)
+	srv.ResetCounts() // from here on the counters show only what ferry's Machine does
+	return r
+}
+
+// newMachine makes ferry's crypto Machine (encryption.appservice on) over the rig's database, as a start does.
+func (r *asRig) newMachine(t *testing.T) *Machine {
+	cfg := DefaultConfig()
+	cfg.PickleKey, cfg.Appservice = asmodePickle, true
+	isOwn := func(u id.UserID) bool { return u == r.bot || strings.HasPrefix(string(u), "@ghost_") }
+	m := NewMachine(zerolog.New(r.logs), cfg, r.db, r.ss, r.asClient(t, r.bot), isOwn)
+	m.SharedSecret = r.secret
+	m.NewUserClient = func(u id.UserID) *mautrix.Client { return r.asClient(t, u) }
+	return m
+}
+
+// asClient is an appservice client acting as user, as appservice.AppService.NewMautrixClient makes them.
+func (r *asRig) asClient(t *testing.T, user id.UserID) *mautrix.Client {
+	t.Helper()
+	cli, err := mautrix.NewClient(r.srv.URL, user, asmodeASToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli.SetAppServiceUserID = true
+	cli.Client = r.srv.Client()
+	cli.Log = zerolog.Nop()
+	return cli
+}
+
+// sendAs encrypts a message as one of ferry's users through the Machine, as the relay does.
+func (r *asRig) sendAs(t *testing.T, sender id.UserID, body string) *event.Event {
+	t.Helper()
+	enc, err := r.m.Encrypt(context.Background(), sender, r.room, event.EventMessage, &event.Content{Parsed: &event.MessageEventContent{MsgType: event.MsgText, Body: body}})
+	if err != nil {
+		t.Fatalf("%s cannot send %q: %v", sender, body, err)
+	}
+	return &event.Event{ID: id.EventID("$" + strings.ReplaceAll(body, " ", "_")), RoomID: r.room, Sender: sender, Type: event.EventEncrypted, Content: event.Content{Parsed: enc}}
+}
+
+// memberReads has the member receive its to-device messages and decrypt evt, and returns the trust its client
+// gives the sending device.
+func (r *asRig) memberReads(t *testing.T, evt *event.Event, body string) id.TrustState {
+	t.Helper()
+	ctx := context.Background()
+	r.member.ReceiveToDevice(ctx)
+	dec, err := r.member.Decrypt(ctx, evt)
+	if err != nil {
+		t.Fatalf("the member cannot decrypt %q from %s: %v", body, evt.Sender, err)
+	}
+	if got := dec.Content.AsMessage().Body; got != body {
+		t.Fatalf("the member decrypted %q, want %q", got, body)
+	}
+	return dec.Mautrix.TrustState
+}
+
+// memberSends has the member send a message into the room (sharing its room key with the room's cross-signed
+// devices) and returns it as the bot would receive it.
+func (r *asRig) memberSends(t *testing.T, body string) *event.Event {
+	t.Helper()
+	enc, _, err := r.member.Encrypt(context.Background(), r.room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: body})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &event.Event{ID: id.EventID("$member_" + strings.ReplaceAll(body, " ", "_")), RoomID: r.room, Sender: r.member.ID, Type: event.EventEncrypted, Content: event.Content{Parsed: enc}}
+}
+
+// TestAppserviceModeMSC4190 runs the Machine with encryption.appservice on a homeserver that offers MSC4190 and
+// asks ordinary users for their password before cross-signing uploads (as Synapse does): the bot's and a ghost's
+// devices are created through the appservice and cross-signed without any password, login or /sync; the member
+// reads the ghost's and the bot's messages with their devices cross-signed by their owners; and the member's room
+// key reaches the bot only through an appservice transaction.
+func TestAppserviceModeMSC4190(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r := newASRig(t, fakehs.Options{CrossSigningUIA: true}, "")
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	first := r.m
+	defer first.Stop()
+	if !r.m.AppserviceMode() {
+		t.Fatal("the Machine left appservice mode on a homeserver with MSC4190")
+	}
+	if got := r.logs.warnings("MSC4190"); len(got) != 0 {
+		t.Errorf("warnings about MSC4190 on a homeserver that has it: %q", got)
+	}
+	botDevices := r.srv.Devices(r.bot)
+	if len(botDevices) != 1 || botDevices[0] != r.m.DeviceID() {
+		t.Fatalf("the bot's devices on the server are %v, want only %s", botDevices, r.m.DeviceID())
+	}
+
+	// A ghost's message: its own device, created through MSC4190 and cross-signed by the ghost.
+	if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+		t.Fatal(err)
+	}
+	ghostDevices := r.srv.Devices(r.ghost)
+	if len(ghostDevices) != 1 {
+		t.Fatalf("the ghost has devices %v on the server, want exactly one", ghostDevices)
+	}
+	ghostMsg := r.sendAs(t, r.ghost, "hello from the ghost")
+	if dev := ghostMsg.Content.AsEncrypted().DeviceID; dev != ghostDevices[0] {
+		t.Errorf("the ghost's message was encrypted by device %s, want the ghost's own device %s", dev, ghostDevices[0])
+	}
+	if trust := r.memberReads(t, ghostMsg, "hello from the ghost"); trust != id.TrustStateCrossSignedTOFU {
+		t.Errorf("the member's client sees the ghost's device as %s, want cross-signed by its owner (%s)", trust, id.TrustStateCrossSignedTOFU)
+	}
+	// The bot's own reply.
+	botMsg := r.sendAs(t, r.bot, "the bot replies")
+	if dev := botMsg.Content.AsEncrypted().DeviceID; dev != r.m.DeviceID() {
+		t.Errorf("the bot's reply was encrypted by device %s, want the bot's device %s", dev, r.m.DeviceID())
+	}
+	if trust := r.memberReads(t, botMsg, "the bot replies"); trust != id.TrustStateCrossSignedTOFU {
+		t.Errorf("the member's client sees the bot's device as %s, want cross-signed by its owner (%s)", trust, id.TrustStateCrossSignedTOFU)
+	}
+
+	// The member writes: its client shares the room key only with cross-signed devices, so the bot gets it only
+	// because its device is cross-signed, and only through the transaction the homeserver pushes.
+	memberMsg := r.memberSends(t, "hello ferry")
+	if _, err := r.m.Decrypt(ctx, memberMsg); !errors.Is(err, ErrKeyMissing) {
+		t.Fatalf("before the transaction the bot's decryption gave %v, want %v", err, ErrKeyMissing)
+	}
+	if err := r.m.HandleTransactionCrypto(ctx, r.srv.TakeAppserviceTransaction()); err != nil {
+		t.Fatal(err)
+	}
+	dec, err := r.m.Decrypt(ctx, memberMsg)
+	if err != nil || dec.Content.AsMessage().Body != "hello ferry" {
+		t.Fatalf("the bot cannot decrypt the member's message after the transaction: %v", err)
+	}
+	// The transaction also carried the member's room key to the ghost's device, and that queue is now empty.
+	if left := r.srv.TakeToDevice(r.ghost, ghostDevices[0]); len(left) != 0 {
+		t.Errorf("%d to-device events still queued for the ghost's device after the transaction", len(left))
+	}
+
+	counts := r.srv.Counts()
+	if counts[routeLogin] != 0 || counts[routeSync] != 0 {
+		t.Errorf("appservice mode logged in %d times and ran /sync %d times, want neither", counts[routeLogin], counts[routeSync])
+	}
+	if counts[routePutDevice] != 2 {
+		t.Errorf("%d MSC4190 device creations, want 2 (the bot and the ghost)", counts[routePutDevice])
+	}
+	if n := counts["POST /_synapse/admin/v1/register"]; n != 0 {
+		t.Errorf("ferry used the shared-secret registration %d times without needing it", n)
+	}
+	r.m.lock.Lock()
+	syncing := r.m.syncCancel != nil
+	r.m.lock.Unlock()
+	if syncing {
+		t.Error("Start began a /sync loop in appservice mode")
+	}
+
+	// A restart reuses the bot's and the ghost's devices and identities: no new devices, and the member's
+	// client still sees the ghost's messages as cross-signed by the same owner.
+	first.Stop()
+	botDevice := first.DeviceID()
+	r.m = r.newMachine(t)
+	if err = r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	if r.m.DeviceID() != botDevice {
+		t.Errorf("after a restart the bot uses device %s, want %s", r.m.DeviceID(), botDevice)
+	}
+	if err = r.m.PrepareSender(ctx, r.ghost); err != nil {
+		t.Fatal(err)
+	}
+	if devs := r.srv.Devices(r.bot); len(devs) != 1 {
+		t.Errorf("after a restart the bot has devices %v, want one", devs)
+	}
+	if devs := r.srv.Devices(r.ghost); len(devs) != 1 || devs[0] != ghostDevices[0] {
+		t.Errorf("after a restart the ghost has devices %v, want only %s", devs, ghostDevices[0])
+	}
+	again := r.sendAs(t, r.ghost, "the ghost after a restart")
+	if trust := r.memberReads(t, again, "the ghost after a restart"); trust != id.TrustStateCrossSignedTOFU {
+		t.Errorf("after a restart the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+	}
+	if n := r.srv.Counts()[routeLogin] + r.srv.Counts()[routeSync]; n != 0 {
+		t.Errorf("the restart logged in or ran /sync (%d requests)", n)
+	}
+}
+
+// TestAppserviceModeWithoutMSC4190 runs the Machine with encryption.appservice on homeservers without MSC4190
+// (cross-signing needs the password UIA there, as on Dendrite): ferry says so in one warning that names the
+// config key and what the homeserver lacks, then falls back to m.login.application_service devices and /sync;
+// with homeserver.registration_shared_secret ghosts still get their own cross-signed devices, without it they
+// use the bot's device (single-device mode). A homeserver that allows no appservice login either stops start-up
+// with an error naming the key.
+func TestAppserviceModeWithoutMSC4190(t *testing.T) {
+	t.Run("shared_secret", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		r := newASRig(t, fakehs.Options{NoMSC4190: true, CrossSigningUIA: true, SharedSecret: "asmode-secret"}, "asmode-secret")
+		if err := r.m.Init(ctx); err != nil {
+			t.Fatal(err)
+		}
+		checkFallbackLine(t, r, "per-ghost devices")
+		r.m.Start(ctx)
+		defer r.m.Stop()
+
+		if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+			t.Fatal(err)
+		}
+		ghostDevices := r.srv.Devices(r.ghost)
+		if len(ghostDevices) != 1 {
+			t.Fatalf("the ghost has devices %v on the server, want exactly one", ghostDevices)
+		}
+		ghostMsg := r.sendAs(t, r.ghost, "ghost after fallback")
+		if dev := ghostMsg.Content.AsEncrypted().DeviceID; dev != ghostDevices[0] {
+			t.Errorf("the ghost's message was encrypted by device %s, want the ghost's own device %s", dev, ghostDevices[0])
+		}
+		if trust := r.memberReads(t, ghostMsg, "ghost after fallback"); trust != id.TrustStateCrossSignedTOFU {
+			t.Errorf("the member's client sees the ghost's device as %s, want cross-signed by its owner", trust)
+		}
+		// The member's room key reaches the bot through its /sync loop.
+		memberMsg := r.memberSends(t, "hello over sync")
+		if !r.m.WaitForKey(ctx, memberMsg, 10*time.Second) {
+			t.Fatal("the member's room key never reached the bot through /sync")
+		}
+		if dec, err := r.m.Decrypt(ctx, memberMsg); err != nil || dec.Content.AsMessage().Body != "hello over sync" {
+			t.Fatalf("the bot cannot decrypt the member's message: %v", err)
+		}
+		if n := r.srv.Counts()[routeLogin]; n == 0 {
+			t.Error("the fallback did not log any device in")
+		}
+	})
+
+	t.Run("single_device", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		r := newASRig(t, fakehs.Options{NoMSC4190: true, CrossSigningUIA: true}, "")
+		if err := r.m.Init(ctx); err != nil {
+			t.Fatal(err)
+		}
+		checkFallbackLine(t, r, "single-device mode")
+		r.m.Start(ctx)
+		defer r.m.Stop()
+
+		ghostMsg := r.sendAs(t, r.ghost, "ghost in single-device mode")
+		if dev := ghostMsg.Content.AsEncrypted().DeviceID; dev != r.m.DeviceID() {
+			t.Errorf("the ghost's message was encrypted by device %s, want the bot's device %s", dev, r.m.DeviceID())
+		}
+		if devs := r.srv.Devices(r.ghost); len(devs) != 0 {
+			t.Errorf("the ghost got devices %v in single-device mode", devs)
+		}
+		r.memberReads(t, ghostMsg, "ghost in single-device mode")
+	})
+
+	t.Run("no_device_possible", func(t *testing.T) {
+		r := newASRig(t, fakehs.Options{NoMSC4190: true, NoAppserviceLogin: true}, "")
+		err := r.m.Init(context.Background())
+		if err == nil {
+			t.Fatal("Init succeeded on a homeserver that allows the bot no device")
+		}
+		for _, want := range []string{"encryption.appservice", "MSC4190", "m.login.application_service"} {
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("the start-up error %q does not mention %s", err, want)
+			}
+		}
+	})
+}
+
+// checkFallbackLine checks that Init said, in exactly one warning, that encryption.appservice cannot be used
+// because the homeserver lacks MSC4190, and what it falls back to.
+func checkFallbackLine(t *testing.T, r *asRig, fallback string) {
+	t.Helper()
+	if r.m.AppserviceMode() {
+		t.Fatal("the Machine stayed in appservice mode on a homeserver without MSC4190")
+	}
+	lines := r.logs.warnings("MSC4190")
+	if len(lines) != 1 {
+		t.Fatalf("%d warnings about MSC4190, want exactly one: %q", len(lines), lines)
+	}
+	t.Logf("start-up warning: %s", lines[0])
+	for _, want := range []string{"encryption.appservice", "does not offer MSC4190", "404", "/sync", fallback} {
+		if !strings.Contains(lines[0], want) {
+			t.Errorf("the fallback warning %q does not say %q", lines[0], want)
+		}
+	}
+	// A transaction the homeserver might still push is left to /sync, which delivers the same events.
+	if err := r.m.HandleTransactionCrypto(context.Background(), json.RawMessage(`{"events":[]}`)); err != nil {
+		t.Errorf("a transaction after the fallback failed: %v", err)
+	}
+}
