@@ -198,7 +198,9 @@ func (d *device) maybePreshare(ctx context.Context, roomID id.RoomID, users func
 		return
 	}
 	log := zerolog.Ctx(ctx).With().Stringer("room_id", roomID).Stringer("sender", d.userID).Logger()
-	bg, cancel := context.WithTimeout(log.WithContext(context.WithoutCancel(ctx)), preshareTimeout)
+	// A context of its own: the message's may end first, and may carry a database transaction that will not
+	// outlive the message.
+	bg, cancel := context.WithTimeout(log.WithContext(context.Background()), preshareTimeout)
 	go func() {
 		defer done()
 		defer cancel()
