@@ -65,7 +65,9 @@ type sharePolicy struct {
 }
 
 // encrypt Megolm-encrypts content with this device's outbound session in roomID, first creating and sharing a
-// session with users' devices (under the policy) when there is none, or it expired.
+// session with users' devices (under the policy) when there is none, or it expired. When a successor was already
+// shared in the background (preshare.go) it switches to that instead of sharing, and a session nearing its limits
+// starts that background share.
 func (d *device) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Type, content *event.Content, users func(context.Context) ([]id.UserID, error), policy sharePolicy) (*event.EncryptedEventContent, error) {
 	enc, err := d.mach.EncryptMegolmEvent(ctx, roomID, evtType, content)
 	if err == nil {

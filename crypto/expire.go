@@ -12,12 +12,15 @@ import (
 // DestroySession once the messages sent with it expired.
 func (m *Machine) DiscardOutboundSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) error {
 	// A discard is a forced rotation: successors shared ahead of time in the room go too.
-	m.cache.dropNext(roomID)
+	dropped := m.cache.dropNext(roomID)
 	_, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1 AND session_id=$2`, roomID, sessionID)
 	// Outbound sessions live in memory between writes (storecache.go): forgetting the row alone would let the
 	// device go on encrypting with it.
 	m.cache.forgetSession(roomID, sessionID)
-	return err
+	if err != nil {
+		return err
+	}
+	return m.cache.forgetSuccessors(ctx, m.db, dropped)
 }
 
 // DestroySession deletes every stored key of a Megolm session in a room: the outbound session when ferry owns
@@ -26,7 +29,7 @@ func (m *Machine) DiscardOutboundSession(ctx context.Context, roomID id.RoomID, 
 // many rows held key material.
 func (m *Machine) DestroySession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (int64, error) {
 	// Successors shared ahead of time in the room go too, before the key they would follow is deleted.
-	m.cache.dropNext(roomID)
+	dropped := m.cache.dropNext(roomID)
 	var total int64
 	err := m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
 		for _, q := range []string{
@@ -49,7 +52,7 @@ func (m *Machine) DestroySession(ctx context.Context, roomID id.RoomID, sessionI
 	if err != nil {
 		return 0, fmt.Errorf("failed to delete the keys of session %s: %w", sessionID, err)
 	}
-	return total, nil
+	return total, m.cache.forgetSuccessors(ctx, m.db, dropped)
 }
 
 // DestroyLateCopies deletes copies of an already destroyed session that ghost devices received after it was

@@ -280,7 +280,9 @@ func (m *Machine) reset(ctx context.Context) error {
 			return fmt.Errorf("failed to forget the vanished device: %w", err)
 		}
 	}
-	m.cache.dropNext("")
+	if err := m.cache.forgetSuccessors(ctx, m.db, m.cache.dropNext("")); err != nil {
+		return err
+	}
 	m.cache.outboundChanged(botAccountID, "")
 	m.client.DeviceID = ""
 	m.client.AccessToken = ""
@@ -566,10 +568,13 @@ func (m *Machine) HandleMemberEvent(ctx context.Context, evt *event.Event) {
 func (m *Machine) Rotate(ctx context.Context, roomID id.RoomID) error {
 	// Successors shared ahead of time go first (and shares still running are invalidated): they were shared with
 	// the members before this rotation.
-	m.cache.dropNext(roomID)
+	dropped := m.cache.dropNext(roomID)
 	_, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1`, roomID)
 	m.cache.outboundChanged("", roomID)
-	return err
+	if err != nil {
+		return err
+	}
+	return m.cache.forgetSuccessors(ctx, m.db, dropped)
 }
 
 // rotateForDeviceChanges rotates every ferry device's sessions in the encrypted rooms shared with real users

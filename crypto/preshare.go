@@ -2,9 +2,11 @@ package crypto
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -59,24 +61,50 @@ func (c *storeCache) stampLocked(room id.RoomID) rotationStamp {
 }
 
 // dropNext forgets the successors prepared in a room (every room for ""), and makes shares still running for it
-// discard theirs. Forced rotations call it before deleting the current sessions.
-func (c *storeCache) dropNext(room id.RoomID) {
+// discard theirs. Forced rotations call it before deleting the current sessions, then forgetSuccessors with what
+// it returned.
+func (c *storeCache) dropNext(room id.RoomID) []*crypto.OutboundGroupSession {
 	c.preLock.Lock()
 	defer c.preLock.Unlock()
+	var dropped []*crypto.OutboundGroupSession
 	if room == "" {
 		c.pre.allRotations++
+		for _, sess := range c.pre.next {
+			dropped = append(dropped, sess)
+		}
 		c.pre.next = nil
-		return
+		return dropped
 	}
 	if c.pre.rotations == nil {
 		c.pre.rotations = make(map[id.RoomID]uint64)
 	}
 	c.pre.rotations[room]++
-	for k := range c.pre.next {
+	for k, sess := range c.pre.next {
 		if k.room == room {
+			dropped = append(dropped, sess)
 			delete(c.pre.next, k)
 		}
 	}
+	return dropped
+}
+
+// forgetSuccessors deletes what the store holds of successors that were shared but will never be used: their
+// inbound copies (key material that no message needs) and their recipients (who could otherwise ask for them).
+func (c *storeCache) forgetSuccessors(ctx context.Context, db *dbutil.Database, dropped []*crypto.OutboundGroupSession) error {
+	for _, sess := range dropped {
+		err := db.DoTxn(ctx, nil, func(ctx context.Context) error {
+			if _, err := db.Exec(ctx, `DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`, sess.RoomID, sess.ID()); err != nil {
+				return err
+			}
+			_, err := db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session_shared WHERE session_id=$1`, sess.ID())
+			return err
+		})
+		c.forgetSession(sess.RoomID, sess.ID())
+		if err != nil {
+			return fmt.Errorf("failed to delete the keys of an unused session: %w", err)
+		}
+	}
+	return nil
 }
 
 // startPreshare reserves the background share of k's successor: not when one is prepared or running, when
@@ -231,7 +259,7 @@ func (d *device) preshare(ctx context.Context, k outboundKey, stamp rotationStam
 	log := zerolog.Ctx(ctx)
 	if !d.olm.c.storeNext(k, stamp, session) {
 		log.Debug().Stringer("session_id", session.ID()).Msg("Dropped a room key shared ahead of time: the room was rotated meanwhile")
-		return nil
+		return d.olm.c.forgetSuccessors(ctx, d.store.DB, []*crypto.OutboundGroupSession{session})
 	}
 	log.Debug().Stringer("session_id", session.ID()).Int("shared", stats.Shared).Int("withheld", stats.Withheld).
 		Dur("elapsed", time.Since(start)).Msg("Shared the next room key ahead of time")
@@ -251,15 +279,20 @@ func (d *device) promoteNext(ctx context.Context, roomID id.RoomID) (bool, error
 	}
 	k := outboundKey{d.olm.AccountID, roomID}
 	next, stamp := d.olm.c.takeNext(k)
-	if next == nil || next.Expired() {
+	if next == nil {
 		return false, nil
+	} else if next.Expired() {
+		return false, d.olm.c.forgetSuccessors(ctx, d.store.DB, []*crypto.OutboundGroupSession{next})
 	}
 	if err = d.olm.AddOutboundGroupSession(ctx, next); err != nil {
 		return false, err
 	}
 	if !d.olm.c.stampValid(roomID, stamp) {
 		// A forced rotation ran while it was written: it must not be used.
-		return false, d.olm.RemoveOutboundGroupSession(ctx, roomID)
+		if err = d.olm.RemoveOutboundGroupSession(ctx, roomID); err != nil {
+			return false, err
+		}
+		return false, d.olm.c.forgetSuccessors(ctx, d.store.DB, []*crypto.OutboundGroupSession{next})
 	}
 	zerolog.Ctx(ctx).Debug().Stringer("room_id", roomID).Stringer("sender", d.userID).Stringer("session_id", next.ID()).
 		Msg("Switched to the room key shared ahead of time")

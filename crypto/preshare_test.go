@@ -104,6 +104,35 @@ func (r *preshareRig) recipients(sessionID id.SessionID) []id.UserID {
 	return out
 }
 
+// inboundCopies counts the stored inbound copies of a session (ferry's; the members' stores are in memory).
+func (r *preshareRig) inboundCopies(sessionID id.SessionID) int {
+	r.t.Helper()
+	var n int
+	if err := r.db.QueryRow(context.Background(), `SELECT COUNT(*) FROM crypto_megolm_inbound_session WHERE session_id=$1`, sessionID).Scan(&n); err != nil {
+		r.t.Fatal(err)
+	}
+	return n
+}
+
+// entitledTo lists the sessions a user may ask ferry for.
+func (r *preshareRig) entitledTo(userID id.UserID) []id.SessionID {
+	r.t.Helper()
+	rows, err := r.db.Query(context.Background(), `SELECT DISTINCT session_id FROM crypto_megolm_outbound_session_shared WHERE user_id=$1`, userID)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []id.SessionID
+	for rows.Next() {
+		var sid id.SessionID
+		if err = rows.Scan(&sid); err != nil {
+			r.t.Fatal(err)
+		}
+		out = append(out, sid)
+	}
+	return out
+}
+
 // decrypts checks which members read evt (after processing their to-device messages).
 func (r *preshareRig) decrypts(evt *event.Event, want func(u *fakehs.User) bool) {
 	r.t.Helper()
@@ -204,6 +233,12 @@ func TestPreshareDroppedByForcedRotation(t *testing.T) {
 			if r.next() != nil {
 				t.Fatal("the successor survived the rotation")
 			}
+			if n := r.inboundCopies(next.ID()); n != 0 {
+				t.Errorf("the dropped successor's key is still stored (%d inbound copies)", n)
+			}
+			if got := r.recipients(next.ID()); len(got) != 0 {
+				t.Errorf("users %v are still entitled to the dropped successor", got)
+			}
 			after := r.send()
 			if got := sessionOf(after); got == next.ID() || got == cur {
 				t.Fatalf("after the rotation the message used %s (current %s, dropped successor %s)", got, cur, next.ID())
@@ -221,7 +256,8 @@ func TestPreshareLeftMemberNotRecipient(t *testing.T) {
 	m := &Machine{db: r.db, cache: r.ghost.olm.c}
 	ctx := context.Background()
 	leaver := r.shareRig.members[2]
-	for i := 1; i < rotateAfter-1; i++ {
+	first := sessionOf(r.send())
+	for i := 2; i < rotateAfter-1; i++ {
 		r.send()
 	}
 	r.mu.Lock()
@@ -263,6 +299,10 @@ func TestPreshareLeftMemberNotRecipient(t *testing.T) {
 		if slices.Contains(r.recipients(sid), leaver.ID) {
 			t.Errorf("session %s, used after the leave, was shared with %s", sid, leaver.ID)
 		}
+	}
+	// The dropped successor's key and entitlements are gone: the member may ask only for the session of its time.
+	if got := r.entitledTo(leaver.ID); !slices.Equal(got, []id.SessionID{first}) {
+		t.Errorf("%s is entitled to sessions %v, want only %s", leaver.ID, got, first)
 	}
 }
 

@@ -499,9 +499,12 @@ func (s *cachedStore) AddOutboundGroupSession(ctx context.Context, sess *crypto.
 // RemoveOutboundGroupSession removes the account's session in a room; any successor prepared in the room is
 // dropped too, as for every rotation.
 func (s *cachedStore) RemoveOutboundGroupSession(ctx context.Context, roomID id.RoomID) error {
-	s.c.dropNext(roomID)
+	dropped := s.c.dropNext(roomID)
 	defer s.c.outboundChanged(s.AccountID, roomID)
-	return s.SQLCryptoStore.RemoveOutboundGroupSession(ctx, roomID)
+	if err := s.SQLCryptoStore.RemoveOutboundGroupSession(ctx, roomID); err != nil {
+		return err
+	}
+	return s.c.forgetSuccessors(ctx, s.DB, dropped)
 }
 
 // cachedOutbound returns k's session if it is in memory, without reading the store.
