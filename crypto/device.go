@@ -65,11 +65,20 @@ type sharePolicy struct {
 }
 
 // encrypt Megolm-encrypts content with this device's outbound session in roomID, first creating and sharing a
-// session with users' devices (under the policy) when there is none, or it expired.
+// session with users' devices (under the policy) when there is none, or it expired. When a successor was already
+// shared in the background (preshare.go) it switches to that instead of sharing, and a session nearing its limits
+// starts that background share.
 func (d *device) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Type, content *event.Content, users func(context.Context) ([]id.UserID, error), policy sharePolicy) (*event.EncryptedEventContent, error) {
 	enc, err := d.mach.EncryptMegolmEvent(ctx, roomID, evtType, content)
-	if err == nil || !errors.Is(err, crypto.ErrSessionExpired) && !errors.Is(err, crypto.ErrSessionNotShared) && !errors.Is(err, crypto.ErrNoGroupSession) {
-		return enc, err
+	if err == nil {
+		d.maybePreshare(ctx, roomID, users, policy)
+		return enc, nil
+	} else if !errors.Is(err, crypto.ErrSessionExpired) && !errors.Is(err, crypto.ErrSessionNotShared) && !errors.Is(err, crypto.ErrNoGroupSession) {
+		return nil, err
+	}
+	// The successor shared ahead of time, when ready, saves this message the share.
+	if enc, ok := d.encryptPrepared(ctx, roomID, evtType, content); ok {
+		return enc, nil
 	}
 	members, err := users(ctx)
 	if err != nil {
@@ -106,6 +115,27 @@ func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID,
 			return nil, err
 		}
 	}
+	stats, err := d.shareSession(ctx, session, users, policy, start)
+	if err != nil {
+		return nil, err
+	}
+	session.Shared = true
+	if err = d.olm.AddOutboundGroupSession(ctx, session); err != nil {
+		return nil, fmt.Errorf("failed to save the shared session: %w", err)
+	}
+	stats.Elapsed = time.Since(start)
+	zerolog.Ctx(ctx).Debug().Stringer("room_id", roomID).Stringer("session_id", session.ID()).Stringer("sender", d.userID).
+		Int("shared", stats.Shared).Int("withheld", stats.Withheld).Int("no_olm", stats.NoOlm).
+		Int("new_olm_sessions", stats.NewOlm).Int("to_device_requests", stats.Requests).
+		Dur("elapsed", stats.Elapsed).Msg("Shared room key")
+	return stats, nil
+}
+
+// shareSession sends session (Olm-encrypted) to every device of users that the policy admits and
+// m.room_key.withheld to the others, and records every device of every user as entitled to it. It neither marks
+// the session shared nor stores it as the device's outbound session: share and preshare do.
+func (d *device) shareSession(ctx context.Context, session *crypto.OutboundGroupSession, users []id.UserID, policy sharePolicy, start time.Time) (*ShareStats, error) {
+	roomID := session.RoomID
 	log := zerolog.Ctx(ctx).With().Stringer("room_id", roomID).Stringer("session_id", session.ID()).Stringer("sender", d.userID).Logger()
 	stats := &ShareStats{SessionID: session.ID()}
 
@@ -202,20 +232,26 @@ func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID,
 	}
 	stats.Messages = stats.Shared + countMessages(withheld)
 	stats.Send = time.Since(mark)
-	session.Shared = true
-	if err = d.olm.AddOutboundGroupSession(ctx, session); err != nil {
-		return nil, fmt.Errorf("failed to save the shared session: %w", err)
-	}
 	stats.Elapsed = time.Since(start)
-	log.Debug().Int("shared", stats.Shared).Int("withheld", stats.Withheld).Int("no_olm", stats.NoOlm).
-		Int("new_olm_sessions", stats.NewOlm).Int("to_device_requests", stats.Requests).
-		Dur("elapsed", stats.Elapsed).Msg("Shared room key")
 	return stats, nil
 }
 
 // newSession creates an outbound session from the room's m.room.encryption rotation settings and keeps an
 // inbound copy, which answering key requests needs.
 func (d *device) newSession(ctx context.Context, roomID id.RoomID, policy sharePolicy) (*crypto.OutboundGroupSession, error) {
+	session, err := d.createSession(ctx, roomID, policy)
+	if err != nil {
+		return nil, err
+	}
+	// Saved before any ciphertext that depends on it exists.
+	if err = d.olm.AddOutboundGroupSession(ctx, session); err != nil {
+		return nil, fmt.Errorf("failed to store the outbound session: %w", err)
+	}
+	return session, nil
+}
+
+// createSession creates an outbound session and stores its inbound copy, but not the session itself.
+func (d *device) createSession(ctx context.Context, roomID id.RoomID, policy sharePolicy) (*crypto.OutboundGroupSession, error) {
 	encEvt, histVis := policy.encEvent(ctx, roomID)
 	session, err := crypto.NewOutboundGroupSession(roomID, encEvt, histVis)
 	if err != nil {
@@ -230,10 +266,6 @@ func (d *device) newSession(ctx context.Context, roomID id.RoomID, policy shareP
 	igs.SourceUser = d.userID
 	if err = d.olm.PutGroupSession(ctx, igs); err != nil {
 		return nil, fmt.Errorf("failed to store the inbound copy of the session: %w", err)
-	}
-	// Saved before any ciphertext that depends on it exists.
-	if err = d.olm.AddOutboundGroupSession(ctx, session); err != nil {
-		return nil, fmt.Errorf("failed to store the outbound session: %w", err)
 	}
 	return session, nil
 }

@@ -11,11 +11,16 @@ import (
 // device's next message in the room starts a new one. The inbound copy stays: it is deleted with
 // DestroySession once the messages sent with it expired.
 func (m *Machine) DiscardOutboundSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) error {
+	// A discard is a forced rotation: successors shared ahead of time in the room go too.
+	dropped := m.cache.dropNext(roomID)
 	_, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1 AND session_id=$2`, roomID, sessionID)
 	// Outbound sessions live in memory between writes (storecache.go): forgetting the row alone would let the
 	// device go on encrypting with it.
 	m.cache.forgetSession(roomID, sessionID)
-	return err
+	if err != nil {
+		return err
+	}
+	return m.cache.forgetSuccessors(ctx, m.db, dropped)
 }
 
 // DestroySession deletes every stored key of a Megolm session in a room: the outbound session when ferry owns
@@ -23,6 +28,8 @@ func (m *Machine) DiscardOutboundSession(ctx context.Context, roomID id.RoomID, 
 // hold a copy). Afterwards nothing in ferry's database decrypts messages sent with the session. It returns how
 // many rows held key material.
 func (m *Machine) DestroySession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (int64, error) {
+	// Successors shared ahead of time in the room go too, before the key they would follow is deleted.
+	dropped := m.cache.dropNext(roomID)
 	var total int64
 	err := m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
 		for _, q := range []string{
@@ -45,7 +52,7 @@ func (m *Machine) DestroySession(ctx context.Context, roomID id.RoomID, sessionI
 	if err != nil {
 		return 0, fmt.Errorf("failed to delete the keys of session %s: %w", sessionID, err)
 	}
-	return total, nil
+	return total, m.cache.forgetSuccessors(ctx, m.db, dropped)
 }
 
 // DestroyLateCopies deletes copies of an already destroyed session that ghost devices received after it was

@@ -355,6 +355,9 @@ func (m *Machine) reset(ctx context.Context) error {
 			return fmt.Errorf("failed to forget the vanished device: %w", err)
 		}
 	}
+	if err := m.cache.forgetSuccessors(ctx, m.db, m.cache.dropNext("")); err != nil {
+		return err
+	}
 	m.cache.outboundChanged(botAccountID, "")
 	m.client.DeviceID = ""
 	m.client.AccessToken = ""
@@ -402,6 +405,13 @@ func (m *Machine) Stop() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	// Background shares of successor sessions end first; their sessions are never written (never used either).
+	m.cache.closePreshare()
+	waitCtx, waitCancel := context.WithTimeout(ctx, 10*time.Second)
+	if err := m.cache.waitPreshare(waitCtx); err != nil {
+		m.log.Warn().Err(err).Msg("Background room key shares still running at shutdown")
+	}
+	waitCancel()
 	if err := m.cache.flushReplayIndex(ctx, m.bot.store); err != nil {
 		m.log.Err(err).Msg("Failed to write the replay index at shutdown")
 	}
@@ -631,9 +641,15 @@ func (m *Machine) HandleMemberEvent(ctx context.Context, evt *event.Event) {
 // Rotate discards the outbound sessions of every ferry device (bot and ghosts) in a room, so the next message
 // from each starts a new one.
 func (m *Machine) Rotate(ctx context.Context, roomID id.RoomID) error {
+	// Successors shared ahead of time go first (and shares still running are invalidated): they were shared with
+	// the members before this rotation.
+	dropped := m.cache.dropNext(roomID)
 	_, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1`, roomID)
 	m.cache.outboundChanged("", roomID)
-	return err
+	if err != nil {
+		return err
+	}
+	return m.cache.forgetSuccessors(ctx, m.db, dropped)
 }
 
 // rotateForDeviceChanges rotates every ferry device's sessions in the encrypted rooms shared with real users

@@ -43,6 +43,10 @@ type storeCache struct {
 	outboundLock sync.Mutex
 	outboundGen  uint64
 	outbound     map[outboundKey]*outboundEntry
+
+	// successors shared ahead of time (preshare.go)
+	preLock sync.Mutex
+	pre     nextSessions
 }
 
 type signatureKey struct {
@@ -492,9 +496,25 @@ func (s *cachedStore) AddOutboundGroupSession(ctx context.Context, sess *crypto.
 	return s.SQLCryptoStore.AddOutboundGroupSession(ctx, sess)
 }
 
+// RemoveOutboundGroupSession removes the account's session in a room; any successor prepared in the room is
+// dropped too, as for every rotation.
 func (s *cachedStore) RemoveOutboundGroupSession(ctx context.Context, roomID id.RoomID) error {
+	dropped := s.c.dropNext(roomID)
 	defer s.c.outboundChanged(s.AccountID, roomID)
-	return s.SQLCryptoStore.RemoveOutboundGroupSession(ctx, roomID)
+	if err := s.SQLCryptoStore.RemoveOutboundGroupSession(ctx, roomID); err != nil {
+		return err
+	}
+	return s.c.forgetSuccessors(ctx, s.DB, dropped)
+}
+
+// cachedOutbound returns k's session if it is in memory, without reading the store.
+func (c *storeCache) cachedOutbound(k outboundKey) *crypto.OutboundGroupSession {
+	c.outboundLock.Lock()
+	defer c.outboundLock.Unlock()
+	if e := c.outbound[k]; e != nil {
+		return e.sess
+	}
+	return nil
 }
 
 // outboundChanged forgets cached outbound sessions without writing them: of one account in one room, of every
