@@ -170,14 +170,33 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 		}
 		log.Debug().Int("events", len(rows)).Int("new", inserted).Msg("Recorded transaction")
 		writeJSON(w, http.StatusOK, struct{}{})
-		seen := make(map[id.RoomID]struct{}, len(rows))
-		for _, row := range rows {
-			if _, ok := seen[row.RoomID]; !ok {
-				seen[row.RoomID] = struct{}{}
-				b.Notify(row.RoomID)
-			}
-		}
+		b.handOver(rows)
 	})(w, r)
+}
+
+// handOver gives each room's worker the rows this transaction recorded (committed, in order), so that it need
+// not read them back. A room with a redelivered event (not inserted: Seq 0) is only woken: its worker reads the
+// inbox, which knows whether that event is still pending.
+func (b *Bridge) handOver(rows []*database.InboxEvent) {
+	var order []id.RoomID
+	byRoom := make(map[id.RoomID][]*database.InboxEvent, 4)
+	redelivered := map[id.RoomID]bool{}
+	for _, row := range rows {
+		if _, ok := byRoom[row.RoomID]; !ok {
+			order = append(order, row.RoomID)
+		}
+		if row.Seq == 0 {
+			redelivered[row.RoomID] = true
+		}
+		byRoom[row.RoomID] = append(byRoom[row.RoomID], row)
+	}
+	for _, room := range order {
+		if redelivered[room] {
+			b.notify(room, nil)
+		} else {
+			b.notify(room, byRoom[room])
+		}
+	}
 }
 
 // IngestSynced records room events that reached ferry through the bot's /sync rather than a transaction
