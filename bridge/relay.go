@@ -126,7 +126,8 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 	if err = b.ensureGhost(ctx, intent, evt.RoomID, evt.Sender, target); err != nil {
 		return classify(fmt.Errorf("failed to bring the sender's ghost into the room: %w", err))
 	}
-	resp, err := b.send(ctx, intent, target, targetEncrypted, evtType, content, TxnID(evt.ID, target))
+	// Translate (and mapCallFor) keep VeryRaw equal to Raw: sending the bytes spares encoding the map again.
+	resp, err := b.send(ctx, intent, target, targetEncrypted, evtType, &event.Content{VeryRaw: content.VeryRaw}, TxnID(evt.ID, target))
 	if err != nil {
 		b.hot.forgetGhosts() // the ghost may have been removed meanwhile: check its membership again next time
 		return classify(err)
