@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/subtle"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"strings"
@@ -117,11 +118,30 @@ func parseEventHead(raw []byte) (head eventHead, ok bool) {
 	return head, head.ID != "" && head.RoomID != "" && head.Type != ""
 }
 
+// readBody reads a transaction body (at most maxTransactionBytes+1 bytes) into one buffer sized by its
+// Content-Length when the homeserver sends one, instead of growing it step by step.
+func readBody(r *http.Request) ([]byte, error) {
+	limited := io.LimitReader(r.Body, maxTransactionBytes+1)
+	if n := r.ContentLength; n > 0 && n <= maxTransactionBytes {
+		buf := make([]byte, n+1) // +1: room to notice a body longer than announced
+		m, err := io.ReadFull(limited, buf)
+		switch {
+		case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
+			return buf[:m], nil
+		case err != nil:
+			return nil, err
+		}
+		rest, err := io.ReadAll(limited)
+		return append(buf, rest...), err
+	}
+	return io.ReadAll(limited)
+}
+
 func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice ToDeviceHandler) {
 	b.authed(func(w http.ResponseWriter, r *http.Request) {
 		txnID := r.PathValue("txnID")
 		log := b.Log.With().Str("component", "intake").Str("transaction_id", txnID).Logger()
-		body, err := io.ReadAll(io.LimitReader(r.Body, maxTransactionBytes+1))
+		body, err := readBody(r)
 		if err != nil {
 			mautrix.MNotJSON.WithMessage("Failed to read request body").Write(w)
 			return
