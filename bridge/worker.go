@@ -264,6 +264,9 @@ func (b *Bridge) commitBatch(ctx context.Context, bw *batchWrites) bool {
 	return true
 }
 
+// writeBatch records a worker's batch. Batches of different rooms that are ready at the same time are written
+// in one statement (group commit): each worker still waits until its own rows are committed, but Postgres parses,
+// plans and commits once for all of them instead of once per room.
 func (b *Bridge) writeBatch(ctx context.Context, bw *batchWrites) error {
 	batch := &database.Batch{Copies: bw.copies}
 	for _, row := range bw.done {
@@ -272,7 +275,96 @@ func (b *Bridge) writeBatch(ctx context.Context, bw *batchWrites) error {
 	for _, f := range bw.failed {
 		batch.Failed = append(batch.Failed, database.FailedEvent{Seq: f.row.Seq, Error: f.msg})
 	}
+	req := &commitRequest{batch: batch, done: make(chan error, 1)}
+	b.commits.submit(b, req)
+	select {
+	case err := <-req.done:
+		return err
+	case <-ctx.Done():
+		// The statement may still commit; the rows then are done, otherwise they are handled again: either way
+		// nothing is lost, as with a statement cut off by the timeout.
+		return ctx.Err()
+	}
+}
+
+// maxCommitters is how many group commits may run at once (one can collect the next batches while another
+// waits for Postgres).
+const maxCommitters = 2
+
+// maxGroupRows bounds the rows (copies and inbox rows) of one group commit, keeping it one statement.
+const maxGroupRows = 2000
+
+// groupCommit collects the batches of room workers that wait for their rows to be recorded.
+type groupCommit struct {
+	lock    sync.Mutex
+	queue   []*commitRequest
+	running int
+}
+
+type commitRequest struct {
+	batch *database.Batch
+	done  chan error
+}
+
+func (g *groupCommit) submit(b *Bridge, req *commitRequest) {
+	g.lock.Lock()
+	g.queue = append(g.queue, req)
+	start := g.running < maxCommitters
+	if start {
+		g.running++
+	}
+	g.lock.Unlock()
+	if start {
+		go g.run(b)
+	}
+}
+
+// run writes queued batches until the queue is empty.
+func (g *groupCommit) run(b *Bridge) {
+	for {
+		g.lock.Lock()
+		n, rows := 0, 0
+		for n < len(g.queue) && (n == 0 || rows+batchRows(g.queue[n].batch) <= maxGroupRows) {
+			rows += batchRows(g.queue[n].batch)
+			n++
+		}
+		if n == 0 {
+			g.running--
+			g.lock.Unlock()
+			return
+		}
+		reqs := slices.Clone(g.queue[:n])
+		g.queue = slices.Delete(g.queue, 0, n)
+		g.lock.Unlock()
+		if len(reqs) == 1 {
+			reqs[0].done <- b.commitGroup(reqs[0].batch)
+			continue
+		}
+		merged := &database.Batch{}
+		for _, r := range reqs {
+			merged.Copies = append(merged.Copies, r.batch.Copies...)
+			merged.Done = append(merged.Done, r.batch.Done...)
+			merged.Failed = append(merged.Failed, r.batch.Failed...)
+		}
+		if err := b.commitGroup(merged); err == nil {
+			for _, r := range reqs {
+				r.done <- nil
+			}
+			continue
+		}
+		// One room's rows must not hold back the others: on an error each batch is written on its own.
+		for _, r := range reqs {
+			r.done <- b.commitGroup(r.batch)
+		}
+	}
+}
+
+func batchRows(b *database.Batch) int { return len(b.Copies) + len(b.Done) + len(b.Failed) }
+
+// commitGroup writes one batch with the replay protection entries of the events decrypted so far.
+func (b *Bridge) commitGroup(batch *database.Batch) error {
 	settle := func(bool) {}
+	batch.Replay = nil
 	if t, ok := b.Crypto.(ReplayIndexTaker); ok {
 		var entries []crypto.ReplayEntry
 		entries, settle = t.TakeReplayIndex()
@@ -281,6 +373,8 @@ func (b *Bridge) writeBatch(ctx context.Context, bw *batchWrites) error {
 			batch.Replay[i] = database.ReplayEntry(e)
 		}
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
 	err := b.DB.CommitBatch(ctx, batch)
 	settle(err == nil)
 	return err
