@@ -1,7 +1,11 @@
 package bridge
 
 import (
+	"context"
+	"fmt"
+	"sync"
 	"testing"
+	"time"
 
 	"maunium.net/go/mautrix/id"
 
@@ -78,5 +82,57 @@ func TestHandoffFallsBackToInbox(t *testing.T) {
 	}
 	if _, ok = w.next(200); ok {
 		t.Fatal("an overfull handoff was taken from memory, want an inbox read")
+	}
+}
+
+// Batches of many rooms written at once are all recorded (group commit), each worker learning only when its own
+// rows are.
+func TestGroupCommitRecordsEveryRoomsBatch(t *testing.T) {
+	br := newBenchBridge(t, &benchCrypto{plaintext: benchMessage()}, "http://127.0.0.1:1")
+	ctx := context.Background()
+	const rooms, perRoom = 12, 5
+	var all []*database.InboxEvent
+	for r := 0; r < rooms; r++ {
+		for i := 0; i < perRoom; i++ {
+			all = append(all, &database.InboxEvent{
+				EventID: id.EventID(fmt.Sprintf("$g%d_%d", r, i)), RoomID: id.RoomID(fmt.Sprintf("!room%d", r)),
+				Sender: "@u:x", Type: "m.room.encrypted", Raw: []byte(`{}`), State: database.InboxPending, ReceivedAt: time.Now(),
+			})
+		}
+	}
+	if _, err := br.DB.Inbox.Insert(ctx, all); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, rooms)
+	for r := 0; r < rooms; r++ {
+		bw := &batchWrites{}
+		for i := 0; i < perRoom; i++ {
+			row := all[r*perRoom+i]
+			bw.done = append(bw.done, row)
+			bw.copies = append(bw.copies, &database.Copy{SourceEvent: row.EventID, SourceRoom: row.RoomID,
+				TargetRoom: "!target", TargetEvent: id.EventID("$copy_" + string(row.EventID[1:])), Sender: "@_ferry_u:x", CreatedAt: time.Now()})
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- br.writeBatch(ctx, bw)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	counts, err := br.DB.Inbox.CountByState(ctx, "")
+	if err != nil || counts[database.InboxDone] != rooms*perRoom || counts[database.InboxPending] != 0 {
+		t.Fatalf("inbox states %v (%v), want all %d done", counts, err, rooms*perRoom)
+	}
+	for _, row := range all {
+		if c, err := br.DB.EventMap.Get(ctx, row.EventID, "!target"); err != nil || c == nil {
+			t.Fatalf("copy of %s not recorded (%v)", row.EventID, err)
+		}
 	}
 }
