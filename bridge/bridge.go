@@ -58,6 +58,7 @@ type Bridge struct {
 
 	roomNames roomNameCache
 	stats     stats
+	commits   groupCommit // room workers' batches, written together (worker.go)
 	hot       hotCache
 
 	disappearOnce sync.Once

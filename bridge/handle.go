@@ -19,6 +19,11 @@ import (
 
 // parseEvent rebuilds an event from its inbox row.
 func parseEvent(row *database.InboxEvent) (*event.Event, error) {
+	if row.Type == event.EventEncrypted.Type {
+		if evt := parseEncryptedEvent(row.Raw); evt != nil {
+			return evt, nil
+		}
+	}
 	var evt event.Event
 	if err := json.Unmarshal(row.Raw, &evt); err != nil {
 		return nil, fmt.Errorf("stored event is not valid JSON: %w", err)
@@ -31,6 +36,45 @@ func parseEvent(row *database.InboxEvent) (*event.Event, error) {
 	// Content that does not parse as its type is still handled: translation works on the raw map.
 	_ = evt.Content.ParseRaw(evt.Type)
 	return &evt, nil
+}
+
+// encryptedEventJSON is the JSON of an m.room.encrypted message event with its content left undecoded.
+type encryptedEventJSON struct {
+	StateKey  *string         `json:"state_key"`
+	Sender    id.UserID       `json:"sender"`
+	Type      string          `json:"type"`
+	Timestamp int64           `json:"origin_server_ts"`
+	ID        id.EventID      `json:"event_id"`
+	RoomID    id.RoomID       `json:"room_id"`
+	Content   json.RawMessage `json:"content"`
+	Redacts   id.EventID      `json:"redacts"`
+	Unsigned  *event.Unsigned `json:"unsigned"`
+	Sticky    *event.Sticky   `json:"msc4354_sticky"`
+}
+
+// parseEncryptedEvent decodes an m.room.encrypted message event in one pass: its content straight into
+// EncryptedEventContent (Parsed) and kept as received (VeryRaw), without the generic map (Raw) that
+// event.Event's decoding builds and the second decode of ParseRaw. Decryption reads only Parsed and VeryRaw; the
+// decrypted event carries its own content. It returns nil for anything else (a state event, content that is not
+// an encrypted object), which the generic path handles as before.
+func parseEncryptedEvent(raw []byte) *event.Event {
+	var w encryptedEventJSON
+	if err := json.Unmarshal(raw, &w); err != nil || w.StateKey != nil || w.Type != event.EventEncrypted.Type ||
+		len(w.Content) == 0 || w.Content[0] != '{' {
+		return nil
+	}
+	var content event.EncryptedEventContent
+	if err := json.Unmarshal(w.Content, &content); err != nil {
+		return nil
+	}
+	evt := &event.Event{
+		Sender: w.Sender, Type: event.EventEncrypted, Timestamp: w.Timestamp, ID: w.ID, RoomID: w.RoomID,
+		Content: event.Content{VeryRaw: w.Content, Parsed: &content}, Redacts: w.Redacts, Sticky: w.Sticky,
+	}
+	if w.Unsigned != nil {
+		evt.Unsigned = *w.Unsigned
+	}
+	return evt
 }
 
 // handle decides what one inbox event means and does it.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/subtle"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"strings"
@@ -117,11 +118,30 @@ func parseEventHead(raw []byte) (head eventHead, ok bool) {
 	return head, head.ID != "" && head.RoomID != "" && head.Type != ""
 }
 
+// readBody reads a transaction body (at most maxTransactionBytes+1 bytes) into one buffer sized by its
+// Content-Length when the homeserver sends one, instead of growing it step by step.
+func readBody(r *http.Request) ([]byte, error) {
+	limited := io.LimitReader(r.Body, maxTransactionBytes+1)
+	if n := r.ContentLength; n > 0 && n <= maxTransactionBytes {
+		buf := make([]byte, n+1) // +1: room to notice a body longer than announced
+		m, err := io.ReadFull(limited, buf)
+		switch {
+		case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
+			return buf[:m], nil
+		case err != nil:
+			return nil, err
+		}
+		rest, err := io.ReadAll(limited)
+		return append(buf, rest...), err
+	}
+	return io.ReadAll(limited)
+}
+
 func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice ToDeviceHandler) {
 	b.authed(func(w http.ResponseWriter, r *http.Request) {
 		txnID := r.PathValue("txnID")
 		log := b.Log.With().Str("component", "intake").Str("transaction_id", txnID).Logger()
-		body, err := io.ReadAll(io.LimitReader(r.Body, maxTransactionBytes+1))
+		body, err := readBody(r)
 		if err != nil {
 			mautrix.MNotJSON.WithMessage("Failed to read request body").Write(w)
 			return
@@ -170,14 +190,33 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 		}
 		log.Debug().Int("events", len(rows)).Int("new", inserted).Msg("Recorded transaction")
 		writeJSON(w, http.StatusOK, struct{}{})
-		seen := make(map[id.RoomID]struct{}, len(rows))
-		for _, row := range rows {
-			if _, ok := seen[row.RoomID]; !ok {
-				seen[row.RoomID] = struct{}{}
-				b.Notify(row.RoomID)
-			}
-		}
+		b.handOver(rows)
 	})(w, r)
+}
+
+// handOver gives each room's worker the rows this transaction recorded (committed, in order), so that it need
+// not read them back. A room with a redelivered event (not inserted: Seq 0) is only woken: its worker reads the
+// inbox, which knows whether that event is still pending.
+func (b *Bridge) handOver(rows []*database.InboxEvent) {
+	var order []id.RoomID
+	byRoom := make(map[id.RoomID][]*database.InboxEvent, 4)
+	redelivered := map[id.RoomID]bool{}
+	for _, row := range rows {
+		if _, ok := byRoom[row.RoomID]; !ok {
+			order = append(order, row.RoomID)
+		}
+		if row.Seq == 0 {
+			redelivered[row.RoomID] = true
+		}
+		byRoom[row.RoomID] = append(byRoom[row.RoomID], row)
+	}
+	for _, room := range order {
+		if redelivered[room] {
+			b.notify(room, nil)
+		} else {
+			b.notify(room, byRoom[room])
+		}
+	}
 }
 
 // IngestSynced records room events that reached ferry through the bot's /sync rather than a transaction

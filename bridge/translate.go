@@ -1,11 +1,13 @@
 package bridge
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/url"
+	"reflect"
 	"regexp"
 	"strings"
 
@@ -159,7 +161,21 @@ func OriginOf(content *event.Content) *Origin {
 	if v, ok := content.Raw[OriginKey]; ok {
 		return originFrom(v)
 	}
-	for _, data := range [][]byte{content.VeryRaw, marshalParsed(content.Parsed)} {
+	for i, src := range [2]any{content.VeryRaw, content.Parsed} {
+		var data []byte
+		if i == 0 {
+			// A marker is a key spelled as ferry writes it; content without those bytes has none, and most
+			// content (every message from a real user) is ruled out without decoding it.
+			if !bytes.Contains(content.VeryRaw, originKeyBytes) {
+				continue
+			}
+			data = content.VeryRaw
+		} else {
+			if parsedCannotHoldOrigin(content.Parsed) {
+				continue
+			}
+			data = marshalParsed(src)
+		}
 		if len(data) == 0 {
 			continue
 		}
@@ -172,6 +188,23 @@ func OriginOf(content *event.Content) *Origin {
 	}
 	return nil
 }
+
+var originKeyBytes = []byte(`"` + OriginKey + `"`)
+
+// parsedCannotHoldOrigin tells whether a Parsed content is one of mautrix's event content structs: none of them
+// has a field for the origin marker, so marshalling one to look for it would only cost time.
+func parsedCannotHoldOrigin(parsed any) bool {
+	if parsed == nil {
+		return true
+	}
+	t := reflect.TypeOf(parsed)
+	if t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	return t.Kind() == reflect.Struct && t.PkgPath() == mautrixEventPkg
+}
+
+var mautrixEventPkg = reflect.TypeFor[event.MessageEventContent]().PkgPath()
 
 func marshalParsed(parsed any) []byte {
 	if parsed == nil {

@@ -1,10 +1,13 @@
 package bridge
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -20,18 +23,38 @@ const workerBatch = 64
 // slowEventWarning is when a worker logs that one event is taking unusually long.
 const slowEventWarning = 10 * time.Second
 
+// maxHandoff bounds the rows intake hands a room worker in memory; beyond it the worker reads them from the
+// inbox instead.
+const maxHandoff = 1024
+
 // roomWorker drains one source room's inbox in order.
 type roomWorker struct {
 	room id.RoomID
 	wake chan struct{}
+
+	// Rows intake recorded (committed, with their seq) and handed over in memory, so that the worker need not
+	// read them back. They are only a shortcut: every one of them is also pending in the inbox. The worker takes
+	// them only while it knows the inbox holds no other pending rows of the room (dirty false); anything that
+	// makes rows pending without handing them over (a restart, parked rows waking, events from /sync) sets dirty,
+	// and the worker reads the inbox instead.
+	lock    sync.Mutex
+	handoff []*database.InboxEvent
+	dirty   bool
 }
 
-// Notify wakes (or starts) the worker of a room because it has new inbox rows.
+// Notify wakes (or starts) the worker of a room because it has new inbox rows: the worker reads them from the
+// inbox.
 func (b *Bridge) Notify(room id.RoomID) {
+	b.notify(room, nil)
+}
+
+// notify wakes (or starts) a room's worker. Without rows, the worker reads the room's pending rows from the
+// inbox; with rows (all of the room, just committed, Seq set), it may take them from memory.
+func (b *Bridge) notify(room id.RoomID, rows []*database.InboxEvent) {
 	b.workersLock.Lock()
 	w, ok := b.workers[room]
 	if !ok {
-		w = &roomWorker{room: room, wake: make(chan struct{}, 1)}
+		w = &roomWorker{room: room, wake: make(chan struct{}, 1), dirty: true}
 		b.workers[room] = w
 		if b.rootCtx != nil {
 			b.wg.Add(1)
@@ -42,11 +65,51 @@ func (b *Bridge) Notify(room id.RoomID) {
 		}
 	}
 	b.workersLock.Unlock()
+	w.lock.Lock()
+	if rows == nil || w.dirty || len(w.handoff)+len(rows) > maxHandoff {
+		w.dirty = true
+		w.handoff = nil
+	} else {
+		w.handoff = append(w.handoff, rows...)
+	}
+	w.lock.Unlock()
 	select {
 	case w.wake <- struct{}{}:
 	default:
 	}
 }
+
+// next returns the rows a worker handles next: handed-over rows when the inbox has no others (ok true), or
+// ok false when the worker must read the inbox. highWater is the highest seq the worker has taken so far: a
+// handed-over row at or below it was either handled already (read from the inbox) or committed out of order,
+// and only the inbox can tell, so the worker reads it.
+func (w *roomWorker) next(highWater int64) (rows []*database.InboxEvent, ok bool) {
+	w.lock.Lock()
+	defer w.lock.Unlock()
+	if w.dirty {
+		w.dirty = false
+		w.handoff = nil
+		return nil, false
+	}
+	if len(w.handoff) == 0 {
+		return nil, true
+	}
+	rows = w.handoff
+	w.handoff = nil
+	if !slices.IsSortedFunc(rows, bySeq) {
+		slices.SortFunc(rows, bySeq)
+	}
+	if rows[0].Seq <= highWater {
+		return nil, false
+	}
+	if len(rows) > workerBatch {
+		w.handoff = rows[workerBatch:]
+		rows = rows[:workerBatch:workerBatch]
+	}
+	return rows, true
+}
+
+func bySeq(a, b *database.InboxEvent) int { return cmp.Compare(a.Seq, b.Seq) }
 
 // outcome is what happened to one inbox event.
 type outcome struct {
@@ -59,6 +122,7 @@ type outcome struct {
 func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 	log := b.Log.With().Str("component", "worker").Stringer("room_id", w.room).Logger()
 	ctx = log.WithContext(ctx)
+	var highWater int64 // the highest seq taken from memory or the inbox
 	for {
 		select {
 		case <-ctx.Done():
@@ -66,33 +130,61 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 		case <-w.wake:
 		}
 		for ctx.Err() == nil {
-			rows, err := b.DB.Inbox.NextInRoom(ctx, w.room, workerBatch)
-			if err != nil {
-				log.Err(err).Msg("Failed to read inbox, retrying")
-				sleep(ctx, time.Second)
-				continue
-			}
-			if len(rows) == 0 {
+			rows, fromMemory := w.next(highWater)
+			if fromMemory && len(rows) == 0 {
 				break
 			}
-			drained := len(rows) < workerBatch
-			bw := &batchWrites{}
-			bctx := context.WithValue(ctx, batchKey{}, bw)
-			for _, row := range rows {
-				if !b.processRow(bctx, row, bw) {
+			drained := true
+			if !fromMemory {
+				var err error
+				rows, err = b.DB.Inbox.NextInRoom(ctx, w.room, workerBatch)
+				if err != nil {
+					log.Err(err).Msg("Failed to read inbox, retrying")
+					w.setDirty()
+					sleep(ctx, time.Second)
+					continue
+				}
+				drained = len(rows) < workerBatch
+			}
+			if len(rows) > 0 {
+				highWater = max(highWater, rows[len(rows)-1].Seq)
+				bw := &batchWrites{}
+				bctx := context.WithValue(ctx, batchKey{}, bw)
+				for _, row := range rows {
+					if !b.processRow(bctx, row, bw) {
+						break
+					}
+				}
+				if !b.commitBatch(ctx, bw) {
+					return
+				}
+			}
+			if !drained {
+				// More pending rows than one read returns: read the inbox again.
+				w.setDirty()
+			}
+			// Otherwise the room had no more pending rows when they were read; rows recorded since then are
+			// handed over or marked with notify, which also woke the worker. The loop takes them now.
+			if !fromMemory && drained {
+				if !w.hasWork() {
 					break
 				}
 			}
-			if !b.commitBatch(ctx, bw) {
-				return
-			}
-			if drained {
-				// The room had no more pending rows when they were read; rows recorded since then woke the
-				// worker again (Notify), so the next read waits for that instead of finding nothing.
-				break
-			}
 		}
 	}
+}
+
+func (w *roomWorker) setDirty() {
+	w.lock.Lock()
+	w.dirty = true
+	w.handoff = nil
+	w.lock.Unlock()
+}
+
+func (w *roomWorker) hasWork() bool {
+	w.lock.Lock()
+	defer w.lock.Unlock()
+	return w.dirty || len(w.handoff) > 0
 }
 
 // batchWrites collects what a worker records about one batch of inbox rows: the copies it sent and the rows
@@ -172,6 +264,9 @@ func (b *Bridge) commitBatch(ctx context.Context, bw *batchWrites) bool {
 	return true
 }
 
+// writeBatch records a worker's batch. Batches of different rooms that are ready at the same time are written
+// in one statement (group commit): each worker still waits until its own rows are committed, but Postgres parses,
+// plans and commits once for all of them instead of once per room.
 func (b *Bridge) writeBatch(ctx context.Context, bw *batchWrites) error {
 	batch := &database.Batch{Copies: bw.copies}
 	for _, row := range bw.done {
@@ -180,7 +275,96 @@ func (b *Bridge) writeBatch(ctx context.Context, bw *batchWrites) error {
 	for _, f := range bw.failed {
 		batch.Failed = append(batch.Failed, database.FailedEvent{Seq: f.row.Seq, Error: f.msg})
 	}
+	req := &commitRequest{batch: batch, done: make(chan error, 1)}
+	b.commits.submit(b, req)
+	select {
+	case err := <-req.done:
+		return err
+	case <-ctx.Done():
+		// The statement may still commit; the rows then are done, otherwise they are handled again: either way
+		// nothing is lost, as with a statement cut off by the timeout.
+		return ctx.Err()
+	}
+}
+
+// maxCommitters is how many group commits may run at once (one can collect the next batches while another
+// waits for Postgres).
+const maxCommitters = 2
+
+// maxGroupRows bounds the rows (copies and inbox rows) of one group commit, keeping it one statement.
+const maxGroupRows = 2000
+
+// groupCommit collects the batches of room workers that wait for their rows to be recorded.
+type groupCommit struct {
+	lock    sync.Mutex
+	queue   []*commitRequest
+	running int
+}
+
+type commitRequest struct {
+	batch *database.Batch
+	done  chan error
+}
+
+func (g *groupCommit) submit(b *Bridge, req *commitRequest) {
+	g.lock.Lock()
+	g.queue = append(g.queue, req)
+	start := g.running < maxCommitters
+	if start {
+		g.running++
+	}
+	g.lock.Unlock()
+	if start {
+		go g.run(b)
+	}
+}
+
+// run writes queued batches until the queue is empty.
+func (g *groupCommit) run(b *Bridge) {
+	for {
+		g.lock.Lock()
+		n, rows := 0, 0
+		for n < len(g.queue) && (n == 0 || rows+batchRows(g.queue[n].batch) <= maxGroupRows) {
+			rows += batchRows(g.queue[n].batch)
+			n++
+		}
+		if n == 0 {
+			g.running--
+			g.lock.Unlock()
+			return
+		}
+		reqs := slices.Clone(g.queue[:n])
+		g.queue = slices.Delete(g.queue, 0, n)
+		g.lock.Unlock()
+		if len(reqs) == 1 {
+			reqs[0].done <- b.commitGroup(reqs[0].batch)
+			continue
+		}
+		merged := &database.Batch{}
+		for _, r := range reqs {
+			merged.Copies = append(merged.Copies, r.batch.Copies...)
+			merged.Done = append(merged.Done, r.batch.Done...)
+			merged.Failed = append(merged.Failed, r.batch.Failed...)
+		}
+		if err := b.commitGroup(merged); err == nil {
+			for _, r := range reqs {
+				r.done <- nil
+			}
+			continue
+		}
+		// One room's rows must not hold back the others: on an error each batch is written on its own.
+		for _, r := range reqs {
+			r.done <- b.commitGroup(r.batch)
+		}
+	}
+}
+
+func batchRows(b *database.Batch) int { return len(b.Copies) + len(b.Done) + len(b.Failed) }
+
+// commitGroup writes one batch with the replay protection entries of the events decrypted so far.
+func (b *Bridge) commitGroup(batch *database.Batch) error {
 	settle := func(bool) {}
+	batch.Replay = nil
 	if t, ok := b.Crypto.(ReplayIndexTaker); ok {
 		var entries []crypto.ReplayEntry
 		entries, settle = t.TakeReplayIndex()
@@ -189,6 +373,8 @@ func (b *Bridge) writeBatch(ctx context.Context, bw *batchWrites) error {
 			batch.Replay[i] = database.ReplayEntry(e)
 		}
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
 	err := b.DB.CommitBatch(ctx, batch)
 	settle(err == nil)
 	return err

@@ -42,13 +42,18 @@ func TestInboxDedupesByEventID(t *testing.T) {
 			t.Fatalf("first insert: n=%d err=%v", n, err)
 		}
 		// The same events redelivered under another transaction, plus one new one.
-		n, err = db.Inbox.Insert(ctx, []*database.InboxEvent{mk("$2", "!a"), mk("$1", "!a"), mk("$4", "!a")})
+		again := []*database.InboxEvent{mk("$2", "!a"), mk("$1", "!a"), mk("$4", "!a")}
+		n, err = db.Inbox.Insert(ctx, again)
 		if err != nil || n != 1 {
 			t.Fatalf("redelivery: n=%d err=%v, want exactly the one new event", n, err)
 		}
 		evts, err := db.Inbox.NextInRoom(ctx, "!a", 10)
 		if err != nil {
 			t.Fatal(err)
+		}
+		// Only the new event learns its seq (the room worker takes it from memory); redeliveries keep 0.
+		if again[0].Seq != 0 || again[1].Seq != 0 || len(evts) != 3 || again[2].Seq != evts[2].Seq || again[2].Seq == 0 {
+			t.Fatalf("seqs after redelivery = %d %d %d, want 0 0 and the stored seq of $4", again[0].Seq, again[1].Seq, again[2].Seq)
 		}
 		var got []id.EventID
 		for _, e := range evts {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"strconv"
 	"strings"
 	"time"
 
@@ -50,11 +51,12 @@ const (
 	inboxColumns    = `seq, event_id, room_id, sender, event_type, raw, state, session_id, received_at, attempts, not_before, last_error`
 	inboxSelect     = `SELECT ` + inboxColumns + ` FROM inbox `
 	inboxInsertHead = `INSERT INTO inbox (event_id, room_id, sender, event_type, raw, state, session_id, received_at) VALUES `
-	inboxInsertTail = ` ON CONFLICT (event_id) DO NOTHING`
+	inboxInsertTail = ` ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id`
 )
 
 // Insert records events in one transaction and reports which were new (redeliveries of known event IDs are
-// skipped). Nothing is acknowledged to the homeserver before this returns without error.
+// skipped). Nothing is acknowledged to the homeserver before this returns without error. Each new event gets its
+// Seq set (the rows the statement inserted); a redelivered event keeps Seq 0.
 func (iq *InboxQuery) Insert(ctx context.Context, evts []*InboxEvent) (inserted int, err error) {
 	if len(evts) == 0 {
 		return 0, nil
@@ -62,37 +64,59 @@ func (iq *InboxQuery) Insert(ctx context.Context, evts []*InboxEvent) (inserted 
 	// One multi-row statement: a transaction of 100 events costs one round trip, not 100.
 	const perRow = 8
 	var sb strings.Builder
+	sb.Grow(len(inboxInsertHead) + len(inboxInsertTail) + len(evts)*40)
 	sb.WriteString(inboxInsertHead)
 	args := make([]any, 0, len(evts)*perRow)
 	for i, evt := range evts {
 		if i > 0 {
 			sb.WriteByte(',')
 		}
-		sb.WriteString(placeholders(i*perRow, perRow))
+		writePlaceholders(&sb, i*perRow, perRow)
 		args = append(args, evt.EventID, evt.RoomID, evt.Sender, evt.Type, string(evt.Raw), evt.State,
 			dbutil.StrPtr(evt.SessionID), evt.ReceivedAt.UnixMilli())
 	}
 	sb.WriteString(inboxInsertTail)
-	res, err := iq.db.Exec(ctx, sb.String(), args...)
+	rows, err := iq.db.Query(ctx, sb.String(), args...)
 	if err != nil {
 		return 0, err
 	}
-	n, err := res.RowsAffected()
-	return int(n), err
+	defer rows.Close()
+	byID := make(map[id.EventID]*InboxEvent, len(evts))
+	for _, evt := range evts {
+		if _, dup := byID[evt.EventID]; !dup {
+			byID[evt.EventID] = evt
+		}
+	}
+	for rows.Next() {
+		var seq int64
+		var evtID id.EventID
+		if err = rows.Scan(&seq, &evtID); err != nil {
+			return inserted, err
+		}
+		if evt := byID[evtID]; evt != nil {
+			evt.Seq = seq
+		}
+		inserted++
+	}
+	return inserted, rows.Err()
 }
 
 func placeholders(offset, n int) string {
 	var sb strings.Builder
+	writePlaceholders(&sb, offset, n)
+	return sb.String()
+}
+
+func writePlaceholders(sb *strings.Builder, offset, n int) {
 	sb.WriteByte('(')
 	for i := 1; i <= n; i++ {
 		if i > 1 {
 			sb.WriteByte(',')
 		}
 		sb.WriteByte('$')
-		sb.WriteString(itoa(offset + i))
+		sb.WriteString(strconv.Itoa(offset + i))
 	}
 	sb.WriteByte(')')
-	return sb.String()
 }
 
 func itoa(i int) string {
