@@ -8,7 +8,7 @@ import { execFileSync } from "node:child_process";
 import { startDendrite } from "./dendrite.js";
 import { createTestDatabase, prepareFerry, startFerry } from "./ferry.js";
 import { startSyncHoldProxy } from "./proxy.js";
-import { freePort } from "./util.js";
+import { freePort, sleep } from "./util.js";
 
 export const SHARED_SECRET = "ferry-e2e-shared-secret";
 
@@ -106,4 +106,18 @@ export async function linkByRequest(stack, a, roomA, b, roomB, timeoutMs = 30000
     await b.waitForEvent(roomB, (e) => e.sender === stack.botUserId && /asks to link/.test(e.content.body ?? ""), timeoutMs, "the link request");
     const accepted = await command(stack, b, roomB, "!ferry accept", timeoutMs);
     if (!/Linked/.test(accepted.content.body)) throw new Error(`!ferry accept answered: ${accepted.content.body}`);
+}
+
+/**
+ * Links roomA with roomB in one command: `owner` (roomA's creator) brings `linker` (who has power in roomB) into
+ * roomA with moderator power, `linker` runs `!ferry link` in roomB, then leaves roomA again.
+ */
+export async function linkWithPower(stack, owner, roomA, linker, roomB, timeoutMs = 30000) {
+    await owner.invite(roomA, linker.userId);
+    await linker.join(roomA);
+    await owner.client.setPowerLevel(roomA, linker.userId, 50);
+    await sleep(500); // the power level reaches ferry's state store
+    const linked = await command(stack, linker, roomB, `!ferry link ${roomA}`, timeoutMs);
+    if (!/Linked/.test(linked.content.body)) throw new Error(`!ferry link answered: ${linked.content.body}`);
+    await linker.leave(roomA);
 }

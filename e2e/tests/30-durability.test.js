@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { createUser } from "../lib/users.js";
-import { command, inviteBot, startStack } from "../lib/stack.js";
+import { inviteBot, linkWithPower, startStack } from "../lib/stack.js";
 import { pollUntil, sleep } from "../lib/util.js";
 
 let stack, alice, bob, roomA, roomB;
@@ -21,13 +21,7 @@ before(async () => {
     await inviteBot(stack, alice, roomA);
     await inviteBot(stack, bob, roomB);
     // bob joins room A too (as a plain member), so his power lets him link A and B in one command.
-    await alice.invite(roomA, bob.userId);
-    await bob.join(roomA);
-    await alice.client.setPowerLevel(roomA, bob.userId, 50);
-    await sleep(500);
-    const linked = await command(stack, bob, roomB, `!ferry link ${roomA}`);
-    assert.match(linked.content.body, /Linked/);
-    await bob.leave(roomA);
+    await linkWithPower(stack, alice, roomA, bob, roomB);
 });
 
 after(async () => {

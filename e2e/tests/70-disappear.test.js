@@ -10,7 +10,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { after, before, test } from "node:test";
 import { createUser } from "../lib/users.js";
-import { command, inviteBot, startStack } from "../lib/stack.js";
+import { command, inviteBot, linkWithPower, startStack } from "../lib/stack.js";
 import { pollUntil, repoRoot, sleep } from "../lib/util.js";
 
 const T = 30000;
@@ -63,13 +63,7 @@ before(async () => {
     roomB = await bob.createEncryptedRoom({ name: "Vanishing B" });
     await inviteBot(stack, alice, roomA);
     await inviteBot(stack, bob, roomB);
-    await alice.invite(roomA, bob.userId);
-    await bob.join(roomA);
-    await alice.client.setPowerLevel(roomA, bob.userId, 50);
-    await sleep(500);
-    const linked = await command(stack, bob, roomB, `!ferry link ${roomA}`);
-    assert.match(linked.content.body, /Linked/);
-    await bob.leave(roomA);
+    await linkWithPower(stack, alice, roomA, bob, roomB);
 });
 
 after(async () => {
