@@ -80,12 +80,21 @@ func (d *device) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Ty
 	if enc, ok := d.encryptPrepared(ctx, roomID, evtType, content); ok {
 		return enc, nil
 	}
-	members, err := users(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("failed to get room members: %w", err)
-	}
-	if _, err = d.share(ctx, roomID, members, policy); err != nil {
-		return nil, fmt.Errorf("failed to share room key: %w", err)
+	// A forced rotation (a member left, a device changed) while the share runs makes it share again with the
+	// members as they are then; twice in a row is left to the next message.
+	for attempt := 0; ; attempt++ {
+		stamp := d.olm.c.stamp(roomID) // before the members are read
+		members, err := users(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("failed to get room members: %w", err)
+		}
+		_, err = d.shareStamped(ctx, roomID, members, policy, stamp)
+		if errors.Is(err, errRotatedDuringShare) && attempt == 0 {
+			continue
+		} else if err != nil {
+			return nil, fmt.Errorf("failed to share room key: %w", err)
+		}
+		break
 	}
 	if enc, err = d.mach.EncryptMegolmEvent(ctx, roomID, evtType, content); err != nil {
 		return nil, fmt.Errorf("failed to encrypt after sharing the room key: %w", err)
@@ -102,6 +111,17 @@ func (d *device) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Ty
 // are read in a few queries, one-time keys are claimed in one request, the advanced Olm sessions and the
 // recipients are saved in one transaction before anything is sent, and the messages go out in a few requests.
 func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID, policy sharePolicy) (*ShareStats, error) {
+	return d.shareStamped(ctx, roomID, users, policy, d.olm.c.stamp(roomID))
+}
+
+// errRotatedDuringShare: a forced rotation of the room ran while a session was being shared with a member list
+// read before it; the session was withdrawn.
+var errRotatedDuringShare = errors.New("the room's keys were rotated while the session was being shared")
+
+// shareStamped is share for a member list read while the room's rotation stamp was stamp. When a forced rotation
+// ran since (Rotate does not wait for shares), the new session may have reached a member who has left or a
+// device that was removed: it is withdrawn instead of kept, and errRotatedDuringShare returned.
+func (d *device) shareStamped(ctx context.Context, roomID id.RoomID, users []id.UserID, policy sharePolicy, stamp rotationStamp) (*ShareStats, error) {
 	defer d.shareLock.WithLock(roomID)()
 	start := time.Now()
 	session, err := d.olm.GetOutboundGroupSession(ctx, roomID)
@@ -122,6 +142,12 @@ func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID,
 	session.Shared = true
 	if err = d.olm.AddOutboundGroupSession(ctx, session); err != nil {
 		return nil, fmt.Errorf("failed to save the shared session: %w", err)
+	}
+	if !d.olm.c.stampValid(roomID, stamp) {
+		if err = d.withdraw(ctx, roomID, session); err != nil {
+			return nil, err
+		}
+		return nil, errRotatedDuringShare
 	}
 	stats.Elapsed = time.Since(start)
 	zerolog.Ctx(ctx).Debug().Stringer("room_id", roomID).Stringer("session_id", session.ID()).Stringer("sender", d.userID).
@@ -356,4 +382,15 @@ func (d *device) entitled(ctx context.Context, userID id.UserID, sessionID id.Se
 	err := d.store.DB.QueryRow(ctx, `SELECT EXISTS(SELECT 1 FROM crypto_megolm_outbound_session_shared WHERE user_id=$1 AND session_id=$2)`,
 		userID, sessionID).Scan(&ok)
 	return ok, err
+}
+
+// withdraw takes back a session that a forced rotation overtook while it was being installed: it stops being this
+// device's outbound session (without counting as another rotation), and its inbound copy and recipients go, so
+// nobody can use or request it.
+func (d *device) withdraw(ctx context.Context, roomID id.RoomID, sess *crypto.OutboundGroupSession) error {
+	if err := d.olm.SQLCryptoStore.RemoveOutboundGroupSession(ctx, roomID); err != nil {
+		return fmt.Errorf("failed to withdraw an overtaken session: %w", err)
+	}
+	d.olm.c.outboundChanged(d.olm.AccountID, roomID)
+	return d.olm.c.forgetSuccessors(ctx, d.store.DB, []*crypto.OutboundGroupSession{sess})
 }

@@ -165,6 +165,12 @@ func (c *storeCache) peekNext(k outboundKey) *crypto.OutboundGroupSession {
 	return c.pre.next[k]
 }
 
+func (c *storeCache) stamp(room id.RoomID) rotationStamp {
+	c.preLock.Lock()
+	defer c.preLock.Unlock()
+	return c.stampLocked(room)
+}
+
 func (c *storeCache) stampValid(room id.RoomID, stamp rotationStamp) bool {
 	c.preLock.Lock()
 	defer c.preLock.Unlock()
@@ -289,10 +295,7 @@ func (d *device) promoteNext(ctx context.Context, roomID id.RoomID) (bool, error
 	}
 	if !d.olm.c.stampValid(roomID, stamp) {
 		// A forced rotation ran while it was written: it must not be used.
-		if err = d.olm.RemoveOutboundGroupSession(ctx, roomID); err != nil {
-			return false, err
-		}
-		return false, d.olm.c.forgetSuccessors(ctx, d.store.DB, []*crypto.OutboundGroupSession{next})
+		return false, d.withdraw(ctx, roomID, next)
 	}
 	zerolog.Ctx(ctx).Debug().Stringer("room_id", roomID).Stringer("sender", d.userID).Stringer("session_id", next.ID()).
 		Msg("Switched to the room key shared ahead of time")

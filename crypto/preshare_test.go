@@ -334,3 +334,44 @@ func TestNearLimit(t *testing.T) {
 		}
 	}
 }
+
+// TestShareOvertakenByRotation: a member leaves (and the room rotates) while a message's own share runs with the
+// member list read before the leave. The share is withdrawn and made again with the members as they are: the
+// leaver never becomes entitled to the session the message uses and cannot read it.
+func TestShareOvertakenByRotation(t *testing.T) {
+	r := newPreshareRig(t, 3)
+	m := &Machine{db: r.db, cache: r.ghost.olm.c}
+	ctx := context.Background()
+	leaver := r.shareRig.members[2]
+	r.mu.Lock()
+	r.gate, r.read = make(chan struct{}), make(chan struct{})
+	gate, read := r.gate, r.read
+	r.mu.Unlock()
+	sent := make(chan *event.Event, 1)
+	go func() { sent <- r.send() }() // the room's first message: no session yet, so it shares one itself
+	select {
+	case <-read:
+	case <-time.After(time.Minute):
+		t.Fatal("the share did not read the members")
+	}
+	r.mu.Lock()
+	r.current = r.current[:2]
+	r.mu.Unlock()
+	if err := m.Rotate(ctx, r.room); err != nil {
+		t.Fatal(err)
+	}
+	close(gate)
+	var evt *event.Event
+	select {
+	case evt = <-sent:
+	case <-time.After(time.Minute):
+		t.Fatal("the message was not encrypted")
+	}
+	if got := r.entitledTo(leaver.ID); len(got) != 0 {
+		t.Errorf("%s, who left during the share, is entitled to sessions %v", leaver.ID, got)
+	}
+	if got := r.recipients(sessionOf(evt)); slices.Contains(got, leaver.ID) || len(got) != 2 {
+		t.Errorf("the message's session went to %v, want the two members who stayed", got)
+	}
+	r.decrypts(evt, func(u *fakehs.User) bool { return u != leaver })
+}
