@@ -57,7 +57,11 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
 	if res, stop := b.prepareCall(ctx, evt, link); stop {
 		return res
 	}
-	srcEncrypted, _ := b.isEncrypted(ctx, evt.RoomID)
+	// Unknown is not "unencrypted": guessing wrong would send a decrypted message in the clear.
+	srcEncrypted, err := b.isEncrypted(ctx, evt.RoomID)
+	if err != nil {
+		return outcome{err: err}
+	}
 	ctx, disappearAt := b.disappearDeadline(ctx, evt, link) // see disappear.go
 	var retry *outcome
 	for _, target := range link.Others(evt.RoomID) {
