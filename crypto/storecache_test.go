@@ -218,4 +218,9 @@ func TestUncleanStopRotatesOutboundSessions(t *testing.T) {
 	if err := m.checkCleanStop(ctx); err != nil || !present() {
 		t.Fatalf("outbound session dropped after a clean stop (err %v)", err)
 	}
+	// Started after that clean stop, then killed: the start must have marked the store in use again.
+	addSession()
+	if err := m.checkCleanStop(ctx); err != nil || present() {
+		t.Fatalf("outbound session kept after a kill that followed a clean stop (err %v)", err)
+	}
 }
