@@ -249,6 +249,10 @@ func (b *Bridge) disappearDeadline(ctx context.Context, evt *event.Event, link *
 	}
 	if parent := relatedEvent(evt); parent != "" {
 		pd, err := b.DB.Disappear.DeadlineOf(ctx, parent)
+		// The parent's copies may still be staged in a batch that has not committed yet.
+		if staged := b.DB.EventMap.StagedDeadline(parent); !staged.IsZero() && (pd.IsZero() || staged.Before(pd)) {
+			pd = staged
+		}
 		if err != nil {
 			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to read the deadline of a related event")
 		} else if !pd.IsZero() && (info.deadline.IsZero() || pd.Before(info.deadline)) {

@@ -88,6 +88,26 @@ func (eq *EventMapQuery) stagedByTarget(target id.EventID) *Copy {
 	return nil
 }
 
+// StagedDeadline returns the earliest deadline among staged copies of evt or staged copies that are evt, or zero.
+// DeadlineOf reads only what is written; a copy stays staged until its worker's batch commits.
+func (eq *EventMapQuery) StagedDeadline(evt id.EventID) time.Time {
+	eq.stagedLock.RLock()
+	defer eq.stagedLock.RUnlock()
+	var earliest time.Time
+	consider := func(c *Copy) {
+		if c != nil && !c.DisappearAt.IsZero() && (earliest.IsZero() || c.DisappearAt.Before(earliest)) {
+			earliest = c.DisappearAt
+		}
+	}
+	consider(eq.byTarget[evt])
+	for k, c := range eq.bySource {
+		if k.source == evt {
+			consider(c)
+		}
+	}
+	return earliest
+}
+
 // PutMany records copies in one statement per 500. Recording the same (source, target room) twice keeps the
 // first.
 func (eq *EventMapQuery) PutMany(ctx context.Context, cs []*Copy) error {

@@ -207,3 +207,28 @@ func TestCommitBatch(t *testing.T) {
 		})
 	}
 }
+
+// TestStagedDeadline: the deadline of a message whose copies are still staged (their batch has not committed)
+// is found from the original and from a copy, so a reaction handled meanwhile disappears with it.
+func TestStagedDeadline(t *testing.T) {
+	db := database.New(dbtest.Open(t, "postgres"), dbutil.NoopLogger)
+	deadline := time.UnixMilli(time.Now().Add(time.Minute).UnixMilli())
+	later := &database.Copy{SourceEvent: "$orig", SourceRoom: "!a", TargetRoom: "!c", TargetEvent: "$inC", DisappearAt: deadline.Add(time.Second)}
+	c := &database.Copy{SourceEvent: "$orig", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$inB", DisappearAt: deadline}
+	plain := &database.Copy{SourceEvent: "$plain", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$plainInB"}
+	for _, s := range []*database.Copy{later, c, plain} {
+		db.EventMap.Stage(s)
+	}
+	for _, evt := range []id.EventID{"$orig", "$inB"} {
+		if got := db.EventMap.StagedDeadline(evt); !got.Equal(deadline) {
+			t.Errorf("staged deadline of %s = %v, want %v", evt, got, deadline)
+		}
+	}
+	if got := db.EventMap.StagedDeadline("$plain"); !got.IsZero() {
+		t.Errorf("a message without a timer has staged deadline %v", got)
+	}
+	db.EventMap.Unstage([]*database.Copy{later, c, plain})
+	if got := db.EventMap.StagedDeadline("$orig"); !got.IsZero() {
+		t.Errorf("unstaged copies still give a deadline: %v", got)
+	}
+}
