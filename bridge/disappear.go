@@ -373,7 +373,19 @@ func (d *disappearer) use(sender id.UserID, room id.RoomID, session id.SessionID
 		cur = &currentOutbound{session: session, firstUsed: firstUsed}
 		d.sessions[roomSession{room, session}] = cur
 	}
-	d.current[senderRoom{sender, room}] = cur
+	sr := senderRoom{sender, room}
+	prev := d.current[sr]
+	d.current[sr] = cur
+	if prev != nil && prev != cur {
+		// The sender moved on to another session: its record goes once no sender uses it (otherwise every
+		// rotated session of every sender stayed here for good).
+		for _, c := range d.current {
+			if c == prev {
+				return cur
+			}
+		}
+		delete(d.sessions, roomSession{room, prev.session})
+	}
 	return cur
 }
 

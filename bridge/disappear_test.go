@@ -416,6 +416,31 @@ func TestOutboundSessionsNeverMixKinds(t *testing.T) {
 	}
 }
 
+// TestRotatedSessionsAreForgotten: the in-memory record of outbound sessions keeps only the sessions senders
+// still use, however often the room's own rotation replaces them.
+func TestRotatedSessionsAreForgotten(t *testing.T) {
+	db := database.New(dbtest.Open(t, dbtest.Dialects[0]), dbutil.NoopLogger)
+	ctx := context.Background()
+	if err := db.Upgrade(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cr := &rotationCrypto{current: make(map[senderRoom]id.SessionID)}
+	b := &Bridge{DB: db, Crypto: cr, Log: zerolog.Nop()}
+	const room = id.RoomID("!b")
+	senders := []id.UserID{"@_ferry_alice:x", "@_ferry_bob:x"}
+	for range 50 {
+		for _, ghost := range senders {
+			b.beforeEncrypt(ctx, ghost, room)
+			enc, _ := cr.Encrypt(ctx, ghost, room, event.EventMessage, nil)
+			b.afterEncrypt(ctx, ghost, room, enc)
+			delete(cr.current, senderRoom{ghost, room}) // the room's rotation: the next message starts a new session
+		}
+	}
+	if n := len(b.disappear().sessions); n != len(senders) {
+		t.Fatalf("%d outbound session records after 100 rotations of %d senders, want %d", n, len(senders), len(senders))
+	}
+}
+
 // sweepCrypto records which sessions the key sweep deletes, and how.
 type sweepCrypto struct {
 	rotationCrypto
