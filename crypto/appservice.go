@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/appservice"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -19,10 +20,6 @@ import (
 // requests matter (answered under the key-sharing policy), the rest is dropped without decrypting it, exactly as
 // the /sync drain does on other homeservers.
 func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessage) error {
-	var txn appservice.Transaction
-	if err := json.Unmarshal(raw, &txn); err != nil {
-		return fmt.Errorf("failed to parse transaction: %w", err)
-	}
 	if m.bot == nil {
 		// Not initialised yet: refuse the transaction, the homeserver retries it (room keys must not be lost).
 		return errors.New("encryption is not ready yet")
@@ -31,6 +28,12 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 		// encryption.appservice fell back to /sync (the homeserver lacks MSC4190): the devices' /sync delivers
 		// all of this, and handling pushed copies too would process every to-device event twice.
 		return nil
+	}
+	// Only the encryption parts: the room events (the bulk of a transaction) are the relay's, which decodes them
+	// itself.
+	var txn cryptoTransaction
+	if err := json.Unmarshal(raw, &txn); err != nil {
+		return fmt.Errorf("failed to parse transaction: %w", err)
 	}
 	toDevice := txn.ToDeviceEvents
 	if len(toDevice) == 0 {
@@ -58,6 +61,16 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 		m.bot.mach.HandleOTKCounts(ctx, &c)
 	}
 	return nil
+}
+
+// cryptoTransaction is the part of an appservice transaction (appservice.Transaction) that encryption reads.
+type cryptoTransaction struct {
+	ToDeviceEvents        []*event.Event         `json:"to_device,omitempty"`
+	DeviceLists           *mautrix.DeviceLists   `json:"device_lists,omitempty"`
+	DeviceOTKCount        appservice.OTKCountMap `json:"device_one_time_keys_count,omitempty"`
+	MSC2409ToDeviceEvents []*event.Event         `json:"de.sorunome.msc2409.to_device,omitempty"`
+	MSC3202DeviceLists    *mautrix.DeviceLists   `json:"org.matrix.msc3202.device_lists,omitempty"`
+	MSC3202DeviceOTKCount appservice.OTKCountMap `json:"org.matrix.msc3202.device_one_time_keys_count,omitempty"`
 }
 
 // routeToDevice hands one pushed to-device event to the device it is addressed to.
