@@ -87,7 +87,7 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 		return outcome{state: database.InboxFailed, err: err}
 	}
 	if evt.Type.Class == event.StateEventType {
-		b.hot.stateChanged(evt.Type)
+		b.hot.stateChanged(evt.Type, evt.RoomID)
 		mautrix.UpdateStateStore(ctx, b.StateStore, evt)
 		b.handleState(ctx, evt)
 		return outcome{state: database.InboxDone}

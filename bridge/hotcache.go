@@ -56,22 +56,31 @@ func (h *hotCache) setGhostReady(k ghostKey, gen uint64) {
 	h.ghosts[k] = struct{}{}
 }
 
-// stateChanged forgets ghost entries when a state event that a ghost's membership or profile depends on is
-// handled (a member leaving or being kicked, a profile change, a room rename used by the name template).
-func (h *hotCache) stateChanged(t event.Type) {
+// stateChanged forgets the ghost entries of room (as source or target) when a state event there that a ghost's
+// membership or profile depends on is handled (a member leaving or being kicked, a profile change, a room rename
+// used by the name template). Entries of other rooms cannot depend on it.
+func (h *hotCache) stateChanged(t event.Type, room id.RoomID) {
 	switch t {
 	case event.StateMember, event.StateRoomName, event.StateCanonicalAlias:
 	default:
 		return
 	}
-	h.forgetGhosts()
-}
-
-func (h *hotCache) forgetGhosts() {
 	h.lock.Lock()
 	defer h.lock.Unlock()
 	h.gen++
-	h.ghosts = nil
+	for k := range h.ghosts {
+		if k.source == room || k.target == room {
+			delete(h.ghosts, k)
+		}
+	}
+}
+
+// forgetGhost forgets one entry (a send as that ghost failed: its membership is checked again next time).
+func (h *hotCache) forgetGhost(k ghostKey) {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	h.gen++
+	delete(h.ghosts, k)
 }
 
 // isEncrypted is StateStore.IsEncrypted, remembering rooms found encrypted.

@@ -135,7 +135,8 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 	// Translate (and mapCallFor) keep VeryRaw equal to Raw: sending the bytes spares encoding the map again.
 	resp, err := b.send(ctx, intent, target, targetEncrypted, evtType, &event.Content{VeryRaw: content.VeryRaw}, TxnID(evt.ID, target))
 	if err != nil {
-		b.hot.forgetGhosts() // the ghost may have been removed meanwhile: check its membership again next time
+		// The ghost may have been removed meanwhile: check its membership again next time.
+		b.hot.forgetGhost(ghostKey{evt.RoomID, evt.Sender, target})
 		return classify(err)
 	}
 	err = b.recordCopy(ctx, &database.Copy{
