@@ -372,7 +372,8 @@ func dropEmpty(req *mautrix.ReqSendToDevice) {
 // ownsSession reports whether this device created the Megolm session (it holds the inbound copy with its own
 // sender key).
 func (d *device) ownsSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) bool {
-	igs, err := d.store.GetGroupSession(ctx, roomID, sessionID)
+	// Through the cache: mautrix reads the same session right after the key-share policy answered.
+	igs, err := d.olm.GetGroupSession(ctx, roomID, sessionID)
 	return err == nil && igs != nil && igs.SenderKey == d.mach.OwnIdentity().IdentityKey
 }
 

@@ -2,6 +2,7 @@ package database
 
 import (
 	"context"
+	"strconv"
 	"strings"
 
 	"go.mau.fi/util/dbutil"
@@ -110,7 +111,7 @@ func batchStatement(b *Batch) (string, []any) {
 	// A CTE list cannot end with a comma: a no-op CTE closes it.
 	sb.WriteString("done AS (SELECT 1) UPDATE inbox SET state=")
 	args = append(args, InboxDone)
-	sb.WriteString("$" + itoa(len(args)))
+	sb.WriteString("$" + strconv.Itoa(len(args)))
 	sb.WriteString(", raw=NULL, last_error=NULL WHERE seq IN ")
 	sb.WriteString(placeholders(len(args), len(b.Done)))
 	for _, seq := range b.Done {

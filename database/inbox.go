@@ -119,19 +119,12 @@ func writePlaceholders(sb *strings.Builder, offset, n int) {
 	sb.WriteByte(')')
 }
 
-func itoa(i int) string {
-	if i < 10 {
-		return string(rune('0' + i))
-	}
-	return itoa(i/10) + string(rune('0'+i%10))
-}
-
 // Get returns one event by ID, or nil.
 func (iq *InboxQuery) Get(ctx context.Context, evtID id.EventID) (*InboxEvent, error) {
 	return scanOne(iq.db.QueryRow(ctx, inboxSelect+`WHERE event_id=$1`, evtID))
 }
 
-// RoomsWithWork lists rooms that have pending events whose time has come.
+// RoomsWithWork lists rooms that have pending events (waiting for their not_before or not).
 func (iq *InboxQuery) RoomsWithWork(ctx context.Context) ([]id.RoomID, error) {
 	rows, err := iq.db.Query(ctx, `SELECT DISTINCT room_id FROM inbox WHERE state=$1`, InboxPending)
 	return dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.RoomID], err).AsList()
