@@ -224,3 +224,45 @@ func TestUncleanStopRotatesOutboundSessions(t *testing.T) {
 		t.Fatalf("outbound session kept after a kill that followed a clean stop (err %v)", err)
 	}
 }
+
+// TestDestroySessionForgetsMemory: once a session's keys are destroyed (disappearing messages), neither the
+// inbound copy cached for decryption nor the outbound session held between writes is found any more.
+func TestDestroySessionForgetsMemory(t *testing.T) {
+	ctx := context.Background()
+	db := dbtest.Open(t, "postgres")
+	c := newStoreCache()
+	s := newCachedStore(t, db, "@ghost:x", c)
+	m := &Machine{db: db, cache: c}
+	const room = id.RoomID("!r:x")
+	out, err := crypto.NewOutboundGroupSession(room, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out.Shared = true
+	in, err := crypto.NewInboundGroupSession("sender", "signing", room, out.Internal.Key(), 0, 0, nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err = s.SQLCryptoStore.AddOutboundGroupSession(ctx, out); err != nil {
+		t.Fatal(err)
+	}
+	if err = s.SQLCryptoStore.PutGroupSession(ctx, in); err != nil {
+		t.Fatal(err)
+	}
+	// Read once each: now both are held in memory.
+	if got, err := s.GetOutboundGroupSession(ctx, room); err != nil || got == nil {
+		t.Fatalf("outbound session not found: %v", err)
+	}
+	if got, err := s.GetGroupSession(ctx, room, out.ID()); err != nil || got == nil {
+		t.Fatalf("inbound session not found: %v", err)
+	}
+	if _, err = m.DestroySession(ctx, room, out.ID()); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.GetOutboundGroupSession(ctx, room); err != nil || got != nil {
+		t.Errorf("outbound session still found after its keys were destroyed (err %v)", err)
+	}
+	if got, err := s.GetGroupSession(ctx, room, out.ID()); err != nil || got != nil {
+		t.Errorf("inbound session still found after its keys were destroyed (err %v)", err)
+	}
+}
