@@ -3,6 +3,7 @@ package bridge
 import (
 	"context"
 	"errors"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -508,4 +509,39 @@ func sortedIDs(ids []id.SessionID) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// rotateRecorder records which rooms the E2EE layer was asked to rotate.
+type rotateRecorder struct {
+	*benchCrypto
+	rotated []id.RoomID
+}
+
+func (c *rotateRecorder) Rotate(_ context.Context, room id.RoomID) error {
+	c.rotated = append(c.rotated, room)
+	return nil
+}
+
+// TestTimerChangeRotatesEveryRoom: setting or clearing a link's timer starts new outbound sessions in every
+// encrypted room of the link. After a restart ferry has no record of which session carried what, so this is what
+// keeps a session that carried messages without deadline from carrying disappearing ones.
+func TestTimerChangeRotatesEveryRoom(t *testing.T) {
+	f := newRelayFixture(t)
+	ctx := context.Background()
+	rec := &rotateRecorder{benchCrypto: &benchCrypto{plaintext: benchMessage()}}
+	f.br.Crypto = rec
+	link, err := f.br.DB.Links.GetByRoom(ctx, f.roomA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, after := range []time.Duration{10 * time.Second, 0} {
+		rec.rotated = nil
+		f.br.disappearTimerChanged(ctx, link, after)
+		slices.Sort(rec.rotated)
+		want := []id.RoomID{f.roomA, f.roomB}
+		slices.Sort(want)
+		if !slices.Equal(rec.rotated, want) {
+			t.Errorf("timer %v: rotated %v, want %v", after, rec.rotated, want)
+		}
+	}
 }
