@@ -301,7 +301,10 @@ func (d *device) createSession(ctx context.Context, roomID id.RoomID, policy sha
 func (d *device) devicesOf(ctx context.Context, users []id.UserID) (map[id.UserID]map[id.DeviceID]*id.Device, error) {
 	// A fetch stores a user's devices before their cross-signing keys and signatures; a concurrent share that
 	// found the devices already known would judge them unsigned and withhold the key. Checking and fetching
-	// under one lock (shared by all of the machine's devices, which share the device tables) prevents that.
+	// under one lock (shared by all of the machine's devices, which share the device tables) prevents that
+	// between shares. The fetches mautrix makes itself for device-list changes (HandleDeviceLists, from /sync or
+	// a transaction) do not take it; the rotation that follows each such change (rotateForDeviceChanges) shares
+	// a new session, so a key withheld in that window is not withheld for long.
 	d.olm.c.keysLock.Lock()
 	defer d.olm.c.keysLock.Unlock()
 	outdated, err := d.store.GetOutdatedTrackedUsers(ctx)
