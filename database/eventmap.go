@@ -138,16 +138,10 @@ const copyColumns = `source_event, source_room, target_room, target_event, sende
 // is scheduled for redaction in the same transaction, together with its original.
 func (eq *EventMapQuery) Put(ctx context.Context, c *Copy) error {
 	if c.DisappearAt.IsZero() {
-		_, err := eq.db.Exec(ctx, `INSERT INTO event_map (`+copyColumns+`) VALUES ($1, $2, $3, $4, $5, $6, 0)
-			ON CONFLICT (source_event, target_room) DO NOTHING`,
-			c.SourceEvent, c.SourceRoom, c.TargetRoom, c.TargetEvent, c.Sender, c.CreatedAt.UnixMilli())
-		return err
+		return eq.PutMany(ctx, []*Copy{c})
 	}
 	return eq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		_, err := eq.db.Exec(ctx, `INSERT INTO event_map (`+copyColumns+`) VALUES ($1, $2, $3, $4, $5, $6, $7)
-			ON CONFLICT (source_event, target_room) DO NOTHING`,
-			c.SourceEvent, c.SourceRoom, c.TargetRoom, c.TargetEvent, c.Sender, c.CreatedAt.UnixMilli(), c.DisappearAt.UnixMilli())
-		if err != nil {
+		if err := eq.PutMany(ctx, []*Copy{c}); err != nil {
 			return err
 		}
 		dq := DisappearQuery{db: eq.db}
