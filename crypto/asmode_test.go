@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"regexp"
 	"strings"
@@ -321,7 +322,7 @@ func TestAppserviceModeWithoutMSC4190(t *testing.T) {
 		if err := r.m.Init(ctx); err != nil {
 			t.Fatal(err)
 		}
-		checkFallbackLine(t, r, "per-ghost devices")
+		checkFallbackLine(t, r, "404 M_NOT_FOUND", "per-ghost devices")
 		r.m.Start(ctx)
 		defer r.m.Stop()
 
@@ -359,7 +360,7 @@ func TestAppserviceModeWithoutMSC4190(t *testing.T) {
 		if err := r.m.Init(ctx); err != nil {
 			t.Fatal(err)
 		}
-		checkFallbackLine(t, r, "single-device mode")
+		checkFallbackLine(t, r, "404 M_NOT_FOUND", "single-device mode")
 		r.m.Start(ctx)
 		defer r.m.Stop()
 
@@ -387,9 +388,61 @@ func TestAppserviceModeWithoutMSC4190(t *testing.T) {
 	})
 }
 
+// TestMSC4190Detection: each way a homeserver without MSC4190 refuses appservice device creation makes ferry fall
+// back (in one warning) to m.login.application_service devices, while a server error, a rate limit or a refusal
+// for another reason stops start-up with an error naming encryption.appservice instead of switching paths for the
+// whole run on a passing failure.
+func TestMSC4190Detection(t *testing.T) {
+	for _, tc := range []struct {
+		status   int
+		code     string
+		fallback bool
+	}{
+		{http.StatusNotFound, "M_NOT_FOUND", true},
+		{http.StatusNotFound, "M_UNRECOGNIZED", true},
+		{http.StatusNotFound, "", true},
+		{http.StatusMethodNotAllowed, "", true},
+		{http.StatusMethodNotAllowed, "M_UNRECOGNIZED", true},
+		{http.StatusNotImplemented, "", true},
+		{http.StatusBadRequest, "M_UNRECOGNIZED", true},
+		{http.StatusBadRequest, "M_UNKNOWN", true},
+		{http.StatusInternalServerError, "M_UNKNOWN", false},
+		{http.StatusBadGateway, "", false},
+		{http.StatusForbidden, "M_FORBIDDEN", false},
+		{http.StatusTooManyRequests, "M_LIMIT_EXCEEDED", false},
+		{http.StatusBadRequest, "M_INVALID_PARAM", false},
+	} {
+		name := fmt.Sprintf("%d_%s", tc.status, tc.code)
+		t.Run(name, func(t *testing.T) {
+			r := newASRig(t, fakehs.Options{NoMSC4190: true, NoMSC4190Status: tc.status, NoMSC4190Code: tc.code}, "")
+			err := r.m.Init(context.Background())
+			if !tc.fallback {
+				if err == nil {
+					t.Fatalf("Init fell back or went on after %s", name)
+				}
+				if !strings.Contains(err.Error(), "encryption.appservice") {
+					t.Errorf("the start-up error %q does not name encryption.appservice", err)
+				}
+				if n := r.srv.Counts()[routeLogin]; n != 0 {
+					t.Errorf("ferry logged in (%d times) after %s instead of stopping", n, name)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Init did not fall back after %s: %v", name, err)
+			}
+			answered := strings.TrimSpace(fmt.Sprintf("%d %s", tc.status, tc.code))
+			checkFallbackLine(t, r, answered+";", "single-device mode")
+			if n := r.srv.Counts()[routeLogin]; n != 1 {
+				t.Errorf("the fallback logged the bot's device in %d times, want once", n)
+			}
+		})
+	}
+}
+
 // checkFallbackLine checks that Init said, in exactly one warning, that encryption.appservice cannot be used
 // because the homeserver lacks MSC4190, and what it falls back to.
-func checkFallbackLine(t *testing.T, r *asRig, fallback string) {
+func checkFallbackLine(t *testing.T, r *asRig, answered, fallback string) {
 	t.Helper()
 	if r.m.AppserviceMode() {
 		t.Fatal("the Machine stayed in appservice mode on a homeserver without MSC4190")
@@ -399,7 +452,7 @@ func checkFallbackLine(t *testing.T, r *asRig, fallback string) {
 		t.Fatalf("%d warnings about MSC4190, want exactly one: %q", len(lines), lines)
 	}
 	t.Logf("start-up warning: %s", lines[0])
-	for _, want := range []string{"encryption.appservice", "does not offer MSC4190", "404", "/sync", fallback} {
+	for _, want := range []string{"encryption.appservice", "does not offer MSC4190", "answered " + answered, "/sync", fallback} {
 		if !strings.Contains(lines[0], want) {
 			t.Errorf("the fallback warning %q does not say %q", lines[0], want)
 		}

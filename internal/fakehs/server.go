@@ -75,6 +75,11 @@ type Options struct {
 	// device answers 404 M_NOT_FOUND like a homeserver without it (Dendrite 0.13.8), renaming an existing device
 	// still works, and cross-signing uploads with the as_token need the password UIA too.
 	NoMSC4190 bool
+	// NoMSC4190Status and NoMSC4190Code, with NoMSC4190, change how creating an unknown device is refused (404
+	// M_NOT_FOUND when Status is 0). An empty Code answers with a plain-text body, as a reverse proxy or a server
+	// without the route does.
+	NoMSC4190Status int
+	NoMSC4190Code   string
 	// NoAppserviceLogin refuses m.login.application_service logins (M_UNKNOWN, unsupported login type), like a
 	// homeserver that offers appservices no devices at all.
 	NoAppserviceLogin bool
@@ -574,8 +579,19 @@ func (s *Server) putDevice(w http.ResponseWriter, r *http.Request, c caller) {
 	acc := s.accountLocked(c.user)
 	dev := acc.devices[devID]
 	if dev == nil {
-		if !c.appservice || s.opts.NoMSC4190 {
+		if !c.appservice {
 			writeError(w, http.StatusNotFound, "M_NOT_FOUND", "Unknown device")
+			return
+		}
+		if s.opts.NoMSC4190 {
+			switch {
+			case s.opts.NoMSC4190Status == 0:
+				writeError(w, http.StatusNotFound, "M_NOT_FOUND", "Unknown device")
+			case s.opts.NoMSC4190Code == "":
+				http.Error(w, http.StatusText(s.opts.NoMSC4190Status), s.opts.NoMSC4190Status)
+			default:
+				writeError(w, s.opts.NoMSC4190Status, s.opts.NoMSC4190Code, "refused")
+			}
 			return
 		}
 		dev = newDevice(devID)
