@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -387,6 +388,41 @@ func TestCallRelayDecisions(t *testing.T) {
 			}
 			if c, _ := b.DB.Calls.ByRoomCallID(ctx, roomA, "300glare-a"); c == nil || c.State != "ringing" {
 				t.Fatalf("the winner is no longer ringing: %+v", c)
+			}
+		})
+	}
+}
+
+// TestCallRingingLimit: ferry rings a room at most once a minute: a retry of the same cause may claim again, a
+// second cause within the window is refused (and leaves the record alone), and one after the window rings.
+func TestCallRingingLimit(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			b := newTestBridge(t, dialect)
+			ctx := context.Background()
+			const room, other = id.RoomID("!b:ferry.test"), id.RoomID("!c:ferry.test")
+			if !b.claimCallNotification(ctx, room, "$join1") {
+				t.Fatal("the first ringing of a room was refused")
+			}
+			if !b.claimCallNotification(ctx, room, "$join1") {
+				t.Error("a retry of the same cause was refused")
+			}
+			if b.claimCallNotification(ctx, room, "$join2") {
+				t.Error("a second cause rang the room again within the window")
+			}
+			if !b.claimCallNotification(ctx, other, "$join2") {
+				t.Error("ringing one room held back another")
+			}
+			// Move the record back past the window: the next cause rings.
+			past := time.Now().Add(-callNotifyWindow - time.Second).UnixMilli()
+			if err := b.DB.KV.Set(ctx, callNotifiedKey(room), strconv.FormatInt(past, 10)+" $join1"); err != nil {
+				t.Fatal(err)
+			}
+			if !b.claimCallNotification(ctx, room, "$join3") {
+				t.Error("a cause after the window was refused")
+			}
+			if b.claimCallNotification(ctx, room, "$join4") {
+				t.Error("the claim after the window was not recorded")
 			}
 		})
 	}

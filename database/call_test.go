@@ -64,3 +64,41 @@ func TestCalls(t *testing.T) {
 		}
 	})
 }
+
+// TestCallsForgottenAfterADay: recording a new call forgets calls that have not changed for a day (with their
+// room mappings, so their call IDs may be used again), and keeps younger ones, whatever their state.
+func TestCallsForgottenAfterADay(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		now := time.Now()
+		mk := func(key, callID string, updated time.Time) *database.Call {
+			return &database.Call{
+				Key: key, LinkID: "L", OriginRoom: "!a", OriginCallID: callID, Caller: "@alice:x", CallerParty: "PA",
+				State: database.CallAnswered, ExpiresAt: updated.Add(time.Minute), CreatedAt: updated, UpdatedAt: updated,
+				Rooms: map[id.RoomID]string{"!a": callID, "!b": callID + "-b"},
+			}
+		}
+		for _, c := range []*database.Call{mk("old", "c-old", now.Add(-25*time.Hour)), mk("young", "c-young", now.Add(-23*time.Hour))} {
+			if err := db.Calls.Insert(ctx, c); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := db.Calls.Insert(ctx, mk("new", "c-new", now)); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := db.Calls.ByRoomCallID(ctx, "!b", "c-old-b"); err != nil || got != nil {
+			t.Fatalf("a call untouched for 25 hours is still there: %+v, %v", got, err)
+		}
+		if got, err := db.Calls.ByRoomCallID(ctx, "!b", "c-young-b"); err != nil || got == nil || got.Key != "young" {
+			t.Fatalf("a call untouched for 23 hours was forgotten: %+v, %v", got, err)
+		}
+		live, err := db.Calls.Live(ctx, "L")
+		if err != nil || len(live) != 2 {
+			t.Fatalf("Live = %+v, %v; want the young and the new call", live, err)
+		}
+		// The forgotten call's IDs are free again.
+		if err = db.Calls.Insert(ctx, mk("reuse", "c-old", now)); err != nil {
+			t.Fatalf("the call ID of a forgotten call cannot be used again: %v", err)
+		}
+	})
+}
