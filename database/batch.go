@@ -40,10 +40,7 @@ const maxBatchParams = 20000
 // modifying CTEs: one round trip, one commit); otherwise one statement per kind of row inside a transaction.
 func (db *Database) CommitBatch(ctx context.Context, b *Batch) error {
 	params := len(b.Replay)*4 + len(b.Copies)*7 + len(b.Done) + 1
-	var redactions []*Redaction
-	for _, c := range b.Copies {
-		redactions = append(redactions, c.redactions()...)
-	}
+	redactions := batchRedactions(b.Copies)
 	if db.Dialect == dbutil.Postgres && len(b.Failed) == 0 && len(b.Done) > 0 && len(redactions) == 0 && params <= maxBatchParams {
 		q, args := batchStatement(b)
 		_, err := db.Exec(ctx, q, args...)
@@ -148,4 +145,27 @@ func copyArgs(c *Copy) []any {
 		disappear = c.DisappearAt.UnixMilli()
 	}
 	return []any{c.SourceEvent, c.SourceRoom, c.TargetRoom, c.TargetEvent, c.Sender, c.CreatedAt.UnixMilli(), disappear}
+}
+
+// batchRedactions lists what the copies of a batch schedule, each event once with its earliest deadline: the
+// copies of one original in several rooms all name that original.
+func batchRedactions(copies []*Copy) []*Redaction {
+	var out []*Redaction
+	var seen map[id.EventID]*Redaction
+	for _, c := range copies {
+		for _, r := range c.redactions() {
+			if prev := seen[r.EventID]; prev != nil {
+				if r.Deadline.Before(prev.Deadline) {
+					prev.Deadline = r.Deadline
+				}
+				continue
+			}
+			if seen == nil {
+				seen = make(map[id.EventID]*Redaction)
+			}
+			seen[r.EventID] = r
+			out = append(out, r)
+		}
+	}
+	return out
 }

@@ -179,6 +179,7 @@ func TestCommitBatch(t *testing.T) {
 				Copies: []*database.Copy{
 					{SourceEvent: "$1", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$1b", Sender: "@g:x", CreatedAt: now},
 					{SourceEvent: "$2", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$2b", Sender: "@g:x", CreatedAt: now, DisappearAt: now.Add(time.Hour)},
+					{SourceEvent: "$2", SourceRoom: "!a", TargetRoom: "!c", TargetEvent: "$2c", Sender: "@g:x", CreatedAt: now, DisappearAt: now.Add(30 * time.Minute)},
 				},
 				Done: []int64{rows[0].Seq, rows[1].Seq},
 			})
@@ -198,6 +199,18 @@ func TestCommitBatch(t *testing.T) {
 			}
 			if c, _ := db.EventMap.Get(ctx, "$2", "!b"); c == nil || c.TargetEvent != "$2b" || c.DisappearAt.IsZero() {
 				t.Fatalf("copy = %+v", c)
+			}
+			// Both copies and their original (once, with the earlier deadline) are scheduled.
+			due, err := db.Disappear.Due(ctx, now.Add(2*time.Hour), 10)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := map[id.EventID]time.Time{}
+			for _, r := range due {
+				got[r.EventID] = r.Deadline
+			}
+			if len(due) != 3 || got["$2b"].IsZero() || got["$2c"].IsZero() || got["$2"].UnixMilli() != now.Add(30*time.Minute).UnixMilli() {
+				t.Fatalf("scheduled redactions %v, want $2b, $2c and $2 at the earlier deadline", got)
 			}
 			for i, want := range []database.InboxState{database.InboxDone, database.InboxDone, database.InboxFailed} {
 				if got, _ := db.Inbox.Get(ctx, rows[i].EventID); got.State != want || got.Raw != nil {
