@@ -3,6 +3,7 @@ package crypto
 import (
 	"context"
 	"fmt"
+	"math"
 	"strings"
 	"sync"
 
@@ -35,6 +36,10 @@ type storeCache struct {
 	// inbound sessions by account; sessionGen counts inbound-session writes, like gen.
 	sessionGen uint64
 	inbound    map[inboundKey]*crypto.InboundGroupSession
+	// inboundRoom finds the cached inbound session a replay-index check is about (mautrix names only the session
+	// there), so its latest ratchet can be moved to the index just decrypted (see advanceInbound). An entry may
+	// outlive its session in inbound; it is then ignored.
+	inboundRoom map[accountSession]id.RoomID
 
 	indexLock sync.Mutex
 	index     map[id.SessionID]*replayState
@@ -59,6 +64,11 @@ type signatureKey struct {
 type deviceKey struct {
 	user id.UserID
 	key  id.IdentityKey
+}
+
+type accountSession struct {
+	account string
+	session id.SessionID
 }
 
 type inboundKey struct {
@@ -107,9 +117,10 @@ func (c *storeCache) sessionsChanged(k *inboundKey) {
 	c.lock.Lock()
 	c.sessionGen++
 	if k == nil {
-		c.inbound = nil
+		c.inbound, c.inboundRoom = nil, nil
 	} else {
 		delete(c.inbound, *k)
+		delete(c.inboundRoom, accountSession{k.account, k.session})
 	}
 	c.lock.Unlock()
 }
@@ -240,10 +251,13 @@ func (s *cachedStore) GetGroupSession(ctx context.Context, roomID id.RoomID, ses
 	s.c.lock.Lock()
 	sess, ok := s.c.inbound[k]
 	gen := s.c.sessionGen
-	s.c.lock.Unlock()
 	if ok {
-		return copyInbound(sess), nil
+		// Copied under the lock: advanceInbound moves the cached ratchet.
+		cp := copyInbound(sess)
+		s.c.lock.Unlock()
+		return cp, nil
 	}
+	s.c.lock.Unlock()
 	sess, err := s.SQLCryptoStore.GetGroupSession(ctx, roomID, sessionID)
 	if err != nil || sess == nil {
 		return sess, err
@@ -254,7 +268,11 @@ func (s *cachedStore) GetGroupSession(ctx context.Context, roomID id.RoomID, ses
 			if s.c.inbound == nil {
 				s.c.inbound = make(map[inboundKey]*crypto.InboundGroupSession)
 			}
+			if s.c.inboundRoom == nil {
+				s.c.inboundRoom = make(map[accountSession]id.RoomID)
+			}
 			s.c.inbound[k] = cp
+			s.c.inboundRoom[accountSession{k.account, k.session}] = roomID
 		}
 		s.c.lock.Unlock()
 	}
@@ -334,7 +352,32 @@ func (s *cachedStore) ValidateMessageIndex(ctx context.Context, sessionID id.Ses
 	st.seen[index] = replaySeen{eventID: eventID, timestamp: timestamp}
 	st.unflushed++
 	c.pending = append(c.pending, ReplayEntry{SessionID: sessionID, Index: index, EventID: eventID, Timestamp: timestamp})
+	c.advanceInbound(s.AccountID, sessionID, index)
 	return true, nil
+}
+
+// advanceInbound moves the latest ratchet of a cached inbound session forward to index, a message index that
+// was just decrypted with it. mautrix's decrypt works on a copy, so without this every message of a session
+// would step the ratchet from where the stored session stands (one hash per message since then); with it, from
+// the previous message. The initial ratchet is untouched, so an earlier index still decrypts (from there). Held
+// in memory only: the stored session keeps its ratchets.
+func (c *storeCache) advanceInbound(account string, sessionID id.SessionID, index uint) {
+	c.lock.Lock()
+	defer c.lock.Unlock()
+	room, ok := c.inboundRoom[accountSession{account, sessionID}]
+	if !ok {
+		return
+	}
+	sess := c.inbound[inboundKey{account, room, sessionID}]
+	if sess == nil {
+		return
+	}
+	internal, ok := sess.Internal.(*session.MegolmInboundSession)
+	// Forward only, by goolm's own rule for whether an index lies at or beyond the latest ratchet.
+	if !ok || index > math.MaxUint32 || uint32(index)-internal.Ratchet.Counter >= 1<<31 {
+		return
+	}
+	internal.Ratchet.AdvanceTo(uint32(index))
 }
 
 func (s *cachedStore) loadReplayIndex(ctx context.Context, sessionID id.SessionID) (*replayState, error) {

@@ -4,12 +4,14 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
+	"fmt"
 	"testing"
 
 	"github.com/rs/zerolog"
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/crypto/goolm/session"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -264,5 +266,79 @@ func TestDestroySessionForgetsMemory(t *testing.T) {
 	}
 	if got, err := s.GetGroupSession(ctx, room, out.ID()); err != nil || got != nil {
 		t.Errorf("inbound session still found after its keys were destroyed (err %v)", err)
+	}
+}
+
+// TestInboundRatchetFollowsDecrypts: the cached inbound session's latest ratchet moves with each decrypted
+// message (so the next one steps from there), never backwards, and an earlier message still decrypts; the stored
+// session keeps its ratchets.
+func TestInboundRatchetFollowsDecrypts(t *testing.T) {
+	ctx := context.Background()
+	db := dbtest.Open(t, "postgres")
+	s := newCachedStore(t, db, botAccountID, newStoreCache())
+	const room = id.RoomID("!r:x")
+	out, err := crypto.NewOutboundGroupSession(room, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := crypto.NewInboundGroupSession("sender", "signing", room, out.Internal.Key(), 0, 0, nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err = s.SQLCryptoStore.PutGroupSession(ctx, in); err != nil {
+		t.Fatal(err)
+	}
+	var cts [][]byte
+	for i := 0; i < 40; i++ {
+		ct, err := out.Internal.Encrypt([]byte(fmt.Sprintf("message %d", i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cts = append(cts, ct)
+	}
+	latest := func() uint32 {
+		t.Helper()
+		sess, err := s.GetGroupSession(ctx, room, out.ID())
+		if err != nil || sess == nil {
+			t.Fatalf("session not found: %v", err)
+		}
+		return sess.Internal.(*session.MegolmInboundSession).Ratchet.Counter
+	}
+	decrypt := func(i int) {
+		t.Helper()
+		sess, err := s.GetGroupSession(ctx, room, out.ID())
+		if err != nil || sess == nil {
+			t.Fatalf("session not found: %v", err)
+		}
+		plain, index, err := sess.Internal.Decrypt(cts[i])
+		if err != nil || string(plain) != fmt.Sprintf("message %d", i) || index != uint(i) {
+			t.Fatalf("message %d decrypted to %q at %d: %v", i, plain, index, err)
+		}
+		if ok, err := s.ValidateMessageIndex(ctx, out.ID(), id.EventID(fmt.Sprintf("$%d", i)), index, int64(i)); err != nil || !ok {
+			t.Fatalf("index %d refused: %v", i, err)
+		}
+	}
+	for _, i := range []int{0, 1, 2, 30, 31} {
+		decrypt(i)
+		if got := latest(); got != uint32(i) {
+			t.Fatalf("after message %d the cached ratchet is at %d", i, got)
+		}
+	}
+	decrypt(5) // an earlier index: decrypts from the initial ratchet, and the latest one stays
+	if got := latest(); got != 31 {
+		t.Fatalf("an earlier message moved the cached ratchet back to %d", got)
+	}
+	if ok, _ := s.ValidateMessageIndex(ctx, out.ID(), "$other", 39, 1); !ok {
+		t.Fatal("a new index was refused")
+	}
+	if ok, _ := s.ValidateMessageIndex(ctx, out.ID(), "$replay", 39, 2); ok {
+		t.Fatal("a replayed index was accepted")
+	}
+	if got := latest(); got != 39 {
+		t.Fatalf("the cached ratchet is at %d, want 39", got)
+	}
+	stored, err := s.SQLCryptoStore.GetGroupSession(ctx, room, out.ID())
+	if err != nil || stored.Internal.(*session.MegolmInboundSession).Ratchet.Counter != 0 {
+		t.Fatalf("the stored session's ratchet moved: %v", err)
 	}
 }
