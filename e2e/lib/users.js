@@ -527,6 +527,24 @@ export class TestUser {
     }
 
     /**
+     * Waits until this client knows `userId`'s device `deviceId`. A device logged in a moment ago reaches the
+     * other clients' device lists only after their next /sync and /keys/query; cross-signing it before that fails
+     * with "Unknown device".
+     */
+    async waitForDeviceKnown(userId, deviceId, timeoutMs = DEFAULT_TIMEOUT) {
+        return this._waitUntil(
+            async () => (await this.deviceStatus(userId, deviceId)) !== null,
+            [
+                [this.client, CryptoEvent.DevicesUpdated],
+                [this.client, CryptoEvent.KeysChanged],
+                [this.client, ClientEvent.Sync],
+            ],
+            timeoutMs,
+            `device ${userId}/${deviceId} to be known`,
+        );
+    }
+
+    /**
      * Waits until this client sees `userId`'s device `deviceId` as cross-signed by its owner. Device-list updates
      * come through /sync (device_lists.changed) and a later /keys/query, so re-check on crypto and sync events.
      */

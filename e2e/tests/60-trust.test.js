@@ -167,6 +167,7 @@ test("a key request is answered for a member's later device, refused for an outs
     const bob2 = await loginUser(stack.hs.url, bob.userId, bob.password);
     const mallory = await createUser(stack.hs.url, "mallory");
     try {
+        await bob.waitForDeviceKnown(bob.userId, bob2.deviceId);
         await bob.crypto.crossSignDevice(bob2.deviceId);
         const ask = (user, requestId) =>
             fetch(`${stack.hs.url}/_matrix/client/v3/sendToDevice/m.room_key_request/${requestId}`, {
