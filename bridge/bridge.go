@@ -55,6 +55,7 @@ type Bridge struct {
 	// guards the following fields
 	workersLock sync.Mutex
 	workers     map[id.RoomID]*roomWorker
+	workerCtx   context.Context // set by Start: workers run from then on
 
 	roomNames roomNameCache
 	stats     stats
@@ -104,6 +105,15 @@ func (b *Bridge) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Workers run from here on: those of rooms whose transactions came in before Start too.
+	b.workersLock.Lock()
+	b.workerCtx = b.rootCtx
+	for _, w := range b.workers {
+		if !w.running {
+			b.runWorkerLocked(w)
+		}
+	}
+	b.workersLock.Unlock()
 	for _, room := range rooms {
 		b.Notify(room)
 	}
@@ -115,6 +125,14 @@ func (b *Bridge) Start(ctx context.Context) error {
 	b.startDisappear(b.rootCtx)
 	b.Log.Info().Int("rooms_with_backlog", len(rooms)).Msg("Relay started")
 	return nil
+}
+
+// running tells whether Start has run and Stop has not.
+func (b *Bridge) running() bool {
+	b.workersLock.Lock()
+	ctx := b.workerCtx
+	b.workersLock.Unlock()
+	return ctx != nil && ctx.Err() == nil
 }
 
 // Stop cancels workers and waits for them to finish their current event.

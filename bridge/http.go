@@ -43,7 +43,7 @@ func (b *Bridge) Router(toDevice ToDeviceHandler) http.Handler {
 	}))
 	live := func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, map[string]any{"ok": true}) }
 	ready := func(w http.ResponseWriter, r *http.Request) {
-		if b.rootCtx == nil || b.rootCtx.Err() != nil {
+		if !b.running() {
 			writeJSON(w, http.StatusServiceUnavailable, map[string]any{"ok": false})
 			return
 		}

@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 	"go.mau.fi/util/dbutil"
@@ -172,5 +173,44 @@ func TestParseEventHead(t *testing.T) {
 		if ok != tc.ok || (ok && (head.IsState != tc.isState || string(head.SessionID) != tc.session)) {
 			t.Errorf("parseEventHead(%s) = %+v, %v", tc.raw, head, ok)
 		}
+	}
+}
+
+// TestTransactionBeforeStartIsRelayed: ferry takes transactions as soon as it listens, before the relay starts
+// (the homeserver may push while ferry sets up encryption). Their rooms' workers start with the relay, so the
+// events are handled and not left pending until the next restart.
+func TestTransactionBeforeStartIsRelayed(t *testing.T) {
+	b := newTestBridge(t, "postgres")
+	h := b.Router(nil)
+	ctx := context.Background()
+	if rec := doRequest(h, "GET", "/health/ready", "", ""); rec.Code != http.StatusServiceUnavailable {
+		t.Fatalf("ready before Start = %d", rec.Code)
+	}
+	// A membership event of a room without a link: handled without the homeserver.
+	body := `{"events":[{"event_id":"$early","room_id":"!early:ferry.test","sender":"@alice:ferry.test","type":"m.room.member",
+		"state_key":"@alice:ferry.test","origin_server_ts":1,"content":{"membership":"join"}}]}`
+	if rec := doRequest(h, "PUT", "/_matrix/app/v1/transactions/early", "Bearer "+testHSToken, body); rec.Code != 200 {
+		t.Fatalf("transaction = %d %s", rec.Code, rec.Body.String())
+	}
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer b.Stop()
+	if rec := doRequest(h, "GET", "/health/ready", "", ""); rec.Code != http.StatusOK {
+		t.Fatalf("ready after Start = %d", rec.Code)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		row, err := b.DB.Inbox.Get(ctx, "$early")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if row.State != database.InboxPending {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("an event taken before Start is still pending 10 s after it")
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

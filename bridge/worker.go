@@ -40,6 +40,8 @@ type roomWorker struct {
 	lock    sync.Mutex
 	handoff []*database.InboxEvent
 	dirty   bool
+
+	running bool // its goroutine was started; guarded by Bridge.workersLock
 }
 
 // Notify wakes (or starts) the worker of a room because it has new inbox rows: the worker reads them from the
@@ -56,13 +58,10 @@ func (b *Bridge) notify(room id.RoomID, rows []*database.InboxEvent) {
 	if !ok {
 		w = &roomWorker{room: room, wake: make(chan struct{}, 1), dirty: true}
 		b.workers[room] = w
-		if b.rootCtx != nil {
-			b.wg.Add(1)
-			go func() {
-				defer b.wg.Done()
-				b.runWorker(b.rootCtx, w)
-			}()
-		}
+	}
+	// Before Start (transactions are taken as soon as ferry listens), the worker waits for Start to run it.
+	if b.workerCtx != nil && !w.running {
+		b.runWorkerLocked(w)
 	}
 	b.workersLock.Unlock()
 	w.lock.Lock()
@@ -77,6 +76,16 @@ func (b *Bridge) notify(room id.RoomID, rows []*database.InboxEvent) {
 	case w.wake <- struct{}{}:
 	default:
 	}
+}
+
+// runWorkerLocked starts w's goroutine. Callers hold workersLock and have set workerCtx.
+func (b *Bridge) runWorkerLocked(w *roomWorker) {
+	w.running = true
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		b.runWorker(b.workerCtx, w)
+	}()
 }
 
 // next returns the rows a worker handles next: handed-over rows when the inbox has no others (ok true), or
