@@ -17,6 +17,7 @@ package bridge
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -64,6 +65,8 @@ type Bridge struct {
 
 	disappearOnce sync.Once
 	disappearing  *disappearer // see disappear.go
+
+	sent sentLedger // what the read-back after an unclean stop found (reconcile.go)
 }
 
 // New creates a bridge. Call Start to begin draining the inbox.
@@ -105,6 +108,13 @@ func (b *Bridge) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	unclean, err := b.markRunning(ctx)
+	if err != nil {
+		return fmt.Errorf("failed to record that the relay runs: %w", err)
+	}
+	if unclean && len(rooms) > 0 {
+		b.reconcile(ctx, rooms)
+	}
 	// Workers run from here on: those of rooms whose transactions came in before Start too.
 	b.workersLock.Lock()
 	b.workerCtx = b.rootCtx
@@ -137,10 +147,12 @@ func (b *Bridge) running() bool {
 
 // Stop cancels workers and waits for them to finish their current event.
 func (b *Bridge) Stop() {
-	if b.cancel != nil {
-		b.cancel()
+	if b.cancel == nil {
+		return
 	}
+	b.cancel()
 	b.wg.Wait()
+	b.markStopped()
 }
 
 // Uptime is how long the relay has been running.

@@ -354,6 +354,7 @@ func (b *Bridge) sendHangup(ctx context.Context, real id.UserID, realRoom, room 
 // would), or as the bot when real is empty. realRoom names where real is a member, for the ghost's profile.
 func (b *Bridge) sendAs(ctx context.Context, real id.UserID, realRoom, room id.RoomID, evtType event.Type, raw map[string]any, txnID string) error {
 	raw[OriginKey] = Origin{Instance: b.instanceID()}.raw()
+	raw[txnKey] = txnID // read back after an unclean stop (reconcile.go)
 	data, err := json.Marshal(raw)
 	if err != nil {
 		return err

@@ -180,6 +180,30 @@ func (b *Bridge) relayRedaction(ctx context.Context, evt *event.Event, target id
 
 // send sends content into a room as intent's user, encrypting it when the room is encrypted.
 func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id.RoomID, encrypted bool, evtType event.Type, content *event.Content, txnID string) (id.EventID, error) {
+	if began, ok := b.sent.takeUncertain(txnID); ok {
+		// An earlier attempt got no answer: the homeserver may have posted it (reconcile.go).
+		if _, err := b.readBack(ctx, room, began.Add(-reconcileClockLag)); err != nil {
+			b.sent.markUncertain(txnID, began)
+			return "", fmt.Errorf("failed to check whether an unanswered send was posted: %w", err)
+		}
+	}
+	if evtID, ok := b.sent.take(txnID); ok {
+		// Posted by an attempt whose answer ferry never got (before an unclean stop, or a dropped connection),
+		// and found in the room (reconcile.go): not again.
+		zerolog.Ctx(ctx).Info().Stringer("target_room_id", room).Stringer("sent_event_id", evtID).
+			Msg("Found an unanswered send in the room; not sending it again")
+		return evtID, nil
+	}
+	if content.Parsed != nil && content.VeryRaw == nil {
+		// Notices and replies say which transaction sent them, for the read-back after an unclean stop.
+		// (Relayed copies and call events carry the origin marker or the key already.)
+		raw := make(map[string]any, len(content.Raw)+1)
+		for k, v := range content.Raw {
+			raw[k] = v
+		}
+		raw[txnKey] = txnID
+		content = &event.Content{Parsed: content.Parsed, Raw: raw}
+	}
 	sendType := evtType
 	var payload any = content
 	if encrypted {
@@ -194,8 +218,13 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 	}
 	// The caller made sure the ghost is in the room (ensureGhost): the client call skips the intent's second
 	// membership check.
+	began := time.Now()
 	resp, err := intent.Client.SendMessageEvent(ctx, room, sendType, payload, mautrix.ReqSendEvent{TransactionID: txnID, DontEncrypt: true})
 	if err != nil {
+		if httpErr := (mautrix.HTTPError{}); !errors.As(err, &httpErr) || httpErr.Response == nil {
+			// No answer: the request may have been processed.
+			b.sent.markUncertain(txnID, began)
+		}
 		return "", err
 	}
 	return resp.EventID, nil

@@ -26,7 +26,7 @@ import (
 type flakyHS struct {
 	proxy  *httputil.ReverseProxy
 	room   id.RoomID
-	script []func(w http.ResponseWriter) // consumed one per send into room
+	script []func(w http.ResponseWriter, r *http.Request) // consumed one per send into room
 	// guards the following fields
 	lock  sync.Mutex
 	sends []time.Time
@@ -36,21 +36,21 @@ func (f *flakyHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/rooms/"+string(f.room)+"/send/") {
 		f.lock.Lock()
 		f.sends = append(f.sends, time.Now())
-		var step func(http.ResponseWriter)
+		var step func(http.ResponseWriter, *http.Request)
 		if len(f.script) > 0 {
 			step, f.script = f.script[0], f.script[1:]
 		}
 		f.lock.Unlock()
 		if step != nil {
-			step(w)
+			step(w, r)
 			return
 		}
 	}
 	f.proxy.ServeHTTP(w, r)
 }
 
-func answer(status int, body string) func(http.ResponseWriter) {
-	return func(w http.ResponseWriter) {
+func answer(status int, body string) func(http.ResponseWriter, *http.Request) {
+	return func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(status)
 		_, _ = w.Write([]byte(body))
@@ -68,6 +68,11 @@ type relayFixture struct {
 }
 
 func newRelayFixture(t *testing.T) *relayFixture {
+	return newRelayFixtureWith(t, &benchCrypto{plaintext: benchMessage()})
+}
+
+// newRelayFixtureWith is newRelayFixture with the given E2EE layer.
+func newRelayFixtureWith(t *testing.T, cr Crypto) *relayFixture {
 	ctx := context.Background()
 	const domain = "ferry.test"
 	hs := fakehs.New(fakehs.Options{
@@ -79,7 +84,7 @@ func newRelayFixture(t *testing.T) *relayFixture {
 	flaky := &flakyHS{proxy: httputil.NewSingleHostReverseProxy(target)}
 	front := httptest.NewServer(flaky)
 	t.Cleanup(front.Close)
-	br := newBenchBridge(t, &benchCrypto{plaintext: benchMessage()}, front.URL)
+	br := newBenchBridge(t, cr, front.URL)
 	f := &relayFixture{br: br, hs: hs, flaky: flaky, alice: "@alice:" + domain}
 	bob, bot := id.UserID("@bob:"+domain), br.AS.BotMXID()
 	enc := &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1}
@@ -154,7 +159,7 @@ func TestRelayRetriesRateLimitsAndServerErrors(t *testing.T) {
 	f.relayOne(t) // the ghost registers, joins and sets its profile once
 	f.flaky.lock.Lock()
 	f.flaky.sends = nil
-	f.flaky.script = []func(http.ResponseWriter){
+	f.flaky.script = []func(http.ResponseWriter, *http.Request){
 		answer(429, `{"errcode":"M_LIMIT_EXCEEDED","error":"slow down","retry_after_ms":4500}`),
 		answer(502, `<html>bad gateway</html>`),
 	}
@@ -189,7 +194,7 @@ func TestRelayPermanentErrorIsReportedOnce(t *testing.T) {
 	f.relayOne(t)
 	f.flaky.lock.Lock()
 	f.flaky.sends = nil
-	f.flaky.script = []func(http.ResponseWriter){answer(403, `{"errcode":"M_FORBIDDEN","error":"no"}`)}
+	f.flaky.script = []func(http.ResponseWriter, *http.Request){answer(403, `{"errcode":"M_FORBIDDEN","error":"no"}`)}
 	f.flaky.lock.Unlock()
 
 	row := f.relayOne(t)

@@ -462,3 +462,43 @@ func checkFallbackLine(t *testing.T, r *asRig, answered, fallback string) {
 		t.Errorf("a transaction after the fallback failed: %v", err)
 	}
 }
+
+// TestDecryptOwn: ferry reads back what its own devices encrypted (the relay does so after an unclean stop to
+// find what it had sent): a ghost's message with the ghost's device's copy of its session, the bot's with the
+// bot's, also after a restart of the Machine (a new process); a member's message is not ferry's own.
+func TestDecryptOwn(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r := newASRig(t, fakehs.Options{CrossSigningUIA: true}, "")
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	ghostMsg := r.sendAs(t, r.ghost, "the ghost's copy")
+	botMsg := r.sendAs(t, r.bot, "the bot's notice")
+	memberMsg := r.memberSends(t, "the member's message")
+	check := func(m *Machine, evt *event.Event, body string) {
+		t.Helper()
+		dec, err := m.DecryptOwn(ctx, evt)
+		if err != nil {
+			t.Fatalf("cannot read back %q: %v", body, err)
+		}
+		if got := dec.Content.AsMessage().Body; got != body {
+			t.Fatalf("read back %q, want %q", got, body)
+		}
+	}
+	check(r.m, ghostMsg, "the ghost's copy")
+	check(r.m, botMsg, "the bot's notice")
+	if _, err := r.m.DecryptOwn(ctx, memberMsg); err == nil {
+		t.Error("a member's message was read back as ferry's own")
+	}
+	// An unclean stop (no Stop): the next process still reads back what the last one sent.
+	again := r.newMachine(t)
+	if err := again.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	again.Start(ctx)
+	defer again.Stop()
+	check(again, ghostMsg, "the ghost's copy")
+	check(again, botMsg, "the bot's notice")
+}

@@ -492,6 +492,31 @@ func (m *Machine) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, 
 	return dec, nil
 }
 
+// DecryptOwn decrypts an event one of ferry's own devices encrypted (the bot's, or a ghost's in per-ghost mode),
+// with the inbound copy that device keeps of its own session. The relay reads back what it sent before an
+// unclean stop with it. An event from a user who is not ferry's is an error.
+func (m *Machine) DecryptOwn(ctx context.Context, evt *event.Event) (*event.Event, error) {
+	content, ok := evt.Content.Parsed.(*event.EncryptedEventContent)
+	if !ok {
+		return nil, errors.New("not an encrypted event")
+	}
+	d := m.bot
+	if evt.Sender != m.client.UserID {
+		if m.isOwn == nil || !m.isOwn(evt.Sender) {
+			return nil, fmt.Errorf("%s is not one of ferry's users", evt.Sender)
+		}
+		if content.DeviceID != m.client.DeviceID {
+			g, err := m.ghostDevice(ctx, evt.Sender)
+			if err != nil {
+				return nil, fmt.Errorf("failed to load the device of %s: %w", evt.Sender, err)
+			} else if g != nil {
+				d = g
+			}
+		}
+	}
+	return d.mach.DecryptMegolmEvent(ctx, evt)
+}
+
 func (m *Machine) hasIdentity(ctx context.Context, userID id.UserID) (bool, error) {
 	keys, err := m.bot.mach.CryptoStore.GetCrossSigningKeys(ctx, userID)
 	if err != nil {

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net/http"
 	"sort"
+	"strconv"
+	"strings"
 	"time"
 
 	"maunium.net/go/mautrix/event"
@@ -488,4 +490,45 @@ func mustJSON(v any) json.RawMessage {
 		panic(err)
 	}
 	return data
+}
+
+// getMessages answers /messages backwards from the newest event (dir=b only; from is the token of an earlier
+// answer), from the timeline kept with Options.KeepTimeline. Without it the chunk is empty.
+func (s *Server) getMessages(w http.ResponseWriter, r *http.Request, _ caller) {
+	q := r.URL.Query()
+	if d := q.Get("dir"); d != "b" {
+		writeError(w, http.StatusBadRequest, "M_INVALID_PARAM", "only dir=b is supported")
+		return
+	}
+	limit := 10
+	if l := q.Get("limit"); l != "" {
+		if n, err := strconv.Atoi(l); err == nil && n > 0 {
+			limit = n
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rm := s.roomFor(w, r)
+	if rm == nil {
+		return
+	}
+	end := len(rm.timeline)
+	if from := q.Get("from"); from != "" {
+		n, err := strconv.Atoi(strings.TrimPrefix(from, "t"))
+		if err != nil || n < 0 || n > len(rm.timeline) {
+			writeError(w, http.StatusBadRequest, "M_INVALID_PARAM", "bad from token")
+			return
+		}
+		end = n
+	}
+	start := max(end-limit, 0)
+	chunk := make([]json.RawMessage, 0, end-start)
+	for i := end - 1; i >= start; i-- {
+		chunk = append(chunk, rm.timeline[i])
+	}
+	resp := map[string]any{"chunk": chunk, "start": fmt.Sprintf("t%d", end)}
+	if start > 0 {
+		resp["end"] = fmt.Sprintf("t%d", start)
+	}
+	writeJSON(w, http.StatusOK, resp)
 }

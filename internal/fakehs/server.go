@@ -315,6 +315,7 @@ func (s *Server) routes(mux *http.ServeMux) {
 	h("GET "+c+"/rooms/{roomID}/members", s.authed(s.getMembers))
 	h("GET "+c+"/rooms/{roomID}/joined_members", s.authed(s.getJoinedMembers))
 	h("GET "+c+"/rooms/{roomID}/state", s.authed(s.getState))
+	h("GET "+c+"/rooms/{roomID}/messages", s.authed(s.getMessages))
 	h("GET "+c+"/rooms/{roomID}/state/{type}", s.authed(s.getStateEvent))
 	h("GET "+c+"/rooms/{roomID}/state/{type}/{stateKey...}", s.authed(s.getStateEvent))
 	h("PUT "+c+"/rooms/{roomID}/state/{type}", s.authed(s.putStateEvent))
