@@ -91,3 +91,21 @@ test("a message whose room key arrives late is parked, survives a restart and re
     const copies = (await bob.events(roomB)).filter((e) => e.content.body === "the key for this one comes late");
     assert.equal(copies.length, 1);
 });
+
+test("a copy posted while ferry died before hearing the answer is not posted again", async () => {
+    // Dendrite remembers a transaction ID only for requests it finished answering: a send cut off by the crash
+    // is posted but not remembered, and ferry's repeat under the same transaction ID would post it twice.
+    const lost = stack.proxy.loseNextSend(roomB);
+    await alice.sendText(roomA, "in flight at the crash");
+    const answer = await lost;
+    assert.equal(answer.status, 200, `Dendrite posted the copy: ${JSON.stringify(answer)}`);
+    await stack.restartFerry({ kill: true });
+    await alice.sendText(roomA, "after the in-flight crash");
+    await bob.waitForEvent(roomB, (e) => isGhost(e.sender) && e.content.body === "after the in-flight crash", 60000, "the message after the crash");
+    await sleep(2000); // a repeat, if any, would show up by now
+    const copies = (await bob.events(roomB)).filter((e) => e.content.body === "in flight at the crash");
+    assert.equal(copies.length, 1, "the copy posted before the crash is not posted again");
+    assert.equal(copies[0].eventId, answer.body.event_id);
+    const readBack = stack.ferry.logLines().find((l) => l.message === "Read back recent sends after an unclean stop");
+    assert.ok(readBack && readBack.found >= 1, `ferry read back what it had sent: ${JSON.stringify(readBack)}`);
+});
