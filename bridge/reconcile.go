@@ -40,6 +40,7 @@ const (
 	reconcilePages    = 5                // requests per room at most
 	reconcileTimeout  = 30 * time.Second // for the whole read-back
 	reconcileClockLag = time.Minute      // events this much older than the oldest pending row are not looked at
+	maxUncertain      = 1000             // unanswered sends remembered before old ones are dropped
 )
 
 // OwnDecrypter is implemented by E2EE layers that can decrypt what ferry's own devices encrypted.
@@ -64,6 +65,14 @@ func (l *sentLedger) markUncertain(txnID string, began time.Time) {
 	defer l.lock.Unlock()
 	if l.uncertain == nil {
 		l.uncertain = make(map[string]time.Time)
+	}
+	if len(l.uncertain) >= maxUncertain {
+		// Sends that are never retried (one-off notices) must not pile up.
+		for txn, t := range l.uncertain {
+			if time.Since(t) > time.Hour {
+				delete(l.uncertain, txn)
+			}
+		}
 	}
 	if prev, ok := l.uncertain[txnID]; !ok || began.Before(prev) {
 		l.uncertain[txnID] = began
