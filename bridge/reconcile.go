@@ -174,10 +174,15 @@ func (b *Bridge) reconcile(ctx context.Context, rooms []id.RoomID) {
 		}
 	}
 	found := 0
-	for _, room := range order {
+	for i, room := range order {
+		if ctx.Err() != nil {
+			b.Log.Warn().Int("rooms_not_read", len(order)-i).Dur("limit", reconcileTimeout).
+				Msg("Stopped reading back recent sends at the time limit; sends in the other rooms may repeat")
+			break
+		}
 		n, err := b.readBack(ctx, room, since[room])
 		found += n
-		if err != nil {
+		if err != nil && ctx.Err() == nil {
 			b.Log.Warn().Err(err).Stringer("room_id", room).Msg("Failed to read back what ferry sent before the unclean stop; its sends there may repeat")
 		}
 	}
