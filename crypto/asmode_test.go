@@ -502,3 +502,56 @@ func TestDecryptOwn(t *testing.T) {
 	check(again, ghostMsg, "the ghost's copy")
 	check(again, botMsg, "the bot's notice")
 }
+
+// TestBotDeviceVanished: when the bot's device was deleted on the homeserver while ferry was stopped, the next
+// start notices (its keys are gone from the server), says so, and creates a fresh device, cross-signed again,
+// whose messages members read; the old device is not used again and does not linger on the server. Both paths:
+// MSC4190 devices, and m.login.application_service logins with password UIA (Dendrite).
+func TestBotDeviceVanished(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		opts   fakehs.Options
+		secret string
+	}{
+		{"msc4190", fakehs.Options{CrossSigningUIA: true}, ""},
+		{"login", fakehs.Options{NoMSC4190: true, CrossSigningUIA: true, SharedSecret: "asmode-secret"}, "asmode-secret"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			r := newASRig(t, tc.opts, tc.secret)
+			if err := r.m.Init(ctx); err != nil {
+				t.Fatal(err)
+			}
+			r.m.Start(ctx)
+			old := r.m.DeviceID()
+			r.memberReads(t, r.sendAs(t, r.bot, "before the deletion"), "before the deletion")
+			r.m.Stop()
+
+			r.srv.DeleteDevice(r.bot, old)
+			r.m = r.newMachine(t)
+			if err := r.m.Init(ctx); err != nil {
+				t.Fatalf("start after the device vanished: %v", err)
+			}
+			r.m.Start(ctx)
+			defer r.m.Stop()
+			if got := r.logs.warnings("vanished"); len(got) != 1 {
+				t.Errorf("%d warnings about the vanished device, want one: %q", len(got), got)
+			}
+			fresh := r.m.DeviceID()
+			if fresh == "" || fresh == old {
+				t.Fatalf("the bot's device is %q after %q vanished, want a new one", fresh, old)
+			}
+			if devs := r.srv.Devices(r.bot); len(devs) != 1 || devs[0] != fresh {
+				t.Fatalf("the bot's devices on the server are %v, want only %s", devs, fresh)
+			}
+			msg := r.sendAs(t, r.bot, "after the deletion")
+			if dev := msg.Content.AsEncrypted().DeviceID; dev != fresh {
+				t.Errorf("the bot's message was encrypted by %s, want the new device %s", dev, fresh)
+			}
+			if trust := r.memberReads(t, msg, "after the deletion"); trust != id.TrustStateCrossSignedTOFU {
+				t.Errorf("the member sees the new device as %s, want cross-signed by the bot", trust)
+			}
+		})
+	}
+}

@@ -57,6 +57,7 @@ type Machine struct {
 	db         *dbutil.Database
 	stateStore *sqlstatestore.SQLStateStore
 	client     *mautrix.Client
+	asToken    string // the appservice token the client was made with (logins replace the client's token)
 	// IsOwn tells ferry's own users (bot and ghosts) apart from real users; they never receive ferry's keys.
 	isOwn func(id.UserID) bool
 
@@ -110,7 +111,7 @@ type Machine struct {
 // in as the bot's device). Call Init before use.
 func NewMachine(log zerolog.Logger, cfg Config, db *dbutil.Database, ss *sqlstatestore.SQLStateStore, client *mautrix.Client, isOwn func(id.UserID) bool) *Machine {
 	return &Machine{
-		log: log, cfg: cfg, db: db, stateStore: ss, client: client, isOwn: isOwn,
+		log: log, cfg: cfg, db: db, stateStore: ss, client: client, isOwn: isOwn, asToken: client.AccessToken,
 		dbLog:       dbutil.ZeroLogger(log.With().Str("db_section", "crypto").Logger()),
 		ghostCreate: exsync.NewKeyedMutex[id.UserID](),
 		cache:       newStoreCache(),
@@ -359,8 +360,23 @@ func (m *Machine) reset(ctx context.Context) error {
 		return err
 	}
 	m.cache.outboundChanged(botAccountID, "")
+	// Reaching the server with the old device ID recreated it, empty: remove it again, so the bot's user keeps
+	// one device. The appservice deletes it (MSC4190); a logged-in device goes with its token's logout.
+	if old := m.client.DeviceID; old != "" {
+		var err error
+		if m.asMode.Load() {
+			err = m.client.DeleteDevice(ctx, old, nil)
+		} else {
+			_, err = m.client.Logout(ctx)
+		}
+		if err != nil {
+			m.log.Warn().Err(err).Stringer("device_id", old).Msg("Failed to remove the empty device left where the vanished one was")
+		}
+	}
+	// A new device is created (MSC4190) or logged in (m.login.application_service) with the appservice's token,
+	// which logging the old device in had replaced.
 	m.client.DeviceID = ""
-	m.client.AccessToken = ""
+	m.client.AccessToken = m.asToken
 	return m.initBot(ctx)
 }
 

@@ -298,6 +298,7 @@ func (s *Server) routes(mux *http.ServeMux) {
 	h("POST "+c+"/logout", s.authed(s.postLogout))
 	h("PUT "+c+"/devices/{deviceID}", s.authed(s.putDevice))
 	h("GET "+c+"/devices", s.authed(s.getDevices))
+	h("DELETE "+c+"/devices/{deviceID}", s.authed(s.deleteDevice))
 	h("POST /_matrix/client/v1/appservice/{asID}/ping", s.authed(s.postPing))
 	h("POST "+c+"/user/{userID}/filter", s.authed(s.postFilter))
 	h("GET "+c+"/user/{userID}/filter/{filterID}", s.authed(s.getFilter))
@@ -557,12 +558,36 @@ func (s *Server) postLogin(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"user_id": user, "access_token": token, "device_id": dev, "home_server": s.opts.Domain})
 }
 
+// postLogout invalidates the token and, as the spec says, deletes its device.
 func (s *Server) postLogout(w http.ResponseWriter, _ *http.Request, c caller) {
 	if !c.appservice {
 		s.mu.Lock()
 		delete(s.tokens, c.token)
 		s.mu.Unlock()
+		if c.device != "" {
+			s.DeleteDevice(c.user, c.device)
+		}
 	}
+	writeJSON(w, http.StatusOK, struct{}{})
+}
+
+// deleteDevice deletes a device: with the as_token for an appservice user (MSC4190), without UIA. Others would
+// need UIA, which the fake does not offer.
+func (s *Server) deleteDevice(w http.ResponseWriter, r *http.Request, c caller) {
+	if !c.appservice || s.opts.NoMSC4190 {
+		writeJSON(w, http.StatusUnauthorized, map[string]any{"flows": []any{map[string]any{"stages": []string{"m.login.password"}}}, "session": randomHex(8)})
+		return
+	}
+	devID := id.DeviceID(r.PathValue("deviceID"))
+	s.mu.Lock()
+	acc := s.accounts[c.user]
+	_, ok := acc.devices[devID]
+	s.mu.Unlock()
+	if acc == nil || !ok {
+		writeError(w, http.StatusNotFound, "M_NOT_FOUND", "Unknown device")
+		return
+	}
+	s.DeleteDevice(c.user, devID)
 	writeJSON(w, http.StatusOK, struct{}{})
 }
 
@@ -931,6 +956,21 @@ func (s *Server) Devices(user id.UserID) []id.DeviceID {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
 	return out
+}
+
+// DeleteDevice removes a user's device with its keys and access tokens, as an admin deleting it would.
+func (s *Server) DeleteDevice(user id.UserID, deviceID id.DeviceID) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if acc := s.accounts[user]; acc != nil {
+		delete(acc.devices, deviceID)
+	}
+	for token, sess := range s.tokens {
+		if sess.user == user && sess.device == deviceID {
+			delete(s.tokens, token)
+		}
+	}
+	s.keyChangedLocked(user)
 }
 
 func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
