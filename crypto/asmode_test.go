@@ -131,6 +131,17 @@ func newASRig(t *testing.T, opts fakehs.Options, sharedSecret string) *asRig {
 	return r
 }
 
+// startASRig is newASRig with the Machine initialised and started (the caller stops it).
+func startASRig(ctx context.Context, t *testing.T, opts fakehs.Options, sharedSecret string) *asRig {
+	t.Helper()
+	r := newASRig(t, opts, sharedSecret)
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	return r
+}
+
 // newMachine makes ferry's crypto Machine (encryption.appservice on) over the rig's database, as a start does.
 func (r *asRig) newMachine(t *testing.T) *Machine {
 	cfg := DefaultConfig()
@@ -200,11 +211,7 @@ func (r *asRig) memberSends(t *testing.T, body string) *event.Event {
 func TestAppserviceModeMSC4190(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	r := newASRig(t, fakehs.Options{CrossSigningUIA: true}, "")
-	if err := r.m.Init(ctx); err != nil {
-		t.Fatal(err)
-	}
-	r.m.Start(ctx)
+	r := startASRig(ctx, t, fakehs.Options{CrossSigningUIA: true}, "")
 	first := r.m
 	defer first.Stop()
 	if !r.m.AppserviceMode() {
@@ -469,11 +476,7 @@ func checkFallbackLine(t *testing.T, r *asRig, answered, fallback string) {
 func TestDecryptOwn(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	r := newASRig(t, fakehs.Options{CrossSigningUIA: true}, "")
-	if err := r.m.Init(ctx); err != nil {
-		t.Fatal(err)
-	}
-	r.m.Start(ctx)
+	r := startASRig(ctx, t, fakehs.Options{CrossSigningUIA: true}, "")
 	ghostMsg := r.sendAs(t, r.ghost, "the ghost's copy")
 	botMsg := r.sendAs(t, r.bot, "the bot's notice")
 	memberMsg := r.memberSends(t, "the member's message")
@@ -519,11 +522,7 @@ func TestBotDeviceVanished(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
-			r := newASRig(t, tc.opts, tc.secret)
-			if err := r.m.Init(ctx); err != nil {
-				t.Fatal(err)
-			}
-			r.m.Start(ctx)
+			r := startASRig(ctx, t, tc.opts, tc.secret)
 			old := r.m.DeviceID()
 			r.memberReads(t, r.sendAs(t, r.bot, "before the deletion"), "before the deletion")
 			r.m.Stop()
