@@ -1,7 +1,8 @@
 package bridge
 
-// A send that got no answer at all (the connection failed: no status) is treated the same way while ferry
-// runs: before it is retried, ferry reads back the room since that attempt began.
+// A send that got no answer (the connection failed) or a server error (Dendrite answers 500 when it stopped
+// waiting for its room server, which may still post the event) is treated the same way while ferry runs: before
+// it is retried, ferry reads back the room since that attempt began.
 //
 // After an unclean stop, ferry sends again what it had not recorded as sent, under the same transaction IDs.
 // Synapse remembers transaction IDs durably and answers a repeat with the first event. Dendrite 0.13.8 remembers

@@ -69,6 +69,11 @@ func (f *relayFixture) ghostEvents(room id.RoomID, sender id.UserID) []id.EventI
 // homeserver will not recognise a repeat, as Dendrite does not for a request cut off before it answered) and
 // drops the connection before ferry reads the answer. then runs after the homeserver posted the event.
 func (f *relayFixture) loseNextSend(then func()) {
+	f.failNextSend(then, nil)
+}
+
+// failNextSend is loseNextSend, but answers with reply (when not nil) instead of dropping the connection.
+func (f *relayFixture) failNextSend(then func(), reply func(http.ResponseWriter, *http.Request)) {
 	f.flaky.lock.Lock()
 	defer f.flaky.lock.Unlock()
 	f.flaky.script = []func(http.ResponseWriter, *http.Request){func(w http.ResponseWriter, r *http.Request) {
@@ -78,6 +83,10 @@ func (f *relayFixture) loseNextSend(then func()) {
 		if then != nil {
 			then()
 		}
+		if reply != nil {
+			reply(w, r)
+			return
+		}
 		if conn, _, err := w.(http.Hijacker).Hijack(); err == nil {
 			_ = conn.Close()
 		}
@@ -85,23 +94,31 @@ func (f *relayFixture) loseNextSend(then func()) {
 }
 
 // TestUnansweredSendIsNotRepeated: a copy whose send reached the homeserver but got no answer is found in the
-// target room before the retry, and recorded instead of being posted a second time.
+// target room before the retry, and recorded instead of being posted a second time. A 500 (Dendrite's answer when it stopped waiting for its room server, which may still post the event) is
+// treated the same way.
 func TestUnansweredSendIsNotRepeated(t *testing.T) {
-	ctx := context.Background()
-	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
-	f.relayOne(t) // the ghost registers, joins and sets its profile once
-	ghost := f.br.Ghosts.Ghost(f.alice)
-	f.loseNextSend(nil)
-	row := f.relayOne(t)
-	if row.State != database.InboxDone {
-		t.Fatalf("inbox state %q, want done", row.State)
-	}
-	sent := f.ghostEvents(f.roomB, ghost)
-	if len(sent) != 2 {
-		t.Fatalf("room B holds %d copies for 2 messages: the unanswered send was posted again", len(sent))
-	}
-	if c, err := f.br.DB.EventMap.Get(ctx, row.EventID, f.roomB); err != nil || c == nil || c.TargetEvent != sent[1] {
-		t.Fatalf("the event map holds %+v (%v), want the unanswered copy %s", c, err, sent[1])
+	for name, reply := range map[string]func(http.ResponseWriter, *http.Request){
+		"dropped": nil,
+		"500":     answer(500, `{"errcode":"M_UNKNOWN","error":"Internal Server Error"}`),
+	} {
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+			f.relayOne(t) // the ghost registers, joins and sets its profile once
+			ghost := f.br.Ghosts.Ghost(f.alice)
+			f.failNextSend(nil, reply)
+			row := f.relayOne(t)
+			if row.State != database.InboxDone {
+				t.Fatalf("inbox state %q, want done", row.State)
+			}
+			sent := f.ghostEvents(f.roomB, ghost)
+			if len(sent) != 2 {
+				t.Fatalf("room B holds %d copies for 2 messages: the unanswered send was posted again", len(sent))
+			}
+			if c, err := f.br.DB.EventMap.Get(ctx, row.EventID, f.roomB); err != nil || c == nil || c.TargetEvent != sent[1] {
+				t.Fatalf("the event map holds %+v (%v), want the unanswered copy %s", c, err, sent[1])
+			}
+		})
 	}
 }
 

@@ -221,8 +221,9 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 	began := time.Now()
 	resp, err := intent.Client.SendMessageEvent(ctx, room, sendType, payload, mautrix.ReqSendEvent{TransactionID: txnID, DontEncrypt: true})
 	if err != nil {
-		if httpErr := (mautrix.HTTPError{}); !errors.As(err, &httpErr) || httpErr.Response == nil {
-			// No answer: the request may have been processed.
+		if httpErr := (mautrix.HTTPError{}); !errors.As(err, &httpErr) || httpErr.Response == nil || httpErr.Response.StatusCode >= 500 {
+			// No answer, or a server error (Dendrite answers 500 when it stopped waiting for its room server,
+			// which may still post the event): the request may have been processed.
 			b.sent.markUncertain(txnID, began)
 		}
 		return "", err
