@@ -150,7 +150,10 @@ func (b *Bridge) Stop() {
 	if b.cancel == nil {
 		return
 	}
+	// Cancelled under the workers' lock, so no worker starts after this (runWorkerLocked).
+	b.workersLock.Lock()
 	b.cancel()
+	b.workersLock.Unlock()
 	b.wg.Wait()
 	b.markStopped()
 }

@@ -78,8 +78,12 @@ func (b *Bridge) notify(room id.RoomID, rows []*database.InboxEvent) {
 	}
 }
 
-// runWorkerLocked starts w's goroutine. Callers hold workersLock and have set workerCtx.
+// runWorkerLocked starts w's goroutine, unless the relay is stopping (Stop waits for the workers it has: none
+// may be added meanwhile). Callers hold workersLock and have set workerCtx.
 func (b *Bridge) runWorkerLocked(w *roomWorker) {
+	if b.workerCtx.Err() != nil {
+		return
+	}
 	w.running = true
 	b.wg.Add(1)
 	go func() {
