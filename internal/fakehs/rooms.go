@@ -185,7 +185,7 @@ func (s *Server) stateEventLocked(rm *room, sender id.UserID, evtType, key strin
 		_ = json.Unmarshal(content, &jr)
 		rm.joinRule = jr.JoinRule
 	}
-	s.recordLocked(rm, sender, &key, raw, echo)
+	s.recordLocked(rm, evtID, sender, &key, raw, echo)
 	return evtID, raw
 }
 
@@ -204,7 +204,7 @@ func (s *Server) setMembershipLocked(rm *room, sender, target id.UserID, members
 }
 
 // recordLocked keeps the timeline (if asked) and pushes the event to the appservice when it is interested.
-func (s *Server) recordLocked(rm *room, sender id.UserID, stateKey *string, raw json.RawMessage, echo bool) {
+func (s *Server) recordLocked(rm *room, evtID id.EventID, sender id.UserID, stateKey *string, raw json.RawMessage, echo bool) {
 	if s.opts.KeepTimeline {
 		rm.timeline = append(rm.timeline, raw)
 	}
@@ -221,11 +221,7 @@ func (s *Server) recordLocked(rm *room, sender id.UserID, stateKey *string, raw 
 		}
 	}
 	if interested {
-		var head struct {
-			ID id.EventID `json:"event_id"`
-		}
-		_ = json.Unmarshal(raw, &head)
-		s.as.enqueue(head.ID, raw)
+		s.as.enqueue(evtID, raw)
 	}
 }
 
@@ -476,7 +472,7 @@ func (s *Server) send(w http.ResponseWriter, r *http.Request, c caller, evtType 
 	s.eventIDs[evtID] = struct{}{}
 	raw := mustJSON(&wireEvent{ID: evtID, RoomID: rm.id, Sender: c.user, Type: evtType, Redacts: redacts, TS: received.UnixMilli(), Content: content, Unsigned: map[string]any{"transaction_id": txnID}})
 	s.txns[dedupe] = evtID
-	s.recordLocked(rm, c.user, nil, raw, true)
+	s.recordLocked(rm, evtID, c.user, nil, raw, true)
 	s.mu.Unlock()
 	if s.OnSend != nil {
 		s.OnSend(SentEvent{RoomID: rm.id, Sender: c.user, Type: evtType, TxnID: txnID, EventID: evtID, Content: content, Redacts: redacts, Received: received})
