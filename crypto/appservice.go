@@ -47,7 +47,10 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 		lists = txn.MSC3202DeviceLists
 	}
 	if lists != nil {
+		// Under the key lock, as key shares fetch device lists (device.devicesOf).
+		m.cache.keysLock.Lock()
 		m.bot.mach.HandleDeviceLists(ctx, lists, "")
+		m.cache.keysLock.Unlock()
 		m.rotateForDeviceChanges(ctx, append(append([]id.UserID{}, lists.Changed...), lists.Left...))
 	}
 	counts := txn.DeviceOTKCount

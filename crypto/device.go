@@ -302,9 +302,8 @@ func (d *device) devicesOf(ctx context.Context, users []id.UserID) (map[id.UserI
 	// A fetch stores a user's devices before their cross-signing keys and signatures; a concurrent share that
 	// found the devices already known would judge them unsigned and withhold the key. Checking and fetching
 	// under one lock (shared by all of the machine's devices, which share the device tables) prevents that
-	// between shares. The fetches mautrix makes itself for device-list changes (HandleDeviceLists, from /sync or
-	// a transaction) do not take it; the rotation that follows each such change (rotateForDeviceChanges) shares
-	// a new session, so a key withheld in that window is not withheld for long.
+	// between shares, and between a share and the fetches for device-list changes (HandleDeviceLists, which
+	// ferry calls under the same lock from /sync and from appservice transactions).
 	d.olm.c.keysLock.Lock()
 	defer d.olm.c.keysLock.Unlock()
 	outdated, err := d.store.GetOutdatedTrackedUsers(ctx)

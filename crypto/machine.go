@@ -194,7 +194,7 @@ func (m *Machine) initBot(ctx context.Context) error {
 		}
 	}
 	m.client.Store = store
-	m.client.Syncer = &cryptoSyncer{mach: mach, log: m.log, timeline: func(ctx context.Context, evts []*event.Event) {
+	m.client.Syncer = &cryptoSyncer{mach: mach, log: m.log, keysLock: &m.cache.keysLock, timeline: func(ctx context.Context, evts []*event.Event) {
 		if m.SyncedTimeline != nil {
 			m.SyncedTimeline(ctx, evts)
 		}
@@ -751,13 +751,24 @@ var syncTimelineTypes = []event.Type{event.EventRedaction}
 type cryptoSyncer struct {
 	mach          *crypto.OlmMachine
 	log           zerolog.Logger
+	keysLock      *sync.Mutex // the store cache's: device-list fetches take it, as key shares do (device.devicesOf)
 	timeline      func(ctx context.Context, evts []*event.Event)
 	deviceChanges func(ctx context.Context, users []id.UserID)
 }
 
 func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSync, since string) error {
+	// mautrix fetches the changed device lists first thing in ProcessSyncResponse; ferry does it here instead,
+	// under the key lock, so a key share never sees a user's new devices before their signatures.
+	lists := resp.DeviceLists
+	if len(lists.Changed) > 0 {
+		s.keysLock.Lock()
+		s.mach.HandleDeviceLists(ctx, &lists, since)
+		s.keysLock.Unlock()
+	}
+	resp.DeviceLists.Changed = nil
 	s.mach.ProcessSyncResponse(ctx, resp, since)
-	if changed := append(resp.DeviceLists.Changed, resp.DeviceLists.Left...); since != "" && len(changed) > 0 {
+	resp.DeviceLists.Changed = lists.Changed
+	if changed := append(append([]id.UserID{}, lists.Changed...), lists.Left...); since != "" && len(changed) > 0 {
 		s.deviceChanges(ctx, changed)
 	}
 	var evts []*event.Event

@@ -24,7 +24,8 @@ import (
 // entries it affects. Devices and cross-signing data are shared by all of ferry's accounts in the store;
 // inbound sessions are per account.
 type storeCache struct {
-	// keysLock serialises device-list checks and fetches for key shares (see device.devicesOf).
+	// keysLock serialises device-list checks and fetches: key shares (device.devicesOf) and device-list
+	// changes from /sync (cryptoSyncer) and from appservice transactions (HandleTransactionCrypto).
 	keysLock sync.Mutex
 
 	lock sync.Mutex
