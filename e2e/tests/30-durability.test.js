@@ -109,3 +109,20 @@ test("a copy posted while ferry died before hearing the answer is not posted aga
     const readBack = stack.ferry.logLines().find((l) => l.message === "Read back recent sends after an unclean stop");
     assert.ok(readBack && readBack.found >= 1, `ferry read back what it had sent: ${JSON.stringify(readBack)}`);
 });
+
+test("a command reply posted while ferry died before hearing the answer is not posted again", async () => {
+    // The same for the bot's own sends: its reply carries its transaction ID, read back after the restart.
+    const lost = stack.proxy.loseNextSend(roomA);
+    const cmd = await alice.sendText(roomA, "!ferry frobnicate in flight");
+    const answer = await lost;
+    assert.equal(answer.status, 200, `Dendrite posted the reply: ${JSON.stringify(answer)}`);
+    await stack.restartFerry({ kill: true });
+    const probe = await alice.sendText(roomA, "!ferry frobnicate after the crash");
+    const isReplyTo = (id) => (e) => e.sender === stack.botUserId && e.content["m.relates_to"]?.["m.in_reply_to"]?.event_id === id;
+    await alice.waitForEvent(roomA, isReplyTo(probe), 60000, "the reply to the command after the crash");
+    await sleep(2000); // a repeat, if any, would show up by now
+    const replies = (await alice.events(roomA)).filter(isReplyTo(cmd));
+    assert.equal(replies.length, 1, "the reply posted before the crash is not posted again");
+    assert.equal(replies[0].eventId, answer.body.event_id);
+    assert.equal(replies[0].encrypted, true);
+});
