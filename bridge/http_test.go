@@ -214,3 +214,20 @@ func TestTransactionBeforeStartIsRelayed(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestNoWorkerAfterStop: a transaction that arrives while ferry stops (the HTTP server outlives the relay by
+// a moment) records its events but starts no worker: Stop has waited for the workers it had.
+func TestNoWorkerAfterStop(t *testing.T) {
+	b := newTestBridge(t, "postgres")
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	b.Stop()
+	b.Notify("!late:ferry.test")
+	b.workersLock.Lock()
+	w := b.workers["!late:ferry.test"]
+	b.workersLock.Unlock()
+	if w == nil || w.running {
+		t.Fatalf("a worker was started after Stop (%+v)", w)
+	}
+}

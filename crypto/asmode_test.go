@@ -34,6 +34,7 @@ const (
 	routeLogin     = "POST /_matrix/client/v3/login"
 	routeSync      = "GET /_matrix/client/v3/sync"
 	routePutDevice = "PUT /_matrix/client/v3/devices/{deviceID}"
+	routeKeysQuery = "POST /_matrix/client/v3/keys/query"
 )
 
 // lockedBuffer collects log output written from several goroutines.
@@ -550,6 +551,64 @@ func TestBotDeviceVanished(t *testing.T) {
 			}
 			if trust := r.memberReads(t, msg, "after the deletion"); trust != id.TrustStateCrossSignedTOFU {
 				t.Errorf("the member sees the new device as %s, want cross-signed by the bot", trust)
+			}
+		})
+	}
+}
+
+// TestDeviceListChangesWaitForKeyShares: the device-list fetch a change triggers (from /sync, or from an
+// appservice transaction) waits while a key share holds the key lock, so a share never sees a member's new
+// device before its signatures; it happens once the lock is free.
+func TestDeviceListChangesWaitForKeyShares(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		opts   fakehs.Options
+		secret string
+	}{
+		{"sync", fakehs.Options{NoMSC4190: true, CrossSigningUIA: true, SharedSecret: "asmode-secret"}, "asmode-secret"},
+		{"transaction", fakehs.Options{CrossSigningUIA: true}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			r := startASRig(ctx, t, tc.opts, tc.secret)
+			defer r.m.Stop()
+			r.sendAs(t, r.bot, "the member's devices are now tracked")
+			change := func() {
+				if tc.name == "sync" {
+					resp := &mautrix.RespSync{DeviceLists: mautrix.DeviceLists{Changed: []id.UserID{r.member.ID}}}
+					_ = r.m.client.Syncer.(*cryptoSyncer).ProcessResponse(ctx, resp, "since")
+				} else {
+					raw, _ := json.Marshal(map[string]any{"events": []any{}, "device_lists": map[string]any{"changed": []id.UserID{r.member.ID}}})
+					_ = r.m.HandleTransactionCrypto(ctx, raw)
+				}
+			}
+			queries := func() int64 { return r.srv.Counts()[routeKeysQuery] }
+
+			r.m.cache.keysLock.Lock() // a key share is checking device lists
+			before := queries()
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				change()
+			}()
+			select {
+			case <-done:
+				r.m.cache.keysLock.Unlock()
+				t.Fatal("the device-list change was handled while a key share held the lock")
+			case <-time.After(300 * time.Millisecond):
+			}
+			if n := queries(); n != before {
+				t.Errorf("%d key queries while a key share held the lock", n-before)
+			}
+			r.m.cache.keysLock.Unlock()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the device-list change was not handled after the lock was freed")
+			}
+			if queries() == before {
+				t.Error("the changed device list was never fetched")
 			}
 		})
 	}
