@@ -116,12 +116,6 @@ func (l *sentLedger) put(txnID string, evtID id.EventID) {
 	}
 }
 
-func (l *sentLedger) size() int {
-	l.lock.Lock()
-	defer l.lock.Unlock()
-	return len(l.byTxn)
-}
-
 // markRunning records that the relay runs and reports whether the previous run stopped without saying so.
 func (b *Bridge) markRunning(ctx context.Context) (unclean bool, err error) {
 	prev, err := b.DB.KV.Get(ctx, runningKey)

@@ -48,6 +48,13 @@ func (c *sealCrypto) DecryptOwn(_ context.Context, evt *event.Event) (*event.Eve
 	return dec, nil
 }
 
+// size counts the events the ledger holds.
+func (l *sentLedger) size() int {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	return len(l.byTxn)
+}
+
 // ghostEvents lists the IDs of the encrypted events from sender in room, oldest first.
 func (f *relayFixture) ghostEvents(room id.RoomID, sender id.UserID) []id.EventID {
 	var out []id.EventID
