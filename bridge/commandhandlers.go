@@ -231,15 +231,7 @@ func (b *Bridge) completeLink(ce *CommandEvent, from, to id.RoomID) {
 	b.updateLinkState(ctx, link)
 	names := b.joinRoomNames(ctx, link.Rooms)
 	ce.Reply("Linked: %s. Messages now cross between these rooms.", names)
-	for _, r := range link.Rooms {
-		if r == ce.RoomID {
-			continue
-		}
-		n := renderNotice("This room is now linked with %s by %s.", names, ce.Sender)
-		if _, err = b.sendRenderedNotice(ctx, r, n, "", "ferry_linked_"+TxnID(ce.Event.ID, r)); err != nil {
-			zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", r).Msg("Failed to announce link")
-		}
-	}
+	ce.announce(link.Others(ce.RoomID), "linked", renderNotice("This room is now linked with %s by %s.", names, ce.Sender))
 }
 
 // joinRoomNames joins the names of rooms for a notice.
@@ -270,12 +262,7 @@ func cmdUnlink(ce *CommandEvent) {
 	b.linkLeft(ctx, before, ce.RoomID)
 	b.endCallsForUnlink(ctx, before, ce.RoomID)
 	ce.Reply("Unlinked. Messages no longer cross between this room and %s.", b.joinRoomNames(ctx, before.Others(ce.RoomID)))
-	for _, r := range before.Others(ce.RoomID) {
-		n := renderNotice("**%s** was unlinked from this room by %s.", b.roomName(ctx, ce.RoomID), ce.Sender)
-		if _, err = b.sendRenderedNotice(ctx, r, n, "", "ferry_unlinked_"+TxnID(ce.Event.ID, r)); err != nil {
-			zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", r).Msg("Failed to announce unlink")
-		}
-	}
+	ce.announce(before.Others(ce.RoomID), "unlinked", renderNotice("**%s** was unlinked from this room by %s.", b.roomName(ctx, ce.RoomID), ce.Sender))
 }
 
 func cmdLinks(ce *CommandEvent) {

@@ -58,6 +58,17 @@ func (ce *CommandEvent) reply(n noticeText) {
 	}
 }
 
+// announce posts n in each of rooms, the other rooms of the command's link. Its transaction ID derives from the
+// command and the room (kind tells announcements of one command apart), so a command handled again after a
+// crash announces once. A failure is logged: the command itself succeeded.
+func (ce *CommandEvent) announce(rooms []id.RoomID, kind string, n noticeText) {
+	for _, r := range rooms {
+		if _, err := ce.Bridge.sendRenderedNotice(ce.Ctx, r, n, "", "ferry_"+kind+"_"+TxnID(ce.Event.ID, r)); err != nil {
+			zerolog.Ctx(ce.Ctx).Warn().Err(err).Stringer("target_room_id", r).Str("announcement", kind).Msg("Failed to post an announcement")
+		}
+	}
+}
+
 // cmd renders a command line as the sender would type it here: without the prefix in a management room.
 func (ce *CommandEvent) cmd(line string) string {
 	return commandLine(ce.Bridge.Config.CommandPrefix, ce.Room.Management, line)

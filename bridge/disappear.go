@@ -138,12 +138,7 @@ func cmdDisappear(ce *CommandEvent) {
 	zerolog.Ctx(ctx).Info().Str("link_id", link.ID).Dur("disappear_after", after).Msg("Disappearing timer changed")
 	b.disappearTimerChanged(ctx, link, after)
 	ce.reply(renderNotice("Done.").join(disappearText(after)))
-	for _, r := range link.Others(ce.RoomID) {
-		n := disappearText(after).join(renderNotice("(set by %s in **%s**)", ce.Sender, b.roomName(ctx, ce.RoomID)))
-		if _, err = b.sendRenderedNotice(ctx, r, n, "", "ferry_disappear_"+TxnID(ce.Event.ID, r)); err != nil {
-			zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", r).Msg("Failed to announce the disappearing timer")
-		}
-	}
+	ce.announce(link.Others(ce.RoomID), "disappear", disappearText(after).join(renderNotice("(set by %s in **%s**)", ce.Sender, b.roomName(ctx, ce.RoomID))))
 }
 
 // showDisappear answers `disappear` without argument: the timer, how to set it, and for admins the redactions
