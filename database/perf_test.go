@@ -67,40 +67,33 @@ func TestLinkChangesApplyAtOnce(t *testing.T) {
 // TestStagedCopies: a staged copy is found by lookups before it is written, PutMany writes it (keeping the
 // first copy of a pair), and a handle without the staging (a restart) sees only written copies.
 func TestStagedCopies(t *testing.T) {
-	for _, dialect := range dbtest.Dialects {
-		t.Run(dialect, func(t *testing.T) {
-			ctx := context.Background()
-			root := dbtest.Open(t, dialect)
-			db := database.New(root, dbutil.NoopLogger)
-			if err := db.Upgrade(ctx); err != nil {
-				t.Fatal(err)
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		other := database.New(db.Database, dbutil.NoopLogger) // another process's view
+		now := time.Now()
+		c := &database.Copy{SourceEvent: "$orig", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$inB", Sender: "@g:x", CreatedAt: now}
+		db.EventMap.Stage(c)
+		if got, ok, err := db.EventMap.Counterpart(ctx, "$orig", "!b"); err != nil || !ok || got != "$inB" {
+			t.Fatalf("staged copy not found: %s %v %v", got, ok, err)
+		}
+		if got, ok, _ := db.EventMap.Counterpart(ctx, "$inB", "!a"); !ok || got != "$orig" {
+			t.Fatalf("staged copy not found by target: %s %v", got, ok)
+		}
+		if got, _ := other.EventMap.Get(ctx, "$orig", "!b"); got != nil {
+			t.Fatalf("staged copy written before PutMany: %+v", got)
+		}
+		dup := *c
+		dup.TargetEvent = "$second"
+		if err := db.EventMap.PutMany(ctx, []*database.Copy{c, &dup}); err != nil {
+			t.Fatal(err)
+		}
+		db.EventMap.Unstage([]*database.Copy{c})
+		for _, q := range []*database.EventMapQuery{db.EventMap, other.EventMap} {
+			if got, err := q.Get(ctx, "$orig", "!b"); err != nil || got == nil || got.TargetEvent != "$inB" {
+				t.Fatalf("written copy = %+v, %v; want the first one", got, err)
 			}
-			other := database.New(root, dbutil.NoopLogger) // another process's view
-			now := time.Now()
-			c := &database.Copy{SourceEvent: "$orig", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$inB", Sender: "@g:x", CreatedAt: now}
-			db.EventMap.Stage(c)
-			if got, ok, err := db.EventMap.Counterpart(ctx, "$orig", "!b"); err != nil || !ok || got != "$inB" {
-				t.Fatalf("staged copy not found: %s %v %v", got, ok, err)
-			}
-			if got, ok, _ := db.EventMap.Counterpart(ctx, "$inB", "!a"); !ok || got != "$orig" {
-				t.Fatalf("staged copy not found by target: %s %v", got, ok)
-			}
-			if got, _ := other.EventMap.Get(ctx, "$orig", "!b"); got != nil {
-				t.Fatalf("staged copy written before PutMany: %+v", got)
-			}
-			dup := *c
-			dup.TargetEvent = "$second"
-			if err := db.EventMap.PutMany(ctx, []*database.Copy{c, &dup}); err != nil {
-				t.Fatal(err)
-			}
-			db.EventMap.Unstage([]*database.Copy{c})
-			for _, q := range []*database.EventMapQuery{db.EventMap, other.EventMap} {
-				if got, err := q.Get(ctx, "$orig", "!b"); err != nil || got == nil || got.TargetEvent != "$inB" {
-					t.Fatalf("written copy = %+v, %v; want the first one", got, err)
-				}
-			}
-		})
-	}
+		}
+	})
 }
 
 // TestFinishMany marks a batch done in one statement and leaves other rows alone.
@@ -153,72 +146,65 @@ func TestPostgresDriverJSONB(t *testing.T) {
 // TestCommitBatch records replay index rows, copies and inbox states together, in the single-statement form
 // (no failures) and the transaction form (with a failure), on both dialects.
 func TestCommitBatch(t *testing.T) {
-	for _, dialect := range dbtest.Dialects {
-		t.Run(dialect, func(t *testing.T) {
-			ctx := context.Background()
-			root := dbtest.Open(t, dialect)
-			db := database.New(root, dbutil.NoopLogger)
-			if err := db.Upgrade(ctx); err != nil {
-				t.Fatal(err)
-			}
-			// The replay index table belongs to the crypto store; a minimal one stands in for it here.
-			if _, err := root.Exec(ctx, `CREATE TABLE crypto_message_index (session_id CHAR(43), "index" INTEGER, event_id TEXT NOT NULL, timestamp BIGINT NOT NULL, PRIMARY KEY (session_id, "index"))`); err != nil {
-				t.Fatal(err)
-			}
-			var evts []*database.InboxEvent
-			for _, e := range []id.EventID{"$1", "$2", "$3"} {
-				evts = append(evts, &database.InboxEvent{EventID: e, RoomID: "!a", Sender: "@a:x", Type: "m.room.encrypted", Raw: []byte(`{}`), State: database.InboxPending, ReceivedAt: time.Now()})
-			}
-			if _, err := db.Inbox.Insert(ctx, evts); err != nil {
-				t.Fatal(err)
-			}
-			rows, _ := db.Inbox.NextInRoom(ctx, "!a", 10)
-			now := time.Now()
-			err := db.CommitBatch(ctx, &database.Batch{
-				Replay: []database.ReplayEntry{{SessionID: "S", Index: 0, EventID: "$1", Timestamp: 1}, {SessionID: "S", Index: 1, EventID: "$2", Timestamp: 2}},
-				Copies: []*database.Copy{
-					{SourceEvent: "$1", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$1b", Sender: "@g:x", CreatedAt: now},
-					{SourceEvent: "$2", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$2b", Sender: "@g:x", CreatedAt: now, DisappearAt: now.Add(time.Hour)},
-					{SourceEvent: "$2", SourceRoom: "!a", TargetRoom: "!c", TargetEvent: "$2c", Sender: "@g:x", CreatedAt: now, DisappearAt: now.Add(30 * time.Minute)},
-				},
-				Done: []int64{rows[0].Seq, rows[1].Seq},
-			})
-			if err != nil {
-				t.Fatalf("single-statement batch: %v", err)
-			}
-			err = db.CommitBatch(ctx, &database.Batch{
-				Replay: []database.ReplayEntry{{SessionID: "S", Index: 0, EventID: "$1", Timestamp: 1}}, // again: kept once
-				Failed: []database.FailedEvent{{Seq: rows[2].Seq, Error: "refused"}},
-			})
-			if err != nil {
-				t.Fatalf("transaction batch: %v", err)
-			}
-			var replays int
-			if err = root.QueryRow(ctx, `SELECT COUNT(*) FROM crypto_message_index`).Scan(&replays); err != nil || replays != 2 {
-				t.Fatalf("replay rows = %d, %v", replays, err)
-			}
-			if c, _ := db.EventMap.Get(ctx, "$2", "!b"); c == nil || c.TargetEvent != "$2b" || c.DisappearAt.IsZero() {
-				t.Fatalf("copy = %+v", c)
-			}
-			// Both copies and their original (once, with the earlier deadline) are scheduled.
-			due, err := db.Disappear.Due(ctx, now.Add(2*time.Hour), 10)
-			if err != nil {
-				t.Fatal(err)
-			}
-			got := map[id.EventID]time.Time{}
-			for _, r := range due {
-				got[r.EventID] = r.Deadline
-			}
-			if len(due) != 3 || got["$2b"].IsZero() || got["$2c"].IsZero() || got["$2"].UnixMilli() != now.Add(30*time.Minute).UnixMilli() {
-				t.Fatalf("scheduled redactions %v, want $2b, $2c and $2 at the earlier deadline", got)
-			}
-			for i, want := range []database.InboxState{database.InboxDone, database.InboxDone, database.InboxFailed} {
-				if got, _ := db.Inbox.Get(ctx, rows[i].EventID); got.State != want || got.Raw != nil {
-					t.Fatalf("%s = %s (raw %q), want %s", rows[i].EventID, got.State, got.Raw, want)
-				}
-			}
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		// The replay index table belongs to the crypto store; a minimal one stands in for it here.
+		if _, err := db.Exec(ctx, `CREATE TABLE crypto_message_index (session_id CHAR(43), "index" INTEGER, event_id TEXT NOT NULL, timestamp BIGINT NOT NULL, PRIMARY KEY (session_id, "index"))`); err != nil {
+			t.Fatal(err)
+		}
+		var evts []*database.InboxEvent
+		for _, e := range []id.EventID{"$1", "$2", "$3"} {
+			evts = append(evts, &database.InboxEvent{EventID: e, RoomID: "!a", Sender: "@a:x", Type: "m.room.encrypted", Raw: []byte(`{}`), State: database.InboxPending, ReceivedAt: time.Now()})
+		}
+		if _, err := db.Inbox.Insert(ctx, evts); err != nil {
+			t.Fatal(err)
+		}
+		rows, _ := db.Inbox.NextInRoom(ctx, "!a", 10)
+		now := time.Now()
+		err := db.CommitBatch(ctx, &database.Batch{
+			Replay: []database.ReplayEntry{{SessionID: "S", Index: 0, EventID: "$1", Timestamp: 1}, {SessionID: "S", Index: 1, EventID: "$2", Timestamp: 2}},
+			Copies: []*database.Copy{
+				{SourceEvent: "$1", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$1b", Sender: "@g:x", CreatedAt: now},
+				{SourceEvent: "$2", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$2b", Sender: "@g:x", CreatedAt: now, DisappearAt: now.Add(time.Hour)},
+				{SourceEvent: "$2", SourceRoom: "!a", TargetRoom: "!c", TargetEvent: "$2c", Sender: "@g:x", CreatedAt: now, DisappearAt: now.Add(30 * time.Minute)},
+			},
+			Done: []int64{rows[0].Seq, rows[1].Seq},
 		})
-	}
+		if err != nil {
+			t.Fatalf("single-statement batch: %v", err)
+		}
+		err = db.CommitBatch(ctx, &database.Batch{
+			Replay: []database.ReplayEntry{{SessionID: "S", Index: 0, EventID: "$1", Timestamp: 1}}, // again: kept once
+			Failed: []database.FailedEvent{{Seq: rows[2].Seq, Error: "refused"}},
+		})
+		if err != nil {
+			t.Fatalf("transaction batch: %v", err)
+		}
+		var replays int
+		if err = db.QueryRow(ctx, `SELECT COUNT(*) FROM crypto_message_index`).Scan(&replays); err != nil || replays != 2 {
+			t.Fatalf("replay rows = %d, %v", replays, err)
+		}
+		if c, _ := db.EventMap.Get(ctx, "$2", "!b"); c == nil || c.TargetEvent != "$2b" || c.DisappearAt.IsZero() {
+			t.Fatalf("copy = %+v", c)
+		}
+		// Both copies and their original (once, with the earlier deadline) are scheduled.
+		due, err := db.Disappear.Due(ctx, now.Add(2*time.Hour), 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := map[id.EventID]time.Time{}
+		for _, r := range due {
+			got[r.EventID] = r.Deadline
+		}
+		if len(due) != 3 || got["$2b"].IsZero() || got["$2c"].IsZero() || got["$2"].UnixMilli() != now.Add(30*time.Minute).UnixMilli() {
+			t.Fatalf("scheduled redactions %v, want $2b, $2c and $2 at the earlier deadline", got)
+		}
+		for i, want := range []database.InboxState{database.InboxDone, database.InboxDone, database.InboxFailed} {
+			if got, _ := db.Inbox.Get(ctx, rows[i].EventID); got.State != want || got.Raw != nil {
+				t.Fatalf("%s = %s (raw %q), want %s", rows[i].EventID, got.State, got.Raw, want)
+			}
+		}
+	})
 }
 
 // TestStagedDeadline: the deadline of a message whose copies are still staged (their batch has not committed)
