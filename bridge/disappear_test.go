@@ -365,14 +365,27 @@ func (c *rotationCrypto) DestroySession(ctx context.Context, room id.RoomID, ses
 	return 1, c.DiscardOutboundSession(ctx, room, session)
 }
 
-func TestOutboundSessionsNeverMixKinds(t *testing.T) {
+// upgradedDB opens a fresh database with ferry's tables.
+func upgradedDB(t *testing.T) *database.Database {
+	t.Helper()
 	db := database.New(dbtest.Open(t, dbtest.Dialects[0]), dbutil.NoopLogger)
-	ctx := context.Background()
-	if err := db.Upgrade(ctx); err != nil {
+	if err := db.Upgrade(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	return db
+}
+
+// newRotationBridge is a bridge on a fresh database whose E2EE layer records outbound session rotations.
+func newRotationBridge(t *testing.T) (*Bridge, *rotationCrypto) {
+	t.Helper()
 	cr := &rotationCrypto{current: make(map[senderRoom]id.SessionID)}
-	b := &Bridge{DB: db, Crypto: cr, Log: zerolog.Nop()}
+	return &Bridge{DB: upgradedDB(t), Crypto: cr, Log: zerolog.Nop()}, cr
+}
+
+func TestOutboundSessionsNeverMixKinds(t *testing.T) {
+	ctx := context.Background()
+	b, cr := newRotationBridge(t)
+	db := b.DB
 	const ghost, room = id.UserID("@_ferry_alice:x"), id.RoomID("!b")
 	send := func(deadline time.Time, window time.Duration) id.SessionID {
 		t.Helper()
@@ -420,13 +433,8 @@ func TestOutboundSessionsNeverMixKinds(t *testing.T) {
 // TestRotatedSessionsAreForgotten: the in-memory record of outbound sessions keeps only the sessions senders
 // still use, however often the room's own rotation replaces them.
 func TestRotatedSessionsAreForgotten(t *testing.T) {
-	db := database.New(dbtest.Open(t, dbtest.Dialects[0]), dbutil.NoopLogger)
 	ctx := context.Background()
-	if err := db.Upgrade(ctx); err != nil {
-		t.Fatal(err)
-	}
-	cr := &rotationCrypto{current: make(map[senderRoom]id.SessionID)}
-	b := &Bridge{DB: db, Crypto: cr, Log: zerolog.Nop()}
+	b, cr := newRotationBridge(t)
 	const room = id.RoomID("!b")
 	senders := []id.UserID{"@_ferry_alice:x", "@_ferry_bob:x"}
 	for range 50 {
@@ -459,11 +467,8 @@ func (c *sweepCrypto) DestroyLateCopies(_ context.Context, _ id.RoomID, s id.Ses
 }
 
 func TestSweepKeys(t *testing.T) {
-	db := database.New(dbtest.Open(t, dbtest.Dialects[0]), dbutil.NoopLogger)
+	db := upgradedDB(t)
 	ctx := context.Background()
-	if err := db.Upgrade(ctx); err != nil {
-		t.Fatal(err)
-	}
 	cr := &sweepCrypto{}
 	cfg := DefaultConfig()
 	b := &Bridge{DB: db, Crypto: cr, Log: zerolog.Nop(), Config: &cfg}
