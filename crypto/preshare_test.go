@@ -87,21 +87,7 @@ func (r *preshareRig) next() *crypto.OutboundGroupSession {
 
 // recipients lists the users entitled to a session.
 func (r *preshareRig) recipients(sessionID id.SessionID) []id.UserID {
-	r.t.Helper()
-	rows, err := r.db.Query(context.Background(), `SELECT DISTINCT user_id FROM crypto_megolm_outbound_session_shared WHERE session_id=$1 ORDER BY user_id`, sessionID)
-	if err != nil {
-		r.t.Fatal(err)
-	}
-	defer rows.Close()
-	var out []id.UserID
-	for rows.Next() {
-		var u id.UserID
-		if err = rows.Scan(&u); err != nil {
-			r.t.Fatal(err)
-		}
-		out = append(out, u)
-	}
-	return out
+	return column[id.UserID](r, `SELECT DISTINCT user_id FROM crypto_megolm_outbound_session_shared WHERE session_id=$1 ORDER BY user_id`, sessionID)
 }
 
 // inboundCopies counts the stored inbound copies of a session (ferry's; the members' stores are in memory).
@@ -116,19 +102,24 @@ func (r *preshareRig) inboundCopies(sessionID id.SessionID) int {
 
 // entitledTo lists the sessions a user may ask ferry for.
 func (r *preshareRig) entitledTo(userID id.UserID) []id.SessionID {
+	return column[id.SessionID](r, `SELECT DISTINCT session_id FROM crypto_megolm_outbound_session_shared WHERE user_id=$1`, userID)
+}
+
+// column runs a query for one text column and returns its values.
+func column[T ~string](r *preshareRig, query string, arg any) []T {
 	r.t.Helper()
-	rows, err := r.db.Query(context.Background(), `SELECT DISTINCT session_id FROM crypto_megolm_outbound_session_shared WHERE user_id=$1`, userID)
+	rows, err := r.db.Query(context.Background(), query, arg)
 	if err != nil {
 		r.t.Fatal(err)
 	}
 	defer rows.Close()
-	var out []id.SessionID
+	var out []T
 	for rows.Next() {
-		var sid id.SessionID
-		if err = rows.Scan(&sid); err != nil {
+		var v T
+		if err = rows.Scan(&v); err != nil {
 			r.t.Fatal(err)
 		}
-		out = append(out, sid)
+		out = append(out, v)
 	}
 	return out
 }
