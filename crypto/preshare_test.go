@@ -85,6 +85,30 @@ func (r *preshareRig) next() *crypto.OutboundGroupSession {
 	return r.ghost.olm.c.peekNext(outboundKey{r.ghost.olm.AccountID, r.room})
 }
 
+// leaveWhileSharing runs start, which begins a share, holds that share once it has read the members, then lets
+// the last member leave (the member list changes, then the room rotates, as Machine.HandleMemberEvent does) and
+// releases the share.
+func (r *preshareRig) leaveWhileSharing(m *Machine, start func()) {
+	r.t.Helper()
+	r.mu.Lock()
+	r.gate, r.read = make(chan struct{}), make(chan struct{})
+	gate, read := r.gate, r.read
+	r.mu.Unlock()
+	start()
+	select {
+	case <-read:
+	case <-time.After(time.Minute):
+		r.t.Fatal("the share did not read the members")
+	}
+	r.mu.Lock()
+	r.current = r.current[:len(r.current)-1]
+	r.mu.Unlock()
+	if err := m.Rotate(context.Background(), r.room); err != nil {
+		r.t.Fatal(err)
+	}
+	close(gate)
+}
+
 // recipients lists the users entitled to a session.
 func (r *preshareRig) recipients(sessionID id.SessionID) []id.UserID {
 	return column[id.UserID](r, `SELECT DISTINCT user_id FROM crypto_megolm_outbound_session_shared WHERE session_id=$1 ORDER BY user_id`, sessionID)
@@ -245,30 +269,13 @@ func TestPreshareDroppedByForcedRotation(t *testing.T) {
 func TestPreshareLeftMemberNotRecipient(t *testing.T) {
 	r := newPreshareRig(t, 3)
 	m := &Machine{db: r.db, cache: r.ghost.olm.c}
-	ctx := context.Background()
 	leaver := r.shareRig.members[2]
 	first := sessionOf(r.send())
 	for i := 2; i < rotateAfter-1; i++ {
 		r.send()
 	}
-	r.mu.Lock()
-	r.gate, r.read = make(chan struct{}), make(chan struct{})
-	gate, read := r.gate, r.read
-	r.mu.Unlock()
-	r.send() // starts the successor's share, which reads the members (the leaver included) and waits
-	select {
-	case <-read:
-	case <-time.After(time.Minute):
-		t.Fatal("the successor's share did not start")
-	}
-	// The leave: the member list changes, then the room rotates (Machine.HandleMemberEvent).
-	r.mu.Lock()
-	r.current = r.current[:2]
-	r.mu.Unlock()
-	if err := m.Rotate(ctx, r.room); err != nil {
-		t.Fatal(err)
-	}
-	close(gate)
+	// The next message starts the successor's share, which reads the members (the leaver included).
+	r.leaveWhileSharing(m, func() { r.send() })
 	r.wait()
 	if next := r.next(); next != nil {
 		t.Fatalf("the successor %s shared before the leave was kept", next.ID())
@@ -332,26 +339,10 @@ func TestNearLimit(t *testing.T) {
 func TestShareOvertakenByRotation(t *testing.T) {
 	r := newPreshareRig(t, 3)
 	m := &Machine{db: r.db, cache: r.ghost.olm.c}
-	ctx := context.Background()
 	leaver := r.shareRig.members[2]
-	r.mu.Lock()
-	r.gate, r.read = make(chan struct{}), make(chan struct{})
-	gate, read := r.gate, r.read
-	r.mu.Unlock()
 	sent := make(chan *event.Event, 1)
-	go func() { sent <- r.send() }() // the room's first message: no session yet, so it shares one itself
-	select {
-	case <-read:
-	case <-time.After(time.Minute):
-		t.Fatal("the share did not read the members")
-	}
-	r.mu.Lock()
-	r.current = r.current[:2]
-	r.mu.Unlock()
-	if err := m.Rotate(ctx, r.room); err != nil {
-		t.Fatal(err)
-	}
-	close(gate)
+	// The room's first message: no session yet, so it shares one itself.
+	r.leaveWhileSharing(m, func() { go func() { sent <- r.send() }() })
 	var evt *event.Event
 	select {
 	case evt = <-sent:
