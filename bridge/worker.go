@@ -203,12 +203,13 @@ func (w *roomWorker) hasWork() bool {
 // batchWrites collects what a worker records about one batch of inbox rows: the copies it sent and the rows
 // it finished. commitBatch writes them in one transaction (one commit per batch instead of two per message).
 // Until then the rows stay pending: after a crash they are handled again, find no copy recorded, and send it
-// again with the same transaction ID, which the homeserver answers with the first copy.
+// again with the same transaction ID, which the homeserver answers with the first copy (or which the read-back
+// after the unclean stop finds in the room, where the homeserver forgot it: see reconcile.go).
 type batchWrites struct {
 	// first: the row being handled was never tried before (attempts 0, first try in this process). Its copies
 	// can only have been recorded together with its inbox state, so the relay skips the "already relayed?"
 	// lookup; a copy sent before a crash is sent again with the same transaction ID and deduplicated by the
-	// homeserver.
+	// homeserver or by the read-back (reconcile.go).
 	first  bool
 	copies []*database.Copy
 	done   []*database.InboxEvent
