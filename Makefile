@@ -34,8 +34,8 @@ demo: build
 
 # The relay load tool (see docs/BENCHMARKS.md), then the Go micro-benchmarks.
 bench:
-	scripts/with-postgres.sh $(GO) run ./cmd/ferry-bench -rate 500,100 $(BENCHFLAGS)
-	scripts/with-postgres.sh $(GO) test -run '^$$' -bench . -benchmem ./...
+	FERRY_PG_FSYNC=on scripts/with-postgres.sh $(GO) run ./cmd/ferry-bench -rate 500,100 $(BENCHFLAGS)
+	FERRY_PG_FSYNC=on scripts/with-postgres.sh $(GO) test -run '^$$' -bench . -benchmem ./...
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParseCommand -fuzztime 30s ./bridge/

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Runs with FERRY_TEST_PG set (see with-postgres.sh).
+# Runs with FERRY_TEST_PG set (see with-postgres.sh). FERRY_E2E_HS=dendrite|synapse runs the end-to-end suite on
+# one homeserver; by default it runs on both, one after the other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== go test (unit + PostgreSQL + SQLite)"
 go test -count=1 ./...
-echo "== end-to-end (Dendrite v0.13.8 + ferry + matrix-js-sdk)"
-scripts/e2e.sh
+servers=(${FERRY_E2E_HS:-dendrite synapse})
+for hs in "${servers[@]}"; do
+	echo "== end-to-end on $hs (ferry + matrix-js-sdk)"
+	FERRY_E2E_HS=$hs scripts/e2e.sh
+done

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Runs a command with FERRY_TEST_PG pointing at a PostgreSQL server: the one already named in FERRY_TEST_PG,
-# else the one answering on 127.0.0.1:5432, else a throwaway cluster started here from the installed binaries
-# (initdb/pg_ctl) on a free loopback port, removed afterwards. FERRY_PG_THROWAWAY=1 forces the throwaway cluster.
+# Runs a command with FERRY_TEST_PG pointing at a PostgreSQL server: the one already named in FERRY_TEST_PG, else
+# a throwaway cluster started here from the installed binaries (initdb/pg_ctl) on a free loopback port and removed
+# afterwards. That is the normal path: no server needs to run before, and nothing outside the cluster is touched.
+# The throwaway cluster runs with fsync=off (tests only need it to be fast); FERRY_PG_FSYNC=on starts it with
+# fsync and synchronous commits on, as benchmarks need. FERRY_PG_SERVER=1 uses a server already answering on
+# 127.0.0.1:5432 instead.
 set -euo pipefail
 
 if [ -n "${FERRY_TEST_PG:-}" ]; then
 	exec "$@"
 fi
 
-if [ -z "${FERRY_PG_THROWAWAY:-}" ] && command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432 -U postgres 2>/dev/null; then
+if [ -n "${FERRY_PG_SERVER:-}" ]; then
 	export FERRY_TEST_PG="postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
 	echo "with-postgres: using the PostgreSQL server on 127.0.0.1:5432"
 	exec "$@"
@@ -38,10 +41,13 @@ run() { if [ ${#runas[@]} -eq 0 ]; then "$@"; elif [ "${runas[0]}" = su ]; then 
 cleanup() { run "$bindir/pg_ctl" -D "$tmp/data" -m immediate stop >/dev/null 2>&1 || true; rm -rf "$tmp"; }
 trap cleanup EXIT INT TERM
 
-run "$bindir/initdb" -D "$tmp/data" -U postgres --auth=trust -E UTF8 >"$tmp/initdb.log" 2>&1 || { cat "$tmp/initdb.log" >&2; exit 1; }
-run "$bindir/pg_ctl" -D "$tmp/data" -l "$tmp/pg.log" -w -o "-c listen_addresses=127.0.0.1 -p $port -k $tmp -c fsync=off" start >/dev/null
+run "$bindir/initdb" --no-sync -D "$tmp/data" -U postgres --auth=trust -E UTF8 >"$tmp/initdb.log" 2>&1 || { cat "$tmp/initdb.log" >&2; exit 1; }
+durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+[ "${FERRY_PG_FSYNC:-off}" = on ] && durability="-c fsync=on -c synchronous_commit=on"
+run "$bindir/pg_ctl" -D "$tmp/data" -l "$tmp/pg.log" -w -o "-c listen_addresses=127.0.0.1 -p $port -k $tmp -c max_connections=300 $durability" start >/dev/null
 export FERRY_TEST_PG="postgres://postgres@127.0.0.1:$port/postgres?sslmode=disable"
-echo "with-postgres: started a throwaway PostgreSQL on 127.0.0.1:$port"
+export FERRY_TEST_PG_DATA="$tmp/data" FERRY_TEST_PG_CTL="$bindir/pg_ctl"
+echo "with-postgres: started a throwaway PostgreSQL on 127.0.0.1:$port (fsync=${FERRY_PG_FSYNC:-off})"
 set +e
 "$@"
 rc=$?

@@ -1,12 +1,13 @@
-// A whole ferry test stack: a fresh Postgres database, ferry's config and registration, Dendrite with that
-// registration, ferry itself, and helpers that read ferry's database the way an admin would.
+// A whole ferry test stack: a fresh Postgres database, ferry's config and registration, the homeserver that
+// FERRY_E2E_HS selects (Dendrite or Synapse, see homeserver.js) with that registration, ferry itself, and helpers
+// that read ferry's database the way an admin would.
 //
 //   const stack = await startStack({ permissions: { "ferry.test": "user" } });
 //   stack.botUserId, stack.hs.url, stack.ferry (restart with stack.restartFerry())
 //   await stack.sql("SELECT count(*) FROM inbox")  -> rows as arrays of strings
 import { execFileSync } from "node:child_process";
-import { startDendrite } from "./dendrite.js";
-import { createTestDatabase, prepareFerry, startFerry } from "./ferry.js";
+import { createTestDatabase, deepMerge, prepareFerry, startFerry } from "./ferry.js";
+import { ferryConfigFor, startHomeserver } from "./homeserver.js";
 import { startSyncHoldProxy } from "./proxy.js";
 import { freePort, sleep } from "./util.js";
 
@@ -14,7 +15,7 @@ export const SHARED_SECRET = "ferry-e2e-shared-secret";
 
 export async function startStack({ permissions = { "*": "relay", "ferry.test": "user" }, admins = [], extraConfig = {}, db = "postgres", syncProxy = false } = {}) {
     const database = db === "postgres" ? createTestDatabase() : null;
-    // With syncProxy, ferry reaches Dendrite through a proxy that can hold its /sync (see proxy.js).
+    // With syncProxy, ferry reaches the homeserver through a proxy that can hold its /sync (see proxy.js).
     const hsPort = await freePort();
     const proxy = syncProxy ? await startSyncHoldProxy(hsPort) : null;
     const prepared = await prepareFerry({
@@ -24,9 +25,9 @@ export async function startStack({ permissions = { "*": "relay", "ferry.test": "
         db: database ? { type: "postgres", uri: database.uri } : undefined,
         permissions,
         admins,
-        extraConfig,
+        extraConfig: deepMerge(ferryConfigFor(), extraConfig),
     });
-    const hs = await startDendrite({
+    const hs = await startHomeserver({
         appserviceRegistrations: [prepared.registrationPath],
         sharedSecret: prepared.sharedSecret,
         serverName: prepared.hsDomain,

@@ -1,8 +1,8 @@
-// Proves the harness itself: Dendrite + two matrix-js-sdk Rust-crypto clients exchange an encrypted message
+// Proves the harness itself: the homeserver + two matrix-js-sdk Rust-crypto clients exchange an encrypted message
 // and see each other's cross-signed devices. No ferry involved.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { startDendrite } from "../lib/dendrite.js";
+import { HS_LABEL, startHomeserver } from "../lib/homeserver.js";
 import { createUser } from "../lib/users.js";
 
 let hs;
@@ -10,7 +10,7 @@ let alice;
 let bob;
 
 before(async () => {
-    hs = await startDendrite({ sharedSecret: "harness-secret" });
+    hs = await startHomeserver({ sharedSecret: "harness-secret" });
     [alice, bob] = await Promise.all([createUser(hs.url, "alice"), createUser(hs.url, "bob")]);
 });
 
@@ -19,7 +19,7 @@ after(async () => {
     await hs?.stop();
 });
 
-test("encrypted message and cross-signing between two js-sdk clients on Dendrite", async () => {
+test(`encrypted message and cross-signing between two js-sdk clients on ${HS_LABEL}`, async () => {
     assert.match(alice.userId, /^@alice-[0-9a-f]{8}:ferry\.test$/);
 
     const roomId = await alice.createEncryptedRoom({ name: "harness", invite: [bob.userId] });

@@ -4,7 +4,6 @@ import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import { test } from "node:test";
-import { startDendrite } from "../lib/dendrite.js";
 import {
     createTestDatabase,
     deepMerge,
@@ -15,6 +14,7 @@ import {
     toYaml,
     yamlTopLevel,
 } from "../lib/ferry.js";
+import { ferryConfigFor, HS_LABEL, startHomeserver } from "../lib/homeserver.js";
 
 test("toYaml writes block YAML that keeps keys, quoting and nesting", () => {
     const text = toYaml({
@@ -117,19 +117,19 @@ test("createTestDatabase needs FERRY_TEST_PG, then creates and drops a database"
     assert.equal(exists(), "0");
 });
 
-test("ferry starts against Dendrite, answers ready, restarts and stops", async (t) => {
+test(`ferry starts against ${HS_LABEL}, answers ready, restarts and stops`, async (t) => {
     if (!fs.existsSync(ferryBin())) {
         t.skip(`no ferry binary at ${ferryBin()}`);
         return;
     }
-    const prepared = await prepareFerry({ admins: ["@admin:ferry.test"] });
+    const prepared = await prepareFerry({ admins: ["@admin:ferry.test"], extraConfig: ferryConfigFor() });
     let hs;
     let ferry;
     try {
         const config = fs.readFileSync(prepared.configPath, "utf8");
         assert.match(config, new RegExp(`as_token: "?${prepared.asToken}"?`), "ferry -g wrote the token back");
         assert.equal(prepared.botUserId, "@ferrybot:ferry.test");
-        hs = await startDendrite({
+        hs = await startHomeserver({
             appserviceRegistrations: [prepared.registrationPath],
             sharedSecret: prepared.sharedSecret,
             port: prepared.hsPort,
