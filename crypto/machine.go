@@ -90,6 +90,10 @@ type Machine struct {
 	// missedPushes: ferry answered a transaction with an error since the last catch-up on device lists.
 	missedPushes atomic.Bool
 
+	// guards the following fields
+	probeLock sync.Mutex
+	probe     *pushProbe // see ProbePushes
+
 	ghostCreate *exsync.KeyedMutex[id.UserID]
 	// cache is shared by the crypto stores of all of ferry's devices (see storeCache).
 	cache *storeCache
