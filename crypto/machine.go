@@ -317,8 +317,7 @@ func (m *Machine) login(ctx context.Context, deviceID id.DeviceID) error {
 			return fmt.Errorf("failed to create the bot's device through the appservice (MSC4190, encryption.appservice): %w", err)
 		}
 		m.log.Warn().Msgf("encryption.appservice is true, but the homeserver does not offer MSC4190 appservice device creation "+
-			"(PUT /_matrix/client/v3/devices/{deviceId} answered %s; on Synapse, the installed registration may lack "+
-			"io.element.msc4190: regenerate it): falling back to m.login.application_service devices "+
+			"(PUT /_matrix/client/v3/devices/{deviceId} answered %s): falling back to m.login.application_service devices "+
 			"with to-device and device lists through /sync, and %s; set encryption.appservice to false to silence this",
 			describeHTTPError(err), m.fallbackDescription())
 		m.asMode.Store(false)

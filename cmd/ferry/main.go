@@ -341,7 +341,7 @@ func checkHomeserver(ctx context.Context, cfg *Config, as *appservice.AppService
 		return "", fmt.Errorf("whoami returned %s, expected the bot %s: check appservice.bot.username and the registration", whoami.UserID, as.BotMXID())
 	}
 	if versions.Supports(mautrix.FeatureAppservicePing) {
-		if _, err = bot.AppservicePing(ctx, as.Registration.ID, ""); err != nil {
+		if err = pingUntilReached(ctx, as, log); err != nil {
 			return "", fmt.Errorf("the homeserver cannot reach ferry at %s: %w", cfg.Appservice.Address, err)
 		}
 		log.Info().Msg("Homeserver reached ferry through appservice ping")
@@ -360,6 +360,35 @@ func checkHomeserver(ctx context.Context, cfg *Config, as *appservice.AppService
 	}
 	log.Info().Str("encryption_path", path).Stringer("bot", as.BotMXID()).Msg("Homeserver checked")
 	return path, nil
+}
+
+// pingAttempts bounds the appservice pings at start: a failed ping is tried again with backoff (1, 2, 4, 8 s),
+// since the homeserver's own connection to ferry can fail for a moment (Synapse has answered 502
+// M_CONNECTION_FAILED to a ping while ferry was listening); a refusal of the ping itself is not retried.
+const pingAttempts = 5
+
+// pingUntilReached asks the homeserver to reach ferry (appservice ping), retrying what may pass.
+func pingUntilReached(ctx context.Context, as *appservice.AppService, log zerolog.Logger) error {
+	backoff := time.Second
+	for attempt := 1; ; attempt++ {
+		_, err := as.BotIntent().AppservicePing(ctx, as.Registration.ID, "")
+		if err == nil {
+			return nil
+		}
+		var httpErr mautrix.HTTPError
+		definite := errors.As(err, &httpErr) && httpErr.RespError != nil &&
+			(httpErr.RespError.ErrCode == mautrix.MForbidden.ErrCode || httpErr.RespError.ErrCode == "M_URL_NOT_SET")
+		if definite || attempt == pingAttempts || ctx.Err() != nil {
+			return err
+		}
+		log.Warn().Err(err).Dur("retry_in", backoff).Msg("The homeserver could not reach ferry through the appservice ping, retrying")
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff *= 2
+	}
 }
 
 // Push probe timing: the homeserver gets probeAttempts chances of probeWait each to push the probe back.
