@@ -32,6 +32,7 @@ import (
 	"go.ferry.im/ferry/bridge"
 	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/internal/config"
 )
 
 // Set at build time with -ldflags "-X main.Version=... -X main.Commit=...".
@@ -72,14 +73,14 @@ func run(args []string) int {
 			fmt.Fprintf(os.Stderr, "ferry: %s already exists; not overwriting it\n", *configPath)
 			return exitConfig
 		}
-		if err := WriteFileAtomic(*configPath, ferry.ExampleConfig, 0600); err != nil {
+		if err := config.WriteFileAtomic(*configPath, ferry.ExampleConfig, 0600); err != nil {
 			fmt.Fprintf(os.Stderr, "ferry: %v\n", err)
 			return exitFailure
 		}
 		fmt.Printf("Wrote the example config to %s: edit it, then run ferry -g -c %s -r registration.yaml\n", *configPath, *configPath)
 		return exitOK
 	}
-	cfg, err := LoadConfig(*configPath)
+	cfg, err := config.Load(*configPath)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "ferry: %v\n", err)
 		return exitConfig
@@ -98,7 +99,7 @@ func run(args []string) int {
 	}
 	if cfg.Encryption.PickleKey == crypto.PickleKeyGenerate {
 		cfg.Encryption.PickleKey = random.String(64)
-		if err = WriteConfigValues(*configPath, map[string]string{"encryption.pickle_key": cfg.Encryption.PickleKey}); err != nil {
+		if err = config.WriteValues(*configPath, map[string]string{"encryption.pickle_key": cfg.Encryption.PickleKey}); err != nil {
 			fmt.Fprintf(os.Stderr, "ferry: failed to save the generated pickle key: %v\n", err)
 			return exitConfig
 		}
@@ -109,7 +110,7 @@ func run(args []string) int {
 		return exitConfig
 	}
 	defer closeLog()
-	for _, name := range UnknownEnvOverrides(os.Environ()) {
+	for _, name := range config.UnknownEnvOverrides(os.Environ()) {
 		log.Warn().Str("variable", name).Msg("Ignoring an environment variable that names no config key")
 	}
 	bridge.Version = Version
@@ -122,7 +123,7 @@ func run(args []string) int {
 
 // registrationFor builds the appservice registration that matches the config, as ferry uses it at run time: its
 // sender is the bot (every request names the user it acts as). The file -g writes names another sender.
-func registrationFor(cfg *Config) *appservice.Registration {
+func registrationFor(cfg *config.Config) *appservice.Registration {
 	reg := &appservice.Registration{
 		ID:              cfg.Appservice.ID,
 		URL:             cfg.Appservice.Address,
@@ -143,11 +144,11 @@ func registrationFor(cfg *Config) *appservice.Registration {
 	return reg
 }
 
-func generateRegistration(cfg *Config, configPath, regPath string) error {
+func generateRegistration(cfg *config.Config, configPath, regPath string) error {
 	if cfg.Appservice.ASToken == "" || cfg.Appservice.HSToken == "" {
 		cfg.Appservice.ASToken = random.String(64)
 		cfg.Appservice.HSToken = random.String(64)
-		err := WriteConfigValues(configPath, map[string]string{"appservice.as_token": cfg.Appservice.ASToken, "appservice.hs_token": cfg.Appservice.HSToken})
+		err := config.WriteValues(configPath, map[string]string{"appservice.as_token": cfg.Appservice.ASToken, "appservice.hs_token": cfg.Appservice.HSToken})
 		if err != nil {
 			return fmt.Errorf("failed to save tokens to the config: %w", err)
 		}
@@ -158,7 +159,7 @@ func generateRegistration(cfg *Config, configPath, regPath string) error {
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(regPath, []byte(data), 0600)
+	return config.WriteFileAtomic(regPath, []byte(data), 0600)
 }
 
 // senderLocalpart is the registration's sender_localpart: a user of the appservice's own that ferry never acts as.
@@ -170,7 +171,7 @@ func senderLocalpart(asToken string) string {
 	return "ferry-as-" + hex.EncodeToString(sum[:12])
 }
 
-func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logger) int {
+func start(ctx context.Context, cfg *config.Config, configPath string, log zerolog.Logger) int {
 	log.Info().Str("version", Version).Str("commit", Commit).Msg("Starting ferry")
 	mcrypto.PostgresArrayWrapper = pq.Array
 	dbLog := log.With().Str("component", "database").Logger()
@@ -218,7 +219,7 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 	as.StateStore = mach.WrapStateStore(stateStore)
 	// The reload command re-reads only the permissions; everything else needs a restart.
 	br.Reload = func() (bridge.Permissions, error) {
-		reloaded, err := LoadConfig(configPath)
+		reloaded, err := config.Load(configPath)
 		if err == nil {
 			err = reloaded.Validate()
 		}
@@ -302,7 +303,7 @@ const (
 
 // checkHomeserver waits for the homeserver (retrying with backoff and saying why), registers the bot, checks
 // whoami, pings the appservice link where supported, and reports which encryption path the homeserver allows.
-func checkHomeserver(ctx context.Context, cfg *Config, as *appservice.AppService, log zerolog.Logger) (string, error) {
+func checkHomeserver(ctx context.Context, cfg *config.Config, as *appservice.AppService, log zerolog.Logger) (string, error) {
 	bot := as.BotIntent()
 	backoff := time.Second
 	var versions *mautrix.RespVersions
@@ -434,7 +435,7 @@ func probePushes(ctx context.Context, mach *crypto.Machine, as *appservice.AppSe
 	return nil
 }
 
-func newLogger(cfg LoggingConfig) (zerolog.Logger, func(), error) {
+func newLogger(cfg config.Logging) (zerolog.Logger, func(), error) {
 	level, err := zerolog.ParseLevel(cfg.MinLevel)
 	if err != nil || cfg.MinLevel == "" {
 		level = zerolog.InfoLevel

@@ -1,4 +1,4 @@
-package main
+package config
 
 import (
 	"errors"
@@ -138,7 +138,7 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 	})
 
 	t.Run("example values are the defaults", func(t *testing.T) {
-		want := DefaultConfig()
+		want := Default()
 		if !reflect.DeepEqual(cfg.Appservice, want.Appservice) {
 			t.Errorf("appservice: example %+v, defaults %+v", cfg.Appservice, want.Appservice)
 		}
@@ -162,7 +162,7 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 	})
 
 	t.Run("documented defaults", func(t *testing.T) {
-		d := DefaultConfig()
+		d := Default()
 		for name, tc := range map[string]struct{ got, want any }{
 			"command_prefix":            {d.Bridge.CommandPrefix, "!ferry"},
 			"ghost_prefix":              {d.Bridge.GhostPrefix, "_ferry_"},
@@ -222,7 +222,7 @@ func TestExamplePlaceholdersRejected(t *testing.T) {
 	}
 
 	t.Run("unchanged example", func(t *testing.T) {
-		_, err := LoadConfig(writeConfig(t, example))
+		_, err := Load(writeConfig(t, example))
 		if err == nil {
 			t.Fatal("the unchanged example loaded")
 		}
@@ -237,7 +237,7 @@ func TestExamplePlaceholdersRejected(t *testing.T) {
 	for key, line := range placeholders {
 		t.Run(key, func(t *testing.T) {
 			text := fixPlaceholders(example, key)
-			_, err := LoadConfig(writeConfig(t, text))
+			_, err := Load(writeConfig(t, text))
 			if err == nil {
 				t.Fatalf("config with the example %s loaded", key)
 			}
@@ -254,7 +254,7 @@ func TestExamplePlaceholdersRejected(t *testing.T) {
 func loadText(t *testing.T, text string) (*Config, string) {
 	t.Helper()
 	path := writeConfig(t, text)
-	cfg, err := LoadConfig(path)
+	cfg, err := Load(path)
 	if err != nil {
 		return nil, strings.ReplaceAll(err.Error(), filepath.Dir(path)+string(filepath.Separator), "")
 	}
@@ -523,9 +523,9 @@ func TestValidateForRun(t *testing.T) {
 			t.Errorf("error %q does not contain %q", runErr, want)
 		}
 	}
-	var cfgErr *ConfigError
+	var cfgErr *Error
 	if !errors.As(runErr, &cfgErr) || cfgErr.Key != "appservice.as_token" {
-		t.Errorf("errors.As found %+v, want the ConfigError of appservice.as_token", cfgErr)
+		t.Errorf("errors.As found %+v, want the Error of appservice.as_token", cfgErr)
 	}
 }
 
@@ -786,7 +786,7 @@ func TestWriteConfigValues(t *testing.T) {
 			if err := os.WriteFile(path, []byte(tc.text), 0o644); err != nil {
 				t.Fatal(err)
 			}
-			if err := WriteConfigValues(path, tc.values); err != nil {
+			if err := WriteValues(path, tc.values); err != nil {
 				t.Fatal(err)
 			}
 			info, err := os.Stat(path)
@@ -832,10 +832,10 @@ func TestWriteConfigValues(t *testing.T) {
 
 	t.Run("example still loads", func(t *testing.T) {
 		path := writeConfig(t, example)
-		if err := WriteConfigValues(path, map[string]string{"encryption.pickle_key": "pk", "appservice.as_token": "a", "appservice.hs_token": "h"}); err != nil {
+		if err := WriteValues(path, map[string]string{"encryption.pickle_key": "pk", "appservice.as_token": "a", "appservice.hs_token": "h"}); err != nil {
 			t.Fatal(err)
 		}
-		cfg, err := LoadConfig(path)
+		cfg, err := Load(path)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -857,7 +857,7 @@ func TestWriteConfigValues(t *testing.T) {
 		if err := os.Symlink("real.yaml", link); err != nil {
 			t.Skip("symlinks unsupported:", err)
 		}
-		if err := WriteConfigValues(link, map[string]string{"encryption.pickle_key": "pk"}); err != nil {
+		if err := WriteValues(link, map[string]string{"encryption.pickle_key": "pk"}); err != nil {
 			t.Fatal(err)
 		}
 		if info, err := os.Lstat(link); err != nil || info.Mode()&os.ModeSymlink == 0 {
@@ -881,7 +881,7 @@ func TestWriteConfigValues(t *testing.T) {
 		} {
 			t.Run(name, func(t *testing.T) {
 				path := writeConfig(t, tc.text)
-				if err := WriteConfigValues(path, tc.values); err == nil {
+				if err := WriteValues(path, tc.values); err == nil {
 					t.Error("no error")
 				}
 				if data, _ := os.ReadFile(path); string(data) != tc.text {
@@ -889,7 +889,7 @@ func TestWriteConfigValues(t *testing.T) {
 				}
 			})
 		}
-		if err := WriteConfigValues(filepath.Join(t.TempDir(), "missing.yaml"), map[string]string{"a.b": "c"}); err == nil {
+		if err := WriteValues(filepath.Join(t.TempDir(), "missing.yaml"), map[string]string{"a.b": "c"}); err == nil {
 			t.Error("no error for a missing file")
 		}
 	})
@@ -943,13 +943,13 @@ func TestWriteFileAtomic(t *testing.T) {
 
 func TestConfigErrorFormat(t *testing.T) {
 	for name, tc := range map[string]struct {
-		err  ConfigError
+		err  Error
 		want string
 	}{
-		"file and line": {ConfigError{File: "config.yaml", Line: 7, Key: "a.b", Msg: "a.b: bad"}, "config.yaml:7: a.b: bad"},
-		"file only":     {ConfigError{File: "config.yaml", Key: "a.b", Msg: "a.b: bad"}, "config.yaml: a.b: bad"},
-		"environment":   {ConfigError{File: "config.yaml", Env: "FERRY_A_B", Key: "a.b", Msg: "a.b: bad"}, "environment variable FERRY_A_B: a.b: bad"},
-		"in code":       {ConfigError{Key: "a.b", Msg: "a.b: bad"}, "a.b: bad"},
+		"file and line": {Error{File: "config.yaml", Line: 7, Key: "a.b", Msg: "a.b: bad"}, "config.yaml:7: a.b: bad"},
+		"file only":     {Error{File: "config.yaml", Key: "a.b", Msg: "a.b: bad"}, "config.yaml: a.b: bad"},
+		"environment":   {Error{File: "config.yaml", Env: "FERRY_A_B", Key: "a.b", Msg: "a.b: bad"}, "environment variable FERRY_A_B: a.b: bad"},
+		"in code":       {Error{Key: "a.b", Msg: "a.b: bad"}, "a.b: bad"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			if got := tc.err.Error(); got != tc.want {
@@ -960,8 +960,8 @@ func TestConfigErrorFormat(t *testing.T) {
 }
 
 func TestValidateConfigBuiltInCode(t *testing.T) {
-	cfg := DefaultConfig()
-	cfg.Homeserver = HomeserverConfig{Address: "https://matrix.test.org", Domain: "test.org"}
+	cfg := Default()
+	cfg.Homeserver = Homeserver{Address: "https://matrix.test.org", Domain: "test.org"}
 	cfg.Permissions = bridge.Permissions{"@boss:test.org": bridge.LevelAdmin, "bad key": bridge.LevelUser, "test.org": bridge.Level(9)}
 	err := cfg.Validate()
 	if err == nil {

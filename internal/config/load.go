@@ -1,4 +1,4 @@
-package main
+package config
 
 import (
 	"bytes"
@@ -93,18 +93,18 @@ var intRanges = map[string]intRange{
 // configFileMode is the mode of files ferry writes that hold secrets (the config, the registration).
 const configFileMode os.FileMode = 0o600
 
-// ConfigError is one problem with the configuration, located in the file (File and Line) or in the
-// environment (Env). Its message is one line naming the dotted key. LoadConfig, Validate and ValidateForRun
-// return one ConfigError, or several joined with errors.Join, one per line.
-type ConfigError struct {
-	File string // the config file as named to LoadConfig; "" for a config not loaded from a file
+// Error is one problem with the configuration, located in the file (File and Line) or in the
+// environment (Env). Its message is one line naming the dotted key. Load, Validate and ValidateForRun
+// return one Error, or several joined with errors.Join, one per line.
+type Error struct {
+	File string // the config file as named to Load; "" for a config not loaded from a file
 	Line int    // 1-based line of the key in File; 0 when the key is absent from the file
 	Env  string // the environment variable that set the key, if one did
 	Key  string // dotted path of the key, e.g. "appservice.port"; "" for the file as a whole
 	Msg  string // the problem, naming the key
 }
 
-func (e *ConfigError) Error() string {
+func (e *Error) Error() string {
 	switch {
 	case e.Env != "":
 		return "environment variable " + e.Env + ": " + e.Msg
@@ -142,9 +142,9 @@ func (src *configSource) envFor(key string) string {
 	return ""
 }
 
-// newError builds a ConfigError for key, located at line unless the key came from the environment.
-func (src *configSource) newError(key string, line int, format string, args ...any) *ConfigError {
-	err := &ConfigError{Key: key, Msg: fmt.Sprintf(format, args...)}
+// newError builds a Error for key, located at line unless the key came from the environment.
+func (src *configSource) newError(key string, line int, format string, args ...any) *Error {
+	err := &Error{Key: key, Msg: fmt.Sprintf(format, args...)}
 	src.locate(err)
 	if err.Env == "" && line > 0 {
 		err.Line = line
@@ -153,7 +153,7 @@ func (src *configSource) newError(key string, line int, format string, args ...a
 }
 
 // locate fills in where err's key was set.
-func (src *configSource) locate(err *ConfigError) {
+func (src *configSource) locate(err *Error) {
 	if src == nil {
 		return
 	}
@@ -165,21 +165,21 @@ func (src *configSource) locate(err *ConfigError) {
 	err.Line = src.lines[err.Key]
 }
 
-// DefaultConfig returns a config with every default filled in. Keys without a default (homeserver address
+// Default returns a config with every default filled in. Keys without a default (homeserver address
 // and domain, tokens) are empty.
-func DefaultConfig() *Config {
+func Default() *Config {
 	return &Config{
-		Appservice: AppserviceConfig{
+		Appservice: Appservice{
 			Address:  defaultAppserviceAddress,
 			Hostname: defaultAppserviceHostname,
 			Port:     defaultAppservicePort,
 			ID:       defaultAppserviceID,
-			Bot: BotConfig{
+			Bot: Bot{
 				Username:    defaultBotUsername,
 				Displayname: defaultBotDisplayname,
 			},
 		},
-		Database: DatabaseConfig{
+		Database: Database{
 			Type:         DatabaseTypeSQLite,
 			URI:          defaultDatabaseURI,
 			MaxOpenConns: defaultMaxOpenConns,
@@ -188,18 +188,18 @@ func DefaultConfig() *Config {
 		Bridge:      bridge.DefaultConfig(),
 		Encryption:  crypto.DefaultConfig(),
 		Permissions: bridge.Permissions{},
-		Logging: LoggingConfig{
+		Logging: Logging{
 			MinLevel: defaultLogLevel,
 			Format:   defaultLogFormat,
 		},
 	}
 }
 
-// LoadConfig reads the config file at path, applies FERRY_* environment overrides, decodes it strictly
+// Load reads the config file at path, applies FERRY_* environment overrides, decodes it strictly
 // (unknown keys, wrong types and invalid values are errors naming the key and its line), fills in defaults
 // for absent keys and runs Validate. The tokens written by `ferry -g` are not required; call ValidateForRun
 // before serving.
-func LoadConfig(path string) (*Config, error) {
+func Load(path string) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("failed to read config: %w", err)
@@ -229,10 +229,10 @@ func parseConfig(name string, data []byte, lookupEnv func(string) (string, bool)
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
-	cfg := DefaultConfig()
+	cfg := Default()
 	if err = root.Decode(cfg); err != nil {
 		// The walker accepts only what decodes, so this is a bug in the walker rather than in the file.
-		return nil, &ConfigError{File: name, Msg: "failed to decode: " + oneLine(err.Error())}
+		return nil, &Error{File: name, Msg: "failed to decode: " + oneLine(err.Error())}
 	}
 	cfg.src = src
 	return cfg, nil
@@ -252,7 +252,7 @@ func parseDocument(name string, data []byte) (*yaml.Node, error) {
 	}
 	var extra yaml.Node
 	if err := dec.Decode(&extra); err == nil {
-		return nil, &ConfigError{File: name, Line: extra.Line, Msg: "more than one YAML document; the config is one mapping"}
+		return nil, &Error{File: name, Line: extra.Line, Msg: "more than one YAML document; the config is one mapping"}
 	} else if !errors.Is(err, io.EOF) {
 		return nil, yamlSyntaxError(name, err)
 	}
@@ -264,7 +264,7 @@ func parseDocument(name string, data []byte) (*yaml.Node, error) {
 		return &yaml.Node{Kind: yaml.MappingNode, Tag: "!!map"}, nil
 	}
 	if root.Kind != yaml.MappingNode {
-		return nil, &ConfigError{File: name, Line: root.Line, Msg: "expected a mapping of sections (homeserver, appservice, ...), got " + describe(root)}
+		return nil, &Error{File: name, Line: root.Line, Msg: "expected a mapping of sections (homeserver, appservice, ...), got " + describe(root)}
 	}
 	return root, nil
 }
@@ -274,9 +274,9 @@ func yamlSyntaxError(name string, err error) error {
 	msg := oneLine(err.Error())
 	if m := yamlLineError.FindStringSubmatch(msg); m != nil {
 		line, _ := strconv.Atoi(m[1])
-		return &ConfigError{File: name, Line: line, Msg: m[2]}
+		return &Error{File: name, Line: line, Msg: m[2]}
 	}
-	return &ConfigError{File: name, Msg: strings.TrimPrefix(msg, "yaml: ")}
+	return &Error{File: name, Msg: strings.TrimPrefix(msg, "yaml: ")}
 }
 
 // oneLine folds a multi-line message into one line.
@@ -378,7 +378,7 @@ func applyEnvOverrides(root *yaml.Node, lookupEnv func(string) (string, bool), s
 		case key.typ == permissionsType:
 			var err error
 			if node, err = parsePermissionsEnv(value); err != nil {
-				errs = append(errs, &ConfigError{Env: name, Key: key.dotted(), Msg: key.dotted() + ": " + err.Error()})
+				errs = append(errs, &Error{Env: name, Key: key.dotted(), Msg: key.dotted() + ": " + err.Error()})
 				continue
 			}
 		case key.typ.Kind() == reflect.String:
@@ -702,7 +702,7 @@ func (w *walker) permissions(n *yaml.Node, key string) {
 // Validate checks the values of a decoded config: required keys set, URLs and names well-formed, enumerated
 // values known, example placeholders replaced. It compiles derived values (bridge.displayname_template into
 // Bridge.DisplaynameTmpl). It does not require the tokens that `ferry -g` writes; see ValidateForRun. For a
-// config from LoadConfig each error names the key's line or environment variable.
+// config from Load each error names the key's line or environment variable.
 func (c *Config) Validate() error {
 	return c.validate(false)
 }
@@ -714,11 +714,11 @@ func (c *Config) ValidateForRun() error {
 
 // validator collects the problems found by Config.validate.
 type validator struct {
-	errs []*ConfigError
+	errs []*Error
 }
 
 func (v *validator) fail(key, format string, args ...any) {
-	v.errs = append(v.errs, &ConfigError{Key: key, Msg: key + ": " + fmt.Sprintf(format, args...)})
+	v.errs = append(v.errs, &Error{Key: key, Msg: key + ": " + fmt.Sprintf(format, args...)})
 }
 
 func (v *validator) required(key, value string) bool {
@@ -862,7 +862,7 @@ func (c *Config) validate(forRun bool) error {
 		c.src.locate(err)
 	}
 	// Report in file order, then what is not in the file (absent keys, environment variables).
-	slices.SortStableFunc(v.errs, func(a, b *ConfigError) int {
+	slices.SortStableFunc(v.errs, func(a, b *Error) int {
 		return lineOrder(a) - lineOrder(b)
 	})
 	errs := make([]error, len(v.errs))
@@ -873,18 +873,18 @@ func (c *Config) validate(forRun bool) error {
 }
 
 // lineOrder sorts errors with a line by line, and the others after them.
-func lineOrder(err *ConfigError) int {
+func lineOrder(err *Error) int {
 	if err.Line > 0 && err.Env == "" {
 		return err.Line
 	}
 	return math.MaxInt32
 }
 
-// WriteConfigValues sets dotted keys (e.g. "encryption.pickle_key", "appservice.as_token") to string values in
+// WriteValues sets dotted keys (e.g. "encryption.pickle_key", "appservice.as_token") to string values in
 // the config file at path, keeping every comment and all other content, and rewrites the file atomically with
 // mode 0600. Keys missing from the file are added to their section, creating the section if needed. Values
 // written are plain strings; they must not contain line breaks.
-func WriteConfigValues(path string, values map[string]string) error {
+func WriteValues(path string, values map[string]string) error {
 	if resolved, err := filepath.EvalSymlinks(path); err == nil {
 		path = resolved
 	}

@@ -1,4 +1,8 @@
-package main
+// Package config is ferry's configuration file: its sections (composed from the packages that own them), strict
+// loading with the file and line of every error, FERRY_* environment overrides, validation, upgrades of a file
+// written by an older ferry onto the current example, and the atomic write-back of generated secrets. Every
+// binary reads its config through it. It reads no flags and never exits; it logs nothing.
+package config
 
 import (
 	"go.ferry.im/ferry/bridge"
@@ -7,21 +11,21 @@ import (
 
 // Config is ferry's whole configuration file. Each package owns its section; this file composes them.
 type Config struct {
-	Homeserver  HomeserverConfig   `yaml:"homeserver"`
-	Appservice  AppserviceConfig   `yaml:"appservice"`
-	Database    DatabaseConfig     `yaml:"database"`
+	Homeserver  Homeserver         `yaml:"homeserver"`
+	Appservice  Appservice         `yaml:"appservice"`
+	Database    Database           `yaml:"database"`
 	Bridge      bridge.Config      `yaml:"bridge"`
 	Encryption  crypto.Config      `yaml:"encryption"`
 	Permissions bridge.Permissions `yaml:"permissions"`
-	Logging     LoggingConfig      `yaml:"logging"`
+	Logging     Logging            `yaml:"logging"`
 
 	// src records where each key came from (file line or environment variable) when the config was loaded
-	// by LoadConfig, so Validate can name it. Nil for a config built in code.
+	// by Load, so Validate can name it. Nil for a config built in code.
 	src *configSource
 }
 
 // HomeserverConfig says where the homeserver is and what it is called.
-type HomeserverConfig struct {
+type Homeserver struct {
 	// Address is the URL ferry uses to reach the homeserver's client-server API.
 	Address string `yaml:"address"`
 	// Domain is the homeserver's server name, the part after ':' in user IDs.
@@ -33,29 +37,29 @@ type HomeserverConfig struct {
 }
 
 // AppserviceConfig describes ferry's own HTTP endpoint and its appservice identity.
-type AppserviceConfig struct {
+type Appservice struct {
 	// Address is the URL the homeserver uses to reach ferry (goes into the registration).
 	Address string `yaml:"address"`
 	// Hostname and Port are where ferry listens.
 	Hostname string `yaml:"hostname"`
 	Port     uint16 `yaml:"port"`
 	// ID is the appservice ID in the registration.
-	ID  string    `yaml:"id"`
-	Bot BotConfig `yaml:"bot"`
+	ID  string `yaml:"id"`
+	Bot Bot    `yaml:"bot"`
 	// ASToken and HSToken are written by `ferry -g`; they must match the registration file.
 	ASToken string `yaml:"as_token"`
 	HSToken string `yaml:"hs_token"`
 }
 
 // BotConfig is the bot user's profile.
-type BotConfig struct {
+type Bot struct {
 	Username    string `yaml:"username"`
 	Displayname string `yaml:"displayname"`
 	Avatar      string `yaml:"avatar"`
 }
 
 // DatabaseConfig selects the database of record.
-type DatabaseConfig struct {
+type Database struct {
 	// Type is "postgres" or "sqlite3-fk-wal".
 	Type string `yaml:"type"`
 	URI  string `yaml:"uri"`
@@ -65,7 +69,7 @@ type DatabaseConfig struct {
 }
 
 // LoggingConfig selects the log format and level.
-type LoggingConfig struct {
+type Logging struct {
 	// MinLevel is trace, debug, info, warn or error.
 	MinLevel string `yaml:"min_level"`
 	// Format is "console" (human-readable) or "json".
