@@ -80,6 +80,14 @@ func run(args []string) int {
 		fmt.Printf("Wrote the example config to %s: edit it, then run ferry -g -c %s -r registration.yaml\n", *configPath, *configPath)
 		return exitOK
 	}
+	var upgrade config.Upgrade
+	var upgradeErr error
+	if !*generate {
+		// A config written by an older ferry is brought up to the current layout before it is read. A file
+		// that does not load is left alone (Load names its problem below); one that loads but cannot be
+		// rewritten still runs, with a warning once logging is up.
+		upgrade, upgradeErr = config.UpgradeFile(*configPath)
+	}
 	cfg, err := config.Load(*configPath)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "ferry: %v\n", err)
@@ -110,6 +118,11 @@ func run(args []string) int {
 		return exitConfig
 	}
 	defer closeLog()
+	if upgradeErr != nil {
+		log.Warn().Err(upgradeErr).Msg("Failed to upgrade the config file; it loads as it is, but keeps its old layout")
+	} else if upgrade.Changed() {
+		log.Info().Strs("moved", upgrade.Moved).Strs("added", upgrade.Added).Msg("Upgraded the config file to the current layout")
+	}
 	for _, name := range config.UnknownEnvOverrides(os.Environ()) {
 		log.Warn().Str("variable", name).Msg("Ignoring an environment variable that names no config key")
 	}
@@ -440,13 +453,13 @@ func newLogger(cfg config.Logging) (zerolog.Logger, func(), error) {
 	if err != nil || cfg.MinLevel == "" {
 		level = zerolog.InfoLevel
 	}
-	var out io.Writer = zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.RFC3339}
-	if cfg.Format == "json" {
-		out = os.Stderr
+	var out io.Writer = zerolog.ConsoleWriter{Out: os.Stdout, TimeFormat: time.RFC3339, NoColor: true}
+	if cfg.Stdout.Format == config.LogFormatJSON {
+		out = os.Stdout
 	}
 	closeFn := func() {}
-	if cfg.File != "" {
-		f, err := os.OpenFile(cfg.File, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0600)
+	if cfg.File.Path != "" {
+		f, err := os.OpenFile(cfg.File.Path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0600)
 		if err != nil {
 			return zerolog.Logger{}, nil, err
 		}

@@ -40,7 +40,8 @@ permissions:
   "*": relay
   "@boss:test.org": admin
 logging:
-  format: console
+  stdout:
+    format: pretty
 `
 
 func readExample(t *testing.T) []byte {
@@ -51,9 +52,6 @@ func readExample(t *testing.T) []byte {
 	}
 	return data
 }
-
-// noEnv is a lookupEnv that finds nothing.
-func noEnv(string) (string, bool) { return "", false }
 
 // writeConfig writes text to config.yaml in a fresh directory and returns its path.
 func writeConfig(t *testing.T, text string) string {
@@ -180,8 +178,13 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 			"database.type":             {d.Database.Type, "sqlite3-fk-wal"},
 			"database.uri":              {d.Database.URI, "file:ferry.db?_txlock=immediate"},
 			"logging.min_level":         {d.Logging.MinLevel, "info"},
-			"logging.format":            {d.Logging.Format, "console"},
-			"logging.file":              {d.Logging.File, ""},
+			"logging.stdout.format":     {d.Logging.Stdout.Format, "pretty"},
+			"logging.file.path":         {d.Logging.File.Path, ""},
+			"logging.file.format":       {d.Logging.File.Format, "json"},
+			"logging.file.max_size":     {d.Logging.File.MaxSize, 100},
+			"logging.file.max_backups":  {d.Logging.File.MaxBackups, 10},
+			"logging.file.max_age":      {d.Logging.File.MaxAge, 0},
+			"logging.file.compress":     {d.Logging.File.Compress, false},
 		} {
 			t.Run(name, func(t *testing.T) {
 				if tc.got != tc.want {
@@ -360,7 +363,7 @@ func TestDecodeErrors(t *testing.T) {
 			want: "config.yaml:3: homeserver.domain: expected a string, got a list",
 		},
 		"section given a value": {
-			old: "logging:\n  format: console\n", new: "logging: console\n",
+			old: "logging:\n  stdout:\n    format: pretty\n", new: "logging: console\n",
 			want: `config.yaml:16: logging: expected a section of keys, got "console"`,
 		},
 		"unknown permission level": {
@@ -423,12 +426,20 @@ func TestValidateErrors(t *testing.T) {
 			want: `config.yaml:13: encryption.receive_min_trust: expected one of unverified, cross_signed_tofu, verified, got "Verified"`,
 		},
 		"logging.min_level": {
-			old: "format: console", new: "min_level: verbose",
+			old: "  stdout:\n    format: pretty", new: "  min_level: verbose",
 			want: `config.yaml:17: logging.min_level: expected one of trace, debug, info, warn, error, got "verbose"`,
 		},
-		"logging.format": {
-			old: "format: console", new: "format: xml",
-			want: `config.yaml:17: logging.format: expected one of console, json, got "xml"`,
+		"logging.stdout.format": {
+			old: "format: pretty", new: "format: xml",
+			want: `config.yaml:18: logging.stdout.format: expected one of pretty, json, off, got "xml"`,
+		},
+		"logging.format, renamed, names its own line": {
+			old: "  stdout:\n    format: pretty", new: "  format: xml",
+			want: `config.yaml:17: logging.stdout.format: expected one of pretty, json, off, got "xml"`,
+		},
+		"logging.file.max_size zero": {
+			old: "    format: pretty", new: "    format: pretty\n  file:\n    max_size: 0",
+			want: `config.yaml:20: logging.file.max_size: expected an integer of at least 1, got "0"`,
 		},
 		"homeserver.address not a URL": {
 			old: "address: https://matrix.test.org", new: "address: matrix.test.org",
@@ -491,9 +502,9 @@ func TestValidateErrors(t *testing.T) {
 			want: `config.yaml:13: encryption.pickle_key: not configured`,
 		},
 		"several problems, one per line": {
-			old: "format: console", new: "format: xml\n  min_level: verbose",
-			want: "config.yaml:17: logging.format: expected one of console, json, got \"xml\"\n" +
-				"config.yaml:18: logging.min_level: expected one of trace, debug, info, warn, error, got \"verbose\"",
+			old: "    format: pretty", new: "    format: xml\n  min_level: verbose",
+			want: "config.yaml:18: logging.stdout.format: expected one of pretty, json, off, got \"xml\"\n" +
+				"config.yaml:19: logging.min_level: expected one of trace, debug, info, warn, error, got \"verbose\"",
 		},
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -617,11 +628,11 @@ func TestEnvOverrides(t *testing.T) {
 			},
 		},
 		"section absent from the file": {
-			env:  map[string]string{"FERRY_LOGGING_FORMAT": "json", "FERRY_HOMESERVER_ADDRESS": "http://localhost:8008", "FERRY_HOMESERVER_DOMAIN": "localhost"},
+			env:  map[string]string{"FERRY_LOGGING_STDOUT_FORMAT": "json", "FERRY_HOMESERVER_ADDRESS": "http://localhost:8008", "FERRY_HOMESERVER_DOMAIN": "localhost"},
 			text: "# nothing but environment\n",
 			check: func(t *testing.T, cfg *Config) {
-				if cfg.Logging.Format != "json" || cfg.Homeserver.Domain != "localhost" {
-					t.Errorf("logging.format = %q, homeserver.domain = %q", cfg.Logging.Format, cfg.Homeserver.Domain)
+				if cfg.Logging.Stdout.Format != "json" || cfg.Homeserver.Domain != "localhost" {
+					t.Errorf("logging.stdout.format = %q, homeserver.domain = %q", cfg.Logging.Stdout.Format, cfg.Homeserver.Domain)
 				}
 			},
 		},
@@ -701,7 +712,7 @@ func TestEnvNames(t *testing.T) {
 	}
 	for _, want := range []string{
 		"FERRY_DATABASE_URI", "FERRY_APPSERVICE_BOT_USERNAME", "FERRY_ENCRYPTION_PICKLE_KEY",
-		"FERRY_HOMESERVER_REGISTRATION_SHARED_SECRET", "FERRY_BRIDGE_KEY_WAIT", "FERRY_PERMISSIONS", "FERRY_LOGGING_FILE",
+		"FERRY_HOMESERVER_REGISTRATION_SHARED_SECRET", "FERRY_BRIDGE_KEY_WAIT", "FERRY_PERMISSIONS", "FERRY_LOGGING_FILE_PATH",
 	} {
 		if !names[want] {
 			t.Errorf("%s overrides no key", want)
@@ -711,196 +722,6 @@ func TestEnvNames(t *testing.T) {
 	if !reflect.DeepEqual(got, []string{"FERRY_DATABSE_URI"}) {
 		t.Errorf("UnknownEnvOverrides = %v", got)
 	}
-}
-
-func TestWriteConfigValues(t *testing.T) {
-	example := fixPlaceholders(string(readExample(t)))
-	for name, tc := range map[string]struct {
-		text   string
-		values map[string]string
-		// changed lists the only lines of the result allowed to be absent from the original; added is how many
-		// lines the edit adds.
-		changed []string
-		added   int
-	}{
-		"example": {
-			text: example,
-			values: map[string]string{
-				"encryption.pickle_key": "pk-0123456789abcdef",
-				"appservice.as_token":   "as-abc",
-				"appservice.hs_token":   "hs-def",
-			},
-			changed: []string{"  pickle_key: pk-0123456789abcdef", "  as_token: as-abc", "  hs_token: hs-def"},
-		},
-		"value needing quotes": {
-			text:    example,
-			values:  map[string]string{"appservice.as_token": "12345", "appservice.hs_token": "a: #b"},
-			changed: []string{`  as_token: "12345"`, `  hs_token: 'a: #b'`},
-		},
-		"empty value with a comment": {
-			text:    "appservice:\n  # the token\n  as_token: # set by ferry -g\n  port: 1\n",
-			values:  map[string]string{"appservice.as_token": "tok"},
-			changed: []string{"  as_token: tok # set by ferry -g"},
-		},
-		"quoted value with a comment": {
-			text:    "encryption:\n  pickle_key: \"generate\"  # keep this\n",
-			values:  map[string]string{"encryption.pickle_key": "new"},
-			changed: []string{"  pickle_key: new  # keep this"},
-		},
-		"key missing from its section": {
-			text:    "# top\nappservice:\n    # the port\n    port: 1\n",
-			values:  map[string]string{"appservice.as_token": "tok"},
-			changed: []string{"    as_token: tok"},
-			added:   1,
-		},
-		"section missing": {
-			text:    "# top\nappservice:\n  port: 1",
-			values:  map[string]string{"encryption.pickle_key": "pk"},
-			changed: []string{"  port: 1", "encryption:", "  pickle_key: pk"},
-			added:   2,
-		},
-		"section empty": {
-			text:    "encryption: # crypto\nlogging:\n  format: json\n",
-			values:  map[string]string{"encryption.pickle_key": "pk"},
-			changed: []string{"  pickle_key: pk"},
-			added:   1,
-		},
-		"empty file": {
-			text:    "",
-			values:  map[string]string{"appservice.as_token": "tok"},
-			changed: []string{"appservice:", "  as_token: tok"},
-			added:   2,
-		},
-		"flow mapping": {
-			text:   "# head comment\nencryption: {pickle_key: generate}\n",
-			values: map[string]string{"encryption.pickle_key": "pk"},
-		},
-		"multi-line value": {
-			text:   "# head comment\nencryption:\n  pickle_key: |\n    generate\n",
-			values: map[string]string{"encryption.pickle_key": "pk"},
-		},
-	} {
-		t.Run(name, func(t *testing.T) {
-			dir := t.TempDir()
-			path := filepath.Join(dir, "config.yaml")
-			if err := os.WriteFile(path, []byte(tc.text), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			if err := WriteValues(path, tc.values); err != nil {
-				t.Fatal(err)
-			}
-			info, err := os.Stat(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if mode := info.Mode().Perm(); mode != 0o600 {
-				t.Errorf("mode %o, want 600", mode)
-			}
-			entries, _ := os.ReadDir(dir)
-			if len(entries) != 1 {
-				t.Errorf("temporary files left behind: %v", entries)
-			}
-			data, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for key, value := range tc.values {
-				if got, ok := lookupValue(data, strings.Split(key, ".")); !ok || got != value {
-					t.Errorf("%s = %q (found %v), want %q", key, got, ok, value)
-				}
-			}
-			if strings.Contains(tc.text, "# head comment") && !strings.Contains(string(data), "# head comment") {
-				t.Errorf("comment lost:\n%s", data)
-			}
-			if tc.changed == nil {
-				return
-			}
-			original := make(map[string]bool)
-			for _, line := range strings.Split(tc.text, "\n") {
-				original[line] = true
-			}
-			for _, line := range strings.Split(strings.TrimSuffix(string(data), "\n"), "\n") {
-				if !original[line] && !slices.Contains(tc.changed, line) {
-					t.Errorf("unexpected line %q in:\n%s", line, data)
-				}
-			}
-			if got := lineCount(string(data)) - lineCount(tc.text); got != tc.added {
-				t.Errorf("%d lines added, want %d:\n%s", got, tc.added, data)
-			}
-		})
-	}
-
-	t.Run("example still loads", func(t *testing.T) {
-		path := writeConfig(t, example)
-		if err := WriteValues(path, map[string]string{"encryption.pickle_key": "pk", "appservice.as_token": "a", "appservice.hs_token": "h"}); err != nil {
-			t.Fatal(err)
-		}
-		cfg, err := Load(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err = cfg.ValidateForRun(); err != nil {
-			t.Fatal(err)
-		}
-		if cfg.Encryption.PickleKey != "pk" || cfg.Appservice.ASToken != "a" || cfg.Appservice.HSToken != "h" {
-			t.Errorf("values not written: %+v %+v", cfg.Encryption, cfg.Appservice)
-		}
-	})
-
-	t.Run("symlink is followed", func(t *testing.T) {
-		dir := t.TempDir()
-		target := filepath.Join(dir, "real.yaml")
-		link := filepath.Join(dir, "config.yaml")
-		if err := os.WriteFile(target, []byte("encryption:\n  pickle_key: generate\n"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Symlink("real.yaml", link); err != nil {
-			t.Skip("symlinks unsupported:", err)
-		}
-		if err := WriteValues(link, map[string]string{"encryption.pickle_key": "pk"}); err != nil {
-			t.Fatal(err)
-		}
-		if info, err := os.Lstat(link); err != nil || info.Mode()&os.ModeSymlink == 0 {
-			t.Errorf("the symlink was replaced (%v)", err)
-		}
-		if data, _ := os.ReadFile(target); string(data) != "encryption:\n  pickle_key: pk\n" {
-			t.Errorf("target = %q", data)
-		}
-	})
-
-	t.Run("errors", func(t *testing.T) {
-		for name, tc := range map[string]struct {
-			text   string
-			values map[string]string
-		}{
-			"line break in value":  {"a: b\n", map[string]string{"appservice.as_token": "a\nb"}},
-			"empty key segment":    {"a: b\n", map[string]string{"appservice..as_token": "x"}},
-			"section is a value":   {"appservice: 3\n", map[string]string{"appservice.as_token": "x"}},
-			"value is a section":   {"appservice:\n  as_token:\n    x: 1\n", map[string]string{"appservice.as_token": "x"}},
-			"file is not a config": {"- a\n- b\n", map[string]string{"appservice.as_token": "x"}},
-		} {
-			t.Run(name, func(t *testing.T) {
-				path := writeConfig(t, tc.text)
-				if err := WriteValues(path, tc.values); err == nil {
-					t.Error("no error")
-				}
-				if data, _ := os.ReadFile(path); string(data) != tc.text {
-					t.Errorf("file changed to %q", data)
-				}
-			})
-		}
-		if err := WriteValues(filepath.Join(t.TempDir(), "missing.yaml"), map[string]string{"a.b": "c"}); err == nil {
-			t.Error("no error for a missing file")
-		}
-	})
-}
-
-// lineCount counts the lines of text, a last line without a newline included.
-func lineCount(text string) int {
-	if text == "" {
-		return 0
-	}
-	return len(strings.Split(strings.TrimSuffix(text, "\n"), "\n"))
 }
 
 func TestWriteFileAtomic(t *testing.T) {
