@@ -9,7 +9,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -112,12 +111,16 @@ func run(args []string) int {
 			return exitConfig
 		}
 	}
-	log, closeLog, err := newLogger(cfg.Logging)
+	log, logs, err := newLogger(cfg.Logging)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "ferry: logging: %v\n", err)
 		return exitConfig
 	}
-	defer closeLog()
+	defer logs.Close()
+	// SIGHUP reopens the log files and reloads the permissions; caught from here on, so it never stops ferry.
+	hangups := make(chan os.Signal, 1)
+	signal.Notify(hangups, syscall.SIGHUP)
+	defer signal.Stop(hangups)
 	if upgradeErr != nil {
 		log.Warn().Err(upgradeErr).Msg("Failed to upgrade the config file; it loads as it is, but keeps its old layout")
 	} else if upgrade.Changed() {
@@ -129,7 +132,7 @@ func run(args []string) int {
 	bridge.Version = Version
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	code := start(ctx, cfg, *configPath, log)
+	code := start(ctx, cfg, *configPath, log, hangups, logs)
 	log.Info().Int("exit_code", code).Msg("ferry stopped")
 	return code
 }
@@ -184,7 +187,7 @@ func senderLocalpart(asToken string) string {
 	return "ferry-as-" + hex.EncodeToString(sum[:12])
 }
 
-func start(ctx context.Context, cfg *config.Config, configPath string, log zerolog.Logger) int {
+func start(ctx context.Context, cfg *config.Config, configPath string, log zerolog.Logger, hangups <-chan os.Signal, logs *logFiles) int {
 	log.Info().Str("version", Version).Str("commit", Commit).Msg("Starting ferry")
 	mcrypto.PostgresArrayWrapper = pq.Array
 	dbLog := log.With().Str("component", "database").Logger()
@@ -241,6 +244,7 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 		}
 		return reloaded.Permissions, nil
 	}
+	go handleHangups(ctx, hangups, logs, br, log)
 	mach.SessionReceived = br.SessionArrived
 	mach.SyncedTimeline = br.IngestSynced
 	listener, err := net.Listen("tcp", net.JoinHostPort(cfg.Appservice.Hostname, fmt.Sprint(cfg.Appservice.Port)))
@@ -448,23 +452,26 @@ func probePushes(ctx context.Context, mach *crypto.Machine, as *appservice.AppSe
 	return nil
 }
 
-func newLogger(cfg config.Logging) (zerolog.Logger, func(), error) {
-	level, err := zerolog.ParseLevel(cfg.MinLevel)
-	if err != nil || cfg.MinLevel == "" {
-		level = zerolog.InfoLevel
-	}
-	var out io.Writer = zerolog.ConsoleWriter{Out: os.Stdout, TimeFormat: time.RFC3339, NoColor: true}
-	if cfg.Stdout.Format == config.LogFormatJSON {
-		out = os.Stdout
-	}
-	closeFn := func() {}
-	if cfg.File.Path != "" {
-		f, err := os.OpenFile(cfg.File.Path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0600)
-		if err != nil {
-			return zerolog.Logger{}, nil, err
+// handleHangups answers SIGHUP until ctx ends: the log files are reopened (for log rotation) and the permissions
+// re-read from the config file, as the reload command does; everything else in the config needs a restart.
+func handleHangups(ctx context.Context, hangups <-chan os.Signal, logs *logFiles, br *bridge.Bridge, log zerolog.Logger) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hangups:
 		}
-		out = zerolog.MultiLevelWriter(out, f)
-		closeFn = func() { _ = f.Close() }
+		if err := logs.Reopen(); err != nil {
+			log.Error().Err(err).Msg("Failed to reopen the log files")
+		} else {
+			log.Info().Msg("Reopened the log files")
+		}
+		perms, err := br.Reload()
+		if err != nil {
+			log.Error().Err(err).Msg("Failed to reload the permissions; they are unchanged")
+			continue
+		}
+		br.SetPermissions(perms)
+		log.Info().Int("entries", len(perms)).Msg("Permissions reloaded")
 	}
-	return zerolog.New(out).Level(level).With().Timestamp().Logger(), closeFn, nil
 }
