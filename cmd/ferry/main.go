@@ -32,6 +32,7 @@ import (
 	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/database"
 	"go.ferry.im/ferry/internal/config"
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // Set at build time with -ldflags "-X main.Version=... -X main.Commit=...".
@@ -204,6 +205,13 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 		log.Error().Err(err).Msg("Database upgrade failed")
 		return exitDatabase
 	}
+	metrics.SetBuildInfo(Version, Commit)
+	stopMetrics, err := serveMetrics(cfg.Metrics, db, log)
+	if err != nil {
+		log.Error().Err(err).Msg("Failed to listen for metrics scrapes")
+		return exitConfig
+	}
+	defer stopMetrics()
 	stateStore := sqlstatestore.NewSQLStateStore(root, dbutil.ZeroLogger(dbLog.With().Str("db_section", "state").Logger()), false)
 	if err = stateStore.Upgrade(ctx); err != nil {
 		log.Error().Err(database.UpgradeError{Section: "state store", Err: err}).Msg("Database upgrade failed")
@@ -215,12 +223,17 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 	as.HomeserverDomain = cfg.Homeserver.Domain
 	as.Registration = registrationFor(cfg)
 	as.StateStore = stateStore
-	as.HTTPClient.Transport = bridge.HomeserverTransport()
 	as.Host = appservice.HostConfig{Hostname: cfg.Appservice.Hostname, Port: cfg.Appservice.Port}
 	if err = as.SetHomeserverURL(cfg.Homeserver.Address); err != nil {
 		log.Error().Err(err).Msg("Invalid homeserver.address")
 		return exitConfig
 	}
+	// After SetHomeserverURL, which replaces the HTTP client (a unix: address brings its own transport).
+	if as.HTTPClient.Transport == nil {
+		as.HTTPClient.Transport = bridge.HomeserverTransport()
+	}
+	// Every request to the homeserver is counted by endpoint and errcode.
+	as.HTTPClient.Transport = metrics.Transport(as.HTTPClient.Transport)
 
 	// The HTTP endpoint starts first so the homeserver can deliver while ferry finishes starting: intake only
 	// records events; workers start later.

@@ -35,6 +35,7 @@ const (
 	defaultDatabaseURI        = "file:ferry.db?_txlock=immediate"
 	defaultMaxOpenConns       = 20
 	defaultMaxIdleConns       = defaultMaxOpenConns // idle connections are kept: reopening one costs a Postgres backend start
+	defaultMetricsListen      = "127.0.0.1:29341"
 	defaultLogLevel           = "info"
 	defaultLogStdout          = LogFormatPretty
 	defaultLogFileFormat      = LogFormatJSON
@@ -103,6 +104,7 @@ func Default() *Config {
 		Bridge:      bridge.DefaultConfig(),
 		Encryption:  crypto.DefaultConfig(),
 		Permissions: bridge.Permissions{},
+		Metrics:     Metrics{Listen: defaultMetricsListen},
 		Logging: Logging{
 			MinLevel: defaultLogLevel,
 			Stdout:   LogStdout{Format: defaultLogStdout},
@@ -120,6 +122,7 @@ type Config struct {
 	Encryption  crypto.Config      `yaml:"encryption"`
 	Permissions bridge.Permissions `yaml:"permissions"`
 	Logging     Logging            `yaml:"logging"`
+	Metrics     Metrics            `yaml:"metrics"`
 
 	// src records where each key came from (file line or environment variable) when the config was loaded
 	// by Load, so Validate can name it. Nil for a config built in code.
@@ -176,6 +179,14 @@ type Logging struct {
 	MinLevel string    `yaml:"min_level"`
 	Stdout   LogStdout `yaml:"stdout"`
 	File     LogFile   `yaml:"file"`
+}
+
+// Metrics is the Prometheus endpoint.
+type Metrics struct {
+	// Enabled serves the metrics at http://<Listen>/metrics.
+	Enabled bool `yaml:"enabled"`
+	// Listen is the host:port of the metrics listener, apart from the appservice's.
+	Listen string `yaml:"listen"`
 }
 
 // LogStdout is the log on standard output.

@@ -178,6 +178,8 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 			"database.type":             {d.Database.Type, "sqlite3-fk-wal"},
 			"database.uri":              {d.Database.URI, "file:ferry.db?_txlock=immediate"},
 			"logging.min_level":         {d.Logging.MinLevel, "info"},
+			"metrics.enabled":           {d.Metrics.Enabled, false},
+			"metrics.listen":            {d.Metrics.Listen, "127.0.0.1:29341"},
 			"logging.stdout.format":     {d.Logging.Stdout.Format, "pretty"},
 			"logging.file.path":         {d.Logging.File.Path, ""},
 			"logging.file.format":       {d.Logging.File.Format, "json"},
@@ -496,6 +498,18 @@ func TestValidateErrors(t *testing.T) {
 		"postgres with a sqlite uri": {
 			old: "logging:", new: "database:\n  type: postgres\nlogging:",
 			want: `config.yaml: database.uri: is a SQLite URI but database.type is postgres`,
+		},
+		"metrics.listen without a port": {
+			old: "logging:", new: "metrics:\n  listen: localhost\nlogging:",
+			want: `config.yaml:17: metrics.listen: expected host:port, such as 127.0.0.1:29341, got "localhost"`,
+		},
+		"metrics.listen port out of range": {
+			old: "logging:", new: "metrics:\n  listen: 127.0.0.1:99999\nlogging:",
+			want: `config.yaml:17: metrics.listen: expected a port from 1 to 65535, got "99999"`,
+		},
+		"metrics.listen on the appservice's port": {
+			old: "logging:", new: "metrics:\n  enabled: true\n  listen: 127.0.0.1:29340\nlogging:",
+			want: `config.yaml:18: metrics.listen: must differ from the appservice's hostname and port`,
 		},
 		"pickle key empty": {
 			old: "  device_mode: per_ghost", new: "  device_mode: per_ghost\n  pickle_key: \"\"",

@@ -4,8 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 
 	"maunium.net/go/mautrix/id"
@@ -168,6 +170,14 @@ func (c *Config) validate(forRun bool) error {
 	}
 
 	v.oneOf("logging.min_level", c.Logging.MinLevel, logLevels)
+	if host, port, err := net.SplitHostPort(c.Metrics.Listen); err != nil || host == "" {
+		v.fail("metrics.listen", "expected host:port, such as 127.0.0.1:29341, got %q", c.Metrics.Listen)
+	} else if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		v.fail("metrics.listen", "expected a port from 1 to 65535, got %q", port)
+	} else if c.Metrics.Enabled && c.Metrics.Listen == net.JoinHostPort(c.Appservice.Hostname, strconv.Itoa(int(c.Appservice.Port))) {
+		v.fail("metrics.listen", "must differ from the appservice's hostname and port")
+	}
+
 	v.oneOf("logging.stdout.format", c.Logging.Stdout.Format, stdoutFormats)
 	v.oneOf("logging.file.format", c.Logging.File.Format, fileFormats)
 	v.intIn("logging.file.max_size", int64(c.Logging.File.MaxSize))
