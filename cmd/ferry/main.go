@@ -55,6 +55,9 @@ func main() {
 }
 
 func run(args []string) int {
+	if len(args) > 0 && args[0] == "doctor" {
+		return runDoctor(args[1:], os.Stdout)
+	}
 	fs := flag.NewFlagSet("ferry", flag.ContinueOnError)
 	configPath := fs.String("c", "config.yaml", "path to the config file")
 	regPath := fs.String("r", "registration.yaml", "path to the appservice registration file (with -g)")

@@ -157,6 +157,12 @@ func UpgradeFile(path string) (Upgrade, error) {
 	return upgrade, nil
 }
 
+// Preview returns what UpgradeFile would write for the file content data (named name in errors), and what it
+// would change, without writing anything.
+func Preview(name string, data []byte) ([]byte, Upgrade, error) {
+	return rewrite(name, data, nil, false)
+}
+
 // WriteValues sets string keys (e.g. "encryption.pickle_key", "appservice.as_token") in the config file at path
 // and rewrites it atomically with mode 0600, upgraded like UpgradeFile does: every other value is kept, the
 // example's comments are kept. It refuses (leaving the file as it was) a file that does not load strictly, a
