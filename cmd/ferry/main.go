@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"crypto/sha256"
+	"database/sql"
 	"encoding/hex"
 	"errors"
 	"flag"
@@ -14,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"regexp"
+	"slices"
 	"syscall"
 	"time"
 
@@ -195,6 +197,12 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 	log.Info().Str("version", Version).Str("commit", Commit).Msg("Starting ferry")
 	mcrypto.PostgresArrayWrapper = pq.Array
 	dbLog := log.With().Str("component", "database").Logger()
+	if !slices.Contains(sql.Drivers(), database.DriverFor(cfg.Database.Type)) {
+		// Release binaries are static (no cgo) and carry no SQLite driver.
+		log.Error().Str("database_type", cfg.Database.Type).
+			Msg("This build of ferry has no driver for database.type (release binaries are built without cgo and support postgres only); use postgres, or build ferry from source with make build")
+		return exitDatabase
+	}
 	root, err := dbutil.NewFromConfig("ferry", dbutil.Config{PoolConfig: dbutil.PoolConfig{
 		Type: database.DriverFor(cfg.Database.Type), URI: database.TuneURI(cfg.Database.Type, cfg.Database.URI), MaxOpenConns: cfg.Database.MaxOpenConns, MaxIdleConns: cfg.Database.MaxIdleConns,
 	}}, dbutil.ZeroLogger(dbLog))
