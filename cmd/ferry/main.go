@@ -303,6 +303,11 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 		log.Error().Err(err).Msg("Homeserver check failed")
 		return exitHomeserver
 	}
+	// A database restored from a backup is behind what ferry already sent: treat it as after an unclean stop.
+	if err = checkRestored(ctx, db, as.BotClient(), log, mach, br); err != nil {
+		log.Error().Err(err).Msg("Failed to check whether the database was restored from a backup")
+		return exitDatabase
+	}
 	if err = mach.Init(ctx); err != nil {
 		if ctx.Err() != nil {
 			return exitOK
