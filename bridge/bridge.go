@@ -68,6 +68,9 @@ type Bridge struct {
 
 	sent sentLedger // what the read-back after an unclean stop found (reconcile.go)
 
+	// wrongTokenLog says once a minute that the homeserver presents a wrong hs_token (http.go).
+	wrongTokenLog everyLimiter
+
 	// guards the following fields
 	keyRequestsLock sync.Mutex
 	keyRequests     map[id.SessionID]struct{} // sessions whose keys ferry asked for while it runs (handle.go)
@@ -218,4 +221,16 @@ func (s *stats) errorsLastHour(rooms []id.RoomID) int {
 		}
 	}
 	return n
+}
+
+// everyLimiter allows one event per minute (a log line that would otherwise repeat for every request).
+type everyLimiter struct {
+	last atomic.Int64 // unix nanoseconds of the last allowed event
+}
+
+// Allow tells whether a minute has passed since the last allowed event, and if so counts this one.
+func (l *everyLimiter) Allow() bool {
+	now := time.Now().UnixNano()
+	last := l.last.Load()
+	return now-last >= int64(time.Minute) && l.last.CompareAndSwap(last, now)
 }

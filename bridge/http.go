@@ -77,6 +77,10 @@ func (b *Bridge) authed(next http.HandlerFunc) http.HandlerFunc {
 			return
 		}
 		if subtle.ConstantTimeCompare([]byte(token), []byte(b.AS.Registration.ServerToken)) != 1 {
+			if b.wrongTokenLog.Allow() {
+				b.Log.Error().Str("path", r.URL.Path).Msg("Refused a request with a wrong hs_token: the registration installed in the homeserver " +
+					"is not the one ferry -g wrote for this config (its hs_token must equal appservice.hs_token); install it and restart the homeserver")
+			}
 			mautrix.MForbidden.WithMessage("Invalid homeserver token").Write(w)
 			return
 		}
