@@ -26,6 +26,7 @@ import (
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/appservice"
 	mcrypto "maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/id"
 	"maunium.net/go/mautrix/sqlstatestore"
 
 	"go.ferry.im/ferry"
@@ -359,6 +360,11 @@ func checkHomeserver(ctx context.Context, cfg *Config, as *appservice.AppService
 	if cfg.Appservice.Bot.Displayname != "" {
 		if err = bot.SetDisplayName(ctx, cfg.Appservice.Bot.Displayname); err != nil {
 			log.Warn().Err(err).Msg("Failed to set the bot's display name")
+		}
+	}
+	if cfg.Appservice.Bot.Avatar != "" {
+		if err = bot.SetAvatarURL(ctx, id.ContentURIString(cfg.Appservice.Bot.Avatar).ParseOrIgnore()); err != nil {
+			log.Warn().Err(err).Msg("Failed to set the bot's avatar")
 		}
 	}
 	path := encryptionPathSync
