@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/crypto"
@@ -31,33 +30,6 @@ type RecoveryKeyProvider interface {
 const (
 	maxListedLinks = 25
 )
-
-// hasStatePower tells whether user may change state in room (power level ≥ state_default). Admins of ferry
-// always may.
-func (b *Bridge) hasStatePower(ctx context.Context, room id.RoomID, user id.UserID) bool {
-	if b.Permission(user) >= LevelAdmin {
-		return true
-	}
-	pl, err := b.powerLevels(ctx, room)
-	if err != nil {
-		return false
-	}
-	return pl.GetUserLevel(user) >= pl.StateDefault()
-}
-
-// hasRoomAdminPower tells whether user is an admin of room (power level ≥ the level needed to change power
-// levels). Admins of ferry always are. It returns the level needed, for the refusal.
-func (b *Bridge) hasRoomAdminPower(ctx context.Context, room id.RoomID, user id.UserID) (bool, int) {
-	if b.Permission(user) >= LevelAdmin {
-		return true, 0
-	}
-	pl, err := b.powerLevels(ctx, room)
-	if err != nil {
-		return false, 100
-	}
-	need := pl.GetEventLevel(event.StatePowerLevels)
-	return pl.GetUserLevel(user) >= need, need
-}
 
 // resolveRoom turns a command argument (room ID, alias or matrix.to / matrix: link) into a room ID.
 func (b *Bridge) resolveRoom(ctx context.Context, arg string) (id.RoomID, error) {
@@ -91,11 +63,6 @@ func (b *Bridge) resolveRoom(ctx context.Context, arg string) (id.RoomID, error)
 // newLinkID returns a random link ID (lowercase hex, as m.bridge IDs should be).
 func newLinkID() string { return randomHex(8) }
 
-// noPowerHere is the refusal for a link change without the power to change room settings.
-func noPowerHere(action string) string {
-	return "Cannot " + action + ": you need the power to change room settings here (power level ≥ state_default)."
-}
-
 func cmdLink(ce *CommandEvent) {
 	b, ctx := ce.Bridge, ce.Ctx
 	target, err := b.resolveRoom(ctx, ce.Args[0])
@@ -111,8 +78,8 @@ func cmdLink(ce *CommandEvent) {
 		ce.Reply("Cannot link: I am not in %s. Invite me there first.", ce.Args[0])
 		return
 	}
-	if !b.hasStatePower(ctx, ce.RoomID, ce.Sender) {
-		ce.Reply("%s", noPowerHere("link"))
+	if a := ce.authorize(ce.RoomID, rightSettings); !a.ok {
+		ce.reply(a.because("Cannot link"))
 		return
 	}
 	// A room joins the link of the other room when one of them is linked; two rooms in different links stay
@@ -131,7 +98,11 @@ func cmdLink(ce *CommandEvent) {
 		ce.reply(renderNotice("Cannot link:").join(reason))
 		return
 	}
-	if !b.hasStatePower(ctx, target, ce.Sender) {
+	if a := ce.authorize(target, rightSettings); !a.ok {
+		if a.unknown {
+			ce.reply(a.because("Cannot link"))
+			return
+		}
 		req := &database.LinkRequest{RoomID: target, FromRoom: ce.RoomID, RequestedBy: ce.Sender, CreatedAt: time.Now()}
 		if err = b.DB.Links.PutRequest(ctx, req); err != nil {
 			zerolog.Ctx(ctx).Err(err).Msg("Failed to store link request")
@@ -145,8 +116,8 @@ func cmdLink(ce *CommandEvent) {
 			ce.Reply("Failed to post the link request in %s.", ce.Args[0])
 			return
 		}
-		ce.Reply("You lack the power to change room settings in %s, so I posted a link request there. Someone with power there can accept it with `%s`.",
-			ce.Args[0], commandLine(b.Config.CommandPrefix, false, "accept"))
+		ce.reply(a.because("You cannot link it yourself").
+			join(renderNotice("I posted a link request in %s. Someone with power there can accept it with `%s`.", ce.Args[0], commandLine(b.Config.CommandPrefix, false, "accept"))))
 		return
 	}
 	b.completeLink(ce, ce.RoomID, target)
@@ -154,8 +125,8 @@ func cmdLink(ce *CommandEvent) {
 
 func cmdAccept(ce *CommandEvent) {
 	b, ctx := ce.Bridge, ce.Ctx
-	if !b.hasStatePower(ctx, ce.RoomID, ce.Sender) {
-		ce.Reply("%s", noPowerHere("accept"))
+	if a := ce.authorize(ce.RoomID, rightSettings); !a.ok {
+		ce.reply(a.because("Cannot accept"))
 		return
 	}
 	req, err := b.DB.Links.TakeRequest(ctx, ce.RoomID)
@@ -165,6 +136,11 @@ func cmdAccept(ce *CommandEvent) {
 		return
 	} else if req == nil {
 		ce.Reply("There is no pending link request for this room.")
+		return
+	}
+	// The request's sender had the power in the room it came from when asking; it must still hold now.
+	if a := b.checkAuthority(ctx, req.RequestedBy, req.FromRoom, rightSettings, false); !a.ok {
+		ce.Reply("Cannot link: %s, who asked, may no longer change room settings in **%s**; the request is void.", req.RequestedBy, b.roomName(ctx, req.FromRoom))
 		return
 	}
 	from, _ := b.DB.Links.GetByRoom(ctx, req.FromRoom)
@@ -245,8 +221,8 @@ func (b *Bridge) joinRoomNames(ctx context.Context, rooms []id.RoomID) string {
 
 func cmdUnlink(ce *CommandEvent) {
 	b, ctx := ce.Bridge, ce.Ctx
-	if !b.hasStatePower(ctx, ce.RoomID, ce.Sender) {
-		ce.Reply("%s", noPowerHere("unlink"))
+	if a := ce.authorize(ce.RoomID, rightSettings); !a.ok {
+		ce.reply(a.because("Cannot unlink"))
 		return
 	}
 	before, err := b.DB.Links.Leave(ctx, ce.RoomID)
@@ -497,8 +473,8 @@ func cmdEncryption(ce *CommandEvent) {
 		ce.reply(usageNotice(b.Config.CommandPrefix, ce.Room.Management, findCommand(commandTable, "encryption")))
 		return
 	}
-	if ok, need := b.hasRoomAdminPower(ctx, ce.RoomID, ce.Sender); !ok {
-		ce.Reply("Changing the link's encryption policy needs room admin power here (power level ≥ %d, the level needed to change power levels) or ferry permission level `%s`.", need, LevelAdmin)
+	if a := ce.authorize(ce.RoomID, rightRoomAdmin); !a.ok {
+		ce.reply(a.because("Cannot change the link's encryption policy"))
 		return
 	}
 	if link == nil {
@@ -583,6 +559,10 @@ func cmdVersion(ce *CommandEvent) {
 }
 
 func cmdRotate(ce *CommandEvent) {
+	if a := ce.authorize(ce.RoomID, rightMember); !a.ok {
+		ce.reply(a.because("Cannot rotate"))
+		return
+	}
 	if ce.Bridge.Crypto == nil {
 		ce.Reply("Encryption is unavailable.")
 		return

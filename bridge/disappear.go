@@ -113,8 +113,8 @@ func cmdDisappear(ce *CommandEvent) {
 		ce.Reply("Cannot set the disappearing timer: %s.", err)
 		return
 	}
-	if !b.hasStatePower(ctx, ce.RoomID, ce.Sender) {
-		ce.Reply("%s", noPowerHere("change the disappearing timer"))
+	if a := ce.authorize(ce.RoomID, rightSettings); !a.ok {
+		ce.reply(a.because("Cannot change the disappearing timer"))
 		return
 	}
 	link, err := b.DB.Links.GetByRoom(ctx, ce.RoomID)

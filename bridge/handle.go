@@ -101,6 +101,11 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 			return res
 		}
 		ctx = withInboundSession(ctx, evt) // disappearing messages track the session
+		if isControlType(dec.Type) {
+			// The homeserver saw only ciphertext and authorised nothing: content, never control (authority.go).
+			zerolog.Ctx(ctx).Info().Str("decrypted_type", dec.Type.Type).Msg("Dropping an encrypted event of a control type")
+			return outcome{state: database.InboxDone}
+		}
 		evt = dec
 	}
 	if evt.Type == event.EventMessage && b.handleCommand(ctx, evt) {

@@ -54,6 +54,16 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
 	}
 	log := zerolog.Ctx(ctx).With().Str("link_id", link.ID).Logger()
 	ctx = log.WithContext(ctx)
+	if evt.Type == event.EventRedaction {
+		ok, err := b.redactionAuthorised(ctx, evt, redactsOf(evt), link.Others(evt.RoomID))
+		if err != nil {
+			return outcome{err: err}
+		} else if !ok {
+			// Servers accept redactions they then do not apply; this one changed nothing here, so it does not elsewhere.
+			log.Info().Msg("Not relaying a redaction by a user who neither sent the original nor may redact others")
+			return outcome{state: database.InboxDone}
+		}
+	}
 	if res, stop := b.prepareCall(ctx, evt, link); stop {
 		return res
 	}
@@ -152,10 +162,7 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 
 // relayRedaction redacts the copy of the redacted event in target, as the ghost that sent the copy.
 func (b *Bridge) relayRedaction(ctx context.Context, evt *event.Event, target id.RoomID) outcome {
-	redacts := evt.Redacts
-	if redacts == "" {
-		redacts = evt.Content.AsRedaction().Redacts
-	}
+	redacts := redactsOf(evt)
 	counterpart, ok, err := b.DB.EventMap.Counterpart(ctx, redacts, target)
 	if err != nil {
 		return outcome{err: err}

@@ -1,0 +1,120 @@
+// Issue 12's end-to-end proof: the link boundary holds. Real matrix-js-sdk users with bad intent try to make ferry
+// act in another room without the authority the homeserver would demand there, and fail:
+//   - redactions: an encrypted event whose cleartext type is m.room.redaction never redacts a copy; a
+//     moderator's and the sender's own redactions still do. (A real redaction that the server accepts but does
+//     not apply cannot be produced here: Synapse refuses it, Dendrite keeps it from clients and appservices;
+//     bridge's TestRedactionAuthority proves ferry's rule for it.)
+//   - membership and power: power levels outlive leaving and bans, but a user who left or was banned from a room
+//     cannot link it by that stale power.
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import { createUser } from "../lib/users.js";
+import { command, inviteBot, linkByRequest, startStack } from "../lib/stack.js";
+
+const T = 30000;
+let stack, alice, bob, carol, roomA, roomB;
+
+const isGhost = (userId) => userId.startsWith("@_ferry_");
+
+/** Waits in `roomId` (as `user`) for the relayed copy of a message with this body. */
+function copyOf(user, roomId, body) {
+    return user.waitForEvent(roomId, (e) => isGhost(e.sender) && e.type === "m.room.message" && e.content.body === body, T, `the copy of "${body}"`);
+}
+
+/** The plain event `eventId` as `user` sees it now. */
+async function seen(user, roomId, eventId) {
+    return (await user.events(roomId)).find((e) => e.eventId === eventId);
+}
+
+/**
+ * A barrier for redactions: alice (room A's creator) sends a message and redacts it, and bob waits until the copy
+ * in room B is redacted. ferry handles a room's redactions in the order they reached it, through the same path
+ * (pushed, or on Dendrite its bot's /sync), so anything an earlier redaction in room A did is done by then.
+ */
+async function redactionBarrier(label) {
+    const body = `barrier ${label}`;
+    const id = await alice.sendText(roomA, body);
+    const copy = await copyOf(bob, roomB, body);
+    await alice.redact(roomA, id);
+    await bob.waitForEvent(roomB, (e) => e.eventId === copy.eventId && e.redacted, T, `the barrier copy "${body}" to be redacted`);
+}
+
+before(async () => {
+    stack = await startStack({ permissions: { "*": "relay", "ferry.test": "user" } });
+    [alice, bob, carol] = await Promise.all(["alice", "bob", "carol"].map((n) => createUser(stack.hs.url, n, { displayName: n })));
+    roomA = await alice.createEncryptedRoom({ name: "Boundary A" });
+    roomB = await bob.createEncryptedRoom({ name: "Boundary B" });
+    await inviteBot(stack, alice, roomA);
+    await inviteBot(stack, bob, roomB);
+    await linkByRequest(stack, alice, roomA, bob, roomB);
+    // carol is a plain member of room A (power 0).
+    await alice.invite(roomA, carol.userId);
+    await carol.join(roomA);
+    await alice.waitForMembership(roomA, carol.userId, "join");
+});
+
+after(async () => {
+    await Promise.all([alice?.stop(), bob?.stop(), carol?.stop()]);
+    await stack?.stop();
+});
+
+test("attack 1: an encrypted event whose cleartext type is m.room.redaction redacts nothing", async () => {
+    const original = await alice.sendText(roomA, "alice's words, attack 1");
+    const copy = await copyOf(bob, roomB, "alice's words, attack 1");
+    await carol.waitForEvent(roomA, (e) => e.eventId === original, T, "alice's message at carol");
+    const fake = await carol.sendEncrypted(roomA, "m.room.redaction", { redacts: original });
+    // The homeserver stored ciphertext: for it, nothing was redacted.
+    const atAlice = await alice.waitForEvent(roomA, (e) => e.eventId === fake, T, "carol's encrypted redaction");
+    assert.equal(atAlice.encrypted, true);
+    assert.equal(atAlice.type, "m.room.redaction", "the cleartext type is m.room.redaction");
+    // A marker after it from carol: ferry handles room A in order, so once the marker crossed, the fake was handled.
+    await carol.sendText(roomA, "carol's marker, attack 1");
+    await copyOf(bob, roomB, "carol's marker, attack 1");
+    await redactionBarrier("attack 1");
+    assert.equal((await seen(alice, roomA, original)).redacted, false, "the homeserver did not redact the original");
+    assert.equal((await seen(bob, roomB, copy.eventId)).redacted, false, "ferry did not redact the copy");
+});
+
+test("redactions by the sender and by a member with redact power still cross", async () => {
+    const own = await carol.sendText(roomA, "carol takes this back");
+    const ownCopy = await copyOf(bob, roomB, "carol takes this back");
+    await carol.redact(roomA, own);
+    await bob.waitForEvent(roomB, (e) => e.eventId === ownCopy.eventId && e.redacted, T, "the copy of carol's own redacted message");
+    // alice created room A (power 100 ≥ redact 50) and removes carol's message.
+    const moderated = await carol.sendText(roomA, "carol's message a moderator removes");
+    const modCopy = await copyOf(bob, roomB, "carol's message a moderator removes");
+    await alice.waitForEvent(roomA, (e) => e.eventId === moderated, T, "carol's message at alice");
+    await alice.redact(roomA, moderated);
+    await bob.waitForEvent(roomB, (e) => e.eventId === modCopy.eventId && e.redacted, T, "the copy of the moderated message");
+});
+
+for (const how of ["left", "banned"]) {
+    test(`attack 2: a user who ${how} room B links it by stale power and is refused`, async () => {
+        const mallory = await createUser(stack.hs.url, `mallory-${how}`, { displayName: "Mallory" });
+        try {
+            // mallory was a moderator of room B (power 50, enough to change its settings).
+            await bob.invite(roomB, mallory.userId);
+            await mallory.join(roomB);
+            await bob.client.setPowerLevel(roomB, mallory.userId, 50);
+            if (how === "left") await mallory.leave(roomB);
+            else await bob.client.ban(roomB, mallory.userId, "test");
+            await bob.waitForMembership(roomB, mallory.userId, how === "left" ? "leave" : "ban");
+            const pl = (await bob.client.roomState(roomB)).find((e) => e.type === "m.room.power_levels");
+            assert.equal(pl.content.users[mallory.userId], 50, `power levels still list mallory after she ${how}`);
+
+            const own = await mallory.createEncryptedRoom({ name: `Mallory's room (${how})` });
+            await inviteBot(stack, mallory, own);
+            const reply = await command(stack, mallory, own, `!ferry link ${roomB}`);
+            assert.doesNotMatch(reply.content.body, /^Linked/, "ferry did not link at once");
+            assert.match(reply.content.body, /not a member of|not joined/i, "the reply says her power there does not count");
+            assert.deepEqual(stack.sql(`SELECT link_id FROM link_room WHERE room_id='${own}'`), [], "mallory's room joined no link");
+            // Room B's messages still reach only room A.
+            await bob.sendText(roomB, `bob after mallory ${how}`);
+            await copyOf(alice, roomA, `bob after mallory ${how}`);
+            const linkRooms = stack.sql("SELECT room_id FROM link_room ORDER BY room_id").map((r) => r[0]);
+            assert.deepEqual(linkRooms, [roomA, roomB].sort());
+        } finally {
+            await mallory.stop();
+        }
+    });
+}
