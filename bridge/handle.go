@@ -92,7 +92,8 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 		b.handleState(ctx, evt)
 		return outcome{state: database.InboxDone}
 	}
-	if b.Ghosts.IsOwn(evt.Sender) || b.Permission(evt.Sender) == LevelBlock {
+	// ferry's own users, and other ferry instances' (bridge.peer_users): relaying their copies would echo.
+	if b.Ghosts.IsOwn(evt.Sender) || b.Config.isPeer(string(evt.Sender)) || b.Permission(evt.Sender) == LevelBlock {
 		return outcome{state: database.InboxDone}
 	}
 	if evt.Type == event.EventEncrypted {

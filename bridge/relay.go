@@ -48,10 +48,6 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
 	} else if err != nil {
 		return outcome{err: err}
 	}
-	if origin := OriginOf(&evt.Content); origin != nil {
-		// A copy made by another ferry instance: relaying it again would echo.
-		return outcome{state: database.InboxDone}
-	}
 	log := zerolog.Ctx(ctx).With().Str("link_id", link.ID).Logger()
 	ctx = log.WithContext(ctx)
 	if evt.Type == event.EventRedaction {
@@ -187,14 +183,14 @@ func (b *Bridge) relayRedaction(ctx context.Context, evt *event.Event, target id
 
 // send sends content into a room as intent's user, encrypting it when the room is encrypted.
 func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id.RoomID, encrypted bool, evtType event.Type, content *event.Content, txnID string) (id.EventID, error) {
-	if began, ok := b.sent.takeUncertain(txnID); ok {
+	if began, ok := b.sent.takeUncertain(room, txnID); ok {
 		// An earlier attempt got no answer: the homeserver may have posted it (reconcile.go).
 		if _, err := b.readBack(ctx, room, began.Add(-reconcileClockLag)); err != nil {
-			b.sent.markUncertain(txnID, began)
+			b.sent.markUncertain(room, txnID, began)
 			return "", fmt.Errorf("failed to check whether an unanswered send was posted: %w", err)
 		}
 	}
-	if evtID, ok := b.sent.take(txnID); ok {
+	if evtID, ok := b.sent.take(room, txnID); ok {
 		// Posted by an attempt whose answer ferry never got (before an unclean stop, or a dropped connection),
 		// and found in the room (reconcile.go): not again.
 		zerolog.Ctx(ctx).Info().Stringer("target_room_id", room).Stringer("sent_event_id", evtID).
@@ -231,7 +227,7 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 		if httpErr := (mautrix.HTTPError{}); !errors.As(err, &httpErr) || httpErr.Response == nil || httpErr.Response.StatusCode >= 500 {
 			// No answer, or a server error (Dendrite answers 500 when it stopped waiting for its room server,
 			// which may still post the event): the request may have been processed.
-			b.sent.markUncertain(txnID, began)
+			b.sent.markUncertain(room, txnID, began)
 		}
 		return "", err
 	}

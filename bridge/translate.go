@@ -15,10 +15,14 @@ import (
 	"maunium.net/go/mautrix/id"
 )
 
-// OriginKey is the content key of the origin marker ferry puts in every relayed content, so that other ferry
-// instances (and ferry itself) recognise copies and never relay them again.
+// OriginKey is the content key of the origin marker ferry puts in every relayed content: which event a copy was
+// made from, so that ferry recognises its own copies when it reads a room back (reconcile.go).
 // Its value is {"event_id": "$src", "room_id": "!src", "instance": "<appservice id>@<domain>"}.
 const OriginKey = "im.ferry.origin"
+
+// ferryKeyPrefix starts every content key that is ferry's own (the origin marker, the transaction marker, ...).
+// Such keys are removed from every copy of a user's content and never trusted from it: any user can write them.
+const ferryKeyPrefix = "im.ferry."
 
 // Origin is the value of the origin marker: which event a copy was made from, and by which ferry instance.
 type Origin struct {
@@ -103,8 +107,9 @@ func kindOf(t event.Type) eventKind {
 
 // Translate turns a decrypted source event into the content to send in one target room: event IDs in
 // relations point at their counterparts in the target room, mentions and user pills at who stands for the
-// user there, reply fallbacks are stripped, and the origin marker is added. Everything else in the content,
-// including keys ferry does not know and encrypted attachments, is kept as it was.
+// user there, reply fallbacks are stripped, keys in ferry's own namespace (im.ferry.*) are removed and the
+// origin marker is added. Everything else in the content, including keys ferry does not know and encrypted
+// attachments, is kept as it was.
 //
 // It reads src.Content.VeryRaw (the content as received or decrypted) when set, else Parsed with Raw merged
 // over it. It never mutates src. The returned content has Raw (numbers as float64, like mautrix's own parsing)
@@ -129,6 +134,7 @@ func Translate(ctx context.Context, src *event.Event, m Mapper, origin Origin) (
 	if err != nil {
 		return evtType, nil, fmt.Errorf("%w: %s content is not a JSON object", ErrNotRelayable, src.Type.Type)
 	}
+	stripFerryKeys(raw)
 	tr := translator{ctx: ctx, m: m, standalone: kind == kindMessage}
 	switch kind {
 	case kindMessage:
@@ -149,6 +155,19 @@ func Translate(ctx context.Context, src *event.Event, m Mapper, origin Origin) (
 		return evtType, nil, fmt.Errorf("failed to marshal translated content: %w", err)
 	}
 	return evtType, &event.Content{VeryRaw: data, Raw: raw}, nil
+}
+
+// stripFerryKeys removes ferry's own keys (ferryKeyPrefix) from a user's content and from its m.new_content: only
+// ferry writes them, and only into what it sends itself.
+func stripFerryKeys(content map[string]any) {
+	for key := range content {
+		if strings.HasPrefix(key, ferryKeyPrefix) {
+			delete(content, key)
+		}
+	}
+	if newContent, ok := content[keyNewContent].(map[string]any); ok {
+		stripFerryKeys(newContent)
+	}
 }
 
 // OriginOf reads the origin marker from any (decrypted) content, or returns nil when there is none. A marker

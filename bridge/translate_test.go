@@ -98,6 +98,9 @@ var translateCases = map[string]struct{ wantErr error }{
 	"emote":             {},
 	"text_unknown_keys": {},
 	"marker_replaced":   {},
+	// ferry's own keys (im.ferry.*) never cross from a user's content, also not inside m.new_content.
+	"ferry_keys_stripped":      {},
+	"call_ferry_keys_stripped": {},
 	// Mentions and pills.
 	"html_pills_and_mentions":      {},
 	"mentions_absent_stay_absent":  {},

@@ -172,6 +172,7 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 			"key_notice_after":          {d.Bridge.KeyNoticeAfter, 60 * time.Second},
 			"redact_originals":          {d.Bridge.RedactOriginals, true},
 			"disappear_key_idle":        {d.Bridge.DisappearKeyIdle, time.Minute},
+			"peer_users":                {d.Bridge.PeerUsers, ""},
 			"pickle_key":                {d.Encryption.PickleKey, crypto.PickleKeyGenerate},
 			"device_mode":               {d.Encryption.DeviceMode, "per_ghost"},
 			"appservice":                {d.Encryption.Appservice, false},
@@ -457,6 +458,10 @@ func TestValidateErrors(t *testing.T) {
 		"displayname_template empty output": {
 			old: "  key_wait: 5s", new: "  key_wait: 5s\n  displayname_template: \" \"",
 			want: `config.yaml:11: bridge.displayname_template: renders an empty display name`,
+		},
+		"peer_users not a regular expression": {
+			old: "  key_wait: 5s", new: "  key_wait: 5s\n  peer_users: \"@(_ferry2_.*:example\\\\.org\"",
+			want: "config.yaml:11: bridge.peer_users: not a valid regular expression: error parsing regexp: missing closing ): `^(?:@(_ferry2_.*:example\\.org)$`",
 		},
 		"key_wait zero": {
 			old: "key_wait: 5s", new: "key_wait: 0s",

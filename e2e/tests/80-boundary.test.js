@@ -118,3 +118,28 @@ for (const how of ["left", "banned"]) {
         }
     });
 }
+
+test("ferry's markers are ferry's: a user's im.ferry.* keys never cross, and forged markers stop nothing", async () => {
+    const forgedOrigin = { event_id: "$someone-elses", room_id: roomB, instance: "ferry@elsewhere.test" };
+    const sent = await alice.sendText(roomA, "forged markers", {
+        "im.ferry.origin": forgedOrigin,
+        "im.ferry.txn": "ferry_reply_forged",
+        "im.ferry.whatever": { nested: true },
+    });
+    const copy = await copyOf(bob, roomB, "forged markers");
+    assert.deepEqual(Object.keys(copy.content).filter((k) => k.startsWith("im.ferry.")), ["im.ferry.origin"], "only ferry's own marker");
+    assert.equal(copy.content["im.ferry.origin"].event_id, sent, "the origin marker names alice's event");
+    assert.equal(copy.content["im.ferry.origin"].room_id, roomA);
+    // An edit with a forged marker reaches room B too: a marker cannot make the rooms see different text.
+    await alice.sendEvent(roomA, "m.room.message", {
+        msgtype: "m.text",
+        body: "* forged markers, edited",
+        "m.new_content": { msgtype: "m.text", body: "forged markers, edited", "im.ferry.txn": "ferry_forged_inner" },
+        "m.relates_to": { rel_type: "m.replace", event_id: sent },
+        "im.ferry.origin": forgedOrigin,
+    });
+    const edit = await bob.waitForEvent(roomB, (e) => isGhost(e.sender) && e.content["m.relates_to"]?.rel_type === "m.replace" && e.content["m.relates_to"].event_id === copy.eventId, T, "the relayed edit");
+    assert.equal(edit.content["m.new_content"].body, "forged markers, edited");
+    assert.equal(edit.content["m.new_content"]["im.ferry.txn"], undefined, "no ferry key inside m.new_content");
+    assert.notEqual(edit.content["im.ferry.origin"].event_id, forgedOrigin.event_id);
+});
