@@ -113,11 +113,28 @@ func (b *Bridge) standingOf(ctx context.Context, room id.RoomID, user id.UserID,
 		zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", room).Msg("Failed to read power levels for a permission check")
 		return s, errStandingUnknown
 	}
-	if create, err := b.StateStore.GetCreate(ctx, room); err == nil && create != nil {
-		pl.CreateEvent = create // room v12: creators hold unlimited power without a users entry
-	}
+	pl.CreateEvent = b.createEvent(ctx, room) // room v12: creators hold unlimited power without a users entry
 	s.Level, s.Need = pl.GetUserLevel(user), r.needFrom(&pl)
 	return s, nil
+}
+
+// createEvent returns a room's m.room.create event from the state store, fetching (and storing) it when the store
+// has none; nil when it cannot be read. Power levels need it to know a room v12's creators.
+func (b *Bridge) createEvent(ctx context.Context, room id.RoomID) *event.Event {
+	if create, err := b.StateStore.GetCreate(ctx, room); err == nil && create != nil {
+		return create
+	}
+	create, err := b.AS.BotClient().FullStateEvent(ctx, room, event.StateCreate, "")
+	if err != nil {
+		zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", room).Msg("Failed to read the room's create event")
+		return nil
+	}
+	create.RoomID = room
+	_ = create.Content.ParseRaw(event.StateCreate)
+	if err = b.StateStore.SetCreate(ctx, create); err != nil {
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to store the room's create event")
+	}
+	return create
 }
 
 // authority is the outcome of one permission check of a command.
@@ -223,8 +240,8 @@ func (b *Bridge) redactionAuthorised(ctx context.Context, evt *event.Event, reda
 	if err != nil {
 		return false, fmt.Errorf("failed to read the source room's power levels: %w", err)
 	}
-	if create, err := b.StateStore.GetCreate(ctx, evt.RoomID); err == nil && create != nil && pl.CreateEvent == nil {
-		pl.CreateEvent = create
+	if pl.CreateEvent == nil {
+		pl.CreateEvent = b.createEvent(ctx, evt.RoomID)
 	}
 	return redactionCrosses(false, pl.GetUserLevel(evt.Sender), pl.Redact()), nil
 }

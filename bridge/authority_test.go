@@ -109,10 +109,15 @@ func TestRedactsOf(t *testing.T) {
 	}
 }
 
-// scriptedCrypto decrypts each event to the cleartext scripted for its ID (a message when none is).
+// scriptedCrypto decrypts each event to the cleartext scripted for its ID (a message when none is); what ferry
+// encrypts stays readable (sealCrypto), so tests read its notices.
 type scriptedCrypto struct {
-	benchCrypto
+	sealCrypto
 	cleartext map[id.EventID]*event.Event
+}
+
+func newScriptedCrypto() *scriptedCrypto {
+	return &scriptedCrypto{sealCrypto: sealCrypto{benchCrypto{plaintext: benchMessage()}}, cleartext: map[id.EventID]*event.Event{}}
 }
 
 func (c *scriptedCrypto) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
@@ -174,7 +179,7 @@ func (f *relayFixture) redactions(room id.RoomID) []id.EventID {
 // real redactions by the original's sender or by someone with the redact power redact the copy in room B. An
 // encrypted event whose cleartext is a redaction, and a real redaction the server would not apply, do nothing.
 func TestRedactionAuthority(t *testing.T) {
-	cr := &scriptedCrypto{benchCrypto: benchCrypto{plaintext: benchMessage()}, cleartext: map[id.EventID]*event.Event{}}
+	cr := newScriptedCrypto()
 	f := newRelayFixtureWith(t, cr)
 	carol, dave := id.UserID("@carol:ferry.test"), id.UserID("@dave:ferry.test")
 	for _, u := range []id.UserID{carol, dave} {
@@ -276,7 +281,7 @@ func (f *relayFixture) command(t *testing.T, cr *scriptedCrypto, room id.RoomID,
 // there, links it from a room of her own; ferry only asks the room (a link request). A ferry admin needs no
 // membership in the other room; everyone must still be in the room they send a command in.
 func TestCommandAuthority(t *testing.T) {
-	cr := &scriptedCrypto{benchCrypto: benchCrypto{plaintext: benchMessage()}, cleartext: map[id.EventID]*event.Event{}}
+	cr := newScriptedCrypto()
 	f := newRelayFixtureWith(t, cr)
 	ctx := context.Background()
 	admin := id.UserID("@admin:ferry.test")

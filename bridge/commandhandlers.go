@@ -98,58 +98,18 @@ func cmdLink(ce *CommandEvent) {
 		ce.reply(renderNotice("Cannot link:").join(reason))
 		return
 	}
-	if a := ce.authorize(target, rightSettings); !a.ok {
-		if a.unknown {
-			ce.reply(a.because("Cannot link"))
-			return
-		}
-		req := &database.LinkRequest{RoomID: target, FromRoom: ce.RoomID, RequestedBy: ce.Sender, CreatedAt: time.Now()}
-		if err = b.DB.Links.PutRequest(ctx, req); err != nil {
-			zerolog.Ctx(ctx).Err(err).Msg("Failed to store link request")
-			ce.Reply("Failed to store the link request.")
-			return
-		}
-		text := renderNotice("%s asks to link this room with **%s**. Someone who may change room settings here can accept with `%s`.",
-			ce.Sender, b.roomName(ctx, ce.RoomID), commandLine(b.Config.CommandPrefix, false, "accept"))
-		if _, err = b.sendRenderedNotice(ctx, target, text, "", "ferry_linkreq_"+TxnID(ce.Event.ID, target)); err != nil {
-			zerolog.Ctx(ctx).Err(err).Stringer("target_room_id", target).Msg("Failed to post link request")
-			ce.Reply("Failed to post the link request in %s.", ce.Args[0])
-			return
-		}
-		ce.reply(a.because("You cannot link it yourself").
-			join(renderNotice("I posted a link request in %s. Someone with power there can accept it with `%s`.", ce.Args[0], commandLine(b.Config.CommandPrefix, false, "accept"))))
+	// Linking acts on both rooms and on every room of a link either belongs to: each needs consent from someone
+	// with power there (consent.go). The sender consents where their own power counts.
+	att := ce.requesterConsents(linkScope(ce.RoomID, target, current, existing))
+	if att.unknown != nil {
+		ce.reply(att.unknown.because("Cannot link"))
+		return
+	}
+	if len(att.waiting) > 0 {
+		ce.askConsent(&database.ConsentRequest{Kind: database.ConsentLink, FromRoom: ce.RoomID, TargetRoom: target}, att)
 		return
 	}
 	b.completeLink(ce, ce.RoomID, target)
-}
-
-func cmdAccept(ce *CommandEvent) {
-	b, ctx := ce.Bridge, ce.Ctx
-	if a := ce.authorize(ce.RoomID, rightSettings); !a.ok {
-		ce.reply(a.because("Cannot accept"))
-		return
-	}
-	req, err := b.DB.Links.TakeRequest(ctx, ce.RoomID)
-	if err != nil {
-		zerolog.Ctx(ctx).Err(err).Msg("Failed to read link request")
-		ce.Reply("Failed to read the link request.")
-		return
-	} else if req == nil {
-		ce.Reply("There is no pending link request for this room.")
-		return
-	}
-	// The request's sender had the power in the room it came from when asking; it must still hold now.
-	if a := b.checkAuthority(ctx, req.RequestedBy, req.FromRoom, rightSettings, false); !a.ok {
-		ce.Reply("Cannot link: %s, who asked, may no longer change room settings in **%s**; the request is void.", req.RequestedBy, b.roomName(ctx, req.FromRoom))
-		return
-	}
-	from, _ := b.DB.Links.GetByRoom(ctx, req.FromRoom)
-	here, _ := b.DB.Links.GetByRoom(ctx, ce.RoomID)
-	if reason, refused := b.linkRefusal(ctx, req.FromRoom, ce.RoomID, from, here); refused {
-		ce.reply(renderNotice("Cannot link:").join(reason))
-		return
-	}
-	b.completeLink(ce, req.FromRoom, ce.RoomID)
 }
 
 // linkRefusal explains why rooms a and c may not be linked, given the links they already belong to (nil when

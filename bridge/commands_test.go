@@ -149,7 +149,7 @@ func TestHelpListsWhatTheSenderMayRunHere(t *testing.T) {
 		}
 		return out
 	}
-	everyone := []string{"help", "link", "accept", "links", "status", "encryption", "devices", "ping", "version"}
+	everyone := []string{"help", "link", "accept", "reject", "links", "status", "encryption", "devices", "ping", "version"}
 	for name, tc := range map[string]struct {
 		level Level
 		room  RoomContext
@@ -158,10 +158,10 @@ func TestHelpListsWhatTheSenderMayRunHere(t *testing.T) {
 		"block":                     {level: LevelBlock, room: RoomContext{Linked: true}, want: nil},
 		"relay":                     {level: LevelRelay, room: RoomContext{Linked: true, Encrypted: true}, want: nil},
 		"user, unlinked room":       {level: LevelUser, room: RoomContext{}, want: everyone},
-		"user, linked room":         {level: LevelUser, room: RoomContext{Linked: true}, want: []string{"help", "link", "accept", "unlink", "links", "status", "encryption", "disappear", "devices", "ping", "version"}},
+		"user, linked room":         {level: LevelUser, room: RoomContext{Linked: true}, want: []string{"help", "link", "accept", "reject", "unlink", "links", "status", "encryption", "disappear", "devices", "ping", "version"}},
 		"user, management room":     {level: LevelUser, room: RoomContext{Management: true, Encrypted: true}, want: everyone},
 		"admin, unencrypted room":   {level: LevelAdmin, room: RoomContext{}, want: append(slices.Clone(everyone), "reload")},
-		"admin, linked encrypted":   {level: LevelAdmin, room: RoomContext{Linked: true, Encrypted: true}, want: []string{"help", "link", "accept", "unlink", "links", "status", "encryption", "disappear", "devices", "ping", "version", "rotate", "reload"}},
+		"admin, linked encrypted":   {level: LevelAdmin, room: RoomContext{Linked: true, Encrypted: true}, want: []string{"help", "link", "accept", "reject", "unlink", "links", "status", "encryption", "disappear", "devices", "ping", "version", "rotate", "reload"}},
 		"admin, management room":    {level: LevelAdmin, room: RoomContext{Management: true, Encrypted: true}, want: append(slices.Clone(everyone), "rotate", "recovery-key", "reload")},
 		"admin, unencrypted direct": {level: LevelAdmin, room: RoomContext{Management: true}, want: append(slices.Clone(everyone), "recovery-key", "reload")},
 	} {

@@ -130,7 +130,27 @@ func cmdDisappear(ce *CommandEvent) {
 		ce.reply(renderNotice("Nothing to change.").join(disappearText(after)))
 		return
 	}
-	if err = b.DB.Links.SetDisappear(ctx, link.ID, after); err != nil {
+	// A timer redacts originals in every room of the link (bridge.redact_originals): each room must consent
+	// (consent.go). Turning it off, or a timer that only removes ferry's own copies, acts on nothing but ferry's
+	// events.
+	if after > 0 && b.Config.RedactOriginals {
+		att := ce.requesterConsents(link.Rooms)
+		if att.unknown != nil {
+			ce.reply(att.unknown.because("Cannot change the disappearing timer"))
+			return
+		}
+		if len(att.waiting) > 0 {
+			ce.askConsent(&database.ConsentRequest{Kind: database.ConsentDisappear, FromRoom: ce.RoomID, LinkID: link.ID, DisappearAfter: after}, att)
+			return
+		}
+	}
+	b.setDisappear(ce, link, after, ce.Sender)
+}
+
+// setDisappear sets a link's timer (every room of it consented, or none needed to) and tells every room.
+func (b *Bridge) setDisappear(ce *CommandEvent, link *database.Link, after time.Duration, by id.UserID) {
+	ctx := ce.Ctx
+	if err := b.DB.Links.SetDisappear(ctx, link.ID, after); err != nil {
 		zerolog.Ctx(ctx).Err(err).Msg("Failed to change the disappearing timer")
 		ce.Reply("Failed to change the disappearing timer.")
 		return
@@ -138,7 +158,7 @@ func cmdDisappear(ce *CommandEvent) {
 	zerolog.Ctx(ctx).Info().Str("link_id", link.ID).Dur("disappear_after", after).Msg("Disappearing timer changed")
 	b.disappearTimerChanged(ctx, link, after)
 	ce.reply(renderNotice("Done.").join(disappearText(after)))
-	ce.announce(link.Others(ce.RoomID), "disappear", disappearText(after).join(renderNotice("(set by %s in **%s**)", ce.Sender, b.roomName(ctx, ce.RoomID))))
+	ce.announce(link.Others(ce.RoomID), "disappear", disappearText(after).join(renderNotice("(set by %s)", by)))
 }
 
 // showDisappear answers `disappear` without argument: the timer, how to set it, and for admins the redactions

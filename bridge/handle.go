@@ -252,11 +252,21 @@ func (b *Bridge) parkedLoop(ctx context.Context) {
 	ctx = log.WithContext(ctx)
 	tick := time.NewTicker(5 * time.Second)
 	defer tick.Stop()
+	var swept time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+		}
+		if time.Since(swept) >= consentSweepEvery {
+			// Expired consent requests answer nothing any more; they are dropped so they take no room.
+			swept = time.Now()
+			if n, err := b.DB.Consent.DeleteExpired(ctx, swept); err != nil {
+				log.Warn().Err(err).Msg("Failed to delete expired consent requests")
+			} else if n > 0 {
+				log.Info().Int64("requests", n).Msg("Deleted expired consent requests")
+			}
 		}
 		parked, err := b.DB.Inbox.Parked(ctx)
 		if err != nil {

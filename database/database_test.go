@@ -138,17 +138,6 @@ func TestLinks(t *testing.T) {
 		if _, err = db.Links.GetByRoom(ctx, "!b"); !errors.Is(err, database.ErrLinkNotFound) {
 			t.Fatalf("dissolved link still there: %v", err)
 		}
-		req := &database.LinkRequest{RoomID: "!b", FromRoom: "!a", RequestedBy: "@u:x", CreatedAt: now}
-		if err = db.Links.PutRequest(ctx, req); err != nil {
-			t.Fatal(err)
-		}
-		got, err := db.Links.TakeRequest(ctx, "!b")
-		if err != nil || got == nil || got.FromRoom != "!a" {
-			t.Fatalf("take request = %+v, %v", got, err)
-		}
-		if got, _ = db.Links.TakeRequest(ctx, "!b"); got != nil {
-			t.Fatalf("request taken twice")
-		}
 	})
 }
 

@@ -143,3 +143,82 @@ test("ferry's markers are ferry's: a user's im.ferry.* keys never cross, and for
     assert.equal(edit.content["m.new_content"]["im.ferry.txn"], undefined, "no ferry key inside m.new_content");
     assert.notEqual(edit.content["im.ferry.origin"].event_id, forgedOrigin.event_id);
 });
+
+/** The request ID in a reply or request notice. */
+const requestId = (body) => {
+    const m = body.match(/[Rr]equest `([0-9a-f]+)`/);
+    assert.ok(m, `a request ID in: ${body}`);
+    return m[1];
+};
+const linkOf = (roomId) => stack.sql(`SELECT link_id FROM link_room WHERE room_id='${roomId}'`).map((r) => r[0])[0];
+
+test("adding a room to an existing link needs consent in every room of the link", async () => {
+    const roomC = await carol.createEncryptedRoom({ name: "Boundary C" });
+    await inviteBot(stack, carol, roomC);
+    const asked = await command(stack, carol, roomC, `!ferry link ${roomA}`);
+    assert.match(asked.content.body, /needs consent/);
+    const id = requestId(asked.content.body);
+    // Both rooms of the link are asked, with the ID.
+    for (const [user, room] of [[alice, roomA], [bob, roomB]]) {
+        const notice = await user.waitForEvent(room, (e) => e.sender === stack.botUserId && (e.content.body ?? "").includes(`Request \`${id}\``), T, "the request notice");
+        assert.match(notice.content.body, /asks to link/);
+        assert.match(notice.content.body, new RegExp(`!ferry reject ${id}`));
+    }
+    const first = await command(stack, alice, roomA, `!ferry accept ${id}`);
+    assert.match(first.content.body, /still waits for consent in Boundary B/, "one room's consent is not enough");
+    assert.equal(linkOf(roomC), undefined, "room C is not linked yet");
+    const second = await command(stack, bob, roomB, `!ferry accept ${id}`);
+    assert.match(second.content.body, /^Linked/);
+    assert.equal(linkOf(roomC), linkOf(roomA));
+    // Back to the A–B link for the other tests.
+    assert.match((await command(stack, carol, roomC, "!ferry unlink")).content.body, /^Unlinked/);
+});
+
+test("requests can be rejected, expire, and the requester's rights are checked again when accepted", async () => {
+    const dave = await createUser(stack.hs.url, "dave", { displayName: "dave" });
+    try {
+        const roomD = await dave.createEncryptedRoom({ name: "Boundary D" });
+        await inviteBot(stack, dave, roomD);
+        // Rejected: nothing changes, and dave's room is told.
+        const rejected = requestId((await command(stack, dave, roomD, `!ferry link ${roomB}`)).content.body);
+        assert.match((await command(stack, bob, roomB, `!ferry reject ${rejected}`)).content.body, new RegExp(`Rejected request \`${rejected}\``));
+        await dave.waitForEvent(roomD, (e) => e.sender === stack.botUserId && /was rejected in Boundary B/.test(e.content.body ?? ""), T, "the rejection notice");
+        assert.match((await command(stack, bob, roomB, `!ferry accept ${rejected}`)).content.body, /No request/);
+        // Expired: refused when accepted.
+        const expired = requestId((await command(stack, dave, roomD, `!ferry link ${roomB}`)).content.body);
+        stack.sql(`UPDATE consent_request SET expires_at = 0 WHERE id='${expired}'`);
+        assert.match((await command(stack, alice, roomA, `!ferry accept ${expired}`)).content.body, /expired/);
+        assert.equal(linkOf(roomD), undefined);
+        // dave leaves his own room after asking (his power there stays listed): his consent for it no longer counts.
+        const recheck = requestId((await command(stack, dave, roomD, `!ferry link ${roomB}`)).content.body);
+        await dave.invite(roomD, carol.userId);
+        await carol.join(roomD);
+        await dave.client.setPowerLevel(roomD, carol.userId, 100);
+        await carol.waitForEvent(roomD, (e) => e.type === "m.room.power_levels" && e.content.users?.[carol.userId] === 100, T, "carol's power");
+        await dave.leave(roomD);
+        await carol.waitForMembership(roomD, dave.userId, "leave");
+        await command(stack, alice, roomA, `!ferry accept ${recheck}`);
+        const last = await command(stack, bob, roomB, `!ferry accept ${recheck}`);
+        assert.match(last.content.body, /still waits for consent in Boundary D/);
+        assert.equal(linkOf(roomD), undefined, "room D is not linked on a consent that no longer holds");
+        await carol.waitForEvent(roomD, (e) => e.sender === stack.botUserId && (e.content.body ?? "").includes(`Request \`${recheck}\``), T, "room D is asked again");
+        assert.match((await command(stack, carol, roomD, `!ferry reject ${recheck}`)).content.body, /Rejected/);
+        await carol.leave(roomD);
+    } finally {
+        await dave.stop();
+    }
+});
+
+test("a disappearing timer that redacts originals in another room needs that room's consent", async () => {
+    // bob has power only in room B; with the default bridge.redact_originals the timer redacts originals in A too.
+    const asked = await command(stack, bob, roomB, "!ferry disappear 1h");
+    assert.match(asked.content.body, /needs consent/);
+    assert.equal(stack.sql(`SELECT disappear_ms FROM link WHERE id='${linkOf(roomB)}'`)[0][0], "0", "the timer is not set yet");
+    const id = requestId(asked.content.body);
+    await alice.waitForEvent(roomA, (e) => e.sender === stack.botUserId && (e.content.body ?? "").includes(`Request \`${id}\``), T, "the timer request in room A");
+    const done = await command(stack, alice, roomA, `!ferry accept ${id}`);
+    assert.match(done.content.body, /disappears 1h 0m after/);
+    assert.equal(stack.sql(`SELECT disappear_ms FROM link WHERE id='${linkOf(roomB)}'`)[0][0], "3600000");
+    // Turning it off acts on nothing but ferry's own redactions to come: no consent needed.
+    assert.match((await command(stack, bob, roomB, "!ferry disappear off")).content.body, /off for this link/);
+});
