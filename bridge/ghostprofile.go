@@ -20,10 +20,14 @@ func (b *Bridge) ensureGhost(ctx context.Context, intent *appservice.IntentAPI, 
 	if b.hot.ghostReady(key) {
 		return nil
 	}
+	gen := b.hot.generation()
+	// Checked only when the cache has no entry: a member event in target (a kick, a ban) drops the entry.
+	if err := b.checkModeration(ctx, realUser, intent.UserID, target); err != nil {
+		return err
+	}
 	if err := intent.EnsureJoined(ctx, target); err != nil {
 		return err
 	}
-	gen := b.hot.generation()
 	if err := b.syncGhostProfile(ctx, intent, sourceRoom, realUser, target); err != nil {
 		return err
 	}

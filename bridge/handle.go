@@ -90,6 +90,9 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 		b.hot.stateChanged(evt.Type, evt.RoomID)
 		mautrix.UpdateStateStore(ctx, b.StateStore, evt)
 		b.handleState(ctx, evt)
+		// Again once what the event changed is recorded (a kick, moderation.go): a ghost checked in between
+		// must not stay cached.
+		b.hot.stateChanged(evt.Type, evt.RoomID)
 		return outcome{state: database.InboxDone}
 	}
 	// ferry's own users, and other ferry instances' (bridge.peer_users): relaying their copies would echo.
@@ -151,6 +154,7 @@ func (b *Bridge) handleState(ctx context.Context, evt *event.Event) {
 			b.handleBotMembership(ctx, evt, member)
 			return
 		}
+		b.noteRemoval(ctx, evt, member) // moderation.go: kicks and bans hold across the link
 		if b.Ghosts.IsOwn(target) {
 			return
 		}

@@ -135,7 +135,10 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 			return outcome{err: err}
 		}
 	}
-	if err = b.ensureGhost(ctx, intent, evt.RoomID, evt.Sender, target); err != nil {
+	if err = b.ensureGhost(ctx, intent, evt.RoomID, evt.Sender, target); errors.Is(err, errModerated) {
+		b.tellModerated(ctx, evt.RoomID, target, evt.Sender)
+		return outcome{state: database.InboxDone}
+	} else if err != nil {
 		return classify(fmt.Errorf("failed to bring the sender's ghost into the room: %w", err))
 	}
 	// Translate (and mapCallFor) keep VeryRaw equal to Raw: sending the bytes spares encoding the map again.

@@ -89,7 +89,7 @@ test("redactions by the sender and by a member with redact power still cross", a
 });
 
 for (const how of ["left", "banned"]) {
-    test(`attack 2: a user who ${how} room B links it by stale power and is refused`, async () => {
+    test(`attack 2: a user who ${how === "left" ? "left" : "was banned from"} room B links it by stale power and is refused`, async () => {
         const mallory = await createUser(stack.hs.url, `mallory-${how}`, { displayName: "Mallory" });
         try {
             // mallory was a moderator of room B (power 50, enough to change its settings).
@@ -221,4 +221,45 @@ test("a disappearing timer that redacts originals in another room needs that roo
     assert.equal(stack.sql(`SELECT disappear_ms FROM link WHERE id='${linkOf(roomB)}'`)[0][0], "3600000");
     // Turning it off acts on nothing but ferry's own redactions to come: no consent needed.
     assert.match((await command(stack, bob, roomB, "!ferry disappear off")).content.body, /off for this link/);
+});
+
+test("moderation holds: a user banned from room B is not heard there, and a kicked ghost is not invited back", async () => {
+    const erin = await createUser(stack.hs.url, "erin", { displayName: "erin" });
+    try {
+        for (const [owner, room] of [[alice, roomA], [bob, roomB]]) {
+            await owner.invite(room, erin.userId);
+            await erin.join(room);
+            await owner.waitForMembership(room, erin.userId, "join");
+        }
+        await bob.client.ban(roomB, erin.userId, "test");
+        await bob.waitForMembership(roomB, erin.userId, "ban");
+        await erin.sendText(roomA, "erin after the ban");
+        const told = await erin.waitForEvent(roomA, (e) => e.sender === stack.botUserId && /your messages do not reach Boundary B/.test(e.content.body ?? ""), T, "the notice to erin");
+        assert.ok(told.content.body.includes(erin.userId));
+        await erin.sendText(roomA, "erin again after the ban");
+        await alice.sendText(roomA, "marker after erin");
+        await copyOf(bob, roomB, "marker after erin");
+        const inB = (await bob.events(roomB)).map((e) => e.content?.body);
+        assert.ok(!inB.includes("erin after the ban") && !inB.includes("erin again after the ban"), "erin was not heard in B");
+        const notices = (await erin.events(roomA)).filter((e) => /your messages do not reach/.test(e.content?.body ?? ""));
+        assert.equal(notices.length, 1, "erin is told once");
+    } finally {
+        await erin.stop();
+    }
+
+    // carol has spoken, so her ghost is in room B. bob kicks it.
+    await carol.sendText(roomA, "carol before the kick");
+    const before = await copyOf(bob, roomB, "carol before the kick");
+    const ghost = before.sender;
+    await bob.client.kick(roomB, ghost, "test");
+    await bob.waitForMembership(roomB, ghost, "leave");
+    await carol.sendText(roomA, "carol after the kick");
+    await alice.sendText(roomA, "marker after the kick");
+    await copyOf(bob, roomB, "marker after the kick");
+    assert.equal(bob.client.getRoom(roomB).getMember(ghost)?.membership, "leave", "ferry did not bring the kicked ghost back");
+    assert.ok(!(await bob.events(roomB)).some((e) => e.content?.body === "carol after the kick"));
+    // A moderator lets it back in: carol is heard again.
+    await bob.invite(roomB, ghost);
+    await carol.sendText(roomA, "carol after the invite");
+    await copyOf(bob, roomB, "carol after the invite");
 });
