@@ -7,6 +7,7 @@
 //   - membership and power: power levels outlive leaving and bans, but a user who left or was banned from a room
 //     cannot link it by that stale power.
 import assert from "node:assert/strict";
+import crypto from "node:crypto";
 import { after, before, test } from "node:test";
 import { createUser } from "../lib/users.js";
 import { command, inviteBot, linkByRequest, startStack } from "../lib/stack.js";
@@ -262,4 +263,25 @@ test("moderation holds: a user banned from room B is not heard there, and a kick
     await bob.invite(roomB, ghost);
     await carol.sendText(roomA, "carol after the invite");
     await copyOf(bob, roomB, "carol after the invite");
+});
+
+test("calls: only a party of a call acts on it, and a copy's call_id cannot be computed from public data", async () => {
+    const callA = `${Date.now()}boundary`;
+    const sdp = "v=0\r\no=- 1 0 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n";
+    await alice.sendEvent(roomA, "m.call.invite", { call_id: callA, party_id: "ALICEPTY", version: "1", lifetime: 60000, offer: { type: "offer", sdp } });
+    const inv = await bob.waitForEvent(roomB, (e) => isGhost(e.sender) && e.type === "m.call.invite" && e.content.party_id === "ALICEPTY", T, "alice's invite");
+    const callB = inv.content.call_id;
+    assert.ok(callB.startsWith(`${callA}-`), "the copy's call_id keeps the original as its prefix");
+    // What anyone who saw the original could compute before (a hash of the original ID and the two rooms).
+    const predictable = `${callA}-${crypto.createHash("sha256").update(`${callA}\0${roomA}\0${roomB}`).digest("hex").slice(0, 12)}`;
+    assert.notEqual(callB, predictable, "the copy's call_id is not a function of public data");
+    // carol, a member of room A but no party of the call, hangs it up.
+    await carol.waitForEvent(roomA, (e) => e.type === "m.call.invite" && e.content.call_id === callA, T, "the invite at carol");
+    await carol.sendEvent(roomA, "m.call.hangup", { call_id: callA, party_id: "CAROLPTY", version: "1", reason: "user_hangup" });
+    // alice's candidates after it still cross: the call was not ended, and carol's hangup did not reach bob.
+    await alice.sendEvent(roomA, "m.call.candidates", { call_id: callA, party_id: "ALICEPTY", version: "1", candidates: [{ candidate: "", sdpMid: "0", sdpMLineIndex: 0 }] });
+    await bob.waitForEvent(roomB, (e) => isGhost(e.sender) && e.type === "m.call.candidates" && e.content.call_id === callB, T, "alice's candidates");
+    assert.ok(!(await bob.events(roomB)).some((e) => e.type === "m.call.hangup" && e.content.call_id === callB), "no hangup reached bob");
+    await alice.sendEvent(roomA, "m.call.hangup", { call_id: callA, party_id: "ALICEPTY", version: "1", reason: "user_hangup" });
+    await bob.waitForEvent(roomB, (e) => isGhost(e.sender) && e.type === "m.call.hangup" && e.content.call_id === callB, T, "alice's own hangup");
 });
