@@ -99,10 +99,17 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 	if b.Ghosts.IsOwn(evt.Sender) || b.Config.isPeer(string(evt.Sender)) || b.Permission(evt.Sender) == LevelBlock {
 		return outcome{state: database.InboxDone}
 	}
+	var trustFlag string
 	if evt.Type == event.EventEncrypted {
 		dec, res, ok := b.decrypt(ctx, evt, row)
 		if !ok {
 			return res
+		}
+		if tf, ok := b.Crypto.(TrustFlagger); ok {
+			var err error
+			if trustFlag, err = tf.TrustFlag(ctx, dec); err != nil {
+				return outcome{err: fmt.Errorf("failed to judge the sender's trust: %w", err)}
+			}
 		}
 		ctx = withInboundSession(ctx, evt) // disappearing messages track the session
 		if isControlType(dec.Type) {
@@ -115,7 +122,7 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 	if evt.Type == event.EventMessage && b.handleCommand(ctx, evt) {
 		return outcome{state: database.InboxDone}
 	}
-	return b.relay(ctx, evt)
+	return b.relay(ctx, evt, trustFlag)
 }
 
 // decrypt decrypts an encrypted inbox event. When its room key is missing, the first attempt waits briefly

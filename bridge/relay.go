@@ -37,8 +37,9 @@ func TxnID(sourceEvent id.EventID, targetRoom id.RoomID) string {
 	return "ferry_" + base64.RawURLEncoding.EncodeToString(sum[:18])
 }
 
-// relay sends an event's copies into every other room of its link.
-func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
+// relay sends an event's copies into every other room of its link. trustFlag is why the source room's clients
+// would flag the event ("" when they would not); its copies then carry a warning (see Translate).
+func (b *Bridge) relay(ctx context.Context, evt *event.Event, trustFlag string) outcome {
 	if !relayable(evt.Type) {
 		return outcome{state: database.InboxDone}
 	}
@@ -71,7 +72,7 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
 	ctx, disappearAt := b.disappearDeadline(ctx, evt, link) // see disappear.go
 	var retry *outcome
 	for _, target := range link.Others(evt.RoomID) {
-		res := b.relayTo(ctx, evt, target, srcEncrypted, disappearAt)
+		res := b.relayTo(ctx, evt, target, srcEncrypted, disappearAt, trustFlag)
 		if res.err != nil && res.state == "" {
 			retry = &res
 		} else if res.err != nil {
@@ -86,7 +87,7 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
 }
 
 // relayTo sends one copy. A zero-state outcome with err means retry later; state failed means permanent.
-func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID, srcEncrypted bool, disappearAt time.Time) outcome {
+func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID, srcEncrypted bool, disappearAt time.Time, trustFlag string) outcome {
 	// The target is added to the few debug messages below rather than to a logger of its own: building one per
 	// copy costs an allocation of a few hundred bytes on every relayed message.
 	log := zerolog.Ctx(ctx)
@@ -110,7 +111,7 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 		log.Debug().Stringer("target_room_id", target).Msg("Not relaying from an encrypted room into an unencrypted one")
 		return outcome{state: database.InboxDone}
 	}
-	evtType, content, err := Translate(ctx, evt, &linkMapper{b: b, target: target}, Origin{EventID: evt.ID, RoomID: evt.RoomID, Instance: b.instanceID()})
+	evtType, content, err := Translate(ctx, evt, &linkMapper{b: b, target: target}, Origin{EventID: evt.ID, RoomID: evt.RoomID, Instance: b.instanceID(), TrustFlag: trustFlag})
 	if errors.Is(err, ErrNotRelayable) || errors.Is(err, ErrRelationTargetUnknown) {
 		log.Debug().Stringer("target_room_id", target).Err(err).Msg("Event does not cross the link")
 		return outcome{state: database.InboxDone}

@@ -25,11 +25,66 @@ const OriginKey = "im.ferry.origin"
 const ferryKeyPrefix = "im.ferry."
 
 // Origin is the value of the origin marker: which event a copy was made from, and by which ferry instance.
+// TrustFlag is not part of the marker: when set, Translate marks the copy as coming from a sender the source
+// room's clients would flag (see markUntrusted).
 type Origin struct {
-	EventID  id.EventID `json:"event_id"`
-	RoomID   id.RoomID  `json:"room_id"`
-	Instance string     `json:"instance"`
+	EventID   id.EventID `json:"event_id"`
+	RoomID    id.RoomID  `json:"room_id"`
+	Instance  string     `json:"instance"`
+	TrustFlag string     `json:"-"`
 }
+
+// SenderTrustKey is the content key ferry adds to the copy of a message its source room's clients would flag:
+// {"flag": "<reason>", "warning": "<the words prefixed to the body>"}. Reasons are unsigned_device,
+// unknown_device, sender_key_mismatch, untrusted_forwarded_key, identity_changed and blacklisted_device.
+const SenderTrustKey = "im.ferry.sender_trust"
+
+// untrustedWarnings are the words a flagged copy's body starts with, by reason.
+var untrustedWarnings = map[string]string{
+	"unsigned_device":         "sent from a device its owner has not verified",
+	"unknown_device":          "sent from an unknown or deleted device",
+	"sender_key_mismatch":     "the sender's device keys do not match",
+	"untrusted_forwarded_key": "its key came from an untrusted forward",
+	"identity_changed":        "the sender's identity changed",
+	"blacklisted_device":      "sent from a blocked device",
+}
+
+// untrustedWarning renders the visible warning for a reason.
+func untrustedWarning(flag string) string {
+	w, ok := untrustedWarnings[flag]
+	if !ok {
+		w = "the sender's device is not trusted"
+	}
+	return "⚠️ [" + w + "] "
+}
+
+// markUntrusted marks a copy whose sender the source room's clients would flag: the body (and HTML body) of a
+// message or sticker start with a warning, also inside an edit's m.new_content, and every copy carries the
+// reason under SenderTrustKey.
+func markUntrusted(evtType event.Type, content map[string]any, flag string) {
+	warning := untrustedWarning(flag)
+	if evtType == event.EventMessage || evtType == event.EventSticker {
+		prefixBody(content, warning)
+		if newContent, ok := content[keyNewContent].(map[string]any); ok {
+			prefixBody(newContent, warning)
+		}
+	}
+	content[SenderTrustKey] = map[string]any{"flag": flag, "warning": warning}
+}
+
+// prefixBody puts text before a content's body and, when it has one, its HTML body.
+func prefixBody(content map[string]any, text string) {
+	if body, ok := content[keyBody].(string); ok {
+		content[keyBody] = text + body
+	}
+	if format, _ := content[keyFormat].(string); format == string(event.FormatHTML) {
+		if html, ok := content[keyFormattedBody].(string); ok {
+			content[keyFormattedBody] = "<strong>" + htmlEscaper.Replace(text) + "</strong>" + html
+		}
+	}
+}
+
+var htmlEscaper = strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;", `"`, "&quot;")
 
 // ErrNotRelayable is returned by Translate for events that must not cross a link: state events, redactions
 // (the caller redacts copies through its own event map), m.room.encrypted events that were not decrypted,
@@ -148,6 +203,9 @@ func Translate(ctx context.Context, src *event.Event, m Mapper, origin Origin) (
 	}
 	if err != nil {
 		return evtType, nil, err
+	}
+	if origin.TrustFlag != "" {
+		markUntrusted(evtType, raw, origin.TrustFlag)
 	}
 	raw[OriginKey] = origin.raw()
 	data, err := json.Marshal(raw)

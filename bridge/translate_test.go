@@ -90,8 +90,12 @@ func testContext() context.Context {
 	return context.WithValue(context.Background(), ctxKey{}, true)
 }
 
-// translateCases lists every fixture; wantErr nil means <name>.want.json holds the expected copy.
-var translateCases = map[string]struct{ wantErr error }{
+// translateCases lists every fixture; wantErr nil means <name>.want.json holds the expected copy. trustFlag is
+// why the source room's clients would flag the sender (the copy is then marked).
+var translateCases = map[string]struct {
+	wantErr   error
+	trustFlag string
+}{
 	// Plain messages: content passes through, the marker is added (replacing another instance's).
 	"text":              {},
 	"notice":            {},
@@ -101,6 +105,9 @@ var translateCases = map[string]struct{ wantErr error }{
 	// ferry's own keys (im.ferry.*) never cross from a user's content, also not inside m.new_content.
 	"ferry_keys_stripped":      {},
 	"call_ferry_keys_stripped": {},
+	// A sender the source room's clients would flag: the copy says so, visibly and under im.ferry.sender_trust.
+	"untrusted_sender_marked":   {trustFlag: "unsigned_device"},
+	"untrusted_reaction_marked": {trustFlag: "untrusted_forwarded_key"},
 	// Mentions and pills.
 	"html_pills_and_mentions":      {},
 	"mentions_absent_stay_absent":  {},
@@ -215,7 +222,9 @@ func runTranslate(t *testing.T, name string, src *event.Event) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	evtType, content, err := Translate(testContext(), src, fm, testOrigin(src))
+	origin := testOrigin(src)
+	origin.TrustFlag = tc.trustFlag
+	evtType, content, err := Translate(testContext(), src, fm, origin)
 	if fm.badCtx {
 		t.Error("CopyOf did not get Translate's context")
 	}

@@ -178,6 +178,7 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 			"appservice":                {d.Encryption.Appservice, false},
 			"share_min_trust":           {d.Encryption.ShareMinTrust, "cross_signed_tofu"},
 			"receive_min_trust":         {d.Encryption.ReceiveMinTrust, "unverified"},
+			"untrusted_messages":        {d.Encryption.UntrustedMessages, "mark"},
 			"database.type":             {d.Database.Type, "sqlite3-fk-wal"},
 			"database.uri":              {d.Database.URI, "file:ferry.db?_txlock=immediate"},
 			"logging.min_level":         {d.Logging.MinLevel, "info"},
@@ -418,6 +419,10 @@ func TestValidateErrors(t *testing.T) {
 		"encryption.share_min_trust": {
 			old: "  device_mode: per_ghost", new: "  device_mode: per_ghost\n  share_min_trust: trusted",
 			want: `config.yaml:13: encryption.share_min_trust: expected one of unverified, cross_signed_tofu, verified, got "trusted"`,
+		},
+		"encryption.untrusted_messages": {
+			old: "  device_mode: per_ghost", new: "  device_mode: per_ghost\n  untrusted_messages: hide",
+			want: `config.yaml:13: encryption.untrusted_messages: expected one of mark, refuse, got "hide"`,
 		},
 		"encryption.receive_min_trust": {
 			old: "  device_mode: per_ghost", new: "  device_mode: per_ghost\n  receive_min_trust: Verified",

@@ -843,6 +843,7 @@ func (c *Config) validate(forRun bool) error {
 	v.oneOf("encryption.device_mode", enc.DeviceMode, crypto.DeviceModes)
 	v.oneOf("encryption.share_min_trust", enc.ShareMinTrust, crypto.TrustLevels)
 	v.oneOf("encryption.receive_min_trust", enc.ReceiveMinTrust, crypto.TrustLevels)
+	v.oneOf("encryption.untrusted_messages", enc.UntrustedMessages, crypto.UntrustedModes)
 
 	for _, who := range slices.Sorted(maps.Keys(c.Permissions)) {
 		key := "permissions." + who
