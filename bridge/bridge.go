@@ -71,6 +71,10 @@ type Bridge struct {
 	disappearing  *disappearer // see disappear.go
 
 	sent sentLedger // what the read-back after an unclean stop found (reconcile.go)
+
+	// guards the following fields
+	keyRequestsLock sync.Mutex
+	keyRequests     map[id.SessionID]struct{} // sessions whose keys ferry asked for while it runs (handle.go)
 }
 
 // New creates a bridge. Call Start to begin draining the inbox.

@@ -76,3 +76,66 @@ export async function startSyncHoldProxy(targetPort) {
         },
     };
 }
+
+/**
+ * A loopback proxy between one test client and the homeserver that can withhold that client's to-device messages:
+ * while holding, each `PUT .../sendToDevice/...` is answered 200 at once (the client believes it was sent, as when
+ * the homeserver lost it) and kept; release() posts the kept ones to the homeserver, in order. Works the same on
+ * every homeserver, whatever way ferry receives to-device messages (pushed or through /sync).
+ *
+ *   const proxy = await startClientProxy(hs.port); const alice = await createUser(proxy.url, "alice");
+ */
+export async function startClientProxy(targetPort) {
+    const port = await freePort();
+    let holding = false;
+    const kept = []; // { method, path, headers, body }
+    const server = http.createServer((req, res) => {
+        const chunks = [];
+        req.on("data", (c) => chunks.push(c));
+        req.on("end", () => {
+            const body = Buffer.concat(chunks);
+            if (holding && req.method === "PUT" && req.url.includes("/sendToDevice/")) {
+                kept.push({ method: req.method, path: req.url, headers: req.headers, body });
+                res.writeHead(200, { "content-type": "application/json" });
+                res.end("{}");
+                return;
+            }
+            const up = http.request({ host: "127.0.0.1", port: targetPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
+                res.writeHead(upRes.statusCode, upRes.headers);
+                upRes.pipe(res);
+            });
+            up.on("error", () => res.destroy());
+            up.end(body);
+        });
+    });
+    await new Promise((resolve) => server.listen(port, "127.0.0.1", resolve));
+    const post = ({ method, path, headers, body }) =>
+        new Promise((resolve, reject) => {
+            const up = http.request({ host: "127.0.0.1", port: targetPort, method, path, headers }, (upRes) => {
+                upRes.resume();
+                upRes.on("end", () => (upRes.statusCode === 200 ? resolve() : reject(new Error(`${method} ${path} -> ${upRes.statusCode}`))));
+            });
+            up.on("error", reject);
+            up.end(body);
+        });
+    return {
+        url: `http://127.0.0.1:${port}`,
+        /** From now on the client's to-device messages are kept instead of sent. */
+        holdToDevice() {
+            holding = true;
+        },
+        /** Posts the kept to-device messages (in order) and sends later ones straight through again. */
+        async releaseToDevice() {
+            holding = false;
+            while (kept.length) await post(kept.shift());
+        },
+        /** How many to-device messages are kept. */
+        get keptToDevice() {
+            return kept.length;
+        },
+        close() {
+            server.closeAllConnections?.();
+            return new Promise((resolve) => server.close(() => resolve()));
+        },
+    };
+}
