@@ -26,6 +26,13 @@ type RecoveryKeyProvider interface {
 	RecoveryKey(ctx context.Context) (string, error)
 }
 
+// AdminHelperManager is implemented by E2EE layers that may keep a homeserver admin helper account (Dendrite
+// without appservice-mode encryption needs one to give ferry's accounts passwords). *crypto.Machine implements it.
+type AdminHelperManager interface {
+	AdminHelper(ctx context.Context) (crypto.AdminHelperStatus, error)
+	RemoveAdminHelper(ctx context.Context) (bool, error)
+}
+
 // Limits of list replies, so a large installation does not produce a notice too big to send.
 const (
 	maxListedLinks = 25
@@ -580,4 +587,61 @@ func cmdReload(ce *CommandEvent) {
 func firstLine(s string) string {
 	line, _, _ := strings.Cut(s, "\n")
 	return line
+}
+
+func cmdAdminHelper(ce *CommandEvent) {
+	mgr, ok := ce.Bridge.Crypto.(AdminHelperManager)
+	if !ok {
+		ce.Reply("ferry keeps no homeserver admin helper account.")
+		return
+	}
+	if len(ce.Args) == 1 {
+		if !strings.EqualFold(ce.Args[0], "remove") {
+			ce.reply(usageNotice(ce.Bridge.Config.CommandPrefix, ce.Room.Management, findCommand(commandTable, "admin-helper")))
+			return
+		}
+		if a := ce.authorize(ce.RoomID, rightMember); !a.ok {
+			ce.reply(a.because("Cannot remove the admin helper"))
+			return
+		}
+		existed, err := mgr.RemoveAdminHelper(ce.Ctx)
+		if err != nil {
+			zerolog.Ctx(ce.Ctx).Err(err).Msg("Failed to remove the admin helper")
+			ce.Reply("Failed to remove the admin helper; the details are in ferry's log. Nothing was changed.")
+			return
+		}
+		zerolog.Ctx(ce.Ctx).Info().Bool("existed", existed).Msg("Admin helper removed by command")
+		if existed {
+			ce.Reply("Deactivated ferry's admin helper account and forgot its password. ferry will not create it again: accounts that still need a password to publish their cross-signing keys use the bot's device (single-device mode).")
+		} else {
+			ce.Reply("There was no admin helper account to deactivate. ferry will not create one from now on.")
+		}
+		return
+	}
+	s, err := mgr.AdminHelper(ce.Ctx)
+	if err != nil {
+		zerolog.Ctx(ce.Ctx).Err(err).Msg("Failed to read the admin helper's state")
+		ce.Reply("Failed to read the admin helper's state; the details are in ferry's log.")
+		return
+	}
+	ce.reply(adminHelperText(s, ce.cmd("admin-helper remove")))
+}
+
+// adminHelperText describes the admin helper for the admin-helper command.
+func adminHelperText(s crypto.AdminHelperStatus, removeCmd string) noticeText {
+	switch {
+	case s.Removed:
+		return renderNotice("ferry's admin helper `%s` was removed; ferry will not create it again.", s.UserID)
+	case s.Exists:
+		login := "It is logged out: ferry logs it in only for the call that needs it and logs it out right after."
+		if s.LoggedIn {
+			login = "It is logged in right now, for a call in progress; ferry logs it out when the call ends."
+		}
+		return renderNotice("ferry's admin helper `%s` exists: a homeserver admin account ferry created through the registration shared secret, used only to set passwords on its own accounts (this homeserver asks for them before cross-signing keys are uploaded).", s.UserID).
+			join(renderNotice("%s", login)).
+			join(renderNotice("Remove it for good with `%s`.", removeCmd))
+	case s.Possible:
+		return renderNotice("ferry has no admin helper account. It would create `%s` only if one of its accounts needed a password, which this homeserver asks for before cross-signing keys are uploaded.", s.UserID)
+	}
+	return renderNotice("ferry has no admin helper account and does not need one here (appservice-mode encryption, or no registration shared secret).")
 }

@@ -169,6 +169,8 @@ func init() {
 			Help: "Discard ferry's outbound encryption sessions in this room; the next message starts a new one.", Func: cmdRotate},
 		{Name: "recovery-key", MinLevel: LevelAdmin, Needs: needManagement,
 			Help: "Show the recovery key of ferry's cross-signing identity.", Func: cmdRecoveryKey},
+		{Name: "admin-helper", MinLevel: LevelAdmin, Usage: "[remove]", MaxArgs: 1, Example: "remove",
+			Help: "Show ferry's homeserver admin helper account (if any), or remove it for good.", Func: cmdAdminHelper},
 		{Name: "reload", MinLevel: LevelAdmin,
 			Help: "Re-read the permissions from the config file without restarting.", Func: cmdReload},
 	}

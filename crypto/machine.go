@@ -103,9 +103,8 @@ type Machine struct {
 	openLock sync.Mutex
 	opened   bool
 
-	// guards the following fields
+	// adminLock serialises the admin helper's calls (adminhelper.go); no admin client outlives one.
 	adminLock sync.Mutex
-	admin     *mautrix.Client
 
 	// guards the following fields
 	lock       sync.Mutex
