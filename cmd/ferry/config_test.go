@@ -496,6 +496,10 @@ func TestValidateErrors(t *testing.T) {
 			old: "logging:", new: "database:\n  type: postgres\nlogging:",
 			want: `config.yaml: database.uri: is a SQLite URI but database.type is postgres`,
 		},
+		"pickle key too short": {
+			old: "  device_mode: per_ghost", new: "  device_mode: per_ghost\n  pickle_key: hunter2",
+			want: `config.yaml:13: encryption.pickle_key: must be at least 32 characters (got 7), or "generate"`,
+		},
 		"pickle key empty": {
 			old: "  device_mode: per_ghost", new: "  device_mode: per_ghost\n  pickle_key: \"\"",
 			want: `config.yaml:13: encryption.pickle_key: not configured`,
@@ -595,9 +599,9 @@ func TestEnvOverrides(t *testing.T) {
 			},
 		},
 		"secret": {
-			env: map[string]string{"FERRY_ENCRYPTION_PICKLE_KEY": "from-the-environment"},
+			env: map[string]string{"FERRY_ENCRYPTION_PICKLE_KEY": "from-the-environment-0123456789abcdef"},
 			check: func(t *testing.T, cfg *Config) {
-				if cfg.Encryption.PickleKey != "from-the-environment" {
+				if cfg.Encryption.PickleKey != "from-the-environment-0123456789abcdef" {
 					t.Errorf("encryption.pickle_key = %q", cfg.Encryption.PickleKey)
 				}
 			},
@@ -675,6 +679,14 @@ func TestEnvOverrides(t *testing.T) {
 		"permissions malformed": {
 			env:  map[string]string{"FERRY_PERMISSIONS": "*=relay,test.org"},
 			want: `environment variable FERRY_PERMISSIONS: permissions: expected comma-separated who=level pairs, got "test.org"`,
+		},
+		"pickle key generate from the environment": {
+			env:  map[string]string{"FERRY_ENCRYPTION_PICKLE_KEY": "generate"},
+			want: `environment variable FERRY_ENCRYPTION_PICKLE_KEY: encryption.pickle_key: "generate" cannot come from the environment: ferry would make a new key at every start; set a key of at least 32 random characters instead`,
+		},
+		"pickle key too short from the environment": {
+			env:  map[string]string{"FERRY_ENCRYPTION_PICKLE_KEY": "short"},
+			want: `environment variable FERRY_ENCRYPTION_PICKLE_KEY: encryption.pickle_key: must be at least 32 characters (got 5), or "generate"`,
 		},
 		"permissions unknown level": {
 			env:  map[string]string{"FERRY_PERMISSIONS": "*=everything"},
@@ -842,7 +854,8 @@ func TestWriteConfigValues(t *testing.T) {
 
 	t.Run("example still loads", func(t *testing.T) {
 		path := writeConfig(t, example)
-		if err := WriteConfigValues(path, map[string]string{"encryption.pickle_key": "pk", "appservice.as_token": "a", "appservice.hs_token": "h"}); err != nil {
+		const pk = "pk-0123456789abcdef0123456789abcdef"
+		if err := WriteConfigValues(path, map[string]string{"encryption.pickle_key": pk, "appservice.as_token": "a", "appservice.hs_token": "h"}); err != nil {
 			t.Fatal(err)
 		}
 		cfg, err := LoadConfig(path)
@@ -852,7 +865,7 @@ func TestWriteConfigValues(t *testing.T) {
 		if err = cfg.ValidateForRun(); err != nil {
 			t.Fatal(err)
 		}
-		if cfg.Encryption.PickleKey != "pk" || cfg.Appservice.ASToken != "a" || cfg.Appservice.HSToken != "h" {
+		if cfg.Encryption.PickleKey != pk || cfg.Appservice.ASToken != "a" || cfg.Appservice.HSToken != "h" {
 			t.Errorf("values not written: %+v %+v", cfg.Encryption, cfg.Appservice)
 		}
 	})
