@@ -61,8 +61,10 @@ type Bridge struct {
 	workersLock sync.Mutex
 	workers     map[id.RoomID]*roomWorker
 	workerCtx   context.Context // set by Start: workers run from then on
+	idleForTest time.Duration   // when set, how long a worker waits for work before it is freed
 
 	roomNames roomNameCache
+	notices   noticeLimiter // bounded.go
 	stats     stats
 	commits   groupCommit // room workers' batches, written together (worker.go)
 	hot       hotCache

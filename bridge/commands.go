@@ -48,6 +48,12 @@ func (ce *CommandEvent) Reply(format string, args ...any) {
 // reply sends a rendered notice as a reply to the command. Its transaction ID derives from the command's event
 // ID, so a command handled again after a crash is not answered twice.
 func (ce *CommandEvent) reply(n noticeText) {
+	if ce.replies == 0 && !ce.Bridge.mayNotice(ce.Ctx, ce.RoomID, ce.Sender, noticeReply) {
+		ce.replies = -1 // this command's answers are not sent at all: a user flooding commands (bounded.go)
+	}
+	if ce.replies < 0 {
+		return
+	}
 	txnID := "ferry_reply_" + TxnID(ce.Event.ID, ce.RoomID)
 	if ce.replies > 0 {
 		txnID += fmt.Sprintf("_%d", ce.replies)

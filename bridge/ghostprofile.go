@@ -113,6 +113,9 @@ func (b *Bridge) roomName(ctx context.Context, room id.RoomID) string {
 		}
 	}
 	b.roomNames.lock.Lock()
+	if boundedCacheFull(len(b.roomNames.names)) {
+		b.roomNames.names = make(map[id.RoomID]string)
+	}
 	b.roomNames.names[room] = name
 	b.roomNames.lock.Unlock()
 	return name

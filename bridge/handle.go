@@ -291,7 +291,7 @@ func (b *Bridge) parkedLoop(ctx context.Context) {
 	ctx = log.WithContext(ctx)
 	tick := time.NewTicker(5 * time.Second)
 	defer tick.Stop()
-	var swept time.Time
+	var swept, pruned time.Time
 	for first := true; ; first = false {
 		if !first {
 			select {
@@ -309,11 +309,16 @@ func (b *Bridge) parkedLoop(ctx context.Context) {
 				log.Info().Int64("requests", n).Msg("Deleted expired consent requests")
 			}
 		}
+		if time.Since(pruned) >= inboxPruneEvery {
+			pruned = time.Now()
+			b.pruneInbox(ctx, pruned)
+		}
 		parked, err := b.DB.Inbox.Parked(ctx)
 		if err != nil {
 			log.Err(err).Msg("Failed to list parked events")
 			continue
 		}
+		parked = b.expireParked(ctx, parked, time.Now()) // bounded.go
 		for _, row := range parked {
 			if time.Since(row.ReceivedAt) > b.Config.KeyNoticeAfter {
 				b.noticeMissingKey(ctx, row)
@@ -331,6 +336,12 @@ func (b *Bridge) noticeMissingKey(ctx context.Context, row *database.InboxEvent)
 	key := keyNoticeKey(row.EventID)
 	v, err := b.DB.KV.Get(ctx, key)
 	if err != nil || (v != "" && !strings.HasPrefix(v, noticePending)) {
+		return
+	}
+	if v == "" && !b.mayNotice(ctx, row.RoomID, row.Sender, noticeAboutSender) {
+		// A device that floods undecryptable messages gets a few notices, not one each; the rest expire together
+		// with one notice (expireParked).
+		_ = b.DB.KV.Set(ctx, key, "limited")
 		return
 	}
 	if cur, err := b.DB.Inbox.Get(ctx, row.EventID); err != nil || cur == nil || cur.State != database.InboxWaitingKeys {

@@ -242,6 +242,9 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 func (b *Bridge) reportFailure(ctx context.Context, evt *event.Event, target id.RoomID, err error) {
 	zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", target).Msg("Permanent error relaying event")
 	b.stats.recordError(evt.RoomID)
+	if !b.mayNotice(ctx, evt.RoomID, evt.Sender, noticeAboutSender) {
+		return
+	}
 	text := renderNotice("ferry could not relay this message to %s: %s", b.roomName(ctx, target), userFacingError(err))
 	if _, nerr := b.sendRenderedNotice(ctx, evt.RoomID, text, evt.ID, TxnID(evt.ID, target)+"_failed"); nerr != nil {
 		zerolog.Ctx(ctx).Warn().Err(nerr).Msg("Failed to report relay failure")

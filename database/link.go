@@ -39,6 +39,9 @@ func (l *Link) Others(roomID id.RoomID) []id.RoomID {
 	return out
 }
 
+// maxLinkCache bounds LinkQuery's cache of links by room; past it the cache starts over.
+const maxLinkCache = 10000
+
 // LinkQuery reads and writes links. It keeps the link of each room it was asked about in memory (every relayed
 // message asks): links change only through its own methods, which drop the cache.
 type LinkQuery struct {
@@ -76,7 +79,8 @@ func (lq *LinkQuery) GetByRoom(ctx context.Context, roomID id.RoomID) (*Link, er
 	}
 	lq.cacheLock.Lock()
 	if lq.gen == gen {
-		if lq.cache == nil {
+		if lq.cache == nil || len(lq.cache) >= maxLinkCache {
+			// Most rooms asked about are not linked: a flood of them must not grow the cache without bound.
 			lq.cache = make(map[id.RoomID]*Link)
 		}
 		if link != nil {
