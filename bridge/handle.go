@@ -369,6 +369,7 @@ func (b *Bridge) noticeMissingKey(ctx context.Context, row *database.InboxEvent)
 
 // SessionArrived wakes events parked for a Megolm session. The crypto layer calls it when a key arrives.
 func (b *Bridge) SessionArrived(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) {
+	b.enforceFloor(ctx, roomID, sessionID) // disappear.go: nothing below an expired message comes back
 	rooms, err := b.DB.Inbox.Wake(ctx, sessionID)
 	if err != nil {
 		b.Log.Err(err).Msg("Failed to wake parked events")
