@@ -512,6 +512,7 @@ func FuzzTranslate(f *testing.F) {
 	f.Add("m.reaction", []byte(`{"m.relates_to":{"rel_type":"m.annotation","event_id":7}}`))
 	f.Add("m.room.message", []byte(`[1,2]`))
 	f.Add("m.room.message", []byte(`{"msgtype":"m.text","body":1e400}`))
+	f.Add("m.room.message", []byte(`{"msgtype":"m.text","body":"x","im.ferry.txn":"forged","im.ferry.origin":{"event_id":"$x"}}`))
 	f.Fuzz(func(t *testing.T, evtType string, content []byte) {
 		src := &event.Event{
 			Type:   event.Type{Type: evtType, Class: event.MessageEventType},
@@ -538,6 +539,11 @@ func FuzzTranslate(f *testing.F) {
 		}
 		if got := OriginOf(out); got == nil || *got != origin {
 			t.Errorf("origin marker = %+v, want %+v", got, origin)
+		}
+		for k := range out.Raw {
+			if strings.HasPrefix(k, ferryKeyPrefix) && k != OriginKey {
+				t.Errorf("the copy carries the user's %s", k)
+			}
 		}
 		if _, err = json.Marshal(out); err != nil {
 			t.Fatalf("translated content does not marshal: %v", err)
