@@ -47,7 +47,15 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 	if len(toDevice) == 0 {
 		toDevice = txn.MSC2409ToDeviceEvents
 	}
+	counts := txn.DeviceOTKCount
+	if len(counts) == 0 {
+		counts = txn.MSC3202DeviceOTKCount
+	}
+	_, botCount := counts[m.bot.userID][m.bot.client.DeviceID]
 	for _, evt := range toDevice {
+		if m.takeProbe(evt, botCount) {
+			continue
+		}
 		m.routeToDevice(ctx, evt)
 	}
 	lists := txn.DeviceLists
@@ -60,10 +68,6 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 		m.bot.mach.HandleDeviceLists(ctx, lists, "")
 		m.cache.keysLock.Unlock()
 		m.rotateForDeviceChanges(ctx, append(append([]id.UserID{}, lists.Changed...), lists.Left...))
-	}
-	counts := txn.DeviceOTKCount
-	if len(counts) == 0 {
-		counts = txn.MSC3202DeviceOTKCount
 	}
 	// Only the bot tops up one-time keys: ghost devices never decrypt what others send them, so their keys are
 	// only ever used to send ferry messages it discards.

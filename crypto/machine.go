@@ -90,6 +90,10 @@ type Machine struct {
 	// missedPushes: ferry answered a transaction with an error since the last catch-up on device lists.
 	missedPushes atomic.Bool
 
+	// guards the following fields
+	probeLock sync.Mutex
+	probe     *pushProbe // see ProbePushes
+
 	ghostCreate *exsync.KeyedMutex[id.UserID]
 	// cache is shared by the crypto stores of all of ferry's devices (see storeCache).
 	cache *storeCache
@@ -320,8 +324,7 @@ func (m *Machine) login(ctx context.Context, deviceID id.DeviceID) error {
 			return fmt.Errorf("failed to create the bot's device through the appservice (MSC4190, encryption.appservice): %w", err)
 		}
 		m.log.Warn().Msgf("encryption.appservice is true, but the homeserver does not offer MSC4190 appservice device creation "+
-			"(PUT /_matrix/client/v3/devices/{deviceId} answered %s; on Synapse, the installed registration may lack "+
-			"io.element.msc4190: regenerate it): falling back to m.login.application_service devices "+
+			"(PUT /_matrix/client/v3/devices/{deviceId} answered %s): falling back to m.login.application_service devices "+
 			"with to-device and device lists through /sync, and %s; set encryption.appservice to false to silence this",
 			describeHTTPError(err), m.fallbackDescription())
 		m.asMode.Store(false)

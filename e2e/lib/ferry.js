@@ -217,11 +217,12 @@ function parseLog(text) {
 }
 
 /**
- * Starts `ferry -c config.yaml` and waits until GET /_matrix/mau/ready (or /health/ready) answers 200.
+ * Starts `ferry -c config.yaml` and waits until GET /_matrix/mau/ready (or /health/ready) answers 200 (unless
+ * waitReady is false: for tests of a start that should fail).
  * Returns { proc, pid, exited, stop(), kill9(), restart(), logs(), logLines(), waitForLog(pred, ms) }.
  * stdout/stderr go to <dir>/ferry.out; the JSON log to <dir>/ferry.log.
  */
-export async function startFerry(prepared, { readyTimeoutMs = 30000, env } = {}) {
+export async function startFerry(prepared, { readyTimeoutMs = 30000, env, waitReady = true } = {}) {
     const bin = requireFerryBin();
     const { dir, configPath, port } = prepared;
     const outFile = path.join(dir, "ferry.out");
@@ -231,6 +232,7 @@ export async function startFerry(prepared, { readyTimeoutMs = 30000, env } = {})
 
     const launch = async () => {
         child = spawnTracked(bin, ["-c", configPath], { logFile: outFile, cwd: dir, env: { ...process.env, ...env } });
+        if (!waitReady) return;
         try {
             await pollUntil(
                 async () => {

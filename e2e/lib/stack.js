@@ -8,16 +8,29 @@
 import { execFileSync } from "node:child_process";
 import { createTestDatabase, deepMerge, prepareFerry, startFerry } from "./ferry.js";
 import { ferryConfigFor, startHomeserver } from "./homeserver.js";
-import { startSyncHoldProxy } from "./proxy.js";
+import { startPushProxy, startSyncHoldProxy } from "./proxy.js";
 import { freePort, sleep } from "./util.js";
 
 export const SHARED_SECRET = "ferry-e2e-shared-secret";
 
-export async function startStack({ permissions = { "*": "relay", "ferry.test": "user" }, admins = [], extraConfig = {}, db = "postgres", syncProxy = false } = {}) {
+export async function startStack({
+    permissions = { "*": "relay", "ferry.test": "user" },
+    admins = [],
+    extraConfig = {},
+    db = "postgres",
+    syncProxy = false,
+    pushProxy = false,
+    homeserver = {},
+} = {}) {
     const database = db === "postgres" ? createTestDatabase() : null;
-    // With syncProxy, ferry reaches the homeserver through a proxy that can hold its /sync (see proxy.js).
+    // With syncProxy, ferry reaches the homeserver through a proxy that records its requests, can hold its /sync
+    // and lose the answer to a send; with pushProxy, the homeserver reaches ferry through one that records the
+    // transactions (see proxy.js).
     const hsPort = await freePort();
     const proxy = syncProxy ? await startSyncHoldProxy(hsPort) : null;
+    const pushPort = pushProxy ? await freePort() : null;
+    const config = deepMerge(ferryConfigFor(), extraConfig);
+    if (pushPort) config.appservice = { ...config.appservice, address: `http://127.0.0.1:${pushPort}` };
     const prepared = await prepareFerry({
         hsDomain: "ferry.test",
         hsUrl: proxy ? proxy.url : `http://127.0.0.1:${hsPort}`,
@@ -25,18 +38,21 @@ export async function startStack({ permissions = { "*": "relay", "ferry.test": "
         db: database ? { type: "postgres", uri: database.uri } : undefined,
         permissions,
         admins,
-        extraConfig: deepMerge(ferryConfigFor(), extraConfig),
+        extraConfig: config,
     });
+    const pushes = pushPort ? await startPushProxy(pushPort, prepared.port) : null;
     const hs = await startHomeserver({
         appserviceRegistrations: [prepared.registrationPath],
         sharedSecret: prepared.sharedSecret,
         serverName: prepared.hsDomain,
         port: hsPort,
+        ...homeserver,
     });
     let ferry = await startFerry(prepared);
     const stack = {
         hs,
         proxy,
+        pushes,
         prepared,
         database,
         botUserId: "@ferrybot:ferry.test",
@@ -72,6 +88,7 @@ export async function startStack({ permissions = { "*": "relay", "ferry.test": "
             await ferry?.stop().catch(() => {});
             await hs?.stop();
             await proxy?.close();
+            await pushes?.close();
             database?.drop();
             prepared.cleanup();
         },
