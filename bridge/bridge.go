@@ -7,8 +7,12 @@
 //   - Crossing a link: m.room.message (every msgtype), m.sticker, m.reaction, redactions, and m.call.*; replies,
 //     threads, edits and reactions point at the counterpart in the target room; mentions map real users to
 //     ghosts and ghosts back to real users.
+//   - Authority (authority.go): only real redactions cross, and only when their sender sent the original or may
+//     redact others in the source room; commands that act on a room need their sender joined there now and the
+//     power.
 //   - Dropped: events from ferry's own users (bot, ghosts) and from blocked users, bot commands, state events,
-//     relations to events ferry never relayed when no graceful fallback exists (edits, reactions).
+//     encrypted events whose cleartext type is control (a redaction, a state type), relations to events ferry
+//     never relayed when no graceful fallback exists (edits, reactions).
 //   - Encryption: a copy sent into an encrypted room is always encrypted; relaying from an encrypted room into
 //     an unencrypted one is refused unless bridge.allow_unencrypted_targets is set.
 //   - Durability: an event is acknowledged to the homeserver only once recorded; it is relayed at most once per
@@ -57,8 +61,10 @@ type Bridge struct {
 	workersLock sync.Mutex
 	workers     map[id.RoomID]*roomWorker
 	workerCtx   context.Context // set by Start: workers run from then on
+	idleForTest time.Duration   // when set, how long a worker waits for work before it is freed
 
 	roomNames roomNameCache
+	notices   noticeLimiter // bounded.go
 	stats     stats
 	commits   groupCommit // room workers' batches, written together (worker.go)
 	hot       hotCache

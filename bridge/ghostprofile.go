@@ -24,6 +24,10 @@ func (b *Bridge) ensureGhost(ctx context.Context, intent *appservice.IntentAPI, 
 		return nil
 	}
 	gen := b.hot.generation()
+	// Checked only when the cache has no entry: a member event in target (a kick, a ban) drops the entry.
+	if err := b.checkModeration(ctx, realUser, intent.UserID, target); err != nil {
+		return err
+	}
 	if b.StateStore.IsInRoom(ctx, target, intent.UserID) {
 		if err := b.syncGhostProfile(ctx, intent, sourceRoom, realUser, target); err != nil {
 			return err
@@ -207,6 +211,9 @@ func (b *Bridge) roomName(ctx context.Context, room id.RoomID) string {
 		}
 	}
 	b.roomNames.lock.Lock()
+	if boundedCacheFull(len(b.roomNames.names)) {
+		b.roomNames.names = make(map[id.RoomID]string)
+	}
 	b.roomNames.names[room] = name
 	b.roomNames.lock.Unlock()
 	return name

@@ -90,6 +90,10 @@ var intRanges = map[string]intRange{
 	"database.max_idle_conns": {0, math.MaxInt},
 }
 
+// minPickleKeyLength is the shortest pickle key ferry accepts: it encrypts every private key ferry stores, so it
+// must not be guessable (ferry's generated keys have 64 characters).
+const minPickleKeyLength = 32
+
 // configFileMode is the mode of files ferry writes that hold secrets (the config, the registration).
 const configFileMode os.FileMode = 0o600
 
@@ -834,12 +838,25 @@ func (c *Config) validate(forRun bool) error {
 	if br.DisappearKeyIdle <= 0 {
 		v.fail("bridge.disappear_key_idle", "must be positive, got %s", br.DisappearKeyIdle)
 	}
+	if err := br.CompilePeerUsers(); err != nil {
+		v.fail("bridge.peer_users", "%s", oneLine(err.Error()))
+	}
 
 	enc := c.Encryption
-	v.required("encryption.pickle_key", enc.PickleKey)
+	if v.required("encryption.pickle_key", enc.PickleKey) {
+		switch {
+		case enc.PickleKey == crypto.PickleKeyGenerate && c.src != nil && c.src.envFor("encryption.pickle_key") != "":
+			// ferry writes a generated key into the config file, and the variable would win over it at the next
+			// start: a new key every time, and every stored key unreadable.
+			v.fail("encryption.pickle_key", "%q cannot come from the environment: ferry would make a new key at every start; set a key of at least 32 random characters instead", crypto.PickleKeyGenerate)
+		case enc.PickleKey != crypto.PickleKeyGenerate && len(enc.PickleKey) < minPickleKeyLength:
+			v.fail("encryption.pickle_key", "must be at least %d characters (got %d), or %q", minPickleKeyLength, len(enc.PickleKey), crypto.PickleKeyGenerate)
+		}
+	}
 	v.oneOf("encryption.device_mode", enc.DeviceMode, crypto.DeviceModes)
 	v.oneOf("encryption.share_min_trust", enc.ShareMinTrust, crypto.TrustLevels)
 	v.oneOf("encryption.receive_min_trust", enc.ReceiveMinTrust, crypto.TrustLevels)
+	v.oneOf("encryption.untrusted_messages", enc.UntrustedMessages, crypto.UntrustedModes)
 
 	for _, who := range slices.Sorted(maps.Keys(c.Permissions)) {
 		key := "permissions." + who

@@ -175,6 +175,10 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 	log.Info().Str("version", Version).Str("commit", Commit).Msg("Starting ferry")
 	mcrypto.PostgresArrayWrapper = pq.Array
 	dbLog := log.With().Str("component", "database").Logger()
+	if err := database.PrepareFile(cfg.Database.Type, cfg.Database.URI); err != nil {
+		log.Error().Err(err).Msg("Failed to create the database file")
+		return exitDatabase
+	}
 	root, err := dbutil.NewFromConfig("ferry", dbutil.Config{PoolConfig: dbutil.PoolConfig{
 		Type: database.DriverFor(cfg.Database.Type), URI: database.TuneURI(cfg.Database.Type, cfg.Database.URI), MaxOpenConns: cfg.Database.MaxOpenConns, MaxIdleConns: cfg.Database.MaxIdleConns,
 	}}, dbutil.ZeroLogger(dbLog))
@@ -475,5 +479,5 @@ func newLogger(cfg LoggingConfig) (zerolog.Logger, func(), error) {
 		out = zerolog.MultiLevelWriter(out, f)
 		closeFn = func() { _ = f.Close() }
 	}
-	return zerolog.New(out).Level(level).With().Timestamp().Logger(), closeFn, nil
+	return zerolog.New(bodylessWriter{out: out}).Level(level).With().Timestamp().Logger(), closeFn, nil
 }
