@@ -44,8 +44,18 @@ bench:
 	FERRY_PG_FSYNC=on scripts/with-postgres.sh $(GO) run ./cmd/ferry-bench -rate 500,100 $(BENCHFLAGS)
 	FERRY_PG_FSYNC=on scripts/with-postgres.sh $(GO) test -run '^$$' -bench . -benchmem ./...
 
+# Every fuzz target of a parser of outside input, one after the other, each for FUZZTIME (seed corpora in
+# <package>/testdata/fuzz/<target>). One worker each: the machine is shared.
+FUZZTIME ?= 20s
+FUZZ_TARGETS := bridge:FuzzTransaction bridge:FuzzDecryptedEvent bridge:FuzzTranslate bridge:FuzzCallContent \
+	bridge:FuzzParseCommand bridge:FuzzParseDisappear bridge:FuzzGhostRoundTrip crypto:FuzzMegolmMessageIndex \
+	internal/config:FuzzLoadConfig cmd/ferry:FuzzParseLevel
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzParseCommand -fuzztime 30s ./bridge/
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t#*:}; \
+		echo "fuzz: $$name in ./$$pkg for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) -parallel 1 ./$$pkg/; \
+	done
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')

@@ -7,8 +7,12 @@
 //   - Crossing a link: m.room.message (every msgtype), m.sticker, m.reaction, redactions, and m.call.*; replies,
 //     threads, edits and reactions point at the counterpart in the target room; mentions map real users to
 //     ghosts and ghosts back to real users.
+//   - Authority (authority.go): only real redactions cross, and only when their sender sent the original or may
+//     redact others in the source room; commands that act on a room need their sender joined there now and the
+//     power.
 //   - Dropped: events from ferry's own users (bot, ghosts) and from blocked users, bot commands, state events,
-//     relations to events ferry never relayed when no graceful fallback exists (edits, reactions).
+//     encrypted events whose cleartext type is control (a redaction, a state type), relations to events ferry
+//     never relayed when no graceful fallback exists (edits, reactions).
 //   - Encryption: a copy sent into an encrypted room is always encrypted; relaying from an encrypted room into
 //     an unencrypted one is refused unless bridge.allow_unencrypted_targets is set.
 //   - Durability: an event is acknowledged to the homeserver only once recorded; it is relayed at most once per
@@ -57,8 +61,10 @@ type Bridge struct {
 	workersLock sync.Mutex
 	workers     map[id.RoomID]*roomWorker
 	workerCtx   context.Context // set by Start: workers run from then on
+	idleForTest time.Duration   // when set, how long a worker waits for work before it is freed
 
 	roomNames roomNameCache
+	notices   noticeLimiter // bounded.go
 	stats     stats
 	commits   groupCommit // room workers' batches, written together (worker.go)
 	hot       hotCache
@@ -67,6 +73,9 @@ type Bridge struct {
 	disappearing  *disappearer // see disappear.go
 
 	sent sentLedger // what the read-back after an unclean stop found (reconcile.go)
+
+	// wrongTokenLog says once a minute that the homeserver presents a wrong hs_token (http.go).
+	wrongTokenLog everyLimiter
 
 	// guards the following fields
 	keyRequestsLock sync.Mutex
@@ -218,4 +227,16 @@ func (s *stats) errorsLastHour(rooms []id.RoomID) int {
 		}
 	}
 	return n
+}
+
+// everyLimiter allows one event per minute (a log line that would otherwise repeat for every request).
+type everyLimiter struct {
+	last atomic.Int64 // unix nanoseconds of the last allowed event
+}
+
+// Allow tells whether a minute has passed since the last allowed event, and if so counts this one.
+func (l *everyLimiter) Allow() bool {
+	now := time.Now().UnixNano()
+	last := l.last.Load()
+	return now-last >= int64(time.Minute) && l.last.CompareAndSwap(last, now)
 }

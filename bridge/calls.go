@@ -14,7 +14,12 @@ package bridge
 //     It applies the spec's rule itself (the lesser call_id wins) to the two original IDs: the losing invite is
 //     not relayed (or, when it already was, its copy is hung up) and the loser's own call is hung up in its
 //     room by the winner's ghost. Copy IDs keep the original as their prefix, so a client that runs the same
-//     rule between its own invite and a copy reaches the same verdict.
+//     rule between its own invite and a copy reaches the same verdict. Glare is judged only between the two
+//     parties: two invites collide only when each caller may answer the other's call (callParties).
+//   - only a party of a call acts on it (callParty): in the caller's room the caller; in the other rooms the
+//     user whose answer was relayed, or before that the invite's invitee (anyone there when it named nobody).
+//     Another member's hangup, reject, answer, select_answer or candidates for the call are dropped.
+//   - a copy's call_id ends with a random suffix, so nobody can tell it from public data before ferry sends it.
 //
 // Group calls (MatrixRTC) stay in their own room. When someone joins a call in one room of a link, the other
 // rooms get a notification event from that person's ghost and a bot notice naming who is in the call in which
@@ -22,8 +27,6 @@ package bridge
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -99,17 +102,40 @@ var callGlareLock sync.Mutex
 // maxCallID is the longest call_id the spec allows.
 const maxCallID = 255
 
-// copyCallID is the call_id a call placed in originRoom with originalID has in target. It starts with the
-// original ID (so glare comparisons between an original and a copy agree with those between the originals)
-// and ends with a hash of the rooms (so each room gets its own). It stays within the spec's grammar
-// ([0-9a-zA-Z._~-], at most 255 characters) when the original does.
-func copyCallID(originalID string, originRoom, target id.RoomID) string {
-	sum := sha256.Sum256([]byte(originalID + "\x00" + string(originRoom) + "\x00" + string(target)))
-	suffix := "-" + hex.EncodeToString(sum[:6])
+// copyCallIDRandomBytes is the size of the random suffix of a copy's call_id: 64 bits nobody can guess.
+const copyCallIDRandomBytes = 8
+
+// copyCallID returns a new call_id for a copy of a call placed with originalID. It starts with the original ID
+// (so glare comparisons between an original and a copy agree with those between the originals) and ends with a
+// random suffix: each room gets its own, and nobody can compute it from the original ID and the rooms (a member
+// of the callee room could otherwise send events for the call before ferry's copy arrived). The call table keeps
+// it, so retries reuse it. It stays within the spec's grammar ([0-9a-zA-Z._~-], at most 255 characters) when the
+// original does.
+func copyCallID(originalID string) string {
+	suffix := "-" + randomHex(copyCallIDRandomBytes)
 	if len(originalID)+len(suffix) > maxCallID {
 		originalID = originalID[:maxCallID-len(suffix)]
 	}
 	return originalID + suffix
+}
+
+// callParty tells whether sender may act on call with an event sent in room: in the caller's room only the
+// caller; in another room the callee once an answer was relayed, before that the invitee the invite named, or
+// anyone there when it named nobody.
+func callParty(call *database.Call, room id.RoomID, sender id.UserID) bool {
+	switch {
+	case room == call.OriginRoom:
+		return sender == call.Caller
+	case call.Callee != "":
+		return sender == call.Callee
+	}
+	return call.Invitee == "" || sender == call.Invitee
+}
+
+// callParties tells whether two invites are a glare, the two parties calling each other: each caller may answer
+// the other's call (it named them as invitee, or nobody).
+func callParties(caller, invitee, rivalCaller, rivalInvitee id.UserID) bool {
+	return (invitee == "" || invitee == rivalCaller) && (rivalInvitee == "" || rivalInvitee == caller)
 }
 
 // glareWinner reports whether the invite with call ID a (placed in room roomA) survives a glare with the one
@@ -201,6 +227,10 @@ func (b *Bridge) prepareCall(ctx context.Context, evt *event.Event, link *databa
 		log.Debug().Str("event_type", evt.Type.Type).Msg("Call event for a call ferry does not relay")
 		return outcome{state: database.InboxDone}, true
 	}
+	if !callParty(call, evt.RoomID, evt.Sender) {
+		log.Info().Str("event_type", evt.Type.Type).Str("call_key", call.Key).Msg("Call event from someone who is not a party of the call, not relayed")
+		return outcome{state: database.InboxDone}, true
+	}
 	switch evt.Type.Type {
 	case callHangup, callReject:
 		// Relayed even when ferry already ended the call: a retry must not lose it, and a second hangup is
@@ -260,8 +290,8 @@ func (b *Bridge) decideInvite(ctx context.Context, evt *event.Event, link *datab
 	}
 	call := &database.Call{
 		Key: "call_" + randomHex(12), LinkID: link.ID, OriginRoom: evt.RoomID, OriginCallID: callID,
-		Caller: evt.Sender, CallerParty: callString(raw, "party_id"), State: database.CallRinging,
-		ExpiresAt: expires, CreatedAt: now, UpdatedAt: now, Rooms: map[id.RoomID]string{evt.RoomID: callID},
+		Caller: evt.Sender, CallerParty: callString(raw, "party_id"), Invitee: b.realInvitee(callString(raw, "invitee")),
+		State: database.CallRinging, ExpiresAt: expires, CreatedAt: now, UpdatedAt: now, Rooms: map[id.RoomID]string{evt.RoomID: callID},
 	}
 	live, err := b.DB.Calls.Live(ctx, link.ID)
 	if err != nil {
@@ -270,6 +300,9 @@ func (b *Bridge) decideInvite(ctx context.Context, evt *event.Event, link *datab
 	for _, rival := range live {
 		if rival.State != database.CallRinging || rival.OriginRoom == evt.RoomID || !rival.ExpiresAt.After(now) {
 			continue // not glare: answered calls are busy lines, same-room glare is the clients' to settle
+		}
+		if !callParties(call.Caller, call.Invitee, rival.Caller, rival.Invitee) {
+			continue // not the two parties calling each other: someone else's call is none of this one's business
 		}
 		if glareWinner(callID, evt.RoomID, rival.OriginCallID, rival.OriginRoom) {
 			log.Info().Str("lost_call_key", rival.Key).Msg("Glare: this invite wins over one already relayed; hanging that one up")
@@ -290,7 +323,7 @@ func (b *Bridge) decideInvite(ctx context.Context, evt *event.Event, link *datab
 		return outcome{state: database.InboxDone}, true
 	}
 	for _, target := range link.Others(evt.RoomID) {
-		call.Rooms[target] = copyCallID(callID, evt.RoomID, target)
+		call.Rooms[target] = copyCallID(callID)
 	}
 	if err = b.DB.Calls.Insert(ctx, call); err != nil {
 		return outcome{err: err}, true
@@ -321,6 +354,17 @@ func (b *Bridge) mapCallFor(ctx context.Context, evt *event.Event, target id.Roo
 	}
 	content.VeryRaw = data
 	return nil
+}
+
+// realInvitee maps an invite's invitee (in the caller's room the callee is a ghost) to the real user; "" stays "".
+func (b *Bridge) realInvitee(invitee string) id.UserID {
+	if invitee == "" {
+		return ""
+	}
+	if real, ok := b.Ghosts.Real(id.UserID(invitee)); ok {
+		return real
+	}
+	return id.UserID(invitee)
 }
 
 // hangUpCall ends a call in every room it has: the caller's own room hears it from the ghost of stranger (the

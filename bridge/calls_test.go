@@ -18,6 +18,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"go.ferry.im/ferry/database"
 	"go.ferry.im/ferry/database/dbtest"
 )
 
@@ -122,32 +123,78 @@ func TestCallMapping(t *testing.T) {
 func TestCopyCallID(t *testing.T) {
 	grammar := regexp.MustCompile(`^[0-9a-zA-Z._~-]{1,255}$`)
 	long := strings.Repeat("x", 255)
-	cases := []struct {
-		original string
-		origin   id.RoomID
-		target   id.RoomID
-	}{
-		{"1767225600123abcd", "!a:x", "!b:x"},
-		{"1767225600123abcd", "!a:x", "!c:x"},
-		{"c0ffee.call~1", "!b:x", "!a:x"},
-		{long, "!a:x", "!b:x"},
-	}
 	seen := map[string]bool{}
-	for _, tc := range cases {
-		got := copyCallID(tc.original, tc.origin, tc.target)
+	for _, original := range []string{"1767225600123abcd", "1767225600123abcd", "c0ffee.call~1", long} {
+		got := copyCallID(original)
 		if !grammar.MatchString(got) {
-			t.Errorf("copy of %q is %q, outside the call_id grammar", tc.original, got)
+			t.Errorf("copy of %q is %q, outside the call_id grammar", original, got)
 		}
-		if got != copyCallID(tc.original, tc.origin, tc.target) {
-			t.Errorf("copy of %q is not deterministic", tc.original)
-		}
-		if got == tc.original || seen[got] {
-			t.Errorf("copy of %q into %s is %q, not unique", tc.original, tc.target, got)
+		// Unpredictable: the same original gets another suffix every time, so nobody can compute a copy's ID.
+		if got == original || seen[got] || got == copyCallID(original) {
+			t.Errorf("copy of %q is %q, not unique", original, got)
 		}
 		seen[got] = true
-		if tc.original != long && !strings.HasPrefix(got, tc.original) {
-			t.Errorf("copy %q does not keep the original %q as its prefix", got, tc.original)
+		if original != long && !strings.HasPrefix(got, original+"-") {
+			t.Errorf("copy %q does not keep the original %q as its prefix", got, original)
 		}
+		if suffix := got[strings.LastIndexByte(got, '-')+1:]; len(suffix) != 2*copyCallIDRandomBytes {
+			t.Errorf("copy %q has a suffix of %d characters", got, len(suffix))
+		}
+	}
+}
+
+// TestCallParty: who may act on a call, where.
+func TestCallParty(t *testing.T) {
+	const alice, bob, carol = id.UserID("@alice:x"), id.UserID("@bob:x"), id.UserID("@carol:x")
+	ringing := &database.Call{OriginRoom: "!a", Caller: alice}
+	named := &database.Call{OriginRoom: "!a", Caller: alice, Invitee: bob}
+	answered := &database.Call{OriginRoom: "!a", Caller: alice, Invitee: "", Callee: bob}
+	for name, tc := range map[string]struct {
+		call   *database.Call
+		room   id.RoomID
+		sender id.UserID
+		want   bool
+	}{
+		"the caller in her room":                        {call: ringing, room: "!a", sender: alice, want: true},
+		"another member of the caller's room":           {call: ringing, room: "!a", sender: carol},
+		"anyone in the callee room, no invitee":         {call: ringing, room: "!b", sender: carol, want: true},
+		"the invitee":                                   {call: named, room: "!b", sender: bob, want: true},
+		"someone else than the invitee":                 {call: named, room: "!b", sender: carol},
+		"the callee once answered":                      {call: answered, room: "!b", sender: bob, want: true},
+		"another member once answered":                  {call: answered, room: "!b", sender: carol},
+		"the caller in a callee room":                   {call: ringing, room: "!b", sender: alice, want: true},
+		"the caller in a callee room once answered":     {call: answered, room: "!b", sender: alice},
+		"the callee in the caller's room":               {call: answered, room: "!a", sender: bob},
+		"another member of a third room, once answered": {call: answered, room: "!c", sender: carol},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if got := callParty(tc.call, tc.room, tc.sender); got != tc.want {
+				t.Fatalf("callParty = %t, want %t", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestCallParties: glare only between the two parties calling each other.
+func TestCallParties(t *testing.T) {
+	const alice, bob, carol = id.UserID("@alice:x"), id.UserID("@bob:x"), id.UserID("@carol:x")
+	for name, tc := range map[string]struct {
+		caller, invitee, rivalCaller, rivalInvitee id.UserID
+		want                                       bool
+	}{
+		"nobody named":                         {caller: alice, rivalCaller: bob, want: true},
+		"each names the other":                 {caller: alice, invitee: bob, rivalCaller: bob, rivalInvitee: alice, want: true},
+		"one names the other":                  {caller: alice, invitee: bob, rivalCaller: bob, want: true},
+		"the new call names a third user":      {caller: alice, invitee: carol, rivalCaller: bob},
+		"the rival names a third user":         {caller: alice, rivalCaller: bob, rivalInvitee: carol},
+		"a third user calls someone else":      {caller: carol, invitee: carol, rivalCaller: bob, rivalInvitee: alice},
+		"a bystander calls without an invitee": {caller: carol, rivalCaller: alice, rivalInvitee: bob},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if got := callParties(tc.caller, tc.invitee, tc.rivalCaller, tc.rivalInvitee); got != tc.want {
+				t.Fatalf("callParties = %t, want %t", got, tc.want)
+			}
+		})
 	}
 }
 
@@ -175,7 +222,7 @@ func TestGlareWinner(t *testing.T) {
 				return
 			}
 			// In room !b, bob's client compares its own b with the copy of a; in !a, alice's with the copy of b.
-			copyA, copyB := copyCallID(tc.a, "!a:x", "!b:x"), copyCallID(tc.b, "!b:x", "!a:x")
+			copyA, copyB := copyCallID(tc.a), copyCallID(tc.b)
 			if (copyA < tc.b) != aWins {
 				t.Errorf("in !b a client comparing %q with its own %q would pick the other call", copyA, tc.b)
 			}
@@ -346,6 +393,18 @@ func TestCallRelayDecisions(t *testing.T) {
 			if c, _ := b.DB.Calls.ByRoomCallID(ctx, roomA, "100call"); c == nil || c.State != "answered" || c.Callee != bob || c.CalleeParty != "PB" {
 				t.Fatalf("answer not recorded: %+v", c)
 			}
+			// Only the call's parties act on it: not another member of the caller's room, not another member of a
+			// callee room once bob answered.
+			const carol, dave = id.UserID("@carol:ferry.test"), id.UserID("@dave:ferry.test")
+			if relays(callEvt(t, "$x1", roomA, carol, callHangup, now, base("100call", "PX", nil))) ||
+				relays(callEvt(t, "$x2", roomB, dave, callHangup, now, base(inB, "PX", nil))) ||
+				relays(callEvt(t, "$x3", roomC, dave, callAnswer, now, base(inC, "PX", map[string]any{"answer": map[string]any{"type": "answer", "sdp": "v=0\r\n"}}))) ||
+				relays(callEvt(t, "$x4", roomA, carol, callSelectAnswer, now, base("100call", "PX", map[string]any{"selected_party_id": "PX"}))) {
+				t.Fatal("a call event from someone who is not a party was relayed")
+			}
+			if c, _ := b.DB.Calls.ByRoomCallID(ctx, roomA, "100call"); c == nil || c.State != "answered" {
+				t.Fatalf("a bystander's hangup ended the call: %+v", c)
+			}
 			// The copy's ID in A, or the original's in B, mean nothing.
 			if relays(callEvt(t, "$stray1", roomA, alice, callCandidates, now, base(inB, "PA", nil))) ||
 				relays(callEvt(t, "$stray2", roomB, bob, callCandidates, now, base("100call", "PB", nil))) {
@@ -388,6 +447,13 @@ func TestCallRelayDecisions(t *testing.T) {
 			}
 			if c, _ := b.DB.Calls.ByRoomCallID(ctx, roomA, "300glare-a"); c == nil || c.State != "ringing" {
 				t.Fatalf("the winner is no longer ringing: %+v", c)
+			}
+			// A lesser call ID from someone calling a third user is no glare: both calls ring.
+			if !relays(callEvt(t, "$g4", roomB, dave, callInvite, now, base("000other", "GD", map[string]any{"lifetime": 60000, "invitee": "@zed:ferry.test"}))) {
+				t.Fatal("an invite to a third user was refused as glare")
+			}
+			if c, _ := b.DB.Calls.ByRoomCallID(ctx, roomA, "300glare-a"); c == nil || c.State != "ringing" {
+				t.Fatalf("a call to a third user ended alice's call: %+v", c)
 			}
 		})
 	}

@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/crypto"
@@ -27,37 +26,17 @@ type RecoveryKeyProvider interface {
 	RecoveryKey(ctx context.Context) (string, error)
 }
 
+// AdminHelperManager is implemented by E2EE layers that may keep a homeserver admin helper account (Dendrite
+// without appservice-mode encryption needs one to give ferry's accounts passwords). *crypto.Machine implements it.
+type AdminHelperManager interface {
+	AdminHelper(ctx context.Context) (crypto.AdminHelperStatus, error)
+	RemoveAdminHelper(ctx context.Context) (bool, error)
+}
+
 // Limits of list replies, so a large installation does not produce a notice too big to send.
 const (
 	maxListedLinks = 25
 )
-
-// hasStatePower tells whether user may change state in room (power level ≥ state_default). Admins of ferry
-// always may.
-func (b *Bridge) hasStatePower(ctx context.Context, room id.RoomID, user id.UserID) bool {
-	if b.Permission(user) >= LevelAdmin {
-		return true
-	}
-	pl, err := b.powerLevels(ctx, room)
-	if err != nil {
-		return false
-	}
-	return pl.GetUserLevel(user) >= pl.StateDefault()
-}
-
-// hasRoomAdminPower tells whether user is an admin of room (power level ≥ the level needed to change power
-// levels). Admins of ferry always are. It returns the level needed, for the refusal.
-func (b *Bridge) hasRoomAdminPower(ctx context.Context, room id.RoomID, user id.UserID) (bool, int) {
-	if b.Permission(user) >= LevelAdmin {
-		return true, 0
-	}
-	pl, err := b.powerLevels(ctx, room)
-	if err != nil {
-		return false, 100
-	}
-	need := pl.GetEventLevel(event.StatePowerLevels)
-	return pl.GetUserLevel(user) >= need, need
-}
 
 // resolveRoom turns a command argument (room ID, alias or matrix.to / matrix: link) into a room ID.
 func (b *Bridge) resolveRoom(ctx context.Context, arg string) (id.RoomID, error) {
@@ -91,11 +70,6 @@ func (b *Bridge) resolveRoom(ctx context.Context, arg string) (id.RoomID, error)
 // newLinkID returns a random link ID (lowercase hex, as m.bridge IDs should be).
 func newLinkID() string { return randomHex(8) }
 
-// noPowerHere is the refusal for a link change without the power to change room settings.
-func noPowerHere(action string) string {
-	return "Cannot " + action + ": you need the power to change room settings here (power level ≥ state_default)."
-}
-
 func cmdLink(ce *CommandEvent) {
 	b, ctx := ce.Bridge, ce.Ctx
 	target, err := b.resolveRoom(ctx, ce.Args[0])
@@ -111,8 +85,8 @@ func cmdLink(ce *CommandEvent) {
 		ce.Reply("Cannot link: I am not in %s. Invite me there first.", ce.Args[0])
 		return
 	}
-	if !b.hasStatePower(ctx, ce.RoomID, ce.Sender) {
-		ce.Reply("%s", noPowerHere("link"))
+	if a := ce.authorize(ce.RoomID, rightSettings); !a.ok {
+		ce.reply(a.because("Cannot link"))
 		return
 	}
 	// A room joins the link of the other room when one of them is linked; two rooms in different links stay
@@ -131,49 +105,18 @@ func cmdLink(ce *CommandEvent) {
 		ce.reply(renderNotice("Cannot link:").join(reason))
 		return
 	}
-	if !b.hasStatePower(ctx, target, ce.Sender) {
-		req := &database.LinkRequest{RoomID: target, FromRoom: ce.RoomID, RequestedBy: ce.Sender, CreatedAt: time.Now()}
-		if err = b.DB.Links.PutRequest(ctx, req); err != nil {
-			zerolog.Ctx(ctx).Err(err).Msg("Failed to store link request")
-			ce.Reply("Failed to store the link request.")
-			return
-		}
-		text := renderNotice("%s asks to link this room with **%s**. Someone who may change room settings here can accept with `%s`.",
-			ce.Sender, b.roomName(ctx, ce.RoomID), commandLine(b.Config.CommandPrefix, false, "accept"))
-		if _, err = b.sendRenderedNotice(ctx, target, text, "", "ferry_linkreq_"+TxnID(ce.Event.ID, target)); err != nil {
-			zerolog.Ctx(ctx).Err(err).Stringer("target_room_id", target).Msg("Failed to post link request")
-			ce.Reply("Failed to post the link request in %s.", ce.Args[0])
-			return
-		}
-		ce.Reply("You lack the power to change room settings in %s, so I posted a link request there. Someone with power there can accept it with `%s`.",
-			ce.Args[0], commandLine(b.Config.CommandPrefix, false, "accept"))
+	// Linking acts on both rooms and on every room of a link either belongs to: each needs consent from someone
+	// with power there (consent.go). The sender consents where their own power counts.
+	att := ce.requesterConsents(linkScope(ce.RoomID, target, current, existing))
+	if att.unknown != nil {
+		ce.reply(att.unknown.because("Cannot link"))
+		return
+	}
+	if len(att.waiting) > 0 {
+		ce.askConsent(&database.ConsentRequest{Kind: database.ConsentLink, FromRoom: ce.RoomID, TargetRoom: target}, att)
 		return
 	}
 	b.completeLink(ce, ce.RoomID, target)
-}
-
-func cmdAccept(ce *CommandEvent) {
-	b, ctx := ce.Bridge, ce.Ctx
-	if !b.hasStatePower(ctx, ce.RoomID, ce.Sender) {
-		ce.Reply("%s", noPowerHere("accept"))
-		return
-	}
-	req, err := b.DB.Links.TakeRequest(ctx, ce.RoomID)
-	if err != nil {
-		zerolog.Ctx(ctx).Err(err).Msg("Failed to read link request")
-		ce.Reply("Failed to read the link request.")
-		return
-	} else if req == nil {
-		ce.Reply("There is no pending link request for this room.")
-		return
-	}
-	from, _ := b.DB.Links.GetByRoom(ctx, req.FromRoom)
-	here, _ := b.DB.Links.GetByRoom(ctx, ce.RoomID)
-	if reason, refused := b.linkRefusal(ctx, req.FromRoom, ce.RoomID, from, here); refused {
-		ce.reply(renderNotice("Cannot link:").join(reason))
-		return
-	}
-	b.completeLink(ce, req.FromRoom, ce.RoomID)
 }
 
 // linkRefusal explains why rooms a and c may not be linked, given the links they already belong to (nil when
@@ -245,8 +188,8 @@ func (b *Bridge) joinRoomNames(ctx context.Context, rooms []id.RoomID) string {
 
 func cmdUnlink(ce *CommandEvent) {
 	b, ctx := ce.Bridge, ce.Ctx
-	if !b.hasStatePower(ctx, ce.RoomID, ce.Sender) {
-		ce.Reply("%s", noPowerHere("unlink"))
+	if a := ce.authorize(ce.RoomID, rightSettings); !a.ok {
+		ce.reply(a.because("Cannot unlink"))
 		return
 	}
 	before, err := b.DB.Links.Leave(ctx, ce.RoomID)
@@ -497,8 +440,8 @@ func cmdEncryption(ce *CommandEvent) {
 		ce.reply(usageNotice(b.Config.CommandPrefix, ce.Room.Management, findCommand(commandTable, "encryption")))
 		return
 	}
-	if ok, need := b.hasRoomAdminPower(ctx, ce.RoomID, ce.Sender); !ok {
-		ce.Reply("Changing the link's encryption policy needs room admin power here (power level ≥ %d, the level needed to change power levels) or ferry permission level `%s`.", need, LevelAdmin)
+	if a := ce.authorize(ce.RoomID, rightRoomAdmin); !a.ok {
+		ce.reply(a.because("Cannot change the link's encryption policy"))
 		return
 	}
 	if link == nil {
@@ -583,6 +526,10 @@ func cmdVersion(ce *CommandEvent) {
 }
 
 func cmdRotate(ce *CommandEvent) {
+	if a := ce.authorize(ce.RoomID, rightMember); !a.ok {
+		ce.reply(a.because("Cannot rotate"))
+		return
+	}
 	if ce.Bridge.Crypto == nil {
 		ce.Reply("Encryption is unavailable.")
 		return
@@ -640,4 +587,61 @@ func cmdReload(ce *CommandEvent) {
 func firstLine(s string) string {
 	line, _, _ := strings.Cut(s, "\n")
 	return line
+}
+
+func cmdAdminHelper(ce *CommandEvent) {
+	mgr, ok := ce.Bridge.Crypto.(AdminHelperManager)
+	if !ok {
+		ce.Reply("ferry keeps no homeserver admin helper account.")
+		return
+	}
+	if len(ce.Args) == 1 {
+		if !strings.EqualFold(ce.Args[0], "remove") {
+			ce.reply(usageNotice(ce.Bridge.Config.CommandPrefix, ce.Room.Management, findCommand(commandTable, "admin-helper")))
+			return
+		}
+		if a := ce.authorize(ce.RoomID, rightMember); !a.ok {
+			ce.reply(a.because("Cannot remove the admin helper"))
+			return
+		}
+		existed, err := mgr.RemoveAdminHelper(ce.Ctx)
+		if err != nil {
+			zerolog.Ctx(ce.Ctx).Err(err).Msg("Failed to remove the admin helper")
+			ce.Reply("Failed to remove the admin helper; the details are in ferry's log. Nothing was changed.")
+			return
+		}
+		zerolog.Ctx(ce.Ctx).Info().Bool("existed", existed).Msg("Admin helper removed by command")
+		if existed {
+			ce.Reply("Deactivated ferry's admin helper account and forgot its password. ferry will not create it again: accounts that still need a password to publish their cross-signing keys use the bot's device (single-device mode).")
+		} else {
+			ce.Reply("There was no admin helper account to deactivate. ferry will not create one from now on.")
+		}
+		return
+	}
+	s, err := mgr.AdminHelper(ce.Ctx)
+	if err != nil {
+		zerolog.Ctx(ce.Ctx).Err(err).Msg("Failed to read the admin helper's state")
+		ce.Reply("Failed to read the admin helper's state; the details are in ferry's log.")
+		return
+	}
+	ce.reply(adminHelperText(s, ce.cmd("admin-helper remove")))
+}
+
+// adminHelperText describes the admin helper for the admin-helper command.
+func adminHelperText(s crypto.AdminHelperStatus, removeCmd string) noticeText {
+	switch {
+	case s.Removed:
+		return renderNotice("ferry's admin helper `%s` was removed; ferry will not create it again.", s.UserID)
+	case s.Exists:
+		login := "It is logged out: ferry logs it in only for the call that needs it and logs it out right after."
+		if s.LoggedIn {
+			login = "It is logged in right now, for a call in progress; ferry logs it out when the call ends."
+		}
+		return renderNotice("ferry's admin helper `%s` exists: a homeserver admin account ferry created through the registration shared secret, used only to set passwords on its own accounts (this homeserver asks for them before cross-signing keys are uploaded).", s.UserID).
+			join(renderNotice("%s", login)).
+			join(renderNotice("Remove it for good with `%s`.", removeCmd))
+	case s.Possible:
+		return renderNotice("ferry has no admin helper account. It would create `%s` only if one of its accounts needed a password, which this homeserver asks for before cross-signing keys are uploaded.", s.UserID)
+	}
+	return renderNotice("ferry has no admin helper account and does not need one here (appservice-mode encryption, or no registration shared secret).")
 }

@@ -48,6 +48,12 @@ func (ce *CommandEvent) Reply(format string, args ...any) {
 // reply sends a rendered notice as a reply to the command. Its transaction ID derives from the command's event
 // ID, so a command handled again after a crash is not answered twice.
 func (ce *CommandEvent) reply(n noticeText) {
+	if ce.replies == 0 && !ce.Bridge.mayNotice(ce.Ctx, ce.RoomID, ce.Sender, noticeReply) {
+		ce.replies = -1 // this command's answers are not sent at all: a user flooding commands (bounded.go)
+	}
+	if ce.replies < 0 {
+		return
+	}
 	txnID := "ferry_reply_" + TxnID(ce.Event.ID, ce.RoomID)
 	if ce.replies > 0 {
 		txnID += fmt.Sprintf("_%d", ce.replies)
@@ -145,8 +151,10 @@ func init() {
 			Help: "List the commands you may use here, or show how to use one.", Func: cmdHelp},
 		{Name: "link", MinLevel: LevelUser, Usage: "<room ID, alias or matrix.to link>", MinArgs: 1, MaxArgs: 1, Example: "#team:example.org",
 			Help: "Link this room with another room I am in; without power there, someone there accepts.", Func: cmdLink},
-		{Name: "accept", MinLevel: LevelUser,
-			Help: "Accept the pending link request for this room.", Func: cmdAccept},
+		{Name: "accept", MinLevel: LevelUser, Usage: "[request ID]", MaxArgs: 1, Example: "3f9a2c",
+			Help: "Consent, for this room, to a request that waits here (a link, a disappearing timer); without an ID, the only one, or a list.", Func: cmdAccept},
+		{Name: "reject", MinLevel: LevelUser, Usage: "[request ID]", MaxArgs: 1, Example: "3f9a2c",
+			Help: "Refuse a request that waits for this room's consent; nothing changes.", Func: cmdReject},
 		{Name: "unlink", MinLevel: LevelUser, Needs: needLinked,
 			Help: "Remove this room from its link.", Func: cmdUnlink},
 		{Name: "links", MinLevel: LevelUser, Usage: "[all]", MaxArgs: 1,
@@ -167,6 +175,8 @@ func init() {
 			Help: "Discard ferry's outbound encryption sessions in this room; the next message starts a new one.", Func: cmdRotate},
 		{Name: "recovery-key", MinLevel: LevelAdmin, Needs: needManagement,
 			Help: "Show the recovery key of ferry's cross-signing identity.", Func: cmdRecoveryKey},
+		{Name: "admin-helper", MinLevel: LevelAdmin, Usage: "[remove]", MaxArgs: 1, Example: "remove",
+			Help: "Show ferry's homeserver admin helper account (if any), or remove it for good.", Func: cmdAdminHelper},
 		{Name: "reload", MinLevel: LevelAdmin,
 			Help: "Re-read the permissions from the config file without restarting.", Func: cmdReload},
 	}

@@ -17,7 +17,32 @@ import (
 var (
 	_ DeviceReporter      = (*crypto.Machine)(nil)
 	_ RecoveryKeyProvider = (*crypto.Machine)(nil)
+	_ AdminHelperManager  = (*crypto.Machine)(nil)
+	_ TrustFlagger        = (*crypto.Machine)(nil)
 )
+
+func TestAdminHelperText(t *testing.T) {
+	const helper = id.UserID("@ferrybot-admin:x")
+	for name, tc := range map[string]struct {
+		s    crypto.AdminHelperStatus
+		want []string
+	}{
+		"removed":          {s: crypto.AdminHelperStatus{UserID: helper, Removed: true, Possible: true}, want: []string{"was removed", "will not create it again"}},
+		"exists, idle":     {s: crypto.AdminHelperStatus{UserID: helper, Exists: true, Possible: true}, want: []string{"exists", "It is logged out", "`!ferry admin-helper remove`"}},
+		"exists, in use":   {s: crypto.AdminHelperStatus{UserID: helper, Exists: true, Possible: true, LoggedIn: true}, want: []string{"logged in right now"}},
+		"possible, absent": {s: crypto.AdminHelperStatus{UserID: helper, Possible: true}, want: []string{"has no admin helper", "only if"}},
+		"not needed":       {s: crypto.AdminHelperStatus{UserID: helper}, want: []string{"does not need one here"}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			got := adminHelperText(tc.s, "!ferry admin-helper remove").Plain
+			for _, w := range tc.want {
+				if !strings.Contains(got, w) {
+					t.Errorf("%q does not contain %q", got, w)
+				}
+			}
+		})
+	}
+}
 
 func TestParseCommand(t *testing.T) {
 	for name, tc := range map[string]struct {
@@ -149,7 +174,7 @@ func TestHelpListsWhatTheSenderMayRunHere(t *testing.T) {
 		}
 		return out
 	}
-	everyone := []string{"help", "link", "accept", "links", "status", "encryption", "devices", "ping", "version"}
+	everyone := []string{"help", "link", "accept", "reject", "links", "status", "encryption", "devices", "ping", "version"}
 	for name, tc := range map[string]struct {
 		level Level
 		room  RoomContext
@@ -158,12 +183,12 @@ func TestHelpListsWhatTheSenderMayRunHere(t *testing.T) {
 		"block":                     {level: LevelBlock, room: RoomContext{Linked: true}, want: nil},
 		"relay":                     {level: LevelRelay, room: RoomContext{Linked: true, Encrypted: true}, want: nil},
 		"user, unlinked room":       {level: LevelUser, room: RoomContext{}, want: everyone},
-		"user, linked room":         {level: LevelUser, room: RoomContext{Linked: true}, want: []string{"help", "link", "accept", "unlink", "links", "status", "encryption", "disappear", "devices", "ping", "version"}},
+		"user, linked room":         {level: LevelUser, room: RoomContext{Linked: true}, want: []string{"help", "link", "accept", "reject", "unlink", "links", "status", "encryption", "disappear", "devices", "ping", "version"}},
 		"user, management room":     {level: LevelUser, room: RoomContext{Management: true, Encrypted: true}, want: everyone},
-		"admin, unencrypted room":   {level: LevelAdmin, room: RoomContext{}, want: append(slices.Clone(everyone), "reload")},
-		"admin, linked encrypted":   {level: LevelAdmin, room: RoomContext{Linked: true, Encrypted: true}, want: []string{"help", "link", "accept", "unlink", "links", "status", "encryption", "disappear", "devices", "ping", "version", "rotate", "reload"}},
-		"admin, management room":    {level: LevelAdmin, room: RoomContext{Management: true, Encrypted: true}, want: append(slices.Clone(everyone), "rotate", "recovery-key", "reload")},
-		"admin, unencrypted direct": {level: LevelAdmin, room: RoomContext{Management: true}, want: append(slices.Clone(everyone), "recovery-key", "reload")},
+		"admin, unencrypted room":   {level: LevelAdmin, room: RoomContext{}, want: append(slices.Clone(everyone), "admin-helper", "reload")},
+		"admin, linked encrypted":   {level: LevelAdmin, room: RoomContext{Linked: true, Encrypted: true}, want: []string{"help", "link", "accept", "reject", "unlink", "links", "status", "encryption", "disappear", "devices", "ping", "version", "rotate", "admin-helper", "reload"}},
+		"admin, management room":    {level: LevelAdmin, room: RoomContext{Management: true, Encrypted: true}, want: append(slices.Clone(everyone), "rotate", "recovery-key", "admin-helper", "reload")},
+		"admin, unencrypted direct": {level: LevelAdmin, room: RoomContext{Management: true}, want: append(slices.Clone(everyone), "recovery-key", "admin-helper", "reload")},
 	} {
 		t.Run(name, func(t *testing.T) {
 			if got := names(tc.level, tc.room); !slices.Equal(got, tc.want) {

@@ -2,6 +2,8 @@ package bridge
 
 import (
 	"errors"
+	"fmt"
+	"regexp"
 	"strings"
 	"text/template"
 	"time"
@@ -50,9 +52,34 @@ type Config struct {
 	// DisappearKeyIdle: how long a real user's Megolm session whose disappearing messages all expired must have
 	// been unused before ferry deletes its key (a later message on it then needs the key again).
 	DisappearKeyIdle time.Duration `yaml:"disappear_key_idle"`
+	// PeerUsers is a regular expression matching the user IDs of other ferry instances (their registrations'
+	// users namespaces): ferry never relays what those users send, so two ferries linking the same rooms cannot
+	// echo each other's copies. "" (the default): no peers. Content markers are never trusted for this.
+	PeerUsers string `yaml:"peer_users"`
 
 	// DisplaynameTmpl is DisplaynameTemplate compiled while loading.
 	DisplaynameTmpl *template.Template `yaml:"-"`
+	// PeerUsersRegexp is PeerUsers compiled while loading (anchored at both ends); nil when empty.
+	PeerUsersRegexp *regexp.Regexp `yaml:"-"`
+}
+
+// CompilePeerUsers compiles PeerUsers into PeerUsersRegexp, anchored so it must match a whole user ID.
+func (c *Config) CompilePeerUsers() error {
+	c.PeerUsersRegexp = nil
+	if c.PeerUsers == "" {
+		return nil
+	}
+	re, err := regexp.Compile("^(?:" + c.PeerUsers + ")$")
+	if err != nil {
+		return fmt.Errorf("not a valid regular expression: %w", err)
+	}
+	c.PeerUsersRegexp = re
+	return nil
+}
+
+// isPeer tells whether a user belongs to another ferry instance (bridge.peer_users).
+func (c *Config) isPeer(user string) bool {
+	return c.PeerUsersRegexp != nil && c.PeerUsersRegexp.MatchString(user)
 }
 
 // GhostNameParams are the fields available to displayname_template.

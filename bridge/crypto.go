@@ -32,3 +32,12 @@ type Crypto interface {
 type SenderPreparer interface {
 	PrepareSender(ctx context.Context, sender id.UserID) error
 }
+
+// TrustFlagger is implemented by E2EE layers that tell whether the source room's clients would flag a decrypted
+// message (an unsigned device of a user with a cross-signing identity, an unknown device, mismatched keys, an
+// untrusted forwarded key, a changed identity). TrustFlag returns the reason, or "" when they would not; the
+// relay then marks the copies (see Translate), so trust is not laundered through a ghost's cross-signed device.
+// *crypto.Machine implements it.
+type TrustFlagger interface {
+	TrustFlag(ctx context.Context, dec *event.Event) (string, error)
+}

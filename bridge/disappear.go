@@ -39,6 +39,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/database"
 	"go.ferry.im/ferry/internal/metrics"
 )
@@ -114,8 +115,8 @@ func cmdDisappear(ce *CommandEvent) {
 		ce.Reply("Cannot set the disappearing timer: %s.", err)
 		return
 	}
-	if !b.hasStatePower(ctx, ce.RoomID, ce.Sender) {
-		ce.Reply("%s", noPowerHere("change the disappearing timer"))
+	if a := ce.authorize(ce.RoomID, rightSettings); !a.ok {
+		ce.reply(a.because("Cannot change the disappearing timer"))
 		return
 	}
 	link, err := b.DB.Links.GetByRoom(ctx, ce.RoomID)
@@ -131,7 +132,27 @@ func cmdDisappear(ce *CommandEvent) {
 		ce.reply(renderNotice("Nothing to change.").join(disappearText(after)))
 		return
 	}
-	if err = b.DB.Links.SetDisappear(ctx, link.ID, after); err != nil {
+	// A timer redacts originals in every room of the link (bridge.redact_originals): each room must consent
+	// (consent.go). Turning it off, or a timer that only removes ferry's own copies, acts on nothing but ferry's
+	// events.
+	if after > 0 && b.Config.RedactOriginals {
+		att := ce.requesterConsents(link.Rooms)
+		if att.unknown != nil {
+			ce.reply(att.unknown.because("Cannot change the disappearing timer"))
+			return
+		}
+		if len(att.waiting) > 0 {
+			ce.askConsent(&database.ConsentRequest{Kind: database.ConsentDisappear, FromRoom: ce.RoomID, LinkID: link.ID, DisappearAfter: after}, att)
+			return
+		}
+	}
+	b.setDisappear(ce, link, after, ce.Sender)
+}
+
+// setDisappear sets a link's timer (every room of it consented, or none needed to) and tells every room.
+func (b *Bridge) setDisappear(ce *CommandEvent, link *database.Link, after time.Duration, by id.UserID) {
+	ctx := ce.Ctx
+	if err := b.DB.Links.SetDisappear(ctx, link.ID, after); err != nil {
 		zerolog.Ctx(ctx).Err(err).Msg("Failed to change the disappearing timer")
 		ce.Reply("Failed to change the disappearing timer.")
 		return
@@ -139,7 +160,7 @@ func cmdDisappear(ce *CommandEvent) {
 	zerolog.Ctx(ctx).Info().Str("link_id", link.ID).Dur("disappear_after", after).Msg("Disappearing timer changed")
 	b.disappearTimerChanged(ctx, link, after)
 	ce.reply(renderNotice("Done.").join(disappearText(after)))
-	ce.announce(link.Others(ce.RoomID), "disappear", disappearText(after).join(renderNotice("(set by %s in **%s**)", ce.Sender, b.roomName(ctx, ce.RoomID))))
+	ce.announce(link.Others(ce.RoomID), "disappear", disappearText(after).join(renderNotice("(set by %s)", by)))
 }
 
 // showDisappear answers `disappear` without argument: the timer, how to set it, and for admins the redactions
@@ -204,15 +225,22 @@ type disappearInfo struct {
 	deadline time.Time
 	window   time.Duration
 	inbound  id.SessionID // the Megolm session the original was encrypted with, when it was
+	index    uint32       // the original's message index in inbound
+	hasIndex bool
 }
 
-// withInboundSession remembers the session an encrypted original came with (handle sets it after decrypting).
+// withInboundSession remembers the session an encrypted original came with, and its message index there (handle
+// sets it after decrypting).
 func withInboundSession(ctx context.Context, encrypted *event.Event) context.Context {
 	content, ok := encrypted.Content.Parsed.(*event.EncryptedEventContent)
 	if !ok || content.SessionID == "" {
 		return ctx
 	}
-	return context.WithValue(ctx, disappearCtxKey{}, &disappearInfo{inbound: content.SessionID})
+	info := &disappearInfo{inbound: content.SessionID}
+	if index, err := crypto.MegolmMessageIndex(content); err == nil {
+		info.index, info.hasIndex = index, true
+	}
+	return context.WithValue(ctx, disappearCtxKey{}, info)
 }
 
 func disappearFrom(ctx context.Context) *disappearInfo {
@@ -238,7 +266,7 @@ func (b *Bridge) disappearDeadline(ctx context.Context, evt *event.Event, link *
 	}
 	info := &disappearInfo{window: link.DisappearAfter}
 	if prev := disappearFrom(ctx); prev != nil {
-		info.inbound = prev.inbound
+		info.inbound, info.index, info.hasIndex = prev.inbound, prev.index, prev.hasIndex
 	}
 	if link.DisappearAfter > 0 {
 		info.deadline = time.UnixMilli(evt.Timestamp).Add(link.DisappearAfter)
@@ -260,6 +288,13 @@ func (b *Bridge) disappearDeadline(ctx context.Context, evt *event.Event, link *
 	}
 	if info.inbound != "" {
 		b.disappear().noteInbound(ctx, b, evt.RoomID, info.inbound, evt.Sender, info.deadline)
+		if !info.deadline.IsZero() && info.hasIndex {
+			// When the deadline passes, ferry's copies of the sender's session are ratcheted past this message
+			// (sweepKeys), even if the session carries other messages.
+			if err := b.DB.Disappear.NoteIndex(ctx, evt.RoomID, info.inbound, info.index, info.deadline); err != nil {
+				zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to record a disappearing message's index")
+			}
+		}
 	}
 	if !info.deadline.IsZero() {
 		// The original is scheduled now, so it disappears even when no copy of it could be made.
@@ -287,6 +322,9 @@ type KeyDestroyer interface {
 	DestroySession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (int64, error)
 	// DestroyLateCopies deletes copies of a destroyed session that ghost devices received afterwards.
 	DestroyLateCopies(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (int64, error)
+	// RatchetInboundSession moves every stored copy of a session forward to start at floor, so messages below it
+	// no longer decrypt from ferry's database.
+	RatchetInboundSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, floor uint32) (int, error)
 }
 
 type senderRoom struct {
@@ -697,18 +735,20 @@ func (b *Bridge) sweepKeys(ctx context.Context, now time.Time) {
 		return
 	}
 	busy := make(map[id.RoomID]bool)
+	roomBusy := func(room id.RoomID) bool {
+		// A message still queued in the room may need the session to decrypt.
+		waiting, ok := busy[room]
+		if !ok {
+			counts, err := b.DB.Inbox.CountByState(ctx, room)
+			waiting = err != nil || counts[database.InboxPending]+counts[database.InboxWaitingKeys] > 0
+			busy[room] = waiting
+		}
+		return waiting
+	}
+	b.ratchetExpired(ctx, kd, now, roomBusy)
 	for _, s := range expired {
-		if !s.Outbound {
-			// A message still queued in the room may need this session to decrypt.
-			waiting, ok := busy[s.RoomID]
-			if !ok {
-				counts, err := b.DB.Inbox.CountByState(ctx, s.RoomID)
-				waiting = err != nil || counts[database.InboxPending]+counts[database.InboxWaitingKeys] > 0
-				busy[s.RoomID] = waiting
-			}
-			if waiting {
-				continue
-			}
+		if !s.Outbound && roomBusy(s.RoomID) {
+			continue
 		}
 		destroy := kd.DestroySession
 		if s.Deleted {
@@ -730,5 +770,52 @@ func (b *Bridge) sweepKeys(ctx context.Context, now time.Time) {
 			log.Info().Stringer("room_id", s.RoomID).Stringer("session_id", s.SessionID).Int64("rows", n).Msg("Deleted a late copy of an expired session's keys")
 		}
 		d.forgetSession(s.RoomID, s.SessionID)
+	}
+}
+
+// ratchetExpired moves ferry's stored copies of users' sessions past every disappearing message whose deadline
+// passed, so the original of an expired message no longer decrypts from ferry's database even when its sender's
+// session also carried messages that have not expired (or carry no deadline): only what messages still to come
+// need is kept. The floor is remembered, so a copy of the session that arrives later is ratcheted too.
+func (b *Bridge) ratchetExpired(ctx context.Context, kd KeyDestroyer, now time.Time, roomBusy func(id.RoomID) bool) {
+	log := zerolog.Ctx(ctx)
+	due, err := b.DB.Disappear.RatchetsDue(ctx, now)
+	if err != nil {
+		log.Err(err).Msg("Failed to list sessions to ratchet")
+		return
+	}
+	for _, r := range due {
+		if roomBusy(r.RoomID) {
+			continue
+		}
+		n, err := kd.RatchetInboundSession(ctx, r.RoomID, r.SessionID, r.Floor)
+		if err != nil {
+			log.Err(err).Stringer("session_id", r.SessionID).Msg("Failed to ratchet a session past expired messages")
+			continue
+		}
+		if err = b.DB.Disappear.Ratcheted(ctx, r.RoomID, r.SessionID, r.Floor); err != nil {
+			log.Err(err).Msg("Failed to record a ratcheted session")
+			continue
+		}
+		log.Info().Stringer("room_id", r.RoomID).Stringer("session_id", r.SessionID).Uint32("first_index_kept", r.Floor).Int("copies", n).
+			Msg("Ratcheted a session past its expired messages")
+	}
+}
+
+// enforceFloor ratchets a copy of a session that just arrived (a key request answered, a forward) to the floor
+// ferry keeps of it: an earlier index of a session whose messages expired is never imported back.
+func (b *Bridge) enforceFloor(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) {
+	kd, ok := b.Crypto.(KeyDestroyer)
+	if !ok {
+		return
+	}
+	floor, err := b.DB.Disappear.Floor(ctx, roomID, sessionID)
+	if err != nil || floor == 0 {
+		return
+	}
+	if n, err := kd.RatchetInboundSession(ctx, roomID, sessionID, floor); err != nil {
+		zerolog.Ctx(ctx).Err(err).Stringer("session_id", sessionID).Msg("Failed to ratchet a re-imported session to its floor")
+	} else if n > 0 {
+		zerolog.Ctx(ctx).Info().Stringer("session_id", sessionID).Uint32("first_index_kept", floor).Msg("Ratcheted a re-imported session past its expired messages")
 	}
 }

@@ -3,6 +3,7 @@ package bridge
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"sort"
 	"strconv"
@@ -357,6 +358,10 @@ func (c *rotationCrypto) DiscardOutboundSession(_ context.Context, room id.RoomI
 	return nil
 }
 
+func (c *rotationCrypto) RatchetInboundSession(context.Context, id.RoomID, id.SessionID, uint32) (int, error) {
+	return 0, nil
+}
+
 func (c *rotationCrypto) DestroyLateCopies(context.Context, id.RoomID, id.SessionID) (int64, error) {
 	return 0, nil
 }
@@ -450,10 +455,16 @@ func TestRotatedSessionsAreForgotten(t *testing.T) {
 	}
 }
 
-// sweepCrypto records which sessions the key sweep deletes, and how.
+// sweepCrypto records which sessions the key sweep deletes, and how, and which it ratchets to which floor.
 type sweepCrypto struct {
 	rotationCrypto
 	destroyed, late []id.SessionID
+	ratcheted       []string // "<session>@<floor>"
+}
+
+func (c *sweepCrypto) RatchetInboundSession(_ context.Context, _ id.RoomID, s id.SessionID, floor uint32) (int, error) {
+	c.ratcheted = append(c.ratcheted, fmt.Sprintf("%s@%d", s, floor))
+	return 1, nil
 }
 
 func (c *sweepCrypto) DestroySession(_ context.Context, _ id.RoomID, s id.SessionID) (int64, error) {
@@ -548,5 +559,60 @@ func TestTimerChangeRotatesEveryRoom(t *testing.T) {
 		if !slices.Equal(rec.rotated, want) {
 			t.Errorf("timer %v: rotated %v, want %v", after, rec.rotated, want)
 		}
+	}
+}
+
+// TestRatchetPastExpiredMessages: a user's session that carried a disappearing message at index 4 and one at 9
+// is ratcheted to 5 when the first expires although the second has not (and the session is kept for it); a
+// room with queued events waits; a copy of the session that arrives later is ratcheted to the floor again.
+func TestRatchetPastExpiredMessages(t *testing.T) {
+	db := upgradedDB(t)
+	ctx := context.Background()
+	cr := &sweepCrypto{}
+	cfg := DefaultConfig()
+	b := &Bridge{DB: db, Crypto: cr, Log: zerolog.Nop(), Config: &cfg}
+	now := time.Now()
+	for _, n := range []struct {
+		room     id.RoomID
+		session  id.SessionID
+		index    uint32
+		deadline time.Time
+	}{
+		{"!a", "sess", 3, now.Add(-2 * time.Second)},
+		{"!a", "sess", 4, now.Add(-time.Second)},
+		{"!a", "sess", 9, now.Add(time.Hour)},
+		{"!busy", "other", 0, now.Add(-time.Second)},
+	} {
+		if err := db.Disappear.NoteIndex(ctx, n.room, n.session, n.index, n.deadline); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := db.Inbox.Insert(ctx, []*database.InboxEvent{{EventID: "$q", RoomID: "!busy", Sender: "@u:x", Type: "m.room.encrypted", Raw: []byte(`{}`), State: database.InboxPending, ReceivedAt: now}}); err != nil {
+		t.Fatal(err)
+	}
+	b.sweepKeys(ctx, now)
+	if got := strings.Join(cr.ratcheted, ","); got != "sess@5" {
+		t.Fatalf("ratcheted %s, want sess@5 (and nothing in the busy room)", got)
+	}
+	if floor, _ := db.Disappear.Floor(ctx, "!a", "sess"); floor != 5 {
+		t.Fatalf("floor = %d, want 5", floor)
+	}
+	// Nothing more is due until index 9's deadline.
+	cr.ratcheted = nil
+	b.sweepKeys(ctx, now.Add(time.Second))
+	if len(cr.ratcheted) != 0 {
+		t.Fatalf("ratcheted again: %v", cr.ratcheted)
+	}
+	// The session arrives again (a key request answered, a forward): it is ratcheted to the floor at once.
+	b.enforceFloor(ctx, "!a", "sess")
+	b.enforceFloor(ctx, "!a", "never-ratcheted")
+	if got := strings.Join(cr.ratcheted, ","); got != "sess@5" {
+		t.Fatalf("on arrival ratcheted %s, want sess@5 only", got)
+	}
+	// Index 9 expires: the floor moves past it.
+	cr.ratcheted = nil
+	b.sweepKeys(ctx, now.Add(2*time.Hour))
+	if got := strings.Join(cr.ratcheted, ","); got != "sess@10" {
+		t.Fatalf("ratcheted %s, want sess@10", got)
 	}
 }

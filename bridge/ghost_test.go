@@ -189,3 +189,25 @@ func ExampleGhostNamer() {
 	// @_ferry__alice___b=3aexample.org:ferry.example
 	// @Alice_B:example.org true
 }
+
+func TestCleanName(t *testing.T) {
+	for name, tc := range map[string]struct {
+		in   string
+		max  int
+		want string
+	}{
+		"plain":                  {"Alice", 48, "Alice"},
+		"line breaks and tabs":   {"Alice\nSmith\tJr", 48, "Alice Smith Jr"},
+		"bidi override dropped":  {"Ali\u202ece", 48, "Alice"},
+		"spaces collapse, trim":  {"  Alice   Smith  ", 48, "Alice Smith"},
+		"shortened with …":       {"abcdefghij", 5, "abcd…"},
+		"counted in runes":       {"ééééé", 5, "ééééé"},
+		"only controls is empty": {"\n\t", 48, ""},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if got := cleanName(tc.in, tc.max); got != tc.want {
+				t.Fatalf("cleanName(%q, %d) = %q, want %q", tc.in, tc.max, got, tc.want)
+			}
+		})
+	}
+}

@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"unicode"
 
 	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/appservice"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -20,15 +23,49 @@ func (b *Bridge) ensureGhost(ctx context.Context, intent *appservice.IntentAPI, 
 	if b.hot.ghostReady(key) {
 		return nil
 	}
-	if err := intent.EnsureJoined(ctx, target); err != nil {
+	gen := b.hot.generation()
+	// Checked only when the cache has no entry: a member event in target (a kick, a ban) drops the entry.
+	if err := b.checkModeration(ctx, realUser, intent.UserID, target); err != nil {
 		return err
 	}
-	gen := b.hot.generation()
-	if err := b.syncGhostProfile(ctx, intent, sourceRoom, realUser, target); err != nil {
+	if b.StateStore.IsInRoom(ctx, target, intent.UserID) {
+		if err := b.syncGhostProfile(ctx, intent, sourceRoom, realUser, target); err != nil {
+			return err
+		}
+	} else if err := b.joinGhost(ctx, intent, sourceRoom, realUser, target); err != nil {
 		return err
 	}
 	b.hot.setGhostReady(key, gen)
 	return nil
+}
+
+// joinGhost brings realUser's ghost into target with its per-room name and avatar in the join event itself, so
+// members never see the ghost's raw ID join and then change its name. A ghost that joins its first room gets its
+// global profile first (the real user's own name and avatar): homeservers copy the global profile into every room
+// of the user when it changes, so it is set only while the ghost is in no room. The bot invites the ghost when the
+// room does not let it join by itself.
+func (b *Bridge) joinGhost(ctx context.Context, intent *appservice.IntentAPI, sourceRoom id.RoomID, realUser id.UserID, target id.RoomID) error {
+	if err := intent.EnsureRegistered(ctx); err != nil {
+		return err
+	}
+	name, avatar := b.ghostProfile(ctx, sourceRoom, realUser)
+	if err := b.setGlobalProfileOnce(ctx, intent, sourceRoom, realUser); err != nil {
+		return err
+	}
+	content := &event.MemberEventContent{Membership: event.MembershipJoin, Displayname: name, AvatarURL: avatar}
+	_, err := intent.SendStateEvent(ctx, target, event.StateMember, intent.UserID.String(), content)
+	if errors.Is(err, mautrix.MForbidden) {
+		// The invite carries the name too (Dendrite leaves it out of an ordinary invite).
+		invite := &event.MemberEventContent{Membership: event.MembershipInvite, Displayname: name, AvatarURL: avatar}
+		if _, inviteErr := b.AS.BotIntent().SendStateEvent(ctx, target, event.StateMember, intent.UserID.String(), invite); inviteErr != nil {
+			return fmt.Errorf("failed to invite the ghost: %w", inviteErr)
+		}
+		_, err = intent.SendStateEvent(ctx, target, event.StateMember, intent.UserID.String(), content)
+	}
+	if err != nil {
+		return fmt.Errorf("failed to join the ghost: %w", err)
+	}
+	return b.StateStore.SetMember(ctx, target, intent.UserID, content)
 }
 
 // syncGhostProfile sends the ghost's m.room.member event in target when its name or avatar is out of date.
@@ -48,26 +85,91 @@ func (b *Bridge) syncGhostProfile(ctx context.Context, intent *appservice.Intent
 	return b.StateStore.SetMember(ctx, target, intent.UserID, content)
 }
 
+// globalProfileKey marks (in the kv table) a ghost whose global profile ferry has set.
+func globalProfileKey(ghost id.UserID) string { return "ghost_profile:" + string(ghost) }
+
+// setGlobalProfileOnce gives a ghost the real user's name and avatar as its global profile, before its first
+// join and never again: a homeserver copies a changed global profile into every room the user is in, over the
+// per-room names ferry gives it there.
+func (b *Bridge) setGlobalProfileOnce(ctx context.Context, intent *appservice.IntentAPI, sourceRoom id.RoomID, realUser id.UserID) error {
+	key := globalProfileKey(intent.UserID)
+	if done, err := b.DB.KV.Get(ctx, key); err != nil {
+		return err
+	} else if done != "" {
+		return nil
+	}
+	name, avatar := b.realProfile(ctx, sourceRoom, realUser)
+	if err := intent.Client.SetDisplayName(ctx, name); err != nil {
+		return fmt.Errorf("failed to set the ghost's global display name: %w", err)
+	}
+	if avatar != "" {
+		if err := intent.Client.SetAvatarURL(ctx, avatar.ParseOrIgnore()); err != nil {
+			return fmt.Errorf("failed to set the ghost's global avatar: %w", err)
+		}
+	}
+	return b.DB.KV.Set(ctx, key, "set")
+}
+
+// realProfile is realUser's display name (their localpart when they have none) and avatar in room.
+func (b *Bridge) realProfile(ctx context.Context, room id.RoomID, realUser id.UserID) (string, id.ContentURIString) {
+	var name string
+	var avatar id.ContentURIString
+	if m, _ := b.StateStore.TryGetMember(ctx, room, realUser); m != nil {
+		name, avatar = m.Displayname, m.AvatarURL
+	}
+	if name = cleanName(name, maxNameRunes); name == "" {
+		name = realUser.Localpart()
+	}
+	return name, avatar
+}
+
 // ghostProfile renders the per-room display name and avatar of realUser's ghost.
 func (b *Bridge) ghostProfile(ctx context.Context, sourceRoom id.RoomID, realUser id.UserID) (string, id.ContentURIString) {
-	params := GhostNameParams{UserID: realUser.String(), RoomName: b.roomName(ctx, sourceRoom)}
-	var avatar id.ContentURIString
-	if m, _ := b.StateStore.TryGetMember(ctx, sourceRoom, realUser); m != nil {
-		params.DisplayName = m.Displayname
-		avatar = m.AvatarURL
-	}
-	if params.DisplayName == "" {
-		params.DisplayName = realUser.Localpart()
-	}
+	name, avatar := b.realProfile(ctx, sourceRoom, realUser)
 	if b.Config.DisplaynameTmpl == nil {
-		return params.DisplayName, avatar
+		return name, avatar
 	}
+	params := GhostNameParams{DisplayName: name, UserID: realUser.String(), RoomName: cleanName(b.roomName(ctx, sourceRoom), maxRoomNameRunes)}
 	var buf bytes.Buffer
 	if err := b.Config.DisplaynameTmpl.Execute(&buf, params); err != nil {
 		zerolog.Ctx(ctx).Warn().Err(err).Msg("Display name template failed")
-		return params.DisplayName, avatar
+		return name, avatar
 	}
-	return buf.String(), avatar
+	return cleanName(buf.String(), maxGhostNameRunes), avatar
+}
+
+// Name lengths that stay readable in a member list: a display name and a room name are shortened on their own,
+// so that a long display name does not push the room name (which tells two ghosts of one user apart) out of
+// sight, and the rendered name as a whole is bounded too.
+const (
+	maxNameRunes      = 48
+	maxRoomNameRunes  = 32
+	maxGhostNameRunes = 96
+)
+
+// cleanName makes a name one readable line: bidi controls are dropped, control characters (line breaks, tabs)
+// become spaces, runs of spaces one, and a name longer than max runes ends in an ellipsis.
+func cleanName(s string, max int) string {
+	var out []rune
+	space := false
+	for _, r := range s {
+		if unicode.Is(unicode.Bidi_Control, r) {
+			continue // would reorder the rest of the member list's line
+		}
+		if unicode.IsControl(r) || unicode.IsSpace(r) {
+			space = len(out) > 0
+			continue
+		}
+		if space {
+			out = append(out, ' ')
+			space = false
+		}
+		out = append(out, r)
+	}
+	if len(out) > max {
+		out = append(out[:max-1], '…')
+	}
+	return string(out)
 }
 
 // refreshGhostProfile updates the ghost of a real user in the other rooms of the link after the user changed
@@ -109,6 +211,9 @@ func (b *Bridge) roomName(ctx context.Context, room id.RoomID) string {
 		}
 	}
 	b.roomNames.lock.Lock()
+	if boundedCacheFull(len(b.roomNames.names)) {
+		b.roomNames.names = make(map[id.RoomID]string)
+	}
 	b.roomNames.names[room] = name
 	b.roomNames.lock.Unlock()
 	return name

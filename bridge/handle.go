@@ -92,23 +92,39 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 		b.hot.stateChanged(evt.Type, evt.RoomID)
 		mautrix.UpdateStateStore(ctx, b.StateStore, evt)
 		b.handleState(ctx, evt)
+		// Again once what the event changed is recorded (a kick, moderation.go): a ghost checked in between
+		// must not stay cached.
+		b.hot.stateChanged(evt.Type, evt.RoomID)
 		return outcome{state: database.InboxDone}
 	}
-	if b.Ghosts.IsOwn(evt.Sender) || b.Permission(evt.Sender) == LevelBlock {
+	// ferry's own users, and other ferry instances' (bridge.peer_users): relaying their copies would echo.
+	if b.Ghosts.IsOwn(evt.Sender) || b.Config.isPeer(string(evt.Sender)) || b.Permission(evt.Sender) == LevelBlock {
 		return outcome{state: database.InboxDone}
 	}
+	var trustFlag string
 	if evt.Type == event.EventEncrypted {
 		dec, res, ok := b.decrypt(ctx, evt, row)
 		if !ok {
 			return res
 		}
+		if tf, ok := b.Crypto.(TrustFlagger); ok {
+			var err error
+			if trustFlag, err = tf.TrustFlag(ctx, dec); err != nil {
+				return outcome{err: fmt.Errorf("failed to judge the sender's trust: %w", err)}
+			}
+		}
 		ctx = withInboundSession(ctx, evt) // disappearing messages track the session
+		if isControlType(dec.Type) {
+			// The homeserver saw only ciphertext and authorised nothing: content, never control (authority.go).
+			zerolog.Ctx(ctx).Info().Str("decrypted_type", dec.Type.Type).Msg("Dropping an encrypted event of a control type")
+			return outcome{state: database.InboxDone}
+		}
 		evt = dec
 	}
 	if evt.Type == event.EventMessage && b.handleCommand(ctx, evt) {
 		return outcome{state: database.InboxDone}
 	}
-	return b.relay(ctx, evt)
+	return b.relay(ctx, evt, trustFlag)
 }
 
 // keyRequestAfter is how long a missing room key may be merely in flight (sent to ferry's device just before or
@@ -186,6 +202,7 @@ func (b *Bridge) handleState(ctx context.Context, evt *event.Event) {
 			b.handleBotMembership(ctx, evt, member)
 			return
 		}
+		b.noteRemoval(ctx, evt, member) // moderation.go: kicks and bans hold across the link
 		if b.Ghosts.IsOwn(target) {
 			return
 		}
@@ -287,6 +304,7 @@ func (b *Bridge) parkedLoop(ctx context.Context) {
 	ctx = log.WithContext(ctx)
 	tick := time.NewTicker(5 * time.Second)
 	defer tick.Stop()
+	var swept, pruned time.Time
 	for first := true; ; first = false {
 		if !first {
 			select {
@@ -295,11 +313,25 @@ func (b *Bridge) parkedLoop(ctx context.Context) {
 			case <-tick.C:
 			}
 		}
+		if time.Since(swept) >= consentSweepEvery {
+			// Expired consent requests answer nothing any more; they are dropped so they take no room.
+			swept = time.Now()
+			if n, err := b.DB.Consent.DeleteExpired(ctx, swept); err != nil {
+				log.Warn().Err(err).Msg("Failed to delete expired consent requests")
+			} else if n > 0 {
+				log.Info().Int64("requests", n).Msg("Deleted expired consent requests")
+			}
+		}
+		if time.Since(pruned) >= inboxPruneEvery {
+			pruned = time.Now()
+			b.pruneInbox(ctx, pruned)
+		}
 		parked, err := b.DB.Inbox.Parked(ctx)
 		if err != nil {
 			log.Err(err).Msg("Failed to list parked events")
 			continue
 		}
+		parked = b.expireParked(ctx, parked, time.Now()) // bounded.go
 		for _, row := range parked {
 			if time.Since(row.ReceivedAt) > b.Config.KeyNoticeAfter {
 				b.noticeMissingKey(ctx, row)
@@ -317,6 +349,12 @@ func (b *Bridge) noticeMissingKey(ctx context.Context, row *database.InboxEvent)
 	key := keyNoticeKey(row.EventID)
 	v, err := b.DB.KV.Get(ctx, key)
 	if err != nil || (v != "" && !strings.HasPrefix(v, noticePending)) {
+		return
+	}
+	if v == "" && !b.mayNotice(ctx, row.RoomID, row.Sender, noticeAboutSender) {
+		// A device that floods undecryptable messages gets a few notices, not one each; the rest expire together
+		// with one notice (expireParked).
+		_ = b.DB.KV.Set(ctx, key, "limited")
 		return
 	}
 	if cur, err := b.DB.Inbox.Get(ctx, row.EventID); err != nil || cur == nil || cur.State != database.InboxWaitingKeys {
@@ -344,6 +382,7 @@ func (b *Bridge) noticeMissingKey(ctx context.Context, row *database.InboxEvent)
 
 // SessionArrived wakes events parked for a Megolm session. The crypto layer calls it when a key arrives.
 func (b *Bridge) SessionArrived(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) {
+	b.enforceFloor(ctx, roomID, sessionID) // disappear.go: nothing below an expired message comes back
 	rooms, err := b.DB.Inbox.Wake(ctx, sessionID)
 	if err != nil {
 		b.Log.Err(err).Msg("Failed to wake parked events")

@@ -50,7 +50,7 @@ func (h *hotCache) setGhostReady(k ghostKey, gen uint64) {
 	if h.gen != gen {
 		return
 	}
-	if h.ghosts == nil {
+	if h.ghosts == nil || boundedCacheFull(len(h.ghosts)) {
 		h.ghosts = make(map[ghostKey]struct{})
 	}
 	h.ghosts[k] = struct{}{}

@@ -77,6 +77,10 @@ func (b *Bridge) authed(next http.HandlerFunc) http.HandlerFunc {
 			return
 		}
 		if subtle.ConstantTimeCompare([]byte(token), []byte(b.AS.Registration.ServerToken)) != 1 {
+			if b.wrongTokenLog.Allow() {
+				b.Log.Error().Str("path", r.URL.Path).Msg("Refused a request with a wrong hs_token: the registration installed in the homeserver " +
+					"is not the one ferry -g wrote for this config (its hs_token must equal appservice.hs_token); install it and restart the homeserver")
+			}
 			mautrix.MForbidden.WithMessage("Invalid homeserver token").Write(w)
 			return
 		}
@@ -121,6 +125,32 @@ func parseEventHead(raw []byte) (head eventHead, ok bool) {
 	return head, head.ID != "" && head.RoomID != "" && head.Type != ""
 }
 
+// txnEvent is one event of a transaction: its head fields and its JSON as received.
+type txnEvent struct {
+	head eventHead
+	raw  json.RawMessage
+}
+
+// parseTransaction reads the events of a transaction body (what the homeserver pushes: outside input). Events
+// without event_id, room_id or type are skipped and counted; a body that is not a JSON object with an events
+// array is an error (answered M_NOT_JSON).
+func parseTransaction(body []byte) (events []txnEvent, skipped int, err error) {
+	var txn transactionBody
+	if err = json.Unmarshal(body, &txn); err != nil {
+		return nil, 0, err
+	}
+	events = make([]txnEvent, 0, len(txn.Events))
+	for _, raw := range txn.Events {
+		head, ok := parseEventHead(raw)
+		if !ok {
+			skipped++
+			continue
+		}
+		events = append(events, txnEvent{head: head, raw: raw})
+	}
+	return events, skipped, nil
+}
+
 // readBody reads a transaction body (at most maxTransactionBytes+1 bytes) into one buffer sized by its
 // Content-Length when the homeserver sends one, instead of growing it step by step.
 func readBody(r *http.Request) ([]byte, error) {
@@ -152,20 +182,18 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 			mautrix.MTooLarge.WithMessage("Transaction too large").Write(w)
 			return
 		}
-		var txn transactionBody
-		if err = json.Unmarshal(body, &txn); err != nil {
+		events, skipped, err := parseTransaction(body)
+		if err != nil {
 			mautrix.MNotJSON.WithMessage("Transaction body is not valid JSON").Write(w)
 			return
+		} else if skipped > 0 {
+			// Refusing the whole transaction would make the homeserver redeliver it forever.
+			log.Warn().Int("skipped", skipped).Msg("Skipping events without event_id, room_id or type")
 		}
-		rows := make([]*database.InboxEvent, 0, len(txn.Events))
+		rows := make([]*database.InboxEvent, 0, len(events))
 		now := time.Now()
-		for _, raw := range txn.Events {
-			head, ok := parseEventHead(raw)
-			if !ok {
-				// Refusing the whole transaction would make the homeserver redeliver it forever.
-				log.Warn().Msg("Skipping event without event_id, room_id or type")
-				continue
-			}
+		for _, e := range events {
+			head, raw := e.head, e.raw
 			if !head.IsState && b.Ghosts.IsOwn(head.Sender) {
 				// Echoes of ferry's own messages would only be stored, fetched and dropped by the worker. State
 				// events are kept: the state store learns ferry's own memberships from them.

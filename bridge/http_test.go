@@ -1,6 +1,7 @@
 package bridge
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"net/http"
@@ -229,5 +230,25 @@ func TestNoWorkerAfterStop(t *testing.T) {
 	b.workersLock.Unlock()
 	if w == nil || w.running {
 		t.Fatalf("a worker was started after Stop (%+v)", w)
+	}
+}
+
+// A homeserver presenting a wrong hs_token (its installed registration is not ferry's) is refused every time, and
+// the admin is told why once a minute, not once per request.
+func TestWrongHSTokenIsLoggedOnceAMinute(t *testing.T) {
+	b := newTestBridge(t, "sqlite3-fk-wal")
+	var logBuf bytes.Buffer
+	b.Log = zerolog.New(&logBuf)
+	h := b.Router(nil)
+	for range 5 {
+		if rec := doRequest(h, "PUT", "/_matrix/app/v1/transactions/1", "Bearer nope", txnBody); rec.Code != 403 {
+			t.Fatalf("answered %d", rec.Code)
+		}
+	}
+	if n := strings.Count(logBuf.String(), "Refused a request with a wrong hs_token"); n != 1 {
+		t.Fatalf("logged %d times for 5 refused requests, want once: %s", n, logBuf.String())
+	}
+	if !strings.Contains(logBuf.String(), "appservice.hs_token") {
+		t.Fatal("the line does not name the config key to compare")
 	}
 }

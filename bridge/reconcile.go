@@ -50,69 +50,80 @@ type OwnDecrypter interface {
 	DecryptOwn(ctx context.Context, evt *event.Event) (*event.Event, error)
 }
 
-// sentLedger holds events found in rooms after an unclean stop, by the transaction ID they were sent with, and
-// the sends whose outcome is unknown (the connection failed before an answer), to be read back before a retry.
+// sentLedger holds events found in rooms after an unclean stop, by the room and the transaction ID they were
+// sent with, and the sends whose outcome is unknown (the connection failed before an answer), to be read back
+// before a retry. Everything is kept per room: an event found in one room never stands for a send into another.
 type sentLedger struct {
 	// guards the following fields
 	lock      sync.Mutex
-	byTxn     map[string]id.EventID
-	uncertain map[string]time.Time // transaction ID → when the unanswered attempt started
+	byTxn     map[sentKey]id.EventID
+	uncertain map[sentKey]time.Time // → when the unanswered attempt started
 }
 
-// markUncertain records that a send with txnID started at began got no answer: the homeserver may have posted
-// the event anyway.
-func (l *sentLedger) markUncertain(txnID string, began time.Time) {
+// sentKey names one send: the room it went into and its transaction ID.
+type sentKey struct {
+	room  id.RoomID
+	txnID string
+}
+
+// markUncertain records that a send into room with txnID started at began got no answer: the homeserver may
+// have posted the event anyway.
+func (l *sentLedger) markUncertain(room id.RoomID, txnID string, began time.Time) {
 	l.lock.Lock()
 	defer l.lock.Unlock()
 	if l.uncertain == nil {
-		l.uncertain = make(map[string]time.Time)
+		l.uncertain = make(map[sentKey]time.Time)
 	}
 	if len(l.uncertain) >= maxUncertain {
 		// Sends that are never retried (one-off notices) must not pile up.
-		for txn, t := range l.uncertain {
+		for k, t := range l.uncertain {
 			if time.Since(t) > time.Hour {
-				delete(l.uncertain, txn)
+				delete(l.uncertain, k)
 			}
 		}
 	}
-	if prev, ok := l.uncertain[txnID]; !ok || began.Before(prev) {
-		l.uncertain[txnID] = began
+	k := sentKey{room, txnID}
+	if prev, ok := l.uncertain[k]; !ok || began.Before(prev) {
+		l.uncertain[k] = began
 	}
 }
 
-// takeUncertain returns (and forgets) when the first unanswered attempt of txnID started.
-func (l *sentLedger) takeUncertain(txnID string) (time.Time, bool) {
+// takeUncertain returns (and forgets) when the first unanswered attempt of txnID into room started.
+func (l *sentLedger) takeUncertain(room id.RoomID, txnID string) (time.Time, bool) {
 	l.lock.Lock()
 	defer l.lock.Unlock()
-	began, ok := l.uncertain[txnID]
+	k := sentKey{room, txnID}
+	began, ok := l.uncertain[k]
 	if ok {
-		delete(l.uncertain, txnID)
+		delete(l.uncertain, k)
 	}
 	return began, ok
 }
 
-// take returns (and forgets) the event sent earlier with txnID.
-func (l *sentLedger) take(txnID string) (id.EventID, bool) {
+// take returns (and forgets) the event found in room that was sent with txnID.
+func (l *sentLedger) take(room id.RoomID, txnID string) (id.EventID, bool) {
 	l.lock.Lock()
 	defer l.lock.Unlock()
 	if len(l.byTxn) == 0 {
 		return "", false
 	}
-	evtID, ok := l.byTxn[txnID]
+	k := sentKey{room, txnID}
+	evtID, ok := l.byTxn[k]
 	if ok {
-		delete(l.byTxn, txnID)
+		delete(l.byTxn, k)
 	}
 	return evtID, ok
 }
 
-func (l *sentLedger) put(txnID string, evtID id.EventID) {
+func (l *sentLedger) put(room id.RoomID, txnID string, evtID id.EventID) {
 	l.lock.Lock()
 	defer l.lock.Unlock()
 	if l.byTxn == nil {
-		l.byTxn = make(map[string]id.EventID)
+		l.byTxn = make(map[sentKey]id.EventID)
 	}
-	if _, ok := l.byTxn[txnID]; !ok {
-		l.byTxn[txnID] = evtID
+	k := sentKey{room, txnID}
+	if _, ok := l.byTxn[k]; !ok {
+		l.byTxn[k] = evtID
 	}
 }
 
@@ -206,7 +217,7 @@ func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time) 
 			}
 			evt.RoomID = room
 			if txnID := b.sentWith(ctx, evt); txnID != "" {
-				b.sent.put(txnID, evt.ID)
+				b.sent.put(room, txnID, evt.ID)
 				found++
 			}
 		}

@@ -210,18 +210,64 @@ func TestNoticeIsReadBack(t *testing.T) {
 	if n, err := f.br.readBack(ctx, f.roomA, time.Now().Add(-time.Minute)); err != nil || n != 1 {
 		t.Fatalf("read back %d events in room A (%v), want the notice", n, err)
 	}
-	if got, ok := f.br.sent.take("ferry_reply_readback"); !ok || got != notice {
+	if got, ok := f.br.sent.take(f.roomA, "ferry_reply_readback"); !ok || got != notice {
 		t.Fatalf("the ledger has %q for the notice's transaction, want %s", got, notice)
 	}
 	if n, err := f.br.readBack(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 {
 		t.Fatalf("read back %d events in room B (%v), want the copy", n, err)
 	}
 	copyEvt, _ := f.br.DB.EventMap.Get(ctx, row.EventID, f.roomB)
-	if got, ok := f.br.sent.take(TxnID(row.EventID, f.roomB)); !ok || copyEvt == nil || got != copyEvt.TargetEvent {
+	if got, ok := f.br.sent.take(f.roomB, TxnID(row.EventID, f.roomB)); !ok || copyEvt == nil || got != copyEvt.TargetEvent {
 		t.Fatalf("the ledger has %q for the copy, want %+v", got, copyEvt)
 	}
 	// Nothing older than the pending work is looked at.
 	if n, err := f.br.readBack(ctx, f.roomB, time.Now().Add(time.Minute)); err != nil || n != 0 || f.br.sent.size() != 0 {
 		t.Fatalf("read back %d events older than the cut-off (%v)", n, err)
+	}
+}
+
+// TestLedgerIsPerRoom: what the read-back found in one room never stands for a send into another.
+func TestLedgerIsPerRoom(t *testing.T) {
+	var l sentLedger
+	l.put("!a:x", "ferry_txn", "$inA")
+	if _, ok := l.take("!b:x", "ferry_txn"); ok {
+		t.Fatal("an event found in room A was taken for a send into room B")
+	}
+	if got, ok := l.take("!a:x", "ferry_txn"); !ok || got != "$inA" {
+		t.Fatalf("take in room A = %q, %t", got, ok)
+	}
+	l.markUncertain("!a:x", "ferry_txn", time.Now())
+	if _, ok := l.takeUncertain("!b:x", "ferry_txn"); ok {
+		t.Fatal("an unanswered send into room A made a send into room B uncertain")
+	}
+	if _, ok := l.takeUncertain("!a:x", "ferry_txn"); !ok {
+		t.Fatal("the unanswered send into room A was forgotten")
+	}
+}
+
+// TestUserMarkersAreNotTrusted: a user's message carrying ferry's transaction marker (naming a send ferry is
+// about to make) and a forged origin marker is relayed, its copy carries neither, and the read-back of the copy's
+// room finds only the copy under its own transaction ID.
+func TestUserMarkersAreNotTrusted(t *testing.T) {
+	ctx := context.Background()
+	forged := benchMessage()
+	forged.Content = event.Content{Raw: map[string]any{
+		"msgtype": "m.text", "body": "hi", txnKey: "ferry_reply_victim", "im.ferry.other": true,
+		OriginKey: map[string]any{"event_id": "$victim", "room_id": "!elsewhere:x", "instance": "ferry@ferry.test"},
+	}}
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: forged}})
+	row := f.relayOne(t)
+	copyEvt, _ := f.br.DB.EventMap.Get(ctx, row.EventID, f.roomB)
+	if copyEvt == nil {
+		t.Fatal("a message carrying ferry's markers was not relayed")
+	}
+	if n, err := f.br.readBack(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 {
+		t.Fatalf("read back %d events in room B (%v), want the copy", n, err)
+	}
+	if _, ok := f.br.sent.take(f.roomB, "ferry_reply_victim"); ok {
+		t.Fatal("the user's forged transaction marker was taken for ferry's own send")
+	}
+	if got, ok := f.br.sent.take(f.roomB, TxnID(row.EventID, f.roomB)); !ok || got != copyEvt.TargetEvent {
+		t.Fatalf("the copy was read back as %q, %t", got, ok)
 	}
 }

@@ -38,8 +38,9 @@ func TxnID(sourceEvent id.EventID, targetRoom id.RoomID) string {
 	return "ferry_" + base64.RawURLEncoding.EncodeToString(sum[:18])
 }
 
-// relay sends an event's copies into every other room of its link.
-func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
+// relay sends an event's copies into every other room of its link. trustFlag is why the source room's clients
+// would flag the event ("" when they would not); its copies then carry a warning (see Translate).
+func (b *Bridge) relay(ctx context.Context, evt *event.Event, trustFlag string) outcome {
 	if !relayable(evt.Type) {
 		return outcome{state: database.InboxDone}
 	}
@@ -49,12 +50,18 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
 	} else if err != nil {
 		return outcome{err: err}
 	}
-	if origin := OriginOf(&evt.Content); origin != nil {
-		// A copy made by another ferry instance: relaying it again would echo.
-		return outcome{state: database.InboxDone}
-	}
 	log := zerolog.Ctx(ctx).With().Str("link_id", link.ID).Logger()
 	ctx = log.WithContext(ctx)
+	if evt.Type == event.EventRedaction {
+		ok, err := b.redactionAuthorised(ctx, evt, redactsOf(evt), link.Others(evt.RoomID))
+		if err != nil {
+			return outcome{err: err}
+		} else if !ok {
+			// Servers accept redactions they then do not apply; this one changed nothing here, so it does not elsewhere.
+			log.Info().Msg("Not relaying a redaction by a user who neither sent the original nor may redact others")
+			return outcome{state: database.InboxDone}
+		}
+	}
 	if res, stop := b.prepareCall(ctx, evt, link); stop {
 		return res
 	}
@@ -66,7 +73,7 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
 	ctx, disappearAt := b.disappearDeadline(ctx, evt, link) // see disappear.go
 	var retry *outcome
 	for _, target := range link.Others(evt.RoomID) {
-		res := b.relayTo(ctx, evt, target, srcEncrypted, disappearAt)
+		res := b.relayTo(ctx, evt, target, srcEncrypted, disappearAt, trustFlag)
 		countRelayed(evt, res)
 		if res.err != nil && res.state == "" {
 			retry = &res
@@ -82,7 +89,7 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event) outcome {
 }
 
 // relayTo sends one copy. A zero-state outcome with err means retry later; state failed means permanent.
-func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID, srcEncrypted bool, disappearAt time.Time) outcome {
+func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID, srcEncrypted bool, disappearAt time.Time, trustFlag string) outcome {
 	// The target is added to the few debug messages below rather than to a logger of its own: building one per
 	// copy costs an allocation of a few hundred bytes on every relayed message.
 	log := zerolog.Ctx(ctx)
@@ -106,7 +113,7 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 		log.Debug().Stringer("target_room_id", target).Msg("Not relaying from an encrypted room into an unencrypted one")
 		return outcome{state: database.InboxDone}
 	}
-	evtType, content, err := Translate(ctx, evt, &linkMapper{b: b, target: target}, Origin{EventID: evt.ID, RoomID: evt.RoomID, Instance: b.instanceID()})
+	evtType, content, err := Translate(ctx, evt, &linkMapper{b: b, target: target}, Origin{EventID: evt.ID, RoomID: evt.RoomID, Instance: b.instanceID(), TrustFlag: trustFlag})
 	if errors.Is(err, ErrNotRelayable) || errors.Is(err, ErrRelationTargetUnknown) {
 		log.Debug().Stringer("target_room_id", target).Err(err).Msg("Event does not cross the link")
 		return outcome{state: database.InboxDone}
@@ -131,7 +138,10 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 			return outcome{err: err}
 		}
 	}
-	if err = b.ensureGhost(ctx, intent, evt.RoomID, evt.Sender, target); err != nil {
+	if err = b.ensureGhost(ctx, intent, evt.RoomID, evt.Sender, target); errors.Is(err, errModerated) {
+		b.tellModerated(ctx, evt.RoomID, target, evt.Sender)
+		return outcome{state: database.InboxDone}
+	} else if err != nil {
 		return classify(fmt.Errorf("failed to bring the sender's ghost into the room: %w", err))
 	}
 	// Translate (and mapCallFor) keep VeryRaw equal to Raw: sending the bytes spares encoding the map again.
@@ -154,10 +164,7 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 
 // relayRedaction redacts the copy of the redacted event in target, as the ghost that sent the copy.
 func (b *Bridge) relayRedaction(ctx context.Context, evt *event.Event, target id.RoomID) outcome {
-	redacts := evt.Redacts
-	if redacts == "" {
-		redacts = evt.Content.AsRedaction().Redacts
-	}
+	redacts := redactsOf(evt)
 	counterpart, ok, err := b.DB.EventMap.Counterpart(ctx, redacts, target)
 	if err != nil {
 		return outcome{err: err}
@@ -199,14 +206,14 @@ func countRelayed(evt *event.Event, res outcome) {
 
 // send sends content into a room as intent's user, encrypting it when the room is encrypted.
 func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id.RoomID, encrypted bool, evtType event.Type, content *event.Content, txnID string) (id.EventID, error) {
-	if began, ok := b.sent.takeUncertain(txnID); ok {
+	if began, ok := b.sent.takeUncertain(room, txnID); ok {
 		// An earlier attempt got no answer: the homeserver may have posted it (reconcile.go).
 		if _, err := b.readBack(ctx, room, began.Add(-reconcileClockLag)); err != nil {
-			b.sent.markUncertain(txnID, began)
+			b.sent.markUncertain(room, txnID, began)
 			return "", fmt.Errorf("failed to check whether an unanswered send was posted: %w", err)
 		}
 	}
-	if evtID, ok := b.sent.take(txnID); ok {
+	if evtID, ok := b.sent.take(room, txnID); ok {
 		// Posted by an attempt whose answer ferry never got (before an unclean stop, or a dropped connection),
 		// and found in the room (reconcile.go): not again.
 		zerolog.Ctx(ctx).Info().Stringer("target_room_id", room).Stringer("sent_event_id", evtID).
@@ -243,7 +250,7 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 		if httpErr := (mautrix.HTTPError{}); !errors.As(err, &httpErr) || httpErr.Response == nil || httpErr.Response.StatusCode >= 500 {
 			// No answer, or a server error (Dendrite answers 500 when it stopped waiting for its room server,
 			// which may still post the event): the request may have been processed.
-			b.sent.markUncertain(txnID, began)
+			b.sent.markUncertain(room, txnID, began)
 		}
 		return "", err
 	}
@@ -254,6 +261,9 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 func (b *Bridge) reportFailure(ctx context.Context, evt *event.Event, target id.RoomID, err error) {
 	zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", target).Msg("Permanent error relaying event")
 	b.stats.recordError(evt.RoomID)
+	if !b.mayNotice(ctx, evt.RoomID, evt.Sender, noticeAboutSender) {
+		return
+	}
 	text := renderNotice("ferry could not relay this message to %s: %s", b.roomName(ctx, target), userFacingError(err))
 	if _, nerr := b.sendRenderedNotice(ctx, evt.RoomID, text, evt.ID, TxnID(evt.ID, target)+"_failed"); nerr != nil {
 		zerolog.Ctx(ctx).Warn().Err(nerr).Msg("Failed to report relay failure")

@@ -15,17 +15,76 @@ import (
 	"maunium.net/go/mautrix/id"
 )
 
-// OriginKey is the content key of the origin marker ferry puts in every relayed content, so that other ferry
-// instances (and ferry itself) recognise copies and never relay them again.
+// OriginKey is the content key of the origin marker ferry puts in every relayed content: which event a copy was
+// made from, so that ferry recognises its own copies when it reads a room back (reconcile.go).
 // Its value is {"event_id": "$src", "room_id": "!src", "instance": "<appservice id>@<domain>"}.
 const OriginKey = "im.ferry.origin"
 
+// ferryKeyPrefix starts every content key that is ferry's own (the origin marker, the transaction marker, ...).
+// Such keys are removed from every copy of a user's content and never trusted from it: any user can write them.
+const ferryKeyPrefix = "im.ferry."
+
 // Origin is the value of the origin marker: which event a copy was made from, and by which ferry instance.
+// TrustFlag is not part of the marker: when set, Translate marks the copy as coming from a sender the source
+// room's clients would flag (see markUntrusted).
 type Origin struct {
-	EventID  id.EventID `json:"event_id"`
-	RoomID   id.RoomID  `json:"room_id"`
-	Instance string     `json:"instance"`
+	EventID   id.EventID `json:"event_id"`
+	RoomID    id.RoomID  `json:"room_id"`
+	Instance  string     `json:"instance"`
+	TrustFlag string     `json:"-"`
 }
+
+// SenderTrustKey is the content key ferry adds to the copy of a message its source room's clients would flag:
+// {"flag": "<reason>", "warning": "<the words prefixed to the body>"}. Reasons are unsigned_device,
+// unknown_device, sender_key_mismatch, untrusted_forwarded_key, identity_changed and blacklisted_device.
+const SenderTrustKey = "im.ferry.sender_trust"
+
+// untrustedWarnings are the words a flagged copy's body starts with, by reason.
+var untrustedWarnings = map[string]string{
+	"unsigned_device":         "sent from a device its owner has not verified",
+	"unknown_device":          "sent from an unknown or deleted device",
+	"sender_key_mismatch":     "the sender's device keys do not match",
+	"untrusted_forwarded_key": "its key came from an untrusted forward",
+	"identity_changed":        "the sender's identity changed",
+	"blacklisted_device":      "sent from a blocked device",
+}
+
+// untrustedWarning renders the visible warning for a reason.
+func untrustedWarning(flag string) string {
+	w, ok := untrustedWarnings[flag]
+	if !ok {
+		w = "the sender's device is not trusted"
+	}
+	return "⚠️ [" + w + "] "
+}
+
+// markUntrusted marks a copy whose sender the source room's clients would flag: the body (and HTML body) of a
+// message or sticker start with a warning, also inside an edit's m.new_content, and every copy carries the
+// reason under SenderTrustKey.
+func markUntrusted(evtType event.Type, content map[string]any, flag string) {
+	warning := untrustedWarning(flag)
+	if evtType == event.EventMessage || evtType == event.EventSticker {
+		prefixBody(content, warning)
+		if newContent, ok := content[keyNewContent].(map[string]any); ok {
+			prefixBody(newContent, warning)
+		}
+	}
+	content[SenderTrustKey] = map[string]any{"flag": flag, "warning": warning}
+}
+
+// prefixBody puts text before a content's body and, when it has one, its HTML body.
+func prefixBody(content map[string]any, text string) {
+	if body, ok := content[keyBody].(string); ok {
+		content[keyBody] = text + body
+	}
+	if format, _ := content[keyFormat].(string); format == string(event.FormatHTML) {
+		if html, ok := content[keyFormattedBody].(string); ok {
+			content[keyFormattedBody] = "<strong>" + htmlEscaper.Replace(text) + "</strong>" + html
+		}
+	}
+}
+
+var htmlEscaper = strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;", `"`, "&quot;")
 
 // ErrNotRelayable is returned by Translate for events that must not cross a link: state events, redactions
 // (the caller redacts copies through its own event map), m.room.encrypted events that were not decrypted,
@@ -103,8 +162,9 @@ func kindOf(t event.Type) eventKind {
 
 // Translate turns a decrypted source event into the content to send in one target room: event IDs in
 // relations point at their counterparts in the target room, mentions and user pills at who stands for the
-// user there, reply fallbacks are stripped, and the origin marker is added. Everything else in the content,
-// including keys ferry does not know and encrypted attachments, is kept as it was.
+// user there, reply fallbacks are stripped, keys in ferry's own namespace (im.ferry.*) are removed and the
+// origin marker is added. Everything else in the content, including keys ferry does not know and encrypted
+// attachments, is kept as it was.
 //
 // It reads src.Content.VeryRaw (the content as received or decrypted) when set, else Parsed with Raw merged
 // over it. It never mutates src. The returned content has Raw (numbers as float64, like mautrix's own parsing)
@@ -129,6 +189,7 @@ func Translate(ctx context.Context, src *event.Event, m Mapper, origin Origin) (
 	if err != nil {
 		return evtType, nil, fmt.Errorf("%w: %s content is not a JSON object", ErrNotRelayable, src.Type.Type)
 	}
+	stripFerryKeys(raw)
 	tr := translator{ctx: ctx, m: m, standalone: kind == kindMessage}
 	switch kind {
 	case kindMessage:
@@ -143,12 +204,28 @@ func Translate(ctx context.Context, src *event.Event, m Mapper, origin Origin) (
 	if err != nil {
 		return evtType, nil, err
 	}
+	if origin.TrustFlag != "" {
+		markUntrusted(evtType, raw, origin.TrustFlag)
+	}
 	raw[OriginKey] = origin.raw()
 	data, err := json.Marshal(raw)
 	if err != nil {
 		return evtType, nil, fmt.Errorf("failed to marshal translated content: %w", err)
 	}
 	return evtType, &event.Content{VeryRaw: data, Raw: raw}, nil
+}
+
+// stripFerryKeys removes ferry's own keys (ferryKeyPrefix) from a user's content and from its m.new_content: only
+// ferry writes them, and only into what it sends itself.
+func stripFerryKeys(content map[string]any) {
+	for key := range content {
+		if strings.HasPrefix(key, ferryKeyPrefix) {
+			delete(content, key)
+		}
+	}
+	if newContent, ok := content[keyNewContent].(map[string]any); ok {
+		stripFerryKeys(newContent)
+	}
 }
 
 // OriginOf reads the origin marker from any (decrypted) content, or returns nil when there is none. A marker

@@ -90,14 +90,24 @@ func testContext() context.Context {
 	return context.WithValue(context.Background(), ctxKey{}, true)
 }
 
-// translateCases lists every fixture; wantErr nil means <name>.want.json holds the expected copy.
-var translateCases = map[string]struct{ wantErr error }{
+// translateCases lists every fixture; wantErr nil means <name>.want.json holds the expected copy. trustFlag is
+// why the source room's clients would flag the sender (the copy is then marked).
+var translateCases = map[string]struct {
+	wantErr   error
+	trustFlag string
+}{
 	// Plain messages: content passes through, the marker is added (replacing another instance's).
 	"text":              {},
 	"notice":            {},
 	"emote":             {},
 	"text_unknown_keys": {},
 	"marker_replaced":   {},
+	// ferry's own keys (im.ferry.*) never cross from a user's content, also not inside m.new_content.
+	"ferry_keys_stripped":      {},
+	"call_ferry_keys_stripped": {},
+	// A sender the source room's clients would flag: the copy says so, visibly and under im.ferry.sender_trust.
+	"untrusted_sender_marked":   {trustFlag: "unsigned_device"},
+	"untrusted_reaction_marked": {trustFlag: "untrusted_forwarded_key"},
 	// Mentions and pills.
 	"html_pills_and_mentions":      {},
 	"mentions_absent_stay_absent":  {},
@@ -212,7 +222,9 @@ func runTranslate(t *testing.T, name string, src *event.Event) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	evtType, content, err := Translate(testContext(), src, fm, testOrigin(src))
+	origin := testOrigin(src)
+	origin.TrustFlag = tc.trustFlag
+	evtType, content, err := Translate(testContext(), src, fm, origin)
 	if fm.badCtx {
 		t.Error("CopyOf did not get Translate's context")
 	}
@@ -500,6 +512,7 @@ func FuzzTranslate(f *testing.F) {
 	f.Add("m.reaction", []byte(`{"m.relates_to":{"rel_type":"m.annotation","event_id":7}}`))
 	f.Add("m.room.message", []byte(`[1,2]`))
 	f.Add("m.room.message", []byte(`{"msgtype":"m.text","body":1e400}`))
+	f.Add("m.room.message", []byte(`{"msgtype":"m.text","body":"x","im.ferry.txn":"forged","im.ferry.origin":{"event_id":"$x"}}`))
 	f.Fuzz(func(t *testing.T, evtType string, content []byte) {
 		src := &event.Event{
 			Type:   event.Type{Type: evtType, Class: event.MessageEventType},
@@ -526,6 +539,11 @@ func FuzzTranslate(f *testing.F) {
 		}
 		if got := OriginOf(out); got == nil || *got != origin {
 			t.Errorf("origin marker = %+v, want %+v", got, origin)
+		}
+		for k := range out.Raw {
+			if strings.HasPrefix(k, ferryKeyPrefix) && k != OriginKey {
+				t.Errorf("the copy carries the user's %s", k)
+			}
 		}
 		if _, err = json.Marshal(out); err != nil {
 			t.Fatalf("translated content does not marshal: %v", err)

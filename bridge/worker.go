@@ -53,7 +53,10 @@ func (b *Bridge) Notify(room id.RoomID) {
 // notify wakes (or starts) a room's worker. Without rows, the worker reads the room's pending rows from the
 // inbox; with rows (all of the room, just committed, Seq set), it may take them from memory.
 func (b *Bridge) notify(room id.RoomID, rows []*database.InboxEvent) {
+	// Under workersLock throughout: an idle worker leaves the map under the same lock, only when it has no work
+	// (see runWorker), so the work handed over here always reaches a worker that will run.
 	b.workersLock.Lock()
+	defer b.workersLock.Unlock()
 	w, ok := b.workers[room]
 	if !ok {
 		w = &roomWorker{room: room, wake: make(chan struct{}, 1), dirty: true}
@@ -63,7 +66,6 @@ func (b *Bridge) notify(room id.RoomID, rows []*database.InboxEvent) {
 	if b.workerCtx != nil && !w.running {
 		b.runWorkerLocked(w)
 	}
-	b.workersLock.Unlock()
 	w.lock.Lock()
 	if rows == nil || w.dirty || len(w.handoff)+len(rows) > maxHandoff {
 		w.dirty = true
@@ -76,6 +78,21 @@ func (b *Bridge) notify(room id.RoomID, rows []*database.InboxEvent) {
 	case w.wake <- struct{}{}:
 	default:
 	}
+}
+
+// retireIfIdle removes an idle worker from the map, so a room that went quiet costs nothing; the next event makes
+// a new one. It reports false (keep running) when work arrived meanwhile.
+func (b *Bridge) retireIfIdle(w *roomWorker) bool {
+	b.workersLock.Lock()
+	defer b.workersLock.Unlock()
+	if w.hasWork() || len(w.wake) > 0 {
+		return false
+	}
+	if b.workers[w.room] == w {
+		delete(b.workers, w.room)
+	}
+	w.running = false
+	return true
 }
 
 // runWorkerLocked starts w's goroutine, unless the relay is stopping (Stop waits for the workers it has: none
@@ -137,12 +154,28 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 	log := b.Log.With().Str("component", "worker").Stringer("room_id", w.room).Logger()
 	ctx = log.WithContext(ctx)
 	var highWater int64 // the highest seq taken from memory or the inbox
+	idle := time.NewTimer(b.workerIdle())
+	defer idle.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-idle.C:
+			if b.retireIfIdle(w) {
+				log.Debug().Msg("Room worker idle, freed")
+				return
+			}
+			idle.Reset(b.workerIdle())
+			continue
 		case <-w.wake:
 		}
+		if !idle.Stop() {
+			select {
+			case <-idle.C:
+			default:
+			}
+		}
+		idle.Reset(b.workerIdle())
 		for ctx.Err() == nil {
 			rows, fromMemory := w.next(highWater)
 			if fromMemory && len(rows) == 0 {
@@ -443,6 +476,12 @@ func (b *Bridge) processRow(ctx context.Context, row *database.InboxEvent, bw *b
 			}
 			return true
 		default:
+			if row.Attempts+attempt == maxSendAttempts {
+				// The room has been held for minutes: its sender learns it, once, instead of a silent stall. ferry
+				// keeps trying (an outage must not lose the message; bounded.go).
+				log.Warn().Err(res.err).Int("attempts", row.Attempts+attempt).Msg("Relaying an event keeps failing; telling its sender")
+				b.tellStalled(ctx, row, res.err)
+			}
 			retry := res.retryIn
 			if retry <= 0 {
 				retry = backoff

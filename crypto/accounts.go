@@ -131,79 +131,28 @@ func (m *Machine) provisionPassword(ctx context.Context, userID id.UserID, store
 	if m.SharedSecret == "" {
 		return "", ErrNoPassword
 	}
-	admin, err := m.adminClient(ctx)
-	if err != nil {
-		return "", permanentAs(ErrNoPassword, err)
-	}
 	password := randomPassword()
-	if err = store.PutSecret(ctx, secretPassword, password); err != nil {
-		return "", fmt.Errorf("failed to store the new password: %w", err)
-	}
-	url := admin.BuildURL(mautrix.BaseURLPath{"_dendrite", "admin", "resetPassword", userID})
-	// logout_devices false: the bot's appservice "device" on Dendrite is the as_token itself.
-	body := map[string]any{"password": password, "logout_devices": false}
-	_, err = admin.MakeFullRequest(ctx, mautrix.FullRequest{Method: http.MethodPost, URL: url, RequestJSON: body, SensitiveContent: true})
-	if err != nil {
-		_ = store.DeleteSecret(ctx, secretPassword)
-		return "", permanentAs(ErrNoPassword, fmt.Errorf("setting a password through the admin API failed: %w", err))
+	err := m.withAdmin(ctx, func(admin *mautrix.Client) error {
+		if err := store.PutSecret(ctx, secretPassword, password); err != nil {
+			return fmt.Errorf("failed to store the new password: %w", err)
+		}
+		url := admin.BuildURL(mautrix.BaseURLPath{"_dendrite", "admin", "resetPassword", userID})
+		// logout_devices false: the bot's appservice "device" on Dendrite is the as_token itself.
+		body := map[string]any{"password": password, "logout_devices": false}
+		_, err := admin.MakeFullRequest(ctx, mautrix.FullRequest{Method: http.MethodPost, URL: url, RequestJSON: body, SensitiveContent: true})
+		if err != nil {
+			_ = store.DeleteSecret(ctx, secretPassword)
+			return fmt.Errorf("setting a password through the admin API failed: %w", err)
+		}
+		return nil
+	})
+	if errors.Is(err, ErrAdminHelperRemoved) {
+		return "", fmt.Errorf("%w: %w", ErrNoPassword, err)
+	} else if err != nil {
+		return "", permanentAs(ErrNoPassword, err)
 	}
 	m.log.Info().Stringer("user_id", userID).Msg("Set a password on one of ferry's accounts, for the cross-signing UIA")
 	return password, nil
-}
-
-// adminAccountID is the crypto store account that holds the admin helper's password.
-const adminAccountID = "ferry-admin"
-
-// adminLocalpartSuffix names ferry's admin helper account after the bot: @<bot>-admin.
-const adminLocalpartSuffix = "-admin"
-
-// adminClient logs in ferry's admin helper, creating it through the shared-secret API on first use. The shared
-// secret already lets its holder create admin accounts; ferry uses this one only to set passwords on its own
-// accounts, and keeps its password encrypted like every other secret.
-func (m *Machine) adminClient(ctx context.Context) (*mautrix.Client, error) {
-	m.adminLock.Lock()
-	defer m.adminLock.Unlock()
-	if m.admin != nil {
-		return m.admin, nil
-	}
-	store := crypto.NewSQLCryptoStore(m.db, m.dbLog, adminAccountID, "", []byte(m.cfg.PickleKey))
-	localpart := m.client.UserID.Localpart() + adminLocalpartSuffix
-	userID := id.NewUserID(localpart, m.client.UserID.Homeserver())
-	password, err := store.GetSecret(ctx, secretPassword)
-	if err != nil {
-		return nil, fmt.Errorf("failed to read the admin helper's password: %w", err)
-	}
-	if password == "" {
-		password = randomPassword()
-		if err = store.PutSecret(ctx, secretPassword, password); err != nil {
-			return nil, fmt.Errorf("failed to store the admin helper's password: %w", err)
-		}
-		resp, err := m.sharedSecretRegister(ctx, localpart, password, true)
-		if err != nil {
-			_ = store.DeleteSecret(ctx, secretPassword)
-			return nil, fmt.Errorf("failed to create the admin helper %s: %w", userID, err)
-		}
-		m.log.Warn().Stringer("user_id", userID).Msg("Created ferry's homeserver admin helper account (used only to set passwords on ferry's own accounts)")
-		m.admin = m.userClient(userID, resp.DeviceID, resp.AccessToken)
-		return m.admin, nil
-	}
-	// Log in again on the same device each time, so the helper does not collect devices.
-	deviceID, err := store.GetSecret(ctx, secretAccessToken)
-	if err != nil {
-		return nil, fmt.Errorf("failed to read the admin helper's device: %w", err)
-	}
-	cli := m.plainClient()
-	resp, err := cli.Login(ctx, &mautrix.ReqLogin{
-		Type:       mautrix.AuthTypePassword,
-		Identifier: mautrix.UserIdentifier{Type: mautrix.IdentifierTypeUser, User: string(userID)},
-		Password:   password, DeviceID: id.DeviceID(deviceID), InitialDeviceDisplayName: "ferry admin helper",
-	})
-	if err != nil {
-		return nil, fmt.Errorf("failed to log in the admin helper %s: %w", userID, err)
-	}
-	_ = store.PutSecret(ctx, secretAccessToken, string(resp.DeviceID))
-	m.admin = m.userClient(userID, resp.DeviceID, resp.AccessToken)
-	return m.admin, nil
 }
 
 // passwordUIA answers the homeserver's m.login.password UIA for userID (nil when there is no password or the

@@ -440,7 +440,7 @@ func TestMSC4190Detection(t *testing.T) {
 				t.Fatalf("Init did not fall back after %s: %v", name, err)
 			}
 			answered := strings.TrimSpace(fmt.Sprintf("%d %s", tc.status, tc.code))
-			checkFallbackLine(t, r, answered+";", "single-device mode")
+			checkFallbackLine(t, r, answered+")", "single-device mode")
 			if n := r.srv.Counts()[routeLogin]; n != 1 {
 				t.Errorf("the fallback logged the bot's device in %d times, want once", n)
 			}

@@ -28,14 +28,26 @@ const (
 // TrustLevels lists the accepted trust values, weakest first.
 var TrustLevels = []string{TrustUnverified, TrustCrossSignedTOFU, TrustVerified}
 
+// What ferry does with a message its source room's clients would flag (encryption.untrusted_messages).
+const (
+	// UntrustedMark relays it with a visible warning in the copy and the reason under SenderTrustKey.
+	UntrustedMark = "mark"
+	// UntrustedRefuse does not relay it (as receive_min_trust: cross_signed_tofu would).
+	UntrustedRefuse = "refuse"
+)
+
+// UntrustedModes lists the accepted untrusted_messages values, default first.
+var UntrustedModes = []string{UntrustedMark, UntrustedRefuse}
+
 // DefaultConfig returns the `encryption` section with every default filled in.
 func DefaultConfig() Config {
 	return Config{
-		PickleKey:       PickleKeyGenerate,
-		DeviceMode:      DeviceModePerGhost,
-		Appservice:      false,
-		ShareMinTrust:   TrustCrossSignedTOFU,
-		ReceiveMinTrust: TrustUnverified,
+		PickleKey:         PickleKeyGenerate,
+		DeviceMode:        DeviceModePerGhost,
+		Appservice:        false,
+		ShareMinTrust:     TrustCrossSignedTOFU,
+		ReceiveMinTrust:   TrustUnverified,
+		UntrustedMessages: UntrustedMark,
 	}
 }
 
@@ -59,4 +71,9 @@ type Config struct {
 	ShareMinTrust string `yaml:"share_min_trust"`
 	// ReceiveMinTrust is the minimum trust of a sending device whose messages ferry relays.
 	ReceiveMinTrust string `yaml:"receive_min_trust"`
+	// UntrustedMessages says what happens to a message the source room's clients would flag (a device its
+	// owner's cross-signing identity did not sign, an unknown device, mismatched keys, a key from an untrusted
+	// forward, a changed identity): "mark" relays it with a visible warning and a machine-readable reason, so it
+	// never arrives looking trusted from a ghost's cross-signed device; "refuse" does not relay it.
+	UntrustedMessages string `yaml:"untrusted_messages"`
 }

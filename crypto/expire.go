@@ -2,8 +2,15 @@ package crypto
 
 import (
 	"context"
+	"encoding/base64"
+	"errors"
 	"fmt"
+	"strings"
 
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/crypto/goolm/message"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 )
 
@@ -65,4 +72,57 @@ func (m *Machine) DestroyLateCopies(ctx context.Context, roomID id.RoomID, sessi
 		return 0, fmt.Errorf("failed to delete late copies of session %s: %w", sessionID, err)
 	}
 	return res.RowsAffected()
+}
+
+// MegolmMessageIndex reads the message index of a Megolm-encrypted event from its ciphertext (the index is sent in
+// the clear; no key is needed).
+func MegolmMessageIndex(content *event.EncryptedEventContent) (uint32, error) {
+	if content == nil || content.Algorithm != id.AlgorithmMegolmV1 {
+		return 0, errors.New("not a Megolm event")
+	}
+	raw, err := base64.RawStdEncoding.DecodeString(strings.TrimRight(string(content.MegolmCiphertext), "="))
+	if err != nil {
+		return 0, fmt.Errorf("ciphertext is not base64: %w", err)
+	}
+	var msg message.GroupMessage
+	if err = msg.Decode(raw); err != nil {
+		return 0, err
+	} else if !msg.HasMessageIndex {
+		return 0, errors.New("ciphertext has no message index")
+	}
+	return msg.MessageIndex, nil
+}
+
+// RatchetInboundSession moves every stored copy of a Megolm session (under every account: the bot's and each
+// ghost's device may hold one) forward so that it starts at floor: messages with a lower index no longer decrypt
+// from ferry's database, later ones still do. Copies that start at floor or later are left alone. It returns how
+// many copies it ratcheted.
+func (m *Machine) RatchetInboundSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, floor uint32) (int, error) {
+	rows, err := m.db.Query(ctx, `SELECT account_id FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`, roomID, sessionID)
+	accounts, err := dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[string], err).AsList()
+	if err != nil {
+		return 0, fmt.Errorf("failed to list the copies of session %s: %w", sessionID, err)
+	}
+	n := 0
+	for _, account := range accounts {
+		store := &cachedStore{SQLCryptoStore: crypto.NewSQLCryptoStore(m.db, m.dbLog, account, "", []byte(m.cfg.PickleKey)), c: m.cache}
+		sess, err := store.GetGroupSession(ctx, roomID, sessionID)
+		if err != nil || sess == nil || sess.Internal == nil {
+			if err != nil && !errors.Is(err, crypto.ErrGroupSessionWithheld) {
+				return n, fmt.Errorf("failed to load a copy of session %s: %w", sessionID, err)
+			}
+			continue
+		}
+		if sess.Internal.FirstKnownIndex() >= floor {
+			continue
+		}
+		if err = sess.RatchetTo(floor); err != nil {
+			return n, fmt.Errorf("failed to ratchet a copy of session %s: %w", sessionID, err)
+		}
+		if err = store.PutGroupSession(ctx, sess); err != nil {
+			return n, fmt.Errorf("failed to store a ratcheted copy of session %s: %w", sessionID, err)
+		}
+		n++
+	}
+	return n, nil
 }

@@ -107,9 +107,8 @@ type Machine struct {
 	openLock sync.Mutex
 	opened   bool
 
-	// guards the following fields
+	// adminLock serialises the admin helper's calls (adminhelper.go); no admin client outlives one.
 	adminLock sync.Mutex
-	admin     *mautrix.Client
 
 	// guards the following fields
 	lock       sync.Mutex
@@ -159,6 +158,14 @@ func (m *Machine) Init(ctx context.Context) error {
 	}
 	if m.receiveLevel, err = parseTrustLevel(m.cfg.ReceiveMinTrust); err != nil {
 		return fmt.Errorf("encryption.receive_min_trust: %w", err)
+	}
+	switch m.cfg.UntrustedMessages {
+	case UntrustedRefuse:
+		// Refusing what clients would flag is refusing what cross_signed_tofu does not admit.
+		m.receiveLevel = max(m.receiveLevel, levelCrossSignedTOFU)
+	case UntrustedMark, "":
+	default:
+		return fmt.Errorf("encryption.untrusted_messages: unknown value %q (expected one of %v)", m.cfg.UntrustedMessages, UntrustedModes)
 	}
 	if err = m.checkCleanStop(ctx); err != nil {
 		return err
@@ -530,6 +537,21 @@ func (m *Machine) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, 
 		}
 	}
 	return dec, nil
+}
+
+// TrustFlag tells why the source room's clients would flag a decrypted message (crypto.Flag*), or "" when they
+// would not. The relay marks the copies of flagged messages, so none arrives looking trusted from a ghost's
+// cross-signed device. Only an unsigned device needs a store lookup (does its owner have an identity?).
+func (m *Machine) TrustFlag(ctx context.Context, dec *event.Event) (string, error) {
+	state := dec.Mautrix.TrustState
+	hasIdentity := false
+	if state == id.TrustStateUnset {
+		var err error
+		if hasIdentity, err = m.hasIdentity(ctx, dec.Sender); err != nil {
+			return "", err
+		}
+	}
+	return trustFlag(trustFromState(state, hasIdentity)), nil
 }
 
 // DecryptOwn decrypts an event one of ferry's own devices encrypted (the bot's, or a ghost's in per-ghost mode),

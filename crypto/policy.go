@@ -154,6 +154,38 @@ func membershipRotates(prev, next event.Membership) bool {
 	return true
 }
 
+// Reasons a message's source room clients would flag it (TrustFlag), the values of the copy's SenderTrustKey.
+const (
+	FlagBlacklisted     = "blacklisted_device"
+	FlagKeyMismatch     = "sender_key_mismatch"
+	FlagUnknownDevice   = "unknown_device"
+	FlagForwardedKey    = "untrusted_forwarded_key"
+	FlagIdentityChanged = "identity_changed"
+	FlagUnsignedDevice  = "unsigned_device"
+)
+
+// trustFlag says why clients would flag a message from a device with this trust, or "" when they would not: the
+// devices cross_signed_tofu does not admit, the ones clients show with a warning (an unsigned device of a user
+// who has a cross-signing identity, an unknown device, mismatched keys, an untrusted forwarded key, a changed
+// identity).
+func trustFlag(t deviceTrust) string {
+	switch {
+	case levelCrossSignedTOFU.admits(t):
+		return ""
+	case t.Blacklisted:
+		return FlagBlacklisted
+	case t.KeyMismatch:
+		return FlagKeyMismatch
+	case t.Unknown:
+		return FlagUnknownDevice
+	case t.Forwarded:
+		return FlagForwardedKey
+	case t.MasterKeyChanged:
+		return FlagIdentityChanged
+	}
+	return FlagUnsignedDevice
+}
+
 // trustFromState maps mautrix's resolved trust of a sender (as DecryptMegolmEvent reports it) onto deviceTrust.
 // hasIdentity and blacklisted come from the crypto store.
 func trustFromState(state id.TrustState, hasIdentity bool) deviceTrust {

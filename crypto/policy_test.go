@@ -190,3 +190,28 @@ func TestSharedSecretMAC(t *testing.T) {
 		t.Error("the MAC is not deterministic")
 	}
 }
+
+// TestTrustFlag: which senders the source room's clients would flag, and why.
+func TestTrustFlag(t *testing.T) {
+	for name, tc := range map[string]struct {
+		t    deviceTrust
+		want string
+	}{
+		"signed by its owner":                    {t: deviceTrust{HasIdentity: true, SignedByOwner: true}},
+		"verified by ferry":                      {t: deviceTrust{HasIdentity: true, SignedByOwner: true, VerifiedByFerry: true}},
+		"owner without any identity (legacy)":    {t: deviceTrust{}},
+		"unsigned device of a cross-signed user": {t: deviceTrust{HasIdentity: true}, want: FlagUnsignedDevice},
+		"unknown device":                         {t: deviceTrust{Unknown: true}, want: FlagUnknownDevice},
+		"keys do not match":                      {t: deviceTrust{KeyMismatch: true, HasIdentity: true, SignedByOwner: true}, want: FlagKeyMismatch},
+		"forwarded key":                          {t: deviceTrust{Forwarded: true}, want: FlagForwardedKey},
+		"identity changed, not verified":         {t: deviceTrust{HasIdentity: true, SignedByOwner: true, MasterKeyChanged: true}, want: FlagIdentityChanged},
+		"identity changed, verified by ferry":    {t: deviceTrust{HasIdentity: true, SignedByOwner: true, MasterKeyChanged: true, VerifiedByFerry: true}},
+		"blacklisted":                            {t: deviceTrust{Blacklisted: true, HasIdentity: true, SignedByOwner: true}, want: FlagBlacklisted},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if got := trustFlag(tc.t); got != tc.want {
+				t.Fatalf("trustFlag = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}

@@ -30,6 +30,7 @@ type Call struct {
 	OriginCallID string
 	Caller       id.UserID // the real user who placed the call
 	CallerParty  string
+	Invitee      id.UserID // the real user the invite named; empty when it named nobody
 	Callee       id.UserID // the real user whose answer was relayed first; empty before that
 	CalleeParty  string
 	State        CallState
@@ -48,7 +49,7 @@ type CallQuery struct {
 // callRetention is how long a call that has not changed is kept.
 const callRetention = 24 * time.Hour
 
-const callColumns = `call_key, link_id, origin_room, origin_call_id, caller, caller_party, callee, callee_party, state, expires_at, created_at, updated_at`
+const callColumns = `call_key, link_id, origin_room, origin_call_id, caller, caller_party, callee, callee_party, state, expires_at, created_at, updated_at, invitee`
 
 // Insert records a new call with its per-room call IDs, and forgets calls that have not changed for a day.
 // It fails when one of the (room, call_id) pairs is already taken.
@@ -61,9 +62,9 @@ func (cq *CallQuery) Insert(ctx context.Context, c *Call) error {
 		if _, err := cq.db.Exec(ctx, `DELETE FROM relayed_call WHERE updated_at < $1`, old); err != nil {
 			return err
 		}
-		_, err := cq.db.Exec(ctx, `INSERT INTO relayed_call (`+callColumns+`) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`,
+		_, err := cq.db.Exec(ctx, `INSERT INTO relayed_call (`+callColumns+`) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`,
 			c.Key, c.LinkID, c.OriginRoom, c.OriginCallID, c.Caller, c.CallerParty, c.Callee, c.CalleeParty, c.State,
-			c.ExpiresAt.UnixMilli(), c.CreatedAt.UnixMilli(), c.UpdatedAt.UnixMilli())
+			c.ExpiresAt.UnixMilli(), c.CreatedAt.UnixMilli(), c.UpdatedAt.UnixMilli(), c.Invitee)
 		if err != nil {
 			return err
 		}
@@ -148,7 +149,7 @@ func (cq *CallQuery) loadRooms(ctx context.Context, c *Call) error {
 func scanCall(row dbutil.Scannable) (*Call, error) {
 	var c Call
 	var expires, created, updated int64
-	err := row.Scan(&c.Key, &c.LinkID, &c.OriginRoom, &c.OriginCallID, &c.Caller, &c.CallerParty, &c.Callee, &c.CalleeParty, &c.State, &expires, &created, &updated)
+	err := row.Scan(&c.Key, &c.LinkID, &c.OriginRoom, &c.OriginCallID, &c.Caller, &c.CallerParty, &c.Callee, &c.CalleeParty, &c.State, &expires, &created, &updated, &c.Invitee)
 	if err != nil {
 		return nil, err
 	}

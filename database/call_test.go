@@ -15,7 +15,7 @@ func TestCalls(t *testing.T) {
 		ctx := context.Background()
 		now := time.Now()
 		call := &database.Call{
-			Key: "k1", LinkID: "L", OriginRoom: "!a", OriginCallID: "c1", Caller: "@alice:x", CallerParty: "PA",
+			Key: "k1", LinkID: "L", OriginRoom: "!a", OriginCallID: "c1", Caller: "@alice:x", CallerParty: "PA", Invitee: "@bob:x",
 			State: database.CallRinging, ExpiresAt: now.Add(time.Minute), CreatedAt: now, UpdatedAt: now,
 			Rooms: map[id.RoomID]string{"!a": "c1", "!b": "c1-b"},
 		}
@@ -25,7 +25,7 @@ func TestCalls(t *testing.T) {
 		// Both directions resolve to the same call.
 		for room, callID := range map[id.RoomID]string{"!a": "c1", "!b": "c1-b"} {
 			got, err := db.Calls.ByRoomCallID(ctx, room, callID)
-			if err != nil || got == nil || got.Key != "k1" || got.Rooms["!a"] != "c1" || got.Rooms["!b"] != "c1-b" {
+			if err != nil || got == nil || got.Key != "k1" || got.Invitee != "@bob:x" || got.Rooms["!a"] != "c1" || got.Rooms["!b"] != "c1-b" {
 				t.Fatalf("ByRoomCallID(%s, %s) = %+v, %v", room, callID, got, err)
 			}
 		}

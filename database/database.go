@@ -10,6 +10,8 @@ import (
 	"embed"
 	"errors"
 	"fmt"
+	"net/url"
+	"os"
 	"strings"
 
 	"go.mau.fi/util/dbutil"
@@ -34,6 +36,8 @@ type Database struct {
 	// Disappear holds disappearing-message deadlines and the sessions that carried such messages.
 	Disappear *DisappearQuery
 	Calls     *CallQuery
+	// Consent holds actions that wait for consent in the rooms they act on.
+	Consent *ConsentQuery
 }
 
 // New wraps a root database handle. The handle may be shared with the crypto and state stores (each uses its
@@ -48,15 +52,67 @@ func New(root *dbutil.Database, log dbutil.DatabaseLogger) *Database {
 		KV:        &KVQuery{db: db},
 		Disappear: &DisappearQuery{db: db},
 		Calls:     &CallQuery{db: db},
+		Consent:   &ConsentQuery{db: db},
 	}
 }
 
+// sqliteDriver is the database.type of SQLite, and sqliteFullSyncDriver the driver ferry opens it with: the same
+// (foreign keys, write-ahead log) with synchronous=FULL, so a transaction ferry acknowledged (an event it told the
+// homeserver it recorded) survives a power loss; the default NORMAL may lose the last ones.
+const (
+	sqliteDriver         = "sqlite3-fk-wal"
+	sqliteFullSyncDriver = "sqlite3-fk-wal-fullsync"
+)
+
 // DriverFor returns the database/sql driver ferry opens a database.type with (PostgresDriver for postgres).
 func DriverFor(dbType string) string {
-	if dbType == "postgres" {
+	switch dbType {
+	case "postgres":
 		return PostgresDriver
+	case sqliteDriver:
+		return sqliteFullSyncDriver
 	}
 	return dbType
+}
+
+// sqliteFileMode is the mode of a SQLite database file ferry creates: it holds encrypted keys, the inbox and
+// the links, readable by ferry's user only. SQLite gives its -wal and -shm files the database file's mode.
+const sqliteFileMode os.FileMode = 0o600
+
+// PrepareFile creates the file of a SQLite database (a file: URI) with mode 0600 when it does not exist yet, so
+// SQLite does not create it with the process's umask. Other database types need nothing.
+func PrepareFile(dbType, uri string) error {
+	if dbType != sqliteDriver {
+		return nil
+	}
+	path := sqlitePath(uri)
+	if path == "" {
+		return nil
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, sqliteFileMode)
+	if errors.Is(err, os.ErrExist) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("failed to create the database file %s: %w", path, err)
+	}
+	return f.Close()
+}
+
+// sqlitePath returns the file of a SQLite URI ("file:ferry.db?..." or "file:///var/lib/ferry.db"), or "" for an
+// in-memory database.
+func sqlitePath(uri string) string {
+	rest, ok := strings.CutPrefix(uri, "file:")
+	if !ok {
+		rest = uri
+	}
+	rest, query, _ := strings.Cut(rest, "?")
+	if strings.Contains(query, "mode=memory") || rest == ":memory:" || rest == "" {
+		return ""
+	}
+	if u, err := url.Parse("file:" + rest); err == nil && strings.HasPrefix(rest, "//") {
+		return u.Path
+	}
+	return rest
 }
 
 // TuneURI adjusts a database URI for ferry's access pattern: on Postgres (lib/pq), binary_parameters=yes sends

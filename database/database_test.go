@@ -3,6 +3,7 @@ package database_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -137,17 +138,6 @@ func TestLinks(t *testing.T) {
 		}
 		if _, err = db.Links.GetByRoom(ctx, "!b"); !errors.Is(err, database.ErrLinkNotFound) {
 			t.Fatalf("dissolved link still there: %v", err)
-		}
-		req := &database.LinkRequest{RoomID: "!b", FromRoom: "!a", RequestedBy: "@u:x", CreatedAt: now}
-		if err = db.Links.PutRequest(ctx, req); err != nil {
-			t.Fatal(err)
-		}
-		got, err := db.Links.TakeRequest(ctx, "!b")
-		if err != nil || got == nil || got.FromRoom != "!a" {
-			t.Fatalf("take request = %+v, %v", got, err)
-		}
-		if got, _ = db.Links.TakeRequest(ctx, "!b"); got != nil {
-			t.Fatalf("request taken twice")
 		}
 	})
 }
@@ -347,6 +337,40 @@ func TestDisappearSessions(t *testing.T) {
 		s, err := db.Disappear.GetSession(ctx, "!r", "out")
 		if err != nil || s == nil || !s.Deleted || !s.LastDeadline.Equal(t0.Add(6*time.Second)) || !s.FirstUsed.Equal(t0) {
 			t.Fatalf("out = %+v, %v", s, err)
+		}
+	})
+}
+
+// TestInboxPrune: handled rows older than the cut-off go, a batch at a time; pending and parked rows stay.
+func TestInboxPrune(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		old, recent := time.Now().Add(-48*time.Hour), time.Now()
+		var rows []*database.InboxEvent
+		for i, at := range []time.Time{old, old, old, old, recent} {
+			rows = append(rows, &database.InboxEvent{EventID: id.EventID(fmt.Sprintf("$p%d", i)), RoomID: "!a", Sender: "@a:x", Type: "m.room.message", Raw: []byte(`{}`), State: database.InboxPending, ReceivedAt: at})
+		}
+		if _, err := db.Inbox.Insert(ctx, rows); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.Inbox.FinishMany(ctx, []int64{rows[0].Seq, rows[1].Seq, rows[4].Seq}, database.InboxDone); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.Inbox.Park(ctx, rows[2].Seq, "S"); err != nil {
+			t.Fatal(err)
+		}
+		cut := time.Now().Add(-24 * time.Hour)
+		if n, err := db.Inbox.Prune(ctx, cut, 1); err != nil || n != 1 {
+			t.Fatalf("first batch = %d, %v", n, err)
+		}
+		if n, err := db.Inbox.Prune(ctx, cut, 10); err != nil || n != 1 {
+			t.Fatalf("second batch = %d, %v", n, err)
+		}
+		for i, want := range []bool{false, false, true, true, true} {
+			got, err := db.Inbox.Get(ctx, rows[i].EventID)
+			if err != nil || (got != nil) != want {
+				t.Errorf("row %d present = %t, want %t (%v)", i, got != nil, want, err)
+			}
 		}
 	})
 }

@@ -217,3 +217,55 @@ func (dq *DisappearQuery) Overdue(ctx context.Context, now time.Time) (int, time
 	}
 	return n, time.UnixMilli(oldest.Int64), nil
 }
+
+// RatchetDue is a session whose stored copies are to be ratcheted to Floor: every message below it expired.
+type RatchetDue struct {
+	RoomID    id.RoomID
+	SessionID id.SessionID
+	Floor     uint32
+}
+
+// NoteIndex records that a disappearing message with this Megolm message index arrived on a user's session.
+func (dq *DisappearQuery) NoteIndex(ctx context.Context, room id.RoomID, session id.SessionID, index uint32, deadline time.Time) error {
+	_, err := dq.db.Exec(ctx, `INSERT INTO disappear_index (room_id, session_id, message_index, deadline) VALUES ($1, $2, $3, $4)
+		ON CONFLICT (room_id, session_id, message_index) DO UPDATE SET deadline=CASE WHEN excluded.deadline < disappear_index.deadline THEN excluded.deadline ELSE disappear_index.deadline END`,
+		room, session, int64(index), deadline.UnixMilli())
+	return err
+}
+
+// RatchetsDue lists the sessions with messages whose deadline passed at now, each with the floor past the latest
+// of them.
+func (dq *DisappearQuery) RatchetsDue(ctx context.Context, now time.Time) ([]RatchetDue, error) {
+	rows, err := dq.db.Query(ctx, `SELECT room_id, session_id, MAX(message_index) FROM disappear_index WHERE deadline <= $1 GROUP BY room_id, session_id ORDER BY room_id, session_id`, now.UnixMilli())
+	return dbutil.NewRowIterWithError(rows, func(row dbutil.Scannable) (r RatchetDue, err error) {
+		var last int64
+		err = row.Scan(&r.RoomID, &r.SessionID, &last)
+		r.Floor = uint32(last + 1)
+		return
+	}, err).AsList()
+}
+
+// Ratcheted records that a session's stored copies keep nothing below floor: the floor is remembered (a later
+// copy of the session is ratcheted to it too) and the indexes below it are forgotten.
+func (dq *DisappearQuery) Ratcheted(ctx context.Context, room id.RoomID, session id.SessionID, floor uint32) error {
+	return dq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		_, err := dq.db.Exec(ctx, `INSERT INTO disappear_floor (room_id, session_id, ratchet_floor) VALUES ($1, $2, $3)
+			ON CONFLICT (room_id, session_id) DO UPDATE SET ratchet_floor=CASE WHEN excluded.ratchet_floor > disappear_floor.ratchet_floor THEN excluded.ratchet_floor ELSE disappear_floor.ratchet_floor END`,
+			room, session, int64(floor))
+		if err != nil {
+			return err
+		}
+		_, err = dq.db.Exec(ctx, `DELETE FROM disappear_index WHERE room_id=$1 AND session_id=$2 AND message_index < $3`, room, session, int64(floor))
+		return err
+	})
+}
+
+// Floor returns the first message index ferry keeps of a session (0 when it keeps all).
+func (dq *DisappearQuery) Floor(ctx context.Context, room id.RoomID, session id.SessionID) (uint32, error) {
+	var floor int64
+	err := dq.db.QueryRow(ctx, `SELECT ratchet_floor FROM disappear_floor WHERE room_id=$1 AND session_id=$2`, room, session).Scan(&floor)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, nil
+	}
+	return uint32(floor), err
+}

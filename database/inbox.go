@@ -185,6 +185,18 @@ func (iq *InboxQuery) Wake(ctx context.Context, sessionID id.SessionID) ([]id.Ro
 	return dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.RoomID], err).AsList()
 }
 
+// Prune deletes up to limit handled (done or failed) events received before before, and returns how many it
+// deleted. Their rows only served to recognise a redelivery, which homeservers do within minutes.
+func (iq *InboxQuery) Prune(ctx context.Context, before time.Time, limit int) (int, error) {
+	res, err := iq.db.Exec(ctx, `DELETE FROM inbox WHERE seq IN (SELECT seq FROM inbox WHERE state IN ($1, $2) AND received_at < $3 ORDER BY seq LIMIT $4)`,
+		InboxDone, InboxFailed, before.UnixMilli(), limit)
+	if err != nil {
+		return 0, err
+	}
+	n, err := res.RowsAffected()
+	return int(n), err
+}
+
 // Parked lists events waiting for keys, oldest first.
 func (iq *InboxQuery) Parked(ctx context.Context) ([]*InboxEvent, error) {
 	rows, err := iq.db.Query(ctx, inboxSelect+`WHERE state=$1 ORDER BY seq`, InboxWaitingKeys)

@@ -39,13 +39,8 @@ func (l *Link) Others(roomID id.RoomID) []id.RoomID {
 	return out
 }
 
-// LinkRequest is a pending link that someone with power in RoomID must accept.
-type LinkRequest struct {
-	RoomID      id.RoomID
-	FromRoom    id.RoomID
-	RequestedBy id.UserID
-	CreatedAt   time.Time
-}
+// maxLinkCache bounds LinkQuery's cache of links by room; past it the cache starts over.
+const maxLinkCache = 10000
 
 // LinkQuery reads and writes links. It keeps the link of each room it was asked about in memory (every relayed
 // message asks): links change only through its own methods, which drop the cache.
@@ -84,7 +79,8 @@ func (lq *LinkQuery) GetByRoom(ctx context.Context, roomID id.RoomID) (*Link, er
 	}
 	lq.cacheLock.Lock()
 	if lq.gen == gen {
-		if lq.cache == nil {
+		if lq.cache == nil || len(lq.cache) >= maxLinkCache {
+			// Most rooms asked about are not linked: a flood of them must not grow the cache without bound.
 			lq.cache = make(map[id.RoomID]*Link)
 		}
 		if link != nil {
@@ -242,28 +238,4 @@ func (lq *LinkQuery) SetDisappear(ctx context.Context, linkID string, after time
 	defer lq.invalidate()
 	_, err := lq.db.Exec(ctx, `UPDATE link SET disappear_ms=$2 WHERE id=$1`, linkID, after.Milliseconds())
 	return err
-}
-
-// PutRequest stores (or replaces) a pending link request for a room.
-func (lq *LinkQuery) PutRequest(ctx context.Context, req *LinkRequest) error {
-	_, err := lq.db.Exec(ctx, `
-		INSERT INTO link_request (room_id, from_room, requested_by, created_at) VALUES ($1, $2, $3, $4)
-		ON CONFLICT (room_id) DO UPDATE SET from_room=excluded.from_room, requested_by=excluded.requested_by, created_at=excluded.created_at`,
-		req.RoomID, req.FromRoom, req.RequestedBy, req.CreatedAt.UnixMilli())
-	return err
-}
-
-// TakeRequest returns and deletes the pending request for a room, or nil when there is none.
-func (lq *LinkQuery) TakeRequest(ctx context.Context, room id.RoomID) (*LinkRequest, error) {
-	var req LinkRequest
-	var createdAt int64
-	err := lq.db.QueryRow(ctx, `DELETE FROM link_request WHERE room_id=$1 RETURNING room_id, from_room, requested_by, created_at`, room).
-		Scan(&req.RoomID, &req.FromRoom, &req.RequestedBy, &createdAt)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, nil
-	} else if err != nil {
-		return nil, err
-	}
-	req.CreatedAt = time.UnixMilli(createdAt)
-	return &req, nil
 }

@@ -73,8 +73,8 @@ func TestCheckHomeserverWrongToken(t *testing.T) {
 	defer srv.Close()
 	cfg, as := appserviceFor(t, srv.URL)
 	_, err := checkHomeserver(context.Background(), cfg, as, zerolog.Nop())
-	if err == nil || !strings.Contains(err.Error(), "register the bot") {
-		t.Fatalf("err = %v, want a failure to register the bot", err)
+	if err == nil || !strings.Contains(err.Error(), "does not know ferry's as_token") || !strings.Contains(err.Error(), "registration") {
+		t.Fatalf("err = %v, want one naming the as_token and the registration", err)
 	}
 }
 

@@ -27,6 +27,7 @@ import (
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/appservice"
 	mcrypto "maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/id"
 	"maunium.net/go/mautrix/sqlstatestore"
 
 	"go.ferry.im/ferry"
@@ -203,6 +204,10 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 			Msg("This build of ferry has no driver for database.type (release binaries are built without cgo and support postgres only); use postgres, or build ferry from source with make build")
 		return exitDatabase
 	}
+	if err := database.PrepareFile(cfg.Database.Type, cfg.Database.URI); err != nil {
+		log.Error().Err(err).Msg("Failed to create the database file")
+		return exitDatabase
+	}
 	root, err := dbutil.NewFromConfig("ferry", dbutil.Config{PoolConfig: dbutil.PoolConfig{
 		Type: database.DriverFor(cfg.Database.Type), URI: database.TuneURI(cfg.Database.Type, cfg.Database.URI), MaxOpenConns: cfg.Database.MaxOpenConns, MaxIdleConns: cfg.Database.MaxIdleConns,
 	}}, dbutil.ZeroLogger(dbLog))
@@ -356,8 +361,11 @@ func checkHomeserver(ctx context.Context, cfg *config.Config, as *appservice.App
 	// ferry's own loop retries (and logs why); the client's silent internal retries would hide the reason.
 	probe := as.NewMautrixClient(as.BotMXID())
 	probe.DefaultHTTPRetries = 0
-	// /versions needs no user: Synapse refuses to let the appservice act as a user it has not registered yet.
+	// /versions needs no user and no token: Synapse refuses to let the appservice act as a user it has not
+	// registered yet, and answers any request with a token it does not know M_UNKNOWN_TOKEN (which the register
+	// step below reports as what it is, instead of this loop taking it for an unreachable homeserver).
 	probe.SetAppServiceUserID = false
+	probe.AccessToken = ""
 	for {
 		var err error
 		versions, err = probe.Versions(ctx)
@@ -378,7 +386,10 @@ func checkHomeserver(ctx context.Context, cfg *config.Config, as *appservice.App
 	if as.SpecVersions != nil {
 		*as.SpecVersions = *versions
 	}
-	if err := bot.EnsureRegistered(ctx); err != nil {
+	if err := bot.EnsureRegistered(ctx); errors.Is(err, mautrix.MUnknownToken) {
+		return "", fmt.Errorf("the homeserver does not know ferry's as_token (M_UNKNOWN_TOKEN): install the registration ferry -g wrote "+
+			"(its as_token must equal appservice.as_token) in the homeserver's appservice config and restart the homeserver: %w", err)
+	} else if err != nil {
 		return "", fmt.Errorf("failed to register the bot %s: %w", as.BotMXID(), err)
 	}
 	whoami, err := bot.Whoami(ctx)
@@ -388,7 +399,9 @@ func checkHomeserver(ctx context.Context, cfg *config.Config, as *appservice.App
 		return "", fmt.Errorf("whoami returned %s, expected the bot %s: check appservice.bot.username and the registration", whoami.UserID, as.BotMXID())
 	}
 	if versions.Supports(mautrix.FeatureAppservicePing) {
-		if err = pingUntilReached(ctx, as, log); err != nil {
+		if err = pingUntilReached(ctx, as, log); errors.Is(err, errWrongHSToken) {
+			return "", err
+		} else if err != nil {
 			return "", fmt.Errorf("the homeserver cannot reach ferry at %s: %w", cfg.Appservice.Address, err)
 		}
 		log.Info().Msg("Homeserver reached ferry through appservice ping")
@@ -400,6 +413,11 @@ func checkHomeserver(ctx context.Context, cfg *config.Config, as *appservice.App
 			log.Warn().Err(err).Msg("Failed to set the bot's display name")
 		}
 	}
+	if cfg.Appservice.Bot.Avatar != "" {
+		if err = bot.SetAvatarURL(ctx, id.ContentURIString(cfg.Appservice.Bot.Avatar).ParseOrIgnore()); err != nil {
+			log.Warn().Err(err).Msg("Failed to set the bot's avatar")
+		}
+	}
 	path := encryptionPathSync
 	if cfg.Encryption.Appservice {
 		// Confirmed (or, without MSC4190, replaced by the /sync path) when the crypto layer creates its devices.
@@ -408,6 +426,9 @@ func checkHomeserver(ctx context.Context, cfg *config.Config, as *appservice.App
 	log.Info().Str("encryption_path", path).Stringer("bot", as.BotMXID()).Msg("Homeserver checked")
 	return path, nil
 }
+
+// errWrongHSToken: the homeserver reached ferry through the ping, and ferry refused its hs_token.
+var errWrongHSToken = errors.New("the homeserver reached ferry but presents another hs_token than appservice.hs_token")
 
 // pingAttempts bounds the appservice pings at start: a failed ping is tried again with backoff (1, 2, 4, 8 s),
 // since the homeserver's own connection to ferry can fail for a moment (Synapse has answered 502
@@ -423,6 +444,12 @@ func pingUntilReached(ctx context.Context, as *appservice.AppService, log zerolo
 			return nil
 		}
 		var httpErr mautrix.HTTPError
+		if errors.As(err, &httpErr) && httpErr.RespError != nil && httpErr.RespError.ErrCode == "M_BAD_STATUS" {
+			// The homeserver reached ferry, and ferry refused it: its hs_token is not ferry's.
+			if status, _ := httpErr.RespError.ExtraData["status"].(float64); status == http.StatusForbidden || status == http.StatusUnauthorized {
+				return fmt.Errorf("%w: install the registration ferry -g wrote for this config and restart the homeserver: %w", errWrongHSToken, err)
+			}
+		}
 		definite := errors.As(err, &httpErr) && httpErr.RespError != nil &&
 			(httpErr.RespError.ErrCode == mautrix.MForbidden.ErrCode || httpErr.RespError.ErrCode == "M_URL_NOT_SET")
 		if definite || attempt == pingAttempts || ctx.Err() != nil {

@@ -1,15 +1,22 @@
-// Relay-added latency with real clients on a real homeserver (FERRY_E2E_HS=dendrite|synapse): alice sends into
-// room A, where carol also is; room A is linked to room B, where bob is. For each message: send → decrypted by
-// carol (a member of the same room: the homeserver's own delivery) against send → decrypted by bob (a member of
-// the linked room: ferry's relay on top). Prints medians and p90s, and the ratio.
+// Relay-added latency with real clients on a real homeserver (FERRY_E2E_HS=dendrite|synapse). alice sends into
+// room A, where carol also is. Room A is linked through ferry to room B, where bob is; in the same run room A2 is
+// linked to room B2 by the floor appservice (floor.js: copies each event at once, no cryptography, no database),
+// so the homeserver's own cost of a second hop is measured beside ferry's. Per message:
+//   direct  send → carol's client has the event in room A (arrived / decrypted)
+//   ferry   send → bob's client has ferry's copy in room B (arrived / decrypted)
+//   floor   send → bob's client has the floor's copy in room B2 (arrived; it cannot be decrypted)
+// Prints medians and p90s, ferry's distance from the floor and its ratio to a direct send.
 //
 //   FERRY_PG_FSYNC=on scripts/with-postgres.sh scripts/node22 e2e/bench/latency.js [messages] [gap-ms]
 import { performance } from "node:perf_hooks";
+import matrixSdk from "matrix-js-sdk";
 import { HS_LABEL } from "../lib/homeserver.js";
 import { inviteBot, linkWithPower, startStack } from "../lib/stack.js";
 import { createUser } from "../lib/users.js";
 import { sleep } from "../lib/util.js";
+import { prepareFloor } from "./floor.js";
 
+const { RoomEvent } = matrixSdk;
 const messages = Number(process.argv[2] ?? 60);
 const gapMs = Number(process.argv[3] ?? 250);
 const quantile = (xs, q) => {
@@ -18,8 +25,25 @@ const quantile = (xs, q) => {
 };
 const fmt = (x) => `${x.toFixed(1)} ms`;
 
-const stack = await startStack({ extraConfig: { logging: { min_level: "info" } } });
+/** Resolves with performance.now() when an event from `sender` (a predicate on the user ID) reaches `user`'s
+ * timeline of `roomId`, before any decryption. */
+function arrival(user, roomId, sender) {
+    return new Promise((resolve) => {
+        const on = (ev) => {
+            if (ev.getRoomId() === roomId && sender(ev.getSender())) {
+                user.client.off(RoomEvent.Timeline, on);
+                resolve(performance.now());
+            }
+        };
+        user.client.on(RoomEvent.Timeline, on);
+    });
+}
+
+const floor = await prepareFloor();
+const stack = await startStack({ extraConfig: { logging: { min_level: "info" } }, extraRegistrations: [floor.registrationPath] });
+await floor.start(stack.hs.url);
 const [alice, bob, carol] = await Promise.all(["alice", "bob", "carol"].map((n) => createUser(stack.hs.url, n)));
+const isFerryGhost = (u) => u.startsWith("@_ferry_");
 try {
     const roomA = await alice.createEncryptedRoom({ name: "latency A", invite: [carol.userId] });
     await carol.join(roomA);
@@ -27,34 +51,58 @@ try {
     await inviteBot(stack, alice, roomA);
     await inviteBot(stack, bob, roomB);
     await linkWithPower(stack, alice, roomA, bob, roomB);
+    // The floor's pair: alice's room A2 copied into bob's room B2.
+    const roomA2 = await alice.createEncryptedRoom({ name: "floor A2", invite: [bob.userId] });
+    await bob.join(roomA2);
+    const roomB2 = await bob.createEncryptedRoom({ name: "floor B2" });
+    await floor.link(roomA2, roomB2, { invite: async (room, user) => (room === roomA2 ? alice : bob).invite(room, user) });
     await alice.waitForMembership(roomA, carol.userId, "join");
-    // Warm up: the ghost's device, its session and the room keys exist before measuring.
+    await alice.waitForMembership(roomA2, floor.ghost, "join");
+    // Warm up: ferry's ghost device, its session and the room keys exist before measuring.
     for (let i = 0; i < 3; i++) {
         const body = `warm-up ${i}`;
         const got = bob.waitForEvent(roomB, (e) => e.content.body === body, 30000, body);
         await alice.sendText(roomA, body);
         await got;
+        const copied = arrival(bob, roomB2, (u) => u === floor.ghost);
+        await alice.sendText(roomA2, body);
+        await copied;
     }
-    const direct = [];
-    const relayed = [];
+    const r = { directArrived: [], directDecrypted: [], ferryArrived: [], ferryDecrypted: [], floorArrived: [] };
     for (let i = 0; i < messages; i++) {
         const body = `latency ${i}`;
-        const t0 = performance.now();
-        const inA = carol.waitForEvent(roomA, (e) => e.type === "m.room.message" && e.content.body === body, 30000, body).then(() => performance.now() - t0);
-        const inB = bob.waitForEvent(roomB, (e) => e.type === "m.room.message" && e.content.body === body, 30000, body).then(() => performance.now() - t0);
+        let t0 = performance.now();
+        const dArr = arrival(carol, roomA, (u) => u === alice.userId);
+        const fArr = arrival(bob, roomB, isFerryGhost);
+        const dDec = carol.waitForEvent(roomA, (e) => e.type === "m.room.message" && e.content.body === body, 30000, body).then(() => performance.now());
+        const fDec = bob.waitForEvent(roomB, (e) => e.type === "m.room.message" && e.content.body === body, 30000, body).then(() => performance.now());
         await alice.sendText(roomA, body);
-        const [a, b] = await Promise.all([inA, inB]);
-        direct.push(a);
-        relayed.push(b);
-        await sleep(gapMs);
+        const [a, b, c, d] = await Promise.all([dArr, dDec, fArr, fDec]);
+        r.directArrived.push(a - t0);
+        r.directDecrypted.push(b - t0);
+        r.ferryArrived.push(c - t0);
+        r.ferryDecrypted.push(d - t0);
+        await sleep(gapMs / 2);
+        t0 = performance.now();
+        const flArr = arrival(bob, roomB2, (u) => u === floor.ghost);
+        await alice.sendText(roomA2, body);
+        r.floorArrived.push((await flArr) - t0);
+        await sleep(gapMs / 2);
     }
     const row = (name, xs) => `| ${name} | ${fmt(quantile(xs, 0.5))} | ${fmt(quantile(xs, 0.9))} |`;
-    console.log(`\n${HS_LABEL}, ${messages} messages, ${gapMs} ms apart (send → decrypted by the receiving client)\n`);
+    console.log(`\n${HS_LABEL}, ${messages} messages, ${gapMs} ms apart (from alice's send)\n`);
     console.log("| path | median | p90 |\n|---|---|---|");
-    console.log(row("same room (carol)", direct));
-    console.log(row("linked room through ferry (bob)", relayed));
-    console.log(`\nratio of medians: ${(quantile(relayed, 0.5) / quantile(direct, 0.5)).toFixed(2)}x; relay adds ${fmt(quantile(relayed, 0.5) - quantile(direct, 0.5))} (median)`);
+    console.log(row("direct: arrived at carol (same room)", r.directArrived));
+    console.log(row("direct: decrypted by carol", r.directDecrypted));
+    console.log(row("floor appservice: arrived at bob (linked room)", r.floorArrived));
+    console.log(row("ferry: arrived at bob (linked room)", r.ferryArrived));
+    console.log(row("ferry: decrypted by bob", r.ferryDecrypted));
+    const med = (xs) => quantile(xs, 0.5);
+    console.log(`\nferry above the floor (arrival, medians): ${fmt(med(r.ferryArrived) - med(r.floorArrived))}`);
+    console.log(`floor's second hop (floor arrival - direct arrival, medians): ${fmt(med(r.floorArrived) - med(r.directArrived))}`);
+    console.log(`ratio to a direct send (decrypted, medians): ${(med(r.ferryDecrypted) / med(r.directDecrypted)).toFixed(2)}x`);
 } finally {
     await Promise.all([alice.stop(), bob.stop(), carol.stop()]);
     await stack.stop();
+    await floor.stop();
 }

@@ -21,6 +21,7 @@ export async function startStack({
     syncProxy = false,
     pushProxy = false,
     homeserver = {},
+    extraRegistrations = [],
 } = {}) {
     const database = db === "postgres" ? createTestDatabase() : null;
     // With syncProxy, ferry reaches the homeserver through a proxy that records its requests, can hold its /sync
@@ -42,7 +43,7 @@ export async function startStack({
     });
     const pushes = pushPort ? await startPushProxy(pushPort, prepared.port) : null;
     const hs = await startHomeserver({
-        appserviceRegistrations: [prepared.registrationPath],
+        appserviceRegistrations: [prepared.registrationPath, ...extraRegistrations],
         sharedSecret: prepared.sharedSecret,
         serverName: prepared.hsDomain,
         port: hsPort,

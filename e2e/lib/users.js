@@ -377,6 +377,30 @@ export class TestUser {
         return event_id;
     }
 
+    /**
+     * Megolm-encrypts an event of any type with this client's own session and sends it as m.room.encrypted, as a
+     * client with bad intent could: js-sdk itself never encrypts some types (m.room.redaction, m.reaction), so this
+     * encrypts through the Rust crypto layer and sends the ciphertext. Returns the event ID.
+     */
+    async sendEncrypted(roomId, type, content) {
+        const room = this.client.getRoom(roomId);
+        if (!room) throw new Error(`sendEncrypted: ${this.userId} does not know room ${roomId}`);
+        const ev = new sdk.MatrixEvent({ type, content, room_id: roomId, sender: this.userId });
+        await this.crypto.encryptEvent(ev, room);
+        if (ev.getWireType() !== "m.room.encrypted") throw new Error(`sendEncrypted: ${type} was not encrypted`);
+        return this.sendEvent(roomId, "m.room.encrypted", ev.getWireContent());
+    }
+
+    /**
+     * Sends a message event straight through PUT /send, unencrypted and without js-sdk's handling of its type
+     * (js-sdk sends m.room.redaction through /redact). Returns { status, body } with the server's answer.
+     */
+    async sendRaw(roomId, type, content) {
+        const txn = `raw-${randomSuffix()}${Date.now()}`;
+        const url = `${this.hsUrl}/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/send/${encodeURIComponent(type)}/${txn}`;
+        return request("PUT", url, content, { token: this.accessToken, okStatuses: [200, 400, 403] });
+    }
+
     async sendState(roomId, type, content, stateKey = "") {
         const { event_id } = await this.client.sendStateEvent(roomId, type, content, stateKey);
         return event_id;

@@ -147,9 +147,13 @@ test("an encrypted file crosses with its file object unchanged and decrypts on t
 test("a three-room link delivers every message to the two other rooms exactly once", async () => {
     const roomC = await carol.createEncryptedRoom({ name: "Room C" });
     await inviteBot(stack, carol, roomC);
+    // Room C joins the A–B link: both A and B must consent (the link boundary, issue 12).
     const req = await command(stack, carol, roomC, `!ferry link ${roomA}`);
     assert.match(req.content.body, /link request/i);
-    await command(stack, alice, roomA, "!ferry accept");
+    const waiting = await command(stack, alice, roomA, "!ferry accept");
+    assert.match(waiting.content.body, /still waits for consent in Room B/);
+    const accepted = await command(stack, bob, roomB, "!ferry accept");
+    assert.match(accepted.content.body, /^Linked/);
 
     await say(carol, roomC, "hello from C");
     await copyOf(alice, roomA, "hello from C");

@@ -14,7 +14,7 @@ function ghostMember(pred, what) {
 }
 
 before(async () => {
-    stack = await startStack();
+    stack = await startStack({ extraConfig: { appservice: { bot: { avatar: "mxc://ferry.test/ferryBotAvatar" } } } });
     [alice, bob] = await Promise.all([
         createUser(stack.hs.url, "alice", { displayName: "Alice" }),
         createUser(stack.hs.url, "bob", { displayName: "Bob" }),
@@ -42,6 +42,32 @@ test("a ghost is named after its user and the source room, with the user's avata
     const member = await ghostMember((c) => c.membership === "join" && c.displayname === "Alice (Garden)" && c.avatar_url === "mxc://ferry.test/aliceAvatar1", "the ghost's templated name and alice's avatar");
     assert.equal(member.content.avatar_url, "mxc://ferry.test/aliceAvatar1");
     assert.equal(bob.client.getRoom(roomB).getMember(aliceGhost).name, "Alice (Garden)", "bob's client shows the ghost under the templated name");
+    // Every membership event of the ghost carries a name (the bot's invite shows its global name), and the join
+    // itself the per-room one: bob never sees the ghost's raw ID join and then change its name.
+    const members = (await bob.events(roomB)).filter((e) => e.type === "m.room.member" && e.stateKey === aliceGhost);
+    for (const m of members) assert.ok(m.content.displayname, `the ghost's ${m.content.membership} has no name`);
+    const join = members.find((m) => m.content.membership === "join");
+    assert.equal(join.content.displayname, "Alice (Garden)", "the ghost's join already has its per-room name");
+    // Its global profile (what a client shows outside a room) is alice's own name, set before it joined.
+    const profile = await (await fetch(`${stack.hs.url}/_matrix/client/v3/profile/${encodeURIComponent(aliceGhost)}`, { headers: { authorization: `Bearer ${bob.accessToken}` } })).json();
+    assert.equal(profile.displayname, "Alice");
+});
+
+test("a long or multi-line name stays readable, and keeps the room it stands for", async () => {
+    const carol = await createUser(stack.hs.url, "carol", { displayName: `Carol ${"really ".repeat(30)}long\nsecond line` });
+    try {
+        await alice.invite(roomA, carol.userId);
+        await carol.join(roomA);
+        await carol.waitForMembership(roomA, stack.botUserId, "join");
+        await carol.sendText(roomA, "my name is long");
+        const copy = await bob.waitForEvent(roomB, (e) => e.type === "m.room.message" && e.content.body === "my name is long", T, "carol's copy");
+        const name = bob.client.getRoom(roomB).getMember(copy.sender).name;
+        assert.ok([...name].length <= 96, `${[...name].length} characters: ${name}`);
+        assert.ok(!/[\n\r]/.test(name), "one line");
+        assert.match(name, /^Carol really .*… \(Garden\)$/, "shortened where the name is long, the room name kept");
+    } finally {
+        await carol.stop();
+    }
 });
 
 test("renaming and changing the avatar in the source room updates the ghost", async () => {
@@ -54,4 +80,10 @@ test("renaming and changing the avatar in the source room updates the ghost", as
     await alice.sendText(roomA, "new name, same me");
     const copy = await bob.waitForEvent(roomB, (e) => e.type === "m.room.message" && e.content.body === "new name, same me", T, "the copy after renaming");
     assert.equal(copy.sender, aliceGhost);
+});
+
+test("the bot wears the avatar its config gives it", async () => {
+    const profile = await (await fetch(`${stack.hs.url}/_matrix/client/v3/profile/${encodeURIComponent(stack.botUserId)}`, { headers: { authorization: `Bearer ${bob.accessToken}` } })).json();
+    assert.equal(profile.avatar_url, "mxc://ferry.test/ferryBotAvatar");
+    assert.equal(profile.displayname, "ferry");
 });

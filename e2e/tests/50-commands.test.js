@@ -180,7 +180,7 @@ test("encryption shows the policy; only room admins may require it", async () =>
     assert.match(shown, /- Commands A: encrypted/);
     // bob has power 0 in room A.
     const refused = replyBody(await command(stack, bob, roomA, "!ferry encryption require"));
-    assert.match(refused, /needs room admin power here \(power level ≥ 100/);
+    assert.match(refused, /you need the power to change power levels here \(power level ≥ 100; you have 0\)/);
     const done = replyBody(await command(stack, bob, roomB, "!ferry encryption require"));
     assert.match(done, /now requires encryption/);
     const policy = replyBody(await command(stack, admin, roomA, "!ferry links"));

@@ -51,6 +51,10 @@ var (
 	fileFormats   = []string{LogFormatPretty, LogFormatJSON}
 )
 
+// minPickleKeyLength is the shortest pickle key ferry accepts: it encrypts every private key ferry stores, so it
+// must not be guessable (ferry's generated keys have 64 characters).
+const minPickleKeyLength = 32
+
 // placeholder is a value of the example that must be changed, for a key without a default.
 type placeholder struct {
 	key, value, hint string

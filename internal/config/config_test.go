@@ -170,11 +170,13 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 			"key_notice_after":          {d.Bridge.KeyNoticeAfter, 60 * time.Second},
 			"redact_originals":          {d.Bridge.RedactOriginals, true},
 			"disappear_key_idle":        {d.Bridge.DisappearKeyIdle, time.Minute},
+			"peer_users":                {d.Bridge.PeerUsers, ""},
 			"pickle_key":                {d.Encryption.PickleKey, crypto.PickleKeyGenerate},
 			"device_mode":               {d.Encryption.DeviceMode, "per_ghost"},
 			"appservice":                {d.Encryption.Appservice, false},
 			"share_min_trust":           {d.Encryption.ShareMinTrust, "cross_signed_tofu"},
 			"receive_min_trust":         {d.Encryption.ReceiveMinTrust, "unverified"},
+			"untrusted_messages":        {d.Encryption.UntrustedMessages, "mark"},
 			"database.type":             {d.Database.Type, "sqlite3-fk-wal"},
 			"database.uri":              {d.Database.URI, "file:ferry.db?_txlock=immediate"},
 			"logging.min_level":         {d.Logging.MinLevel, "info"},
@@ -423,6 +425,10 @@ func TestValidateErrors(t *testing.T) {
 			old: "  device_mode: per_ghost", new: "  device_mode: per_ghost\n  share_min_trust: trusted",
 			want: `config.yaml:13: encryption.share_min_trust: expected one of unverified, cross_signed_tofu, verified, got "trusted"`,
 		},
+		"encryption.untrusted_messages": {
+			old: "  device_mode: per_ghost", new: "  device_mode: per_ghost\n  untrusted_messages: hide",
+			want: `config.yaml:13: encryption.untrusted_messages: expected one of mark, refuse, got "hide"`,
+		},
 		"encryption.receive_min_trust": {
 			old: "  device_mode: per_ghost", new: "  device_mode: per_ghost\n  receive_min_trust: Verified",
 			want: `config.yaml:13: encryption.receive_min_trust: expected one of unverified, cross_signed_tofu, verified, got "Verified"`,
@@ -471,6 +477,10 @@ func TestValidateErrors(t *testing.T) {
 			old: "  key_wait: 5s", new: "  key_wait: 5s\n  displayname_template: \" \"",
 			want: `config.yaml:11: bridge.displayname_template: renders an empty display name`,
 		},
+		"peer_users not a regular expression": {
+			old: "  key_wait: 5s", new: "  key_wait: 5s\n  peer_users: \"@(_ferry2_.*:example\\\\.org\"",
+			want: "config.yaml:11: bridge.peer_users: not a valid regular expression: error parsing regexp: missing closing ): `^(?:@(_ferry2_.*:example\\.org)$`",
+		},
 		"key_wait zero": {
 			old: "key_wait: 5s", new: "key_wait: 0s",
 			want: `config.yaml:10: bridge.key_wait: must be positive, got 0s`,
@@ -510,6 +520,10 @@ func TestValidateErrors(t *testing.T) {
 		"metrics.listen on the appservice's port": {
 			old: "logging:", new: "metrics:\n  enabled: true\n  listen: 127.0.0.1:29340\nlogging:",
 			want: `config.yaml:18: metrics.listen: must differ from the appservice's hostname and port`,
+		},
+		"pickle key too short": {
+			old: "  device_mode: per_ghost", new: "  device_mode: per_ghost\n  pickle_key: hunter2",
+			want: `config.yaml:13: encryption.pickle_key: must be at least 32 characters (got 7), or "generate"`,
 		},
 		"pickle key empty": {
 			old: "  device_mode: per_ghost", new: "  device_mode: per_ghost\n  pickle_key: \"\"",
@@ -610,9 +624,9 @@ func TestEnvOverrides(t *testing.T) {
 			},
 		},
 		"secret": {
-			env: map[string]string{"FERRY_ENCRYPTION_PICKLE_KEY": "from-the-environment"},
+			env: map[string]string{"FERRY_ENCRYPTION_PICKLE_KEY": "from-the-environment-0123456789abcdef"},
 			check: func(t *testing.T, cfg *Config) {
-				if cfg.Encryption.PickleKey != "from-the-environment" {
+				if cfg.Encryption.PickleKey != "from-the-environment-0123456789abcdef" {
 					t.Errorf("encryption.pickle_key = %q", cfg.Encryption.PickleKey)
 				}
 			},
@@ -690,6 +704,14 @@ func TestEnvOverrides(t *testing.T) {
 		"permissions malformed": {
 			env:  map[string]string{"FERRY_PERMISSIONS": "*=relay,test.org"},
 			want: `environment variable FERRY_PERMISSIONS: permissions: expected comma-separated who=level pairs, got "test.org"`,
+		},
+		"pickle key generate from the environment": {
+			env:  map[string]string{"FERRY_ENCRYPTION_PICKLE_KEY": "generate"},
+			want: `environment variable FERRY_ENCRYPTION_PICKLE_KEY: encryption.pickle_key: "generate" cannot come from the environment: ferry would make a new key at every start; set a key of at least 32 random characters instead`,
+		},
+		"pickle key too short from the environment": {
+			env:  map[string]string{"FERRY_ENCRYPTION_PICKLE_KEY": "short"},
+			want: `environment variable FERRY_ENCRYPTION_PICKLE_KEY: encryption.pickle_key: must be at least 32 characters (got 5), or "generate"`,
 		},
 		"permissions unknown level": {
 			env:  map[string]string{"FERRY_PERMISSIONS": "*=everything"},

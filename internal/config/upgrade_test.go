@@ -58,7 +58,7 @@ func TestUpgradeFirstRelease(t *testing.T) {
 		{"  max_idle_conns: 2", "  max_idle_conns: 2"}, // the first release's default, not today's
 		{"  as_token: \"\"", "  as_token: as-0123"},
 		{"  hs_token: \"\"", "  hs_token: hs-4567"},
-		{"  pickle_key: generate", "  pickle_key: pk-89ab"},
+		{"  pickle_key: generate", "  pickle_key: pk-89abcdef0123456789abcdef0123456789"},
 		{"  key_wait: 5s", "  key_wait: 7s"},
 		{"  format: console", "  format: json"},
 		{"  file: \"\"", "  file: /var/log/ferry/ferry.log"},
@@ -107,7 +107,7 @@ func TestUpgradeFirstRelease(t *testing.T) {
 	for name, tc := range map[string]struct{ got, want any }{
 		"max_idle_conns":        {after.Database.MaxIdleConns, 2},
 		"as_token":              {after.Appservice.ASToken, "as-0123"},
-		"pickle_key":            {after.Encryption.PickleKey, "pk-89ab"},
+		"pickle_key":            {after.Encryption.PickleKey, "pk-89abcdef0123456789abcdef0123456789"},
 		"key_wait":              {after.Bridge.KeyWait.String(), "7s"},
 		"logging.stdout.format": {after.Logging.Stdout.Format, "json"},
 		"logging.file.path":     {after.Logging.File.Path, "/var/log/ferry/ferry.log"},
@@ -232,7 +232,8 @@ func TestWriteValues(t *testing.T) {
 
 	t.Run("written config loads and validates", func(t *testing.T) {
 		path := writeConfig(t, example)
-		if err := WriteValues(path, map[string]string{"encryption.pickle_key": "pk", "appservice.as_token": "a", "appservice.hs_token": "h"}); err != nil {
+		const pk = "pk-0123456789abcdef0123456789abcdef"
+		if err := WriteValues(path, map[string]string{"encryption.pickle_key": pk, "appservice.as_token": "a", "appservice.hs_token": "h"}); err != nil {
 			t.Fatal(err)
 		}
 		cfg, err := Load(path)

@@ -151,12 +151,25 @@ func (c *Config) validate(forRun bool) error {
 	if br.DisappearKeyIdle <= 0 {
 		v.fail("bridge.disappear_key_idle", "must be positive, got %s", br.DisappearKeyIdle)
 	}
+	if err := br.CompilePeerUsers(); err != nil {
+		v.fail("bridge.peer_users", "%s", oneLine(err.Error()))
+	}
 
 	enc := c.Encryption
-	v.required("encryption.pickle_key", enc.PickleKey)
+	if v.required("encryption.pickle_key", enc.PickleKey) {
+		switch {
+		case enc.PickleKey == crypto.PickleKeyGenerate && c.src != nil && c.src.envFor("encryption.pickle_key") != "":
+			// ferry writes a generated key into the config file, and the variable would win over it at the next
+			// start: a new key every time, and every stored key unreadable.
+			v.fail("encryption.pickle_key", "%q cannot come from the environment: ferry would make a new key at every start; set a key of at least 32 random characters instead", crypto.PickleKeyGenerate)
+		case enc.PickleKey != crypto.PickleKeyGenerate && len(enc.PickleKey) < minPickleKeyLength:
+			v.fail("encryption.pickle_key", "must be at least %d characters (got %d), or %q", minPickleKeyLength, len(enc.PickleKey), crypto.PickleKeyGenerate)
+		}
+	}
 	v.oneOf("encryption.device_mode", enc.DeviceMode, crypto.DeviceModes)
 	v.oneOf("encryption.share_min_trust", enc.ShareMinTrust, crypto.TrustLevels)
 	v.oneOf("encryption.receive_min_trust", enc.ReceiveMinTrust, crypto.TrustLevels)
+	v.oneOf("encryption.untrusted_messages", enc.UntrustedMessages, crypto.UntrustedModes)
 
 	for _, who := range slices.Sorted(maps.Keys(c.Permissions)) {
 		key := "permissions." + who

@@ -19,6 +19,47 @@ func (s *Server) adminRoutes(h func(string, http.HandlerFunc)) {
 	h("GET /_synapse/admin/v1/register", s.getSharedSecretNonce)
 	h("POST /_synapse/admin/v1/register", s.postSharedSecretRegister)
 	h("POST /_dendrite/admin/resetPassword/{userID}", s.authed(s.postResetPassword))
+	h("POST /_matrix/client/v3/account/deactivate", s.authed(s.postDeactivate))
+}
+
+// postDeactivate deactivates the caller's account after password UIA: its devices and tokens go, and it can
+// no longer log in.
+func (s *Server) postDeactivate(w http.ResponseWriter, r *http.Request, c caller) {
+	var req struct {
+		Auth json.RawMessage `json:"auth"`
+	}
+	if !readJSON(w, r, &req) {
+		return
+	}
+	s.mu.Lock()
+	if !s.checkPasswordUIA(w, req.Auth, c) {
+		s.mu.Unlock()
+		return
+	}
+	acc := s.accounts[c.user]
+	acc.deactivated = true
+	var devices []id.DeviceID
+	for d := range acc.devices {
+		devices = append(devices, d)
+	}
+	for token, t := range s.tokens {
+		if t.user == c.user {
+			delete(s.tokens, token)
+		}
+	}
+	s.mu.Unlock()
+	for _, d := range devices {
+		s.DeleteDevice(c.user, d)
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"id_server_unbind_result": "no-support"})
+}
+
+// Deactivated tells whether an account was deactivated.
+func (s *Server) Deactivated(user id.UserID) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	acc := s.accounts[user]
+	return acc != nil && acc.deactivated
 }
 
 func (s *Server) getSharedSecretNonce(w http.ResponseWriter, _ *http.Request) {

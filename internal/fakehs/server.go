@@ -136,6 +136,8 @@ type account struct {
 	displayname string
 	avatarURL   string
 	devices     map[id.DeviceID]*device
+	// deactivated accounts cannot log in (POST /account/deactivate)
+	deactivated bool
 	// cross-signing keys as uploaded (signatures merged in by /keys/signatures/upload)
 	master, selfSigning, userSigning map[string]any
 	accountData                      map[string]json.RawMessage
@@ -548,6 +550,10 @@ func (s *Server) postLogin(w http.ResponseWriter, r *http.Request) {
 	} else if req.Type == "m.login.password" && acc.password != "" && acc.password != req.Password {
 		s.mu.Unlock()
 		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "Invalid password")
+		return
+	} else if acc.deactivated {
+		s.mu.Unlock()
+		writeError(w, http.StatusForbidden, "M_USER_DEACTIVATED", "This account has been deactivated")
 		return
 	}
 	dev, token := s.loginLocked(acc, req.DeviceID)

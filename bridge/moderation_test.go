@@ -1,0 +1,120 @@
+package bridge
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+func TestRemovalOf(t *testing.T) {
+	const mod, user = id.UserID("@mod:x"), id.UserID("@user:x")
+	for name, tc := range map[string]struct {
+		sender           id.UserID
+		membership, prev event.Membership
+		want             removal
+		lifted           bool
+	}{
+		"ban":                    {sender: mod, membership: event.MembershipBan, prev: event.MembershipJoin, want: removalBan},
+		"kick":                   {sender: mod, membership: event.MembershipLeave, prev: event.MembershipJoin, want: removalKick},
+		"kick without history":   {sender: mod, membership: event.MembershipLeave, want: removalKick},
+		"invite withdrawn":       {sender: mod, membership: event.MembershipLeave, prev: event.MembershipInvite, want: removalKick},
+		"leaving":                {sender: user, membership: event.MembershipLeave, prev: event.MembershipJoin},
+		"declining an invite":    {sender: user, membership: event.MembershipLeave, prev: event.MembershipInvite},
+		"unban":                  {sender: mod, membership: event.MembershipLeave, prev: event.MembershipBan, lifted: true},
+		"invited back":           {sender: mod, membership: event.MembershipInvite, prev: event.MembershipLeave, lifted: true},
+		"joining":                {sender: user, membership: event.MembershipJoin, lifted: true},
+		"knocking is no lifting": {sender: user, membership: event.MembershipKnock, prev: event.MembershipLeave},
+	} {
+		t.Run(name, func(t *testing.T) {
+			got, lifted := removalOf(tc.sender, user, tc.membership, tc.prev)
+			if got != tc.want || lifted != tc.lifted {
+				t.Fatalf("removalOf = %q, %t; want %q, %t", got, lifted, tc.want, tc.lifted)
+			}
+		})
+	}
+}
+
+// member sets target's membership in room on the fake homeserver and hands ferry the member event, as the
+// homeserver would push it.
+func (f *relayFixture) member(t *testing.T, room id.RoomID, sender, target id.UserID, membership, prev event.Membership) {
+	t.Helper()
+	if err := f.hs.SetState(room, sender, "m.room.member", string(target), map[string]any{"membership": membership}); err != nil {
+		t.Fatal(err)
+	}
+	f.n++
+	key := string(target)
+	f.process(t, map[string]any{
+		"event_id": fmt.Sprintf("$member%d", f.n), "room_id": room, "sender": sender, "type": "m.room.member", "state_key": key,
+		"origin_server_ts": time.Now().UnixMilli(), "content": map[string]any{"membership": membership},
+		"unsigned": map[string]any{"prev_content": map[string]any{"membership": prev}},
+	})
+}
+
+// TestModerationHoldsAcrossTheLink: carol, banned from room B, is not heard there through her ghost and is told
+// once in room A; a ghost that B's moderator kicked is not invited back by ferry, until the moderator invites it.
+func TestModerationHoldsAcrossTheLink(t *testing.T) {
+	cr := newScriptedCrypto()
+	f := newRelayFixtureWith(t, cr)
+	ctx := context.Background()
+	bob, carol := id.UserID("@bob:ferry.test"), id.UserID("@carol:ferry.test")
+	if err := f.hs.Join(f.roomA, carol); err != nil {
+		t.Fatal(err)
+	}
+	send := func(from id.UserID) bool {
+		f.n++
+		evtID := id.EventID(fmt.Sprintf("$mod%d", f.n))
+		f.process(t, encryptedFrom(evtID, f.roomA, from))
+		c, err := f.br.DB.EventMap.Get(ctx, evtID, f.roomB)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c != nil
+	}
+	if !send(carol) {
+		t.Fatal("carol's first message did not cross")
+	}
+	// bob bans carol from B (she had joined it once).
+	f.member(t, f.roomB, carol, carol, event.MembershipJoin, "")
+	f.member(t, f.roomB, bob, carol, event.MembershipBan, event.MembershipJoin)
+	if send(carol) || send(carol) {
+		t.Fatal("a message of carol, banned from B, crossed into B")
+	}
+	told := 0
+	for _, n := range f.notices(t, f.roomA) {
+		if strings.Contains(n, "your messages do not reach") {
+			told++
+		}
+	}
+	if told != 1 {
+		t.Fatalf("carol was told %d times, want once", told)
+	}
+	// Unbanned: heard again.
+	f.member(t, f.roomB, bob, carol, event.MembershipLeave, event.MembershipBan)
+	if !send(carol) {
+		t.Fatal("after the unban carol's message did not cross")
+	}
+
+	// bob kicks alice's ghost from B: ferry does not invite it back.
+	if !send(f.alice) {
+		t.Fatal("alice's message did not cross")
+	}
+	ghost := f.br.Ghosts.Ghost(f.alice)
+	f.member(t, f.roomB, bob, ghost, event.MembershipLeave, event.MembershipJoin)
+	invites := f.hs.Counts()["POST /_matrix/client/v3/rooms/{roomID}/invite"]
+	if send(f.alice) {
+		t.Fatal("a message crossed through a kicked ghost")
+	}
+	if got := f.hs.Counts()["POST /_matrix/client/v3/rooms/{roomID}/invite"]; got != invites {
+		t.Fatalf("ferry invited the kicked ghost back (%d invites)", got-invites)
+	}
+	// bob invites the ghost back: it joins and relays again.
+	f.member(t, f.roomB, bob, ghost, event.MembershipInvite, event.MembershipLeave)
+	if !send(f.alice) {
+		t.Fatal("after bob invited the ghost back, alice's message did not cross")
+	}
+}
