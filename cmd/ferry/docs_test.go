@@ -282,6 +282,7 @@ func TestGuideCommandsExist(t *testing.T) {
 			if len(fields) == 0 || strings.HasPrefix(fields[0], "#") {
 				continue
 			}
+			fields[0] = strings.TrimPrefix(fields[0], "(") // a subshell
 			if fields[0] == "sudo" || strings.Contains(fields[0], "=") {
 				fields = fields[1:]
 				if len(fields) > 1 && fields[0] == "-u" {
