@@ -9,7 +9,9 @@
 package metrics
 
 import (
+	"maps"
 	"runtime"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -149,9 +151,19 @@ func SetBuildInfo(version, commit string) {
 	buildInfo.WithLabelValues(version, commit, runtime.Version()).Set(1)
 }
 
-// ObserveCommit records a commit of operation that started at start.
+// commitObservers are DatabaseCommit's series, looked up once: a commit is on the relay path.
+var commitObservers = map[string]prometheus.Observer{
+	CommitIntake: DatabaseCommit.WithLabelValues(CommitIntake),
+	CommitRelay:  DatabaseCommit.WithLabelValues(CommitRelay),
+}
+
+// ObserveCommit records a commit of operation (CommitIntake or CommitRelay) that started at start.
 func ObserveCommit(operation string, start time.Time) {
-	DatabaseCommit.WithLabelValues(operation).Observe(time.Since(start).Seconds())
+	obs, ok := commitObservers[operation]
+	if !ok {
+		obs = DatabaseCommit.WithLabelValues(operation)
+	}
+	obs.Observe(time.Since(start).Seconds())
 }
 
 // relayedTypes are the event types ferry relays, for the type label; anything else is "other".
@@ -173,7 +185,31 @@ func EventType(t string) string {
 	return "other"
 }
 
+// outcomes are the relay outcomes, in relayedCounters' order.
+var outcomes = [...]string{OutcomeSent, OutcomeDropped, OutcomeRetry, OutcomeFailed}
+
+// relayedCounters are RelayedEvents' series for every type label and outcome, looked up once: Relayed runs for
+// every event and target room.
+var relayedCounters = func() map[string]*[len(outcomes)]prometheus.Counter {
+	m := make(map[string]*[len(outcomes)]prometheus.Counter, len(relayedTypes)+1)
+	for _, t := range append(slices.Collect(maps.Keys(relayedTypes)), "other") {
+		var cs [len(outcomes)]prometheus.Counter
+		for i, o := range outcomes {
+			cs[i] = RelayedEvents.WithLabelValues(t, o)
+		}
+		m[t] = &cs
+	}
+	return m
+}()
+
 // Relayed counts one event of type t handled in one target room with outcome.
 func Relayed(t, outcome string) {
+	cs := relayedCounters[EventType(t)]
+	for i, o := range outcomes {
+		if o == outcome {
+			cs[i].Inc()
+			return
+		}
+	}
 	RelayedEvents.WithLabelValues(EventType(t), outcome).Inc()
 }

@@ -133,3 +133,27 @@ ferry_database_up 0
 		t.Error(err)
 	}
 }
+
+// The instrumentation on the relay path, per call (go test -bench . ./internal/metrics).
+func BenchmarkRelayed(b *testing.B) {
+	b.ReportAllocs()
+	for b.Loop() {
+		Relayed("m.room.message", OutcomeSent)
+	}
+}
+
+func BenchmarkObserveCommit(b *testing.B) {
+	b.ReportAllocs()
+	start := time.Now()
+	for b.Loop() {
+		ObserveCommit(CommitRelay, start)
+	}
+}
+
+func BenchmarkHomeserverRequestCount(b *testing.B) {
+	b.ReportAllocs()
+	const path = "/_matrix/client/v3/rooms/!abcdefghijkl:example.org/send/m.room.encrypted/ferry-0123456789abcdef"
+	for b.Loop() {
+		HomeserverRequests.WithLabelValues("PUT", Endpoint(path), ErrcodeNone).Inc()
+	}
+}

@@ -85,26 +85,36 @@ var literalSegments = map[string]bool{
 // sigil ({roomId}, {eventId}, {userId}, {alias}) or {id}. /_matrix/client/v3/rooms/!a:b/send/m.room.encrypted/t1
 // becomes /_matrix/client/v3/rooms/{roomId}/send/{id}/{id}.
 func Endpoint(path string) string {
-	if path == "" {
-		return "/"
-	}
-	segments := strings.Split(strings.TrimPrefix(path, "/"), "/")
-	for i, s := range segments {
-		if literalSegments[s] {
-			continue
+	path = strings.TrimPrefix(path, "/")
+	var b strings.Builder
+	b.Grow(len(path) + 16)
+	for {
+		segment, rest, more := strings.Cut(path, "/")
+		b.WriteByte('/')
+		b.WriteString(segmentLabel(segment))
+		if !more {
+			return b.String()
 		}
-		switch {
-		case strings.HasPrefix(s, "!"):
-			segments[i] = "{roomId}"
-		case strings.HasPrefix(s, "$"):
-			segments[i] = "{eventId}"
-		case strings.HasPrefix(s, "@"):
-			segments[i] = "{userId}"
-		case strings.HasPrefix(s, "#"):
-			segments[i] = "{alias}"
-		default:
-			segments[i] = "{id}"
-		}
+		path = rest
 	}
-	return "/" + strings.Join(segments, "/")
+}
+
+// segmentLabel is a path segment as Endpoint writes it.
+func segmentLabel(s string) string {
+	switch {
+	case literalSegments[s]:
+		return s
+	case strings.HasPrefix(s, "!"):
+		return "{roomId}"
+	case strings.HasPrefix(s, "$"):
+		return "{eventId}"
+	case strings.HasPrefix(s, "@"):
+		return "{userId}"
+	case strings.HasPrefix(s, "#"):
+		return "{alias}"
+	case s == "":
+		return ""
+	default:
+		return "{id}"
+	}
 }
