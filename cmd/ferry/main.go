@@ -67,6 +67,10 @@ func run(args []string) int {
 	generate := fs.Bool("g", false, "write the appservice registration and exit")
 	example := fs.Bool("e", false, "write the example config to the -c path and exit")
 	version := fs.Bool("version", false, "print the version and exit")
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "Usage: ferry [-c config.yaml] [-e | -g [-r registration.yaml] | -version]\n       ferry doctor -c config.yaml [-r registration.yaml]   (check the set-up, one line per finding)")
+		fs.PrintDefaults()
+	}
 	if err := fs.Parse(args); err != nil {
 		return exitConfig
 	}
