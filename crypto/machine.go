@@ -511,14 +511,6 @@ func (m *Machine) SetIsOwn(isOwn func(id.UserID) bool) { m.isOwn = isOwn }
 // DeviceID is the bot's device.
 func (m *Machine) DeviceID() id.DeviceID { return m.client.DeviceID }
 
-// Olm exposes the bot's OlmMachine (nil before Init).
-func (m *Machine) Olm() *crypto.OlmMachine {
-	if m.bot == nil {
-		return nil
-	}
-	return m.bot.mach
-}
-
 // Decrypt decrypts a Megolm event received by the bot. A missing session is ErrKeyMissing; a sending device
 // below encryption.receive_min_trust is ErrUntrustedSender.
 func (m *Machine) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
