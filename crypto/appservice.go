@@ -20,7 +20,7 @@ import (
 // requests matter (answered under the key-sharing policy), the rest is dropped without decrypting it, exactly as
 // the /sync drain does on other homeservers.
 func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessage) error {
-	if m.bot == nil {
+	if !m.botReady.Load() {
 		// Not initialised yet: refuse the transaction, the homeserver retries it (room keys must not be lost).
 		return errors.New("encryption is not ready yet")
 	}
@@ -124,7 +124,7 @@ func (m *Machine) catchUpDeviceLists(ctx context.Context) error {
 	m.cache.keysLock.Lock()
 	defer m.cache.keysLock.Unlock()
 	var users []id.UserID
-	rows, err := m.db.Query(ctx, `SELECT user_id FROM crypto_tracked_user`)
+	rows, err := m.db.Query(ctx, sqlAllTrackedUsers)
 	if err != nil {
 		return fmt.Errorf("failed to list tracked users: %w", err)
 	}

@@ -389,8 +389,7 @@ func (d *device) ownsSession(ctx context.Context, roomID id.RoomID, sessionID id
 // entitled reports whether userID was among the recipients of a session this device shared.
 func (d *device) entitled(ctx context.Context, userID id.UserID, sessionID id.SessionID) (bool, error) {
 	var ok bool
-	err := d.store.DB.QueryRow(ctx, `SELECT EXISTS(SELECT 1 FROM crypto_megolm_outbound_session_shared WHERE user_id=$1 AND session_id=$2)`,
-		userID, sessionID).Scan(&ok)
+	err := d.store.DB.QueryRow(ctx, sqlIsSessionRecipient, userID, sessionID).Scan(&ok)
 	return ok, err
 }
 

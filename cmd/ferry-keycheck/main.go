@@ -107,8 +107,7 @@ func run(configPath, eventPath string) error {
 	}
 	defer db.Close()
 	ctx := context.Background()
-	rows, err := db.Query(ctx, `SELECT account_id FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2 AND session IS NOT NULL`, evt.RoomID, content.SessionID)
-	accounts, err := dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[string], err).AsList()
+	accounts, err := crypto.StoredCopiesOf(ctx, db, evt.RoomID, content.SessionID)
 	if err != nil {
 		return fmt.Errorf("failed to read the crypto store: %w", err)
 	}

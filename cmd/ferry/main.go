@@ -44,6 +44,21 @@ var (
 	Commit  = "unknown"
 )
 
+// The crypto layer implements what the relay declares, including the optional interfaces the relay detects with a
+// type assertion at run time: a method renamed on one side would silently switch a feature off, so pin them here.
+var (
+	_ bridge.Crypto              = (*crypto.Machine)(nil)
+	_ bridge.SenderPreparer      = (*crypto.Machine)(nil)
+	_ bridge.TrustFlagger        = (*crypto.Machine)(nil)
+	_ bridge.KeyDestroyer        = (*crypto.Machine)(nil)
+	_ bridge.OwnDecrypter        = (*crypto.Machine)(nil)
+	_ bridge.ReplayIndexTaker    = (*crypto.Machine)(nil)
+	_ bridge.DeviceReporter      = (*crypto.Machine)(nil)
+	_ bridge.RecoveryKeyProvider = (*crypto.Machine)(nil)
+	_ bridge.AdminHelperManager  = (*crypto.Machine)(nil)
+	_ bridge.ToDeviceHandler     = (*crypto.Machine)(nil)
+)
+
 // Exit codes.
 const (
 	exitOK         = 0
