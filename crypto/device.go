@@ -12,6 +12,8 @@ import (
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // device is one of ferry's devices (the bot's or a ghost's): its own client (access token), its own account in
@@ -259,6 +261,11 @@ func (d *device) shareSession(ctx context.Context, session *crypto.OutboundGroup
 	stats.Messages = stats.Shared + countMessages(withheld)
 	stats.Send = time.Since(mark)
 	stats.Elapsed = time.Since(start)
+	metrics.KeyShares.Inc()
+	metrics.KeyShareDevices.WithLabelValues("shared").Add(float64(stats.Shared))
+	metrics.KeyShareDevices.WithLabelValues("withheld").Add(float64(stats.Withheld))
+	metrics.KeyShareDevices.WithLabelValues("no_olm").Add(float64(stats.NoOlm))
+	metrics.KeyShareDuration.Observe(stats.Elapsed.Seconds())
 	return stats, nil
 }
 

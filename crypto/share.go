@@ -13,6 +13,8 @@ import (
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // Fast key sharing.
@@ -152,6 +154,7 @@ func (s *olmStore) GetSessions(ctx context.Context, key id.SenderKey) (crypto.Ol
 }
 
 func (s *olmStore) AddSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
+	metrics.OlmSessionsCreated.Inc()
 	if b := batchFrom(ctx); b != nil {
 		sess = s.adopt(sess)
 		if err := s.record(b, key, sess); err != nil {
