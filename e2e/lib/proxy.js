@@ -164,7 +164,7 @@ export async function startClientProxy(targetPort) {
  * A loopback proxy between the homeserver and ferry (the registration's url points at it): forwards everything and
  * records what each transaction carried, so tests can see what the homeserver pushes.
  * Returns { url, transactions: [{ txnId, events, toDevice: [{type, sender, toUserId, toDeviceId}], deviceLists,
- * otkCounts, status }], close() }.
+ * otkCounts, status }], close() }: status is 0 while ferry has not answered yet, -1 if it never did.
  */
 export async function startPushProxy(port, targetPort) {
     const transactions = [];
@@ -195,7 +195,10 @@ export async function startPushProxy(port, targetPort) {
                 res.writeHead(upRes.statusCode, upRes.headers);
                 upRes.pipe(res);
             });
-            up.on("error", () => res.destroy());
+            up.on("error", () => {
+                if (record) record.status = -1; // ferry did not answer at all
+                res.destroy();
+            });
             up.end(body);
         });
     });

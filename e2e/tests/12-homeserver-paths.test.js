@@ -81,8 +81,14 @@ test(`${HS_LABEL}: ferry's devices get their keys the way this homeserver allows
         assert.ok(!secrets.includes("im.ferry.account_password"), "no password is stored");
         assert.ok(!secrets.includes("im.ferry.access_token"), "no access token is stored");
         // What Synapse pushed: the members' room keys for ferry's bot device, device lists, key counts.
+        // A transaction still in flight has no answer yet (status 0): wait for the answers, then judge them.
         const txns = stack.pushes.transactions;
-        assert.ok(txns.every((t) => t.status === 200), "ferry accepted every transaction");
+        await pollUntil(() => txns.every((t) => t.status !== 0), { timeoutMs: T, what: "ferry's answers to every transaction" });
+        assert.deepEqual(
+            txns.filter((t) => t.status !== 200).map((t) => `${t.txnId}: ${t.status}`),
+            [],
+            "ferry accepted every transaction",
+        );
         assert.ok(
             txns.some((t) => t.toDevice.some((e) => e.type === "m.room.encrypted" && e.toUserId === stack.botUserId && e.sender === alice.userId)),
             "alice's room key reached the bot's device in a transaction",
