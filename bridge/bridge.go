@@ -13,6 +13,9 @@
 //   - Dropped: events from ferry's own users (bot, ghosts) and from blocked users, bot commands, state events,
 //     encrypted events whose cleartext type is control (a redaction, a state type), relations to events ferry
 //     never relayed when no graceful fallback exists (edits, reactions).
+//   - Room upgrades (upgrade.go): a link follows a linked room's tombstone into the room that replaces it; edits,
+//     reactions and redactions of events from before the upgrade go to the old room where those live (restated
+//     in the new room when the old one is muted), replies to them link to the old room.
 //   - Encryption: a copy sent into an encrypted room is always encrypted; relaying from an encrypted room into
 //     an unencrypted one is refused unless bridge.allow_unencrypted_targets is set.
 //   - Durability: an event is acknowledged to the homeserver only once recorded; it is relayed at most once per

@@ -414,6 +414,9 @@ func (b *Bridge) isManagementRoom(ctx context.Context, room id.RoomID, sender id
 	if _, err := b.DB.Links.GetByRoom(ctx, room); !errors.Is(err, database.ErrLinkNotFound) {
 		return false
 	}
+	if _, err := b.DB.Links.GetByRetired(ctx, room); !errors.Is(err, database.ErrLinkNotFound) {
+		return false // a linked room until it was upgraded: its messages are not commands either
+	}
 	members, err := b.StateStore.GetRoomJoinedOrInvitedMembers(ctx, room)
 	if err != nil || len(members) != 2 {
 		return false

@@ -93,6 +93,9 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 		// Again once what the event changed is recorded (a kick, moderation.go): a ghost checked in between
 		// must not stay cached.
 		b.hot.stateChanged(evt.Type, evt.RoomID)
+		if evt.Type == event.StateTombstone {
+			return b.handleTombstone(ctx, evt) // upgrade.go
+		}
 		return outcome{state: database.InboxDone}
 	}
 	// ferry's own users, and other ferry instances' (bridge.peer_users): relaying their copies would echo.
@@ -229,6 +232,7 @@ func (b *Bridge) handleBotMembership(ctx context.Context, evt *event.Event, memb
 			log.Warn().Err(err).Msg("Failed to load room state after joining")
 		}
 		log.Info().Stringer("inviter", evt.Sender).Msg("Joined room after invite")
+		b.upgradeInvited(ctx, evt.RoomID) // the room may replace a linked room (upgrade.go)
 	case event.MembershipLeave, event.MembershipBan:
 		if _, err := b.DB.Links.GetByRoom(ctx, evt.RoomID); err == nil {
 			log.Warn().Msg("The bot was removed from a linked room; unlinking it")
