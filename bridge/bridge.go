@@ -75,6 +75,9 @@ type Bridge struct {
 	disappearOnce sync.Once
 	disappearing  *disappearer // see disappear.go
 
+	ephemeralOnce sync.Once
+	eph           *ephemeralRelay // typing and read receipts (ephemeral.go)
+
 	sent sentLedger // what the read-back after an unclean stop found (reconcile.go)
 
 	// wrongTokenLog says once a minute that the homeserver presents a wrong hs_token (http.go).
@@ -149,6 +152,11 @@ func (b *Bridge) Start(ctx context.Context) error {
 		b.parkedLoop(b.rootCtx)
 	}()
 	b.startDisappear(b.rootCtx)
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		b.ephemeralLoop(b.rootCtx)
+	}()
 	b.Log.Info().Int("rooms_with_backlog", len(rooms)).Msg("Relay started")
 	return nil
 }

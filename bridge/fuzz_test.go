@@ -29,7 +29,19 @@ func FuzzTransaction(f *testing.F) {
 	f.Add([]byte(`{"events":[{"event_id":"$e","room_id":"!r:x","type":"m.room.encrypted","state_key":"","content":"not an object"}],"de.sorunome.msc2409.to_device":[{}]}`))
 	f.Add([]byte(`{"events":{}}`))
 	f.Add([]byte(`[]`))
+	f.Add([]byte(`{"events":[],"ephemeral":[{"type":"m.receipt","room_id":"!r:x","content":{"$e":{"m.read":{"@u:x":{"ts":1,"thread_id":"main"}},"m.read.private":{"@u:x":{"ts":2}}}}}],"de.sorunome.msc2409.ephemeral":[{"type":"m.typing","room_id":"!r:x","content":{"user_ids":["@u:x",7]}}]}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
+		// Typing and receipts (ephemeral.go): whatever comes, only parsed m.typing and m.receipt of a room.
+		for _, evt := range ParseEphemeral(body) {
+			if evt.RoomID == "" || evt.Type.Class != event.EphemeralEventType {
+				t.Fatalf("ephemeral event without a room or class: %+v", evt)
+			}
+			switch evt.Content.Parsed.(type) {
+			case *event.TypingEventContent, *event.ReceiptEventContent:
+			default:
+				t.Fatalf("ephemeral %s parsed as %T", evt.Type.Type, evt.Content.Parsed)
+			}
+		}
 		events, skipped, err := parseTransaction(body)
 		if err != nil {
 			if events != nil || skipped != 0 {
