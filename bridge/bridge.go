@@ -18,6 +18,8 @@
 //     in the new room when the old one is muted), replies to them link to the old room.
 //   - Encryption: a copy sent into an encrypted room is always encrypted; relaying from an encrypted room into
 //     an unencrypted one is refused unless bridge.allow_unencrypted_targets is set.
+//   - Delivery status (status.go): a message that cannot be relayed into a room (refused, failing, undecryptable)
+//     gets a reply notice and com.beeper.message_send_status in its own room; both resolve when it crosses later.
 //   - Durability: an event is acknowledged to the homeserver only once recorded; it is relayed at most once per
 //     target room (event map + deterministic transaction IDs) and at least once (inbox rows stay until done).
 package bridge

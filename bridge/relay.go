@@ -139,6 +139,13 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 	}
 	if srcEncrypted && !targetEncrypted && !b.Config.AllowUnencryptedTargets {
 		log.Debug().Stringer("target_room_id", target).Msg("Not relaying from an encrypted room into an unencrypted one")
+		if kindOf(evt.Type) != kindMessage {
+			return outcome{state: database.InboxDone} // reactions, call signalling: the message told already
+		}
+		b.tellSender(ctx, delivery{room: evt.RoomID, event: evt.ID, sender: evt.Sender}, deliveryProblem{
+			status: event.MessageStatusFail, reason: event.MessageStatusNoPermission, kind: "unencrypted_" + TxnID(evt.ID, target),
+			notice: renderNotice("ferry did not relay this message to %s: that room is not encrypted, and ferry does not relay from an encrypted room into an unencrypted one.", b.roomName(ctx, target)),
+		})
 		return outcome{state: database.InboxDone}
 	}
 	mapper := &linkMapper{b: b, target: target, predecessors: predecessors}
@@ -279,17 +286,14 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 	return resp.EventID, nil
 }
 
-// reportFailure tells the source room once that a copy could not be delivered.
+// reportFailure tells the sender, in the source room, that a copy could not be delivered, for good (status.go).
 func (b *Bridge) reportFailure(ctx context.Context, evt *event.Event, target id.RoomID, err error) {
 	zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", target).Msg("Permanent error relaying event")
 	b.stats.recordError(evt.RoomID)
-	if !b.mayNotice(ctx, evt.RoomID, evt.Sender, noticeAboutSender) {
-		return
-	}
-	text := renderNotice("ferry could not relay this message to %s: %s", b.roomName(ctx, target), userFacingError(err))
-	if _, nerr := b.sendRenderedNotice(ctx, evt.RoomID, text, evt.ID, TxnID(evt.ID, target)+"_failed"); nerr != nil {
-		zerolog.Ctx(ctx).Warn().Err(nerr).Msg("Failed to report relay failure")
-	}
+	b.tellSender(ctx, delivery{room: evt.RoomID, event: evt.ID, sender: evt.Sender}, deliveryProblem{
+		status: event.MessageStatusFail, reason: statusReason(err), kind: "failed_" + TxnID(evt.ID, target),
+		notice: renderNotice("ferry could not relay this message to %s: %s", b.roomName(ctx, target), userFacingError(err)),
+	})
 }
 
 func userFacingError(err error) string {
