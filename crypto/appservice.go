@@ -20,7 +20,7 @@ import (
 // requests matter (answered under the key-sharing policy), the rest is dropped without decrypting it, exactly as
 // the /sync drain does on other homeservers.
 func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessage) error {
-	if m.bot == nil {
+	if !m.botReady.Load() {
 		// Not initialised yet: refuse the transaction, the homeserver retries it (room keys must not be lost).
 		return errors.New("encryption is not ready yet")
 	}

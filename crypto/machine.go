@@ -82,6 +82,9 @@ type Machine struct {
 	// perGhost is the effective device mode (device_mode per_ghost and a way to cross-sign ghosts).
 	perGhost bool
 	bot      *device
+	// botReady is set once Init has made the bot's device: the HTTP server (and so HandleTransactionCrypto) runs
+	// before Init, and reads bot only after seeing botReady.
+	botReady atomic.Bool
 	// botSigned: the bot's device is signed by the bot's cross-signing identity.
 	botSigned bool
 	// publishedWithoutUIA: the homeserver accepted a cross-signing identity without a password (first-time setup
@@ -178,6 +181,7 @@ func (m *Machine) Init(ctx context.Context) error {
 	if err = m.initBot(ctx); err != nil {
 		return err
 	}
+	m.botReady.Store(true)
 	if noUIA, err := m.bot.store.GetSecret(ctx, secretPublishedWithoutUIA); err != nil {
 		return fmt.Errorf("failed to read the publication marker: %w", err)
 	} else if noUIA != "" {

@@ -3,8 +3,8 @@
 # one homeserver; by default it runs on both, one after the other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "== go test (unit + PostgreSQL + SQLite)"
-go test -count=1 ./...
+echo "== go test -race (unit + PostgreSQL + SQLite)"
+go test -race -count=1 ./...
 servers=(${FERRY_E2E_HS:-dendrite synapse})
 for hs in "${servers[@]}"; do
 	echo "== end-to-end on $hs (ferry + matrix-js-sdk)"

@@ -9,6 +9,7 @@ import { execFileSync } from "node:child_process";
 import { createTestDatabase, deepMerge, prepareFerry, startFerry } from "./ferry.js";
 import { ferryConfigFor, startHomeserver } from "./homeserver.js";
 import { startPushProxy, startSyncHoldProxy } from "./proxy.js";
+import { createUser } from "./users.js";
 import { freePort, sleep } from "./util.js";
 
 export const SHARED_SECRET = "ferry-e2e-shared-secret";
@@ -139,4 +140,30 @@ export async function linkWithPower(stack, owner, roomA, linker, roomB, timeoutM
     const linked = await command(stack, linker, roomB, `!ferry link ${roomA}`, timeoutMs);
     if (!/Linked/.test(linked.content.body)) throw new Error(`!ferry link answered: ${linked.content.body}`);
     await linker.leave(roomA);
+}
+
+/**
+ * The usual start of a test file: alice and bob (fresh users; `users` gives createUser options for each, e.g.
+ * { displayName }), each in an encrypted room of their own with the bot, the two rooms linked (by alice's request
+ * that bob accepts, or with `link: "power"` by one command of bob, who is given power in alice's room). With
+ * `crossSign` both users set up cross-signing, with `excludeInsecure` their clients exclude insecure devices.
+ * Returns { alice, bob, roomA, roomB, stop() } (stop stops the two clients).
+ */
+export async function linkedPair(stack, { names = ["Linked A", "Linked B"], users = [{}, {}], link = "request", crossSign = false, excludeInsecure = false } = {}) {
+    const [alice, bob] = await Promise.all([createUser(stack.hs.url, "alice", users[0]), createUser(stack.hs.url, "bob", users[1])]);
+    const stop = () => Promise.all([alice.stop(), bob.stop()]);
+    try {
+        if (crossSign) await Promise.all([alice.bootstrapCrossSigning(), bob.bootstrapCrossSigning()]);
+        if (excludeInsecure) await Promise.all([alice.setExcludeInsecureDevices(true), bob.setExcludeInsecureDevices(true)]);
+        const roomA = await alice.createEncryptedRoom({ name: names[0] });
+        const roomB = await bob.createEncryptedRoom({ name: names[1] });
+        await inviteBot(stack, alice, roomA);
+        await inviteBot(stack, bob, roomB);
+        if (link === "power") await linkWithPower(stack, alice, roomA, bob, roomB);
+        else await linkByRequest(stack, alice, roomA, bob, roomB);
+        return { alice, bob, roomA, roomB, stop };
+    } catch (e) {
+        await stop();
+        throw e;
+    }
 }

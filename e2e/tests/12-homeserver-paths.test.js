@@ -14,8 +14,8 @@ import { after, test } from "node:test";
 import { createTestDatabase, prepareFerry, startFerry } from "../lib/ferry.js";
 import { HS_LABEL, onSynapse, skipUnless, startHomeserver } from "../lib/homeserver.js";
 import { startSyncHoldProxy } from "../lib/proxy.js";
-import { command, inviteBot, linkByRequest, SHARED_SECRET, startStack } from "../lib/stack.js";
-import { createUser, loginUser } from "../lib/users.js";
+import { command, linkedPair, SHARED_SECRET, startStack } from "../lib/stack.js";
+import { loginUser } from "../lib/users.js";
 import { freePort, pollUntil } from "../lib/util.js";
 
 const T = 30000;
@@ -27,16 +27,9 @@ after(async () => {
 
 /** alice and bob, cross-signed and excluding insecure devices, in linked encrypted rooms of `stack`. */
 async function linkedUsers(stack) {
-    const [alice, bob] = await Promise.all([createUser(stack.hs.url, "alice"), createUser(stack.hs.url, "bob")]);
-    cleanups.push(() => alice.stop(), () => bob.stop());
-    await Promise.all([alice.bootstrapCrossSigning(), bob.bootstrapCrossSigning()]);
-    await Promise.all([alice.setExcludeInsecureDevices(true), bob.setExcludeInsecureDevices(true)]);
-    const roomA = await alice.createEncryptedRoom({ name: "paths A" });
-    const roomB = await bob.createEncryptedRoom({ name: "paths B" });
-    await inviteBot(stack, alice, roomA);
-    await inviteBot(stack, bob, roomB);
-    await linkByRequest(stack, alice, roomA, bob, roomB);
-    return { alice, bob, roomA, roomB };
+    const pair = await linkedPair(stack, { names: ["paths A", "paths B"], crossSign: true, excludeInsecure: true });
+    cleanups.push(pair.stop);
+    return pair;
 }
 
 /** Relays one message each way and checks each copy decrypts with no shield. */

@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { createUser } from "../lib/users.js";
-import { inviteBot, linkByRequest, startStack } from "../lib/stack.js";
+import { linkedPair, startStack } from "../lib/stack.js";
 
 let stack, alice, bob, roomA, roomB, aliceGhost;
 const T = 30000;
@@ -15,15 +15,7 @@ function ghostMember(pred, what) {
 
 before(async () => {
     stack = await startStack({ extraConfig: { appservice: { bot: { avatar: "mxc://ferry.test/ferryBotAvatar" } } } });
-    [alice, bob] = await Promise.all([
-        createUser(stack.hs.url, "alice", { displayName: "Alice" }),
-        createUser(stack.hs.url, "bob", { displayName: "Bob" }),
-    ]);
-    roomA = await alice.createEncryptedRoom({ name: "Garden" });
-    roomB = await bob.createEncryptedRoom({ name: "Kitchen" });
-    await inviteBot(stack, alice, roomA);
-    await inviteBot(stack, bob, roomB);
-    await linkByRequest(stack, alice, roomA, bob, roomB);
+    ({ alice, bob, roomA, roomB } = await linkedPair(stack, { names: ["Garden", "Kitchen"], users: [{ displayName: "Alice" }, { displayName: "Bob" }] }));
 });
 
 after(async () => {

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import crypto from "node:crypto";
 import { after, before, test } from "node:test";
 import { createUser } from "../lib/users.js";
-import { inviteBot, linkByRequest, startStack } from "../lib/stack.js";
+import { linkedPair, startStack } from "../lib/stack.js";
 import { sleep } from "../lib/util.js";
 
 let stack, alice, bob, roomA, roomB;
@@ -35,12 +35,7 @@ async function settledCount(user, roomId, pattern, quietMs, maxMs = 60000) {
 before(async () => {
     // Missing-key notices after 1 s, so the test need not wait a minute.
     stack = await startStack({ extraConfig: { bridge: { key_notice_after: "1s", key_wait: "1s" } } });
-    [alice, bob] = await Promise.all([createUser(stack.hs.url, "alice"), createUser(stack.hs.url, "bob")]);
-    roomA = await alice.createEncryptedRoom({ name: "Bounded A" });
-    roomB = await bob.createEncryptedRoom({ name: "Bounded B" });
-    await inviteBot(stack, alice, roomA);
-    await inviteBot(stack, bob, roomB);
-    await linkByRequest(stack, alice, roomA, bob, roomB);
+    ({ alice, bob, roomA, roomB } = await linkedPair(stack, { names: ["Bounded A", "Bounded B"] }));
 });
 
 after(async () => {

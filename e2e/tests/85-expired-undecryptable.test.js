@@ -8,8 +8,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { after, before, test } from "node:test";
-import { createUser } from "../lib/users.js";
-import { command, inviteBot, linkByRequest, startStack } from "../lib/stack.js";
+import { command, linkedPair, startStack } from "../lib/stack.js";
 import { pollUntil, repoRoot } from "../lib/util.js";
 
 const T = 30000;
@@ -35,12 +34,7 @@ async function setTimer(arg) {
 before(async () => {
     assert.ok(fs.existsSync(keycheckBin), `${keycheckBin} is built by make build`);
     stack = await startStack();
-    [alice, bob] = await Promise.all([createUser(stack.hs.url, "alice"), createUser(stack.hs.url, "bob")]);
-    roomA = await alice.createEncryptedRoom({ name: "Expiry A" });
-    roomB = await bob.createEncryptedRoom({ name: "Expiry B" });
-    await inviteBot(stack, alice, roomA);
-    await inviteBot(stack, bob, roomB);
-    await linkByRequest(stack, alice, roomA, bob, roomB);
+    ({ alice, bob, roomA, roomB } = await linkedPair(stack, { names: ["Expiry A", "Expiry B"] }));
 });
 
 after(async () => {
