@@ -7,27 +7,20 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { ReceiptType } from "matrix-js-sdk";
 import { createUser } from "../lib/users.js";
-import { inviteBot, linkByRequest, startStack } from "../lib/stack.js";
+import { linkedPair, startStack } from "../lib/stack.js";
 import { pollUntil } from "../lib/util.js";
 
 const T = 30000;
-let stack, alice, bob, carol, roomA, roomB, aliceGhost, bobGhost;
+let stack, pair, alice, bob, carol, roomA, roomB, aliceGhost, bobGhost;
 
 /** The event alice's client shows `user` has read up to in room A (public receipts only). */
 const readUpTo = (user) => alice.client.getRoom(roomA).getEventReadUpTo(user, true);
 
 before(async () => {
     stack = await startStack();
-    [alice, bob, carol] = await Promise.all([
-        createUser(stack.hs.url, "alice", { displayName: "Alice" }),
-        createUser(stack.hs.url, "bob", { displayName: "Bob" }),
-        createUser(stack.hs.url, "carol", { displayName: "Carol" }),
-    ]);
-    roomA = await alice.createEncryptedRoom({ name: "Garden" });
-    roomB = await bob.createEncryptedRoom({ name: "Kitchen" });
-    await inviteBot(stack, alice, roomA);
-    await inviteBot(stack, bob, roomB);
-    await linkByRequest(stack, alice, roomA, bob, roomB);
+    pair = await linkedPair(stack, { names: ["Garden", "Kitchen"], users: [{ displayName: "Alice" }, { displayName: "Bob" }] });
+    ({ alice, bob, roomA, roomB } = pair);
+    carol = await createUser(stack.hs.url, "carol", { displayName: "Carol" });
     await bob.invite(roomB, carol.userId);
     await carol.join(roomB);
     // Both speak once, so that each one's ghost is in the other room.
@@ -38,7 +31,7 @@ before(async () => {
 });
 
 after(async () => {
-    await Promise.all([alice?.stop(), bob?.stop(), carol?.stop()]);
+    await Promise.all([pair?.stop(), carol?.stop()]);
     await stack?.stop();
 });
 

@@ -6,11 +6,11 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { createUser } from "../lib/users.js";
 import { startClientProxy } from "../lib/proxy.js";
-import { inviteBot, linkByRequest, startStack } from "../lib/stack.js";
+import { linkedPair, startStack } from "../lib/stack.js";
 
 const T = 30000;
 const STATUS = "com.beeper.message_send_status";
-let stack, alice, bob, roomA, roomB;
+let stack, pair, alice, bob, roomA, roomB;
 
 /** Waits in `roomId` for the bot's notice replying to `eventId` whose body matches `re`. */
 function noticeReplyingTo(user, roomId, eventId, re, what) {
@@ -35,19 +35,12 @@ function statusOf(user, roomId, eventId, status) {
 
 before(async () => {
     stack = await startStack({ extraConfig: { bridge: { key_wait: "2s", key_notice_after: "3s" } } });
-    [alice, bob] = await Promise.all([
-        createUser(stack.hs.url, "alice", { displayName: "Alice" }),
-        createUser(stack.hs.url, "bob", { displayName: "Bob" }),
-    ]);
-    roomA = await alice.createEncryptedRoom({ name: "Garden" });
-    roomB = await bob.createEncryptedRoom({ name: "Kitchen" });
-    await inviteBot(stack, alice, roomA);
-    await inviteBot(stack, bob, roomB);
-    await linkByRequest(stack, alice, roomA, bob, roomB);
+    pair = await linkedPair(stack, { names: ["Garden", "Kitchen"], users: [{ displayName: "Alice" }, { displayName: "Bob" }] });
+    ({ alice, bob, roomA, roomB } = pair);
 });
 
 after(async () => {
-    await Promise.all([alice?.stop(), bob?.stop()]);
+    await pair?.stop();
     await stack?.stop();
 });
 
