@@ -204,6 +204,7 @@ func (b *Bridge) handleState(ctx context.Context, evt *event.Event) {
 		b.roomNames.lock.Lock()
 		delete(b.roomNames.names, evt.RoomID)
 		b.roomNames.lock.Unlock()
+		b.roomRenamed(ctx, evt.RoomID) // ghostprofile.go: ghosts' names carry the room's name
 	default:
 		if isCallMember(evt.Type) {
 			b.handleCallMember(ctx, evt)
