@@ -116,6 +116,9 @@ func (b *Bridge) completeUpgrade(ctx context.Context, old, successor id.RoomID, 
 		if _, err := b.sendRenderedNotice(ctx, old, n, "", upgradeTxnID("refused", old, old)); err != nil {
 			log.Warn().Err(err).Msg("Failed to say why a room upgrade was not followed")
 		}
+		if _, err := b.DB.Links.GetByRoom(ctx, successor); !errors.Is(err, database.ErrLinkNotFound) {
+			return // the bot stays where it links (leaving would unlink the room)
+		}
 		if _, err := bot.LeaveRoom(ctx, successor); err != nil {
 			log.Warn().Err(err).Msg("Failed to leave a room ferry does not link")
 		}

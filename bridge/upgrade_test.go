@@ -273,14 +273,27 @@ func TestRoomUpgradeNeedsAuthority(t *testing.T) {
 			},
 			why: "may not change the new room's settings",
 		},
+		"a room of another link": {
+			opts: func(f *upgradeFixture) fakehs.RoomOptions {
+				return fakehs.RoomOptions{Public: true, Members: []id.UserID{f.br.AS.BotMXID()}}
+			},
+			setup: func(t *testing.T, f *upgradeFixture, successor id.RoomID) {
+				other := f.commandRoom(t, f.bob)
+				if _, err := f.br.DB.Links.Join(context.Background(), "other", successor, other, f.bob, time.Now()); err != nil {
+					t.Fatal(err)
+				}
+			},
+			why: "belongs to another link",
+		},
 	} {
 		t.Run(name, func(t *testing.T) {
 			f := newUpgradeFixture(t)
 			opts := tc.opts(f)
+			var successor id.RoomID
 			if tc.setup != nil {
 				// The room exists before the tombstone names it.
 				opts.Predecessor = f.roomA
-				successor := f.hs.CreateRoom(f.alice, opts)
+				successor = f.hs.CreateRoom(f.alice, opts)
 				tc.setup(t, f, successor)
 				f.n++
 				f.process(t, map[string]any{
@@ -288,7 +301,7 @@ func TestRoomUpgradeNeedsAuthority(t *testing.T) {
 					"origin_server_ts": time.Now().UnixMilli(), "content": map[string]any{"replacement_room": successor},
 				})
 			} else {
-				f.upgrade(t, opts)
+				successor = f.upgrade(t, opts)
 			}
 			if got := f.linkRooms(t); !slices.Contains(got, f.roomA) {
 				t.Fatalf("the link moved: %v", got)
@@ -298,6 +311,17 @@ func TestRoomUpgradeNeedsAuthority(t *testing.T) {
 			}
 			if _, err := f.br.DB.Links.GetByRetired(context.Background(), f.roomA); err != database.ErrLinkNotFound {
 				t.Fatalf("A retired: %v", err)
+			}
+			// The bot leaves a room it does not link, and stays in one it links elsewhere.
+			want := event.Membership("") // left (the fake homeserver forgets who left)
+			if link, err := f.br.DB.Links.GetByRoom(context.Background(), successor); err == nil {
+				want = event.MembershipJoin
+				if link.ID != "other" {
+					t.Fatalf("the other link changed: %v", link)
+				}
+			}
+			if got := f.hs.Membership(successor, f.br.AS.BotMXID()); got != want {
+				t.Fatalf("the bot's membership in the refused room = %q, want %q", got, want)
 			}
 		})
 	}
