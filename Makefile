@@ -6,11 +6,16 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS := -X main.Version=$(VERSION) -X main.Commit=$(COMMIT)
 
-.PHONY: build test unit e2e demo screenshots bench vet fmt fuzz clean
+.PHONY: build test unit e2e demo screenshots bench vet fmt fuzz clean release
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ferry ./cmd/ferry
 	$(GO) build -o bin/ferry-keycheck ./cmd/ferry-keycheck
+
+# Versioned, static release binaries of ferry and ferry-keycheck for linux/amd64 and linux/arm64, with SHA-256
+# checksums, in dist/ (scripts/release.sh; VERSION=v1.2.3 to name it).
+release:
+	VERSION=$(VERSION) COMMIT=$(COMMIT) scripts/release.sh
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
@@ -49,7 +54,7 @@ bench:
 FUZZTIME ?= 20s
 FUZZ_TARGETS := bridge:FuzzTransaction bridge:FuzzDecryptedEvent bridge:FuzzTranslate bridge:FuzzCallContent \
 	bridge:FuzzParseCommand bridge:FuzzParseDisappear bridge:FuzzGhostRoundTrip crypto:FuzzMegolmMessageIndex \
-	cmd/ferry:FuzzLoadConfig cmd/ferry:FuzzParseLevel
+	internal/config:FuzzLoadConfig cmd/ferry:FuzzParseLevel
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		pkg=$${t%%:*}; name=$${t#*:}; \
@@ -61,4 +66,4 @@ fmt:
 	gofmt -w $$(git ls-files '*.go')
 
 clean:
-	rm -rf bin .cache/e2e
+	rm -rf bin dist .cache/e2e

@@ -41,6 +41,7 @@ import (
 
 	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // Limits of the disappearing timer.
@@ -640,11 +641,16 @@ func (s *scheduler) one(ctx context.Context, now time.Time, r *database.Redactio
 	switch {
 	case res.done:
 		err = s.store.Done(ctx, r.EventID)
-		log.Debug().Dur("late_by", s.clock.Now().Sub(r.Deadline)).Msg("Disappearing event redacted")
+		late := s.clock.Now().Sub(r.Deadline)
+		metrics.DisappearRedactions.WithLabelValues("done").Inc()
+		metrics.DisappearLateness.Observe(max(late, 0).Seconds())
+		log.Debug().Dur("late_by", late).Msg("Disappearing event redacted")
 	case res.fail != "":
+		metrics.DisappearRedactions.WithLabelValues("failed").Inc()
 		log.Warn().Err(res.err).Str("reason", res.fail).Msg("Cannot redact a disappearing event")
 		err = s.store.Fail(ctx, r.EventID, res.fail)
 	default:
+		metrics.DisappearRedactions.WithLabelValues("retry").Inc()
 		wait := res.retryIn
 		if wait <= 0 {
 			wait = min(time.Second<<min(r.Attempts, 10), disappearMaxRetry)

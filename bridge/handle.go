@@ -15,6 +15,7 @@ import (
 
 	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // parseEvent rebuilds an event from its inbox row.
@@ -86,6 +87,7 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 	if err != nil {
 		return outcome{state: database.InboxFailed, err: err}
 	}
+	evt.Mautrix.ReceivedAt = row.ReceivedAt // decryption keeps it: relay latency counts from here
 	if evt.Type.Class == event.StateEventType {
 		b.hot.stateChanged(evt.Type, evt.RoomID)
 		mautrix.UpdateStateStore(ctx, b.StateStore, evt)
@@ -144,6 +146,11 @@ func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.In
 	}
 	content, _ := evt.Content.Parsed.(*event.EncryptedEventContent)
 	if content == nil || !(errors.Is(err, crypto.ErrKeyMissing) || errors.Is(err, crypto.ErrKeyWithheld)) {
+		reason := metrics.ReasonDecryptError
+		if errors.Is(err, crypto.ErrUntrustedSender) {
+			reason = metrics.ReasonUntrustedDevice
+		}
+		metrics.UndecryptableEvents.WithLabelValues(reason).Inc()
 		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to decrypt event")
 		return nil, outcome{state: database.InboxFailed, err: err}, false
 	}
@@ -160,6 +167,12 @@ func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.In
 			}
 		}
 	}
+	reason := metrics.ReasonKeyMissing
+	if errors.Is(err, crypto.ErrKeyWithheld) {
+		reason = metrics.ReasonKeyWithheld
+	}
+	metrics.UndecryptableEvents.WithLabelValues(reason).Inc()
+	metrics.ParkedEvents.WithLabelValues(reason).Inc()
 	zerolog.Ctx(ctx).Info().Stringer("session_id", content.SessionID).Msg("Room key missing, parking event until it arrives")
 	return nil, outcome{state: database.InboxWaitingKeys, sessionID: content.SessionID}, false
 }

@@ -17,6 +17,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // relayable lists the message event types that cross a link.
@@ -86,6 +87,7 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event, trustFlag string) 
 	var retry *outcome
 	for _, target := range targets() {
 		res := b.relayTo(ctx, evt, target, link, srcEncrypted, disappearAt, trustFlag)
+		countRelayed(evt, res)
 		if res.err != nil && res.state == "" {
 			retry = &res
 		} else if res.err != nil {
@@ -201,7 +203,7 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 		return outcome{err: fmt.Errorf("failed to record the copy: %w", err)}
 	}
 	log.Debug().Stringer("target_room_id", target).Stringer("copy_event_id", resp).Msg("Relayed event")
-	return outcome{state: database.InboxDone}
+	return outcome{state: database.InboxDone, sent: true}
 }
 
 // relayRedaction redacts the copy of the redacted event in target, as the ghost that sent the copy.
@@ -230,7 +232,24 @@ func (b *Bridge) relayRedaction(ctx context.Context, evt *event.Event, target id
 	if err != nil {
 		return outcome{err: err}
 	}
-	return outcome{state: database.InboxDone}
+	return outcome{state: database.InboxDone, sent: true}
+}
+
+// countRelayed counts the outcome of evt in one target room, and how long it took to relay when a copy was sent.
+func countRelayed(evt *event.Event, res outcome) {
+	switch {
+	case res.sent:
+		metrics.Relayed(evt.Type.Type, metrics.OutcomeSent)
+		if !evt.Mautrix.ReceivedAt.IsZero() {
+			metrics.RelayLatency.Observe(time.Since(evt.Mautrix.ReceivedAt).Seconds())
+		}
+	case res.err == nil:
+		metrics.Relayed(evt.Type.Type, metrics.OutcomeDropped)
+	case res.state == "":
+		metrics.Relayed(evt.Type.Type, metrics.OutcomeRetry)
+	default:
+		metrics.Relayed(evt.Type.Type, metrics.OutcomeFailed)
+	}
 }
 
 // send sends content into a room as intent's user, encrypting it when the room is encrypted.

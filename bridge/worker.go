@@ -147,6 +147,7 @@ type outcome struct {
 	sessionID id.SessionID        // with waiting_keys
 	retryIn   time.Duration       // with retry
 	err       error
+	sent      bool // the homeserver accepted a copy (for the relayed-events metric)
 }
 
 func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {

@@ -124,7 +124,7 @@ func (m *Machine) catchUpDeviceLists(ctx context.Context) error {
 	m.cache.keysLock.Lock()
 	defer m.cache.keysLock.Unlock()
 	var users []id.UserID
-	rows, err := m.db.Query(ctx, `SELECT user_id FROM crypto_tracked_user`)
+	rows, err := m.db.Query(ctx, sqlAllTrackedUsers)
 	if err != nil {
 		return fmt.Errorf("failed to list tracked users: %w", err)
 	}

@@ -41,6 +41,7 @@ func TestHandleTransactionCrypto(t *testing.T) {
 			isOwn := func(u id.UserID) bool { return u == bot.userID || u == r.ghost.userID }
 			m := NewMachine(zerolog.Nop(), Config{}, db, ss, bot.client, isOwn)
 			m.bot, m.perGhost, m.shareLevel = bot, true, levelCrossSignedTOFU
+			m.botReady.Store(true)
 			m.asMode.Store(true)
 			m.setGhost(r.ghost.userID, &ghostState{dev: r.ghost})
 			r.ghost.mach.AllowKeyShare = m.allowKeyShare(r.ghost)

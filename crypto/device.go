@@ -12,6 +12,8 @@ import (
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // device is one of ferry's devices (the bot's or a ghost's): its own client (access token), its own account in
@@ -259,6 +261,11 @@ func (d *device) shareSession(ctx context.Context, session *crypto.OutboundGroup
 	stats.Messages = stats.Shared + countMessages(withheld)
 	stats.Send = time.Since(mark)
 	stats.Elapsed = time.Since(start)
+	metrics.KeyShares.Inc()
+	metrics.KeyShareDevices.WithLabelValues("shared").Add(float64(stats.Shared))
+	metrics.KeyShareDevices.WithLabelValues("withheld").Add(float64(stats.Withheld))
+	metrics.KeyShareDevices.WithLabelValues("no_olm").Add(float64(stats.NoOlm))
+	metrics.KeyShareDuration.Observe(stats.Elapsed.Seconds())
 	return stats, nil
 }
 
@@ -382,8 +389,7 @@ func (d *device) ownsSession(ctx context.Context, roomID id.RoomID, sessionID id
 // entitled reports whether userID was among the recipients of a session this device shared.
 func (d *device) entitled(ctx context.Context, userID id.UserID, sessionID id.SessionID) (bool, error) {
 	var ok bool
-	err := d.store.DB.QueryRow(ctx, `SELECT EXISTS(SELECT 1 FROM crypto_megolm_outbound_session_shared WHERE user_id=$1 AND session_id=$2)`,
-		userID, sessionID).Scan(&ok)
+	err := d.store.DB.QueryRow(ctx, sqlIsSessionRecipient, userID, sessionID).Scan(&ok)
 	return ok, err
 }
 

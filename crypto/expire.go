@@ -9,7 +9,6 @@ import (
 
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/crypto"
-	"maunium.net/go/mautrix/crypto/goolm/message"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 )
@@ -20,7 +19,7 @@ import (
 func (m *Machine) DiscardOutboundSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) error {
 	// A discard is a forced rotation: successors shared ahead of time in the room go too.
 	dropped := m.cache.dropNext(roomID)
-	_, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1 AND session_id=$2`, roomID, sessionID)
+	_, err := m.db.Exec(ctx, sqlDeleteOutbound, roomID, sessionID)
 	// Outbound sessions live in memory between writes (storecache.go): forgetting the row alone would let the
 	// device go on encrypting with it.
 	m.cache.forgetSession(roomID, sessionID)
@@ -39,10 +38,7 @@ func (m *Machine) DestroySession(ctx context.Context, roomID id.RoomID, sessionI
 	dropped := m.cache.dropNext(roomID)
 	var total int64
 	err := m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		for _, q := range []string{
-			`DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1 AND session_id=$2`,
-			`DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`,
-		} {
+		for _, q := range []string{sqlDeleteOutbound, sqlDeleteInbound} {
 			res, err := m.db.Exec(ctx, q, roomID, sessionID)
 			if err != nil {
 				return err
@@ -51,7 +47,7 @@ func (m *Machine) DestroySession(ctx context.Context, roomID id.RoomID, sessionI
 			total += n
 		}
 		// Who the session was shared with; no key material, but nothing to keep once the key is gone.
-		_, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session_shared WHERE session_id=$1`, sessionID)
+		_, err := m.db.Exec(ctx, sqlDeleteSessionShared, sessionID)
 		return err
 	})
 	// Also from memory, where the relay's decryption and the device's encryption would still find it.
@@ -66,7 +62,7 @@ func (m *Machine) DestroySession(ctx context.Context, roomID id.RoomID, sessionI
 // destroyed (their to-device messages are drained in the background). The bot's copy is left alone: the bot
 // only receives the key again when ferry asked for it, to decrypt a later message sent with the session.
 func (m *Machine) DestroyLateCopies(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (int64, error) {
-	res, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2 AND account_id<>$3`, roomID, sessionID, botAccountID)
+	res, err := m.db.Exec(ctx, sqlDeleteGhostInbound, roomID, sessionID, botAccountID)
 	m.cache.forgetGhostCopies(roomID, sessionID)
 	if err != nil {
 		return 0, fmt.Errorf("failed to delete late copies of session %s: %w", sessionID, err)
@@ -84,13 +80,7 @@ func MegolmMessageIndex(content *event.EncryptedEventContent) (uint32, error) {
 	if err != nil {
 		return 0, fmt.Errorf("ciphertext is not base64: %w", err)
 	}
-	var msg message.GroupMessage
-	if err = msg.Decode(raw); err != nil {
-		return 0, err
-	} else if !msg.HasMessageIndex {
-		return 0, errors.New("ciphertext has no message index")
-	}
-	return msg.MessageIndex, nil
+	return megolmCiphertextIndex(raw)
 }
 
 // RatchetInboundSession moves every stored copy of a Megolm session (under every account: the bot's and each
@@ -98,7 +88,7 @@ func MegolmMessageIndex(content *event.EncryptedEventContent) (uint32, error) {
 // from ferry's database, later ones still do. Copies that start at floor or later are left alone. It returns how
 // many copies it ratcheted.
 func (m *Machine) RatchetInboundSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, floor uint32) (int, error) {
-	rows, err := m.db.Query(ctx, `SELECT account_id FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`, roomID, sessionID)
+	rows, err := m.db.Query(ctx, sqlInboundCopyAccounts, roomID, sessionID)
 	accounts, err := dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[string], err).AsList()
 	if err != nil {
 		return 0, fmt.Errorf("failed to list the copies of session %s: %w", sessionID, err)

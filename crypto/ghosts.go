@@ -204,7 +204,7 @@ func (m *Machine) loginGhost(ctx context.Context, ghost id.UserID, deviceID id.D
 
 // ghostAccounts lists the ghosts that have a device in the crypto store.
 func (m *Machine) ghostAccounts(ctx context.Context) ([]id.UserID, error) {
-	rows, err := m.db.Query(ctx, `SELECT account_id FROM crypto_account WHERE account_id<>$1 ORDER BY account_id`, botAccountID)
+	rows, err := m.db.Query(ctx, sqlGhostAccounts, botAccountID)
 	if err != nil {
 		return nil, err
 	}

@@ -150,6 +150,9 @@ func (m *Machine) open(ctx context.Context) error {
 	if err := store.DB.Upgrade(ctx); err != nil {
 		return fmt.Errorf("failed to upgrade crypto store: %w", err)
 	}
+	if err := checkCryptoSchema(ctx, m.db); err != nil {
+		return err
+	}
 	m.opened = true
 	return nil
 }
@@ -383,9 +386,7 @@ func (m *Machine) ownKeysOnServer(ctx context.Context, d *device) (bool, id.Ed25
 // and creates a fresh one.
 func (m *Machine) reset(ctx context.Context) error {
 	for _, q := range []string{
-		`DELETE FROM crypto_olm_session WHERE account_id=$1`,
-		`DELETE FROM crypto_megolm_outbound_session WHERE account_id=$1`,
-		`DELETE FROM crypto_account WHERE account_id=$1`,
+		sqlDeleteOlmSessions, sqlDeleteAccountOut, sqlDeleteAccount,
 	} {
 		if _, err := m.db.Exec(ctx, q, botAccountID); err != nil {
 			return fmt.Errorf("failed to forget the vanished device: %w", err)
@@ -497,7 +498,7 @@ func (m *Machine) checkCleanStop(ctx context.Context) error {
 		return fmt.Errorf("failed to read the clean-stop marker: %w", err)
 	}
 	if clean != "yes" {
-		res, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session`)
+		res, err := m.db.Exec(ctx, sqlDeleteAllOutbound)
 		if err != nil {
 			return fmt.Errorf("failed to rotate outbound sessions after an unclean stop: %w", err)
 		}
@@ -517,14 +518,6 @@ func (m *Machine) SetIsOwn(isOwn func(id.UserID) bool) { m.isOwn = isOwn }
 
 // DeviceID is the bot's device.
 func (m *Machine) DeviceID() id.DeviceID { return m.client.DeviceID }
-
-// Olm exposes the bot's OlmMachine (nil before Init).
-func (m *Machine) Olm() *crypto.OlmMachine {
-	if m.bot == nil {
-		return nil
-	}
-	return m.bot.mach
-}
 
 // Decrypt decrypts a Megolm event received by the bot. A missing session is ErrKeyMissing; a sending device
 // below encryption.receive_min_trust is ErrUntrustedSender.
@@ -743,7 +736,7 @@ func (m *Machine) Rotate(ctx context.Context, roomID id.RoomID) error {
 	// Successors shared ahead of time go first (and shares still running are invalidated): they were shared with
 	// the members before this rotation.
 	dropped := m.cache.dropNext(roomID)
-	_, err := m.db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1`, roomID)
+	_, err := m.db.Exec(ctx, sqlDeleteRoomOutbound, roomID)
 	m.cache.outboundChanged("", roomID)
 	if err != nil {
 		return err

@@ -93,10 +93,10 @@ func (c *storeCache) dropNext(room id.RoomID) []*crypto.OutboundGroupSession {
 func (c *storeCache) forgetSuccessors(ctx context.Context, db *dbutil.Database, dropped []*crypto.OutboundGroupSession) error {
 	for _, sess := range dropped {
 		err := db.DoTxn(ctx, nil, func(ctx context.Context) error {
-			if _, err := db.Exec(ctx, `DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`, sess.RoomID, sess.ID()); err != nil {
+			if _, err := db.Exec(ctx, sqlDeleteInbound, sess.RoomID, sess.ID()); err != nil {
 				return err
 			}
-			_, err := db.Exec(ctx, `DELETE FROM crypto_megolm_outbound_session_shared WHERE session_id=$1`, sess.ID())
+			_, err := db.Exec(ctx, sqlDeleteSessionShared, sess.ID())
 			return err
 		})
 		c.forgetSession(sess.RoomID, sess.ID())

@@ -11,9 +11,10 @@ import (
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto"
-	"maunium.net/go/mautrix/crypto/olm"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // Fast key sharing.
@@ -153,6 +154,7 @@ func (s *olmStore) GetSessions(ctx context.Context, key id.SenderKey) (crypto.Ol
 }
 
 func (s *olmStore) AddSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
+	metrics.OlmSessionsCreated.Inc()
 	if b := batchFrom(ctx); b != nil {
 		sess = s.adopt(sess)
 		if err := s.record(b, key, sess); err != nil {
@@ -198,9 +200,7 @@ func (s *olmStore) loadShareBatch(ctx context.Context, devices map[id.UserID]map
 	for start := 0; start < len(keys); start += shareChunkRows * 5 {
 		chunk := keys[start:min(start+shareChunkRows*5, len(keys))]
 		args := append([]any{s.AccountID}, chunk...)
-		q := `SELECT sender_key, session_id, session, created_at, last_encrypted, last_decrypted FROM crypto_olm_session
-			WHERE account_id=$1 AND sender_key IN (` + placeholders(2, len(chunk), 1) + `)`
-		rows, err := s.DB.Query(ctx, q, args...)
+		rows, err := s.DB.Query(ctx, sqlOlmSessionsWith(len(chunk)), args...)
 		if err != nil {
 			return nil, fmt.Errorf("failed to load Olm sessions: %w", err)
 		}
@@ -228,7 +228,7 @@ func (s *olmStore) loadShareBatch(ctx context.Context, devices map[id.UserID]map
 			b.latest[key] = known
 			continue
 		}
-		sess := &crypto.OlmSession{Internal: olm.NewBlankSession()}
+		sess := &crypto.OlmSession{Internal: newBlankOlmSession()}
 		if err := sess.Internal.Unpickle(r.pickle, s.PickleKey); err != nil {
 			return nil, fmt.Errorf("failed to unpickle an Olm session: %w", err)
 		}
@@ -257,12 +257,7 @@ func (s *olmStore) saveShare(ctx context.Context, b *shareBatch, recipients []re
 	return s.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
 		for start := 0; start < len(sessions); start += shareChunkRows * 7 {
 			chunk := sessions[start:min(start+shareChunkRows*7, len(sessions))]
-			q := `INSERT INTO crypto_olm_session (account_id, session_id, sender_key, session, created_at, last_encrypted, last_decrypted)
-				VALUES ` + placeholders(1, len(chunk)/7, 7) + `
-				ON CONFLICT (account_id, session_id) DO UPDATE SET session=excluded.session,
-					last_encrypted=excluded.last_encrypted, last_decrypted=excluded.last_decrypted
-				WHERE crypto_olm_session.last_encrypted <= excluded.last_encrypted`
-			if _, err := s.DB.Exec(ctx, q, chunk...); err != nil {
+			if _, err := s.DB.Exec(ctx, sqlSaveOlmSessions(len(chunk)/7), chunk...); err != nil {
 				return fmt.Errorf("failed to save Olm sessions: %w", err)
 			}
 		}
@@ -272,9 +267,7 @@ func (s *olmStore) saveShare(ctx context.Context, b *shareBatch, recipients []re
 			for _, r := range chunk {
 				args = append(args, r.userID, r.identityKey, sessionID)
 			}
-			q := `INSERT INTO crypto_megolm_outbound_session_shared (user_id, identity_key, session_id) VALUES ` +
-				placeholders(1, len(chunk), 3) + ` ON CONFLICT DO NOTHING`
-			if _, err := s.DB.Exec(ctx, q, args...); err != nil {
+			if _, err := s.DB.Exec(ctx, sqlSaveSessionShared(len(chunk)), args...); err != nil {
 				return fmt.Errorf("failed to record session recipients: %w", err)
 			}
 		}
@@ -354,7 +347,7 @@ func loadDevices(ctx context.Context, db *dbutil.Database, users []id.UserID) (m
 		for i, u := range chunk {
 			args[i] = u
 		}
-		rows, err := db.Query(ctx, `SELECT user_id FROM crypto_tracked_user WHERE user_id IN (`+placeholders(1, len(chunk), 1)+`)`, args...)
+		rows, err := db.Query(ctx, sqlTrackedUsersIn(len(chunk)), args...)
 		if err != nil {
 			return nil, fmt.Errorf("failed to read tracked users: %w", err)
 		}
@@ -369,8 +362,7 @@ func loadDevices(ctx context.Context, db *dbutil.Database, users []id.UserID) (m
 		if err = closeRows(rows); err != nil {
 			return nil, err
 		}
-		rows, err = db.Query(ctx, `SELECT user_id, device_id, identity_key, signing_key, trust, deleted, name FROM crypto_device
-			WHERE deleted=false AND user_id IN (`+placeholders(1, len(chunk), 1)+`)`, args...)
+		rows, err = db.Query(ctx, sqlDevicesOf(len(chunk)), args...)
 		if err != nil {
 			return nil, fmt.Errorf("failed to read devices: %w", err)
 		}
@@ -409,9 +401,7 @@ func (r *trustResolver) prefetch(ctx context.Context, users []id.UserID) error {
 			args = append(args, u)
 			keys[u] = make(map[id.CrossSigningUsage]id.CrossSigningKey)
 		}
-		list := placeholders(2, len(chunk), 1)
-		rows, err := store.DB.Query(ctx, `SELECT user_id, usage, key, first_seen_key FROM crypto_cross_signing_keys
-			WHERE user_id IN (`+list+`) AND user_id<>$1`, args...)
+		rows, err := store.DB.Query(ctx, sqlCrossSigningKeysOf(len(chunk)), args...)
 		if err != nil {
 			return fmt.Errorf("failed to read cross-signing keys: %w", err)
 		}
@@ -428,8 +418,7 @@ func (r *trustResolver) prefetch(ctx context.Context, users []id.UserID) error {
 		if err = closeRows(rows); err != nil {
 			return err
 		}
-		rows, err = store.DB.Query(ctx, `SELECT signed_user_id, signed_key, signer_user_id, signer_key FROM crypto_cross_signing_signatures
-			WHERE signed_user_id IN (`+list+`) AND (signer_user_id=signed_user_id OR signer_user_id=$1)`, args...)
+		rows, err = store.DB.Query(ctx, sqlSelfSignaturesOf(len(chunk)), args...)
 		if err != nil {
 			return fmt.Errorf("failed to read cross-signing signatures: %w", err)
 		}

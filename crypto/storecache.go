@@ -3,12 +3,9 @@ package crypto
 import (
 	"context"
 	"fmt"
-	"math"
-	"strings"
 	"sync"
 
 	"maunium.net/go/mautrix/crypto"
-	"maunium.net/go/mautrix/crypto/goolm/session"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 )
@@ -283,13 +280,12 @@ func (s *cachedStore) GetGroupSession(ctx context.Context, roomID id.RoomID, ses
 // copyInbound copies a session whose Megolm state is goolm's (plain values); other implementations are not
 // cached (nil).
 func copyInbound(sess *crypto.InboundGroupSession) *crypto.InboundGroupSession {
-	internal, ok := sess.Internal.(*session.MegolmInboundSession)
-	if !ok || internal == nil {
+	internal := copyGoolmInbound(sess.Internal)
+	if internal == nil {
 		return nil
 	}
 	cp := *sess
-	in := *internal
-	cp.Internal = &in
+	cp.Internal = internal
 	return &cp
 }
 
@@ -373,16 +369,11 @@ func (c *storeCache) advanceInbound(account string, sessionID id.SessionID, inde
 	if sess == nil {
 		return
 	}
-	internal, ok := sess.Internal.(*session.MegolmInboundSession)
-	// Forward only, by goolm's own rule for whether an index lies at or beyond the latest ratchet.
-	if !ok || index > math.MaxUint32 || uint32(index)-internal.Ratchet.Counter >= 1<<31 {
-		return
-	}
-	internal.Ratchet.AdvanceTo(uint32(index))
+	advanceInboundRatchet(sess.Internal, index)
 }
 
 func (s *cachedStore) loadReplayIndex(ctx context.Context, sessionID id.SessionID) (*replayState, error) {
-	rows, err := s.DB.Query(ctx, `SELECT "index", event_id, timestamp FROM crypto_message_index WHERE session_id=$1`, sessionID)
+	rows, err := s.DB.Query(ctx, sqlReplayIndexOfSession, sessionID)
 	if err != nil {
 		return nil, fmt.Errorf("failed to read the replay index: %w", err)
 	}
@@ -447,18 +438,11 @@ func (c *storeCache) writeReplayIndex(ctx context.Context, s *crypto.SQLCryptoSt
 	const chunk = 500
 	for start := 0; start < len(batch); start += chunk {
 		part := batch[start:min(start+chunk, len(batch))]
-		var sb strings.Builder
-		sb.WriteString(`INSERT INTO crypto_message_index (session_id, "index", event_id, timestamp) VALUES `)
 		args := make([]any, 0, len(part)*4)
-		for i, e := range part {
-			if i > 0 {
-				sb.WriteByte(',')
-			}
-			fmt.Fprintf(&sb, "($%d,$%d,$%d,$%d)", i*4+1, i*4+2, i*4+3, i*4+4)
+		for _, e := range part {
 			args = append(args, e.SessionID, e.Index, e.EventID, e.Timestamp)
 		}
-		sb.WriteString(` ON CONFLICT (session_id, "index") DO NOTHING`)
-		if _, err = s.DB.Exec(ctx, sb.String(), args...); err != nil {
+		if _, err = s.DB.Exec(ctx, sqlSaveReplayIndex(len(part)), args...); err != nil {
 			return settle, fmt.Errorf("failed to write the replay index: %w", err)
 		}
 	}

@@ -4,9 +4,12 @@ import (
 	"context"
 	"strconv"
 	"strings"
+	"time"
 
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // ReplayEntry is one row of the crypto store's replay index (crypto_message_index, owned by mautrix's crypto
@@ -39,6 +42,7 @@ const maxBatchParams = 20000
 // CommitBatch records a batch in one transaction. On Postgres a batch without failures is one statement (data-
 // modifying CTEs: one round trip, one commit); otherwise one statement per kind of row inside a transaction.
 func (db *Database) CommitBatch(ctx context.Context, b *Batch) error {
+	defer metrics.ObserveCommit(metrics.CommitRelay, time.Now())
 	params := len(b.Replay)*4 + len(b.Copies)*7 + len(b.Done) + 1
 	redactions := batchRedactions(b.Copies)
 	if db.Dialect == dbutil.Postgres && len(b.Failed) == 0 && len(b.Done) > 0 && len(redactions) == 0 && params <= maxBatchParams {

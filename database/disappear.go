@@ -205,6 +205,19 @@ func (dq *DisappearQuery) LiveTracked(ctx context.Context) ([]*TrackedSession, e
 	return dbutil.NewRowIterWithError(rows, scanSession, err).AsList()
 }
 
+// Overdue counts the pending redactions whose deadline has passed at now, and returns the earliest such deadline
+// (zero when none is overdue).
+func (dq *DisappearQuery) Overdue(ctx context.Context, now time.Time) (int, time.Time, error) {
+	var n int
+	var oldest sql.NullInt64
+	err := dq.db.QueryRow(ctx, `SELECT COUNT(*), MIN(deadline) FROM disappear_queue WHERE state=$1 AND deadline<=$2`,
+		RedactionPending, now.UnixMilli()).Scan(&n, &oldest)
+	if err != nil || !oldest.Valid {
+		return n, time.Time{}, err
+	}
+	return n, time.UnixMilli(oldest.Int64), nil
+}
+
 // RatchetDue is a session whose stored copies are to be ratcheted to Floor: every message below it expired.
 type RatchetDue struct {
 	RoomID    id.RoomID

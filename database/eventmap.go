@@ -177,12 +177,6 @@ func (eq *EventMapQuery) ByTarget(ctx context.Context, target id.EventID) (*Copy
 	return scanCopyRow(eq.db.QueryRow(ctx, `SELECT `+copyColumns+` FROM event_map WHERE target_event=$1`, target))
 }
 
-// CopiesOf lists every copy of an original.
-func (eq *EventMapQuery) CopiesOf(ctx context.Context, source id.EventID) ([]*Copy, error) {
-	rows, err := eq.db.Query(ctx, `SELECT `+copyColumns+` FROM event_map WHERE source_event=$1`, source)
-	return dbutil.NewRowIterWithError(rows, scanCopy, err).AsList()
-}
-
 // Counterpart resolves an event seen in one room of a link to its counterpart in targetRoom: the copy there, or
 // the original if the original lives in targetRoom. ok=false when ferry has no counterpart.
 func (eq *EventMapQuery) Counterpart(ctx context.Context, evt id.EventID, targetRoom id.RoomID) (id.EventID, bool, error) {

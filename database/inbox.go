@@ -10,6 +10,8 @@ import (
 
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // InboxState is where an inbox event is in its life.
@@ -61,6 +63,7 @@ func (iq *InboxQuery) Insert(ctx context.Context, evts []*InboxEvent) (inserted 
 	if len(evts) == 0 {
 		return 0, nil
 	}
+	defer metrics.ObserveCommit(metrics.CommitIntake, time.Now())
 	// One multi-row statement: a transaction of 100 events costs one round trip, not 100.
 	const perRow = 8
 	var sb strings.Builder
@@ -247,4 +250,32 @@ func scanInbox(row dbutil.Scannable) (*InboxEvent, error) {
 		evt.NotBefore = time.UnixMilli(notBefore)
 	}
 	return &evt, nil
+}
+
+// Backlog is how many events wait in one inbox state, and since when the oldest has.
+type Backlog struct {
+	Count      int
+	OldestSeen time.Time // when the oldest was received; zero when Count is 0
+}
+
+// Backlogs reports the events that still wait (pending and waiting for keys), per state. It scans the table: it
+// is meant for metrics scrapes, not for the relay path.
+func (iq *InboxQuery) Backlogs(ctx context.Context) (map[InboxState]Backlog, error) {
+	rows, err := iq.db.Query(ctx, `SELECT state, COUNT(*), MIN(received_at) FROM inbox WHERE state IN ($1, $2) GROUP BY state`,
+		InboxPending, InboxWaitingKeys)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[InboxState]Backlog{InboxPending: {}, InboxWaitingKeys: {}}
+	for rows.Next() {
+		var st InboxState
+		var n int
+		var oldest int64
+		if err = rows.Scan(&st, &n, &oldest); err != nil {
+			return nil, err
+		}
+		out[st] = Backlog{Count: n, OldestSeen: time.UnixMilli(oldest)}
+	}
+	return out, rows.Err()
 }

@@ -30,6 +30,7 @@ import (
 	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/database"
 	"go.ferry.im/ferry/internal/fakehs"
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // Identities of the simulated deployment.
@@ -192,7 +193,7 @@ func (e *env) startFerry(ctx context.Context, asToken, hsToken, sharedSecret str
 		return err
 	}
 	// Same transport as production, timed.
-	e.http = &timedTransport{base: bridge.HomeserverTransport()}
+	e.http = &timedTransport{base: metrics.Transport(bridge.HomeserverTransport())}
 	as.HTTPClient.Transport = e.http
 	e.as = as
 

@@ -6,8 +6,8 @@
 //	ferry-keycheck -c config.yaml event.json      (or the event JSON on stdin)
 //	{"event_id":"$…","room_id":"!…","session_id":"…","stored_copies":1,"decryptable":true}
 //
-// The exit status is 0 when the check ran (whatever its result) and 2 when it could not run. The environment
-// variables FERRY_DATABASE_TYPE, FERRY_DATABASE_URI and FERRY_ENCRYPTION_PICKLE_KEY override the config file.
+// The exit status is 0 when the check ran (whatever its result) and 2 when it could not run. The config is read
+// like ferry reads it, FERRY_* environment overrides included (FERRY_DATABASE_URI, FERRY_ENCRYPTION_PICKLE_KEY).
 package main
 
 import (
@@ -22,21 +22,14 @@ import (
 	"github.com/lib/pq"
 	"go.mau.fi/util/dbutil"
 	_ "go.mau.fi/util/dbutil/litestream" // registers the sqlite3-fk-wal driver
-	"gopkg.in/yaml.v3"
 	mcrypto "maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
-)
 
-type config struct {
-	Database struct {
-		Type string `yaml:"type"`
-		URI  string `yaml:"uri"`
-	} `yaml:"database"`
-	Encryption struct {
-		PickleKey string `yaml:"pickle_key"`
-	} `yaml:"encryption"`
-}
+	"go.ferry.im/ferry/crypto"
+	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/internal/config"
+)
 
 // result is the one line ferry-keycheck prints.
 type result struct {
@@ -57,30 +50,17 @@ func main() {
 	}
 }
 
-func loadConfig(path string) (*config, error) {
-	var cfg config
-	data, err := os.ReadFile(path)
-	if err != nil && !(errors.Is(err, os.ErrNotExist) && os.Getenv("FERRY_DATABASE_URI") != "") {
+// loadConfig reads ferry's config the way ferry does (strict, with FERRY_* overrides) and checks that it names a
+// database and a pickle key ferry has generated or been given.
+func loadConfig(path string) (*config.Config, error) {
+	cfg, err := config.Load(path)
+	if err != nil {
 		return nil, err
 	}
-	if err = yaml.Unmarshal(data, &cfg); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+	if cfg.Encryption.PickleKey == crypto.PickleKeyGenerate {
+		return nil, errors.New("encryption.pickle_key is not set yet (ferry writes it into the config on first start)")
 	}
-	for env, dst := range map[string]*string{"FERRY_DATABASE_TYPE": &cfg.Database.Type, "FERRY_DATABASE_URI": &cfg.Database.URI, "FERRY_ENCRYPTION_PICKLE_KEY": &cfg.Encryption.PickleKey} {
-		if v := os.Getenv(env); v != "" {
-			*dst = v
-		}
-	}
-	if cfg.Database.Type == "" {
-		cfg.Database.Type = "sqlite3-fk-wal"
-	}
-	switch {
-	case cfg.Database.URI == "":
-		return nil, errors.New("database.uri is not set")
-	case cfg.Encryption.PickleKey == "" || cfg.Encryption.PickleKey == "generate":
-		return nil, errors.New("encryption.pickle_key is not set (ferry writes it into the config on first start)")
-	}
-	return &cfg, nil
+	return cfg, nil
 }
 
 func readEvent(path string) (*event.Event, *event.EncryptedEventContent, error) {
@@ -121,14 +101,13 @@ func run(configPath, eventPath string) error {
 		return err
 	}
 	mcrypto.PostgresArrayWrapper = pq.Array
-	db, err := dbutil.NewFromConfig("ferry-keycheck", dbutil.Config{PoolConfig: dbutil.PoolConfig{Type: cfg.Database.Type, URI: cfg.Database.URI, MaxOpenConns: 2}}, dbutil.NoopLogger)
+	db, err := dbutil.NewFromConfig("ferry-keycheck", dbutil.Config{PoolConfig: dbutil.PoolConfig{Type: database.DriverFor(cfg.Database.Type), URI: database.TuneURI(cfg.Database.Type, cfg.Database.URI), MaxOpenConns: 2}}, dbutil.NoopLogger)
 	if err != nil {
 		return fmt.Errorf("failed to open the database: %w", err)
 	}
 	defer db.Close()
 	ctx := context.Background()
-	rows, err := db.Query(ctx, `SELECT account_id FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2 AND session IS NOT NULL`, evt.RoomID, content.SessionID)
-	accounts, err := dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[string], err).AsList()
+	accounts, err := crypto.StoredCopiesOf(ctx, db, evt.RoomID, content.SessionID)
 	if err != nil {
 		return fmt.Errorf("failed to read the crypto store: %w", err)
 	}

@@ -12,6 +12,8 @@ import (
 
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/appservice"
+
+	"go.ferry.im/ferry/internal/config"
 )
 
 // TestCheckHomeserverRetriesUntilReachable: while the homeserver answers 502, ferry keeps retrying with backoff and
@@ -77,9 +79,9 @@ func TestCheckHomeserverWrongToken(t *testing.T) {
 }
 
 // appserviceFor loads the test config pointed at a homeserver URL and builds ferry's appservice for it.
-func appserviceFor(t *testing.T, hsURL string) (*Config, *appservice.AppService) {
+func appserviceFor(t *testing.T, hsURL string) (*config.Config, *appservice.AppService) {
 	t.Helper()
-	cfg, err := LoadConfig(writeConfig(t, strings.Replace(validConfig, "https://matrix.test.org", hsURL, 1)))
+	cfg, err := config.Load(writeConfig(t, strings.Replace(validConfig, "https://matrix.test.org", hsURL, 1)))
 	if err != nil {
 		t.Fatal(err)
 	}

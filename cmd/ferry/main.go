@@ -5,16 +5,17 @@ package main
 import (
 	"context"
 	"crypto/sha256"
+	"database/sql"
 	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"regexp"
+	"slices"
 	"syscall"
 	"time"
 
@@ -33,12 +34,29 @@ import (
 	"go.ferry.im/ferry/bridge"
 	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/internal/config"
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // Set at build time with -ldflags "-X main.Version=... -X main.Commit=...".
 var (
 	Version = "0.1.0-dev"
 	Commit  = "unknown"
+)
+
+// The crypto layer implements what the relay declares, including the optional interfaces the relay detects with a
+// type assertion at run time: a method renamed on one side would silently switch a feature off, so pin them here.
+var (
+	_ bridge.Crypto              = (*crypto.Machine)(nil)
+	_ bridge.SenderPreparer      = (*crypto.Machine)(nil)
+	_ bridge.TrustFlagger        = (*crypto.Machine)(nil)
+	_ bridge.KeyDestroyer        = (*crypto.Machine)(nil)
+	_ bridge.OwnDecrypter        = (*crypto.Machine)(nil)
+	_ bridge.ReplayIndexTaker    = (*crypto.Machine)(nil)
+	_ bridge.DeviceReporter      = (*crypto.Machine)(nil)
+	_ bridge.RecoveryKeyProvider = (*crypto.Machine)(nil)
+	_ bridge.AdminHelperManager  = (*crypto.Machine)(nil)
+	_ bridge.ToDeviceHandler     = (*crypto.Machine)(nil)
 )
 
 // Exit codes.
@@ -55,12 +73,19 @@ func main() {
 }
 
 func run(args []string) int {
+	if len(args) > 0 && args[0] == "doctor" {
+		return runDoctor(args[1:], os.Stdout)
+	}
 	fs := flag.NewFlagSet("ferry", flag.ContinueOnError)
 	configPath := fs.String("c", "config.yaml", "path to the config file")
 	regPath := fs.String("r", "registration.yaml", "path to the appservice registration file (with -g)")
 	generate := fs.Bool("g", false, "write the appservice registration and exit")
 	example := fs.Bool("e", false, "write the example config to the -c path and exit")
 	version := fs.Bool("version", false, "print the version and exit")
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "Usage: ferry [-c config.yaml] [-e | -g [-r registration.yaml] | -version]\n       ferry doctor -c config.yaml [-r registration.yaml]   (check the set-up, one line per finding)")
+		fs.PrintDefaults()
+	}
 	if err := fs.Parse(args); err != nil {
 		return exitConfig
 	}
@@ -73,14 +98,22 @@ func run(args []string) int {
 			fmt.Fprintf(os.Stderr, "ferry: %s already exists; not overwriting it\n", *configPath)
 			return exitConfig
 		}
-		if err := WriteFileAtomic(*configPath, ferry.ExampleConfig, 0600); err != nil {
+		if err := config.WriteFileAtomic(*configPath, ferry.ExampleConfig, 0600); err != nil {
 			fmt.Fprintf(os.Stderr, "ferry: %v\n", err)
 			return exitFailure
 		}
 		fmt.Printf("Wrote the example config to %s: edit it, then run ferry -g -c %s -r registration.yaml\n", *configPath, *configPath)
 		return exitOK
 	}
-	cfg, err := LoadConfig(*configPath)
+	var upgrade config.Upgrade
+	var upgradeErr error
+	if !*generate {
+		// A config written by an older ferry is brought up to the current layout before it is read. A file
+		// that does not load is left alone (Load names its problem below); one that loads but cannot be
+		// rewritten still runs, with a warning once logging is up.
+		upgrade, upgradeErr = config.UpgradeFile(*configPath)
+	}
+	cfg, err := config.Load(*configPath)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "ferry: %v\n", err)
 		return exitConfig
@@ -99,31 +132,40 @@ func run(args []string) int {
 	}
 	if cfg.Encryption.PickleKey == crypto.PickleKeyGenerate {
 		cfg.Encryption.PickleKey = random.String(64)
-		if err = WriteConfigValues(*configPath, map[string]string{"encryption.pickle_key": cfg.Encryption.PickleKey}); err != nil {
+		if err = config.WriteValues(*configPath, map[string]string{"encryption.pickle_key": cfg.Encryption.PickleKey}); err != nil {
 			fmt.Fprintf(os.Stderr, "ferry: failed to save the generated pickle key: %v\n", err)
 			return exitConfig
 		}
 	}
-	log, closeLog, err := newLogger(cfg.Logging)
+	log, logs, err := newLogger(cfg.Logging)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "ferry: logging: %v\n", err)
 		return exitConfig
 	}
-	defer closeLog()
-	for _, name := range UnknownEnvOverrides(os.Environ()) {
+	defer logs.Close()
+	// SIGHUP reopens the log files and reloads the permissions; caught from here on, so it never stops ferry.
+	hangups := make(chan os.Signal, 1)
+	signal.Notify(hangups, syscall.SIGHUP)
+	defer signal.Stop(hangups)
+	if upgradeErr != nil {
+		log.Warn().Err(upgradeErr).Msg("Failed to upgrade the config file; it loads as it is, but keeps its old layout")
+	} else if upgrade.Changed() {
+		log.Info().Strs("moved", upgrade.Moved).Strs("added", upgrade.Added).Msg("Upgraded the config file to the current layout")
+	}
+	for _, name := range config.UnknownEnvOverrides(os.Environ()) {
 		log.Warn().Str("variable", name).Msg("Ignoring an environment variable that names no config key")
 	}
 	bridge.Version = Version
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	code := start(ctx, cfg, *configPath, log)
+	code := start(ctx, cfg, *configPath, log, hangups, logs)
 	log.Info().Int("exit_code", code).Msg("ferry stopped")
 	return code
 }
 
 // registrationFor builds the appservice registration that matches the config, as ferry uses it at run time: its
 // sender is the bot (every request names the user it acts as). The file -g writes names another sender.
-func registrationFor(cfg *Config) *appservice.Registration {
+func registrationFor(cfg *config.Config) *appservice.Registration {
 	reg := &appservice.Registration{
 		ID:              cfg.Appservice.ID,
 		URL:             cfg.Appservice.Address,
@@ -144,11 +186,11 @@ func registrationFor(cfg *Config) *appservice.Registration {
 	return reg
 }
 
-func generateRegistration(cfg *Config, configPath, regPath string) error {
+func generateRegistration(cfg *config.Config, configPath, regPath string) error {
 	if cfg.Appservice.ASToken == "" || cfg.Appservice.HSToken == "" {
 		cfg.Appservice.ASToken = random.String(64)
 		cfg.Appservice.HSToken = random.String(64)
-		err := WriteConfigValues(configPath, map[string]string{"appservice.as_token": cfg.Appservice.ASToken, "appservice.hs_token": cfg.Appservice.HSToken})
+		err := config.WriteValues(configPath, map[string]string{"appservice.as_token": cfg.Appservice.ASToken, "appservice.hs_token": cfg.Appservice.HSToken})
 		if err != nil {
 			return fmt.Errorf("failed to save tokens to the config: %w", err)
 		}
@@ -159,7 +201,7 @@ func generateRegistration(cfg *Config, configPath, regPath string) error {
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(regPath, []byte(data), 0600)
+	return config.WriteFileAtomic(regPath, []byte(data), 0600)
 }
 
 // senderLocalpart is the registration's sender_localpart: a user of the appservice's own that ferry never acts as.
@@ -171,10 +213,16 @@ func senderLocalpart(asToken string) string {
 	return "ferry-as-" + hex.EncodeToString(sum[:12])
 }
 
-func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logger) int {
+func start(ctx context.Context, cfg *config.Config, configPath string, log zerolog.Logger, hangups <-chan os.Signal, logs *logFiles) int {
 	log.Info().Str("version", Version).Str("commit", Commit).Msg("Starting ferry")
 	mcrypto.PostgresArrayWrapper = pq.Array
 	dbLog := log.With().Str("component", "database").Logger()
+	if !slices.Contains(sql.Drivers(), database.DriverFor(cfg.Database.Type)) {
+		// Release binaries are static (no cgo) and carry no SQLite driver.
+		log.Error().Str("database_type", cfg.Database.Type).
+			Msg("This build of ferry has no driver for database.type (release binaries are built without cgo and support postgres only); use postgres, or build ferry from source with make build")
+		return exitDatabase
+	}
 	if err := database.PrepareFile(cfg.Database.Type, cfg.Database.URI); err != nil {
 		log.Error().Err(err).Msg("Failed to create the database file")
 		return exitDatabase
@@ -192,6 +240,13 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 		log.Error().Err(err).Msg("Database upgrade failed")
 		return exitDatabase
 	}
+	metrics.SetBuildInfo(Version, Commit)
+	stopMetrics, err := serveMetrics(cfg.Metrics, db, log)
+	if err != nil {
+		log.Error().Err(err).Msg("Failed to listen for metrics scrapes")
+		return exitConfig
+	}
+	defer stopMetrics()
 	stateStore := sqlstatestore.NewSQLStateStore(root, dbutil.ZeroLogger(dbLog.With().Str("db_section", "state").Logger()), false)
 	if err = stateStore.Upgrade(ctx); err != nil {
 		log.Error().Err(database.UpgradeError{Section: "state store", Err: err}).Msg("Database upgrade failed")
@@ -203,12 +258,17 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 	as.HomeserverDomain = cfg.Homeserver.Domain
 	as.Registration = registrationFor(cfg)
 	as.StateStore = stateStore
-	as.HTTPClient.Transport = bridge.HomeserverTransport()
 	as.Host = appservice.HostConfig{Hostname: cfg.Appservice.Hostname, Port: cfg.Appservice.Port}
 	if err = as.SetHomeserverURL(cfg.Homeserver.Address); err != nil {
 		log.Error().Err(err).Msg("Invalid homeserver.address")
 		return exitConfig
 	}
+	// After SetHomeserverURL, which replaces the HTTP client (a unix: address brings its own transport).
+	if as.HTTPClient.Transport == nil {
+		as.HTTPClient.Transport = bridge.HomeserverTransport()
+	}
+	// Every request to the homeserver is counted by endpoint and errcode.
+	as.HTTPClient.Transport = metrics.Transport(as.HTTPClient.Transport)
 
 	// The HTTP endpoint starts first so the homeserver can deliver while ferry finishes starting: intake only
 	// records events; workers start later.
@@ -223,7 +283,7 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 	as.StateStore = mach.WrapStateStore(stateStore)
 	// The reload command re-reads only the permissions; everything else needs a restart.
 	br.Reload = func() (bridge.Permissions, error) {
-		reloaded, err := LoadConfig(configPath)
+		reloaded, err := config.Load(configPath)
 		if err == nil {
 			err = reloaded.Validate()
 		}
@@ -232,6 +292,7 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 		}
 		return reloaded.Permissions, nil
 	}
+	go handleHangups(ctx, hangups, logs, br, log)
 	mach.SessionReceived = br.SessionArrived
 	mach.SyncedTimeline = br.IngestSynced
 	mach.SyncedEphemeral = br.HandleEphemeral
@@ -266,6 +327,11 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 		}
 		log.Error().Err(err).Msg("Homeserver check failed")
 		return exitHomeserver
+	}
+	// A database restored from a backup is behind what ferry already sent: treat it as after an unclean stop.
+	if err = checkRestored(ctx, db, as.BotClient(), log, mach, br); err != nil {
+		log.Error().Err(err).Msg("Failed to check whether the database was restored from a backup")
+		return exitDatabase
 	}
 	if err = mach.Init(ctx); err != nil {
 		if ctx.Err() != nil {
@@ -308,7 +374,7 @@ const (
 
 // checkHomeserver waits for the homeserver (retrying with backoff and saying why), registers the bot, checks
 // whoami, pings the appservice link where supported, and reports which encryption path the homeserver allows.
-func checkHomeserver(ctx context.Context, cfg *Config, as *appservice.AppService, log zerolog.Logger) (string, error) {
+func checkHomeserver(ctx context.Context, cfg *config.Config, as *appservice.AppService, log zerolog.Logger) (string, error) {
 	bot := as.BotIntent()
 	backoff := time.Second
 	var versions *mautrix.RespVersions
@@ -462,23 +528,26 @@ func probePushes(ctx context.Context, mach *crypto.Machine, as *appservice.AppSe
 	return nil
 }
 
-func newLogger(cfg LoggingConfig) (zerolog.Logger, func(), error) {
-	level, err := zerolog.ParseLevel(cfg.MinLevel)
-	if err != nil || cfg.MinLevel == "" {
-		level = zerolog.InfoLevel
-	}
-	var out io.Writer = zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.RFC3339}
-	if cfg.Format == "json" {
-		out = os.Stderr
-	}
-	closeFn := func() {}
-	if cfg.File != "" {
-		f, err := os.OpenFile(cfg.File, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0600)
-		if err != nil {
-			return zerolog.Logger{}, nil, err
+// handleHangups answers SIGHUP until ctx ends: the log files are reopened (for log rotation) and the permissions
+// re-read from the config file, as the reload command does; everything else in the config needs a restart.
+func handleHangups(ctx context.Context, hangups <-chan os.Signal, logs *logFiles, br *bridge.Bridge, log zerolog.Logger) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hangups:
 		}
-		out = zerolog.MultiLevelWriter(out, f)
-		closeFn = func() { _ = f.Close() }
+		if err := logs.Reopen(); err != nil {
+			log.Error().Err(err).Msg("Failed to reopen the log files")
+		} else {
+			log.Info().Msg("Reopened the log files")
+		}
+		perms, err := br.Reload()
+		if err != nil {
+			log.Error().Err(err).Msg("Failed to reload the permissions; they are unchanged")
+			continue
+		}
+		br.SetPermissions(perms)
+		log.Info().Int("entries", len(perms)).Msg("Permissions reloaded")
 	}
-	return zerolog.New(bodylessWriter{out: out}).Level(level).With().Timestamp().Logger(), closeFn, nil
 }

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"gopkg.in/yaml.v3"
+
+	"go.ferry.im/ferry/internal/config"
 )
 
 // TestGenerateRegistration runs `ferry -g` as an admin would and checks what the homeserver will read.
@@ -72,7 +74,7 @@ func TestGenerateRegistration(t *testing.T) {
 				}
 			}
 			// The tokens went back into the config, which stays loadable and private.
-			cfg, err := LoadConfig(cfgPath)
+			cfg, err := config.Load(cfgPath)
 			if err != nil || cfg.Appservice.ASToken != asToken || cfg.Appservice.HSToken != hsToken {
 				t.Fatalf("config after -g: %v, tokens match: %v", err, cfg != nil && cfg.Appservice.ASToken == asToken)
 			}

@@ -1,4 +1,4 @@
-package main
+package config
 
 import (
 	"errors"
@@ -40,7 +40,8 @@ permissions:
   "*": relay
   "@boss:test.org": admin
 logging:
-  format: console
+  stdout:
+    format: pretty
 `
 
 func readExample(t *testing.T) []byte {
@@ -51,9 +52,6 @@ func readExample(t *testing.T) []byte {
 	}
 	return data
 }
-
-// noEnv is a lookupEnv that finds nothing.
-func noEnv(string) (string, bool) { return "", false }
 
 // writeConfig writes text to config.yaml in a fresh directory and returns its path.
 func writeConfig(t *testing.T, text string) string {
@@ -138,7 +136,7 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 	})
 
 	t.Run("example values are the defaults", func(t *testing.T) {
-		want := DefaultConfig()
+		want := Default()
 		if !reflect.DeepEqual(cfg.Appservice, want.Appservice) {
 			t.Errorf("appservice: example %+v, defaults %+v", cfg.Appservice, want.Appservice)
 		}
@@ -162,7 +160,7 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 	})
 
 	t.Run("documented defaults", func(t *testing.T) {
-		d := DefaultConfig()
+		d := Default()
 		for name, tc := range map[string]struct{ got, want any }{
 			"command_prefix":            {d.Bridge.CommandPrefix, "!ferry"},
 			"ghost_prefix":              {d.Bridge.GhostPrefix, "_ferry_"},
@@ -182,8 +180,15 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 			"database.type":             {d.Database.Type, "sqlite3-fk-wal"},
 			"database.uri":              {d.Database.URI, "file:ferry.db?_txlock=immediate"},
 			"logging.min_level":         {d.Logging.MinLevel, "info"},
-			"logging.format":            {d.Logging.Format, "console"},
-			"logging.file":              {d.Logging.File, ""},
+			"metrics.enabled":           {d.Metrics.Enabled, false},
+			"metrics.listen":            {d.Metrics.Listen, "127.0.0.1:29341"},
+			"logging.stdout.format":     {d.Logging.Stdout.Format, "pretty"},
+			"logging.file.path":         {d.Logging.File.Path, ""},
+			"logging.file.format":       {d.Logging.File.Format, "json"},
+			"logging.file.max_size":     {d.Logging.File.MaxSize, 100},
+			"logging.file.max_backups":  {d.Logging.File.MaxBackups, 10},
+			"logging.file.max_age":      {d.Logging.File.MaxAge, 0},
+			"logging.file.compress":     {d.Logging.File.Compress, false},
 		} {
 			t.Run(name, func(t *testing.T) {
 				if tc.got != tc.want {
@@ -224,7 +229,7 @@ func TestExamplePlaceholdersRejected(t *testing.T) {
 	}
 
 	t.Run("unchanged example", func(t *testing.T) {
-		_, err := LoadConfig(writeConfig(t, example))
+		_, err := Load(writeConfig(t, example))
 		if err == nil {
 			t.Fatal("the unchanged example loaded")
 		}
@@ -239,7 +244,7 @@ func TestExamplePlaceholdersRejected(t *testing.T) {
 	for key, line := range placeholders {
 		t.Run(key, func(t *testing.T) {
 			text := fixPlaceholders(example, key)
-			_, err := LoadConfig(writeConfig(t, text))
+			_, err := Load(writeConfig(t, text))
 			if err == nil {
 				t.Fatalf("config with the example %s loaded", key)
 			}
@@ -256,7 +261,7 @@ func TestExamplePlaceholdersRejected(t *testing.T) {
 func loadText(t *testing.T, text string) (*Config, string) {
 	t.Helper()
 	path := writeConfig(t, text)
-	cfg, err := LoadConfig(path)
+	cfg, err := Load(path)
 	if err != nil {
 		return nil, strings.ReplaceAll(err.Error(), filepath.Dir(path)+string(filepath.Separator), "")
 	}
@@ -362,7 +367,7 @@ func TestDecodeErrors(t *testing.T) {
 			want: "config.yaml:3: homeserver.domain: expected a string, got a list",
 		},
 		"section given a value": {
-			old: "logging:\n  format: console\n", new: "logging: console\n",
+			old: "logging:\n  stdout:\n    format: pretty\n", new: "logging: console\n",
 			want: `config.yaml:16: logging: expected a section of keys, got "console"`,
 		},
 		"unknown permission level": {
@@ -429,12 +434,20 @@ func TestValidateErrors(t *testing.T) {
 			want: `config.yaml:13: encryption.receive_min_trust: expected one of unverified, cross_signed_tofu, verified, got "Verified"`,
 		},
 		"logging.min_level": {
-			old: "format: console", new: "min_level: verbose",
+			old: "  stdout:\n    format: pretty", new: "  min_level: verbose",
 			want: `config.yaml:17: logging.min_level: expected one of trace, debug, info, warn, error, got "verbose"`,
 		},
-		"logging.format": {
-			old: "format: console", new: "format: xml",
-			want: `config.yaml:17: logging.format: expected one of console, json, got "xml"`,
+		"logging.stdout.format": {
+			old: "format: pretty", new: "format: xml",
+			want: `config.yaml:18: logging.stdout.format: expected one of pretty, json, off, got "xml"`,
+		},
+		"logging.format, renamed, names its own line": {
+			old: "  stdout:\n    format: pretty", new: "  format: xml",
+			want: `config.yaml:17: logging.stdout.format: expected one of pretty, json, off, got "xml"`,
+		},
+		"logging.file.max_size zero": {
+			old: "    format: pretty", new: "    format: pretty\n  file:\n    max_size: 0",
+			want: `config.yaml:20: logging.file.max_size: expected an integer of at least 1, got "0"`,
 		},
 		"homeserver.address not a URL": {
 			old: "address: https://matrix.test.org", new: "address: matrix.test.org",
@@ -496,6 +509,18 @@ func TestValidateErrors(t *testing.T) {
 			old: "logging:", new: "database:\n  type: postgres\nlogging:",
 			want: `config.yaml: database.uri: is a SQLite URI but database.type is postgres`,
 		},
+		"metrics.listen without a port": {
+			old: "logging:", new: "metrics:\n  listen: localhost\nlogging:",
+			want: `config.yaml:17: metrics.listen: expected host:port, such as 127.0.0.1:29341, got "localhost"`,
+		},
+		"metrics.listen port out of range": {
+			old: "logging:", new: "metrics:\n  listen: 127.0.0.1:99999\nlogging:",
+			want: `config.yaml:17: metrics.listen: expected a port from 1 to 65535, got "99999"`,
+		},
+		"metrics.listen on the appservice's port": {
+			old: "logging:", new: "metrics:\n  enabled: true\n  listen: 127.0.0.1:29340\nlogging:",
+			want: `config.yaml:18: metrics.listen: must differ from the appservice's hostname and port`,
+		},
 		"pickle key too short": {
 			old: "  device_mode: per_ghost", new: "  device_mode: per_ghost\n  pickle_key: hunter2",
 			want: `config.yaml:13: encryption.pickle_key: must be at least 32 characters (got 7), or "generate"`,
@@ -505,9 +530,9 @@ func TestValidateErrors(t *testing.T) {
 			want: `config.yaml:13: encryption.pickle_key: not configured`,
 		},
 		"several problems, one per line": {
-			old: "format: console", new: "format: xml\n  min_level: verbose",
-			want: "config.yaml:17: logging.format: expected one of console, json, got \"xml\"\n" +
-				"config.yaml:18: logging.min_level: expected one of trace, debug, info, warn, error, got \"verbose\"",
+			old: "    format: pretty", new: "    format: xml\n  min_level: verbose",
+			want: "config.yaml:18: logging.stdout.format: expected one of pretty, json, off, got \"xml\"\n" +
+				"config.yaml:19: logging.min_level: expected one of trace, debug, info, warn, error, got \"verbose\"",
 		},
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -537,9 +562,9 @@ func TestValidateForRun(t *testing.T) {
 			t.Errorf("error %q does not contain %q", runErr, want)
 		}
 	}
-	var cfgErr *ConfigError
+	var cfgErr *Error
 	if !errors.As(runErr, &cfgErr) || cfgErr.Key != "appservice.as_token" {
-		t.Errorf("errors.As found %+v, want the ConfigError of appservice.as_token", cfgErr)
+		t.Errorf("errors.As found %+v, want the Error of appservice.as_token", cfgErr)
 	}
 }
 
@@ -631,11 +656,11 @@ func TestEnvOverrides(t *testing.T) {
 			},
 		},
 		"section absent from the file": {
-			env:  map[string]string{"FERRY_LOGGING_FORMAT": "json", "FERRY_HOMESERVER_ADDRESS": "http://localhost:8008", "FERRY_HOMESERVER_DOMAIN": "localhost"},
+			env:  map[string]string{"FERRY_LOGGING_STDOUT_FORMAT": "json", "FERRY_HOMESERVER_ADDRESS": "http://localhost:8008", "FERRY_HOMESERVER_DOMAIN": "localhost"},
 			text: "# nothing but environment\n",
 			check: func(t *testing.T, cfg *Config) {
-				if cfg.Logging.Format != "json" || cfg.Homeserver.Domain != "localhost" {
-					t.Errorf("logging.format = %q, homeserver.domain = %q", cfg.Logging.Format, cfg.Homeserver.Domain)
+				if cfg.Logging.Stdout.Format != "json" || cfg.Homeserver.Domain != "localhost" {
+					t.Errorf("logging.stdout.format = %q, homeserver.domain = %q", cfg.Logging.Stdout.Format, cfg.Homeserver.Domain)
 				}
 			},
 		},
@@ -723,7 +748,7 @@ func TestEnvNames(t *testing.T) {
 	}
 	for _, want := range []string{
 		"FERRY_DATABASE_URI", "FERRY_APPSERVICE_BOT_USERNAME", "FERRY_ENCRYPTION_PICKLE_KEY",
-		"FERRY_HOMESERVER_REGISTRATION_SHARED_SECRET", "FERRY_BRIDGE_KEY_WAIT", "FERRY_PERMISSIONS", "FERRY_LOGGING_FILE",
+		"FERRY_HOMESERVER_REGISTRATION_SHARED_SECRET", "FERRY_BRIDGE_KEY_WAIT", "FERRY_PERMISSIONS", "FERRY_LOGGING_FILE_PATH",
 	} {
 		if !names[want] {
 			t.Errorf("%s overrides no key", want)
@@ -733,197 +758,6 @@ func TestEnvNames(t *testing.T) {
 	if !reflect.DeepEqual(got, []string{"FERRY_DATABSE_URI"}) {
 		t.Errorf("UnknownEnvOverrides = %v", got)
 	}
-}
-
-func TestWriteConfigValues(t *testing.T) {
-	example := fixPlaceholders(string(readExample(t)))
-	for name, tc := range map[string]struct {
-		text   string
-		values map[string]string
-		// changed lists the only lines of the result allowed to be absent from the original; added is how many
-		// lines the edit adds.
-		changed []string
-		added   int
-	}{
-		"example": {
-			text: example,
-			values: map[string]string{
-				"encryption.pickle_key": "pk-0123456789abcdef",
-				"appservice.as_token":   "as-abc",
-				"appservice.hs_token":   "hs-def",
-			},
-			changed: []string{"  pickle_key: pk-0123456789abcdef", "  as_token: as-abc", "  hs_token: hs-def"},
-		},
-		"value needing quotes": {
-			text:    example,
-			values:  map[string]string{"appservice.as_token": "12345", "appservice.hs_token": "a: #b"},
-			changed: []string{`  as_token: "12345"`, `  hs_token: 'a: #b'`},
-		},
-		"empty value with a comment": {
-			text:    "appservice:\n  # the token\n  as_token: # set by ferry -g\n  port: 1\n",
-			values:  map[string]string{"appservice.as_token": "tok"},
-			changed: []string{"  as_token: tok # set by ferry -g"},
-		},
-		"quoted value with a comment": {
-			text:    "encryption:\n  pickle_key: \"generate\"  # keep this\n",
-			values:  map[string]string{"encryption.pickle_key": "new"},
-			changed: []string{"  pickle_key: new  # keep this"},
-		},
-		"key missing from its section": {
-			text:    "# top\nappservice:\n    # the port\n    port: 1\n",
-			values:  map[string]string{"appservice.as_token": "tok"},
-			changed: []string{"    as_token: tok"},
-			added:   1,
-		},
-		"section missing": {
-			text:    "# top\nappservice:\n  port: 1",
-			values:  map[string]string{"encryption.pickle_key": "pk"},
-			changed: []string{"  port: 1", "encryption:", "  pickle_key: pk"},
-			added:   2,
-		},
-		"section empty": {
-			text:    "encryption: # crypto\nlogging:\n  format: json\n",
-			values:  map[string]string{"encryption.pickle_key": "pk"},
-			changed: []string{"  pickle_key: pk"},
-			added:   1,
-		},
-		"empty file": {
-			text:    "",
-			values:  map[string]string{"appservice.as_token": "tok"},
-			changed: []string{"appservice:", "  as_token: tok"},
-			added:   2,
-		},
-		"flow mapping": {
-			text:   "# head comment\nencryption: {pickle_key: generate}\n",
-			values: map[string]string{"encryption.pickle_key": "pk"},
-		},
-		"multi-line value": {
-			text:   "# head comment\nencryption:\n  pickle_key: |\n    generate\n",
-			values: map[string]string{"encryption.pickle_key": "pk"},
-		},
-	} {
-		t.Run(name, func(t *testing.T) {
-			dir := t.TempDir()
-			path := filepath.Join(dir, "config.yaml")
-			if err := os.WriteFile(path, []byte(tc.text), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			if err := WriteConfigValues(path, tc.values); err != nil {
-				t.Fatal(err)
-			}
-			info, err := os.Stat(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if mode := info.Mode().Perm(); mode != 0o600 {
-				t.Errorf("mode %o, want 600", mode)
-			}
-			entries, _ := os.ReadDir(dir)
-			if len(entries) != 1 {
-				t.Errorf("temporary files left behind: %v", entries)
-			}
-			data, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for key, value := range tc.values {
-				if got, ok := lookupValue(data, strings.Split(key, ".")); !ok || got != value {
-					t.Errorf("%s = %q (found %v), want %q", key, got, ok, value)
-				}
-			}
-			if strings.Contains(tc.text, "# head comment") && !strings.Contains(string(data), "# head comment") {
-				t.Errorf("comment lost:\n%s", data)
-			}
-			if tc.changed == nil {
-				return
-			}
-			original := make(map[string]bool)
-			for _, line := range strings.Split(tc.text, "\n") {
-				original[line] = true
-			}
-			for _, line := range strings.Split(strings.TrimSuffix(string(data), "\n"), "\n") {
-				if !original[line] && !slices.Contains(tc.changed, line) {
-					t.Errorf("unexpected line %q in:\n%s", line, data)
-				}
-			}
-			if got := lineCount(string(data)) - lineCount(tc.text); got != tc.added {
-				t.Errorf("%d lines added, want %d:\n%s", got, tc.added, data)
-			}
-		})
-	}
-
-	t.Run("example still loads", func(t *testing.T) {
-		path := writeConfig(t, example)
-		const pk = "pk-0123456789abcdef0123456789abcdef"
-		if err := WriteConfigValues(path, map[string]string{"encryption.pickle_key": pk, "appservice.as_token": "a", "appservice.hs_token": "h"}); err != nil {
-			t.Fatal(err)
-		}
-		cfg, err := LoadConfig(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err = cfg.ValidateForRun(); err != nil {
-			t.Fatal(err)
-		}
-		if cfg.Encryption.PickleKey != pk || cfg.Appservice.ASToken != "a" || cfg.Appservice.HSToken != "h" {
-			t.Errorf("values not written: %+v %+v", cfg.Encryption, cfg.Appservice)
-		}
-	})
-
-	t.Run("symlink is followed", func(t *testing.T) {
-		dir := t.TempDir()
-		target := filepath.Join(dir, "real.yaml")
-		link := filepath.Join(dir, "config.yaml")
-		if err := os.WriteFile(target, []byte("encryption:\n  pickle_key: generate\n"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Symlink("real.yaml", link); err != nil {
-			t.Skip("symlinks unsupported:", err)
-		}
-		if err := WriteConfigValues(link, map[string]string{"encryption.pickle_key": "pk"}); err != nil {
-			t.Fatal(err)
-		}
-		if info, err := os.Lstat(link); err != nil || info.Mode()&os.ModeSymlink == 0 {
-			t.Errorf("the symlink was replaced (%v)", err)
-		}
-		if data, _ := os.ReadFile(target); string(data) != "encryption:\n  pickle_key: pk\n" {
-			t.Errorf("target = %q", data)
-		}
-	})
-
-	t.Run("errors", func(t *testing.T) {
-		for name, tc := range map[string]struct {
-			text   string
-			values map[string]string
-		}{
-			"line break in value":  {"a: b\n", map[string]string{"appservice.as_token": "a\nb"}},
-			"empty key segment":    {"a: b\n", map[string]string{"appservice..as_token": "x"}},
-			"section is a value":   {"appservice: 3\n", map[string]string{"appservice.as_token": "x"}},
-			"value is a section":   {"appservice:\n  as_token:\n    x: 1\n", map[string]string{"appservice.as_token": "x"}},
-			"file is not a config": {"- a\n- b\n", map[string]string{"appservice.as_token": "x"}},
-		} {
-			t.Run(name, func(t *testing.T) {
-				path := writeConfig(t, tc.text)
-				if err := WriteConfigValues(path, tc.values); err == nil {
-					t.Error("no error")
-				}
-				if data, _ := os.ReadFile(path); string(data) != tc.text {
-					t.Errorf("file changed to %q", data)
-				}
-			})
-		}
-		if err := WriteConfigValues(filepath.Join(t.TempDir(), "missing.yaml"), map[string]string{"a.b": "c"}); err == nil {
-			t.Error("no error for a missing file")
-		}
-	})
-}
-
-// lineCount counts the lines of text, a last line without a newline included.
-func lineCount(text string) int {
-	if text == "" {
-		return 0
-	}
-	return len(strings.Split(strings.TrimSuffix(text, "\n"), "\n"))
 }
 
 func TestWriteFileAtomic(t *testing.T) {
@@ -966,13 +800,13 @@ func TestWriteFileAtomic(t *testing.T) {
 
 func TestConfigErrorFormat(t *testing.T) {
 	for name, tc := range map[string]struct {
-		err  ConfigError
+		err  Error
 		want string
 	}{
-		"file and line": {ConfigError{File: "config.yaml", Line: 7, Key: "a.b", Msg: "a.b: bad"}, "config.yaml:7: a.b: bad"},
-		"file only":     {ConfigError{File: "config.yaml", Key: "a.b", Msg: "a.b: bad"}, "config.yaml: a.b: bad"},
-		"environment":   {ConfigError{File: "config.yaml", Env: "FERRY_A_B", Key: "a.b", Msg: "a.b: bad"}, "environment variable FERRY_A_B: a.b: bad"},
-		"in code":       {ConfigError{Key: "a.b", Msg: "a.b: bad"}, "a.b: bad"},
+		"file and line": {Error{File: "config.yaml", Line: 7, Key: "a.b", Msg: "a.b: bad"}, "config.yaml:7: a.b: bad"},
+		"file only":     {Error{File: "config.yaml", Key: "a.b", Msg: "a.b: bad"}, "config.yaml: a.b: bad"},
+		"environment":   {Error{File: "config.yaml", Env: "FERRY_A_B", Key: "a.b", Msg: "a.b: bad"}, "environment variable FERRY_A_B: a.b: bad"},
+		"in code":       {Error{Key: "a.b", Msg: "a.b: bad"}, "a.b: bad"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			if got := tc.err.Error(); got != tc.want {
@@ -983,8 +817,8 @@ func TestConfigErrorFormat(t *testing.T) {
 }
 
 func TestValidateConfigBuiltInCode(t *testing.T) {
-	cfg := DefaultConfig()
-	cfg.Homeserver = HomeserverConfig{Address: "https://matrix.test.org", Domain: "test.org"}
+	cfg := Default()
+	cfg.Homeserver = Homeserver{Address: "https://matrix.test.org", Domain: "test.org"}
 	cfg.Permissions = bridge.Permissions{"@boss:test.org": bridge.LevelAdmin, "bad key": bridge.LevelUser, "test.org": bridge.Level(9)}
 	err := cfg.Validate()
 	if err == nil {

@@ -1,0 +1,171 @@
+package crypto
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/crypto/goolm/message"
+	"maunium.net/go/mautrix/crypto/goolm/session"
+	"maunium.net/go/mautrix/crypto/olm"
+	cryptoupgrade "maunium.net/go/mautrix/crypto/sql_store_upgrade"
+	"maunium.net/go/mautrix/id"
+)
+
+// This file is ferry's one door into what mautrix's crypto package owns beyond its public methods: the tables of
+// its SQL crypto store (schema knownCryptoSchema) and goolm's Megolm internals. ferry batches and prunes where
+// the store's own methods work row by row (key shares to a thousand devices, destroying expired keys); every
+// statement and every reach into goolm is here, so that a mautrix upgrade that changes what they rely on fails in
+// one place: at start-up (checkCryptoSchema) and in TestMautrixStoreStatements / TestGoolmInternals, loudly.
+
+// knownCryptoSchema is the crypto store schema version (mautrix v0.32.0) whose tables the statements below
+// were written for.
+const knownCryptoSchema = 22
+
+// ErrUnknownCryptoSchema means the crypto store's schema is not the one ferry's statements were written for.
+var ErrUnknownCryptoSchema = errors.New("unknown crypto store schema")
+
+// checkCryptoSchema refuses a crypto store whose schema version is not knownCryptoSchema, and a mautrix whose
+// store upgrades to another: ferry would run its statements against tables it does not know. Call it after the
+// store's upgrade.
+func checkCryptoSchema(ctx context.Context, db *dbutil.Database) error {
+	if latest := len(cryptoupgrade.Table); latest != knownCryptoSchema {
+		return fmt.Errorf("%w: this build's mautrix upgrades the crypto store to version %d, ferry knows version %d (update ferry's crypto store statements before upgrading mautrix)",
+			ErrUnknownCryptoSchema, latest, knownCryptoSchema)
+	}
+	var version int
+	if err := db.QueryRow(ctx, `SELECT version FROM crypto_version`).Scan(&version); err != nil {
+		return fmt.Errorf("failed to read the crypto store's schema version: %w", err)
+	} else if version != knownCryptoSchema {
+		return fmt.Errorf("%w: the database's crypto store is at version %d, ferry knows version %d", ErrUnknownCryptoSchema, version, knownCryptoSchema)
+	}
+	return nil
+}
+
+// Statements on the crypto store's tables. Batched statements are built by the functions below them.
+const (
+	// Accounts (crypto_account): the ghosts with a device, and forgetting the bot's vanished device.
+	sqlGhostAccounts      = `SELECT account_id FROM crypto_account WHERE account_id<>$1 ORDER BY account_id`
+	sqlDeleteAccount      = `DELETE FROM crypto_account WHERE account_id=$1`
+	sqlDeleteOlmSessions  = `DELETE FROM crypto_olm_session WHERE account_id=$1`
+	sqlDeleteAccountOut   = `DELETE FROM crypto_megolm_outbound_session WHERE account_id=$1`
+	sqlDeleteAllOutbound  = `DELETE FROM crypto_megolm_outbound_session`
+	sqlDeleteRoomOutbound = `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1`
+	sqlDeleteOutbound     = `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1 AND session_id=$2`
+
+	// Inbound sessions (crypto_megolm_inbound_session), under every account that holds a copy.
+	sqlDeleteInbound        = `DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`
+	sqlDeleteGhostInbound   = `DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2 AND account_id<>$3`
+	sqlInboundCopyAccounts  = `SELECT account_id FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`
+	sqlInboundKeyAccounts   = sqlInboundCopyAccounts + ` AND session IS NOT NULL`
+	sqlDeleteSessionShared  = `DELETE FROM crypto_megolm_outbound_session_shared WHERE session_id=$1`
+	sqlIsSessionRecipient   = `SELECT EXISTS(SELECT 1 FROM crypto_megolm_outbound_session_shared WHERE user_id=$1 AND session_id=$2)`
+	sqlAllTrackedUsers      = `SELECT user_id FROM crypto_tracked_user`
+	sqlReplayIndexOfSession = `SELECT "index", event_id, timestamp FROM crypto_message_index WHERE session_id=$1`
+)
+
+// StoredCopiesOf lists the crypto store accounts (the bot's, ghosts') that hold key material of a Megolm session
+// (withheld sessions have none). ferry-keycheck uses it to tell whether ferry's database can decrypt an event.
+func StoredCopiesOf(ctx context.Context, db *dbutil.Database, roomID id.RoomID, sessionID id.SessionID) ([]string, error) {
+	rows, err := db.Query(ctx, sqlInboundKeyAccounts, roomID, sessionID)
+	return dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[string], err).AsList()
+}
+
+// sqlTrackedUsersIn selects which of n users (parameters $1..$n) have tracked device lists.
+func sqlTrackedUsersIn(n int) string {
+	return `SELECT user_id FROM crypto_tracked_user WHERE user_id IN (` + placeholders(1, n, 1) + `)`
+}
+
+// sqlDevicesOf reads the stored devices of n users (parameters $1..$n).
+func sqlDevicesOf(n int) string {
+	return `SELECT user_id, device_id, identity_key, signing_key, trust, deleted, name FROM crypto_device
+		WHERE deleted=false AND user_id IN (` + placeholders(1, n, 1) + `)`
+}
+
+// sqlCrossSigningKeysOf reads the cross-signing keys of n users ($2..$n+1), other than the one in $1.
+func sqlCrossSigningKeysOf(n int) string {
+	return `SELECT user_id, usage, key, first_seen_key FROM crypto_cross_signing_keys
+		WHERE user_id IN (` + placeholders(2, n, 1) + `) AND user_id<>$1`
+}
+
+// sqlSelfSignaturesOf reads the signatures on n users' keys ($2..$n+1) made by themselves or by the user in $1.
+func sqlSelfSignaturesOf(n int) string {
+	return `SELECT signed_user_id, signed_key, signer_user_id, signer_key FROM crypto_cross_signing_signatures
+		WHERE signed_user_id IN (` + placeholders(2, n, 1) + `) AND (signer_user_id=signed_user_id OR signer_user_id=$1)`
+}
+
+// sqlOlmSessionsWith reads an account's ($1) Olm sessions with n sender keys ($2..$n+1).
+func sqlOlmSessionsWith(n int) string {
+	return `SELECT sender_key, session_id, session, created_at, last_encrypted, last_decrypted FROM crypto_olm_session
+		WHERE account_id=$1 AND sender_key IN (` + placeholders(2, n, 1) + `)`
+}
+
+// sqlSaveOlmSessions upserts n Olm sessions (7 parameters each); a row is only overwritten by a state at least as
+// new (last_encrypted), so a slower concurrent save never puts back an older ratchet.
+func sqlSaveOlmSessions(n int) string {
+	return `INSERT INTO crypto_olm_session (account_id, session_id, sender_key, session, created_at, last_encrypted, last_decrypted)
+		VALUES ` + placeholders(1, n, 7) + `
+		ON CONFLICT (account_id, session_id) DO UPDATE SET session=excluded.session,
+			last_encrypted=excluded.last_encrypted, last_decrypted=excluded.last_decrypted
+		WHERE crypto_olm_session.last_encrypted <= excluded.last_encrypted`
+}
+
+// sqlSaveSessionShared records n recipients of a Megolm session (user_id, identity_key, session_id each).
+func sqlSaveSessionShared(n int) string {
+	return `INSERT INTO crypto_megolm_outbound_session_shared (user_id, identity_key, session_id) VALUES ` +
+		placeholders(1, n, 3) + ` ON CONFLICT DO NOTHING`
+}
+
+// sqlSaveReplayIndex records n replay-index entries (session_id, index, event_id, timestamp each).
+func sqlSaveReplayIndex(n int) string {
+	var sb strings.Builder
+	sb.WriteString(`INSERT INTO crypto_message_index (session_id, "index", event_id, timestamp) VALUES `)
+	for i := range n {
+		if i > 0 {
+			sb.WriteByte(',')
+		}
+		fmt.Fprintf(&sb, "($%d,$%d,$%d,$%d)", i*4+1, i*4+2, i*4+3, i*4+4)
+	}
+	sb.WriteString(` ON CONFLICT (session_id, "index") DO NOTHING`)
+	return sb.String()
+}
+
+// newBlankOlmSession is an Olm session to unpickle a stored one into (the store's own loader does the same).
+func newBlankOlmSession() olm.Session { return olm.NewBlankSession() }
+
+// advanceInboundRatchet moves a goolm inbound Megolm session's cached ratchet forward to index, as decrypting
+// the message at index did inside mautrix's copy of it. It never moves backwards, by goolm's own rule for whether
+// an index lies at or beyond the latest ratchet (the counter wraps). It returns false for sessions that are not
+// goolm's.
+func advanceInboundRatchet(internal olm.InboundGroupSession, index uint) bool {
+	s, ok := internal.(*session.MegolmInboundSession)
+	if !ok || index > math.MaxUint32 || uint32(index)-s.Ratchet.Counter >= 1<<31 {
+		return false
+	}
+	s.Ratchet.AdvanceTo(uint32(index))
+	return true
+}
+
+// megolmCiphertextIndex reads the message index of a decoded Megolm ciphertext (sent in the clear).
+func megolmCiphertextIndex(raw []byte) (uint32, error) {
+	var msg message.GroupMessage
+	if err := msg.Decode(raw); err != nil {
+		return 0, err
+	} else if !msg.HasMessageIndex {
+		return 0, errors.New("ciphertext has no message index")
+	}
+	return msg.MessageIndex, nil
+}
+
+// copyGoolmInbound copies a goolm inbound Megolm session (plain values), nil for other implementations.
+func copyGoolmInbound(internal olm.InboundGroupSession) olm.InboundGroupSession {
+	s, ok := internal.(*session.MegolmInboundSession)
+	if !ok || s == nil {
+		return nil
+	}
+	cp := *s
+	return &cp
+}

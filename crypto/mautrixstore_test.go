@@ -1,0 +1,149 @@
+package crypto
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/crypto/olm"
+
+	"go.ferry.im/ferry/database/dbtest"
+)
+
+// errRollback ends the statement test's transaction without keeping what it wrote.
+var errRollback = errors.New("rollback")
+
+// TestMautrixStoreStatements runs every statement ferry has on the crypto store's tables against the schema this
+// build's mautrix creates, on PostgreSQL and SQLite. A mautrix upgrade that renames or drops what they use fails
+// here, before any start-up does.
+func TestMautrixStoreStatements(t *testing.T) {
+	const n = 2 // rows in the batched statements
+	args := func(k int) []any {
+		out := make([]any, k)
+		for i := range out {
+			out[i] = "x"
+		}
+		return out
+	}
+	statements := map[string][]any{
+		sqlGhostAccounts: {"x"}, sqlDeleteAccount: {"x"}, sqlDeleteOlmSessions: {"x"}, sqlDeleteAccountOut: {"x"},
+		sqlDeleteAllOutbound: {}, sqlDeleteRoomOutbound: {"x"}, sqlDeleteOutbound: {"x", "x"}, sqlDeleteInbound: {"x", "x"},
+		sqlDeleteGhostInbound: {"x", "x", "x"}, sqlInboundCopyAccounts: {"x", "x"}, sqlInboundKeyAccounts: {"x", "x"},
+		sqlDeleteSessionShared: {"x"}, sqlIsSessionRecipient: {"x", "x"}, sqlAllTrackedUsers: {},
+		sqlReplayIndexOfSession: {"x"},
+		sqlTrackedUsersIn(n):    args(n), sqlDevicesOf(n): args(n), sqlCrossSigningKeysOf(n): args(n + 1),
+		sqlSelfSignaturesOf(n): args(n + 1), sqlOlmSessionsWith(n): args(n + 1),
+		sqlSaveSessionShared(n): args(3 * n),
+	}
+	// Typed values where the schema needs them.
+	now := time.Now()
+	olmRow := []any{"acct", "sess", "key", []byte("pickle"), now, now, now}
+	statements[sqlSaveOlmSessions(1)] = olmRow
+	statements[sqlSaveReplayIndex(1)] = []any{"sess", 1, "$event", 1}
+
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			db := dbtest.Open(t, dialect)
+			store := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "acct", "", []byte("pickle key"))
+			if err := store.DB.Upgrade(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := checkCryptoSchema(ctx, db); err != nil {
+				t.Fatalf("the crypto store this mautrix creates is not the one ferry knows: %v", err)
+			}
+			for q, a := range statements {
+				// Each in a transaction of its own, rolled back: nothing stays, and one failure does not hide others.
+				err := db.DoTxn(ctx, nil, func(ctx context.Context) error {
+					var err error
+					if strings.HasPrefix(strings.TrimSpace(q), "SELECT") {
+						var rows dbutil.Rows
+						if rows, err = db.Query(ctx, q, a...); err == nil {
+							err = rows.Close()
+						}
+					} else {
+						_, err = db.Exec(ctx, q, a...)
+					}
+					if err != nil {
+						return err
+					}
+					return errRollback
+				})
+				if !errors.Is(err, errRollback) {
+					t.Errorf("%s\n  fails on the crypto store: %v", q, err)
+				}
+			}
+		})
+	}
+}
+
+// TestCryptoSchemaRefusesUnknownVersion: a database whose crypto store another mautrix upgraded is refused at
+// start-up with a reason, not used with statements written for another schema.
+func TestCryptoSchemaRefusesUnknownVersion(t *testing.T) {
+	ctx := context.Background()
+	db := dbtest.Open(t, "sqlite3-fk-wal")
+	store := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "acct", "", []byte("pickle key"))
+	if err := store.DB.Upgrade(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec(ctx, `UPDATE crypto_version SET version=$1`, knownCryptoSchema+1); err != nil {
+		t.Fatal(err)
+	}
+	if err := checkCryptoSchema(ctx, db); !errors.Is(err, ErrUnknownCryptoSchema) {
+		t.Fatalf("err = %v, want ErrUnknownCryptoSchema", err)
+	}
+}
+
+// TestGoolmInternals pins what ferry relies on inside goolm's Megolm sessions: an inbound session is goolm's
+// (so it can be copied and its cached ratchet stepped), stepping forward makes earlier indices undecryptable and
+// later ones not, it never steps back, and the message index is read from a ciphertext without a key.
+func TestGoolmInternals(t *testing.T) {
+	out, err := olm.NewOutboundGroupSession()
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := out.Key()
+	in, err := olm.NewInboundGroupSession([]byte(key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ciphertexts [][]byte
+	for range 3 {
+		ct, err := out.Encrypt([]byte(`{"type":"m.room.message"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ciphertexts = append(ciphertexts, ct)
+	}
+	for i, ct := range ciphertexts {
+		raw, err := base64.RawStdEncoding.DecodeString(strings.TrimRight(string(ct), "="))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if idx, err := megolmCiphertextIndex(raw); err != nil || idx != uint32(i) {
+			t.Fatalf("message index of ciphertext %d = %d (%v)", i, idx, err)
+		}
+	}
+	cp := copyGoolmInbound(in)
+	if cp == nil || cp == in {
+		t.Fatal("the inbound session is not goolm's: ferry's session cache and ratchet steps cannot work (build with -tags goolm)")
+	}
+	if !advanceInboundRatchet(cp, 2) {
+		t.Fatal("the cached ratchet did not step forward")
+	}
+	if _, _, err = cp.Decrypt(ciphertexts[2]); err != nil {
+		t.Fatalf("the message at the ratchet no longer decrypts: %v", err)
+	}
+	if _, _, err = in.Decrypt(ciphertexts[0]); err != nil {
+		t.Fatalf("stepping a copy changed the original: %v", err)
+	}
+	advanceInboundRatchet(cp, 1) // backwards: ignored
+	if _, _, err = cp.Decrypt(ciphertexts[2]); err != nil {
+		t.Fatalf("a backward step moved the ratchet: %v", err)
+	}
+}
