@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS := -X main.Version=$(VERSION) -X main.Commit=$(COMMIT)
 
-.PHONY: build test unit e2e demo bench vet fmt fuzz clean release
+.PHONY: build test unit e2e demo screenshots bench vet fmt fuzz clean release
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ferry ./cmd/ferry
@@ -38,6 +38,11 @@ e2e: build
 HS ?= synapse
 demo: build
 	FERRY_E2E_HS=$(HS) scripts/demo.sh
+
+# Real screenshots of a linked conversation in nheko under Xvfb, into docs/screenshots/ (installs what it needs;
+# HS=dendrite for Dendrite).
+screenshots:
+	FERRY_E2E_HS=$(HS) scripts/screenshots.sh
 
 # The relay load tool (see docs/BENCHMARKS.md), then the Go micro-benchmarks.
 bench:

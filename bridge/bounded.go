@@ -23,6 +23,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database"
@@ -51,6 +52,8 @@ const (
 	// noticeAboutSender: notices ferry posts about what a user sent (a missing key, a message it could not
 	// relay).
 	noticeAboutSender
+	// noticeStatus: com.beeper.message_send_status events about what a user sent (status.go).
+	noticeStatus
 )
 
 // noticeBudget is a token bucket: burst notices at once, then one every refill.
@@ -62,6 +65,7 @@ type noticeBudget struct {
 var noticeBudgets = [...]noticeBudget{
 	noticeReply:       {burst: 20, refill: 3 * time.Second},
 	noticeAboutSender: {burst: 3, refill: 5 * time.Minute},
+	noticeStatus:      {burst: 30, refill: 10 * time.Second},
 }
 
 type noticeKey struct {
@@ -174,7 +178,9 @@ func (b *Bridge) expireParked(ctx context.Context, parked []*database.InboxEvent
 				senders[row.Sender] = true
 				names = append(names, string(row.Sender))
 			}
-			b.keyArrived(ctx, row) // its own missing-key notice, if any, is replaced by the one below
+			// Undecryptable for good: its status says so, and its own missing-key notice, if any, is replaced by
+			// the room's one below.
+			b.tellSender(ctx, deliveryOf(row), deliveryProblem{status: event.MessageStatusFail, reason: event.MessageStatusUndecryptable, kind: "nokey_expired"})
 		}
 		if err := b.DB.Inbox.FinishMany(ctx, seqs, database.InboxFailed); err != nil {
 			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to give up on parked events")
@@ -204,11 +210,8 @@ func (b *Bridge) workerIdle() time.Duration {
 }
 
 // tellStalled tells an event's sender, in its room, that ferry has not managed to relay it after
-// maxSendAttempts and keeps trying.
+// maxSendAttempts and keeps trying (status.go: the notice goes once the event is relayed).
 func (b *Bridge) tellStalled(ctx context.Context, row *database.InboxEvent, err error) {
-	if !b.mayNotice(ctx, row.RoomID, row.Sender, noticeAboutSender) {
-		return
-	}
 	why := "the homeserver did not answer"
 	var httpErr mautrix.HTTPError
 	if errors.As(err, &httpErr) && httpErr.Response != nil {
@@ -217,8 +220,8 @@ func (b *Bridge) tellStalled(ctx context.Context, row *database.InboxEvent, err 
 			why += " " + httpErr.RespError.ErrCode
 		}
 	}
-	n := renderNotice("ferry has not managed to relay this message after %d attempts (%s); it keeps trying, and later messages of this room wait for it.", maxSendAttempts, why)
-	if _, nerr := b.sendRenderedNotice(ctx, row.RoomID, n, row.EventID, "ferry_stalled_"+TxnID(row.EventID, row.RoomID)); nerr != nil {
-		zerolog.Ctx(ctx).Warn().Err(nerr).Msg("Failed to tell the sender that relaying is stalled")
-	}
+	b.tellSender(ctx, deliveryOf(row), deliveryProblem{
+		status: event.MessageStatusRetriable, reason: event.MessageStatusNetworkError, kind: "stalled",
+		notice: renderNotice("ferry has not managed to relay this message after %d attempts (%s); it keeps trying, and later messages of this room wait for it.", maxSendAttempts, why),
+	})
 }

@@ -26,22 +26,24 @@ func TestNoticeLimiter(t *testing.T) {
 	if l.allow("!a", "@u", noticeReply, t0) {
 		t.Fatal("a reply beyond the burst was allowed")
 	}
-	for name, tc := range map[string]struct {
+	// In order: the last two cases spend the refill one after the other.
+	for _, tc := range []struct {
+		name string
 		room id.RoomID
 		user id.UserID
 		kind noticeKind
 		at   time.Time
 		want bool
 	}{
-		"another user in the room":          {room: "!a", user: "@v", kind: noticeReply, at: t0, want: true},
-		"the same user in another room":     {room: "!b", user: "@u", kind: noticeReply, at: t0, want: true},
-		"another kind":                      {room: "!a", user: "@u", kind: noticeAboutSender, at: t0, want: true},
-		"too soon after the burst":          {room: "!a", user: "@u", kind: noticeReply, at: t0.Add(time.Second)},
-		"after one refill period":           {room: "!a", user: "@u", kind: noticeReply, at: t0.Add(noticeBudgets[noticeReply].refill + time.Second), want: true},
-		"right after that refill was spent": {room: "!a", user: "@u", kind: noticeReply, at: t0.Add(noticeBudgets[noticeReply].refill + 2*time.Second)},
+		{name: "another user in the room", room: "!a", user: "@v", kind: noticeReply, at: t0, want: true},
+		{name: "the same user in another room", room: "!b", user: "@u", kind: noticeReply, at: t0, want: true},
+		{name: "another kind", room: "!a", user: "@u", kind: noticeAboutSender, at: t0, want: true},
+		{name: "too soon after the burst", room: "!a", user: "@u", kind: noticeReply, at: t0.Add(time.Second)},
+		{name: "after one refill period", room: "!a", user: "@u", kind: noticeReply, at: t0.Add(noticeBudgets[noticeReply].refill + time.Second), want: true},
+		{name: "right after that refill was spent", room: "!a", user: "@u", kind: noticeReply, at: t0.Add(noticeBudgets[noticeReply].refill + 2*time.Second)},
 	} {
 		if got := l.allow(tc.room, tc.user, tc.kind, tc.at); got != tc.want {
-			t.Errorf("%s: allow = %t, want %t", name, got, tc.want)
+			t.Errorf("%s: allow = %t, want %t", tc.name, got, tc.want)
 		}
 	}
 	// A flood of distinct users cannot grow the table past its cap.

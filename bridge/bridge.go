@@ -13,8 +13,13 @@
 //   - Dropped: events from ferry's own users (bot, ghosts) and from blocked users, bot commands, state events,
 //     encrypted events whose cleartext type is control (a redaction, a state type), relations to events ferry
 //     never relayed when no graceful fallback exists (edits, reactions).
+//   - Room upgrades (upgrade.go): a link follows a linked room's tombstone into the room that replaces it; edits,
+//     reactions and redactions of events from before the upgrade go to the old room where those live (restated
+//     in the new room when the old one is muted), replies to them link to the old room.
 //   - Encryption: a copy sent into an encrypted room is always encrypted; relaying from an encrypted room into
 //     an unencrypted one is refused unless bridge.allow_unencrypted_targets is set.
+//   - Delivery status (status.go): a message that cannot be relayed into a room (refused, failing, undecryptable)
+//     gets a reply notice and com.beeper.message_send_status in its own room; both resolve when it crosses later.
 //   - Durability: an event is acknowledged to the homeserver only once recorded; it is relayed at most once per
 //     target room (event map + deterministic transaction IDs) and at least once (inbox rows stay until done).
 package bridge
@@ -71,6 +76,9 @@ type Bridge struct {
 
 	disappearOnce sync.Once
 	disappearing  *disappearer // see disappear.go
+
+	ephemeralOnce sync.Once
+	eph           *ephemeralRelay // typing and read receipts (ephemeral.go)
 
 	sent sentLedger // what the read-back after an unclean stop found (reconcile.go)
 
@@ -146,6 +154,11 @@ func (b *Bridge) Start(ctx context.Context) error {
 		b.parkedLoop(b.rootCtx)
 	}()
 	b.startDisappear(b.rootCtx)
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		b.ephemeralLoop(b.rootCtx)
+	}()
 	b.Log.Info().Int("rooms_with_backlog", len(rooms)).Msg("Relay started")
 	return nil
 }

@@ -72,51 +72,74 @@ func newLinkID() string { return randomHex(8) }
 
 func cmdLink(ce *CommandEvent) {
 	b, ctx := ce.Bridge, ce.Ctx
-	target, err := b.resolveRoom(ctx, ce.Args[0])
+	usage := usageNotice(b.Config.CommandPrefix, ce.Room.Management, findCommand(commandTable, "link"))
+	from := ce.RoomID
+	if len(ce.Args) == 2 {
+		// Two rooms, from a management room: neither is the command's room, so the sender's power counts in
+		// both only as it does for any room a command acts on (joined there now, with the power).
+		if !ce.Room.Management {
+			ce.reply(renderNotice("Linking two other rooms works in a chat with me alone (a management room); here, `%s` links this room.", ce.cmd("link <room>")))
+			return
+		}
+		var err error
+		if from, err = b.resolveRoom(ctx, ce.Args[0]); err != nil {
+			ce.reply(renderNotice("Cannot link: %s.", err).join(usage))
+			return
+		}
+	}
+	targetArg := ce.Args[len(ce.Args)-1]
+	target, err := b.resolveRoom(ctx, targetArg)
 	if err != nil {
-		ce.reply(renderNotice("Cannot link: %s.", err).join(usageNotice(b.Config.CommandPrefix, ce.Room.Management, findCommand(commandTable, "link"))))
+		ce.reply(renderNotice("Cannot link: %s.", err).join(usage))
 		return
 	}
-	if target == ce.RoomID {
+	if target == from {
 		ce.Reply("Cannot link a room to itself.")
 		return
 	}
-	if !b.StateStore.IsInRoom(ctx, target, b.AS.BotMXID()) {
-		ce.Reply("Cannot link: I am not in %s. Invite me there first.", ce.Args[0])
-		return
+	for _, r := range []struct {
+		room id.RoomID
+		arg  string
+	}{{from, ce.Args[0]}, {target, targetArg}} {
+		if r.room != ce.RoomID && !b.StateStore.IsInRoom(ctx, r.room, b.AS.BotMXID()) {
+			ce.Reply("Cannot link: I am not in %s. Invite me there first.", r.arg)
+			return
+		}
 	}
-	if a := ce.authorize(ce.RoomID, rightSettings); !a.ok {
-		ce.reply(a.because("Cannot link"))
-		return
+	if from == ce.RoomID {
+		if a := ce.authorize(ce.RoomID, rightSettings); !a.ok {
+			ce.reply(a.because("Cannot link"))
+			return
+		}
 	}
 	// A room joins the link of the other room when one of them is linked; two rooms in different links stay
 	// apart (a room belongs to at most one link).
 	existing, _ := b.DB.Links.GetByRoom(ctx, target)
-	current, _ := b.DB.Links.GetByRoom(ctx, ce.RoomID)
+	current, _ := b.DB.Links.GetByRoom(ctx, from)
 	if existing != nil && current != nil {
 		if current.ID == existing.ID {
-			ce.Reply("This room is already linked with %s.", ce.Args[0])
+			ce.Reply("%s is already linked with %s.", b.roomName(ctx, from), targetArg)
 		} else {
-			ce.Reply("Cannot link: this room and %s belong to different links. Unlink one of them first.", ce.Args[0])
+			ce.Reply("Cannot link: %s and %s belong to different links. Unlink one of them first.", b.roomName(ctx, from), targetArg)
 		}
 		return
 	}
-	if reason, refused := b.linkRefusal(ctx, ce.RoomID, target, existing, current); refused {
+	if reason, refused := b.linkRefusal(ctx, from, target, existing, current); refused {
 		ce.reply(renderNotice("Cannot link:").join(reason))
 		return
 	}
 	// Linking acts on both rooms and on every room of a link either belongs to: each needs consent from someone
 	// with power there (consent.go). The sender consents where their own power counts.
-	att := ce.requesterConsents(linkScope(ce.RoomID, target, current, existing))
+	att := ce.requesterConsents(linkScope(from, target, current, existing))
 	if att.unknown != nil {
 		ce.reply(att.unknown.because("Cannot link"))
 		return
 	}
 	if len(att.waiting) > 0 {
-		ce.askConsent(&database.ConsentRequest{Kind: database.ConsentLink, FromRoom: ce.RoomID, TargetRoom: target}, att)
+		ce.askConsent(&database.ConsentRequest{Kind: database.ConsentLink, FromRoom: from, TargetRoom: target}, att)
 		return
 	}
-	b.completeLink(ce, ce.RoomID, target)
+	b.completeLink(ce, from, target)
 }
 
 // linkRefusal explains why rooms a and c may not be linked, given the links they already belong to (nil when
@@ -297,14 +320,16 @@ func (b *Bridge) policyText(link *database.Link) noticeText {
 
 func cmdStatus(ce *CommandEvent) {
 	b, ctx := ce.Bridge, ce.Ctx
-	n := renderNotice("ferry %s, up %s.", Version, formatDuration(b.Uptime())).
-		join(renderNotice("Encryption path: %s", orUnknown(b.EncryptionPath)))
+	// The path's short name (its details are for admins, below).
+	path, _, _ := strings.Cut(orUnknown(b.EncryptionPath), " (")
+	n := renderNotice("ferry %s · up %s", Version, formatDuration(b.Uptime())).
+		join(renderNotice("Encryption: %s", path))
 	link, err := b.DB.Links.GetByRoom(ctx, ce.RoomID)
 	switch {
 	case err == nil:
-		n = n.join(renderNotice("This room's link `%s`:", link.ID))
+		n = n.join(renderNotice("**This room's link** `%s`", link.ID))
 		for _, r := range link.Rooms {
-			n = n.join(b.roomStatusLine(ctx, r, ce.RoomID))
+			n = n.join(b.roomHealth(ctx, r, ce.RoomID).text(time.Now()))
 		}
 	case errors.Is(err, database.ErrLinkNotFound):
 		n = n.join(renderNotice("This room is not linked."))
@@ -328,8 +353,19 @@ func queuedExcept(counts map[database.InboxState]int, room, commandRoom id.RoomI
 	return n
 }
 
-// roomStatusLine is one room's line of the status command.
-func (b *Bridge) roomStatusLine(ctx context.Context, room, commandRoom id.RoomID) noticeText {
+// roomHealth is how relaying out of one room of a link is doing, for the status command.
+type roomHealth struct {
+	name        string
+	here        bool      // the room the command was sent in
+	lastRelayed time.Time // when the latest copy of one of its messages was made; zero: never
+	failures    int       // failed sends out of it in the last hour (retried or given up)
+	notRelayed  int       // its events ferry gave up on, kept a day (inbox rows failed)
+	waiting     int       // its events waiting for their room keys
+	queued      int       // its events waiting their turn
+}
+
+// roomHealth gathers one room's health.
+func (b *Bridge) roomHealth(ctx context.Context, room, commandRoom id.RoomID) roomHealth {
 	counts, err := b.DB.Inbox.CountByState(ctx, room)
 	if err != nil {
 		zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", room).Msg("Failed to count queued events")
@@ -338,12 +374,67 @@ func (b *Bridge) roomStatusLine(ctx context.Context, room, commandRoom id.RoomID
 	if err != nil {
 		zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", room).Msg("Failed to read last relayed event")
 	}
-	return renderNotice("- **%s**: %d queued, %d waiting for keys, last relayed %s, %d errors in the last hour",
-		b.roomName(ctx, room), queuedExcept(counts, room, commandRoom), counts[database.InboxWaitingKeys], formatAge(last, time.Now()),
-		b.stats.errorsLastHour([]id.RoomID{room}))
+	return roomHealth{
+		name: cleanName(b.roomName(ctx, room), maxStatusNameRunes), here: room == commandRoom, lastRelayed: last,
+		failures: b.stats.errorsLastHour([]id.RoomID{room}), notRelayed: counts[database.InboxFailed],
+		waiting: counts[database.InboxWaitingKeys], queued: queuedExcept(counts, room, commandRoom),
+	}
 }
 
-// globalStatus is the admins' part of the status command: every link and the totals.
+// The status command fits a phone screen: lines of at most maxStatusLineRunes characters, room names shortened to
+// maxStatusNameRunes.
+const (
+	maxStatusLineRunes = 40
+	maxStatusNameRunes = 28
+)
+
+// Signs of a room's health in the status command.
+const (
+	healthGood    = "✅"
+	healthTrouble = "⚠️"
+	healthBusy    = "⏳"
+)
+
+// text renders a room's health in short lines that fit a phone screen: a sign and the room's name, when a
+// message last crossed out of it, then only the figures that are not zero.
+func (h roomHealth) text(now time.Time) noticeText {
+	sign := healthGood
+	switch {
+	case h.failures > 0 || h.notRelayed > 0 || h.waiting > 0:
+		sign = healthTrouble
+	case h.queued > 0:
+		sign = healthBusy
+	}
+	here := ""
+	if h.here {
+		here = " (here)"
+	}
+	n := renderNotice("%s **%s**%s", sign, h.name, here)
+	if h.lastRelayed.IsZero() {
+		n = n.join(renderNotice("nothing relayed yet"))
+	} else {
+		n = n.join(renderNotice("last relayed %s", formatAge(h.lastRelayed, now)))
+	}
+	for _, f := range []struct {
+		n          int
+		one, other string
+	}{
+		{h.failures, "1 failure in the last hour", "%d failures in the last hour"},
+		{h.notRelayed, "1 not relayed (last day)", "%d not relayed (last day)"},
+		{h.waiting, "1 waiting for its key", "%d waiting for keys"},
+		{h.queued, "1 queued", "%d queued"},
+	} {
+		switch {
+		case f.n == 1:
+			n = n.join(renderNotice(f.one))
+		case f.n > 1:
+			n = n.join(renderNotice(f.other, f.n))
+		}
+	}
+	return n
+}
+
+// globalStatus is the admins' part of the status command: every link and the totals, in short lines.
 func (b *Bridge) globalStatus(ctx context.Context, commandRoom id.RoomID) noticeText {
 	links, err := b.DB.Links.All(ctx)
 	if err != nil {
@@ -358,22 +449,24 @@ func (b *Bridge) globalStatus(ctx context.Context, commandRoom id.RoomID) notice
 	for _, l := range links {
 		rooms += len(l.Rooms)
 	}
-	n := renderNotice("All links: %d links with %d rooms; %d queued, %d waiting for keys, %d failed for good, %d errors in the last hour; %d events relayed since start.",
-		len(links), rooms, queuedExcept(counts, "", commandRoom), counts[database.InboxWaitingKeys], counts[database.InboxFailed],
-		b.stats.errorsLastHour(nil), b.stats.relayed.Load())
+	n := renderNotice("**All links** (%d, with %d rooms)", len(links), rooms).
+		join(renderNotice("Encryption path: %s", orUnknown(b.EncryptionPath))).
+		join(renderNotice("%d relayed since start", b.stats.relayed.Load())).
+		join(renderNotice("%d failures in the last hour", b.stats.errorsLastHour(nil))).
+		join(renderNotice("%d not relayed (last day)", counts[database.InboxFailed])).
+		join(renderNotice("%d waiting for keys · %d queued", counts[database.InboxWaitingKeys], queuedExcept(counts, "", commandRoom)))
 	for i, l := range links {
 		if i == maxListedLinks {
 			n = n.join(renderNotice("… and %d more.", len(links)-i))
 			break
 		}
-		queued, waiting := 0, 0
+		sign := healthGood
 		for _, r := range l.Rooms {
-			c, _ := b.DB.Inbox.CountByState(ctx, r)
-			queued += queuedExcept(c, r, commandRoom)
-			waiting += c[database.InboxWaitingKeys]
+			if h := b.roomHealth(ctx, r, commandRoom); h.failures > 0 || h.notRelayed > 0 || h.waiting > 0 {
+				sign = healthTrouble
+			}
 		}
-		n = n.join(renderNotice("- `%s` (%s): %d queued, %d waiting for keys, %d errors in the last hour",
-			l.ID, b.joinRoomNames(ctx, l.Rooms), queued, waiting, b.stats.errorsLastHour(l.Rooms)))
+		n = n.join(renderNotice("- %s `%s`: %s", sign, l.ID, b.joinRoomNames(ctx, l.Rooms)))
 	}
 	return n
 }
@@ -494,15 +587,15 @@ func cmdDevices(ce *CommandEvent) {
 
 // devicesText renders a device summary.
 func devicesText(s crypto.DeviceSummary) noticeText {
-	signed := "not cross-signed"
+	signed := "not cross-signed (clients may warn about it)"
 	if s.BotCrossSigned {
-		signed = "cross-signed by the bot's identity"
+		signed = "verified by ferry's own identity (cross-signed)"
 	}
-	return renderNotice("- Bot device: `%s`, %s", orUnknown(string(s.BotDeviceID)), signed).
-		join(renderNotice("- Ghost devices: %d", s.GhostDevices)).
+	return renderNotice("- My device: `%s`, %s", orUnknown(string(s.BotDeviceID)), signed).
+		join(renderNotice("- Devices of the people I relay (ghost devices): %d", s.GhostDevices)).
 		join(renderNotice("- Device mode: `%s`", orUnknown(s.Mode))).
-		join(renderNotice("- Room keys are shared with devices trusted at least `%s`", orUnknown(s.ShareMinTrust))).
-		join(renderNotice("- Messages are relayed from devices trusted at least `%s`", orUnknown(s.ReceiveMinTrust)))
+		join(renderNotice("- I give the keys to my messages to devices trusted at least `%s`", orUnknown(s.ShareMinTrust))).
+		join(renderNotice("- I relay messages from devices trusted at least `%s`", orUnknown(s.ReceiveMinTrust)))
 }
 
 func cmdPing(ce *CommandEvent) {
@@ -536,11 +629,11 @@ func cmdRotate(ce *CommandEvent) {
 	}
 	if err := ce.Bridge.Crypto.Rotate(ce.Ctx, ce.RoomID); err != nil {
 		zerolog.Ctx(ce.Ctx).Err(err).Msg("Failed to rotate outbound sessions")
-		ce.Reply("Failed to discard the outbound sessions; the details are in ferry's log.")
+		ce.Reply("Failed to start new encryption keys; the details are in ferry's log.")
 		return
 	}
 	zerolog.Ctx(ce.Ctx).Info().Msg("Outbound sessions discarded by command")
-	ce.Reply("Discarded ferry's outbound sessions in this room. The next message ferry sends here starts a new session.")
+	ce.Reply("Done: ferry's next message in this room is encrypted with new keys, shared with the room's devices as they are now.")
 }
 
 func cmdRecoveryKey(ce *CommandEvent) {

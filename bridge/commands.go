@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"unicode"
 	"unicode/utf8"
@@ -121,20 +122,53 @@ func (n roomNeeds) unmet(room RoomContext) string {
 	return ""
 }
 
+// commandGroup is what a command is for: help lists the commands by group, in this order.
+type commandGroup uint8
+
+const (
+	groupLinking commandGroup = iota // linking rooms and answering requests
+	groupLink                        // how this room's link behaves
+	groupAbout                       // ferry itself
+	groupAdmin                       // ferry's admins
+)
+
+// title is the group's heading in help.
+func (g commandGroup) title() string {
+	switch g {
+	case groupLinking:
+		return "Linking rooms"
+	case groupLink:
+		return "This room's link"
+	case groupAbout:
+		return "About ferry"
+	}
+	return "For ferry's admins"
+}
+
 // commandHandler describes one bot command.
 type commandHandler struct {
 	Name     string
+	Aliases  []string // other names that run it
+	Group    commandGroup
 	MinLevel Level
 	Needs    roomNeeds
-	Usage    string // arguments, e.g. "<room ID or alias>"
+	Usage    string // arguments, e.g. "<room>" (see helpLegend)
 	MinArgs  int
 	MaxArgs  int    // -1: unlimited
-	Help     string // one line
+	Help     string // one line, in words a member understands
 	Example  string // arguments of an example, e.g. "#team:example.org"
 	Func     func(ce *CommandEvent)
 }
 
-// line is the command's usage line without prefix, e.g. "link <room ID or alias>".
+// helpLegend explains the argument placeholders of usage lines.
+var helpLegend = []string{
+	"`<…>`: fill in; `[…]`: optional",
+	"`<room>`: a room ID (!…), an alias (#…) or a matrix.to link",
+	"`<request>`: the ID a request notice shows, e.g. 3f9a2c",
+	"`<time>`: 5s to 24h, e.g. 90s, 10m, 1h30m",
+}
+
+// line is the command's usage line without prefix, e.g. "link <room> [room]".
 func (h *commandHandler) line() string {
 	if h.Usage == "" {
 		return h.Name
@@ -147,49 +181,113 @@ var commandTable []*commandHandler
 
 func init() {
 	commandTable = []*commandHandler{
-		{Name: "help", MinLevel: LevelUser, Usage: "[command]", MaxArgs: 1, Example: "link",
+		{Name: "link", Aliases: []string{"connect"}, Group: groupLinking, MinLevel: LevelUser, Usage: "<room> [room]", MinArgs: 1, MaxArgs: 2, Example: "#team:example.org",
+			Help: "Link this room with another room I am in; in a chat with me alone, link two rooms. Where your power does not count, someone there accepts.", Func: cmdLink},
+		{Name: "accept", Aliases: []string{"approve"}, Group: groupLinking, MinLevel: LevelUser, Usage: "[request]", MaxArgs: 1, Example: "3f9a2c",
+			Help: "Agree, for this room, to a request waiting here (a link, a disappearing timer); without an ID, the only one, or a list.", Func: cmdAccept},
+		{Name: "reject", Aliases: []string{"deny", "decline", "refuse"}, Group: groupLinking, MinLevel: LevelUser, Usage: "[request]", MaxArgs: 1, Example: "3f9a2c",
+			Help: "Refuse a request waiting for this room's agreement; nothing changes.", Func: cmdReject},
+		{Name: "unlink", Aliases: []string{"disconnect"}, Group: groupLinking, MinLevel: LevelUser, Needs: needLinked,
+			Help: "Take this room out of its link: messages stop crossing.", Func: cmdUnlink},
+		{Name: "links", Aliases: []string{"list"}, Group: groupLinking, MinLevel: LevelUser, Usage: "[all]", MaxArgs: 1,
+			Help: "Show this room's link: its rooms, their encryption and what crossed (admins: all links).", Func: cmdLinks},
+		{Name: "status", Aliases: []string{"health"}, Group: groupLink, MinLevel: LevelUser,
+			Help: "Show how this room's link is doing: when messages last crossed, failures, messages waiting for their keys.", Func: cmdStatus},
+		{Name: "disappear", Aliases: []string{"timer"}, Group: groupLink, MinLevel: LevelUser, Needs: needLinked, Usage: "[<time>|off]", MaxArgs: 1, Example: "10m",
+			Help: "Show or set disappearing messages for the link: new messages then disappear after that time, everywhere.", Func: cmdDisappear},
+		{Name: "encryption", Group: groupLink, MinLevel: LevelUser, Usage: "[require|optional]", MaxArgs: 1, Example: "require",
+			Help: "Show whose rooms are encrypted; room admins can require encryption for the whole link.", Func: cmdEncryption},
+		{Name: "help", Aliases: []string{"commands"}, Group: groupAbout, MinLevel: LevelUser, Usage: "[command]", MaxArgs: 1, Example: "link",
 			Help: "List the commands you may use here, or show how to use one.", Func: cmdHelp},
-		{Name: "link", MinLevel: LevelUser, Usage: "<room ID, alias or matrix.to link>", MinArgs: 1, MaxArgs: 1, Example: "#team:example.org",
-			Help: "Link this room with another room I am in; without power there, someone there accepts.", Func: cmdLink},
-		{Name: "accept", MinLevel: LevelUser, Usage: "[request ID]", MaxArgs: 1, Example: "3f9a2c",
-			Help: "Consent, for this room, to a request that waits here (a link, a disappearing timer); without an ID, the only one, or a list.", Func: cmdAccept},
-		{Name: "reject", MinLevel: LevelUser, Usage: "[request ID]", MaxArgs: 1, Example: "3f9a2c",
-			Help: "Refuse a request that waits for this room's consent; nothing changes.", Func: cmdReject},
-		{Name: "unlink", MinLevel: LevelUser, Needs: needLinked,
-			Help: "Remove this room from its link.", Func: cmdUnlink},
-		{Name: "links", MinLevel: LevelUser, Usage: "[all]", MaxArgs: 1,
-			Help: "Show this room's link: its rooms, their encryption and what was relayed (admins: all links).", Func: cmdLinks},
-		{Name: "status", MinLevel: LevelUser,
-			Help: "Show ferry's version, uptime, encryption path and how this room's link is doing.", Func: cmdStatus},
-		{Name: "encryption", MinLevel: LevelUser, Usage: "[require|optional]", MaxArgs: 1, Example: "require",
-			Help: "Show this room's encryption and the link's policy; room admins can require encryption for the whole link.", Func: cmdEncryption},
-		{Name: "disappear", MinLevel: LevelUser, Needs: needLinked, Usage: "[5s to 24h, or off]", MaxArgs: 1, Example: "10m",
-			Help: "Show the link's disappearing-message timer, or set it (5 seconds to 24 hours, or off): new messages then disappear with ferry's keys for them.", Func: cmdDisappear},
-		{Name: "devices", MinLevel: LevelUser,
-			Help: "Show ferry's devices, cross-signing and key-sharing policy.", Func: cmdDevices},
-		{Name: "ping", MinLevel: LevelUser,
-			Help: "Check that ferry answers.", Func: cmdPing},
-		{Name: "version", MinLevel: LevelUser,
+		{Name: "devices", Group: groupAbout, MinLevel: LevelUser,
+			Help: "Show ferry's devices, whether they are verified, and which devices get the keys to its messages.", Func: cmdDevices},
+		{Name: "ping", Group: groupAbout, MinLevel: LevelUser,
+			Help: "Check that ferry answers, and how fast.", Func: cmdPing},
+		{Name: "version", Aliases: []string{"about"}, Group: groupAbout, MinLevel: LevelUser,
 			Help: "Show ferry's version.", Func: cmdVersion},
-		{Name: "rotate", MinLevel: LevelAdmin, Needs: needEncrypted,
-			Help: "Discard ferry's outbound encryption sessions in this room; the next message starts a new one.", Func: cmdRotate},
-		{Name: "recovery-key", MinLevel: LevelAdmin, Needs: needManagement,
-			Help: "Show the recovery key of ferry's cross-signing identity.", Func: cmdRecoveryKey},
-		{Name: "admin-helper", MinLevel: LevelAdmin, Usage: "[remove]", MaxArgs: 1, Example: "remove",
+		{Name: "rotate", Group: groupAdmin, MinLevel: LevelAdmin, Needs: needEncrypted,
+			Help: "Make ferry start new encryption keys for its messages in this room.", Func: cmdRotate},
+		{Name: "recovery-key", Group: groupAdmin, MinLevel: LevelAdmin, Needs: needManagement,
+			Help: "Show the recovery key of ferry's identity.", Func: cmdRecoveryKey},
+		{Name: "admin-helper", Group: groupAdmin, MinLevel: LevelAdmin, Usage: "[remove]", MaxArgs: 1, Example: "remove",
 			Help: "Show ferry's homeserver admin helper account (if any), or remove it for good.", Func: cmdAdminHelper},
-		{Name: "reload", MinLevel: LevelAdmin,
+		{Name: "reload", Group: groupAdmin, MinLevel: LevelAdmin,
 			Help: "Re-read the permissions from the config file without restarting.", Func: cmdReload},
 	}
 }
 
-// findCommand returns the command with this name, or nil.
+// findCommand returns the command with this name or alias, or nil.
 func findCommand(table []*commandHandler, name string) *commandHandler {
 	for _, h := range table {
-		if h.Name == name {
+		if h.Name == name || slices.Contains(h.Aliases, name) {
 			return h
 		}
 	}
 	return nil
+}
+
+// suggestCommand returns the command an unknown name most likely meant: one of the commands the sender may run
+// here whose name or alias is a typo away (see closeEnough) or starts with the name, else any such command;
+// nil when none is close.
+func suggestCommand(table []*commandHandler, name string, level Level, room RoomContext) *commandHandler {
+	if name == "" || utf8.RuneCountInString(name) > maxEchoedName {
+		return nil
+	}
+	for _, candidates := range [][]*commandHandler{visibleCommands(table, level, room), table} {
+		var best *commandHandler
+		bestDist := -1
+		for _, h := range candidates {
+			for _, n := range append([]string{h.Name}, h.Aliases...) {
+				d := editDistance(name, n)
+				if utf8.RuneCountInString(name) >= 3 && strings.HasPrefix(n, name) {
+					d = 0 // "stat" for status
+				}
+				if closeEnough(name, d) && (bestDist < 0 || d < bestDist) {
+					best, bestDist = h, d
+				}
+			}
+		}
+		if best != nil {
+			return best
+		}
+	}
+	return nil
+}
+
+// closeEnough tells whether a name d edits away from a command name is likely a typo of it: one edit for short
+// names, two from six characters on.
+func closeEnough(name string, d int) bool {
+	if utf8.RuneCountInString(name) >= 6 {
+		return d <= 2
+	}
+	return d <= 1
+}
+
+// editDistance is the number of single-character insertions, deletions, substitutions and swaps of neighbours
+// that turn a into b (optimal string alignment).
+func editDistance(a, b string) int {
+	ra, rb := []rune(a), []rune(b)
+	prev2 := make([]int, len(rb)+1)
+	prev := make([]int, len(rb)+1)
+	cur := make([]int, len(rb)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(ra); i++ {
+		cur[0] = i
+		for j := 1; j <= len(rb); j++ {
+			cost := 1
+			if ra[i-1] == rb[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+			if i > 1 && j > 1 && ra[i-1] == rb[j-2] && ra[i-2] == rb[j-1] {
+				cur[j] = min(cur[j], prev2[j-2]+1)
+			}
+		}
+		prev2, prev, cur = prev, cur, prev2
+	}
+	return prev[len(rb)]
 }
 
 // visibleCommands lists the commands a user of this level may run in this room, in table order.
@@ -314,8 +412,7 @@ func dispatchCommand(table []*commandHandler, req commandRequest) dispatchResult
 	}
 	h := findCommand(table, name)
 	if h == nil {
-		res.Refusal = renderNotice("Unknown command `%s`. Try `%s` to see the commands you may use here.",
-			truncateName(name), commandLine(req.Prefix, req.Room.Management, "help"))
+		res.Refusal = unknownCommand(table, name, req.Prefix, req.Level, req.Room)
 		return res
 	}
 	if req.Level < h.MinLevel {
@@ -332,6 +429,16 @@ func dispatchCommand(table []*commandHandler, req commandRequest) dispatchResult
 	}
 	res.Handler = h
 	return res
+}
+
+// unknownCommand is the reply to a command name ferry does not know: what it probably meant, and where to look.
+func unknownCommand(table []*commandHandler, name, prefix string, level Level, room RoomContext) noticeText {
+	help := commandLine(prefix, room.Management, "help")
+	if h := suggestCommand(table, name, level, room); h != nil {
+		return renderNotice("Unknown command `%s`. Did you mean `%s`? Try `%s` to see the commands you may use here.",
+			truncateName(name), commandLine(prefix, room.Management, h.Name), help)
+	}
+	return renderNotice("Unknown command `%s`. Try `%s` to see the commands you may use here.", truncateName(name), help)
 }
 
 // usageNotice is the reply to a command with missing or extra arguments.
@@ -414,6 +521,9 @@ func (b *Bridge) isManagementRoom(ctx context.Context, room id.RoomID, sender id
 	if _, err := b.DB.Links.GetByRoom(ctx, room); !errors.Is(err, database.ErrLinkNotFound) {
 		return false
 	}
+	if _, err := b.DB.Links.GetByRetired(ctx, room); !errors.Is(err, database.ErrLinkNotFound) {
+		return false // a linked room until it was upgraded: its messages are not commands either
+	}
 	members, err := b.StateStore.GetRoomJoinedOrInvitedMembers(ctx, room)
 	if err != nil || len(members) != 2 {
 		return false
@@ -431,12 +541,15 @@ func cmdHelp(ce *CommandEvent) {
 		name := strings.ToLower(ce.Args[0])
 		h := findCommand(commandTable, name)
 		if h == nil {
-			ce.Reply("Unknown command `%s`. Try `%s` to see the commands you may use here.", truncateName(name), ce.cmd("help"))
+			ce.reply(unknownCommand(commandTable, name, prefix, ce.Level, ce.Room))
 			return
 		}
 		n := renderNotice("`%s`: %s", commandLine(prefix, mgmt, h.line()), h.Help)
 		if h.Example != "" {
 			n = n.join(renderNotice("Example: `%s`", commandLine(prefix, mgmt, h.Name+" "+h.Example)))
+		}
+		if len(h.Aliases) > 0 {
+			n = n.join(renderNotice("Also: `%s`", strings.Join(h.Aliases, "`, `")))
 		}
 		if ce.Level < h.MinLevel {
 			n = n.join(renderNotice("It needs permission level `%s`; yours is `%s`.", h.MinLevel, ce.Level))
@@ -449,7 +562,8 @@ func cmdHelp(ce *CommandEvent) {
 	ce.reply(helpText(prefix, ce.Level, ce.Room))
 }
 
-// helpText lists the commands a user of this level may run in this room, one line each.
+// helpText lists the commands a user of this level may run in this room, by purpose, one line each, with a
+// legend of the argument placeholders.
 func helpText(prefix string, level Level, room RoomContext) noticeText {
 	var n noticeText
 	if room.Management {
@@ -457,8 +571,25 @@ func helpText(prefix string, level Level, room RoomContext) noticeText {
 	} else {
 		n = renderNotice("Commands you may use here (permission level `%s`):", level)
 	}
-	for _, h := range visibleCommands(commandTable, level, room) {
-		n = n.join(renderNotice("- `%s`: %s", commandLine(prefix, room.Management, h.line()), h.Help))
+	visible := visibleCommands(commandTable, level, room)
+	for g := groupLinking; g <= groupAdmin; g++ {
+		var lines []*commandHandler
+		for _, h := range visible {
+			if h.Group == g {
+				lines = append(lines, h)
+			}
+		}
+		if len(lines) == 0 {
+			continue
+		}
+		n = n.join(renderNotice("**%s**", g.title()))
+		for _, h := range lines {
+			n = n.join(renderNotice("- `%s`: %s", commandLine(prefix, room.Management, h.line()), h.Help))
+		}
 	}
-	return n.join(renderNotice("Details and an example: `%s`", commandLine(prefix, room.Management, "help <command>")))
+	legend := renderNotice("**Arguments**")
+	for _, l := range helpLegend {
+		legend = legend.join(renderNotice("- " + l))
+	}
+	return n.join(legend).join(renderNotice("Details and an example: `%s`", commandLine(prefix, room.Management, "help <command>")))
 }

@@ -130,9 +130,15 @@ func TestDispatchCommand(t *testing.T) {
 		"unlink in a linked room":          {body: "!ferry unlink", level: LevelUser, room: linked, wantCommand: true, wantHandler: "unlink"},
 		"unknown command":                  {body: "!ferry frobnicate", level: LevelUser, room: plain, wantCommand: true, wantRefusal: []string{"Unknown command `frobnicate`", "`!ferry help`"}},
 		"unknown command in a DM":          {body: "frobnicate", level: LevelUser, room: mgmt, wantCommand: true, wantRefusal: []string{"Unknown command `frobnicate`", "Try `help`"}},
-		"link without a room":              {body: "!ferry link", level: LevelUser, room: plain, wantCommand: true, wantRefusal: []string{"Usage: `!ferry link <room", "Example: `!ferry link #team:example.org`"}},
-		"link with two rooms":              {body: "!ferry link #a:x #b:x", level: LevelUser, room: plain, wantCommand: true, wantRefusal: []string{"Usage: `!ferry link"}},
-		"usage without prefix in a DM":     {body: "link", level: LevelUser, room: mgmt, wantCommand: true, wantRefusal: []string{"Usage: `link <room"}},
+		"link without a room":              {body: "!ferry link", level: LevelUser, room: plain, wantCommand: true, wantRefusal: []string{"Usage: `!ferry link <room> [room]`", "Example: `!ferry link #team:example.org`"}},
+		"link with two rooms":              {body: "!ferry link #a:x #b:x", level: LevelUser, room: mgmt, wantCommand: true, wantHandler: "link"},
+		"link with three rooms":            {body: "!ferry link #a:x #b:x #c:x", level: LevelUser, room: plain, wantCommand: true, wantRefusal: []string{"Usage: `!ferry link <room> [room]`"}},
+		"an alias":                         {body: "!ferry approve", level: LevelUser, room: linked, wantCommand: true, wantHandler: "accept"},
+		"an alias in a DM":                 {body: "list", level: LevelUser, room: mgmt, wantCommand: true, wantHandler: "links"},
+		"a typo":                           {body: "!ferry lnik #b:x", level: LevelUser, room: plain, wantCommand: true, wantRefusal: []string{"Unknown command `lnik`. Did you mean `!ferry link`?", "`!ferry help`"}},
+		"a typo of an alias":               {body: "!ferry aprove", level: LevelUser, room: plain, wantCommand: true, wantRefusal: []string{"Did you mean `!ferry accept`?"}},
+		"the start of a name":              {body: "stat", level: LevelUser, room: mgmt, wantCommand: true, wantRefusal: []string{"Did you mean `status`?"}},
+		"usage without prefix in a DM":     {body: "link", level: LevelUser, room: mgmt, wantCommand: true, wantRefusal: []string{"Usage: `link <room> [room]`"}},
 		"ping with an argument":            {body: "!ferry ping now", level: LevelUser, room: plain, wantCommand: true, wantRefusal: []string{"Usage: `!ferry ping`"}},
 		"encryption with a subcommand":     {body: "!ferry encryption require", level: LevelUser, room: linked, wantCommand: true, wantHandler: "encryption"},
 		"upper-case command":               {body: "!ferry STATUS", level: LevelUser, room: linked, wantCommand: true, wantHandler: "status"},
@@ -174,7 +180,7 @@ func TestHelpListsWhatTheSenderMayRunHere(t *testing.T) {
 		}
 		return out
 	}
-	everyone := []string{"help", "link", "accept", "reject", "links", "status", "encryption", "devices", "ping", "version"}
+	everyone := []string{"link", "accept", "reject", "links", "status", "encryption", "help", "devices", "ping", "version"}
 	for name, tc := range map[string]struct {
 		level Level
 		room  RoomContext
@@ -183,10 +189,10 @@ func TestHelpListsWhatTheSenderMayRunHere(t *testing.T) {
 		"block":                     {level: LevelBlock, room: RoomContext{Linked: true}, want: nil},
 		"relay":                     {level: LevelRelay, room: RoomContext{Linked: true, Encrypted: true}, want: nil},
 		"user, unlinked room":       {level: LevelUser, room: RoomContext{}, want: everyone},
-		"user, linked room":         {level: LevelUser, room: RoomContext{Linked: true}, want: []string{"help", "link", "accept", "reject", "unlink", "links", "status", "encryption", "disappear", "devices", "ping", "version"}},
+		"user, linked room":         {level: LevelUser, room: RoomContext{Linked: true}, want: []string{"link", "accept", "reject", "unlink", "links", "status", "disappear", "encryption", "help", "devices", "ping", "version"}},
 		"user, management room":     {level: LevelUser, room: RoomContext{Management: true, Encrypted: true}, want: everyone},
 		"admin, unencrypted room":   {level: LevelAdmin, room: RoomContext{}, want: append(slices.Clone(everyone), "admin-helper", "reload")},
-		"admin, linked encrypted":   {level: LevelAdmin, room: RoomContext{Linked: true, Encrypted: true}, want: []string{"help", "link", "accept", "reject", "unlink", "links", "status", "encryption", "disappear", "devices", "ping", "version", "rotate", "admin-helper", "reload"}},
+		"admin, linked encrypted":   {level: LevelAdmin, room: RoomContext{Linked: true, Encrypted: true}, want: []string{"link", "accept", "reject", "unlink", "links", "status", "disappear", "encryption", "help", "devices", "ping", "version", "rotate", "admin-helper", "reload"}},
 		"admin, management room":    {level: LevelAdmin, room: RoomContext{Management: true, Encrypted: true}, want: append(slices.Clone(everyone), "rotate", "recovery-key", "admin-helper", "reload")},
 		"admin, unencrypted direct": {level: LevelAdmin, room: RoomContext{Management: true}, want: append(slices.Clone(everyone), "recovery-key", "admin-helper", "reload")},
 	} {
@@ -307,7 +313,7 @@ func TestFormatDuration(t *testing.T) {
 
 func TestDevicesText(t *testing.T) {
 	got := devicesText(crypto.DeviceSummary{BotDeviceID: "ABC", GhostDevices: 2, Mode: crypto.DeviceModePerGhost, ShareMinTrust: crypto.TrustCrossSignedTOFU, ReceiveMinTrust: crypto.TrustUnverified})
-	for _, want := range []string{"`ABC`, not cross-signed", "Ghost devices: 2", "`per_ghost`", "at least `cross_signed_tofu`", "at least `unverified`"} {
+	for _, want := range []string{"`ABC`, not cross-signed", "(ghost devices): 2", "`per_ghost`", "at least `cross_signed_tofu`", "at least `unverified`"} {
 		if !strings.Contains(got.Plain, want) {
 			t.Errorf("devices text lacks %q:\n%s", want, got.Plain)
 		}

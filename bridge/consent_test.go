@@ -77,7 +77,8 @@ func TestMergeConsents(t *testing.T) {
 	}
 }
 
-// notices returns the plain bodies of the bot's notices in room, oldest first (sealCrypto keeps them readable).
+// notices returns the plain bodies of the bot's notices in room, oldest first (sealCrypto keeps them readable);
+// its other events (message statuses) are not notices.
 func (f *relayFixture) notices(t *testing.T, room id.RoomID) []string {
 	t.Helper()
 	var out []string
@@ -95,10 +96,12 @@ func (f *relayFixture) notices(t *testing.T, room id.RoomID) []string {
 			continue
 		}
 		var c struct {
-			Body string `json:"body"`
+			MsgType string `json:"msgtype"`
+			Body    string `json:"body"`
 		}
-		_ = json.Unmarshal(data, &c)
-		out = append(out, c.Body)
+		if json.Unmarshal(data, &c) == nil && c.MsgType == string(event.MsgNotice) {
+			out = append(out, c.Body)
+		}
 	}
 	return out
 }

@@ -195,7 +195,6 @@ func disappearText(after time.Duration) noticeText {
 // disappearTimerChanged records the timer as room state in every room of the link and starts new outbound
 // sessions there, so no session carries messages with and without a deadline.
 func (b *Bridge) disappearTimerChanged(ctx context.Context, link *database.Link, after time.Duration) {
-	content := disappearStateContent(after)
 	for _, room := range link.Rooms {
 		log := zerolog.Ctx(ctx).With().Stringer("target_room_id", room).Logger()
 		if b.Crypto != nil {
@@ -206,13 +205,19 @@ func (b *Bridge) disappearTimerChanged(ctx context.Context, link *database.Link,
 				b.disappear().forgetRoom(room)
 			}
 		}
-		if ok, have, need := b.botMaySendState(ctx, room, event.StateBeeperDisappearingTimer); !ok {
-			log.Warn().Int("have", have).Int("need", need).Msg("Cannot record the disappearing timer as room state: not enough power")
-			continue
-		}
-		if _, err := b.AS.BotIntent().SendStateEvent(ctx, room, event.StateBeeperDisappearingTimer, "", content); err != nil {
-			log.Warn().Err(err).Msg("Failed to record the disappearing timer as room state")
-		}
+		b.writeDisappearState(log.WithContext(ctx), room, after)
+	}
+}
+
+// writeDisappearState records a link's timer as room state in one room (also a room that replaced a linked one).
+func (b *Bridge) writeDisappearState(ctx context.Context, room id.RoomID, after time.Duration) {
+	log := zerolog.Ctx(ctx)
+	if ok, have, need := b.botMaySendState(ctx, room, event.StateBeeperDisappearingTimer); !ok {
+		log.Warn().Int("have", have).Int("need", need).Msg("Cannot record the disappearing timer as room state: not enough power")
+		return
+	}
+	if _, err := b.AS.BotIntent().SendStateEvent(ctx, room, event.StateBeeperDisappearingTimer, "", disappearStateContent(after)); err != nil {
+		log.Warn().Err(err).Msg("Failed to record the disappearing timer as room state")
 	}
 }
 

@@ -29,7 +29,19 @@ func FuzzTransaction(f *testing.F) {
 	f.Add([]byte(`{"events":[{"event_id":"$e","room_id":"!r:x","type":"m.room.encrypted","state_key":"","content":"not an object"}],"de.sorunome.msc2409.to_device":[{}]}`))
 	f.Add([]byte(`{"events":{}}`))
 	f.Add([]byte(`[]`))
+	f.Add([]byte(`{"events":[],"ephemeral":[{"type":"m.receipt","room_id":"!r:x","content":{"$e":{"m.read":{"@u:x":{"ts":1,"thread_id":"main"}},"m.read.private":{"@u:x":{"ts":2}}}}}],"de.sorunome.msc2409.ephemeral":[{"type":"m.typing","room_id":"!r:x","content":{"user_ids":["@u:x",7]}}]}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
+		// Typing and receipts (ephemeral.go): whatever comes, only parsed m.typing and m.receipt of a room.
+		for _, evt := range ParseEphemeral(body) {
+			if evt.RoomID == "" || evt.Type.Class != event.EphemeralEventType {
+				t.Fatalf("ephemeral event without a room or class: %+v", evt)
+			}
+			switch evt.Content.Parsed.(type) {
+			case *event.TypingEventContent, *event.ReceiptEventContent:
+			default:
+				t.Fatalf("ephemeral %s parsed as %T", evt.Type.Type, evt.Content.Parsed)
+			}
+		}
 		events, skipped, err := parseTransaction(body)
 		if err != nil {
 			if events != nil || skipped != 0 {
@@ -48,6 +60,10 @@ func FuzzTransaction(f *testing.F) {
 			}
 			if evt.StateKey != nil && evt.Type.Class != event.StateEventType {
 				t.Fatal("a state event was not classed as state")
+			}
+			if evt.Type == event.StateTombstone {
+				// Room upgrades (upgrade.go) read the replacement room of any tombstone.
+				_ = evt.Content.AsTombstone().GetReplacementRoom()
 			}
 			if fast := parseEncryptedEvent(e.raw); fast != nil {
 				if fast.StateKey != nil || fast.Type != event.EventEncrypted || fast.ID != evt.ID || fast.RoomID != evt.RoomID {
@@ -78,6 +94,7 @@ func FuzzDecryptedEvent(f *testing.F) {
 		}
 		_ = redactsOf(dec)
 		_ = relatedEvent(dec)
+		_ = relationTarget(dec) // room upgrades: where an edit, reaction or redaction belongs
 		origin := testOrigin(dec)
 		origin.TrustFlag = flags[int(flag)%len(flags)]
 		_, out, err := Translate(testContext(), dec, newFakeMapper(), origin)
@@ -86,7 +103,7 @@ func FuzzDecryptedEvent(f *testing.F) {
 		}
 		check := func(where string, m map[string]any) {
 			for k := range m {
-				if strings.HasPrefix(k, ferryKeyPrefix) && k != OriginKey && !(k == SenderTrustKey && origin.TrustFlag != "" && where == "content") {
+				if strings.HasPrefix(k, ferryKeyPrefix) && k != OriginKey && !(k == SenderTrustKey && origin.TrustFlag != "" && where != "m.new_content") {
 					t.Fatalf("%s carries the user's %s", where, k)
 				}
 			}
@@ -99,6 +116,16 @@ func FuzzDecryptedEvent(f *testing.F) {
 			if _, ok := out.Raw[SenderTrustKey]; !ok {
 				t.Fatal("a flagged sender's copy carries no trust marker")
 			}
+		}
+		// Restated in a room that replaced the target's room (upgrade.go): a message, never a relation, and still
+		// free of the user's markers.
+		if typ, restated, err := restateInSuccessor(dec.Type, out, "!b-old:ferry.example", "ferry.example"); err == nil {
+			if typ != event.EventMessage {
+				t.Fatalf("restated as %s", typ.Type)
+			} else if _, ok := restated.Raw[keyRelatesTo]; ok {
+				t.Fatal("a restated relation still relates to an event of another room")
+			}
+			check("restated", restated.Raw)
 		}
 	})
 }

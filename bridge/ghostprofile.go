@@ -190,6 +190,26 @@ func (b *Bridge) refreshGhostProfile(ctx context.Context, room id.RoomID, realUs
 	}
 }
 
+// roomRenamed updates, in the other rooms of its link, the ghosts of room's members after the room's name changed:
+// the display name template may carry it. Only ghosts already there change (nothing is sent when the name they
+// have is still right).
+func (b *Bridge) roomRenamed(ctx context.Context, room id.RoomID) {
+	if _, err := b.DB.Links.GetByRoom(ctx, room); err != nil || b.Config.DisplaynameTmpl == nil {
+		return // not linked: no ghosts of its members anywhere
+	}
+	members, err := b.StateStore.GetRoomJoinedOrInvitedMembers(ctx, room)
+	if err != nil {
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to list the members of a renamed room")
+		return
+	}
+	for _, member := range members {
+		if b.Ghosts.IsOwn(member) || b.Config.isPeer(string(member)) {
+			continue
+		}
+		b.refreshGhostProfile(ctx, room, member)
+	}
+}
+
 // roomName returns a room's name, canonical alias or ID, cached until the name changes.
 func (b *Bridge) roomName(ctx context.Context, room id.RoomID) string {
 	b.roomNames.lock.Lock()

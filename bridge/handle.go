@@ -95,6 +95,9 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 		// Again once what the event changed is recorded (a kick, moderation.go): a ghost checked in between
 		// must not stay cached.
 		b.hot.stateChanged(evt.Type, evt.RoomID)
+		if evt.Type == event.StateTombstone {
+			return b.handleTombstone(ctx, evt) // upgrade.go
+		}
 		return outcome{state: database.InboxDone}
 	}
 	// ferry's own users, and other ferry instances' (bridge.peer_users): relaying their copies would echo.
@@ -214,6 +217,7 @@ func (b *Bridge) handleState(ctx context.Context, evt *event.Event) {
 		b.roomNames.lock.Lock()
 		delete(b.roomNames.names, evt.RoomID)
 		b.roomNames.lock.Unlock()
+		b.roomRenamed(ctx, evt.RoomID) // ghostprofile.go: ghosts' names carry the room's name
 	default:
 		if isCallMember(evt.Type) {
 			b.handleCallMember(ctx, evt)
@@ -242,6 +246,7 @@ func (b *Bridge) handleBotMembership(ctx context.Context, evt *event.Event, memb
 			log.Warn().Err(err).Msg("Failed to load room state after joining")
 		}
 		log.Info().Stringer("inviter", evt.Sender).Msg("Joined room after invite")
+		b.upgradeInvited(ctx, evt.RoomID) // the room may replace a linked room (upgrade.go)
 	case event.MembershipLeave, event.MembershipBan:
 		if _, err := b.DB.Links.GetByRoom(ctx, evt.RoomID); err == nil {
 			log.Warn().Msg("The bot was removed from a linked room; unlinking it")
@@ -254,47 +259,8 @@ func (b *Bridge) handleBotMembership(ctx context.Context, evt *event.Event, memb
 	}
 }
 
-// keyNoticeKey names the kv entry holding the notice ferry posted about a missing key: "<room> <notice event>",
-// or noticePending + "<room>" from just before the notice is sent until its event ID is recorded.
-func keyNoticeKey(evtID id.EventID) string { return "key_notice:" + string(evtID) }
-
-const noticePending = "pending "
-
-// keyNoticeTxnID is the transaction ID of the missing-key notice about an event: sending the notice again (after
-// a crash between sending it and recording it) returns the notice already posted instead of a second one.
-func keyNoticeTxnID(evtID id.EventID, room id.RoomID) string {
-	return "ferry_keynotice_" + TxnID(evtID, room)
-}
-
 func missingKeyNotice(sender id.UserID) noticeText {
 	return renderNotice("ferry could not decrypt a message from %s: their device has not shared its room key with ferry. It will be relayed as soon as the key arrives.", sender)
-}
-
-// keyArrived redacts the "could not decrypt" notice of an event that now decrypted.
-func (b *Bridge) keyArrived(ctx context.Context, row *database.InboxEvent) {
-	notice, err := b.DB.KV.Get(ctx, keyNoticeKey(row.EventID))
-	if err != nil || notice == "" {
-		return
-	}
-	var room id.RoomID
-	var noticeID id.EventID
-	if rest, pending := strings.CutPrefix(notice, noticePending); pending {
-		// The notice may have been posted by a run that stopped before recording its event ID: sending it again
-		// under the same transaction ID returns that event (or posts it now), and it is redacted right away.
-		room = id.RoomID(rest)
-		if noticeID, err = b.sendRenderedNotice(ctx, room, missingKeyNotice(row.Sender), "", keyNoticeTxnID(row.EventID, room)); err != nil {
-			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to find the missing-key notice to redact")
-			return
-		}
-	} else if parts := strings.SplitN(notice, " ", 2); len(parts) == 2 {
-		room, noticeID = id.RoomID(parts[0]), id.EventID(parts[1])
-	}
-	if noticeID != "" {
-		if _, err = b.AS.BotIntent().RedactEvent(ctx, room, noticeID); err != nil {
-			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to redact missing-key notice")
-		}
-	}
-	_ = b.DB.KV.Delete(ctx, keyNoticeKey(row.EventID))
 }
 
 // parkedLoop wakes parked events periodically (a key may have arrived while the event was being parked) and
@@ -345,38 +311,22 @@ func (b *Bridge) parkedLoop(ctx context.Context) {
 	}
 }
 
+// noticeMissingKey tells the sender of an event parked for its key, once, in their room (status.go).
 func (b *Bridge) noticeMissingKey(ctx context.Context, row *database.InboxEvent) {
-	key := keyNoticeKey(row.EventID)
-	v, err := b.DB.KV.Get(ctx, key)
-	if err != nil || (v != "" && !strings.HasPrefix(v, noticePending)) {
-		return
-	}
-	if v == "" && !b.mayNotice(ctx, row.RoomID, row.Sender, noticeAboutSender) {
-		// A device that floods undecryptable messages gets a few notices, not one each; the rest expire together
-		// with one notice (expireParked).
-		_ = b.DB.KV.Set(ctx, key, "limited")
-		return
+	v, err := b.DB.KV.Get(ctx, deliveryKey(row.EventID))
+	if err != nil || (v != "" && !strings.Contains(v, " "+noticeMarkerPending+" ")) {
+		return // told already (or rate-limited: told by status only)
 	}
 	if cur, err := b.DB.Inbox.Get(ctx, row.EventID); err != nil || cur == nil || cur.State != database.InboxWaitingKeys {
 		return
 	}
-	// Recorded before sending, so that a crash right after the send cannot lose the notice (keyArrived finds it
-	// again by its transaction ID).
-	if v == "" {
-		if err = b.DB.KV.Set(ctx, key, noticePending+string(row.RoomID)); err != nil {
-			return
-		}
-	}
-	resp, err := b.sendRenderedNotice(ctx, row.RoomID, missingKeyNotice(row.Sender), "", keyNoticeTxnID(row.EventID, row.RoomID))
-	if err != nil {
-		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to post missing-key notice")
-		return
-	}
-	_ = b.DB.KV.Set(ctx, key, string(row.RoomID)+" "+string(resp))
+	b.tellSender(ctx, deliveryOf(row), deliveryProblem{
+		status: event.MessageStatusRetriable, reason: event.MessageStatusUndecryptable, kind: "nokey", notice: missingKeyNotice(row.Sender),
+	})
 	// The worker checks for a notice after it marks an event done; checking the state after recording the
 	// notice covers every interleaving: one of the two sides always sees the other.
 	if cur, err := b.DB.Inbox.Get(ctx, row.EventID); err == nil && cur != nil && cur.State == database.InboxDone {
-		b.keyArrived(ctx, row)
+		b.deliveredLate(ctx, row)
 	}
 }
 

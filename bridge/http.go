@@ -226,6 +226,10 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 		log.Debug().Int("events", len(rows)).Int("new", inserted).Msg("Recorded transaction")
 		writeJSON(w, http.StatusOK, struct{}{})
 		b.handOver(rows)
+		// Typing and read receipts (receive_ephemeral): relayed as they come, never recorded (ephemeral.go).
+		if eph := ParseEphemeral(body); len(eph) > 0 {
+			b.HandleEphemeral(ctx, eph)
+		}
 	})(w, r)
 }
 

@@ -45,7 +45,11 @@ func (n noticeText) join(other noticeText) noticeText {
 		return other
 	}
 	sep := htmlBreak
-	if strings.HasSuffix(n.HTML, "</ul>") || strings.HasPrefix(other.HTML, "<ul>") {
+	switch {
+	case strings.HasSuffix(n.HTML, "</ul>") && strings.HasPrefix(other.HTML, "<ul>"):
+		// Items joined one by one make one list, not a list per item.
+		return noticeText{Plain: n.Plain + "\n" + other.Plain, HTML: strings.TrimSuffix(n.HTML, "</ul>") + strings.TrimPrefix(other.HTML, "<ul>")}
+	case strings.HasSuffix(n.HTML, "</ul>") || strings.HasPrefix(other.HTML, "<ul>"):
 		sep = ""
 	}
 	return noticeText{Plain: n.Plain + "\n" + other.Plain, HTML: n.HTML + sep + other.HTML}

@@ -45,15 +45,28 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event, trustFlag string) 
 		return outcome{state: database.InboxDone}
 	}
 	link, err := b.DB.Links.GetByRoom(ctx, evt.RoomID)
+	targets := func() []id.RoomID { return link.Others(evt.RoomID) }
 	if errors.Is(err, database.ErrLinkNotFound) {
-		return outcome{state: database.InboxDone}
+		// A room the link moved out of when it was upgraded (upgrade.go): what its members do there to the
+		// events from before the upgrade (edits, reactions, redactions) still crosses; new messages do not.
+		if link, err = b.DB.Links.GetByRetired(ctx, evt.RoomID); errors.Is(err, database.ErrLinkNotFound) {
+			return outcome{state: database.InboxDone}
+		} else if err != nil {
+			return outcome{err: err}
+		}
+		if relationTarget(evt) == "" {
+			zerolog.Ctx(ctx).Debug().Msg("Not relaying a new event from a room that was upgraded")
+			return outcome{state: database.InboxDone}
+		}
+		current := link.CurrentOf(evt.RoomID)
+		targets = func() []id.RoomID { return link.Others(current) }
 	} else if err != nil {
 		return outcome{err: err}
 	}
 	log := zerolog.Ctx(ctx).With().Str("link_id", link.ID).Logger()
 	ctx = log.WithContext(ctx)
 	if evt.Type == event.EventRedaction {
-		ok, err := b.redactionAuthorised(ctx, evt, redactsOf(evt), link.Others(evt.RoomID))
+		ok, err := b.redactionAuthorised(ctx, evt, redactsOf(evt), targets())
 		if err != nil {
 			return outcome{err: err}
 		} else if !ok {
@@ -72,8 +85,8 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event, trustFlag string) 
 	}
 	ctx, disappearAt := b.disappearDeadline(ctx, evt, link) // see disappear.go
 	var retry *outcome
-	for _, target := range link.Others(evt.RoomID) {
-		res := b.relayTo(ctx, evt, target, srcEncrypted, disappearAt, trustFlag)
+	for _, target := range targets() {
+		res := b.relayTo(ctx, evt, target, link, srcEncrypted, disappearAt, trustFlag)
 		countRelayed(evt, res)
 		if res.err != nil && res.state == "" {
 			retry = &res
@@ -89,10 +102,27 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event, trustFlag string) 
 }
 
 // relayTo sends one copy. A zero-state outcome with err means retry later; state failed means permanent.
-func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID, srcEncrypted bool, disappearAt time.Time, trustFlag string) outcome {
+func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID, link *database.Link, srcEncrypted bool, disappearAt time.Time, trustFlag string) outcome {
 	// The target is added to the few debug messages below rather than to a logger of its own: building one per
 	// copy costs an allocation of a few hundred bytes on every relayed message.
 	log := zerolog.Ctx(ctx)
+	// An edit, reaction or redaction of an event from before target's room upgrade goes where that event lives.
+	home, err := b.homeFor(ctx, evt, target, link)
+	if err != nil {
+		return outcome{err: err}
+	}
+	var predecessors []id.RoomID
+	restateFrom := id.RoomID("") // the old room whose event evt relates to, when evt is restated in target
+	switch {
+	case home == target:
+		predecessors = link.Predecessors(target)
+	case evt.Type != event.EventRedaction && !b.mayPost(ctx, home, b.Ghosts.Ghost(evt.Sender), evt.Type):
+		// Upgrades mute the old room (its power levels let only moderators speak): the relation is restated
+		// in the room that replaced it (upgrade.go: restateInSuccessor).
+		restateFrom = home
+	default:
+		target = home
+	}
 	if !firstAttempt(ctx) {
 		if done, err := b.DB.EventMap.Get(ctx, evt.ID, target); err != nil {
 			return outcome{err: err}
@@ -111,9 +141,23 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 	}
 	if srcEncrypted && !targetEncrypted && !b.Config.AllowUnencryptedTargets {
 		log.Debug().Stringer("target_room_id", target).Msg("Not relaying from an encrypted room into an unencrypted one")
+		if kindOf(evt.Type) != kindMessage {
+			return outcome{state: database.InboxDone} // reactions, call signalling: the message told already
+		}
+		b.tellSender(ctx, delivery{room: evt.RoomID, event: evt.ID, sender: evt.Sender}, deliveryProblem{
+			status: event.MessageStatusFail, reason: event.MessageStatusNoPermission, kind: "unencrypted_" + TxnID(evt.ID, target),
+			notice: renderNotice("ferry did not relay this message to %s: that room is not encrypted, and ferry does not relay from an encrypted room into an unencrypted one.", b.roomName(ctx, target)),
+		})
 		return outcome{state: database.InboxDone}
 	}
-	evtType, content, err := Translate(ctx, evt, &linkMapper{b: b, target: target}, Origin{EventID: evt.ID, RoomID: evt.RoomID, Instance: b.instanceID(), TrustFlag: trustFlag})
+	mapper := &linkMapper{b: b, target: target, predecessors: predecessors}
+	if restateFrom != "" {
+		mapper = &linkMapper{b: b, target: restateFrom}
+	}
+	evtType, content, err := Translate(ctx, evt, mapper, Origin{EventID: evt.ID, RoomID: evt.RoomID, Instance: b.instanceID(), TrustFlag: trustFlag})
+	if err == nil && restateFrom != "" {
+		evtType, content, err = restateInSuccessor(evtType, content, restateFrom, b.AS.HomeserverDomain)
+	}
 	if errors.Is(err, ErrNotRelayable) || errors.Is(err, ErrRelationTargetUnknown) {
 		log.Debug().Stringer("target_room_id", target).Err(err).Msg("Event does not cross the link")
 		return outcome{state: database.InboxDone}
@@ -174,6 +218,10 @@ func (b *Bridge) relayRedaction(ctx context.Context, evt *event.Event, target id
 	sender := b.Ghosts.Ghost(evt.Sender)
 	if c, _ := b.DB.EventMap.ByTarget(ctx, counterpart); c != nil {
 		sender = c.Sender // the ghost that sent the copy may always redact it
+	}
+	if !b.mayPost(ctx, target, sender, event.EventRedaction) {
+		// A room muted by its upgrade: the bot, a moderator there, redacts instead.
+		sender = b.AS.BotMXID()
 	}
 	// No reason: redactions are read by the server, a reason would leak into cleartext.
 	resp, err := b.AS.Intent(sender).RedactEvent(ctx, target, counterpart, mautrix.ReqRedact{TxnID: TxnID(evt.ID, target)})
@@ -257,17 +305,14 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 	return resp.EventID, nil
 }
 
-// reportFailure tells the source room once that a copy could not be delivered.
+// reportFailure tells the sender, in the source room, that a copy could not be delivered, for good (status.go).
 func (b *Bridge) reportFailure(ctx context.Context, evt *event.Event, target id.RoomID, err error) {
 	zerolog.Ctx(ctx).Warn().Err(err).Stringer("target_room_id", target).Msg("Permanent error relaying event")
 	b.stats.recordError(evt.RoomID)
-	if !b.mayNotice(ctx, evt.RoomID, evt.Sender, noticeAboutSender) {
-		return
-	}
-	text := renderNotice("ferry could not relay this message to %s: %s", b.roomName(ctx, target), userFacingError(err))
-	if _, nerr := b.sendRenderedNotice(ctx, evt.RoomID, text, evt.ID, TxnID(evt.ID, target)+"_failed"); nerr != nil {
-		zerolog.Ctx(ctx).Warn().Err(nerr).Msg("Failed to report relay failure")
-	}
+	b.tellSender(ctx, delivery{room: evt.RoomID, event: evt.ID, sender: evt.Sender}, deliveryProblem{
+		status: event.MessageStatusFail, reason: statusReason(err), kind: "failed_" + TxnID(evt.ID, target),
+		notice: renderNotice("ferry could not relay this message to %s: %s", b.roomName(ctx, target), userFacingError(err)),
+	})
 }
 
 func userFacingError(err error) string {
@@ -308,6 +353,9 @@ func (b *Bridge) instanceID() string {
 type linkMapper struct {
 	b      *Bridge
 	target id.RoomID
+	// predecessors are the rooms target replaced (room upgrades), newest first: replies to events from before
+	// the upgrades find them there.
+	predecessors []id.RoomID
 }
 
 func (m *linkMapper) CopyOf(ctx context.Context, evt id.EventID) (id.EventID, bool, error) {

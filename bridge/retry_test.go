@@ -188,9 +188,10 @@ func TestRelayRetriesRateLimitsAndServerErrors(t *testing.T) {
 }
 
 // TestRelayPermanentErrorIsReportedOnce: a 403 is not retried (the event is finished, so it never blocks the
-// room), no copy is recorded, and the source room gets exactly one notice from the bot.
+// room), no copy is recorded, and the source room gets exactly one notice from the bot, replying to the message,
+// and one FAIL_PERMANENT status.
 func TestRelayPermanentErrorIsReportedOnce(t *testing.T) {
-	f := newRelayFixture(t)
+	f := newRelayFixtureWith(t, newScriptedCrypto())
 	f.relayOne(t)
 	f.flaky.lock.Lock()
 	f.flaky.sends = nil
@@ -210,7 +211,13 @@ func TestRelayPermanentErrorIsReportedOnce(t *testing.T) {
 	if attempts != 1 {
 		t.Fatalf("%d send attempts for a 403, want 1", attempts)
 	}
-	if got := f.copiesIn(f.roomA, f.br.AS.BotMXID()); got != 1 {
-		t.Fatalf("the source room got %d notices from the bot, want 1", got)
+	if got := f.notices(t, f.roomA); len(got) != 1 || !strings.Contains(got[0], "could not relay this message") {
+		t.Fatalf("the source room got notices %q from the bot, want 1", got)
+	}
+	if got := f.statuses(t, f.roomA); len(got) != 1 || got[0].status != event.MessageStatusFail || got[0].reason != event.MessageStatusNoPermission || got[0].about != row.EventID {
+		t.Fatalf("statuses = %+v, want one FAIL_PERMANENT for the message", got)
+	}
+	if v, _ := f.br.DB.KV.Get(context.Background(), deliveryKey(row.EventID)); v != "" {
+		t.Fatalf("a permanent failure is still remembered: %q", v)
 	}
 }

@@ -108,6 +108,14 @@ type Mapper interface {
 	UserIn(user id.UserID) id.UserID
 }
 
+// PredecessorMapper is implemented by Mappers whose target room replaced other rooms (room upgrades): what ferry
+// relayed before an upgrade has its counterpart in the old room, which events in the target room cannot point at.
+type PredecessorMapper interface {
+	// CopyInPredecessor returns a link to sourceEvent's counterpart in a room the target room replaced, or nil
+	// when there is none.
+	CopyInPredecessor(ctx context.Context, sourceEvent id.EventID) (*id.MatrixURI, error)
+}
+
 // Content keys and values Translate reads or rewrites.
 const (
 	keyRelatesTo     = "m.relates_to"
@@ -190,7 +198,7 @@ func Translate(ctx context.Context, src *event.Event, m Mapper, origin Origin) (
 		return evtType, nil, fmt.Errorf("%w: %s content is not a JSON object", ErrNotRelayable, src.Type.Type)
 	}
 	stripFerryKeys(raw)
-	tr := translator{ctx: ctx, m: m, standalone: kind == kindMessage}
+	tr := translator{ctx: ctx, m: m, standalone: kind == kindMessage, res: &translateResult{}}
 	switch kind {
 	case kindMessage:
 		err = tr.message(evtType, raw)
@@ -382,6 +390,14 @@ type translator struct {
 	// standalone: the event means something without its relation (kindMessage), so a relation to an event
 	// that was never relayed is dropped instead of the event.
 	standalone bool
+	res        *translateResult
+}
+
+// translateResult is what a translation found on the way.
+type translateResult struct {
+	// replyElsewhere is where the event a reply answers lives when that is a room the target room replaced
+	// (room upgrades): the reply then quotes a link to it instead (see quoteReplyElsewhere).
+	replyElsewhere *id.MatrixURI
 }
 
 // message translates messages, stickers and poll starts.
@@ -406,7 +422,37 @@ func (tr translator) message(evtType event.Type, content map[string]any) error {
 		delete(newContent, keyRelatesTo)
 		tr.text(newContent, false)
 	}
+	if tr.res.replyElsewhere != nil && evtType == event.EventMessage {
+		quoteReplyElsewhere(content, tr.res.replyElsewhere)
+	}
 	return nil
+}
+
+// Text of a reply whose target lives in a room the target room replaced (room upgrades).
+const (
+	replyElsewhereText = "In reply to a message from before this room was upgraded"
+	replyElsewhereMark = "↩️ "
+)
+
+// quoteReplyElsewhere starts a text message (text, notice, emote) with a link to the event it replies to, in the
+// room it lives in. Clients look a reply's target up in the room the reply is in, so an m.in_reply_to naming an
+// event of the old room would show "unable to load"; a permalink opens the old room at that event instead. Other
+// message types (media, whose body is a file name or caption) go without.
+func quoteReplyElsewhere(content map[string]any, link *id.MatrixURI) {
+	switch msgType, _ := content[keyMsgType].(string); event.MessageType(msgType) {
+	case event.MsgText, event.MsgNotice, event.MsgEmote:
+	default:
+		return
+	}
+	url := link.MatrixToURL()
+	body, _ := content[keyBody].(string)
+	html, hasHTML := content[keyFormattedBody].(string)
+	if format, _ := content[keyFormat].(string); format != string(event.FormatHTML) || !hasHTML {
+		html = strings.ReplaceAll(htmlEscaper.Replace(body), "\n", "<br>")
+	}
+	content[keyBody] = replyElsewhereMark + replyElsewhereText + ": " + url + "\n\n" + body
+	content[keyFormat] = string(event.FormatHTML)
+	content[keyFormattedBody] = "<blockquote>" + replyElsewhereMark + `<a href="` + htmlEscaper.Replace(url) + `">` + replyElsewhereText + "</a></blockquote>" + html
 }
 
 // text translates the human-readable parts of a content: reply fallback, mentions and pills.
@@ -525,9 +571,24 @@ func (tr translator) reply(rel map[string]any) error {
 		return err
 	} else if !ok {
 		delete(rel, keyInReplyTo)
-		return nil
+		return tr.replyInPredecessor(irt[keyEventID])
 	}
 	irt[keyEventID] = string(target)
+	return nil
+}
+
+// replyInPredecessor notes where a reply's target lives when that is a room the target room replaced.
+func (tr translator) replyInPredecessor(v any) error {
+	pm, ok := tr.m.(PredecessorMapper)
+	s, _ := v.(string)
+	if !ok || !strings.HasPrefix(s, "$") {
+		return nil
+	}
+	link, err := pm.CopyInPredecessor(tr.ctx, id.EventID(s))
+	if err != nil {
+		return fmt.Errorf("failed to look up the counterpart of %s in an upgraded room: %w", s, err)
+	}
+	tr.res.replyElsewhere = link
 	return nil
 }
 

@@ -67,6 +67,14 @@ func (fm *fakeMapper) CopyOf(ctx context.Context, evt id.EventID) (id.EventID, b
 	return target, ok, nil
 }
 
+// CopyInPredecessor knows one event relayed into !b-old, the room !b replaced when it was upgraded.
+func (fm *fakeMapper) CopyInPredecessor(_ context.Context, evt id.EventID) (*id.MatrixURI, error) {
+	if evt == "$before-upgrade" {
+		return id.RoomID("!b-old:ferry.example").EventURI("$before-upgrade.b-old", "ferry.example"), nil
+	}
+	return nil, nil
+}
+
 func (fm *fakeMapper) UserIn(user id.UserID) id.UserID {
 	if real, ok := fm.namer.Real(user); ok {
 		return real
@@ -128,10 +136,17 @@ var translateCases = map[string]struct {
 	"reply_without_fallback":          {},
 	"reply_to_copy_maps_to_original":  {},
 	"reply_target_unknown_sent_plain": {},
-	"reply_genuine_quote_kept":        {},
-	"reply_nested_html_fallback":      {},
-	"quote_without_reply_kept":        {},
-	"sticker_reply":                   {},
+	// A reply to an event that lives in a room !b replaced (room upgrades): a link to it, not an m.in_reply_to
+	// that clients would fail to load in !b. Media keep their body (a file name or caption) and lose the reply.
+	"reply_into_upgraded_room_links_old_room": {},
+	"reply_plain_into_upgraded_room":          {},
+	"image_reply_into_upgraded_room":          {},
+	// Edits of such events belong in the old room: the relay sends them there (relay.go), not into !b.
+	"edit_target_in_upgraded_room": {wantErr: ErrRelationTargetUnknown},
+	"reply_genuine_quote_kept":     {},
+	"reply_nested_html_fallback":   {},
+	"quote_without_reply_kept":     {},
+	"sticker_reply":                {},
 	// Threads.
 	"thread_falling_back":                           {},
 	"thread_genuine_reply":                          {},

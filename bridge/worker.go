@@ -302,10 +302,10 @@ func (b *Bridge) commitBatch(ctx context.Context, bw *batchWrites) bool {
 		}
 	}
 	for _, row := range bw.done {
-		if row.Type == "m.room.encrypted" && row.Attempts > 0 {
-			// A "could not decrypt" notice posted while the event was parked is redacted now that it relayed.
-			// Only parked events (Park counts an attempt) can have one.
-			b.keyArrived(ctx, row)
+		if row.Attempts > 0 {
+			// A notice posted while the event waited (its key, a homeserver that kept failing) is redacted now
+			// that it relayed (status.go). Only events tried before (Park and Retry count attempts) can have one.
+			b.deliveredLate(ctx, row)
 		}
 	}
 	*bw = batchWrites{}
@@ -453,6 +453,7 @@ func (b *Bridge) processRow(ctx context.Context, row *database.InboxEvent, bw *b
 		}
 		switch res.state {
 		case database.InboxDone:
+			row.Attempts += attempt - 1 // retries in this call: the inbox counted them (Retry)
 			bw.done = append(bw.done, row)
 			return true
 		case database.InboxFailed:

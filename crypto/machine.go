@@ -73,6 +73,10 @@ type Machine struct {
 	// SyncedTimeline receives the room events the bot's /sync returns (only types in syncTimelineTypes): some
 	// homeservers (Dendrite 0.13.8) never push redactions to appservices.
 	SyncedTimeline func(ctx context.Context, evts []*event.Event)
+	// SyncedEphemeral receives the typing notifications and read receipts the bot's /sync returns (with their
+	// room IDs): homeservers push them to appservices only with appservice-mode encryption's receive_ephemeral,
+	// and Dendrite 0.13.8 never does. It must not block.
+	SyncedEphemeral func(ctx context.Context, evts []*event.Event)
 
 	shareLevel, receiveLevel trustLevel
 	// perGhost is the effective device mode (device_mode per_ghost and a way to cross-sign ghosts).
@@ -228,6 +232,10 @@ func (m *Machine) initBot(ctx context.Context) error {
 	m.client.Syncer = &cryptoSyncer{mach: mach, log: m.log, keysLock: &m.cache.keysLock, timeline: func(ctx context.Context, evts []*event.Event) {
 		if m.SyncedTimeline != nil {
 			m.SyncedTimeline(ctx, evts)
+		}
+	}, ephemeral: func(ctx context.Context, evts []*event.Event) {
+		if m.SyncedEphemeral != nil {
+			m.SyncedEphemeral(ctx, evts)
 		}
 	}, deviceChanges: m.rotateForDeviceChanges}
 	if err = mach.Load(ctx); err != nil {
@@ -791,11 +799,16 @@ func (m *Machine) allowKeyShare(d *device) func(context.Context, *id.Device, eve
 // syncTimelineTypes are the room event types the bot's /sync asks for besides to-device and device lists.
 var syncTimelineTypes = []event.Type{event.EventRedaction}
 
+// syncEphemeralTypes are the ephemeral event types the bot's /sync asks for: typing and read receipts, which ferry
+// relays (bridge/ephemeral.go).
+var syncEphemeralTypes = []event.Type{event.EphemeralEventTyping, event.EphemeralEventReceipt}
+
 type cryptoSyncer struct {
 	mach          *crypto.OlmMachine
 	log           zerolog.Logger
 	keysLock      *sync.Mutex // the store cache's: device-list fetches take it, as key shares do (device.devicesOf)
 	timeline      func(ctx context.Context, evts []*event.Event)
+	ephemeral     func(ctx context.Context, evts []*event.Event)
 	deviceChanges func(ctx context.Context, users []id.UserID)
 }
 
@@ -824,6 +837,16 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 	if len(evts) > 0 {
 		s.timeline(ctx, evts)
 	}
+	var eph []*event.Event
+	for roomID, room := range resp.Rooms.Join {
+		for _, evt := range room.Ephemeral.Events {
+			evt.RoomID = roomID
+			eph = append(eph, evt)
+		}
+	}
+	if len(eph) > 0 && since != "" { // the first /sync reports old receipts, not news
+		s.ephemeral(ctx, eph)
+	}
 	return nil
 }
 
@@ -841,7 +864,7 @@ func (s *cryptoSyncer) GetFilterJSON(_ id.UserID) *mautrix.Filter {
 		Presence:    &mautrix.FilterPart{NotTypes: everything},
 		AccountData: &mautrix.FilterPart{NotTypes: everything},
 		Room: &mautrix.RoomFilter{
-			Ephemeral:   &mautrix.FilterPart{NotTypes: everything},
+			Ephemeral:   &mautrix.FilterPart{Types: syncEphemeralTypes},
 			AccountData: &mautrix.FilterPart{NotTypes: everything},
 			State:       &mautrix.FilterPart{NotTypes: everything},
 			Timeline:    &mautrix.FilterPart{Types: syncTimelineTypes, Limit: 50},

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -138,6 +139,74 @@ func TestLinks(t *testing.T) {
 		}
 		if _, err = db.Links.GetByRoom(ctx, "!b"); !errors.Is(err, database.ErrLinkNotFound) {
 			t.Fatalf("dissolved link still there: %v", err)
+		}
+	})
+}
+
+// TestLinkFollowsRoomUpgrades: an upgraded room's place in its link moves to its successor, twice in a row; the
+// old rooms are remembered as retired (for relations to events from before the upgrades), a second move changes
+// nothing, and a room leaving the link takes its predecessors along.
+func TestLinkFollowsRoomUpgrades(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		now := time.Now()
+		if _, err := db.Links.Join(ctx, "L1", "!a", "!b", "@u:x", now); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := db.Links.Join(ctx, "L1", "!c", "!b", "@u:x", now.Add(time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := db.Links.Join(ctx, "L2", "!x", "!y", "@u:x", now); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := db.Links.MoveRoom(ctx, "!a", "!x", now); !errors.Is(err, database.ErrRoomAlreadyLinked) {
+			t.Fatalf("moving into a room of another link: %v, want ErrRoomAlreadyLinked", err)
+		}
+		if _, _, err := db.Links.MoveRoom(ctx, "!nowhere", "!z", now); !errors.Is(err, database.ErrLinkNotFound) {
+			t.Fatalf("moving an unlinked room: %v, want ErrLinkNotFound", err)
+		}
+		// Warm the cache: a move must not leave stale answers behind.
+		if _, err := db.Links.GetByRoom(ctx, "!a2"); !errors.Is(err, database.ErrLinkNotFound) {
+			t.Fatal(err)
+		}
+		link, moved, err := db.Links.MoveRoom(ctx, "!a", "!a2", now.Add(time.Minute))
+		if err != nil || !moved || !slices.Equal(link.Rooms, []id.RoomID{"!a2", "!b", "!c"}) {
+			t.Fatalf("first move = %v, %t, %v; want !a2 in !a's place", link, moved, err)
+		}
+		if again, moved, err := db.Links.MoveRoom(ctx, "!a", "!a2", now.Add(2*time.Minute)); err != nil || moved || again.ID != "L1" {
+			t.Fatalf("the same move again = %v, %t, %v; want no change", again, moved, err)
+		}
+		if _, _, err = db.Links.MoveRoom(ctx, "!a2", "!a3", now.Add(3*time.Minute)); err != nil {
+			t.Fatal(err)
+		}
+		link, err = db.Links.GetByRoom(ctx, "!a3")
+		if err != nil || link.ID != "L1" {
+			t.Fatalf("successor's link = %v, %v", link, err)
+		}
+		if _, err = db.Links.GetByRoom(ctx, "!a"); !errors.Is(err, database.ErrLinkNotFound) {
+			t.Fatalf("the retired room is still linked: %v", err)
+		}
+		for _, old := range []id.RoomID{"!a", "!a2"} {
+			if retired, err := db.Links.GetByRetired(ctx, old); err != nil || retired.ID != "L1" || retired.CurrentOf(old) != "!a3" {
+				t.Fatalf("retired %s = %v, %v; want L1 with !a3 standing for it", old, retired, err)
+			}
+		}
+		if got := link.Predecessors("!a3"); !slices.Equal(got, []id.RoomID{"!a2", "!a"}) {
+			t.Fatalf("predecessors = %v, want newest first", got)
+		}
+		if got := link.Predecessors("!b"); len(got) != 0 {
+			t.Fatalf("predecessors of a room never upgraded = %v", got)
+		}
+		// Leaving takes the retired rooms along.
+		if _, err = db.Links.Leave(ctx, "!a3"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err = db.Links.GetByRetired(ctx, "!a"); !errors.Is(err, database.ErrLinkNotFound) {
+			t.Fatalf("a retired room outlived its successor's leaving: %v", err)
+		}
+		link, _ = db.Links.GetByRoom(ctx, "!b")
+		if len(link.Retired) != 0 {
+			t.Fatalf("retired rooms left behind: %v", link.Retired)
 		}
 	})
 }

@@ -26,6 +26,45 @@ type Link struct {
 	RequireEncryption bool
 	DisappearAfter    time.Duration
 	Rooms             []id.RoomID
+	// Retired lists the rooms the link moved out of when they were upgraded, oldest first.
+	Retired []RetiredRoom
+}
+
+// RetiredRoom is a room a link moved out of when it was upgraded: Successor replaced it, and Current (a room of
+// the link) stands for it now, at the end of its chain of successors.
+type RetiredRoom struct {
+	RoomID    id.RoomID
+	Successor id.RoomID
+	Current   id.RoomID
+	MovedAt   time.Time
+}
+
+// Predecessors returns the rooms room replaced (directly or through earlier upgrades), newest first: where the
+// events from before its upgrades live.
+func (l *Link) Predecessors(room id.RoomID) []id.RoomID {
+	var out []id.RoomID
+	for i := len(l.Retired) - 1; i >= 0; i-- {
+		if l.Retired[i].Current == room {
+			out = append(out, l.Retired[i].RoomID)
+		}
+	}
+	return out
+}
+
+// CurrentOf returns the room of the link that stands for room: room itself when it belongs to the link, the end
+// of its chain of successors when it was upgraded, or "" when it is neither.
+func (l *Link) CurrentOf(room id.RoomID) id.RoomID {
+	for _, r := range l.Rooms {
+		if r == room {
+			return r
+		}
+	}
+	for _, r := range l.Retired {
+		if r.RoomID == room {
+			return r.Current
+		}
+	}
+	return ""
 }
 
 // Others returns the link's rooms except the given one.
@@ -50,7 +89,13 @@ type LinkQuery struct {
 	cacheLock sync.Mutex
 	// gen counts writes; a lookup caches its result only when no write started or ended while it ran.
 	gen   uint64
-	cache map[id.RoomID]*Link // nil value: the room is not linked
+	cache map[linkCacheKey]*Link // nil value: the room is not linked (or not retired from a link)
+}
+
+// linkCacheKey is a room, looked up as a room of a link or as a room a link moved out of (GetByRetired).
+type linkCacheKey struct {
+	room    id.RoomID
+	retired bool
 }
 
 // invalidate drops the cache. Writers call it before and after their transaction.
@@ -63,8 +108,18 @@ func (lq *LinkQuery) invalidate() {
 
 // GetByRoom returns the link a room belongs to, or ErrLinkNotFound.
 func (lq *LinkQuery) GetByRoom(ctx context.Context, roomID id.RoomID) (*Link, error) {
+	return lq.cached(ctx, linkCacheKey{room: roomID})
+}
+
+// GetByRetired returns the link a room was part of until it was upgraded and the link moved to its successor,
+// or ErrLinkNotFound.
+func (lq *LinkQuery) GetByRetired(ctx context.Context, roomID id.RoomID) (*Link, error) {
+	return lq.cached(ctx, linkCacheKey{room: roomID, retired: true})
+}
+
+func (lq *LinkQuery) cached(ctx context.Context, key linkCacheKey) (*Link, error) {
 	lq.cacheLock.Lock()
-	cached, ok := lq.cache[roomID]
+	cached, ok := lq.cache[key]
 	gen := lq.gen
 	lq.cacheLock.Unlock()
 	if ok {
@@ -73,7 +128,13 @@ func (lq *LinkQuery) GetByRoom(ctx context.Context, roomID id.RoomID) (*Link, er
 		}
 		return cached.clone(), nil
 	}
-	link, err := lq.getByRoom(ctx, roomID)
+	var link *Link
+	var err error
+	if key.retired {
+		link, err = lq.getByRetired(ctx, key.room)
+	} else {
+		link, err = lq.getByRoom(ctx, key.room)
+	}
 	if err != nil && !errors.Is(err, ErrLinkNotFound) {
 		return nil, err
 	}
@@ -81,12 +142,12 @@ func (lq *LinkQuery) GetByRoom(ctx context.Context, roomID id.RoomID) (*Link, er
 	if lq.gen == gen {
 		if lq.cache == nil || len(lq.cache) >= maxLinkCache {
 			// Most rooms asked about are not linked: a flood of them must not grow the cache without bound.
-			lq.cache = make(map[id.RoomID]*Link)
+			lq.cache = make(map[linkCacheKey]*Link)
 		}
 		if link != nil {
-			lq.cache[roomID] = link.clone()
+			lq.cache[key] = link.clone()
 		} else {
-			lq.cache[roomID] = nil
+			lq.cache[key] = nil
 		}
 	}
 	lq.cacheLock.Unlock()
@@ -96,6 +157,7 @@ func (lq *LinkQuery) GetByRoom(ctx context.Context, roomID id.RoomID) (*Link, er
 func (l *Link) clone() *Link {
 	c := *l
 	c.Rooms = append([]id.RoomID(nil), l.Rooms...)
+	c.Retired = append([]RetiredRoom(nil), l.Retired...)
 	return &c
 }
 
@@ -103,6 +165,18 @@ func (l *Link) clone() *Link {
 func (lq *LinkQuery) getByRoom(ctx context.Context, roomID id.RoomID) (*Link, error) {
 	var linkID string
 	err := lq.db.QueryRow(ctx, `SELECT link_id FROM link_room WHERE room_id=$1`, roomID).Scan(&linkID)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, ErrLinkNotFound
+	} else if err != nil {
+		return nil, err
+	}
+	return lq.Get(ctx, linkID)
+}
+
+// getByRetired reads the link a room was upgraded out of.
+func (lq *LinkQuery) getByRetired(ctx context.Context, roomID id.RoomID) (*Link, error) {
+	var linkID string
+	err := lq.db.QueryRow(ctx, `SELECT link_id FROM link_predecessor WHERE room_id=$1`, roomID).Scan(&linkID)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, ErrLinkNotFound
 	} else if err != nil {
@@ -129,7 +203,20 @@ func (lq *LinkQuery) Get(ctx context.Context, linkID string) (*Link, error) {
 	if err != nil {
 		return nil, err
 	}
+	rows, err = lq.db.Query(ctx, `SELECT room_id, successor, current_room, moved_at FROM link_predecessor WHERE link_id=$1 ORDER BY moved_at, room_id`, linkID)
+	link.Retired, err = dbutil.NewRowIterWithError(rows, scanRetired, err).AsList()
+	if err != nil {
+		return nil, err
+	}
 	return &link, nil
+}
+
+func scanRetired(row dbutil.Scannable) (RetiredRoom, error) {
+	var r RetiredRoom
+	var movedAt int64
+	err := row.Scan(&r.RoomID, &r.Successor, &r.Current, &movedAt)
+	r.MovedAt = time.UnixMilli(movedAt)
+	return r, err
 }
 
 // All lists every link.
@@ -218,10 +305,58 @@ func (lq *LinkQuery) Leave(ctx context.Context, room id.RoomID) (*Link, error) {
 			}
 			return err
 		}
+		if _, err = lq.db.Exec(ctx, `DELETE FROM link_predecessor WHERE current_room=$1`, room); err != nil {
+			return err
+		}
 		_, err = lq.db.Exec(ctx, `DELETE FROM link_room WHERE room_id=$1`, room)
 		return err
 	})
 	return before, err
+}
+
+// MoveRoom moves old's place in its link to successor, because old was upgraded (replaced by successor). old is
+// remembered as a retired room of the link (see Link.Retired). moved is false when old's link had already moved
+// to successor (a second call changes nothing). It fails with ErrLinkNotFound when old is in no link, and with
+// ErrRoomAlreadyLinked when successor belongs to a link already. One transaction.
+func (lq *LinkQuery) MoveRoom(ctx context.Context, old, successor id.RoomID, now time.Time) (link *Link, moved bool, err error) {
+	lq.invalidate()
+	defer lq.invalidate()
+	err = lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		var err error
+		link, err = lq.getByRoom(ctx, old)
+		if errors.Is(err, ErrLinkNotFound) {
+			// Moved already (by the tombstone or by the invite into the new room, whichever came second)?
+			var was id.RoomID
+			if qerr := lq.db.QueryRow(ctx, `SELECT successor FROM link_predecessor WHERE room_id=$1`, old).Scan(&was); qerr == nil && was == successor {
+				link, err = lq.getByRoom(ctx, successor)
+			}
+			return err
+		} else if err != nil {
+			return err
+		}
+		if other, err := lq.getByRoom(ctx, successor); err == nil {
+			if other.ID == link.ID {
+				return nil // linked already, e.g. by a link command: nothing to move
+			}
+			return ErrRoomAlreadyLinked
+		} else if !errors.Is(err, ErrLinkNotFound) {
+			return err
+		}
+		if _, err = lq.db.Exec(ctx, `UPDATE link_predecessor SET current_room=$2 WHERE current_room=$1`, old, successor); err != nil {
+			return err
+		}
+		if _, err = lq.db.Exec(ctx, `INSERT INTO link_predecessor (room_id, successor, current_room, link_id, moved_at) VALUES ($1, $2, $2, $3, $4)`,
+			old, successor, link.ID, now.UnixMilli()); err != nil {
+			return err
+		}
+		if _, err = lq.db.Exec(ctx, `UPDATE link_room SET room_id=$2 WHERE room_id=$1`, old, successor); err != nil {
+			return err
+		}
+		moved = true
+		link, err = lq.Get(ctx, link.ID)
+		return err
+	})
+	return link, moved, err
 }
 
 // SetRequireEncryption changes a link's encryption policy.

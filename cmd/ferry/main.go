@@ -295,6 +295,7 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 	go handleHangups(ctx, hangups, logs, br, log)
 	mach.SessionReceived = br.SessionArrived
 	mach.SyncedTimeline = br.IngestSynced
+	mach.SyncedEphemeral = br.HandleEphemeral
 	listener, err := net.Listen("tcp", net.JoinHostPort(cfg.Appservice.Hostname, fmt.Sprint(cfg.Appservice.Port)))
 	if err != nil {
 		log.Error().Err(err).Msg("Failed to listen for the homeserver")

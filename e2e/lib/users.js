@@ -183,7 +183,8 @@ export async function createUser(hsUrl, localpart, opts = {}) {
 
 /**
  * Logs in an existing user (a new device each time), starts a js-sdk client with in-memory Rust crypto and
- * waits for the first sync. opts: { displayName, excludeInsecureDevices, deviceDisplayName }.
+ * waits for the first sync. opts: { displayName, excludeInsecureDevices, deviceDisplayName, cryptoCallbacks } (the
+ * latter as matrix-js-sdk's createClient takes them, e.g. getSecretStorageKey for secret storage).
  */
 export async function loginUser(hsUrl, user, password, opts = {}) {
     printNodeVersionOnce();
@@ -204,6 +205,7 @@ export async function loginUser(hsUrl, user, password, opts = {}) {
         accessToken: login.accessToken,
         fetchFn,
         logger: makeLogger(localpart, () => stopper.signal.aborted),
+        cryptoCallbacks: opts.cryptoCallbacks,
     });
     await client.initRustCrypto({ useIndexedDB: false });
     const wrapper = new TestUser({ client, hsUrl, password, stopper, ...login });

@@ -1,5 +1,6 @@
 // Issue 3, ghosts: a ghost shows its real user's display name through the configured per-room template
-// (default "<display name> (<source room name>)") and the original avatar, and follows the real user's changes.
+// (default "<display name> (<source room name>)") and the original avatar, and follows the real user's changes and
+// its source room's renames.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { createUser } from "../lib/users.js";
@@ -78,4 +79,10 @@ test("the bot wears the avatar its config gives it", async () => {
     const profile = await (await fetch(`${stack.hs.url}/_matrix/client/v3/profile/${encodeURIComponent(stack.botUserId)}`, { headers: { authorization: `Bearer ${bob.accessToken}` } })).json();
     assert.equal(profile.avatar_url, "mxc://ferry.test/ferryBotAvatar");
     assert.equal(profile.displayname, "ferry");
+});
+
+test("renaming the source room renames its members' ghosts", async () => {
+    await alice.client.setRoomName(roomA, "Orchard");
+    await ghostMember((c) => c.displayname === "Alicia (Orchard)", "the ghost's name with the room's new name");
+    await bob.waitForEvent(roomB, () => bob.client.getRoom(roomB).getMember(aliceGhost)?.name === "Alicia (Orchard)", T, "the renamed ghost in bob's member list");
 });

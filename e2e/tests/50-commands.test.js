@@ -70,7 +70,7 @@ test("a management room takes commands without the prefix, and with it", async (
     const key = await command(stack, admin, dm, "recovery-key");
     assert.match(replyBody(key), /^ferry's recovery key: `[^`]+`|once ferry's cross-signing is set up/);
     const usage = await command(stack, admin, dm, "help link");
-    assert.match(replyBody(usage), /`link <room ID, alias or matrix\.to link>`/);
+    assert.match(replyBody(usage), /`link <room> \[room\]`/);
     assert.match(usage.content.body, /Example: `link #team:example\.org`/);
 });
 
@@ -92,7 +92,7 @@ test("help lists what each sender may run here", async () => {
     }
     // Room A is not linked yet, and not a DM any more: neither unlink nor recovery-key applies here.
     assert.doesNotMatch(adminHelp, /unlink|recovery-key/);
-    assert.match(adminReply.content.formatted_body, /<ul><li><code>!ferry help \[command\]<\/code>/);
+    assert.match(adminReply.content.formatted_body, /<strong>Linking rooms<\/strong><ul><li><code>!ferry link &lt;room&gt; \[room\]<\/code>/);
 });
 
 test("commands from users without the level or the power are refused, saying why", async () => {
@@ -112,7 +112,7 @@ test("commands from users without the level or the power are refused, saying why
     const unknown = await command(stack, bob, roomA, "!ferry frobnicate");
     assert.match(replyBody(unknown), /Unknown command `frobnicate`\. Try `!ferry help`/);
     const usage = await command(stack, bob, roomA, "!ferry link");
-    assert.match(replyBody(usage), /^Usage: `!ferry link <room ID, alias or matrix\.to link>`/);
+    assert.match(replyBody(usage), /^Usage: `!ferry link <room> \[room\]`/);
 });
 
 test("reload re-reads the permissions from the config without a restart", async () => {
@@ -159,15 +159,15 @@ test("links and status describe the link, and status reflects a relayed message"
     assert.match(links, /Policy: encryption is not required/);
 
     const before = replyBody(await command(stack, admin, roomA, "!ferry status"));
-    assert.match(before, /^ferry \S+, up \d/);
-    assert.match(before, /Encryption path: \S+/);
-    assert.match(before, /- Commands A: 0 queued, 0 waiting for keys, last relayed never, 0 errors in the last hour/);
+    assert.match(before, /^ferry \S+ · up \d/);
+    assert.match(before, /Encryption: \S+/);
+    assert.match(before, /✅ Commands A \(here\)\nnothing relayed yet\n/);
 
     await admin.sendText(roomA, "relayed for status");
     await bob.waitForEvent(roomB, (e) => isGhost(e.sender) && e.content.body === "relayed for status", T, "the relayed message");
     const after = replyBody(await command(stack, admin, roomA, "!ferry status"));
-    assert.match(after, /- Commands A: 0 queued, 0 waiting for keys, last relayed \d+(s|m \d+s) ago, 0 errors in the last hour/);
-    assert.match(after, /All links: 1 links with 2 rooms; 0 queued/, "admins get the global figures");
+    assert.match(after, /✅ Commands A \(here\)\nlast relayed \d+(s|m \d+s) ago\n/);
+    assert.match(after, /All links \(1, with 2 rooms\)/, "admins get the global figures");
     const userStatus = replyBody(await command(stack, bob, roomB, "!ferry status"));
     assert.doesNotMatch(userStatus, /All links/, "users get only their link");
     const counted = replyBody(await command(stack, bob, roomB, "!ferry links"));
@@ -191,10 +191,10 @@ test("encryption shows the policy; only room admins may require it", async () =>
 
 test("devices and rotate answer an admin", async () => {
     const devices = replyBody(await command(stack, admin, roomA, "!ferry devices"));
-    assert.match(devices, /Bot device: `[^`]+`/);
+    assert.match(devices, /My device: `[^`]+`/);
     assert.match(devices, /Device mode: `per_ghost`/);
     const rotated = replyBody(await command(stack, admin, roomA, "!ferry rotate"));
-    assert.match(rotated, /Discarded ferry's outbound sessions/);
+    assert.match(rotated, /next message in this room is encrypted with new keys/);
     // ferry still relays after rotating.
     await admin.sendText(roomA, "after rotation");
     await bob.waitForEvent(roomB, (e) => isGhost(e.sender) && e.content.body === "after rotation", T, "the message after rotation");

@@ -35,6 +35,8 @@ type RoomOptions struct {
 	Members []id.UserID
 	// Invite lists users invited right away.
 	Invite []id.UserID
+	// Predecessor, when set, names the room this one replaces (a room upgrade) in its create event.
+	Predecessor id.RoomID
 }
 
 // CreateRoom makes a room as if it existed before the test: its state (create, power levels with the creator
@@ -45,6 +47,11 @@ func (s *Server) CreateRoom(creator id.UserID, opts RoomOptions) id.RoomID {
 	defer s.mu.Unlock()
 	rm := s.newRoomLocked(creator)
 	s.initRoomLocked(rm, creator, opts.Name, opts.Encryption, opts.Public, false)
+	if opts.Predecessor != "" {
+		s.stateEventLocked(rm, creator, event.StateCreate.Type, "", mustJSON(map[string]any{
+			"creator": creator, "room_version": "10", "predecessor": map[string]any{"room_id": opts.Predecessor},
+		}), false)
+	}
 	for _, u := range opts.Members {
 		s.accountLocked(u)
 		s.setMembershipLocked(rm, u, u, event.MembershipJoin, false)

@@ -116,6 +116,8 @@ type Server struct {
 	keyChanges   []keyChange
 	seq          int64
 	claimMisses  int64
+	typing       []Typing
+	receipts     []Receipt
 	nonces       map[string]struct{}
 	// asListsPos is the stream position up to which TakeAppserviceTransaction reported device-list changes.
 	asListsPos int64
@@ -325,6 +327,8 @@ func (s *Server) routes(mux *http.ServeMux) {
 	h("PUT "+c+"/rooms/{roomID}/state/{type}/{stateKey...}", s.authed(s.putStateEvent))
 	h("PUT "+c+"/rooms/{roomID}/send/{type}/{txnID}", s.authed(s.putSend))
 	h("PUT "+c+"/rooms/{roomID}/redact/{eventID}/{txnID}", s.authed(s.putRedact))
+	h("PUT "+c+"/rooms/{roomID}/typing/{userID}", s.authed(s.putTyping))
+	h("POST "+c+"/rooms/{roomID}/receipt/{type}/{eventID}", s.authed(s.postReceipt))
 
 	h("POST "+c+"/keys/upload", s.authed(s.postKeysUpload))
 	h("POST "+c+"/keys/query", s.authed(s.postKeysQuery))
