@@ -8,9 +8,11 @@ LDFLAGS := -X main.Version=$(VERSION) -X main.Commit=$(COMMIT)
 
 .PHONY: build test unit e2e demo bench vet fmt fuzz clean
 
+# bin/ferry-faultproxy is test kit: the end-to-end tests put it between ferry and the homeserver.
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ferry ./cmd/ferry
 	$(GO) build -o bin/ferry-keycheck ./cmd/ferry-keycheck
+	$(GO) build -o bin/ferry-faultproxy ./cmd/ferry-faultproxy
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }

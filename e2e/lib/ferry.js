@@ -147,7 +147,9 @@ function runFerrySync(args, dir) {
  * back into config.yaml). Options:
  *   hsDomain ("ferry.test"), hsUrl (default: http://127.0.0.1:<hsPort> with a port reserved here for Dendrite),
  *   sharedSecret (random), db ({type, uri}; default SQLite in the dir), permissions (merged over
- *   {"*": relay, <hsDomain>: user}), admins ([userId] → admin), extraConfig (deep-merged into the config).
+ *   {"*": relay, <hsDomain>: user}), admins ([userId] → admin), extraConfig (deep-merged into the config),
+ *   port (ferry's appservice port; default: a free one), appserviceAddress (the URL the registration gives the
+ *   homeserver for ferry; default http://127.0.0.1:<port>).
  * Returns { dir, configPath, registrationPath, port, hsUrl, hsPort, hsDomain, sharedSecret, asToken, hsToken,
  *           botUserId, config, cleanup() }.
  */
@@ -159,11 +161,13 @@ export async function prepareFerry({
     permissions = {},
     admins = [],
     extraConfig = {},
+    port,
+    appserviceAddress,
 } = {}) {
     requireFerryBin();
     const dir = makeTempDir("ferry-e2e-");
     try {
-        const port = await freePort();
+        port ??= await freePort();
         let hsPort;
         if (!hsUrl) {
             hsPort = await freePort();
@@ -171,7 +175,9 @@ export async function prepareFerry({
         } else {
             hsPort = Number(new URL(hsUrl).port) || undefined;
         }
-        const config = ferryConfig({ dir, port, hsUrl, hsDomain, sharedSecret, db, permissions, admins, extraConfig });
+        let config = ferryConfig({ dir, port, hsUrl, hsDomain, sharedSecret, db, permissions, admins, extraConfig });
+        // The homeserver reaches ferry at appserviceAddress (e.g. through a proxy) while ferry listens on port.
+        if (appserviceAddress) config = deepMerge(config, { appservice: { address: appserviceAddress } });
         const configPath = path.join(dir, "config.yaml");
         const registrationPath = path.join(dir, "registration.yaml");
         fs.writeFileSync(configPath, toYaml(config) + "\n", { mode: 0o600 });

@@ -4,28 +4,37 @@
 //
 //   const stack = await startStack({ permissions: { "ferry.test": "user" } });
 //   stack.botUserId, stack.hs.url, stack.ferry (restart with stack.restartFerry())
+//   startStack({ faults: { toHomeserver: { rate: 0.09 }, toFerry: { rate: 0.05 } } }) -> stack.faultProxies
 //   await stack.sql("SELECT count(*) FROM inbox")  -> rows as arrays of strings
 import { execFileSync } from "node:child_process";
 import { createTestDatabase, deepMerge, prepareFerry, startFerry } from "./ferry.js";
 import { ferryConfigFor, startHomeserver } from "./homeserver.js";
+import { startFaultProxy } from "./faultproxy.js";
 import { startSyncHoldProxy } from "./proxy.js";
 import { freePort, sleep } from "./util.js";
 
 export const SHARED_SECRET = "ferry-e2e-shared-secret";
 
-export async function startStack({ permissions = { "*": "relay", "ferry.test": "user" }, admins = [], extraConfig = {}, db = "postgres", syncProxy = false } = {}) {
+export async function startStack({ permissions = { "*": "relay", "ferry.test": "user" }, admins = [], extraConfig = {}, db = "postgres", syncProxy = false, faults } = {}) {
     const database = db === "postgres" ? createTestDatabase() : null;
     // With syncProxy, ferry reaches the homeserver through a proxy that can hold its /sync (see proxy.js).
     const hsPort = await freePort();
     const proxy = syncProxy ? await startSyncHoldProxy(hsPort) : null;
+    // With faults ({ toHomeserver, toFerry }: startFaultProxy options for each direction), ferry's requests to the
+    // homeserver and the homeserver's transactions to ferry go through fault-injecting proxies (faultproxy.js).
+    const ferryPort = await freePort();
+    const toHomeserver = faults?.toHomeserver ? await startFaultProxy({ name: "ferry→homeserver", ...faults.toHomeserver, target: proxy ? proxy.url : `http://127.0.0.1:${hsPort}` }) : null;
+    const toFerry = faults?.toFerry ? await startFaultProxy({ name: "homeserver→ferry", ...faults.toFerry, target: `http://127.0.0.1:${ferryPort}` }) : null;
     const prepared = await prepareFerry({
         hsDomain: "ferry.test",
-        hsUrl: proxy ? proxy.url : `http://127.0.0.1:${hsPort}`,
+        hsUrl: toHomeserver ? toHomeserver.url : proxy ? proxy.url : `http://127.0.0.1:${hsPort}`,
         sharedSecret: SHARED_SECRET,
         db: database ? { type: "postgres", uri: database.uri } : undefined,
         permissions,
         admins,
         extraConfig: deepMerge(ferryConfigFor(), extraConfig),
+        port: ferryPort,
+        appserviceAddress: toFerry?.url,
     });
     const hs = await startHomeserver({
         appserviceRegistrations: [prepared.registrationPath],
@@ -37,6 +46,8 @@ export async function startStack({ permissions = { "*": "relay", "ferry.test": "
     const stack = {
         hs,
         proxy,
+        /** The fault proxies ({ toHomeserver, toFerry }, each null unless asked for). */
+        faultProxies: { toHomeserver, toFerry },
         prepared,
         database,
         botUserId: "@ferrybot:ferry.test",
@@ -72,6 +83,8 @@ export async function startStack({ permissions = { "*": "relay", "ferry.test": "
             await ferry?.stop().catch(() => {});
             await hs?.stop();
             await proxy?.close();
+            await toHomeserver?.stop();
+            await toFerry?.stop();
             database?.drop();
             prepared.cleanup();
         },
