@@ -102,8 +102,6 @@ func (b *Bridge) Permission(user id.UserID) Level {
 
 // Start launches workers for every room with recorded, unfinished events and the background loops.
 func (b *Bridge) Start(ctx context.Context) error {
-	b.startedAt = time.Now()
-	b.rootCtx, b.cancel = context.WithCancel(ctx)
 	rooms, err := b.DB.Inbox.RoomsWithWork(ctx)
 	if err != nil {
 		return err
@@ -112,6 +110,8 @@ func (b *Bridge) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("failed to record that the relay runs: %w", err)
 	}
+	b.startedAt = time.Now()
+	b.rootCtx, b.cancel = context.WithCancel(ctx)
 	if unclean && len(rooms) > 0 {
 		b.reconcile(ctx, rooms)
 	}

@@ -249,20 +249,15 @@ func userFacingError(err error) string {
 	return "an internal error occurred"
 }
 
-// classify turns a homeserver error into an outcome: rate limits wait as told, 5xx and network errors retry
+// classify turns a homeserver error into an outcome: rate limits wait as told (Retry-After, else
+// retry_after_ms), 5xx and network errors retry
 // with backoff, other 4xx are permanent.
 func classify(err error) outcome {
 	var httpErr mautrix.HTTPError
 	if errors.As(err, &httpErr) && httpErr.Response != nil {
 		status := httpErr.Response.StatusCode
 		if status == http.StatusTooManyRequests {
-			wait := time.Second
-			if httpErr.RespError != nil {
-				if ms, ok := httpErr.RespError.ExtraData["retry_after_ms"].(float64); ok && ms > 0 {
-					wait = time.Duration(ms) * time.Millisecond
-				}
-			}
-			return outcome{err: err, retryIn: wait}
+			return outcome{err: err, retryIn: RetryWait(err, time.Second)}
 		}
 		if status >= 400 && status < 500 {
 			return outcome{state: database.InboxFailed, err: err}

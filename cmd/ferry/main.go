@@ -169,12 +169,19 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 	}
 	defer root.Close()
 	db := database.New(root, dbutil.ZeroLogger(dbLog.With().Str("db_section", "ferry").Logger()))
-	if err = db.Upgrade(ctx); err != nil {
+	// A database that is restarting (or not up yet) is waited for; only a definite error stops start-up.
+	if err = retryStartup(ctx, log, "upgrade the database", func() error { return db.Upgrade(ctx) }); err != nil {
+		if ctx.Err() != nil {
+			return exitOK
+		}
 		log.Error().Err(err).Msg("Database upgrade failed")
 		return exitDatabase
 	}
 	stateStore := sqlstatestore.NewSQLStateStore(root, dbutil.ZeroLogger(dbLog.With().Str("db_section", "state").Logger()), false)
-	if err = stateStore.Upgrade(ctx); err != nil {
+	if err = retryStartup(ctx, log, "upgrade the state store", func() error { return stateStore.Upgrade(ctx) }); err != nil {
+		if ctx.Err() != nil {
+			return exitOK
+		}
 		log.Error().Err(database.UpgradeError{Section: "state store", Err: err}).Msg("Database upgrade failed")
 		return exitDatabase
 	}
@@ -247,7 +254,7 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 		log.Error().Err(err).Msg("Homeserver check failed")
 		return exitHomeserver
 	}
-	if err = mach.Init(ctx); err != nil {
+	if err = retryStartup(ctx, log, "set up encryption", func() error { return mach.Init(ctx) }); err != nil {
 		if ctx.Err() != nil {
 			return exitOK
 		}
@@ -261,7 +268,10 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 	br.EncryptionPath = path
 	mach.Start(ctx)
 	defer mach.Stop()
-	if err = br.Start(ctx); err != nil {
+	if err = retryStartup(ctx, log, "start the relay", func() error { return br.Start(ctx) }); err != nil {
+		if ctx.Err() != nil {
+			return exitOK
+		}
 		log.Error().Err(err).Msg("Failed to start the relay")
 		return exitDatabase
 	}
@@ -307,17 +317,32 @@ func checkHomeserver(ctx context.Context, cfg *Config, as *appservice.AppService
 	if as.SpecVersions != nil {
 		*as.SpecVersions = *versions
 	}
-	if err := bot.EnsureRegistered(ctx); err != nil {
+	// From here on the homeserver answers: rate limits, server errors and lost connections are retried (a busy or
+	// restarting homeserver, a proxy in between), and only a definite answer stops start-up.
+	if err := retryStartup(ctx, log, "register the bot", func() error { return bot.EnsureRegistered(ctx) }); err != nil {
 		return "", fmt.Errorf("failed to register the bot %s: %w", as.BotMXID(), err)
 	}
-	whoami, err := bot.Whoami(ctx)
-	if err != nil {
-		return "", fmt.Errorf("the homeserver rejected ferry's as_token (is the registration installed?): %w", err)
-	} else if whoami.UserID != as.BotMXID() {
+	var whoami *mautrix.RespWhoami
+	err := retryStartup(ctx, log, "whoami", func() (err error) {
+		whoami, err = bot.Whoami(ctx)
+		return err
+	})
+	switch {
+	case errors.Is(err, mautrix.MUnknownToken):
+		return "", fmt.Errorf("the homeserver does not know ferry's as_token (M_UNKNOWN_TOKEN): add the registration file (ferry -g) to the homeserver's appservice config and restart the homeserver: %w", err)
+	case errors.Is(err, mautrix.MForbidden):
+		return "", fmt.Errorf("the homeserver refused ferry's as_token for the bot (M_FORBIDDEN): check that the registration's sender_localpart is appservice.bot.username and that its user namespace covers the bot: %w", err)
+	case err != nil:
+		return "", fmt.Errorf("whoami failed: %w", err)
+	case whoami.UserID != as.BotMXID():
 		return "", fmt.Errorf("whoami returned %s, expected the bot %s: check appservice.bot.username and the registration", whoami.UserID, as.BotMXID())
 	}
 	if versions.Supports(mautrix.FeatureAppservicePing) {
-		if _, err = bot.AppservicePing(ctx, as.Registration.ID, ""); err != nil {
+		err = retryStartup(ctx, log, "appservice ping (the homeserver reaching ferry at "+cfg.Appservice.Address+")", func() error {
+			_, err := bot.AppservicePing(ctx, as.Registration.ID, "")
+			return err
+		})
+		if err != nil {
 			return "", fmt.Errorf("the homeserver cannot reach ferry at %s: %w", cfg.Appservice.Address, err)
 		}
 		log.Info().Msg("Homeserver reached ferry through appservice ping")
@@ -336,6 +361,33 @@ func checkHomeserver(ctx context.Context, cfg *Config, as *appservice.AppService
 	}
 	log.Info().Str("encryption_path", path).Stringer("bot", as.BotMXID()).Msg("Homeserver checked")
 	return path, nil
+}
+
+// startupBackoff is the first wait between start-up retries; it doubles up to a minute.
+var startupBackoff = time.Second
+
+// retryStartup runs one start-up step until it succeeds or fails definitely: transient failures (rate limits,
+// server and gateway errors, lost connections, a database that restarts) are retried with backoff, honouring a
+// rate limit's wait, and logged with the step and the reason. It returns the definite error, or the context's.
+func retryStartup(ctx context.Context, log zerolog.Logger, step string, fn func() error) error {
+	backoff := startupBackoff
+	for {
+		err := fn()
+		if err == nil || ctx.Err() != nil || !bridge.Transient(err) {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return err
+		}
+		wait := bridge.RetryWait(err, backoff)
+		log.Warn().Err(err).Str("step", step).Dur("retry_in", wait).Msg("Start-up step failed for now, retrying")
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		backoff = min(backoff*2, time.Minute)
+	}
 }
 
 func newLogger(cfg LoggingConfig) (zerolog.Logger, func(), error) {
