@@ -191,11 +191,14 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 	as.HomeserverDomain = cfg.Homeserver.Domain
 	as.Registration = registrationFor(cfg)
 	as.StateStore = stateStore
-	as.HTTPClient.Transport = bridge.HomeserverTransport()
 	as.Host = appservice.HostConfig{Hostname: cfg.Appservice.Hostname, Port: cfg.Appservice.Port}
 	if err = as.SetHomeserverURL(cfg.Homeserver.Address); err != nil {
 		log.Error().Err(err).Msg("Invalid homeserver.address")
 		return exitConfig
+	}
+	// After SetHomeserverURL, which replaces the HTTP client (a unix: address brings its own transport).
+	if as.HTTPClient.Transport == nil {
+		as.HTTPClient.Transport = bridge.HomeserverTransport()
 	}
 
 	// The HTTP endpoint starts first so the homeserver can deliver while ferry finishes starting: intake only
