@@ -66,7 +66,8 @@ type Bridge struct {
 	disappearOnce sync.Once
 	disappearing  *disappearer // see disappear.go
 
-	sent sentLedger // what the read-back after an unclean stop found (reconcile.go)
+	sent   sentLedger // rooms to read back before sending, and what read-backs found (reconcile.go)
+	health *hsHealth  // outages of the homeserver (hshealth.go)
 }
 
 // New creates a bridge. Call Start to begin draining the inbox.
@@ -85,6 +86,8 @@ func New(log zerolog.Logger, cfg *Config, perms Permissions, db *database.Databa
 	// honouring retry_after_ms; mautrix's in-client retries would hold a room's worker for up to a minute with
 	// their own backoff and read only the Retry-After header, which Dendrite does not send.
 	as.DefaultHTTPRetries = 0
+	// Every client of the appservice shares its HTTP client: one watch sees all of ferry's requests.
+	b.health = watchHomeserver(as.HTTPClient, b.homeserverRecovered)
 	b.SetPermissions(perms)
 	b.roomNames.names = make(map[id.RoomID]string)
 	return b
@@ -106,15 +109,24 @@ func (b *Bridge) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err = b.loadReadback(ctx); err != nil {
+		return err
+	}
 	unclean, err := b.markRunning(ctx)
 	if err != nil {
 		return fmt.Errorf("failed to record that the relay runs: %w", err)
 	}
+	if unclean {
+		// Sends in flight when the previous run died may have been posted: the rooms are read back before the
+		// next send into them (reconcile.go).
+		n, err := b.markInFlight(ctx, time.Time{})
+		if err != nil {
+			return fmt.Errorf("failed to mark the rooms to read back after an unclean stop: %w", err)
+		}
+		b.Log.Info().Int("rooms", n).Msg("The previous run stopped uncleanly: rooms with pending events are read back before ferry sends into them")
+	}
 	b.startedAt = time.Now()
 	b.rootCtx, b.cancel = context.WithCancel(ctx)
-	if unclean && len(rooms) > 0 {
-		b.reconcile(ctx, rooms)
-	}
 	// Workers run from here on: those of rooms whose transactions came in before Start too.
 	b.workersLock.Lock()
 	b.workerCtx = b.rootCtx

@@ -180,16 +180,13 @@ func (b *Bridge) relayRedaction(ctx context.Context, evt *event.Event, target id
 
 // send sends content into a room as intent's user, encrypting it when the room is encrypted.
 func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id.RoomID, encrypted bool, evtType event.Type, content *event.Content, txnID string) (id.EventID, error) {
-	if began, ok := b.sent.takeUncertain(txnID); ok {
-		// An earlier attempt got no answer: the homeserver may have posted it (reconcile.go).
-		if _, err := b.readBack(ctx, room, began.Add(-reconcileClockLag)); err != nil {
-			b.sent.markUncertain(txnID, began)
-			return "", fmt.Errorf("failed to check whether an unanswered send was posted: %w", err)
-		}
+	// Where ferry may have posted without knowing (reconcile.go), it reads the room back first.
+	if err := b.settle(ctx, room); err != nil {
+		return "", err
 	}
 	if evtID, ok := b.sent.take(txnID); ok {
-		// Posted by an attempt whose answer ferry never got (before an unclean stop, or a dropped connection),
-		// and found in the room (reconcile.go): not again.
+		// Posted by an attempt whose answer ferry never got (before an unclean stop, a dropped connection, a
+		// homeserver restart), and found in the room: not again.
 		zerolog.Ctx(ctx).Info().Stringer("target_room_id", room).Stringer("sent_event_id", evtID).
 			Msg("Found an unanswered send in the room; not sending it again")
 		return evtID, nil
@@ -224,7 +221,7 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 		if httpErr := (mautrix.HTTPError{}); !errors.As(err, &httpErr) || httpErr.Response == nil || httpErr.Response.StatusCode >= 500 {
 			// No answer, or a server error (Dendrite answers 500 when it stopped waiting for its room server,
 			// which may still post the event): the request may have been processed.
-			b.sent.markUncertain(txnID, began)
+			b.markReadback(ctx, room, began.Add(-reconcileClockLag))
 		}
 		return "", err
 	}

@@ -34,6 +34,8 @@ type Database struct {
 	// Disappear holds disappearing-message deadlines and the sessions that carried such messages.
 	Disappear *DisappearQuery
 	Calls     *CallQuery
+	// Readback names the rooms to read back before the next send into them.
+	Readback *ReadbackQuery
 }
 
 // New wraps a root database handle. The handle may be shared with the crypto and state stores (each uses its
@@ -48,6 +50,7 @@ func New(root *dbutil.Database, log dbutil.DatabaseLogger) *Database {
 		KV:        &KVQuery{db: db},
 		Disappear: &DisappearQuery{db: db},
 		Calls:     &CallQuery{db: db},
+		Readback:  &ReadbackQuery{db: db},
 	}
 }
 

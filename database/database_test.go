@@ -226,6 +226,32 @@ func TestKV(t *testing.T) {
 	})
 }
 
+// TestReadback: a room keeps the earliest since marked; reading it back from a later since than one marked, or
+// in a read that began before the room was marked again, leaves the row.
+func TestReadback(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		t0 := time.UnixMilli(1_700_000_000_000)
+		for _, since := range []time.Time{t0.Add(time.Minute), t0, t0.Add(2 * time.Minute)} {
+			if err := db.Readback.Mark(ctx, "!a", since, t0.Add(time.Hour)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		_ = db.Readback.Mark(ctx, "!b", t0, t0.Add(time.Hour))
+		_ = db.Readback.Mark(ctx, "!c", t0, t0.Add(time.Hour))
+		all, err := db.Readback.All(ctx)
+		if err != nil || len(all) != 3 || !all["!a"].Equal(t0) {
+			t.Fatalf("all = %v, %v", all, err)
+		}
+		_ = db.Readback.Done(ctx, "!a", t0.Add(time.Second), t0.Add(2*time.Hour)) // read from later than marked
+		_ = db.Readback.Done(ctx, "!b", t0, t0.Add(2*time.Hour))
+		_ = db.Readback.Done(ctx, "!c", t0, t0.Add(time.Hour-time.Second)) // marked again while it was read
+		if all, _ = db.Readback.All(ctx); len(all) != 2 || !all["!a"].Equal(t0) || !all["!c"].Equal(t0) {
+			t.Fatalf("after reading back: %v", all)
+		}
+	})
+}
+
 func TestDisappearQueue(t *testing.T) {
 	forEachDialect(t, func(t *testing.T, db *database.Database) {
 		ctx := context.Background()
