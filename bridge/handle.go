@@ -88,8 +88,18 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 	}
 	if evt.Type.Class == event.StateEventType {
 		b.hot.stateChanged(evt.Type, evt.RoomID)
-		mautrix.UpdateStateStore(ctx, b.StateStore, evt)
-		b.handleState(ctx, evt)
+		// The state store decides who gets room keys, and a member who left must not get the next one: a
+		// transient failure (the database restarting) retries the event, holding the room's order, rather than
+		// passing it with the state unapplied or a rotation skipped. Applying an event again is harmless.
+		err = b.applyState(ctx, evt)
+		if err == nil {
+			err = b.handleState(ctx, evt)
+		}
+		if err != nil && Transient(err) {
+			return outcome{err: err}
+		} else if err != nil {
+			zerolog.Ctx(ctx).Err(err).Msg("Failed to apply a state event")
+		}
 		return outcome{state: database.InboxDone}
 	}
 	if b.Ghosts.IsOwn(evt.Sender) || b.Permission(evt.Sender) == LevelBlock {
@@ -117,6 +127,10 @@ func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.In
 		return dec, outcome{}, true
 	}
 	content, _ := evt.Content.Parsed.(*event.EncryptedEventContent)
+	if Transient(err) {
+		// The crypto store's database went away (a restart): the key is there, the event must not fail.
+		return nil, outcome{err: fmt.Errorf("failed to decrypt: %w", err)}, false
+	}
 	if content == nil || !(errors.Is(err, crypto.ErrKeyMissing) || errors.Is(err, crypto.ErrKeyWithheld)) {
 		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to decrypt event")
 		return nil, outcome{state: database.InboxFailed, err: err}, false
@@ -124,6 +138,8 @@ func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.In
 	if row.Attempts == 0 && errors.Is(err, crypto.ErrKeyMissing) && b.Crypto.WaitForKey(ctx, evt, b.Config.KeyWait) {
 		if dec, err = b.Crypto.Decrypt(ctx, evt); err == nil {
 			return dec, outcome{}, true
+		} else if Transient(err) {
+			return nil, outcome{err: fmt.Errorf("failed to decrypt: %w", err)}, false
 		}
 	}
 	if row.Attempts == 0 {
@@ -135,20 +151,48 @@ func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.In
 	return nil, outcome{state: database.InboxWaitingKeys, sessionID: content.SessionID}, false
 }
 
-// handleState reacts to state changes the relay cares about.
-func (b *Bridge) handleState(ctx context.Context, evt *event.Event) {
+// applyState records a state event in the state store, as mautrix.UpdateStateStore does, but returns the
+// store's error instead of logging it.
+func (b *Bridge) applyState(ctx context.Context, evt *event.Event) error {
+	if evt.StateKey == nil || (evt.Type != event.StateMember && evt.GetStateKey() != "") {
+		return nil
+	}
+	var err error
+	switch content := evt.Content.Parsed.(type) {
+	case *event.MemberEventContent:
+		err = b.StateStore.SetMember(ctx, evt.RoomID, id.UserID(evt.GetStateKey()), content)
+	case *event.PowerLevelsEventContent:
+		err = b.StateStore.SetPowerLevels(ctx, evt.RoomID, content)
+	case *event.EncryptionEventContent:
+		err = b.StateStore.SetEncryptionEvent(ctx, evt.RoomID, content)
+	case *event.CreateEventContent:
+		err = b.StateStore.SetCreate(ctx, evt)
+	case *event.JoinRulesEventContent:
+		err = b.StateStore.SetJoinRules(ctx, evt.RoomID, content)
+	case *event.HistoryVisibilityEventContent:
+		err = b.StateStore.SetHistoryVisibility(ctx, evt.RoomID, content)
+	}
+	if err != nil {
+		return fmt.Errorf("failed to record %s in the state store: %w", evt.Type.Type, err)
+	}
+	return nil
+}
+
+// handleState reacts to state changes the relay cares about. Its error is one worth retrying the event for.
+func (b *Bridge) handleState(ctx context.Context, evt *event.Event) error {
 	switch evt.Type {
 	case event.StateMember:
 		member := evt.Content.AsMember()
 		target := id.UserID(evt.GetStateKey())
 		if target == b.AS.BotMXID() {
-			b.handleBotMembership(ctx, evt, member)
-			return
+			return b.handleBotMembership(ctx, evt, member)
 		}
 		if b.Ghosts.IsOwn(target) {
-			return
+			return nil
 		}
-		b.Crypto.HandleMemberEvent(ctx, evt)
+		if err := b.Crypto.HandleMemberEvent(ctx, evt); err != nil {
+			return fmt.Errorf("failed to rotate the room's sessions after a membership change: %w", err)
+		}
 		if member.Membership == event.MembershipJoin {
 			b.refreshGhostProfile(ctx, evt.RoomID, target)
 		}
@@ -161,9 +205,12 @@ func (b *Bridge) handleState(ctx context.Context, evt *event.Event) {
 			b.handleCallMember(ctx, evt)
 		}
 	}
+	return nil
 }
 
-func (b *Bridge) handleBotMembership(ctx context.Context, evt *event.Event, member *event.MemberEventContent) {
+// handleBotMembership joins rooms the bot is invited to and unlinks rooms it is removed from. Transient failures
+// (the homeserver busy or away, the database restarting) are returned, to retry the event.
+func (b *Bridge) handleBotMembership(ctx context.Context, evt *event.Event, member *event.MemberEventContent) error {
 	log := zerolog.Ctx(ctx)
 	switch member.Membership {
 	case event.MembershipInvite:
@@ -171,29 +218,39 @@ func (b *Bridge) handleBotMembership(ctx context.Context, evt *event.Event, memb
 		if level := b.Permission(evt.Sender); level < LevelUser {
 			log.Info().Stringer("inviter", evt.Sender).Stringer("level", level).Msg("Declining invite from a user without permission")
 			_, err := bot.LeaveRoom(ctx, evt.RoomID, &mautrix.ReqLeave{Reason: "ferry: you are not allowed to invite this bot (permission level user is needed)"})
-			if err != nil {
+			if err != nil && Transient(err) {
+				return fmt.Errorf("failed to decline an invite: %w", err)
+			} else if err != nil {
 				log.Warn().Err(err).Msg("Failed to decline invite")
 			}
-			return
+			return nil
 		}
-		if _, err := bot.JoinRoomByID(ctx, evt.RoomID); err != nil {
+		if _, err := bot.JoinRoomByID(ctx, evt.RoomID); err != nil && Transient(err) {
+			return fmt.Errorf("failed to join a room after an invite: %w", err)
+		} else if err != nil {
 			log.Err(err).Msg("Failed to join room after invite")
-			return
+			return nil
 		}
-		if _, err := bot.State(ctx, evt.RoomID); err != nil {
+		if _, err := bot.State(ctx, evt.RoomID); err != nil && Transient(err) {
+			return fmt.Errorf("failed to load a room's state after joining: %w", err)
+		} else if err != nil {
 			log.Warn().Err(err).Msg("Failed to load room state after joining")
 		}
 		log.Info().Stringer("inviter", evt.Sender).Msg("Joined room after invite")
 	case event.MembershipLeave, event.MembershipBan:
-		if _, err := b.DB.Links.GetByRoom(ctx, evt.RoomID); err == nil {
+		_, err := b.DB.Links.GetByRoom(ctx, evt.RoomID)
+		if err != nil && !errors.Is(err, database.ErrLinkNotFound) {
+			return fmt.Errorf("failed to look up the link of a room the bot left: %w", err)
+		} else if err == nil {
 			log.Warn().Msg("The bot was removed from a linked room; unlinking it")
-			if before, err := b.DB.Links.Leave(ctx, evt.RoomID); err != nil {
-				log.Err(err).Msg("Failed to unlink room the bot left")
-			} else {
-				b.endCallsForUnlink(ctx, before, evt.RoomID)
+			before, err := b.DB.Links.Leave(ctx, evt.RoomID)
+			if err != nil {
+				return fmt.Errorf("failed to unlink a room the bot left: %w", err)
 			}
+			b.endCallsForUnlink(ctx, before, evt.RoomID)
 		}
 	}
+	return nil
 }
 
 // keyNoticeKey names the kv entry holding the notice ferry posted about a missing key: "<room> <notice event>",

@@ -14,10 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/database/dbtest"
 	"go.ferry.im/ferry/internal/fakehs"
 	"go.ferry.im/ferry/internal/faultproxy"
 )
@@ -93,6 +95,11 @@ func newRelayFixture(t *testing.T) *relayFixture {
 
 // newRelayFixtureWith is newRelayFixture with the given E2EE layer.
 func newRelayFixtureWith(t *testing.T, cr Crypto) *relayFixture {
+	return newRelayFixtureOn(t, cr, dbtest.Postgres(t))
+}
+
+// newRelayFixtureOn is newRelayFixtureWith on the given database.
+func newRelayFixtureOn(t *testing.T, cr Crypto, root *dbutil.Database) *relayFixture {
 	ctx := context.Background()
 	const domain = "ferry.test"
 	hs := fakehs.New(fakehs.Options{
@@ -114,7 +121,7 @@ func newRelayFixtureWith(t *testing.T, cr Crypto) *relayFixture {
 	front := httptest.NewServer(faults)
 	t.Cleanup(front.Close)
 	f.faults = faults
-	br := newBenchBridge(t, cr, front.URL)
+	br := newBenchBridgeOn(t, cr, front.URL, root)
 	f.br = br
 	bob, bot := id.UserID("@bob:"+domain), br.AS.BotMXID()
 	enc := &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1}

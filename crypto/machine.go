@@ -655,13 +655,16 @@ func (m *Machine) RealMembers(ctx context.Context, roomID id.RoomID) ([]id.UserI
 }
 
 // HandleMemberEvent rotates the room's outbound sessions (of every ferry device) when a real member's
-// membership changes in a way that requires it (see membershipRotates).
-func (m *Machine) HandleMemberEvent(ctx context.Context, evt *event.Event) {
+// membership changes in a way that requires it (see membershipRotates). An error means a rotation that may be
+// due did not happen; the caller retries.
+func (m *Machine) HandleMemberEvent(ctx context.Context, evt *event.Event) error {
 	if evt.StateKey == nil || (m.isOwn != nil && m.isOwn(id.UserID(*evt.StateKey))) {
-		return
+		return nil
 	}
-	if encrypted, err := m.stateStore.IsEncrypted(ctx, evt.RoomID); err != nil || !encrypted {
-		return
+	if encrypted, err := m.stateStore.IsEncrypted(ctx, evt.RoomID); err != nil {
+		return fmt.Errorf("failed to tell whether the room is encrypted: %w", err)
+	} else if !encrypted {
+		return nil
 	}
 	content := evt.Content.AsMember()
 	prev := event.Membership("unknown")
@@ -672,11 +675,12 @@ func (m *Machine) HandleMemberEvent(ctx context.Context, evt *event.Event) {
 		}
 	}
 	if !membershipRotates(prev, content.Membership) {
-		return
+		return nil
 	}
 	if err := m.Rotate(ctx, evt.RoomID); err != nil {
-		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to rotate outbound sessions after a membership change")
+		return fmt.Errorf("failed to rotate outbound sessions: %w", err)
 	}
+	return nil
 }
 
 // Rotate discards the outbound sessions of every ferry device (bot and ghosts) in a room, so the next message
