@@ -5,6 +5,7 @@ import (
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
@@ -221,8 +222,9 @@ func (b *Bridge) handOver(rows []*database.InboxEvent) {
 
 // IngestSynced records room events that reached ferry through the bot's /sync rather than a transaction
 // (homeservers like Dendrite 0.13.8 never push redactions to appservices). Events already recorded are
-// recognised by event ID, so servers that deliver both ways cause no double processing.
-func (b *Bridge) IngestSynced(ctx context.Context, evts []*event.Event) {
+// recognised by event ID, so servers that deliver both ways cause no double processing. An error means nothing
+// was recorded: the caller keeps the /sync token where it was, so the batch comes again.
+func (b *Bridge) IngestSynced(ctx context.Context, evts []*event.Event) error {
 	rows := make([]*database.InboxEvent, 0, len(evts))
 	for _, evt := range evts {
 		raw, err := json.Marshal(evt)
@@ -233,14 +235,14 @@ func (b *Bridge) IngestSynced(ctx context.Context, evts []*event.Event) {
 	}
 	n, err := b.DB.Inbox.Insert(ctx, rows)
 	if err != nil {
-		b.Log.Err(err).Msg("Failed to record synced events")
-		return
+		return fmt.Errorf("failed to record synced events: %w", err)
 	}
 	if n > 0 {
 		for _, row := range rows {
 			b.Notify(row.RoomID)
 		}
 	}
+	return nil
 }
 
 // queryUser answers the homeserver's user query for ghost IDs ferry would create.

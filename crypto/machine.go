@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -70,9 +71,10 @@ type Machine struct {
 
 	// SessionReceived is called when a Megolm session arrives, so parked events can relay.
 	SessionReceived func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID)
-	// SyncedTimeline receives the room events the bot's /sync returns (only types in syncTimelineTypes): some
-	// homeservers (Dendrite 0.13.8) never push redactions to appservices.
-	SyncedTimeline func(ctx context.Context, evts []*event.Event)
+	// SyncedTimeline records the room events the bot's /sync returns (only types in syncTimelineTypes): some
+	// homeservers (Dendrite 0.13.8) never push redactions to appservices. The /sync token moves past a batch only
+	// once it returned nil for it.
+	SyncedTimeline func(ctx context.Context, evts []*event.Event) error
 
 	shareLevel, receiveLevel trustLevel
 	// perGhost is the effective device mode (device_mode per_ghost and a way to cross-sign ghosts).
@@ -193,11 +195,13 @@ func (m *Machine) initBot(ctx context.Context) error {
 			m.SessionReceived(ctx, roomID, sessionID)
 		}
 	}
-	m.client.Store = store
-	m.client.Syncer = &cryptoSyncer{mach: mach, log: m.log, keysLock: &m.cache.keysLock, timeline: func(ctx context.Context, evts []*event.Event) {
+	syncStore := &afterBatchStore{SyncStore: store}
+	m.client.Store = syncStore
+	m.client.Syncer = &cryptoSyncer{mach: mach, client: m.client, store: syncStore, log: m.log, keysLock: &m.cache.keysLock, timeline: func(ctx context.Context, evts []*event.Event) error {
 		if m.SyncedTimeline != nil {
-			m.SyncedTimeline(ctx, evts)
+			return m.SyncedTimeline(ctx, evts)
 		}
+		return nil
 	}, deviceChanges: m.rotateForDeviceChanges}
 	if err = mach.Load(ctx); err != nil {
 		return fmt.Errorf("failed to load the bot's Olm account: %w", err)
@@ -699,26 +703,26 @@ func (m *Machine) Rotate(ctx context.Context, roomID id.RoomID) error {
 
 // rotateForDeviceChanges rotates every ferry device's sessions in the encrypted rooms shared with real users
 // whose device lists (or cross-signing keys) changed: a removed device must not read what follows, and a new
-// device needs the key.
-func (m *Machine) rotateForDeviceChanges(ctx context.Context, users []id.UserID) {
+// device needs the key. An error means a rotation did not happen; the /sync batch is then handled again.
+func (m *Machine) rotateForDeviceChanges(ctx context.Context, users []id.UserID) error {
 	for _, u := range users {
 		if m.isOwn != nil && m.isOwn(u) {
 			continue
 		}
 		rooms, err := m.stateStore.FindSharedRooms(ctx, u)
 		if err != nil {
-			m.log.Warn().Err(err).Msg("Failed to find rooms to rotate after a device change")
-			continue
+			return fmt.Errorf("failed to find the rooms to rotate after a device change: %w", err)
 		}
 		for _, room := range rooms {
 			if err = m.Rotate(ctx, room); err != nil {
-				m.log.Warn().Err(err).Stringer("room_id", room).Msg("Failed to rotate after a device change")
+				return fmt.Errorf("failed to rotate after a device change: %w", err)
 			}
 		}
 		if len(rooms) > 0 {
 			m.log.Debug().Stringer("user_id", u).Int("rooms", len(rooms)).Msg("Rotated outbound sessions after a device list change")
 		}
 	}
+	return nil
 }
 
 // allowKeyShare answers key requests sent to d (see decideKeyRequest).
@@ -752,12 +756,47 @@ func (m *Machine) allowKeyShare(d *device) func(context.Context, *id.Device, eve
 // syncTimelineTypes are the room event types the bot's /sync asks for besides to-device and device lists.
 var syncTimelineTypes = []event.Type{event.EventRedaction}
 
+// afterBatchStore keeps the bot's /sync token from being saved before the batch it ends is handled. mautrix saves
+// the token first (so that a batch that panics is skipped); then a crash, or a failure to record the batch, loses
+// it: to-device messages (room keys) and redactions the homeserver will not send again. ferry saves the token
+// in cryptoSyncer once the batch is recorded; until then a restart fetches the batch again.
+type afterBatchStore struct {
+	mautrix.SyncStore
+	// guards the following fields
+	lock    sync.Mutex
+	pending string
+}
+
+// SaveNextBatch holds the token until commit.
+func (s *afterBatchStore) SaveNextBatch(_ context.Context, _ id.UserID, token string) error {
+	s.lock.Lock()
+	s.pending = token
+	s.lock.Unlock()
+	return nil
+}
+
+// commit saves the token of the batch just handled.
+func (s *afterBatchStore) commit(ctx context.Context, userID id.UserID) error {
+	s.lock.Lock()
+	token := s.pending
+	s.lock.Unlock()
+	return s.SyncStore.SaveNextBatch(ctx, userID, token)
+}
+
+// Limits of filling a gap in a limited /sync timeline.
+const (
+	gapPage  = 100
+	gapPages = 10
+)
+
 type cryptoSyncer struct {
 	mach          *crypto.OlmMachine
+	client        *mautrix.Client
+	store         *afterBatchStore
 	log           zerolog.Logger
 	keysLock      *sync.Mutex // the store cache's: device-list fetches take it, as key shares do (device.devicesOf)
-	timeline      func(ctx context.Context, evts []*event.Event)
-	deviceChanges func(ctx context.Context, users []id.UserID)
+	timeline      func(ctx context.Context, evts []*event.Event) error
+	deviceChanges func(ctx context.Context, users []id.UserID) error
 }
 
 func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSync, since string) error {
@@ -772,20 +811,87 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 	resp.DeviceLists.Changed = nil
 	s.mach.ProcessSyncResponse(ctx, resp, since)
 	resp.DeviceLists.Changed = lists.Changed
+	// From here on, what fails is retried (the database restarting, the homeserver busy) while the loop waits:
+	// the token moves past the batch only once it is handled.
 	if changed := append(append([]id.UserID{}, lists.Changed...), lists.Left...); since != "" && len(changed) > 0 {
-		s.deviceChanges(ctx, changed)
+		if err := s.retry(ctx, "rotate after device list changes", func() error { return s.deviceChanges(ctx, changed) }); err != nil {
+			return err
+		}
 	}
 	var evts []*event.Event
 	for roomID, room := range resp.Rooms.Join {
+		if room.Timeline.Limited && since != "" && room.Timeline.PrevBatch != "" {
+			// More happened than the timeline holds: fetch the rest, or a redaction in the gap is never relayed.
+			var gap []*event.Event
+			err := s.retry(ctx, "fill a gap in the timeline", func() (err error) {
+				gap, err = s.fillGap(ctx, roomID, room.Timeline.PrevBatch, since)
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			evts = append(evts, gap...)
+		}
 		for _, evt := range room.Timeline.Events {
 			evt.RoomID = roomID
 			evts = append(evts, evt)
 		}
 	}
 	if len(evts) > 0 {
-		s.timeline(ctx, evts)
+		if err := s.retry(ctx, "record synced room events", func() error { return s.timeline(ctx, evts) }); err != nil {
+			return err
+		}
 	}
-	return nil
+	return s.retry(ctx, "save the sync token", func() error { return s.store.commit(ctx, s.client.UserID) })
+}
+
+// retry runs fn until it succeeds or ctx ends, with backoff, saying why it waits.
+func (s *cryptoSyncer) retry(ctx context.Context, what string, fn func() error) error {
+	backoff := 500 * time.Millisecond
+	for {
+		err := fn()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		s.log.Warn().Err(err).Str("step", what).Dur("retry_in", backoff).Msg("Failed to handle a /sync batch, retrying")
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 30*time.Second)
+	}
+}
+
+// fillGap reads a room's events of syncTimelineTypes between the previous /sync token (to) and the start of a
+// limited timeline (from), oldest first.
+func (s *cryptoSyncer) fillGap(ctx context.Context, roomID id.RoomID, from, to string) ([]*event.Event, error) {
+	var out []*event.Event
+	for page := 0; page < gapPages; page++ {
+		resp, err := s.client.Messages(ctx, roomID, from, to, mautrix.DirectionBackward, &mautrix.FilterPart{Types: syncTimelineTypes}, gapPage)
+		if err != nil {
+			return nil, err
+		}
+		for _, evt := range resp.Chunk {
+			if slices.Contains(syncTimelineTypes, evt.Type) {
+				evt.RoomID = roomID
+				out = append(out, evt)
+			}
+		}
+		// A filtered page may hold no matching event and still not be the last: only a missing end says so.
+		if resp.End == "" || resp.End == from {
+			break
+		}
+		from = resp.End
+		if page == gapPages-1 {
+			s.log.Warn().Stringer("room_id", roomID).Int("events", gapPage*gapPages).Msg("Filled only the most recent part of a gap in the timeline")
+		}
+	}
+	slices.Reverse(out)
+	return out, nil
 }
 
 func (s *cryptoSyncer) OnFailedSync(_ *mautrix.RespSync, err error) (time.Duration, error) {
