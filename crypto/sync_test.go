@@ -166,4 +166,3 @@ func TestSyncTokenMovesOnlyAfterTheBatchIsRecorded(t *testing.T) {
 		t.Fatalf("the first redaction was recorded %d times, want twice (from the batch, then from the limited timeline's gap)", n)
 	}
 }
-
