@@ -66,8 +66,9 @@ type Bridge struct {
 	disappearOnce sync.Once
 	disappearing  *disappearer // see disappear.go
 
-	sent   sentLedger // rooms to read back before sending, and what read-backs found (reconcile.go)
-	health *hsHealth  // outages of the homeserver (hshealth.go)
+	sent    sentLedger   // rooms to read back before sending, and what read-backs found (reconcile.go)
+	failing failingRooms // rooms whose homeserver keeps failing sends (relay.go)
+	health  *hsHealth    // outages of the homeserver (hshealth.go)
 }
 
 // New creates a bridge. Call Start to begin draining the inbox.

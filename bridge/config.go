@@ -15,6 +15,7 @@ const (
 	DefaultKeyWait             = 5 * time.Second
 	DefaultKeyNoticeAfter      = 60 * time.Second
 	DefaultDisappearKeyIdle    = time.Minute
+	DefaultGiveUpAfter         = 10 * time.Minute
 )
 
 // DefaultConfig returns the `bridge` section with every default filled in.
@@ -28,6 +29,7 @@ func DefaultConfig() Config {
 		KeyNoticeAfter:          DefaultKeyNoticeAfter,
 		RedactOriginals:         true,
 		DisappearKeyIdle:        DefaultDisappearKeyIdle,
+		GiveUpAfter:             DefaultGiveUpAfter,
 	}
 }
 
@@ -50,6 +52,9 @@ type Config struct {
 	// DisappearKeyIdle: how long a real user's Megolm session whose disappearing messages all expired must have
 	// been unused before ferry deletes its key (a later message on it then needs the key again).
 	DisappearKeyIdle time.Duration `yaml:"disappear_key_idle"`
+	// GiveUpAfter is how long ferry keeps retrying a copy into a room whose homeserver keeps failing (server
+	// errors, no answer) before it tells the source room that the message could not be relayed there.
+	GiveUpAfter time.Duration `yaml:"give_up_after"`
 
 	// DisplaynameTmpl is DisplaynameTemplate compiled while loading.
 	DisplaynameTmpl *template.Template `yaml:"-"`

@@ -116,7 +116,7 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 	if evt.Type == event.EventMessage && b.handleCommand(ctx, evt) {
 		return outcome{state: database.InboxDone}
 	}
-	return b.relay(ctx, evt)
+	return b.relay(ctx, evt, row.FailingSince)
 }
 
 // decrypt decrypts an encrypted inbox event. When its room key is missing, the first attempt waits briefly

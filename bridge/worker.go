@@ -449,8 +449,12 @@ func (b *Bridge) processRow(ctx context.Context, row *database.InboxEvent, bw *b
 			}
 			log.Warn().Err(res.err).Int("attempt", attempt).Dur("retry_in", retry).Msg("Relaying failed, will retry")
 			b.stats.recordError(row.RoomID)
-			row.NotBefore = time.Now().Add(retry)
-			if err := b.DB.Inbox.Retry(ctx, row.Seq, row.NotBefore, res.err.Error()); err != nil {
+			now := time.Now()
+			row.NotBefore = now.Add(retry)
+			if row.FailingSince.IsZero() {
+				row.FailingSince = now
+			}
+			if err := b.DB.Inbox.Retry(ctx, row.Seq, now, row.NotBefore, res.err.Error()); err != nil {
 				log.Err(err).Msg("Failed to record retry")
 			}
 			continue

@@ -40,6 +40,8 @@ type InboxEvent struct {
 	Attempts   int
 	NotBefore  time.Time
 	LastError  string
+	// FailingSince is when relaying the event first failed for a reason that may pass (zero: it never did).
+	FailingSince time.Time
 }
 
 // InboxQuery reads and writes the inbox table.
@@ -48,7 +50,7 @@ type InboxQuery struct {
 }
 
 const (
-	inboxColumns    = `seq, event_id, room_id, sender, event_type, raw, state, session_id, received_at, attempts, not_before, last_error`
+	inboxColumns    = `seq, event_id, room_id, sender, event_type, raw, state, session_id, received_at, attempts, not_before, last_error, failing_since`
 	inboxSelect     = `SELECT ` + inboxColumns + ` FROM inbox `
 	inboxInsertHead = `INSERT INTO inbox (event_id, room_id, sender, event_type, raw, state, session_id, received_at) VALUES `
 	inboxInsertTail = ` ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id`
@@ -170,9 +172,12 @@ func (iq *InboxQuery) Park(ctx context.Context, seq int64, sessionID id.SessionI
 	return err
 }
 
-// Retry records a transient failure; the event stays pending and is not tried before notBefore.
-func (iq *InboxQuery) Retry(ctx context.Context, seq int64, notBefore time.Time, lastError string) error {
-	_, err := iq.db.Exec(ctx, `UPDATE inbox SET attempts=attempts+1, not_before=$2, last_error=$3 WHERE seq=$1`, seq, notBefore.UnixMilli(), lastError)
+// Retry records a transient failure at now; the event stays pending and is not tried before notBefore. The
+// first such failure sets the event's failing_since.
+func (iq *InboxQuery) Retry(ctx context.Context, seq int64, now, notBefore time.Time, lastError string) error {
+	_, err := iq.db.Exec(ctx, `UPDATE inbox SET attempts=attempts+1, not_before=$2, last_error=$3,
+		failing_since=CASE WHEN failing_since=0 THEN $4 ELSE failing_since END WHERE seq=$1`,
+		seq, notBefore.UnixMilli(), lastError, now.UnixMilli())
 	return err
 }
 
@@ -219,9 +224,9 @@ func scanOne(row *sql.Row) (*InboxEvent, error) {
 func scanInbox(row dbutil.Scannable) (*InboxEvent, error) {
 	var evt InboxEvent
 	var raw, sessionID, lastError sql.NullString
-	var receivedAt, notBefore int64
+	var receivedAt, notBefore, failingSince int64
 	err := row.Scan(&evt.Seq, &evt.EventID, &evt.RoomID, &evt.Sender, &evt.Type, &raw, &evt.State, &sessionID,
-		&receivedAt, &evt.Attempts, &notBefore, &lastError)
+		&receivedAt, &evt.Attempts, &notBefore, &lastError, &failingSince)
 	if err != nil {
 		return nil, err
 	}
@@ -233,6 +238,9 @@ func scanInbox(row dbutil.Scannable) (*InboxEvent, error) {
 	evt.ReceivedAt = time.UnixMilli(receivedAt)
 	if notBefore > 0 {
 		evt.NotBefore = time.UnixMilli(notBefore)
+	}
+	if failingSince > 0 {
+		evt.FailingSince = time.UnixMilli(failingSince)
 	}
 	return &evt, nil
 }
