@@ -46,6 +46,10 @@ type Bridge struct {
 	EncryptionPath string
 	// Reload re-reads the permissions from the config file (the reload command); nil when unavailable.
 	Reload func() (Permissions, error)
+	// SyncOrders: the homeserver may push events out of their room's order (Dendrite 0.13.8 does after a restart)
+	// and ferry's bot device runs a /sync that shows the order (IngestSynced). Events the homeserver pushes then
+	// wait, holding their room's queue, until /sync has shown them (at most syncOrderWait).
+	SyncOrders atomic.Bool
 
 	perms     atomic.Pointer[Permissions]
 	startedAt time.Time

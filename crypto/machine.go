@@ -71,10 +71,11 @@ type Machine struct {
 
 	// SessionReceived is called when a Megolm session arrives, so parked events can relay.
 	SessionReceived func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID)
-	// SyncedTimeline records the room events the bot's /sync returns (only types in syncTimelineTypes): some
-	// homeservers (Dendrite 0.13.8) never push redactions to appservices. The /sync token moves past a batch only
-	// once it returned nil for it.
-	SyncedTimeline func(ctx context.Context, evts []*event.Event) error
+	// SyncedTimeline records the room events the bot's /sync returns, every room's in the room's order: some
+	// homeservers (Dendrite 0.13.8) never push redactions to appservices, and push events out of order after a
+	// restart. initial is true for the first /sync of a device (its events may predate ferry). The /sync token
+	// moves past a batch only once it returned nil for it.
+	SyncedTimeline func(ctx context.Context, evts []*event.Event, initial bool) error
 
 	shareLevel, receiveLevel trustLevel
 	// perGhost is the effective device mode (device_mode per_ghost and a way to cross-sign ghosts).
@@ -197,9 +198,9 @@ func (m *Machine) initBot(ctx context.Context) error {
 	}
 	syncStore := &afterBatchStore{SyncStore: store}
 	m.client.Store = syncStore
-	m.client.Syncer = &cryptoSyncer{mach: mach, client: m.client, store: syncStore, log: m.log, keysLock: &m.cache.keysLock, timeline: func(ctx context.Context, evts []*event.Event) error {
+	m.client.Syncer = &cryptoSyncer{mach: mach, client: m.client, store: syncStore, log: m.log, keysLock: &m.cache.keysLock, timeline: func(ctx context.Context, evts []*event.Event, initial bool) error {
 		if m.SyncedTimeline != nil {
-			return m.SyncedTimeline(ctx, evts)
+			return m.SyncedTimeline(ctx, evts, initial)
 		}
 		return nil
 	}, deviceChanges: m.rotateForDeviceChanges}
@@ -753,8 +754,10 @@ func (m *Machine) allowKeyShare(d *device) func(context.Context, *id.Device, eve
 	}
 }
 
-// syncTimelineTypes are the room event types the bot's /sync asks for besides to-device and device lists.
-var syncTimelineTypes = []event.Type{event.EventRedaction}
+// syncTimelineLimit bounds the room events of one /sync answer per room (more make the timeline limited, and the
+// gap is read from /messages). The bot's /sync asks for every room event: redactions (which some homeservers
+// never push to appservices) and the room's order (which some get wrong in their pushes).
+const syncTimelineLimit = 50
 
 // afterBatchStore keeps the bot's /sync token from being saved before the batch it ends is handled. mautrix saves
 // the token first (so that a batch that panics is skipped); then a crash, or a failure to record the batch, loses
@@ -795,7 +798,7 @@ type cryptoSyncer struct {
 	store         *afterBatchStore
 	log           zerolog.Logger
 	keysLock      *sync.Mutex // the store cache's: device-list fetches take it, as key shares do (device.devicesOf)
-	timeline      func(ctx context.Context, evts []*event.Event) error
+	timeline      func(ctx context.Context, evts []*event.Event, initial bool) error
 	deviceChanges func(ctx context.Context, users []id.UserID) error
 }
 
@@ -838,7 +841,7 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 		}
 	}
 	if len(evts) > 0 {
-		if err := s.retry(ctx, "record synced room events", func() error { return s.timeline(ctx, evts) }); err != nil {
+		if err := s.retry(ctx, "record synced room events", func() error { return s.timeline(ctx, evts, since == "") }); err != nil {
 			return err
 		}
 	}
@@ -866,22 +869,20 @@ func (s *cryptoSyncer) retry(ctx context.Context, what string, fn func() error) 
 	}
 }
 
-// fillGap reads a room's events of syncTimelineTypes between the previous /sync token (to) and the start of a
-// limited timeline (from), oldest first.
+// fillGap reads a room's events between the previous /sync token (to) and the start of a limited timeline
+// (from), oldest first.
 func (s *cryptoSyncer) fillGap(ctx context.Context, roomID id.RoomID, from, to string) ([]*event.Event, error) {
 	var out []*event.Event
 	for page := 0; page < gapPages; page++ {
-		resp, err := s.client.Messages(ctx, roomID, from, to, mautrix.DirectionBackward, &mautrix.FilterPart{Types: syncTimelineTypes}, gapPage)
+		resp, err := s.client.Messages(ctx, roomID, from, to, mautrix.DirectionBackward, nil, gapPage)
 		if err != nil {
 			return nil, err
 		}
 		for _, evt := range resp.Chunk {
-			if slices.Contains(syncTimelineTypes, evt.Type) {
-				evt.RoomID = roomID
-				out = append(out, evt)
-			}
+			evt.RoomID = roomID
+			out = append(out, evt)
 		}
-		// A filtered page may hold no matching event and still not be the last: only a missing end says so.
+		// A page may hold no event and still not be the last: only a missing end says so.
 		if resp.End == "" || resp.End == from {
 			break
 		}
@@ -911,7 +912,7 @@ func (s *cryptoSyncer) GetFilterJSON(_ id.UserID) *mautrix.Filter {
 			Ephemeral:   &mautrix.FilterPart{NotTypes: everything},
 			AccountData: &mautrix.FilterPart{NotTypes: everything},
 			State:       &mautrix.FilterPart{NotTypes: everything},
-			Timeline:    &mautrix.FilterPart{Types: syncTimelineTypes, Limit: 50},
+			Timeline:    &mautrix.FilterPart{Limit: syncTimelineLimit},
 		},
 	}
 }

@@ -106,7 +106,7 @@ func TestSyncTokenMovesOnlyAfterTheBatchIsRecorded(t *testing.T) {
 	var batchSince string // the since of the request whose answer carried R1
 	var savedWhileRecording string
 	failures := 1
-	r.m.SyncedTimeline = func(ctx context.Context, evts []*event.Event) error {
+	r.m.SyncedTimeline = func(ctx context.Context, evts []*event.Event, _ bool) error {
 		lock.Lock()
 		defer lock.Unlock()
 		if phase == 0 && failures > 0 {

@@ -225,6 +225,9 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 	}
 	mach.SessionReceived = br.SessionArrived
 	mach.SyncedTimeline = br.IngestSynced
+	// Without appservice-mode encryption the bot's device runs /sync, which shows each room's order: on such
+	// homeservers (Dendrite) pushed events are checked against it. Init may still fall back to /sync below.
+	br.SyncOrders.Store(!cfg.Encryption.Appservice)
 	listener, err := net.Listen("tcp", net.JoinHostPort(cfg.Appservice.Hostname, fmt.Sprint(cfg.Appservice.Port)))
 	if err != nil {
 		log.Error().Err(err).Msg("Failed to listen for the homeserver")
@@ -267,6 +270,7 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 	if cfg.Encryption.Appservice && !mach.AppserviceMode() {
 		// The homeserver lacks MSC4190: Init said so and fell back to logins and /sync.
 		path = encryptionPathSync
+		br.SyncOrders.Store(true)
 	}
 	br.EncryptionPath = path
 	mach.Start(ctx)
