@@ -64,8 +64,9 @@ export async function startStack({ permissions = { "*": "relay", "ferry.test": "
             if (kill) await ferry.kill9();
             else await ferry.stop();
         },
-        async startFerryAgain() {
-            ferry = await startFerry(prepared);
+        /** Starts ferry again after stopFerry; opts go to startFerry (e.g. readyTimeoutMs). */
+        async startFerryAgain(opts) {
+            ferry = await startFerry(prepared, opts);
             return ferry;
         },
         /** Runs SQL against ferry's database; returns rows as arrays of strings. */
