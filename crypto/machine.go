@@ -297,6 +297,9 @@ func (m *Machine) fallbackDescription() string {
 }
 
 func (m *Machine) login(ctx context.Context, deviceID id.DeviceID) error {
+	// With the appservice's token: an earlier Init that failed after its login (start-up retries Init) left the
+	// device's own token in the client.
+	m.client.AccessToken = m.asToken
 	if m.asMode.Load() {
 		err := m.client.CreateDeviceMSC4190(ctx, deviceID, deviceDisplayName)
 		if err == nil {
