@@ -32,7 +32,7 @@ func (f *failOnce) RoundTrip(req *http.Request) (*http.Response, error) {
 func TestInitRetriesAfterTransientFailure(t *testing.T) {
 	ctx := context.Background()
 	r := newASRig(t, fakehs.Options{NoMSC4190: true}, "")
-	r.m.cfg.Appservice = false // m.login.application_service devices with /sync, as on Dendrite
+	r.m.cfg.Appservice = false            // m.login.application_service devices with /sync, as on Dendrite
 	if err := r.m.Init(ctx); err != nil { // the bot's device exists from here on
 		t.Fatal(err)
 	}
