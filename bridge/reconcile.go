@@ -59,6 +59,7 @@ type sentLedger struct {
 	// guards the following fields
 	lock     sync.Mutex
 	byTxn    map[string]foundSend
+	byEvent  map[id.EventID]string // the same, by event
 	readback map[id.RoomID]readbackMark
 }
 
@@ -114,27 +115,42 @@ func (l *sentLedger) take(txnID string) (id.EventID, bool) {
 	f, ok := l.byTxn[txnID]
 	if ok {
 		delete(l.byTxn, txnID)
+		delete(l.byEvent, f.evtID)
 	}
 	return f.evtID, ok
 }
 
-func (l *sentLedger) put(txnID string, evtID id.EventID) {
+// has tells whether the ledger holds evtID (a second pass of a read-back need not decrypt it again).
+func (l *sentLedger) has(evtID id.EventID) bool {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	_, ok := l.byEvent[evtID]
+	return ok
+}
+
+// put records that txnID was sent as evtID; it reports whether that was new.
+func (l *sentLedger) put(txnID string, evtID id.EventID) bool {
 	l.lock.Lock()
 	defer l.lock.Unlock()
 	if l.byTxn == nil {
 		l.byTxn = make(map[string]foundSend)
+		l.byEvent = make(map[id.EventID]string)
 	}
 	if len(l.byTxn) >= maxFound {
 		// Events found for sends that were recorded already are never taken: they must not pile up.
 		for txn, f := range l.byTxn {
 			if time.Since(f.at) > foundKeep {
 				delete(l.byTxn, txn)
+				delete(l.byEvent, f.evtID)
 			}
 		}
 	}
-	if _, ok := l.byTxn[txnID]; !ok {
-		l.byTxn[txnID] = foundSend{evtID: evtID, at: time.Now()}
+	if _, ok := l.byTxn[txnID]; ok {
+		return false
 	}
+	l.byTxn[txnID] = foundSend{evtID: evtID, at: time.Now()}
+	l.byEvent[evtID] = txnID
+	return true
 }
 
 // markReadback records, durably, that room must be read back from since before ferry sends into it again. A
@@ -258,23 +274,44 @@ func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
 	return nil
 }
 
+// readBackPageSizes are the page sizes of the read-back's passes through a room. Dendrite 0.13.8's backward
+// /messages skips the rest of a group of events that share a depth (concurrent events) when a page ends inside the
+// group; a second pass with other page boundaries finds what the first skipped.
+var readBackPageSizes = [...]int{reconcilePage, 37}
+
 // readBack pages backwards through room until since, adding ferry's own events to the ledger. complete is false
 // when it stopped at its page limit before reaching since.
 func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time) (found int, complete bool, err error) {
-	cli := b.AS.BotClient()
-	from := ""
-	for page := 0; page < reconcilePages; page++ {
-		resp, err := cli.Messages(ctx, room, from, "", mautrix.DirectionBackward, nil, reconcilePage)
+	complete = true
+	for _, size := range readBackPageSizes {
+		n, c, err := b.readBackPass(ctx, room, since, size)
+		found += n
+		complete = complete && c
 		if err != nil {
 			return found, false, err
 		}
+	}
+	return found, complete, nil
+}
+
+// readBackPass is one pass of readBack with pages of size events, reading at most reconcilePage*reconcilePages
+// events. It returns how many of ferry's events it found that the ledger did not have.
+func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, since time.Time, size int) (found int, complete bool, err error) {
+	cli := b.AS.BotClient()
+	from := ""
+	for read := 0; read < reconcilePage*reconcilePages; {
+		resp, err := cli.Messages(ctx, room, from, "", mautrix.DirectionBackward, nil, size)
+		if err != nil {
+			return found, false, err
+		}
+		read += len(resp.Chunk)
 		older := false
 		for _, evt := range resp.Chunk {
 			if time.UnixMilli(evt.Timestamp).Before(since) {
 				older = true
 				continue
 			}
-			if !b.Ghosts.IsOwn(evt.Sender) {
+			if !b.Ghosts.IsOwn(evt.Sender) || b.sent.has(evt.ID) {
 				continue
 			}
 			evt.RoomID = room
@@ -282,12 +319,11 @@ func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time) 
 			if err != nil {
 				return found, false, err
 			}
-			if txnID != "" {
-				b.sent.put(txnID, evt.ID)
+			if txnID != "" && b.sent.put(txnID, evt.ID) {
 				found++
 			}
 		}
-		if older || resp.End == "" || len(resp.Chunk) == 0 {
+		if older || resp.End == "" || len(resp.Chunk) == 0 || resp.End == from {
 			return found, true, nil
 		}
 		from = resp.End

@@ -19,6 +19,8 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/database/dbtest"
+	"go.ferry.im/ferry/internal/fakehs"
 	"go.ferry.im/ferry/internal/faultproxy"
 )
 
@@ -316,4 +318,22 @@ func TestSendDuringHomeserverRestartIsNotRepeated(t *testing.T) {
 	if c, err := f.br.DB.EventMap.Get(ctx, row.EventID, f.roomB); err != nil || c == nil || c.TargetEvent != sent[1] {
 		t.Fatalf("the event map holds %+v (%v), want the late copy %s", c, err, sent[1])
 	}
+}
+
+// TestReadBackFindsWhatPaginationSkips: the homeserver's backward /messages skips an event at a page boundary (as
+// Dendrite 0.13.8 does inside a group of concurrent events), and the copy ferry posted before it died is exactly
+// there; the read-back still finds it and does not post it again.
+func TestReadBackFindsWhatPaginationSkips(t *testing.T) {
+	f := newRelayFixtureOn(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}}, dbtest.Postgres(t),
+		func(o *fakehs.Options) { o.MessagesSkipAtPageEnd = true })
+	f.relayOne(t)
+	evtID, posted := f.stopWithSendInFlight(t, false)
+	// A page of other events follows the copy, so that a first page of the read-back ends right before it.
+	bob := id.UserID("@bob:ferry.test")
+	for i := range reconcilePage {
+		if err := f.hs.SetState(f.roomB, bob, "im.ferry.test.filler", fmt.Sprint(i), map[string]any{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.restartAndExpectOneCopy(t, evtID, posted)
 }

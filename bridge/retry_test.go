@@ -98,14 +98,18 @@ func newRelayFixtureWith(t *testing.T, cr Crypto) *relayFixture {
 	return newRelayFixtureOn(t, cr, dbtest.Postgres(t))
 }
 
-// newRelayFixtureOn is newRelayFixtureWith on the given database.
-func newRelayFixtureOn(t *testing.T, cr Crypto, root *dbutil.Database) *relayFixture {
+// newRelayFixtureOn is newRelayFixtureWith on the given database; opts adjust the fake homeserver.
+func newRelayFixtureOn(t *testing.T, cr Crypto, root *dbutil.Database, opts ...func(*fakehs.Options)) *relayFixture {
 	ctx := context.Background()
 	const domain = "ferry.test"
-	hs := fakehs.New(fakehs.Options{
+	o := fakehs.Options{
 		Domain: domain, ASID: "ferry", ASToken: "as", HSToken: benchHSToken, ASBotLocalpart: "ferrybot",
 		ASUsers: regexp.MustCompile(`^@_ferry_.*:ferry\.test$`), NoEcho: true, KeepTimeline: true,
-	})
+	}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	hs := fakehs.New(o)
 	t.Cleanup(hs.Close)
 	target, _ := url.Parse(hs.URL)
 	flaky := &flakyHS{proxy: httputil.NewSingleHostReverseProxy(target)}

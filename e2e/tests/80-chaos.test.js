@@ -67,17 +67,47 @@ after(async () => {
     await stack?.stop();
 });
 
-/** The room's whole server-side history, oldest first, as raw events (read with /messages by user). */
-async function serverHistory(user, roomId) {
+/** One backward pagination of the room's history with pages of `limit`, oldest first (read with /messages). */
+async function paginate(user, roomId, limit) {
     const out = [];
     let from = null;
     for (;;) {
-        const res = await user.client.createMessagesRequest(roomId, from, 500, sdk.Direction.Backward);
+        const res = await user.client.createMessagesRequest(roomId, from, limit, sdk.Direction.Backward);
         out.push(...res.chunk);
         if (!res.end || res.chunk.length === 0 || res.end === from) break;
         from = res.end;
     }
     return out.reverse();
+}
+
+/**
+ * The room's whole server-side history, oldest first, as raw events, read with /messages by user. Dendrite
+ * 0.13.8's backward pagination can skip an event at a page boundary when two events share a depth (it returns
+ * another one twice instead), so the history is read twice with pages of different sizes and merged: an event
+ * only the second read has goes right after the event that precedes it there.
+ */
+async function serverHistory(user, roomId) {
+    const [first, second] = await Promise.all([paginate(user, roomId, 100), paginate(user, roomId, 37)]);
+    const merged = [];
+    const seen = new Set();
+    for (const raw of first) {
+        if (!seen.has(raw.event_id)) {
+            seen.add(raw.event_id);
+            merged.push(raw);
+        }
+    }
+    let after = null; // the last event of the second read that the merged history has
+    for (const raw of second) {
+        if (seen.has(raw.event_id)) {
+            after = raw.event_id;
+            continue;
+        }
+        const at = after === null ? 0 : merged.findIndex((e) => e.event_id === after) + 1;
+        merged.splice(at, 0, raw);
+        seen.add(raw.event_id);
+        after = raw.event_id;
+    }
+    return merged;
 }
 
 /** Decrypts raw events with user's client, remembering results; events that fail are tried again next time. */
