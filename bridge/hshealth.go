@@ -19,7 +19,8 @@ const (
 	settleAfterOutage = 3 * time.Second
 )
 
-// hsHealth watches every request ferry makes to the homeserver (it wraps the appservice's HTTP transport).
+// hsHealth watches every request ferry makes to the homeserver (it wraps the appservice's HTTP transport): its
+// outages, and how far its clock is from ferry's.
 type hsHealth struct {
 	next      http.RoundTripper
 	recovered func(outageStart time.Time)
@@ -29,6 +30,44 @@ type hsHealth struct {
 	streakStart time.Time // first failure since the last success (zero: the last request succeeded)
 	streak      int
 	recoveredAt time.Time // when the homeserver answered again after the last outage
+	skew        time.Duration
+}
+
+// Clock lag of the read-back. Events carry the homeserver's clock (origin_server_ts) and ferry compares them with
+// its own: the read-back looks that much further back than ferry's clock says, more when the homeserver's Date
+// headers show its clock off by more (capped).
+const (
+	clockLagMargin = 10 * time.Second
+	maxClockSkew   = 10 * time.Minute
+)
+
+// clockLag is how much earlier than ferry's own clock says the read-back starts looking.
+func (h *hsHealth) clockLag() time.Duration {
+	if h == nil {
+		return clockLagMargin + maxClockSkew
+	}
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	return clockLagMargin + h.skew
+}
+
+// noteClock records how far the homeserver's clock (its Date header, whole seconds) is from ferry's.
+func (h *hsHealth) noteClock(resp *http.Response, sent, received time.Time) {
+	date, err := http.ParseTime(resp.Header.Get("Date"))
+	if err != nil {
+		return
+	}
+	// The header was written between sent and received and rounded down to the second.
+	var off time.Duration
+	if date.Before(sent.Add(-time.Second)) {
+		off = sent.Add(-time.Second).Sub(date)
+	} else if date.After(received) {
+		off = date.Sub(received)
+	}
+	off = min(off, maxClockSkew)
+	h.lock.Lock()
+	h.skew = max(h.skew, off)
+	h.lock.Unlock()
 }
 
 // watchHomeserver wraps client's transport; recovered is called (in its own goroutine) when the homeserver
@@ -44,9 +83,13 @@ func watchHomeserver(client *http.Client, recovered func(outageStart time.Time))
 }
 
 func (h *hsHealth) RoundTrip(req *http.Request) (*http.Response, error) {
+	sent := time.Now()
 	resp, err := h.next.RoundTrip(req)
 	if req.Context().Err() != nil {
 		return resp, err // the caller gave up: says nothing about the homeserver
+	}
+	if resp != nil {
+		h.noteClock(resp, sent, time.Now())
 	}
 	failed := err != nil
 	if resp != nil {
@@ -121,7 +164,7 @@ func (b *Bridge) homeserverRecovered(outageStart time.Time) {
 		return
 	}
 	ctx = b.Log.WithContext(ctx)
-	n, err := b.markInFlight(ctx, outageStart.Add(-reconcileClockLag))
+	n, err := b.markInFlight(ctx, outageStart.Add(-b.health.clockLag()))
 	if err != nil {
 		b.Log.Warn().Err(err).Msg("Failed to mark the rooms to read back after an outage of the homeserver")
 	}

@@ -42,7 +42,6 @@ const runningKey = "relay_running"
 const (
 	reconcilePage     = 100         // events per /messages request
 	reconcilePages    = 20          // requests per room at most
-	reconcileClockLag = time.Minute // events this much older than the oldest possible send are not looked at
 	maxFound          = 10000       // events found remembered before old ones are dropped
 	foundKeep         = 30 * time.Minute
 )
@@ -217,7 +216,7 @@ func (b *Bridge) markInFlight(ctx context.Context, notBefore time.Time) (int, er
 		} else if len(rows) == 0 {
 			continue
 		}
-		since := rows[0].ReceivedAt.Add(-reconcileClockLag)
+		since := rows[0].ReceivedAt.Add(-b.health.clockLag())
 		if !notBefore.IsZero() && notBefore.Before(since) {
 			since = notBefore
 		}
@@ -277,7 +276,11 @@ func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
 // readBackPageSizes are the page sizes of the read-back's passes through a room. Dendrite 0.13.8's backward
 // /messages skips the rest of a group of events that share a depth (concurrent events) when a page ends inside the
 // group; a second pass with other page boundaries finds what the first skipped.
-var readBackPageSizes = [...]int{reconcilePage, 37}
+var readBackPageSizes = [...]int{reconcilePage, 87}
+
+// pageAttempts bounds the tries of one /messages request of a read-back: a read-back reads many pages, and
+// starting over after each transient failure would rarely get through a faulty path.
+const pageAttempts = 5
 
 // readBack pages backwards through room until since, adding ferry's own events to the ledger. complete is false
 // when it stopped at its page limit before reaching since.
@@ -300,7 +303,18 @@ func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, since time.Ti
 	cli := b.AS.BotClient()
 	from := ""
 	for read := 0; read < reconcilePage*reconcilePages; {
-		resp, err := cli.Messages(ctx, room, from, "", mautrix.DirectionBackward, nil, size)
+		var resp *mautrix.RespMessages
+		backoff := 500 * time.Millisecond
+		for attempt := 1; ; attempt++ {
+			resp, err = cli.Messages(ctx, room, from, "", mautrix.DirectionBackward, nil, size)
+			if err == nil || attempt == pageAttempts || !Transient(err) {
+				break
+			}
+			if !sleep(ctx, RetryWait(err, backoff)) {
+				return found, false, ctx.Err()
+			}
+			backoff *= 2
+		}
 		if err != nil {
 			return found, false, err
 		}

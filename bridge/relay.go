@@ -229,7 +229,7 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 		if httpErr := (mautrix.HTTPError{}); !errors.As(err, &httpErr) || httpErr.Response == nil || httpErr.Response.StatusCode >= 500 {
 			// No answer, or a server error (Dendrite answers 500 when it stopped waiting for its room server,
 			// which may still post the event): the request may have been processed.
-			b.markReadback(ctx, room, began.Add(-reconcileClockLag))
+			b.markReadback(ctx, room, began.Add(-b.health.clockLag()))
 		}
 		return "", err
 	}
