@@ -40,10 +40,10 @@ const runningKey = "relay_running"
 
 // Limits of the read-back.
 const (
-	reconcilePage     = 100         // events per /messages request
-	reconcilePages    = 20          // requests per room at most
-	maxFound          = 10000       // events found remembered before old ones are dropped
-	foundKeep         = 30 * time.Minute
+	reconcilePage  = 100   // events per /messages request
+	reconcilePages = 20    // requests per room at most
+	maxFound       = 10000 // events found remembered before old ones are dropped
+	foundKeep      = 30 * time.Minute
 )
 
 // OwnDecrypter is implemented by E2EE layers that can decrypt what ferry's own devices encrypted.
