@@ -30,9 +30,11 @@ unit:
 e2e: build
 	scripts/with-postgres.sh scripts/e2e.sh
 
-# Dendrite + ferry on loopback with two linked encrypted rooms; keeps running.
+# A homeserver + ferry on loopback with two linked encrypted rooms; keeps running. HS=synapse (the default:
+# it installs from PyPI wheels in about half a minute, where Dendrite compiles for two) or HS=dendrite.
+HS ?= synapse
 demo: build
-	scripts/demo.sh
+	FERRY_E2E_HS=$(HS) scripts/demo.sh
 
 # The relay load tool (see docs/BENCHMARKS.md), then the Go micro-benchmarks.
 bench:

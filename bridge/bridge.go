@@ -73,6 +73,10 @@ type Bridge struct {
 	sent    sentLedger   // rooms to read back before sending, and what read-backs found (reconcile.go)
 	failing failingRooms // rooms whose homeserver keeps failing sends (relay.go)
 	health  *hsHealth    // outages of the homeserver (hshealth.go)
+
+	// guards the following fields
+	keyRequestsLock sync.Mutex
+	keyRequests     map[id.SessionID]struct{} // sessions whose keys ferry asked for while it runs (handle.go)
 }
 
 // New creates a bridge. Call Start to begin draining the inbox.

@@ -119,8 +119,15 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 	return b.relay(ctx, evt, row.FailingSince)
 }
 
-// decrypt decrypts an encrypted inbox event. When its room key is missing, the first attempt waits briefly
-// (holding the room's order for at most bridge.key_wait), asks the sender for the key and parks the event.
+// keyRequestAfter is how long a missing room key may be merely in flight (sent to ferry's device just before or
+// after the event) before ferry asks the sender's device for it. Keys can be lost on the way for good: Synapse
+// drops to-device messages for an appservice while it counts it as down, and the sender's client then still
+// answers a key request from a device it shared the session with.
+const keyRequestAfter = 250 * time.Millisecond
+
+// decrypt decrypts an encrypted inbox event. When its room key is missing, the first attempt holds the room's
+// order for at most bridge.key_wait: it waits briefly, asks the sender's device for the key, waits for the rest
+// of key_wait, and then parks the event.
 func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.InboxEvent) (*event.Event, outcome, bool) {
 	dec, err := b.Crypto.Decrypt(ctx, evt)
 	if err == nil {
@@ -135,20 +142,41 @@ func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.In
 		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to decrypt event")
 		return nil, outcome{state: database.InboxFailed, err: err}, false
 	}
-	if row.Attempts == 0 && errors.Is(err, crypto.ErrKeyMissing) && b.Crypto.WaitForKey(ctx, evt, b.Config.KeyWait) {
-		if dec, err = b.Crypto.Decrypt(ctx, evt); err == nil {
-			return dec, outcome{}, true
-		} else if Transient(err) {
-			return nil, outcome{err: fmt.Errorf("failed to decrypt: %w", err)}, false
+	if row.Attempts == 0 && errors.Is(err, crypto.ErrKeyMissing) {
+		first := min(keyRequestAfter, b.Config.KeyWait)
+		arrived := b.Crypto.WaitForKey(ctx, evt, first)
+		if !arrived {
+			b.requestKey(ctx, evt, content.SessionID)
+			arrived = b.Crypto.WaitForKey(ctx, evt, b.Config.KeyWait-first)
 		}
-	}
-	if row.Attempts == 0 {
-		if rerr := b.Crypto.RequestKey(ctx, evt); rerr != nil {
-			zerolog.Ctx(ctx).Warn().Err(rerr).Msg("Failed to request missing room key")
+		if arrived {
+			if dec, err = b.Crypto.Decrypt(ctx, evt); err == nil {
+				return dec, outcome{}, true
+			} else if Transient(err) {
+				return nil, outcome{err: fmt.Errorf("failed to decrypt: %w", err)}, false
+			}
 		}
 	}
 	zerolog.Ctx(ctx).Info().Stringer("session_id", content.SessionID).Msg("Room key missing, parking event until it arrives")
 	return nil, outcome{state: database.InboxWaitingKeys, sessionID: content.SessionID}, false
+}
+
+// requestKey asks the sender's device for the session of evt, once per session while ferry runs (the parked loop
+// asks again after a restart: an answer that came while ferry was down may have been dropped).
+func (b *Bridge) requestKey(ctx context.Context, evt *event.Event, sessionID id.SessionID) {
+	b.keyRequestsLock.Lock()
+	if b.keyRequests == nil {
+		b.keyRequests = make(map[id.SessionID]struct{})
+	}
+	_, asked := b.keyRequests[sessionID]
+	b.keyRequests[sessionID] = struct{}{}
+	b.keyRequestsLock.Unlock()
+	if asked {
+		return
+	}
+	if err := b.Crypto.RequestKey(ctx, evt); err != nil {
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to request missing room key")
+	}
 }
 
 // applyState records a state event in the state store, as mautrix.UpdateStateStore does, but returns the
@@ -303,11 +331,13 @@ func (b *Bridge) parkedLoop(ctx context.Context) {
 	ctx = log.WithContext(ctx)
 	tick := time.NewTicker(5 * time.Second)
 	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
+	for first := true; ; first = false {
+		if !first {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
 		}
 		parked, err := b.DB.Inbox.Parked(ctx)
 		if err != nil {
@@ -317,6 +347,10 @@ func (b *Bridge) parkedLoop(ctx context.Context) {
 		for _, row := range parked {
 			if time.Since(row.ReceivedAt) > b.Config.KeyNoticeAfter {
 				b.noticeMissingKey(ctx, row)
+			}
+			// Parked before this run (or its request's answer lost): ask the sender again, once per run.
+			if evt := parseEncryptedEvent(row.Raw); evt != nil {
+				b.requestKey(ctx, evt, row.SessionID)
 			}
 			b.SessionArrived(ctx, row.RoomID, row.SessionID)
 		}

@@ -27,6 +27,9 @@ const maxTransactionBytes = 64 << 20
 // It is nil on homeservers that don't (ferry then runs a /sync loop for its devices).
 type ToDeviceHandler interface {
 	HandleTransactionCrypto(ctx context.Context, txn json.RawMessage) error
+	// TransactionFailed is called when ferry answers a transaction with an error: homeservers (Synapse) then
+	// count ferry as down and drop the encryption data they would have pushed meanwhile.
+	TransactionFailed()
 }
 
 // Router returns ferry's appservice HTTP API.
@@ -180,12 +183,16 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 		if toDevice != nil {
 			if err = toDevice.HandleTransactionCrypto(ctx, body); err != nil {
 				log.Err(err).Msg("Failed to handle encryption data in transaction")
+				toDevice.TransactionFailed()
 				mautrix.MUnknown.WithMessage("Failed to handle encryption data").Write(w)
 				return
 			}
 		}
 		inserted, err := b.DB.Inbox.Insert(ctx, rows)
 		if err != nil {
+			if toDevice != nil {
+				toDevice.TransactionFailed()
+			}
 			log.Err(err).Msg("Failed to record transaction")
 			writeJSON(w, http.StatusInternalServerError, mautrix.RespError{ErrCode: mautrix.MUnknown.ErrCode, Err: "Failed to record events"})
 			return

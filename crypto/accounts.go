@@ -269,9 +269,16 @@ func (s *registeringStateStore) IsRegistered(ctx context.Context, userID id.User
 	return false, nil
 }
 
-// wantsPassword tells whether ferry should create userID with a password: the bot always when a shared secret is
-// configured (its device is cross-signed in every mode), ghosts only in per-ghost mode.
+// wantsPassword tells whether ferry should create userID with a password: without appservice-mode encryption, the
+// bot always when a shared secret is configured (its device is cross-signed in every mode), ghosts only in
+// per-ghost mode.
 func (m *Machine) wantsPassword(userID id.UserID) bool {
+	if m.cfg.Appservice {
+		// Appservice-mode encryption publishes identities without UIA (MSC4190), and when the homeserver turns
+		// out to lack it, the fallback tries without a password first (see publishIdentity): a password is
+		// set only if the homeserver then asks for one.
+		return false
+	}
 	if m.SharedSecret == "" || m.isOwn == nil || !m.isOwn(userID) || strings.HasPrefix(userID.Localpart(), "_") {
 		// Localparts starting with '_' are refused by shared-secret registration (Dendrite and Synapse);
 		// those accounts get their password through provisionPassword instead.

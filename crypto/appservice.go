@@ -29,6 +29,14 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 		// all of this, and handling pushed copies too would process every to-device event twice.
 		return nil
 	}
+	if m.missedPushes.Swap(false) {
+		// The first transaction after one ferry failed: what the homeserver dropped meanwhile is asked for now.
+		go func() {
+			if err := m.catchUpDeviceLists(context.WithoutCancel(ctx)); err != nil {
+				m.log.Warn().Err(err).Msg("Failed to catch up on device lists after a failed transaction")
+			}
+		}()
+	}
 	// Only the encryption parts: the room events (the bulk of a transaction) are the relay's, which decodes them
 	// itself.
 	var txn cryptoTransaction
@@ -39,7 +47,15 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 	if len(toDevice) == 0 {
 		toDevice = txn.MSC2409ToDeviceEvents
 	}
+	counts := txn.DeviceOTKCount
+	if len(counts) == 0 {
+		counts = txn.MSC3202DeviceOTKCount
+	}
+	_, botCount := counts[m.bot.userID][m.bot.client.DeviceID]
 	for _, evt := range toDevice {
+		if m.takeProbe(evt, botCount) {
+			continue
+		}
 		m.routeToDevice(ctx, evt)
 	}
 	lists := txn.DeviceLists
@@ -53,10 +69,6 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 		m.cache.keysLock.Unlock()
 		m.rotateForDeviceChanges(ctx, append(append([]id.UserID{}, lists.Changed...), lists.Left...))
 	}
-	counts := txn.DeviceOTKCount
-	if len(counts) == 0 {
-		counts = txn.MSC3202DeviceOTKCount
-	}
 	// Only the bot tops up one-time keys: ghost devices never decrypt what others send them, so their keys are
 	// only ever used to send ferry messages it discards.
 	if c, ok := counts[m.bot.userID][m.bot.client.DeviceID]; ok {
@@ -65,6 +77,10 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 	}
 	return nil
 }
+
+// TransactionFailed records that ferry answered a transaction with an error (see bridge.ToDeviceHandler): the
+// next transaction that arrives starts a catch-up on device lists.
+func (m *Machine) TransactionFailed() { m.missedPushes.Store(true) }
 
 // cryptoTransaction is the part of an appservice transaction (appservice.Transaction) that encryption reads.
 type cryptoTransaction struct {
@@ -98,4 +114,69 @@ func (m *Machine) routeToDevice(ctx context.Context, evt *event.Event) {
 	if req := evt.Content.AsRoomKeyRequest(); req != nil && req.Action == event.KeyRequestActionRequest {
 		st.dev.mach.HandleRoomKeyRequest(ctx, evt.Sender, req)
 	}
+}
+
+// catchUpDeviceLists re-reads the device lists of every user ferry tracks and rotates ferry's sessions in the rooms
+// of those whose devices changed. In appservice mode the homeserver pushes device-list changes only while ferry is
+// up: Synapse drops them, with to-device messages and key counts, while it counts the appservice as down (ferry
+// stopped, or a transaction failed), so after a start ferry cannot know what it missed without asking.
+func (m *Machine) catchUpDeviceLists(ctx context.Context) error {
+	m.cache.keysLock.Lock()
+	defer m.cache.keysLock.Unlock()
+	var users []id.UserID
+	rows, err := m.db.Query(ctx, `SELECT user_id FROM crypto_tracked_user`)
+	if err != nil {
+		return fmt.Errorf("failed to list tracked users: %w", err)
+	}
+	for rows.Next() {
+		var u id.UserID
+		if err = rows.Scan(&u); err != nil {
+			_ = rows.Close()
+			return err
+		}
+		if m.isOwn == nil || !m.isOwn(u) {
+			users = append(users, u)
+		}
+	}
+	if err = closeRows(rows); err != nil {
+		return fmt.Errorf("failed to list tracked users: %w", err)
+	}
+	if len(users) == 0 {
+		return nil
+	}
+	before, err := loadDevices(ctx, m.db, users)
+	if err != nil {
+		return err
+	}
+	after, err := m.bot.mach.FetchKeys(ctx, users, true)
+	if err != nil {
+		// The next key share fetches them instead (devicesOf), and rotates nothing it would have to.
+		_ = m.bot.store.MarkTrackedUsersOutdated(ctx, users)
+		return fmt.Errorf("failed to fetch device lists: %w", err)
+	}
+	var changed []id.UserID
+	for _, u := range users {
+		if devicesDiffer(before[u], after[u]) {
+			changed = append(changed, u)
+		}
+	}
+	if len(changed) > 0 {
+		m.log.Info().Int("users", len(changed)).Msg("Device lists changed while ferry was not receiving pushes; rotating the sessions they affect")
+		m.rotateForDeviceChanges(ctx, changed)
+	}
+	return nil
+}
+
+// devicesDiffer tells whether two device lists of one user name different devices or keys.
+func devicesDiffer(a, b map[id.DeviceID]*id.Device) bool {
+	if len(a) != len(b) {
+		return true
+	}
+	for devID, da := range a {
+		db, ok := b[devID]
+		if !ok || da.IdentityKey != db.IdentityKey || da.SigningKey != db.SigningKey {
+			return true
+		}
+	}
+	return false
 }

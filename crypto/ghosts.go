@@ -98,9 +98,9 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 	if err != nil {
 		return nil, false, fmt.Errorf("failed to read the ghost's device: %w", err)
 	}
-	if !m.asMode.Load() {
-		// Without MSC4190 the cross-signing upload needs the password: without one, don't create a device
-		// that would only ever be unsigned.
+	if !m.asMode.Load() && !m.publishedWithoutUIA.Load() {
+		// Without MSC4190 the cross-signing upload needs the password (unless the homeserver accepted the bot's
+		// first setup without one): without one, don't create a device that would only ever be unsigned.
 		published, err := store.GetSecret(ctx, secretPublishedMaster)
 		if err != nil {
 			return nil, false, err

@@ -17,6 +17,9 @@ import (
 // failed upload publishes again instead of signing with keys the server does not know.
 const secretPublishedMaster id.Secret = "im.ferry.cross_signing_published"
 
+// secretPublishedWithoutUIA marks an account whose identity the homeserver accepted without a password.
+const secretPublishedWithoutUIA id.Secret = "im.ferry.cross_signing_without_uia"
+
 // crossSign gives d's user a cross-signing identity (master, self-signing and user-signing keys, generated once
 // and kept encrypted in the crypto store) and signs d's device with it. With ssss (the bot), the private keys
 // are also put in the account's secret storage, and the storage's recovery key is kept for the admin command.
@@ -107,6 +110,14 @@ func (m *Machine) publishIdentity(ctx context.Context, d *device, keys *crypto.C
 		return fmt.Errorf("failed to read the account password: %w", err)
 	}
 	err = d.mach.PublishCrossSigningKeys(ctx, keys, passwordUIA(d.userID, password))
+	if err == nil && password == "" {
+		// Published without any password: the homeserver lets a user set up cross-signing the first time
+		// without UIA (Synapse), or lets the appservice skip it (MSC4190). Remembered, so a restart knows it.
+		m.publishedWithoutUIA.Store(true)
+		if err = d.store.PutSecret(ctx, secretPublishedWithoutUIA, "yes"); err != nil {
+			return fmt.Errorf("failed to store the publication marker: %w", err)
+		}
+	}
 	var httpErr mautrix.HTTPError
 	if err != nil && password == "" && errors.As(err, &httpErr) && httpErr.IsStatus(http.StatusUnauthorized) {
 		// The server wants the password, and the account has none ferry knows: set one, then try again.

@@ -83,10 +83,19 @@ type Machine struct {
 	bot      *device
 	// botSigned: the bot's device is signed by the bot's cross-signing identity.
 	botSigned bool
+	// publishedWithoutUIA: the homeserver accepted a cross-signing identity without a password (first-time setup
+	// without UIA, or MSC4190), so ghosts can be cross-signed on the login path without passwords too.
+	publishedWithoutUIA atomic.Bool
 	// asMode is the effective encryption.appservice: true while ferry's devices are created through the
 	// appservice (MSC4190) and get their to-device events in transactions; Init turns it off when the
 	// homeserver does not offer MSC4190 (see login). Read by the transaction handler, hence atomic.
 	asMode atomic.Bool
+	// missedPushes: ferry answered a transaction with an error since the last catch-up on device lists.
+	missedPushes atomic.Bool
+
+	// guards the following fields
+	probeLock sync.Mutex
+	probe     *pushProbe // see ProbePushes
 
 	ghostCreate *exsync.KeyedMutex[id.UserID]
 	// cache is shared by the crypto stores of all of ferry's devices (see storeCache).
@@ -161,6 +170,11 @@ func (m *Machine) Init(ctx context.Context) error {
 	if err = m.initBot(ctx); err != nil {
 		return err
 	}
+	if noUIA, err := m.bot.store.GetSecret(ctx, secretPublishedWithoutUIA); err != nil {
+		return fmt.Errorf("failed to read the publication marker: %w", err)
+	} else if noUIA != "" {
+		m.publishedWithoutUIA.Store(true)
+	}
 	m.perGhost = false
 	switch {
 	case m.cfg.DeviceMode != DeviceModePerGhost:
@@ -168,6 +182,9 @@ func (m *Machine) Init(ctx context.Context) error {
 	case m.asMode.Load():
 		m.perGhost = true
 		m.log.Info().Msg("Per-ghost devices: created through the appservice (MSC4190), cross-signed by each ghost")
+	case m.publishedWithoutUIA.Load():
+		m.perGhost = true
+		m.log.Info().Msg("Per-ghost devices: logged in with m.login.application_service, cross-signed without a password (the homeserver accepts a first cross-signing setup without UIA)")
 	case m.SharedSecret != "":
 		m.perGhost = true
 		m.log.Info().Msg("Per-ghost devices: logged in with m.login.application_service, cross-signed after password UIA (ferry sets its accounts' passwords with the shared secret)")
@@ -292,7 +309,7 @@ func (m *Machine) fallbackDescription() string {
 	case m.SharedSecret != "":
 		return "per-ghost devices cross-signed with passwords set through homeserver.registration_shared_secret"
 	default:
-		return "single-device mode, because per-ghost devices would need homeserver.registration_shared_secret here"
+		return "per-ghost devices if the homeserver accepts cross-signing keys without a password, otherwise single-device mode (set homeserver.registration_shared_secret for Dendrite)"
 	}
 }
 
@@ -308,8 +325,7 @@ func (m *Machine) login(ctx context.Context, deviceID id.DeviceID) error {
 			return fmt.Errorf("failed to create the bot's device through the appservice (MSC4190, encryption.appservice): %w", err)
 		}
 		m.log.Warn().Msgf("encryption.appservice is true, but the homeserver does not offer MSC4190 appservice device creation "+
-			"(PUT /_matrix/client/v3/devices/{deviceId} answered %s; on Synapse, the installed registration may lack "+
-			"io.element.msc4190: regenerate it): falling back to m.login.application_service devices "+
+			"(PUT /_matrix/client/v3/devices/{deviceId} answered %s): falling back to m.login.application_service devices "+
 			"with to-device and device lists through /sync, and %s; set encryption.appservice to false to silence this",
 			describeHTTPError(err), m.fallbackDescription())
 		m.asMode.Store(false)
@@ -389,9 +405,17 @@ func (m *Machine) reset(ctx context.Context) error {
 }
 
 // Start runs the bot's to-device /sync loop and the ghost devices' drain for homeservers that do not push
-// to-device events to appservices.
+// to-device events to appservices; in appservice mode it catches up on the device-list changes the homeserver
+// may not have pushed while ferry was down.
 func (m *Machine) Start(ctx context.Context) {
 	if m.asMode.Load() {
+		if err := m.catchUpDeviceLists(ctx); err != nil {
+			m.log.Warn().Err(err).Msg("Failed to catch up on device lists after the start; the next key share of each room fetches them")
+		}
+		// One-time key counts are pushed only while ferry is up, too: check the bot's on the server.
+		if err := m.bot.mach.ShareKeys(ctx, -1); err != nil {
+			m.log.Warn().Err(err).Msg("Failed to check the bot's one-time keys after the start")
+		}
 		return
 	}
 	ctx, cancel := context.WithCancel(ctx)

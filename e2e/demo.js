@@ -1,7 +1,8 @@
-// `make demo`: Dendrite + ferry on 127.0.0.1 with the embedded SQLite database, two users in two encrypted
-// rooms linked by the bot, one message relayed and shown decrypted on the other side. Then the stack keeps
-// running with login details for Element (or any Matrix client) until Ctrl-C. FERRY_DEMO_ONCE=1 exits after
-// the relay (used by the test suite to prove the demo works).
+// `make demo`: a homeserver (Synapse or Dendrite, as FERRY_E2E_HS says) + ferry on 127.0.0.1 with the embedded
+// SQLite database, two users in two encrypted rooms linked by the bot, one message relayed and shown decrypted on
+// the other side. Then the stack keeps running with login details for Element (or any Matrix client) until
+// Ctrl-C. FERRY_DEMO_ONCE=1 exits after the relay (used by the test suite to prove the demo works).
+import { HS_LABEL } from "./lib/homeserver.js";
 import { createUser } from "./lib/users.js";
 import { command, inviteBot, startStack } from "./lib/stack.js";
 import { sleep } from "./lib/util.js";
@@ -9,7 +10,7 @@ import { sleep } from "./lib/util.js";
 const once = process.env.FERRY_DEMO_ONCE === "1";
 const say = (...a) => console.log(...a);
 
-say("Starting Dendrite v0.13.8 and ferry on 127.0.0.1 (SQLite)...");
+say(`Starting ${HS_LABEL} and ferry on 127.0.0.1 (SQLite)...`);
 const stack = await startStack({ db: "sqlite", permissions: { "*": "relay", "ferry.test": "user" } });
 let alice, bob;
 const shutdown = async (code) => {

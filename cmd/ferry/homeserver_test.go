@@ -198,3 +198,38 @@ func TestCheckHomeserverDefiniteRejections(t *testing.T) {
 		})
 	}
 }
+
+// TestPingRetriesWhatMayPass: a ping the homeserver could not deliver for a moment (502 M_CONNECTION_FAILED, as
+// Synapse has answered while ferry was listening) is tried again; a refused ping (M_FORBIDDEN: wrong token or
+// appservice ID) is not.
+func TestPingRetriesWhatMayPass(t *testing.T) {
+	for name, tc := range map[string]struct {
+		failures int
+		errcode  string
+		status   int
+		wantErr  bool
+		wantPing int32
+	}{
+		"transient failures, then reached": {failures: 2, errcode: "M_CONNECTION_FAILED", status: http.StatusBadGateway, wantPing: 3},
+		"refused at once":                  {failures: 9, errcode: "M_FORBIDDEN", status: http.StatusForbidden, wantErr: true, wantPing: 1},
+	} {
+		t.Run(name, func(t *testing.T) {
+			var pings atomic.Int32
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "application/json")
+				if strings.HasSuffix(r.URL.Path, "/ping") && int(pings.Add(1)) <= tc.failures {
+					w.WriteHeader(tc.status)
+					_, _ = w.Write([]byte(`{"errcode":"` + tc.errcode + `","error":"no"}`))
+					return
+				}
+				_, _ = w.Write([]byte(`{"duration_ms":1}`))
+			}))
+			defer srv.Close()
+			_, as := appserviceFor(t, srv.URL)
+			err := pingUntilReached(context.Background(), as, zerolog.Nop())
+			if (err != nil) != tc.wantErr || pings.Load() != tc.wantPing {
+				t.Fatalf("err = %v after %d pings; want error %v after %d", err, pings.Load(), tc.wantErr, tc.wantPing)
+			}
+		})
+	}
+}

@@ -4,6 +4,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -118,7 +120,8 @@ func run(args []string) int {
 	return code
 }
 
-// registrationFor builds the appservice registration that matches the config.
+// registrationFor builds the appservice registration that matches the config, as ferry uses it at run time: its
+// sender is the bot (every request names the user it acts as). The file -g writes names another sender.
 func registrationFor(cfg *Config) *appservice.Registration {
 	reg := &appservice.Registration{
 		ID:              cfg.Appservice.ID,
@@ -149,11 +152,22 @@ func generateRegistration(cfg *Config, configPath, regPath string) error {
 			return fmt.Errorf("failed to save tokens to the config: %w", err)
 		}
 	}
-	data, err := registrationFor(cfg).YAML()
+	reg := registrationFor(cfg)
+	reg.SenderLocalpart = senderLocalpart(cfg.Appservice.ASToken)
+	data, err := reg.YAML()
 	if err != nil {
 		return err
 	}
 	return WriteFileAtomic(regPath, []byte(data), 0600)
+}
+
+// senderLocalpart is the registration's sender_localpart: a user of the appservice's own that ferry never acts as.
+// The bot is an ordinary user of the exclusive namespace instead, because Synapse refuses /sync to an
+// appservice's sender user, and the bot's device needs a /sync wherever the homeserver does not push to-device
+// messages. Derived from the as_token, so regenerating the registration keeps it.
+func senderLocalpart(asToken string) string {
+	sum := sha256.Sum256([]byte("ferry appservice sender\x00" + asToken))
+	return "ferry-as-" + hex.EncodeToString(sum[:12])
 }
 
 func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logger) int {
@@ -267,8 +281,16 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 		log.Error().Err(err).Msg("Failed to set up encryption")
 		return exitHomeserver
 	}
+	if err = probePushes(ctx, mach, as, log); err != nil {
+		if ctx.Err() != nil {
+			return exitOK
+		}
+		log.Error().Err(err).Msg("Appservice-mode encryption cannot work with this homeserver")
+		return exitHomeserver
+	}
 	if cfg.Encryption.Appservice && !mach.AppserviceMode() {
-		// The homeserver lacks MSC4190: Init said so and fell back to logins and /sync.
+		// The homeserver lacks MSC4190 or does not push to-device messages: Init or the probe said so and fell
+		// back to logins and /sync.
 		path = encryptionPathSync
 		br.SyncOrders.Store(true)
 	}
@@ -304,6 +326,8 @@ func checkHomeserver(ctx context.Context, cfg *Config, as *appservice.AppService
 	// ferry's own loop retries (and logs why); the client's silent internal retries would hide the reason.
 	probe := as.NewMautrixClient(as.BotMXID())
 	probe.DefaultHTTPRetries = 0
+	// /versions needs no user: Synapse refuses to let the appservice act as a user it has not registered yet.
+	probe.SetAppServiceUserID = false
 	for {
 		var err error
 		versions, err = probe.Versions(ctx)
@@ -345,11 +369,7 @@ func checkHomeserver(ctx context.Context, cfg *Config, as *appservice.AppService
 		return "", fmt.Errorf("whoami returned %s, expected the bot %s: check appservice.bot.username and the registration", whoami.UserID, as.BotMXID())
 	}
 	if versions.Supports(mautrix.FeatureAppservicePing) {
-		err = retryStartup(ctx, log, "appservice ping (the homeserver reaching ferry at "+cfg.Appservice.Address+")", func() error {
-			_, err := bot.AppservicePing(ctx, as.Registration.ID, "")
-			return err
-		})
-		if err != nil {
+		if err = pingUntilReached(ctx, as, log); err != nil {
 			return "", fmt.Errorf("the homeserver cannot reach ferry at %s: %w", cfg.Appservice.Address, err)
 		}
 		log.Info().Msg("Homeserver reached ferry through appservice ping")
@@ -395,6 +415,60 @@ func retryStartup(ctx context.Context, log zerolog.Logger, step string, fn func(
 		}
 		backoff = min(backoff*2, time.Minute)
 	}
+}
+
+// pingUntilReached asks the homeserver to reach ferry (appservice ping). A ping the homeserver could not deliver
+// for a moment (Synapse has answered 502 M_CONNECTION_FAILED while ferry was listening; a proxy in front of ferry
+// may fail) is tried again with backoff, like every start-up step; a refusal of the ping itself (M_FORBIDDEN,
+// M_URL_NOT_SET) is not.
+func pingUntilReached(ctx context.Context, as *appservice.AppService, log zerolog.Logger) error {
+	return retryStartup(ctx, log, "appservice ping (the homeserver reaching ferry)", func() error {
+		_, err := as.BotIntent().AppservicePing(ctx, as.Registration.ID, "")
+		return err
+	})
+}
+
+// Push probe timing: the homeserver gets probeAttempts chances of probeWait each to push the probe back.
+const (
+	probeAttempts = 3
+	probeWait     = 10 * time.Second
+)
+
+// probePushes checks, in appservice mode, that the homeserver pushes to-device messages and key counts to ferry
+// (crypto.Machine.ProbePushes), and says how to turn them on when it does not. Before each attempt ferry pings
+// the homeserver, which makes Synapse retry delivery at once if it still counts ferry as down (it drops pushes
+// until then).
+func probePushes(ctx context.Context, mach *crypto.Machine, as *appservice.AppService, log zerolog.Logger) error {
+	kick := func(ctx context.Context) {
+		if _, err := as.BotIntent().AppservicePing(ctx, as.Registration.ID, ""); err != nil {
+			log.Debug().Err(err).Msg("Appservice ping before the push probe failed")
+		}
+	}
+	err := mach.ProbePushes(ctx, probeAttempts, probeWait, kick)
+	var fix string
+	switch {
+	case errors.Is(err, crypto.ErrNoToDevicePushes):
+		fix = "on Synapse set experimental_features.msc2409_to_device_messages_enabled and msc3202_transaction_extensions to true in " +
+			"homeserver.yaml, install the registration ferry -g wrote with encryption.appservice: true (receive_ephemeral, org.matrix.msc3202), " +
+			"and restart Synapse"
+	case errors.Is(err, crypto.ErrNoKeyCountPushes):
+		fix = "on Synapse set experimental_features.msc3202_transaction_extensions: true in homeserver.yaml, install the registration " +
+			"ferry -g wrote with encryption.appservice: true (org.matrix.msc3202: true), and restart Synapse"
+	case err != nil:
+		return err
+	default:
+		if mach.AppserviceMode() {
+			log.Info().Msg("The homeserver pushes to-device messages, device lists and one-time key counts to ferry")
+		}
+		return nil
+	}
+	if fallbackErr := mach.FallBackToSync(ctx); fallbackErr != nil {
+		return fmt.Errorf("encryption.appservice is true, but %w, and the homeserver refuses the m.login.application_service "+
+			"fallback (%w): %s; or set encryption.appservice to false and install a registration written without it", err, fallbackErr, fix)
+	}
+	log.Warn().Msgf("encryption.appservice is true, but %v: falling back to m.login.application_service devices with "+
+		"to-device and device lists through /sync (%s, or set encryption.appservice to false to silence this)", err, fix)
+	return nil
 }
 
 func newLogger(cfg LoggingConfig) (zerolog.Logger, func(), error) {

@@ -40,8 +40,14 @@ func TestGenerateRegistration(t *testing.T) {
 			if len(asToken) != 64 || len(hsToken) != 64 || asToken == hsToken {
 				t.Fatalf("tokens %q %q: want two different random 64-character tokens", asToken, hsToken)
 			}
-			if reg["rate_limited"] != false || reg["sender_localpart"] != "ferrybot" || reg["url"] != "http://localhost:29340" {
+			if reg["rate_limited"] != false || reg["url"] != "http://localhost:29340" {
 				t.Fatalf("registration = %v", reg)
+			}
+			// The sender is not the bot (Synapse refuses /sync to an appservice's sender, and the bot's device may
+			// need one), and it is no user ferry acts as.
+			sender, _ := reg["sender_localpart"].(string)
+			if !strings.HasPrefix(sender, "ferry-as-") || len(sender) != len("ferry-as-")+24 {
+				t.Fatalf("sender_localpart %q: want ferry-as- and 24 hex digits", sender)
 			}
 			users := reg["namespaces"].(map[string]any)["users"].([]any)[0].(map[string]any)
 			if users["exclusive"] != true {
@@ -50,6 +56,7 @@ func TestGenerateRegistration(t *testing.T) {
 			re := regexp.MustCompile(users["regex"].(string))
 			for user, want := range map[string]bool{
 				"@ferrybot:test.org":                true,
+				"@" + sender + ":test.org":          false, // the sender is not in the namespace ferry acts in
 				"@_ferry_alice=3atest.org:test.org": true,
 				"@alice:test.org":                   false,
 				"@_ferry_x:testXorg":                false, // the dot in the server name is escaped
@@ -79,6 +86,9 @@ func TestGenerateRegistration(t *testing.T) {
 			again, _ := os.ReadFile(regPath)
 			if !strings.Contains(string(again), asToken) {
 				t.Fatal("a second -g changed the tokens")
+			}
+			if !strings.Contains(string(again), "sender_localpart: "+sender) {
+				t.Fatal("a second -g changed the sender")
 			}
 		})
 	}

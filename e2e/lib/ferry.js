@@ -147,9 +147,9 @@ function runFerrySync(args, dir) {
  * back into config.yaml). Options:
  *   hsDomain ("ferry.test"), hsUrl (default: http://127.0.0.1:<hsPort> with a port reserved here for Dendrite),
  *   sharedSecret (random), db ({type, uri}; default SQLite in the dir), permissions (merged over
- *   {"*": relay, <hsDomain>: user}), admins ([userId] → admin), extraConfig (deep-merged into the config),
- *   port (ferry's appservice port; default: a free one), appserviceAddress (the URL the registration gives the
- *   homeserver for ferry; default http://127.0.0.1:<port>).
+ *   {"*": relay, <hsDomain>: user}), admins ([userId] → admin), extraConfig (deep-merged into the config; its
+ *   appservice.address is what the registration gives the homeserver), port (ferry's appservice port; default: a
+ *   free one).
  * Returns { dir, configPath, registrationPath, port, hsUrl, hsPort, hsDomain, sharedSecret, asToken, hsToken,
  *           botUserId, config, cleanup() }.
  */
@@ -162,7 +162,6 @@ export async function prepareFerry({
     admins = [],
     extraConfig = {},
     port,
-    appserviceAddress,
 } = {}) {
     requireFerryBin();
     const dir = makeTempDir("ferry-e2e-");
@@ -175,9 +174,7 @@ export async function prepareFerry({
         } else {
             hsPort = Number(new URL(hsUrl).port) || undefined;
         }
-        let config = ferryConfig({ dir, port, hsUrl, hsDomain, sharedSecret, db, permissions, admins, extraConfig });
-        // The homeserver reaches ferry at appserviceAddress (e.g. through a proxy) while ferry listens on port.
-        if (appserviceAddress) config = deepMerge(config, { appservice: { address: appserviceAddress } });
+        const config = ferryConfig({ dir, port, hsUrl, hsDomain, sharedSecret, db, permissions, admins, extraConfig });
         const configPath = path.join(dir, "config.yaml");
         const registrationPath = path.join(dir, "registration.yaml");
         fs.writeFileSync(configPath, toYaml(config) + "\n", { mode: 0o600 });
@@ -223,11 +220,12 @@ function parseLog(text) {
 }
 
 /**
- * Starts `ferry -c config.yaml` and waits until GET /_matrix/mau/ready (or /health/ready) answers 200.
+ * Starts `ferry -c config.yaml` and waits until GET /_matrix/mau/ready (or /health/ready) answers 200 (unless
+ * waitReady is false: for tests of a start that should fail).
  * Returns { proc, pid, exited, stop(), kill9(), restart(), logs(), logLines(), waitForLog(pred, ms) }.
  * stdout/stderr go to <dir>/ferry.out; the JSON log to <dir>/ferry.log.
  */
-export async function startFerry(prepared, { readyTimeoutMs = 30000, env } = {}) {
+export async function startFerry(prepared, { readyTimeoutMs = 30000, env, waitReady = true } = {}) {
     const bin = requireFerryBin();
     const { dir, configPath, port } = prepared;
     const outFile = path.join(dir, "ferry.out");
@@ -237,6 +235,7 @@ export async function startFerry(prepared, { readyTimeoutMs = 30000, env } = {})
 
     const launch = async () => {
         child = spawnTracked(bin, ["-c", configPath], { logFile: outFile, cwd: dir, env: { ...process.env, ...env } });
+        if (!waitReady) return;
         try {
             await pollUntil(
                 async () => {

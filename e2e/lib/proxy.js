@@ -11,13 +11,31 @@ export async function startSyncHoldProxy(targetPort) {
     let waiters = [];
     let lose = null; // { roomId, resolve }: see loseNextSend
     const inFlight = new Set(); // open /sync long-polls, cut when holding starts
+    const requests = []; // every request ferry made: see the returned object
     const server = http.createServer((req, res) => {
+        const url = new URL(req.url, "http://x");
+        const record = { method: req.method, path: decodeURIComponent(url.pathname), userId: url.searchParams.get("user_id"), deviceId: url.searchParams.get("device_id"), status: 0, uia: false };
+        requests.push(record);
         const forward = () => {
             const up = http.request({ host: "127.0.0.1", port: targetPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
+                record.status = upRes.statusCode;
                 res.writeHead(upRes.statusCode, upRes.headers);
                 upRes.pipe(res);
             });
             up.on("error", () => res.destroy());
+            if (record.path.endsWith("/keys/device_signing/upload")) {
+                // Whether ferry answered user-interactive auth (a password) to publish an identity.
+                const chunks = [];
+                req.on("data", (c) => chunks.push(c));
+                req.on("end", () => {
+                    const body = Buffer.concat(chunks);
+                    try {
+                        record.uia = JSON.parse(body.toString() || "{}").auth !== undefined;
+                    } catch {}
+                    up.end(body);
+                });
+                return;
+            }
             req.pipe(up);
         };
         if (lose && req.method === "PUT" && decodeURIComponent(req.url).includes(`/rooms/${lose.roomId}/send/`)) {
@@ -70,6 +88,121 @@ export async function startSyncHoldProxy(targetPort) {
         get held() {
             return waiters.length;
         },
+        /** Every request ferry made through the proxy: { method, path (decoded), userId, deviceId, status, uia }. */
+        requests,
+        close() {
+            server.closeAllConnections?.();
+            return new Promise((resolve) => server.close(() => resolve()));
+        },
+    };
+}
+
+/**
+ * A loopback proxy between one test client and the homeserver that can withhold that client's to-device messages:
+ * while holding, each `PUT .../sendToDevice/...` is answered 200 at once (the client believes it was sent, as when
+ * the homeserver lost it) and kept; release() posts the kept ones to the homeserver, in order. Works the same on
+ * every homeserver, whatever way ferry receives to-device messages (pushed or through /sync).
+ *
+ *   const proxy = await startClientProxy(hs.port); const alice = await createUser(proxy.url, "alice");
+ */
+export async function startClientProxy(targetPort) {
+    const port = await freePort();
+    let holding = false;
+    const kept = []; // { method, path, headers, body }
+    const server = http.createServer((req, res) => {
+        const chunks = [];
+        req.on("data", (c) => chunks.push(c));
+        req.on("end", () => {
+            const body = Buffer.concat(chunks);
+            if (holding && req.method === "PUT" && req.url.includes("/sendToDevice/")) {
+                kept.push({ method: req.method, path: req.url, headers: req.headers, body });
+                res.writeHead(200, { "content-type": "application/json" });
+                res.end("{}");
+                return;
+            }
+            const up = http.request({ host: "127.0.0.1", port: targetPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
+                res.writeHead(upRes.statusCode, upRes.headers);
+                upRes.pipe(res);
+            });
+            up.on("error", () => res.destroy());
+            up.end(body);
+        });
+    });
+    await new Promise((resolve) => server.listen(port, "127.0.0.1", resolve));
+    const post = ({ method, path, headers, body }) =>
+        new Promise((resolve, reject) => {
+            const up = http.request({ host: "127.0.0.1", port: targetPort, method, path, headers }, (upRes) => {
+                upRes.resume();
+                upRes.on("end", () => (upRes.statusCode === 200 ? resolve() : reject(new Error(`${method} ${path} -> ${upRes.statusCode}`))));
+            });
+            up.on("error", reject);
+            up.end(body);
+        });
+    return {
+        url: `http://127.0.0.1:${port}`,
+        /** From now on the client's to-device messages are kept instead of sent. */
+        holdToDevice() {
+            holding = true;
+        },
+        /** Posts the kept to-device messages (in order) and sends later ones straight through again. */
+        async releaseToDevice() {
+            holding = false;
+            while (kept.length) await post(kept.shift());
+        },
+        /** How many to-device messages are kept. */
+        get keptToDevice() {
+            return kept.length;
+        },
+        close() {
+            server.closeAllConnections?.();
+            return new Promise((resolve) => server.close(() => resolve()));
+        },
+    };
+}
+
+/**
+ * A loopback proxy between the homeserver and ferry (the registration's url points at it): forwards everything and
+ * records what each transaction carried, so tests can see what the homeserver pushes.
+ * Returns { url, transactions: [{ txnId, events, toDevice: [{type, sender, toUserId, toDeviceId}], deviceLists,
+ * otkCounts, status }], close() }.
+ */
+export async function startPushProxy(port, targetPort) {
+    const transactions = [];
+    const server = http.createServer((req, res) => {
+        const chunks = [];
+        req.on("data", (c) => chunks.push(c));
+        req.on("end", () => {
+            const body = Buffer.concat(chunks);
+            let record = null;
+            const m = req.method === "PUT" && req.url.match(/\/transactions\/([^/?]+)/);
+            if (m) {
+                try {
+                    const txn = JSON.parse(body.toString() || "{}");
+                    const toDevice = txn.to_device ?? txn["de.sorunome.msc2409.to_device"] ?? [];
+                    record = {
+                        txnId: decodeURIComponent(m[1]),
+                        events: (txn.events ?? []).length,
+                        toDevice: toDevice.map((e) => ({ type: e.type, sender: e.sender, toUserId: e.to_user_id, toDeviceId: e.to_device_id })),
+                        deviceLists: txn.device_lists ?? txn["org.matrix.msc3202.device_lists"] ?? null,
+                        otkCounts: txn.device_one_time_keys_count ?? txn["org.matrix.msc3202.device_one_time_keys_count"] ?? null,
+                        status: 0,
+                    };
+                    transactions.push(record);
+                } catch {}
+            }
+            const up = http.request({ host: "127.0.0.1", port: targetPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
+                if (record) record.status = upRes.statusCode;
+                res.writeHead(upRes.statusCode, upRes.headers);
+                upRes.pipe(res);
+            });
+            up.on("error", () => res.destroy());
+            up.end(body);
+        });
+    });
+    await new Promise((resolve) => server.listen(port, "127.0.0.1", resolve));
+    return {
+        url: `http://127.0.0.1:${port}`,
+        transactions,
         close() {
             server.closeAllConnections?.();
             return new Promise((resolve) => server.close(() => resolve()));

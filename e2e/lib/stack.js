@@ -4,27 +4,42 @@
 //
 //   const stack = await startStack({ permissions: { "ferry.test": "user" } });
 //   stack.botUserId, stack.hs.url, stack.ferry (restart with stack.restartFerry())
-//   startStack({ faults: { toHomeserver: { rate: 0.09 }, toFerry: { rate: 0.05 } } }) -> stack.faultProxies
 //   await stack.sql("SELECT count(*) FROM inbox")  -> rows as arrays of strings
+//   startStack({ faults: { toHomeserver: { rate: 0.09 }, toFerry: { rate: 0.05 } } }) -> stack.faultProxies
 import { execFileSync } from "node:child_process";
 import { createTestDatabase, deepMerge, prepareFerry, startFerry } from "./ferry.js";
 import { ferryConfigFor, startHomeserver } from "./homeserver.js";
 import { startFaultProxy } from "./faultproxy.js";
-import { startSyncHoldProxy } from "./proxy.js";
+import { startPushProxy, startSyncHoldProxy } from "./proxy.js";
 import { freePort, sleep } from "./util.js";
 
 export const SHARED_SECRET = "ferry-e2e-shared-secret";
 
-export async function startStack({ permissions = { "*": "relay", "ferry.test": "user" }, admins = [], extraConfig = {}, db = "postgres", syncProxy = false, faults } = {}) {
+export async function startStack({
+    permissions = { "*": "relay", "ferry.test": "user" },
+    admins = [],
+    extraConfig = {},
+    db = "postgres",
+    syncProxy = false,
+    pushProxy = false,
+    homeserver = {},
+    faults,
+} = {}) {
     const database = db === "postgres" ? createTestDatabase() : null;
-    // With syncProxy, ferry reaches the homeserver through a proxy that can hold its /sync (see proxy.js).
+    // With syncProxy, ferry reaches the homeserver through a proxy that records its requests, can hold its /sync
+    // and lose the answer to a send; with pushProxy, the homeserver reaches ferry through one that records the
+    // transactions (see proxy.js).
     const hsPort = await freePort();
     const proxy = syncProxy ? await startSyncHoldProxy(hsPort) : null;
+    const pushPort = pushProxy ? await freePort() : null;
     // With faults ({ toHomeserver, toFerry }: startFaultProxy options for each direction), ferry's requests to the
     // homeserver and the homeserver's transactions to ferry go through fault-injecting proxies (faultproxy.js).
     const ferryPort = await freePort();
     const toHomeserver = faults?.toHomeserver ? await startFaultProxy({ name: "ferry→homeserver", ...faults.toHomeserver, target: proxy ? proxy.url : `http://127.0.0.1:${hsPort}` }) : null;
     const toFerry = faults?.toFerry ? await startFaultProxy({ name: "homeserver→ferry", ...faults.toFerry, target: `http://127.0.0.1:${ferryPort}` }) : null;
+    const config = deepMerge(ferryConfigFor(), extraConfig);
+    if (pushPort) config.appservice = { ...config.appservice, address: `http://127.0.0.1:${pushPort}` };
+    if (toFerry) config.appservice = { ...config.appservice, address: toFerry.url };
     const prepared = await prepareFerry({
         hsDomain: "ferry.test",
         hsUrl: toHomeserver ? toHomeserver.url : proxy ? proxy.url : `http://127.0.0.1:${hsPort}`,
@@ -32,20 +47,22 @@ export async function startStack({ permissions = { "*": "relay", "ferry.test": "
         db: database ? { type: "postgres", uri: database.uri } : undefined,
         permissions,
         admins,
-        extraConfig: deepMerge(ferryConfigFor(), extraConfig),
+        extraConfig: config,
         port: ferryPort,
-        appserviceAddress: toFerry?.url,
     });
+    const pushes = pushPort ? await startPushProxy(pushPort, prepared.port) : null;
     const hs = await startHomeserver({
         appserviceRegistrations: [prepared.registrationPath],
         sharedSecret: prepared.sharedSecret,
         serverName: prepared.hsDomain,
         port: hsPort,
+        ...homeserver,
     });
     let ferry = await startFerry(prepared);
     const stack = {
         hs,
         proxy,
+        pushes,
         /** The fault proxies ({ toHomeserver, toFerry }, each null unless asked for). */
         faultProxies: { toHomeserver, toFerry },
         prepared,
@@ -84,6 +101,7 @@ export async function startStack({ permissions = { "*": "relay", "ferry.test": "
             await ferry?.stop().catch(() => {});
             await hs?.stop();
             await proxy?.close();
+            await pushes?.close();
             await toHomeserver?.stop();
             await toFerry?.stop();
             database?.drop();

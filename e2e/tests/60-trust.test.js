@@ -128,6 +128,27 @@ test("a ghost keeps its device and identity across a restart", async () => {
     assert.equal(sessionOf(afterCopy), sessionOf(before), "the outbound session survives the restart");
 });
 
+test("a device a member adds while ferry is stopped can read what ferry relays after it starts again", async () => {
+    // On Synapse ferry learns device-list changes from transactions, which Synapse does not keep for an
+    // appservice that is down; on Dendrite from its /sync. Either way the new device must get the keys.
+    await alice.sendText(roomA, "before the stop");
+    await copyOf(bob, roomB, "before the stop");
+    await stack.stopFerry();
+    const bob3 = await loginUser(stack.hs.url, bob.userId, bob.password);
+    try {
+        await bob.waitForDeviceKnown(bob.userId, bob3.deviceId);
+        await bob.crypto.crossSignDevice(bob3.deviceId);
+        await bob.waitForDeviceSignedByOwner(bob.userId, bob3.deviceId);
+        await stack.startFerryAgain();
+        await alice.sendText(roomA, "after the new device");
+        const copy = await copyOf(bob3, roomB, "after the new device");
+        assert.equal(copy.isDecryptionFailure, false, "bob's new device decrypts the copy");
+    } finally {
+        await bob3.client.logout(true).catch(() => {});
+        await bob3.stop();
+    }
+});
+
 test("ghost sessions rotate when a member leaves and on the rotate command", async () => {
     await alice.sendText(roomA, "rotation 1");
     const s1 = sessionOf(await copyOf(bob, roomB, "rotation 1"));

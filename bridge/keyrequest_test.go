@@ -1,0 +1,120 @@
+package bridge
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"maunium.net/go/mautrix/event"
+
+	"go.ferry.im/ferry/crypto"
+	"go.ferry.im/ferry/database"
+)
+
+// keyCrypto is an E2EE layer whose room key was lost on the way: it arrives only once ferry asks the sender's
+// device for it (as a sender's client answers a key request from a device it shared the session with).
+type keyCrypto struct {
+	benchCrypto
+	answers bool // the sender answers key requests
+
+	lock      sync.Mutex
+	requested int
+	arrived   chan struct{}
+}
+
+func (c *keyCrypto) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
+	select {
+	case <-c.arrived:
+		return c.benchCrypto.Decrypt(ctx, evt)
+	default:
+		return nil, crypto.ErrKeyMissing
+	}
+}
+
+func (c *keyCrypto) WaitForKey(ctx context.Context, _ *event.Event, timeout time.Duration) bool {
+	select {
+	case <-c.arrived:
+		return true
+	case <-time.After(timeout):
+		return false
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (c *keyCrypto) RequestKey(context.Context, *event.Event) error {
+	c.lock.Lock()
+	defer c.lock.Unlock()
+	c.requested++
+	if c.answers && c.requested == 1 {
+		go func() {
+			time.Sleep(20 * time.Millisecond) // the round trip to the sender's client
+			close(c.arrived)
+		}()
+	}
+	return nil
+}
+
+func (c *keyCrypto) requests() int {
+	c.lock.Lock()
+	defer c.lock.Unlock()
+	return c.requested
+}
+
+func lostKeyEvent(t *testing.T) (*event.Event, *database.InboxEvent) {
+	raw := []byte(`{"event_id":"$e","room_id":"!r:ferry.test","sender":"@alice:ferry.test","type":"m.room.encrypted","origin_server_ts":1,` +
+		`"content":{"algorithm":"m.megolm.v1.aes-sha2","ciphertext":"AAAA","session_id":"S","sender_key":"k","device_id":"D"}}`)
+	evt := parseEncryptedEvent(raw)
+	if evt == nil {
+		t.Fatal("the fixture does not parse")
+	}
+	return evt, &database.InboxEvent{EventID: evt.ID, RoomID: evt.RoomID, Raw: raw, SessionID: "S"}
+}
+
+// A room key that never reached ferry (dropped on the way) is asked for well before key_wait runs out, so the
+// event decrypts in its place in the room's order instead of being parked and passed by later events.
+func TestLostKeyIsRequestedBeforeTheRoomMovesOn(t *testing.T) {
+	c := &keyCrypto{benchCrypto: benchCrypto{plaintext: &event.Event{Type: event.EventMessage}}, answers: true, arrived: make(chan struct{})}
+	b := &Bridge{Crypto: c, Config: &Config{KeyWait: 5 * time.Second}}
+	evt, row := lostKeyEvent(t)
+	start := time.Now()
+	dec, res, ok := b.decrypt(context.Background(), evt, row)
+	if !ok || dec == nil {
+		t.Fatalf("not decrypted (outcome %+v): the event was parked although its key came on request", res)
+	}
+	if waited := time.Since(start); waited > 2*time.Second {
+		t.Fatalf("decrypted after %v: the key request went out only when key_wait was nearly over", waited)
+	}
+	if n := c.requests(); n != 1 {
+		t.Fatalf("%d key requests, want 1", n)
+	}
+}
+
+// A key nobody sends is asked for once while ferry runs, however often the parked event is looked at again; the
+// event is parked after key_wait.
+func TestMissingKeyIsRequestedOncePerRun(t *testing.T) {
+	c := &keyCrypto{benchCrypto: benchCrypto{plaintext: &event.Event{Type: event.EventMessage}}, arrived: make(chan struct{})}
+	b := &Bridge{Crypto: c, Config: &Config{KeyWait: 400 * time.Millisecond}}
+	evt, row := lostKeyEvent(t)
+	_, res, ok := b.decrypt(context.Background(), evt, row)
+	if ok || res.state != database.InboxWaitingKeys || res.sessionID != "S" {
+		t.Fatalf("outcome %+v (ok %v), want the event parked for session S", res, ok)
+	}
+	for range 3 {
+		b.requestKey(context.Background(), evt, row.SessionID) // the parked loop's passes
+	}
+	if n := c.requests(); n != 1 {
+		t.Fatalf("%d key requests in one run, want 1", n)
+	}
+	// A new run (a restart: the answer to the first request may have been dropped while ferry was down) asks again.
+	b2 := &Bridge{Crypto: c, Config: b.Config}
+	b2.requestKey(context.Background(), evt, row.SessionID)
+	if n := c.requests(); n != 2 {
+		t.Fatalf("%d key requests after a restart, want 2", n)
+	}
+	if errors.Is(res.err, crypto.ErrKeyMissing) {
+		t.Fatal("a parked event carries no failure")
+	}
+}
