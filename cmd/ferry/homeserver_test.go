@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -16,6 +17,7 @@ import (
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/appservice"
 
+	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/internal/faultproxy"
 )
 
@@ -231,5 +233,26 @@ func TestPingRetriesWhatMayPass(t *testing.T) {
 				t.Fatalf("err = %v after %d pings; want error %v after %d", err, pings.Load(), tc.wantErr, tc.wantPing)
 			}
 		})
+	}
+}
+
+// TestLostProbeKeepsProvenAppserviceMode: a push probe lost at a start (the homeserver was down, or dropped it
+// while it counted ferry as down) keeps appservice mode when the homeserver proved before that it pushes; only a
+// homeserver that never did is taken for one without the feature.
+func TestLostProbeKeepsProvenAppserviceMode(t *testing.T) {
+	for _, tc := range []struct {
+		err    error
+		proven bool
+		keep   bool
+	}{
+		{crypto.ErrNoToDevicePushes, true, true},
+		{crypto.ErrNoKeyCountPushes, true, true},
+		{crypto.ErrNoToDevicePushes, false, false},
+		{errors.New("failed to send the push probe"), true, false},
+		{nil, true, false},
+	} {
+		if got := keepAppserviceMode(tc.err, tc.proven); got != tc.keep {
+			t.Errorf("keepAppserviceMode(%v, proven %v) = %v, want %v", tc.err, tc.proven, got, tc.keep)
+		}
 	}
 }

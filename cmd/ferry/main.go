@@ -281,7 +281,7 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 		log.Error().Err(err).Msg("Failed to set up encryption")
 		return exitHomeserver
 	}
-	if err = probePushes(ctx, mach, as, log); err != nil {
+	if err = probePushes(ctx, mach, as, db, log); err != nil {
 		if ctx.Err() != nil {
 			return exitOK
 		}
@@ -434,17 +434,50 @@ const (
 	probeWait     = 10 * time.Second
 )
 
+// pushesProvenKey is the kv entry that is "yes" once a push probe came back on this database's homeserver.
+const pushesProvenKey = "appservice_pushes_proven"
+
+// keepAppserviceMode tells whether a failed push probe leaves appservice mode on: when the homeserver proved
+// before that it pushes what that mode needs, a probe lost now is a transient failure (it was down, or counted
+// ferry as down and dropped the probe), not a homeserver without the feature.
+func keepAppserviceMode(probeErr error, provenBefore bool) bool {
+	return provenBefore && (errors.Is(probeErr, crypto.ErrNoToDevicePushes) || errors.Is(probeErr, crypto.ErrNoKeyCountPushes))
+}
+
 // probePushes checks, in appservice mode, that the homeserver pushes to-device messages and key counts to ferry
 // (crypto.Machine.ProbePushes), and says how to turn them on when it does not. Before each attempt ferry pings
 // the homeserver, which makes Synapse retry delivery at once if it still counts ferry as down (it drops pushes
 // until then).
-func probePushes(ctx context.Context, mach *crypto.Machine, as *appservice.AppService, log zerolog.Logger) error {
+func probePushes(ctx context.Context, mach *crypto.Machine, as *appservice.AppService, db *database.Database, log zerolog.Logger) error {
 	kick := func(ctx context.Context) {
 		if _, err := as.BotIntent().AppservicePing(ctx, as.Registration.ID, ""); err != nil {
 			log.Debug().Err(err).Msg("Appservice ping before the push probe failed")
 		}
 	}
-	err := mach.ProbePushes(ctx, probeAttempts, probeWait, kick)
+	var proven string
+	_ = retryStartup(ctx, log, "read whether pushes were proven", func() (err error) {
+		proven, err = db.KV.Get(ctx, pushesProvenKey)
+		return err
+	})
+	// Sending the probe can fail for a moment like any request; a probe that does not come back is the answer.
+	var err error
+	if serr := retryStartup(ctx, log, "push probe", func() error {
+		err = mach.ProbePushes(ctx, probeAttempts, probeWait, kick)
+		if errors.Is(err, crypto.ErrNoToDevicePushes) || errors.Is(err, crypto.ErrNoKeyCountPushes) {
+			return nil
+		}
+		return err
+	}); serr != nil {
+		return serr
+	}
+	if err == nil && mach.AppserviceMode() && proven != "yes" {
+		_ = retryStartup(ctx, log, "record that pushes were proven", func() error { return db.KV.Set(ctx, pushesProvenKey, "yes") })
+	}
+	if keepAppserviceMode(err, proven == "yes") {
+		log.Warn().Err(err).Msg("The homeserver did not push the probe back this time, although it did before: keeping appservice-mode " +
+			"encryption (a homeserver drops pushes while it counts ferry as down, and resumes once a transaction goes through)")
+		return nil
+	}
 	var fix string
 	switch {
 	case errors.Is(err, crypto.ErrNoToDevicePushes):
