@@ -207,12 +207,17 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 // only slows a room down.
 const syncOrderWait = 10 * time.Second
 
-// orderHold is how long row must still wait for /sync to show the room's order, or 0.
+// orderHold is how long row must still wait for /sync to show the room's order, or 0. The wait counts from
+// the relay's start for rows pushed before it: the /sync of this run has not had its chance yet.
 func (b *Bridge) orderHold(row *database.InboxEvent) time.Duration {
 	if !b.SyncOrders.Load() || row.Synced {
 		return 0
 	}
-	return max(syncOrderWait-time.Since(row.ReceivedAt), 0)
+	from := row.ReceivedAt
+	if b.startedAt.After(from) {
+		from = b.startedAt
+	}
+	return max(syncOrderWait-time.Since(from), 0)
 }
 
 // waitWake waits until wake fires or d passed; false when ctx ended.
