@@ -50,6 +50,9 @@ type Bridge struct {
 	// and ferry's bot device runs a /sync that shows the order (IngestSynced). Events the homeserver pushes then
 	// wait, holding their room's queue, until /sync has shown them (at most syncOrderWait).
 	SyncOrders atomic.Bool
+	// syncCovers (Unix ns): every room event the homeserver had before it was in a /sync batch IngestSynced
+	// recorded (crypto.SyncedBatch.Covers).
+	syncCovers atomic.Int64
 
 	perms     atomic.Pointer[Permissions]
 	startedAt time.Time

@@ -13,9 +13,9 @@ import (
 
 	"github.com/tidwall/gjson"
 	"maunium.net/go/mautrix"
-	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/database"
 )
 
@@ -235,7 +235,8 @@ func (b *Bridge) handOver(rows []*database.InboxEvent) {
 // SyncOrders, every event /sync shows is confirmed and pending ones take the room's order (ConfirmOrder). The
 // events of an initial /sync are only confirmed: they may predate ferry. An error means nothing was recorded: the
 // caller keeps the /sync token where it was, so the batch comes again.
-func (b *Bridge) IngestSynced(ctx context.Context, evts []*event.Event, initial bool) error {
+func (b *Bridge) IngestSynced(ctx context.Context, batch crypto.SyncedBatch) error {
+	evts, initial := batch.Events, batch.Initial
 	var rows []*database.InboxEvent
 	var rooms []id.RoomID
 	byRoom := make(map[id.RoomID][]id.EventID)
@@ -273,6 +274,9 @@ func (b *Bridge) IngestSynced(ctx context.Context, evts []*event.Event, initial 
 		// The worker reads the inbox: new rows, confirmed ones and new places are there.
 		b.Notify(room)
 	}
+	// Pushed events received before Covers that this or an earlier batch did not show will not be shown (an
+	// event type the sync hides, a room it does not cover): they need not wait for it (orderHold).
+	b.syncCovers.Store(batch.Covers.UnixNano())
 	return nil
 }
 

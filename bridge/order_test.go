@@ -9,6 +9,9 @@ import (
 
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/crypto"
+	"go.ferry.im/ferry/database"
 )
 
 // encryptedEvent is a Megolm event of sender in room as the homeserver shows it.
@@ -48,7 +51,7 @@ func TestLatePushIsRelayedInRoomOrder(t *testing.T) {
 		}
 		evts = append(evts, &evt)
 	}
-	if err := f.br.IngestSynced(ctx, evts, false); err != nil {
+	if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Events: evts, Covers: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
 	ghost := f.br.Ghosts.Ghost(f.alice)
@@ -70,5 +73,42 @@ func TestLatePushIsRelayedInRoomOrder(t *testing.T) {
 	}
 	if len(order) != 3 || order[1] != early || order[2] != late {
 		t.Fatalf("copies in B come from %v, want …, %s, %s", order, early, late)
+	}
+}
+
+// TestCoveringSyncReleasesPushes: a pushed event that no /sync batch shows (a type or room the sync does not
+// carry) waits only until a batch that must have shown it is recorded, not the whole syncOrderWait: after a
+// restart, ferry relays as soon as its /sync has caught up.
+func TestCoveringSyncReleasesPushes(t *testing.T) {
+	ctx := context.Background()
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t)
+	f.br.SyncOrders.Store(true)
+	if err := f.br.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer f.br.Stop()
+	pushed := id.EventID("$pushed-only")
+	txn := fmt.Sprintf(`{"events":[%s]}`, encryptedEvent(pushed, f.roomA, f.alice))
+	if rec := doRequest(f.br.Router(nil), "PUT", "/_matrix/app/v1/transactions/1", "Bearer "+benchHSToken, txn); rec.Code != 200 {
+		t.Fatalf("transaction = %d %s", rec.Code, rec.Body.String())
+	}
+	time.Sleep(200 * time.Millisecond)
+	if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row == nil || row.State != database.InboxPending {
+		t.Fatalf("the pushed event did not wait for /sync: %+v", row)
+	}
+	// A batch without it, requested after it arrived: it will not be shown.
+	if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Covers: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(syncOrderWait / 2)
+	for {
+		if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row != nil && row.State == database.InboxDone {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the pushed event still waits %v after a covering /sync batch", syncOrderWait/2)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -207,10 +207,15 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 // only slows a room down.
 const syncOrderWait = 10 * time.Second
 
-// orderHold is how long row must still wait for /sync to show the room's order, or 0. The wait counts from
-// the relay's start for rows pushed before it: the /sync of this run has not had its chance yet.
+// orderHold is how long row must still wait for /sync to show the room's order, or 0: until a /sync batch
+// that must have shown it was recorded (one whose request started after the push arrived), at most
+// syncOrderWait. The wait counts from the relay's start for rows pushed before it: the /sync of this run has not
+// had its chance yet.
 func (b *Bridge) orderHold(row *database.InboxEvent) time.Duration {
 	if !b.SyncOrders.Load() || row.Synced {
+		return 0
+	}
+	if b.syncCovers.Load() > row.ReceivedAt.UnixNano() {
 		return 0
 	}
 	from := row.ReceivedAt

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -71,11 +72,11 @@ type Machine struct {
 
 	// SessionReceived is called when a Megolm session arrives, so parked events can relay.
 	SessionReceived func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID)
-	// SyncedTimeline records the room events the bot's /sync returns, every room's in the room's order: some
+	// SyncedTimeline records the room events of each batch the bot's /sync returns (see SyncedBatch): some
 	// homeservers (Dendrite 0.13.8) never push redactions to appservices, and push events out of order after a
-	// restart. initial is true for the first /sync of a device (its events may predate ferry). The /sync token
-	// moves past a batch only once it returned nil for it.
-	SyncedTimeline func(ctx context.Context, evts []*event.Event, initial bool) error
+	// restart. It is called for every batch, also without events. The /sync token moves past a batch only once
+	// it returned nil for it.
+	SyncedTimeline func(ctx context.Context, batch SyncedBatch) error
 
 	shareLevel, receiveLevel trustLevel
 	// perGhost is the effective device mode (device_mode per_ghost and a way to cross-sign ghosts).
@@ -215,9 +216,9 @@ func (m *Machine) initBot(ctx context.Context) error {
 	}
 	syncStore := &afterBatchStore{SyncStore: store}
 	m.client.Store = syncStore
-	m.client.Syncer = &cryptoSyncer{mach: mach, client: m.client, store: syncStore, log: m.log, keysLock: &m.cache.keysLock, timeline: func(ctx context.Context, evts []*event.Event, initial bool) error {
+	m.client.Syncer = &cryptoSyncer{mach: mach, client: m.client, store: syncStore, log: m.log, keysLock: &m.cache.keysLock, timeline: func(ctx context.Context, batch SyncedBatch) error {
 		if m.SyncedTimeline != nil {
-			return m.SyncedTimeline(ctx, evts, initial)
+			return m.SyncedTimeline(ctx, batch)
 		}
 		return nil
 	}, deviceChanges: m.rotateForDeviceChanges}
@@ -422,8 +423,12 @@ func (m *Machine) Start(ctx context.Context) {
 	m.lock.Lock()
 	m.syncCancel = cancel
 	m.lock.Unlock()
+	syncer, _ := m.client.Syncer.(*cryptoSyncer)
 	go func() {
 		for ctx.Err() == nil {
+			if syncer != nil {
+				syncer.requestedAfter = time.Now()
+			}
 			err := m.client.SyncWithContext(ctx)
 			if err != nil && ctx.Err() == nil {
 				m.log.Err(err).Msg("To-device sync stopped, restarting in 5 seconds")
@@ -820,30 +825,46 @@ const (
 )
 
 type cryptoSyncer struct {
-	mach          *crypto.OlmMachine
-	client        *mautrix.Client
-	store         *afterBatchStore
-	log           zerolog.Logger
-	keysLock      *sync.Mutex // the store cache's: device-list fetches take it, as key shares do (device.devicesOf)
-	timeline      func(ctx context.Context, evts []*event.Event, initial bool) error
-	deviceChanges func(ctx context.Context, users []id.UserID) error
+	mach     *crypto.OlmMachine
+	client   *mautrix.Client
+	store    *afterBatchStore
+	log      zerolog.Logger
+	keysLock *sync.Mutex // the store cache's: device-list fetches take it, as key shares do (device.devicesOf)
+	timeline func(ctx context.Context, batch SyncedBatch) error
+	// requestedAfter: the request of the next batch starts after this (the loop's start, or the end of the
+	// previous batch). Only the sync loop's goroutine uses it.
+	requestedAfter time.Time
+	deviceChanges  func(ctx context.Context, users []id.UserID) error
 }
 
 func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSync, since string) error {
 	// mautrix fetches the changed device lists first thing in ProcessSyncResponse; ferry does it here instead,
 	// under the key lock, so a key share never sees a user's new devices before their signatures.
 	lists := resp.DeviceLists
+	var before map[id.UserID]string
 	if len(lists.Changed) > 0 {
 		s.keysLock.Lock()
+		before = s.keysOf(ctx, lists.Changed)
 		s.mach.HandleDeviceLists(ctx, &lists, since)
 		s.keysLock.Unlock()
 	}
 	resp.DeviceLists.Changed = nil
 	s.mach.ProcessSyncResponse(ctx, resp, since)
 	resp.DeviceLists.Changed = lists.Changed
+	// Homeservers report users whose keys did not change too (Dendrite 0.13.8 reports a user's every upload, and
+	// again and again after restarts): only a real change of devices or cross-signing keys rotates.
+	changed := slices.Clone(lists.Left)
+	if len(lists.Changed) > 0 {
+		after := s.keysOf(ctx, lists.Changed)
+		for _, u := range lists.Changed {
+			if b, ok := before[u]; !ok || b != after[u] {
+				changed = append(changed, u)
+			}
+		}
+	}
 	// From here on, what fails is retried (the database restarting, the homeserver busy) while the loop waits:
 	// the token moves past the batch only once it is handled.
-	if changed := append(append([]id.UserID{}, lists.Changed...), lists.Left...); since != "" && len(changed) > 0 {
+	if since != "" && len(changed) > 0 {
 		if err := s.retry(ctx, "rotate after device list changes", func() error { return s.deviceChanges(ctx, changed) }); err != nil {
 			return err
 		}
@@ -867,12 +888,52 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 			evts = append(evts, evt)
 		}
 	}
-	if len(evts) > 0 {
-		if err := s.retry(ctx, "record synced room events", func() error { return s.timeline(ctx, evts, since == "") }); err != nil {
-			return err
-		}
+	batch := SyncedBatch{Events: evts, Initial: since == "", Covers: s.requestedAfter}
+	if err := s.retry(ctx, "record synced room events", func() error { return s.timeline(ctx, batch) }); err != nil {
+		return err
 	}
-	return s.retry(ctx, "save the sync token", func() error { return s.store.commit(ctx, s.client.UserID) })
+	if err := s.retry(ctx, "save the sync token", func() error { return s.store.commit(ctx, s.client.UserID) }); err != nil {
+		return err
+	}
+	s.requestedAfter = time.Now()
+	return nil
+}
+
+// SyncedBatch is one batch of room events from the bot's /sync, every room's in the room's order (limited
+// timelines filled in).
+type SyncedBatch struct {
+	Events []*event.Event
+	// Initial is true for the first /sync of a device: its events may predate ferry.
+	Initial bool
+	// Covers: every room event the homeserver had before this time is in this batch or an earlier one (the
+	// request started after it).
+	Covers time.Time
+}
+
+// keysOf fingerprints the devices and cross-signing keys ferry's store has for each user; a user whose keys
+// cannot be read is left out (and then counts as changed).
+func (s *cryptoSyncer) keysOf(ctx context.Context, users []id.UserID) map[id.UserID]string {
+	out := make(map[id.UserID]string, len(users))
+	for _, u := range users {
+		devices, err := s.mach.CryptoStore.GetDevices(ctx, u)
+		if err != nil {
+			continue
+		}
+		xs, err := s.mach.CryptoStore.GetCrossSigningKeys(ctx, u)
+		if err != nil {
+			continue
+		}
+		var parts []string
+		for devID, d := range devices {
+			parts = append(parts, fmt.Sprintf("d %s %s %s %t %d", devID, d.IdentityKey, d.SigningKey, d.Deleted, d.Trust))
+		}
+		for usage, k := range xs {
+			parts = append(parts, fmt.Sprintf("x %s %s", usage, k.Key))
+		}
+		slices.Sort(parts)
+		out[u] = strings.Join(parts, "\n") + "\n"
+	}
+	return out
 }
 
 // retry runs fn until it succeeds or ctx ends, with backoff, saying why it waits.

@@ -106,7 +106,11 @@ func TestSyncTokenMovesOnlyAfterTheBatchIsRecorded(t *testing.T) {
 	var batchSince string // the since of the request whose answer carried R1
 	var savedWhileRecording string
 	failures := 1
-	r.m.SyncedTimeline = func(ctx context.Context, evts []*event.Event, _ bool) error {
+	r.m.SyncedTimeline = func(ctx context.Context, batch SyncedBatch) error {
+		evts := batch.Events
+		if len(evts) == 0 {
+			return nil
+		}
 		lock.Lock()
 		defer lock.Unlock()
 		if phase == 0 && failures > 0 {
@@ -164,5 +168,80 @@ func TestSyncTokenMovesOnlyAfterTheBatchIsRecorded(t *testing.T) {
 	}
 	if n := len(slices.DeleteFunc(slices.Clone(recorded), func(e id.EventID) bool { return e != r1 })); n != 2 {
 		t.Fatalf("the first redaction was recorded %d times, want twice (from the batch, then from the limited timeline's gap)", n)
+	}
+}
+
+// TestOnlyRealDeviceChangesRotate: a /sync that reports a member's keys as changed although they did not change
+// (Dendrite reports a user's every upload) keeps the room's session; new cross-signing keys of the member rotate
+// it.
+func TestOnlyRealDeviceChangesRotate(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	r := newASRig(t, fakehs.Options{NoMSC4190: true}, "")
+	r.m.cfg.Appservice = false // the bot's device logs in and runs /sync
+	// The homeserver reports key changes of users who share a room with the bot.
+	r.srv.CreateRoom(r.member.ID, fakehs.RoomOptions{Members: []id.UserID{r.bot}})
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	session := func() id.SessionID {
+		enc, err := r.m.Encrypt(ctx, r.bot, r.room, event.EventMessage, &event.Content{Raw: map[string]any{"msgtype": "m.text", "body": "x"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return enc.SessionID
+	}
+	token := func() string {
+		var tok string
+		_ = r.db.QueryRow(ctx, `SELECT sync_token FROM crypto_account WHERE account_id=$1`, botAccountID).Scan(&tok)
+		return tok
+	}
+	logged := func() string {
+		r.logs.mu.Lock()
+		defer r.logs.mu.Unlock()
+		return r.logs.buf.String()
+	}
+	// waitSynced waits until the bot's /sync has handled a batch after the one that ended at was.
+	waitSynced := func(was string) {
+		for deadline := time.Now().Add(20 * time.Second); token() == was; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("the bot's /sync did not move on")
+			}
+		}
+	}
+	for token() == "" { // the initial /sync: it reports no changes
+		if ctx.Err() != nil {
+			t.Fatal("the bot's first /sync did not finish")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	first := session()
+	was := token()
+	r.srv.ReportKeyChange(r.member.ID)
+	waitSynced(was)
+	if !strings.Contains(logged(), "Device list changes in /sync") {
+		t.Fatal("the bot's /sync did not report the member's keys as changed")
+	}
+	if got := session(); got != first {
+		t.Fatal("a reported change without a new key rotated the room's session")
+	}
+	was = token()
+	keys, err := r.member.Machine.GenerateCrossSigningKeys() // the member resets their identity
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err = r.member.Machine.PublishCrossSigningKeys(ctx, keys, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitSynced(was)
+	if got := session(); got == first {
+		for _, l := range strings.Split(logged(), "\n") {
+			if strings.Contains(l, "evice list") || strings.Contains(l, "Rotated") || strings.Contains(l, "Querying keys") || strings.Contains(l, "Updating devices") {
+				t.Log(l)
+			}
+		}
+		t.Fatal("the member's new identity did not rotate the room's session")
 	}
 }
