@@ -82,32 +82,52 @@ async function paginate(user, roomId, limit) {
 
 /**
  * The room's whole server-side history, oldest first, as raw events, read with /messages by user. Dendrite
- * 0.13.8's backward pagination can skip an event at a page boundary when two events share a depth (it returns
- * another one twice instead), so the history is read twice with pages of different sizes and merged: an event
- * only the second read has goes right after the event that precedes it there.
+ * 0.13.8's backward pagination skips the rest of a group of events that share a depth when a page ends inside the
+ * group (and returns another one twice), so the history is read several times with pages of different sizes.
+ * Each read is in the room's order with some events missing; the history puts every event read after everything
+ * some read showed before it (a topological sort of the reads), ties in timestamp order.
  */
 async function serverHistory(user, roomId) {
-    const [first, second] = await Promise.all([paginate(user, roomId, 100), paginate(user, roomId, 37)]);
-    const merged = [];
-    const seen = new Set();
-    for (const raw of first) {
-        if (!seen.has(raw.event_id)) {
-            seen.add(raw.event_id);
-            merged.push(raw);
+    const reads = await Promise.all([100, 87, 61, 37].map((size) => paginate(user, roomId, size)));
+    return mergeReads(reads);
+}
+
+function mergeReads(reads) {
+    const byId = new Map();
+    const after = new Map(); // event ID -> IDs that some read showed right after it
+    const before = new Map(); // event ID -> how many events must come first
+    for (const read of reads) {
+        let prev = null;
+        const inRead = new Set();
+        for (const raw of read) {
+            const id = raw.event_id;
+            if (inRead.has(id)) continue; // returned twice by one read
+            inRead.add(id);
+            if (!byId.has(id)) {
+                byId.set(id, raw);
+                after.set(id, new Set());
+                before.set(id, 0);
+            }
+            if (prev !== null && !after.get(prev).has(id)) {
+                after.get(prev).add(id);
+                before.set(id, before.get(id) + 1);
+            }
+            prev = id;
         }
     }
-    let after = null; // the last event of the second read that the merged history has
-    for (const raw of second) {
-        if (seen.has(raw.event_id)) {
-            after = raw.event_id;
-            continue;
+    const ts = (id) => byId.get(id).origin_server_ts ?? 0;
+    let ready = [...byId.keys()].filter((id) => before.get(id) === 0);
+    const out = [];
+    while (ready.length) {
+        ready.sort((a, b) => ts(b) - ts(a)); // the earliest last, to pop
+        const id = ready.pop();
+        out.push(byId.get(id));
+        for (const n of after.get(id)) {
+            before.set(n, before.get(n) - 1);
+            if (before.get(n) === 0) ready.push(n);
         }
-        const at = after === null ? 0 : merged.findIndex((e) => e.event_id === after) + 1;
-        merged.splice(at, 0, raw);
-        seen.add(raw.event_id);
-        after = raw.event_id;
     }
-    return merged;
+    return out;
 }
 
 /** Decrypts raw events with user's client, remembering results; events that fail are tried again next time. */
