@@ -83,51 +83,45 @@ async function paginate(user, roomId, limit) {
 /**
  * The room's whole server-side history, oldest first, as raw events, read with /messages by user. Dendrite
  * 0.13.8's backward pagination skips the rest of a group of events that share a depth when a page ends inside the
- * group (and returns another one twice), so the history is read several times with pages of different sizes.
- * Each read is in the room's order with some events missing; the history puts every event read after everything
- * some read showed before it (a topological sort of the reads), ties in timestamp order.
+ * group (and returns another one twice, or a group in another order), so the history is read several times with
+ * pages of different sizes and merged (mergeReads).
  */
 async function serverHistory(user, roomId) {
     const reads = await Promise.all([100, 87, 61, 37].map((size) => paginate(user, roomId, size)));
     return mergeReads(reads);
 }
 
+/**
+ * Merges reads of one history: the first read is the base; an event only a later read has goes between the
+ * events that read shows around it (those the merged history has), among the events there by timestamp.
+ */
 function mergeReads(reads) {
-    const byId = new Map();
-    const after = new Map(); // event ID -> IDs that some read showed right after it
-    const before = new Map(); // event ID -> how many events must come first
-    for (const read of reads) {
-        let prev = null;
-        const inRead = new Set();
-        for (const raw of read) {
-            const id = raw.event_id;
-            if (inRead.has(id)) continue; // returned twice by one read
-            inRead.add(id);
-            if (!byId.has(id)) {
-                byId.set(id, raw);
-                after.set(id, new Set());
-                before.set(id, 0);
-            }
-            if (prev !== null && !after.get(prev).has(id)) {
-                after.get(prev).add(id);
-                before.set(id, before.get(id) + 1);
-            }
-            prev = id;
+    const merged = [];
+    const seen = new Set();
+    for (const raw of reads[0]) {
+        if (!seen.has(raw.event_id)) {
+            seen.add(raw.event_id);
+            merged.push(raw);
         }
     }
-    const ts = (id) => byId.get(id).origin_server_ts ?? 0;
-    let ready = [...byId.keys()].filter((id) => before.get(id) === 0);
-    const out = [];
-    while (ready.length) {
-        ready.sort((a, b) => ts(b) - ts(a)); // the earliest last, to pop
-        const id = ready.pop();
-        out.push(byId.get(id));
-        for (const n of after.get(id)) {
-            before.set(n, before.get(n) - 1);
-            if (before.get(n) === 0) ready.push(n);
+    for (const read of reads.slice(1)) {
+        const ids = read.map((raw) => raw.event_id);
+        for (let i = 0; i < read.length; i++) {
+            const raw = read[i];
+            if (seen.has(raw.event_id)) continue;
+            const index = new Map(merged.map((e, k) => [e.event_id, k]));
+            let lo = -1; // the merged index of the nearest event before it in this read
+            for (let j = i - 1; j >= 0 && lo < 0; j--) lo = index.get(ids[j]) ?? -1;
+            let hi = merged.length; // … and after it
+            for (let j = i + 1; j < read.length && hi === merged.length; j++) hi = index.get(ids[j]) ?? merged.length;
+            if (hi <= lo) hi = lo + 1; // the reads disagree on the order there: right after the one before
+            let at = lo + 1;
+            while (at < hi && merged[at].origin_server_ts <= raw.origin_server_ts) at++;
+            merged.splice(at, 0, raw);
+            seen.add(raw.event_id);
         }
     }
-    return out;
+    return merged;
 }
 
 /** Decrypts raw events with user's client, remembering results; events that fail are tried again next time. */
