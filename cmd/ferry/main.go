@@ -201,6 +201,9 @@ func start(ctx context.Context, cfg *Config, configPath string, log zerolog.Logg
 	}
 
 	as := appservice.Create()
+	// ferry retries failed requests itself (start-up steps, the relay's durable retries, the /sync loop); the
+	// crypto layer's client is made below, before bridge.New would turn mautrix's own retries off.
+	as.DefaultHTTPRetries = 0
 	as.Log = log.With().Str("component", "appservice").Logger()
 	as.HomeserverDomain = cfg.Homeserver.Domain
 	as.Registration = registrationFor(cfg)
