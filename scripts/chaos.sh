@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export FERRY_BIN="${FERRY_BIN:-$PWD/bin/ferry}"
 export FERRY_CHAOS_MESSAGES="${FERRY_CHAOS_MESSAGES:-10000}"
-export FERRY_CHAOS_WAIT_MS="${FERRY_CHAOS_WAIT_MS:-900000}"
+export FERRY_CHAOS_WAIT_MS="${FERRY_CHAOS_WAIT_MS:-1800000}"
 servers=(${FERRY_E2E_HS:-dendrite synapse})
 for hs in "${servers[@]}"; do
 	echo "== chaos on $hs: $FERRY_CHAOS_MESSAGES messages"
