@@ -124,14 +124,14 @@ func (b *Bridge) Start(ctx context.Context) error {
 	if err = b.loadReadback(ctx); err != nil {
 		return err
 	}
-	unclean, err := b.markRunning(ctx)
+	unclean, prevStart, err := b.markRunning(ctx)
 	if err != nil {
 		return fmt.Errorf("failed to record that the relay runs: %w", err)
 	}
 	if unclean {
 		// Sends in flight when the previous run died may have been posted: the rooms are read back before the
 		// next send into them (reconcile.go).
-		n, err := b.markInFlight(ctx, time.Time{})
+		n, err := b.markInFlight(ctx, prevStart)
 		if err != nil {
 			return fmt.Errorf("failed to mark the rooms to read back after an unclean stop: %w", err)
 		}

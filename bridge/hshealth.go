@@ -164,7 +164,8 @@ func (b *Bridge) homeserverRecovered(outageStart time.Time) {
 		return
 	}
 	ctx = b.Log.WithContext(ctx)
-	n, err := b.markInFlight(ctx, outageStart.Add(-b.health.clockLag()))
+	// Requests that began up to a minute before the outage may still have been in flight.
+	n, err := b.markInFlight(ctx, outageStart.Add(-time.Minute))
 	if err != nil {
 		b.Log.Warn().Err(err).Msg("Failed to mark the rooms to read back after an outage of the homeserver")
 	}

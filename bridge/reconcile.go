@@ -22,6 +22,8 @@ package bridge
 import (
 	"context"
 	"fmt"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -41,7 +43,7 @@ const runningKey = "relay_running"
 // Limits of the read-back.
 const (
 	reconcilePage  = 100   // events per /messages request
-	reconcilePages = 20    // requests per room at most
+	reconcilePages = 50    // requests per pass at most
 	maxFound       = 10000 // events found remembered before old ones are dropped
 	foundKeep      = 30 * time.Minute
 )
@@ -179,15 +181,22 @@ func (b *Bridge) loadReadback(ctx context.Context) error {
 }
 
 // markRunning records that the relay runs and reports whether the previous run stopped without saying so.
-func (b *Bridge) markRunning(ctx context.Context) (unclean bool, err error) {
+// After an unclean stop it also returns when that run started (zero when it did not say), as no send of it can
+// have begun before.
+func (b *Bridge) markRunning(ctx context.Context) (unclean bool, prevStart time.Time, err error) {
 	prev, err := b.DB.KV.Get(ctx, runningKey)
 	if err != nil {
-		return false, err
+		return false, time.Time{}, err
 	}
-	if err = b.DB.KV.Set(ctx, runningKey, "yes"); err != nil {
-		return false, err
+	// "yes <start, Unix ms>" while running; plain "yes" from older versions.
+	if err = b.DB.KV.Set(ctx, runningKey, fmt.Sprintf("yes %d", time.Now().UnixMilli())); err != nil {
+		return false, time.Time{}, err
 	}
-	return prev == "yes", nil
+	state, started, _ := strings.Cut(prev, " ")
+	if ms, perr := strconv.ParseInt(started, 10, 64); perr == nil && ms > 0 {
+		prevStart = time.UnixMilli(ms)
+	}
+	return state == "yes", prevStart, nil
 }
 
 // markStopped records a clean stop: every worker has finished and its batch is written.
@@ -201,9 +210,10 @@ func (b *Bridge) markStopped() {
 
 // markInFlight marks for reading back the rooms with pending events and the rooms they relay into: ferry may
 // have posted into them without knowing (it died, or the homeserver went away, with sends in flight). Each is
-// read back from the oldest pending event's arrival (minus the clock lag), or from notBefore when that is
-// earlier.
-func (b *Bridge) markInFlight(ctx context.Context, notBefore time.Time) (int, error) {
+// read back from its oldest pending event's arrival or from floor (before which no send in question began: the
+// start of the run that died), whichever is later, minus the clock lag. A room whose backlog goes back far is
+// then read back only as far as that run can have sent.
+func (b *Bridge) markInFlight(ctx context.Context, floor time.Time) (int, error) {
 	rooms, err := b.DB.Inbox.RoomsWithWork(ctx)
 	if err != nil {
 		return 0, err
@@ -216,10 +226,11 @@ func (b *Bridge) markInFlight(ctx context.Context, notBefore time.Time) (int, er
 		} else if len(rows) == 0 {
 			continue
 		}
-		since := rows[0].ReceivedAt.Add(-b.health.clockLag())
-		if !notBefore.IsZero() && notBefore.Before(since) {
-			since = notBefore
+		from := rows[0].ReceivedAt
+		if floor.After(from) {
+			from = floor
 		}
+		since := from.Add(-b.health.clockLag())
 		targets := []id.RoomID{room}
 		if link, err := b.DB.Links.GetByRoom(ctx, room); err == nil && link != nil {
 			targets = append(targets, link.Others(room)...)

@@ -144,7 +144,7 @@ func (f *relayFixture) stopWithSendInFlight(t *testing.T, clean bool) (id.EventI
 	t.Helper()
 	ctx := context.Background()
 	ghost := f.br.Ghosts.Ghost(f.alice)
-	if _, err := f.br.markRunning(ctx); err != nil {
+	if _, _, err := f.br.markRunning(ctx); err != nil {
 		t.Fatal(err)
 	}
 	crash, die := context.WithCancel(ctx)
@@ -336,4 +336,42 @@ func TestReadBackFindsWhatPaginationSkips(t *testing.T) {
 		}
 	}
 	f.restartAndExpectOneCopy(t, evtID, posted)
+}
+
+// TestReadBackReachesBackToTheDeadRun: after an unclean stop, a room whose oldest pending event came long ago is
+// read back only from when the run that died started (no send of it can be older), not from that event: with a
+// backlog of hours, the read-back would otherwise stop at its page limit before it reached what that run sent.
+func TestReadBackReachesBackToTheDeadRun(t *testing.T) {
+	ctx := context.Background()
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	raw := encryptedEvent("$old", f.roomA, f.alice)
+	old := &database.InboxEvent{EventID: "$old", RoomID: f.roomA, Sender: f.alice, Type: "m.room.encrypted", Raw: raw, State: database.InboxPending, ReceivedAt: time.Now().Add(-time.Hour)}
+	if _, err := f.br.DB.Inbox.Insert(ctx, []*database.InboxEvent{old}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := f.br.markRunning(ctx); err != nil { // the run that dies
+		t.Fatal(err)
+	}
+	died := time.Now()
+	if _, err := f.br.markInFlight(ctx, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	f.br.sent = sentLedger{}
+	if _, err := f.br.DB.Exec(ctx, `DELETE FROM readback`); err != nil {
+		t.Fatal(err)
+	}
+	unclean, prevStart, err := f.br.markRunning(ctx) // the next start
+	if err != nil || !unclean {
+		t.Fatalf("unclean %v, %v", unclean, err)
+	}
+	if _, err = f.br.markInFlight(ctx, prevStart); err != nil {
+		t.Fatal(err)
+	}
+	since, ok := f.br.sent.pending(f.roomB)
+	if !ok {
+		t.Fatal("room B is not marked for reading back")
+	}
+	if earliest := died.Add(-time.Second - f.br.health.clockLag()); since.Before(earliest) {
+		t.Fatalf("room B is read back from %v, before the run that died started (%v)", since, died)
+	}
 }
