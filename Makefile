@@ -6,11 +6,13 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS := -X main.Version=$(VERSION) -X main.Commit=$(COMMIT)
 
-.PHONY: build test unit e2e demo screenshots bench vet fmt fuzz clean release
+.PHONY: build test unit e2e chaos demo screenshots bench vet fmt fuzz clean release
 
+# bin/ferry-faultproxy is test kit: the end-to-end tests put it between ferry and the homeserver.
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ferry ./cmd/ferry
 	$(GO) build -o bin/ferry-keycheck ./cmd/ferry-keycheck
+	$(GO) build -o bin/ferry-faultproxy ./cmd/ferry-faultproxy
 
 # Versioned, static release binaries of ferry and ferry-keycheck for linux/amd64 and linux/arm64, with SHA-256
 # checksums, in dist/ (scripts/release.sh; VERSION=v1.2.3 to name it).
@@ -32,6 +34,11 @@ unit:
 # End-to-end tests only.
 e2e: build
 	scripts/with-postgres.sh scripts/e2e.sh
+
+# The chaos test with 10,000 messages on each homeserver (FERRY_E2E_HS=dendrite|synapse for one): faults both
+# ways, ferry SIGKILLed every few seconds, a PostgreSQL and a homeserver restart (`make test` runs it with 1,000).
+chaos: build
+	scripts/with-postgres.sh scripts/chaos.sh
 
 # A homeserver + ferry on loopback with two linked encrypted rooms; keeps running. HS=synapse (the default:
 # it installs from PyPI wheels in about half a minute, where Dendrite compiles for two) or HS=dendrite.

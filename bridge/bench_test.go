@@ -131,7 +131,7 @@ func (c *benchCrypto) Decrypt(_ context.Context, evt *event.Event) (*event.Event
 
 func (c *benchCrypto) WaitForKey(context.Context, *event.Event, time.Duration) bool { return true }
 func (c *benchCrypto) RequestKey(context.Context, *event.Event) error               { return nil }
-func (c *benchCrypto) HandleMemberEvent(context.Context, *event.Event)              {}
+func (c *benchCrypto) HandleMemberEvent(context.Context, *event.Event) error        { return nil }
 func (c *benchCrypto) Rotate(context.Context, id.RoomID) error                      { return nil }
 
 func (c *benchCrypto) Encrypt(context.Context, id.UserID, id.RoomID, event.Type, *event.Content) (*event.EncryptedEventContent, error) {
@@ -208,8 +208,13 @@ const benchHSToken = "hs-token-for-benchmarks"
 // newBenchBridge builds a bridge on a fresh Postgres database without starting workers.
 func newBenchBridge(b testing.TB, cr Crypto, hsURL string) *Bridge {
 	b.Helper()
+	return newBenchBridgeOn(b, cr, hsURL, dbtest.Postgres(b))
+}
+
+// newBenchBridgeOn is newBenchBridge on the given database.
+func newBenchBridgeOn(b testing.TB, cr Crypto, hsURL string, root *dbutil.Database) *Bridge {
+	b.Helper()
 	ctx := context.Background()
-	root := dbtest.Postgres(b)
 	db := database.New(root, dbutil.NoopLogger)
 	if err := db.Upgrade(ctx); err != nil {
 		b.Fatal(err)

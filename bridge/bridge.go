@@ -55,6 +55,13 @@ type Bridge struct {
 	EncryptionPath string
 	// Reload re-reads the permissions from the config file (the reload command); nil when unavailable.
 	Reload func() (Permissions, error)
+	// SyncOrders: the homeserver may push events out of their room's order (Dendrite 0.13.8 does after a restart)
+	// and ferry's bot device runs a /sync that shows the order (IngestSynced). Events the homeserver pushes then
+	// wait, holding their room's queue, until /sync has shown them (at most syncOrderWait).
+	SyncOrders atomic.Bool
+	// syncCovers (Unix ns): every room event the homeserver had before it was in a /sync batch IngestSynced
+	// recorded (crypto.SyncedBatch.Covers).
+	syncCovers atomic.Int64
 
 	perms     atomic.Pointer[Permissions]
 	startedAt time.Time
@@ -80,7 +87,9 @@ type Bridge struct {
 	ephemeralOnce sync.Once
 	eph           *ephemeralRelay // typing and read receipts (ephemeral.go)
 
-	sent sentLedger // what the read-back after an unclean stop found (reconcile.go)
+	sent    sentLedger   // rooms to read back before sending, and what read-backs found (reconcile.go)
+	failing failingRooms // rooms whose homeserver keeps failing sends (relay.go)
+	health  *hsHealth    // outages of the homeserver (hshealth.go)
 
 	// wrongTokenLog says once a minute that the homeserver presents a wrong hs_token (http.go).
 	wrongTokenLog everyLimiter
@@ -106,6 +115,8 @@ func New(log zerolog.Logger, cfg *Config, perms Permissions, db *database.Databa
 	// honouring retry_after_ms; mautrix's in-client retries would hold a room's worker for up to a minute with
 	// their own backoff and read only the Retry-After header, which Dendrite does not send.
 	as.DefaultHTTPRetries = 0
+	// Every client of the appservice shares its HTTP client: one watch sees all of ferry's requests.
+	b.health = watchHomeserver(as.HTTPClient, b.homeserverRecovered)
 	b.SetPermissions(perms)
 	b.roomNames.names = make(map[id.RoomID]string)
 	return b
@@ -123,19 +134,28 @@ func (b *Bridge) Permission(user id.UserID) Level {
 
 // Start launches workers for every room with recorded, unfinished events and the background loops.
 func (b *Bridge) Start(ctx context.Context) error {
-	b.startedAt = time.Now()
-	b.rootCtx, b.cancel = context.WithCancel(ctx)
 	rooms, err := b.DB.Inbox.RoomsWithWork(ctx)
 	if err != nil {
 		return err
 	}
-	unclean, err := b.markRunning(ctx)
+	if err = b.loadReadback(ctx); err != nil {
+		return err
+	}
+	unclean, prevStart, err := b.markRunning(ctx)
 	if err != nil {
 		return fmt.Errorf("failed to record that the relay runs: %w", err)
 	}
-	if unclean && len(rooms) > 0 {
-		b.reconcile(ctx, rooms)
+	if unclean {
+		// Sends in flight when the previous run died may have been posted: the rooms are read back before the
+		// next send into them (reconcile.go).
+		n, err := b.markInFlight(ctx, prevStart)
+		if err != nil {
+			return fmt.Errorf("failed to mark the rooms to read back after an unclean stop: %w", err)
+		}
+		b.Log.Info().Int("rooms", n).Msg("The previous run stopped uncleanly: rooms with pending events are read back before ferry sends into them")
 	}
+	b.startedAt = time.Now()
+	b.rootCtx, b.cancel = context.WithCancel(ctx)
 	// Workers run from here on: those of rooms whose transactions came in before Start too.
 	b.workersLock.Lock()
 	b.workerCtx = b.rootCtx

@@ -17,6 +17,7 @@ const (
 	DefaultKeyWait             = 5 * time.Second
 	DefaultKeyNoticeAfter      = 60 * time.Second
 	DefaultDisappearKeyIdle    = time.Minute
+	DefaultGiveUpAfter         = 10 * time.Minute
 )
 
 // DefaultConfig returns the `bridge` section with every default filled in.
@@ -30,6 +31,7 @@ func DefaultConfig() Config {
 		KeyNoticeAfter:          DefaultKeyNoticeAfter,
 		RedactOriginals:         true,
 		DisappearKeyIdle:        DefaultDisappearKeyIdle,
+		GiveUpAfter:             DefaultGiveUpAfter,
 	}
 }
 
@@ -56,6 +58,9 @@ type Config struct {
 	// users namespaces): ferry never relays what those users send, so two ferries linking the same rooms cannot
 	// echo each other's copies. "" (the default): no peers. Content markers are never trusted for this.
 	PeerUsers string `yaml:"peer_users"`
+	// GiveUpAfter is how long ferry keeps retrying a copy into a room whose homeserver keeps failing (server
+	// errors, no answer) before it tells the source room that the message could not be relayed there.
+	GiveUpAfter time.Duration `yaml:"give_up_after"`
 
 	// DisplaynameTmpl is DisplaynameTemplate compiled while loading.
 	DisplaynameTmpl *template.Template `yaml:"-"`

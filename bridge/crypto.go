@@ -20,8 +20,9 @@ type Crypto interface {
 	// Encrypt encrypts content for roomID as sender (the bot or a ghost), sharing the room key with the room's
 	// real members only.
 	Encrypt(ctx context.Context, sender id.UserID, roomID id.RoomID, evtType event.Type, content *event.Content) (*event.EncryptedEventContent, error)
-	// HandleMemberEvent lets the E2EE layer rotate sessions when real members leave.
-	HandleMemberEvent(ctx context.Context, evt *event.Event)
+	// HandleMemberEvent lets the E2EE layer rotate sessions when real members leave. An error means the
+	// rotation (if one was due) did not happen: the relay retries the event.
+	HandleMemberEvent(ctx context.Context, evt *event.Event) error
 	// Rotate discards the outbound sessions ferry uses in a room.
 	Rotate(ctx context.Context, roomID id.RoomID) error
 }

@@ -90,11 +90,21 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 	evt.Mautrix.ReceivedAt = row.ReceivedAt // decryption keeps it: relay latency counts from here
 	if evt.Type.Class == event.StateEventType {
 		b.hot.stateChanged(evt.Type, evt.RoomID)
-		mautrix.UpdateStateStore(ctx, b.StateStore, evt)
-		b.handleState(ctx, evt)
+		// The state store decides who gets room keys, and a member who left must not get the next one: a
+		// transient failure (the database restarting) retries the event, holding the room's order, rather than
+		// passing it with the state unapplied or a rotation skipped. Applying an event again is harmless.
+		err = b.applyState(ctx, evt)
+		if err == nil {
+			err = b.handleState(ctx, evt)
+		}
 		// Again once what the event changed is recorded (a kick, moderation.go): a ghost checked in between
 		// must not stay cached.
 		b.hot.stateChanged(evt.Type, evt.RoomID)
+		if err != nil && Transient(err) {
+			return outcome{err: err}
+		} else if err != nil {
+			zerolog.Ctx(ctx).Err(err).Msg("Failed to apply a state event")
+		}
 		if evt.Type == event.StateTombstone {
 			return b.handleTombstone(ctx, evt) // upgrade.go
 		}
@@ -127,7 +137,7 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 	if evt.Type == event.EventMessage && b.handleCommand(ctx, evt) {
 		return outcome{state: database.InboxDone}
 	}
-	return b.relay(ctx, evt, trustFlag)
+	return b.relay(ctx, evt, trustFlag, row.FailingSince)
 }
 
 // keyRequestAfter is how long a missing room key may be merely in flight (sent to ferry's device just before or
@@ -145,6 +155,10 @@ func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.In
 		return dec, outcome{}, true
 	}
 	content, _ := evt.Content.Parsed.(*event.EncryptedEventContent)
+	if Transient(err) {
+		// The crypto store's database went away (a restart): the key is there, the event must not fail.
+		return nil, outcome{err: fmt.Errorf("failed to decrypt: %w", err)}, false
+	}
 	if content == nil || !(errors.Is(err, crypto.ErrKeyMissing) || errors.Is(err, crypto.ErrKeyWithheld)) {
 		reason := metrics.ReasonDecryptError
 		if errors.Is(err, crypto.ErrUntrustedSender) {
@@ -164,6 +178,8 @@ func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.In
 		if arrived {
 			if dec, err = b.Crypto.Decrypt(ctx, evt); err == nil {
 				return dec, outcome{}, true
+			} else if Transient(err) {
+				return nil, outcome{err: fmt.Errorf("failed to decrypt: %w", err)}, false
 			}
 		}
 	}
@@ -195,21 +211,49 @@ func (b *Bridge) requestKey(ctx context.Context, evt *event.Event, sessionID id.
 	}
 }
 
-// handleState reacts to state changes the relay cares about.
-func (b *Bridge) handleState(ctx context.Context, evt *event.Event) {
+// applyState records a state event in the state store, as mautrix.UpdateStateStore does, but returns the
+// store's error instead of logging it.
+func (b *Bridge) applyState(ctx context.Context, evt *event.Event) error {
+	if evt.StateKey == nil || (evt.Type != event.StateMember && evt.GetStateKey() != "") {
+		return nil
+	}
+	var err error
+	switch content := evt.Content.Parsed.(type) {
+	case *event.MemberEventContent:
+		err = b.StateStore.SetMember(ctx, evt.RoomID, id.UserID(evt.GetStateKey()), content)
+	case *event.PowerLevelsEventContent:
+		err = b.StateStore.SetPowerLevels(ctx, evt.RoomID, content)
+	case *event.EncryptionEventContent:
+		err = b.StateStore.SetEncryptionEvent(ctx, evt.RoomID, content)
+	case *event.CreateEventContent:
+		err = b.StateStore.SetCreate(ctx, evt)
+	case *event.JoinRulesEventContent:
+		err = b.StateStore.SetJoinRules(ctx, evt.RoomID, content)
+	case *event.HistoryVisibilityEventContent:
+		err = b.StateStore.SetHistoryVisibility(ctx, evt.RoomID, content)
+	}
+	if err != nil {
+		return fmt.Errorf("failed to record %s in the state store: %w", evt.Type.Type, err)
+	}
+	return nil
+}
+
+// handleState reacts to state changes the relay cares about. Its error is one worth retrying the event for.
+func (b *Bridge) handleState(ctx context.Context, evt *event.Event) error {
 	switch evt.Type {
 	case event.StateMember:
 		member := evt.Content.AsMember()
 		target := id.UserID(evt.GetStateKey())
 		if target == b.AS.BotMXID() {
-			b.handleBotMembership(ctx, evt, member)
-			return
+			return b.handleBotMembership(ctx, evt, member)
 		}
 		b.noteRemoval(ctx, evt, member) // moderation.go: kicks and bans hold across the link
 		if b.Ghosts.IsOwn(target) {
-			return
+			return nil
 		}
-		b.Crypto.HandleMemberEvent(ctx, evt)
+		if err := b.Crypto.HandleMemberEvent(ctx, evt); err != nil {
+			return fmt.Errorf("failed to rotate the room's sessions after a membership change: %w", err)
+		}
 		if member.Membership == event.MembershipJoin {
 			b.refreshGhostProfile(ctx, evt.RoomID, target)
 		}
@@ -223,9 +267,12 @@ func (b *Bridge) handleState(ctx context.Context, evt *event.Event) {
 			b.handleCallMember(ctx, evt)
 		}
 	}
+	return nil
 }
 
-func (b *Bridge) handleBotMembership(ctx context.Context, evt *event.Event, member *event.MemberEventContent) {
+// handleBotMembership joins rooms the bot is invited to and unlinks rooms it is removed from. Transient failures
+// (the homeserver busy or away, the database restarting) are returned, to retry the event.
+func (b *Bridge) handleBotMembership(ctx context.Context, evt *event.Event, member *event.MemberEventContent) error {
 	log := zerolog.Ctx(ctx)
 	switch member.Membership {
 	case event.MembershipInvite:
@@ -233,30 +280,40 @@ func (b *Bridge) handleBotMembership(ctx context.Context, evt *event.Event, memb
 		if level := b.Permission(evt.Sender); level < LevelUser {
 			log.Info().Stringer("inviter", evt.Sender).Stringer("level", level).Msg("Declining invite from a user without permission")
 			_, err := bot.LeaveRoom(ctx, evt.RoomID, &mautrix.ReqLeave{Reason: "ferry: you are not allowed to invite this bot (permission level user is needed)"})
-			if err != nil {
+			if err != nil && Transient(err) {
+				return fmt.Errorf("failed to decline an invite: %w", err)
+			} else if err != nil {
 				log.Warn().Err(err).Msg("Failed to decline invite")
 			}
-			return
+			return nil
 		}
-		if _, err := bot.JoinRoomByID(ctx, evt.RoomID); err != nil {
+		if _, err := bot.JoinRoomByID(ctx, evt.RoomID); err != nil && Transient(err) {
+			return fmt.Errorf("failed to join a room after an invite: %w", err)
+		} else if err != nil {
 			log.Err(err).Msg("Failed to join room after invite")
-			return
+			return nil
 		}
-		if _, err := bot.State(ctx, evt.RoomID); err != nil {
+		if _, err := bot.State(ctx, evt.RoomID); err != nil && Transient(err) {
+			return fmt.Errorf("failed to load a room's state after joining: %w", err)
+		} else if err != nil {
 			log.Warn().Err(err).Msg("Failed to load room state after joining")
 		}
 		log.Info().Stringer("inviter", evt.Sender).Msg("Joined room after invite")
 		b.upgradeInvited(ctx, evt.RoomID) // the room may replace a linked room (upgrade.go)
 	case event.MembershipLeave, event.MembershipBan:
-		if _, err := b.DB.Links.GetByRoom(ctx, evt.RoomID); err == nil {
+		_, err := b.DB.Links.GetByRoom(ctx, evt.RoomID)
+		if err != nil && !errors.Is(err, database.ErrLinkNotFound) {
+			return fmt.Errorf("failed to look up the link of a room the bot left: %w", err)
+		} else if err == nil {
 			log.Warn().Msg("The bot was removed from a linked room; unlinking it")
-			if before, err := b.DB.Links.Leave(ctx, evt.RoomID); err != nil {
-				log.Err(err).Msg("Failed to unlink room the bot left")
-			} else {
-				b.endCallsForUnlink(ctx, before, evt.RoomID)
+			before, err := b.DB.Links.Leave(ctx, evt.RoomID)
+			if err != nil {
+				return fmt.Errorf("failed to unlink a room the bot left: %w", err)
 			}
+			b.endCallsForUnlink(ctx, before, evt.RoomID)
 		}
 	}
+	return nil
 }
 
 func missingKeyNotice(sender id.UserID) noticeText {

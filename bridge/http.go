@@ -5,6 +5,7 @@ import (
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
@@ -12,9 +13,9 @@ import (
 
 	"github.com/tidwall/gjson"
 	"maunium.net/go/mautrix"
-	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/database"
 )
 
@@ -201,7 +202,8 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 			}
 			rows = append(rows, &database.InboxEvent{
 				EventID: head.ID, RoomID: head.RoomID, Sender: head.Sender, Type: head.Type, Raw: raw,
-				State: database.InboxPending, SessionID: head.SessionID, ReceivedAt: now,
+				// State events are applied as they come (the bot's invites never show in its /sync timeline).
+				State: database.InboxPending, SessionID: head.SessionID, ReceivedAt: now, Synced: !b.SyncOrders.Load() || head.IsState,
 			})
 		}
 		// Keep handling even if the homeserver hangs up: the transaction is answered only once recorded.
@@ -258,28 +260,56 @@ func (b *Bridge) handOver(rows []*database.InboxEvent) {
 	}
 }
 
-// IngestSynced records room events that reached ferry through the bot's /sync rather than a transaction
-// (homeservers like Dendrite 0.13.8 never push redactions to appservices). Events already recorded are
-// recognised by event ID, so servers that deliver both ways cause no double processing.
-func (b *Bridge) IngestSynced(ctx context.Context, evts []*event.Event) {
-	rows := make([]*database.InboxEvent, 0, len(evts))
+// IngestSynced records room events that reached ferry through the bot's /sync, every room's in the room's order.
+// It covers what a transaction may miss: redactions (homeservers like Dendrite 0.13.8 never push them to
+// appservices) and events a homeserver pushes late (Dendrite pushes an event that was in flight when it restarted
+// about 30 s later, after events that followed it). Events already recorded are recognised by event ID; with
+// SyncOrders, every event /sync shows is confirmed and pending ones take the room's order (ConfirmOrder). The
+// events of an initial /sync are only confirmed: they may predate ferry. An error means nothing was recorded: the
+// caller keeps the /sync token where it was, so the batch comes again.
+func (b *Bridge) IngestSynced(ctx context.Context, batch crypto.SyncedBatch) error {
+	evts, initial := batch.Events, batch.Initial
+	var rows []*database.InboxEvent
+	var rooms []id.RoomID
+	byRoom := make(map[id.RoomID][]id.EventID)
 	for _, evt := range evts {
-		raw, err := json.Marshal(evt)
-		if err != nil || evt.ID == "" || evt.RoomID == "" {
+		if evt.ID == "" || evt.RoomID == "" {
 			continue
 		}
-		rows = append(rows, &database.InboxEvent{EventID: evt.ID, RoomID: evt.RoomID, Sender: evt.Sender, Type: evt.Type.Type, Raw: raw, State: database.InboxPending, ReceivedAt: time.Now()})
-	}
-	n, err := b.DB.Inbox.Insert(ctx, rows)
-	if err != nil {
-		b.Log.Err(err).Msg("Failed to record synced events")
-		return
-	}
-	if n > 0 {
-		for _, row := range rows {
-			b.Notify(row.RoomID)
+		if _, ok := byRoom[evt.RoomID]; !ok {
+			rooms = append(rooms, evt.RoomID)
 		}
+		byRoom[evt.RoomID] = append(byRoom[evt.RoomID], evt.ID)
+		if initial || (evt.StateKey == nil && b.Ghosts.IsOwn(evt.Sender)) {
+			continue // as intake: ferry's own echoes are never relayed
+		}
+		raw, err := json.Marshal(evt)
+		if err != nil {
+			continue
+		}
+		head, _ := parseEventHead(raw)
+		rows = append(rows, &database.InboxEvent{EventID: evt.ID, RoomID: evt.RoomID, Sender: evt.Sender, Type: evt.Type.Type, Raw: raw,
+			State: database.InboxPending, SessionID: head.SessionID, ReceivedAt: time.Now(), Synced: true})
 	}
+	if _, err := b.DB.Inbox.Insert(ctx, rows); err != nil {
+		return fmt.Errorf("failed to record synced events: %w", err)
+	}
+	for _, room := range rooms {
+		if b.SyncOrders.Load() {
+			moved, err := b.DB.Inbox.ConfirmOrder(ctx, room, byRoom[room])
+			if err != nil {
+				return fmt.Errorf("failed to confirm the order of synced events: %w", err)
+			} else if moved > 0 {
+				b.Log.Info().Stringer("room_id", room).Int("events", moved).Msg("The homeserver pushed events out of the room's order; relaying them in the room's order")
+			}
+		}
+		// The worker reads the inbox: new rows, confirmed ones and new places are there.
+		b.Notify(room)
+	}
+	// Pushed events received before Covers that this or an earlier batch did not show will not be shown (an
+	// event type the sync hides, a room it does not cover): they need not wait for it (orderHold).
+	b.syncCovers.Store(batch.Covers.UnixNano())
+	return nil
 }
 
 // queryUser answers the homeserver's user query for ghost IDs ferry would create.

@@ -24,7 +24,12 @@ const testHSToken = "hs-token-for-tests"
 // newTestBridge builds a bridge on a fresh database without starting workers.
 func newTestBridge(t *testing.T, dbType string) *Bridge {
 	t.Helper()
-	root := dbtest.Open(t, dbType)
+	return newTestBridgeOn(t, dbtest.Open(t, dbType))
+}
+
+// newTestBridgeOn is newTestBridge on the given database.
+func newTestBridgeOn(t *testing.T, root *dbutil.Database) *Bridge {
+	t.Helper()
 	db := database.New(root, dbutil.NoopLogger)
 	if err := db.Upgrade(context.Background()); err != nil {
 		t.Fatal(err)
@@ -131,6 +136,27 @@ func TestTransactionIsRecordedDurablyAndOnce(t *testing.T) {
 				t.Fatalf("after replays: %v, %v; want 2 pending", counts, err)
 			}
 		})
+	}
+}
+
+// TestTransactionNotAcknowledgedUntilDurable: while the database is away (PostgreSQL restarting), a transaction
+// is answered with an error, never 200, so the homeserver keeps it and sends it again; once the database is
+// back, the repeat is recorded.
+func TestTransactionNotAcknowledgedUntilDurable(t *testing.T) {
+	root, proxy := dbtest.PostgresThroughProxy(t)
+	b := newTestBridgeOn(t, root)
+	h := b.Router(nil)
+	ctx := context.Background()
+	proxy.Down()
+	if rec := doRequest(h, "PUT", "/_matrix/app/v1/transactions/t1", "Bearer "+testHSToken, txnBody); rec.Code == 200 {
+		t.Fatal("a transaction was acknowledged while the database was away")
+	}
+	proxy.Up()
+	if rec := doRequest(h, "PUT", "/_matrix/app/v1/transactions/t1", "Bearer "+testHSToken, txnBody); rec.Code != 200 {
+		t.Fatalf("the repeat = %d %s", rec.Code, rec.Body.String())
+	}
+	if rows, err := b.DB.Inbox.NextInRoom(ctx, "!r:ferry.test", 10); err != nil || len(rows) != 2 {
+		t.Fatalf("inbox after the repeat = %v, %v", rows, err)
 	}
 }
 

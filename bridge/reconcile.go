@@ -1,15 +1,18 @@
 package bridge
 
 // A send that got no answer (the connection failed) or a server error (Dendrite answers 500 when it stopped
-// waiting for its room server, which may still post the event) is treated the same way while ferry runs: before
-// it is retried, ferry reads back the room since that attempt began.
+// waiting for its room server, which may still post the event) may have been posted. So may every send in flight
+// when ferry died, or when the homeserver went away (a restart). Synapse remembers transaction IDs durably and
+// answers a repeat with the first event; Dendrite 0.13.8 remembers them in memory, only for requests it finished
+// answering, and forgets them when it restarts. So ferry never counts on the homeserver to recognise a repeat:
+// before it sends into a room where it may have posted without knowing, it reads the room back from then, and a
+// send whose event is already there takes that event instead of posting a new one.
 //
-// After an unclean stop, ferry sends again what it had not recorded as sent, under the same transaction IDs.
-// Synapse remembers transaction IDs durably and answers a repeat with the first event. Dendrite 0.13.8 remembers
-// them in memory, and only for requests it finished answering: a send that was in flight when ferry died is
-// processed (the event exists) but not remembered, so sending it again would post it twice. So after an unclean
-// stop ferry first reads back what it recently sent in the rooms it is about to work on, and a send whose event
-// is already there takes that event instead of posting a new one.
+// Which rooms need that, and since when, is durable (the readback table): a send that got no answer marks its
+// room; an unclean stop marks the rooms with pending events and the rooms they relay into, since the oldest
+// pending event arrived; an outage of the homeserver marks them since the outage began. A room stays marked until
+// a read-back of it succeeds: transient errors are retried with the event's backoff, holding the room's order,
+// and a clean stop keeps the marks.
 //
 // What ferry sent is recognised from the content: a relayed copy carries the origin marker (source event, and
 // the target room is where it was found: together they give the transaction ID, see TxnID); everything else
@@ -18,7 +21,9 @@ package bridge
 
 import (
 	"context"
-	"errors"
+	"fmt"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -35,13 +40,12 @@ const txnKey = "im.ferry.txn"
 // runningKey is the kv entry that is "yes" while the relay runs and "no" after it stopped cleanly.
 const runningKey = "relay_running"
 
-// Limits of the read-back after an unclean stop.
+// Limits of the read-back.
 const (
-	reconcilePage     = 100              // events per /messages request
-	reconcilePages    = 5                // requests per room at most
-	reconcileTimeout  = 30 * time.Second // for the whole read-back
-	reconcileClockLag = time.Minute      // events this much older than the oldest pending row are not looked at
-	maxUncertain      = 1000             // unanswered sends remembered before old ones are dropped
+	reconcilePage  = 100   // events per /messages request
+	reconcilePages = 50    // requests per pass at most
+	maxFound       = 10000 // events found remembered before old ones are dropped
+	foundKeep      = 30 * time.Minute
 )
 
 // OwnDecrypter is implemented by E2EE layers that can decrypt what ferry's own devices encrypted.
@@ -50,14 +54,15 @@ type OwnDecrypter interface {
 	DecryptOwn(ctx context.Context, evt *event.Event) (*event.Event, error)
 }
 
-// sentLedger holds events found in rooms after an unclean stop, by the room and the transaction ID they were
-// sent with, and the sends whose outcome is unknown (the connection failed before an answer), to be read back
-// before a retry. Everything is kept per room: an event found in one room never stands for a send into another.
+// sentLedger holds the rooms to read back before the next send into them (a copy of the readback table), and the
+// events such read-backs found, by the room and the transaction ID they were sent with. Everything is kept per
+// room: an event found in one room never stands for a send into another.
 type sentLedger struct {
 	// guards the following fields
-	lock      sync.Mutex
-	byTxn     map[sentKey]id.EventID
-	uncertain map[sentKey]time.Time // → when the unanswered attempt started
+	lock     sync.Mutex
+	byTxn    map[sentKey]foundSend
+	byEvent  map[id.EventID]sentKey // the same, by event
+	readback map[id.RoomID]readbackMark
 }
 
 // sentKey names one send: the room it went into and its transaction ID.
@@ -66,38 +71,46 @@ type sentKey struct {
 	txnID string
 }
 
-// markUncertain records that a send into room with txnID started at began got no answer: the homeserver may
-// have posted the event anyway.
-func (l *sentLedger) markUncertain(room id.RoomID, txnID string, began time.Time) {
-	l.lock.Lock()
-	defer l.lock.Unlock()
-	if l.uncertain == nil {
-		l.uncertain = make(map[sentKey]time.Time)
-	}
-	if len(l.uncertain) >= maxUncertain {
-		// Sends that are never retried (one-off notices) must not pile up.
-		for k, t := range l.uncertain {
-			if time.Since(t) > time.Hour {
-				delete(l.uncertain, k)
-			}
-		}
-	}
-	k := sentKey{room, txnID}
-	if prev, ok := l.uncertain[k]; !ok || began.Before(prev) {
-		l.uncertain[k] = began
-	}
+type foundSend struct {
+	evtID id.EventID
+	at    time.Time
 }
 
-// takeUncertain returns (and forgets) when the first unanswered attempt of txnID into room started.
-func (l *sentLedger) takeUncertain(room id.RoomID, txnID string) (time.Time, bool) {
+type readbackMark struct {
+	since, markedAt time.Time
+}
+
+// mark records at now that room must be read back from since (keeping an earlier since).
+func (l *sentLedger) mark(room id.RoomID, since, now time.Time) {
 	l.lock.Lock()
 	defer l.lock.Unlock()
-	k := sentKey{room, txnID}
-	began, ok := l.uncertain[k]
-	if ok {
-		delete(l.uncertain, k)
+	if l.readback == nil {
+		l.readback = make(map[id.RoomID]readbackMark)
 	}
-	return began, ok
+	m, ok := l.readback[room]
+	if !ok || since.Before(m.since) {
+		m.since = since
+	}
+	m.markedAt = now
+	l.readback[room] = m
+}
+
+// pending returns since when room must be read back, if it must.
+func (l *sentLedger) pending(room id.RoomID) (time.Time, bool) {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	m, ok := l.readback[room]
+	return m.since, ok
+}
+
+// done forgets room's mark after a read-back from since that began at began, unless the room was marked again
+// since then.
+func (l *sentLedger) done(room id.RoomID, since, began time.Time) {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	if m, ok := l.readback[room]; ok && !m.since.Before(since) && m.markedAt.Before(began) {
+		delete(l.readback, room)
+	}
 }
 
 // take returns (and forgets) the event found in room that was sent with txnID.
@@ -108,35 +121,91 @@ func (l *sentLedger) take(room id.RoomID, txnID string) (id.EventID, bool) {
 		return "", false
 	}
 	k := sentKey{room, txnID}
-	evtID, ok := l.byTxn[k]
+	f, ok := l.byTxn[k]
 	if ok {
 		delete(l.byTxn, k)
+		delete(l.byEvent, f.evtID)
 	}
-	return evtID, ok
+	return f.evtID, ok
 }
 
-func (l *sentLedger) put(room id.RoomID, txnID string, evtID id.EventID) {
+// has tells whether the ledger holds evtID (a second pass of a read-back need not decrypt it again).
+func (l *sentLedger) has(evtID id.EventID) bool {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	_, ok := l.byEvent[evtID]
+	return ok
+}
+
+// put records that txnID was sent into room as evtID; it reports whether that was new.
+func (l *sentLedger) put(room id.RoomID, txnID string, evtID id.EventID) bool {
 	l.lock.Lock()
 	defer l.lock.Unlock()
 	if l.byTxn == nil {
-		l.byTxn = make(map[sentKey]id.EventID)
+		l.byTxn = make(map[sentKey]foundSend)
+		l.byEvent = make(map[id.EventID]sentKey)
+	}
+	if len(l.byTxn) >= maxFound {
+		// Events found for sends that were recorded already are never taken: they must not pile up.
+		for k, f := range l.byTxn {
+			if time.Since(f.at) > foundKeep {
+				delete(l.byTxn, k)
+				delete(l.byEvent, f.evtID)
+			}
+		}
 	}
 	k := sentKey{room, txnID}
-	if _, ok := l.byTxn[k]; !ok {
-		l.byTxn[k] = evtID
+	if _, ok := l.byTxn[k]; ok {
+		return false
+	}
+	l.byTxn[k] = foundSend{evtID: evtID, at: time.Now()}
+	l.byEvent[evtID] = k
+	return true
+}
+
+// markReadback records, durably, that room must be read back from since before ferry sends into it again. A
+// failure to write it is logged: the mark still holds for this run, and an unclean stop marks the room anyway
+// while its events are pending.
+func (b *Bridge) markReadback(ctx context.Context, room id.RoomID, since time.Time) {
+	now := time.Now()
+	b.sent.mark(room, since, now)
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := b.DB.Readback.Mark(wctx, room, since, now); err != nil {
+		zerolog.Ctx(ctx).Warn().Err(err).Stringer("room_id", room).Msg("Failed to record that a room needs reading back")
 	}
 }
 
+// loadReadback reads the rooms marked for reading back (by an earlier run) into memory.
+func (b *Bridge) loadReadback(ctx context.Context) error {
+	marks, err := b.DB.Readback.All(ctx)
+	if err != nil {
+		return fmt.Errorf("failed to read the rooms to read back: %w", err)
+	}
+	now := time.Now()
+	for room, since := range marks {
+		b.sent.mark(room, since, now)
+	}
+	return nil
+}
+
 // markRunning records that the relay runs and reports whether the previous run stopped without saying so.
-func (b *Bridge) markRunning(ctx context.Context) (unclean bool, err error) {
+// After an unclean stop it also returns when that run started (zero when it did not say), as no send of it can
+// have begun before.
+func (b *Bridge) markRunning(ctx context.Context) (unclean bool, prevStart time.Time, err error) {
 	prev, err := b.DB.KV.Get(ctx, runningKey)
 	if err != nil {
-		return false, err
+		return false, time.Time{}, err
 	}
-	if err = b.DB.KV.Set(ctx, runningKey, "yes"); err != nil {
-		return false, err
+	// "yes <start, Unix ms>" while running; plain "yes" from older versions.
+	if err = b.DB.KV.Set(ctx, runningKey, fmt.Sprintf("yes %d", time.Now().UnixMilli())); err != nil {
+		return false, time.Time{}, err
 	}
-	return prev == "yes", nil
+	state, started, _ := strings.Cut(prev, " ")
+	if ms, perr := strconv.ParseInt(started, 10, 64); perr == nil && ms > 0 {
+		prevStart = time.UnixMilli(ms)
+	}
+	return state == "yes", prevStart, nil
 }
 
 // markStopped records a clean stop: every worker has finished and its batch is written.
@@ -148,116 +217,186 @@ func (b *Bridge) markStopped() {
 	}
 }
 
-// reconcile reads back, in the rooms with pending events and the rooms they relay into, what ferry sent since
-// the oldest pending event arrived, and fills the ledger that Bridge.send consults.
-func (b *Bridge) reconcile(ctx context.Context, rooms []id.RoomID) {
-	ctx, cancel := context.WithTimeout(ctx, reconcileTimeout)
-	defer cancel()
-	start := time.Now()
-	// The rooms to read, each with the time before which nothing can have been in flight.
-	since := make(map[id.RoomID]time.Time)
-	var order []id.RoomID
-	note := func(room id.RoomID, t time.Time) {
-		prev, ok := since[room]
-		if !ok {
-			order = append(order, room)
-		}
-		if !ok || t.Before(prev) {
-			since[room] = t
-		}
+// markInFlight marks for reading back the rooms with pending events and the rooms they relay into: ferry may
+// have posted into them without knowing (it died, or the homeserver went away, with sends in flight). Each is
+// read back from its oldest pending event's arrival or from floor (before which no send in question began: the
+// start of the run that died), whichever is later, minus the clock lag. A room whose backlog goes back far is
+// then read back only as far as that run can have sent.
+func (b *Bridge) markInFlight(ctx context.Context, floor time.Time) (int, error) {
+	rooms, err := b.DB.Inbox.RoomsWithWork(ctx)
+	if err != nil {
+		return 0, err
 	}
+	marked := make(map[id.RoomID]bool)
 	for _, room := range rooms {
 		rows, err := b.DB.Inbox.NextInRoom(ctx, room, 1)
-		if err != nil || len(rows) == 0 {
+		if err != nil {
+			return len(marked), err
+		} else if len(rows) == 0 {
 			continue
 		}
-		oldest := rows[0].ReceivedAt.Add(-reconcileClockLag)
-		note(room, oldest)
+		from := rows[0].ReceivedAt
+		if floor.After(from) {
+			from = floor
+		}
+		since := from.Add(-b.health.clockLag())
+		targets := []id.RoomID{room}
 		if link, err := b.DB.Links.GetByRoom(ctx, room); err == nil && link != nil {
-			for _, other := range link.Others(room) {
-				note(other, oldest)
-			}
+			targets = append(targets, link.Others(room)...)
+		}
+		for _, r := range targets {
+			b.markReadback(ctx, r, since)
+			marked[r] = true
 		}
 	}
-	found := 0
-	for i, room := range order {
-		if ctx.Err() != nil {
-			b.Log.Warn().Int("rooms_not_read", len(order)-i).Dur("limit", reconcileTimeout).
-				Msg("Stopped reading back recent sends at the time limit; sends in the other rooms may repeat")
-			break
-		}
-		n, err := b.readBack(ctx, room, since[room])
-		found += n
-		if err != nil && ctx.Err() == nil {
-			b.Log.Warn().Err(err).Stringer("room_id", room).Msg("Failed to read back what ferry sent before the unclean stop; its sends there may repeat")
-		}
-	}
-	b.Log.Info().Int("rooms", len(order)).Int("found", found).Dur("elapsed", time.Since(start)).
-		Msg("Read back recent sends after an unclean stop")
+	return len(marked), nil
 }
 
-// readBack pages backwards through room until since, adding ferry's own events to the ledger.
-func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time) (int, error) {
-	cli := b.AS.BotClient()
-	found := 0
-	from := ""
-	for page := 0; page < reconcilePages; page++ {
-		resp, err := cli.Messages(ctx, room, from, "", mautrix.DirectionBackward, nil, reconcilePage)
-		if err != nil {
-			return found, err
+// settle reads room back if it is marked, before a send into it. The error is the read-back's: the caller retries
+// the send later (transient errors with backoff), and the room stays marked until a read-back succeeds.
+func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
+	since, ok := b.sent.pending(room)
+	if !ok {
+		return nil
+	}
+	var began time.Time
+	var n int
+	var complete bool
+	for {
+		// After an outage of the homeserver, events it accepted before going away may still be appearing: a
+		// read-back counts only when the homeserver had been answering for a while before it began.
+		if !b.health.waitSettled(ctx) {
+			return ctx.Err()
 		}
+		began = time.Now()
+		var err error
+		if n, complete, err = b.readBack(ctx, room, since); err != nil {
+			return fmt.Errorf("failed to read back what ferry may have sent: %w", err)
+		}
+		if !b.health.recoveredSince(began) {
+			break
+		}
+	}
+	log := zerolog.Ctx(ctx)
+	if !complete {
+		log.Warn().Stringer("room_id", room).Time("since", since).Int("events", reconcilePage*reconcilePages).
+			Msg("Read back only the most recent events of a room; sends older than them may repeat")
+	}
+	b.sent.done(room, since, began)
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := b.DB.Readback.Done(dctx, room, since, began); err != nil {
+		log.Warn().Err(err).Stringer("room_id", room).Msg("Failed to record that a room was read back; it is read again later")
+	}
+	log.Info().Stringer("room_id", room).Int("found", n).Time("since", since).Dur("elapsed", time.Since(began)).
+		Msg("Read back recent sends")
+	return nil
+}
+
+// readBackPageSizes are the page sizes of the read-back's passes through a room. Dendrite 0.13.8's backward
+// /messages skips the rest of a group of events that share a depth (concurrent events) when a page ends inside the
+// group; passes with other page boundaries find what one skipped. (Two passes missed the same event in one chaos
+// run of 1,000 messages: three.)
+var readBackPageSizes = [...]int{reconcilePage, 87, 61}
+
+// pageAttempts bounds the tries of one /messages request of a read-back: a read-back reads many pages, and
+// starting over after each transient failure would rarely get through a faulty path.
+const pageAttempts = 5
+
+// readBack pages backwards through room until since, adding ferry's own events to the ledger. complete is false
+// when it stopped at its page limit before reaching since.
+func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time) (found int, complete bool, err error) {
+	complete = true
+	for _, size := range readBackPageSizes {
+		n, c, err := b.readBackPass(ctx, room, since, size)
+		found += n
+		complete = complete && c
+		if err != nil {
+			return found, false, err
+		}
+	}
+	return found, complete, nil
+}
+
+// readBackPass is one pass of readBack with pages of size events, reading at most reconcilePage*reconcilePages
+// events. It returns how many of ferry's events it found that the ledger did not have.
+func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, since time.Time, size int) (found int, complete bool, err error) {
+	cli := b.AS.BotClient()
+	from := ""
+	for read := 0; read < reconcilePage*reconcilePages; {
+		var resp *mautrix.RespMessages
+		backoff := 500 * time.Millisecond
+		for attempt := 1; ; attempt++ {
+			resp, err = cli.Messages(ctx, room, from, "", mautrix.DirectionBackward, nil, size)
+			if err == nil || attempt == pageAttempts || !Transient(err) {
+				break
+			}
+			if !sleep(ctx, RetryWait(err, backoff)) {
+				return found, false, ctx.Err()
+			}
+			backoff *= 2
+		}
+		if err != nil {
+			return found, false, err
+		}
+		read += len(resp.Chunk)
 		older := false
 		for _, evt := range resp.Chunk {
 			if time.UnixMilli(evt.Timestamp).Before(since) {
 				older = true
 				continue
 			}
-			if !b.Ghosts.IsOwn(evt.Sender) {
+			if !b.Ghosts.IsOwn(evt.Sender) || b.sent.has(evt.ID) {
 				continue
 			}
 			evt.RoomID = room
-			if txnID := b.sentWith(ctx, evt); txnID != "" {
-				b.sent.put(room, txnID, evt.ID)
+			txnID, err := b.sentWith(ctx, evt)
+			if err != nil {
+				return found, false, err
+			}
+			if txnID != "" && b.sent.put(room, txnID, evt.ID) {
 				found++
 			}
 		}
-		if older || resp.End == "" || len(resp.Chunk) == 0 {
-			return found, nil
+		if older || resp.End == "" || len(resp.Chunk) == 0 || resp.End == from {
+			return found, true, nil
 		}
 		from = resp.End
 	}
-	return found, nil
+	return found, false, nil
 }
 
-// sentWith returns the transaction ID ferry sent evt with, or "" when evt does not say.
-func (b *Bridge) sentWith(ctx context.Context, evt *event.Event) string {
+// sentWith returns the transaction ID ferry sent evt with, or "" when evt does not say. The error is a transient
+// one (the crypto store's database went away): the read-back must not take the event for someone else's.
+func (b *Bridge) sentWith(ctx context.Context, evt *event.Event) (string, error) {
 	log := zerolog.Ctx(ctx)
 	if evt.Type == event.EventEncrypted {
 		dec, ok := b.Crypto.(OwnDecrypter)
 		if !ok {
-			return ""
+			return "", nil
 		}
 		if err := evt.Content.ParseRaw(evt.Type); err != nil {
-			return ""
+			return "", nil
 		}
 		plain, err := dec.DecryptOwn(ctx, evt)
 		if err != nil {
-			if !errors.Is(err, context.Canceled) {
-				log.Debug().Err(err).Stringer("event_id", evt.ID).Msg("Cannot read back an event ferry encrypted")
+			if Transient(err) || ctx.Err() != nil {
+				return "", fmt.Errorf("failed to read an event ferry encrypted: %w", err)
 			}
-			return ""
+			log.Debug().Err(err).Stringer("event_id", evt.ID).Msg("Cannot read back an event ferry encrypted")
+			return "", nil
 		}
 		evt = plain
 	}
 	raw := evt.Content.Raw
 	if raw == nil {
-		return ""
+		return "", nil
 	}
 	if txnID, ok := raw[txnKey].(string); ok && txnID != "" {
-		return txnID
+		return txnID, nil
 	}
 	if origin := OriginOf(&evt.Content); origin != nil && origin.Instance == b.instanceID() && origin.EventID != "" {
-		return TxnID(origin.EventID, evt.RoomID)
+		return TxnID(origin.EventID, evt.RoomID), nil
 	}
-	return ""
+	return "", nil
 }

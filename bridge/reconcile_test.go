@@ -1,13 +1,17 @@
 package bridge
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,6 +19,9 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/database/dbtest"
+	"go.ferry.im/ferry/internal/fakehs"
+	"go.ferry.im/ferry/internal/faultproxy"
 )
 
 // sealCrypto stands in for the E2EE layer where a test must read back what ferry sent: its "ciphertext" carries
@@ -129,22 +136,21 @@ func TestUnansweredSendIsNotRepeated(t *testing.T) {
 	}
 }
 
-// TestSendInFlightAtCrashIsNotRepeated: ferry dies while a copy's send is in flight; the homeserver posted it.
-// At the next start (the running marker tells it was unclean) ferry reads back the target room and records that
-// copy instead of posting it again. A clean stop leaves the marker at "no".
-func TestSendInFlightAtCrashIsNotRepeated(t *testing.T) {
+// stopWithSendInFlight runs one message of alice's through the worker and stops the worker while its copy's
+// send is in flight: the homeserver posts the copy (under another transaction ID, as a homeserver that forgot
+// it) and ferry never hears the answer. With clean, the stop is a clean one (the relay marks itself stopped);
+// otherwise ferry died. The memory of the run that stopped is gone. It returns the message and the copy posted.
+func (f *relayFixture) stopWithSendInFlight(t *testing.T, clean bool) (id.EventID, id.EventID) {
+	t.Helper()
 	ctx := context.Background()
-	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
-	f.relayOne(t)
 	ghost := f.br.Ghosts.Ghost(f.alice)
-
-	// The run that dies: it marks itself running, and its worker is stopped dead during the send.
-	if _, err := f.br.markRunning(ctx); err != nil {
+	if _, _, err := f.br.markRunning(ctx); err != nil {
 		t.Fatal(err)
 	}
 	crash, die := context.WithCancel(ctx)
 	f.loseNextSend(die)
-	evtID := id.EventID("$crash")
+	evtID := id.EventID(fmt.Sprintf("$inflight%d", f.n))
+	f.n++
 	raw, _ := json.Marshal(map[string]any{
 		"event_id": evtID, "room_id": f.roomA, "sender": f.alice, "type": "m.room.encrypted", "origin_server_ts": 1,
 		"content": map[string]any{"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AAAA", "session_id": "S", "sender_key": "K", "device_id": "D"},
@@ -160,17 +166,26 @@ func TestSendInFlightAtCrashIsNotRepeated(t *testing.T) {
 	if f.br.processRow(context.WithValue(crash, batchKey{}, bw), rows[0], bw) {
 		t.Fatal("the worker went on after its context ended")
 	}
+	if clean {
+		f.br.markStopped()
+	}
 	sent := f.ghostEvents(f.roomB, ghost)
 	if len(sent) != 2 {
 		t.Fatalf("room B holds %d copies, want 2 (the second posted without ferry knowing)", len(sent))
 	}
-	// The memory of the run that died is gone with it.
 	f.br.sent = sentLedger{}
+	return evtID, sent[1]
+}
 
-	if err = f.br.Start(ctx); err != nil {
+// restartAndExpectOneCopy starts the relay again, waits until the message is done and checks that room B holds
+// the copy posted before the stop, recorded in the event map, and no second one.
+func (f *relayFixture) restartAndExpectOneCopy(t *testing.T, evtID, posted id.EventID) {
+	t.Helper()
+	ctx := context.Background()
+	if err := f.br.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(20 * time.Second)
 	for {
 		cur, err := f.br.DB.Inbox.Get(ctx, evtID)
 		if err != nil {
@@ -180,20 +195,55 @@ func TestSendInFlightAtCrashIsNotRepeated(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the message is still %s 15 s after the restart", cur.State)
+			t.Fatalf("the message is still %s 20 s after the restart (%s)", cur.State, cur.LastError)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	f.br.Stop()
-	if got := f.ghostEvents(f.roomB, ghost); len(got) != 2 {
-		t.Fatalf("room B holds %d copies after the restart, want 2: the copy sent before the crash was posted again", len(got))
+	if got := f.ghostEvents(f.roomB, f.br.Ghosts.Ghost(f.alice)); len(got) != 2 {
+		t.Fatalf("room B holds %d copies after the restart, want 2: the copy sent before the stop was posted again", len(got))
 	}
-	if c, err := f.br.DB.EventMap.Get(ctx, evtID, f.roomB); err != nil || c == nil || c.TargetEvent != sent[1] {
-		t.Fatalf("the event map holds %+v (%v), want the copy sent before the crash, %s", c, err, sent[1])
+	if c, err := f.br.DB.EventMap.Get(ctx, evtID, f.roomB); err != nil || c == nil || c.TargetEvent != posted {
+		t.Fatalf("the event map holds %+v (%v), want the copy sent before the stop, %s", c, err, posted)
 	}
 	if v, _ := f.br.DB.KV.Get(ctx, runningKey); v != "no" {
 		t.Fatalf("after Stop the running marker is %q, want no", v)
 	}
+}
+
+// TestSendInFlightAtCrashIsNotRepeated: ferry dies while a copy's send is in flight; the homeserver posted it.
+// At the next start (the running marker tells it was unclean) ferry reads back the target room and records that
+// copy instead of posting it again. A clean stop leaves the marker at "no".
+func TestSendInFlightAtCrashIsNotRepeated(t *testing.T) {
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t)
+	evtID, posted := f.stopWithSendInFlight(t, false)
+	f.restartAndExpectOneCopy(t, evtID, posted)
+}
+
+// TestReadBackRetriesServerErrors: the read-back after an unclean stop meets server errors (the homeserver is
+// restarting, a gateway in front of it fails); it retries them with backoff instead of giving up on the room
+// and posting its sends again.
+func TestReadBackRetriesServerErrors(t *testing.T) {
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t)
+	evtID, posted := f.stopWithSendInFlight(t, false)
+	var reads atomic.Int32
+	f.faultOn(func(r *http.Request) bool { return strings.HasSuffix(r.URL.Path, "/messages") && reads.Add(1) <= 3 })
+	f.restartAndExpectOneCopy(t, evtID, posted)
+	if n := f.faults.Tallies().Faults[faultproxy.Status502]; n != 3 {
+		t.Fatalf("the read-back met %d server errors, want 3", n)
+	}
+}
+
+// TestUncertainSendSurvivesCleanStop: ferry is stopped cleanly while a send whose answer is lost is in flight.
+// That the send is uncertain is recorded durably: after the clean start ferry reads the room back before the
+// retry, and records the copy posted instead of posting a second one.
+func TestUncertainSendSurvivesCleanStop(t *testing.T) {
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t)
+	evtID, posted := f.stopWithSendInFlight(t, true)
+	f.restartAndExpectOneCopy(t, evtID, posted)
 }
 
 // TestNoticeIsReadBack: the bot's notices (command replies included) carry their transaction ID, so the
@@ -207,13 +257,13 @@ func TestNoticeIsReadBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n, err := f.br.readBack(ctx, f.roomA, time.Now().Add(-time.Minute)); err != nil || n != 1 {
+	if n, complete, err := f.br.readBack(ctx, f.roomA, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
 		t.Fatalf("read back %d events in room A (%v), want the notice", n, err)
 	}
 	if got, ok := f.br.sent.take(f.roomA, "ferry_reply_readback"); !ok || got != notice {
 		t.Fatalf("the ledger has %q for the notice's transaction, want %s", got, notice)
 	}
-	if n, err := f.br.readBack(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 {
+	if n, complete, err := f.br.readBack(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
 		t.Fatalf("read back %d events in room B (%v), want the copy", n, err)
 	}
 	copyEvt, _ := f.br.DB.EventMap.Get(ctx, row.EventID, f.roomB)
@@ -221,7 +271,7 @@ func TestNoticeIsReadBack(t *testing.T) {
 		t.Fatalf("the ledger has %q for the copy, want %+v", got, copyEvt)
 	}
 	// Nothing older than the pending work is looked at.
-	if n, err := f.br.readBack(ctx, f.roomB, time.Now().Add(time.Minute)); err != nil || n != 0 || f.br.sent.size() != 0 {
+	if n, _, err := f.br.readBack(ctx, f.roomB, time.Now().Add(time.Minute)); err != nil || n != 0 || f.br.sent.size() != 0 {
 		t.Fatalf("read back %d events older than the cut-off (%v)", n, err)
 	}
 }
@@ -236,11 +286,11 @@ func TestLedgerIsPerRoom(t *testing.T) {
 	if got, ok := l.take("!a:x", "ferry_txn"); !ok || got != "$inA" {
 		t.Fatalf("take in room A = %q, %t", got, ok)
 	}
-	l.markUncertain("!a:x", "ferry_txn", time.Now())
-	if _, ok := l.takeUncertain("!b:x", "ferry_txn"); ok {
-		t.Fatal("an unanswered send into room A made a send into room B uncertain")
+	l.mark("!a:x", time.Now(), time.Now())
+	if _, ok := l.pending("!b:x"); ok {
+		t.Fatal("an unanswered send into room A made room B need reading back")
 	}
-	if _, ok := l.takeUncertain("!a:x", "ferry_txn"); !ok {
+	if _, ok := l.pending("!a:x"); !ok {
 		t.Fatal("the unanswered send into room A was forgotten")
 	}
 }
@@ -261,7 +311,7 @@ func TestUserMarkersAreNotTrusted(t *testing.T) {
 	if copyEvt == nil {
 		t.Fatal("a message carrying ferry's markers was not relayed")
 	}
-	if n, err := f.br.readBack(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 {
+	if n, complete, err := f.br.readBack(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
 		t.Fatalf("read back %d events in room B (%v), want the copy", n, err)
 	}
 	if _, ok := f.br.sent.take(f.roomB, "ferry_reply_victim"); ok {
@@ -269,5 +319,105 @@ func TestUserMarkersAreNotTrusted(t *testing.T) {
 	}
 	if got, ok := f.br.sent.take(f.roomB, TxnID(row.EventID, f.roomB)); !ok || got != copyEvt.TargetEvent {
 		t.Fatalf("the copy was read back as %q, %t", got, ok)
+	}
+}
+
+// TestSendDuringHomeserverRestartIsNotRepeated: the homeserver goes away (every request fails for a while) with
+// a copy's send in flight, and posts that copy only some time after it answers again (a restarting homeserver
+// working through what it had accepted; it forgot the transaction ID). ferry treats the outage like its own
+// crash: its read-back waits until the homeserver has settled, finds the late copy and does not post a second.
+func TestSendDuringHomeserverRestartIsNotRepeated(t *testing.T) {
+	ctx := context.Background()
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t)
+	ghost := f.br.Ghosts.Ghost(f.alice)
+	var down atomic.Bool
+	f.faultOn(func(*http.Request) bool { return down.Load() })
+	posted := make(chan struct{})
+	f.flaky.lock.Lock()
+	f.flaky.script = []func(http.ResponseWriter, *http.Request){func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		late := r.Clone(context.Background())
+		late.URL.Path += "-forgotten"
+		late.URL.RawPath = ""
+		down.Store(true)
+		answer(502, `{"errcode":"M_UNKNOWN","error":"going away"}`)(w, r)
+		go func() {
+			time.Sleep(1500 * time.Millisecond)
+			down.Store(false)
+			time.Sleep(2 * time.Second)
+			late.Body = io.NopCloser(bytes.NewReader(body))
+			f.flaky.proxy.ServeHTTP(httptest.NewRecorder(), late)
+			close(posted)
+		}()
+	}}
+	f.flaky.lock.Unlock()
+	row := f.relayOne(t)
+	<-posted
+	if row.State != database.InboxDone {
+		t.Fatalf("inbox state %q, want done", row.State)
+	}
+	sent := f.ghostEvents(f.roomB, ghost)
+	if len(sent) != 2 {
+		t.Fatalf("room B holds %d copies for 2 messages: the copy posted after the restart was posted again", len(sent))
+	}
+	if c, err := f.br.DB.EventMap.Get(ctx, row.EventID, f.roomB); err != nil || c == nil || c.TargetEvent != sent[1] {
+		t.Fatalf("the event map holds %+v (%v), want the late copy %s", c, err, sent[1])
+	}
+}
+
+// TestReadBackFindsWhatPaginationSkips: the homeserver's backward /messages skips an event at a page boundary (as
+// Dendrite 0.13.8 does inside a group of concurrent events), and the copy ferry posted before it died is exactly
+// there; the read-back still finds it and does not post it again.
+func TestReadBackFindsWhatPaginationSkips(t *testing.T) {
+	f := newRelayFixtureOn(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}}, dbtest.Postgres(t),
+		func(o *fakehs.Options) { o.MessagesSkipAtPageEnd = true })
+	f.relayOne(t)
+	evtID, posted := f.stopWithSendInFlight(t, false)
+	// A page of other events follows the copy, so that a first page of the read-back ends right before it.
+	bob := id.UserID("@bob:ferry.test")
+	for i := range reconcilePage {
+		if err := f.hs.SetState(f.roomB, bob, "im.ferry.test.filler", fmt.Sprint(i), map[string]any{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.restartAndExpectOneCopy(t, evtID, posted)
+}
+
+// TestReadBackReachesBackToTheDeadRun: after an unclean stop, a room whose oldest pending event came long ago is
+// read back only from when the run that died started (no send of it can be older), not from that event: with a
+// backlog of hours, the read-back would otherwise stop at its page limit before it reached what that run sent.
+func TestReadBackReachesBackToTheDeadRun(t *testing.T) {
+	ctx := context.Background()
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	raw := encryptedEvent("$old", f.roomA, f.alice)
+	old := &database.InboxEvent{EventID: "$old", RoomID: f.roomA, Sender: f.alice, Type: "m.room.encrypted", Raw: raw, State: database.InboxPending, ReceivedAt: time.Now().Add(-time.Hour)}
+	if _, err := f.br.DB.Inbox.Insert(ctx, []*database.InboxEvent{old}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := f.br.markRunning(ctx); err != nil { // the run that dies
+		t.Fatal(err)
+	}
+	died := time.Now()
+	if _, err := f.br.markInFlight(ctx, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	f.br.sent = sentLedger{}
+	if _, err := f.br.DB.Exec(ctx, `DELETE FROM readback`); err != nil {
+		t.Fatal(err)
+	}
+	unclean, prevStart, err := f.br.markRunning(ctx) // the next start
+	if err != nil || !unclean {
+		t.Fatalf("unclean %v, %v", unclean, err)
+	}
+	if _, err = f.br.markInFlight(ctx, prevStart); err != nil {
+		t.Fatal(err)
+	}
+	since, ok := f.br.sent.pending(f.roomB)
+	if !ok {
+		t.Fatal("room B is not marked for reading back")
+	}
+	if earliest := died.Add(-time.Second - f.br.health.clockLag()); since.Before(earliest) {
+		t.Fatalf("room B is read back from %v, before the run that died started (%v)", since, died)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -39,8 +40,10 @@ func TxnID(sourceEvent id.EventID, targetRoom id.RoomID) string {
 }
 
 // relay sends an event's copies into every other room of its link. trustFlag is why the source room's clients
-// would flag the event ("" when they would not); its copies then carry a warning (see Translate).
-func (b *Bridge) relay(ctx context.Context, evt *event.Event, trustFlag string) outcome {
+// would flag the event ("" when they would not); its copies then carry a warning (see Translate). failingSince is
+// when relaying the event first failed for a reason that may pass (zero: never): a room whose homeserver has kept
+// failing since bridge.give_up_after before is given up (see giveUp).
+func (b *Bridge) relay(ctx context.Context, evt *event.Event, trustFlag string, failingSince time.Time) outcome {
 	if !relayable(evt.Type) {
 		return outcome{state: database.InboxDone}
 	}
@@ -88,10 +91,15 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event, trustFlag string) 
 	for _, target := range targets() {
 		res := b.relayTo(ctx, evt, target, link, srcEncrypted, disappearAt, trustFlag)
 		countRelayed(evt, res)
-		if res.err != nil && res.state == "" {
-			retry = &res
-		} else if res.err != nil {
+		switch {
+		case res.err == nil:
+			b.failing.ok(target)
+		case res.state != "":
 			b.reportFailure(ctx, evt, target, res.err)
+		case b.giveUp(target, failingSince, res.err):
+			b.reportFailure(ctx, evt, target, fmt.Errorf("%w: %w", errGaveUp, res.err))
+		default:
+			retry = &res
 		}
 	}
 	if retry != nil {
@@ -254,16 +262,13 @@ func countRelayed(evt *event.Event, res outcome) {
 
 // send sends content into a room as intent's user, encrypting it when the room is encrypted.
 func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id.RoomID, encrypted bool, evtType event.Type, content *event.Content, txnID string) (id.EventID, error) {
-	if began, ok := b.sent.takeUncertain(room, txnID); ok {
-		// An earlier attempt got no answer: the homeserver may have posted it (reconcile.go).
-		if _, err := b.readBack(ctx, room, began.Add(-reconcileClockLag)); err != nil {
-			b.sent.markUncertain(room, txnID, began)
-			return "", fmt.Errorf("failed to check whether an unanswered send was posted: %w", err)
-		}
+	// Where ferry may have posted without knowing (reconcile.go), it reads the room back first.
+	if err := b.settle(ctx, room); err != nil {
+		return "", err
 	}
 	if evtID, ok := b.sent.take(room, txnID); ok {
-		// Posted by an attempt whose answer ferry never got (before an unclean stop, or a dropped connection),
-		// and found in the room (reconcile.go): not again.
+		// Posted by an attempt whose answer ferry never got (before an unclean stop, a dropped connection, a
+		// homeserver restart), and found in the room: not again.
 		zerolog.Ctx(ctx).Info().Stringer("target_room_id", room).Stringer("sent_event_id", evtID).
 			Msg("Found an unanswered send in the room; not sending it again")
 		return evtID, nil
@@ -298,7 +303,7 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 		if httpErr := (mautrix.HTTPError{}); !errors.As(err, &httpErr) || httpErr.Response == nil || httpErr.Response.StatusCode >= 500 {
 			// No answer, or a server error (Dendrite answers 500 when it stopped waiting for its room server,
 			// which may still post the event): the request may have been processed.
-			b.sent.markUncertain(room, txnID, began)
+			b.markReadback(ctx, room, began.Add(-b.health.clockLag()))
 		}
 		return "", err
 	}
@@ -317,26 +322,93 @@ func (b *Bridge) reportFailure(ctx context.Context, evt *event.Event, target id.
 
 func userFacingError(err error) string {
 	var httpErr mautrix.HTTPError
-	if errors.As(err, &httpErr) && httpErr.RespError != nil {
-		return fmt.Sprintf("the homeserver answered %s", httpErr.RespError.ErrCode)
+	var text string
+	switch {
+	case errors.As(err, &httpErr) && httpErr.RespError != nil && httpErr.RespError.ErrCode != "":
+		text = fmt.Sprintf("the homeserver answered %s", httpErr.RespError.ErrCode)
+	case errors.As(err, &httpErr) && httpErr.Response != nil:
+		text = fmt.Sprintf("the homeserver answered HTTP %d", httpErr.Response.StatusCode)
+	case errors.As(err, &httpErr):
+		text = "the homeserver did not answer"
+	default:
+		text = "an internal error occurred"
 	}
-	return "an internal error occurred"
+	if errors.Is(err, errGaveUp) {
+		text += ", again and again, so ferry gave up"
+	}
+	return text
 }
 
-// classify turns a homeserver error into an outcome: rate limits wait as told, 5xx and network errors retry
+// errGaveUp marks a failure that might have passed but lasted longer than bridge.give_up_after.
+var errGaveUp = errors.New("gave up after retrying")
+
+// maxRetryGap is more than the longest wait between two retries of an event: a room not seen failing for that
+// long is not failing any more.
+const maxRetryGap = 2 * time.Minute
+
+// failingRooms remembers since when sends into a room have kept failing (in this run), so that once ferry gave
+// up on a room, later messages to it are not held for bridge.give_up_after each.
+type failingRooms struct {
+	// guards the following fields
+	lock  sync.Mutex
+	rooms map[id.RoomID]failingRoom
+}
+
+type failingRoom struct {
+	since, last time.Time
+	gaveUp      bool // ferry gave up on the room; it stays given up until a send into it goes through
+}
+
+// fail notes a failure to send into room at now and tells whether ferry gives up on the room: it gave up before,
+// or sends into it have kept failing (no gap longer than maxRetryGap between failures) for giveUpAfter.
+func (f *failingRooms) fail(room id.RoomID, now, eventFailingSince time.Time, giveUpAfter time.Duration) bool {
+	f.lock.Lock()
+	defer f.lock.Unlock()
+	if f.rooms == nil {
+		f.rooms = make(map[id.RoomID]failingRoom)
+	}
+	r, ok := f.rooms[room]
+	if !ok || (!r.gaveUp && now.Sub(r.last) > maxRetryGap) {
+		r.since = now
+	}
+	r.last = now
+	since := r.since
+	if !eventFailingSince.IsZero() && eventFailingSince.Before(since) {
+		since = eventFailingSince
+	}
+	r.gaveUp = r.gaveUp || now.Sub(since) >= giveUpAfter
+	f.rooms[room] = r
+	return r.gaveUp
+}
+
+// ok notes a send into room that went through.
+func (f *failingRooms) ok(room id.RoomID) {
+	f.lock.Lock()
+	defer f.lock.Unlock()
+	delete(f.rooms, room)
+}
+
+// giveUp tells whether to stop retrying a copy into target after err: only the homeserver's failures are given
+// up (a database that is away is waited for), once they have lasted bridge.give_up_after, counted from the
+// event's first failure or from when sends into target started failing, whichever is earlier. Once ferry gave up
+// on a room, later copies into it are tried once each until one goes through.
+func (b *Bridge) giveUp(target id.RoomID, failingSince time.Time, err error) bool {
+	var httpErr mautrix.HTTPError
+	if !errors.As(err, &httpErr) || (httpErr.Response != nil && httpErr.Response.StatusCode == http.StatusTooManyRequests) {
+		return false // a database that is away, or a rate limit: waited out
+	}
+	return b.failing.fail(target, time.Now(), failingSince, b.Config.GiveUpAfter)
+}
+
+// classify turns a homeserver error into an outcome: rate limits wait as told (Retry-After, else
+// retry_after_ms), 5xx and network errors retry
 // with backoff, other 4xx are permanent.
 func classify(err error) outcome {
 	var httpErr mautrix.HTTPError
 	if errors.As(err, &httpErr) && httpErr.Response != nil {
 		status := httpErr.Response.StatusCode
 		if status == http.StatusTooManyRequests {
-			wait := time.Second
-			if httpErr.RespError != nil {
-				if ms, ok := httpErr.RespError.ExtraData["retry_after_ms"].(float64); ok && ms > 0 {
-					wait = time.Duration(ms) * time.Millisecond
-				}
-			}
-			return outcome{err: err, retryIn: wait}
+			return outcome{err: err, retryIn: RetryWait(err, time.Second)}
 		}
 		if status >= 400 && status < 500 {
 			return outcome{state: database.InboxFailed, err: err}

@@ -14,11 +14,14 @@ import (
 	"testing"
 	"time"
 
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/database/dbtest"
 	"go.ferry.im/ferry/internal/fakehs"
+	"go.ferry.im/ferry/internal/faultproxy"
 )
 
 // flakyHS stands in front of the fake homeserver and answers the first sends into one room with scripted
@@ -57,14 +60,33 @@ func answer(status int, body string) func(http.ResponseWriter, *http.Request) {
 	}
 }
 
-// relayFixture is a bridge wired to a fake homeserver (through flaky) with rooms A and B linked, alice in A.
+// relayFixture is a bridge wired to a fake homeserver (through the fault proxy, then flaky) with rooms A and B
+// linked, alice in A.
 type relayFixture struct {
 	br           *Bridge
 	hs           *fakehs.Server
 	flaky        *flakyHS
+	faults       *faultproxy.Proxy
 	alice        id.UserID
 	roomA, roomB id.RoomID
 	n            int
+
+	// guards the following fields
+	pickLock sync.Mutex
+	pick     func(*http.Request) bool
+}
+
+// faultOn makes the requests pick chooses meet a 502 from the fault proxy (nil: none).
+func (f *relayFixture) faultOn(pick func(*http.Request) bool) {
+	f.pickLock.Lock()
+	f.pick = pick
+	f.pickLock.Unlock()
+}
+
+func (f *relayFixture) faultPicks(r *http.Request) bool {
+	f.pickLock.Lock()
+	defer f.pickLock.Unlock()
+	return f.pick != nil && f.pick(r)
 }
 
 func newRelayFixture(t *testing.T) *relayFixture {
@@ -73,19 +95,38 @@ func newRelayFixture(t *testing.T) *relayFixture {
 
 // newRelayFixtureWith is newRelayFixture with the given E2EE layer.
 func newRelayFixtureWith(t *testing.T, cr Crypto) *relayFixture {
+	return newRelayFixtureOn(t, cr, dbtest.Postgres(t))
+}
+
+// newRelayFixtureOn is newRelayFixtureWith on the given database; opts adjust the fake homeserver.
+func newRelayFixtureOn(t *testing.T, cr Crypto, root *dbutil.Database, opts ...func(*fakehs.Options)) *relayFixture {
 	ctx := context.Background()
 	const domain = "ferry.test"
-	hs := fakehs.New(fakehs.Options{
+	o := fakehs.Options{
 		Domain: domain, ASID: "ferry", ASToken: "as", HSToken: benchHSToken, ASBotLocalpart: "ferrybot",
 		ASUsers: regexp.MustCompile(`^@_ferry_.*:ferry\.test$`), NoEcho: true, KeepTimeline: true,
-	})
+	}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	hs := fakehs.New(o)
 	t.Cleanup(hs.Close)
 	target, _ := url.Parse(hs.URL)
 	flaky := &flakyHS{proxy: httputil.NewSingleHostReverseProxy(target)}
-	front := httptest.NewServer(flaky)
+	flakyFront := httptest.NewServer(flaky)
+	t.Cleanup(flakyFront.Close)
+	f := &relayFixture{hs: hs, flaky: flaky, alice: "@alice:" + domain}
+	// The fault proxy of the test kit stands in front: requests that f.faultOn picks meet its fault.
+	faults, err := faultproxy.New(faultproxy.Config{Name: "ferry→homeserver", Target: flakyFront.URL, Rate: 1,
+		Mix: map[faultproxy.Kind]int{faultproxy.Status502: 1}, Eligible: f.faultPicks})
+	if err != nil {
+		t.Fatal(err)
+	}
+	front := httptest.NewServer(faults)
 	t.Cleanup(front.Close)
-	br := newBenchBridge(t, cr, front.URL)
-	f := &relayFixture{br: br, hs: hs, flaky: flaky, alice: "@alice:" + domain}
+	f.faults = faults
+	br := newBenchBridgeOn(t, cr, front.URL, root)
+	f.br = br
 	bob, bot := id.UserID("@bob:"+domain), br.AS.BotMXID()
 	enc := &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1}
 	f.roomA = hs.CreateRoom(f.alice, fakehs.RoomOptions{Encryption: enc, Members: []id.UserID{bot}})

@@ -193,11 +193,17 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 				}
 				drained = len(rows) < workerBatch
 			}
+			var held time.Duration
 			if len(rows) > 0 {
-				highWater = max(highWater, rows[len(rows)-1].Seq)
+				for _, row := range rows {
+					highWater = max(highWater, row.Seq)
+				}
 				bw := &batchWrites{}
 				bctx := context.WithValue(ctx, batchKey{}, bw)
 				for _, row := range rows {
+					if held = b.orderHold(row); held > 0 {
+						break
+					}
 					if !b.processRow(bctx, row, bw) {
 						break
 					}
@@ -205,6 +211,15 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 				if !b.commitBatch(ctx, bw) {
 					return
 				}
+			}
+			if held > 0 {
+				// An event waits for /sync to show the room's order (see Bridge.SyncOrders); IngestSynced wakes
+				// the worker, which then reads the inbox in that order.
+				w.setDirty()
+				if !waitWake(ctx, w.wake, min(held, 250*time.Millisecond)) {
+					return
+				}
+				continue
 			}
 			if !drained {
 				// More pending rows than one read returns: read the inbox again.
@@ -219,6 +234,42 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 			}
 		}
 	}
+}
+
+// syncOrderWait bounds how long an event the homeserver pushed waits for /sync to show it (Bridge.SyncOrders):
+// longer than /sync normally takes (it answers as soon as the event exists), short enough that a broken /sync
+// only slows a room down.
+const syncOrderWait = 10 * time.Second
+
+// orderHold is how long row must still wait for /sync to show the room's order, or 0: until a /sync batch
+// that must have shown it was recorded (one whose request started after the push arrived), at most
+// syncOrderWait. The wait counts from the relay's start for rows pushed before it: the /sync of this run has not
+// had its chance yet.
+func (b *Bridge) orderHold(row *database.InboxEvent) time.Duration {
+	if !b.SyncOrders.Load() || row.Synced {
+		return 0
+	}
+	if b.syncCovers.Load() > row.ReceivedAt.UnixNano() {
+		return 0
+	}
+	from := row.ReceivedAt
+	if b.startedAt.After(from) {
+		from = b.startedAt
+	}
+	return max(syncOrderWait-time.Since(from), 0)
+}
+
+// waitWake waits until wake fires or d passed; false when ctx ended.
+func waitWake(ctx context.Context, wake <-chan struct{}, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-wake:
+	case <-t.C:
+	}
+	return true
 }
 
 func (w *roomWorker) setDirty() {
@@ -490,8 +541,12 @@ func (b *Bridge) processRow(ctx context.Context, row *database.InboxEvent, bw *b
 			}
 			log.Warn().Err(res.err).Int("attempt", attempt).Dur("retry_in", retry).Msg("Relaying failed, will retry")
 			b.stats.recordError(row.RoomID)
-			row.NotBefore = time.Now().Add(retry)
-			if err := b.DB.Inbox.Retry(ctx, row.Seq, row.NotBefore, res.err.Error()); err != nil {
+			now := time.Now()
+			row.NotBefore = now.Add(retry)
+			if row.FailingSince.IsZero() {
+				row.FailingSince = now
+			}
+			if err := b.DB.Inbox.Retry(ctx, row.Seq, now, row.NotBefore, res.err.Error()); err != nil {
 				log.Err(err).Msg("Failed to record retry")
 			}
 			continue

@@ -17,6 +17,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -70,9 +72,11 @@ type Machine struct {
 
 	// SessionReceived is called when a Megolm session arrives, so parked events can relay.
 	SessionReceived func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID)
-	// SyncedTimeline receives the room events the bot's /sync returns (only types in syncTimelineTypes): some
-	// homeservers (Dendrite 0.13.8) never push redactions to appservices.
-	SyncedTimeline func(ctx context.Context, evts []*event.Event)
+	// SyncedTimeline records the room events of each batch the bot's /sync returns (see SyncedBatch): some
+	// homeservers (Dendrite 0.13.8) never push redactions to appservices, and push events out of order after a
+	// restart. It is called for every batch, also without events. The /sync token moves past a batch only once
+	// it returned nil for it.
+	SyncedTimeline func(ctx context.Context, batch SyncedBatch) error
 	// SyncedEphemeral receives the typing notifications and read receipts the bot's /sync returns (with their
 	// room IDs): homeservers push them to appservices only with appservice-mode encryption's receive_ephemeral,
 	// and Dendrite 0.13.8 never does. It must not block.
@@ -228,11 +232,13 @@ func (m *Machine) initBot(ctx context.Context) error {
 			m.SessionReceived(ctx, roomID, sessionID)
 		}
 	}
-	m.client.Store = store
-	m.client.Syncer = &cryptoSyncer{mach: mach, log: m.log, keysLock: &m.cache.keysLock, timeline: func(ctx context.Context, evts []*event.Event) {
+	syncStore := &afterBatchStore{SyncStore: store}
+	m.client.Store = syncStore
+	m.client.Syncer = &cryptoSyncer{mach: mach, client: m.client, store: syncStore, log: m.log, keysLock: &m.cache.keysLock, timeline: func(ctx context.Context, batch SyncedBatch) error {
 		if m.SyncedTimeline != nil {
-			m.SyncedTimeline(ctx, evts)
+			return m.SyncedTimeline(ctx, batch)
 		}
+		return nil
 	}, ephemeral: func(ctx context.Context, evts []*event.Event) {
 		if m.SyncedEphemeral != nil {
 			m.SyncedEphemeral(ctx, evts)
@@ -331,6 +337,9 @@ func (m *Machine) fallbackDescription() string {
 }
 
 func (m *Machine) login(ctx context.Context, deviceID id.DeviceID) error {
+	// With the appservice's token: an earlier Init that failed after its login (start-up retries Init) left the
+	// device's own token in the client.
+	m.client.AccessToken = m.asToken
 	if m.asMode.Load() {
 		err := m.client.CreateDeviceMSC4190(ctx, deviceID, deviceDisplayName)
 		if err == nil {
@@ -434,8 +443,12 @@ func (m *Machine) Start(ctx context.Context) {
 	m.lock.Lock()
 	m.syncCancel = cancel
 	m.lock.Unlock()
+	syncer, _ := m.client.Syncer.(*cryptoSyncer)
 	go func() {
 		for ctx.Err() == nil {
+			if syncer != nil {
+				syncer.requestedAfter = time.Now()
+			}
 			err := m.client.SyncWithContext(ctx)
 			if err != nil && ctx.Err() == nil {
 				m.log.Err(err).Msg("To-device sync stopped, restarting in 5 seconds")
@@ -706,13 +719,16 @@ func (m *Machine) RealMembers(ctx context.Context, roomID id.RoomID) ([]id.UserI
 }
 
 // HandleMemberEvent rotates the room's outbound sessions (of every ferry device) when a real member's
-// membership changes in a way that requires it (see membershipRotates).
-func (m *Machine) HandleMemberEvent(ctx context.Context, evt *event.Event) {
+// membership changes in a way that requires it (see membershipRotates). An error means a rotation that may be
+// due did not happen; the caller retries.
+func (m *Machine) HandleMemberEvent(ctx context.Context, evt *event.Event) error {
 	if evt.StateKey == nil || (m.isOwn != nil && m.isOwn(id.UserID(*evt.StateKey))) {
-		return
+		return nil
 	}
-	if encrypted, err := m.stateStore.IsEncrypted(ctx, evt.RoomID); err != nil || !encrypted {
-		return
+	if encrypted, err := m.stateStore.IsEncrypted(ctx, evt.RoomID); err != nil {
+		return fmt.Errorf("failed to tell whether the room is encrypted: %w", err)
+	} else if !encrypted {
+		return nil
 	}
 	content := evt.Content.AsMember()
 	prev := event.Membership("unknown")
@@ -723,11 +739,12 @@ func (m *Machine) HandleMemberEvent(ctx context.Context, evt *event.Event) {
 		}
 	}
 	if !membershipRotates(prev, content.Membership) {
-		return
+		return nil
 	}
 	if err := m.Rotate(ctx, evt.RoomID); err != nil {
-		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to rotate outbound sessions after a membership change")
+		return fmt.Errorf("failed to rotate outbound sessions: %w", err)
 	}
+	return nil
 }
 
 // Rotate discards the outbound sessions of every ferry device (bot and ghosts) in a room, so the next message
@@ -746,26 +763,26 @@ func (m *Machine) Rotate(ctx context.Context, roomID id.RoomID) error {
 
 // rotateForDeviceChanges rotates every ferry device's sessions in the encrypted rooms shared with real users
 // whose device lists (or cross-signing keys) changed: a removed device must not read what follows, and a new
-// device needs the key.
-func (m *Machine) rotateForDeviceChanges(ctx context.Context, users []id.UserID) {
+// device needs the key. An error means a rotation did not happen; the /sync batch is then handled again.
+func (m *Machine) rotateForDeviceChanges(ctx context.Context, users []id.UserID) error {
 	for _, u := range users {
 		if m.isOwn != nil && m.isOwn(u) {
 			continue
 		}
 		rooms, err := m.stateStore.FindSharedRooms(ctx, u)
 		if err != nil {
-			m.log.Warn().Err(err).Msg("Failed to find rooms to rotate after a device change")
-			continue
+			return fmt.Errorf("failed to find the rooms to rotate after a device change: %w", err)
 		}
 		for _, room := range rooms {
 			if err = m.Rotate(ctx, room); err != nil {
-				m.log.Warn().Err(err).Stringer("room_id", room).Msg("Failed to rotate after a device change")
+				return fmt.Errorf("failed to rotate after a device change: %w", err)
 			}
 		}
 		if len(rooms) > 0 {
 			m.log.Debug().Stringer("user_id", u).Int("rooms", len(rooms)).Msg("Rotated outbound sessions after a device list change")
 		}
 	}
+	return nil
 }
 
 // allowKeyShare answers key requests sent to d (see decideKeyRequest).
@@ -796,47 +813,124 @@ func (m *Machine) allowKeyShare(d *device) func(context.Context, *id.Device, eve
 	}
 }
 
-// syncTimelineTypes are the room event types the bot's /sync asks for besides to-device and device lists.
-var syncTimelineTypes = []event.Type{event.EventRedaction}
+// syncTimelineLimit bounds the room events of one /sync answer per room (more make the timeline limited, and the
+// gap is read from /messages). The bot's /sync asks for every room event: redactions (which some homeservers
+// never push to appservices) and the room's order (which some get wrong in their pushes).
+const syncTimelineLimit = 50
+
+// afterBatchStore keeps the bot's /sync token from being saved before the batch it ends is handled. mautrix saves
+// the token first (so that a batch that panics is skipped); then a crash, or a failure to record the batch, loses
+// it: to-device messages (room keys) and redactions the homeserver will not send again. ferry saves the token
+// in cryptoSyncer once the batch is recorded; until then a restart fetches the batch again.
+type afterBatchStore struct {
+	mautrix.SyncStore
+	// guards the following fields
+	lock    sync.Mutex
+	pending string
+}
+
+// SaveNextBatch holds the token until commit.
+func (s *afterBatchStore) SaveNextBatch(_ context.Context, _ id.UserID, token string) error {
+	s.lock.Lock()
+	s.pending = token
+	s.lock.Unlock()
+	return nil
+}
+
+// commit saves the token of the batch just handled.
+func (s *afterBatchStore) commit(ctx context.Context, userID id.UserID) error {
+	s.lock.Lock()
+	token := s.pending
+	s.lock.Unlock()
+	return s.SyncStore.SaveNextBatch(ctx, userID, token)
+}
+
+// Limits of filling a gap in a limited /sync timeline.
+const (
+	gapPage  = 100
+	gapPages = 10
+)
 
 // syncEphemeralTypes are the ephemeral event types the bot's /sync asks for: typing and read receipts, which ferry
 // relays (bridge/ephemeral.go).
 var syncEphemeralTypes = []event.Type{event.EphemeralEventTyping, event.EphemeralEventReceipt}
 
 type cryptoSyncer struct {
-	mach          *crypto.OlmMachine
-	log           zerolog.Logger
-	keysLock      *sync.Mutex // the store cache's: device-list fetches take it, as key shares do (device.devicesOf)
-	timeline      func(ctx context.Context, evts []*event.Event)
-	ephemeral     func(ctx context.Context, evts []*event.Event)
-	deviceChanges func(ctx context.Context, users []id.UserID)
+	mach     *crypto.OlmMachine
+	client   *mautrix.Client
+	store    *afterBatchStore
+	log      zerolog.Logger
+	keysLock *sync.Mutex // the store cache's: device-list fetches take it, as key shares do (device.devicesOf)
+	timeline func(ctx context.Context, batch SyncedBatch) error
+	// ephemeral receives typing notifications and read receipts; it must not block.
+	ephemeral func(ctx context.Context, evts []*event.Event)
+	// requestedAfter: the request of the next batch starts after this (the loop's start, or the end of the
+	// previous batch). Only the sync loop's goroutine uses it.
+	requestedAfter time.Time
+	deviceChanges  func(ctx context.Context, users []id.UserID) error
 }
 
 func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSync, since string) error {
 	// mautrix fetches the changed device lists first thing in ProcessSyncResponse; ferry does it here instead,
 	// under the key lock, so a key share never sees a user's new devices before their signatures.
 	lists := resp.DeviceLists
+	var before map[id.UserID]string
 	if len(lists.Changed) > 0 {
 		s.keysLock.Lock()
+		before = s.keysOf(ctx, lists.Changed)
 		s.mach.HandleDeviceLists(ctx, &lists, since)
 		s.keysLock.Unlock()
 	}
 	resp.DeviceLists.Changed = nil
 	s.mach.ProcessSyncResponse(ctx, resp, since)
 	resp.DeviceLists.Changed = lists.Changed
-	if changed := append(append([]id.UserID{}, lists.Changed...), lists.Left...); since != "" && len(changed) > 0 {
-		s.deviceChanges(ctx, changed)
+	// Homeservers report users whose keys did not change too (Dendrite 0.13.8 reports a user's every upload, and
+	// again and again after restarts): only a real change of devices or cross-signing keys rotates.
+	changed := slices.Clone(lists.Left)
+	if len(lists.Changed) > 0 {
+		after := s.keysOf(ctx, lists.Changed)
+		for _, u := range lists.Changed {
+			if b, ok := before[u]; !ok || b != after[u] {
+				changed = append(changed, u)
+			}
+		}
+	}
+	// From here on, what fails is retried (the database restarting, the homeserver busy) while the loop waits:
+	// the token moves past the batch only once it is handled.
+	if since != "" && len(changed) > 0 {
+		if err := s.retry(ctx, "rotate after device list changes", func() error { return s.deviceChanges(ctx, changed) }); err != nil {
+			return err
+		}
 	}
 	var evts []*event.Event
 	for roomID, room := range resp.Rooms.Join {
+		if room.Timeline.Limited && since != "" && room.Timeline.PrevBatch != "" {
+			// More happened than the timeline holds: fetch the rest, or a redaction in the gap is never relayed.
+			var gap []*event.Event
+			err := s.retry(ctx, "fill a gap in the timeline", func() (err error) {
+				gap, err = s.fillGap(ctx, roomID, room.Timeline.PrevBatch, since)
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			evts = append(evts, gap...)
+		}
 		for _, evt := range room.Timeline.Events {
 			evt.RoomID = roomID
 			evts = append(evts, evt)
 		}
 	}
-	if len(evts) > 0 {
-		s.timeline(ctx, evts)
+	batch := SyncedBatch{Events: evts, Initial: since == "", Covers: s.requestedAfter}
+	if err := s.retry(ctx, "record synced room events", func() error { return s.timeline(ctx, batch) }); err != nil {
+		return err
 	}
+	if err := s.retry(ctx, "save the sync token", func() error { return s.store.commit(ctx, s.client.UserID) }); err != nil {
+		return err
+	}
+	s.requestedAfter = time.Now()
+	// Typing and receipts are news only once: relayed after the batch is recorded, never from the first /sync
+	// (which reports old receipts).
 	var eph []*event.Event
 	for roomID, room := range resp.Rooms.Join {
 		for _, evt := range room.Ephemeral.Events {
@@ -844,10 +938,94 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 			eph = append(eph, evt)
 		}
 	}
-	if len(eph) > 0 && since != "" { // the first /sync reports old receipts, not news
+	if len(eph) > 0 && since != "" {
 		s.ephemeral(ctx, eph)
 	}
 	return nil
+}
+
+// SyncedBatch is one batch of room events from the bot's /sync, every room's in the room's order (limited
+// timelines filled in).
+type SyncedBatch struct {
+	Events []*event.Event
+	// Initial is true for the first /sync of a device: its events may predate ferry.
+	Initial bool
+	// Covers: every room event the homeserver had before this time is in this batch or an earlier one (the
+	// request started after it).
+	Covers time.Time
+}
+
+// keysOf fingerprints the devices and cross-signing keys ferry's store has for each user; a user whose keys
+// cannot be read is left out (and then counts as changed).
+func (s *cryptoSyncer) keysOf(ctx context.Context, users []id.UserID) map[id.UserID]string {
+	out := make(map[id.UserID]string, len(users))
+	for _, u := range users {
+		devices, err := s.mach.CryptoStore.GetDevices(ctx, u)
+		if err != nil {
+			continue
+		}
+		xs, err := s.mach.CryptoStore.GetCrossSigningKeys(ctx, u)
+		if err != nil {
+			continue
+		}
+		var parts []string
+		for devID, d := range devices {
+			parts = append(parts, fmt.Sprintf("d %s %s %s %t %d", devID, d.IdentityKey, d.SigningKey, d.Deleted, d.Trust))
+		}
+		for usage, k := range xs {
+			parts = append(parts, fmt.Sprintf("x %s %s", usage, k.Key))
+		}
+		slices.Sort(parts)
+		out[u] = strings.Join(parts, "\n") + "\n"
+	}
+	return out
+}
+
+// retry runs fn until it succeeds or ctx ends, with backoff, saying why it waits.
+func (s *cryptoSyncer) retry(ctx context.Context, what string, fn func() error) error {
+	backoff := 500 * time.Millisecond
+	for {
+		err := fn()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		s.log.Warn().Err(err).Str("step", what).Dur("retry_in", backoff).Msg("Failed to handle a /sync batch, retrying")
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 30*time.Second)
+	}
+}
+
+// fillGap reads a room's events between the previous /sync token (to) and the start of a limited timeline
+// (from), oldest first.
+func (s *cryptoSyncer) fillGap(ctx context.Context, roomID id.RoomID, from, to string) ([]*event.Event, error) {
+	var out []*event.Event
+	for page := 0; page < gapPages; page++ {
+		resp, err := s.client.Messages(ctx, roomID, from, to, mautrix.DirectionBackward, nil, gapPage)
+		if err != nil {
+			return nil, err
+		}
+		for _, evt := range resp.Chunk {
+			evt.RoomID = roomID
+			out = append(out, evt)
+		}
+		// A page may hold no event and still not be the last: only a missing end says so.
+		if resp.End == "" || resp.End == from {
+			break
+		}
+		from = resp.End
+		if page == gapPages-1 {
+			s.log.Warn().Stringer("room_id", roomID).Int("events", gapPage*gapPages).Msg("Filled only the most recent part of a gap in the timeline")
+		}
+	}
+	slices.Reverse(out)
+	return out, nil
 }
 
 func (s *cryptoSyncer) OnFailedSync(_ *mautrix.RespSync, err error) (time.Duration, error) {
@@ -867,7 +1045,7 @@ func (s *cryptoSyncer) GetFilterJSON(_ id.UserID) *mautrix.Filter {
 			Ephemeral:   &mautrix.FilterPart{Types: syncEphemeralTypes},
 			AccountData: &mautrix.FilterPart{NotTypes: everything},
 			State:       &mautrix.FilterPart{NotTypes: everything},
-			Timeline:    &mautrix.FilterPart{Types: syncTimelineTypes, Limit: 50},
+			Timeline:    &mautrix.FilterPart{Limit: syncTimelineLimit},
 		},
 	}
 }

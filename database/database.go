@@ -38,6 +38,8 @@ type Database struct {
 	Calls     *CallQuery
 	// Consent holds actions that wait for consent in the rooms they act on.
 	Consent *ConsentQuery
+	// Readback names the rooms to read back before the next send into them.
+	Readback *ReadbackQuery
 }
 
 // New wraps a root database handle. The handle may be shared with the crypto and state stores (each uses its
@@ -53,6 +55,7 @@ func New(root *dbutil.Database, log dbutil.DatabaseLogger) *Database {
 		Disappear: &DisappearQuery{db: db},
 		Calls:     &CallQuery{db: db},
 		Consent:   &ConsentQuery{db: db},
+		Readback:  &ReadbackQuery{db: db},
 	}
 }
 

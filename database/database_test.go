@@ -286,6 +286,72 @@ func TestKV(t *testing.T) {
 	})
 }
 
+// TestReadback: a room keeps the earliest since marked; reading it back from a later since than one marked, or
+// in a read that began before the room was marked again, leaves the row.
+func TestReadback(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		t0 := time.UnixMilli(1_700_000_000_000)
+		for _, since := range []time.Time{t0.Add(time.Minute), t0, t0.Add(2 * time.Minute)} {
+			if err := db.Readback.Mark(ctx, "!a", since, t0.Add(time.Hour)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		_ = db.Readback.Mark(ctx, "!b", t0, t0.Add(time.Hour))
+		_ = db.Readback.Mark(ctx, "!c", t0, t0.Add(time.Hour))
+		all, err := db.Readback.All(ctx)
+		if err != nil || len(all) != 3 || !all["!a"].Equal(t0) {
+			t.Fatalf("all = %v, %v", all, err)
+		}
+		_ = db.Readback.Done(ctx, "!a", t0.Add(time.Second), t0.Add(2*time.Hour)) // read from later than marked
+		_ = db.Readback.Done(ctx, "!b", t0, t0.Add(2*time.Hour))
+		_ = db.Readback.Done(ctx, "!c", t0, t0.Add(time.Hour-time.Second)) // marked again while it was read
+		if all, _ = db.Readback.All(ctx); len(all) != 2 || !all["!a"].Equal(t0) || !all["!c"].Equal(t0) {
+			t.Fatalf("after reading back: %v", all)
+		}
+	})
+}
+
+// TestConfirmOrder: events delivered out of the room's order (e3 late) take the order /sync showed, keeping the
+// places pending events hold among the room's others; they are marked synced; done events stay where they are.
+func TestConfirmOrder(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		row := func(evtID id.EventID) *database.InboxEvent {
+			return &database.InboxEvent{EventID: evtID, RoomID: "!r", Sender: "@a:x", Type: "m.room.message", Raw: []byte(`{}`), State: database.InboxPending, ReceivedAt: time.Now()}
+		}
+		// Delivered: e1, e2, e4, e5, e3 (late), e6.
+		for _, e := range []id.EventID{"$e1", "$e2", "$e4", "$e5", "$e3", "$e6"} {
+			if _, err := db.Inbox.Insert(ctx, []*database.InboxEvent{row(e)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		done, _ := db.Inbox.Get(ctx, "$e1")
+		if err := db.Inbox.FinishMany(ctx, []int64{done.Seq}, database.InboxDone); err != nil {
+			t.Fatal(err)
+		}
+		// /sync shows e1 … e5 in the room's order.
+		moved, err := db.Inbox.ConfirmOrder(ctx, "!r", []id.EventID{"$e1", "$e2", "$e3", "$e4", "$e5", "$unknown"})
+		if err != nil || moved != 3 {
+			t.Fatalf("moved %d rows (%v), want 3 (e3, e4, e5)", moved, err)
+		}
+		rows, err := db.Inbox.NextInRoom(ctx, "!r", 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []id.EventID
+		for _, r := range rows {
+			got = append(got, r.EventID)
+			if r.Synced != (r.EventID != "$e6") {
+				t.Fatalf("%s synced = %v", r.EventID, r.Synced)
+			}
+		}
+		if want := []id.EventID{"$e2", "$e3", "$e4", "$e5", "$e6"}; !slices.Equal(got, want) {
+			t.Fatalf("queue %v, want %v", got, want)
+		}
+	})
+}
+
 func TestDisappearQueue(t *testing.T) {
 	forEachDialect(t, func(t *testing.T, db *database.Database) {
 		ctx := context.Background()

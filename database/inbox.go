@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -42,6 +43,11 @@ type InboxEvent struct {
 	Attempts   int
 	NotBefore  time.Time
 	LastError  string
+	// FailingSince is when relaying the event first failed for a reason that may pass (zero: it never did).
+	FailingSince time.Time
+	// Synced is false while the homeserver's /sync has not shown an event it pushed, where ferry checks the
+	// order of pushes against /sync (see ConfirmOrder).
+	Synced bool
 }
 
 // InboxQuery reads and writes the inbox table.
@@ -50,9 +56,11 @@ type InboxQuery struct {
 }
 
 const (
-	inboxColumns    = `seq, event_id, room_id, sender, event_type, raw, state, session_id, received_at, attempts, not_before, last_error`
+	inboxColumns    = `seq, event_id, room_id, sender, event_type, raw, state, session_id, received_at, attempts, not_before, last_error, failing_since, synced`
 	inboxSelect     = `SELECT ` + inboxColumns + ` FROM inbox `
-	inboxInsertHead = `INSERT INTO inbox (event_id, room_id, sender, event_type, raw, state, session_id, received_at) VALUES `
+	inboxInsertHead = `INSERT INTO inbox (event_id, room_id, sender, event_type, raw, state, session_id, received_at, synced) VALUES `
+	// inboxOrder is an event's place in its room's queue: its delivery order, unless /sync showed another.
+	inboxOrder      = `COALESCE(ord, seq*1000)`
 	inboxInsertTail = ` ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id`
 )
 
@@ -65,7 +73,7 @@ func (iq *InboxQuery) Insert(ctx context.Context, evts []*InboxEvent) (inserted 
 	}
 	defer metrics.ObserveCommit(metrics.CommitIntake, time.Now())
 	// One multi-row statement: a transaction of 100 events costs one round trip, not 100.
-	const perRow = 8
+	const perRow = 9
 	var sb strings.Builder
 	sb.Grow(len(inboxInsertHead) + len(inboxInsertTail) + len(evts)*40)
 	sb.WriteString(inboxInsertHead)
@@ -76,7 +84,7 @@ func (iq *InboxQuery) Insert(ctx context.Context, evts []*InboxEvent) (inserted 
 		}
 		writePlaceholders(&sb, i*perRow, perRow)
 		args = append(args, evt.EventID, evt.RoomID, evt.Sender, evt.Type, string(evt.Raw), evt.State,
-			dbutil.StrPtr(evt.SessionID), evt.ReceivedAt.UnixMilli())
+			dbutil.StrPtr(evt.SessionID), evt.ReceivedAt.UnixMilli(), evt.Synced)
 	}
 	sb.WriteString(inboxInsertTail)
 	rows, err := iq.db.Query(ctx, sb.String(), args...)
@@ -133,10 +141,74 @@ func (iq *InboxQuery) RoomsWithWork(ctx context.Context) ([]id.RoomID, error) {
 	return dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.RoomID], err).AsList()
 }
 
-// NextInRoom returns up to limit pending events of one room, oldest first.
+// NextInRoom returns up to limit pending events of one room, in the room's order (see ConfirmOrder).
 func (iq *InboxQuery) NextInRoom(ctx context.Context, roomID id.RoomID, limit int) ([]*InboxEvent, error) {
-	rows, err := iq.db.Query(ctx, inboxSelect+`WHERE room_id=$1 AND state=$2 ORDER BY seq LIMIT $3`, roomID, InboxPending, limit)
+	rows, err := iq.db.Query(ctx, inboxSelect+`WHERE room_id=$1 AND state=$2 ORDER BY `+inboxOrder+` LIMIT $3`, roomID, InboxPending, limit)
 	return dbutil.NewRowIterWithError(rows, scanInbox, err).AsList()
+}
+
+// ConfirmOrder records that the homeserver's /sync showed evtIDs, one room's events in the room's order: their
+// rows are marked synced, and pending ones whose delivery order (a homeserver that pushed an event late) disagrees
+// take the room's order, keeping their places among the room's other pending events. It reports how many rows
+// moved. Events not in the inbox are ignored.
+func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evtIDs []id.EventID) (moved int, err error) {
+	if len(evtIDs) == 0 {
+		return 0, nil
+	}
+	err = iq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		args := make([]any, 0, len(evtIDs)+1)
+		args = append(args, roomID)
+		for _, e := range evtIDs {
+			args = append(args, e)
+		}
+		in := placeholders(1, len(evtIDs))
+		rows, err := iq.db.Query(ctx, `UPDATE inbox SET synced=true WHERE room_id=$1 AND event_id IN `+in+
+			` RETURNING seq, event_id, state, `+inboxOrder, args...)
+		if err != nil {
+			return err
+		}
+		type placed struct {
+			seq, key int64
+		}
+		byID := make(map[id.EventID]placed, len(evtIDs))
+		for rows.Next() {
+			var p placed
+			var evtID id.EventID
+			var state InboxState
+			if err = rows.Scan(&p.seq, &evtID, &state, &p.key); err != nil {
+				_ = rows.Close()
+				return err
+			}
+			if state == InboxPending {
+				byID[evtID] = p
+			}
+		}
+		if err = rows.Close(); err != nil {
+			return err
+		}
+		// The pending rows in the room's order, and the places they hold: the k-th takes the k-th smallest.
+		var inOrder []placed
+		var keys []int64
+		for _, e := range evtIDs {
+			if p, ok := byID[e]; ok {
+				inOrder = append(inOrder, p)
+				keys = append(keys, p.key)
+				delete(byID, e) // an ID listed twice keeps its first place
+			}
+		}
+		slices.Sort(keys)
+		for i, p := range inOrder {
+			if p.key == keys[i] {
+				continue
+			}
+			if _, err = iq.db.Exec(ctx, `UPDATE inbox SET ord=$2 WHERE seq=$1`, p.seq, keys[i]); err != nil {
+				return err
+			}
+			moved++
+		}
+		return nil
+	})
+	return moved, err
 }
 
 // Finish marks an event handled and drops its payload.
@@ -173,9 +245,12 @@ func (iq *InboxQuery) Park(ctx context.Context, seq int64, sessionID id.SessionI
 	return err
 }
 
-// Retry records a transient failure; the event stays pending and is not tried before notBefore.
-func (iq *InboxQuery) Retry(ctx context.Context, seq int64, notBefore time.Time, lastError string) error {
-	_, err := iq.db.Exec(ctx, `UPDATE inbox SET attempts=attempts+1, not_before=$2, last_error=$3 WHERE seq=$1`, seq, notBefore.UnixMilli(), lastError)
+// Retry records a transient failure at now; the event stays pending and is not tried before notBefore. The
+// first such failure sets the event's failing_since.
+func (iq *InboxQuery) Retry(ctx context.Context, seq int64, now, notBefore time.Time, lastError string) error {
+	_, err := iq.db.Exec(ctx, `UPDATE inbox SET attempts=attempts+1, not_before=$2, last_error=$3,
+		failing_since=CASE WHEN failing_since=0 THEN $4 ELSE failing_since END WHERE seq=$1`,
+		seq, notBefore.UnixMilli(), lastError, now.UnixMilli())
 	return err
 }
 
@@ -234,9 +309,9 @@ func scanOne(row *sql.Row) (*InboxEvent, error) {
 func scanInbox(row dbutil.Scannable) (*InboxEvent, error) {
 	var evt InboxEvent
 	var raw, sessionID, lastError sql.NullString
-	var receivedAt, notBefore int64
+	var receivedAt, notBefore, failingSince int64
 	err := row.Scan(&evt.Seq, &evt.EventID, &evt.RoomID, &evt.Sender, &evt.Type, &raw, &evt.State, &sessionID,
-		&receivedAt, &evt.Attempts, &notBefore, &lastError)
+		&receivedAt, &evt.Attempts, &notBefore, &lastError, &failingSince, &evt.Synced)
 	if err != nil {
 		return nil, err
 	}
@@ -248,6 +323,9 @@ func scanInbox(row dbutil.Scannable) (*InboxEvent, error) {
 	evt.ReceivedAt = time.UnixMilli(receivedAt)
 	if notBefore > 0 {
 		evt.NotBefore = time.UnixMilli(notBefore)
+	}
+	if failingSince > 0 {
+		evt.FailingSince = time.UnixMilli(failingSince)
 	}
 	return &evt, nil
 }

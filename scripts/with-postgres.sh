@@ -5,7 +5,35 @@
 # The throwaway cluster runs with fsync=off (tests only need it to be fast); FERRY_PG_FSYNC=on starts it with
 # fsync and synchronous commits on, as benchmarks need. FERRY_PG_SERVER=1 uses a server already answering on
 # 127.0.0.1:5432 instead.
+#
+# `with-postgres.sh --restart [SECONDS]` restarts the throwaway cluster named by FERRY_TEST_PG_DATA and
+# FERRY_TEST_PG_CTL (as the user it runs as), keeping it down for SECONDS (default 0) in between: fault tests use
+# it to make PostgreSQL go away and come back.
 set -euo pipefail
+
+if [ "${1:-}" = --restart ]; then
+	: "${FERRY_TEST_PG_DATA:?--restart needs FERRY_TEST_PG_DATA (only a throwaway cluster started by this script can be restarted)}"
+	: "${FERRY_TEST_PG_CTL:?--restart needs FERRY_TEST_PG_CTL}"
+	down=${2:-0}
+	owner=$(stat -c %U "$FERRY_TEST_PG_DATA")
+	as=()
+	if [ "$(id -un)" != "$owner" ]; then as=(setpriv --reuid="$owner" --regid="$(stat -c %G "$FERRY_TEST_PG_DATA")" --clear-groups); fi
+	# -l again: without it the restarted server would write its log to (and hold open) this script's output.
+	log="$(dirname "$FERRY_TEST_PG_DATA")/pg.log"
+	# The server's options as it was started (postmaster.opts: the binary, then its quoted arguments), minus -D.
+	eval "set -- $(cat "$FERRY_TEST_PG_DATA/postmaster.opts")"
+	shift
+	opts=""
+	while [ $# -gt 0 ]; do
+		if [ "$1" = -D ]; then shift 2; continue; fi
+		opts="$opts $1"
+		shift
+	done
+	"${as[@]}" "$FERRY_TEST_PG_CTL" -D "$FERRY_TEST_PG_DATA" -m fast -w stop >/dev/null
+	sleep "$down"
+	"${as[@]}" "$FERRY_TEST_PG_CTL" -D "$FERRY_TEST_PG_DATA" -l "$log" -o "$opts" -w start >/dev/null
+	exit 0
+fi
 
 if [ -n "${FERRY_TEST_PG:-}" ]; then
 	exec "$@"

@@ -236,7 +236,11 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 	}
 	defer root.Close()
 	db := database.New(root, dbutil.ZeroLogger(dbLog.With().Str("db_section", "ferry").Logger()))
-	if err = db.Upgrade(ctx); err != nil {
+	// A database that is restarting (or not up yet) is waited for; only a definite error stops start-up.
+	if err = retryStartup(ctx, log, "upgrade the database", func() error { return db.Upgrade(ctx) }); err != nil {
+		if ctx.Err() != nil {
+			return exitOK
+		}
 		log.Error().Err(err).Msg("Database upgrade failed")
 		return exitDatabase
 	}
@@ -248,12 +252,18 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 	}
 	defer stopMetrics()
 	stateStore := sqlstatestore.NewSQLStateStore(root, dbutil.ZeroLogger(dbLog.With().Str("db_section", "state").Logger()), false)
-	if err = stateStore.Upgrade(ctx); err != nil {
+	if err = retryStartup(ctx, log, "upgrade the state store", func() error { return stateStore.Upgrade(ctx) }); err != nil {
+		if ctx.Err() != nil {
+			return exitOK
+		}
 		log.Error().Err(database.UpgradeError{Section: "state store", Err: err}).Msg("Database upgrade failed")
 		return exitDatabase
 	}
 
 	as := appservice.Create()
+	// ferry retries failed requests itself (start-up steps, the relay's durable retries, the /sync loop); the
+	// crypto layer's client is made below, before bridge.New would turn mautrix's own retries off.
+	as.DefaultHTTPRetries = 0
 	as.Log = log.With().Str("component", "appservice").Logger()
 	as.HomeserverDomain = cfg.Homeserver.Domain
 	as.Registration = registrationFor(cfg)
@@ -296,6 +306,9 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 	mach.SessionReceived = br.SessionArrived
 	mach.SyncedTimeline = br.IngestSynced
 	mach.SyncedEphemeral = br.HandleEphemeral
+	// Without appservice-mode encryption the bot's device runs /sync, which shows each room's order: on such
+	// homeservers (Dendrite) pushed events are checked against it. Init may still fall back to /sync below.
+	br.SyncOrders.Store(!cfg.Encryption.Appservice)
 	listener, err := net.Listen("tcp", net.JoinHostPort(cfg.Appservice.Hostname, fmt.Sprint(cfg.Appservice.Port)))
 	if err != nil {
 		log.Error().Err(err).Msg("Failed to listen for the homeserver")
@@ -333,14 +346,14 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 		log.Error().Err(err).Msg("Failed to check whether the database was restored from a backup")
 		return exitDatabase
 	}
-	if err = mach.Init(ctx); err != nil {
+	if err = retryStartup(ctx, log, "set up encryption", func() error { return mach.Init(ctx) }); err != nil {
 		if ctx.Err() != nil {
 			return exitOK
 		}
 		log.Error().Err(err).Msg("Failed to set up encryption")
 		return exitHomeserver
 	}
-	if err = probePushes(ctx, mach, as, log); err != nil {
+	if err = probePushes(ctx, mach, as, db, log); err != nil {
 		if ctx.Err() != nil {
 			return exitOK
 		}
@@ -351,11 +364,15 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 		// The homeserver lacks MSC4190 or does not push to-device messages: Init or the probe said so and fell
 		// back to logins and /sync.
 		path = encryptionPathSync
+		br.SyncOrders.Store(true)
 	}
 	br.EncryptionPath = path
 	mach.Start(ctx)
 	defer mach.Stop()
-	if err = br.Start(ctx); err != nil {
+	if err = retryStartup(ctx, log, "start the relay", func() error { return br.Start(ctx) }); err != nil {
+		if ctx.Err() != nil {
+			return exitOK
+		}
 		log.Error().Err(err).Msg("Failed to start the relay")
 		return exitDatabase
 	}
@@ -406,16 +423,29 @@ func checkHomeserver(ctx context.Context, cfg *config.Config, as *appservice.App
 	if as.SpecVersions != nil {
 		*as.SpecVersions = *versions
 	}
-	if err := bot.EnsureRegistered(ctx); errors.Is(err, mautrix.MUnknownToken) {
+	// From here on the homeserver answers: rate limits, server errors and lost connections are retried (a busy or
+	// restarting homeserver, a proxy in between), and only a definite answer stops start-up.
+	if err := retryStartup(ctx, log, "register the bot", func() error { return bot.EnsureRegistered(ctx) }); errors.Is(err, mautrix.MUnknownToken) {
 		return "", fmt.Errorf("the homeserver does not know ferry's as_token (M_UNKNOWN_TOKEN): install the registration ferry -g wrote "+
 			"(its as_token must equal appservice.as_token) in the homeserver's appservice config and restart the homeserver: %w", err)
 	} else if err != nil {
 		return "", fmt.Errorf("failed to register the bot %s: %w", as.BotMXID(), err)
 	}
-	whoami, err := bot.Whoami(ctx)
-	if err != nil {
-		return "", fmt.Errorf("the homeserver rejected ferry's as_token (is the registration installed?): %w", err)
-	} else if whoami.UserID != as.BotMXID() {
+	var whoami *mautrix.RespWhoami
+	err := retryStartup(ctx, log, "whoami", func() (err error) {
+		whoami, err = bot.Whoami(ctx)
+		return err
+	})
+	switch {
+	case errors.Is(err, mautrix.MUnknownToken):
+		return "", fmt.Errorf("the homeserver does not know ferry's as_token (M_UNKNOWN_TOKEN): install the registration ferry -g wrote "+
+			"(its as_token must equal appservice.as_token) in the homeserver's appservice config and restart the homeserver: %w", err)
+	case errors.Is(err, mautrix.MForbidden):
+		return "", fmt.Errorf("the homeserver refused to let ferry's as_token act as the bot %s (M_FORBIDDEN): the installed registration's "+
+			"users namespace must cover appservice.bot.username; install the registration ferry -g wrote for this config and restart the homeserver: %w", as.BotMXID(), err)
+	case err != nil:
+		return "", fmt.Errorf("whoami failed: %w", err)
+	case whoami.UserID != as.BotMXID():
 		return "", fmt.Errorf("whoami returned %s, expected the bot %s: check appservice.bot.username and the registration", whoami.UserID, as.BotMXID())
 	}
 	if versions.Supports(mautrix.FeatureAppservicePing) {
@@ -447,6 +477,33 @@ func checkHomeserver(ctx context.Context, cfg *config.Config, as *appservice.App
 	return path, nil
 }
 
+// startupBackoff is the first wait between start-up retries; it doubles up to a minute.
+var startupBackoff = time.Second
+
+// retryStartup runs one start-up step until it succeeds or fails definitely: transient failures (rate limits,
+// server and gateway errors, lost connections, a database that restarts) are retried with backoff, honouring a
+// rate limit's wait, and logged with the step and the reason. It returns the definite error, or the context's.
+func retryStartup(ctx context.Context, log zerolog.Logger, step string, fn func() error) error {
+	backoff := startupBackoff
+	for {
+		err := fn()
+		if err == nil || ctx.Err() != nil || !bridge.Transient(err) {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return err
+		}
+		wait := bridge.RetryWait(err, backoff)
+		log.Warn().Err(err).Str("step", step).Dur("retry_in", wait).Msg("Start-up step failed for now, retrying")
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		backoff = min(backoff*2, time.Minute)
+	}
+}
+
 // errWrongHSToken: the homeserver reached ferry through the ping, and ferry refused its hs_token.
 var errWrongHSToken = errors.New("the homeserver reached ferry but presents another hs_token than appservice.hs_token")
 
@@ -455,7 +512,10 @@ var errWrongHSToken = errors.New("the homeserver reached ferry but presents anot
 // M_CONNECTION_FAILED to a ping while ferry was listening); a refusal of the ping itself is not retried.
 const pingAttempts = 5
 
-// pingUntilReached asks the homeserver to reach ferry (appservice ping), retrying what may pass.
+// pingUntilReached asks the homeserver to reach ferry (appservice ping). A ping the homeserver could not deliver
+// for a moment (Synapse has answered 502 M_CONNECTION_FAILED while ferry was listening; a proxy in front of ferry
+// may fail) is tried again with backoff, pingAttempts times, honouring a rate limit's wait; a refusal of the ping
+// itself (M_FORBIDDEN, M_URL_NOT_SET, ferry refusing the homeserver's hs_token) is not.
 func pingUntilReached(ctx context.Context, as *appservice.AppService, log zerolog.Logger) error {
 	backoff := time.Second
 	for attempt := 1; ; attempt++ {
@@ -475,11 +535,12 @@ func pingUntilReached(ctx context.Context, as *appservice.AppService, log zerolo
 		if definite || attempt == pingAttempts || ctx.Err() != nil {
 			return err
 		}
-		log.Warn().Err(err).Dur("retry_in", backoff).Msg("The homeserver could not reach ferry through the appservice ping, retrying")
+		wait := bridge.RetryWait(err, backoff)
+		log.Warn().Err(err).Dur("retry_in", wait).Msg("The homeserver could not reach ferry through the appservice ping, retrying")
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(backoff):
+		case <-time.After(wait):
 		}
 		backoff *= 2
 	}
@@ -491,17 +552,50 @@ const (
 	probeWait     = 10 * time.Second
 )
 
+// pushesProvenKey is the kv entry that is "yes" once a push probe came back on this database's homeserver.
+const pushesProvenKey = "appservice_pushes_proven"
+
+// keepAppserviceMode tells whether a failed push probe leaves appservice mode on: when the homeserver proved
+// before that it pushes what that mode needs, a probe lost now is a transient failure (it was down, or counted
+// ferry as down and dropped the probe), not a homeserver without the feature.
+func keepAppserviceMode(probeErr error, provenBefore bool) bool {
+	return provenBefore && (errors.Is(probeErr, crypto.ErrNoToDevicePushes) || errors.Is(probeErr, crypto.ErrNoKeyCountPushes))
+}
+
 // probePushes checks, in appservice mode, that the homeserver pushes to-device messages and key counts to ferry
 // (crypto.Machine.ProbePushes), and says how to turn them on when it does not. Before each attempt ferry pings
 // the homeserver, which makes Synapse retry delivery at once if it still counts ferry as down (it drops pushes
 // until then).
-func probePushes(ctx context.Context, mach *crypto.Machine, as *appservice.AppService, log zerolog.Logger) error {
+func probePushes(ctx context.Context, mach *crypto.Machine, as *appservice.AppService, db *database.Database, log zerolog.Logger) error {
 	kick := func(ctx context.Context) {
 		if _, err := as.BotIntent().AppservicePing(ctx, as.Registration.ID, ""); err != nil {
 			log.Debug().Err(err).Msg("Appservice ping before the push probe failed")
 		}
 	}
-	err := mach.ProbePushes(ctx, probeAttempts, probeWait, kick)
+	var proven string
+	_ = retryStartup(ctx, log, "read whether pushes were proven", func() (err error) {
+		proven, err = db.KV.Get(ctx, pushesProvenKey)
+		return err
+	})
+	// Sending the probe can fail for a moment like any request; a probe that does not come back is the answer.
+	var err error
+	if serr := retryStartup(ctx, log, "push probe", func() error {
+		err = mach.ProbePushes(ctx, probeAttempts, probeWait, kick)
+		if errors.Is(err, crypto.ErrNoToDevicePushes) || errors.Is(err, crypto.ErrNoKeyCountPushes) {
+			return nil
+		}
+		return err
+	}); serr != nil {
+		return serr
+	}
+	if err == nil && mach.AppserviceMode() && proven != "yes" {
+		_ = retryStartup(ctx, log, "record that pushes were proven", func() error { return db.KV.Set(ctx, pushesProvenKey, "yes") })
+	}
+	if keepAppserviceMode(err, proven == "yes") {
+		log.Warn().Err(err).Msg("The homeserver did not push the probe back this time, although it did before: keeping appservice-mode " +
+			"encryption (a homeserver drops pushes while it counts ferry as down, and resumes once a transaction goes through)")
+		return nil
+	}
 	var fix string
 	switch {
 	case errors.Is(err, crypto.ErrNoToDevicePushes):

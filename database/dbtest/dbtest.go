@@ -18,6 +18,7 @@ import (
 	_ "go.mau.fi/util/dbutil/litestream"
 
 	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/internal/faultproxy"
 )
 
 // EnvPostgres names the environment variable holding an admin connection URL to a Postgres server.
@@ -74,6 +75,23 @@ func PostgresURI(t testing.TB) string {
 func Postgres(t testing.TB) *dbutil.Database {
 	t.Helper()
 	return open(t, database.TuneURI("postgres", PostgresURI(t)), database.DriverFor("postgres"))
+}
+
+// PostgresThroughProxy is Postgres, reached through a TCP proxy the test can cut (proxy.Down, then Up) to make
+// the database go away and come back, as a restarting server does.
+func PostgresThroughProxy(t testing.TB) (*dbutil.Database, *faultproxy.TCP) {
+	t.Helper()
+	u, err := url.Parse(PostgresURI(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy, err := faultproxy.NewTCP(u.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(proxy.Close)
+	u.Host = proxy.Addr()
+	return open(t, database.TuneURI("postgres", u.String()), database.DriverFor("postgres")), proxy
 }
 
 // SQLite returns a fresh SQLite database in the test's temp dir.

@@ -48,7 +48,9 @@ global:
     enable_outbound: false
   jetstream:
     storage_path: ${yq(path.join(dir, "jetstream"))}
-    in_memory: true
+    # On disk, as in production: a restart then keeps what Dendrite had queued (events not yet pushed to
+    # appservices, sends not yet processed), which the fault tests restart it on.
+    in_memory: false
     topic_prefix: Dendrite
   metrics:
     enabled: false

@@ -147,7 +147,9 @@ function runFerrySync(args, dir) {
  * back into config.yaml). Options:
  *   hsDomain ("ferry.test"), hsUrl (default: http://127.0.0.1:<hsPort> with a port reserved here for Dendrite),
  *   sharedSecret (random), db ({type, uri}; default SQLite in the dir), permissions (merged over
- *   {"*": relay, <hsDomain>: user}), admins ([userId] → admin), extraConfig (deep-merged into the config).
+ *   {"*": relay, <hsDomain>: user}), admins ([userId] → admin), extraConfig (deep-merged into the config; its
+ *   appservice.address is what the registration gives the homeserver), port (ferry's appservice port; default: a
+ *   free one).
  * Returns { dir, configPath, registrationPath, port, hsUrl, hsPort, hsDomain, sharedSecret, asToken, hsToken,
  *           botUserId, config, cleanup() }.
  */
@@ -159,11 +161,12 @@ export async function prepareFerry({
     permissions = {},
     admins = [],
     extraConfig = {},
+    port,
 } = {}) {
     requireFerryBin();
     const dir = makeTempDir("ferry-e2e-");
     try {
-        const port = await freePort();
+        port ??= await freePort();
         let hsPort;
         if (!hsUrl) {
             hsPort = await freePort();

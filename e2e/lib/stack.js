@@ -5,9 +5,11 @@
 //   const stack = await startStack({ permissions: { "ferry.test": "user" } });
 //   stack.botUserId, stack.hs.url, stack.ferry (restart with stack.restartFerry())
 //   await stack.sql("SELECT count(*) FROM inbox")  -> rows as arrays of strings
+//   startStack({ faults: { toHomeserver: { rate: 0.09 }, toFerry: { rate: 0.05 } } }) -> stack.faultProxies
 import { execFileSync } from "node:child_process";
 import { createTestDatabase, deepMerge, prepareFerry, startFerry } from "./ferry.js";
 import { ferryConfigFor, startHomeserver } from "./homeserver.js";
+import { startFaultProxy } from "./faultproxy.js";
 import { startPushProxy, startSyncHoldProxy } from "./proxy.js";
 import { createUser } from "./users.js";
 import { freePort, sleep } from "./util.js";
@@ -23,6 +25,7 @@ export async function startStack({
     pushProxy = false,
     homeserver = {},
     extraRegistrations = [],
+    faults,
 } = {}) {
     const database = db === "postgres" ? createTestDatabase() : null;
     // With syncProxy, ferry reaches the homeserver through a proxy that records its requests, can hold its /sync
@@ -31,16 +34,23 @@ export async function startStack({
     const hsPort = await freePort();
     const proxy = syncProxy ? await startSyncHoldProxy(hsPort) : null;
     const pushPort = pushProxy ? await freePort() : null;
+    // With faults ({ toHomeserver, toFerry }: startFaultProxy options for each direction), ferry's requests to the
+    // homeserver and the homeserver's transactions to ferry go through fault-injecting proxies (faultproxy.js).
+    const ferryPort = await freePort();
+    const toHomeserver = faults?.toHomeserver ? await startFaultProxy({ name: "ferry→homeserver", ...faults.toHomeserver, target: proxy ? proxy.url : `http://127.0.0.1:${hsPort}` }) : null;
+    const toFerry = faults?.toFerry ? await startFaultProxy({ name: "homeserver→ferry", ...faults.toFerry, target: `http://127.0.0.1:${ferryPort}` }) : null;
     const config = deepMerge(ferryConfigFor(), extraConfig);
     if (pushPort) config.appservice = { ...config.appservice, address: `http://127.0.0.1:${pushPort}` };
+    if (toFerry) config.appservice = { ...config.appservice, address: toFerry.url };
     const prepared = await prepareFerry({
         hsDomain: "ferry.test",
-        hsUrl: proxy ? proxy.url : `http://127.0.0.1:${hsPort}`,
+        hsUrl: toHomeserver ? toHomeserver.url : proxy ? proxy.url : `http://127.0.0.1:${hsPort}`,
         sharedSecret: SHARED_SECRET,
         db: database ? { type: "postgres", uri: database.uri } : undefined,
         permissions,
         admins,
         extraConfig: config,
+        port: ferryPort,
     });
     const pushes = pushPort ? await startPushProxy(pushPort, prepared.port) : null;
     const hs = await startHomeserver({
@@ -55,6 +65,8 @@ export async function startStack({
         hs,
         proxy,
         pushes,
+        /** The fault proxies ({ toHomeserver, toFerry }, each null unless asked for). */
+        faultProxies: { toHomeserver, toFerry },
         prepared,
         database,
         botUserId: "@ferrybot:ferry.test",
@@ -71,8 +83,9 @@ export async function startStack({
             if (kill) await ferry.kill9();
             else await ferry.stop();
         },
-        async startFerryAgain() {
-            ferry = await startFerry(prepared);
+        /** Starts ferry again after stopFerry; opts go to startFerry (e.g. readyTimeoutMs). */
+        async startFerryAgain(opts) {
+            ferry = await startFerry(prepared, opts);
             return ferry;
         },
         /** Runs SQL against ferry's database; returns rows as arrays of strings. */
@@ -91,6 +104,8 @@ export async function startStack({
             await hs?.stop();
             await proxy?.close();
             await pushes?.close();
+            await toHomeserver?.stop();
+            await toFerry?.stop();
             database?.drop();
             prepared.cleanup();
         },

@@ -123,7 +123,7 @@ test("a copy posted while ferry died before hearing the answer is not posted aga
     const copies = (await bob.events(roomB)).filter((e) => e.content.body === "in flight at the crash");
     assert.equal(copies.length, 1, "the copy posted before the crash is not posted again");
     assert.equal(copies[0].eventId, answer.body.event_id);
-    const readBack = stack.ferry.logLines().find((l) => l.message === "Read back recent sends after an unclean stop");
+    const readBack = stack.ferry.logLines().find((l) => l.message === "Read back recent sends" && l.room_id === roomB);
     assert.ok(readBack && readBack.found >= 1, `ferry read back what it had sent: ${JSON.stringify(readBack)}`);
 });
 

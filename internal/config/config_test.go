@@ -171,6 +171,7 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 			"redact_originals":          {d.Bridge.RedactOriginals, true},
 			"disappear_key_idle":        {d.Bridge.DisappearKeyIdle, time.Minute},
 			"peer_users":                {d.Bridge.PeerUsers, ""},
+			"give_up_after":             {d.Bridge.GiveUpAfter, 10 * time.Minute},
 			"pickle_key":                {d.Encryption.PickleKey, crypto.PickleKeyGenerate},
 			"device_mode":               {d.Encryption.DeviceMode, "per_ghost"},
 			"appservice":                {d.Encryption.Appservice, false},

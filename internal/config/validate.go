@@ -151,6 +151,9 @@ func (c *Config) validate(forRun bool) error {
 	if br.DisappearKeyIdle <= 0 {
 		v.fail("bridge.disappear_key_idle", "must be positive, got %s", br.DisappearKeyIdle)
 	}
+	if br.GiveUpAfter <= 0 {
+		v.fail("bridge.give_up_after", "must be positive, got %s", br.GiveUpAfter)
+	}
 	if err := br.CompilePeerUsers(); err != nil {
 		v.fail("bridge.peer_users", "%s", oneLine(err.Error()))
 	}

@@ -27,6 +27,14 @@ func (s *Server) deviceFor(w http.ResponseWriter, c caller) *device {
 	return nil
 }
 
+// ReportKeyChange makes /sync report user's keys as changed although they did not change, as Dendrite 0.13.8
+// does for a user's every key upload.
+func (s *Server) ReportKeyChange(user id.UserID) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.keyChangedLocked(user)
+}
+
 // keyChangedLocked records that a user's device or cross-signing keys changed and wakes /sync waiters.
 // s.mu must be held.
 func (s *Server) keyChangedLocked(user id.UserID) {

@@ -531,6 +531,9 @@ func (s *Server) getMessages(w http.ResponseWriter, r *http.Request, _ caller) {
 	}
 	resp := map[string]any{"chunk": chunk, "start": fmt.Sprintf("t%d", end)}
 	if start > 0 {
+		if s.opts.MessagesSkipAtPageEnd && end-start == limit {
+			start-- // the next page starts one event further back
+		}
 		resp["end"] = fmt.Sprintf("t%d", start)
 	}
 	writeJSON(w, http.StatusOK, resp)

@@ -83,6 +83,9 @@ type Options struct {
 	// NoAppserviceLogin refuses m.login.application_service logins (M_UNKNOWN, unsupported login type), like a
 	// homeserver that offers appservices no devices at all.
 	NoAppserviceLogin bool
+	// MessagesSkipAtPageEnd makes backward /messages skip the event right after a full page, as Dendrite 0.13.8
+	// skips the rest of a group of concurrent events (same depth) when a page ends inside it.
+	MessagesSkipAtPageEnd bool
 }
 
 // Server is a running fake homeserver. Create it with New and Close it when done.

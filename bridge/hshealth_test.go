@@ -1,0 +1,44 @@
+package bridge
+
+import (
+	"net/http"
+	"testing"
+	"time"
+)
+
+// TestClockLagFollowsHomeserverClock: the read-back looks back further when the homeserver's Date headers show
+// its clock behind ferry's (its events then carry earlier timestamps than ferry's clock would say).
+func TestClockLagFollowsHomeserverClock(t *testing.T) {
+	h := &hsHealth{}
+	if lag := h.clockLag(); lag != clockLagMargin {
+		t.Fatalf("lag %v before any answer, want %v", lag, clockLagMargin)
+	}
+	now := time.Now()
+	for _, off := range []time.Duration{0, -30 * time.Second, 5 * time.Second} {
+		resp := &http.Response{Header: http.Header{"Date": {now.Add(off).UTC().Format(http.TimeFormat)}}}
+		h.noteClock(resp, now, now)
+	}
+	if lag := h.clockLag(); lag < clockLagMargin+28*time.Second || lag > clockLagMargin+31*time.Second {
+		t.Fatalf("lag %v with the homeserver's clock 30 s behind, want about %v", lag, clockLagMargin+30*time.Second)
+	}
+}
+
+// TestOutageNeedsARunOfFailures: single failed requests between successes are no outage; a run of failures
+// lasting outageMin is, and it ends with the next success.
+func TestOutageNeedsARunOfFailures(t *testing.T) {
+	h := &hsHealth{}
+	t0 := time.Now()
+	h.observe(true, t0)
+	h.observe(false, t0.Add(100*time.Millisecond))
+	h.observe(true, t0.Add(2*time.Second))
+	h.observe(false, t0.Add(2100*time.Millisecond))
+	if h.recoveredSince(t0) {
+		t.Fatal("isolated failures counted as an outage")
+	}
+	h.observe(true, t0.Add(3*time.Second))
+	h.observe(true, t0.Add(4500*time.Millisecond))
+	h.observe(false, t0.Add(5*time.Second))
+	if !h.recoveredSince(t0.Add(5 * time.Second)) {
+		t.Fatal("a run of failures lasting 1.5 s was no outage")
+	}
+}

@@ -1,0 +1,114 @@
+package bridge
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"testing"
+	"time"
+
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/crypto"
+	"go.ferry.im/ferry/database"
+)
+
+// encryptedEvent is a Megolm event of sender in room as the homeserver shows it.
+func encryptedEvent(evtID id.EventID, room id.RoomID, sender id.UserID) json.RawMessage {
+	raw, _ := json.Marshal(map[string]any{
+		"event_id": evtID, "room_id": room, "sender": sender, "type": "m.room.encrypted", "origin_server_ts": time.Now().UnixMilli(),
+		"content": map[string]any{"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AAAA", "session_id": "S", "sender_key": "K", "device_id": "D"},
+	})
+	return raw
+}
+
+// TestLatePushIsRelayedInRoomOrder: the homeserver pushes a message late, after the one that followed it (Dendrite
+// does with an event that was in flight to ferry when it restarted). The bot's /sync shows the room's order; ferry
+// waits for it before relaying pushed events, and relays both in that order.
+func TestLatePushIsRelayedInRoomOrder(t *testing.T) {
+	ctx := context.Background()
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t)
+	f.br.SyncOrders.Store(true)
+	if err := f.br.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer f.br.Stop()
+	early, late := id.EventID("$sent-first"), id.EventID("$sent-second")
+	// The push of the first is delayed; the second is pushed at once.
+	txn := fmt.Sprintf(`{"events":[%s]}`, encryptedEvent(late, f.roomA, f.alice))
+	if rec := doRequest(f.br.Router(nil), "PUT", "/_matrix/app/v1/transactions/1", "Bearer "+benchHSToken, txn); rec.Code != 200 {
+		t.Fatalf("transaction = %d %s", rec.Code, rec.Body.String())
+	}
+	time.Sleep(500 * time.Millisecond)
+	// The bot's /sync shows both, in the room's order.
+	var evts []*event.Event
+	for _, id := range []id.EventID{early, late} {
+		var evt event.Event
+		if err := json.Unmarshal(encryptedEvent(id, f.roomA, f.alice), &evt); err != nil {
+			t.Fatal(err)
+		}
+		evts = append(evts, &evt)
+	}
+	if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Events: evts, Covers: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	ghost := f.br.Ghosts.Ghost(f.alice)
+	waitFor(t, "both copies", func() bool { return len(f.ghostEvents(f.roomB, ghost)) == 3 })
+	var order []id.EventID
+	for _, raw := range f.hs.Timeline(f.roomB) {
+		var evt event.Event
+		if json.Unmarshal(raw, &evt) != nil || evt.Sender != ghost || evt.Type != event.EventEncrypted {
+			continue
+		}
+		_ = evt.Content.ParseRaw(evt.Type)
+		dec, err := (&sealCrypto{}).DecryptOwn(ctx, &evt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if o := OriginOf(&dec.Content); o != nil {
+			order = append(order, o.EventID)
+		}
+	}
+	if len(order) != 3 || order[1] != early || order[2] != late {
+		t.Fatalf("copies in B come from %v, want …, %s, %s", order, early, late)
+	}
+}
+
+// TestCoveringSyncReleasesPushes: a pushed event that no /sync batch shows (a type or room the sync does not
+// carry) waits only until a batch that must have shown it is recorded, not the whole syncOrderWait: after a
+// restart, ferry relays as soon as its /sync has caught up.
+func TestCoveringSyncReleasesPushes(t *testing.T) {
+	ctx := context.Background()
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t)
+	f.br.SyncOrders.Store(true)
+	if err := f.br.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer f.br.Stop()
+	pushed := id.EventID("$pushed-only")
+	txn := fmt.Sprintf(`{"events":[%s]}`, encryptedEvent(pushed, f.roomA, f.alice))
+	if rec := doRequest(f.br.Router(nil), "PUT", "/_matrix/app/v1/transactions/1", "Bearer "+benchHSToken, txn); rec.Code != 200 {
+		t.Fatalf("transaction = %d %s", rec.Code, rec.Body.String())
+	}
+	time.Sleep(200 * time.Millisecond)
+	if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row == nil || row.State != database.InboxPending {
+		t.Fatalf("the pushed event did not wait for /sync: %+v", row)
+	}
+	// A batch without it, requested after it arrived: it will not be shown.
+	if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Covers: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(syncOrderWait / 2)
+	for {
+		if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row != nil && row.State == database.InboxDone {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the pushed event still waits %v after a covering /sync batch", syncOrderWait/2)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

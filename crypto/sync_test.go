@@ -1,0 +1,247 @@
+package crypto
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/internal/fakehs"
+)
+
+// syncRewriter changes the bot's /sync answers: it shortens the long-poll, gives every answer a token of its
+// own (the fake homeserver's stays the same while no to-device event arrives) and, while inject returns a
+// timeline for a request's since, adds it for a room.
+type syncRewriter struct {
+	next   http.RoundTripper
+	room   id.RoomID
+	inject func(since string) map[string]any
+	n      int
+}
+
+func (s *syncRewriter) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Path != "/_matrix/client/v3/sync" {
+		return s.next.RoundTrip(req)
+	}
+	q := req.URL.Query()
+	since := q.Get("since")
+	real, _, _ := strings.Cut(since, "_")
+	q.Set("since", real)
+	q.Set("timeout", "100")
+	req.URL.RawQuery = q.Encode()
+	resp, err := s.next.RoundTrip(req)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return resp, err
+	}
+	var body map[string]any
+	data, _ := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	if err = json.Unmarshal(data, &body); err != nil {
+		return nil, err
+	}
+	s.n++
+	body["next_batch"] = fmt.Sprintf("%s_%d", body["next_batch"], s.n)
+	if timeline := s.inject(since); timeline != nil {
+		body["rooms"] = map[string]any{"join": map[string]any{string(s.room): map[string]any{"timeline": timeline}}}
+	}
+	data, _ = json.Marshal(body)
+	resp.Body = io.NopCloser(bytes.NewReader(data))
+	resp.ContentLength = int64(len(data))
+	resp.Header.Del("Content-Length")
+	return resp, nil
+}
+
+// TestSyncTokenMovesOnlyAfterTheBatchIsRecorded: on the /sync path (homeservers without appservice to-device
+// pushes), the token that ends a batch is saved only after the batch's room events are recorded: while recording
+// fails (the database away), the saved token still points before the batch, so a crash then fetches the batch
+// again instead of losing its room keys and redactions. A limited timeline is filled in from /messages, so a
+// redaction in the gap is recorded too.
+func TestSyncTokenMovesOnlyAfterTheBatchIsRecorded(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	r := newASRig(t, fakehs.Options{NoMSC4190: true, KeepTimeline: true}, "")
+	room := r.srv.CreateRoom(r.member.ID, fakehs.RoomOptions{Members: []id.UserID{r.bot}})
+	redact := func() (id.EventID, id.EventID) {
+		sent, err := r.member.Client.SendMessageEvent(ctx, room, event.EventMessage, map[string]any{"msgtype": "m.text", "body": "x"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		red, err := r.member.Client.RedactEvent(ctx, room, sent.EventID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return sent.EventID, red.EventID
+	}
+	_, r1 := redact()
+	_, r2 := redact()
+	timeline := r.srv.Timeline(room)
+	at := func(evtID id.EventID) int {
+		for i, raw := range timeline {
+			var e struct {
+				ID id.EventID `json:"event_id"`
+			}
+			if json.Unmarshal(raw, &e) == nil && e.ID == evtID {
+				return i
+			}
+		}
+		t.Fatalf("%s is not in the room's timeline", evtID)
+		return -1
+	}
+	rawOf := func(evtID id.EventID) json.RawMessage { return timeline[at(evtID)] }
+
+	var lock sync.Mutex
+	var recorded []id.EventID
+	var phase int         // 0: inject R1; 1: R1 recorded, inject R2 in a limited timeline; 2: done
+	var batchSince string // the since of the request whose answer carried R1
+	var savedWhileRecording string
+	failures := 1
+	r.m.SyncedTimeline = func(ctx context.Context, batch SyncedBatch) error {
+		evts := batch.Events
+		if len(evts) == 0 {
+			return nil
+		}
+		lock.Lock()
+		defer lock.Unlock()
+		if phase == 0 && failures > 0 {
+			failures--
+			_ = r.db.QueryRow(ctx, `SELECT sync_token FROM crypto_account WHERE account_id=$1`, botAccountID).Scan(&savedWhileRecording)
+			return errors.New("the database went away")
+		}
+		for _, e := range evts {
+			recorded = append(recorded, e.ID)
+		}
+		phase++
+		return nil
+	}
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if r.m.AppserviceMode() {
+		t.Fatal("the rig's homeserver lacks MSC4190: the Machine should use /sync")
+	}
+	r.m.client.Client = &http.Client{Transport: &syncRewriter{next: http.DefaultTransport, room: room, inject: func(since string) map[string]any {
+		lock.Lock()
+		defer lock.Unlock()
+		switch {
+		case since == "":
+			return nil
+		case phase == 0 && (batchSince == "" || since == batchSince):
+			batchSince = since
+			return map[string]any{"events": []json.RawMessage{rawOf(r1)}}
+		case phase == 1:
+			return map[string]any{"events": []json.RawMessage{rawOf(r2)}, "limited": true, "prev_batch": fmt.Sprintf("t%d", at(r2))}
+		}
+		return nil
+	}}}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	for {
+		lock.Lock()
+		done := phase >= 2
+		lock.Unlock()
+		if done {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("the synced events were not recorded: phase %d, recorded %v", phase, recorded)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	lock.Lock()
+	defer lock.Unlock()
+	if savedWhileRecording != batchSince {
+		t.Fatalf("while the batch was being recorded the saved token was %q, want the one before the batch, %q", savedWhileRecording, batchSince)
+	}
+	if !slices.Contains(recorded, r1) || !slices.Contains(recorded, r2) {
+		t.Fatalf("recorded %v, want the first redaction %s (retried) and both of the limited timeline, %s from the gap and %s", recorded, r1, r1, r2)
+	}
+	if n := len(slices.DeleteFunc(slices.Clone(recorded), func(e id.EventID) bool { return e != r1 })); n != 2 {
+		t.Fatalf("the first redaction was recorded %d times, want twice (from the batch, then from the limited timeline's gap)", n)
+	}
+}
+
+// TestOnlyRealDeviceChangesRotate: a /sync that reports a member's keys as changed although they did not change
+// (Dendrite reports a user's every upload) keeps the room's session; new cross-signing keys of the member rotate
+// it.
+func TestOnlyRealDeviceChangesRotate(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	r := newASRig(t, fakehs.Options{NoMSC4190: true}, "")
+	r.m.cfg.Appservice = false // the bot's device logs in and runs /sync
+	// The homeserver reports key changes of users who share a room with the bot.
+	r.srv.CreateRoom(r.member.ID, fakehs.RoomOptions{Members: []id.UserID{r.bot}})
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	session := func() id.SessionID {
+		enc, err := r.m.Encrypt(ctx, r.bot, r.room, event.EventMessage, &event.Content{Raw: map[string]any{"msgtype": "m.text", "body": "x"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return enc.SessionID
+	}
+	token := func() string {
+		var tok string
+		_ = r.db.QueryRow(ctx, `SELECT sync_token FROM crypto_account WHERE account_id=$1`, botAccountID).Scan(&tok)
+		return tok
+	}
+	logged := func() string {
+		r.logs.mu.Lock()
+		defer r.logs.mu.Unlock()
+		return r.logs.buf.String()
+	}
+	// waitSynced waits until the bot's /sync has handled a batch after the one that ended at was.
+	waitSynced := func(was string) {
+		for deadline := time.Now().Add(20 * time.Second); token() == was; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("the bot's /sync did not move on")
+			}
+		}
+	}
+	for token() == "" { // the initial /sync: it reports no changes
+		if ctx.Err() != nil {
+			t.Fatal("the bot's first /sync did not finish")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	first := session()
+	was := token()
+	r.srv.ReportKeyChange(r.member.ID)
+	waitSynced(was)
+	if !strings.Contains(logged(), "Device list changes in /sync") {
+		t.Fatal("the bot's /sync did not report the member's keys as changed")
+	}
+	if got := session(); got != first {
+		t.Fatal("a reported change without a new key rotated the room's session")
+	}
+	was = token()
+	keys, err := r.member.Machine.GenerateCrossSigningKeys() // the member resets their identity
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err = r.member.Machine.PublishCrossSigningKeys(ctx, keys, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitSynced(was)
+	if got := session(); got == first {
+		for _, l := range strings.Split(logged(), "\n") {
+			if strings.Contains(l, "evice list") || strings.Contains(l, "Rotated") || strings.Contains(l, "Querying keys") || strings.Contains(l, "Updating devices") {
+				t.Log(l)
+			}
+		}
+		t.Fatal("the member's new identity did not rotate the room's session")
+	}
+}
