@@ -444,6 +444,14 @@ func unknownCommand(table []*commandHandler, name, prefix string, level Level, r
 // usageNotice is the reply to a command with missing or extra arguments.
 func usageNotice(prefix string, management bool, h *commandHandler) noticeText {
 	n := renderNotice("Usage: `%s`", commandLine(prefix, management, h.line()))
+	// What the usage's placeholders mean (the legend lines of help that name them): a member who got the
+	// arguments wrong learns, for example, the allowed range of a time.
+	for _, legend := range helpLegend[1:] {
+		placeholder, _, _ := strings.Cut(legend, ":")
+		if strings.Contains(h.Usage, strings.Trim(placeholder, "`")) {
+			n = n.join(renderNotice(legend))
+		}
+	}
 	if h.Example != "" {
 		n = n.join(renderNotice("Example: `%s`", commandLine(prefix, management, h.Name+" "+h.Example)))
 	}

@@ -84,7 +84,7 @@ test("the bot's replies come from its own device, cross-signed by the bot", asyn
     const reply = await command(stack, alice, roomA, "!ferry ping");
     await assertAuthentic(alice, reply, "the bot's reply");
     const summary = await command(stack, alice, roomA, "!ferry devices");
-    assert.match(summary.content.body, /cross-signed by the bot's identity/);
+    assert.match(summary.content.body, /verified by ferry's own identity \(cross-signed\)/);
 });
 
 test("relayed messages decrypt with no warning, from each ghost's own cross-signed device, both ways", async () => {
@@ -174,7 +174,7 @@ test("ghost sessions rotate when a member leaves and on the rotate command", asy
     await bob.sendText(roomB, "rotate 1");
     const r1 = sessionOf(await copyOf(alice, roomA, "rotate 1"));
     const done = await command(stack, alice, roomA, "!ferry rotate");
-    assert.match(done.content.body, /Discarded/);
+    assert.match(done.content.body, /encrypted with new keys/);
     await bob.sendText(roomB, "rotate 2");
     const r2 = await copyOf(alice, roomA, "rotate 2");
     assert.notEqual(sessionOf(r2), r1, "the rotate command starts a new session for the ghost");
