@@ -43,7 +43,7 @@ const maxBatchParams = 20000
 // modifying CTEs: one round trip, one commit); otherwise one statement per kind of row inside a transaction.
 func (db *Database) CommitBatch(ctx context.Context, b *Batch) error {
 	defer metrics.ObserveCommit(metrics.CommitRelay, time.Now())
-	params := len(b.Replay)*4 + len(b.Copies)*7 + len(b.Done) + 1
+	params := len(b.Replay)*replayWidth + len(b.Copies)*copyWidth + len(b.Done) + 1
 	redactions := batchRedactions(b.Copies)
 	if db.Dialect == dbutil.Postgres && len(b.Failed) == 0 && len(b.Done) > 0 && len(redactions) == 0 && params <= maxBatchParams {
 		q, args := batchStatement(b)
@@ -75,45 +75,57 @@ func (db *Database) CommitBatch(ctx context.Context, b *Batch) error {
 	})
 }
 
+// The replay index's multi-row insert (one (...) group of replayWidth parameters per entry).
 const (
 	replayInsertHead = `INSERT INTO crypto_message_index (session_id, "index", event_id, timestamp) VALUES `
+	replayWidth      = 4
 	replayInsertTail = ` ON CONFLICT (session_id, "index") DO NOTHING`
-	copyInsertHead   = `INSERT INTO event_map (` + copyColumns + `) VALUES `
-	copyInsertTail   = ` ON CONFLICT (source_event, target_room) DO NOTHING`
+)
+
+// The single-statement form of a batch (Postgres): its inserts as data-modifying CTEs, the inbox update as the
+// statement's body: `WITH replay AS (...), copies AS (...), done AS (SELECT 1) UPDATE inbox ...`.
+const (
+	batchWith      = `WITH `
+	batchReplayCTE = `replay AS (`
+	batchCopiesCTE = `copies AS (`
+	batchCTEEnd    = `), `
+	// A CTE list cannot end with a comma: a no-op CTE closes it. The body's parameters follow: the state, then
+	// the inbox seqs.
+	batchBodyHead  = `done AS (SELECT 1) UPDATE inbox SET state=`
+	batchBodySeqIn = `, raw=NULL, last_error=NULL WHERE seq IN `
 )
 
 // batchStatement renders a batch as one Postgres statement: the inserts as CTEs, the inbox update as its body.
 func batchStatement(b *Batch) (string, []any) {
 	var sb strings.Builder
-	args := make([]any, 0, len(b.Replay)*4+len(b.Copies)*7+len(b.Done)+1)
-	sb.WriteString("WITH ")
+	args := make([]any, 0, len(b.Replay)*replayWidth+len(b.Copies)*copyWidth+len(b.Done)+1)
+	sb.WriteString(batchWith)
 	if len(b.Replay) > 0 {
-		sb.WriteString("replay AS (" + replayInsertHead)
+		sb.WriteString(batchReplayCTE + replayInsertHead)
 		for i, e := range b.Replay {
 			if i > 0 {
 				sb.WriteByte(',')
 			}
-			sb.WriteString(placeholders(len(args), 4))
+			sb.WriteString(placeholders(len(args), replayWidth))
 			args = append(args, e.SessionID, e.Index, e.EventID, e.Timestamp)
 		}
-		sb.WriteString(replayInsertTail + "), ")
+		sb.WriteString(replayInsertTail + batchCTEEnd)
 	}
 	if len(b.Copies) > 0 {
-		sb.WriteString("copies AS (" + copyInsertHead)
+		sb.WriteString(batchCopiesCTE + copyInsertHead)
 		for i, c := range b.Copies {
 			if i > 0 {
 				sb.WriteByte(',')
 			}
-			sb.WriteString(placeholders(len(args), 7))
+			sb.WriteString(placeholders(len(args), copyWidth))
 			args = append(args, copyArgs(c)...)
 		}
-		sb.WriteString(copyInsertTail + "), ")
+		sb.WriteString(copyInsertTail + batchCTEEnd)
 	}
-	// A CTE list cannot end with a comma: a no-op CTE closes it.
-	sb.WriteString("done AS (SELECT 1) UPDATE inbox SET state=")
+	sb.WriteString(batchBodyHead)
 	args = append(args, InboxDone)
 	sb.WriteString("$" + strconv.Itoa(len(args)))
-	sb.WriteString(", raw=NULL, last_error=NULL WHERE seq IN ")
+	sb.WriteString(batchBodySeqIn)
 	sb.WriteString(placeholders(len(args), len(b.Done)))
 	for _, seq := range b.Done {
 		args = append(args, seq)
@@ -127,12 +139,12 @@ func (db *Database) putReplay(ctx context.Context, rows []ReplayEntry) error {
 		part := rows[start:min(start+chunk, len(rows))]
 		var sb strings.Builder
 		sb.WriteString(replayInsertHead)
-		args := make([]any, 0, len(part)*4)
+		args := make([]any, 0, len(part)*replayWidth)
 		for i, e := range part {
 			if i > 0 {
 				sb.WriteByte(',')
 			}
-			sb.WriteString(placeholders(len(args), 4))
+			sb.WriteString(placeholders(len(args), replayWidth))
 			args = append(args, e.SessionID, e.Index, e.EventID, e.Timestamp)
 		}
 		sb.WriteString(replayInsertTail)
