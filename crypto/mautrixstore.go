@@ -147,9 +147,26 @@ func sqlSaveSessionShared(n int) string {
 	return sqlSaveSessionSharedHead + placeholders(1, n, 3) + sqlSaveSessionSharedTail
 }
 
-// sqlSaveReplayIndex records n replay-index entries (session_id, index, event_id, timestamp each).
-func sqlSaveReplayIndex(n int) string {
-	return sqlSaveReplayIndexHead + placeholders(1, n, sqlSaveReplayIndexWidth) + sqlSaveReplayIndexTail
+// RowInsert is a multi-row insert into one of mautrix's tables that ferry's relay runs in its own statement or
+// transaction: Head, then one (...) group of Width parameters per row (Args), then Tail. The relay hands it to
+// database.Batch (whose RowInsert has the same fields): database never imports crypto, so the statement is
+// written here with the others on mautrix's tables and the relay only fills in the rows.
+type RowInsert struct {
+	Head, Tail string
+	Width      int
+	Args       []any
+}
+
+// ReplayIndexInsert is the insert of replay index entries (TakeReplayIndex) that the relay commits together with
+// the events they belong to. It is the only write of the replay index: an entry reaches the database in the
+// statement that records its event as done, or not at all (the event is then decrypted again after a restart,
+// which decides its entry anew).
+func ReplayIndexInsert(entries []ReplayEntry) RowInsert {
+	args := make([]any, 0, len(entries)*sqlSaveReplayIndexWidth)
+	for _, e := range entries {
+		args = append(args, e.SessionID, e.Index, e.EventID, e.Timestamp)
+	}
+	return RowInsert{Head: sqlSaveReplayIndexHead, Tail: sqlSaveReplayIndexTail, Width: sqlSaveReplayIndexWidth, Args: args}
 }
 
 // newBlankOlmSession is an Olm session to unpickle a stored one into (the store's own loader does the same).
