@@ -463,14 +463,12 @@ func batchRows(b *database.Batch) int { return len(b.Copies) + len(b.Done) + len
 // commitGroup writes one batch with the replay protection entries of the events decrypted so far.
 func (b *Bridge) commitGroup(batch *database.Batch) error {
 	settle := func(bool) {}
-	batch.Replay = nil
+	batch.Replay = database.RowInsert{}
 	if t, ok := b.Crypto.(ReplayIndexTaker); ok {
 		var entries []crypto.ReplayEntry
 		entries, settle = t.TakeReplayIndex()
-		batch.Replay = make([]database.ReplayEntry, len(entries))
-		for i, e := range entries {
-			batch.Replay[i] = database.ReplayEntry(e)
-		}
+		// The statement on the crypto store's table is crypto's; the batch adds it to its own.
+		batch.Replay = database.RowInsert(crypto.ReplayIndexInsert(entries))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

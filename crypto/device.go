@@ -104,25 +104,22 @@ func (d *device) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Ty
 	return enc, nil
 }
 
-// share makes sure this device has a shared, unexpired outbound session in roomID: otherwise it creates one and
-// sends it (Olm-encrypted) to every device of users that the policy admits, and m.room_key.withheld to the
-// others. It records every device of every user as entitled to the session (so a device that the policy refused
+// errRotatedDuringShare: a forced rotation of the room ran while a session was being shared with a member list
+// read before it; the session was withdrawn.
+var errRotatedDuringShare = errors.New("the room's keys were rotated while the session was being shared")
+
+// shareStamped makes sure this device has a shared, unexpired outbound session in roomID: otherwise it creates
+// one and sends it (Olm-encrypted) to every device of users that the policy admits, and m.room_key.withheld to
+// the others. It records every device of every user as entitled to the session (so a device that the policy refused
 // now, or that did not exist yet, can later get it through a key request once it qualifies).
 //
 // Its cost does not grow in queries with the number of devices (see share.go): devices, trust and Olm sessions
 // are read in a few queries, one-time keys are claimed in one request, the advanced Olm sessions and the
 // recipients are saved in one transaction before anything is sent, and the messages go out in a few requests.
-func (d *device) share(ctx context.Context, roomID id.RoomID, users []id.UserID, policy sharePolicy) (*ShareStats, error) {
-	return d.shareStamped(ctx, roomID, users, policy, d.olm.c.stamp(roomID))
-}
-
-// errRotatedDuringShare: a forced rotation of the room ran while a session was being shared with a member list
-// read before it; the session was withdrawn.
-var errRotatedDuringShare = errors.New("the room's keys were rotated while the session was being shared")
-
-// shareStamped is share for a member list read while the room's rotation stamp was stamp. When a forced rotation
-// ran since (Rotate does not wait for shares), the new session may have reached a member who has left or a
-// device that was removed: it is withdrawn instead of kept, and errRotatedDuringShare returned.
+//
+// The member list was read while the room's rotation stamp was stamp. When a forced rotation ran since (Rotate
+// does not wait for shares), the new session may have reached a member who has left or a device that was
+// removed: it is withdrawn instead of kept, and errRotatedDuringShare returned.
 func (d *device) shareStamped(ctx context.Context, roomID id.RoomID, users []id.UserID, policy sharePolicy, stamp rotationStamp) (*ShareStats, error) {
 	defer d.shareLock.WithLock(roomID)()
 	start := time.Now()

@@ -464,8 +464,8 @@ func (m *Machine) Start(ctx context.Context) {
 	}
 }
 
-// Stop ends the sync loops and writes the state held in memory (outbound sessions, replay index), marking the
-// stop as clean so that the next start keeps the outbound sessions. Call it after the relay stopped.
+// Stop ends the sync loops and writes the outbound sessions held in memory, marking the stop as clean so that
+// the next start keeps them. Call it after the relay stopped.
 func (m *Machine) Stop() {
 	m.lock.Lock()
 	defer m.lock.Unlock()
@@ -485,9 +485,9 @@ func (m *Machine) Stop() {
 		m.log.Warn().Err(err).Msg("Background room key shares still running at shutdown")
 	}
 	waitCancel()
-	if err := m.cache.flushReplayIndex(ctx, m.bot.store); err != nil {
-		m.log.Err(err).Msg("Failed to write the replay index at shutdown")
-	}
+	// The replay index is not written here: the relay writes its entries with the events it records as done
+	// (TakeReplayIndex). One it has not taken belongs to an event not recorded yet (an inbox event not done, or
+	// a copy read back after an unclean stop), decrypted again after the restart, as after a kill.
 	if err := m.cache.flushOutbound(ctx); err != nil {
 		m.log.Err(err).Msg("Failed to write outbound sessions at shutdown; they will be rotated at the next start")
 		return
@@ -606,8 +606,9 @@ func (m *Machine) hasIdentity(ctx context.Context, userID id.UserID) (bool, erro
 }
 
 // TakeReplayIndex hands over the replay protection entries of the events decrypted since the last call: the
-// relay writes them in the transaction that records those events as done (so a restart never forgets an index
-// it relayed), then calls settle with whether that transaction committed.
+// relay writes them (ReplayIndexInsert) in the statement or transaction that records those events as done (so
+// a restart never forgets an index it relayed), then calls settle with whether that committed; entries not
+// committed are handed over again.
 func (m *Machine) TakeReplayIndex() (entries []ReplayEntry, settle func(committed bool)) {
 	return m.cache.takeReplayIndex()
 }

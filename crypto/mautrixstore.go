@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"strings"
 
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/crypto/goolm/message"
@@ -20,6 +19,12 @@ import (
 // the store's own methods work row by row (key shares to a thousand devices, destroying expired keys); every
 // statement and every reach into goolm is here, so that a mautrix upgrade that changes what they rely on fails in
 // one place: at start-up (checkCryptoSchema) and in TestMautrixStoreStatements / TestGoolmInternals, loudly.
+
+// StoreVersionTable is the crypto store's schema version table (dbutil's: version, compat).
+const StoreVersionTable = "crypto_version"
+
+// sqlStoreVersion reads the crypto store's schema version.
+const sqlStoreVersion = `SELECT version FROM ` + StoreVersionTable
 
 // knownCryptoSchema is the crypto store schema version (mautrix v0.32.0) whose tables the statements below
 // were written for.
@@ -37,7 +42,7 @@ func checkCryptoSchema(ctx context.Context, db *dbutil.Database) error {
 			ErrUnknownCryptoSchema, latest, knownCryptoSchema)
 	}
 	var version int
-	if err := db.QueryRow(ctx, `SELECT version FROM crypto_version`).Scan(&version); err != nil {
+	if err := db.QueryRow(ctx, sqlStoreVersion).Scan(&version); err != nil {
 		return fmt.Errorf("failed to read the crypto store's schema version: %w", err)
 	} else if version != knownCryptoSchema {
 		return fmt.Errorf("%w: the database's crypto store is at version %d, ferry knows version %d", ErrUnknownCryptoSchema, version, knownCryptoSchema)
@@ -74,63 +79,94 @@ func StoredCopiesOf(ctx context.Context, db *dbutil.Database, roomID id.RoomID, 
 	return dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[string], err).AsList()
 }
 
+// Statements with a list of parameters: each is its head, placeholders (see the functions below) and its tail.
+const (
+	sqlTrackedUsersInHead = `SELECT user_id FROM crypto_tracked_user WHERE user_id IN (`
+	sqlDevicesOfHead      = `SELECT user_id, device_id, identity_key, signing_key, trust, deleted, name FROM crypto_device
+		WHERE deleted=false AND user_id IN (`
+	sqlCrossSigningKeysOfHead = `SELECT user_id, usage, key, first_seen_key FROM crypto_cross_signing_keys
+		WHERE user_id IN (`
+	sqlCrossSigningKeysOfTail = `) AND user_id<>$1`
+	sqlSelfSignaturesOfHead   = `SELECT signed_user_id, signed_key, signer_user_id, signer_key FROM crypto_cross_signing_signatures
+		WHERE signed_user_id IN (`
+	sqlSelfSignaturesOfTail = `) AND (signer_user_id=signed_user_id OR signer_user_id=$1)`
+	sqlOlmSessionsWithHead  = `SELECT sender_key, session_id, session, created_at, last_encrypted, last_decrypted FROM crypto_olm_session
+		WHERE account_id=$1 AND sender_key IN (`
+	sqlInListTail = `)`
+
+	// Olm sessions: 7 parameters a row. A row is only overwritten by a state at least as new (last_encrypted), so
+	// a slower concurrent save never puts back an older ratchet.
+	sqlSaveOlmSessionsHead = `INSERT INTO crypto_olm_session (account_id, session_id, sender_key, session, created_at, last_encrypted, last_decrypted)
+		VALUES `
+	sqlSaveOlmSessionsTail = `
+		ON CONFLICT (account_id, session_id) DO UPDATE SET session=excluded.session,
+			last_encrypted=excluded.last_encrypted, last_decrypted=excluded.last_decrypted
+		WHERE crypto_olm_session.last_encrypted <= excluded.last_encrypted`
+	sqlSaveSessionSharedHead = `INSERT INTO crypto_megolm_outbound_session_shared (user_id, identity_key, session_id) VALUES `
+	sqlSaveSessionSharedTail = ` ON CONFLICT DO NOTHING`
+
+	// The replay index: a Megolm message index belongs to the first event that used it; writing an entry again
+	// changes nothing.
+	sqlSaveReplayIndexHead  = `INSERT INTO crypto_message_index (session_id, "index", event_id, timestamp) VALUES `
+	sqlSaveReplayIndexWidth = 4
+	sqlSaveReplayIndexTail  = ` ON CONFLICT (session_id, "index") DO NOTHING`
+)
+
 // sqlTrackedUsersIn selects which of n users (parameters $1..$n) have tracked device lists.
 func sqlTrackedUsersIn(n int) string {
-	return `SELECT user_id FROM crypto_tracked_user WHERE user_id IN (` + placeholders(1, n, 1) + `)`
+	return sqlTrackedUsersInHead + placeholders(1, n, 1) + sqlInListTail
 }
 
 // sqlDevicesOf reads the stored devices of n users (parameters $1..$n).
 func sqlDevicesOf(n int) string {
-	return `SELECT user_id, device_id, identity_key, signing_key, trust, deleted, name FROM crypto_device
-		WHERE deleted=false AND user_id IN (` + placeholders(1, n, 1) + `)`
+	return sqlDevicesOfHead + placeholders(1, n, 1) + sqlInListTail
 }
 
 // sqlCrossSigningKeysOf reads the cross-signing keys of n users ($2..$n+1), other than the one in $1.
 func sqlCrossSigningKeysOf(n int) string {
-	return `SELECT user_id, usage, key, first_seen_key FROM crypto_cross_signing_keys
-		WHERE user_id IN (` + placeholders(2, n, 1) + `) AND user_id<>$1`
+	return sqlCrossSigningKeysOfHead + placeholders(2, n, 1) + sqlCrossSigningKeysOfTail
 }
 
 // sqlSelfSignaturesOf reads the signatures on n users' keys ($2..$n+1) made by themselves or by the user in $1.
 func sqlSelfSignaturesOf(n int) string {
-	return `SELECT signed_user_id, signed_key, signer_user_id, signer_key FROM crypto_cross_signing_signatures
-		WHERE signed_user_id IN (` + placeholders(2, n, 1) + `) AND (signer_user_id=signed_user_id OR signer_user_id=$1)`
+	return sqlSelfSignaturesOfHead + placeholders(2, n, 1) + sqlSelfSignaturesOfTail
 }
 
 // sqlOlmSessionsWith reads an account's ($1) Olm sessions with n sender keys ($2..$n+1).
 func sqlOlmSessionsWith(n int) string {
-	return `SELECT sender_key, session_id, session, created_at, last_encrypted, last_decrypted FROM crypto_olm_session
-		WHERE account_id=$1 AND sender_key IN (` + placeholders(2, n, 1) + `)`
+	return sqlOlmSessionsWithHead + placeholders(2, n, 1) + sqlInListTail
 }
 
-// sqlSaveOlmSessions upserts n Olm sessions (7 parameters each); a row is only overwritten by a state at least as
-// new (last_encrypted), so a slower concurrent save never puts back an older ratchet.
+// sqlSaveOlmSessions upserts n Olm sessions (7 parameters each).
 func sqlSaveOlmSessions(n int) string {
-	return `INSERT INTO crypto_olm_session (account_id, session_id, sender_key, session, created_at, last_encrypted, last_decrypted)
-		VALUES ` + placeholders(1, n, 7) + `
-		ON CONFLICT (account_id, session_id) DO UPDATE SET session=excluded.session,
-			last_encrypted=excluded.last_encrypted, last_decrypted=excluded.last_decrypted
-		WHERE crypto_olm_session.last_encrypted <= excluded.last_encrypted`
+	return sqlSaveOlmSessionsHead + placeholders(1, n, 7) + sqlSaveOlmSessionsTail
 }
 
 // sqlSaveSessionShared records n recipients of a Megolm session (user_id, identity_key, session_id each).
 func sqlSaveSessionShared(n int) string {
-	return `INSERT INTO crypto_megolm_outbound_session_shared (user_id, identity_key, session_id) VALUES ` +
-		placeholders(1, n, 3) + ` ON CONFLICT DO NOTHING`
+	return sqlSaveSessionSharedHead + placeholders(1, n, 3) + sqlSaveSessionSharedTail
 }
 
-// sqlSaveReplayIndex records n replay-index entries (session_id, index, event_id, timestamp each).
-func sqlSaveReplayIndex(n int) string {
-	var sb strings.Builder
-	sb.WriteString(`INSERT INTO crypto_message_index (session_id, "index", event_id, timestamp) VALUES `)
-	for i := range n {
-		if i > 0 {
-			sb.WriteByte(',')
-		}
-		fmt.Fprintf(&sb, "($%d,$%d,$%d,$%d)", i*4+1, i*4+2, i*4+3, i*4+4)
+// RowInsert is a multi-row insert into one of mautrix's tables that ferry's relay runs in its own statement or
+// transaction: Head, then one (...) group of Width parameters per row (Args), then Tail. The relay hands it to
+// database.Batch (whose RowInsert has the same fields): database never imports crypto, so the statement is
+// written here with the others on mautrix's tables and the relay only fills in the rows.
+type RowInsert struct {
+	Head, Tail string
+	Width      int
+	Args       []any
+}
+
+// ReplayIndexInsert is the insert of replay index entries (TakeReplayIndex) that the relay commits together with
+// the events they belong to. It is the only write of the replay index: an entry reaches the database in the
+// statement that records its event as done, or not at all (the event is then decrypted again after a restart,
+// which decides its entry anew).
+func ReplayIndexInsert(entries []ReplayEntry) RowInsert {
+	args := make([]any, 0, len(entries)*sqlSaveReplayIndexWidth)
+	for _, e := range entries {
+		args = append(args, e.SessionID, e.Index, e.EventID, e.Timestamp)
 	}
-	sb.WriteString(` ON CONFLICT (session_id, "index") DO NOTHING`)
-	return sb.String()
+	return RowInsert{Head: sqlSaveReplayIndexHead, Tail: sqlSaveReplayIndexTail, Width: sqlSaveReplayIndexWidth, Args: args}
 }
 
 // newBlankOlmSession is an Olm session to unpickle a stored one into (the store's own loader does the same).

@@ -158,13 +158,6 @@ func (c *storeCache) takeNext(k outboundKey) (*crypto.OutboundGroupSession, rota
 	return sess, c.stampLocked(k.room)
 }
 
-// peekNext returns k's successor without taking it (tests).
-func (c *storeCache) peekNext(k outboundKey) *crypto.OutboundGroupSession {
-	c.preLock.Lock()
-	defer c.preLock.Unlock()
-	return c.pre.next[k]
-}
-
 func (c *storeCache) stamp(room id.RoomID) rotationStamp {
 	c.preLock.Lock()
 	defer c.preLock.Unlock()

@@ -13,8 +13,8 @@ import (
 // storeCache keeps in memory what the decrypt path of every message would otherwise read from the crypto store
 // although it rarely changes: cross-signing keys and signatures (trust resolution), the device that owns a
 // session's sender key, and inbound Megolm sessions. It also holds the replay index (Megolm message index →
-// event) in memory and writes new entries in batches (FlushReplayIndex), which the relay calls before it records
-// the events as done.
+// event) in memory; the relay takes new entries (Machine.TakeReplayIndex) and writes them in the statement that
+// records their events as done (ReplayIndexInsert).
 //
 // Every OlmMachine ferry creates uses the crypto store through cachedStore, so every write that can change a
 // cached answer (devices, cross-signing keys, signatures, inbound sessions) passes through it and drops the
@@ -321,7 +321,7 @@ func (s *cachedStore) PutWithheldGroupSession(ctx context.Context, content event
 
 // ValidateMessageIndex is replay protection: a Megolm message index of a session may belong to one event only.
 // The first use of a session in this process reads its known indices from the store; from then on the index is
-// decided in memory and new entries wait for FlushReplayIndex.
+// decided in memory and new entries wait for the relay to take them (takeReplayIndex).
 func (s *cachedStore) ValidateMessageIndex(ctx context.Context, sessionID id.SessionID, eventID id.EventID, index uint, timestamp int64) (bool, error) {
 	c := s.c
 	c.indexLock.Lock()
@@ -390,13 +390,6 @@ func (s *cachedStore) loadReplayIndex(ctx context.Context, sessionID id.SessionI
 	return st, rows.Err()
 }
 
-// flushReplayIndex writes the replay index entries decided since the last flush.
-func (c *storeCache) flushReplayIndex(ctx context.Context, s *crypto.SQLCryptoStore) error {
-	settle, err := c.writeReplayIndex(ctx, s)
-	settle(err == nil)
-	return err
-}
-
 // takeReplayIndex hands over the pending replay index entries for writing. settle(true) after they were
 // committed marks them written; settle(false) puts them back for the next write.
 func (c *storeCache) takeReplayIndex() ([]ReplayEntry, func(committed bool)) {
@@ -430,23 +423,6 @@ func (c *storeCache) takeReplayIndex() ([]ReplayEntry, func(committed bool)) {
 			}
 		}
 	}
-}
-
-// writeReplayIndex writes the pending replay index entries in multi-row statements.
-func (c *storeCache) writeReplayIndex(ctx context.Context, s *crypto.SQLCryptoStore) (settle func(committed bool), err error) {
-	batch, settle := c.takeReplayIndex()
-	const chunk = 500
-	for start := 0; start < len(batch); start += chunk {
-		part := batch[start:min(start+chunk, len(batch))]
-		args := make([]any, 0, len(part)*4)
-		for _, e := range part {
-			args = append(args, e.SessionID, e.Index, e.EventID, e.Timestamp)
-		}
-		if _, err = s.DB.Exec(ctx, sqlSaveReplayIndex(len(part)), args...); err != nil {
-			return settle, fmt.Errorf("failed to write the replay index: %w", err)
-		}
-	}
-	return settle, nil
 }
 
 // Outbound Megolm sessions stay in memory once shared: encrypting a message advances the session's ratchet, and

@@ -12,14 +12,22 @@ import (
 	"go.ferry.im/ferry/internal/metrics"
 )
 
-// ReplayEntry is one row of the crypto store's replay index (crypto_message_index, owned by mautrix's crypto
-// store): the Megolm message index of a session that an event used. The crypto layer keeps the index in memory
-// and hands new rows to the relay, which commits them together with the events they protect.
-type ReplayEntry struct {
-	SessionID id.SessionID
-	Index     uint
-	EventID   id.EventID
-	Timestamp int64
+// RowInsert is a multi-row insert into a table ferry does not own, written with a batch so that it commits
+// together with the events it belongs to: the crypto store's replay index entries of the batch's events. The
+// owner of the table writes the statement (crypto/mautrixstore.go for mautrix's tables); this package only adds
+// the rows' parameters between Head (`INSERT INTO t (columns) VALUES `) and Tail (what follows the rows, e.g. an
+// ON CONFLICT clause). Args holds Width values per row.
+type RowInsert struct {
+	Head, Tail string
+	Width      int
+	Args       []any
+}
+
+func (ri *RowInsert) rows() int {
+	if ri.Width == 0 {
+		return 0
+	}
+	return len(ri.Args) / ri.Width
 }
 
 // FailedEvent is an inbox event that hit a permanent error.
@@ -30,7 +38,8 @@ type FailedEvent struct {
 
 // Batch is what a room worker records about one batch of inbox events, atomically.
 type Batch struct {
-	Replay []ReplayEntry
+	// Replay holds the replay protection entries of the events decrypted so far (see RowInsert).
+	Replay RowInsert
 	Copies []*Copy
 	Done   []int64 // inbox seqs
 	Failed []FailedEvent
@@ -43,7 +52,7 @@ const maxBatchParams = 20000
 // modifying CTEs: one round trip, one commit); otherwise one statement per kind of row inside a transaction.
 func (db *Database) CommitBatch(ctx context.Context, b *Batch) error {
 	defer metrics.ObserveCommit(metrics.CommitRelay, time.Now())
-	params := len(b.Replay)*4 + len(b.Copies)*7 + len(b.Done) + 1
+	params := len(b.Replay.Args) + len(b.Copies)*copyWidth + len(b.Done) + 1
 	redactions := batchRedactions(b.Copies)
 	if db.Dialect == dbutil.Postgres && len(b.Failed) == 0 && len(b.Done) > 0 && len(redactions) == 0 && params <= maxBatchParams {
 		q, args := batchStatement(b)
@@ -51,7 +60,7 @@ func (db *Database) CommitBatch(ctx context.Context, b *Batch) error {
 		return err
 	}
 	return db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		if err := db.putReplay(ctx, b.Replay); err != nil {
+		if err := db.insertRows(ctx, &b.Replay); err != nil {
 			return err
 		}
 		if err := db.EventMap.PutMany(ctx, b.Copies); err != nil {
@@ -75,45 +84,50 @@ func (db *Database) CommitBatch(ctx context.Context, b *Batch) error {
 	})
 }
 
+// The single-statement form of a batch (Postgres): its inserts as data-modifying CTEs, the inbox update as the
+// statement's body: `WITH replay AS (...), copies AS (...), done AS (SELECT 1) UPDATE inbox ...`.
 const (
-	replayInsertHead = `INSERT INTO crypto_message_index (session_id, "index", event_id, timestamp) VALUES `
-	replayInsertTail = ` ON CONFLICT (session_id, "index") DO NOTHING`
-	copyInsertHead   = `INSERT INTO event_map (` + copyColumns + `) VALUES `
-	copyInsertTail   = ` ON CONFLICT (source_event, target_room) DO NOTHING`
+	batchWith      = `WITH `
+	batchReplayCTE = `replay AS (`
+	batchCopiesCTE = `copies AS (`
+	batchCTEEnd    = `), `
+	// A CTE list cannot end with a comma: a no-op CTE closes it. The body's parameters follow: the state, then
+	// the inbox seqs.
+	batchBodyHead  = `done AS (SELECT 1) UPDATE inbox SET state=`
+	batchBodySeqIn = `, raw=NULL, last_error=NULL WHERE seq IN `
 )
 
 // batchStatement renders a batch as one Postgres statement: the inserts as CTEs, the inbox update as its body.
 func batchStatement(b *Batch) (string, []any) {
 	var sb strings.Builder
-	args := make([]any, 0, len(b.Replay)*4+len(b.Copies)*7+len(b.Done)+1)
-	sb.WriteString("WITH ")
-	if len(b.Replay) > 0 {
-		sb.WriteString("replay AS (" + replayInsertHead)
-		for i, e := range b.Replay {
+	args := make([]any, 0, len(b.Replay.Args)+len(b.Copies)*copyWidth+len(b.Done)+1)
+	sb.WriteString(batchWith)
+	if n := b.Replay.rows(); n > 0 {
+		sb.WriteString(batchReplayCTE + b.Replay.Head)
+		for i := range n {
 			if i > 0 {
 				sb.WriteByte(',')
 			}
-			sb.WriteString(placeholders(len(args), 4))
-			args = append(args, e.SessionID, e.Index, e.EventID, e.Timestamp)
+			sb.WriteString(placeholders(len(args), b.Replay.Width))
+			args = append(args, b.Replay.Args[i*b.Replay.Width:(i+1)*b.Replay.Width]...)
 		}
-		sb.WriteString(replayInsertTail + "), ")
+		sb.WriteString(b.Replay.Tail + batchCTEEnd)
 	}
 	if len(b.Copies) > 0 {
-		sb.WriteString("copies AS (" + copyInsertHead)
+		sb.WriteString(batchCopiesCTE + copyInsertHead)
 		for i, c := range b.Copies {
 			if i > 0 {
 				sb.WriteByte(',')
 			}
-			sb.WriteString(placeholders(len(args), 7))
+			sb.WriteString(placeholders(len(args), copyWidth))
 			args = append(args, copyArgs(c)...)
 		}
-		sb.WriteString(copyInsertTail + "), ")
+		sb.WriteString(copyInsertTail + batchCTEEnd)
 	}
-	// A CTE list cannot end with a comma: a no-op CTE closes it.
-	sb.WriteString("done AS (SELECT 1) UPDATE inbox SET state=")
+	sb.WriteString(batchBodyHead)
 	args = append(args, InboxDone)
 	sb.WriteString("$" + strconv.Itoa(len(args)))
-	sb.WriteString(", raw=NULL, last_error=NULL WHERE seq IN ")
+	sb.WriteString(batchBodySeqIn)
 	sb.WriteString(placeholders(len(args), len(b.Done)))
 	for _, seq := range b.Done {
 		args = append(args, seq)
@@ -121,22 +135,22 @@ func batchStatement(b *Batch) (string, []any) {
 	return sb.String(), args
 }
 
-func (db *Database) putReplay(ctx context.Context, rows []ReplayEntry) error {
+// insertRows writes a RowInsert in statements of up to 500 rows.
+func (db *Database) insertRows(ctx context.Context, ri *RowInsert) error {
 	const chunk = 500
-	for start := 0; start < len(rows); start += chunk {
-		part := rows[start:min(start+chunk, len(rows))]
+	n := ri.rows()
+	for start := 0; start < n; start += chunk {
+		end := min(start+chunk, n)
 		var sb strings.Builder
-		sb.WriteString(replayInsertHead)
-		args := make([]any, 0, len(part)*4)
-		for i, e := range part {
-			if i > 0 {
+		sb.WriteString(ri.Head)
+		for i := start; i < end; i++ {
+			if i > start {
 				sb.WriteByte(',')
 			}
-			sb.WriteString(placeholders(len(args), 4))
-			args = append(args, e.SessionID, e.Index, e.EventID, e.Timestamp)
+			sb.WriteString(placeholders((i-start)*ri.Width, ri.Width))
 		}
-		sb.WriteString(replayInsertTail)
-		if _, err := db.Exec(ctx, sb.String(), args...); err != nil {
+		sb.WriteString(ri.Tail)
+		if _, err := db.Exec(ctx, sb.String(), ri.Args[start*ri.Width:end*ri.Width]...); err != nil {
 			return err
 		}
 	}

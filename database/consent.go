@@ -67,7 +67,30 @@ var consentIDLengths = []int{6, 8, 12, 16, 64}
 // ErrConsentIDTaken is returned by Create when every candidate ID is taken by other requests (practically never).
 var ErrConsentIDTaken = errors.New("no free consent request ID")
 
-const consentColumns = `id, kind, from_room, target_room, link_id, disappear_ms, requested_by, command_event, created_at, expires_at`
+// SQL on consent_request and consent_room.
+const (
+	consentColumns             = `id, kind, from_room, target_room, link_id, disappear_ms, requested_by, command_event, created_at, expires_at`
+	insertConsentQuery         = `INSERT INTO consent_request (` + consentColumns + `) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`
+	getConsentQuery            = `SELECT ` + consentColumns + ` FROM consent_request WHERE id=$1`
+	countConsentsByQuery       = `SELECT COUNT(*) FROM consent_request WHERE requested_by=$1 AND expires_at > $2`
+	deleteConsentQuery         = `DELETE FROM consent_request WHERE id=$1`
+	deleteExpiredConsentsQuery = `DELETE FROM consent_request WHERE expires_at <= $1`
+
+	// Waiting in a room: unexpired at $2, and nobody there consented yet.
+	waitingConsentsQuery = `
+		SELECT r.id FROM consent_request r JOIN consent_room c ON c.request_id = r.id
+		WHERE c.room_id=$1 AND c.consented_by='' AND r.expires_at > $2 ORDER BY r.created_at, r.id`
+	countWaitingConsentsQuery = `
+		SELECT COUNT(DISTINCT r.id) FROM consent_request r JOIN consent_room c ON c.request_id = r.id
+		WHERE c.room_id=$1 AND c.consented_by='' AND r.expires_at > $2`
+
+	getConsentRoomsQuery = `SELECT room_id, consented_by FROM consent_room WHERE request_id=$1 ORDER BY room_id`
+	setConsentRoomQuery  = `
+		INSERT INTO consent_room (request_id, room_id, consented_by) VALUES ($1, $2, $3)
+		ON CONFLICT (request_id, room_id) DO UPDATE SET consented_by=excluded.consented_by`
+	deleteConsentRoomsQuery        = `DELETE FROM consent_room WHERE request_id=$1`
+	deleteExpiredConsentRoomsQuery = `DELETE FROM consent_room WHERE request_id IN (SELECT id FROM consent_request WHERE expires_at <= $1)`
+)
 
 // Create stores a new request with its rooms. Its ID derives from the command event, so a command handled again
 // after a crash finds the request it made the first time: Create then returns that one and existed=true.
@@ -87,8 +110,7 @@ func (cq *ConsentQuery) Create(ctx context.Context, req *ConsentRequest) (stored
 				continue
 			}
 			req.ID = candidate
-			_, err = cq.db.Exec(ctx, `INSERT INTO consent_request (`+consentColumns+`) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
-				req.ID, req.Kind, req.FromRoom, req.TargetRoom, req.LinkID, req.DisappearAfter.Milliseconds(), req.RequestedBy,
+			_, err = cq.db.Exec(ctx, insertConsentQuery, req.ID, req.Kind, req.FromRoom, req.TargetRoom, req.LinkID, req.DisappearAfter.Milliseconds(), req.RequestedBy,
 				req.CommandEvent, req.CreatedAt.UnixMilli(), req.ExpiresAt.UnixMilli())
 			if err != nil {
 				return err
@@ -110,13 +132,13 @@ func (cq *ConsentQuery) Get(ctx context.Context, requestID string) (*ConsentRequ
 }
 
 func (cq *ConsentQuery) get(ctx context.Context, requestID string) (*ConsentRequest, error) {
-	req, err := scanConsent(cq.db.QueryRow(ctx, `SELECT `+consentColumns+` FROM consent_request WHERE id=$1`, requestID))
+	req, err := scanConsent(cq.db.QueryRow(ctx, getConsentQuery, requestID))
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, nil
 	} else if err != nil {
 		return nil, err
 	}
-	rows, err := cq.db.Query(ctx, `SELECT room_id, consented_by FROM consent_room WHERE request_id=$1 ORDER BY room_id`, requestID)
+	rows, err := cq.db.Query(ctx, getConsentRoomsQuery, requestID)
 	req.Rooms, err = dbutil.NewRowIterWithError(rows, func(row dbutil.Scannable) (c ConsentRoom, err error) {
 		err = row.Scan(&c.RoomID, &c.ConsentedBy)
 		return
@@ -141,9 +163,7 @@ func scanConsent(row dbutil.Scannable) (*ConsentRequest, error) {
 
 // WaitingIn lists the unexpired requests that wait for consent in room, oldest first.
 func (cq *ConsentQuery) WaitingIn(ctx context.Context, room id.RoomID, now time.Time) ([]*ConsentRequest, error) {
-	rows, err := cq.db.Query(ctx, `
-		SELECT r.id FROM consent_request r JOIN consent_room c ON c.request_id = r.id
-		WHERE c.room_id=$1 AND c.consented_by='' AND r.expires_at > $2 ORDER BY r.created_at, r.id`, room, now.UnixMilli())
+	rows, err := cq.db.Query(ctx, waitingConsentsQuery, room, now.UnixMilli())
 	ids, err := dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[string], err).AsList()
 	if err != nil {
 		return nil, err
@@ -163,11 +183,9 @@ func (cq *ConsentQuery) WaitingIn(ctx context.Context, room id.RoomID, now time.
 // CountWaiting counts the unexpired requests waiting in room and those asked by user, for the caps on what one
 // user can make ferry keep.
 func (cq *ConsentQuery) CountWaiting(ctx context.Context, room id.RoomID, user id.UserID, now time.Time) (inRoom, byUser int, err error) {
-	err = cq.db.QueryRow(ctx, `
-		SELECT COUNT(DISTINCT r.id) FROM consent_request r JOIN consent_room c ON c.request_id = r.id
-		WHERE c.room_id=$1 AND c.consented_by='' AND r.expires_at > $2`, room, now.UnixMilli()).Scan(&inRoom)
+	err = cq.db.QueryRow(ctx, countWaitingConsentsQuery, room, now.UnixMilli()).Scan(&inRoom)
 	if err == nil {
-		err = cq.db.QueryRow(ctx, `SELECT COUNT(*) FROM consent_request WHERE requested_by=$1 AND expires_at > $2`, user, now.UnixMilli()).Scan(&byUser)
+		err = cq.db.QueryRow(ctx, countConsentsByQuery, user, now.UnixMilli()).Scan(&byUser)
 	}
 	return
 }
@@ -179,9 +197,7 @@ func (cq *ConsentQuery) SetRooms(ctx context.Context, requestID string, rooms []
 
 func (cq *ConsentQuery) setRooms(ctx context.Context, requestID string, rooms []ConsentRoom) error {
 	for _, c := range rooms {
-		_, err := cq.db.Exec(ctx, `
-			INSERT INTO consent_room (request_id, room_id, consented_by) VALUES ($1, $2, $3)
-			ON CONFLICT (request_id, room_id) DO UPDATE SET consented_by=excluded.consented_by`, requestID, c.RoomID, c.ConsentedBy)
+		_, err := cq.db.Exec(ctx, setConsentRoomQuery, requestID, c.RoomID, c.ConsentedBy)
 		if err != nil {
 			return err
 		}
@@ -193,10 +209,10 @@ func (cq *ConsentQuery) setRooms(ctx context.Context, requestID string, rooms []
 func (cq *ConsentQuery) Delete(ctx context.Context, requestID string) (bool, error) {
 	var deleted bool
 	err := cq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		if _, err := cq.db.Exec(ctx, `DELETE FROM consent_room WHERE request_id=$1`, requestID); err != nil {
+		if _, err := cq.db.Exec(ctx, deleteConsentRoomsQuery, requestID); err != nil {
 			return err
 		}
-		res, err := cq.db.Exec(ctx, `DELETE FROM consent_request WHERE id=$1`, requestID)
+		res, err := cq.db.Exec(ctx, deleteConsentQuery, requestID)
 		if err != nil {
 			return err
 		}
@@ -211,11 +227,11 @@ func (cq *ConsentQuery) Delete(ctx context.Context, requestID string) (bool, err
 func (cq *ConsentQuery) DeleteExpired(ctx context.Context, now time.Time) (int64, error) {
 	var n int64
 	err := cq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		_, err := cq.db.Exec(ctx, `DELETE FROM consent_room WHERE request_id IN (SELECT id FROM consent_request WHERE expires_at <= $1)`, now.UnixMilli())
+		_, err := cq.db.Exec(ctx, deleteExpiredConsentRoomsQuery, now.UnixMilli())
 		if err != nil {
 			return err
 		}
-		res, err := cq.db.Exec(ctx, `DELETE FROM consent_request WHERE expires_at <= $1`, now.UnixMilli())
+		res, err := cq.db.Exec(ctx, deleteExpiredConsentsQuery, now.UnixMilli())
 		if err != nil {
 			return err
 		}

@@ -111,17 +111,17 @@ func (eq *EventMapQuery) StagedDeadline(evt id.EventID) time.Time {
 // PutMany records copies in one statement per 500. Recording the same (source, target room) twice keeps the
 // first.
 func (eq *EventMapQuery) PutMany(ctx context.Context, cs []*Copy) error {
-	const perRow, chunk = 7, 500
+	const chunk = 500
 	for start := 0; start < len(cs); start += chunk {
 		part := cs[start:min(start+chunk, len(cs))]
 		var sb strings.Builder
 		sb.WriteString(copyInsertHead)
-		args := make([]any, 0, len(part)*perRow)
+		args := make([]any, 0, len(part)*copyWidth)
 		for i, c := range part {
 			if i > 0 {
 				sb.WriteByte(',')
 			}
-			sb.WriteString(placeholders(i*perRow, perRow))
+			sb.WriteString(placeholders(i*copyWidth, copyWidth))
 			args = append(args, copyArgs(c)...)
 		}
 		sb.WriteString(copyInsertTail)
@@ -132,7 +132,23 @@ func (eq *EventMapQuery) PutMany(ctx context.Context, cs []*Copy) error {
 	return nil
 }
 
-const copyColumns = `source_event, source_room, target_room, target_event, sender, created_at, disappear_at`
+// SQL on event_map. The multi-row insert (PutMany, and the batch statement) adds one (...) group of copyWidth
+// parameters per copy between its head and its tail.
+const (
+	copyColumns = `source_event, source_room, target_room, target_event, sender, created_at, disappear_at`
+	copyWidth   = 7
+	// Recording the same (source, target room) twice keeps the first.
+	copyInsertHead = `INSERT INTO event_map (` + copyColumns + `) VALUES `
+	copyInsertTail = ` ON CONFLICT (source_event, target_room) DO NOTHING`
+
+	getCopyBase          = `SELECT ` + copyColumns + ` FROM event_map `
+	getCopyQuery         = getCopyBase + `WHERE source_event=$1 AND target_room=$2`
+	getCopyByTargetQuery = getCopyBase + `WHERE target_event=$1`
+	countCopiesFromQuery = `SELECT COUNT(*) FROM event_map WHERE source_room=$1`
+	lastCopyFromQuery    = `SELECT MAX(created_at) FROM event_map WHERE source_room=$1`
+	// The earliest deadline of an event as an original or as a copy.
+	copyDeadlineQuery = `SELECT MIN(disappear_at) FROM event_map WHERE (source_event=$1 OR target_event=$1) AND disappear_at>0`
+)
 
 // Put records a copy. Recording the same (source, target room) twice keeps the first. A copy with a deadline
 // is scheduled for redaction in the same transaction, together with its original.
@@ -166,7 +182,7 @@ func (eq *EventMapQuery) Get(ctx context.Context, source id.EventID, targetRoom 
 	if c := eq.staged(source, targetRoom); c != nil {
 		return c, nil
 	}
-	return scanCopyRow(eq.db.QueryRow(ctx, `SELECT `+copyColumns+` FROM event_map WHERE source_event=$1 AND target_room=$2`, source, targetRoom))
+	return scanCopyRow(eq.db.QueryRow(ctx, getCopyQuery, source, targetRoom))
 }
 
 // ByTarget returns the map row whose copy is the given event, or nil when the event is not a copy.
@@ -174,7 +190,7 @@ func (eq *EventMapQuery) ByTarget(ctx context.Context, target id.EventID) (*Copy
 	if c := eq.stagedByTarget(target); c != nil {
 		return c, nil
 	}
-	return scanCopyRow(eq.db.QueryRow(ctx, `SELECT `+copyColumns+` FROM event_map WHERE target_event=$1`, target))
+	return scanCopyRow(eq.db.QueryRow(ctx, getCopyByTargetQuery, target))
 }
 
 // Counterpart resolves an event seen in one room of a link to its counterpart in targetRoom: the copy there, or
@@ -199,14 +215,14 @@ func (eq *EventMapQuery) Counterpart(ctx context.Context, evt id.EventID, target
 // CountSince counts copies sent into or out of a set of rooms since a time.
 func (eq *EventMapQuery) CountForRoom(ctx context.Context, room id.RoomID) (int, error) {
 	var n int
-	err := eq.db.QueryRow(ctx, `SELECT COUNT(*) FROM event_map WHERE source_room=$1`, room).Scan(&n)
+	err := eq.db.QueryRow(ctx, countCopiesFromQuery, room).Scan(&n)
 	return n, err
 }
 
 // LastForRoom returns when the latest copy of an event from room was made, or zero.
 func (eq *EventMapQuery) LastForRoom(ctx context.Context, room id.RoomID) (time.Time, error) {
 	var ts sql.NullInt64
-	err := eq.db.QueryRow(ctx, `SELECT MAX(created_at) FROM event_map WHERE source_room=$1`, room).Scan(&ts)
+	err := eq.db.QueryRow(ctx, lastCopyFromQuery, room).Scan(&ts)
 	if err != nil || !ts.Valid {
 		return time.Time{}, err
 	}

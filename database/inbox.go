@@ -55,13 +55,35 @@ type InboxQuery struct {
 	db *dbutil.Database
 }
 
+// SQL on inbox. Statements ending in "IN " take a list of parameters (placeholders) after them.
 const (
-	inboxColumns    = `seq, event_id, room_id, sender, event_type, raw, state, session_id, received_at, attempts, not_before, last_error, failing_since, synced`
-	inboxSelect     = `SELECT ` + inboxColumns + ` FROM inbox `
-	inboxInsertHead = `INSERT INTO inbox (event_id, room_id, sender, event_type, raw, state, session_id, received_at, synced) VALUES `
+	inboxColumns = `seq, event_id, room_id, sender, event_type, raw, state, session_id, received_at, attempts, not_before, last_error, failing_since, synced`
+	inboxSelect  = `SELECT ` + inboxColumns + ` FROM inbox `
+	// The multi-row insert adds one (...) group of inboxInsertWidth parameters per event; a redelivered event ID
+	// is skipped, and only new rows come back.
+	inboxInsertHead  = `INSERT INTO inbox (event_id, room_id, sender, event_type, raw, state, session_id, received_at, synced) VALUES `
+	inboxInsertWidth = 9
+	inboxInsertTail  = ` ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id`
 	// inboxOrder is an event's place in its room's queue: its delivery order, unless /sync showed another.
-	inboxOrder      = `COALESCE(ord, seq*1000)`
-	inboxInsertTail = ` ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id`
+	inboxOrder = `COALESCE(ord, seq*1000)`
+
+	getInboxQuery        = inboxSelect + `WHERE event_id=$1`
+	nextInRoomQuery      = inboxSelect + `WHERE room_id=$1 AND state=$2 ORDER BY ` + inboxOrder + ` LIMIT $3`
+	parkedInboxQuery     = inboxSelect + `WHERE state=$1 ORDER BY seq`
+	roomsWithWorkQuery   = `SELECT DISTINCT room_id FROM inbox WHERE state=$1`
+	inboxCountQuery      = `SELECT state, COUNT(*) FROM inbox WHERE ($1='' OR room_id=$1) GROUP BY state`
+	inboxBacklogsQuery   = `SELECT state, COUNT(*), MIN(received_at) FROM inbox WHERE state IN ($1, $2) GROUP BY state`
+	confirmOrderHead     = `UPDATE inbox SET synced=true WHERE room_id=$1 AND event_id IN `
+	confirmOrderTail     = ` RETURNING seq, event_id, state, ` + inboxOrder
+	setInboxOrderQuery   = `UPDATE inbox SET ord=$2 WHERE seq=$1`
+	finishInboxQuery     = `UPDATE inbox SET state=$2, raw=NULL, last_error=$3 WHERE seq=$1`
+	finishManyInboxQuery = `UPDATE inbox SET state=$1, raw=NULL, last_error=NULL WHERE seq IN `
+	parkInboxQuery       = `UPDATE inbox SET state=$2, session_id=$3, attempts=attempts+1 WHERE seq=$1`
+	// The first transient failure sets failing_since ($4); later ones keep it.
+	retryInboxQuery = `UPDATE inbox SET attempts=attempts+1, not_before=$2, last_error=$3,
+		failing_since=CASE WHEN failing_since=0 THEN $4 ELSE failing_since END WHERE seq=$1`
+	wakeInboxQuery  = `UPDATE inbox SET state=$1 WHERE state=$2 AND session_id=$3 RETURNING room_id`
+	pruneInboxQuery = `DELETE FROM inbox WHERE seq IN (SELECT seq FROM inbox WHERE state IN ($1, $2) AND received_at < $3 ORDER BY seq LIMIT $4)`
 )
 
 // Insert records events in one transaction and reports which were new (redeliveries of known event IDs are
@@ -73,7 +95,7 @@ func (iq *InboxQuery) Insert(ctx context.Context, evts []*InboxEvent) (inserted 
 	}
 	defer metrics.ObserveCommit(metrics.CommitIntake, time.Now())
 	// One multi-row statement: a transaction of 100 events costs one round trip, not 100.
-	const perRow = 9
+	const perRow = inboxInsertWidth
 	var sb strings.Builder
 	sb.Grow(len(inboxInsertHead) + len(inboxInsertTail) + len(evts)*40)
 	sb.WriteString(inboxInsertHead)
@@ -132,18 +154,18 @@ func writePlaceholders(sb *strings.Builder, offset, n int) {
 
 // Get returns one event by ID, or nil.
 func (iq *InboxQuery) Get(ctx context.Context, evtID id.EventID) (*InboxEvent, error) {
-	return scanOne(iq.db.QueryRow(ctx, inboxSelect+`WHERE event_id=$1`, evtID))
+	return scanOne(iq.db.QueryRow(ctx, getInboxQuery, evtID))
 }
 
 // RoomsWithWork lists rooms that have pending events (waiting for their not_before or not).
 func (iq *InboxQuery) RoomsWithWork(ctx context.Context) ([]id.RoomID, error) {
-	rows, err := iq.db.Query(ctx, `SELECT DISTINCT room_id FROM inbox WHERE state=$1`, InboxPending)
+	rows, err := iq.db.Query(ctx, roomsWithWorkQuery, InboxPending)
 	return dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.RoomID], err).AsList()
 }
 
 // NextInRoom returns up to limit pending events of one room, in the room's order (see ConfirmOrder).
 func (iq *InboxQuery) NextInRoom(ctx context.Context, roomID id.RoomID, limit int) ([]*InboxEvent, error) {
-	rows, err := iq.db.Query(ctx, inboxSelect+`WHERE room_id=$1 AND state=$2 ORDER BY `+inboxOrder+` LIMIT $3`, roomID, InboxPending, limit)
+	rows, err := iq.db.Query(ctx, nextInRoomQuery, roomID, InboxPending, limit)
 	return dbutil.NewRowIterWithError(rows, scanInbox, err).AsList()
 }
 
@@ -162,8 +184,7 @@ func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evtIDs
 			args = append(args, e)
 		}
 		in := placeholders(1, len(evtIDs))
-		rows, err := iq.db.Query(ctx, `UPDATE inbox SET synced=true WHERE room_id=$1 AND event_id IN `+in+
-			` RETURNING seq, event_id, state, `+inboxOrder, args...)
+		rows, err := iq.db.Query(ctx, confirmOrderHead+in+confirmOrderTail, args...)
 		if err != nil {
 			return err
 		}
@@ -201,7 +222,7 @@ func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evtIDs
 			if p.key == keys[i] {
 				continue
 			}
-			if _, err = iq.db.Exec(ctx, `UPDATE inbox SET ord=$2 WHERE seq=$1`, p.seq, keys[i]); err != nil {
+			if _, err = iq.db.Exec(ctx, setInboxOrderQuery, p.seq, keys[i]); err != nil {
 				return err
 			}
 			moved++
@@ -213,7 +234,7 @@ func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evtIDs
 
 // Finish marks an event handled and drops its payload.
 func (iq *InboxQuery) Finish(ctx context.Context, seq int64, state InboxState, lastError string) error {
-	_, err := iq.db.Exec(ctx, `UPDATE inbox SET state=$2, raw=NULL, last_error=$3 WHERE seq=$1`, seq, state, dbutil.StrPtr(lastError))
+	_, err := iq.db.Exec(ctx, finishInboxQuery, seq, state, dbutil.StrPtr(lastError))
 	return err
 }
 
@@ -231,8 +252,7 @@ func (iq *InboxQuery) FinishMany(ctx context.Context, seqs []int64, state InboxS
 			args = append(args, s)
 		}
 		// placeholders renders ($2,…,$n+1): an IN list works on Postgres and SQLite alike.
-		q := `UPDATE inbox SET state=$1, raw=NULL, last_error=NULL WHERE seq IN ` + placeholders(1, len(part))
-		if _, err := iq.db.Exec(ctx, q, args...); err != nil {
+		if _, err := iq.db.Exec(ctx, finishManyInboxQuery+placeholders(1, len(part)), args...); err != nil {
 			return err
 		}
 	}
@@ -241,30 +261,27 @@ func (iq *InboxQuery) FinishMany(ctx context.Context, seqs []int64, state InboxS
 
 // Park marks an event as waiting for its room key.
 func (iq *InboxQuery) Park(ctx context.Context, seq int64, sessionID id.SessionID) error {
-	_, err := iq.db.Exec(ctx, `UPDATE inbox SET state=$2, session_id=$3, attempts=attempts+1 WHERE seq=$1`, seq, InboxWaitingKeys, sessionID)
+	_, err := iq.db.Exec(ctx, parkInboxQuery, seq, InboxWaitingKeys, sessionID)
 	return err
 }
 
 // Retry records a transient failure at now; the event stays pending and is not tried before notBefore. The
 // first such failure sets the event's failing_since.
 func (iq *InboxQuery) Retry(ctx context.Context, seq int64, now, notBefore time.Time, lastError string) error {
-	_, err := iq.db.Exec(ctx, `UPDATE inbox SET attempts=attempts+1, not_before=$2, last_error=$3,
-		failing_since=CASE WHEN failing_since=0 THEN $4 ELSE failing_since END WHERE seq=$1`,
-		seq, notBefore.UnixMilli(), lastError, now.UnixMilli())
+	_, err := iq.db.Exec(ctx, retryInboxQuery, seq, notBefore.UnixMilli(), lastError, now.UnixMilli())
 	return err
 }
 
 // Wake moves events parked for a session back to pending and returns their rooms.
 func (iq *InboxQuery) Wake(ctx context.Context, sessionID id.SessionID) ([]id.RoomID, error) {
-	rows, err := iq.db.Query(ctx, `UPDATE inbox SET state=$1 WHERE state=$2 AND session_id=$3 RETURNING room_id`, InboxPending, InboxWaitingKeys, sessionID)
+	rows, err := iq.db.Query(ctx, wakeInboxQuery, InboxPending, InboxWaitingKeys, sessionID)
 	return dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.RoomID], err).AsList()
 }
 
 // Prune deletes up to limit handled (done or failed) events received before before, and returns how many it
 // deleted. Their rows only served to recognise a redelivery, which homeservers do within minutes.
 func (iq *InboxQuery) Prune(ctx context.Context, before time.Time, limit int) (int, error) {
-	res, err := iq.db.Exec(ctx, `DELETE FROM inbox WHERE seq IN (SELECT seq FROM inbox WHERE state IN ($1, $2) AND received_at < $3 ORDER BY seq LIMIT $4)`,
-		InboxDone, InboxFailed, before.UnixMilli(), limit)
+	res, err := iq.db.Exec(ctx, pruneInboxQuery, InboxDone, InboxFailed, before.UnixMilli(), limit)
 	if err != nil {
 		return 0, err
 	}
@@ -274,14 +291,13 @@ func (iq *InboxQuery) Prune(ctx context.Context, before time.Time, limit int) (i
 
 // Parked lists events waiting for keys, oldest first.
 func (iq *InboxQuery) Parked(ctx context.Context) ([]*InboxEvent, error) {
-	rows, err := iq.db.Query(ctx, inboxSelect+`WHERE state=$1 ORDER BY seq`, InboxWaitingKeys)
+	rows, err := iq.db.Query(ctx, parkedInboxQuery, InboxWaitingKeys)
 	return dbutil.NewRowIterWithError(rows, scanInbox, err).AsList()
 }
 
 // CountByState counts a room's events per state (all rooms when roomID is empty).
 func (iq *InboxQuery) CountByState(ctx context.Context, roomID id.RoomID) (map[InboxState]int, error) {
-	q := `SELECT state, COUNT(*) FROM inbox WHERE ($1='' OR room_id=$1) GROUP BY state`
-	rows, err := iq.db.Query(ctx, q, roomID)
+	rows, err := iq.db.Query(ctx, inboxCountQuery, roomID)
 	if err != nil {
 		return nil, err
 	}
@@ -339,8 +355,7 @@ type Backlog struct {
 // Backlogs reports the events that still wait (pending and waiting for keys), per state. It scans the table: it
 // is meant for metrics scrapes, not for the relay path.
 func (iq *InboxQuery) Backlogs(ctx context.Context) (map[InboxState]Backlog, error) {
-	rows, err := iq.db.Query(ctx, `SELECT state, COUNT(*), MIN(received_at) FROM inbox WHERE state IN ($1, $2) GROUP BY state`,
-		InboxPending, InboxWaitingKeys)
+	rows, err := iq.db.Query(ctx, inboxBacklogsQuery, InboxPending, InboxWaitingKeys)
 	if err != nil {
 		return nil, err
 	}

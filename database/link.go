@@ -78,6 +78,31 @@ func (l *Link) Others(roomID id.RoomID) []id.RoomID {
 	return out
 }
 
+// SQL on link, link_room and link_predecessor.
+const (
+	getLinkQuery           = `SELECT id, created_by, created_at, require_encryption, disappear_ms FROM link WHERE id=$1`
+	allLinkIDsQuery        = `SELECT id FROM link ORDER BY created_at, id`
+	insertLinkQuery        = `INSERT INTO link (id, created_by, created_at) VALUES ($1, $2, $3)`
+	deleteLinkQuery        = `DELETE FROM link WHERE id=$1`
+	setLinkEncryptionQuery = `UPDATE link SET require_encryption=$2 WHERE id=$1`
+	setLinkDisappearQuery  = `UPDATE link SET disappear_ms=$2 WHERE id=$1`
+
+	getLinkIDByRoomQuery = `SELECT link_id FROM link_room WHERE room_id=$1`
+	getLinkRoomsQuery    = `SELECT room_id FROM link_room WHERE link_id=$1 ORDER BY added_at, room_id`
+	insertLinkRoomQuery  = `INSERT INTO link_room (room_id, link_id, added_by, added_at) VALUES ($1, $2, $3, $4)`
+	deleteLinkRoomQuery  = `DELETE FROM link_room WHERE room_id=$1`
+	deleteLinkRoomsQuery = `DELETE FROM link_room WHERE link_id=$1`
+	moveLinkRoomQuery    = `UPDATE link_room SET room_id=$2 WHERE room_id=$1`
+
+	getLinkIDByRetiredQuery = `SELECT link_id FROM link_predecessor WHERE room_id=$1`
+	getSuccessorQuery       = `SELECT successor FROM link_predecessor WHERE room_id=$1`
+	getRetiredRoomsQuery    = `SELECT room_id, successor, current_room, moved_at FROM link_predecessor WHERE link_id=$1 ORDER BY moved_at, room_id`
+	// A retired room's successor is its current room until that is upgraded too (moveRetiredQuery).
+	insertRetiredQuery   = `INSERT INTO link_predecessor (room_id, successor, current_room, link_id, moved_at) VALUES ($1, $2, $2, $3, $4)`
+	moveRetiredQuery     = `UPDATE link_predecessor SET current_room=$2 WHERE current_room=$1`
+	deleteRetiredOfQuery = `DELETE FROM link_predecessor WHERE current_room=$1`
+)
+
 // maxLinkCache bounds LinkQuery's cache of links by room; past it the cache starts over.
 const maxLinkCache = 10000
 
@@ -164,7 +189,7 @@ func (l *Link) clone() *Link {
 // getByRoom reads the link of a room from the database (inside a transaction, or to fill the cache).
 func (lq *LinkQuery) getByRoom(ctx context.Context, roomID id.RoomID) (*Link, error) {
 	var linkID string
-	err := lq.db.QueryRow(ctx, `SELECT link_id FROM link_room WHERE room_id=$1`, roomID).Scan(&linkID)
+	err := lq.db.QueryRow(ctx, getLinkIDByRoomQuery, roomID).Scan(&linkID)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, ErrLinkNotFound
 	} else if err != nil {
@@ -176,7 +201,7 @@ func (lq *LinkQuery) getByRoom(ctx context.Context, roomID id.RoomID) (*Link, er
 // getByRetired reads the link a room was upgraded out of.
 func (lq *LinkQuery) getByRetired(ctx context.Context, roomID id.RoomID) (*Link, error) {
 	var linkID string
-	err := lq.db.QueryRow(ctx, `SELECT link_id FROM link_predecessor WHERE room_id=$1`, roomID).Scan(&linkID)
+	err := lq.db.QueryRow(ctx, getLinkIDByRetiredQuery, roomID).Scan(&linkID)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, ErrLinkNotFound
 	} else if err != nil {
@@ -189,7 +214,7 @@ func (lq *LinkQuery) getByRetired(ctx context.Context, roomID id.RoomID) (*Link,
 func (lq *LinkQuery) Get(ctx context.Context, linkID string) (*Link, error) {
 	var link Link
 	var createdAt, disappearMS int64
-	err := lq.db.QueryRow(ctx, `SELECT id, created_by, created_at, require_encryption, disappear_ms FROM link WHERE id=$1`, linkID).
+	err := lq.db.QueryRow(ctx, getLinkQuery, linkID).
 		Scan(&link.ID, &link.CreatedBy, &createdAt, &link.RequireEncryption, &disappearMS)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, ErrLinkNotFound
@@ -198,12 +223,12 @@ func (lq *LinkQuery) Get(ctx context.Context, linkID string) (*Link, error) {
 	}
 	link.CreatedAt = time.UnixMilli(createdAt)
 	link.DisappearAfter = time.Duration(disappearMS) * time.Millisecond
-	rows, err := lq.db.Query(ctx, `SELECT room_id FROM link_room WHERE link_id=$1 ORDER BY added_at, room_id`, linkID)
+	rows, err := lq.db.Query(ctx, getLinkRoomsQuery, linkID)
 	link.Rooms, err = dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.RoomID], err).AsList()
 	if err != nil {
 		return nil, err
 	}
-	rows, err = lq.db.Query(ctx, `SELECT room_id, successor, current_room, moved_at FROM link_predecessor WHERE link_id=$1 ORDER BY moved_at, room_id`, linkID)
+	rows, err = lq.db.Query(ctx, getRetiredRoomsQuery, linkID)
 	link.Retired, err = dbutil.NewRowIterWithError(rows, scanRetired, err).AsList()
 	if err != nil {
 		return nil, err
@@ -221,7 +246,7 @@ func scanRetired(row dbutil.Scannable) (RetiredRoom, error) {
 
 // All lists every link.
 func (lq *LinkQuery) All(ctx context.Context) ([]*Link, error) {
-	rows, err := lq.db.Query(ctx, `SELECT id FROM link ORDER BY created_at, id`)
+	rows, err := lq.db.Query(ctx, allLinkIDsQuery)
 	ids, err := dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[string], err).AsList()
 	if err != nil {
 		return nil, err
@@ -263,7 +288,7 @@ func (lq *LinkQuery) Join(ctx context.Context, newLinkID string, a, b id.RoomID,
 			err = lq.addRoom(ctx, linkB.ID, a, by, now)
 			link = linkB
 		default:
-			if _, err = lq.db.Exec(ctx, `INSERT INTO link (id, created_by, created_at) VALUES ($1, $2, $3)`, newLinkID, by, now.UnixMilli()); err != nil {
+			if _, err = lq.db.Exec(ctx, insertLinkQuery, newLinkID, by, now.UnixMilli()); err != nil {
 				return err
 			}
 			if err = lq.addRoom(ctx, newLinkID, a, by, now); err != nil {
@@ -282,7 +307,7 @@ func (lq *LinkQuery) Join(ctx context.Context, newLinkID string, a, b id.RoomID,
 }
 
 func (lq *LinkQuery) addRoom(ctx context.Context, linkID string, room id.RoomID, by id.UserID, now time.Time) error {
-	_, err := lq.db.Exec(ctx, `INSERT INTO link_room (room_id, link_id, added_by, added_at) VALUES ($1, $2, $3, $4)`, room, linkID, by, now.UnixMilli())
+	_, err := lq.db.Exec(ctx, insertLinkRoomQuery, room, linkID, by, now.UnixMilli())
 	return err
 }
 
@@ -299,16 +324,16 @@ func (lq *LinkQuery) Leave(ctx context.Context, room id.RoomID) (*Link, error) {
 			return err
 		}
 		if len(before.Rooms) <= 2 {
-			_, err = lq.db.Exec(ctx, `DELETE FROM link_room WHERE link_id=$1`, before.ID)
+			_, err = lq.db.Exec(ctx, deleteLinkRoomsQuery, before.ID)
 			if err == nil {
-				_, err = lq.db.Exec(ctx, `DELETE FROM link WHERE id=$1`, before.ID)
+				_, err = lq.db.Exec(ctx, deleteLinkQuery, before.ID)
 			}
 			return err
 		}
-		if _, err = lq.db.Exec(ctx, `DELETE FROM link_predecessor WHERE current_room=$1`, room); err != nil {
+		if _, err = lq.db.Exec(ctx, deleteRetiredOfQuery, room); err != nil {
 			return err
 		}
-		_, err = lq.db.Exec(ctx, `DELETE FROM link_room WHERE room_id=$1`, room)
+		_, err = lq.db.Exec(ctx, deleteLinkRoomQuery, room)
 		return err
 	})
 	return before, err
@@ -327,7 +352,7 @@ func (lq *LinkQuery) MoveRoom(ctx context.Context, old, successor id.RoomID, now
 		if errors.Is(err, ErrLinkNotFound) {
 			// Moved already (by the tombstone or by the invite into the new room, whichever came second)?
 			var was id.RoomID
-			if qerr := lq.db.QueryRow(ctx, `SELECT successor FROM link_predecessor WHERE room_id=$1`, old).Scan(&was); qerr == nil && was == successor {
+			if qerr := lq.db.QueryRow(ctx, getSuccessorQuery, old).Scan(&was); qerr == nil && was == successor {
 				link, err = lq.getByRoom(ctx, successor)
 			}
 			return err
@@ -342,14 +367,13 @@ func (lq *LinkQuery) MoveRoom(ctx context.Context, old, successor id.RoomID, now
 		} else if !errors.Is(err, ErrLinkNotFound) {
 			return err
 		}
-		if _, err = lq.db.Exec(ctx, `UPDATE link_predecessor SET current_room=$2 WHERE current_room=$1`, old, successor); err != nil {
+		if _, err = lq.db.Exec(ctx, moveRetiredQuery, old, successor); err != nil {
 			return err
 		}
-		if _, err = lq.db.Exec(ctx, `INSERT INTO link_predecessor (room_id, successor, current_room, link_id, moved_at) VALUES ($1, $2, $2, $3, $4)`,
-			old, successor, link.ID, now.UnixMilli()); err != nil {
+		if _, err = lq.db.Exec(ctx, insertRetiredQuery, old, successor, link.ID, now.UnixMilli()); err != nil {
 			return err
 		}
-		if _, err = lq.db.Exec(ctx, `UPDATE link_room SET room_id=$2 WHERE room_id=$1`, old, successor); err != nil {
+		if _, err = lq.db.Exec(ctx, moveLinkRoomQuery, old, successor); err != nil {
 			return err
 		}
 		moved = true
@@ -363,7 +387,7 @@ func (lq *LinkQuery) MoveRoom(ctx context.Context, old, successor id.RoomID, now
 func (lq *LinkQuery) SetRequireEncryption(ctx context.Context, linkID string, require bool) error {
 	lq.invalidate()
 	defer lq.invalidate()
-	_, err := lq.db.Exec(ctx, `UPDATE link SET require_encryption=$2 WHERE id=$1`, linkID, require)
+	_, err := lq.db.Exec(ctx, setLinkEncryptionQuery, linkID, require)
 	return err
 }
 
@@ -371,6 +395,6 @@ func (lq *LinkQuery) SetRequireEncryption(ctx context.Context, linkID string, re
 func (lq *LinkQuery) SetDisappear(ctx context.Context, linkID string, after time.Duration) error {
 	lq.invalidate()
 	defer lq.invalidate()
-	_, err := lq.db.Exec(ctx, `UPDATE link SET disappear_ms=$2 WHERE id=$1`, linkID, after.Milliseconds())
+	_, err := lq.db.Exec(ctx, setLinkDisappearQuery, linkID, after.Milliseconds())
 	return err
 }

@@ -143,14 +143,18 @@ func TestPostgresDriverJSONB(t *testing.T) {
 	}
 }
 
-// TestCommitBatch records replay index rows, copies and inbox states together, in the single-statement form
-// (no failures) and the transaction form (with a failure), on both dialects.
+// TestCommitBatch records another package's rows (the replay index in ferry), copies and inbox states together,
+// in the single-statement form (no failures) and the transaction form (with a failure), on both dialects.
 func TestCommitBatch(t *testing.T) {
 	forEachDialect(t, func(t *testing.T, db *database.Database) {
 		ctx := context.Background()
-		// The replay index table belongs to the crypto store; a minimal one stands in for it here.
-		if _, err := db.Exec(ctx, `CREATE TABLE crypto_message_index (session_id CHAR(43), "index" INTEGER, event_id TEXT NOT NULL, timestamp BIGINT NOT NULL, PRIMARY KEY (session_id, "index"))`); err != nil {
+		// The replay index belongs to the crypto store, which writes its own statement (crypto/mautrixstore.go);
+		// a table of another owner stands in for it here.
+		if _, err := db.Exec(ctx, `CREATE TABLE other_owner (k TEXT, n INTEGER, v TEXT NOT NULL, PRIMARY KEY (k, n))`); err != nil {
 			t.Fatal(err)
+		}
+		foreign := func(args ...any) database.RowInsert {
+			return database.RowInsert{Head: `INSERT INTO other_owner (k, n, v) VALUES `, Tail: ` ON CONFLICT (k, n) DO NOTHING`, Width: 3, Args: args}
 		}
 		var evts []*database.InboxEvent
 		for _, e := range []id.EventID{"$1", "$2", "$3"} {
@@ -162,7 +166,7 @@ func TestCommitBatch(t *testing.T) {
 		rows, _ := db.Inbox.NextInRoom(ctx, "!a", 10)
 		now := time.Now()
 		err := db.CommitBatch(ctx, &database.Batch{
-			Replay: []database.ReplayEntry{{SessionID: "S", Index: 0, EventID: "$1", Timestamp: 1}, {SessionID: "S", Index: 1, EventID: "$2", Timestamp: 2}},
+			Replay: foreign("S", 0, "$1", "S", 1, "$2"),
 			Copies: []*database.Copy{
 				{SourceEvent: "$1", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$1b", Sender: "@g:x", CreatedAt: now},
 				{SourceEvent: "$2", SourceRoom: "!a", TargetRoom: "!b", TargetEvent: "$2b", Sender: "@g:x", CreatedAt: now, DisappearAt: now.Add(time.Hour)},
@@ -174,15 +178,15 @@ func TestCommitBatch(t *testing.T) {
 			t.Fatalf("single-statement batch: %v", err)
 		}
 		err = db.CommitBatch(ctx, &database.Batch{
-			Replay: []database.ReplayEntry{{SessionID: "S", Index: 0, EventID: "$1", Timestamp: 1}}, // again: kept once
+			Replay: foreign("S", 0, "$1"), // again: kept once
 			Failed: []database.FailedEvent{{Seq: rows[2].Seq, Error: "refused"}},
 		})
 		if err != nil {
 			t.Fatalf("transaction batch: %v", err)
 		}
-		var replays int
-		if err = db.QueryRow(ctx, `SELECT COUNT(*) FROM crypto_message_index`).Scan(&replays); err != nil || replays != 2 {
-			t.Fatalf("replay rows = %d, %v", replays, err)
+		var foreignRows int
+		if err = db.QueryRow(ctx, `SELECT COUNT(*) FROM other_owner`).Scan(&foreignRows); err != nil || foreignRows != 2 {
+			t.Fatalf("rows of the other owner = %d, %v", foreignRows, err)
 		}
 		if c, _ := db.EventMap.Get(ctx, "$2", "!b"); c == nil || c.TargetEvent != "$2b" || c.DisappearAt.IsZero() {
 			t.Fatalf("copy = %+v", c)

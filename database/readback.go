@@ -8,31 +8,37 @@ import (
 	"maunium.net/go/mautrix/id"
 )
 
-// ReadbackQuery keeps the rooms ferry must read back before it sends into them again (see upgrades/04).
+// ReadbackQuery keeps the rooms ferry must read back before it sends into them again (see upgrades/08-readback.sql).
 type ReadbackQuery struct {
 	db *dbutil.Database
 }
 
+// SQL on readback.
+const (
+	// A room marked again keeps the earliest since, and takes the latest marked_at.
+	markReadbackQuery = `INSERT INTO readback (room_id, since, marked_at) VALUES ($1, $2, $3)
+		ON CONFLICT (room_id) DO UPDATE SET marked_at=excluded.marked_at,
+			since=CASE WHEN excluded.since < readback.since THEN excluded.since ELSE readback.since END`
+	readbackDoneQuery = `DELETE FROM readback WHERE room_id=$1 AND since >= $2 AND marked_at < $3`
+	allReadbackQuery  = `SELECT room_id, since FROM readback`
+)
+
 // Mark records at markedAt that room must be read back from since (keeping an earlier since already recorded).
 func (rq *ReadbackQuery) Mark(ctx context.Context, room id.RoomID, since, markedAt time.Time) error {
-	_, err := rq.db.Exec(ctx, `INSERT INTO readback (room_id, since, marked_at) VALUES ($1, $2, $3)
-		ON CONFLICT (room_id) DO UPDATE SET marked_at=excluded.marked_at,
-			since=CASE WHEN excluded.since < readback.since THEN excluded.since ELSE readback.since END`,
-		room, since.UnixMilli(), markedAt.UnixMilli())
+	_, err := rq.db.Exec(ctx, markReadbackQuery, room, since.UnixMilli(), markedAt.UnixMilli())
 	return err
 }
 
 // Done records that room was read back from since, in a read that began at began: the row goes unless an earlier
 // since was marked, or the room was marked again after the read began.
 func (rq *ReadbackQuery) Done(ctx context.Context, room id.RoomID, since, began time.Time) error {
-	_, err := rq.db.Exec(ctx, `DELETE FROM readback WHERE room_id=$1 AND since >= $2 AND marked_at < $3`,
-		room, since.UnixMilli(), began.UnixMilli())
+	_, err := rq.db.Exec(ctx, readbackDoneQuery, room, since.UnixMilli(), began.UnixMilli())
 	return err
 }
 
 // All returns every room to read back, with since when.
 func (rq *ReadbackQuery) All(ctx context.Context) (map[id.RoomID]time.Time, error) {
-	rows, err := rq.db.Query(ctx, `SELECT room_id, since FROM readback`)
+	rows, err := rq.db.Query(ctx, allReadbackQuery)
 	if err != nil {
 		return nil, err
 	}

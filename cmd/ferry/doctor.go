@@ -179,7 +179,7 @@ var schemaTables = []struct {
 	known       int
 }{
 	{"ferry", database.VersionTable, len(database.UpgradeTable)},
-	{"crypto store", "crypto_version", len(sql_store_upgrade.Table)},
+	{"crypto store", crypto.StoreVersionTable, len(sql_store_upgrade.Table)},
 	{"state store", "mx_version", len(sqlstatestore.UpgradeTable)},
 }
 

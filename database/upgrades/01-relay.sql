@@ -1,4 +1,4 @@
--- v0 -> v1: Latest revision
+-- v0 -> v1: Relay tables: inbox, links, link requests, event map, key-value facts
 -- inbox holds every event the homeserver pushed, as received (ciphertext in encrypted rooms), until it is
 -- relayed. The payload is cleared once an event is done; the row stays so a redelivery is recognised.
 CREATE TABLE inbox (
