@@ -146,7 +146,7 @@ func (f *relayFixture) process(t *testing.T, evt map[string]any) {
 		t.Fatalf("inbox: %d rows, %v", len(rows), err)
 	}
 	bw := &batchWrites{}
-	if !f.br.processRow(context.WithValue(ctx, batchKey{}, bw), rows[0], bw) || !f.br.commitBatch(ctx, bw) {
+	if !f.br.processRow(ctx, rows[0], bw) || !f.br.commitBatch(ctx, bw) {
 		t.Fatal("the worker gave up")
 	}
 }

@@ -188,7 +188,7 @@ func BenchmarkRelayNoCrypto(b *testing.B) {
 			b.Fatalf("inbox: %d rows, %v", len(rows), err)
 		}
 		bw := &batchWrites{}
-		if !br.processRow(context.WithValue(ctx, batchKey{}, bw), rows[0], bw) || !br.commitBatch(ctx, bw) {
+		if !br.processRow(ctx, rows[0], bw) || !br.commitBatch(ctx, bw) {
 			b.Fatal("processRow gave up")
 		}
 	}

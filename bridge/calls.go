@@ -427,7 +427,7 @@ func (b *Bridge) sendAs(ctx context.Context, real id.UserID, realRoom, room id.R
 			return err
 		}
 	}
-	_, err = b.send(ctx, intent, room, encrypted, evtType, content, txnID)
+	_, err = b.send(ctx, intent, room, encrypted, evtType, content, txnID, disappearInfo{})
 	return err
 }
 

@@ -72,7 +72,7 @@ func (f *relayFixture) processWhileDatabaseAway(t *testing.T, proxy *faultproxy.
 	back := time.AfterFunc(1500*time.Millisecond, proxy.Up)
 	defer back.Stop()
 	bw := &batchWrites{}
-	if !f.br.processRow(context.WithValue(ctx, batchKey{}, bw), rows[0], bw) || !f.br.commitBatch(ctx, bw) {
+	if !f.br.processRow(ctx, rows[0], bw) || !f.br.commitBatch(ctx, bw) {
 		t.Fatal("the worker gave up")
 	}
 	cur, err := f.br.DB.Inbox.Get(ctx, evtID)

@@ -223,34 +223,32 @@ func (b *Bridge) writeDisappearState(ctx context.Context, room id.RoomID, after 
 
 // ---- deadlines on the relay path ------------------------------------------------------------------------------
 
-type disappearCtxKey struct{}
-
-// disappearInfo is what the relay path passes down to send: the message's deadline and the link's timer.
+// disappearInfo is when a relayed event's copies disappear, as send needs it: the deadline (zero: they stay) and
+// the link's timer (or the window the deadline inherited from the event's parent).
 type disappearInfo struct {
 	deadline time.Time
 	window   time.Duration
-	inbound  id.SessionID // the Megolm session the original was encrypted with, when it was
-	index    uint32       // the original's message index in inbound
+}
+
+// inboundSession is the Megolm session an encrypted original came with, and its message index there.
+type inboundSession struct {
+	id       id.SessionID
+	index    uint32
 	hasIndex bool
 }
 
-// withInboundSession remembers the session an encrypted original came with, and its message index there (handle
-// sets it after decrypting).
-func withInboundSession(ctx context.Context, encrypted *event.Event) context.Context {
+// inboundSessionOf reads the session an encrypted original came with, and its message index there (handle reads
+// it after decrypting); zero for content that names no session.
+func inboundSessionOf(encrypted *event.Event) inboundSession {
 	content, ok := encrypted.Content.Parsed.(*event.EncryptedEventContent)
 	if !ok || content.SessionID == "" {
-		return ctx
+		return inboundSession{}
 	}
-	info := &disappearInfo{inbound: content.SessionID}
+	s := inboundSession{id: content.SessionID}
 	if index, err := crypto.MegolmMessageIndex(content); err == nil {
-		info.index, info.hasIndex = index, true
+		s.index, s.hasIndex = index, true
 	}
-	return context.WithValue(ctx, disappearCtxKey{}, info)
-}
-
-func disappearFrom(ctx context.Context) *disappearInfo {
-	info, _ := ctx.Value(disappearCtxKey{}).(*disappearInfo)
-	return info
+	return s
 }
 
 // relatedEvent returns the event a message relates to (reaction, edit, thread, reference), or "".
@@ -263,16 +261,13 @@ func relatedEvent(evt *event.Event) id.EventID {
 	return id.EventID(target)
 }
 
-// disappearDeadline computes a relayed event's deadline (zero: it stays), records the inbound session it came
-// with, and returns a context that carries both to send.
-func (b *Bridge) disappearDeadline(ctx context.Context, evt *event.Event, link *database.Link) (context.Context, time.Time) {
+// disappearDeadline computes when a relayed event's copies disappear (a zero deadline: they stay) and records the
+// inbound session the event came with (zero when it was not encrypted).
+func (b *Bridge) disappearDeadline(ctx context.Context, evt *event.Event, link *database.Link, inbound inboundSession) disappearInfo {
 	if evt.Type == event.EventRedaction {
-		return context.WithValue(ctx, disappearCtxKey{}, &disappearInfo{}), time.Time{}
+		return disappearInfo{}
 	}
-	info := &disappearInfo{window: link.DisappearAfter}
-	if prev := disappearFrom(ctx); prev != nil {
-		info.inbound, info.index, info.hasIndex = prev.inbound, prev.index, prev.hasIndex
-	}
+	info := disappearInfo{window: link.DisappearAfter}
 	if link.DisappearAfter > 0 {
 		info.deadline = time.UnixMilli(evt.Timestamp).Add(link.DisappearAfter)
 	}
@@ -291,12 +286,12 @@ func (b *Bridge) disappearDeadline(ctx context.Context, evt *event.Event, link *
 			}
 		}
 	}
-	if info.inbound != "" {
-		b.disappear().noteInbound(ctx, b, evt.RoomID, info.inbound, evt.Sender, info.deadline)
-		if !info.deadline.IsZero() && info.hasIndex {
+	if inbound.id != "" {
+		b.disappear().noteInbound(ctx, b, evt.RoomID, inbound.id, evt.Sender, info.deadline)
+		if !info.deadline.IsZero() && inbound.hasIndex {
 			// When the deadline passes, ferry's copies of the sender's session are ratcheted past this message
 			// (sweepKeys), even if the session carries other messages.
-			if err := b.DB.Disappear.NoteIndex(ctx, evt.RoomID, info.inbound, info.index, info.deadline); err != nil {
+			if err := b.DB.Disappear.NoteIndex(ctx, evt.RoomID, inbound.id, inbound.index, info.deadline); err != nil {
 				zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to record a disappearing message's index")
 			}
 		}
@@ -314,7 +309,7 @@ func (b *Bridge) disappearDeadline(ctx context.Context, evt *event.Event, link *
 			}
 		}
 	}
-	return context.WithValue(ctx, disappearCtxKey{}, info), info.deadline
+	return info
 }
 
 // ---- outbound sessions ------------------------------------------------------------------------------------------
@@ -460,22 +455,23 @@ func (d *disappearer) noteInbound(ctx context.Context, b *Bridge, room id.RoomID
 
 // outboundInfo is the deadline information of a message ferry encrypts as sender: the bot's own notices (a relay
 // failure reported while a disappearing message is relayed, say) never disappear.
-func (b *Bridge) outboundInfo(ctx context.Context, sender id.UserID) *disappearInfo {
+func (b *Bridge) outboundInfo(sender id.UserID, dis disappearInfo) disappearInfo {
 	if b.AS != nil && sender == b.AS.BotMXID() {
-		return nil
+		return disappearInfo{}
 	}
-	return disappearFrom(ctx)
+	return dis
 }
 
 // beforeEncrypt starts a new outbound session for sender in room when the current one must not carry this
-// message: it is older than the timer, or it carried messages of the other kind (with / without deadline).
-func (b *Bridge) beforeEncrypt(ctx context.Context, sender id.UserID, room id.RoomID) {
+// message (which disappears as dis says): it is older than the timer, or it carried messages of the other kind
+// (with / without deadline).
+func (b *Bridge) beforeEncrypt(ctx context.Context, sender id.UserID, room id.RoomID, dis disappearInfo) {
 	kd, ok := b.Crypto.(KeyDestroyer)
 	if !ok {
 		return
 	}
-	info := b.outboundInfo(ctx, sender)
-	disappearing := info != nil && !info.deadline.IsZero()
+	info := b.outboundInfo(sender, dis)
+	disappearing := !info.deadline.IsZero()
 	d := b.disappear()
 	d.lock.Lock()
 	var cur currentOutbound
@@ -497,20 +493,16 @@ func (b *Bridge) beforeEncrypt(ctx context.Context, sender id.UserID, room id.Ro
 	d.forgetSession(room, cur.session)
 }
 
-// afterEncrypt tracks the outbound session a message was encrypted with when the message disappears or the
-// session is tracked already.
-func (b *Bridge) afterEncrypt(ctx context.Context, sender id.UserID, room id.RoomID, enc *event.EncryptedEventContent) {
+// afterEncrypt tracks the outbound session a message (which disappears as dis says) was encrypted with when the
+// message disappears or the session is tracked already.
+func (b *Bridge) afterEncrypt(ctx context.Context, sender id.UserID, room id.RoomID, enc *event.EncryptedEventContent, dis disappearInfo) {
 	if enc == nil || enc.SessionID == "" {
 		return
 	}
 	if _, ok := b.Crypto.(KeyDestroyer); !ok {
 		return
 	}
-	info := b.outboundInfo(ctx, sender)
-	var deadline time.Time
-	if info != nil {
-		deadline = info.deadline
-	}
+	deadline := b.outboundInfo(sender, dis).deadline
 	d := b.disappear()
 	if deadline.IsZero() && !d.isTracked(room, enc.SessionID) {
 		d.lock.Lock()

@@ -394,10 +394,10 @@ func TestOutboundSessionsNeverMixKinds(t *testing.T) {
 	const ghost, room = id.UserID("@_ferry_alice:x"), id.RoomID("!b")
 	send := func(deadline time.Time, window time.Duration) id.SessionID {
 		t.Helper()
-		ctx := context.WithValue(ctx, disappearCtxKey{}, &disappearInfo{deadline: deadline, window: window})
-		b.beforeEncrypt(ctx, ghost, room)
+		dis := disappearInfo{deadline: deadline, window: window}
+		b.beforeEncrypt(ctx, ghost, room, dis)
 		enc, _ := cr.Encrypt(ctx, ghost, room, event.EventMessage, nil)
-		b.afterEncrypt(ctx, ghost, room, enc)
+		b.afterEncrypt(ctx, ghost, room, enc, dis)
 		return enc.SessionID
 	}
 	plain := send(time.Time{}, 0)
@@ -444,9 +444,9 @@ func TestRotatedSessionsAreForgotten(t *testing.T) {
 	senders := []id.UserID{"@_ferry_alice:x", "@_ferry_bob:x"}
 	for range 50 {
 		for _, ghost := range senders {
-			b.beforeEncrypt(ctx, ghost, room)
+			b.beforeEncrypt(ctx, ghost, room, disappearInfo{})
 			enc, _ := cr.Encrypt(ctx, ghost, room, event.EventMessage, nil)
-			b.afterEncrypt(ctx, ghost, room, enc)
+			b.afterEncrypt(ctx, ghost, room, enc, disappearInfo{})
 			delete(cr.current, senderRoom{ghost, room}) // the room's rotation: the next message starts a new session
 		}
 	}

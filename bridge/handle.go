@@ -78,8 +78,8 @@ func parseEncryptedEvent(raw []byte) *event.Event {
 	return evt
 }
 
-// handle decides what one inbox event means and does it.
-func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
+// handle decides what one inbox event means and does it. run carries what the handling learns on the way.
+func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent, run *eventRun) outcome {
 	if row.Raw == nil {
 		return outcome{state: database.InboxDone}
 	}
@@ -126,7 +126,7 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 				return outcome{err: fmt.Errorf("failed to judge the sender's trust: %w", err)}
 			}
 		}
-		ctx = withInboundSession(ctx, evt) // disappearing messages track the session
+		run.inbound = inboundSessionOf(evt) // disappearing messages track the session
 		if isControlType(dec.Type) {
 			// The homeserver saw only ciphertext and authorised nothing: content, never control (authority.go).
 			zerolog.Ctx(ctx).Info().Str("decrypted_type", dec.Type.Type).Msg("Dropping an encrypted event of a control type")
@@ -137,7 +137,7 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent) outcome {
 	if evt.Type == event.EventMessage && b.handleCommand(ctx, evt) {
 		return outcome{state: database.InboxDone}
 	}
-	return b.relay(ctx, evt, trustFlag, row.FailingSince)
+	return b.relay(ctx, run, evt, trustFlag, row.FailingSince)
 }
 
 // keyRequestAfter is how long a missing room key may be merely in flight (sent to ferry's device just before or

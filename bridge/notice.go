@@ -169,7 +169,7 @@ func (b *Bridge) sendRenderedNotice(ctx context.Context, room id.RoomID, n notic
 	if err != nil {
 		return "", fmt.Errorf("failed to check whether the room is encrypted: %w", err)
 	}
-	return b.send(ctx, b.AS.BotIntent(), room, encrypted, event.EventMessage, &event.Content{Parsed: &msg}, txnID)
+	return b.send(ctx, b.AS.BotIntent(), room, encrypted, event.EventMessage, &event.Content{Parsed: &msg}, txnID, disappearInfo{})
 }
 
 // randomHex returns n random bytes, hex-encoded.

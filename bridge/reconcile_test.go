@@ -163,7 +163,7 @@ func (f *relayFixture) stopWithSendInFlight(t *testing.T, clean bool) (id.EventI
 		t.Fatalf("inbox: %d rows, %v", len(rows), err)
 	}
 	bw := &batchWrites{}
-	if f.br.processRow(context.WithValue(crash, batchKey{}, bw), rows[0], bw) {
+	if f.br.processRow(crash, rows[0], bw) {
 		t.Fatal("the worker went on after its context ended")
 	}
 	if clean {

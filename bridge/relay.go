@@ -43,7 +43,7 @@ func TxnID(sourceEvent id.EventID, targetRoom id.RoomID) string {
 // would flag the event ("" when they would not); its copies then carry a warning (see Translate). failingSince is
 // when relaying the event first failed for a reason that may pass (zero: never): a room whose homeserver has kept
 // failing since bridge.give_up_after before is given up (see giveUp).
-func (b *Bridge) relay(ctx context.Context, evt *event.Event, trustFlag string, failingSince time.Time) outcome {
+func (b *Bridge) relay(ctx context.Context, run *eventRun, evt *event.Event, trustFlag string, failingSince time.Time) outcome {
 	if !relayable(evt.Type) {
 		return outcome{state: database.InboxDone}
 	}
@@ -86,10 +86,10 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event, trustFlag string, 
 	if err != nil {
 		return outcome{err: err}
 	}
-	ctx, disappearAt := b.disappearDeadline(ctx, evt, link) // see disappear.go
+	run.disappear = b.disappearDeadline(ctx, evt, link, run.inbound) // see disappear.go
 	var retry *outcome
 	for _, target := range targets() {
-		res := b.relayTo(ctx, evt, target, link, srcEncrypted, disappearAt, trustFlag)
+		res := b.relayTo(ctx, run, evt, target, link, srcEncrypted, trustFlag)
 		countRelayed(evt, res)
 		switch {
 		case res.err == nil:
@@ -110,7 +110,7 @@ func (b *Bridge) relay(ctx context.Context, evt *event.Event, trustFlag string, 
 }
 
 // relayTo sends one copy. A zero-state outcome with err means retry later; state failed means permanent.
-func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID, link *database.Link, srcEncrypted bool, disappearAt time.Time, trustFlag string) outcome {
+func (b *Bridge) relayTo(ctx context.Context, run *eventRun, evt *event.Event, target id.RoomID, link *database.Link, srcEncrypted bool, trustFlag string) outcome {
 	// The target is added to the few debug messages below rather than to a logger of its own: building one per
 	// copy costs an allocation of a few hundred bytes on every relayed message.
 	log := zerolog.Ctx(ctx)
@@ -131,7 +131,7 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 	default:
 		target = home
 	}
-	if !firstAttempt(ctx) {
+	if !run.first {
 		if done, err := b.DB.EventMap.Get(ctx, evt.ID, target); err != nil {
 			return outcome{err: err}
 		} else if done != nil {
@@ -141,7 +141,7 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 	ghost := b.Ghosts.Ghost(evt.Sender)
 	intent := b.AS.Intent(ghost)
 	if evt.Type == event.EventRedaction {
-		return b.relayRedaction(ctx, evt, target)
+		return b.relayRedaction(ctx, run, evt, target)
 	}
 	targetEncrypted, err := b.isEncrypted(ctx, target)
 	if err != nil {
@@ -197,15 +197,15 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 		return classify(fmt.Errorf("failed to bring the sender's ghost into the room: %w", err))
 	}
 	// Translate (and mapCallFor) keep VeryRaw equal to Raw: sending the bytes spares encoding the map again.
-	resp, err := b.send(ctx, intent, target, targetEncrypted, evtType, &event.Content{VeryRaw: content.VeryRaw}, TxnID(evt.ID, target))
+	resp, err := b.send(ctx, intent, target, targetEncrypted, evtType, &event.Content{VeryRaw: content.VeryRaw}, TxnID(evt.ID, target), run.disappear)
 	if err != nil {
 		// The ghost may have been removed meanwhile: check its membership again next time.
 		b.hot.forgetGhost(ghostKey{evt.RoomID, evt.Sender, target})
 		return classify(err)
 	}
-	err = b.recordCopy(ctx, &database.Copy{
+	err = b.recordCopy(ctx, run, &database.Copy{
 		SourceEvent: evt.ID, SourceRoom: evt.RoomID, TargetRoom: target, TargetEvent: resp,
-		Sender: ghost, CreatedAt: time.Now(), DisappearAt: disappearAt,
+		Sender: ghost, CreatedAt: time.Now(), DisappearAt: run.disappear.deadline,
 	})
 	if err != nil {
 		return outcome{err: fmt.Errorf("failed to record the copy: %w", err)}
@@ -215,7 +215,7 @@ func (b *Bridge) relayTo(ctx context.Context, evt *event.Event, target id.RoomID
 }
 
 // relayRedaction redacts the copy of the redacted event in target, as the ghost that sent the copy.
-func (b *Bridge) relayRedaction(ctx context.Context, evt *event.Event, target id.RoomID) outcome {
+func (b *Bridge) relayRedaction(ctx context.Context, run *eventRun, evt *event.Event, target id.RoomID) outcome {
 	redacts := redactsOf(evt)
 	counterpart, ok, err := b.DB.EventMap.Counterpart(ctx, redacts, target)
 	if err != nil {
@@ -236,7 +236,7 @@ func (b *Bridge) relayRedaction(ctx context.Context, evt *event.Event, target id
 	if err != nil {
 		return classify(err)
 	}
-	err = b.recordCopy(ctx, &database.Copy{SourceEvent: evt.ID, SourceRoom: evt.RoomID, TargetRoom: target, TargetEvent: resp.EventID, Sender: sender, CreatedAt: time.Now()})
+	err = b.recordCopy(ctx, run, &database.Copy{SourceEvent: evt.ID, SourceRoom: evt.RoomID, TargetRoom: target, TargetEvent: resp.EventID, Sender: sender, CreatedAt: time.Now()})
 	if err != nil {
 		return outcome{err: err}
 	}
@@ -260,8 +260,9 @@ func countRelayed(evt *event.Event, res outcome) {
 	}
 }
 
-// send sends content into a room as intent's user, encrypting it when the room is encrypted.
-func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id.RoomID, encrypted bool, evtType event.Type, content *event.Content, txnID string) (id.EventID, error) {
+// send sends content into a room as intent's user, encrypting it when the room is encrypted. dis is when the
+// message disappears (zero: it stays), which decides the outbound session it may be encrypted with.
+func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id.RoomID, encrypted bool, evtType event.Type, content *event.Content, txnID string, dis disappearInfo) (id.EventID, error) {
 	// Where ferry may have posted without knowing (reconcile.go), it reads the room back first.
 	if err := b.settle(ctx, room); err != nil {
 		return "", err
@@ -286,12 +287,12 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 	sendType := evtType
 	var payload any = content
 	if encrypted {
-		b.beforeEncrypt(ctx, intent.UserID, room) // disappearing messages: rotate the session when due
+		b.beforeEncrypt(ctx, intent.UserID, room, dis) // disappearing messages: rotate the session when due
 		enc, err := b.Crypto.Encrypt(ctx, intent.UserID, room, evtType, content)
 		if err != nil {
 			return "", fmt.Errorf("failed to encrypt: %w", err)
 		}
-		b.afterEncrypt(ctx, intent.UserID, room, enc)
+		b.afterEncrypt(ctx, intent.UserID, room, enc, dis)
 		sendType = event.EventEncrypted
 		payload = enc
 	}

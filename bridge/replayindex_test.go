@@ -133,8 +133,7 @@ func TestReplayIndexWrittenOnceWithItsEvent(t *testing.T) {
 				t.Fatal(err)
 			}
 			bw := &batchWrites{}
-			bctx := context.WithValue(ctx, batchKey{}, bw)
-			if !f.br.processRow(bctx, rows[0], bw) || !f.br.processRow(bctx, rows[1], bw) || !f.br.commitBatch(ctx, bw) {
+			if !f.br.processRow(ctx, rows[0], bw) || !f.br.processRow(ctx, rows[1], bw) || !f.br.commitBatch(ctx, bw) {
 				t.Fatal("the worker gave up")
 			}
 

@@ -166,7 +166,7 @@ func (f *relayFixture) relayOne(t *testing.T) *database.InboxEvent {
 		t.Fatalf("inbox: %d rows, %v", len(rows), err)
 	}
 	bw := &batchWrites{}
-	if !f.br.processRow(context.WithValue(ctx, batchKey{}, bw), rows[0], bw) || !f.br.commitBatch(ctx, bw) {
+	if !f.br.processRow(ctx, rows[0], bw) || !f.br.commitBatch(ctx, bw) {
 		t.Fatal("the worker gave up")
 	}
 	cur, err := f.br.DB.Inbox.Get(ctx, evtID)

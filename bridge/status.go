@@ -205,7 +205,7 @@ func (b *Bridge) sendStatus(ctx context.Context, d delivery, status event.Messag
 		return
 	}
 	txn := fmt.Sprintf("ferry_mss_%s_%s_%s", strings.ToLower(string(status)), kind, TxnID(d.event, d.room))
-	if _, err = b.send(ctx, b.AS.BotIntent(), d.room, encrypted, event.BeeperMessageStatus, &event.Content{Parsed: content}, txn); err != nil {
+	if _, err = b.send(ctx, b.AS.BotIntent(), d.room, encrypted, event.BeeperMessageStatus, &event.Content{Parsed: content}, txn, disappearInfo{}); err != nil {
 		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to send a message status")
 	}
 }

@@ -169,7 +169,7 @@ func TestUndecryptableStatus(t *testing.T) {
 		t.Fatalf("woken rows = %d, %v", len(rows), err)
 	}
 	bw := &batchWrites{}
-	if !f.br.processRow(context.WithValue(ctx, batchKey{}, bw), rows[0], bw) || !f.br.commitBatch(ctx, bw) {
+	if !f.br.processRow(ctx, rows[0], bw) || !f.br.commitBatch(ctx, bw) {
 		t.Fatal("the worker gave up")
 	}
 	if !slices.Contains(f.redactions(f.roomA), notice) {

@@ -199,12 +199,11 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 					highWater = max(highWater, row.Seq)
 				}
 				bw := &batchWrites{}
-				bctx := context.WithValue(ctx, batchKey{}, bw)
 				for _, row := range rows {
 					if held = b.orderHold(row); held > 0 {
 						break
 					}
-					if !b.processRow(bctx, row, bw) {
+					if !b.processRow(ctx, row, bw) {
 						break
 					}
 				}
@@ -291,11 +290,6 @@ func (w *roomWorker) hasWork() bool {
 // again with the same transaction ID, which the homeserver answers with the first copy (or which the read-back
 // after the unclean stop finds in the room, where the homeserver forgot it: see reconcile.go).
 type batchWrites struct {
-	// first: the row being handled was never tried before (attempts 0, first try in this process). Its copies
-	// can only have been recorded together with its inbox state, so the relay skips the "already relayed?"
-	// lookup; a copy sent before a crash is sent again with the same transaction ID and deduplicated by the
-	// homeserver or by the read-back (reconcile.go).
-	first  bool
 	copies []*database.Copy
 	done   []*database.InboxEvent
 	failed []failedRow
@@ -306,19 +300,29 @@ type failedRow struct {
 	msg string
 }
 
-type batchKey struct{}
-
-// firstAttempt tells whether the worker handles its row for the first time (see batchWrites.first).
-func firstAttempt(ctx context.Context) bool {
-	bw, ok := ctx.Value(batchKey{}).(*batchWrites)
-	return ok && bw.first
+// eventRun is what handling one inbox event carries besides the event itself, handed down the path as a
+// parameter: where the relay records its copies, whether the row is on its first try, and what handle and relay
+// learn about the event on the way that sending its copies needs (disappearing messages, disappear.go).
+type eventRun struct {
+	// batch is the worker's batch the copies are staged in (recordCopy); nil writes them at once.
+	batch *batchWrites
+	// first: the row was never tried before (attempts 0, first try in this process). Its copies can only have
+	// been recorded together with its inbox state, so the relay skips the "already relayed?" lookup; a copy sent
+	// before a crash is sent again with the same transaction ID and deduplicated by the homeserver or by the
+	// read-back (reconcile.go).
+	first bool
+	// inbound is the Megolm session the original came with, when it was encrypted (handle sets it after
+	// decrypting).
+	inbound inboundSession
+	// disappear is when the event's copies disappear (relay sets it before sending any).
+	disappear disappearInfo
 }
 
-// recordCopy records a copy: staged with the worker's batch when there is one, written at once otherwise.
-func (b *Bridge) recordCopy(ctx context.Context, c *database.Copy) error {
-	if bw, ok := ctx.Value(batchKey{}).(*batchWrites); ok {
+// recordCopy records a copy: staged with the worker's batch when run has one, written at once otherwise.
+func (b *Bridge) recordCopy(ctx context.Context, run *eventRun, c *database.Copy) error {
+	if run.batch != nil {
 		b.DB.EventMap.Stage(c)
-		bw.copies = append(bw.copies, c)
+		run.batch.copies = append(run.batch.copies, c)
 		return nil
 	}
 	return b.DB.EventMap.Put(ctx, c)
@@ -490,10 +494,8 @@ func (b *Bridge) processRow(ctx context.Context, row *database.InboxEvent, bw *b
 				return false
 			}
 		}
-		bw.first = row.Attempts == 0 && attempt == 1
 		start := time.Now()
-		res := b.safeHandle(ctx, row)
-		bw.first = false
+		res := b.safeHandle(ctx, row, &eventRun{batch: bw, first: row.Attempts == 0 && attempt == 1})
 		if took := time.Since(start); took > slowEventWarning {
 			log.Warn().Dur("took", took).Msg("Handling an event took unusually long")
 		}
@@ -552,14 +554,14 @@ func (b *Bridge) processRow(ctx context.Context, row *database.InboxEvent, bw *b
 	}
 }
 
-func (b *Bridge) safeHandle(ctx context.Context, row *database.InboxEvent) (res outcome) {
+func (b *Bridge) safeHandle(ctx context.Context, row *database.InboxEvent, run *eventRun) (res outcome) {
 	defer func() {
 		if p := recover(); p != nil {
 			b.Log.Error().Str("panic", fmt.Sprint(p)).Bytes("stack", debug.Stack()).Stringer("event_id", row.EventID).Msg("Panic while handling event")
 			res = outcome{state: database.InboxFailed, err: errors.New("internal error")}
 		}
 	}()
-	return b.handle(ctx, row)
+	return b.handle(ctx, row, run)
 }
 
 func sleep(ctx context.Context, d time.Duration) bool {
