@@ -90,10 +90,17 @@ type pickledSession struct {
 
 type shareBatchKey struct{}
 
+// withShareBatch hands b to the olmStore through the context of one call into mautrix (device.shareSession's
+// EncryptToDevices), and nowhere else. It is the one value in a context that changes behaviour, kept because
+// there is no other way: mautrix's crypto.Store methods receive nothing per call but the context, and the store
+// must tell that call's reads and writes from those of other goroutines using the same OlmMachine at the same
+// time (Olm decryption creating and advancing sessions, key requests, shares of other rooms), which must keep
+// going straight to the database. ferry's own code passes the batch as a parameter up to that call.
 func withShareBatch(ctx context.Context, b *shareBatch) context.Context {
 	return context.WithValue(ctx, shareBatchKey{}, b)
 }
 
+// batchFrom returns the batch of the share ctx belongs to (see withShareBatch), or nil outside a share.
 func batchFrom(ctx context.Context) *shareBatch {
 	b, _ := ctx.Value(shareBatchKey{}).(*shareBatch)
 	return b
