@@ -1,7 +1,10 @@
 // Package bridge is ferry's relay. It takes events the homeserver pushes (intake), records them durably in the
 // inbox before acknowledging, and drains the inbox with one ordered worker per source room: decrypt with the
-// bot's device, translate for every other room of the room's link, encrypt for each target room, send as the
-// original sender's ghost with a deterministic transaction ID, and record the copy in the event map.
+// bot's device; then, for every other room of the room's link, read up front what the event refers to there
+// (Resolve: counterparts of the events it relates to, a call's ID), translate (Translate, a pure function of
+// the event and what was read), encrypt, send as the original sender's ghost with a deterministic transaction
+// ID, and record the copy in the event map. What handling one event carries on the way (its batch of writes,
+// its disappearing deadline) is passed as a parameter (eventRun), never in the context.
 //
 // Relay contract:
 //   - Crossing a link: m.room.message (every msgtype), m.sticker, m.reaction, redactions, and m.call.*; replies,

@@ -331,21 +331,32 @@ func (b *Bridge) decideInvite(ctx context.Context, evt *event.Event, link *datab
 	return outcome{}, false
 }
 
-// mapCallFor rewrites a translated legacy call event for target. errCallUnknown and errCallExpired mean: do
-// not relay into target.
-func (b *Bridge) mapCallFor(ctx context.Context, evt *event.Event, target id.RoomID, content *event.Content) error {
-	callID := callString(content.Raw, "call_id")
-	call, err := b.DB.Calls.ByRoomCallID(ctx, evt.RoomID, callID)
+// isCallRefusal tells whether err means a call event does not cross into a room: the call is not one ferry relays
+// there, the event expired, or it has no usable call_id.
+func isCallRefusal(err error) bool {
+	return errors.Is(err, errCallUnknown) || errors.Is(err, errCallExpired) || errors.Is(err, errCallMalformed)
+}
+
+// callIDIn returns the call ID that the call of legacy call event evt has in target. errCallUnknown means: do not
+// relay into target.
+func (b *Bridge) callIDIn(ctx context.Context, evt *event.Event, target id.RoomID) (string, error) {
+	call, err := b.DB.Calls.ByRoomCallID(ctx, evt.RoomID, callString(contentRaw(evt), "call_id"))
 	if err != nil {
-		return err
+		return "", err
 	} else if call == nil || call.Rooms[target] == "" {
-		return errCallUnknown
+		return "", errCallUnknown
 	} else if evt.RoomID != call.OriginRoom && target != call.OriginRoom {
 		// In a link of more than two rooms, the callee side talks only to the caller, never to other callees.
-		return errCallUnknown
+		return "", errCallUnknown
 	}
-	m := &linkMapper{b: b, target: target}
-	if err = mapCallContent(evt.Type.Type, content.Raw, call.Rooms[target], time.UnixMilli(evt.Timestamp), time.Now(), m.UserIn); err != nil {
+	return call.Rooms[target], nil
+}
+
+// mapCallCopy rewrites the translated content of legacy call event evt for a room where its call has
+// targetCallID, at now (see mapCallContent), keeping VeryRaw equal to Raw. errCallExpired and errCallMalformed
+// mean: do not relay.
+func mapCallCopy(evt *event.Event, content *event.Content, targetCallID string, now time.Time, ghosts GhostNamer) error {
+	if err := mapCallContent(evt.Type.Type, content.Raw, targetCallID, time.UnixMilli(evt.Timestamp), now, ghosts.Counterpart); err != nil {
 		return err
 	}
 	data, err := json.Marshal(content.Raw)

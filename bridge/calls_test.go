@@ -73,8 +73,7 @@ func TestCallMapping(t *testing.T) {
 	for name, tc := range callCases {
 		t.Run(name, func(t *testing.T) {
 			evt := readCallFixture(t, name)
-			fm := newFakeMapper()
-			evtType, content, err := Translate(testContext(), evt, fm, testOrigin(evt))
+			evtType, content, err := resolveAndTranslate(evt, newFakeMapper(), testOrigin(evt))
 			if err != nil {
 				t.Fatalf("Translate: %v", err)
 			}
@@ -82,7 +81,7 @@ func TestCallMapping(t *testing.T) {
 				t.Fatalf("%s is not treated as a 1:1 call event", evtType.Type)
 			}
 			sentAt := time.UnixMilli(evt.Timestamp)
-			err = mapCallContent(evtType.Type, content.Raw, callFixtureTarget, sentAt, sentAt.Add(tc.age), fm.UserIn)
+			err = mapCallContent(evtType.Type, content.Raw, callFixtureTarget, sentAt, sentAt.Add(tc.age), testNamer.Counterpart)
 			if tc.wantErr != nil {
 				if !errors.Is(err, tc.wantErr) {
 					t.Fatalf("got error %v, want %v", err, tc.wantErr)
@@ -262,7 +261,7 @@ func TestRingNotificationDropsItsReference(t *testing.T) {
 	}
 	raw := `{"m.mentions":{"user_ids":[],"room":true},"notification_type":"ring","m.relates_to":{"rel_type":"m.reference","event_id":"$member"},"sender_ts":1767225600000,"lifetime":30000,"m.call.intent":"video"}`
 	evt.Content.VeryRaw = json.RawMessage(raw)
-	_, content, err := Translate(testContext(), evt, newFakeMapper(), testOrigin(evt))
+	_, content, err := resolveAndTranslate(evt, newFakeMapper(), testOrigin(evt))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -348,14 +347,17 @@ func TestCallRelayDecisions(t *testing.T) {
 			// mapped returns the call_id evt gets in target, or "" when it does not cross there.
 			mapped := func(evt *event.Event, target id.RoomID) string {
 				t.Helper()
-				_, content, err := Translate(ctx, evt, &linkMapper{b: b, target: target}, Origin{EventID: evt.ID, RoomID: evt.RoomID})
-				if err != nil {
-					t.Fatalf("Translate(%s): %v", evt.ID, err)
-				}
-				if err = b.mapCallFor(ctx, evt, target, content); errors.Is(err, errCallUnknown) || errors.Is(err, errCallExpired) {
+				refs, err := b.resolveCopy(ctx, evt, copyRoute{room: target})
+				if errors.Is(err, errCallUnknown) {
 					return ""
 				} else if err != nil {
-					t.Fatalf("mapCallFor(%s, %s): %v", evt.ID, target, err)
+					t.Fatalf("resolveCopy(%s, %s): %v", evt.ID, target, err)
+				}
+				_, content, err := translateCopy(evt, refs, copyRoute{room: target}, Origin{EventID: evt.ID, RoomID: evt.RoomID}, "ferry.test", time.Now())
+				if errors.Is(err, errCallExpired) {
+					return ""
+				} else if err != nil {
+					t.Fatalf("translateCopy(%s, %s): %v", evt.ID, target, err)
 				}
 				var back map[string]any
 				if err = json.Unmarshal(content.VeryRaw, &back); err != nil || back["call_id"] != content.Raw["call_id"] {

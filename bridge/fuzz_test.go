@@ -97,7 +97,7 @@ func FuzzDecryptedEvent(f *testing.F) {
 		_ = relationTarget(dec) // room upgrades: where an edit, reaction or redaction belongs
 		origin := testOrigin(dec)
 		origin.TrustFlag = flags[int(flag)%len(flags)]
-		_, out, err := Translate(testContext(), dec, newFakeMapper(), origin)
+		_, out, err := resolveAndTranslate(dec, newFakeMapper(), origin)
 		if err != nil {
 			return
 		}

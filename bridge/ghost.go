@@ -109,6 +109,18 @@ func (gn GhostNamer) IsOwn(u id.UserID) bool {
 	return (gn.BotUserID != "" && u == gn.BotUserID) || gn.IsGhost(u)
 }
 
+// Counterpart returns who stands for u on the other side of a link: a real user's ghost, or the real user a
+// ghost stands for; ferry's other users (the bot, hashed ghosts) stay themselves.
+func (gn GhostNamer) Counterpart(u id.UserID) id.UserID {
+	if real, ok := gn.Real(u); ok {
+		return real
+	}
+	if gn.IsOwn(u) {
+		return u
+	}
+	return gn.Ghost(u)
+}
+
 func (gn GhostNamer) userID(localpart string) id.UserID {
 	return id.UserID("@" + localpart + ":" + gn.Domain)
 }

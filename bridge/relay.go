@@ -110,27 +110,19 @@ func (b *Bridge) relay(ctx context.Context, run *eventRun, evt *event.Event, tru
 }
 
 // relayTo sends one copy. A zero-state outcome with err means retry later; state failed means permanent.
+//
+// It reads top to bottom: where the copy goes (routeCopy), whether it was sent already, whether it may go there;
+// then everything it depends on outside the event is read at once (resolveCopy); Translate makes its content
+// from the event and that alone; the ghost is made ready, the copy encrypted and sent (send), and recorded.
 func (b *Bridge) relayTo(ctx context.Context, run *eventRun, evt *event.Event, target id.RoomID, link *database.Link, srcEncrypted bool, trustFlag string) outcome {
 	// The target is added to the few debug messages below rather than to a logger of its own: building one per
 	// copy costs an allocation of a few hundred bytes on every relayed message.
 	log := zerolog.Ctx(ctx)
-	// An edit, reaction or redaction of an event from before target's room upgrade goes where that event lives.
-	home, err := b.homeFor(ctx, evt, target, link)
+	route, err := b.routeCopy(ctx, evt, target, link)
 	if err != nil {
 		return outcome{err: err}
 	}
-	var predecessors []id.RoomID
-	restateFrom := id.RoomID("") // the old room whose event evt relates to, when evt is restated in target
-	switch {
-	case home == target:
-		predecessors = link.Predecessors(target)
-	case evt.Type != event.EventRedaction && !b.mayPost(ctx, home, b.Ghosts.Ghost(evt.Sender), evt.Type):
-		// Upgrades mute the old room (its power levels let only moderators speak): the relation is restated
-		// in the room that replaced it (upgrade.go: restateInSuccessor).
-		restateFrom = home
-	default:
-		target = home
-	}
+	target = route.room
 	if !run.first {
 		if done, err := b.DB.EventMap.Get(ctx, evt.ID, target); err != nil {
 			return outcome{err: err}
@@ -138,8 +130,6 @@ func (b *Bridge) relayTo(ctx context.Context, run *eventRun, evt *event.Event, t
 			return outcome{state: database.InboxDone}
 		}
 	}
-	ghost := b.Ghosts.Ghost(evt.Sender)
-	intent := b.AS.Intent(ghost)
 	if evt.Type == event.EventRedaction {
 		return b.relayRedaction(ctx, run, evt, target)
 	}
@@ -158,29 +148,31 @@ func (b *Bridge) relayTo(ctx context.Context, run *eventRun, evt *event.Event, t
 		})
 		return outcome{state: database.InboxDone}
 	}
-	mapper := &linkMapper{b: b, target: target, predecessors: predecessors}
-	if restateFrom != "" {
-		mapper = &linkMapper{b: b, target: restateFrom}
+
+	// Resolve: the counterparts of what the event refers to, and a call's ID, in the target room.
+	refs, err := b.resolveCopy(ctx, evt, route)
+	if isCallRefusal(err) {
+		log.Debug().Stringer("target_room_id", target).Err(err).Msg("Call event does not cross into this room")
+		return outcome{state: database.InboxDone}
+	} else if err != nil {
+		return outcome{err: err}
 	}
-	evtType, content, err := Translate(ctx, evt, mapper, Origin{EventID: evt.ID, RoomID: evt.RoomID, Instance: b.instanceID(), TrustFlag: trustFlag})
-	if err == nil && restateFrom != "" {
-		evtType, content, err = restateInSuccessor(evtType, content, restateFrom, b.AS.HomeserverDomain)
-	}
+
+	// Translate: pure, from the event and what was resolved.
+	evtType, content, err := translateCopy(evt, refs, route, Origin{EventID: evt.ID, RoomID: evt.RoomID, Instance: b.instanceID(), TrustFlag: trustFlag}, b.AS.HomeserverDomain, time.Now())
 	if errors.Is(err, ErrNotRelayable) || errors.Is(err, ErrRelationTargetUnknown) {
 		log.Debug().Stringer("target_room_id", target).Err(err).Msg("Event does not cross the link")
 		return outcome{state: database.InboxDone}
+	} else if isCallRefusal(err) {
+		log.Debug().Stringer("target_room_id", target).Err(err).Msg("Call event does not cross into this room")
+		return outcome{state: database.InboxDone}
 	} else if err != nil {
-		// Translation itself is pure; what fails here is the event map lookup, which is worth retrying.
 		return outcome{err: err}
 	}
-	if isLegacyCall(evtType) {
-		if err = b.mapCallFor(ctx, evt, target, content); errors.Is(err, errCallUnknown) || errors.Is(err, errCallExpired) || errors.Is(err, errCallMalformed) {
-			log.Debug().Stringer("target_room_id", target).Err(err).Msg("Call event does not cross into this room")
-			return outcome{state: database.InboxDone}
-		} else if err != nil {
-			return outcome{err: err}
-		}
-	}
+
+	// Send as the sender's ghost, encrypted where the target room is, and record the copy.
+	ghost := b.Ghosts.Ghost(evt.Sender)
+	intent := b.AS.Intent(ghost)
 	if prep, ok := b.Crypto.(SenderPreparer); ok && targetEncrypted {
 		// The account must exist before its device does; registration is remembered, so this is cheap later.
 		if err = intent.EnsureRegistered(ctx); err != nil {
@@ -196,7 +188,7 @@ func (b *Bridge) relayTo(ctx context.Context, run *eventRun, evt *event.Event, t
 	} else if err != nil {
 		return classify(fmt.Errorf("failed to bring the sender's ghost into the room: %w", err))
 	}
-	// Translate (and mapCallFor) keep VeryRaw equal to Raw: sending the bytes spares encoding the map again.
+	// Translate (and the call mapping) keep VeryRaw equal to Raw: sending the bytes spares encoding the map again.
 	resp, err := b.send(ctx, intent, target, targetEncrypted, evtType, &event.Content{VeryRaw: content.VeryRaw}, TxnID(evt.ID, target), run.disappear)
 	if err != nil {
 		// The ghost may have been removed meanwhile: check its membership again next time.
@@ -212,6 +204,78 @@ func (b *Bridge) relayTo(ctx context.Context, run *eventRun, evt *event.Event, t
 	}
 	log.Debug().Stringer("target_room_id", target).Stringer("copy_event_id", resp).Msg("Relayed event")
 	return outcome{state: database.InboxDone, sent: true}
+}
+
+// copyRoute is where one copy of an event goes.
+type copyRoute struct {
+	// room is where the copy is sent: the target room, or the room it replaced where the event relates to an
+	// event from before the upgrade (an edit, reaction or redaction goes where its target lives).
+	room id.RoomID
+	// predecessors are the rooms room replaced, newest first: a reply to an event from before an upgrade links
+	// to it there.
+	predecessors []id.RoomID
+	// restateFrom is the old room whose event the event relates to when the copy is restated in room instead,
+	// because the ghost may not post in the old room (upgrade.go: restateInSuccessor); "" otherwise.
+	restateFrom id.RoomID
+}
+
+// routeCopy decides where evt's copy for target goes. An edit, reaction or redaction of an event from before
+// target's room upgrade goes where that event lives.
+func (b *Bridge) routeCopy(ctx context.Context, evt *event.Event, target id.RoomID, link *database.Link) (copyRoute, error) {
+	home, err := b.homeFor(ctx, evt, target, link)
+	if err != nil {
+		return copyRoute{}, err
+	}
+	switch {
+	case home == target:
+		return copyRoute{room: target, predecessors: link.Predecessors(target)}, nil
+	case evt.Type != event.EventRedaction && !b.mayPost(ctx, home, b.Ghosts.Ghost(evt.Sender), evt.Type):
+		// Upgrades mute the old room (its power levels let only moderators speak): the relation is restated
+		// in the room that replaced it (upgrade.go: restateInSuccessor).
+		return copyRoute{room: target, restateFrom: home}, nil
+	}
+	return copyRoute{room: home}, nil
+}
+
+// copyRefs is everything one copy of an event depends on outside the event, read before it is translated.
+type copyRefs struct {
+	Refs
+	// callID is a 1:1 call event's call ID in the copy's room (calls.go).
+	callID string
+}
+
+// resolveCopy reads what evt's copy along route depends on: the counterparts of the events it relates to, in the
+// room its relation is written for (the old room when it is restated), and for a 1:1 call event the call's ID in
+// the copy's room (errCallUnknown: the call does not cross into it).
+func (b *Bridge) resolveCopy(ctx context.Context, evt *event.Event, route copyRoute) (copyRefs, error) {
+	m := &linkMapper{b: b, target: route.room, predecessors: route.predecessors}
+	if route.restateFrom != "" {
+		m = &linkMapper{b: b, target: route.restateFrom}
+	}
+	refs, err := Resolve(ctx, evt, m, b.Ghosts)
+	if err != nil {
+		return copyRefs{}, err
+	}
+	r := copyRefs{Refs: refs}
+	if isLegacyCall(evt.Type) {
+		r.callID, err = b.callIDIn(ctx, evt, route.room)
+	}
+	return r, err
+}
+
+// translateCopy makes the type and content of evt's copy along route from evt and what resolveCopy read, and
+// nothing else: Translate; then, for a relation restated in the room that replaced its target's
+// (restateInSuccessor, links naming via as their server), the restatement; for a 1:1 call event, its call's ID
+// there and the invite's lifetime left at now (mapCallContent).
+func translateCopy(evt *event.Event, refs copyRefs, route copyRoute, origin Origin, via string, now time.Time) (event.Type, *event.Content, error) {
+	evtType, content, err := Translate(evt, refs.Refs, origin)
+	if err == nil && route.restateFrom != "" {
+		evtType, content, err = restateInSuccessor(evtType, content, route.restateFrom, via)
+	}
+	if err == nil && isLegacyCall(evtType) {
+		err = mapCallCopy(evt, content, refs.callID, now, refs.Ghosts)
+	}
+	return evtType, content, err
 }
 
 // relayRedaction redacts the copy of the redacted event in target, as the ghost that sent the copy.
@@ -422,7 +486,7 @@ func (b *Bridge) instanceID() string {
 	return b.AS.Registration.ID + "@" + b.AS.HomeserverDomain
 }
 
-// linkMapper resolves IDs for one target room.
+// linkMapper looks up event IDs for one target room in the event map (Resolve's Mapper).
 type linkMapper struct {
 	b      *Bridge
 	target id.RoomID
@@ -433,14 +497,4 @@ type linkMapper struct {
 
 func (m *linkMapper) CopyOf(ctx context.Context, evt id.EventID) (id.EventID, bool, error) {
 	return m.b.DB.EventMap.Counterpart(ctx, evt, m.target)
-}
-
-func (m *linkMapper) UserIn(user id.UserID) id.UserID {
-	if real, ok := m.b.Ghosts.Real(user); ok {
-		return real
-	}
-	if m.b.Ghosts.IsOwn(user) {
-		return user
-	}
-	return m.b.Ghosts.Ghost(user)
 }

@@ -97,15 +97,12 @@ var ErrNotRelayable = errors.New("event does not cross a link")
 // standalone message would duplicate or garble the conversation, so callers should drop the event.
 var ErrRelationTargetUnknown = errors.New("relation target was never relayed")
 
-// Mapper resolves IDs across a link for one target room.
+// Mapper looks up event IDs across a link for one target room (Resolve reads through it).
 type Mapper interface {
 	// CopyOf returns the ID of sourceEvent's counterpart in the target room: the relayed copy if sourceEvent
 	// originated elsewhere, or the original if the target room is where it originated (copies map back to their
 	// original). ok=false when ferry never relayed it.
 	CopyOf(ctx context.Context, sourceEvent id.EventID) (target id.EventID, ok bool, err error)
-	// UserIn maps a user mentioned in the source room to who should be mentioned in the target room: a real user
-	// becomes their ghost, a ghost becomes the real user it stands for, the bot stays the bot.
-	UserIn(user id.UserID) id.UserID
 }
 
 // PredecessorMapper is implemented by Mappers whose target room replaced other rooms (room upgrades): what ferry
@@ -168,44 +165,110 @@ func kindOf(t event.Type) eventKind {
 	return kindNone
 }
 
+// Refs is what the copy of an event in one target room depends on outside the event itself, read before it is
+// translated (Resolve), so that Translate is a pure function of the event and its Refs.
+type Refs struct {
+	// Events holds the counterparts in the target room (see Mapper.CopyOf) of the events the content relates
+	// to: its relation's target and the event it replies to, by source event ID. An event ferry never relayed
+	// into the target room is absent.
+	Events map[id.EventID]id.EventID
+	// ReplyElsewhere links to the counterpart of the event the content replies to in a room the target room
+	// replaced (room upgrades), when the target room has none; nil otherwise.
+	ReplyElsewhere *id.MatrixURI
+	// Ghosts names the link's ghosts: mentions and user pills map through GhostNamer.Counterpart.
+	Ghosts GhostNamer
+}
+
+// Resolve reads, for one target room, what Translate needs to know about the events src refers to: the
+// counterparts (through m) of its relation's target and of the event it replies to, and, when m is also a
+// PredecessorMapper and the reply's target has no counterpart in the target room, where it has one in a room
+// the target room replaced. Events Translate refuses before looking at their relations need no reads.
+//
+// Its errors are m's, wrapped; they are worth retrying. No error message contains message content.
+func Resolve(ctx context.Context, src *event.Event, m Mapper, ghosts GhostNamer) (Refs, error) {
+	refs := Refs{Ghosts: ghosts}
+	if src == nil || !mayRelate(&src.Content) {
+		return refs, nil // most messages: nothing to read, and no need to decode the content to know it
+	}
+	_, _, raw, err := translatable(src)
+	if err != nil {
+		return refs, nil
+	}
+	rel, ok := raw[keyRelatesTo].(map[string]any)
+	if !ok {
+		return refs, nil
+	}
+	var replyTo id.EventID
+	if irt, ok := rel[keyInReplyTo].(map[string]any); ok {
+		replyTo = eventIDIn(irt[keyEventID])
+	}
+	for _, evt := range [2]id.EventID{eventIDIn(rel[keyEventID]), replyTo} {
+		if _, done := refs.Events[evt]; evt == "" || done {
+			continue
+		}
+		target, ok, err := m.CopyOf(ctx, evt)
+		if err != nil {
+			return refs, fmt.Errorf("failed to look up the counterpart of %s: %w", evt, err)
+		} else if ok && target != "" {
+			if refs.Events == nil {
+				refs.Events = make(map[id.EventID]id.EventID, 2)
+			}
+			refs.Events[evt] = target
+		}
+	}
+	if pm, ok := m.(PredecessorMapper); ok && replyTo != "" && refs.Events[replyTo] == "" {
+		if refs.ReplyElsewhere, err = pm.CopyInPredecessor(ctx, replyTo); err != nil {
+			return refs, fmt.Errorf("failed to look up the counterpart of %s in an upgraded room: %w", replyTo, err)
+		}
+	}
+	return refs, nil
+}
+
+// mayRelate tells whether content can hold an m.relates_to key, without decoding it: content as received or
+// decrypted (VeryRaw) that spells neither the key nor any \u escape (the only way JSON can write the key's
+// characters otherwise) holds none.
+func mayRelate(c *event.Content) bool {
+	return c.VeryRaw == nil || bytes.Contains(c.VeryRaw, relatesToBytes) || bytes.Contains(c.VeryRaw, unicodeEscapeBytes)
+}
+
+var (
+	relatesToBytes     = []byte(keyRelatesTo)
+	unicodeEscapeBytes = []byte(`\u`)
+)
+
+// eventIDIn returns the event ID a content value names: a string starting with "$", else "".
+func eventIDIn(v any) id.EventID {
+	if s, _ := v.(string); strings.HasPrefix(s, "$") {
+		return id.EventID(s)
+	}
+	return ""
+}
+
 // Translate turns a decrypted source event into the content to send in one target room: event IDs in
 // relations point at their counterparts in the target room, mentions and user pills at who stands for the
 // user there, reply fallbacks are stripped, keys in ferry's own namespace (im.ferry.*) are removed and the
 // origin marker is added. Everything else in the content, including keys ferry does not know and encrypted
-// attachments, is kept as it was.
+// attachments, is kept as it was. What it knows about the target room comes from refs (Resolve): Translate
+// reads nothing else, and returns the same for the same input.
 //
 // It reads src.Content.VeryRaw (the content as received or decrypted) when set, else Parsed with Raw merged
 // over it. It never mutates src. The returned content has Raw (numbers as float64, like mautrix's own parsing)
 // and VeryRaw (the same content as JSON, for ParseRaw) set, and no Parsed.
 //
-// Errors: ErrNotRelayable and ErrRelationTargetUnknown (both mean: drop the event), or a wrapped Mapper error.
-// No error message contains message content.
-func Translate(ctx context.Context, src *event.Event, m Mapper, origin Origin) (evtType event.Type, content *event.Content, err error) {
-	if src == nil {
-		return event.Type{}, nil, fmt.Errorf("%w: no event", ErrNotRelayable)
-	}
-	evtType = event.Type{Type: src.Type.Type, Class: event.MessageEventType}
-	if src.StateKey != nil || src.Type.Class == event.StateEventType {
-		return evtType, nil, fmt.Errorf("%w: state event %s", ErrNotRelayable, src.Type.Type)
-	}
-	kind := kindOf(src.Type)
-	if kind == kindNone {
-		// Includes m.room.redaction (redacted through the event map) and m.room.encrypted (not decrypted).
-		return evtType, nil, fmt.Errorf("%w: event type %s", ErrNotRelayable, src.Type.Type)
-	}
-	raw, err := contentMap(&src.Content)
+// Errors: ErrNotRelayable and ErrRelationTargetUnknown (both mean: drop the event). No error message contains
+// message content.
+func Translate(src *event.Event, refs Refs, origin Origin) (evtType event.Type, content *event.Content, err error) {
+	evtType, kind, raw, err := translatable(src)
 	if err != nil {
-		return evtType, nil, fmt.Errorf("%w: %s content is not a JSON object", ErrNotRelayable, src.Type.Type)
+		return evtType, nil, err
 	}
 	stripFerryKeys(raw)
-	tr := translator{ctx: ctx, m: m, standalone: kind == kindMessage, res: &translateResult{}}
+	tr := translator{refs: &refs, standalone: kind == kindMessage, res: &translateResult{}}
 	switch kind {
 	case kindMessage:
 		err = tr.message(evtType, raw)
-	case kindReaction:
-		err = tr.requiredRelation(evtType, raw, event.RelAnnotation)
-	case kindPollFollowUp:
-		err = tr.requiredRelation(evtType, raw, event.RelReference)
+	case kindReaction, kindPollFollowUp:
+		_, err = tr.relation(raw)
 	case kindCall:
 		// Call IDs and party IDs are mapped by the call relay, not here.
 	}
@@ -221,6 +284,53 @@ func Translate(ctx context.Context, src *event.Event, m Mapper, origin Origin) (
 		return evtType, nil, fmt.Errorf("failed to marshal translated content: %w", err)
 	}
 	return evtType, &event.Content{VeryRaw: data, Raw: raw}, nil
+}
+
+// translatable refuses what Translate never relays, before anything in the content is looked up: no event, state
+// events, event types ferry does not relay, content that is not a JSON object, messages without msgtype or that
+// are in-room verification requests, and reactions and poll follow-ups without their relation. Otherwise it
+// returns the type of the copy, how Translate treats the event, and a fresh copy of its content.
+func translatable(src *event.Event) (evtType event.Type, kind eventKind, raw map[string]any, err error) {
+	if src == nil {
+		return event.Type{}, kindNone, nil, fmt.Errorf("%w: no event", ErrNotRelayable)
+	}
+	evtType = event.Type{Type: src.Type.Type, Class: event.MessageEventType}
+	if src.StateKey != nil || src.Type.Class == event.StateEventType {
+		return evtType, kindNone, nil, fmt.Errorf("%w: state event %s", ErrNotRelayable, src.Type.Type)
+	}
+	kind = kindOf(src.Type)
+	if kind == kindNone {
+		// Includes m.room.redaction (redacted through the event map) and m.room.encrypted (not decrypted).
+		return evtType, kind, nil, fmt.Errorf("%w: event type %s", ErrNotRelayable, src.Type.Type)
+	}
+	raw, err = contentMap(&src.Content)
+	if err != nil {
+		return evtType, kind, nil, fmt.Errorf("%w: %s content is not a JSON object", ErrNotRelayable, src.Type.Type)
+	}
+	switch kind {
+	case kindMessage:
+		if evtType != event.EventMessage {
+			break
+		}
+		msgType, _ := raw[keyMsgType].(string)
+		if msgType == "" {
+			return evtType, kind, nil, fmt.Errorf("%w: message without msgtype", ErrNotRelayable)
+		} else if msgType == string(event.MsgVerificationRequest) {
+			// An in-room verification request is addressed to one user's devices; a ghost can't answer it.
+			return evtType, kind, nil, fmt.Errorf("%w: in-room verification request", ErrNotRelayable)
+		}
+	case kindReaction, kindPollFollowUp:
+		// Nothing without their relation: m.annotation for reactions, m.reference (the poll start) for the others.
+		relType := event.RelAnnotation
+		if kind == kindPollFollowUp {
+			relType = event.RelReference
+		}
+		rel, _ := raw[keyRelatesTo].(map[string]any)
+		if t, _ := rel[keyRelType].(string); t != string(relType) {
+			return evtType, kind, nil, fmt.Errorf("%w: %s without an %s relation", ErrNotRelayable, evtType.Type, relType)
+		}
+	}
+	return evtType, kind, raw, nil
 }
 
 // stripFerryKeys removes ferry's own keys (ferryKeyPrefix) from a user's content and from its m.new_content: only
@@ -385,8 +495,7 @@ func mergeJSONObjects(into, from map[string]any) {
 
 // translator carries what one Translate call needs.
 type translator struct {
-	ctx context.Context
-	m   Mapper
+	refs *Refs
 	// standalone: the event means something without its relation (kindMessage), so a relation to an event
 	// that was never relayed is dropped instead of the event.
 	standalone bool
@@ -400,17 +509,8 @@ type translateResult struct {
 	replyElsewhere *id.MatrixURI
 }
 
-// message translates messages, stickers and poll starts.
+// message translates messages, stickers and poll starts (translatable checked their msgtype).
 func (tr translator) message(evtType event.Type, content map[string]any) error {
-	if evtType == event.EventMessage {
-		msgType, _ := content[keyMsgType].(string)
-		if msgType == "" {
-			return fmt.Errorf("%w: message without msgtype", ErrNotRelayable)
-		} else if msgType == string(event.MsgVerificationRequest) {
-			// An in-room verification request is addressed to one user's devices; a ghost can't answer it.
-			return fmt.Errorf("%w: in-room verification request", ErrNotRelayable)
-		}
-	}
 	isReply, err := tr.relation(content)
 	if err != nil {
 		return err
@@ -462,16 +562,6 @@ func (tr translator) text(content map[string]any, isReply bool) {
 	tr.pills(content)
 }
 
-// requiredRelation translates an event that is nothing without its relation of type relType.
-func (tr translator) requiredRelation(evtType event.Type, content map[string]any, relType event.RelationType) error {
-	rel, _ := content[keyRelatesTo].(map[string]any)
-	if t, _ := rel[keyRelType].(string); t != string(relType) {
-		return fmt.Errorf("%w: %s without an %s relation", ErrNotRelayable, evtType.Type, relType)
-	}
-	_, err := tr.relation(content)
-	return err
-}
-
 // relation remaps m.relates_to. isReply reports whether the source had an m.in_reply_to (so its fallback should
 // be stripped), whether or not it survived.
 func (tr translator) relation(content map[string]any) (isReply bool, err error) {
@@ -490,28 +580,24 @@ func (tr translator) relation(content map[string]any) (isReply bool, err error) 
 	case "":
 		// A plain reply. An event_id without rel_type means nothing, but it must not point into the source room.
 		if _, present := rel[keyEventID]; present {
-			target, ok, err := tr.copyOf(rel[keyEventID])
-			if err != nil {
-				return isReply, err
-			} else if ok {
+			if target, ok := tr.copyOf(rel[keyEventID]); ok {
 				rel[keyEventID] = string(target)
 			} else {
 				delete(rel, keyEventID)
 			}
 		}
-		if err = tr.reply(rel); err == nil && len(rel) == 0 {
+		if tr.reply(rel); len(rel) == 0 {
 			delete(content, keyRelatesTo)
 		}
-		return isReply, err
+		return isReply, nil
 	case event.RelThread:
-		return isReply, tr.thread(content, rel)
+		tr.thread(content, rel)
+		return isReply, nil
 	}
-	target, ok, err := tr.copyOf(rel[keyEventID])
-	if err != nil {
-		return isReply, err
-	} else if ok {
+	if target, ok := tr.copyOf(rel[keyEventID]); ok {
 		rel[keyEventID] = string(target)
-		return isReply, tr.reply(rel)
+		tr.reply(rel)
+		return isReply, nil
 	}
 	switch event.RelationType(relType) {
 	case event.RelReplace, event.RelAnnotation:
@@ -521,29 +607,27 @@ func (tr translator) relation(content map[string]any) (isReply bool, err error) 
 			return isReply, fmt.Errorf("%w: %s target", ErrRelationTargetUnknown, relType)
 		}
 	}
-	return isReply, tr.degrade(content, rel)
+	tr.degrade(content, rel)
+	return isReply, nil
 }
 
 // thread remaps an m.thread relation. If the root was never relayed the message goes out without the thread
 // (as a plain reply when it was a genuine reply to an event that was relayed).
-func (tr translator) thread(content, rel map[string]any) error {
-	root, ok, err := tr.copyOf(rel[keyEventID])
-	if err != nil {
-		return err
-	} else if !ok {
-		return tr.degrade(content, rel)
+func (tr translator) thread(content, rel map[string]any) {
+	root, ok := tr.copyOf(rel[keyEventID])
+	if !ok {
+		tr.degrade(content, rel)
+		return
 	}
 	rel[keyEventID] = string(root)
 	v, present := rel[keyInReplyTo]
 	if !present {
-		return nil
+		return
 	}
 	var target id.EventID
 	irt, isObject := v.(map[string]any)
 	if isObject {
-		if target, ok, err = tr.copyOf(irt[keyEventID]); err != nil {
-			return err
-		}
+		target, ok = tr.copyOf(irt[keyEventID])
 	}
 	if isObject && ok {
 		irt[keyEventID] = string(target)
@@ -552,83 +636,57 @@ func (tr translator) thread(content, rel map[string]any) error {
 		rel[keyInReplyTo] = map[string]any{keyEventID: string(root)}
 		rel[keyFallingBack] = true
 	}
-	return nil
 }
 
 // reply remaps rel's m.in_reply_to in place, removing it when its target was never relayed.
-func (tr translator) reply(rel map[string]any) error {
+func (tr translator) reply(rel map[string]any) {
 	v, present := rel[keyInReplyTo]
 	if !present {
-		return nil
+		return
 	}
 	irt, ok := v.(map[string]any)
 	if !ok {
 		delete(rel, keyInReplyTo)
-		return nil
+		return
 	}
-	target, ok, err := tr.copyOf(irt[keyEventID])
-	if err != nil {
-		return err
-	} else if !ok {
+	target, ok := tr.copyOf(irt[keyEventID])
+	if !ok {
 		delete(rel, keyInReplyTo)
-		return tr.replyInPredecessor(irt[keyEventID])
+		// Where the target lives when that is a room the target room replaced (Resolve looked it up).
+		tr.res.replyElsewhere = tr.refs.ReplyElsewhere
+		return
 	}
 	irt[keyEventID] = string(target)
-	return nil
-}
-
-// replyInPredecessor notes where a reply's target lives when that is a room the target room replaced.
-func (tr translator) replyInPredecessor(v any) error {
-	pm, ok := tr.m.(PredecessorMapper)
-	s, _ := v.(string)
-	if !ok || !strings.HasPrefix(s, "$") {
-		return nil
-	}
-	link, err := pm.CopyInPredecessor(tr.ctx, id.EventID(s))
-	if err != nil {
-		return fmt.Errorf("failed to look up the counterpart of %s in an upgraded room: %w", s, err)
-	}
-	tr.res.replyElsewhere = link
-	return nil
 }
 
 // degrade replaces a relation whose target was never relayed by what survives of it: a plain reply when the
 // source was a genuine reply (not a thread's fallback) to an event that was relayed, otherwise nothing.
-func (tr translator) degrade(content, rel map[string]any) error {
+func (tr translator) degrade(content, rel map[string]any) {
 	delete(content, keyRelatesTo)
 	if fallingBack, _ := rel[keyFallingBack].(bool); fallingBack {
-		return nil
+		return
 	}
 	irt, ok := rel[keyInReplyTo].(map[string]any)
 	if !ok {
-		return nil
+		return
 	}
 	plain := map[string]any{keyInReplyTo: irt}
-	if err := tr.reply(plain); err != nil {
-		return err
-	}
-	if len(plain) > 0 {
+	if tr.reply(plain); len(plain) > 0 {
 		content[keyRelatesTo] = plain
 	}
-	return nil
 }
 
-// copyOf looks up the counterpart of an event ID found in content (any JSON value).
-func (tr translator) copyOf(v any) (id.EventID, bool, error) {
-	s, _ := v.(string)
-	if !strings.HasPrefix(s, "$") {
-		return "", false, nil
+// copyOf returns the counterpart, as Resolve found it, of an event ID found in content (any JSON value).
+func (tr translator) copyOf(v any) (id.EventID, bool) {
+	evt := eventIDIn(v)
+	if evt == "" {
+		return "", false
 	}
-	target, ok, err := tr.m.CopyOf(tr.ctx, id.EventID(s))
-	if err != nil {
-		return "", false, fmt.Errorf("failed to look up the counterpart of %s: %w", s, err)
-	} else if !ok || target == "" {
-		return "", false, nil
-	}
-	return target, true, nil
+	target, ok := tr.refs.Events[evt]
+	return target, ok && target != ""
 }
 
-// mentions maps m.mentions.user_ids through UserIn, keeping m.mentions (and room) as they were otherwise.
+// mentions maps m.mentions.user_ids through Ghosts.Counterpart, keeping m.mentions (and room) as they were otherwise.
 func (tr translator) mentions(content map[string]any) {
 	mentions, ok := content[keyMentions].(map[string]any)
 	if !ok {
@@ -642,7 +700,7 @@ func (tr translator) mentions(content map[string]any) {
 	seen := make(map[string]bool, len(users))
 	for _, v := range users {
 		if s, ok := v.(string); ok {
-			s = string(tr.m.UserIn(id.UserID(s)))
+			s = string(tr.refs.Ghosts.Counterpart(id.UserID(s)))
 			if seen[s] {
 				continue // two source users that stand for the same target user
 			}
@@ -658,7 +716,7 @@ func (tr translator) mentions(content map[string]any) {
 // with its quotes, if any.
 var hrefPattern = regexp.MustCompile(`(?i)(<a\s(?:[^>]*?\s)?href\s*=\s*)("[^"]*"|'[^']*'|[^\s"'>]+)`)
 
-// pills rewrites user permalinks (pills) in an HTML formatted_body through UserIn.
+// pills rewrites user permalinks (pills) in an HTML formatted_body through Ghosts.Counterpart.
 func (tr translator) pills(content map[string]any) {
 	if format, _ := content[keyFormat].(string); format != string(event.FormatHTML) {
 		return
@@ -729,7 +787,7 @@ func (tr translator) permalink(value string) (string, bool) {
 	if !strings.HasPrefix(decoded, "@") || !strings.Contains(decoded, ":") {
 		return "", false
 	}
-	mapped := string(tr.m.UserIn(id.UserID(decoded)))
+	mapped := string(tr.refs.Ghosts.Counterpart(id.UserID(decoded)))
 	if mapped == decoded || !strings.HasPrefix(mapped, "@") {
 		return "", false
 	}

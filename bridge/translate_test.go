@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -36,16 +37,16 @@ func testOrigin(evt *event.Event) Origin {
 
 // fakeMapper maps IDs for target room !b the way the relay's mapper does, from a fixed event map.
 type fakeMapper struct {
-	namer GhostNamer
 	// copies maps events seen in room !a to their counterparts in room !b.
 	copies map[id.EventID]id.EventID
-	// badCtx is set when CopyOf was called without the context Translate was given.
+	// badCtx is set when CopyOf was called without the context Resolve was given.
 	badCtx bool
+	// lookups counts the calls of CopyOf and CopyInPredecessor.
+	lookups int
 }
 
 func newFakeMapper() *fakeMapper {
 	return &fakeMapper{
-		namer: testNamer,
 		copies: map[id.EventID]id.EventID{
 			"$alice-hello":   "$alice-hello.b",   // relayed from !a to !b
 			"$thread-root":   "$thread-root.b",   //
@@ -60,6 +61,7 @@ func (fm *fakeMapper) CopyOf(ctx context.Context, evt id.EventID) (id.EventID, b
 	if ctx.Value(ctxKey{}) == nil {
 		fm.badCtx = true
 	}
+	fm.lookups++
 	if evt == "$lookup-fails" {
 		return "", false, errFakeStore
 	}
@@ -69,19 +71,11 @@ func (fm *fakeMapper) CopyOf(ctx context.Context, evt id.EventID) (id.EventID, b
 
 // CopyInPredecessor knows one event relayed into !b-old, the room !b replaced when it was upgraded.
 func (fm *fakeMapper) CopyInPredecessor(_ context.Context, evt id.EventID) (*id.MatrixURI, error) {
+	fm.lookups++
 	if evt == "$before-upgrade" {
 		return id.RoomID("!b-old:ferry.example").EventURI("$before-upgrade.b-old", "ferry.example"), nil
 	}
 	return nil, nil
-}
-
-func (fm *fakeMapper) UserIn(user id.UserID) id.UserID {
-	if real, ok := fm.namer.Real(user); ok {
-		return real
-	} else if fm.namer.IsOwn(user) {
-		return user
-	}
-	return fm.namer.Ghost(user)
 }
 
 // isTarget reports whether evt is an event of room !b the fake knows, i.e. not a dangling ID.
@@ -96,6 +90,16 @@ func (fm *fakeMapper) isTarget(evt string) bool {
 
 func testContext() context.Context {
 	return context.WithValue(context.Background(), ctxKey{}, true)
+}
+
+// resolveAndTranslate is the relay's path for one copy: Resolve through m (the fixtures' event map, ghosts named
+// by testNamer), then Translate.
+func resolveAndTranslate(src *event.Event, m Mapper, origin Origin) (event.Type, *event.Content, error) {
+	refs, err := Resolve(testContext(), src, m, testNamer)
+	if err != nil {
+		return event.Type{}, nil, err
+	}
+	return Translate(src, refs, origin)
 }
 
 // translateCases lists every fixture; wantErr nil means <name>.want.json holds the expected copy. trustFlag is
@@ -239,9 +243,23 @@ func runTranslate(t *testing.T, name string, src *event.Event) {
 	}
 	origin := testOrigin(src)
 	origin.TrustFlag = tc.trustFlag
-	evtType, content, err := Translate(testContext(), src, fm, origin)
+	refs, err := Resolve(testContext(), src, fm, testNamer)
 	if fm.badCtx {
-		t.Error("CopyOf did not get Translate's context")
+		t.Error("CopyOf did not get Resolve's context")
+	}
+	var evtType event.Type
+	var content *event.Content
+	if err == nil {
+		evtType, content, err = Translate(src, refs, origin)
+		// Pure: the same event and refs give the same copy, and the lookups were all Resolve's.
+		lookups := fm.lookups
+		if evtType2, content2, err2 := Translate(src, refs, origin); evtType2 != evtType || fmt.Sprint(err2) != fmt.Sprint(err) ||
+			(content == nil) != (content2 == nil) || content != nil && !bytes.Equal(content.VeryRaw, content2.VeryRaw) {
+			t.Error("Translate gave another result for the same event and refs")
+		}
+		if fm.lookups != lookups {
+			t.Error("Translate looked something up")
+		}
 	}
 	after, _ := json.Marshal(src)
 	assertJSONEqual(t, "source event after Translate", after, before)
@@ -330,15 +348,52 @@ func TestTranslateFixturesCovered(t *testing.T) {
 }
 
 func TestTranslateNilEvent(t *testing.T) {
-	if _, _, err := Translate(testContext(), nil, newFakeMapper(), Origin{}); !errors.Is(err, ErrNotRelayable) {
+	if _, _, err := resolveAndTranslate(nil, newFakeMapper(), Origin{}); !errors.Is(err, ErrNotRelayable) {
 		t.Errorf("err = %v, want ErrNotRelayable", err)
+	}
+}
+
+// TestResolveReadsOnlyWhatTranslateNeeds: Resolve reads the event map for the relation's target and the reply's
+// target (and, for a reply whose target is not in the target room, the rooms it replaced), and not at all for
+// events without a relation or that Translate refuses before looking at one.
+func TestResolveReadsOnlyWhatTranslateNeeds(t *testing.T) {
+	for name, tc := range map[string]struct {
+		evtType, content string
+		lookups          int
+		events           map[id.EventID]id.EventID
+	}{
+		"plain text":                 {"m.room.message", `{"msgtype":"m.text","body":"a \n b"}`, 0, nil},
+		"without msgtype":            {"m.room.message", `{"body":"x","m.relates_to":{"m.in_reply_to":{"event_id":"$alice-hello"}}}`, 0, nil},
+		"verification request":       {"m.room.message", `{"msgtype":"m.key.verification.request","m.relates_to":{"m.in_reply_to":{"event_id":"$alice-hello"}}}`, 0, nil},
+		"reaction, no annotation":    {"m.reaction", `{"m.relates_to":{"rel_type":"m.reference","event_id":"$alice-hello"}}`, 0, nil},
+		"state type":                 {"m.room.encrypted", `{"m.relates_to":{"event_id":"$alice-hello"}}`, 0, nil},
+		"reply":                      {"m.room.message", `{"msgtype":"m.text","body":"x","m.relates_to":{"m.in_reply_to":{"event_id":"$alice-hello"}}}`, 1, map[id.EventID]id.EventID{"$alice-hello": "$alice-hello.b"}},
+		"reply, target elsewhere":    {"m.room.message", `{"msgtype":"m.text","body":"x","m.relates_to":{"m.in_reply_to":{"event_id":"$before-upgrade"}}}`, 2, nil},
+		"thread reply to root":       {"m.room.message", `{"msgtype":"m.text","body":"x","m.relates_to":{"rel_type":"m.thread","event_id":"$thread-root","m.in_reply_to":{"event_id":"$thread-root"}}}`, 1, map[id.EventID]id.EventID{"$thread-root": "$thread-root.b"}},
+		"key spelled with an escape": {"m.reaction", `{"m.relat\u0065s_to":{"rel_type":"m.annotation","event_id":"$alice-hello","key":"x"}}`, 1, map[id.EventID]id.EventID{"$alice-hello": "$alice-hello.b"}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			src := &event.Event{Type: event.Type{Type: tc.evtType, Class: event.MessageEventType}, ID: "$src", RoomID: "!a:ferry.example", Sender: "@alice:example.org"}
+			src.Content.VeryRaw = json.RawMessage(tc.content)
+			fm := newFakeMapper()
+			refs, err := Resolve(testContext(), src, fm, testNamer)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fm.lookups != tc.lookups {
+				t.Errorf("%d lookups, want %d", fm.lookups, tc.lookups)
+			}
+			if len(refs.Events) != len(tc.events) || !reflect.DeepEqual(refs.Events, tc.events) && len(tc.events) > 0 {
+				t.Errorf("events = %v, want %v", refs.Events, tc.events)
+			}
+		})
 	}
 }
 
 // TestTranslateEmptyContent covers contents built in code without any JSON.
 func TestTranslateEmptyContent(t *testing.T) {
 	src := &event.Event{Type: event.CallHangup, ID: "$h", RoomID: "!a:ferry.example"}
-	_, content, err := Translate(testContext(), src, newFakeMapper(), testOrigin(src))
+	_, content, err := resolveAndTranslate(src, newFakeMapper(), testOrigin(src))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -353,7 +408,7 @@ func TestTranslateErrorsCarryNoContent(t *testing.T) {
 			continue
 		}
 		src := loadEvent(t, name)
-		_, _, err := Translate(testContext(), src, newFakeMapper(), testOrigin(src))
+		_, _, err := resolveAndTranslate(src, newFakeMapper(), testOrigin(src))
 		for _, key := range []string{"body", "formatted_body", "ciphertext", "name"} {
 			if s, _ := src.Content.Raw[key].(string); s != "" && strings.Contains(err.Error(), s) {
 				t.Errorf("%s: error %q quotes the content's %s", name, err, key)
@@ -416,7 +471,7 @@ func TestStripReplyFallback(t *testing.T) {
 }
 
 func TestPermalink(t *testing.T) {
-	tr := translator{ctx: testContext(), m: newFakeMapper()}
+	tr := translator{refs: &Refs{Ghosts: testNamer}}
 	for value, want := range map[string]string{
 		"https://matrix.to/#/@alice:example.org":                     "https://matrix.to/#/@_ferry_alice=3aexample.org:ferry.example",
 		"https://matrix.to/#/%40alice%3Aexample.org":                 "https://matrix.to/#/%40_ferry_alice%3D3aexample.org%3Aferry.example",
@@ -474,7 +529,7 @@ func TestOriginOf(t *testing.T) {
 	}
 	t.Run("translated content", func(t *testing.T) {
 		src := loadEvent(t, "reaction")
-		_, content, err := Translate(testContext(), src, newFakeMapper(), *want)
+		_, content, err := resolveAndTranslate(src, newFakeMapper(), *want)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -539,7 +594,7 @@ func FuzzTranslate(f *testing.F) {
 		src.Content.VeryRaw = bytes.Clone(content)
 		fm := newFakeMapper()
 		origin := testOrigin(src)
-		gotType, out, err := Translate(testContext(), src, fm, origin)
+		gotType, out, err := resolveAndTranslate(src, fm, origin)
 		if !bytes.Equal(src.Content.VeryRaw, content) {
 			t.Fatal("Translate modified the source content")
 		}
@@ -582,7 +637,7 @@ func TestTranslateRawAndParsed(t *testing.T) {
 	src := &event.Event{Type: event.CallHangup, ID: "$h", RoomID: "!a:ferry.example", Content: event.Content{Raw: raw, Parsed: parsed}}
 	rawBefore, _ := json.Marshal(raw)
 	parsedBefore := *parsed
-	_, content, err := Translate(testContext(), src, newFakeMapper(), testOrigin(src))
+	_, content, err := resolveAndTranslate(src, newFakeMapper(), testOrigin(src))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -602,7 +657,7 @@ func TestTranslateRawAndParsed(t *testing.T) {
 // TestTranslateTypedNilParsed: a typed nil in Parsed counts as no content.
 func TestTranslateTypedNilParsed(t *testing.T) {
 	src := &event.Event{Type: event.CallHangup, ID: "$h", RoomID: "!a:ferry.example", Content: event.Content{Parsed: (*event.CallHangupEventContent)(nil)}}
-	if _, _, err := Translate(testContext(), src, newFakeMapper(), testOrigin(src)); err != nil {
+	if _, _, err := resolveAndTranslate(src, newFakeMapper(), testOrigin(src)); err != nil {
 		t.Fatal(err)
 	}
 }
