@@ -84,10 +84,13 @@ test(`${HS_LABEL}: ferry's devices get their keys the way this homeserver allows
         // A transaction still in flight has no answer yet (status 0): wait for the answers, then judge them.
         const txns = stack.pushes.transactions;
         await pollUntil(() => txns.every((t) => t.status !== 0), { timeoutMs: T, what: "ferry's answers to every transaction" });
+        // A transaction that arrives while ferry's encryption is still starting is refused on purpose (500: the
+        // homeserver sends it again, so no room key is lost); every transaction must end accepted.
+        const last = new Map(txns.map((t) => [t.txnId, t.status]));
         assert.deepEqual(
-            txns.filter((t) => t.status !== 200).map((t) => `${t.txnId}: ${t.status}`),
+            [...last].filter(([, status]) => status !== 200).map(([txnId, status]) => `${txnId}: ${status}`),
             [],
-            "ferry accepted every transaction",
+            "ferry accepted every transaction in the end",
         );
         assert.ok(
             txns.some((t) => t.toDevice.some((e) => e.type === "m.room.encrypted" && e.toUserId === stack.botUserId && e.sender === alice.userId)),
