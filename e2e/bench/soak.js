@@ -77,6 +77,12 @@ const childCpuSeconds = (pid) => {
     const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
     return (Number(f[13]) + Number(f[14])) / HZ;
 };
+/** The machine's CPU time so far: { busy, total } in ticks, from /proc/stat. */
+const machineCpu = () => {
+    const f = readProc("/proc/stat").split("\n")[0].trim().split(/\s+/).slice(1, 9).map(Number);
+    const total = f.reduce((a, b) => a + b, 0);
+    return { busy: total - f[3] - f[4], total }; // idle and iowait
+};
 const ppidOf = (pid) => {
     const s = readProc(`/proc/${pid}/stat`);
     return s ? Number(s.slice(s.lastIndexOf(")") + 2).split(" ")[1]) : -1;
@@ -259,7 +265,7 @@ if (probeS > 0) {
         hsCpuPct: round((100 * (cpuSeconds(hsPid) - hsCpu0)) / wall),
         nodeCpuPct: round((100 * (nodeCpu.user + nodeCpu.system)) / 1e6 / wall),
     };
-    log(`direct probe: ${sent} messages in ${probe.seconds} s by ${2 * nSenders} senders, one at a time each: ${probe.rate} msg/s; ` +
+    log(`direct probe: ${sent} messages in ${probe.seconds} s by ${users.length} senders, one at a time each: ${probe.rate} msg/s; ` +
         `send median ${probe.sendMedianMs} ms, p90 ${probe.sendP90Ms} ms; CPU homeserver ${probe.hsCpuPct}%, clients ${probe.nodeCpuPct}%`);
     for (const u of users) for (const r of probeRooms) if (u.client.getRoom(r)) await u.leave(r).catch(() => {});
     await sleep(3000);
@@ -417,9 +423,9 @@ const restarter = (async () => {
 
 // Sampling.
 const samples = [];
-let prev = { t: start, metrics: await scrape(metricsUrl), ferryPid: stack.ferry.pid, ferryCpu: cpuSeconds(stack.ferry.pid), hsCpu: cpuSeconds(hsPid), node: process.cpuUsage(), pgCpu: pgCpuSeconds() };
+let prev = { t: start, metrics: await scrape(metricsUrl), ferryPid: stack.ferry.pid, ferryCpu: cpuSeconds(stack.ferry.pid), hsCpu: cpuSeconds(hsPid), node: process.cpuUsage(), pgCpu: pgCpuSeconds(), machine: machineCpu() };
 const header =
-    "| min | load1 | sent/s | skipped | recv/s | lat p50/p90 ms | ferry hist p50/p90 ms | ferry RSS MB | heap MB | goroutines | fds | sockets pg/hs/in | pg conns | inbox pend/keys | CPU% ferry/hs/pg/node | hs RSS MB | node RSS MB | event |";
+    "| min | load1 | machine busy % | sent/s | skipped | recv/s | lat p50/p90 ms | ferry hist p50/p90 ms | ferry RSS MB | heap MB | goroutines | fds | sockets pg/hs/in | pg conns | inbox pend/keys | CPU% ferry/hs/pg/node | hs RSS MB | node RSS MB | event |";
 console.log(`\n${header}\n|${"---|".repeat(header.split("|").length - 2)}`);
 async function sample(final = false) {
     const now = performance.now();
@@ -442,6 +448,7 @@ async function sample(final = false) {
     const hsCpu = cpuSeconds(hsPid);
     const node = process.cpuUsage();
     const pgCpu = pgCpuSeconds();
+    const machine = machineCpu();
     const pct = (a, b) => round((100 * (a - b)) / wall);
     const hist = buckets(metrics, "ferry_relay_latency_seconds");
     const prevHist = restarted ? null : buckets(prev.metrics, "ferry_relay_latency_seconds");
@@ -450,6 +457,7 @@ async function sample(final = false) {
     const s = {
         minute: round(tMin, 1),
         load: readProc("/proc/loadavg").split(" ").slice(0, 3).map(Number),
+        machineBusyPct: round((100 * (machine.busy - prev.machine.busy)) / (machine.total - prev.machine.total)),
         sentPerS: round(winCounts.accepted / wall, 1),
         skipped: winCounts.skipped,
         recvPerS: round(win.received / nSenders / wall, 1), // per receiving member
@@ -481,17 +489,17 @@ async function sample(final = false) {
     samples.push(s);
     const c = s.cpu;
     console.log(
-        `| ${s.minute}${final ? " (drain)" : ""} | ${s.load[0]} | ${s.sentPerS} | ${s.skipped} | ${s.recvPerS} | ${s.latP50}/${s.latP90} | ${s.ferryP50}/${s.ferryP90} | ${s.ferryRssMB} | ${s.heapMB} | ${s.goroutines} | ${s.fds} | ${sock.pg}/${sock.hs}/${sock.in}${sock.other ? `+${sock.other}` : ""} | ${s.pgConns} | ${s.inboxPending}/${s.inboxWaitingKeys} | ${c.ferry ?? "–"}/${c.hs}/${c.pg ?? "–"}/${c.node} | ${s.hsRssMB} | ${s.nodeRssMB} | ${[...evs, s.dups ? `${s.dups} duplicates` : ""].filter(Boolean).join("; ")} |`,
+        `| ${s.minute}${final ? " (drain)" : ""} | ${s.load[0]} | ${s.machineBusyPct} | ${s.sentPerS} | ${s.skipped} | ${s.recvPerS} | ${s.latP50}/${s.latP90} | ${s.ferryP50}/${s.ferryP90} | ${s.ferryRssMB} | ${s.heapMB} | ${s.goroutines} | ${s.fds} | ${sock.pg}/${sock.hs}/${sock.in}${sock.other ? `+${sock.other}` : ""} | ${s.pgConns} | ${s.inboxPending}/${s.inboxWaitingKeys} | ${c.ferry ?? "–"}/${c.hs}/${c.pg ?? "–"}/${c.node} | ${s.hsRssMB} | ${s.nodeRssMB} | ${[...evs, s.dups ? `${s.dups} duplicates` : ""].filter(Boolean).join("; ")} |`,
     );
-    prev = { t: now, metrics, ferryPid: pid, ferryCpu, hsCpu, node, pgCpu };
+    prev = { t: now, metrics, ferryPid: pid, ferryCpu, hsCpu, node, pgCpu, machine };
     win = { lat: [], received: 0, dups: 0 };
     winCounts = { accepted: 0, skipped: 0 };
     trimTimelines();
 }
-while (!stopSending) {
-    const next = start + (samples.length + 1) * sampleS * 1000;
-    while (!stopSending && performance.now() < next) await sleep(Math.min(1000, next - performance.now()));
-    if (!stopSending) await sample();
+for (let i = 1; i * sampleS <= minutes * 60 + 0.001; i++) {
+    const next = start + i * sampleS * 1000;
+    while (performance.now() < next) await sleep(Math.min(1000, next - performance.now()));
+    await sample();
 }
 await pacer;
 await restarter;
