@@ -1,29 +1,36 @@
-// The soak of issue 13: ferry relays encrypted messages both ways between two linked rooms on a real homeserver
+// The soak of issue 13: ferry relays encrypted messages both ways between linked rooms on a real homeserver
 // (FERRY_E2E_HS=dendrite|synapse) at a fixed rate for many minutes, is restarted twice on the way (SIGTERM + start
-// at one third, SIGKILL + start at two thirds), and the resources of every process are sampled each interval:
+// just after one third, SIGKILL + start just after two thirds, between samples), and the resources of every
+// process are sampled each interval:
 //
 //   ferry       RSS (/proc/<pid>/status VmRSS), Go heap and goroutines (its metrics endpoint), open fds, its TCP
 //               sockets by peer (Postgres, homeserver, pushes in), CPU share, inbox depth, relay latency
 //               (its histogram)
 //   Postgres    connections to ferry's database (pg_stat_activity), CPU share of the cluster's processes
-//   homeserver  RSS and CPU share; this process (the clients) RSS and CPU share; /proc/loadavg
+//   homeserver  RSS and CPU share; this process (the clients) RSS and CPU share; /proc/loadavg and the machine's
+//               busy share of CPU (/proc/stat)
 //
-// Room A and room B each have `senders` matrix-js-sdk members (Rust crypto) who all send and all receive. The
-// rate is the total of both directions (half A→B, half B→A), spread over the senders in turn. js-sdk sends one
-// event at a time per client, so a sender with more than `FERRY_SOAK_MAX_QUEUE` messages queued skips its turn
-// (counted as "skipped": the homeserver did not keep up with the rate). Every member decrypts every event of its
-// room (js-sdk decrypts all of them); each copy is counted per receiving member by distinct event ID, so at the end
-// every message must have arrived exactly once at every member of the other room. Latency: from the homeserver
-// accepting the original (sendEvent resolved) to the receiving member having the copy's plaintext.
+// FERRY_SOAK_PAIRS pairs of rooms (A_i linked to B_i), each room with FERRY_SOAK_SENDERS matrix-js-sdk members
+// (Rust crypto) who all send and all receive. The rate is the total over every direction (A_i→B_i and B_i→A_i),
+// spread evenly over the directions and, within one, over its senders in turn. js-sdk sends one event at a time
+// per client, so a sender with more than FERRY_SOAK_MAX_QUEUE messages queued skips its turn (counted as
+// "skipped": the homeserver did not keep up with the rate). The harness' users are not rate-limited (Synapse:
+// rc_message 1000/s from scripts/synapse.sh; Dendrite: rate limiting off; ferry's ghosts: rate_limited false).
+// Every member decrypts every event of its room (js-sdk decrypts all of them); each copy is counted per receiving
+// member by distinct event ID, so at the end every message must have arrived exactly once at every member of the
+// other room. Latency: from the homeserver accepting the original (sendEvent resolved) to the receiving member
+// having the copy's plaintext.
 //
-// Before the soak, FERRY_SOAK_PROBE_S seconds (default 30) of the fastest direct sends the same senders manage in
-// two rooms without ferry measure what the homeserver sustains on its own.
+// Before the soak, FERRY_SOAK_PROBE_S seconds (default 30) of the fastest direct sends the same senders manage
+// (each one at a time, into rooms without ferry) measure what the homeserver sustains on its own.
 //
 //   FERRY_PG_FSYNC=on scripts/with-postgres.sh scripts/node22 e2e/bench/soak.js [minutes] [rate]
 //
-// Env: FERRY_SOAK_SENDERS (per room, default 3), FERRY_SOAK_SAMPLE_S (default 60), FERRY_SOAK_PROBE_S (30; 0 skips),
-// FERRY_SOAK_DRAIN_S (how long to wait for the last copies, default 180), FERRY_SOAK_MAX_QUEUE (default 20),
-// FERRY_SOAK_JSON (write every sample and the summary there).
+// Env: FERRY_SOAK_PAIRS (default 1), FERRY_SOAK_SENDERS (per room, default 3), FERRY_SOAK_SAMPLE_S (default 60),
+// FERRY_SOAK_PROBE_S (30; 0 skips; minutes 0 runs only the probe), FERRY_SOAK_DRAIN_S (how long to wait for the
+// last copies, default 180), FERRY_SOAK_MAX_QUEUE (default 20), FERRY_SOAK_HS_PG=1 (Synapse on a database of the
+// same Postgres cluster instead of SQLite), FERRY_SOAK_JSON (write every sample and the summary there).
+// Exits 1 if a copy is missing, doubled or undecryptable at the end.
 import fs from "node:fs";
 import { execFileSync } from "node:child_process";
 import os from "node:os";
