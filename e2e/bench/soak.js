@@ -28,7 +28,7 @@
 //
 // Env: FERRY_SOAK_PAIRS (default 1), FERRY_SOAK_SENDERS (per room, default 3), FERRY_SOAK_SAMPLE_S (default 60),
 // FERRY_SOAK_PROBE_S (30; 0 skips; minutes 0 runs only the probe), FERRY_SOAK_DRAIN_S (how long to wait for the
-// last copies, default 180), FERRY_SOAK_MAX_QUEUE (default 20), FERRY_SOAK_HS_PG=1 (Synapse on a database of the
+// last copies, default 600), FERRY_SOAK_MAX_QUEUE (default 20), FERRY_SOAK_HS_PG=1 (Synapse on a database of the
 // same Postgres cluster instead of SQLite), FERRY_SOAK_JSON (write every sample and the summary there).
 // Exits 1 if a copy is missing, doubled or undecryptable at the end.
 import fs from "node:fs";
@@ -48,7 +48,7 @@ const env = (k, d) => Number(process.env[k] ?? d);
 const nSenders = env("FERRY_SOAK_SENDERS", 3);
 const sampleS = env("FERRY_SOAK_SAMPLE_S", 60);
 const probeS = env("FERRY_SOAK_PROBE_S", 30);
-const drainS = env("FERRY_SOAK_DRAIN_S", 180);
+const drainS = env("FERRY_SOAK_DRAIN_S", 600);
 const maxQueue = env("FERRY_SOAK_MAX_QUEUE", 20);
 const HZ = 100; // clock ticks per second of /proc/<pid>/stat on Linux
 const quantile = (xs, q) => {
@@ -527,12 +527,15 @@ const drainSeconds = round((performance.now() - drainStart) / 1000, 1);
 await sample(true);
 
 const missing = {};
+const missingList = [];
 for (const [dir, d] of Object.entries(dirs)) {
     for (const u of d.to) {
         const ids = seen.get(`${u.userId} ${dir}`) ?? new Map();
         let miss = 0;
         sent[dir].forEach((t, seq) => {
-            if (t !== null && !ids.has(seq)) miss++;
+            if (t === null || ids.has(seq)) return;
+            miss++;
+            if (missingList.length < 20) missingList.push(`${dir} ${seq} at ${u.userId} (accepted ${round((performance.now() - t) / 1000)} s ago)`);
         });
         missing[u.userId] = miss;
     }
@@ -576,6 +579,7 @@ if (probe) row("direct probe (no ferry)", `${probe.rate} msg/s, send p50 ${probe
 row("originals accepted", `${counts.accepted} of ${counts.attempted} due (${counts.skipped} skipped: sender queue full; ${counts.sendErrors} send errors) = ${summary.achievedRate} msg/s`);
 row("copies decrypted", `${totals.received} of ${summary.copiesExpected} expected (every member of the other room), drain ${drainSeconds} s`);
 row("missing (most at one member) / duplicates (all members)", `${maxMissing} / ${maxDup}`);
+if (missingList.length) row("first missing copies", missingList.join("; "));
 row("undecryptable at the end", failed.size);
 row("latency accepted → decrypted", `p50 ${summary.latencyMs.p50} ms, p90 ${summary.latencyMs.p90} ms, p99 ${summary.latencyMs.p99} ms, max ${summary.latencyMs.max} ms`);
 row("restarts", events.map((e) => `${e.text} at ${(e.t / 60).toFixed(1)} min`).join("; "));
