@@ -83,6 +83,14 @@ type Options struct {
 	// NoAppserviceLogin refuses m.login.application_service logins (M_UNKNOWN, unsupported login type), like a
 	// homeserver that offers appservices no devices at all.
 	NoAppserviceLogin bool
+	// Latency delays every request by this long before it is handled, as a homeserver's own work and network
+	// would (0: none).
+	Latency time.Duration
+	// PushEncryption makes appservice transactions carry to-device messages for the appservice's users, their
+	// devices' one-time key counts and device-list changes by themselves (a transaction goes out when only those
+	// changed), as Synapse does with MSC2409 and MSC3202 turned on. Off by default: tests hand
+	// TakeAppserviceTransaction's body to ferry themselves.
+	PushEncryption bool
 }
 
 // Server is a running fake homeserver. Create it with New and Close it when done.
@@ -119,6 +127,8 @@ type Server struct {
 	nonces       map[string]struct{}
 	// asListsPos is the stream position up to which TakeAppserviceTransaction reported device-list changes.
 	asListsPos int64
+	// pushUsers are the appservice users whose devices changed since the last pushed transaction (PushEncryption).
+	pushUsers map[id.UserID]struct{}
 
 	as asSender
 }
@@ -285,6 +295,9 @@ func (s *Server) handle(mux *http.ServeMux, pattern string, fn http.HandlerFunc)
 	}
 	mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 		c.Add(1)
+		if s.opts.Latency > 0 {
+			time.Sleep(s.opts.Latency)
+		}
 		fn(w, r)
 	})
 }
