@@ -148,14 +148,25 @@ func (m *Machine) catchUpDeviceLists(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	after, err := m.bot.mach.FetchKeys(ctx, users, true)
+	// Only users whose keys on the server differ from the stored ones go through mautrix's fetch (which verifies
+	// and stores them); the others' device lists did not change.
+	refetch, err := m.keysToRefetch(ctx, users, before)
 	if err != nil {
 		// The next key share fetches them instead (devicesOf), and rotates nothing it would have to.
 		_ = m.bot.store.MarkTrackedUsersOutdated(ctx, users)
 		return fmt.Errorf("failed to fetch device lists: %w", err)
 	}
+	if len(refetch) == 0 {
+		return nil
+	}
+	after, err := m.bot.mach.FetchKeys(ctx, refetch, true)
+	if err != nil {
+		_ = m.bot.store.MarkTrackedUsersOutdated(ctx, refetch)
+		return fmt.Errorf("failed to fetch device lists: %w", err)
+	}
+	m.log.Debug().Int("tracked_users", len(users)).Int("refetched", len(refetch)).Msg("Caught up on device lists")
 	var changed []id.UserID
-	for _, u := range users {
+	for _, u := range refetch {
 		if devicesDiffer(before[u], after[u]) {
 			changed = append(changed, u)
 		}
