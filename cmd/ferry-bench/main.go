@@ -59,6 +59,8 @@ type settings struct {
 	scalePaths     []string
 	idle, idleSkip time.Duration
 	ferryBin       string
+	ferryLog       string
+	ferryLogLevel  string
 }
 
 // report is everything one run measured (written with -json).
@@ -115,6 +117,8 @@ func run(args []string) int {
 	fs.DurationVar(&st.idle, "idle", 30*time.Second, "scale runs: how long idle CPU is measured")
 	fs.DurationVar(&st.idleSkip, "idle-skip", 10*time.Second, "scale runs: time after ready left out of the idle measurement")
 	fs.StringVar(&st.ferryBin, "ferry-bin", "bin/ferry", "scale runs: ferry's binary (make build)")
+	fs.StringVar(&st.ferryLog, "ferry-log", "", "scale runs: append the binary's JSON log to this file")
+	fs.StringVar(&st.ferryLogLevel, "ferry-log-level", "info", "scale runs: the binary's logging.min_level")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}

@@ -28,6 +28,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -37,29 +38,33 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/crypto"
+	"go.ferry.im/ferry/internal/fakehs"
 )
 
 // scaleResult is one scale run.
 type scaleResult struct {
-	Path          string           `json:"path"`
-	Links         int              `json:"links"`
-	Ghosts        int              `json:"ghosts"`
-	SeedSec       float64          `json:"seed_seconds"`
-	StartupSec    float64          `json:"startup_seconds"`
-	RSSMB         float64          `json:"rss_mb"`
-	PeakRSSMB     float64          `json:"peak_rss_mb"`
-	IdleSec       float64          `json:"idle_seconds"`
-	IdleCPUPct    float64          `json:"idle_cpu_percent_of_core"`
-	IdlePGCPUPct  float64          `json:"idle_postgres_cpu_percent_of_core"`
-	IdleHSReqs    map[string]int64 `json:"idle_homeserver_requests"`
-	StartCPUSec   float64          `json:"startup_cpu_seconds"`
-	DBBytes       int64            `json:"db_bytes"`
-	Tables        map[string]int64 `json:"table_bytes"`
-	GhostBytes    int64            `json:"ghost_table_bytes"`
-	LinkBytes     int64            `json:"link_table_bytes"`
-	LoadBefore    string           `json:"loadavg_before"`
-	LoadAfter     string           `json:"loadavg_after"`
-	FerryWarnings []string         `json:"ferry_warnings,omitempty"`
+	Path             string           `json:"path"`
+	Links            int              `json:"links"`
+	Ghosts           int              `json:"ghosts"`
+	SeedSec          float64          `json:"seed_seconds"`
+	StartupSec       float64          `json:"startup_seconds"`
+	FirstStartSec    float64          `json:"first_start_seconds"`
+	FirstStartCPUSec float64          `json:"first_start_cpu_seconds"`
+	ReadyRSSMB       float64          `json:"ready_rss_mb"`
+	RSSMB            float64          `json:"rss_mb"`
+	PeakRSSMB        float64          `json:"peak_rss_mb"`
+	IdleSec          float64          `json:"idle_seconds"`
+	IdleCPUPct       float64          `json:"idle_cpu_percent_of_core"`
+	IdlePGCPUPct     float64          `json:"idle_postgres_cpu_percent_of_core"`
+	IdleHSReqs       map[string]int64 `json:"idle_homeserver_requests"`
+	StartCPUSec      float64          `json:"startup_cpu_seconds"`
+	DBBytes          int64            `json:"db_bytes"`
+	Tables           map[string]int64 `json:"table_bytes"`
+	GhostBytes       int64            `json:"ghost_table_bytes"`
+	LinkBytes        int64            `json:"link_table_bytes"`
+	LoadBefore       string           `json:"loadavg_before"`
+	LoadAfter        string           `json:"loadavg_after"`
+	FerryWarnings    []string         `json:"ferry_warnings,omitempty"`
 }
 
 // Tables whose rows belong to ghosts (their devices and keys) or to links (rooms, members, room state).
@@ -69,8 +74,7 @@ var (
 		"crypto_cross_signing_signatures", "crypto_device", "mx_registrations", "kv_store"}
 	linkTables = []string{"link", "link_room", "mx_room_state", "mx_user_profile"}
 	// Per-message tables are not copied: they grow with traffic, not with links or ghosts.
-	perMessageTables = map[string]bool{"inbox": true, "event_map": true, "crypto_message_index": true, "crypto_olm_message_hash": true,
-		"crypto_tracked_user": true}
+	perMessageTables = map[string]bool{"inbox": true, "event_map": true, "crypto_message_index": true, "crypto_olm_message_hash": true}
 )
 
 func scaleRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report) int {
@@ -100,8 +104,9 @@ func scaleRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 func printScale(r *scaleResult) {
 	fmt.Printf("\n== scale: %s path, %d links, %d ghosts ==\n", r.Path, r.Links, r.Ghosts)
 	fmt.Printf("  seeded in %.1f s; load average before %s, after %s\n", r.SeedSec, r.LoadBefore, r.LoadAfter)
-	fmt.Printf("  start-up to ready  %.2f s (%.2f s of ferry's CPU)\n", r.StartupSec, r.StartCPUSec)
-	fmt.Printf("  RSS                %.1f MB (peak %.1f MB)\n", r.RSSMB, r.PeakRSSMB)
+	fmt.Printf("  first start        %.2f s to ready (%.2f s of ferry's CPU), after seeding\n", r.FirstStartSec, r.FirstStartCPUSec)
+	fmt.Printf("  start-up to ready  %.2f s (%.2f s of ferry's CPU), a restart\n", r.StartupSec, r.StartCPUSec)
+	fmt.Printf("  RSS                %.1f MB at ready, %.1f MB after the idle run (peak %.1f MB)\n", r.ReadyRSSMB, r.RSSMB, r.PeakRSSMB)
 	fmt.Printf("  idle CPU           %.2f%% of a core (ferry) + %.2f%% (Postgres) over %.0f s\n", r.IdleCPUPct, r.IdlePGCPUPct, r.IdleSec)
 	keys := make([]string, 0, len(r.IdleHSReqs))
 	for k := range r.IdleHSReqs {
@@ -174,6 +179,24 @@ func scaleOne(ctx context.Context, st settings, log zerolog.Logger, path string,
 	if err = seedGhostAccess(ctx, db, e, tmpl, ghostDev, links, st.scaleGhosts, path); err != nil {
 		return nil, fmt.Errorf("seed ghost tokens: %w", err)
 	}
+	var members []id.UserID
+	for k := range links {
+		if k > 0 {
+			members = append(members, cloneReceiver(k))
+		}
+		for j := range st.scaleGhosts {
+			if k > 0 || j > 0 {
+				members = append(members, cloneSender(k, j))
+			}
+		}
+	}
+	seeded, err := e.hs.SeedUsers(members)
+	if err != nil {
+		return nil, err
+	}
+	if err = seedMemberKeys(ctx, db, seeded); err != nil {
+		return nil, fmt.Errorf("seed members' keys: %w", err)
+	}
 	if _, err = db.ExecContext(ctx, `VACUUM ANALYZE`); err != nil {
 		return nil, err
 	}
@@ -195,68 +218,25 @@ func scaleOne(ctx context.Context, st settings, log zerolog.Logger, path string,
 	}
 	e.hs.SetPushEncryption(path == "appservice")
 	e.hs.SetAppserviceURL(fmt.Sprintf("http://127.0.0.1:%d", port))
-	cmd := exec.CommandContext(ctx, st.ferryBin, "-c", cfgPath)
-	cmd.Stderr = os.Stderr
-	// The benchmark's own FERRY_ variables (FERRY_TEST_PG, ...) are not ferry's config.
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "FERRY_") {
-			cmd.Env = append(cmd.Env, kv)
-		}
-	}
-	out, err := cmd.StdoutPipe()
+	// The first start after seeding is not the one measured: on the appservice path it reads every tracked
+	// member's device list (the seeded rows hold the template's keys, the homeserver each member's own) and
+	// rotates what changed, as after a long downtime. The second start is an ordinary restart.
+	first, err := startFerry(ctx, st, cfgPath)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("first start: %w", err)
 	}
-	ready := make(chan struct{})
-	warnings := make(chan string, 16)
-	start := time.Now()
-	if err = cmd.Start(); err != nil {
-		return nil, err
+	r.FirstStartSec = first.ready.Seconds()
+	r.FirstStartCPUSec = procCPU(first.cmd.Process.Pid).Seconds()
+	first.stop()
+	r.FerryWarnings = append(r.FerryWarnings, first.warnings()...)
+	child, err := startFerry(ctx, st, cfgPath)
+	if err != nil {
+		return nil, fmt.Errorf("start: %w", err)
 	}
-	go func() {
-		sc := bufio.NewScanner(out)
-		sc.Buffer(make([]byte, 1<<20), 1<<20)
-		once := false
-		for sc.Scan() {
-			var line struct {
-				Level   string `json:"level"`
-				Message string `json:"message"`
-				Error   string `json:"error"`
-			}
-			if json.Unmarshal(sc.Bytes(), &line) != nil {
-				continue
-			}
-			if line.Message == "ferry is ready" && !once {
-				once = true
-				close(ready)
-			}
-			if line.Level == "warn" || line.Level == "error" {
-				select {
-				case warnings <- strings.TrimSpace(line.Message + " " + line.Error):
-				default:
-				}
-			}
-		}
-	}()
-	defer func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { _ = cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(30 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
-	}()
-	select {
-	case <-ready:
-	case <-time.After(5 * time.Minute):
-		return nil, fmt.Errorf("ferry was not ready within 5 minutes")
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	r.StartupSec = time.Since(start).Seconds()
+	defer child.stop()
+	cmd := child.cmd
+	r.StartupSec = child.ready.Seconds()
+	r.ReadyRSSMB, _ = procRSS(cmd.Process.Pid)
 	r.StartCPUSec = procCPU(cmd.Process.Pid).Seconds()
 
 	// Idle: no traffic. The first seconds after ready are left out (work that start-up set off).
@@ -287,10 +267,112 @@ func scaleOne(ctx context.Context, st settings, log zerolog.Logger, path string,
 	if err = dbSizes(ctx, db, r); err != nil {
 		return nil, err
 	}
-	for len(warnings) > 0 {
-		r.FerryWarnings = append(r.FerryWarnings, <-warnings)
-	}
+	r.FerryWarnings = append(r.FerryWarnings, child.warnings()...)
 	return r, nil
+}
+
+// child is ferry's binary running.
+type child struct {
+	cmd   *exec.Cmd
+	ready time.Duration
+	warn  chan string
+	done  chan struct{}
+	// stopping: warnings logged while ferry stops (cancelled work) are not collected
+	stopping atomic.Bool
+}
+
+func (c *child) warnings() []string {
+	var out []string
+	for len(c.warn) > 0 {
+		out = append(out, <-c.warn)
+	}
+	return out
+}
+
+// stop stops ferry as an operator would (SIGTERM: a clean stop) and waits for it.
+func (c *child) stop() {
+	c.stopping.Store(true)
+	_ = c.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-c.done:
+	case <-time.After(60 * time.Second):
+		_ = c.cmd.Process.Kill()
+		<-c.done
+	}
+}
+
+// startFerry starts ferry's binary and waits until it logs that it is ready.
+func startFerry(ctx context.Context, st settings, cfgPath string) (*child, error) {
+	cmd := exec.Command(st.ferryBin, "-c", cfgPath)
+	cmd.Stderr = os.Stderr
+	// The benchmark's own FERRY_ variables (FERRY_TEST_PG, ...) are not ferry's config.
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "FERRY_") {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	var logFile *os.File
+	if st.ferryLog != "" {
+		if logFile, err = os.OpenFile(st.ferryLog, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	c := &child{cmd: cmd, warn: make(chan string, 16), done: make(chan struct{})}
+	ready := make(chan struct{})
+	start := time.Now()
+	if err = cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() {
+		sc := bufio.NewScanner(out)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		once := false
+		for sc.Scan() {
+			var line struct {
+				Level   string `json:"level"`
+				Message string `json:"message"`
+				Error   string `json:"error"`
+			}
+			if json.Unmarshal(sc.Bytes(), &line) != nil {
+				continue
+			}
+			if line.Message == "ferry is ready" && !once {
+				once = true
+				close(ready)
+			}
+			if logFile != nil {
+				_, _ = logFile.Write(append(sc.Bytes(), '\n'))
+			}
+			if (line.Level == "warn" || line.Level == "error") && !c.stopping.Load() {
+				select {
+				case c.warn <- strings.TrimSpace(line.Message + " " + line.Error):
+				default:
+				}
+			}
+		}
+		_ = cmd.Wait()
+		if logFile != nil {
+			_ = logFile.Close()
+		}
+		close(c.done)
+	}()
+	select {
+	case <-ready:
+		c.ready = time.Since(start)
+		return c, nil
+	case <-c.done:
+		return nil, fmt.Errorf("ferry exited before it was ready: %v", cmd.ProcessState)
+	case <-time.After(10 * time.Minute):
+		c.stop()
+		return nil, fmt.Errorf("ferry was not ready within 10 minutes")
+	case <-ctx.Done():
+		c.stop()
+		return nil, ctx.Err()
+	}
 }
 
 // template names what the template link and ghost left in the database.
@@ -486,6 +568,46 @@ func colType(ctx context.Context, db *sql.DB, table, col string) string {
 // ghostOf is ferry's ghost for a sender (bridge.Ghosts.Ghost), set by scaleOne.
 var ghostOf func(sender id.UserID) string
 
+// seedMemberKeys replaces the copied device and cross-signing rows of the seeded members with their own keys,
+// as mautrix's key query would have stored them (the device, its self-signature and its signature by the
+// self-signing key, the master and self-signing keys, the self-signing key's signature by the master key).
+func seedMemberKeys(ctx context.Context, db *sql.DB, seeded []fakehs.SeededUser) error {
+	var users, devs, idKeys, sigKeys, masters, selfs, devSelf, selfSig, devSig []string
+	for _, u := range seeded {
+		users, devs = append(users, string(u.User)), append(devs, string(u.Device))
+		idKeys, sigKeys = append(idKeys, string(u.IdentityKey)), append(sigKeys, string(u.SigningKey))
+		masters, selfs = append(masters, string(u.Master)), append(selfs, string(u.SelfSigning))
+		devSelf, selfSig, devSig = append(devSelf, u.DeviceSelfSig), append(selfSig, u.SelfSigningSig), append(devSig, u.DeviceSig)
+	}
+	u := pq.Array(users)
+	stmts := []struct {
+		q    string
+		args []any
+	}{
+		{`DELETE FROM crypto_device WHERE user_id = ANY($1)`, []any{u}},
+		{`DELETE FROM crypto_cross_signing_keys WHERE user_id = ANY($1)`, []any{u}},
+		{`DELETE FROM crypto_cross_signing_signatures WHERE signed_user_id = ANY($1)`, []any{u}},
+		{`INSERT INTO crypto_device (user_id, device_id, identity_key, signing_key, trust, deleted, name)
+			SELECT u, d, i, s, 0, false, d FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS x(u, d, i, s)`,
+			[]any{u, pq.Array(devs), pq.Array(idKeys), pq.Array(sigKeys)}},
+		{`INSERT INTO crypto_cross_signing_keys (user_id, usage, key, first_seen_key)
+			SELECT u, 'master', m, m FROM unnest($1::text[], $2::text[]) AS x(u, m)
+			UNION ALL SELECT u, 'self_signing', s, s FROM unnest($1::text[], $3::text[]) AS x(u, s)`,
+			[]any{u, pq.Array(masters), pq.Array(selfs)}},
+		{`INSERT INTO crypto_cross_signing_signatures (signed_user_id, signed_key, signer_user_id, signer_key, signature)
+			SELECT u, s, u, s, a FROM unnest($1::text[], $2::text[], $3::text[]) AS x(u, s, a)
+			UNION ALL SELECT u, ss, u, m, b FROM unnest($1::text[], $4::text[], $5::text[], $6::text[]) AS x(u, ss, m, b)
+			UNION ALL SELECT u, s, u, ss, c FROM unnest($1::text[], $2::text[], $4::text[], $7::text[]) AS x(u, s, ss, c)`,
+			[]any{u, pq.Array(sigKeys), pq.Array(devSelf), pq.Array(selfs), pq.Array(masters), pq.Array(selfSig), pq.Array(devSig)}},
+	}
+	for i, st := range stmts {
+		if _, err := db.ExecContext(ctx, st.q, st.args...); err != nil {
+			return fmt.Errorf("statement %d: %w", i, err)
+		}
+	}
+	return nil
+}
+
 // seedGhostAccess gives every copied ghost its own access token (the /sync path: stored as ferry stores it,
 // and known to the fake homeserver), or removes the tokens (the appservice path has none).
 func seedGhostAccess(ctx context.Context, db *sql.DB, e *env, t template, dev id.DeviceID, links, ghosts int, path string) error {
@@ -552,11 +674,11 @@ encryption:
 permissions:
   "*": relay
 logging:
-  min_level: info
+  min_level: %s
   stdout:
     format: json
 `, e.hs.URL, benchDomain, e.sharedSecret, port, port, benchASID, botLocalpart, e.asToken, e.hsToken, pg, e.pickleKey,
-		crypto.DeviceModePerGhost, path == "appservice")
+		crypto.DeviceModePerGhost, path == "appservice", e.st.ferryLogLevel)
 }
 
 func freePort() (int, error) {
