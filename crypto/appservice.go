@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/appservice"
@@ -150,12 +151,15 @@ func (m *Machine) catchUpDeviceLists(ctx context.Context) error {
 	}
 	// Only users whose keys on the server differ from the stored ones go through mautrix's fetch (which verifies
 	// and stores them); the others' device lists did not change.
+	start := time.Now()
 	refetch, err := m.keysToRefetch(ctx, users, before)
 	if err != nil {
 		// The next key share fetches them instead (devicesOf), and rotates nothing it would have to.
 		_ = m.bot.store.MarkTrackedUsersOutdated(ctx, users)
 		return fmt.Errorf("failed to fetch device lists: %w", err)
 	}
+	m.log.Info().Int("tracked_users", len(users)).Int("changed_keys", len(refetch)).Dur("elapsed", time.Since(start)).
+		Msg("Compared the tracked members' keys on the homeserver with the stored ones")
 	if len(refetch) == 0 {
 		return nil
 	}
@@ -164,7 +168,6 @@ func (m *Machine) catchUpDeviceLists(ctx context.Context) error {
 		_ = m.bot.store.MarkTrackedUsersOutdated(ctx, refetch)
 		return fmt.Errorf("failed to fetch device lists: %w", err)
 	}
-	m.log.Debug().Int("tracked_users", len(users)).Int("refetched", len(refetch)).Msg("Caught up on device lists")
 	var changed []id.UserID
 	for _, u := range refetch {
 		if devicesDiffer(before[u], after[u]) {
