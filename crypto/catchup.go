@@ -4,14 +4,19 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/id"
 )
 
-// catchUpChunk bounds the users of one /keys/query in the start-up catch-up of device lists.
-const catchUpChunk = 1000
+// catchUpChunk bounds the users of one /keys/query in the start-up catch-up of device lists, catchUpParallel
+// the requests in flight at once.
+const (
+	catchUpChunk    = 1000
+	catchUpParallel = 4
+)
 
 // storedIdentity is what the crypto store holds about one user's cross-signing: their keys by usage and the
 // signatures on their keys made by their own keys (signed key → signer keys).
@@ -27,25 +32,54 @@ type storedIdentity struct {
 // exactly the rows the store holds (a transaction per user: minutes for tens of thousands of members). A user the
 // answer leaves out, or one the server could not answer for, is returned too. before holds the stored devices.
 func (m *Machine) keysToRefetch(ctx context.Context, users []id.UserID, before map[id.UserID]map[id.DeviceID]*id.Device) ([]id.UserID, error) {
-	var out []id.UserID
+	var (
+		lock     sync.Mutex
+		out      []id.UserID
+		firstErr error
+		wg       sync.WaitGroup
+	)
+	// A few requests at once, so the homeserver's work on one overlaps ferry's reading of another.
+	sem := make(chan struct{}, catchUpParallel)
 	for start := 0; start < len(users); start += catchUpChunk {
 		chunk := users[start:min(start+catchUpChunk, len(users))]
-		req := &mautrix.ReqQueryKeys{DeviceKeys: make(mautrix.DeviceKeysRequest, len(chunk))}
-		for _, u := range chunk {
-			req.DeviceKeys[u] = mautrix.DeviceIDList{}
-		}
-		resp, err := m.bot.client.QueryKeys(ctx, req)
-		if err != nil {
-			return nil, fmt.Errorf("failed to query keys: %w", err)
-		}
-		stored, err := loadIdentities(ctx, m.db, chunk)
-		if err != nil {
-			return nil, err
-		}
-		for _, u := range chunk {
-			if len(resp.Failures) > 0 && resp.Failures[u.Homeserver()] != nil || keysDiffer(u, before[u], stored[u], resp) {
-				out = append(out, u)
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			diff, err := m.chunkToRefetch(ctx, chunk, before)
+			lock.Lock()
+			defer lock.Unlock()
+			if err != nil && firstErr == nil {
+				firstErr = err
 			}
+			out = append(out, diff...)
+		}()
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return nil, firstErr
+	}
+	return out, nil
+}
+
+// chunkToRefetch is keysToRefetch for one request's users.
+func (m *Machine) chunkToRefetch(ctx context.Context, chunk []id.UserID, before map[id.UserID]map[id.DeviceID]*id.Device) ([]id.UserID, error) {
+	req := &mautrix.ReqQueryKeys{DeviceKeys: make(mautrix.DeviceKeysRequest, len(chunk))}
+	for _, u := range chunk {
+		req.DeviceKeys[u] = mautrix.DeviceIDList{}
+	}
+	resp, err := m.bot.client.QueryKeys(ctx, req)
+	if err != nil {
+		return nil, fmt.Errorf("failed to query keys: %w", err)
+	}
+	stored, err := loadIdentities(ctx, m.db, chunk)
+	if err != nil {
+		return nil, err
+	}
+	var out []id.UserID
+	for _, u := range chunk {
+		if len(resp.Failures) > 0 && resp.Failures[u.Homeserver()] != nil || keysDiffer(u, before[u], stored[u], resp) {
+			out = append(out, u)
 		}
 	}
 	return out, nil
