@@ -245,6 +245,7 @@ func (m *Machine) drainLoop(ctx context.Context) {
 	tick := time.NewTicker(drainTick)
 	defer tick.Stop()
 	var ghosts []id.UserID
+	var listedSet map[id.UserID]bool
 	var listed time.Time
 	for {
 		select {
@@ -262,9 +263,13 @@ func (m *Machine) drainLoop(ctx context.Context) {
 				continue
 			}
 			ghosts, listed = list, now
+			listedSet = make(map[id.UserID]bool, len(list))
+			for _, g := range list {
+				listedSet[g] = true
+			}
 			m.spreadDrains(ghosts, now)
 		}
-		due := m.dueDrains(ghosts, now, drainBatch)
+		due := m.dueDrains(ghosts, listedSet, now, drainBatch)
 		var pass DrainStats
 		done := 0
 		for _, ghost := range due {
@@ -300,8 +305,9 @@ func (m *Machine) spreadDrains(ghosts []id.UserID, now time.Time) {
 }
 
 // dueDrains picks at most limit ghost devices to drain now: those a room key pointed at first, then those that
-// sent recently, then the backstop's, each group oldest drain first. Ghosts created by this process count too.
-func (m *Machine) dueDrains(ghosts []id.UserID, now time.Time, limit int) []id.UserID {
+// sent recently, then the backstop's, each group oldest drain first. Ghosts created by this process (loaded, not
+// in listed) count too.
+func (m *Machine) dueDrains(ghosts []id.UserID, listed map[id.UserID]bool, now time.Time, limit int) []id.UserID {
 	m.ghostsLock.Lock()
 	defer m.ghostsLock.Unlock()
 	type cand struct {
@@ -324,9 +330,7 @@ func (m *Machine) dueDrains(ghosts []id.UserID, now time.Time, limit int) []id.U
 			cands = append(cands, cand{ghost, 2, last})
 		}
 	}
-	listed := make(map[id.UserID]bool, len(m.ghosts))
 	for _, ghost := range ghosts {
-		listed[ghost] = true
 		consider(ghost)
 	}
 	for ghost, st := range m.ghosts {
