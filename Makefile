@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS := -X main.Version=$(VERSION) -X main.Commit=$(COMMIT)
 
-.PHONY: build test unit e2e demo bench bench-scale vet fmt fuzz clean release
+.PHONY: build test unit e2e demo bench vet fmt fuzz clean release
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ferry ./cmd/ferry
@@ -48,6 +48,7 @@ bench:
 # and 10,000 linked pairs (5 ghosts each), on both encryption paths: start-up, memory, idle CPU, database size.
 # About 20 minutes; SCALE=100,1000 for a quicker run.
 SCALE ?= 100,1000,10000
+.PHONY: bench-scale
 bench-scale: build
 	FERRY_PG_FSYNC=on scripts/with-postgres.sh $(GO) run ./cmd/ferry-bench -scale $(SCALE) -hs-latency 2ms $(BENCHFLAGS)
 

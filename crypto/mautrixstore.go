@@ -57,18 +57,20 @@ const (
 	sqlDeleteOutbound     = `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1 AND session_id=$2`
 
 	// Inbound sessions (crypto_megolm_inbound_session), under every account that holds a copy.
-	sqlDeleteInbound       = `DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`
-	sqlDeleteGhostInbound  = `DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2 AND account_id<>$3`
-	sqlInboundCopyAccounts = `SELECT account_id FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`
-	sqlInboundKeyAccounts  = sqlInboundCopyAccounts + ` AND session IS NOT NULL`
-	sqlDeleteSessionShared = `DELETE FROM crypto_megolm_outbound_session_shared WHERE session_id=$1`
-	sqlIsSessionRecipient  = `SELECT EXISTS(SELECT 1 FROM crypto_megolm_outbound_session_shared WHERE user_id=$1 AND session_id=$2)`
-	sqlAllTrackedUsers     = `SELECT user_id FROM crypto_tracked_user`
-	// A device's sync token and one of its secrets (the access token, pickled), for draining an idle ghost's device.
-	sqlDrainState = `SELECT a.sync_token, s.secret FROM crypto_account a
-		LEFT JOIN crypto_secrets s ON s.account_id=a.account_id AND s.name=$2 WHERE a.account_id=$1`
+	sqlDeleteInbound        = `DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`
+	sqlDeleteGhostInbound   = `DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2 AND account_id<>$3`
+	sqlInboundCopyAccounts  = `SELECT account_id FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`
+	sqlInboundKeyAccounts   = sqlInboundCopyAccounts + ` AND session IS NOT NULL`
+	sqlDeleteSessionShared  = `DELETE FROM crypto_megolm_outbound_session_shared WHERE session_id=$1`
+	sqlIsSessionRecipient   = `SELECT EXISTS(SELECT 1 FROM crypto_megolm_outbound_session_shared WHERE user_id=$1 AND session_id=$2)`
+	sqlAllTrackedUsers      = `SELECT user_id FROM crypto_tracked_user`
 	sqlReplayIndexOfSession = `SELECT "index", event_id, timestamp FROM crypto_message_index WHERE session_id=$1`
 )
+
+// sqlDrainState reads a device's sync token and one of its secrets (the access token, pickled), for draining an
+// idle ghost's device.
+const sqlDrainState = `SELECT a.sync_token, s.secret FROM crypto_account a
+	LEFT JOIN crypto_secrets s ON s.account_id=a.account_id AND s.name=$2 WHERE a.account_id=$1`
 
 // StoredCopiesOf lists the crypto store accounts (the bot's, ghosts') that hold key material of a Megolm session
 // (withheld sessions have none). ferry-keycheck uses it to tell whether ferry's database can decrypt an event.
