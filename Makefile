@@ -56,6 +56,14 @@ bench:
 	FERRY_PG_FSYNC=on scripts/with-postgres.sh $(GO) run ./cmd/ferry-bench -rate 500,100 $(BENCHFLAGS)
 	FERRY_PG_FSYNC=on scripts/with-postgres.sh $(GO) test -run '^$$' -bench . -benchmem ./...
 
+# ferry at scale (issue 17, docs/BENCHMARKS.md "At scale"): ferry's binary on databases seeded with 100, 1,000
+# and 10,000 linked pairs (5 ghosts each), on both encryption paths: start-up, memory, idle CPU, database size.
+# About 20 minutes; SCALE=100,1000 for a quicker run.
+SCALE ?= 100,1000,10000
+.PHONY: bench-scale
+bench-scale: build
+	FERRY_PG_FSYNC=on scripts/with-postgres.sh $(GO) run ./cmd/ferry-bench -scale $(SCALE) -hs-latency 2ms $(BENCHFLAGS)
+
 # Every fuzz target of a parser of outside input, one after the other, each for FUZZTIME (seed corpora in
 # <package>/testdata/fuzz/<target>). One worker each: the machine is shared.
 FUZZTIME ?= 20s

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/appservice"
@@ -148,14 +149,27 @@ func (m *Machine) catchUpDeviceLists(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	after, err := m.bot.mach.FetchKeys(ctx, users, true)
+	// Only users whose keys on the server differ from the stored ones go through mautrix's fetch (which verifies
+	// and stores them); the others' device lists did not change.
+	start := time.Now()
+	refetch, err := m.keysToRefetch(ctx, users, before)
 	if err != nil {
 		// The next key share fetches them instead (devicesOf), and rotates nothing it would have to.
 		_ = m.bot.store.MarkTrackedUsersOutdated(ctx, users)
 		return fmt.Errorf("failed to fetch device lists: %w", err)
 	}
+	m.log.Info().Int("tracked_users", len(users)).Int("changed_keys", len(refetch)).Dur("elapsed", time.Since(start)).
+		Msg("Compared the tracked members' keys on the homeserver with the stored ones")
+	if len(refetch) == 0 {
+		return nil
+	}
+	after, err := m.bot.mach.FetchKeys(ctx, refetch, true)
+	if err != nil {
+		_ = m.bot.store.MarkTrackedUsersOutdated(ctx, refetch)
+		return fmt.Errorf("failed to fetch device lists: %w", err)
+	}
 	var changed []id.UserID
-	for _, u := range users {
+	for _, u := range refetch {
 		if devicesDiffer(before[u], after[u]) {
 			changed = append(changed, u)
 		}

@@ -2,12 +2,15 @@ package crypto
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 	"time"
 
 	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/crypto/goolm/libolmpickle"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 )
@@ -15,16 +18,23 @@ import (
 // ghostDeviceDisplayName is shown in clients' device lists for a ghost's device.
 const ghostDeviceDisplayName = "ferry"
 
-// Drain timing: every ghost device's queued to-device messages are fetched (and so deleted) at least every
-// drainInterval; a ghost that sent within activeWindow is drained every activeDrainInterval instead, because
-// room key requests for its sessions come soon after it sends. The loop wakes every drainTick and drains at most
-// drainBatch devices per wake, so the work is spread out rather than bursting every interval.
+// Drain timing, for homeservers that do not push to-device messages to appservices. What reaches a ghost's device
+// comes from members of the rooms it is in, and ferry sees when: a member's new room key reaches the bot's device
+// too (the member's client shares it with every device in the room), and room key requests for a ghost's sessions
+// come soon after the ghost sends. So a ghost is drained within a tick or two after a room key arrived in one of
+// its rooms (noteRoomKey), every activeDrainInterval while it sent within activeWindow, and otherwise once every
+// drainInterval as a backstop, spread evenly over the interval from the start. The loop wakes every drainTick
+// and drains at most drainBatch devices per wake. Idle ghosts cost nothing in memory: a drain needs only the
+// device's access token and sync token, and loads the device only to answer a key request.
 var (
-	drainInterval       = 2 * time.Minute
+	drainInterval       = time.Hour
 	activeDrainInterval = 10 * time.Second
 	activeWindow        = 10 * time.Minute
 	drainTick           = 5 * time.Second
-	drainBatch          = 50
+	drainBatch          = 100
+	// drainListRefresh: how often the list of ghost devices is read again from the store (ghosts created by this
+	// process join it at once).
+	drainListRefresh = 10 * time.Minute
 )
 
 // drainFilter keeps a ghost device's /sync to to-device messages: no rooms, presence or account data. Rooms are
@@ -234,31 +244,40 @@ type DrainStats struct {
 func (m *Machine) drainLoop(ctx context.Context) {
 	tick := time.NewTicker(drainTick)
 	defer tick.Stop()
+	var ghosts []id.UserID
+	var listedSet map[id.UserID]bool
+	var listed time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
-		ghosts, err := m.ghostAccounts(ctx)
-		if err != nil {
-			if ctx.Err() == nil {
-				m.log.Warn().Err(err).Msg("Failed to list ghost devices to drain")
-			}
-			continue
-		}
-		var pass DrainStats
-		done := 0
-		start := time.Now()
-		for _, ghost := range ghosts {
-			if ctx.Err() != nil || done >= drainBatch {
-				break
-			}
-			if !m.drainDue(ghost, time.Now()) {
+		now := time.Now()
+		if ghosts == nil || now.Sub(listed) >= drainListRefresh {
+			list, err := m.ghostAccounts(ctx)
+			if err != nil {
+				if ctx.Err() == nil {
+					m.log.Warn().Err(err).Msg("Failed to list ghost devices to drain")
+				}
 				continue
 			}
+			ghosts, listed = list, now
+			listedSet = make(map[id.UserID]bool, len(list))
+			for _, g := range list {
+				listedSet[g] = true
+			}
+			m.spreadDrains(ghosts, now)
+		}
+		due := m.dueDrains(ghosts, listedSet, now, drainBatch)
+		var pass DrainStats
+		done := 0
+		for _, ghost := range due {
+			if ctx.Err() != nil {
+				break
+			}
 			done++
-			stats, err := m.DrainGhost(ctx, ghost)
+			stats, err := m.drainGhost(ctx, ghost)
 			if err != nil && ctx.Err() == nil {
 				m.log.Warn().Err(err).Stringer("ghost", ghost).Msg("Failed to drain a ghost device's to-device queue")
 			} else if stats != nil {
@@ -268,20 +287,71 @@ func (m *Machine) drainLoop(ctx context.Context) {
 		}
 		if done > 0 {
 			m.log.Debug().Int("ghost_devices", done).Int("events", pass.Events).Int("key_requests", pass.KeyRequest).
-				Dur("elapsed", time.Since(start)).Msg("Drained ghost devices")
+				Dur("elapsed", time.Since(now)).Msg("Drained ghost devices")
 		}
 	}
 }
 
-// drainDue tells whether a ghost device's queue should be drained now (see drainInterval).
-func (m *Machine) drainDue(ghost id.UserID, now time.Time) bool {
+// spreadDrains gives ghosts never drained by this process a last drain spread evenly over the past drainInterval,
+// so that the backstop drains run at an even rate instead of all at once after a start.
+func (m *Machine) spreadDrains(ghosts []id.UserID, now time.Time) {
 	m.ghostsLock.Lock()
 	defer m.ghostsLock.Unlock()
-	since := now.Sub(m.drained[ghost])
-	if now.Sub(m.lastSent[ghost]) < activeWindow {
-		return since >= activeDrainInterval
+	for i, ghost := range ghosts {
+		if _, ok := m.drained[ghost]; !ok {
+			m.drained[ghost] = now.Add(-drainInterval * time.Duration(i+1) / time.Duration(len(ghosts)+1))
+		}
 	}
-	return since >= drainInterval
+}
+
+// dueDrains picks at most limit ghost devices to drain now: those a room key pointed at first, then those that
+// sent recently, then the backstop's, each group oldest drain first. Ghosts created by this process (loaded, not
+// in listed) count too.
+func (m *Machine) dueDrains(ghosts []id.UserID, listed map[id.UserID]bool, now time.Time, limit int) []id.UserID {
+	m.ghostsLock.Lock()
+	defer m.ghostsLock.Unlock()
+	type cand struct {
+		ghost id.UserID
+		rank  int
+		last  time.Time
+	}
+	var cands []cand
+	consider := func(ghost id.UserID) {
+		last := m.drained[ghost]
+		since := now.Sub(last)
+		switch {
+		case m.drainSoon[ghost]:
+			cands = append(cands, cand{ghost, 0, last})
+		case now.Sub(m.lastSent[ghost]) < activeWindow:
+			if since >= activeDrainInterval {
+				cands = append(cands, cand{ghost, 1, last})
+			}
+		case since >= drainInterval:
+			cands = append(cands, cand{ghost, 2, last})
+		}
+	}
+	for _, ghost := range ghosts {
+		consider(ghost)
+	}
+	for ghost, st := range m.ghosts {
+		if !listed[ghost] && st.dev != nil {
+			if _, ok := m.drained[ghost]; !ok {
+				m.drained[ghost] = now // created by this process: nothing queued yet
+			}
+			consider(ghost)
+		}
+	}
+	sort.Slice(cands, func(i, j int) bool {
+		if cands[i].rank != cands[j].rank {
+			return cands[i].rank < cands[j].rank
+		}
+		return cands[i].last.Before(cands[j].last)
+	})
+	out := make([]id.UserID, 0, min(len(cands), limit))
+	for _, c := range cands[:min(len(cands), limit)] {
+		out = append(out, c.ghost)
+	}
+	return out
 }
 
 // markSent records that a ghost just sent, so its device is drained more often for a while.
@@ -289,6 +359,94 @@ func (m *Machine) markSent(ghost id.UserID) {
 	m.ghostsLock.Lock()
 	m.lastSent[ghost] = time.Now()
 	m.ghostsLock.Unlock()
+}
+
+// noteRoomKey records that a member's room key for roomID reached the bot's device: the member's client sent it
+// to the ghosts' devices in the room as well, so they are drained at the next tick.
+func (m *Machine) noteRoomKey(ctx context.Context, roomID id.RoomID) {
+	if !m.perGhost || m.asMode.Load() || m.isOwn == nil {
+		return
+	}
+	members, err := m.stateStore.GetRoomJoinedOrInvitedMembers(ctx, roomID)
+	if err != nil {
+		return // the backstop drains them
+	}
+	m.ghostsLock.Lock()
+	defer m.ghostsLock.Unlock()
+	for _, u := range members {
+		if u != m.client.UserID && m.isOwn(u) {
+			if m.drainSoon == nil {
+				m.drainSoon = make(map[id.UserID]bool)
+			}
+			m.drainSoon[u] = true
+		}
+	}
+}
+
+// drainGhost drains a ghost device's queue once as the loop does: with the device already loaded, or else with
+// only its stored access token and sync token, loading the device only when a room key request came.
+func (m *Machine) drainGhost(ctx context.Context, ghost id.UserID) (*DrainStats, error) {
+	m.ghostsLock.Lock()
+	st := m.ghosts[ghost]
+	m.drained[ghost] = time.Now()
+	delete(m.drainSoon, ghost)
+	m.ghostsLock.Unlock()
+	if st != nil {
+		if st.dev == nil {
+			return nil, nil // the bot's device encrypts for this ghost: it has no device of its own
+		}
+		return m.DrainGhost(ctx, ghost)
+	}
+	start := time.Now()
+	store := m.storeFor(ghost)
+	// One statement for both tokens (the store reads them in two, and its GetNextBatch answers "" on the first
+	// read of a fresh store, which would fetch the whole queue again).
+	var since string
+	var pickled []byte
+	if err := m.db.QueryRow(ctx, sqlDrainState, store.AccountID, secretAccessToken).Scan(&since, &pickled); errors.Is(err, sql.ErrNoRows) {
+		return nil, nil // no device: nothing can be queued for it
+	} else if err != nil {
+		return nil, fmt.Errorf("failed to read the ghost device's tokens: %w", err)
+	}
+	if len(pickled) == 0 {
+		return nil, nil // no device logged in yet: nothing can be queued for it
+	}
+	saved, err := libolmpickle.Unpickle(store.PickleKey, pickled)
+	if err != nil {
+		return nil, fmt.Errorf("failed to read the ghost's access token: %w", err)
+	}
+	deviceID, token, _ := strings.Cut(string(saved), " ")
+	if token == "" {
+		return nil, nil
+	}
+	cli := m.userClient(ghost, id.DeviceID(deviceID), token)
+	resp, err := cli.FullSyncRequest(ctx, mautrix.ReqSync{Since: since, FilterID: drainFilter})
+	if err != nil {
+		if errors.Is(err, mautrix.MUnknownToken) {
+			_ = store.DeleteSecret(ctx, secretAccessToken)
+		}
+		return nil, fmt.Errorf("to-device sync failed: %w", err)
+	}
+	stats := &DrainStats{Events: len(resp.ToDevice.Events)}
+	for _, evt := range resp.ToDevice.Events {
+		if evt.Type == event.ToDeviceRoomKeyRequest {
+			stats.KeyRequest++
+		}
+	}
+	if stats.KeyRequest > 0 {
+		// Requests are answered by the ghost's device; fetching again from the same token hands it the same
+		// events (the homeserver deletes them only when a later sync presents a newer token).
+		return m.DrainGhost(ctx, ghost)
+	}
+	if stats.Events > 0 {
+		// The new token acknowledges what was fetched. With nothing fetched the stored one is as good, and not
+		// writing it saves a commit for every idle drain.
+		if err = store.PutNextBatch(ctx, resp.NextBatch); err != nil {
+			return nil, err
+		}
+	}
+	stats.Elapsed = time.Since(start)
+	return stats, nil
 }
 
 // DrainGhost fetches what the homeserver queued for a ghost's device once: room key requests are answered,

@@ -113,6 +113,7 @@ type Machine struct {
 	ghosts     map[id.UserID]*ghostState
 	drained    map[id.UserID]time.Time
 	lastSent   map[id.UserID]time.Time
+	drainSoon  map[id.UserID]bool // ghosts whose devices a member's room key probably reached (noteRoomKey)
 
 	// guards the following fields
 	openLock sync.Mutex
@@ -228,6 +229,7 @@ func (m *Machine) initBot(ctx context.Context) error {
 	store.DeviceID = m.client.DeviceID
 	mach := m.newOlmMachine(m.client, store)
 	mach.SessionReceived = func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
+		m.noteRoomKey(ctx, roomID)
 		if m.SessionReceived != nil {
 			m.SessionReceived(ctx, roomID, sessionID)
 		}

@@ -72,6 +72,11 @@ const (
 	sqlReplayIndexOfSession = `SELECT "index", event_id, timestamp FROM crypto_message_index WHERE session_id=$1`
 )
 
+// sqlDrainState reads a device's sync token and one of its secrets (the access token, pickled), for draining an
+// idle ghost's device.
+const sqlDrainState = `SELECT a.sync_token, s.secret FROM crypto_account a
+	LEFT JOIN crypto_secrets s ON s.account_id=a.account_id AND s.name=$2 WHERE a.account_id=$1`
+
 // StoredCopiesOf lists the crypto store accounts (the bot's, ghosts') that hold key material of a Megolm session
 // (withheld sessions have none). ferry-keycheck uses it to tell whether ferry's database can decrypt an event.
 func StoredCopiesOf(ctx context.Context, db *dbutil.Database, roomID id.RoomID, sessionID id.SessionID) ([]string, error) {

@@ -34,7 +34,7 @@ func TestMautrixStoreStatements(t *testing.T) {
 		sqlGhostAccounts: {"x"}, sqlDeleteAccount: {"x"}, sqlDeleteOlmSessions: {"x"}, sqlDeleteAccountOut: {"x"},
 		sqlDeleteAllOutbound: {}, sqlDeleteRoomOutbound: {"x"}, sqlDeleteOutbound: {"x", "x"}, sqlDeleteInbound: {"x", "x"},
 		sqlDeleteGhostInbound: {"x", "x", "x"}, sqlInboundCopyAccounts: {"x", "x"}, sqlInboundKeyAccounts: {"x", "x"},
-		sqlDeleteSessionShared: {"x"}, sqlIsSessionRecipient: {"x", "x"}, sqlAllTrackedUsers: {},
+		sqlDeleteSessionShared: {"x"}, sqlIsSessionRecipient: {"x", "x"}, sqlAllTrackedUsers: {}, sqlDrainState: {"x", "x"},
 		sqlReplayIndexOfSession: {"x"},
 		sqlTrackedUsersIn(n):    args(n), sqlDevicesOf(n): args(n), sqlCrossSigningKeysOf(n): args(n + 1),
 		sqlSelfSignaturesOf(n): args(n + 1), sqlOlmSessionsWith(n): args(n + 1),

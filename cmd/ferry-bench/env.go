@@ -59,6 +59,8 @@ type env struct {
 	asSrv *httptest.Server
 	pairs []*pair
 	enc   *event.EncryptionEventContent
+	// What a second ferry process on the same database and homeserver needs (the scale runs).
+	asToken, hsToken, sharedSecret, pickleKey string
 
 	// sessionsReceived counts Megolm sessions ferry's bot imported (SessionReceived callbacks).
 	sessionsReceived atomic.Int64
@@ -134,11 +136,13 @@ func newEnv(ctx context.Context, st settings, log zerolog.Logger) (*env, error) 
 		// Like Dendrite 0.13.8, the homeserver ferry's login + /sync mode is for: cross-signing uploads need the
 		// account password.
 		CrossSigningUIA: true,
+		Latency:         st.hsLatency,
 	}
 	if st.deviceMode == crypto.DeviceModePerGhost {
 		// Per-ghost devices on such a homeserver need homeserver.registration_shared_secret.
 		hsOpts.SharedSecret = randomToken()
 	}
+	e.asToken, e.hsToken, e.sharedSecret = asToken, hsToken, hsOpts.SharedSecret
 	e.hs = fakehs.New(hsOpts)
 	e.hs.OnSend = e.onSend
 	e.hs.OnTransaction = e.onTransaction
@@ -203,6 +207,7 @@ func (e *env) startFerry(ctx context.Context, asToken, hsToken, sharedSecret str
 	}
 	ecfg := crypto.DefaultConfig()
 	ecfg.PickleKey = randomToken()
+	e.pickleKey = ecfg.PickleKey
 	ecfg.DeviceMode = e.st.deviceMode
 	mach := crypto.NewMachine(log.With().Str("component", "crypto").Logger(), ecfg, root, stateStore, as.NewMautrixClient(as.BotMXID()), nil)
 	e.mach = mach

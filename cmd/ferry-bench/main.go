@@ -52,6 +52,15 @@ type settings struct {
 	keepDB                    bool
 	logLevel                  string
 	deviceMode                string
+	hsLatency                 time.Duration
+	// the scale runs
+	scaleLinks     []int
+	scaleGhosts    int
+	scalePaths     []string
+	idle, idleSkip time.Duration
+	ferryBin       string
+	ferryLog       string
+	ferryLogLevel  string
 }
 
 // report is everything one run measured (written with -json).
@@ -66,6 +75,7 @@ type report struct {
 	Floor    *floorResult   `json:"crypto_floor,omitempty"`
 	Naive    *naiveResult   `json:"naive_path,omitempty"`
 	PG       *pgBaseline    `json:"postgres_baseline,omitempty"`
+	Scale    []*scaleResult `json:"scale,omitempty"`
 	Problems []string       `json:"problems,omitempty"`
 }
 
@@ -76,7 +86,7 @@ func main() {
 func run(args []string) int {
 	fs := flag.NewFlagSet("ferry-bench", flag.ContinueOnError)
 	var st settings
-	var phases, rates string
+	var phases, rates, scaleLinks, scalePaths string
 	fs.StringVar(&st.adminURL, "pg", os.Getenv("FERRY_TEST_PG"), "admin URL of a Postgres server (default $FERRY_TEST_PG); a fresh database is created and dropped")
 	fs.IntVar(&st.pairs, "pairs", 50, "linked room pairs (A_i → B_i)")
 	fs.IntVar(&st.senders, "senders", 2, "sending users per source room")
@@ -100,8 +110,38 @@ func run(args []string) int {
 	fs.StringVar(&st.jsonOut, "json", "", "also write the results as JSON to this file")
 	fs.BoolVar(&st.keepDB, "keep-db", false, "keep the benchmark database")
 	fs.StringVar(&st.logLevel, "log-level", "error", "ferry's log level (logs go to stderr)")
+	fs.DurationVar(&st.hsLatency, "hs-latency", 0, "the fake homeserver delays every request by this long")
+	fs.StringVar(&scaleLinks, "scale", "", "scale runs instead of the relay runs: ferry's binary on a database seeded with this many linked pairs, comma-separated (e.g. 100,1000,10000)")
+	fs.IntVar(&st.scaleGhosts, "scale-ghosts", 5, "scale runs: ghosts per linked pair")
+	fs.StringVar(&scalePaths, "scale-paths", "sync,appservice", "scale runs: encryption paths, comma-separated: sync (logins and /sync), appservice (MSC4190 devices, pushes in transactions)")
+	fs.DurationVar(&st.idle, "idle", 30*time.Second, "scale runs: how long idle CPU is measured")
+	fs.DurationVar(&st.idleSkip, "idle-skip", 10*time.Second, "scale runs: time after ready left out of the idle measurement")
+	fs.StringVar(&st.ferryBin, "ferry-bin", "bin/ferry", "scale runs: ferry's binary (make build)")
+	fs.StringVar(&st.ferryLog, "ferry-log", "", "scale runs: append the binary's JSON log to this file")
+	fs.StringVar(&st.ferryLogLevel, "ferry-log-level", "info", "scale runs: the binary's logging.min_level")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	for _, v := range strings.Split(scaleLinks, ",") {
+		if v = strings.TrimSpace(v); v == "" {
+			continue
+		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			fmt.Fprintf(os.Stderr, "ferry-bench: -scale: %q is not a positive number\n", v)
+			return 2
+		}
+		st.scaleLinks = append(st.scaleLinks, n)
+	}
+	for _, v := range strings.Split(scalePaths, ",") {
+		switch v = strings.TrimSpace(v); v {
+		case "sync", "appservice":
+			st.scalePaths = append(st.scalePaths, v)
+		case "":
+		default:
+			fmt.Fprintf(os.Stderr, "ferry-bench: -scale-paths: unknown path %q (sync, appservice)\n", v)
+			return 2
+		}
 	}
 	st.phases = map[string]bool{}
 	for _, p := range strings.Split(phases, ",") {
@@ -155,6 +195,10 @@ func run(args []string) int {
 		st.pairs, st.senders, st.receivers, st.payload, st.dbMaxOpen, st.dbMaxIdle, st.deviceMode)
 
 	code := 0
+	if len(st.scaleLinks) > 0 {
+		st.phases = map[string]bool{}
+		code = scaleRuns(ctx, st, log, rep)
+	}
 	// The references run first, on a quiet machine (the relay runs leave Postgres busy for a while).
 	if st.phases["refs"] {
 		if err := references(ctx, st, rep); err != nil {

@@ -20,7 +20,7 @@ type snapshot struct {
 	numGC                uint32
 	gcPause              time.Duration
 	procCPU              time.Duration
-	pgCPU                time.Duration // every postgres process on the machine
+	pgCPU                time.Duration // the throwaway cluster (clusterCPU), else every postgres process on the machine
 	poolWaits            int64
 	poolWait             time.Duration
 	poolIdleClosed       int64
@@ -58,7 +58,7 @@ func baseSnapshot() snapshot {
 		s.procCPU = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 	}
 	s.machBusy, s.machTotal, s.machSteal = machineJiffies()
-	s.pgCPU = postgresCPU()
+	s.pgCPU = clusterCPU()
 	s.pg = pgCounters.snapshot()
 	return s
 }

@@ -42,8 +42,10 @@ type asSender struct {
 	inFlight int
 	txnSeq   int64
 	failures int64
-	wake     chan struct{} // closed and replaced when the queue or URL changes
-	idle     chan struct{} // closed and replaced when the queue drains
+	// pending: encryption data waits to be pushed (Options.PushEncryption)
+	pending bool
+	wake    chan struct{} // closed and replaced when the queue or URL changes
+	idle    chan struct{} // closed and replaced when the queue drains
 }
 
 func (a *asSender) init(s *Server, url string) {
@@ -143,7 +145,7 @@ func (a *asSender) loop() {
 	defer close(a.done)
 	for {
 		a.mu.Lock()
-		if len(a.queue) == 0 || a.url == "" {
+		if (len(a.queue) == 0 && !a.pending) || a.url == "" {
 			if len(a.queue) == 0 && a.inFlight == 0 {
 				close(a.idle)
 				a.idle = make(chan struct{})
@@ -167,9 +169,15 @@ func (a *asSender) loop() {
 		a.txnSeq++
 		txnID := fmt.Sprintf("fakehs_%d", a.txnSeq)
 		url := a.url
+		pushed := a.pending
+		a.pending = false
 		a.mu.Unlock()
 
-		res := a.send(url, txnID, batch)
+		var extra map[string]any
+		if pushed {
+			extra = a.s.takePushed()
+		}
+		res := a.send(url, txnID, batch, extra)
 		a.mu.Lock()
 		a.inFlight = 0
 		a.mu.Unlock()
@@ -184,7 +192,7 @@ func (a *asSender) loop() {
 
 // send delivers one transaction, retrying with backoff until the appservice answers 200. It returns nil when
 // the sender stops first.
-func (a *asSender) send(url, txnID string, batch []queuedEvent) *TxnResult {
+func (a *asSender) send(url, txnID string, batch []queuedEvent, extra map[string]any) *TxnResult {
 	var body bytes.Buffer
 	body.WriteString(`{"events":[`)
 	for i, e := range batch {
@@ -193,7 +201,12 @@ func (a *asSender) send(url, txnID string, batch []queuedEvent) *TxnResult {
 		}
 		body.Write(e.raw)
 	}
-	body.WriteString(`]}`)
+	body.WriteString(`]`)
+	for k, v := range extra {
+		body.WriteString(`,"` + k + `":`)
+		body.Write(mustJSON(v))
+	}
+	body.WriteString(`}`)
 	payload := body.Bytes()
 	ids := make([]id.EventID, len(batch))
 	for i, e := range batch {

@@ -40,6 +40,7 @@ func (s *Server) ReportKeyChange(user id.UserID) {
 func (s *Server) keyChangedLocked(user id.UserID) {
 	s.stream++
 	s.keyChanges = append(s.keyChanges, keyChange{pos: s.stream, user: user})
+	s.markPushLocked("")
 	for _, acc := range s.accounts {
 		for _, dev := range acc.devices {
 			dev.wake()
@@ -98,6 +99,7 @@ func (s *Server) postKeysUpload(w http.ResponseWriter, r *http.Request, c caller
 			dev.fallback = append(dev.fallback, keyEntry{id: keyID, raw: raw})
 		}
 	}
+	s.markPushLocked(c.user)
 	writeJSON(w, http.StatusOK, map[string]any{"one_time_key_counts": otkCounts(dev)})
 }
 
@@ -192,6 +194,7 @@ func (s *Server) postKeysClaim(w http.ResponseWriter, r *http.Request, _ caller)
 			out[user][devID] = map[string]json.RawMessage{key.id: key.raw}
 			dev.otkDirty = true
 			dev.wake()
+			s.markPushLocked(user)
 		}
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"one_time_keys": out, "failures": map[string]any{}})
@@ -365,6 +368,7 @@ func (s *Server) putSendToDevice(w http.ResponseWriter, r *http.Request, c calle
 				s.stream++
 				dev.inbox = append(dev.inbox, queuedToDevice{pos: s.stream, raw: raw})
 				dev.wake()
+				s.markPushLocked(user)
 			}
 		}
 	}

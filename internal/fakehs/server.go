@@ -63,6 +63,14 @@ type Options struct {
 	// KeepTimeline records every event created through the client API, for Timeline. Off by default: long
 	// benchmarks would hold every event in memory.
 	KeepTimeline bool
+	// Latency delays every request by this long before it is handled, as a homeserver's own work and network
+	// would (0: none).
+	Latency time.Duration
+	// PushEncryption makes appservice transactions carry to-device messages for the appservice's users, their
+	// devices' one-time key counts and device-list changes by themselves (a transaction goes out when only those
+	// changed), as Synapse does with MSC2409 and MSC3202 turned on. Off by default: tests hand
+	// TakeAppserviceTransaction's body to ferry themselves.
+	PushEncryption bool
 	// SharedSecret enables the shared-secret registration API (/_synapse/admin/v1/register), as
 	// registration_shared_secret does on Synapse and Dendrite. Admin accounts it creates may call Dendrite's
 	// /_dendrite/admin/resetPassword.
@@ -126,6 +134,10 @@ type Server struct {
 	asListsPos int64
 
 	as asSender
+
+	// pushUsers (guarded by mu) are the appservice users whose devices changed since the last pushed transaction
+	// (PushEncryption).
+	pushUsers map[id.UserID]struct{}
 }
 
 // session is who an access token belongs to.
@@ -290,6 +302,9 @@ func (s *Server) handle(mux *http.ServeMux, pattern string, fn http.HandlerFunc)
 	}
 	mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 		c.Add(1)
+		if s.opts.Latency > 0 {
+			time.Sleep(s.opts.Latency)
+		}
 		fn(w, r)
 	})
 }
