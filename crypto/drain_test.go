@@ -79,7 +79,7 @@ func TestDrainIdleGhost(t *testing.T) {
 }
 
 // TestDrainSchedule: ghosts a member's room key pointed at come first, then those that sent recently, then the
-// backstop's oldest; the backstop of ghosts listed at a start is spread over drainInterval instead of all due at
+// backstop's oldest; the backstop of ghosts listed at a start is spread over its interval instead of all due at
 // once.
 func TestDrainSchedule(t *testing.T) {
 	m := &Machine{ghosts: map[id.UserID]*ghostState{}, drained: map[id.UserID]time.Time{}, lastSent: map[id.UserID]time.Time{}}
@@ -89,6 +89,7 @@ func TestDrainSchedule(t *testing.T) {
 		ghosts = append(ghosts, id.UserID("@ghost_"+g+":x"))
 	}
 	m.spreadDrains(ghosts, now)
+	backstop := backstopInterval(len(ghosts))
 	listed := map[id.UserID]bool{}
 	for _, g := range ghosts {
 		listed[g] = true
@@ -96,7 +97,7 @@ func TestDrainSchedule(t *testing.T) {
 	if due := m.dueDrains(ghosts, listed, now, 10); len(due) != 0 {
 		t.Fatalf("ghosts due right after the start: %v", due)
 	}
-	if due := m.dueDrains(ghosts, listed, now.Add(drainInterval/2-time.Second), 10); len(due) != 2 {
+	if due := m.dueDrains(ghosts, listed, now.Add(backstop/2-time.Second), 10); len(due) != 2 {
 		t.Fatalf("half an interval after the start %d ghosts are due, want 2 of 5: %v", len(due), due)
 	}
 	m.lastSent[ghosts[3]] = now
@@ -106,7 +107,17 @@ func TestDrainSchedule(t *testing.T) {
 	if len(due) != 2 || due[0] != ghosts[4] || due[1] != ghosts[3] {
 		t.Fatalf("due %v, want the room key's ghost then the active one", due)
 	}
-	if due = m.dueDrains(ghosts, listed, now.Add(drainInterval), 3); len(due) != 3 || due[0] != ghosts[4] {
+	if due = m.dueDrains(ghosts, listed, now.Add(backstop), 3); len(due) != 3 || due[0] != ghosts[4] {
 		t.Fatalf("a full batch %v does not start with the room key's ghost", due)
+	}
+}
+
+// TestBackstopInterval: a few idle ghosts are drained every minute (a late key request to one is answered soon);
+// many are drained at two a second in all, never less often than hourly.
+func TestBackstopInterval(t *testing.T) {
+	for n, want := range map[int]time.Duration{1: time.Minute, 120: time.Minute, 1000: 500 * time.Second, 7200: time.Hour, 50000: time.Hour} {
+		if got := backstopInterval(n); got != want {
+			t.Errorf("backstopInterval(%d) = %s, want %s", n, got, want)
+		}
 	}
 }

@@ -23,7 +23,8 @@ const ghostDeviceDisplayName = "ferry"
 // too (the member's client shares it with every device in the room), and room key requests for a ghost's sessions
 // come soon after the ghost sends. So a ghost is drained within a tick or two after a room key arrived in one of
 // its rooms (noteRoomKey), every activeDrainInterval while it sent within activeWindow, and otherwise once every
-// drainInterval as a backstop, spread evenly over the interval from the start. The loop wakes every drainTick
+// backstopInterval as a backstop (a minute for a few ghosts, growing with their number up to drainInterval),
+// spread evenly over the interval from the start. The loop wakes every drainTick
 // and drains at most drainBatch devices per wake. Idle ghosts cost nothing in memory: a drain needs only the
 // device's access token and sync token, and loads the device only to answer a key request.
 var (
@@ -36,6 +37,13 @@ var (
 	// process join it at once).
 	drainListRefresh = 10 * time.Minute
 )
+
+// backstopInterval is how often each of n ghost devices is drained when nothing points at it: half a second per
+// ghost (two backstop drains a second in all), at least a minute and at most drainInterval. A small instance
+// answers a late key request to an idle ghost within a minute; a large one spends no more than that rate on it.
+func backstopInterval(n int) time.Duration {
+	return min(max(time.Duration(n)*500*time.Millisecond, time.Minute), drainInterval)
+}
 
 // drainFilter keeps a ghost device's /sync to to-device messages: no rooms, presence or account data. Rooms are
 // excluded twice (an empty room list, and nothing from any room section) for servers that ignore one of them.
@@ -292,14 +300,15 @@ func (m *Machine) drainLoop(ctx context.Context) {
 	}
 }
 
-// spreadDrains gives ghosts never drained by this process a last drain spread evenly over the past drainInterval,
+// spreadDrains gives ghosts never drained by this process a last drain spread evenly over the past backstop interval,
 // so that the backstop drains run at an even rate instead of all at once after a start.
 func (m *Machine) spreadDrains(ghosts []id.UserID, now time.Time) {
+	backstop := backstopInterval(len(ghosts))
 	m.ghostsLock.Lock()
 	defer m.ghostsLock.Unlock()
 	for i, ghost := range ghosts {
 		if _, ok := m.drained[ghost]; !ok {
-			m.drained[ghost] = now.Add(-drainInterval * time.Duration(i+1) / time.Duration(len(ghosts)+1))
+			m.drained[ghost] = now.Add(-backstop * time.Duration(i+1) / time.Duration(len(ghosts)+1))
 		}
 	}
 }
@@ -308,6 +317,7 @@ func (m *Machine) spreadDrains(ghosts []id.UserID, now time.Time) {
 // sent recently, then the backstop's, each group oldest drain first. Ghosts created by this process (loaded, not
 // in listed) count too.
 func (m *Machine) dueDrains(ghosts []id.UserID, listed map[id.UserID]bool, now time.Time, limit int) []id.UserID {
+	backstop := backstopInterval(len(ghosts))
 	m.ghostsLock.Lock()
 	defer m.ghostsLock.Unlock()
 	type cand struct {
@@ -326,7 +336,7 @@ func (m *Machine) dueDrains(ghosts []id.UserID, listed map[id.UserID]bool, now t
 			if since >= activeDrainInterval {
 				cands = append(cands, cand{ghost, 1, last})
 			}
-		case since >= drainInterval:
+		case since >= backstop:
 			cands = append(cands, cand{ghost, 2, last})
 		}
 	}
