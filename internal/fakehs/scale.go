@@ -54,31 +54,7 @@ func (s *Server) takePushed() map[string]any {
 		if acc == nil {
 			continue
 		}
-		for _, dev := range acc.devices {
-			for _, q := range dev.inbox {
-				var evt map[string]any
-				if json.Unmarshal(q.raw, &evt) != nil {
-					continue
-				}
-				evt["to_user_id"], evt["to_device_id"] = u, dev.id
-				toDevice = append(toDevice, evt)
-			}
-			dev.inbox = nil
-			if dev.keys == nil {
-				continue
-			}
-			if counts[u] == nil {
-				counts[u], fallback[u] = map[id.DeviceID]map[string]int{}, map[id.DeviceID][]string{}
-			}
-			counts[u][dev.id] = otkCounts(dev)
-			types := []string{}
-			for _, k := range dev.fallback {
-				alg, _, _ := strings.Cut(k.id, ":")
-				types = append(types, alg)
-			}
-			fallback[u][dev.id] = types
-			dev.otkDirty = false
-		}
+		toDevice = takeDevicePushes(u, acc, toDevice, counts, fallback)
 	}
 	clear(s.pushUsers)
 	changed := []id.UserID{}

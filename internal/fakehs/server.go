@@ -894,6 +894,38 @@ func (s *Server) TakeToDevice(user id.UserID, devID id.DeviceID) []*event.Event 
 	return out
 }
 
+// takeDevicePushes moves the to-device events queued for u's devices into toDevice (with to_user_id and
+// to_device_id, as pushed to appservices) and records those devices' one-time key counts and fallback key types.
+// The caller holds s.mu.
+func takeDevicePushes(u id.UserID, acc *account, toDevice []map[string]any, counts map[id.UserID]map[id.DeviceID]map[string]int, fallback map[id.UserID]map[id.DeviceID][]string) []map[string]any {
+	for _, dev := range acc.devices {
+		for _, q := range dev.inbox {
+			var evt map[string]any
+			if json.Unmarshal(q.raw, &evt) != nil {
+				continue
+			}
+			evt["to_user_id"], evt["to_device_id"] = u, dev.id
+			toDevice = append(toDevice, evt)
+		}
+		dev.inbox = nil
+		if dev.keys == nil {
+			continue
+		}
+		if counts[u] == nil {
+			counts[u], fallback[u] = map[id.DeviceID]map[string]int{}, map[id.DeviceID][]string{}
+		}
+		counts[u][dev.id] = otkCounts(dev)
+		types := []string{}
+		for _, k := range dev.fallback {
+			alg, _, _ := strings.Cut(k.id, ":")
+			types = append(types, alg)
+		}
+		fallback[u][dev.id] = types
+		dev.otkDirty = false
+	}
+	return toDevice
+}
+
 // TakeAppserviceTransaction removes the to-device events queued for the devices of the appservice's users and
 // returns them, with those devices' one-time key counts and the device-list changes since the previous call, as
 // the body of one appservice transaction under the unstable field names Synapse pushes (MSC2409 to-device events
@@ -916,31 +948,7 @@ func (s *Server) TakeAppserviceTransaction() json.RawMessage {
 			continue
 		}
 		acc := s.accounts[u]
-		for _, dev := range acc.devices {
-			for _, q := range dev.inbox {
-				var evt map[string]any
-				if json.Unmarshal(q.raw, &evt) != nil {
-					continue
-				}
-				evt["to_user_id"], evt["to_device_id"] = u, dev.id
-				toDevice = append(toDevice, evt)
-			}
-			dev.inbox = nil
-			if dev.keys == nil {
-				continue
-			}
-			if counts[u] == nil {
-				counts[u], fallback[u] = map[id.DeviceID]map[string]int{}, map[id.DeviceID][]string{}
-			}
-			counts[u][dev.id] = otkCounts(dev)
-			types := []string{}
-			for _, k := range dev.fallback {
-				alg, _, _ := strings.Cut(k.id, ":")
-				types = append(types, alg)
-			}
-			fallback[u][dev.id] = types
-			dev.otkDirty = false
-		}
+		toDevice = takeDevicePushes(u, acc, toDevice, counts, fallback)
 		for _, c := range s.changedSinceLocked(u, s.asListsPos, s.stream) {
 			if !contains(changed, c) {
 				changed = append(changed, c)
