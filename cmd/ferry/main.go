@@ -342,7 +342,12 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 		return exitHomeserver
 	}
 	// A database restored from a backup is behind what ferry already sent: treat it as after an unclean stop.
-	if err = checkRestored(ctx, db, as.BotClient(), log, mach, br); err != nil {
+	if err = retryStartup(ctx, log, "check whether the database was restored from a backup", func() error {
+		return checkRestored(ctx, db, as.BotClient(), log, mach, br)
+	}); err != nil {
+		if ctx.Err() != nil {
+			return exitOK
+		}
 		log.Error().Err(err).Msg("Failed to check whether the database was restored from a backup")
 		return exitDatabase
 	}

@@ -9,6 +9,7 @@ import (
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/event"
 
+	"go.ferry.im/ferry/bridge"
 	"go.ferry.im/ferry/database"
 )
 
@@ -40,7 +41,9 @@ func checkRestored(ctx context.Context, db *database.Database, bot *mautrix.Clie
 	}
 	dbGen, _ := strconv.ParseInt(stored, 10, 64)
 	var hs storeGeneration
-	if err = bot.GetAccountData(ctx, storeGenerationType.Type, &hs); err != nil && !errors.Is(err, mautrix.MNotFound) {
+	if err = bot.GetAccountData(ctx, storeGenerationType.Type, &hs); err != nil && bridge.Transient(err) {
+		return err // a rate limit or a homeserver that is away: the start-up step is retried
+	} else if err != nil && !errors.Is(err, mautrix.MNotFound) {
 		log.Warn().Err(err).Msg("Failed to read the store generation from the homeserver; not checking whether the database was restored from a backup")
 		return nil
 	}
@@ -57,7 +60,9 @@ func checkRestored(ctx context.Context, db *database.Database, bot *mautrix.Clie
 	if err = db.KV.Set(ctx, storeGenerationKey, strconv.FormatInt(next, 10)); err != nil {
 		return err
 	}
-	if err = bot.SetAccountData(ctx, storeGenerationType.Type, &storeGeneration{Generation: next}); err != nil {
+	if err = bot.SetAccountData(ctx, storeGenerationType.Type, &storeGeneration{Generation: next}); err != nil && bridge.Transient(err) {
+		return err // retried as a whole: the database's generation is ahead already, so no restore is seen
+	} else if err != nil {
 		log.Warn().Err(err).Msg("Failed to write the store generation to the homeserver; a restore of this database will not be noticed")
 	}
 	return nil
