@@ -41,11 +41,11 @@ func (s *Server) putTyping(w http.ResponseWriter, r *http.Request, c caller) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	rm := s.roomFor(w, r)
+	rm := s.joinedRoomFor(w, r, c)
 	if rm == nil {
 		return
 	}
-	if id.UserID(r.PathValue("userID")) != c.user || rm.members[c.user] != event.MembershipJoin {
+	if id.UserID(r.PathValue("userID")) != c.user {
 		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "You are not in this room")
 		return
 	}
@@ -62,12 +62,8 @@ func (s *Server) postReceipt(w http.ResponseWriter, r *http.Request, c caller) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	rm := s.roomFor(w, r)
+	rm := s.joinedRoomFor(w, r, c)
 	if rm == nil {
-		return
-	}
-	if rm.members[c.user] != event.MembershipJoin {
-		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "You are not in this room")
 		return
 	}
 	s.receipts = append(s.receipts, Receipt{Room: rm.id, User: c.user, Type: event.ReceiptType(r.PathValue("type")), Event: id.EventID(r.PathValue("eventID")), Thread: req.ThreadID})

@@ -232,6 +232,20 @@ func (s *Server) recordLocked(rm *room, evtID id.EventID, sender id.UserID, stat
 	}
 }
 
+// joinedRoomFor is roomFor for a request only a joined member may make: nil (and the answer written) when the
+// room is unknown or the caller is not joined. The caller holds s.mu.
+func (s *Server) joinedRoomFor(w http.ResponseWriter, r *http.Request, c caller) *room {
+	rm := s.roomFor(w, r)
+	if rm == nil {
+		return nil
+	}
+	if rm.members[c.user] != event.MembershipJoin {
+		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "You are not in this room")
+		return nil
+	}
+	return rm
+}
+
 func (s *Server) roomFor(w http.ResponseWriter, r *http.Request) *room {
 	rm := s.rooms[id.RoomID(r.PathValue("roomID"))]
 	if rm == nil {
@@ -306,12 +320,8 @@ func (s *Server) postInvite(w http.ResponseWriter, r *http.Request, c caller) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	rm := s.roomFor(w, r)
+	rm := s.joinedRoomFor(w, r, c)
 	if rm == nil {
-		return
-	}
-	if rm.members[c.user] != event.MembershipJoin {
-		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "You are not in this room")
 		return
 	}
 	switch rm.members[req.UserID] {
