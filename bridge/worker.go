@@ -177,6 +177,9 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 		}
 		idle.Reset(b.workerIdle())
 		for ctx.Err() == nil {
+			// What /sync had covered before the rows are taken: a batch recorded after the read below may have
+			// moved or confirmed them, and the rows in hand would not show it (orderHold).
+			covers := b.syncCovers.Load()
 			rows, fromMemory := w.next(highWater)
 			if fromMemory && len(rows) == 0 {
 				break
@@ -200,7 +203,7 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 				}
 				bw := &batchWrites{}
 				for _, row := range rows {
-					if held = b.orderHold(row); held > 0 {
+					if held = b.orderHold(row, covers); held > 0 {
 						break
 					}
 					if !b.processRow(ctx, row, bw) {
@@ -243,12 +246,14 @@ const syncOrderWait = 10 * time.Second
 // orderHold is how long row must still wait for /sync to show the room's order, or 0: until a /sync batch
 // that must have shown it was recorded (one whose request started after the push arrived), at most
 // syncOrderWait. The wait counts from the relay's start for rows pushed before it: the /sync of this run has not
-// had its chance yet.
-func (b *Bridge) orderHold(row *database.InboxEvent) time.Duration {
+// had its chance yet. covers is syncCovers as it was before row was read: a batch recorded after the read may
+// have placed an earlier event before row, which row, as read, does not show.
+func (b *Bridge) orderHold(row *database.InboxEvent, covers int64) time.Duration {
 	if !b.SyncOrders.Load() || row.Synced {
 		return 0
 	}
-	if b.syncCovers.Load() > row.ReceivedAt.UnixNano() {
+	// The inbox keeps received_at in milliseconds: a batch requested in the same millisecond may not show row.
+	if covers > row.ReceivedAt.Add(time.Millisecond).UnixNano() {
 		return 0
 	}
 	from := row.ReceivedAt
