@@ -99,7 +99,7 @@ type Bridge struct {
 
 	// guards the following fields
 	keyRequestsLock sync.Mutex
-	keyRequests     map[id.SessionID]struct{} // sessions whose keys ferry asked for while it runs (handle.go)
+	keyRequests     map[id.SessionID]*keyAsk // sessions whose keys ferry asked for while it runs (handle.go)
 }
 
 // New creates a bridge. Call Start to begin draining the inbox.

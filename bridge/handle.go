@@ -193,21 +193,91 @@ func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.In
 	return nil, outcome{state: database.InboxWaitingKeys, sessionID: content.SessionID}, false
 }
 
-// requestKey asks the sender's device for the session of evt, once per session while ferry runs (the parked loop
-// asks again after a restart: an answer that came while ferry was down may have been dropped).
+// keyAsk is where ferry stands in asking for one session's key: how often it asked in this run and when it asks
+// again.
+type keyAsk struct {
+	asked int
+	next  time.Time
+}
+
+// keyAskFirst and keyAskMax bound the wait before ferry asks again for a key it asked for: the answer can be lost
+// like the key itself (Synapse drops to-device messages for an appservice while it counts it as down, which it
+// does after any failed transaction, for 2 s to 8.5 min), so asking once is not enough; the sender's client
+// answers only while the session is its current one, so the first repeats come soon.
+const (
+	keyAskFirst = 5 * time.Second
+	keyAskMax   = 10 * time.Minute
+)
+
+// keyAskAgainAfter is the wait after the n-th request (n ≥ 1): 5 s, 10 s, 20 s, … up to 10 min.
+func keyAskAgainAfter(n int) time.Duration {
+	d := keyAskFirst
+	for i := 1; i < n && d < keyAskMax; i++ {
+		d *= 2
+	}
+	return min(d, keyAskMax)
+}
+
+// requestKey asks the sender's device for the session of evt: at once the first time in this run (the parked loop
+// asks again after a restart: an answer that came while ferry was down may have been dropped), then again on the
+// keyAskAgainAfter schedule while the session is missing (the parked loop calls it on every pass).
 func (b *Bridge) requestKey(ctx context.Context, evt *event.Event, sessionID id.SessionID) {
+	b.requestKeyAt(ctx, evt, sessionID, time.Now())
+}
+
+func (b *Bridge) requestKeyAt(ctx context.Context, evt *event.Event, sessionID id.SessionID, now time.Time) {
 	b.keyRequestsLock.Lock()
 	if b.keyRequests == nil {
-		b.keyRequests = make(map[id.SessionID]struct{})
+		b.keyRequests = make(map[id.SessionID]*keyAsk)
 	}
-	_, asked := b.keyRequests[sessionID]
-	b.keyRequests[sessionID] = struct{}{}
+	ask := b.keyRequests[sessionID]
+	if ask == nil {
+		ask = &keyAsk{}
+		b.keyRequests[sessionID] = ask
+	}
+	due := !now.Before(ask.next)
+	if due {
+		ask.asked++
+		ask.next = now.Add(keyAskAgainAfter(ask.asked))
+	}
+	again := ask.asked > 1
 	b.keyRequestsLock.Unlock()
-	if asked {
+	if !due {
 		return
+	}
+	if again {
+		b.pokeHomeserver(ctx)
 	}
 	if err := b.Crypto.RequestKey(ctx, evt); err != nil {
 		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to request missing room key")
+	}
+}
+
+// forgetKeyAsk drops the request schedule of a session whose key arrived.
+func (b *Bridge) forgetKeyAsk(sessionID id.SessionID) {
+	b.keyRequestsLock.Lock()
+	delete(b.keyRequests, sessionID)
+	b.keyRequestsLock.Unlock()
+}
+
+func (b *Bridge) pendingKeyAsks() int {
+	b.keyRequestsLock.Lock()
+	defer b.keyRequestsLock.Unlock()
+	return len(b.keyRequests)
+}
+
+// appserviceModer is implemented by E2EE layers that receive to-device messages in transactions (*crypto.Machine).
+type appserviceModer interface{ AppserviceMode() bool }
+
+// pokeHomeserver pings the homeserver before ferry asks for a key again, where to-device messages come in
+// transactions: a homeserver that counts ferry as down drops them, and a ping that reaches ferry makes Synapse
+// resend what it holds at once and count ferry as up again, so the answer is not dropped as well.
+func (b *Bridge) pokeHomeserver(ctx context.Context) {
+	if m, ok := b.Crypto.(appserviceModer); !ok || !m.AppserviceMode() || b.AS == nil {
+		return
+	}
+	if _, err := b.AS.BotIntent().AppservicePing(ctx, b.AS.Registration.ID, ""); err != nil {
+		zerolog.Ctx(ctx).Debug().Err(err).Msg("Ping before asking for a room key again failed")
 	}
 }
 
@@ -363,7 +433,7 @@ func (b *Bridge) parkedLoop(ctx context.Context) {
 			if evt := parseEncryptedEvent(row.Raw); evt != nil {
 				b.requestKey(ctx, evt, row.SessionID)
 			}
-			b.SessionArrived(ctx, row.RoomID, row.SessionID)
+			b.wakeSession(ctx, row.RoomID, row.SessionID)
 		}
 	}
 }
@@ -389,6 +459,12 @@ func (b *Bridge) noticeMissingKey(ctx context.Context, row *database.InboxEvent)
 
 // SessionArrived wakes events parked for a Megolm session. The crypto layer calls it when a key arrives.
 func (b *Bridge) SessionArrived(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) {
+	b.forgetKeyAsk(sessionID)
+	b.wakeSession(ctx, roomID, sessionID)
+}
+
+// wakeSession wakes events parked for a Megolm session whose key may be there now.
+func (b *Bridge) wakeSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) {
 	b.enforceFloor(ctx, roomID, sessionID) // disappear.go: nothing below an expired message comes back
 	rooms, err := b.DB.Inbox.Wake(ctx, sessionID)
 	if err != nil {

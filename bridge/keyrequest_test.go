@@ -92,29 +92,56 @@ func TestLostKeyIsRequestedBeforeTheRoomMovesOn(t *testing.T) {
 	}
 }
 
-// A key nobody sends is asked for once while ferry runs, however often the parked event is looked at again; the
-// event is parked after key_wait.
-func TestMissingKeyIsRequestedOncePerRun(t *testing.T) {
+// A key nobody sends is asked for again while the event stays parked, on a growing schedule: the answer to a
+// request can be lost like the key itself (Synapse drops to-device messages for an appservice it counts as down,
+// and counts it down after any failed transaction). Passes of the parked loop in between ask nothing; once the
+// key arrives, nothing more is asked; a new run asks at once.
+func TestMissingKeyIsRequestedAgainUntilItComes(t *testing.T) {
 	c := &keyCrypto{benchCrypto: benchCrypto{plaintext: &event.Event{Type: event.EventMessage}}, arrived: make(chan struct{})}
 	b := &Bridge{Crypto: c, Config: &Config{KeyWait: 400 * time.Millisecond}}
 	evt, row := lostKeyEvent(t)
-	_, res, ok := b.decrypt(context.Background(), evt, row)
+	ctx := context.Background()
+	_, res, ok := b.decrypt(ctx, evt, row)
 	if ok || res.state != database.InboxWaitingKeys || res.sessionID != "S" {
 		t.Fatalf("outcome %+v (ok %v), want the event parked for session S", res, ok)
 	}
-	for range 3 {
-		b.requestKey(context.Background(), evt, row.SessionID) // the parked loop's passes
-	}
-	if n := c.requests(); n != 1 {
-		t.Fatalf("%d key requests in one run, want 1", n)
-	}
-	// A new run (a restart: the answer to the first request may have been dropped while ferry was down) asks again.
-	b2 := &Bridge{Crypto: c, Config: b.Config}
-	b2.requestKey(context.Background(), evt, row.SessionID)
-	if n := c.requests(); n != 2 {
-		t.Fatalf("%d key requests after a restart, want 2", n)
-	}
 	if errors.Is(res.err, crypto.ErrKeyMissing) {
 		t.Fatal("a parked event carries no failure")
+	}
+	if n := c.requests(); n != 1 {
+		t.Fatalf("%d key requests while decrypting, want 1", n)
+	}
+	// The parked loop looks every 5 s; the requests go out at growing intervals, capped.
+	now := time.Now()
+	var asked []time.Duration
+	for elapsed := time.Duration(0); elapsed <= 3*time.Hour; elapsed += 5 * time.Second {
+		before := c.requests()
+		b.requestKeyAt(ctx, evt, row.SessionID, now.Add(elapsed))
+		if c.requests() > before {
+			asked = append(asked, elapsed)
+		}
+	}
+	if len(asked) < 5 || asked[0] > 10*time.Second {
+		t.Fatalf("asked again at %v, want soon and then on a schedule", asked)
+	}
+	for i := 2; i < len(asked); i++ {
+		if gap, prev := asked[i]-asked[i-1], asked[i-1]-asked[i-2]; gap < prev || gap > keyAskMax+5*time.Second {
+			t.Fatalf("asked again at %v: the gaps must grow up to %v", asked, keyAskMax)
+		}
+	}
+	if last := asked[len(asked)-1]; last < 3*time.Hour-keyAskMax-5*time.Second {
+		t.Fatalf("asked again at %v: ferry stopped asking while the event is still parked", asked)
+	}
+	// The key arrives: its schedule is forgotten (what ferry keeps per session stays bounded).
+	b.forgetKeyAsk(row.SessionID) // SessionArrived's first step
+	if n := b.pendingKeyAsks(); n != 0 {
+		t.Fatalf("%d key request schedules kept after the key arrived", n)
+	}
+	// A new run (a restart: the answer to the first request may have been dropped while ferry was down) asks at once.
+	b2 := &Bridge{Crypto: c, Config: b.Config}
+	n := c.requests()
+	b2.requestKey(ctx, evt, row.SessionID)
+	if c.requests() != n+1 {
+		t.Fatalf("a new run did not ask at once")
 	}
 }

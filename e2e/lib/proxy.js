@@ -149,6 +149,11 @@ export async function startClientProxy(targetPort) {
             holding = false;
             while (kept.length) await post(kept.shift());
         },
+        /** Drops the kept to-device messages (as a homeserver that lost them) and sends later ones straight through. */
+        dropToDevice() {
+            holding = false;
+            kept.length = 0;
+        },
         /** How many to-device messages are kept. */
         get keptToDevice() {
             return kept.length;

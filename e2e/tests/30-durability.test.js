@@ -2,7 +2,7 @@
 // of 200 messages and restarted; a message whose room key reaches ferry only after the message itself is parked,
 // survives a restart, and relays once the key arrives (the missing-key notice is then redacted). On Synapse the
 // burst also loses room keys: Synapse drops to-device messages for ferry while ferry is down, and ferry gets them
-// back by asking the sender's device.
+// back by asking the sender's device, and asks again when the answer is lost too.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { createUser } from "../lib/users.js";
@@ -108,6 +108,34 @@ async function lateKeyIsParkedAndRelayed(carol, proxy) {
     const copies = (await bob.events(roomB)).filter((e) => e.content.body === "the key for this one comes late");
     assert.equal(copies.length, 1);
 }
+
+test("a room key lost on the way, and the answer to ferry's first request for it too, is asked for again", async () => {
+    // Synapse drops to-device messages for an appservice it counts as down (after any failed transaction): the room
+    // key, and then the sender's answer to ferry's key request, can be lost for good. ferry asks again.
+    const proxy = await startClientProxy(stack.hs.port);
+    const dave = await createUser(proxy.url, "dave");
+    try {
+        await alice.invite(roomA, dave.userId);
+        await dave.join(roomA);
+        await dave.waitForMembership(roomA, stack.botUserId, "join");
+        const asked = () => stack.ferry.logLines().filter((l) => String(l.url ?? "").includes("/sendToDevice/m.room_key_request/")).length;
+        const askedBefore = asked();
+        proxy.holdToDevice();
+        const lost = await dave.sendText(roomA, "my room key was lost on the way");
+        // The room key, and dave's client's answer to ferry's first request (it answers a device it shared the
+        // session with), are kept by the proxy; then they are dropped, as a homeserver that lost them.
+        await pollUntil(() => proxy.keptToDevice >= 2, { timeoutMs: 30000, what: "dave's room key and his answer to ferry's key request" });
+        await pollUntil(() => stack.sql(`SELECT state FROM inbox WHERE event_id='${lost}'`)[0]?.[0] === "waiting_keys", { timeoutMs: 30000, what: "ferry to park the message" });
+        proxy.dropToDevice();
+        const copy = await bob.waitForEvent(roomB, (e) => isGhost(e.sender) && e.content.body === "my room key was lost on the way", 90000, "the copy, once ferry asked again");
+        assert.equal(copy.isDecryptionFailure, false);
+        assert.ok(asked() - askedBefore >= 2, `ferry asked ${asked() - askedBefore} times`);
+    } finally {
+        await proxy.releaseToDevice().catch(() => {});
+        await dave.stop();
+        await proxy.close();
+    }
+});
 
 test("a copy posted while ferry died before hearing the answer is not posted again", async () => {
     // Dendrite remembers a transaction ID only for requests it finished answering: a send cut off by the crash
