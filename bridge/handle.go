@@ -148,7 +148,8 @@ const keyRequestAfter = 250 * time.Millisecond
 
 // decrypt decrypts an encrypted inbox event. When its room key is missing, the first attempt holds the room's
 // order for at most bridge.key_wait: it waits briefly, asks the sender's device for the key, waits for the rest
-// of key_wait, and then parks the event.
+// of key_wait, and then parks the event. Later events of a session that was waited for already park at once: a
+// burst of 100 messages whose key was lost would otherwise hold the room for 100 key_waits.
 func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.InboxEvent) (*event.Event, outcome, bool) {
 	dec, err := b.Crypto.Decrypt(ctx, evt)
 	if err == nil {
@@ -168,7 +169,7 @@ func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.In
 		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to decrypt event")
 		return nil, outcome{state: database.InboxFailed, err: err}, false
 	}
-	if row.Attempts == 0 && errors.Is(err, crypto.ErrKeyMissing) {
+	if row.Attempts == 0 && errors.Is(err, crypto.ErrKeyMissing) && !b.keyWaitedFor(content.SessionID) {
 		first := min(keyRequestAfter, b.Config.KeyWait)
 		arrived := b.Crypto.WaitForKey(ctx, evt, first)
 		if !arrived {
@@ -197,6 +198,7 @@ func (b *Bridge) decrypt(ctx context.Context, evt *event.Event, row *database.In
 // again.
 type keyAsk struct {
 	asked int
+	first time.Time // the first request of this run
 	next  time.Time
 }
 
@@ -237,6 +239,9 @@ func (b *Bridge) requestKeyAt(ctx context.Context, evt *event.Event, sessionID i
 	}
 	due := !now.Before(ask.next)
 	if due {
+		if ask.asked == 0 {
+			ask.first = now
+		}
 		ask.asked++
 		ask.next = now.Add(keyAskAgainAfter(ask.asked))
 	}
@@ -251,6 +256,15 @@ func (b *Bridge) requestKeyAt(ctx context.Context, evt *event.Event, sessionID i
 	if err := b.Crypto.RequestKey(ctx, evt); err != nil {
 		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to request missing room key")
 	}
+}
+
+// keyWaitedFor tells whether an event of the session already waited key_wait for its key in this run: its
+// first request went out that long ago and the key has not come since.
+func (b *Bridge) keyWaitedFor(sessionID id.SessionID) bool {
+	b.keyRequestsLock.Lock()
+	defer b.keyRequestsLock.Unlock()
+	ask := b.keyRequests[sessionID]
+	return ask != nil && ask.asked > 0 && time.Since(ask.first) >= b.Config.KeyWait-keyRequestAfter
 }
 
 // forgetKeyAsk drops the request schedule of a session whose key arrived.

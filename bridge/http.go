@@ -27,7 +27,8 @@ const maxTransactionBytes = 64 << 20
 // It is nil on homeservers that don't (ferry then runs a /sync loop for its devices).
 type ToDeviceHandler interface {
 	HandleTransactionCrypto(ctx context.Context, txn json.RawMessage) error
-	// TransactionFailed is called when ferry answers a transaction with an error: homeservers (Synapse) then
+	// TransactionFailed is called when ferry answers a transaction with an error, or receives an event again (the
+	// homeserver counted an earlier try as failed): homeservers (Synapse) then
 	// count ferry as down and drop the encryption data they would have pushed meanwhile.
 	TransactionFailed()
 }
@@ -224,6 +225,11 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 			log.Err(err).Msg("Failed to record transaction")
 			writeJSON(w, http.StatusInternalServerError, mautrix.RespError{ErrCode: mautrix.MUnknown.ErrCode, Err: "Failed to record events"})
 			return
+		}
+		if inserted < len(rows) && toDevice != nil {
+			// A redelivered event: the homeserver counted an earlier try as failed, and Synapse drops the to-device
+			// messages of a failed transaction and of the time until its retry went through.
+			toDevice.TransactionFailed()
 		}
 		log.Debug().Int("events", len(rows)).Int("new", inserted).Msg("Recorded transaction")
 		writeJSON(w, http.StatusOK, struct{}{})

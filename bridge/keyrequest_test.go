@@ -145,3 +145,28 @@ func TestMissingKeyIsRequestedAgainUntilItComes(t *testing.T) {
 		t.Fatalf("a new run did not ask at once")
 	}
 }
+
+// A burst of events of one session whose key was lost: the first holds the room for key_wait, the others park at
+// once instead of holding it for a key_wait each.
+func TestLaterEventsOfAWaitedSessionParkAtOnce(t *testing.T) {
+	c := &keyCrypto{benchCrypto: benchCrypto{plaintext: &event.Event{Type: event.EventMessage}}, arrived: make(chan struct{})}
+	b := &Bridge{Crypto: c, Config: &Config{KeyWait: 600 * time.Millisecond}}
+	evt, row := lostKeyEvent(t)
+	ctx := context.Background()
+	start := time.Now()
+	if _, res, _ := b.decrypt(ctx, evt, row); res.state != database.InboxWaitingKeys {
+		t.Fatalf("the first event: outcome %+v, want parked", res)
+	}
+	if waited := time.Since(start); waited < 500*time.Millisecond {
+		t.Fatalf("the first event waited only %v for its key", waited)
+	}
+	start = time.Now()
+	for range 5 {
+		if _, res, _ := b.decrypt(ctx, evt, &database.InboxEvent{EventID: "$next", RoomID: row.RoomID, Raw: row.Raw, SessionID: "S"}); res.state != database.InboxWaitingKeys {
+			t.Fatalf("a later event: outcome %+v, want parked", res)
+		}
+	}
+	if waited := time.Since(start); waited > 300*time.Millisecond {
+		t.Fatalf("5 later events of the session took %v to park: each waited for the key again", waited)
+	}
+}

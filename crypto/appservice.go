@@ -37,6 +37,7 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 				m.log.Warn().Err(err).Msg("Failed to catch up on device lists after a failed transaction")
 			}
 		}()
+		go m.catchUpToDeviceLogged(context.WithoutCancel(ctx), time.Now(), "after a failed transaction")
 	}
 	// Only the encryption parts: the room events (the bulk of a transaction) are the relay's, which decodes them
 	// itself.
@@ -79,9 +80,16 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 	return nil
 }
 
-// TransactionFailed records that ferry answered a transaction with an error (see bridge.ToDeviceHandler): the
-// next transaction that arrives starts a catch-up on device lists.
+// TransactionFailed records that a transaction failed as the homeserver sees it (see bridge.ToDeviceHandler): the
+// next transaction that arrives starts a catch-up on device lists and to-device messages.
 func (m *Machine) TransactionFailed() { m.missedPushes.Store(true) }
+
+// catchUpToDeviceLogged runs CatchUpToDevice and logs its failure (when names the occasion).
+func (m *Machine) catchUpToDeviceLogged(ctx context.Context, asked time.Time, when string) {
+	if _, err := m.CatchUpToDevice(ctx, asked); err != nil && ctx.Err() == nil {
+		m.log.Warn().Err(err).Str("when", when).Msg("Failed to fetch the to-device messages the homeserver holds")
+	}
+}
 
 // cryptoTransaction is the part of an appservice transaction (appservice.Transaction) that encryption reads.
 type cryptoTransaction struct {

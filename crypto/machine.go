@@ -100,6 +100,8 @@ type Machine struct {
 	asMode atomic.Bool
 	// missedPushes: ferry answered a transaction with an error since the last catch-up on device lists.
 	missedPushes atomic.Bool
+	// toDeviceCatchUp serialises fetches of the to-device messages the homeserver did not push (catchup_todevice.go).
+	toDeviceCatchUp toDeviceCatchUp
 
 	// guards the following fields
 	probeLock sync.Mutex
@@ -439,6 +441,8 @@ func (m *Machine) Start(ctx context.Context) {
 		if err := m.bot.mach.ShareKeys(ctx, -1); err != nil {
 			m.log.Warn().Err(err).Msg("Failed to check the bot's one-time keys after the start")
 		}
+		// And so are to-device messages: room keys sent while ferry was down wait in the device's inbox.
+		go m.catchUpToDeviceLogged(ctx, time.Now(), "after the start")
 		return
 	}
 	ctx, cancel := context.WithCancel(ctx)
@@ -629,6 +633,17 @@ func (m *Machine) RequestKey(ctx context.Context, evt *event.Event) error {
 	content, ok := evt.Content.Parsed.(*event.EncryptedEventContent)
 	if !ok {
 		return errors.New("not an encrypted event")
+	}
+	if m.asMode.Load() {
+		// The homeserver may have dropped the key instead of pushing it (catchup_todevice.go): fetch what it holds
+		// first; a key found there needs no request.
+		if n, err := m.CatchUpToDevice(ctx, time.Now()); err != nil {
+			m.log.Warn().Err(err).Msg("Failed to fetch the to-device messages the homeserver holds; asking the sender for the key")
+		} else if n > 0 {
+			if sess, err := m.bot.mach.CryptoStore.GetGroupSession(ctx, evt.RoomID, content.SessionID); err == nil && sess != nil {
+				return nil
+			}
+		}
 	}
 	device := content.DeviceID
 	if device == "" {
