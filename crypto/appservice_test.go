@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 	"go.mau.fi/util/dbutil"
@@ -162,4 +163,74 @@ func (r *shareRig) encryptAsGhost(t *testing.T, body string) *event.Event {
 		t.Fatal(err)
 	}
 	return &event.Event{ID: id.EventID("$" + body), RoomID: r.room, Sender: r.ghost.userID, Type: event.EventEncrypted, Content: event.Content{Parsed: enc}}
+}
+
+// TestCatchUpFetchesDroppedToDevice: the homeserver dropped a member's room key instead of pushing it (Synapse does
+// while it counts ferry as down) but keeps it in the bot device's inbox. Before asking the member for the key, the
+// bot fetches it from there and decrypts; no key request goes out. A message the push delivered and the inbox
+// still holds is not handled twice.
+func TestCatchUpFetchesDroppedToDevice(t *testing.T) {
+	ctx := context.Background()
+	db := dbtest.Open(t, "postgres")
+	r := newShareRig(t, db, 2)
+	member := r.members[0]
+	bot := r.openDevice(t, id.NewUserID("bot", r.srv.Domain()), "")
+	ss := sqlstatestore.NewSQLStateStore(db, dbutil.NoopLogger, false)
+	if err := ss.Upgrade(ctx); err != nil {
+		t.Fatal(err)
+	}
+	m := NewMachine(zerolog.Nop(), Config{}, db, ss, bot.client, func(u id.UserID) bool { return u == bot.userID })
+	m.bot = bot
+	m.botReady.Store(true)
+	m.asMode.Store(true)
+	enc := &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1}
+	inRoom := []id.UserID{member.ID, bot.userID}
+	if err := member.SetRoom(ctx, r.room, inRoom, enc); err != nil {
+		t.Fatal(err)
+	}
+	send := func(body string) *event.Event {
+		encrypted, _, err := member.Encrypt(ctx, r.room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: body})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &event.Event{ID: id.EventID("$" + body), RoomID: r.room, Sender: member.ID, Type: event.EventEncrypted, Content: event.Content{Parsed: encrypted}}
+	}
+	evt := send("dropped")
+	if _, err := m.Decrypt(ctx, evt); err == nil {
+		t.Fatal("the bot decrypts before it has the key")
+	}
+	if err := m.RequestKey(ctx, evt); err != nil {
+		t.Fatal(err)
+	}
+	if dec, err := m.Decrypt(ctx, evt); err != nil || dec.Content.AsMessage().Body != "dropped" {
+		t.Fatalf("the bot cannot decrypt after fetching its inbox: %v", err)
+	}
+	for _, e := range r.srv.TakeToDevice(member.ID, member.DeviceID) {
+		if e.Type == event.ToDeviceRoomKeyRequest {
+			t.Error("the bot asked the member for a key its inbox held")
+		}
+	}
+	// The next key arrives by push and stays in the inbox too: a catch-up does not handle it again.
+	if err := member.Machine.CryptoStore.RemoveOutboundGroupSession(ctx, r.room); err != nil { // a rotation
+		t.Fatal(err)
+	}
+	pushedEvt := send("pushed")
+	var toDevice []map[string]any
+	for _, e := range r.srv.PeekToDevice(bot.userID, bot.client.DeviceID) {
+		toDevice = append(toDevice, map[string]any{"type": e.Type.Type, "sender": e.Sender,
+			"to_user_id": bot.userID, "to_device_id": bot.client.DeviceID, "content": e.Content.VeryRaw})
+	}
+	if len(toDevice) == 0 {
+		t.Fatal("the member shared no new session with the bot")
+	}
+	raw, _ := json.Marshal(map[string]any{"events": []any{}, "to_device": toDevice})
+	if err := m.HandleTransactionCrypto(ctx, raw); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Decrypt(ctx, pushedEvt); err != nil {
+		t.Fatalf("the pushed key does not decrypt: %v", err)
+	}
+	if n, err := m.CatchUpToDevice(ctx, time.Now()); err != nil || n != 0 {
+		t.Fatalf("a catch-up handled %d messages again (err %v), want 0", n, err)
+	}
 }

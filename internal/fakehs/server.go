@@ -868,6 +868,16 @@ func MakeEvent(evtID id.EventID, room id.RoomID, sender id.UserID, evtType strin
 // TakeToDevice removes and returns the to-device events queued for a device, parsed as mautrix would after
 // /sync, for test clients that do not run a sync loop.
 func (s *Server) TakeToDevice(user id.UserID, devID id.DeviceID) []*event.Event {
+	return s.toDevice(user, devID, true)
+}
+
+// PeekToDevice returns the to-device events queued for a device like TakeToDevice, but leaves them queued (as
+// Synapse keeps what it pushed to an appservice in the device's inbox).
+func (s *Server) PeekToDevice(user id.UserID, devID id.DeviceID) []*event.Event {
+	return s.toDevice(user, devID, false)
+}
+
+func (s *Server) toDevice(user id.UserID, devID id.DeviceID, take bool) []*event.Event {
 	s.mu.Lock()
 	var raws []json.RawMessage
 	if acc := s.accounts[user]; acc != nil {
@@ -875,7 +885,9 @@ func (s *Server) TakeToDevice(user id.UserID, devID id.DeviceID) []*event.Event 
 			for _, q := range dev.inbox {
 				raws = append(raws, q.raw)
 			}
-			dev.inbox = nil
+			if take {
+				dev.inbox = nil
+			}
 		}
 	}
 	s.mu.Unlock()
