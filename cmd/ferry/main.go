@@ -570,7 +570,7 @@ func keepAppserviceMode(probeErr error, provenBefore bool) bool {
 // probePushes checks, in appservice mode, that the homeserver pushes to-device messages and key counts to ferry
 // (crypto.Machine.ProbePushes), and says how to turn them on when it does not. Before each attempt ferry pings
 // the homeserver, which makes Synapse retry delivery at once if it still counts ferry as down (it drops pushes
-// until then).
+// until then). Once a probe came back on this database's homeserver, later starts do not wait for it.
 func probePushes(ctx context.Context, mach *crypto.Machine, as *appservice.AppService, db *database.Database, log zerolog.Logger) error {
 	kick := func(ctx context.Context) {
 		if _, err := as.BotIntent().AppservicePing(ctx, as.Registration.ID, ""); err != nil {
@@ -582,6 +582,21 @@ func probePushes(ctx context.Context, mach *crypto.Machine, as *appservice.AppSe
 		proven, err = db.KV.Get(ctx, pushesProvenKey)
 		return err
 	})
+	if proven == "yes" {
+		// Pushes were proven before, so the probe decides nothing: a probe lost now only means the homeserver
+		// counts ferry as down for a while (Synapse does after a failed transaction, up to 8.5 min, dropping
+		// the probe). It runs beside the relay, so a restart does not wait for it.
+		go func() {
+			err := mach.ProbePushes(ctx, probeAttempts, probeWait, kick)
+			if keepAppserviceMode(err, true) {
+				log.Warn().Err(err).Msg("The homeserver did not push the probe back this time, although it did before: keeping appservice-mode " +
+					"encryption (a homeserver drops pushes while it counts ferry as down, and resumes once a transaction goes through)")
+			} else if err != nil && ctx.Err() == nil {
+				log.Debug().Err(err).Msg("The push probe failed")
+			}
+		}()
+		return nil
+	}
 	// Sending the probe can fail for a moment like any request; a probe that does not come back is the answer.
 	var err error
 	if serr := retryStartup(ctx, log, "push probe", func() error {
@@ -595,11 +610,6 @@ func probePushes(ctx context.Context, mach *crypto.Machine, as *appservice.AppSe
 	}
 	if err == nil && mach.AppserviceMode() && proven != "yes" {
 		_ = retryStartup(ctx, log, "record that pushes were proven", func() error { return db.KV.Set(ctx, pushesProvenKey, "yes") })
-	}
-	if keepAppserviceMode(err, proven == "yes") {
-		log.Warn().Err(err).Msg("The homeserver did not push the probe back this time, although it did before: keeping appservice-mode " +
-			"encryption (a homeserver drops pushes while it counts ferry as down, and resumes once a transaction goes through)")
-		return nil
 	}
 	var fix string
 	switch {
