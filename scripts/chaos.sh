@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make chaos`: the chaos test (e2e/chaos/chaos.test.js) with FERRY_CHAOS_MESSAGES messages (default 10,000) on
+# `make chaos`: the chaos test (e2e/tests/95-chaos.test.js) with FERRY_CHAOS_MESSAGES messages (default 10,000) on
 # each homeserver in FERRY_E2E_HS (default both), one after the other. Needs FERRY_TEST_PG (with-postgres.sh)
 # and a built bin/.
 set -euo pipefail
@@ -10,5 +10,5 @@ export FERRY_CHAOS_WAIT_MS="${FERRY_CHAOS_WAIT_MS:-1800000}"
 servers=(${FERRY_E2E_HS:-dendrite synapse})
 for hs in "${servers[@]}"; do
 	echo "== chaos on $hs: $FERRY_CHAOS_MESSAGES messages"
-	FERRY_E2E_HS=$hs scripts/node22 --test --test-concurrency=1 --test-timeout=7200000 e2e/chaos/chaos.test.js
+	FERRY_E2E_HS=$hs scripts/node22 --test --test-concurrency=1 --test-timeout=7200000 e2e/tests/95-chaos.test.js
 done

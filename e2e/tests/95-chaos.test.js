@@ -6,7 +6,7 @@
 // (/messages, decrypted by its member's client) must hold every message of the other room exactly once, in the
 // order it was sent, decryptable; and ferry must be running.
 //
-// Not part of `make test` while it is not green (see the README); `make chaos` runs it.
+// `make test` runs it with 1,000 messages on each homeserver; `make chaos` runs it alone with 10,000.
 // FERRY_CHAOS_MESSAGES (default 1000, split between the two members), FERRY_CHAOS_SEED (default 13) and
 // FERRY_CHAOS_RATE (share of ferry's requests that meet a fault, default 0.09) set the run; `make chaos` runs
 // 10,000 messages.
