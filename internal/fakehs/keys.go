@@ -380,6 +380,9 @@ func (s *Server) putSendToDevice(w http.ResponseWriter, r *http.Request, c calle
 // to ?timeout= ms for something to report.
 func (s *Server) getSync(w http.ResponseWriter, r *http.Request, c caller) {
 	q := r.URL.Query()
+	s.mu.Lock()
+	s.syncCalls = append(s.syncCalls, SyncCall{User: c.user, Device: c.device, Appservice: c.appservice, Filter: q.Get("filter")})
+	s.mu.Unlock()
 	since := parseSince(q.Get("since"))
 	timeout, _ := strconv.Atoi(q.Get("timeout"))
 	deadline := time.Now().Add(time.Duration(timeout) * time.Millisecond)

@@ -24,6 +24,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -118,6 +119,7 @@ type Server struct {
 	// guards the following fields
 	mu           sync.Mutex
 	accounts     map[id.UserID]*account
+	syncCalls    []SyncCall // every /sync, in order (SyncCalls)
 	tokens       map[string]session
 	rooms        map[id.RoomID]*room
 	txns         map[string]id.EventID
@@ -367,6 +369,22 @@ func (s *Server) routes(mux *http.ServeMux) {
 }
 
 // caller is the authenticated user of a request.
+// SyncCall is one /sync request: who made it, as which device, with the appservice's token or a device's own, and
+// its filter.
+type SyncCall struct {
+	User       id.UserID
+	Device     id.DeviceID
+	Appservice bool
+	Filter     string
+}
+
+// SyncCalls returns every /sync request so far, in order.
+func (s *Server) SyncCalls() []SyncCall {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.syncCalls)
+}
+
 type caller struct {
 	user       id.UserID
 	device     id.DeviceID
