@@ -78,11 +78,7 @@ func TestHandleTransactionCrypto(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var toDevice []map[string]any
-			for _, evt := range r.srv.TakeToDevice(bot.userID, bot.client.DeviceID) {
-				toDevice = append(toDevice, map[string]any{"type": evt.Type.Type, "sender": evt.Sender,
-					"to_user_id": bot.userID, "to_device_id": bot.client.DeviceID, "content": evt.Content.VeryRaw})
-			}
+			toDevice := pushedTo(bot, r.srv.TakeToDevice(bot.userID, bot.client.DeviceID))
 			if len(toDevice) == 0 {
 				t.Fatal("the member sent the bot no room key")
 			}
@@ -150,6 +146,16 @@ func TestHandleTransactionCrypto(t *testing.T) {
 	}
 }
 
+// pushedTo shapes to-device events queued for dev as a transaction pushes them (with to_user_id and to_device_id).
+func pushedTo(dev *device, evts []*event.Event) []map[string]any {
+	out := make([]map[string]any, 0, len(evts))
+	for _, e := range evts {
+		out = append(out, map[string]any{"type": e.Type.Type, "sender": e.Sender,
+			"to_user_id": dev.userID, "to_device_id": dev.client.DeviceID, "content": e.Content.VeryRaw})
+	}
+	return out
+}
+
 type userDevice struct {
 	user   id.UserID
 	device id.DeviceID
@@ -215,11 +221,7 @@ func TestCatchUpFetchesDroppedToDevice(t *testing.T) {
 		t.Fatal(err)
 	}
 	pushedEvt := send("pushed")
-	var toDevice []map[string]any
-	for _, e := range r.srv.PeekToDevice(bot.userID, bot.client.DeviceID) {
-		toDevice = append(toDevice, map[string]any{"type": e.Type.Type, "sender": e.Sender,
-			"to_user_id": bot.userID, "to_device_id": bot.client.DeviceID, "content": e.Content.VeryRaw})
-	}
+	toDevice := pushedTo(bot, r.srv.PeekToDevice(bot.userID, bot.client.DeviceID))
 	if len(toDevice) == 0 {
 		t.Fatal("the member shared no new session with the bot")
 	}
