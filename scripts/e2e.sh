@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 export FERRY_BIN="${FERRY_BIN:-$PWD/bin/ferry}"
 files=("$@")
 [ ${#files[@]} -gt 0 ] || files=(e2e/tests/*.test.js)
-exec scripts/node22 --test --test-concurrency=1 --test-timeout=600000 "${files[@]}"
+exec scripts/node22 --test --test-concurrency=1 --test-timeout=900000 "${files[@]}"

@@ -195,6 +195,11 @@ async function countDirection(label, sender, src, reader, dst, decrypt) {
     }
     const missing = originals.filter((id) => !copies.has(id)).slice(0, 10);
     if (missing.length) details.push(`no copy of ${missing.join(" ")}`);
+    // Where ferry stands with each: its inbox row (state, attempts, last error, session).
+    for (const id of missing) {
+        const row = stack.sql(`SELECT state, attempts, coalesce(last_error, ''), coalesce(session_id, '') FROM inbox WHERE event_id='${id}'`)[0];
+        details.push(`  ${id}: ${row ? `inbox ${row[0]}, ${row[1]} attempts, session ${row[3]}${row[2] ? `, last error: ${row[2]}` : ""}` : "never received by ferry"}`);
+    }
     return { label, originals: originals.length, copies: [...copies.values()].reduce((a, n) => a + n, 0), lost, doubled, outOfOrder, undecryptable, stray, details };
 }
 
@@ -293,7 +298,9 @@ test(`chaos on ${HS_LABEL}: ${MESSAGES} messages, faults both ways, SIGKILLs, a 
     };
     // Reading and decrypting both histories is heavy, and a homeserver busy serving it relays slower: the
     // histories are counted once ferry has nothing left to do (a cheap look at its inbox), then until they agree.
-    const wait = Number(process.env.FERRY_CHAOS_WAIT_MS || 4 * 60000);
+    // Under these faults each room's worker relays about 2–4 messages a second (every fault costs its send a
+    // retry, and a room's sends go one after another, in order): 500 messages a direction take minutes to cross.
+    const wait = Number(process.env.FERRY_CHAOS_WAIT_MS || 8 * 60000);
     const waitUntil = Date.now() + wait;
     const ferryBusy = () => Number(stack.sql(`SELECT count(*) FROM inbox WHERE state IN ('pending', 'waiting_keys')`)[0][0]) > 0;
     await pollUntil(() => !ferryBusy(), { timeoutMs: wait, intervalMs: 2000, what: "ferry to finish its inbox" }).catch(() => {});
