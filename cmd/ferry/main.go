@@ -608,7 +608,7 @@ func probePushes(ctx context.Context, mach *crypto.Machine, as *appservice.AppSe
 	}); serr != nil {
 		return serr
 	}
-	if err == nil && mach.AppserviceMode() && proven != "yes" {
+	if err == nil && mach.AppserviceMode() {
 		_ = retryStartup(ctx, log, "record that pushes were proven", func() error { return db.KV.Set(ctx, pushesProvenKey, "yes") })
 	}
 	var fix string
