@@ -8,7 +8,6 @@ import (
 	"sync"
 	"time"
 
-	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 )
@@ -49,32 +48,22 @@ func (m *Machine) CatchUpToDevice(ctx context.Context, asked time.Time) (int, er
 	began := time.Now()
 	handled := 0
 	for page := 0; page < toDeviceCatchUpPages; page++ {
-		since, err := m.bot.store.GetNextBatch(ctx)
-		if err != nil {
-			return handled, fmt.Errorf("failed to read the bot device's to-device token: %w", err)
-		}
-		resp, err := m.client.FullSyncRequest(ctx, mautrix.ReqSync{Since: since, FilterID: drainFilter})
-		if err != nil {
-			return handled, fmt.Errorf("to-device catch-up sync failed: %w", err)
-		}
-		for _, evt := range resp.ToDevice.Events {
+		_, more, err := m.bot.syncToDevice(ctx, func(evt *event.Event) {
 			if m.handleCaughtUp(ctx, evt) {
 				handled++
 			}
+		})
+		if err != nil {
+			return handled, fmt.Errorf("to-device catch-up: %w", err)
 		}
-		if err = m.bot.store.PutNextBatch(ctx, resp.NextBatch); err != nil {
-			return handled, fmt.Errorf("failed to store the bot device's to-device token: %w", err)
-		}
-		if len(resp.ToDevice.Events) == 0 || resp.NextBatch == since {
-			c.lastFrom = began
-			if handled > 0 {
-				m.log.Info().Int("events", handled).Dur("elapsed", time.Since(began)).
-					Msg("Fetched to-device messages the homeserver had not pushed")
-			}
-			return handled, nil
+		if !more {
+			break
 		}
 	}
 	c.lastFrom = began
+	if handled > 0 {
+		m.log.Info().Int("events", handled).Dur("elapsed", time.Since(began)).Msg("Fetched to-device messages the homeserver had not pushed")
+	}
 	return handled, nil
 }
 

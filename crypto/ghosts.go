@@ -490,30 +490,44 @@ func (m *Machine) DrainGhost(ctx context.Context, ghost id.UserID) (*DrainStats,
 // drain fetches the device's queued to-device events once, answers room key requests and discards the rest, and
 // stores the sync token (which acknowledges the fetched events at the next drain).
 func (d *device) drain(ctx context.Context) (*DrainStats, error) {
-	since, err := d.store.GetNextBatch(ctx)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := d.client.FullSyncRequest(ctx, mautrix.ReqSync{Since: since, FilterID: drainFilter})
-	if err != nil {
-		return nil, fmt.Errorf("to-device sync failed: %w", err)
-	}
-	stats := &DrainStats{Events: len(resp.ToDevice.Events)}
-	for _, evt := range resp.ToDevice.Events {
+	stats := &DrainStats{}
+	n, _, err := d.syncToDevice(ctx, func(evt *event.Event) {
 		if evt.Type != event.ToDeviceRoomKeyRequest {
-			continue
+			return
 		}
 		evt.Type.Class = event.ToDeviceEventType
-		if err = evt.Content.ParseRaw(evt.Type); err != nil {
-			continue
+		if err := evt.Content.ParseRaw(evt.Type); err != nil {
+			return
 		}
 		if req := evt.Content.AsRoomKeyRequest(); req != nil && req.Action == event.KeyRequestActionRequest {
 			stats.KeyRequest++
 			d.mach.HandleRoomKeyRequest(ctx, evt.Sender, req)
 		}
-	}
-	if err = d.store.PutNextBatch(ctx, resp.NextBatch); err != nil {
+	})
+	stats.Events = n
+	if err != nil {
 		return nil, err
 	}
 	return stats, nil
+}
+
+// syncToDevice fetches one page of the device's queued to-device events with a /sync that reads nothing else
+// (drainFilter), hands each to handle, and stores the sync token, which acknowledges them at the next fetch. more
+// tells whether the homeserver may hold further pages.
+func (d *device) syncToDevice(ctx context.Context, handle func(*event.Event)) (n int, more bool, err error) {
+	since, err := d.store.GetNextBatch(ctx)
+	if err != nil {
+		return 0, false, fmt.Errorf("failed to read the device's to-device token: %w", err)
+	}
+	resp, err := d.client.FullSyncRequest(ctx, mautrix.ReqSync{Since: since, FilterID: drainFilter})
+	if err != nil {
+		return 0, false, fmt.Errorf("to-device sync failed: %w", err)
+	}
+	for _, evt := range resp.ToDevice.Events {
+		handle(evt)
+	}
+	if err = d.store.PutNextBatch(ctx, resp.NextBatch); err != nil {
+		return 0, false, fmt.Errorf("failed to store the device's to-device token: %w", err)
+	}
+	return len(resp.ToDevice.Events), len(resp.ToDevice.Events) > 0 && resp.NextBatch != since, nil
 }
