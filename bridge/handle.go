@@ -274,12 +274,6 @@ func (b *Bridge) forgetKeyAsk(sessionID id.SessionID) {
 	b.keyRequestsLock.Unlock()
 }
 
-func (b *Bridge) pendingKeyAsks() int {
-	b.keyRequestsLock.Lock()
-	defer b.keyRequestsLock.Unlock()
-	return len(b.keyRequests)
-}
-
 // appserviceModer is implemented by E2EE layers that receive to-device messages in transactions (*crypto.Machine).
 type appserviceModer interface{ AppserviceMode() bool }
 

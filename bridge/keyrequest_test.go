@@ -170,3 +170,48 @@ func TestLaterEventsOfAWaitedSessionParkAtOnce(t *testing.T) {
 		t.Fatalf("5 later events of the session took %v to park: each waited for the key again", waited)
 	}
 }
+
+func (b *Bridge) pendingKeyAsks() int {
+	b.keyRequestsLock.Lock()
+	defer b.keyRequestsLock.Unlock()
+	return len(b.keyRequests)
+}
+
+// asKeyCrypto is keyCrypto on a homeserver that pushes to-device messages in transactions (appservice mode).
+type asKeyCrypto struct{ *keyCrypto }
+
+func (asKeyCrypto) AppserviceMode() bool { return true }
+
+// In appservice mode ferry pings the homeserver before it asks again for a key (Synapse then counts it as up and
+// stops dropping the answer), but not before the first request, and never where to-device messages come through
+// /sync.
+func TestKeyAskedAgainAfterAPingInAppserviceMode(t *testing.T) {
+	ctx := context.Background()
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	evt, row := lostKeyEvent(t)
+	const ping = "POST /_matrix/client/v1/appservice/{asID}/ping"
+	for _, asMode := range []bool{true, false} {
+		kc := &keyCrypto{benchCrypto: benchCrypto{plaintext: &event.Event{Type: event.EventMessage}}, arrived: make(chan struct{})}
+		b := &Bridge{AS: f.br.AS, Config: f.br.Config, Crypto: kc}
+		if asMode {
+			b.Crypto = asKeyCrypto{kc}
+		}
+		before := f.hs.Counts()[ping]
+		now := time.Now()
+		b.requestKeyAt(ctx, evt, row.SessionID, now)
+		if n := f.hs.Counts()[ping] - before; n != 0 {
+			t.Errorf("appservice mode %v: %d pings before the first request, want none", asMode, n)
+		}
+		b.requestKeyAt(ctx, evt, row.SessionID, now.Add(keyAskFirst))
+		want := int64(0)
+		if asMode {
+			want = 1
+		}
+		if n := f.hs.Counts()[ping] - before; n != want {
+			t.Errorf("appservice mode %v: %d pings before asking again, want %d", asMode, n, want)
+		}
+		if kc.requests() != 2 {
+			t.Errorf("appservice mode %v: %d requests, want 2", asMode, kc.requests())
+		}
+	}
+}
