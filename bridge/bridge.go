@@ -35,6 +35,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/appservice"
 	"maunium.net/go/mautrix/id"
 	"maunium.net/go/mautrix/sqlstatestore"
@@ -93,6 +94,7 @@ type Bridge struct {
 	sent    sentLedger   // rooms to read back before sending, and what read-backs found (reconcile.go)
 	failing failingRooms // rooms whose homeserver keeps failing sends (relay.go)
 	health  *hsHealth    // outages of the homeserver (hshealth.go)
+	pushes  pushWatch    // signs that the homeserver holds its pushes back (pushwatch.go)
 
 	// wrongTokenLog says once a minute that the homeserver presents a wrong hs_token (http.go).
 	wrongTokenLog everyLimiter
@@ -120,6 +122,7 @@ func New(log zerolog.Logger, cfg *Config, perms Permissions, db *database.Databa
 	as.DefaultHTTPRetries = 0
 	// Every client of the appservice shares its HTTP client: one watch sees all of ferry's requests.
 	b.health = watchHomeserver(as.HTTPClient, b.homeserverRecovered)
+	b.pushes.watchSends(as.HTTPClient)
 	b.SetPermissions(perms)
 	b.roomNames.names = make(map[id.RoomID]string)
 	return b
@@ -182,6 +185,13 @@ func (b *Bridge) Start(ctx context.Context) error {
 		defer b.wg.Done()
 		b.ephemeralLoop(b.rootCtx)
 	}()
+	if b.AS.SpecVersions != nil && b.AS.SpecVersions.Supports(mautrix.FeatureAppservicePing) {
+		b.wg.Add(1)
+		go func() {
+			defer b.wg.Done()
+			b.pushWatchLoop(b.Log.With().Str("component", "pushwatch").Logger().WithContext(b.rootCtx))
+		}()
+	}
 	b.Log.Info().Int("rooms_with_backlog", len(rooms)).Msg("Relay started")
 	return nil
 }

@@ -155,6 +155,8 @@ func (h *hsHealth) recoveredSince(t time.Time) bool {
 
 // homeserverRecovered treats an outage of the homeserver like a crash of ferry (see hsHealth).
 func (b *Bridge) homeserverRecovered(outageStart time.Time) {
+	// The homeserver's pushes to ferry likely failed during the outage too.
+	b.pushes.due(time.Now())
 	b.workersLock.Lock()
 	ctx := b.workerCtx
 	b.workersLock.Unlock()

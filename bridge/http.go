@@ -194,8 +194,10 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 		}
 		rows := make([]*database.InboxEvent, 0, len(events))
 		now := time.Now()
+		ids := make([]id.EventID, 0, len(events))
 		for _, e := range events {
 			head, raw := e.head, e.raw
+			ids = append(ids, head.ID)
 			if !head.IsState && b.Ghosts.IsOwn(head.Sender) {
 				// Echoes of ferry's own messages would only be stored, fetched and dropped by the worker. State
 				// events are kept: the state store learns ferry's own memberships from them.
@@ -213,6 +215,7 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 			if err = toDevice.HandleTransactionCrypto(ctx, body); err != nil {
 				log.Err(err).Msg("Failed to handle encryption data in transaction")
 				toDevice.TransactionFailed()
+				b.pushes.due(time.Now())
 				mautrix.MUnknown.WithMessage("Failed to handle encryption data").Write(w)
 				return
 			}
@@ -222,6 +225,7 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 			if toDevice != nil {
 				toDevice.TransactionFailed()
 			}
+			b.pushes.due(time.Now())
 			log.Err(err).Msg("Failed to record transaction")
 			writeJSON(w, http.StatusInternalServerError, mautrix.RespError{ErrCode: mautrix.MUnknown.ErrCode, Err: "Failed to record events"})
 			return
@@ -233,6 +237,7 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 		}
 		log.Debug().Int("events", len(rows)).Int("new", inserted).Msg("Recorded transaction")
 		writeJSON(w, http.StatusOK, struct{}{})
+		b.pushes.pushed(time.Now(), ids)
 		b.handOver(rows)
 		// Typing and read receipts (receive_ephemeral): relayed as they come, never recorded (ephemeral.go).
 		if eph := ParseEphemeral(body); len(eph) > 0 {

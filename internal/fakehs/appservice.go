@@ -44,6 +44,8 @@ type asSender struct {
 	failures int64
 	// pending: encryption data waits to be pushed (Options.PushEncryption)
 	pending bool
+	retry   chan struct{} // closed and replaced when a ping reached the appservice (Options.HoldAfterFailure)
+	pings   int64
 	wake    chan struct{} // closed and replaced when the queue or URL changes
 	idle    chan struct{} // closed and replaced when the queue drains
 }
@@ -53,6 +55,7 @@ func (a *asSender) init(s *Server, url string) {
 	a.url = url
 	a.wake = make(chan struct{})
 	a.idle = make(chan struct{})
+	a.retry = make(chan struct{})
 	a.done = make(chan struct{})
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	go a.loop()
@@ -213,6 +216,9 @@ func (a *asSender) send(url, txnID string, batch []queuedEvent, extra map[string
 		ids[i] = e.id
 	}
 	backoff := 50 * time.Millisecond
+	if a.s.opts.HoldAfterFailure > 0 {
+		backoff = a.s.opts.HoldAfterFailure
+	}
 	for attempt := 1; ; attempt++ {
 		start := time.Now()
 		req, err := http.NewRequestWithContext(a.ctx, http.MethodPut, url+"/_matrix/app/v1/transactions/"+txnID, bytes.NewReader(payload))
@@ -221,7 +227,12 @@ func (a *asSender) send(url, txnID string, batch []queuedEvent, extra map[string
 		}
 		req.Header.Set("Authorization", "Bearer "+a.s.opts.HSToken)
 		req.Header.Set("Content-Type", "application/json")
-		resp, err := a.s.client.Do(req)
+		var resp *http.Response
+		if fail := a.s.opts.FailTransaction; fail != nil && fail(txnID, attempt) {
+			err = fmt.Errorf("transaction %s attempt %d failed on the way (FailTransaction)", txnID, attempt)
+		} else {
+			resp, err = a.s.client.Do(req)
+		}
 		if err == nil {
 			_, _ = io.Copy(io.Discard, resp.Body)
 			_ = resp.Body.Close()
@@ -234,13 +245,22 @@ func (a *asSender) send(url, txnID string, batch []queuedEvent, extra map[string
 		}
 		a.mu.Lock()
 		a.failures++
+		retry := a.retry
 		a.mu.Unlock()
+		if a.s.opts.HoldAfterFailure == 0 {
+			retry = nil // only a held server retries on a ping
+		}
 		select {
 		case <-time.After(backoff):
+		case <-retry:
 		case <-a.ctx.Done():
 			return nil
 		}
-		backoff = min(backoff*2, 5*time.Second)
+		if a.s.opts.HoldAfterFailure > 0 {
+			backoff = min(backoff*2, 512*time.Second)
+		} else {
+			backoff = min(backoff*2, 5*time.Second)
+		}
 	}
 }
 
@@ -269,5 +289,18 @@ func (a *asSender) ping(r *http.Request, txnID string) error {
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("appservice answered %d", resp.StatusCode)
 	}
+	// The appservice is reachable: a held transaction is retried at once.
+	a.mu.Lock()
+	a.pings++
+	close(a.retry)
+	a.retry = make(chan struct{})
+	a.mu.Unlock()
 	return nil
+}
+
+// AppservicePings counts the appservice pings that reached the appservice.
+func (s *Server) AppservicePings() int64 {
+	s.as.mu.Lock()
+	defer s.as.mu.Unlock()
+	return s.as.pings
 }

@@ -95,6 +95,13 @@ type Options struct {
 	// MessagesSkipAtPageEnd makes backward /messages skip the event right after a full page, as Dendrite 0.13.8
 	// skips the rest of a group of concurrent events (same depth) when a page ends inside it.
 	MessagesSkipAtPageEnd bool
+	// HoldAfterFailure makes the server wait this long (doubling while retries fail) after a failed transaction
+	// before it tries again, unless an appservice ping reaches the appservice meanwhile, which makes it retry at
+	// once: Synapse's recovery of an appservice it counts as down (2 s, 4 s … 512 s). 0: a short backoff.
+	HoldAfterFailure time.Duration
+	// FailTransaction, when set, picks transaction attempts that fail without reaching the appservice, as when
+	// a proxy in between answers 502.
+	FailTransaction func(txnID string, attempt int) bool
 }
 
 // Server is a running fake homeserver. Create it with New and Close it when done.
