@@ -31,6 +31,8 @@ import (
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database"
 )
 
 // txnKey is the content key under which ferry's own sends (notices, replies, ringing) carry their transaction
@@ -176,8 +178,11 @@ func (b *Bridge) markReadback(ctx context.Context, room id.RoomID, since time.Ti
 	}
 }
 
-// loadReadback reads the rooms marked for reading back (by an earlier run) into memory.
+// loadReadback reads the rooms marked for reading back and the sends found by earlier runs into memory.
 func (b *Bridge) loadReadback(ctx context.Context) error {
+	if err := b.loadFound(ctx); err != nil {
+		return err
+	}
 	marks, err := b.DB.Readback.All(ctx)
 	if err != nil {
 		return fmt.Errorf("failed to read the rooms to read back: %w", err)
@@ -350,11 +355,17 @@ func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, since time.Ti
 				continue
 			}
 			evt.RoomID = room
-			txnID, err := b.sentWith(ctx, evt)
+			txnID, origin, err := b.sentWith(ctx, evt)
 			if err != nil {
 				return found, false, err
 			}
-			if txnID != "" && b.sent.put(room, txnID, evt.ID) {
+			if txnID == "" {
+				continue
+			}
+			if err = b.keepFound(ctx, room, txnID, origin, evt.ID); err != nil {
+				return found, false, err
+			}
+			if b.sent.put(room, txnID, evt.ID) {
 				found++
 			}
 		}
@@ -366,37 +377,76 @@ func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, since time.Ti
 	return found, false, nil
 }
 
-// sentWith returns the transaction ID ferry sent evt with, or "" when evt does not say. The error is a transient
-// one (the crypto store's database went away): the read-back must not take the event for someone else's.
-func (b *Bridge) sentWith(ctx context.Context, evt *event.Event) (string, error) {
+// foundKeepFor is how long a found send is kept durably (found_sends) when ferry has not recorded it.
+const foundKeepFor = 24 * time.Hour
+
+// keepFound records durably that the read-back found evtID, sent into room with txnID as a copy of origin (empty
+// for ferry's own notices), unless ferry has recorded that copy already: a run that dies before it records the
+// send leaves it to the next, which may not read back that far (markInFlight reads back only as far as the run
+// that died could have sent).
+func (b *Bridge) keepFound(ctx context.Context, room id.RoomID, txnID string, origin, evtID id.EventID) error {
+	if origin != "" {
+		if done, err := b.DB.EventMap.Get(ctx, origin, room); err != nil {
+			return fmt.Errorf("failed to check whether a found send was recorded: %w", err)
+		} else if done != nil {
+			return nil
+		}
+	}
+	if err := b.DB.FoundSends.Put(ctx, database.FoundSend{RoomID: room, TxnID: txnID, EventID: evtID, FoundAt: time.Now()}); err != nil {
+		return fmt.Errorf("failed to record a found send: %w", err)
+	}
+	return nil
+}
+
+// loadFound puts the sends read-backs of earlier runs found (and ferry may not have recorded) into the ledger,
+// and forgets those older than foundKeepFor.
+func (b *Bridge) loadFound(ctx context.Context) error {
+	since := time.Now().Add(-foundKeepFor)
+	if err := b.DB.FoundSends.Prune(ctx, since); err != nil {
+		return fmt.Errorf("failed to forget old found sends: %w", err)
+	}
+	found, err := b.DB.FoundSends.Since(ctx, since)
+	if err != nil {
+		return fmt.Errorf("failed to read the found sends: %w", err)
+	}
+	for _, f := range found {
+		b.sent.put(f.RoomID, f.TxnID, f.EventID)
+	}
+	return nil
+}
+
+// sentWith returns the transaction ID ferry sent evt with, or "" when evt does not say, and for a relayed copy
+// the event it copies. The error is a transient one (the crypto store's database went away): the read-back must
+// not take the event for someone else's.
+func (b *Bridge) sentWith(ctx context.Context, evt *event.Event) (string, id.EventID, error) {
 	log := zerolog.Ctx(ctx)
 	if evt.Type == event.EventEncrypted {
 		dec, ok := b.Crypto.(OwnDecrypter)
 		if !ok {
-			return "", nil
+			return "", "", nil
 		}
 		if err := evt.Content.ParseRaw(evt.Type); err != nil {
-			return "", nil
+			return "", "", nil
 		}
 		plain, err := dec.DecryptOwn(ctx, evt)
 		if err != nil {
 			if Transient(err) || ctx.Err() != nil {
-				return "", fmt.Errorf("failed to read an event ferry encrypted: %w", err)
+				return "", "", fmt.Errorf("failed to read an event ferry encrypted: %w", err)
 			}
 			log.Debug().Err(err).Stringer("event_id", evt.ID).Msg("Cannot read back an event ferry encrypted")
-			return "", nil
+			return "", "", nil
 		}
 		evt = plain
 	}
 	raw := evt.Content.Raw
 	if raw == nil {
-		return "", nil
+		return "", "", nil
 	}
 	if txnID, ok := raw[txnKey].(string); ok && txnID != "" {
-		return txnID, nil
+		return txnID, "", nil
 	}
 	if origin := OriginOf(&evt.Content); origin != nil && origin.Instance == b.instanceID() && origin.EventID != "" {
-		return TxnID(origin.EventID, evt.RoomID), nil
+		return TxnID(origin.EventID, evt.RoomID), origin.EventID, nil
 	}
-	return "", nil
+	return "", "", nil
 }

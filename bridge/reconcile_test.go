@@ -421,3 +421,36 @@ func TestReadBackReachesBackToTheDeadRun(t *testing.T) {
 		t.Fatalf("room B is read back from %v, before the run that died started (%v)", since, died)
 	}
 }
+
+// TestFoundSendSurvivesTheNextCrash: ferry dies with a copy's send in flight (the homeserver posted it); the next
+// run's read-back finds that copy, and that run dies too before it records the relay. The run after it need not
+// read back as far (no send of the run that died is older than its start), so what the read-back found must
+// outlive the run that found it: the copy is recorded, not posted a third time.
+func TestFoundSendSurvivesTheNextCrash(t *testing.T) {
+	ctx := context.Background()
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t)
+	evtID, posted := f.stopWithSendInFlight(t, false)
+	// The second run: its start marks room B, and its read-back finds the copy.
+	unclean, prevStart, err := f.br.markRunning(ctx)
+	if err != nil || !unclean {
+		t.Fatalf("unclean %v, %v", unclean, err)
+	}
+	if _, err = f.br.markInFlight(ctx, prevStart); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Millisecond) // the read-back begins after the mark (marks keep milliseconds)
+	if err = f.br.settle(ctx, f.roomB); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := f.br.sent.pending(f.roomB); ok {
+		t.Fatal("room B is still marked after its read-back")
+	}
+	// It dies before it relays the message; it had started a minute later than now (long after the copy was
+	// posted), so the next start reads back only from then.
+	f.br.sent = sentLedger{}
+	if err = f.br.DB.KV.Set(ctx, runningKey, fmt.Sprintf("yes %d", time.Now().Add(time.Minute).UnixMilli())); err != nil {
+		t.Fatal(err)
+	}
+	f.restartAndExpectOneCopy(t, evtID, posted)
+}

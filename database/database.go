@@ -40,6 +40,8 @@ type Database struct {
 	Consent *ConsentQuery
 	// Readback names the rooms to read back before the next send into them.
 	Readback *ReadbackQuery
+	// FoundSends keeps the unanswered sends read-backs found until ferry recorded them.
+	FoundSends *FoundSendQuery
 }
 
 // New wraps a root database handle. The handle may be shared with the crypto and state stores (each uses its
@@ -47,15 +49,16 @@ type Database struct {
 func New(root *dbutil.Database, log dbutil.DatabaseLogger) *Database {
 	db := root.Child(VersionTable, UpgradeTable, log)
 	return &Database{
-		Database:  db,
-		Inbox:     &InboxQuery{db: db},
-		Links:     &LinkQuery{db: db},
-		EventMap:  &EventMapQuery{db: db},
-		KV:        &KVQuery{db: db},
-		Disappear: &DisappearQuery{db: db},
-		Calls:     &CallQuery{db: db},
-		Consent:   &ConsentQuery{db: db},
-		Readback:  &ReadbackQuery{db: db},
+		Database:   db,
+		Inbox:      &InboxQuery{db: db},
+		Links:      &LinkQuery{db: db},
+		EventMap:   &EventMapQuery{db: db},
+		KV:         &KVQuery{db: db},
+		Disappear:  &DisappearQuery{db: db},
+		Calls:      &CallQuery{db: db},
+		Consent:    &ConsentQuery{db: db},
+		Readback:   &ReadbackQuery{db: db},
+		FoundSends: &FoundSendQuery{db: db},
 	}
 }
 

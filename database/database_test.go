@@ -510,3 +510,38 @@ func TestInboxPrune(t *testing.T) {
 		}
 	})
 }
+
+// TestFoundSends: a send found twice keeps its first record; Since returns what was found from then on; Prune
+// forgets what was found before.
+func TestFoundSends(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		t0 := time.UnixMilli(1_700_000_000_000)
+		put := func(room id.RoomID, txn string, evt id.EventID, at time.Time) {
+			t.Helper()
+			if err := db.FoundSends.Put(ctx, database.FoundSend{RoomID: room, TxnID: txn, EventID: evt, FoundAt: at}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		put("!a", "t1", "$1", t0)
+		put("!a", "t1", "$other", t0.Add(time.Hour)) // found again: the first record stays
+		put("!b", "t1", "$2", t0.Add(time.Minute))
+		put("!a", "t2", "$3", t0.Add(2*time.Minute))
+		got, err := db.FoundSends.Since(ctx, t0.Add(time.Second))
+		if err != nil || len(got) != 2 {
+			t.Fatalf("since t0+1s: %+v, %v", got, err)
+		}
+		all, _ := db.FoundSends.Since(ctx, t0)
+		for _, f := range all {
+			if f.RoomID == "!a" && f.TxnID == "t1" && (f.EventID != "$1" || !f.FoundAt.Equal(t0)) {
+				t.Fatalf("the send found twice holds %+v, want its first record", f)
+			}
+		}
+		if err = db.FoundSends.Prune(ctx, t0.Add(90*time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		if all, _ = db.FoundSends.Since(ctx, time.UnixMilli(0)); len(all) != 1 || all[0].EventID != "$3" {
+			t.Fatalf("after pruning: %+v", all)
+		}
+	})
+}
