@@ -5,6 +5,8 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"encoding/json"
+	"sync/atomic"
+	"time"
 
 	"github.com/lib/pq"
 )
@@ -24,12 +26,62 @@ func init() {
 type jsonTextDriver struct{}
 
 func (jsonTextDriver) Open(dsn string) (driver.Conn, error) {
-	conn, err := pq.Open(dsn)
+	c, err := jsonTextDriver{}.OpenConnector(dsn)
 	if err != nil {
 		return nil, err
 	}
-	return WrapConn(conn), nil
+	return c.Connect(context.Background())
 }
+
+// connectWait bounds how long opening a connection waits for a database that refuses connections for a while
+// (it restarts: new connections are refused or answered 57P03 "the database system is shutting down" or "is
+// starting up"). A statement that needs a new connection then waits instead of failing: mautrix's stores log
+// and drop what they could not store (a room key that arrived in that moment would be lost for good), and
+// ferry's own callers would retry anyway.
+var connectWait = 30 * time.Second
+
+// OpenConnector makes database/sql open connections through retryConnector.
+func (jsonTextDriver) OpenConnector(dsn string) (driver.Connector, error) {
+	c, err := pq.NewConnector(dsn)
+	if err != nil {
+		return nil, err
+	}
+	return &retryConnector{pq: c}, nil
+}
+
+// retryConnector opens lib/pq connections, trying again with backoff (100 ms doubling to 2 s, for at most
+// connectWait and never past the caller's context) while the database refuses them for a reason that passes,
+// once it has been reached: a database never reached (a wrong host or port in database.uri) fails at once, so
+// start-up and the doctor say so without waiting.
+type retryConnector struct {
+	pq      *pq.Connector
+	reached atomic.Bool
+}
+
+func (c *retryConnector) Connect(ctx context.Context) (driver.Conn, error) {
+	deadline := time.Now().Add(connectWait)
+	backoff := 100 * time.Millisecond
+	for {
+		conn, err := c.pq.Connect(ctx)
+		if err == nil {
+			c.reached.Store(true)
+			return WrapConn(conn), nil
+		}
+		if !c.reached.Load() || !Transient(err) || ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
+			return nil, err
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, err
+		case <-t.C:
+		}
+		backoff = min(backoff*2, 2*time.Second)
+	}
+}
+
+func (c *retryConnector) Driver() driver.Driver { return jsonTextDriver{} }
 
 // WrapConn applies PostgresDriver's argument handling to a lib/pq connection (the benchmark opens its own).
 func WrapConn(c driver.Conn) driver.Conn { return &jsonTextConn{Conn: c} }
