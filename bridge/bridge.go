@@ -95,7 +95,6 @@ type Bridge struct {
 	failing failingRooms // rooms whose homeserver keeps failing sends (relay.go)
 	health  *hsHealth    // outages of the homeserver (hshealth.go)
 	pushes  pushWatch    // signs that the homeserver holds its pushes back (pushwatch.go)
-	order   orderDoubt   // whether pushed events wait for /sync to show their order (orderdoubt.go)
 
 	// wrongTokenLog says once a minute that the homeserver presents a wrong hs_token (http.go).
 	wrongTokenLog everyLimiter
@@ -123,7 +122,6 @@ func New(log zerolog.Logger, cfg *Config, perms Permissions, db *database.Databa
 	as.DefaultHTTPRetries = 0
 	// Every client of the appservice shares its HTTP client: one watch sees all of ferry's requests.
 	b.health = watchHomeserver(as.HTTPClient, b.homeserverRecovered)
-	b.health.order = &b.order
 	b.pushes.watchSends(as.HTTPClient)
 	b.SetPermissions(perms)
 	b.roomNames.names = make(map[id.RoomID]string)
@@ -163,9 +161,6 @@ func (b *Bridge) Start(ctx context.Context) error {
 		b.Log.Info().Int("rooms", n).Msg("The previous run stopped uncleanly: rooms with pending events are read back before ferry sends into them")
 	}
 	b.startedAt = time.Now()
-	// Events pushed before and just after the start may have come in any order (the homeserver may have
-	// restarted while ferry was down).
-	b.order.doubt(b.startedAt)
 	b.rootCtx, b.cancel = context.WithCancel(ctx)
 	// Workers run from here on: those of rooms whose transactions came in before Start too.
 	b.workersLock.Lock()

@@ -24,7 +24,6 @@ const (
 type hsHealth struct {
 	next      http.RoundTripper
 	recovered func(outageStart time.Time)
-	order     *orderDoubt // told how /sync requests fare (nil: nobody listens)
 
 	// guards the following fields
 	lock        sync.Mutex
@@ -99,9 +98,6 @@ func (h *hsHealth) RoundTrip(req *http.Request) (*http.Response, error) {
 			failed = true
 		}
 	}
-	if h.order != nil && isSync(req) {
-		h.order.syncAnswered(err == nil && resp.StatusCode < 500, time.Now())
-	}
 	h.observe(failed, time.Now())
 	return resp, err
 }
@@ -159,9 +155,8 @@ func (h *hsHealth) recoveredSince(t time.Time) bool {
 
 // homeserverRecovered treats an outage of the homeserver like a crash of ferry (see hsHealth).
 func (b *Bridge) homeserverRecovered(outageStart time.Time) {
-	// The homeserver's pushes to ferry likely failed during the outage too, and may come out of order.
+	// The homeserver's pushes to ferry likely failed during the outage too.
 	b.pushes.due(time.Now())
-	b.order.doubt(time.Now())
 	b.workersLock.Lock()
 	ctx := b.workerCtx
 	b.workersLock.Unlock()

@@ -216,7 +216,6 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 				log.Err(err).Msg("Failed to handle encryption data in transaction")
 				toDevice.TransactionFailed()
 				b.pushes.due(time.Now())
-				b.order.doubt(time.Now())
 				mautrix.MUnknown.WithMessage("Failed to handle encryption data").Write(w)
 				return
 			}
@@ -227,14 +226,9 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 				toDevice.TransactionFailed()
 			}
 			b.pushes.due(time.Now())
-			b.order.doubt(time.Now())
 			log.Err(err).Msg("Failed to record transaction")
 			writeJSON(w, http.StatusInternalServerError, mautrix.RespError{ErrCode: mautrix.MUnknown.ErrCode, Err: "Failed to record events"})
 			return
-		}
-		if inserted < len(rows) {
-			// A redelivered event: the homeserver counted an earlier try as failed, and may push out of order.
-			b.order.doubt(now)
 		}
 		if inserted < len(rows) && toDevice != nil {
 			// A redelivered event: the homeserver counted an earlier try as failed, and Synapse drops the to-device

@@ -243,13 +243,13 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 // only slows a room down.
 const syncOrderWait = 10 * time.Second
 
-// orderHold is how long row must still wait for /sync to show the room's order, or 0. Only rows pushed while the
-// order is in doubt wait (orderdoubt.go): until a /sync batch that must have shown it was recorded (one whose
-// request started after the push arrived), at most syncOrderWait. The wait counts from the relay's start for rows pushed before it: the /sync of this run has not
+// orderHold is how long row must still wait for /sync to show the room's order, or 0: until a /sync batch
+// that must have shown it was recorded (one whose request started after the push arrived), at most
+// syncOrderWait. The wait counts from the relay's start for rows pushed before it: the /sync of this run has not
 // had its chance yet. covers is syncCovers as it was before row was read: a batch recorded after the read may
 // have placed an earlier event before row, which row, as read, does not show.
 func (b *Bridge) orderHold(row *database.InboxEvent, covers int64) time.Duration {
-	if !b.SyncOrders.Load() || row.Synced || !b.order.covers(row.ReceivedAt) {
+	if !b.SyncOrders.Load() || row.Synced {
 		return 0
 	}
 	// The inbox keeps received_at in milliseconds: a batch requested in the same millisecond may not show row.

@@ -7,11 +7,7 @@
 //   floor   send → bob's client has the floor's copy in room B2 (arrived; it cannot be decrypted)
 // Prints medians and p90s, ferry's distance from the floor and its ratio to a direct send.
 //
-//   FERRY_PG_FSYNC=on scripts/with-postgres.sh scripts/node22 e2e/bench/latency.js [messages] [gap-ms] [settle-s]
-//
-// settle-s: seconds to wait after the warm-up before measuring. On a homeserver whose pushes ferry checks against
-// /sync's order (Dendrite), ferry holds pushed events for that order during the first 2 minutes after it starts
-// (bridge/orderdoubt.go); 130 measures the steady state after them, 0 (the default) the first minutes.
+//   FERRY_PG_FSYNC=on scripts/with-postgres.sh scripts/node22 e2e/bench/latency.js [messages] [gap-ms]
 import { performance } from "node:perf_hooks";
 import matrixSdk from "matrix-js-sdk";
 import { HS_LABEL } from "../lib/homeserver.js";
@@ -23,7 +19,6 @@ import { prepareFloor } from "./floor.js";
 const { RoomEvent } = matrixSdk;
 const messages = Number(process.argv[2] ?? 60);
 const gapMs = Number(process.argv[3] ?? 250);
-const settleS = Number(process.argv[4] ?? 0);
 const quantile = (xs, q) => {
     const s = [...xs].sort((a, b) => a - b);
     return s[Math.min(s.length - 1, Math.floor(q * s.length))];
@@ -72,10 +67,6 @@ try {
         const copied = arrival(bob, roomB2, (u) => u === floor.ghost);
         await alice.sendText(roomA2, body);
         await copied;
-    }
-    if (settleS > 0) {
-        console.log(`# waiting ${settleS} s before measuring`);
-        await sleep(settleS * 1000);
     }
     const r = { directArrived: [], directDecrypted: [], ferryArrived: [], ferryDecrypted: [], floorArrived: [] };
     for (let i = 0; i < messages; i++) {
