@@ -186,6 +186,7 @@ func (b *Bridge) Start(ctx context.Context) error {
 		b.ephemeralLoop(b.rootCtx)
 	}()
 	if b.AS.SpecVersions != nil && b.AS.SpecVersions.Supports(mautrix.FeatureAppservicePing) {
+		b.pushes.on.Store(true)
 		b.wg.Add(1)
 		go func() {
 			defer b.wg.Done()

@@ -194,10 +194,13 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 		}
 		rows := make([]*database.InboxEvent, 0, len(events))
 		now := time.Now()
-		ids := make([]id.EventID, 0, len(events))
+		var ids []id.EventID // for the push watch, where it runs
+		watching := b.pushes.on.Load()
 		for _, e := range events {
 			head, raw := e.head, e.raw
-			ids = append(ids, head.ID)
+			if watching {
+				ids = append(ids, head.ID)
+			}
 			if !head.IsState && b.Ghosts.IsOwn(head.Sender) {
 				// Echoes of ferry's own messages would only be stored, fetched and dropped by the worker. State
 				// events are kept: the state store learns ferry's own memberships from them.
@@ -237,7 +240,9 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 		}
 		log.Debug().Int("events", len(rows)).Int("new", inserted).Msg("Recorded transaction")
 		writeJSON(w, http.StatusOK, struct{}{})
-		b.pushes.pushed(time.Now(), ids)
+		if watching {
+			b.pushes.pushed(time.Now(), ids)
+		}
 		b.handOver(rows)
 		// Typing and read receipts (receive_ephemeral): relayed as they come, never recorded (ephemeral.go).
 		if eph := ParseEphemeral(body); len(eph) > 0 {

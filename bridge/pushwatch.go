@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -38,6 +39,10 @@ var (
 
 // pushWatch tracks the signs that the homeserver holds its pushes back.
 type pushWatch struct {
+	// on: the homeserver offers the ping, and the watch runs (Bridge.Start). Off, it records nothing: the
+	// answers of sends are not read and transactions are not looked into.
+	on atomic.Bool
+
 	// guards the following fields
 	lock     sync.Mutex
 	lastPush time.Time                // the last transaction that came in
@@ -45,7 +50,6 @@ type pushWatch struct {
 	awaited  map[id.EventID]time.Time // ferry's own events not pushed back yet, with when they were sent
 	lastPing time.Time
 	spacing  time.Duration // wait before the next ping while pings bring nothing back
-	pings    int           // pings sent (for tests and the log)
 }
 
 // pushed records a transaction that ferry answered with success, and the events in it.
@@ -118,7 +122,6 @@ func (w *pushWatch) shouldPing(now time.Time) bool {
 		return false
 	}
 	w.lastPing = now
-	w.pings++
 	if w.spacing == 0 {
 		w.spacing = pingSpacing
 	} else {
@@ -144,7 +147,7 @@ type sendWatcher struct {
 
 func (s sendWatcher) RoundTrip(req *http.Request) (*http.Response, error) {
 	resp, err := s.next.RoundTrip(req)
-	if err != nil || resp.StatusCode != http.StatusOK || req.Method != http.MethodPut || !createsEvent(req.URL.Path) {
+	if !s.w.on.Load() || err != nil || resp.StatusCode != http.StatusOK || req.Method != http.MethodPut || !createsEvent(req.URL.Path) {
 		return resp, err
 	}
 	// The answer is small ({"event_id": …}): read it here, and hand the caller the same bytes.

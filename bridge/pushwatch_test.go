@@ -3,7 +3,10 @@ package bridge
 import (
 	"context"
 	"encoding/json"
+	"io"
+	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -118,3 +121,34 @@ func TestHeldPushesResumeWhenQuiet(t *testing.T) {
 		t.Fatalf("failed transactions %d, pings %d: the test did not hold pushes", f.hs.AppserviceFailures(), f.hs.AppservicePings())
 	}
 }
+
+// TestSendWatcherReadsAnswersOnlyWhenOn: where the homeserver has no ping (the watch off) the answers of sends
+// are left alone; with the watch on, an accepted event is awaited as a push and the caller still reads the answer.
+func TestSendWatcherReadsAnswersOnlyWhenOn(t *testing.T) {
+	var w pushWatch
+	client := &http.Client{Transport: roundTripFunc(func(*http.Request) (*http.Response, error) {
+		return &http.Response{StatusCode: http.StatusOK, Body: io.NopCloser(strings.NewReader(`{"event_id":"$copy"}`))}, nil
+	})}
+	w.watchSends(client)
+	send := func() string {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodPut, "http://hs/_matrix/client/v3/rooms/!r/send/m.room.message/t1", nil)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		return string(body)
+	}
+	if body := send(); body != `{"event_id":"$copy"}` || len(w.awaited) != 0 {
+		t.Fatalf("off: answer %q, awaited %v", body, w.awaited)
+	}
+	w.on.Store(true)
+	if body := send(); body != `{"event_id":"$copy"}` || len(w.awaited) != 1 {
+		t.Fatalf("on: answer %q, awaited %v", body, w.awaited)
+	}
+}
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
