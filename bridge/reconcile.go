@@ -274,6 +274,9 @@ func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
 			return ctx.Err()
 		}
 		began = time.Now()
+		if err := b.postBarrier(ctx, room); err != nil {
+			return fmt.Errorf("failed to read back what ferry may have sent: %w", err)
+		}
 		var err error
 		if n, complete, err = b.readBack(ctx, room, since); err != nil {
 			return fmt.Errorf("failed to read back what ferry may have sent: %w", err)
@@ -296,6 +299,54 @@ func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
 	log.Info().Stringer("room_id", room).Int("found", n).Time("since", since).Dur("elapsed", time.Since(began)).
 		Msg("Read back recent sends")
 	return nil
+}
+
+// barrierType is the type of the event ferry's bot posts into a room before it reads the room back. A homeserver
+// may queue a send, then answer it with an error or not at all, and post the event only later: Dendrite puts each
+// event into its room server's queue before it waits for the room server, answers 500 when it stops waiting (or
+// nothing, when the request was cut off), and its room server posts the event when it gets to it, which under load
+// is after any read-back ferry could make at once. The room server takes a room's events in order, so once the
+// barrier shows in the room's history, every send queued before it has been posted or refused. The barrier has no
+// content and a type clients do not show.
+var barrierType = event.Type{Type: "im.ferry.barrier", Class: event.MessageEventType}
+
+// barrierWait bounds the wait for a barrier to show in the room's history.
+const barrierWait = 30 * time.Second
+
+// postBarrier posts a barrier into room and waits until the room's history shows it. Where the bot may not post
+// (the room's power levels), the read-back goes on without one, and says so.
+func (b *Bridge) postBarrier(ctx context.Context, room id.RoomID) error {
+	cli := b.AS.BotClient()
+	resp, err := cli.SendMessageEvent(ctx, room, barrierType, struct{}{}, mautrix.ReqSendEvent{DontEncrypt: true})
+	if err != nil {
+		if Transient(err) || ctx.Err() != nil {
+			return fmt.Errorf("failed to post a barrier: %w", err)
+		}
+		zerolog.Ctx(ctx).Warn().Err(err).Stringer("room_id", room).
+			Msg("Could not post a barrier before reading a room back; a send the homeserver still holds may repeat")
+		return nil
+	}
+	deadline := time.Now().Add(barrierWait)
+	wait := 20 * time.Millisecond
+	for {
+		msgs, err := cli.Messages(ctx, room, "", "", mautrix.DirectionBackward, nil, 50)
+		if err == nil {
+			for _, evt := range msgs.Chunk {
+				if evt.ID == resp.EventID {
+					return nil
+				}
+			}
+		} else if !Transient(err) {
+			return fmt.Errorf("failed to look for the barrier: %w", err)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the barrier %s did not show in the room's history within %s", resp.EventID, barrierWait)
+		}
+		if !sleep(ctx, wait) {
+			return ctx.Err()
+		}
+		wait = min(2*wait, time.Second)
+	}
 }
 
 // readBackPageSizes are the page sizes of the read-back's passes through a room. Dendrite 0.13.8's backward

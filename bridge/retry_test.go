@@ -25,7 +25,7 @@ import (
 )
 
 // flakyHS stands in front of the fake homeserver and answers the first sends into one room with scripted
-// errors, recording when each send arrived.
+// errors, recording when each send arrived (ferry's barriers pass through).
 type flakyHS struct {
 	proxy  *httputil.ReverseProxy
 	room   id.RoomID
@@ -33,11 +33,30 @@ type flakyHS struct {
 	// guards the following fields
 	lock  sync.Mutex
 	sends []time.Time
+	held  func() // a send the homeserver accepted and posts before the next send into room (see holdNextSend)
+	// refuseBarriers answers ferry's barriers with 403 (the bot lacks the power to send in room)
+	refuseBarriers bool
 }
 
 func (f *flakyHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/rooms/"+string(f.room)+"/send/") {
 		f.lock.Lock()
+		held := f.held
+		f.held = nil
+		if held != nil {
+			held()
+		}
+		if strings.Contains(r.URL.Path, "/send/"+barrierType.Type+"/") {
+			// ferry's barrier before a read-back: not one of the sends the script is about
+			refuse := f.refuseBarriers
+			f.lock.Unlock()
+			if refuse {
+				answer(403, `{"errcode":"M_FORBIDDEN","error":"You don't have permission to post that to the room."}`)(w, r)
+				return
+			}
+			f.proxy.ServeHTTP(w, r)
+			return
+		}
 		f.sends = append(f.sends, time.Now())
 		var step func(http.ResponseWriter, *http.Request)
 		if len(f.script) > 0 {
