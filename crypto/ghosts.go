@@ -18,6 +18,15 @@ import (
 // ghostDeviceDisplayName is shown in clients' device lists for a ghost's device.
 const ghostDeviceDisplayName = "ferry"
 
+// ghostOneTimeKeys is how many one-time keys a ghost's new device uploads (mautrix uploads 50, and the bot tops its
+// own up). Members' clients claim one to open an Olm channel to the device, only to share their room keys with
+// it, which ferry never needs: the bot's device decrypts, and a ghost answers room key requests over channels it
+// opens itself with the requester's keys. Each key costs a Curve25519 key, a signature and room in the stored
+// account: 50 of them were about a fifth of a new sender's first message. Ghosts' keys are never topped up, so a
+// member device that finds none left shares its keys without the ghost's device (its client records it as
+// unreachable), as it did after 50 before.
+const ghostOneTimeKeys = 5
+
 // Drain timing, for homeservers that do not push to-device messages to appservices. What reaches a ghost's device
 // comes from members of the rooms it is in, and ferry sees when: a member's new room key reaches the bot's device
 // too (the member's client shares it with every device in the room), and room key requests for a ghost's sessions
@@ -187,9 +196,10 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 			_ = store.DeleteSecret(ctx, secretSignedDevice)
 		}
 	}
-	if !mach.GetAccount().Shared {
-		// Uploads the device keys and one-time keys, and saves the account (its crypto_account row).
-		if err = mach.ShareKeys(ctx, -1); err != nil {
+	if acct := mach.GetAccount(); !acct.Shared {
+		// Uploads the device keys and ghostOneTimeKeys one-time keys (ShareKeys tops up to half the account's
+		// maximum from the count it is told is there), and saves the account (its crypto_account row).
+		if err = mach.ShareKeys(ctx, int(acct.Internal.MaxNumberOfOneTimeKeys()/2)-ghostOneTimeKeys); err != nil {
 			return nil, false, fmt.Errorf("failed to upload the ghost's device keys: %w", err)
 		}
 		created = true

@@ -48,6 +48,7 @@ type settings struct {
 	dbMaxOpen, dbMaxIdle      int
 	phases                    map[string]bool
 	cpuProfile, memProfile    string
+	warmProfile               string
 	jsonOut                   string
 	keepDB                    bool
 	logLevel                  string
@@ -106,6 +107,7 @@ func run(args []string) int {
 	fs.StringVar(&st.deviceMode, "device-mode", "per_ghost", "ferry's encryption.device_mode: per_ghost (ferry's default; the fake homeserver gets a registration shared secret) or single_device")
 	fs.StringVar(&phases, "phases", "full,rate,refs", "runs to do, comma-separated: full, rate, refs")
 	fs.StringVar(&st.cpuProfile, "cpuprofile", "", "write a CPU profile of the full-speed run to this file")
+	fs.StringVar(&st.warmProfile, "warm-cpuprofile", "", "write a CPU profile of the warm-up (every sender's first message) to this file")
 	fs.StringVar(&st.memProfile, "memprofile", "", "write an allocation profile after the full-speed run to this file")
 	fs.StringVar(&st.jsonOut, "json", "", "also write the results as JSON to this file")
 	fs.BoolVar(&st.keepDB, "keep-db", false, "keep the benchmark database")
@@ -269,8 +271,10 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 
 	// Warm-up: the first message of every sender brings its ghost into the target room and makes ferry share
 	// its room key there; these one-off costs are reported apart.
+	stopWarmProfile := startCPUProfile(st.warmProfile)
 	before := e.snapshot()
 	n, start, end := e.run(ctx, warm[0].phase, 0, 0, time.Hour, st.drain)
+	stopWarmProfile()
 	warmRes := e.result(warm[0].phase, "first message of every sender (ghost registration, join, profile, room key share)", n, start, end, before, e.snapshot())
 	rep.Warmup = &warmRes
 	printPhase(os.Stdout, warmRes)
