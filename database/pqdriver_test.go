@@ -2,6 +2,8 @@ package database_test
 
 import (
 	"context"
+	"database/sql"
+	"fmt"
 	"testing"
 	"time"
 
@@ -24,5 +26,108 @@ func TestConnectWaitsForARestartingDatabase(t *testing.T) {
 	var one int
 	if err := db.QueryRow(ctx, `SELECT 1`).Scan(&one); err != nil || one != 1 {
 		t.Fatalf("a statement while the database was away: %d, %v", one, err)
+	}
+}
+
+// pinned returns one connection of db's pool, for tests that look at a server connection's own state.
+func pinned(t *testing.T, ctx context.Context) *sql.Conn {
+	t.Helper()
+	db := dbtest.Postgres(t)
+	conn, err := db.RawDB.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	return conn
+}
+
+// preparedCount counts the statements the server connection behind conn keeps prepared.
+func preparedCount(t *testing.T, ctx context.Context, conn *sql.Conn) int {
+	t.Helper()
+	var n int
+	// No arguments: a simple query, which is never prepared.
+	if err := conn.QueryRowContext(ctx, `SELECT count(*) FROM pg_prepared_statements`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TestStatementsArePreparedOncePerConnection: a statement with arguments is parsed and planned once per server
+// connection and run from then on by name; the number kept per connection is bounded.
+func TestStatementsArePreparedOncePerConnection(t *testing.T) {
+	ctx := context.Background()
+	conn := pinned(t, ctx)
+	for i := range 3 {
+		var got int
+		if err := conn.QueryRowContext(ctx, `SELECT $1::int + 1`, i).Scan(&got); err != nil || got != i+1 {
+			t.Fatalf("SELECT %d+1 = %d, %v", i, got, err)
+		}
+	}
+	if n := preparedCount(t, ctx, conn); n != 1 {
+		t.Fatalf("after running one statement three times the connection holds %d prepared statements, want 1", n)
+	}
+	for i := range 300 {
+		if _, err := conn.ExecContext(ctx, fmt.Sprintf(`SELECT $1::int + %d`, i), i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := preparedCount(t, ctx, conn); n > 256 {
+		t.Fatalf("after 300 distinct statements the connection holds %d prepared statements, want at most 256", n)
+	}
+}
+
+// TestPreparedStatementOutlivesASchemaChange: a table gains a column after a statement reading it was prepared
+// (Postgres then refuses to run the old plan: "cached plan must not change result type"); the statement still
+// runs, and returns the new column.
+func TestPreparedStatementOutlivesASchemaChange(t *testing.T) {
+	ctx := context.Background()
+	conn := pinned(t, ctx)
+	if _, err := conn.ExecContext(ctx, `CREATE TABLE shape (id int PRIMARY KEY, a text)`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.ExecContext(ctx, `INSERT INTO shape VALUES ($1, $2)`, 1, "x"); err != nil {
+		t.Fatal(err)
+	}
+	read := func() int {
+		rows, err := conn.QueryContext(ctx, `SELECT * FROM shape WHERE id=$1`, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		cols, _ := rows.Columns()
+		return len(cols)
+	}
+	if n := read(); n != 2 {
+		t.Fatalf("%d columns, want 2", n)
+	}
+	if _, err := conn.ExecContext(ctx, `ALTER TABLE shape ADD COLUMN b text`); err != nil {
+		t.Fatal(err)
+	}
+	if n := read(); n != 3 {
+		t.Fatalf("after the new column: %d columns, want 3", n)
+	}
+}
+
+// TestStatementsRunBehindAPoolerThatForgetsThem: a transaction pooler (PgBouncer in transaction mode) may hand
+// each statement to another server connection, which does not know a statement prepared on the first. Here the
+// server connection forgets it (DEALLOCATE ALL); the statement still runs, and the connection stops preparing.
+func TestStatementsRunBehindAPoolerThatForgetsThem(t *testing.T) {
+	ctx := context.Background()
+	conn := pinned(t, ctx)
+	var got int
+	if err := conn.QueryRowContext(ctx, `SELECT $1::int`, 7).Scan(&got); err != nil || got != 7 {
+		t.Fatalf("got %d, %v", got, err)
+	}
+	if _, err := conn.ExecContext(ctx, `DEALLOCATE ALL`); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.QueryRowContext(ctx, `SELECT $1::int`, 8).Scan(&got); err != nil || got != 8 {
+		t.Fatalf("after the server connection forgot the statement: %d, %v", got, err)
+	}
+	if _, err := conn.ExecContext(ctx, `SELECT $1::text`, "new"); err != nil {
+		t.Fatal(err)
+	}
+	if n := preparedCount(t, ctx, conn); n != 0 {
+		t.Fatalf("after a sign of a pooler the connection prepared %d statements, want none", n)
 	}
 }

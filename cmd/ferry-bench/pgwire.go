@@ -27,8 +27,9 @@ const maxQueryKey = 96
 
 // pgStats counts Postgres traffic of every connection opened through pgDriverName, read from the frontend
 // protocol: a statement is a simple Query ('Q') or an extended-protocol Execute ('E'); a round trip is the
-// client reading after it wrote (lib/pq waits for the server's answer between Parse and Bind, so one
-// parameterised statement costs two); wait is the time from a round trip's first write to its first read.
+// client reading after it wrote (a statement's first run on a connection prepares it: one more); wait is the
+// time from a round trip's first write to its first read. A statement prepared under a name counts at each
+// Bind that runs it.
 //
 // commits counts write transactions, each of which waits for a WAL flush under synchronous_commit=on: COMMITs
 // of explicit transactions, and INSERT/UPDATE/DELETE statements run outside one (autocommit).
@@ -161,10 +162,11 @@ type pgConn struct {
 	writeStart time.Time
 
 	// frontend stream parser state
-	untyped bool   // the next message has no type byte (startup, SSL or GSS request)
-	inTxn   bool   // an explicit transaction is open
-	head    []byte // partial message header
-	body    []byte // body being collected (untyped, Query and Parse messages only)
+	untyped bool              // the next message has no type byte (startup, SSL or GSS request)
+	inTxn   bool              // an explicit transaction is open
+	head    []byte            // partial message header
+	body    []byte            // body being collected (untyped, Query and Parse messages, the start of Bind messages)
+	named   map[string][]byte // prepared statements' texts by name
 	typ     byte
 	left    int // bytes of the current message body still to come
 }
@@ -195,7 +197,7 @@ func (c *pgConn) parse(p []byte) {
 	for len(p) > 0 {
 		if c.left > 0 {
 			n := min(c.left, len(p))
-			if c.typ == 0 || c.typ == 'Q' || c.typ == 'P' {
+			if c.typ == 0 || c.typ == 'Q' || c.typ == 'P' || (c.typ == 'B' && len(c.body) < 256) {
 				c.body = append(c.body, p[:n]...)
 			}
 			c.left -= n
@@ -252,14 +254,32 @@ func (c *pgConn) finish() {
 		c.stats.query(text)
 		c.transaction(text)
 	case 'P':
-		// Parse: statement name, then the query text.
-		text := c.body
+		// Parse: statement name, then the query text. A named statement (prepared once per connection) is
+		// counted at each Bind that runs it; an unnamed one runs right after.
+		name, text := cString(c.body), c.body
 		if i := bytes.IndexByte(text, 0); i >= 0 {
 			text = text[i+1:]
 		}
 		text = cString(text)
+		if len(name) > 0 {
+			if c.named == nil {
+				c.named = make(map[string][]byte)
+			}
+			c.named[string(name)] = append([]byte(nil), text...)
+			return
+		}
 		c.stats.query(text)
 		c.transaction(text)
+	case 'B':
+		// Bind: portal name, then the statement name.
+		rest := c.body
+		if i := bytes.IndexByte(rest, 0); i >= 0 {
+			rest = rest[i+1:]
+		}
+		if text, ok := c.named[string(cString(rest))]; ok {
+			c.stats.query(text)
+			c.transaction(text)
+		}
 	case 'E':
 		c.stats.executes.Add(1)
 	}
