@@ -48,7 +48,7 @@ type settings struct {
 	dbMaxOpen, dbMaxIdle      int
 	phases                    map[string]bool
 	cpuProfile, memProfile    string
-	warmProfile               string
+	warmProfile, rateProfile  string
 	jsonOut                   string
 	keepDB                    bool
 	logLevel                  string
@@ -108,6 +108,7 @@ func run(args []string) int {
 	fs.StringVar(&phases, "phases", "full,rate,refs", "runs to do, comma-separated: full, rate, refs")
 	fs.StringVar(&st.cpuProfile, "cpuprofile", "", "write a CPU profile of the full-speed run to this file")
 	fs.StringVar(&st.warmProfile, "warm-cpuprofile", "", "write a CPU profile of the warm-up (every sender's first message) to this file")
+	fs.StringVar(&st.rateProfile, "rate-cpuprofile", "", "write a CPU profile of the fixed-rate runs to this file")
 	fs.StringVar(&st.memProfile, "memprofile", "", "write an allocation profile after the full-speed run to this file")
 	fs.StringVar(&st.jsonOut, "json", "", "also write the results as JSON to this file")
 	fs.BoolVar(&st.keepDB, "keep-db", false, "keep the benchmark database")
@@ -295,6 +296,7 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 		rep.Full = &r
 		printPhase(os.Stdout, r)
 	}
+	stopRateProfile := startCPUProfile(st.rateProfile)
 	for i, msgs := range fixed {
 		if ctx.Err() != nil {
 			break
@@ -307,6 +309,7 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 		rep.Rates = append(rep.Rates, &r)
 		printPhase(os.Stdout, r)
 	}
+	stopRateProfile()
 	v := e.verify(ctx, all)
 	rep.Verify = &v
 	fmt.Printf("\n== correctness ==\n  receivers decrypted %d of %d sampled copies (%d failed, %d wrong body); trust levels seen: %v\n",
