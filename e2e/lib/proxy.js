@@ -38,7 +38,9 @@ export async function startSyncHoldProxy(targetPort) {
             }
             req.pipe(up);
         };
-        if (lose && req.method === "PUT" && decodeURIComponent(req.url).includes(`/rooms/${lose.roomId}/send/`)) {
+        // ferry's barrier before a read-back (an empty im.ferry.barrier event) is not the send a test means to lose.
+        const sendPath = decodeURIComponent(req.url);
+        if (lose && req.method === "PUT" && sendPath.includes(`/rooms/${lose.roomId}/send/`) && !sendPath.includes("/send/im.ferry.barrier/")) {
             // Posted under another transaction ID, so Dendrite will not recognise ferry's repeat (as with a
             // request cut off before Dendrite answered); ferry never gets the answer.
             const { resolve } = lose;
@@ -77,8 +79,9 @@ export async function startSyncHoldProxy(targetPort) {
             for (const f of w) f();
         },
         /**
-         * The next event ferry sends into roomId reaches Dendrite (posted under another transaction ID) but ferry
-         * never gets the answer: a send in flight when ferry dies. Resolves with Dendrite's answer.
+         * The next event ferry sends into roomId (other than a read-back's barrier) reaches Dendrite (posted under
+         * another transaction ID) but ferry never gets the answer: a send in flight when ferry dies. Resolves with
+         * Dendrite's answer.
          */
         loseNextSend(roomId) {
             return new Promise((resolve) => {

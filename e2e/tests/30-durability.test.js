@@ -59,6 +59,14 @@ test("SIGKILL in the middle of a burst of 200 messages: each arrives exactly onc
     }, {
         timeoutMs: 60000,
         what: "all 200 burst copies",
+    }).catch(async (e) => {
+        // What bob's client holds: which copies it lacks, and the ghosts' events it could not decrypt.
+        const evs = await bob.events(roomB);
+        const have = new Set((await burstCopies()).map((c) => c.content.body));
+        const failed = evs.filter((ev) => isGhost(ev.sender) && ev.isDecryptionFailure);
+        console.log(`# bob's client: ${evs.length} events, ${have.size} burst copies, ${failed.length} of the ghosts' undecryptable; missing ${bodies.filter((b) => !have.has(b)).join(", ")}`);
+        for (const f of failed.slice(0, 5)) console.log(`#   undecryptable ${f.eventId}: ${f.decryptionFailureReason} ${JSON.stringify(f.content).slice(0, 160)}`);
+        throw e;
     });
     await sleep(2000); // a duplicate, if any, would show up by now
     const got = (await burstCopies()).map((e) => e.content.body);
