@@ -32,6 +32,8 @@ type Crypto interface {
 // clients never cache it as unsigned.
 type SenderPreparer interface {
 	PrepareSender(ctx context.Context, sender id.UserID) error
+	// SenderReady tells, without waiting, whether sender's device is ready (PrepareSender would return at once).
+	SenderReady(sender id.UserID) bool
 }
 
 // TrustFlagger is implemented by E2EE layers that tell whether the source room's clients would flag a decrypted

@@ -201,6 +201,7 @@ func (b *Bridge) runWorker(ctx context.Context, w *roomWorker) {
 				for _, row := range rows {
 					highWater = max(highWater, row.Seq)
 				}
+				b.prepareSenders(ctx, w.room, rows)
 				bw := &batchWrites{}
 				for _, row := range rows {
 					if held = b.orderHold(row, covers); held > 0 {

@@ -692,6 +692,18 @@ func (m *Machine) PrepareSender(ctx context.Context, sender id.UserID) error {
 	return nil
 }
 
+// SenderReady tells whether sender's device is loaded (or sender needs none), so that PrepareSender would
+// return at once.
+func (m *Machine) SenderReady(sender id.UserID) bool {
+	if !m.perGhost || sender == m.client.UserID || m.isOwn == nil || !m.isOwn(sender) {
+		return true
+	}
+	m.ghostsLock.Lock()
+	defer m.ghostsLock.Unlock()
+	_, ok := m.ghosts[sender]
+	return ok
+}
+
 func (m *Machine) policy() sharePolicy {
 	return sharePolicy{level: m.shareLevel, resolver: m.resolver, encEvent: m.roomEncryption}
 }

@@ -1,0 +1,126 @@
+package bridge
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database"
+)
+
+// slowPreparer is an E2EE layer whose ghost devices take a while to prepare (registration, keys and
+// cross-signing take a dozen homeserver requests); it counts how many are prepared at once.
+type slowPreparer struct {
+	sealCrypto
+	lock          sync.Mutex
+	ready         map[id.UserID]bool
+	inFlight, max atomic.Int32
+}
+
+func (c *slowPreparer) PrepareSender(_ context.Context, sender id.UserID) error {
+	c.lock.Lock()
+	done := c.ready[sender]
+	c.lock.Unlock()
+	if done {
+		return nil
+	}
+	n := c.inFlight.Add(1)
+	for m := c.max.Load(); n > m && !c.max.CompareAndSwap(m, n); m = c.max.Load() {
+	}
+	time.Sleep(100 * time.Millisecond)
+	c.inFlight.Add(-1)
+	c.lock.Lock()
+	c.ready[sender] = true
+	c.lock.Unlock()
+	return nil
+}
+
+func (c *slowPreparer) SenderReady(sender id.UserID) bool {
+	c.lock.Lock()
+	defer c.lock.Unlock()
+	return c.ready[sender]
+}
+
+// TestNewSendersArePreparedSideBySide: six members who never spoke write into a linked room at once. Their
+// ghosts' devices are prepared side by side rather than one after another's message, and their copies still
+// arrive in the order they wrote. A seventh, blocked by the permissions, gets no device.
+func TestNewSendersArePreparedSideBySide(t *testing.T) {
+	ctx := context.Background()
+	cr := &slowPreparer{sealCrypto: sealCrypto{benchCrypto{plaintext: benchMessage()}}, ready: map[id.UserID]bool{}}
+	f := newRelayFixtureWith(t, cr)
+	blocked := id.UserID("@new6:ferry.test")
+	f.br.SetPermissions(Permissions{"*": LevelRelay, string(blocked): LevelBlock})
+	var written []id.EventID
+	for i := range 7 {
+		sender := id.UserID(fmt.Sprintf("@new%d:ferry.test", i))
+		if err := f.br.StateStore.SetMembership(ctx, f.roomA, sender, event.MembershipJoin); err != nil {
+			t.Fatal(err)
+		}
+		evtID := id.EventID(fmt.Sprintf("$new%d", i))
+		raw, _ := json.Marshal(map[string]any{
+			"event_id": evtID, "room_id": f.roomA, "sender": sender, "type": "m.room.encrypted", "origin_server_ts": 1 + i,
+			"content": map[string]any{"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AAAA", "session_id": "S", "sender_key": "K", "device_id": "D"},
+		})
+		row := &database.InboxEvent{EventID: evtID, RoomID: f.roomA, Sender: sender, Type: "m.room.encrypted", Raw: raw, State: database.InboxPending, ReceivedAt: time.Now()}
+		if _, err := f.br.DB.Inbox.Insert(ctx, []*database.InboxEvent{row}); err != nil {
+			t.Fatal(err)
+		}
+		if sender != blocked {
+			written = append(written, evtID)
+		}
+	}
+	if err := f.br.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer f.br.Stop()
+	f.br.Notify(f.roomA)
+	deadline := time.Now().Add(20 * time.Second)
+	for _, evtID := range written {
+		for {
+			row, err := f.br.DB.Inbox.Get(ctx, evtID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if row.State == database.InboxDone {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s is still %s (%s)", evtID, row.State, row.LastError)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if cr.SenderReady(f.br.Ghosts.Ghost(blocked)) {
+		t.Error("a blocked user's ghost got a device")
+	}
+	if m := cr.max.Load(); m < 2 {
+		t.Errorf("the six new senders' devices were prepared one at a time (at most %d at once)", m)
+	}
+	var order []id.EventID
+	for _, raw := range f.hs.Timeline(f.roomB) {
+		evt := &event.Event{}
+		if err := json.Unmarshal(raw, evt); err != nil || evt.Type != event.EventEncrypted {
+			continue
+		}
+		if err := evt.Content.ParseRaw(evt.Type); err != nil {
+			t.Fatal(err)
+		}
+		dec, err := cr.DecryptOwn(ctx, evt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if origin := OriginOf(&dec.Content); origin != nil {
+			order = append(order, origin.EventID)
+		}
+	}
+	if fmt.Sprint(order) != fmt.Sprint(written) {
+		t.Fatalf("copies in room B in the order %v, want %v", order, written)
+	}
+}
