@@ -32,9 +32,10 @@ func (p *senderPrep) acquire(ctx context.Context) bool {
 func (p *senderPrep) release() { <-p.slots }
 
 // prepareSenders readies, side by side, the devices of new senders in a batch a room worker is about to relay,
-// before the batch is relayed one event at a time in order. A new sender's device (registration, keys,
-// cross-signing) is most of the cost of its first message; without this, a room where many new members speak at
-// once (a busy room just linked) made them wait for each other's, and everyone else's messages behind them. Only
+// and brings their ghosts into the link's other rooms, before the batch is relayed one event at a time in order.
+// A new sender's device (registration, keys, cross-signing) and joins are most of the cost of its first message;
+// without this, a room where many new members speak at once (a busy room just linked) made them wait for each
+// other's, and everyone else's messages behind them. Only
 // senders whose messages the relay would carry count: encrypted messages in a linked room, from users ferry
 // relays (not its own, a peer's or a blocked user's). Failures are left to the relay, which meets them again and
 // retries them as it always does.
@@ -43,7 +44,8 @@ func (b *Bridge) prepareSenders(ctx context.Context, room id.RoomID, rows []*dat
 	if !ok {
 		return
 	}
-	var ghosts []id.UserID
+	type newSender struct{ real, ghost id.UserID }
+	var senders []newSender
 	seen := make(map[id.UserID]bool)
 	for _, row := range rows {
 		if row.Type != "m.room.encrypted" || seen[row.Sender] {
@@ -57,16 +59,23 @@ func (b *Bridge) prepareSenders(ctx context.Context, room id.RoomID, rows []*dat
 		if err != nil || prep.SenderReady(ghost) {
 			continue
 		}
-		ghosts = append(ghosts, ghost)
+		// Only a message ferry can read will cross: without its room key (a sender who never shared one, or
+		// who sends junk), the relay parks it, and nobody gets a ghost or a device for it.
+		if evt := parseEncryptedEvent(row.Raw); evt == nil || !b.Crypto.WaitForKey(ctx, evt, 0) {
+			continue
+		}
+		senders = append(senders, newSender{row.Sender, ghost})
 	}
-	if len(ghosts) < 2 {
+	if len(senders) < 2 {
 		return // one new sender: the relay prepares it in line
 	}
-	if _, err := b.DB.Links.GetByRoom(ctx, room); err != nil {
+	link, err := b.DB.Links.GetByRoom(ctx, room)
+	if err != nil {
 		return // not a linked room (a management room, a room a link left): nothing is relayed from it
 	}
+	targets := link.Others(room)
 	var wg sync.WaitGroup
-	for _, ghost := range ghosts {
+	for _, s := range senders {
 		if !b.prep.acquire(ctx) {
 			break
 		}
@@ -74,10 +83,17 @@ func (b *Bridge) prepareSenders(ctx context.Context, room id.RoomID, rows []*dat
 		go func() {
 			defer wg.Done()
 			defer b.prep.release()
-			if err := b.AS.Intent(ghost).EnsureRegistered(ctx); err != nil {
+			intent := b.AS.Intent(s.ghost)
+			if err := intent.EnsureRegistered(ctx); err != nil {
 				return
 			}
-			_ = prep.PrepareSender(ctx, ghost)
+			if err := prep.PrepareSender(ctx, s.ghost); err != nil {
+				return
+			}
+			// The ghost's joins too (membership and moderation checked as the relay checks them).
+			for _, target := range targets {
+				_ = b.ensureGhost(ctx, intent, room, s.real, target)
+			}
 		}()
 	}
 	wg.Wait()

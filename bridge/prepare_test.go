@@ -12,6 +12,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/database"
 )
 
@@ -42,6 +43,20 @@ func (c *slowPreparer) PrepareSender(_ context.Context, sender id.UserID) error 
 	return nil
 }
 
+// A message of nokey's never has its room key.
+const nokey = id.UserID("@nokey:ferry.test")
+
+func (c *slowPreparer) WaitForKey(_ context.Context, evt *event.Event, _ time.Duration) bool {
+	return evt.Sender != nokey
+}
+
+func (c *slowPreparer) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
+	if evt.Sender == nokey {
+		return nil, crypto.ErrKeyMissing
+	}
+	return c.sealCrypto.Decrypt(ctx, evt)
+}
+
 func (c *slowPreparer) SenderReady(sender id.UserID) bool {
 	c.lock.Lock()
 	defer c.lock.Unlock()
@@ -50,7 +65,8 @@ func (c *slowPreparer) SenderReady(sender id.UserID) bool {
 
 // TestNewSendersArePreparedSideBySide: six members who never spoke write into a linked room at once. Their
 // ghosts' devices are prepared side by side rather than one after another's message, and their copies still
-// arrive in the order they wrote. A seventh, blocked by the permissions, gets no device.
+// arrive in the order they wrote. Two more get no device and no ghost in room B: one blocked by the permissions,
+// one whose message ferry cannot read (its room key never came).
 func TestNewSendersArePreparedSideBySide(t *testing.T) {
 	ctx := context.Background()
 	cr := &slowPreparer{sealCrypto: sealCrypto{benchCrypto{plaintext: benchMessage()}}, ready: map[id.UserID]bool{}}
@@ -58,8 +74,11 @@ func TestNewSendersArePreparedSideBySide(t *testing.T) {
 	blocked := id.UserID("@new6:ferry.test")
 	f.br.SetPermissions(Permissions{"*": LevelRelay, string(blocked): LevelBlock})
 	var written []id.EventID
-	for i := range 7 {
+	for i := range 8 {
 		sender := id.UserID(fmt.Sprintf("@new%d:ferry.test", i))
+		if i == 7 {
+			sender = nokey
+		}
 		if err := f.br.StateStore.SetMembership(ctx, f.roomA, sender, event.MembershipJoin); err != nil {
 			t.Fatal(err)
 		}
@@ -72,7 +91,7 @@ func TestNewSendersArePreparedSideBySide(t *testing.T) {
 		if _, err := f.br.DB.Inbox.Insert(ctx, []*database.InboxEvent{row}); err != nil {
 			t.Fatal(err)
 		}
-		if sender != blocked {
+		if sender != blocked && sender != nokey {
 			written = append(written, evtID)
 		}
 	}
@@ -97,8 +116,13 @@ func TestNewSendersArePreparedSideBySide(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	if cr.SenderReady(f.br.Ghosts.Ghost(blocked)) {
-		t.Error("a blocked user's ghost got a device")
+	for _, u := range []id.UserID{blocked, nokey} {
+		if cr.SenderReady(f.br.Ghosts.Ghost(u)) {
+			t.Errorf("%s's ghost got a device", u)
+		}
+		if m := f.hs.Membership(f.roomB, f.br.Ghosts.Ghost(u)); m != "" {
+			t.Errorf("%s's ghost is %q in room B", u, m)
+		}
 	}
 	if m := cr.max.Load(); m < 2 {
 		t.Errorf("the six new senders' devices were prepared one at a time (at most %d at once)", m)
