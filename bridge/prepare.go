@@ -35,10 +35,10 @@ func (p *senderPrep) release() { <-p.slots }
 // and brings their ghosts into the link's other rooms, before the batch is relayed one event at a time in order.
 // A new sender's device (registration, keys, cross-signing) and joins are most of the cost of its first message;
 // without this, a room where many new members speak at once (a busy room just linked) made them wait for each
-// other's, and everyone else's messages behind them. Only
-// senders whose messages the relay would carry count: encrypted messages in a linked room, from users ferry
-// relays (not its own, a peer's or a blocked user's). Failures are left to the relay, which meets them again and
-// retries them as it always does.
+// other's, and everyone else's messages behind them. Only senders whose messages the relay would carry count:
+// encrypted messages whose room key ferry holds, in a linked room, from users ferry relays (not its own, a
+// peer's or a blocked user's). Failures are left to the relay, which meets them again and retries them as it
+// always does.
 func (b *Bridge) prepareSenders(ctx context.Context, room id.RoomID, rows []*database.InboxEvent) {
 	prep, ok := b.Crypto.(SenderPreparer)
 	if !ok {
