@@ -138,7 +138,10 @@ func newEnv(ctx context.Context, st settings, log zerolog.Logger) (*env, error) 
 		CrossSigningUIA: true,
 		Latency:         st.hsLatency,
 	}
-	if st.deviceMode == crypto.DeviceModePerGhost {
+	if st.encPath == "appservice" {
+		// Synapse with its appservice-mode encryption: MSC4190 devices, no password for cross-signing.
+		hsOpts.CrossSigningUIA = false
+	} else if st.deviceMode == crypto.DeviceModePerGhost {
 		// Per-ghost devices on such a homeserver need homeserver.registration_shared_secret.
 		hsOpts.SharedSecret = randomToken()
 	}
@@ -209,6 +212,7 @@ func (e *env) startFerry(ctx context.Context, asToken, hsToken, sharedSecret str
 	ecfg.PickleKey = randomToken()
 	e.pickleKey = ecfg.PickleKey
 	ecfg.DeviceMode = e.st.deviceMode
+	ecfg.Appservice = e.st.encPath == "appservice"
 	mach := crypto.NewMachine(log.With().Str("component", "crypto").Logger(), ecfg, root, stateStore, as.NewMautrixClient(as.BotMXID()), nil)
 	e.mach = mach
 	e.timed = &timedCrypto{Machine: mach}
@@ -223,7 +227,12 @@ func (e *env) startFerry(ctx context.Context, asToken, hsToken, sharedSecret str
 		br.SessionArrived(ctx, roomID, sessionID)
 	}
 	mach.SyncedTimeline = br.IngestSynced
-	e.asSrv = httptest.NewServer(br.Router(nil))
+	var toDevice bridge.ToDeviceHandler
+	if ecfg.Appservice {
+		e.hs.SetPushEncryption(true)
+		toDevice = mach
+	}
+	e.asSrv = httptest.NewServer(br.Router(toDevice))
 	as.Registration.URL = e.asSrv.URL
 	e.hs.SetAppserviceURL(e.asSrv.URL)
 
@@ -231,6 +240,9 @@ func (e *env) startFerry(ctx context.Context, asToken, hsToken, sharedSecret str
 		return err
 	}
 	br.EncryptionPath = "login + /sync (m.login.application_service devices, to-device and device lists through /sync)"
+	if ecfg.Appservice {
+		br.EncryptionPath = "appservice (MSC4190 devices, to-device events and device lists pushed in transactions)"
+	}
 	if err = mach.Init(ctx); err != nil {
 		return fmt.Errorf("set up encryption: %w", err)
 	}

@@ -49,6 +49,7 @@ type settings struct {
 	phases                    map[string]bool
 	cpuProfile, memProfile    string
 	warmProfile, rateProfile  string
+	encPath                   string
 	jsonOut                   string
 	keepDB                    bool
 	logLevel                  string
@@ -104,6 +105,7 @@ func run(args []string) int {
 	fs.IntVar(&st.naiveMsgs, "naive-messages", 500, "messages for the naive path")
 	fs.IntVar(&st.dbMaxOpen, "db-max-open", 20, "ferry's database.max_open_conns (ferry's default: 20)")
 	fs.IntVar(&st.dbMaxIdle, "db-max-idle", 20, "ferry's database.max_idle_conns (ferry's default: 20)")
+	fs.StringVar(&st.encPath, "encryption-path", "sync", "relay runs: ferry's encryption path: sync (logins and /sync, Dendrite's path; cross-signing with UIA and the registration shared secret) or appservice (MSC4190 devices, to-device events and device lists pushed in transactions: Synapse's path)")
 	fs.StringVar(&st.deviceMode, "device-mode", "per_ghost", "ferry's encryption.device_mode: per_ghost (ferry's default; the fake homeserver gets a registration shared secret) or single_device")
 	fs.StringVar(&phases, "phases", "full,rate,refs", "runs to do, comma-separated: full, rate, refs")
 	fs.StringVar(&st.cpuProfile, "cpuprofile", "", "write a CPU profile of the full-speed run to this file")
