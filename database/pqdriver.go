@@ -6,6 +6,7 @@ import (
 	"database/sql/driver"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"sync/atomic"
 	"time"
 
@@ -98,6 +99,7 @@ func WrapConn(c driver.Conn) driver.Conn { return &jsonTextConn{Conn: c} }
 type jsonTextConn struct {
 	driver.Conn
 	noPrepare *atomic.Bool // nil: prepare
+	inTx      bool         // a transaction is open on the connection
 	// prepared statements by query text (database/sql uses a connection from one goroutine at a time)
 	stmts map[string]*cachedStmt
 	tick  uint64
@@ -118,7 +120,28 @@ func (c *jsonTextConn) CheckNamedValue(nv *driver.NamedValue) error {
 }
 
 func (c *jsonTextConn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
-	return c.Conn.(driver.ConnBeginTx).BeginTx(ctx, opts)
+	tx, err := c.Conn.(driver.ConnBeginTx).BeginTx(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	c.inTx = true
+	return txEnd{Tx: tx, c: c}, nil
+}
+
+// txEnd notes on its connection that the transaction ended.
+type txEnd struct {
+	driver.Tx
+	c *jsonTextConn
+}
+
+func (t txEnd) Commit() error {
+	t.c.inTx = false
+	return t.Tx.Commit()
+}
+
+func (t txEnd) Rollback() error {
+	t.c.inTx = false
+	return t.Tx.Rollback()
 }
 
 func (c *jsonTextConn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
@@ -130,6 +153,8 @@ func (c *jsonTextConn) ExecContext(ctx context.Context, query string, args []dri
 		res, err := st.(driver.StmtExecContext).ExecContext(ctx, args)
 		if !c.stale(query, err) {
 			return res, err
+		} else if c.inTx {
+			return nil, errStaleInTx
 		}
 	}
 	return c.Conn.(driver.ExecerContext).ExecContext(ctx, query, args)
@@ -140,6 +165,8 @@ func (c *jsonTextConn) QueryContext(ctx context.Context, query string, args []dr
 		rows, err := st.(driver.StmtQueryContext).QueryContext(ctx, args)
 		if !c.stale(query, err) {
 			return rows, err
+		} else if c.inTx {
+			return nil, errStaleInTx
 		}
 	}
 	return c.Conn.(driver.QueryerContext).QueryContext(ctx, query, args)
@@ -218,6 +245,11 @@ func (c *jsonTextConn) stale(query string, err error) bool {
 	}
 	return true
 }
+
+// errStaleInTx is what a statement that met a stale prepared statement inside a transaction returns: Postgres
+// has aborted the transaction, so the statement cannot run again there. It is driver.ErrBadConn, which makes
+// database/sql drop the connection and callers (database.Transient) retry the transaction.
+var errStaleInTx = fmt.Errorf("a prepared statement went stale inside a transaction: %w", driver.ErrBadConn)
 
 type cachedStmt struct {
 	driver.Stmt

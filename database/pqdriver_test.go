@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"go.ferry.im/ferry/database"
 	"go.ferry.im/ferry/database/dbtest"
 )
 
@@ -129,5 +130,38 @@ func TestStatementsRunBehindAPoolerThatForgetsThem(t *testing.T) {
 	}
 	if n := preparedCount(t, ctx, conn); n != 0 {
 		t.Fatalf("after a sign of a pooler the connection prepared %d statements, want none", n)
+	}
+}
+
+// TestStaleStatementInATransactionIsRetried: a statement prepared earlier is forgotten by the server connection
+// while a transaction is open on it (a pooler handed the transaction to another server connection). Postgres
+// aborts the transaction; the statement fails with an error callers retry (database.Transient), and the next
+// transaction goes through.
+func TestStaleStatementInATransactionIsRetried(t *testing.T) {
+	ctx := context.Background()
+	conn := pinned(t, ctx)
+	var got int
+	if err := conn.QueryRowContext(ctx, `SELECT $1::int`, 1).Scan(&got); err != nil {
+		t.Fatal(err)
+	}
+	tx, err := conn.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err = tx.ExecContext(ctx, `DEALLOCATE ALL`); err != nil {
+		t.Fatal(err)
+	}
+	err = tx.QueryRowContext(ctx, `SELECT $1::int`, 2).Scan(&got)
+	if err == nil || !database.Transient(err) {
+		t.Fatalf("a forgotten statement inside a transaction: %v (transient: %v), want an error callers retry", err, database.Transient(err))
+	}
+	_ = tx.Rollback()
+	tx, err = conn.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback() }()
+	if err = tx.QueryRowContext(ctx, `SELECT $1::int`, 3).Scan(&got); err != nil || got != 3 {
+		t.Fatalf("the retried transaction: %d, %v", got, err)
 	}
 }
