@@ -102,19 +102,7 @@ func TestNewSendersArePreparedSideBySide(t *testing.T) {
 	f.br.Notify(f.roomA)
 	deadline := time.Now().Add(20 * time.Second)
 	for _, evtID := range written {
-		for {
-			row, err := f.br.DB.Inbox.Get(ctx, evtID)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if row.State == database.InboxDone {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s is still %s (%s)", evtID, row.State, row.LastError)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		f.waitDone(t, evtID, deadline)
 	}
 	for _, u := range []id.UserID{blocked, nokey} {
 		if cr.SenderReady(f.br.Ghosts.Ghost(u)) {

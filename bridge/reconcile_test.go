@@ -117,23 +117,12 @@ func TestUnansweredSendIsNotRepeated(t *testing.T) {
 		"dropped/barrier refused": nil, // the bot may not post in room B: the read-back goes on without a barrier
 	} {
 		t.Run(name, func(t *testing.T) {
-			ctx := context.Background()
 			f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
 			f.flaky.refuseBarriers = strings.HasSuffix(name, "barrier refused")
 			f.relayOne(t) // the ghost registers, joins and sets its profile once
 			ghost := f.br.Ghosts.Ghost(f.alice)
 			f.failNextSend(nil, reply)
-			row := f.relayOne(t)
-			if row.State != database.InboxDone {
-				t.Fatalf("inbox state %q, want done", row.State)
-			}
-			sent := f.ghostEvents(f.roomB, ghost)
-			if len(sent) != 2 {
-				t.Fatalf("room B holds %d copies for 2 messages: the unanswered send was posted again", len(sent))
-			}
-			if c, err := f.br.DB.EventMap.Get(ctx, row.EventID, f.roomB); err != nil || c == nil || c.TargetEvent != sent[1] {
-				t.Fatalf("the event map holds %+v (%v), want the unanswered copy %s", c, err, sent[1])
-			}
+			f.expectSecondCopyOnce(t, f.relayOne(t), ghost, "the unanswered copy")
 		})
 	}
 }
@@ -167,7 +156,6 @@ func (f *relayFixture) holdNextSend(reply func(http.ResponseWriter, *http.Reques
 // puts a barrier of its own into the room's queue before it reads the room back, so it finds the queued copy
 // and does not post it again.
 func TestSendQueuedBeforeAnErrorIsNotRepeated(t *testing.T) {
-	ctx := context.Background()
 	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
 	f.relayOne(t)
 	ghost := f.br.Ghosts.Ghost(f.alice)
@@ -177,15 +165,40 @@ func TestSendQueuedBeforeAnErrorIsNotRepeated(t *testing.T) {
 	if !posted.Load() {
 		t.Fatal("the queued copy was never posted")
 	}
+	f.expectSecondCopyOnce(t, row, ghost, "the queued copy")
+}
+
+// expectSecondCopyOnce checks that row (the second message relayed) is done, that room B holds two of ghost's
+// copies (what, the second one, was not posted again) and that the event map records what for row.
+func (f *relayFixture) expectSecondCopyOnce(t *testing.T, row *database.InboxEvent, ghost id.UserID, what string) {
+	t.Helper()
 	if row.State != database.InboxDone {
 		t.Fatalf("inbox state %q, want done", row.State)
 	}
 	sent := f.ghostEvents(f.roomB, ghost)
 	if len(sent) != 2 {
-		t.Fatalf("room B holds %d copies for 2 messages: the queued copy was posted again", len(sent))
+		t.Fatalf("room B holds %d copies for 2 messages: %s was posted again", len(sent), what)
 	}
-	if c, err := f.br.DB.EventMap.Get(ctx, row.EventID, f.roomB); err != nil || c == nil || c.TargetEvent != sent[1] {
-		t.Fatalf("the event map holds %+v (%v), want the queued copy %s", c, err, sent[1])
+	if c, err := f.br.DB.EventMap.Get(context.Background(), row.EventID, f.roomB); err != nil || c == nil || c.TargetEvent != sent[1] {
+		t.Fatalf("the event map holds %+v (%v), want %s %s", c, err, what, sent[1])
+	}
+}
+
+// waitDone waits until the inbox row of evtID is done, failing the test at deadline.
+func (f *relayFixture) waitDone(t *testing.T, evtID id.EventID, deadline time.Time) {
+	t.Helper()
+	for {
+		row, err := f.br.DB.Inbox.Get(context.Background(), evtID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if row.State == database.InboxDone {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s is still %s (%s)", evtID, row.State, row.LastError)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
@@ -238,20 +251,7 @@ func (f *relayFixture) restartAndExpectOneCopy(t *testing.T, evtID, posted id.Ev
 	if err := f.br.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		cur, err := f.br.DB.Inbox.Get(ctx, evtID)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if cur.State == database.InboxDone {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the message is still %s 20 s after the restart (%s)", cur.State, cur.LastError)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	f.waitDone(t, evtID, time.Now().Add(20*time.Second))
 	f.br.Stop()
 	if got := f.ghostEvents(f.roomB, f.br.Ghosts.Ghost(f.alice)); len(got) != 2 {
 		t.Fatalf("room B holds %d copies after the restart, want 2: the copy sent before the stop was posted again", len(got))
