@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -230,9 +231,9 @@ func (c *jsonTextConn) stale(query string, err error) bool {
 	}
 	// 0A000 "cached plan must not change result type"; 26000 invalid_sql_statement_name: the server connection
 	// does not know the statement, which happens only behind a transaction pooler.
-	switch pqErr.Code {
-	case "0A000":
-	case "26000":
+	switch {
+	case pqErr.Code == "0A000" && strings.Contains(pqErr.Message, "cached plan"):
+	case pqErr.Code == "26000":
 		if c.noPrepare != nil {
 			c.noPrepare.Store(true)
 		}
