@@ -41,8 +41,8 @@ func (p *senderPrep) release() { <-p.slots }
 // always does.
 func (b *Bridge) prepareSenders(ctx context.Context, room id.RoomID, rows []*database.InboxEvent) {
 	prep, ok := b.Crypto.(SenderPreparer)
-	if !ok {
-		return
+	if !ok || len(rows) < 2 {
+		return // fewer than two rows cannot hold two new senders: the relay prepares one in line
 	}
 	type newSender struct{ real, ghost id.UserID }
 	var senders []newSender
