@@ -58,7 +58,9 @@ type env struct {
 	br    *bridge.Bridge
 	asSrv *httptest.Server
 	pairs []*pair
-	enc   *event.EncryptionEventContent
+	// steady is the established link whose traffic goes on while the others' new senders speak (-steady-rate)
+	steady *pair
+	enc    *event.EncryptionEventContent
 	// What a second ferry process on the same database and homeserver needs (the scale runs).
 	asToken, hsToken, sharedSecret, pickleKey string
 
@@ -282,7 +284,11 @@ func checkHomeserver(ctx context.Context, as *appservice.AppService) error {
 func (e *env) createPairs(ctx context.Context) error {
 	bot := e.as.BotMXID()
 	ss := e.br.StateStore
-	for i := range e.st.pairs {
+	n := e.st.pairs
+	if e.st.steadyRate > 0 {
+		n++ // the last pair is the steady one
+	}
+	for i := range n {
 		p := &pair{idx: i}
 		for j := range e.st.senders {
 			u, err := e.hs.NewUser(ctx, id.NewUserID(fmt.Sprintf("alice%d.%d", i, j), benchDomain), fakehs.UserOptions{
@@ -338,7 +344,11 @@ func (e *env) createPairs(ctx context.Context) error {
 		if _, err := e.br.DB.Links.Join(ctx, fmt.Sprintf("bench%d", i), p.a, p.b, p.senders[0].ID, time.Now()); err != nil {
 			return err
 		}
-		e.pairs = append(e.pairs, p)
+		if i == e.st.pairs {
+			e.steady = p
+		} else {
+			e.pairs = append(e.pairs, p)
+		}
 	}
 	return e.primeSenders(ctx)
 }
@@ -348,7 +358,11 @@ func (e *env) createPairs(ctx context.Context) error {
 // joining over time.
 func (e *env) primeSenders(ctx context.Context) error {
 	bot, dev := e.as.BotMXID(), e.mach.DeviceID()
-	for _, p := range e.pairs {
+	pairs := e.pairs
+	if e.steady != nil {
+		pairs = append(pairs[:len(pairs):len(pairs)], e.steady)
+	}
+	for _, p := range pairs {
 		for _, u := range p.senders {
 			deadline := time.Now().Add(30 * time.Second)
 			for e.hs.OTKCount(bot, dev) < 5 {

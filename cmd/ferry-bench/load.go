@@ -44,6 +44,10 @@ type phaseState struct {
 	msgs []*msg
 	sem  chan struct{} // closed-loop window; nil for open-loop runs
 	done atomic.Int64
+	// background: the run goes on beside another phase, whose transactions it leaves to that phase's figures
+	background bool
+	// stop ends production early (a background run, when the phase beside it ended)
+	stop atomic.Bool
 
 	// guards the following fields
 	mu   sync.Mutex
@@ -51,17 +55,22 @@ type phaseState struct {
 	txnN int
 }
 
-// generate pre-encrypts n messages, spread round-robin over the pairs and their senders, so the measured
-// runs spend no CPU on the simulated clients. Each sender encrypts its own messages in order (Megolm indexes
-// ascend); senders run in parallel.
+// generate pre-encrypts n messages, spread round-robin over the measured pairs and their senders.
 func (e *env) generate(ctx context.Context, name string, n int) ([]*msg, error) {
+	return e.generateOn(ctx, name, n, e.pairs)
+}
+
+// generateOn pre-encrypts n messages, spread round-robin over pairs and their senders, so the measured runs
+// spend no CPU on the simulated clients. Each sender encrypts its own messages in order (Megolm indexes
+// ascend); senders run in parallel.
+func (e *env) generateOn(ctx context.Context, name string, n int, pairs []*pair) ([]*msg, error) {
 	ph := &phaseState{name: name}
 	msgs := make([]*msg, n)
 	perSender := map[*fakehs.User][]*msg{}
 	var order []*fakehs.User
-	P, S := len(e.pairs), e.st.senders
+	P, S := len(pairs), e.st.senders
 	for k := range n {
-		p := e.pairs[k%P]
+		p := pairs[k%P]
 		u := p.senders[(k/P)%S]
 		m := &msg{k: k, phase: ph, pair: p, sender: u, sample: e.st.sampleEvery > 0 && k%e.st.sampleEvery == 0}
 		m.body = messageBody(name, k, e.st.payload)
@@ -177,10 +186,12 @@ func (e *env) run(ctx context.Context, ph *phaseState, rate float64, window int,
 	if rate <= 0 && window > 0 {
 		ph.sem = make(chan struct{}, window)
 	}
-	e.current.Store(ph)
+	if !ph.background {
+		e.current.Store(ph)
+	}
 	start = time.Now()
 	for i, m := range ph.msgs {
-		if ctx.Err() != nil || time.Since(start) > maxDur {
+		if ctx.Err() != nil || time.Since(start) > maxDur || ph.stop.Load() {
 			break
 		}
 		if rate > 0 {
@@ -212,7 +223,9 @@ func (e *env) run(ctx context.Context, ph *phaseState, rate float64, window int,
 	defer cancel()
 	_ = e.hs.WaitAppserviceIdle(idleCtx)
 	e.waitInboxDrained(idleCtx)
-	e.current.Store(nil)
+	if !ph.background {
+		e.current.Store(nil)
+	}
 	return produced, start, end
 }
 

@@ -36,6 +36,13 @@ const (
 	targetRate        = 500
 )
 
+// The established link's runs (-steady-rate): alone, then beside the warm-up for as long as it lasts (at most
+// steadyBusyFor).
+const (
+	steadyAloneFor = 10 * time.Second
+	steadyBusyFor  = 5 * time.Minute
+)
+
 type settings struct {
 	adminURL                  string
 	pairs, senders, receivers int
@@ -55,6 +62,7 @@ type settings struct {
 	logLevel                  string
 	deviceMode                string
 	hsLatency                 time.Duration
+	steadyRate                float64
 	// the scale runs
 	scaleLinks     []int
 	scaleGhosts    int
@@ -73,6 +81,7 @@ type report struct {
 	Warmup   *phaseResult   `json:"warmup,omitempty"`
 	Full     *phaseResult   `json:"full_speed,omitempty"`
 	Rates    []*phaseResult `json:"fixed_rate,omitempty"`
+	Steady   []*phaseResult `json:"steady,omitempty"`
 	Verify   *verifyResult  `json:"verify,omitempty"`
 	Floor    *floorResult   `json:"crypto_floor,omitempty"`
 	Naive    *naiveResult   `json:"naive_path,omitempty"`
@@ -116,6 +125,7 @@ func run(args []string) int {
 	fs.BoolVar(&st.keepDB, "keep-db", false, "keep the benchmark database")
 	fs.StringVar(&st.logLevel, "log-level", "error", "ferry's log level (logs go to stderr)")
 	fs.DurationVar(&st.hsLatency, "hs-latency", 0, "the fake homeserver delays every request by this long")
+	fs.Float64Var(&st.steadyRate, "steady-rate", 0, "relay runs: one more, established link carries this many msg/s alone for 10 s, then throughout the warm-up (every other sender's first message); its latencies are reported for both (0: no such link)")
 	fs.StringVar(&scaleLinks, "scale", "", "scale runs instead of the relay runs: ferry's binary on a database seeded with this many linked pairs, comma-separated (e.g. 100,1000,10000)")
 	fs.IntVar(&st.scaleGhosts, "scale-ghosts", 5, "scale runs: ghosts per linked pair")
 	fs.StringVar(&scalePaths, "scale-paths", "sync,appservice", "scale runs: encryption paths, comma-separated: sync (logins and /sync), appservice (MSC4190 devices, pushes in transactions)")
@@ -264,6 +274,20 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 			all = append(all, msgs...)
 		}
 	}
+	var steadyWarm, steadyAlone, steadyBusy []*msg
+	if st.steadyRate > 0 {
+		one := []*pair{e.steady}
+		if steadyWarm, err = e.generateOn(ctx, "steady-warmup", st.senders, one); err == nil {
+			if steadyAlone, err = e.generateOn(ctx, "steady-alone", max(int(st.steadyRate*steadyAloneFor.Seconds()), 1), one); err == nil {
+				steadyBusy, err = e.generateOn(ctx, "steady-busy", max(int(st.steadyRate*steadyBusyFor.Seconds()), 1), one)
+			}
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "ferry-bench: %v\n", err)
+			return 1
+		}
+		all = append(append(append(all, steadyWarm...), steadyAlone...), steadyBusy...)
+	}
 	if err = e.waitForSessions(ctx, 2*time.Minute); err != nil {
 		fmt.Fprintf(os.Stderr, "ferry-bench: %v\n", err)
 		return 1
@@ -272,15 +296,49 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 	fmt.Printf("ferry-bench: setup (users, rooms, links, %d room keys imported by ferry, %d messages pre-encrypted) took %.1f s\n",
 		e.sessionsReceived.Load(), len(all), rep.SetupSec)
 
+	// The established link: its senders' first messages, then its rate alone, as the reference for its rate
+	// beside the warm-up.
+	if st.steadyRate > 0 {
+		before := e.snapshot()
+		n, start, end := e.run(ctx, steadyWarm[0].phase, 0, 0, time.Hour, st.drain)
+		_ = e.result(steadyWarm[0].phase, "", n, start, end, before, e.snapshot())
+		before = e.snapshot()
+		n, start, end = e.run(ctx, steadyAlone[0].phase, st.steadyRate, 0, steadyAloneFor, st.drain)
+		r := e.result(steadyAlone[0].phase, fmt.Sprintf("the established link alone, %.0f msg/s", st.steadyRate), n, start, end, before, e.snapshot())
+		rep.Steady = append(rep.Steady, &r)
+		printSteady(os.Stdout, r)
+	}
+
 	// Warm-up: the first message of every sender brings its ghost into the target room and makes ferry share
 	// its room key there; these one-off costs are reported apart.
+	var steadyDone chan phaseResult
+	if st.steadyRate > 0 {
+		ph := steadyBusy[0].phase
+		ph.background = true
+		steadyDone = make(chan phaseResult, 1)
+		go func() {
+			before := e.snapshot()
+			n, start, end := e.run(ctx, ph, st.steadyRate, 0, steadyBusyFor, st.drain)
+			steadyDone <- e.result(ph, fmt.Sprintf("the established link, %.0f msg/s, while the warm-up's new senders speak", st.steadyRate), n, start, end, before, e.snapshot())
+		}()
+	}
 	stopWarmProfile := startCPUProfile(st.warmProfile)
 	before := e.snapshot()
 	n, start, end := e.run(ctx, warm[0].phase, 0, 0, time.Hour, st.drain)
 	stopWarmProfile()
-	warmRes := e.result(warm[0].phase, "first message of every sender (ghost registration, join, profile, room key share)", n, start, end, before, e.snapshot())
+	mode := "first message of every sender (ghost registration, join, profile, room key share)"
+	if steadyDone != nil {
+		mode += fmt.Sprintf("; CPU and statement figures include the established link's %.0f msg/s", st.steadyRate)
+	}
+	warmRes := e.result(warm[0].phase, mode, n, start, end, before, e.snapshot())
 	rep.Warmup = &warmRes
 	printPhase(os.Stdout, warmRes)
+	if steadyDone != nil {
+		steadyBusy[0].phase.stop.Store(true)
+		r := <-steadyDone
+		rep.Steady = append(rep.Steady, &r)
+		printSteady(os.Stdout, r)
+	}
 
 	if len(full) > 0 && ctx.Err() == nil {
 		stopProfile := startCPUProfile(st.cpuProfile)
@@ -318,7 +376,7 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 		v.Decrypted, v.Sampled, v.Failed, v.WrongBody, v.Trust)
 	fmt.Printf("  duplicate copies %d, unencrypted copies %d, other events ferry sent: %v, echoes ferry received back: %d\n",
 		e.duplicates.Load(), e.plaintextCopies.Load(), e.otherSendsCopy(), e.echoes.Load())
-	for _, ph := range append([]*phaseResult{rep.Warmup, rep.Full}, rep.Rates...) {
+	for _, ph := range append(append([]*phaseResult{rep.Warmup, rep.Full}, rep.Rates...), rep.Steady...) {
 		if ph != nil && (ph.Missing > 0 || ph.Duplicates > 0) {
 			rep.Problems = append(rep.Problems, fmt.Sprintf("%s: %d missing, %d duplicate copies", ph.Name, ph.Missing, ph.Duplicates))
 		}
@@ -355,7 +413,11 @@ type verifyResult struct {
 // verify lets the receivers take ferry's room keys and decrypt the sampled copies.
 func (e *env) verify(ctx context.Context, msgs []*msg) verifyResult {
 	v := verifyResult{Trust: map[string]int{}}
-	for _, p := range e.pairs {
+	pairs := e.pairs
+	if e.steady != nil {
+		pairs = append(pairs[:len(pairs):len(pairs)], e.steady)
+	}
+	for _, p := range pairs {
 		for _, r := range p.receivers {
 			r.ReceiveToDevice(ctx)
 		}

@@ -279,6 +279,15 @@ func (e *env) result(ph *phaseState, mode string, produced int, start, end time.
 	return r
 }
 
+// printSteady prints what a member of the established link notices: whether every message crossed, and how
+// long each took.
+func printSteady(w io.Writer, r phaseResult) {
+	fmt.Fprintf(w, "\n== %s: %s ==\n", r.Name, r.Mode)
+	fmt.Fprintf(w, "  relayed           %d of %d (missing %d, duplicate copies %d) in %.2f s\n", r.Relayed, r.Produced, r.Missing, r.Duplicates, r.Seconds)
+	fmt.Fprintf(w, "  in ferry (ms)     p50 %.2f  p90 %.2f  p99 %.2f  max %.2f   (transaction 200 → copy at homeserver)\n", r.Latency.P50, r.Latency.P90, r.Latency.P99, r.Latency.Max)
+	fmt.Fprintf(w, "  end to end (ms)   p50 %.2f  p90 %.2f  p99 %.2f  max %.2f   (queued at homeserver → copy)\n", r.EndToEnd.P50, r.EndToEnd.P90, r.EndToEnd.P99, r.EndToEnd.Max)
+}
+
 func printPhase(w io.Writer, r phaseResult) {
 	fmt.Fprintf(w, "\n== %s: %s ==\n", r.Name, r.Mode)
 	fmt.Fprintf(w, "  relayed           %d of %d (missing %d, duplicate copies %d) in %.2f s\n", r.Relayed, r.Produced, r.Missing, r.Duplicates, r.Seconds)
