@@ -12,6 +12,7 @@ import (
 	"net/http/httptrace"
 	"net/url"
 	"regexp"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -346,6 +347,9 @@ func (e *env) createPairs(ctx context.Context) error {
 		}
 		if i == e.st.pairs {
 			e.steady = p
+			w := &watchedLink{a: p.a, b: p.b, sendPath: "/_matrix/client/v3/rooms/" + url.PathEscape(string(p.b)) + "/send/"}
+			e.timed.watched.Store(w)
+			e.http.watched.Store(w)
 		} else {
 			e.pairs = append(e.pairs, p)
 		}
@@ -430,28 +434,85 @@ func (e *env) close() {
 type timedCrypto struct {
 	*crypto.Machine
 	decrypts, decryptNanos, encrypts, encryptNanos atomic.Int64
+	// watched keeps the durations of the steady link's calls apart (-steady-rate)
+	watched atomic.Pointer[watchedLink]
 }
 
 func (t *timedCrypto) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
 	start := time.Now()
 	dec, err := t.Machine.Decrypt(ctx, evt)
-	t.decryptNanos.Add(int64(time.Since(start)))
+	took := time.Since(start)
+	t.decryptNanos.Add(int64(took))
 	t.decrypts.Add(1)
+	t.watched.Load().note(evt.RoomID, took, 0)
 	return dec, err
 }
 
 func (t *timedCrypto) Encrypt(ctx context.Context, sender id.UserID, roomID id.RoomID, evtType event.Type, content *event.Content) (*event.EncryptedEventContent, error) {
 	start := time.Now()
 	enc, err := t.Machine.Encrypt(ctx, sender, roomID, evtType, content)
-	t.encryptNanos.Add(int64(time.Since(start)))
+	took := time.Since(start)
+	t.encryptNanos.Add(int64(took))
 	t.encrypts.Add(1)
+	t.watched.Load().note(roomID, 0, took)
 	return enc, err
+}
+
+// watchedLink collects how long ferry's decryptions in one link's source room and encryptions into its target
+// room took, to tell where that link's messages waited.
+type watchedLink struct {
+	a, b id.RoomID
+	// sendPath starts the path of ferry's sends into b
+	sendPath string
+	mu       sync.Mutex
+	on       bool
+	dec      []time.Duration
+	enc      []time.Duration
+	send     []time.Duration
+}
+
+// noteSend records a request of ferry's if it sends an event into the watched link's target room.
+func (w *watchedLink) noteSend(req *http.Request, took time.Duration) {
+	if w == nil || req.Method != http.MethodPut || !strings.HasPrefix(req.URL.EscapedPath(), w.sendPath) {
+		return
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.on {
+		w.send = append(w.send, took)
+	}
+}
+
+func (w *watchedLink) note(room id.RoomID, dec, enc time.Duration) {
+	if w == nil || (room != w.a && room != w.b) {
+		return
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.on {
+		return
+	}
+	if room == w.a && dec > 0 {
+		w.dec = append(w.dec, dec)
+	} else if room == w.b && enc > 0 {
+		w.enc = append(w.enc, enc)
+	}
+}
+
+// collect starts collecting afresh, or stops and returns what was collected.
+func (w *watchedLink) collect(on bool) (dec, enc, send []time.Duration) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	dec, enc, send = w.dec, w.enc, w.send
+	w.on, w.dec, w.enc, w.send = on, nil, nil, nil
+	return dec, enc, send
 }
 
 // timedTransport times ferry's requests to the homeserver and counts new TCP connections.
 type timedTransport struct {
 	base                      http.RoundTripper
 	requests, nanos, newConns atomic.Int64
+	watched                   atomic.Pointer[watchedLink]
 }
 
 func (t *timedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -463,7 +524,9 @@ func (t *timedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
 	start := time.Now()
 	resp, err := t.base.RoundTrip(req)
-	t.nanos.Add(int64(time.Since(start)))
+	took := time.Since(start)
+	t.nanos.Add(int64(took))
+	t.watched.Load().noteSend(req, took)
 	t.requests.Add(1)
 	return resp, err
 }

@@ -56,6 +56,7 @@ type settings struct {
 	phases                    map[string]bool
 	cpuProfile, memProfile    string
 	warmProfile, rateProfile  string
+	warmMutexProfile          string
 	encPath                   string
 	jsonOut                   string
 	keepDB                    bool
@@ -119,6 +120,7 @@ func run(args []string) int {
 	fs.StringVar(&phases, "phases", "full,rate,refs", "runs to do, comma-separated: full, rate, refs")
 	fs.StringVar(&st.cpuProfile, "cpuprofile", "", "write a CPU profile of the full-speed run to this file")
 	fs.StringVar(&st.warmProfile, "warm-cpuprofile", "", "write a CPU profile of the warm-up (every sender's first message) to this file")
+	fs.StringVar(&st.warmMutexProfile, "warm-mutexprofile", "", "write a profile of lock contention during the warm-up (with -steady-rate: the established link's traffic beside it) to this file")
 	fs.StringVar(&st.rateProfile, "rate-cpuprofile", "", "write a CPU profile of the fixed-rate runs to this file")
 	fs.StringVar(&st.memProfile, "memprofile", "", "write an allocation profile after the full-speed run to this file")
 	fs.StringVar(&st.jsonOut, "json", "", "also write the results as JSON to this file")
@@ -299,12 +301,15 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 	// The established link: its senders' first messages, then its rate alone, as the reference for its rate
 	// beside the warm-up.
 	if st.steadyRate > 0 {
+		fmt.Printf("ferry-bench: the established link: %s → %s\n", e.steady.a, e.steady.b)
 		before := e.snapshot()
 		n, start, end := e.run(ctx, steadyWarm[0].phase, 0, 0, time.Hour, st.drain)
 		_ = e.result(steadyWarm[0].phase, "", n, start, end, before, e.snapshot())
 		before = e.snapshot()
+		e.timed.watched.Load().collect(true)
 		n, start, end = e.run(ctx, steadyAlone[0].phase, st.steadyRate, 0, steadyAloneFor, st.drain)
 		r := e.result(steadyAlone[0].phase, fmt.Sprintf("the established link alone, %.0f msg/s", st.steadyRate), n, start, end, before, e.snapshot())
+		r.watch(e.timed.watched.Load().collect(false))
 		rep.Steady = append(rep.Steady, &r)
 		printSteady(os.Stdout, r)
 	}
@@ -316,16 +321,21 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 		ph := steadyBusy[0].phase
 		ph.background = true
 		steadyDone = make(chan phaseResult, 1)
+		e.timed.watched.Load().collect(true)
 		go func() {
 			before := e.snapshot()
 			n, start, end := e.run(ctx, ph, st.steadyRate, 0, steadyBusyFor, st.drain)
-			steadyDone <- e.result(ph, fmt.Sprintf("the established link, %.0f msg/s, while the warm-up's new senders speak", st.steadyRate), n, start, end, before, e.snapshot())
+			r := e.result(ph, fmt.Sprintf("the established link, %.0f msg/s, while the warm-up's new senders speak", st.steadyRate), n, start, end, before, e.snapshot())
+			r.watch(e.timed.watched.Load().collect(false))
+			steadyDone <- r
 		}()
 	}
 	stopWarmProfile := startCPUProfile(st.warmProfile)
+	stopMutexProfile := startMutexProfile(st.warmMutexProfile)
 	before := e.snapshot()
 	n, start, end := e.run(ctx, warm[0].phase, 0, 0, time.Hour, st.drain)
 	stopWarmProfile()
+	stopMutexProfile()
 	mode := "first message of every sender (ghost registration, join, profile, room key share)"
 	if steadyDone != nil {
 		mode += fmt.Sprintf("; CPU and statement figures include the established link's %.0f msg/s", st.steadyRate)
@@ -537,6 +547,25 @@ func startCPUProfile(path string) func() {
 	return func() {
 		pprof.StopCPUProfile()
 		_ = f.Close()
+	}
+}
+
+// startMutexProfile records every contended lock until the returned function writes the profile to path.
+func startMutexProfile(path string) func() {
+	if path == "" {
+		return func() {}
+	}
+	runtime.SetMutexProfileFraction(1)
+	return func() {
+		runtime.SetMutexProfileFraction(0)
+		f, err := os.Create(path)
+		if err == nil {
+			err = pprof.Lookup("mutex").WriteTo(f, 0)
+			_ = f.Close()
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "ferry-bench: mutexprofile: %v\n", err)
+		}
 	}
 }
 

@@ -128,18 +128,22 @@ const clockTicks = 100
 
 // phaseResult is what one measured run reports.
 type phaseResult struct {
-	Name             string           `json:"name"`
-	Mode             string           `json:"mode"`
-	Offered          float64          `json:"offered_msgs_per_sec,omitempty"`
-	Produced         int              `json:"produced"`
-	Relayed          int              `json:"relayed"`
-	Missing          int              `json:"missing"`
-	Duplicates       int64            `json:"duplicates"`
-	Seconds          float64          `json:"seconds"`
-	MsgsPerSec       float64          `json:"msgs_per_sec"`
-	Latency          percentiles      `json:"latency_in_ferry_ms"`
-	EndToEnd         percentiles      `json:"latency_enqueue_to_copy_ms"`
-	Intake           percentiles      `json:"intake_txn_ms"`
+	Name       string      `json:"name"`
+	Mode       string      `json:"mode"`
+	Offered    float64     `json:"offered_msgs_per_sec,omitempty"`
+	Produced   int         `json:"produced"`
+	Relayed    int         `json:"relayed"`
+	Missing    int         `json:"missing"`
+	Duplicates int64       `json:"duplicates"`
+	Seconds    float64     `json:"seconds"`
+	MsgsPerSec float64     `json:"msgs_per_sec"`
+	Latency    percentiles `json:"latency_in_ferry_ms"`
+	EndToEnd   percentiles `json:"latency_enqueue_to_copy_ms"`
+	Intake     percentiles `json:"intake_txn_ms"`
+	// the steady link's runs: ferry's decryptions of its messages and encryptions of their copies
+	WatchedDecrypt   *percentiles     `json:"watched_decrypt_ms,omitempty"`
+	WatchedEncrypt   *percentiles     `json:"watched_encrypt_ms,omitempty"`
+	WatchedSend      *percentiles     `json:"watched_send_ms,omitempty"`
 	Transactions     int              `json:"transactions"`
 	ProcCPUPerMsg    float64          `json:"process_cpu_us_per_msg"`
 	MachCPUPerMsg    float64          `json:"machine_cpu_us_per_msg"`
@@ -279,6 +283,11 @@ func (e *env) result(ph *phaseState, mode string, produced int, start, end time.
 	return r
 }
 
+func (r *phaseResult) watch(dec, enc, send []time.Duration) {
+	d, e, s := percentilesOf(dec), percentilesOf(enc), percentilesOf(send)
+	r.WatchedDecrypt, r.WatchedEncrypt, r.WatchedSend = &d, &e, &s
+}
+
 // printSteady prints what a member of the established link notices: whether every message crossed, and how
 // long each took.
 func printSteady(w io.Writer, r phaseResult) {
@@ -286,6 +295,13 @@ func printSteady(w io.Writer, r phaseResult) {
 	fmt.Fprintf(w, "  relayed           %d of %d (missing %d, duplicate copies %d) in %.2f s\n", r.Relayed, r.Produced, r.Missing, r.Duplicates, r.Seconds)
 	fmt.Fprintf(w, "  in ferry (ms)     p50 %.2f  p90 %.2f  p99 %.2f  max %.2f   (transaction 200 → copy at homeserver)\n", r.Latency.P50, r.Latency.P90, r.Latency.P99, r.Latency.Max)
 	fmt.Fprintf(w, "  end to end (ms)   p50 %.2f  p90 %.2f  p99 %.2f  max %.2f   (queued at homeserver → copy)\n", r.EndToEnd.P50, r.EndToEnd.P90, r.EndToEnd.P99, r.EndToEnd.Max)
+	if d, e := r.WatchedDecrypt, r.WatchedEncrypt; d != nil && e != nil {
+		fmt.Fprintf(w, "  decrypt (ms)      p50 %.2f  p90 %.2f  p99 %.2f  max %.2f   (ferry's decryption of each message)\n", d.P50, d.P90, d.P99, d.Max)
+		fmt.Fprintf(w, "  encrypt (ms)      p50 %.2f  p90 %.2f  p99 %.2f  max %.2f   (ferry's encryption of each copy)\n", e.P50, e.P90, e.P99, e.Max)
+		if s := r.WatchedSend; s != nil {
+			fmt.Fprintf(w, "  send (ms)         p50 %.2f  p90 %.2f  p99 %.2f  max %.2f   (ferry's PUT of each copy, %d requests)\n", s.P50, s.P90, s.P99, s.Max, s.N)
+		}
+	}
 }
 
 func printPhase(w io.Writer, r phaseResult) {
