@@ -3,8 +3,9 @@ package crypto
 // The admin helper. On Dendrite without appservice-mode encryption, cross-signing keys are uploaded only with the
 // account's password, and ferry's accounts have none it knows; with homeserver.registration_shared_secret ferry
 // creates one homeserver admin account (@<bot>-admin) and uses it only to set random passwords on its own
-// accounts. Least privilege: the helper is logged in for one call at a time and its access token is logged out
-// right after (withAdmin), so no admin credential lives longer than the call that needs it. The admin-helper bot
+// accounts. Least privilege: the helper is logged in only while calls need it (calls that overlap share one
+// login) and its access token is logged out as soon as the last of them ends (withAdmin), so no admin
+// credential lives longer than the calls that need it. The admin-helper bot
 // command shows it (AdminHelper) and can remove it (RemoveAdminHelper): ferry deactivates the account, forgets
 // its password, and never creates it again; ghosts that then need a password fall back to single-device mode.
 
@@ -48,7 +49,7 @@ type AdminHelperStatus struct {
 	Exists bool
 	// Removed: an admin removed it; ferry does not create it again.
 	Removed bool
-	// LoggedIn: a call is using it right now (its access token is live only during a call).
+	// LoggedIn: calls are using it right now (its access token is live only while calls need it).
 	LoggedIn bool
 }
 
@@ -60,27 +61,76 @@ func (m *Machine) adminStore() *crypto.SQLCryptoStore {
 	return crypto.NewSQLCryptoStore(m.db, m.dbLog, adminAccountID, "", []byte(m.cfg.PickleKey))
 }
 
-// withAdmin runs fn as ferry's admin helper, logged in for this call only, creating the helper through the
-// shared-secret API on first use. Its access token is logged out as soon as fn returns.
-func (m *Machine) withAdmin(ctx context.Context, fn func(admin *mautrix.Client) error) error {
-	m.adminLock.Lock()
-	defer m.adminLock.Unlock()
-	store := m.adminStore()
-	if removed, err := store.GetSecret(ctx, secretAdminRemoved); err != nil {
-		return fmt.Errorf("failed to read the admin helper's state: %w", err)
-	} else if removed != "" {
-		return ErrAdminHelperRemoved
-	}
-	admin, err := m.adminLogin(ctx, store)
-	if err != nil {
-		return err
-	}
-	defer m.adminLogout(ctx, admin)
-	return fn(admin)
+// adminSession is one login of the admin helper, shared by the calls that overlap it.
+type adminSession struct {
+	ready  chan struct{} // closed once the login ended, with client or err set
+	client *mautrix.Client
+	err    error
+	users  int           // calls using it; guarded by Machine.adminLock
+	gone   chan struct{} // closed once its logout ended
 }
 
-// adminLogin logs the helper in (or registers it), returning a client holding a fresh access token.
-func (m *Machine) adminLogin(ctx context.Context, store *crypto.SQLCryptoStore) (*mautrix.Client, error) {
+// withAdmin runs fn as ferry's admin helper, logged in while fn runs, creating the helper through the
+// shared-secret API on first use. Calls that overlap share one login, side by side (many new senders' ghosts need
+// passwords at once); its access token is logged out as soon as the last of them returns.
+func (m *Machine) withAdmin(ctx context.Context, fn func(admin *mautrix.Client) error) error {
+	m.adminGate.RLock()
+	defer m.adminGate.RUnlock()
+	m.adminLock.Lock()
+	s := m.admin
+	if s == nil {
+		// The first call logs in, after the previous login's logout ended: a logout removes the device, which
+		// the new login reuses.
+		s = &adminSession{ready: make(chan struct{}), gone: make(chan struct{})}
+		m.admin = s
+		s.users++
+		prev := m.adminGone
+		m.adminGone = s.gone
+		m.adminLock.Unlock()
+		if prev != nil {
+			<-prev
+		}
+		s.client, s.err = m.adminLogin(ctx)
+		close(s.ready)
+	} else {
+		s.users++
+		m.adminLock.Unlock()
+		<-s.ready
+	}
+	defer m.adminDone(ctx, s)
+	if s.err != nil {
+		return s.err
+	}
+	return fn(s.client)
+}
+
+// adminDone ends one call's use of the admin login; the last call out logs it out.
+func (m *Machine) adminDone(ctx context.Context, s *adminSession) {
+	m.adminLock.Lock()
+	s.users--
+	last := s.users == 0
+	if last && m.admin == s {
+		m.admin = nil
+	}
+	m.adminLock.Unlock()
+	if !last {
+		return
+	}
+	if s.client != nil {
+		m.adminLogout(ctx, s.client)
+	}
+	close(s.gone)
+}
+
+// adminLogin logs the helper in (or registers it), returning a client holding a fresh access token, unless an
+// admin removed it.
+func (m *Machine) adminLogin(ctx context.Context) (*mautrix.Client, error) {
+	store := m.adminStore()
+	if removed, err := store.GetSecret(ctx, secretAdminRemoved); err != nil {
+		return nil, fmt.Errorf("failed to read the admin helper's state: %w", err)
+	} else if removed != "" {
+		return nil, ErrAdminHelperRemoved
+	}
 	userID := m.adminUserID()
 	password, err := store.GetSecret(ctx, secretPassword)
 	if err != nil {
@@ -144,11 +194,9 @@ func (m *Machine) AdminHelper(ctx context.Context) (AdminHelperStatus, error) {
 		return s, err
 	}
 	s.Removed, s.Exists = removed != "", password != ""
-	if m.adminLock.TryLock() {
-		m.adminLock.Unlock()
-	} else {
-		s.LoggedIn = true
-	}
+	m.adminLock.Lock()
+	s.LoggedIn = m.admin != nil
+	m.adminLock.Unlock()
 	return s, nil
 }
 
@@ -169,8 +217,8 @@ func (m *Machine) RemoveAdminHelper(ctx context.Context) (bool, error) {
 			return false, fmt.Errorf("failed to deactivate the admin helper: %w", err)
 		}
 	}
-	m.adminLock.Lock()
-	defer m.adminLock.Unlock()
+	m.adminGate.Lock() // no call uses the helper while it is marked removed
+	defer m.adminGate.Unlock()
 	if err = store.PutSecret(ctx, secretAdminRemoved, time.Now().UTC().Format(time.RFC3339)); err != nil {
 		return false, err
 	}

@@ -3,7 +3,10 @@ package crypto
 import (
 	"context"
 	"errors"
+	"fmt"
+	"sync"
 	"testing"
+	"time"
 
 	"maunium.net/go/mautrix/id"
 
@@ -61,5 +64,95 @@ func TestAdminHelperLeastPrivilege(t *testing.T) {
 	}
 	if devs := r.srv.Devices(helper); len(devs) != 0 || r.srv.Counts()[routeLogin] < logins {
 		t.Fatalf("the removed helper has devices %v", devs)
+	}
+}
+
+// TestAdminHelperServesOverlappingCalls: when several of ferry's accounts need a password at once (many new
+// senders on Dendrite), the admin helper's one login serves every call that overlaps it, side by side, and is
+// logged out when the last of them ends. Before, each call logged in and out on its own, one at a time, and new
+// senders' ghosts queued behind each other's.
+func TestAdminHelperServesOverlappingCalls(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	const calls = 4
+	var mu sync.Mutex
+	counting, arrived, timedOut := false, 0, false
+	all := make(chan struct{})
+	opts := fakehs.Options{NoMSC4190: true, CrossSigningUIA: true, SharedSecret: "asmode-secret", BeforeRequest: func(route string, _ []byte) {
+		mu.Lock()
+		if route != "POST /_dendrite/admin/resetPassword/{userID}" || !counting {
+			mu.Unlock()
+			return
+		}
+		arrived++
+		if arrived == calls {
+			close(all)
+		}
+		mu.Unlock()
+		// Each password reset waits until all of them reached the homeserver (or 5 s: they did not overlap).
+		select {
+		case <-all:
+		case <-time.After(5 * time.Second):
+			mu.Lock()
+			timedOut = true
+			mu.Unlock()
+		}
+	}}
+	r := newASRig(t, opts, "asmode-secret")
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	// The helper exists already (a first use), so that what follows are logins.
+	if _, err := r.m.provisionPassword(ctx, r.ghost, r.m.storeFor(r.ghost)); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	counting = true
+	mu.Unlock()
+
+	logins := r.srv.Counts()[routeLogin]
+	var users []id.UserID
+	for i := range calls {
+		u := id.NewUserID(fmt.Sprintf("ghost_new%d", i), r.srv.Domain())
+		if _, err := r.asClient(t, r.bot).MakeRequest(ctx, "POST", r.asClient(t, r.bot).BuildClientURL("v3", "register"),
+			map[string]any{"type": "m.login.application_service", "username": u.Localpart(), "inhibit_login": true}, nil); err != nil {
+			t.Fatal(err)
+		}
+		users = append(users, u)
+	}
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, calls)
+	for _, u := range users {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := r.m.provisionPassword(ctx, u, r.m.storeFor(u)); err != nil {
+				errs <- fmt.Errorf("%s: %w", u, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	mu.Lock()
+	if timedOut {
+		t.Errorf("the %d password resets did not reach the homeserver side by side (took %s)", calls, time.Since(start).Round(time.Millisecond))
+	}
+	mu.Unlock()
+	if n := r.srv.Counts()[routeLogin] - logins; n > 1 {
+		t.Errorf("the admin helper logged in %d times for %d overlapping calls, want once", n, calls)
+	}
+	if devs := r.srv.Devices(r.m.adminUserID()); len(devs) != 0 {
+		t.Errorf("the admin helper still has devices %v after the calls ended: its token was not logged out", devs)
+	}
+	for _, u := range users {
+		if pw, err := r.m.storeFor(u).GetSecret(ctx, secretPassword); err != nil || pw == "" {
+			t.Errorf("%s has no stored password (%v)", u, err)
+		}
 	}
 }

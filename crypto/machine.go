@@ -121,8 +121,14 @@ type Machine struct {
 	openLock sync.Mutex
 	opened   bool
 
-	// adminLock serialises the admin helper's calls (adminhelper.go); no admin client outlives one.
+	// guards the following fields
 	adminLock sync.Mutex
+	// admin is the admin helper's live login, shared by the calls that overlap it (adminhelper.go); nil when no
+	// call runs. adminGone is closed when the last login's logout ended (nil before the first).
+	admin     *adminSession
+	adminGone chan struct{}
+	// adminGate is held for reading by every call that uses the admin helper, and for writing while it is removed.
+	adminGate sync.RWMutex
 
 	// guards the following fields
 	lock       sync.Mutex
