@@ -65,10 +65,10 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 		lists = txn.MSC3202DeviceLists
 	}
 	if lists != nil {
-		// Under the key lock, as key shares fetch device lists (device.devicesOf).
-		m.cache.keysLock.Lock()
+		// Under the changed users' key locks, as key shares fetch device lists (device.devicesOf).
+		unlock := m.cache.keyLocks.lock(lists.Changed)
 		m.bot.mach.HandleDeviceLists(ctx, lists, "")
-		m.cache.keysLock.Unlock()
+		unlock()
 		m.rotateForDeviceChanges(ctx, append(append([]id.UserID{}, lists.Changed...), lists.Left...))
 	}
 	// Only the bot tops up one-time keys: ghost devices never decrypt what others send them, so their keys are
@@ -130,8 +130,7 @@ func (m *Machine) routeToDevice(ctx context.Context, evt *event.Event) {
 // up: Synapse drops them, with to-device messages and key counts, while it counts the appservice as down (ferry
 // stopped, or a transaction failed), so after a start ferry cannot know what it missed without asking.
 func (m *Machine) catchUpDeviceLists(ctx context.Context) error {
-	m.cache.keysLock.Lock()
-	defer m.cache.keysLock.Unlock()
+	defer m.cache.keyLocks.lockAll()()
 	var users []id.UserID
 	rows, err := m.db.Query(ctx, sqlAllTrackedUsers)
 	if err != nil {

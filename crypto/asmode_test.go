@@ -570,8 +570,8 @@ func TestBotDeviceVanished(t *testing.T) {
 }
 
 // TestDeviceListChangesWaitForKeyShares: the device-list fetch a change triggers (from /sync, or from an
-// appservice transaction) waits while a key share holds the key lock, so a share never sees a member's new
-// device before its signatures; it happens once the lock is free.
+// appservice transaction) waits while a key share holds the member's key lock, so a share never sees a member's
+// new device before its signatures; it happens once the lock is free.
 func TestDeviceListChangesWaitForKeyShares(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
@@ -598,7 +598,7 @@ func TestDeviceListChangesWaitForKeyShares(t *testing.T) {
 			}
 			queries := func() int64 { return r.srv.Counts()[routeKeysQuery] }
 
-			r.m.cache.keysLock.Lock() // a key share is checking device lists
+			unlock := r.m.cache.keyLocks.lock([]id.UserID{r.member.ID}) // a key share is checking the member's devices
 			before := queries()
 			done := make(chan struct{})
 			go func() {
@@ -607,14 +607,14 @@ func TestDeviceListChangesWaitForKeyShares(t *testing.T) {
 			}()
 			select {
 			case <-done:
-				r.m.cache.keysLock.Unlock()
+				unlock()
 				t.Fatal("the device-list change was handled while a key share held the lock")
 			case <-time.After(300 * time.Millisecond):
 			}
 			if n := queries(); n != before {
 				t.Errorf("%d key queries while a key share held the lock", n-before)
 			}
-			r.m.cache.keysLock.Unlock()
+			unlock()
 			select {
 			case <-done:
 			case <-time.After(10 * time.Second):
@@ -624,6 +624,105 @@ func TestDeviceListChangesWaitForKeyShares(t *testing.T) {
 				t.Error("the changed device list was never fetched")
 			}
 		})
+	}
+}
+
+// TestKeySharesDoNotWaitForOtherMembersFetches: a key share waits only for fetches of the device lists of the
+// users it shares with. While the homeserver is slow to answer for one member's keys (a device-list change
+// being fetched), a key share into another room, where that member is not, goes ahead. Before, one lock held
+// every share in every room behind any fetch: an established link's session rotation waited seconds while new
+// senders' ghosts were set up in other rooms, and the link's messages behind it.
+func TestKeySharesDoNotWaitForOtherMembersFetches(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var holdFor sync.Map // user ID → true: key queries asking for that user wait until release
+	held := make(chan struct{}, 1)
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	releaseAll := func() { releaseOnce.Do(func() { close(release) }) }
+	defer releaseAll()
+	opts := fakehs.Options{CrossSigningUIA: true, BeforeRequest: func(route string, body []byte) {
+		if route != routeKeysQuery {
+			return
+		}
+		hold := false
+		holdFor.Range(func(u, _ any) bool {
+			hold = hold || bytes.Contains(body, []byte(u.(id.UserID)))
+			return !hold
+		})
+		if hold {
+			select {
+			case held <- struct{}{}:
+			default:
+			}
+			<-release
+		}
+	}}
+	r := startASRig(ctx, t, opts, "")
+	defer r.m.Stop()
+	r.sendAs(t, r.ghost, "the member's devices are now tracked")
+
+	// A second room, without the member.
+	other, err := r.srv.NewUser(ctx, id.NewUserID("other", r.srv.Domain()), fakehs.UserOptions{CrossSign: true, ShareMinTrust: id.TrustStateCrossSignedTOFU})
+	if err != nil {
+		t.Fatal(err)
+	}
+	roomY := id.RoomID("!other-room:" + r.srv.Domain())
+	inY := []id.UserID{other.ID, r.bot, r.ghost}
+	for _, u := range inY {
+		if err = r.ss.SetMembership(ctx, roomY, u, event.MembershipJoin); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err = r.ss.SetEncryptionEvent(ctx, roomY, r.enc); err != nil {
+		t.Fatal(err)
+	}
+	if err = other.SetRoom(ctx, roomY, inY, r.enc); err != nil {
+		t.Fatal(err)
+	}
+
+	// The member's device list changes; the homeserver is slow to answer ferry's fetch of it.
+	holdFor.Store(r.member.ID, true)
+	changed := make(chan struct{})
+	go func() {
+		defer close(changed)
+		raw, _ := json.Marshal(map[string]any{"events": []any{}, "device_lists": map[string]any{"changed": []id.UserID{r.member.ID}}})
+		_ = r.m.HandleTransactionCrypto(ctx, raw)
+	}()
+	select {
+	case <-held:
+	case <-time.After(10 * time.Second):
+		t.Fatal("ferry never fetched the member's changed device list")
+	}
+
+	type result struct {
+		enc *event.EncryptedEventContent
+		err error
+	}
+	sent := make(chan result, 1)
+	go func() {
+		enc, err := r.m.Encrypt(ctx, r.ghost, roomY, event.EventMessage, &event.Content{Parsed: &event.MessageEventContent{MsgType: event.MsgText, Body: "in the other room"}})
+		sent <- result{enc, err}
+	}()
+	var res result
+	select {
+	case res = <-sent:
+	case <-time.After(5 * time.Second):
+		t.Error("a key share into a room without the member waited for the fetch of the member's device list")
+		releaseAll()
+		res = <-sent
+	}
+	releaseAll()
+	<-changed
+	if res.err != nil {
+		t.Fatalf("the ghost cannot send into the other room: %v", res.err)
+	}
+	other.ReceiveToDevice(ctx)
+	evt := &event.Event{ID: "$other", RoomID: roomY, Sender: r.ghost, Type: event.EventEncrypted, Content: event.Content{Parsed: res.enc}}
+	if dec, err := other.Decrypt(ctx, evt); err != nil {
+		t.Fatalf("the other room's member cannot decrypt the ghost's message: %v", err)
+	} else if got := dec.Content.AsMessage().Body; got != "in the other room" {
+		t.Fatalf("the other room's member decrypted %q", got)
 	}
 }
 

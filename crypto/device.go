@@ -308,8 +308,7 @@ func (d *device) devicesOf(ctx context.Context, users []id.UserID) (map[id.UserI
 	// under one lock (shared by all of the machine's devices, which share the device tables) prevents that
 	// between shares, and between a share and the fetches for device-list changes (HandleDeviceLists, which
 	// ferry calls under the same lock from /sync and from appservice transactions).
-	d.olm.c.keysLock.Lock()
-	defer d.olm.c.keysLock.Unlock()
+	defer d.olm.c.keyLocks.lock(users)()
 	outdated, err := d.store.GetOutdatedTrackedUsers(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("failed to list outdated device lists: %w", err)

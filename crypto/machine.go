@@ -244,7 +244,7 @@ func (m *Machine) initBot(ctx context.Context) error {
 	}
 	syncStore := &afterBatchStore{SyncStore: store}
 	m.client.Store = syncStore
-	m.client.Syncer = &cryptoSyncer{mach: mach, client: m.client, store: syncStore, log: m.log, keysLock: &m.cache.keysLock, timeline: func(ctx context.Context, batch SyncedBatch) error {
+	m.client.Syncer = &cryptoSyncer{mach: mach, client: m.client, store: syncStore, log: m.log, keyLocks: &m.cache.keyLocks, timeline: func(ctx context.Context, batch SyncedBatch) error {
 		if m.SyncedTimeline != nil {
 			return m.SyncedTimeline(ctx, batch)
 		}
@@ -896,7 +896,7 @@ type cryptoSyncer struct {
 	client   *mautrix.Client
 	store    *afterBatchStore
 	log      zerolog.Logger
-	keysLock *sync.Mutex // the store cache's: device-list fetches take it, as key shares do (device.devicesOf)
+	keyLocks *keyLocks // the store cache's: device-list fetches take them, as key shares do (device.devicesOf)
 	timeline func(ctx context.Context, batch SyncedBatch) error
 	// ephemeral receives typing notifications and read receipts; it must not block.
 	ephemeral func(ctx context.Context, evts []*event.Event)
@@ -908,14 +908,14 @@ type cryptoSyncer struct {
 
 func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSync, since string) error {
 	// mautrix fetches the changed device lists first thing in ProcessSyncResponse; ferry does it here instead,
-	// under the key lock, so a key share never sees a user's new devices before their signatures.
+	// under the changed users' key locks, so a key share never sees a user's new devices before their signatures.
 	lists := resp.DeviceLists
 	var before map[id.UserID]string
 	if len(lists.Changed) > 0 {
-		s.keysLock.Lock()
+		unlock := s.keyLocks.lock(lists.Changed)
 		before = s.keysOf(ctx, lists.Changed)
 		s.mach.HandleDeviceLists(ctx, &lists, since)
-		s.keysLock.Unlock()
+		unlock()
 	}
 	resp.DeviceLists.Changed = nil
 	s.mach.ProcessSyncResponse(ctx, resp, since)

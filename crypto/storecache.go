@@ -21,16 +21,20 @@ import (
 // entries it affects. Devices and cross-signing data are shared by all of ferry's accounts in the store;
 // inbound sessions are per account.
 type storeCache struct {
-	// keysLock serialises device-list checks and fetches: key shares (device.devicesOf) and device-list
-	// changes from /sync (cryptoSyncer) and from appservice transactions (HandleTransactionCrypto).
-	keysLock sync.Mutex
+	// keyLocks serialise device-list checks and fetches per user (see keyLocks).
+	keyLocks keyLocks
 
 	lock sync.Mutex
-	// gen counts device and cross-signing writes: a read that overlapped one does not fill the cache.
+	// trust holds each user's cross-signing keys, signatures on their keys and devices. A write about a user
+	// drops that user's entry only: a stream of writes about new users (ghosts being set up, members' keys
+	// fetched) leaves the established users' entries, which every decryption reads, in place.
+	trust map[id.UserID]*cachedTrust
+	// gen counts device and cross-signing writes; trustGen is gen after the last write about each user, and
+	// allGen after the last write that dropped every user. A read about a user that overlapped a write about
+	// them does not fill the cache.
 	gen      uint64
-	xsKeys   map[id.UserID]map[id.CrossSigningUsage]id.CrossSigningKey
-	signedBy map[signatureKey]bool
-	devByKey map[deviceKey]*id.Device
+	trustGen map[id.UserID]uint64
+	allGen   uint64
 	// inbound sessions by account; sessionGen counts inbound-session writes, like gen.
 	sessionGen uint64
 	inbound    map[inboundKey]*crypto.InboundGroupSession
@@ -52,16 +56,18 @@ type storeCache struct {
 	pre     nextSessions
 }
 
+// cachedTrust is what the cache holds about one user (see storeCache.trust).
+type cachedTrust struct {
+	xsKeys   map[id.CrossSigningUsage]id.CrossSigningKey // nil: not read
+	signedBy map[signatureKey]bool
+	devByKey map[id.IdentityKey]*id.Device
+}
+
+// signatureKey names a signature on one of a user's keys (the user is cachedTrust's).
 type signatureKey struct {
-	user   id.UserID
 	key    id.Ed25519
 	signer id.UserID
 	sKey   id.Ed25519
-}
-
-type deviceKey struct {
-	user id.UserID
-	key  id.IdentityKey
 }
 
 type accountSession struct {
@@ -94,6 +100,9 @@ type ReplayEntry struct {
 	Timestamp int64
 }
 
+// maxTrustUsers bounds the users whose keys, signatures and devices the cache holds.
+const maxTrustUsers = 16384
+
 // maxReplaySessions bounds the sessions whose replay index stays in memory; fully written ones are dropped
 // beyond it (and read again from the store when they come back).
 const maxReplaySessions = 4096
@@ -102,12 +111,53 @@ func newStoreCache() *storeCache {
 	return &storeCache{index: make(map[id.SessionID]*replayState)}
 }
 
-// trustChanged drops every device and cross-signing entry.
-func (c *storeCache) trustChanged() {
+// trustChanged drops what the cache holds about user.
+func (c *storeCache) trustChanged(user id.UserID) {
 	c.lock.Lock()
 	c.gen++
-	c.xsKeys, c.signedBy, c.devByKey = nil, nil, nil
+	delete(c.trust, user)
+	if len(c.trustGen) >= 4*maxTrustUsers {
+		c.trustGen, c.allGen = nil, c.gen // forget who was written when: reads in flight do not fill
+	}
+	if c.trustGen == nil {
+		c.trustGen = make(map[id.UserID]uint64)
+	}
+	c.trustGen[user] = c.gen
 	c.lock.Unlock()
+}
+
+// allTrustChanged drops every device and cross-signing entry.
+func (c *storeCache) allTrustChanged() {
+	c.lock.Lock()
+	c.gen++
+	c.trust, c.trustGen, c.allGen = nil, nil, c.gen
+	c.lock.Unlock()
+}
+
+// readTrust returns user's entry (nil if none) and the generation a read from the store starts at. Callers hold
+// c.lock.
+func (c *storeCache) readTrust(user id.UserID) (*cachedTrust, uint64) {
+	return c.trust[user], c.gen
+}
+
+// fillTrust returns user's entry for filling, or nil when a write about user came after the read that started
+// at gen (its answer may be stale). Callers hold c.lock.
+func (c *storeCache) fillTrust(user id.UserID, gen uint64) *cachedTrust {
+	if c.allGen > gen || c.trustGen[user] > gen {
+		return nil
+	}
+	if c.trust == nil {
+		c.trust = make(map[id.UserID]*cachedTrust)
+	}
+	t := c.trust[user]
+	if t == nil {
+		if len(c.trust) >= maxTrustUsers {
+			clear(c.trust) // bounded memory; the users still active are read again
+		}
+		t = &cachedTrust{}
+		c.trust[user] = t
+	}
+	return t
 }
 
 // sessionsChanged drops inbound sessions: one (room and session given) or all.
@@ -133,22 +183,20 @@ var _ crypto.Store = (*cachedStore)(nil)
 
 func (s *cachedStore) GetCrossSigningKeys(ctx context.Context, userID id.UserID) (map[id.CrossSigningUsage]id.CrossSigningKey, error) {
 	s.c.lock.Lock()
-	keys, ok := s.c.xsKeys[userID]
-	gen := s.c.gen
-	s.c.lock.Unlock()
-	if ok {
-		return copyKeys(keys), nil
+	t, gen := s.c.readTrust(userID)
+	if t != nil && t.xsKeys != nil {
+		keys := copyKeys(t.xsKeys)
+		s.c.lock.Unlock()
+		return keys, nil
 	}
+	s.c.lock.Unlock()
 	keys, err := s.SQLCryptoStore.GetCrossSigningKeys(ctx, userID)
 	if err != nil {
 		return nil, err
 	}
 	s.c.lock.Lock()
-	if s.c.gen == gen {
-		if s.c.xsKeys == nil {
-			s.c.xsKeys = make(map[id.UserID]map[id.CrossSigningUsage]id.CrossSigningKey)
-		}
-		s.c.xsKeys[userID] = copyKeys(keys)
+	if t = s.c.fillTrust(userID, gen); t != nil {
+		t.xsKeys = copyKeys(keys)
 	}
 	s.c.lock.Unlock()
 	return keys, nil
@@ -163,82 +211,87 @@ func copyKeys(in map[id.CrossSigningUsage]id.CrossSigningKey) map[id.CrossSignin
 }
 
 func (s *cachedStore) IsKeySignedBy(ctx context.Context, userID id.UserID, key id.Ed25519, signedByUser id.UserID, signedByKey id.Ed25519) (bool, error) {
-	k := signatureKey{userID, key, signedByUser, signedByKey}
+	k := signatureKey{key, signedByUser, signedByKey}
 	s.c.lock.Lock()
-	signed, ok := s.c.signedBy[k]
-	gen := s.c.gen
-	s.c.lock.Unlock()
-	if ok {
-		return signed, nil
+	t, gen := s.c.readTrust(userID)
+	if t != nil {
+		if signed, ok := t.signedBy[k]; ok {
+			s.c.lock.Unlock()
+			return signed, nil
+		}
 	}
+	s.c.lock.Unlock()
 	signed, err := s.SQLCryptoStore.IsKeySignedBy(ctx, userID, key, signedByUser, signedByKey)
 	if err != nil {
 		return false, err
 	}
 	s.c.lock.Lock()
-	if s.c.gen == gen {
-		if s.c.signedBy == nil {
-			s.c.signedBy = make(map[signatureKey]bool)
+	if t = s.c.fillTrust(userID, gen); t != nil {
+		if t.signedBy == nil {
+			t.signedBy = make(map[signatureKey]bool)
 		}
-		s.c.signedBy[k] = signed
+		t.signedBy[k] = signed
 	}
 	s.c.lock.Unlock()
 	return signed, nil
 }
 
 func (s *cachedStore) FindDeviceByKey(ctx context.Context, userID id.UserID, identityKey id.IdentityKey) (*id.Device, error) {
-	k := deviceKey{userID, identityKey}
 	s.c.lock.Lock()
-	dev, ok := s.c.devByKey[k]
-	gen := s.c.gen
-	s.c.lock.Unlock()
-	if ok {
-		cp := *dev
-		return &cp, nil
+	t, gen := s.c.readTrust(userID)
+	if t != nil {
+		if dev, ok := t.devByKey[identityKey]; ok {
+			cp := *dev
+			s.c.lock.Unlock()
+			return &cp, nil
+		}
 	}
+	s.c.lock.Unlock()
 	dev, err := s.SQLCryptoStore.FindDeviceByKey(ctx, userID, identityKey)
 	if err != nil || dev == nil {
 		return dev, err
 	}
 	s.c.lock.Lock()
-	if s.c.gen == gen {
-		if s.c.devByKey == nil {
-			s.c.devByKey = make(map[deviceKey]*id.Device)
+	if t = s.c.fillTrust(userID, gen); t != nil {
+		if t.devByKey == nil {
+			t.devByKey = make(map[id.IdentityKey]*id.Device)
 		}
 		cp := *dev
-		s.c.devByKey[k] = &cp
+		t.devByKey[identityKey] = &cp
 	}
 	s.c.lock.Unlock()
 	return dev, nil
 }
 
 func (s *cachedStore) PutDevice(ctx context.Context, userID id.UserID, device *id.Device) error {
-	defer s.c.trustChanged()
+	defer s.c.trustChanged(userID)
 	return s.SQLCryptoStore.PutDevice(ctx, userID, device)
 }
 
 func (s *cachedStore) PutDevices(ctx context.Context, userID id.UserID, devices map[id.DeviceID]*id.Device) error {
-	defer s.c.trustChanged()
+	defer s.c.trustChanged(userID)
 	return s.SQLCryptoStore.PutDevices(ctx, userID, devices)
 }
 
 func (s *cachedStore) PutCrossSigningKey(ctx context.Context, userID id.UserID, usage id.CrossSigningUsage, key id.Ed25519) error {
-	defer s.c.trustChanged()
+	defer s.c.trustChanged(userID)
 	return s.SQLCryptoStore.PutCrossSigningKey(ctx, userID, usage, key)
 }
 
 func (s *cachedStore) ResetMasterKeyTOFU(ctx context.Context, userID id.UserID, key id.Ed25519) error {
-	defer s.c.trustChanged()
+	defer s.c.trustChanged(userID)
 	return s.SQLCryptoStore.ResetMasterKeyTOFU(ctx, userID, key)
 }
 
 func (s *cachedStore) PutSignature(ctx context.Context, signedUser id.UserID, signedKey id.Ed25519, signerUser id.UserID, signerKey id.Ed25519, signature string) error {
-	defer s.c.trustChanged()
+	defer s.c.trustChanged(signedUser)
 	return s.SQLCryptoStore.PutSignature(ctx, signedUser, signedKey, signerUser, signerKey, signature)
 }
 
+// DropSignaturesByKey drops the signatures userID made with key, on anyone's keys: every user's entry goes (a
+// user's cross-signing reset, which is rare).
 func (s *cachedStore) DropSignaturesByKey(ctx context.Context, userID id.UserID, key id.Ed25519) (int64, error) {
-	defer s.c.trustChanged()
+	defer s.c.allTrustChanged()
 	return s.SQLCryptoStore.DropSignaturesByKey(ctx, userID, key)
 }
 

@@ -129,6 +129,74 @@ func TestTrustCacheFollowsWrites(t *testing.T) {
 	}
 }
 
+// TestTrustCacheKeepsOtherUsersEntries: a write about one user's keys leaves what the cache holds about every
+// other user. Before, any device, key or signature write dropped the whole cache, so while new senders' ghosts
+// were set up (a stream of such writes) every message of an established link resolved its sender's trust from
+// the database again, queueing for connections behind the set-up.
+func TestTrustCacheKeepsOtherUsersEntries(t *testing.T) {
+	ctx := context.Background()
+	db := dbtest.Open(t, "postgres")
+	c := newStoreCache()
+	bot := newCachedStore(t, db, botAccountID, c)
+	ghost := newCachedStore(t, db, "@ghost:x", c)
+	const alice, bob = id.UserID("@alice:x"), id.UserID("@bob:x")
+	master, ssk := testKey("master"), testKey("ssk")
+	dev := &id.Device{UserID: alice, DeviceID: "D1", IdentityKey: id.Curve25519(testKey("curve")), SigningKey: testKey("device")}
+	if err := ghost.PutCrossSigningKey(ctx, alice, id.XSUsageMaster, master); err != nil {
+		t.Fatal(err)
+	}
+	if err := ghost.PutSignature(ctx, alice, ssk, alice, master, "sig"); err != nil {
+		t.Fatal(err)
+	}
+	if err := ghost.PutDevice(ctx, alice, dev); err != nil {
+		t.Fatal(err)
+	}
+	// Alice's entries are read (and cached), then her rows go away behind the cache's back: from here on, only
+	// the cache can answer for her.
+	_, _ = bot.GetCrossSigningKeys(ctx, alice)
+	_, _ = bot.IsKeySignedBy(ctx, alice, ssk, alice, master)
+	_, _ = bot.FindDeviceByKey(ctx, alice, dev.IdentityKey)
+	for _, q := range []string{
+		`DELETE FROM crypto_cross_signing_keys WHERE user_id=$1`,
+		`DELETE FROM crypto_cross_signing_signatures WHERE signed_user_id=$1`,
+		`DELETE FROM crypto_device WHERE user_id=$1`,
+	} {
+		if _, err := db.Exec(ctx, q, alice); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Writes about Bob.
+	bobDev := &id.Device{UserID: bob, DeviceID: "B1", IdentityKey: id.Curve25519(testKey("bob-curve")), SigningKey: testKey("bob-device")}
+	if err := ghost.PutDevice(ctx, bob, bobDev); err != nil {
+		t.Fatal(err)
+	}
+	if err := ghost.PutCrossSigningKey(ctx, bob, id.XSUsageMaster, testKey("bob-master")); err != nil {
+		t.Fatal(err)
+	}
+	if err := ghost.PutSignature(ctx, bob, testKey("bob-ssk"), bob, testKey("bob-master"), "sig"); err != nil {
+		t.Fatal(err)
+	}
+	if keys, _ := bot.GetCrossSigningKeys(ctx, alice); keys[id.XSUsageMaster].Key != master {
+		t.Errorf("after writes about another user, Alice's keys were read again: %v", keys)
+	}
+	if signed, _ := bot.IsKeySignedBy(ctx, alice, ssk, alice, master); !signed {
+		t.Error("after writes about another user, Alice's signature was read again")
+	}
+	if got, _ := bot.FindDeviceByKey(ctx, alice, dev.IdentityKey); got == nil || got.DeviceID != "D1" {
+		t.Errorf("after writes about another user, Alice's device was read again: %+v", got)
+	}
+	// A write about Alice herself is seen.
+	if err := ghost.PutCrossSigningKey(ctx, alice, id.XSUsageMaster, testKey("new-master")); err != nil {
+		t.Fatal(err)
+	}
+	if keys, _ := bot.GetCrossSigningKeys(ctx, alice); keys[id.XSUsageMaster].Key != testKey("new-master") {
+		t.Errorf("Alice's new master key not seen: %v", keys)
+	}
+	if signed, _ := bot.IsKeySignedBy(ctx, alice, ssk, alice, master); signed {
+		t.Error("after a write about Alice, her removed signature is still cached")
+	}
+}
+
 // TestOutboundSessionsInMemory: a shared outbound session is kept in memory and its ratchet written only by a
 // flush, or when it expires (so that the share path, which reads the store, sees it expired).
 func TestOutboundSessionsInMemory(t *testing.T) {

@@ -13,6 +13,7 @@
 package fakehs
 
 import (
+	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
@@ -102,6 +103,9 @@ type Options struct {
 	// FailTransaction, when set, picks transaction attempts that fail without reaching the appservice, as when
 	// a proxy in between answers 502.
 	FailTransaction func(txnID string, attempt int) bool
+	// BeforeRequest, when set, sees every client-API request (its route pattern and body) before the server
+	// handles it; a test may block in it to hold a request, as a slow homeserver would.
+	BeforeRequest func(route string, body []byte)
 }
 
 // Server is a running fake homeserver. Create it with New and Close it when done.
@@ -313,6 +317,11 @@ func (s *Server) handle(mux *http.ServeMux, pattern string, fn http.HandlerFunc)
 		c.Add(1)
 		if s.opts.Latency > 0 {
 			time.Sleep(s.opts.Latency)
+		}
+		if s.opts.BeforeRequest != nil {
+			body, _ := io.ReadAll(r.Body)
+			r.Body = io.NopCloser(bytes.NewReader(body))
+			s.opts.BeforeRequest(pattern, body)
 		}
 		fn(w, r)
 	})
