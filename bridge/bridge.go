@@ -219,6 +219,7 @@ func (b *Bridge) Stop() {
 	b.cancel()
 	b.workersLock.Unlock()
 	b.wg.Wait()
+	b.commits.closeKept()
 	b.markStopped()
 }
 

@@ -3,6 +3,7 @@ package bridge
 import (
 	"cmp"
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"runtime/debug"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/crypto"
@@ -408,7 +410,20 @@ type groupCommit struct {
 	lock    sync.Mutex
 	queue   []*commitRequest
 	running int
+	// kept holds the committers' own connections between runs (see committerConn).
+	kept []*keptConn
 }
+
+// keptConn is a committer's connection (through the database's logging, like the pool's), idle since at.
+type keptConn struct {
+	dbutil.Execable
+	raw *sql.Conn
+	at  time.Time
+}
+
+// keptConnIdle is how long a committer's connection may stay unused before it is closed rather than used
+// again (a server or a network in between may have dropped it meanwhile).
+const keptConnIdle = time.Minute
 
 type commitRequest struct {
 	batch *database.Batch
@@ -428,8 +443,80 @@ func (g *groupCommit) submit(b *Bridge, req *commitRequest) {
 	}
 }
 
+// committerConn returns a connection for a committer of its own, taken out of the pool's queue once and kept:
+// the group commit records every room worker's rows, so when other work keeps every pooled connection busy
+// (new senders' set-up: hundreds of first messages at once), an established link's batches would otherwise
+// wait for one at every batch, among as many waiters, and the link's messages behind them. It is a kept
+// connection if one is idle, a new one otherwise, or nil (the pool's, per statement) where the pool is too
+// small to spare one per committer.
+func (g *groupCommit) committerConn(b *Bridge) *keptConn {
+	g.lock.Lock()
+	for len(g.kept) > 0 {
+		k := g.kept[len(g.kept)-1]
+		g.kept = g.kept[:len(g.kept)-1]
+		if time.Since(k.at) < keptConnIdle {
+			g.lock.Unlock()
+			return k
+		}
+		_ = k.raw.Close()
+	}
+	g.lock.Unlock()
+	if b.DB.Dialect != dbutil.Postgres {
+		return nil
+	}
+	if limit := b.DB.RawDB.Stats().MaxOpenConnections; limit > 0 && limit < 4*maxCommitters {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, raw, err := b.DB.KeepConn(ctx)
+	if err != nil {
+		return nil
+	}
+	return &keptConn{Execable: conn, raw: raw}
+}
+
+// keep puts a committer's connection back for the next run.
+func (g *groupCommit) keep(conn *keptConn) {
+	if conn == nil {
+		return
+	}
+	conn.at = time.Now()
+	g.lock.Lock()
+	g.kept = append(g.kept, conn)
+	g.lock.Unlock()
+}
+
+// closeKept closes the connections kept between runs (the relay stopped).
+func (g *groupCommit) closeKept() {
+	g.lock.Lock()
+	defer g.lock.Unlock()
+	for _, k := range g.kept {
+		_ = k.raw.Close()
+	}
+	g.kept = nil
+}
+
 // run writes queued batches until the queue is empty.
 func (g *groupCommit) run(b *Bridge) {
+	var conn *keptConn
+	defer func() { g.keep(conn) }()
+	commit := func(batch *database.Batch) error {
+		if conn == nil {
+			conn = g.committerConn(b)
+		}
+		var on dbutil.Execable
+		if conn != nil {
+			on = conn
+		}
+		err := b.commitGroup(batch, on)
+		if err != nil && conn != nil {
+			// Whatever went wrong, the next statement gets a fresh connection.
+			_ = conn.raw.Close()
+			conn = nil
+		}
+		return err
+	}
 	for {
 		g.lock.Lock()
 		n, rows := 0, 0
@@ -446,7 +533,7 @@ func (g *groupCommit) run(b *Bridge) {
 		g.queue = slices.Delete(g.queue, 0, n)
 		g.lock.Unlock()
 		if len(reqs) == 1 {
-			reqs[0].done <- b.commitGroup(reqs[0].batch)
+			reqs[0].done <- commit(reqs[0].batch)
 			continue
 		}
 		merged := &database.Batch{}
@@ -455,7 +542,7 @@ func (g *groupCommit) run(b *Bridge) {
 			merged.Done = append(merged.Done, r.batch.Done...)
 			merged.Failed = append(merged.Failed, r.batch.Failed...)
 		}
-		if err := b.commitGroup(merged); err == nil {
+		if err := commit(merged); err == nil {
 			for _, r := range reqs {
 				r.done <- nil
 			}
@@ -463,15 +550,16 @@ func (g *groupCommit) run(b *Bridge) {
 		}
 		// One room's rows must not hold back the others: on an error each batch is written on its own.
 		for _, r := range reqs {
-			r.done <- b.commitGroup(r.batch)
+			r.done <- commit(r.batch)
 		}
 	}
 }
 
 func batchRows(b *database.Batch) int { return len(b.Copies) + len(b.Done) + len(b.Failed) }
 
-// commitGroup writes one batch with the replay protection entries of the events decrypted so far.
-func (b *Bridge) commitGroup(batch *database.Batch) error {
+// commitGroup writes one batch with the replay protection entries of the events decrypted so far, on conn (nil:
+// a pooled connection).
+func (b *Bridge) commitGroup(batch *database.Batch, conn dbutil.Execable) error {
 	settle := func(bool) {}
 	batch.Replay = database.RowInsert{}
 	if t, ok := b.Crypto.(ReplayIndexTaker); ok {
@@ -482,7 +570,7 @@ func (b *Bridge) commitGroup(batch *database.Batch) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	err := b.DB.CommitBatch(ctx, batch)
+	err := b.DB.CommitBatchOn(ctx, conn, batch)
 	settle(err == nil)
 	return err
 }

@@ -51,12 +51,24 @@ const maxBatchParams = 20000
 // CommitBatch records a batch in one transaction. On Postgres a batch without failures is one statement (data-
 // modifying CTEs: one round trip, one commit); otherwise one statement per kind of row inside a transaction.
 func (db *Database) CommitBatch(ctx context.Context, b *Batch) error {
+	return db.CommitBatchOn(ctx, nil, b)
+}
+
+// CommitBatchOn is CommitBatch where the single statement runs on conn, a connection the caller keeps for its
+// commits (nil: one of the pool's); the other forms (failed rows, redactions, too many parameters) take the
+// pool's, as CommitBatch does.
+func (db *Database) CommitBatchOn(ctx context.Context, conn dbutil.Execable, b *Batch) error {
 	defer metrics.ObserveCommit(metrics.CommitRelay, time.Now())
 	params := len(b.Replay.Args) + len(b.Copies)*copyWidth + len(b.Done) + 1
 	redactions := batchRedactions(b.Copies)
 	if db.Dialect == dbutil.Postgres && len(b.Failed) == 0 && len(b.Done) > 0 && len(redactions) == 0 && params <= maxBatchParams {
 		q, args := batchStatement(b)
-		_, err := db.Exec(ctx, q, args...)
+		var err error
+		if conn != nil {
+			_, err = conn.ExecContext(ctx, q, args...)
+		} else {
+			_, err = db.Exec(ctx, q, args...)
+		}
 		return err
 	}
 	return db.DoTxn(ctx, nil, func(ctx context.Context) error {

@@ -7,6 +7,7 @@ package database
 
 import (
 	"context"
+	"database/sql"
 	"embed"
 	"errors"
 	"fmt"
@@ -42,6 +43,8 @@ type Database struct {
 	Readback *ReadbackQuery
 	// FoundSends keeps the unanswered sends read-backs found until ferry recorded them.
 	FoundSends *FoundSendQuery
+	// root is the database this one is a child of: its connections log through root's logger
+	root *dbutil.Database
 }
 
 // New wraps a root database handle. The handle may be shared with the crypto and state stores (each uses its
@@ -50,6 +53,7 @@ func New(root *dbutil.Database, log dbutil.DatabaseLogger) *Database {
 	db := root.Child(VersionTable, UpgradeTable, log)
 	return &Database{
 		Database:   db,
+		root:       root,
 		Inbox:      &InboxQuery{db: db},
 		Links:      &LinkQuery{db: db},
 		EventMap:   &EventMapQuery{db: db},
@@ -159,4 +163,22 @@ func (db *Database) Upgrade(ctx context.Context) error {
 		return UpgradeError{Section: "ferry", Err: err}
 	}
 	return nil
+}
+
+// KeepConn takes a connection out of the pool for the caller to keep (its statements log as the pool's do), and
+// returns the connection to close when done with it.
+func (db *Database) KeepConn(ctx context.Context) (dbutil.Execable, *sql.Conn, error) {
+	conn, err := db.root.AcquireConn(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	le, ok := conn.(*dbutil.LoggingExecable)
+	if !ok {
+		return nil, nil, fmt.Errorf("unexpected connection type %T", conn)
+	}
+	raw, ok := le.UnderlyingExecable.(*sql.Conn)
+	if !ok {
+		return nil, nil, fmt.Errorf("unexpected connection type %T", le.UnderlyingExecable)
+	}
+	return conn, raw, nil
 }
