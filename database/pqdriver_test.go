@@ -165,3 +165,35 @@ func TestStaleStatementInATransactionIsRetried(t *testing.T) {
 		t.Fatalf("the retried transaction: %d, %v", got, err)
 	}
 }
+
+// TestStatementsRunWhereTheirNameIsTaken: behind a transaction pooler, the server connection may hold another
+// client's prepared statement under the name the driver picks for its next one. The statement still runs, and
+// the connection stops preparing.
+func TestStatementsRunWhereTheirNameIsTaken(t *testing.T) {
+	ctx := context.Background()
+	conn := pinned(t, ctx)
+	var got int
+	if err := conn.QueryRowContext(ctx, `SELECT $1::int`, 7).Scan(&got); err != nil || got != 7 {
+		t.Fatalf("got %d, %v", got, err)
+	}
+	// The driver names statements 1, 2, 3, … per connection: take the next names (a simple query, no arguments).
+	taken := 0
+	for k := 1; k <= 500; k++ {
+		if _, err := conn.ExecContext(ctx, fmt.Sprintf(`PREPARE "%d" AS SELECT 1`, k)); err == nil {
+			taken++
+		}
+	}
+	if taken < 400 {
+		t.Fatalf("took %d statement names, want most of 500", taken)
+	}
+	before := preparedCount(t, ctx, conn)
+	if err := conn.QueryRowContext(ctx, `SELECT $1::int * 2`, 4).Scan(&got); err != nil || got != 8 {
+		t.Fatalf("a statement whose name was taken: %d, %v", got, err)
+	}
+	if _, err := conn.ExecContext(ctx, `SELECT $1::text`, "new"); err != nil {
+		t.Fatal(err)
+	}
+	if n := preparedCount(t, ctx, conn); n != before {
+		t.Fatalf("after a taken name the connection prepared %d more statements, want none", n-before)
+	}
+}
