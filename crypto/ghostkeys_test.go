@@ -2,7 +2,14 @@ package crypto
 
 import (
 	"context"
+	"fmt"
+	"net/http"
+	"sync"
 	"testing"
+	"time"
+
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/internal/fakehs"
 )
@@ -39,5 +46,62 @@ func TestGhostDeviceUploadsFewOneTimeKeys(t *testing.T) {
 			sent := r.sendAs(t, r.ghost, "first words")
 			r.memberReads(t, sent, "first words")
 		})
+	}
+}
+
+// TestGhostSetUpsAreBounded: when many new senders speak at once, at most ghostSetUpParallel of their ghosts'
+// devices are set up side by side (the rest wait their turn), so that their requests and statements leave the
+// established links' messages room; every one of them is set up in the end.
+func TestGhostSetUpsAreBounded(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var mu sync.Mutex
+	inFlight, most := 0, 0
+	opts := fakehs.Options{CrossSigningUIA: true, BeforeRequest: func(route string, _ []byte) {
+		if route != "POST /_matrix/client/v3/keys/upload" {
+			return
+		}
+		mu.Lock()
+		inFlight++
+		most = max(most, inFlight)
+		mu.Unlock()
+		time.Sleep(50 * time.Millisecond) // a homeserver taking its time
+		mu.Lock()
+		inFlight--
+		mu.Unlock()
+	}}
+	r := startASRig(ctx, t, opts, "")
+	defer r.m.Stop()
+	const ghosts = 3 * ghostSetUpParallel
+	var wg sync.WaitGroup
+	errs := make(chan error, ghosts)
+	for i := range ghosts {
+		g := id.NewUserID(fmt.Sprintf("ghost_new%d", i), r.srv.Domain())
+		if _, err := r.asClient(t, r.bot).MakeRequest(ctx, http.MethodPost, r.asClient(t, r.bot).BuildClientURL("v3", "register"),
+			map[string]any{"type": mautrix.AuthTypeAppservice, "username": g.Localpart(), "inhibit_login": true}, nil); err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := r.m.PrepareSender(ctx, g); err != nil {
+				errs <- err
+			} else if !r.m.SenderReady(g) {
+				errs <- fmt.Errorf("%s is not ready after its set-up", g)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if most > ghostSetUpParallel {
+		t.Errorf("%d ghost devices were set up side by side, want at most %d", most, ghostSetUpParallel)
+	}
+	if most < 2 {
+		t.Errorf("ghost devices were set up one at a time (%d side by side)", most)
 	}
 }

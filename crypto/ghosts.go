@@ -69,6 +69,10 @@ type ghostState struct {
 }
 
 // ghostDevice returns the ghost's own device, creating it on first use; nil (without error) means the bot's
+
+// ghostSetUpParallel bounds the ghost devices loaded or set up at once, across every room.
+const ghostSetUpParallel = 8
+
 // device encrypts for this ghost (single-device mode, or this ghost's device cannot be cross-signed).
 func (m *Machine) ghostDevice(ctx context.Context, ghost id.UserID) (*device, error) {
 	if !m.perGhost {
@@ -87,6 +91,15 @@ func (m *Machine) ghostDevice(ctx context.Context, ghost id.UserID) (*device, er
 	if ok {
 		return st.dev, nil
 	}
+	// A new ghost's device costs a dozen homeserver requests and a few dozen statements; when hundreds of new
+	// senders speak at once, setting all of theirs up side by side would take every pooled connection and leave
+	// the established links' messages queueing for one (and then finish no sooner).
+	select {
+	case m.ghostSetUp <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	defer func() { <-m.ghostSetUp }()
 	log := m.log.With().Stringer("ghost", ghost).Logger()
 	start := time.Now()
 	dev, created, err := m.loadGhost(ctx, ghost)

@@ -108,6 +108,8 @@ type Machine struct {
 	probe     *pushProbe // see ProbePushes
 
 	ghostCreate *exsync.KeyedMutex[id.UserID]
+	// ghostSetUp bounds how many ghost devices are loaded or set up at once (see ghostDevice).
+	ghostSetUp chan struct{}
 	// cache is shared by the crypto stores of all of ferry's devices (see storeCache).
 	cache *storeCache
 	// guards the following fields
@@ -142,6 +144,7 @@ func NewMachine(log zerolog.Logger, cfg Config, db *dbutil.Database, ss *sqlstat
 		log: log, cfg: cfg, db: db, stateStore: ss, client: client, isOwn: isOwn, asToken: client.AccessToken,
 		dbLog:       dbutil.ZeroLogger(log.With().Str("db_section", "crypto").Logger()),
 		ghostCreate: exsync.NewKeyedMutex[id.UserID](),
+		ghostSetUp:  make(chan struct{}, ghostSetUpParallel),
 		cache:       newStoreCache(),
 		ghosts:      make(map[id.UserID]*ghostState),
 		drained:     make(map[id.UserID]time.Time),
