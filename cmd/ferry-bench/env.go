@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"net/http/httptrace"
 	"net/url"
+	"path"
 	"regexp"
 	"strings"
 	"sync"
@@ -286,11 +287,20 @@ func (e *env) createPairs(ctx context.Context) error {
 	bot := e.as.BotMXID()
 	ss := e.br.StateStore
 	n := e.st.pairs
-	if e.st.steadyRate > 0 {
+	if e.st.steadyRate > 0 && !e.st.steadyInLink {
 		n++ // the last pair is the steady one
 	}
 	for i := range n {
 		p := &pair{idx: i}
+		var steadySender *fakehs.User
+		if i == 0 && e.st.steadyRate > 0 && e.st.steadyInLink {
+			// The established sender of the first link, who speaks beside its new senders.
+			u, err := e.hs.NewUser(ctx, id.NewUserID("steady0", benchDomain), fakehs.UserOptions{DisplayName: "Steady", CrossSign: true})
+			if err != nil {
+				return err
+			}
+			steadySender = u
+		}
 		for j := range e.st.senders {
 			u, err := e.hs.NewUser(ctx, id.NewUserID(fmt.Sprintf("alice%d.%d", i, j), benchDomain), fakehs.UserOptions{
 				DisplayName: fmt.Sprintf("Alice %d.%d", i, j), CrossSign: true,
@@ -310,7 +320,11 @@ func (e *env) createPairs(ctx context.Context) error {
 			p.receivers = append(p.receivers, u)
 		}
 		aMembers := []id.UserID{bot}
-		for _, u := range p.senders {
+		aSenders := p.senders
+		if steadySender != nil {
+			aSenders = append(aSenders[:len(aSenders):len(aSenders)], steadySender)
+		}
+		for _, u := range aSenders {
 			aMembers = append(aMembers, u.ID)
 		}
 		bMembers := []id.UserID{bot}
@@ -319,7 +333,7 @@ func (e *env) createPairs(ctx context.Context) error {
 		}
 		p.a = e.hs.CreateRoom(p.senders[0].ID, fakehs.RoomOptions{Name: fmt.Sprintf("Bench A%d", i), Encryption: e.enc, Members: aMembers})
 		p.b = e.hs.CreateRoom(p.receivers[0].ID, fakehs.RoomOptions{Name: fmt.Sprintf("Bench B%d", i), Encryption: e.enc, Members: bMembers})
-		for _, u := range p.senders {
+		for _, u := range aSenders {
 			if err := u.SetRoom(ctx, p.a, aMembers, e.enc); err != nil {
 				return err
 			}
@@ -329,7 +343,7 @@ func (e *env) createPairs(ctx context.Context) error {
 				return err
 			}
 		}
-		for room, members := range map[id.RoomID][]*fakehs.User{p.a: p.senders, p.b: p.receivers} {
+		for room, members := range map[id.RoomID][]*fakehs.User{p.a: aSenders, p.b: p.receivers} {
 			for _, u := range members {
 				if err := ss.SetMember(ctx, room, u.ID, &event.MemberEventContent{Membership: event.MembershipJoin, Displayname: u.ID.Localpart()}); err != nil {
 					return err
@@ -345,14 +359,27 @@ func (e *env) createPairs(ctx context.Context) error {
 		if _, err := e.br.DB.Links.Join(ctx, fmt.Sprintf("bench%d", i), p.a, p.b, p.senders[0].ID, time.Now()); err != nil {
 			return err
 		}
+		if steadySender != nil {
+			e.steady = &pair{idx: i, a: p.a, b: p.b, senders: []*fakehs.User{steadySender}, receivers: p.receivers}
+		}
 		if i == e.st.pairs {
 			e.steady = p
-			w := &watchedLink{a: p.a, b: p.b, sendPath: "/_matrix/client/v3/rooms/" + url.PathEscape(string(p.b)) + "/send/"}
-			e.timed.watched.Store(w)
-			e.http.watched.Store(w)
-		} else {
+		}
+		if i < e.st.pairs {
 			e.pairs = append(e.pairs, p)
 		}
+	}
+	if p := e.steady; p != nil {
+		w := &watchedLink{a: p.a, b: p.b, sendPath: "/_matrix/client/v3/rooms/" + url.PathEscape(string(p.b)) + "/send/"}
+		if e.st.steadyInLink {
+			w.sender, w.ghost = p.senders[0].ID, e.br.Ghosts.Ghost(p.senders[0].ID)
+			w.mine = func(txnID string) bool {
+				m := e.byTxn[txnID]
+				return m != nil && m.sender == p.senders[0]
+			}
+		}
+		e.timed.watched.Store(w)
+		e.http.watched.Store(w)
 	}
 	return e.primeSenders(ctx)
 }
@@ -444,7 +471,9 @@ func (t *timedCrypto) Decrypt(ctx context.Context, evt *event.Event) (*event.Eve
 	took := time.Since(start)
 	t.decryptNanos.Add(int64(took))
 	t.decrypts.Add(1)
-	t.watched.Load().note(evt.RoomID, took, 0)
+	if w := t.watched.Load(); w != nil && (w.sender == "" || evt.Sender == w.sender) {
+		w.note(evt.RoomID, took, 0)
+	}
 	return dec, err
 }
 
@@ -454,7 +483,9 @@ func (t *timedCrypto) Encrypt(ctx context.Context, sender id.UserID, roomID id.R
 	took := time.Since(start)
 	t.encryptNanos.Add(int64(took))
 	t.encrypts.Add(1)
-	t.watched.Load().note(roomID, 0, took)
+	if w := t.watched.Load(); w != nil && (w.ghost == "" || sender == w.ghost) {
+		w.note(roomID, 0, took)
+	}
 	return enc, err
 }
 
@@ -464,16 +495,23 @@ type watchedLink struct {
 	a, b id.RoomID
 	// sendPath starts the path of ferry's sends into b
 	sendPath string
-	mu       sync.Mutex
-	on       bool
-	dec      []time.Duration
-	enc      []time.Duration
-	send     []time.Duration
+	// sender and ghost, when set, narrow the link's calls to one sender's (a sender among others in the room)
+	sender, ghost id.UserID
+	// mine, when set, tells the link's own sends by their transaction IDs
+	mine func(txnID string) bool
+	mu   sync.Mutex
+	on   bool
+	dec  []time.Duration
+	enc  []time.Duration
+	send []time.Duration
 }
 
 // noteSend records a request of ferry's if it sends an event into the watched link's target room.
 func (w *watchedLink) noteSend(req *http.Request, took time.Duration) {
 	if w == nil || req.Method != http.MethodPut || !strings.HasPrefix(req.URL.EscapedPath(), w.sendPath) {
+		return
+	}
+	if w.mine != nil && !w.mine(path.Base(req.URL.Path)) {
 		return
 	}
 	w.mu.Lock()

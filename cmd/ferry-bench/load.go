@@ -68,10 +68,10 @@ func (e *env) generateOn(ctx context.Context, name string, n int, pairs []*pair)
 	msgs := make([]*msg, n)
 	perSender := map[*fakehs.User][]*msg{}
 	var order []*fakehs.User
-	P, S := len(pairs), e.st.senders
+	P := len(pairs)
 	for k := range n {
 		p := pairs[k%P]
-		u := p.senders[(k/P)%S]
+		u := p.senders[(k/P)%len(p.senders)]
 		m := &msg{k: k, phase: ph, pair: p, sender: u, sample: e.st.sampleEvery > 0 && k%e.st.sampleEvery == 0}
 		m.body = messageBody(name, k, e.st.payload)
 		msgs[k] = m

@@ -64,6 +64,7 @@ type settings struct {
 	deviceMode                string
 	hsLatency                 time.Duration
 	steadyRate                float64
+	steadyInLink              bool
 	// the scale runs
 	scaleLinks     []int
 	scaleGhosts    int
@@ -127,6 +128,7 @@ func run(args []string) int {
 	fs.BoolVar(&st.keepDB, "keep-db", false, "keep the benchmark database")
 	fs.StringVar(&st.logLevel, "log-level", "error", "ferry's log level (logs go to stderr)")
 	fs.DurationVar(&st.hsLatency, "hs-latency", 0, "the fake homeserver delays every request by this long")
+	fs.BoolVar(&st.steadyInLink, "steady-in-link", false, "with -steady-rate: the established sender speaks in the first link's room, beside its new senders (whose messages come first in the room's order), instead of in a link of its own")
 	fs.Float64Var(&st.steadyRate, "steady-rate", 0, "relay runs: one more, established link carries this many msg/s alone for 10 s, then throughout the warm-up (every other sender's first message); its latencies are reported for both (0: no such link)")
 	fs.StringVar(&scaleLinks, "scale", "", "scale runs instead of the relay runs: ferry's binary on a database seeded with this many linked pairs, comma-separated (e.g. 100,1000,10000)")
 	fs.IntVar(&st.scaleGhosts, "scale-ghosts", 5, "scale runs: ghosts per linked pair")
@@ -384,6 +386,7 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 	rep.Verify = &v
 	fmt.Printf("\n== correctness ==\n  receivers decrypted %d of %d sampled copies (%d failed, %d wrong body); trust levels seen: %v\n",
 		v.Decrypted, v.Sampled, v.Failed, v.WrongBody, v.Trust)
+	fmt.Printf("  one-time key claims the homeserver could not serve (a device out of keys, no fallback key): %d\n", e.hs.ClaimMisses())
 	fmt.Printf("  duplicate copies %d, unencrypted copies %d, other events ferry sent: %v, echoes ferry received back: %d\n",
 		e.duplicates.Load(), e.plaintextCopies.Load(), e.otherSendsCopy(), e.echoes.Load())
 	for _, ph := range append(append([]*phaseResult{rep.Warmup, rep.Full}, rep.Rates...), rep.Steady...) {
