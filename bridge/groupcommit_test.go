@@ -79,3 +79,35 @@ func TestRowsAreRecordedWhileThePoolIsTaken(t *testing.T) {
 		}
 	}
 }
+
+// TestRowsAreRecordedAfterTheServerDroppedTheKeptConnection: a committer's kept connection may be gone when it
+// is next used (PostgreSQL restarted, a proxy dropped it); the batch is then recorded through a fresh one
+// rather than failing.
+func TestRowsAreRecordedAfterTheServerDroppedTheKeptConnection(t *testing.T) {
+	ctx := context.Background()
+	root := dbtest.Open(t, "postgres")
+	b := newTestBridgeOn(t, root)
+	room := id.RoomID("!established:ferry.test")
+	insert := func() []*database.InboxEvent {
+		evts := []*database.InboxEvent{{EventID: id.EventID(fmt.Sprintf("$e%d", time.Now().UnixNano())), RoomID: room,
+			Sender: "@alice:ferry.test", Type: "m.room.message", Raw: []byte(`{}`), State: database.InboxPending, ReceivedAt: time.Now()}}
+		if _, err := b.DB.Inbox.Insert(ctx, evts); err != nil {
+			t.Fatal(err)
+		}
+		return evts
+	}
+	if err := b.writeBatch(ctx, &batchWrites{done: insert()}); err != nil {
+		t.Fatal(err)
+	}
+	second := insert()
+	// Every other server connection of this database goes, the committer's kept one with them.
+	if _, err := root.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()`); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.writeBatch(ctx, &batchWrites{done: second}); err != nil {
+		t.Fatalf("a batch after the kept connection was dropped: %v", err)
+	}
+	if got, err := b.DB.Inbox.Get(ctx, second[0].EventID); err != nil || got.State != database.InboxDone {
+		t.Fatalf("%+v, %v; want done", got, err)
+	}
+}

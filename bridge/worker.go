@@ -511,9 +511,11 @@ func (g *groupCommit) run(b *Bridge) {
 		}
 		err := b.commitGroup(batch, on)
 		if err != nil && conn != nil {
-			// Whatever went wrong, the next statement gets a fresh connection.
+			// Whatever went wrong, the next statement gets a fresh connection; this one goes once more through
+			// the pool's, which replaces a connection the server dropped (a restart) as a kept one cannot.
 			_ = conn.raw.Close()
 			conn = nil
+			err = b.commitGroup(batch, nil)
 		}
 		return err
 	}
