@@ -83,14 +83,18 @@ func TestReplayIndex(t *testing.T) {
 	}
 }
 
+// twoCachedStores opens the bot's and a ghost's crypto stores over one cache, on a fresh database.
+func twoCachedStores(t *testing.T) (db *dbutil.Database, bot, ghost *cachedStore) {
+	db = dbtest.Open(t, "postgres")
+	c := newStoreCache()
+	return db, newCachedStore(t, db, botAccountID, c), newCachedStore(t, db, "@ghost:x", c)
+}
+
 // TestTrustCacheFollowsWrites: cross-signing keys, signatures and devices are cached, and a write through any of
 // ferry's stores (here another account's) is seen by the next read.
 func TestTrustCacheFollowsWrites(t *testing.T) {
 	ctx := context.Background()
-	db := dbtest.Open(t, "postgres")
-	c := newStoreCache()
-	bot := newCachedStore(t, db, botAccountID, c)
-	ghost := newCachedStore(t, db, "@ghost:x", c)
+	_, bot, ghost := twoCachedStores(t)
 	const user = id.UserID("@alice:x")
 	master, ssk := testKey("master"), testKey("ssk")
 	if keys, _ := bot.GetCrossSigningKeys(ctx, user); len(keys) != 0 {
@@ -135,10 +139,7 @@ func TestTrustCacheFollowsWrites(t *testing.T) {
 // the database again, queueing for connections behind the set-up.
 func TestTrustCacheKeepsOtherUsersEntries(t *testing.T) {
 	ctx := context.Background()
-	db := dbtest.Open(t, "postgres")
-	c := newStoreCache()
-	bot := newCachedStore(t, db, botAccountID, c)
-	ghost := newCachedStore(t, db, "@ghost:x", c)
+	db, bot, ghost := twoCachedStores(t)
 	const alice, bob = id.UserID("@alice:x"), id.UserID("@bob:x")
 	master, ssk := testKey("master"), testKey("ssk")
 	dev := &id.Device{UserID: alice, DeviceID: "D1", IdentityKey: id.Curve25519(testKey("curve")), SigningKey: testKey("device")}

@@ -561,28 +561,25 @@ func startMutexProfile(path string) func() {
 	runtime.SetMutexProfileFraction(1)
 	return func() {
 		runtime.SetMutexProfileFraction(0)
-		f, err := os.Create(path)
-		if err == nil {
-			err = pprof.Lookup("mutex").WriteTo(f, 0)
-			_ = f.Close()
-		}
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "ferry-bench: mutexprofile: %v\n", err)
-		}
+		writeProfile("mutex", path)
 	}
 }
 
 func writeMemProfile(path string) {
-	if path == "" {
-		return
+	if path != "" {
+		writeProfile("allocs", path)
 	}
+}
+
+// writeProfile writes the runtime profile of that name to path.
+func writeProfile(name, path string) {
 	f, err := os.Create(path)
 	if err == nil {
-		err = pprof.Lookup("allocs").WriteTo(f, 0)
+		err = pprof.Lookup(name).WriteTo(f, 0)
 		_ = f.Close()
 	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "ferry-bench: memprofile: %v\n", err)
+		fmt.Fprintf(os.Stderr, "ferry-bench: %s profile: %v\n", name, err)
 	}
 }
 
