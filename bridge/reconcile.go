@@ -314,10 +314,26 @@ var barrierType = event.Type{Type: "im.ferry.barrier", Class: event.MessageEvent
 const barrierWait = 30 * time.Second
 
 // postBarrier posts a barrier into room and waits until the room's history shows it. Where the bot may not post
-// (the room's power levels), the read-back goes on without one, and says so.
+// (the room's power levels), the read-back goes on without one, and says so. A transient failure is retried here,
+// as a failed page of the read-back is (pageAttempts), under one transaction ID: failing the whole read-back for it
+// would send the event back to wait with its backoff while the room's history, which the read-back must cover,
+// grows.
 func (b *Bridge) postBarrier(ctx context.Context, room id.RoomID) error {
 	cli := b.AS.BotClient()
-	resp, err := cli.SendMessageEvent(ctx, room, barrierType, struct{}{}, mautrix.ReqSendEvent{DontEncrypt: true})
+	req := mautrix.ReqSendEvent{DontEncrypt: true, TransactionID: cli.TxnID()}
+	var resp *mautrix.RespSendEvent
+	var err error
+	backoff := 500 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		resp, err = cli.SendMessageEvent(ctx, room, barrierType, struct{}{}, req)
+		if err == nil || attempt == pageAttempts || !Transient(err) {
+			break
+		}
+		if !sleep(ctx, RetryWait(err, backoff)) {
+			return ctx.Err()
+		}
+		backoff *= 2
+	}
 	if err != nil {
 		if Transient(err) || ctx.Err() != nil {
 			return fmt.Errorf("failed to post a barrier: %w", err)

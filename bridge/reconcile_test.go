@@ -184,6 +184,26 @@ func (f *relayFixture) expectSecondCopyOnce(t *testing.T, row *database.InboxEve
 	}
 }
 
+// TestBarrierFailureIsRetriedInPlace: the barrier before a read-back is one request among the read-back's many; a
+// transient failure of it is retried there, like a failed page, instead of failing the whole attempt. Before, each
+// such failure sent the event back to wait with its backoff while the room's history (the read-back's window)
+// grew; under faults and frequent restarts a room's read-back then stayed behind for minutes, until its window
+// went beyond what a read-back reads and a copy was posted twice (1 of 10,000 in a chaos run on Dendrite).
+func TestBarrierFailureIsRetriedInPlace(t *testing.T) {
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t) // the ghost registers, joins and sets its profile once
+	ghost := f.br.Ghosts.Ghost(f.alice)
+	f.failNextSend(nil, nil) // no answer: the retry reads room B back first
+	f.flaky.lock.Lock()
+	f.flaky.failBarriers = 2
+	f.flaky.lock.Unlock()
+	row := f.relayOne(t)
+	f.expectSecondCopyOnce(t, row, ghost, "the unanswered copy")
+	if row.Attempts != 1 {
+		t.Errorf("the event took %d retries, want 1 (the unanswered send's): the barrier's failures each cost a retry", row.Attempts)
+	}
+}
+
 // waitDone waits until the inbox row of evtID is done, failing the test at deadline.
 func (f *relayFixture) waitDone(t *testing.T, evtID id.EventID, deadline time.Time) {
 	t.Helper()

@@ -36,6 +36,8 @@ type flakyHS struct {
 	held  func() // a send the homeserver accepted and posts before the next send into room (see holdNextSend)
 	// refuseBarriers answers ferry's barriers with 403 (the bot lacks the power to send in room)
 	refuseBarriers bool
+	// failBarriers answers this many of ferry's next barriers with 502 (a flaky path)
+	failBarriers int
 }
 
 func (f *flakyHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -48,8 +50,15 @@ func (f *flakyHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		if strings.Contains(r.URL.Path, "/send/"+barrierType.Type+"/") {
 			// ferry's barrier before a read-back: not one of the sends the script is about
-			refuse := f.refuseBarriers
+			refuse, fail := f.refuseBarriers, f.failBarriers > 0
+			if fail {
+				f.failBarriers--
+			}
 			f.lock.Unlock()
+			if fail {
+				answer(502, `{"errcode":"M_UNKNOWN","error":"Bad gateway"}`)(w, r)
+				return
+			}
 			if refuse {
 				answer(403, `{"errcode":"M_FORBIDDEN","error":"You don't have permission to post that to the room."}`)(w, r)
 				return
