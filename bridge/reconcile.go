@@ -322,18 +322,10 @@ func (b *Bridge) postBarrier(ctx context.Context, room id.RoomID) error {
 	cli := b.AS.BotClient()
 	req := mautrix.ReqSendEvent{DontEncrypt: true, TransactionID: cli.TxnID()}
 	var resp *mautrix.RespSendEvent
-	var err error
-	backoff := 500 * time.Millisecond
-	for attempt := 1; ; attempt++ {
+	err := retryInPlace(ctx, func() (err error) {
 		resp, err = cli.SendMessageEvent(ctx, room, barrierType, struct{}{}, req)
-		if err == nil || attempt == pageAttempts || !Transient(err) {
-			break
-		}
-		if !sleep(ctx, RetryWait(err, backoff)) {
-			return ctx.Err()
-		}
-		backoff *= 2
-	}
+		return err
+	})
 	if err != nil {
 		if Transient(err) || ctx.Err() != nil {
 			return fmt.Errorf("failed to post a barrier: %w", err)
@@ -371,9 +363,25 @@ func (b *Bridge) postBarrier(ctx context.Context, room id.RoomID) error {
 // run of 1,000 messages: three.)
 var readBackPageSizes = [...]int{reconcilePage, 87, 61}
 
-// pageAttempts bounds the tries of one /messages request of a read-back: a read-back reads many pages, and
-// starting over after each transient failure would rarely get through a faulty path.
+// pageAttempts bounds the tries of one request of a read-back (the barrier, a /messages page): a read-back makes
+// many requests, and starting over after each transient failure would rarely get through a faulty path.
 const pageAttempts = 5
+
+// retryInPlace runs one request of a read-back, trying a transient failure again up to pageAttempts times with
+// backoff. It returns the last error (ctx's when it ended while waiting).
+func retryInPlace(ctx context.Context, request func() error) error {
+	backoff := 500 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := request()
+		if err == nil || attempt == pageAttempts || !Transient(err) {
+			return err
+		}
+		if !sleep(ctx, RetryWait(err, backoff)) {
+			return ctx.Err()
+		}
+		backoff *= 2
+	}
+}
 
 // readBack pages backwards through room until since, adding ferry's own events to the ledger. complete is false
 // when it stopped at its page limit before reaching since.
@@ -397,17 +405,10 @@ func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, since time.Ti
 	from := ""
 	for read := 0; read < reconcilePage*reconcilePages; {
 		var resp *mautrix.RespMessages
-		backoff := 500 * time.Millisecond
-		for attempt := 1; ; attempt++ {
+		err = retryInPlace(ctx, func() (err error) {
 			resp, err = cli.Messages(ctx, room, from, "", mautrix.DirectionBackward, nil, size)
-			if err == nil || attempt == pageAttempts || !Transient(err) {
-				break
-			}
-			if !sleep(ctx, RetryWait(err, backoff)) {
-				return found, false, ctx.Err()
-			}
-			backoff *= 2
-		}
+			return err
+		})
 		if err != nil {
 			return found, false, err
 		}
