@@ -633,6 +633,13 @@ func TestDeviceListChangesWaitForKeyShares(t *testing.T) {
 // every share in every room behind any fetch: an established link's session rotation waited seconds while new
 // senders' ghosts were set up in other rooms, and the link's messages behind it.
 func TestKeySharesDoNotWaitForOtherMembersFetches(t *testing.T) {
+	t.Run("sync", func(t *testing.T) { keySharesDoNotWait(t, true) })
+	t.Run("transaction", func(t *testing.T) { keySharesDoNotWait(t, false) })
+}
+
+// keySharesDoNotWait is TestKeySharesDoNotWaitForOtherMembersFetches with the device-list change coming from
+// /sync (Dendrite's path) or from an appservice transaction (Synapse's).
+func keySharesDoNotWait(t *testing.T, syncPath bool) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var holdFor sync.Map // user ID → true: key queries asking for that user wait until release
@@ -641,7 +648,11 @@ func TestKeySharesDoNotWaitForOtherMembersFetches(t *testing.T) {
 	var releaseOnce sync.Once
 	releaseAll := func() { releaseOnce.Do(func() { close(release) }) }
 	defer releaseAll()
-	opts := fakehs.Options{CrossSigningUIA: true, BeforeRequest: func(route string, body []byte) {
+	opts, secret := fakehs.Options{CrossSigningUIA: true}, ""
+	if syncPath {
+		opts, secret = fakehs.Options{NoMSC4190: true, CrossSigningUIA: true, SharedSecret: "asmode-secret"}, "asmode-secret"
+	}
+	opts.BeforeRequest = func(route string, body []byte) {
 		if route != routeKeysQuery {
 			return
 		}
@@ -657,8 +668,8 @@ func TestKeySharesDoNotWaitForOtherMembersFetches(t *testing.T) {
 			}
 			<-release
 		}
-	}}
-	r := startASRig(ctx, t, opts, "")
+	}
+	r := startASRig(ctx, t, opts, secret)
 	defer r.m.Stop()
 	r.sendAs(t, r.ghost, "the member's devices are now tracked")
 
@@ -686,6 +697,11 @@ func TestKeySharesDoNotWaitForOtherMembersFetches(t *testing.T) {
 	changed := make(chan struct{})
 	go func() {
 		defer close(changed)
+		if syncPath {
+			resp := &mautrix.RespSync{DeviceLists: mautrix.DeviceLists{Changed: []id.UserID{r.member.ID}}}
+			_ = r.m.client.Syncer.(*cryptoSyncer).ProcessResponse(ctx, resp, "since")
+			return
+		}
 		raw, _ := json.Marshal(map[string]any{"events": []any{}, "device_lists": map[string]any{"changed": []id.UserID{r.member.ID}}})
 		_ = r.m.HandleTransactionCrypto(ctx, raw)
 	}()
