@@ -53,11 +53,21 @@ func TestGhostDeviceUploadsFewOneTimeKeys(t *testing.T) {
 // devices are set up side by side (the rest wait their turn), so that their requests and statements leave the
 // established links' messages room; every one of them is set up in the end.
 func TestGhostSetUpsAreBounded(t *testing.T) {
+	for name, opts := range map[string]fakehs.Options{
+		"appservice": {CrossSigningUIA: true},
+		"login":      {NoMSC4190: true, CrossSigningUIA: true, SharedSecret: "asmode-secret"},
+	} {
+		t.Run(name, func(t *testing.T) { ghostSetUpsAreBounded(t, opts) })
+	}
+}
+
+// ghostSetUpsAreBounded is TestGhostSetUpsAreBounded on one device path.
+func ghostSetUpsAreBounded(t *testing.T, opts fakehs.Options) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var mu sync.Mutex
 	inFlight, most := 0, 0
-	opts := fakehs.Options{CrossSigningUIA: true, BeforeRequest: func(route string, _ []byte) {
+	opts.BeforeRequest = func(route string, _ []byte) {
 		if route != "POST /_matrix/client/v3/keys/upload" {
 			return
 		}
@@ -69,8 +79,8 @@ func TestGhostSetUpsAreBounded(t *testing.T) {
 		mu.Lock()
 		inFlight--
 		mu.Unlock()
-	}}
-	r := startASRig(ctx, t, opts, "")
+	}
+	r := startASRig(ctx, t, opts, opts.SharedSecret)
 	defer r.m.Stop()
 	const ghosts = 3 * ghostSetUpParallel
 	var wg sync.WaitGroup
