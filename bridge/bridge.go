@@ -162,6 +162,9 @@ func (b *Bridge) Start(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("failed to mark the rooms to read back after an unclean stop: %w", err)
 		}
+		// What the dead run left on its way to the homeserver may arrive after this start: the read-backs look
+		// only once it has.
+		b.health.settleFrom(time.Now())
 		b.Log.Info().Int("rooms", n).Msg("The previous run stopped uncleanly: rooms with pending events are read back before ferry sends into them")
 	}
 	b.startedAt = time.Now()

@@ -12,7 +12,8 @@ import (
 // everything in front of it failed. Sends in flight then may have been posted, and a homeserver that restarted
 // has forgotten the transaction IDs it remembered, so ferry treats an outage like its own crash: the rooms with
 // pending events are read back before the next send into them, and read-backs wait until the homeserver has
-// answered for settleAfterOutage (a homeserver that restarted may still be posting events it had accepted).
+// answered for settleAfterOutage (a homeserver that restarted may still be posting events it had accepted). After
+// ferry's own unclean stop they wait as long from the start (settleFrom).
 const (
 	outageMin         = time.Second
 	outageFailures    = 2
@@ -140,6 +141,20 @@ func (h *hsHealth) waitSettled(ctx context.Context) bool {
 		if !sleep(ctx, wait) {
 			return false
 		}
+	}
+}
+
+// settleFrom makes read-backs wait until settleAfterOutage after t, as after an outage that ended at t. ferry's
+// own unclean stop calls for it: sends the dead run left on their way (held by a proxy in front of the homeserver,
+// or in a socket's buffer) may still reach the homeserver after the next run has started.
+func (h *hsHealth) settleFrom(t time.Time) {
+	if h == nil {
+		return
+	}
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	if t.After(h.recoveredAt) {
+		h.recoveredAt = t
 	}
 }
 

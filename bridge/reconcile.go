@@ -265,7 +265,7 @@ func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
 		return nil
 	}
 	var began time.Time
-	var n int
+	var n, read int
 	var complete bool
 	for {
 		// After an outage of the homeserver, events it accepted before going away may still be appearing: a
@@ -278,7 +278,7 @@ func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
 			return fmt.Errorf("failed to read back what ferry may have sent: %w", err)
 		}
 		var err error
-		if n, complete, err = b.readBack(ctx, room, since); err != nil {
+		if n, read, complete, err = b.readBack(ctx, room, since); err != nil {
 			return fmt.Errorf("failed to read back what ferry may have sent: %w", err)
 		}
 		if !b.health.recoveredSince(began) {
@@ -296,7 +296,7 @@ func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
 	if err := b.DB.Readback.Done(dctx, room, since, began); err != nil {
 		log.Warn().Err(err).Stringer("room_id", room).Msg("Failed to record that a room was read back; it is read again later")
 	}
-	log.Info().Stringer("room_id", room).Int("found", n).Time("since", since).Dur("elapsed", time.Since(began)).
+	log.Info().Stringer("room_id", room).Int("found", n).Int("read", read).Time("since", since).Dur("elapsed", time.Since(began)).
 		Msg("Read back recent sends")
 	return nil
 }
@@ -383,34 +383,36 @@ func retryInPlace(ctx context.Context, request func() error) error {
 	}
 }
 
-// readBack pages backwards through room until since, adding ferry's own events to the ledger. complete is false
-// when it stopped at its page limit before reaching since.
-func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time) (found int, complete bool, err error) {
+// readBack pages backwards through room until since, adding ferry's own events to the ledger. It returns how
+// many it added and how many events its passes read; complete is false when a pass stopped at its page limit
+// before reaching since.
+func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time) (found, read int, complete bool, err error) {
 	complete = true
 	for _, size := range readBackPageSizes {
-		n, c, err := b.readBackPass(ctx, room, since, size)
+		n, r, c, err := b.readBackPass(ctx, room, since, size)
 		found += n
+		read += r
 		complete = complete && c
 		if err != nil {
-			return found, false, err
+			return found, read, false, err
 		}
 	}
-	return found, complete, nil
+	return found, read, complete, nil
 }
 
 // readBackPass is one pass of readBack with pages of size events, reading at most reconcilePage*reconcilePages
-// events. It returns how many of ferry's events it found that the ledger did not have.
-func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, since time.Time, size int) (found int, complete bool, err error) {
+// events. It returns how many of ferry's events it found that the ledger did not have, and how many it read.
+func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, since time.Time, size int) (found, read int, complete bool, err error) {
 	cli := b.AS.BotClient()
 	from := ""
-	for read := 0; read < reconcilePage*reconcilePages; {
+	for read < reconcilePage*reconcilePages {
 		var resp *mautrix.RespMessages
 		err = retryInPlace(ctx, func() (err error) {
 			resp, err = cli.Messages(ctx, room, from, "", mautrix.DirectionBackward, nil, size)
 			return err
 		})
 		if err != nil {
-			return found, false, err
+			return found, read, false, err
 		}
 		read += len(resp.Chunk)
 		older := false
@@ -425,24 +427,24 @@ func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, since time.Ti
 			evt.RoomID = room
 			txnID, origin, err := b.sentWith(ctx, evt)
 			if err != nil {
-				return found, false, err
+				return found, read, false, err
 			}
 			if txnID == "" {
 				continue
 			}
 			if err = b.keepFound(ctx, room, txnID, origin, evt.ID); err != nil {
-				return found, false, err
+				return found, read, false, err
 			}
 			if b.sent.put(room, txnID, evt.ID) {
 				found++
 			}
 		}
 		if older || resp.End == "" || len(resp.Chunk) == 0 || resp.End == from {
-			return found, true, nil
+			return found, read, true, nil
 		}
 		from = resp.End
 	}
-	return found, false, nil
+	return found, read, false, nil
 }
 
 // foundKeepFor is how long a found send is kept durably (found_sends) when ferry has not recorded it.

@@ -235,6 +235,23 @@ func (f *relayFixture) stopWithSendInFlight(t *testing.T, clean bool) (id.EventI
 	}
 	crash, die := context.WithCancel(ctx)
 	f.loseNextSend(die)
+	evtID := f.dieRelaying(t, crash)
+	if clean {
+		f.br.markStopped()
+	}
+	sent := f.ghostEvents(f.roomB, ghost)
+	if len(sent) != 2 {
+		t.Fatalf("room B holds %d copies, want 2 (the second posted without ferry knowing)", len(sent))
+	}
+	f.br.sent = sentLedger{}
+	return evtID, sent[1]
+}
+
+// dieRelaying runs one new message of alice's through the worker with crash, which the test ends during the
+// copy's send; the worker must stop there. It returns the message.
+func (f *relayFixture) dieRelaying(t *testing.T, crash context.Context) id.EventID {
+	t.Helper()
+	ctx := context.Background()
 	evtID := id.EventID(fmt.Sprintf("$inflight%d", f.n))
 	f.n++
 	raw, _ := json.Marshal(map[string]any{
@@ -252,15 +269,7 @@ func (f *relayFixture) stopWithSendInFlight(t *testing.T, clean bool) (id.EventI
 	if f.br.processRow(crash, rows[0], bw) {
 		t.Fatal("the worker went on after its context ended")
 	}
-	if clean {
-		f.br.markStopped()
-	}
-	sent := f.ghostEvents(f.roomB, ghost)
-	if len(sent) != 2 {
-		t.Fatalf("room B holds %d copies, want 2 (the second posted without ferry knowing)", len(sent))
-	}
-	f.br.sent = sentLedger{}
-	return evtID, sent[1]
+	return evtID
 }
 
 // restartAndExpectOneCopy starts the relay again, waits until the message is done and checks that room B holds
@@ -292,6 +301,56 @@ func TestSendInFlightAtCrashIsNotRepeated(t *testing.T) {
 	f.relayOne(t)
 	evtID, posted := f.stopWithSendInFlight(t, false)
 	f.restartAndExpectOneCopy(t, evtID, posted)
+}
+
+// TestSendLeftOnTheWayIsNotRepeated: ferry dies while a copy's send is still on its way to the homeserver (a
+// proxy in front of it holds the request: a slow answer), and the homeserver gets it only after the next run has
+// started. That run's read-back must not look before what the dead run left on the way has arrived: it finds the
+// late copy and does not post a second one. (1 of 10,000 posted twice in a chaos run on Dendrite, where the next
+// run started within the second and read the room back before the held send arrived.)
+func TestSendLeftOnTheWayIsNotRepeated(t *testing.T) {
+	ctx := context.Background()
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t)
+	ghost := f.br.Ghosts.Ghost(f.alice)
+	if _, _, err := f.br.markRunning(ctx); err != nil {
+		t.Fatal(err)
+	}
+	crash, die := context.WithCancel(ctx)
+	posted := make(chan struct{})
+	f.flaky.lock.Lock()
+	f.flaky.script = []func(http.ResponseWriter, *http.Request){func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		late := r.Clone(context.Background())
+		late.URL.Path += "-forgotten" // Dendrite forgets the transaction IDs of requests it never answered
+		late.URL.RawPath = ""
+		die()
+		if conn, _, err := w.(http.Hijacker).Hijack(); err == nil {
+			_ = conn.Close()
+		}
+		go func() {
+			time.Sleep(1500 * time.Millisecond) // the chaos test's proxy holds a slow request up to 1.5 s
+			late.Body = io.NopCloser(bytes.NewReader(body))
+			f.flaky.proxy.ServeHTTP(httptest.NewRecorder(), late)
+			close(posted)
+		}()
+	}}
+	f.flaky.lock.Unlock()
+	evtID := f.dieRelaying(t, crash)
+	f.br.sent = sentLedger{}
+	if err := f.br.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	f.waitDone(t, evtID, time.Now().Add(20*time.Second))
+	<-posted
+	f.br.Stop()
+	sent := f.ghostEvents(f.roomB, ghost)
+	if len(sent) != 2 {
+		t.Fatalf("room B holds %d copies for 2 messages: the copy the dead run left on the way was posted again", len(sent))
+	}
+	if c, err := f.br.DB.EventMap.Get(ctx, evtID, f.roomB); err != nil || c == nil || c.TargetEvent != sent[1] {
+		t.Fatalf("the event map holds %+v (%v), want the late copy %s", c, err, sent[1])
+	}
 }
 
 // TestReadBackRetriesServerErrors: the read-back after an unclean stop meets server errors (the homeserver is
@@ -330,13 +389,13 @@ func TestNoticeIsReadBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n, complete, err := f.br.readBack(ctx, f.roomA, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
+	if n, _, complete, err := f.br.readBack(ctx, f.roomA, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
 		t.Fatalf("read back %d events in room A (%v), want the notice", n, err)
 	}
 	if got, ok := f.br.sent.take(f.roomA, "ferry_reply_readback"); !ok || got != notice {
 		t.Fatalf("the ledger has %q for the notice's transaction, want %s", got, notice)
 	}
-	if n, complete, err := f.br.readBack(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
+	if n, _, complete, err := f.br.readBack(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
 		t.Fatalf("read back %d events in room B (%v), want the copy", n, err)
 	}
 	copyEvt, _ := f.br.DB.EventMap.Get(ctx, row.EventID, f.roomB)
@@ -344,7 +403,7 @@ func TestNoticeIsReadBack(t *testing.T) {
 		t.Fatalf("the ledger has %q for the copy, want %+v", got, copyEvt)
 	}
 	// Nothing older than the pending work is looked at.
-	if n, _, err := f.br.readBack(ctx, f.roomB, time.Now().Add(time.Minute)); err != nil || n != 0 || f.br.sent.size() != 0 {
+	if n, _, _, err := f.br.readBack(ctx, f.roomB, time.Now().Add(time.Minute)); err != nil || n != 0 || f.br.sent.size() != 0 {
 		t.Fatalf("read back %d events older than the cut-off (%v)", n, err)
 	}
 }
@@ -384,7 +443,7 @@ func TestUserMarkersAreNotTrusted(t *testing.T) {
 	if copyEvt == nil {
 		t.Fatal("a message carrying ferry's markers was not relayed")
 	}
-	if n, complete, err := f.br.readBack(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
+	if n, _, complete, err := f.br.readBack(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
 		t.Fatalf("read back %d events in room B (%v), want the copy", n, err)
 	}
 	if _, ok := f.br.sent.take(f.roomB, "ferry_reply_victim"); ok {
