@@ -12,7 +12,8 @@ package bridge
 // room; an unclean stop marks the rooms with pending events and the rooms they relay into, since the oldest
 // pending event arrived; an outage of the homeserver marks them since the outage began. A room stays marked until
 // a read-back of it succeeds: transient errors are retried with the event's backoff, holding the room's order,
-// and a clean stop keeps the marks.
+// and a clean stop keeps the marks. How far a read-back got is durable too (readbackProgress): one cut short goes
+// on from there, so that under long trouble the window still to read does not grow with the room's history.
 //
 // What ferry sent is recognised from the content: a relayed copy carries the origin marker (source event, and
 // the target room is where it was found: together they give the transaction ID, see TxnID); everything else
@@ -21,6 +22,7 @@ package bridge
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
@@ -45,7 +47,7 @@ const runningKey = "relay_running"
 // Limits of the read-back.
 const (
 	reconcilePage  = 100   // events per /messages request
-	reconcilePages = 50    // requests per pass at most
+	reconcileLimit = 50000 // events one pass reads at most, over every run that carries it on
 	maxFound       = 10000 // events found remembered before old ones are dropped
 	foundKeep      = 30 * time.Minute
 )
@@ -65,6 +67,7 @@ type sentLedger struct {
 	byTxn    map[sentKey]foundSend
 	byEvent  map[id.EventID]sentKey // the same, by event
 	readback map[id.RoomID]readbackMark
+	settling map[id.RoomID]*sync.Mutex
 }
 
 // sentKey names one send: the room it went into and its transaction ID.
@@ -80,9 +83,11 @@ type foundSend struct {
 
 type readbackMark struct {
 	since, markedAt time.Time
+	progress        *readbackProgress // how far a read-back got; nil when none did
 }
 
-// mark records at now that room must be read back from since (keeping an earlier since).
+// mark records at now that room must be read back from since (keeping an earlier since; an earlier since drops
+// the progress of read-backs from the later one).
 func (l *sentLedger) mark(room id.RoomID, since, now time.Time) {
 	l.lock.Lock()
 	defer l.lock.Unlock()
@@ -92,17 +97,45 @@ func (l *sentLedger) mark(room id.RoomID, since, now time.Time) {
 	m, ok := l.readback[room]
 	if !ok || since.Before(m.since) {
 		m.since = since
+		m.progress = nil
 	}
 	m.markedAt = now
 	l.readback[room] = m
 }
 
-// pending returns since when room must be read back, if it must.
-func (l *sentLedger) pending(room id.RoomID) (time.Time, bool) {
+// pending returns since when room must be read back, if it must, and a copy of how far a read-back got.
+func (l *sentLedger) pending(room id.RoomID) (time.Time, *readbackProgress, bool) {
 	l.lock.Lock()
 	defer l.lock.Unlock()
 	m, ok := l.readback[room]
-	return m.since, ok
+	return m.since, m.progress.clone(), ok
+}
+
+// setProgress keeps p as how far room's read-back got, unless the room was marked from earlier than p reads back
+// to, or is no longer marked.
+func (l *sentLedger) setProgress(room id.RoomID, p *readbackProgress) {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	if m, ok := l.readback[room]; ok && m.since.UnixMilli() >= p.Since {
+		m.progress = p.clone()
+		l.readback[room] = m
+	}
+}
+
+// roomLock returns the lock that one read-back of room at a time holds (rooms a link relays into from several
+// rooms are settled by several workers).
+func (l *sentLedger) roomLock(room id.RoomID) *sync.Mutex {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	if l.settling == nil {
+		l.settling = make(map[id.RoomID]*sync.Mutex)
+	}
+	mu := l.settling[room]
+	if mu == nil {
+		mu = &sync.Mutex{}
+		l.settling[room] = mu
+	}
+	return mu
 }
 
 // done forgets room's mark after a read-back from since that began at began, unless the room was marked again
@@ -188,8 +221,11 @@ func (b *Bridge) loadReadback(ctx context.Context) error {
 		return fmt.Errorf("failed to read the rooms to read back: %w", err)
 	}
 	now := time.Now()
-	for room, since := range marks {
-		b.sent.mark(room, since, now)
+	for room, m := range marks {
+		b.sent.mark(room, m.Since, now)
+		if p := parseProgress(m.Progress); p != nil {
+			b.sent.setProgress(room, p)
+		}
 	}
 	return nil
 }
@@ -258,15 +294,25 @@ func (b *Bridge) markInFlight(ctx context.Context, floor time.Time) (int, error)
 }
 
 // settle reads room back if it is marked, before a send into it. The error is the read-back's: the caller retries
-// the send later (transient errors with backoff), and the room stays marked until a read-back succeeds.
+// the send later (transient errors with backoff), and the room stays marked until a read-back succeeds; how far it
+// got is kept, and the next read-back goes on from there.
 func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
-	since, ok := b.sent.pending(room)
+	if _, _, ok := b.sent.pending(room); !ok {
+		return nil
+	}
+	mu := b.sent.roomLock(room)
+	mu.Lock()
+	defer mu.Unlock()
+	since, prog, ok := b.sent.pending(room) // another worker may have read it back meanwhile
 	if !ok {
 		return nil
 	}
+	resumed := prog.continues(since)
+	if !resumed {
+		prog = newProgress(since)
+	}
 	var began time.Time
-	var n, read int
-	var complete bool
+	var res readBackResult
 	for {
 		// After an outage of the homeserver, events it accepted before going away may still be appearing: a
 		// read-back counts only when the homeserver had been answering for a while before it began.
@@ -274,20 +320,34 @@ func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
 			return ctx.Err()
 		}
 		began = time.Now()
-		if err := b.postBarrier(ctx, room); err != nil {
+		head, err := b.postBarrier(ctx, room)
+		if err != nil {
+			return fmt.Errorf("failed to read back what ferry may have sent: %w", err)
+		} else if head.IsZero() {
+			head = began
+		}
+		r, err := b.readBack(ctx, room, since, prog, head)
+		if err != nil && resumed && !Transient(err) && ctx.Err() == nil {
+			// The homeserver refuses where the last read-back stopped (a pagination token it no longer takes,
+			// after an upgrade): read the room again from its newest event.
+			zerolog.Ctx(ctx).Warn().Err(err).Stringer("room_id", room).
+				Msg("Could not go on with a read-back where the last one stopped; reading the room back from its newest event")
+			prog, resumed = newProgress(since), false
+			r, err = b.readBack(ctx, room, since, prog, head)
+		}
+		res.found += r.found
+		res.read += r.read
+		if err != nil {
 			return fmt.Errorf("failed to read back what ferry may have sent: %w", err)
 		}
-		var err error
-		if n, read, complete, err = b.readBack(ctx, room, since); err != nil {
-			return fmt.Errorf("failed to read back what ferry may have sent: %w", err)
-		}
+		res.complete = r.complete
 		if !b.health.recoveredSince(began) {
 			break
 		}
 	}
 	log := zerolog.Ctx(ctx)
-	if !complete {
-		log.Warn().Stringer("room_id", room).Time("since", since).Int("events", reconcilePage*reconcilePages).
+	if !res.complete {
+		log.Warn().Stringer("room_id", room).Time("since", since).Int("events", reconcileLimit).
 			Msg("Read back only the most recent events of a room; sends older than them may repeat")
 	}
 	b.sent.done(room, since, began)
@@ -296,8 +356,8 @@ func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
 	if err := b.DB.Readback.Done(dctx, room, since, began); err != nil {
 		log.Warn().Err(err).Stringer("room_id", room).Msg("Failed to record that a room was read back; it is read again later")
 	}
-	log.Info().Stringer("room_id", room).Int("found", n).Int("read", read).Time("since", since).Dur("elapsed", time.Since(began)).
-		Msg("Read back recent sends")
+	log.Info().Stringer("room_id", room).Int("found", res.found).Int("read", res.read).Bool("resumed", resumed).
+		Time("since", since).Dur("elapsed", time.Since(began)).Msg("Read back recent sends")
 	return nil
 }
 
@@ -313,12 +373,13 @@ var barrierType = event.Type{Type: "im.ferry.barrier", Class: event.MessageEvent
 // barrierWait bounds the wait for a barrier to show in the room's history.
 const barrierWait = 30 * time.Second
 
-// postBarrier posts a barrier into room and waits until the room's history shows it. Where the bot may not post
-// (the room's power levels), the read-back goes on without one, and says so. A transient failure is retried here,
+// postBarrier posts a barrier into room and waits until the room's history shows it; it returns the barrier's
+// timestamp (the homeserver's clock). Where the bot may not post (the room's power levels), the read-back goes on
+// without one, and says so (the time is zero then). A transient failure is retried here,
 // as a failed page of the read-back is (pageAttempts), under one transaction ID: failing the whole read-back for it
 // would send the event back to wait with its backoff while the room's history, which the read-back must cover,
 // grows.
-func (b *Bridge) postBarrier(ctx context.Context, room id.RoomID) error {
+func (b *Bridge) postBarrier(ctx context.Context, room id.RoomID) (time.Time, error) {
 	cli := b.AS.BotClient()
 	req := mautrix.ReqSendEvent{DontEncrypt: true, TransactionID: cli.TxnID()}
 	var resp *mautrix.RespSendEvent
@@ -328,11 +389,11 @@ func (b *Bridge) postBarrier(ctx context.Context, room id.RoomID) error {
 	})
 	if err != nil {
 		if Transient(err) || ctx.Err() != nil {
-			return fmt.Errorf("failed to post a barrier: %w", err)
+			return time.Time{}, fmt.Errorf("failed to post a barrier: %w", err)
 		}
 		zerolog.Ctx(ctx).Warn().Err(err).Stringer("room_id", room).
 			Msg("Could not post a barrier before reading a room back; a send the homeserver still holds may repeat")
-		return nil
+		return time.Time{}, nil
 	}
 	deadline := time.Now().Add(barrierWait)
 	wait := 20 * time.Millisecond
@@ -341,17 +402,17 @@ func (b *Bridge) postBarrier(ctx context.Context, room id.RoomID) error {
 		if err == nil {
 			for _, evt := range msgs.Chunk {
 				if evt.ID == resp.EventID {
-					return nil
+					return time.UnixMilli(evt.Timestamp), nil
 				}
 			}
 		} else if !Transient(err) {
-			return fmt.Errorf("failed to look for the barrier: %w", err)
+			return time.Time{}, fmt.Errorf("failed to look for the barrier: %w", err)
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("the barrier %s did not show in the room's history within %s", resp.EventID, barrierWait)
+			return time.Time{}, fmt.Errorf("the barrier %s did not show in the room's history within %s", resp.EventID, barrierWait)
 		}
 		if !sleep(ctx, wait) {
-			return ctx.Err()
+			return time.Time{}, ctx.Err()
 		}
 		wait = min(2*wait, time.Second)
 	}
@@ -383,36 +444,142 @@ func retryInPlace(ctx context.Context, request func() error) error {
 	}
 }
 
-// readBack pages backwards through room until since, adding ferry's own events to the ledger. It returns how
-// many it added and how many events its passes read; complete is false when a pass stopped at its page limit
-// before reaching since.
-func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time) (found, read int, complete bool, err error) {
-	complete = true
-	for _, size := range readBackPageSizes {
-		n, r, c, err := b.readBackPass(ctx, room, since, size)
-		found += n
-		read += r
-		complete = complete && c
-		if err != nil {
-			return found, read, false, err
-		}
-	}
-	return found, read, complete, nil
+// readbackProgress is how far the read-back of a room got: where each of its passes (readBackPageSizes) goes on,
+// and since when the passes that have begun may have missed events (they read from the newest event at the time).
+// A read-back that is cut short (ferry died, a request kept failing) goes on from there next time, and first reads
+// what came since then: otherwise, under trouble long enough, the window to read (from since to the newest event)
+// grows with the room's history while no read-back gets through, until it is more than a read-back reads. Kept
+// in the room's mark, in memory and as JSON in the readback table.
+type readbackProgress struct {
+	Since  int64          `json:"since"`   // ms: the passes read back to here
+	HeadAt int64          `json:"head_at"` // ms: the passes begun cover what was in the room at their barrier
+	Passes []readbackPass `json:"passes"`
 }
 
-// readBackPass is one pass of readBack with pages of size events, reading at most reconcilePage*reconcilePages
-// events. It returns how many of ferry's events it found that the ledger did not have, and how many it read.
-func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, since time.Time, size int) (found, read int, complete bool, err error) {
+type readbackPass struct {
+	From string `json:"from,omitempty"` // pagination token the pass goes on from; "" while it has not begun
+	Read int    `json:"read,omitempty"` // events it has read from its start, in every run
+	Done bool   `json:"done,omitempty"`
+	Cut  bool   `json:"cut,omitempty"` // it stopped at reconcileLimit before reaching Since
+}
+
+func newProgress(since time.Time) *readbackProgress {
+	return &readbackProgress{Since: since.UnixMilli(), Passes: make([]readbackPass, len(readBackPageSizes))}
+}
+
+// continues tells whether p is the progress of a read-back back to since (or further).
+func (p *readbackProgress) continues(since time.Time) bool {
+	return p != nil && p.Since <= since.UnixMilli() && len(p.Passes) == len(readBackPageSizes)
+}
+
+func (p *readbackProgress) clone() *readbackProgress {
+	if p == nil {
+		return nil
+	}
+	c := *p
+	c.Passes = append([]readbackPass(nil), p.Passes...)
+	return &c
+}
+
+// parseProgress reads the progress kept in the readback table; nil when there is none or it does not parse.
+func parseProgress(data string) *readbackProgress {
+	if data == "" {
+		return nil
+	}
+	var p readbackProgress
+	if json.Unmarshal([]byte(data), &p) != nil {
+		return nil
+	}
+	return &p
+}
+
+// saveProgress keeps prog for room, in memory and in the database.
+func (b *Bridge) saveProgress(ctx context.Context, room id.RoomID, prog *readbackProgress) error {
+	b.sent.setProgress(room, prog)
+	data, err := json.Marshal(prog)
+	if err != nil {
+		return err
+	}
+	if err = b.DB.Readback.SaveProgress(ctx, room, time.UnixMilli(prog.Since), string(data)); err != nil {
+		return fmt.Errorf("failed to record how far a read-back got: %w", err)
+	}
+	return nil
+}
+
+type readBackResult struct {
+	found, read int  // ferry's events found that the ledger did not have; events read
+	complete    bool // every pass reached since
+}
+
+// readBack pages backwards through room until since, adding ferry's own events to the ledger, in a read whose
+// barrier was posted at head (the barrier's timestamp; without a barrier, when the read began). It goes on with
+// prog, which it updates and keeps after each page: the passes that had begun first read what came since
+// prog.HeadAt, from the newest event; then every pass goes on from where it stopped until since.
+func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time, prog *readbackProgress, head time.Time) (res readBackResult, err error) {
+	// What came since the passes began: what the homeserver posted after a barrier carries a later timestamp than
+	// the barrier's, give or take the lag (a send it was still preparing; without a barrier, ferry's clock).
+	newer := time.UnixMilli(prog.HeadAt).Add(-b.health.clockLag())
+	if newer.Before(since) {
+		newer = since
+	}
+	complete := true
+	for i, size := range readBackPageSizes {
+		if p := prog.Passes[i]; p.From == "" && !p.Done {
+			continue // it has not begun: it starts from the newest event below
+		}
+		n, r, _, c, err := b.readBackPass(ctx, room, "", newer, size, reconcileLimit, nil)
+		res.found += n
+		res.read += r
+		complete = complete && c
+		if err != nil {
+			return res, err
+		}
+	}
+	prog.HeadAt = head.UnixMilli()
+	if err = b.saveProgress(ctx, room, prog); err != nil {
+		return res, err
+	}
+	for i, size := range readBackPageSizes {
+		p := &prog.Passes[i]
+		if p.Done {
+			complete = complete && !p.Cut
+			continue
+		}
+		n, r, from, c, err := b.readBackPass(ctx, room, p.From, since, size, reconcileLimit-p.Read, func(from string, read int) error {
+			p.From = from
+			p.Read += read
+			return b.saveProgress(ctx, room, prog)
+		})
+		res.found += n
+		res.read += r
+		if err != nil {
+			return res, err
+		}
+		p.From, p.Done, p.Cut = from, true, !c
+		complete = complete && c
+		if err = b.saveProgress(ctx, room, prog); err != nil {
+			return res, err
+		}
+	}
+	res.complete = complete
+	return res, nil
+}
+
+// readBackPass is one pass of readBack with pages of size events, from the pagination token from ("": the newest
+// event) back to since, reading at most limit events. After each page but the last it calls kept (when not nil)
+// with the token of the next page and the events read; the events of ferry's found on the page are kept by then.
+// It returns how many of ferry's events it found that the ledger did not have, how many events it read, the
+// token of the page it would read next, and whether it reached since (or the room's first event).
+func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, from string, since time.Time, size, limit int, kept func(from string, read int) error) (found, read int, next string, complete bool, err error) {
 	cli := b.AS.BotClient()
-	from := ""
-	for read < reconcilePage*reconcilePages {
+	for read < limit {
 		var resp *mautrix.RespMessages
 		err = retryInPlace(ctx, func() (err error) {
 			resp, err = cli.Messages(ctx, room, from, "", mautrix.DirectionBackward, nil, size)
 			return err
 		})
 		if err != nil {
-			return found, read, false, err
+			return found, read, from, false, err
 		}
 		read += len(resp.Chunk)
 		older := false
@@ -427,24 +594,29 @@ func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, since time.Ti
 			evt.RoomID = room
 			txnID, origin, err := b.sentWith(ctx, evt)
 			if err != nil {
-				return found, read, false, err
+				return found, read, from, false, err
 			}
 			if txnID == "" {
 				continue
 			}
 			if err = b.keepFound(ctx, room, txnID, origin, evt.ID); err != nil {
-				return found, read, false, err
+				return found, read, from, false, err
 			}
 			if b.sent.put(room, txnID, evt.ID) {
 				found++
 			}
 		}
 		if older || resp.End == "" || len(resp.Chunk) == 0 || resp.End == from {
-			return found, read, true, nil
+			return found, read, from, true, nil
 		}
 		from = resp.End
+		if kept != nil {
+			if err = kept(from, len(resp.Chunk)); err != nil {
+				return found, read, from, false, err
+			}
+		}
 	}
-	return found, read, false, nil
+	return found, read, from, false, nil
 }
 
 // foundKeepFor is how long a found send is kept durably (found_sends) when ferry has not recorded it.

@@ -62,6 +62,13 @@ func (l *sentLedger) size() int {
 	return len(l.byTxn)
 }
 
+// readBackFresh reads room back from since as a first read-back (no progress of an earlier one), without the
+// room being marked: progress is not kept.
+func (b *Bridge) readBackFresh(ctx context.Context, room id.RoomID, since time.Time) (found, read int, complete bool, err error) {
+	res, err := b.readBack(ctx, room, since, newProgress(since), time.Now())
+	return res.found, res.read, res.complete, err
+}
+
 // ghostEvents lists the IDs of the encrypted events from sender in room, oldest first.
 func (f *relayFixture) ghostEvents(room id.RoomID, sender id.UserID) []id.EventID {
 	var out []id.EventID
@@ -389,13 +396,13 @@ func TestNoticeIsReadBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n, _, complete, err := f.br.readBack(ctx, f.roomA, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
+	if n, _, complete, err := f.br.readBackFresh(ctx, f.roomA, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
 		t.Fatalf("read back %d events in room A (%v), want the notice", n, err)
 	}
 	if got, ok := f.br.sent.take(f.roomA, "ferry_reply_readback"); !ok || got != notice {
 		t.Fatalf("the ledger has %q for the notice's transaction, want %s", got, notice)
 	}
-	if n, _, complete, err := f.br.readBack(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
+	if n, _, complete, err := f.br.readBackFresh(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
 		t.Fatalf("read back %d events in room B (%v), want the copy", n, err)
 	}
 	copyEvt, _ := f.br.DB.EventMap.Get(ctx, row.EventID, f.roomB)
@@ -403,7 +410,7 @@ func TestNoticeIsReadBack(t *testing.T) {
 		t.Fatalf("the ledger has %q for the copy, want %+v", got, copyEvt)
 	}
 	// Nothing older than the pending work is looked at.
-	if n, _, _, err := f.br.readBack(ctx, f.roomB, time.Now().Add(time.Minute)); err != nil || n != 0 || f.br.sent.size() != 0 {
+	if n, _, _, err := f.br.readBackFresh(ctx, f.roomB, time.Now().Add(time.Minute)); err != nil || n != 0 || f.br.sent.size() != 0 {
 		t.Fatalf("read back %d events older than the cut-off (%v)", n, err)
 	}
 }
@@ -419,10 +426,10 @@ func TestLedgerIsPerRoom(t *testing.T) {
 		t.Fatalf("take in room A = %q, %t", got, ok)
 	}
 	l.mark("!a:x", time.Now(), time.Now())
-	if _, ok := l.pending("!b:x"); ok {
+	if _, _, ok := l.pending("!b:x"); ok {
 		t.Fatal("an unanswered send into room A made room B need reading back")
 	}
-	if _, ok := l.pending("!a:x"); !ok {
+	if _, _, ok := l.pending("!a:x"); !ok {
 		t.Fatal("the unanswered send into room A was forgotten")
 	}
 }
@@ -443,7 +450,7 @@ func TestUserMarkersAreNotTrusted(t *testing.T) {
 	if copyEvt == nil {
 		t.Fatal("a message carrying ferry's markers was not relayed")
 	}
-	if n, _, complete, err := f.br.readBack(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
+	if n, _, complete, err := f.br.readBackFresh(ctx, f.roomB, time.Now().Add(-time.Minute)); err != nil || n != 1 || !complete {
 		t.Fatalf("read back %d events in room B (%v), want the copy", n, err)
 	}
 	if _, ok := f.br.sent.take(f.roomB, "ferry_reply_victim"); ok {
@@ -545,12 +552,114 @@ func TestReadBackReachesBackToTheDeadRun(t *testing.T) {
 	if _, err = f.br.markInFlight(ctx, prevStart); err != nil {
 		t.Fatal(err)
 	}
-	since, ok := f.br.sent.pending(f.roomB)
+	since, _, ok := f.br.sent.pending(f.roomB)
 	if !ok {
 		t.Fatal("room B is not marked for reading back")
 	}
 	if earliest := died.Add(-time.Second - f.br.health.clockLag()); since.Before(earliest) {
 		t.Fatalf("room B is read back from %v, before the run that died started (%v)", since, died)
+	}
+}
+
+// TestReadBackGoesOnWhereItStopped: ferry dies with a copy's send in flight (the homeserver posted it), and then
+// keeps dying while it reads the target room back, each run getting through 10 pages, while the room's history
+// grows. Each run goes on where the last one stopped (after reading what came since), so the read-back gets
+// through, finds the copy and ferry does not post it again. A read-back that starts over from the newest event
+// each time never gets through, and the window it must cover grows until it is more than a read-back reads (1 of
+// 10,000 posted twice in a chaos run on Dendrite).
+func TestReadBackGoesOnWhereItStopped(t *testing.T) {
+	ctx := context.Background()
+	// Each run comes a minute after the last by the homeserver's clock, as in a room with hours of trouble.
+	var ahead atomic.Int64
+	f := newRelayFixtureOn(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}}, dbtest.Postgres(t), func(o *fakehs.Options) {
+		o.Clock = func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) }
+	})
+	f.relayOne(t)
+	evtID, posted := f.stopWithSendInFlight(t, false)
+	bob := id.UserID("@bob:ferry.test")
+	events := 0
+	more := func(n int) {
+		for range n {
+			events++
+			if err := f.hs.SetState(f.roomB, bob, "im.ferry.test.filler", fmt.Sprint(events), map[string]any{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	more(20 * reconcilePage) // 20 + 23 + 33 pages for the three passes
+	const pagesPerRun, maxRuns = 10, 25
+	runs := 0
+	for {
+		if runs++; runs > maxRuns {
+			t.Fatalf("the read-back did not get through in %d runs of %d pages each", maxRuns, pagesPerRun)
+		}
+		ahead.Add(int64(time.Minute))
+		more(30)                 // the room goes on meanwhile
+		f.br.sent = sentLedger{} // a new run: what it knows is in the database
+		if err := f.br.loadReadback(ctx); err != nil {
+			t.Fatal(err)
+		}
+		_, prevStart, err := f.br.markRunning(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err = f.br.markInFlight(ctx, prevStart); err != nil {
+			t.Fatal(err)
+		}
+		run, die := context.WithCancel(ctx)
+		var pages atomic.Int32
+		f.faultOn(func(r *http.Request) bool {
+			// The read-back's pages (not the look for the barrier, 50 events): the run dies at the 11th.
+			if strings.HasSuffix(r.URL.Path, "/messages") && r.URL.Query().Get("limit") != "50" && pages.Add(1) > pagesPerRun {
+				die()
+				return true
+			}
+			return false
+		})
+		err = f.br.settle(run, f.roomB)
+		die()
+		if err == nil {
+			break
+		}
+	}
+	f.faultOn(nil)
+	t.Logf("read back in %d runs", runs)
+	if got, ok := f.br.sent.take(f.roomB, TxnID(evtID, f.roomB)); !ok || got != posted {
+		t.Fatalf("the read-back found %q, want the copy posted before the crash, %s", got, posted)
+	}
+	f.br.sent = sentLedger{}
+	f.restartAndExpectOneCopy(t, evtID, posted)
+}
+
+// TestReadBackStartsOverWhereItsPlaceIsRefused: the homeserver refuses the pagination token a cut-short
+// read-back stopped at (as after an upgrade that changed its tokens); the next read-back reads the room again from
+// its newest event instead of failing for good, and finds the copy posted before the crash.
+func TestReadBackStartsOverWhereItsPlaceIsRefused(t *testing.T) {
+	ctx := context.Background()
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t)
+	evtID, posted := f.stopWithSendInFlight(t, false)
+	since := time.Now().Add(-time.Minute)
+	f.br.markReadback(ctx, f.roomB, since)
+	prog := newProgress(since)
+	prog.HeadAt = time.Now().UnixMilli()
+	prog.Passes[0] = readbackPass{From: "t-unknown", Read: 300}
+	if err := f.br.saveProgress(ctx, f.roomB, prog); err != nil {
+		t.Fatal(err)
+	}
+	f.br.sent = sentLedger{}
+	if err := f.br.loadReadback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, p, _ := f.br.sent.pending(f.roomB); p == nil || p.Passes[0].From != "t-unknown" {
+		t.Fatalf("the progress kept is %+v", p)
+	}
+	time.Sleep(2 * time.Millisecond) // the read-back begins after the mark (marks keep milliseconds)
+	if err := f.br.settle(ctx, f.roomB); err != nil {
+		t.Fatalf("the read-back failed: %v", err)
+	}
+	if got, ok := f.br.sent.take(f.roomB, TxnID(evtID, f.roomB)); !ok || got != posted {
+		t.Fatalf("the read-back found %q, want the copy posted before the crash, %s", got, posted)
 	}
 }
 
@@ -575,7 +684,7 @@ func TestFoundSendSurvivesTheNextCrash(t *testing.T) {
 	if err = f.br.settle(ctx, f.roomB); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := f.br.sent.pending(f.roomB); ok {
+	if _, _, ok := f.br.sent.pending(f.roomB); ok {
 		t.Fatal("room B is still marked after its read-back")
 	}
 	// It dies before it relays the message; it had started a minute later than now (long after the copy was

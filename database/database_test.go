@@ -300,14 +300,53 @@ func TestReadback(t *testing.T) {
 		_ = db.Readback.Mark(ctx, "!b", t0, t0.Add(time.Hour))
 		_ = db.Readback.Mark(ctx, "!c", t0, t0.Add(time.Hour))
 		all, err := db.Readback.All(ctx)
-		if err != nil || len(all) != 3 || !all["!a"].Equal(t0) {
+		if err != nil || len(all) != 3 || !all["!a"].Since.Equal(t0) {
 			t.Fatalf("all = %v, %v", all, err)
 		}
 		_ = db.Readback.Done(ctx, "!a", t0.Add(time.Second), t0.Add(2*time.Hour)) // read from later than marked
 		_ = db.Readback.Done(ctx, "!b", t0, t0.Add(2*time.Hour))
 		_ = db.Readback.Done(ctx, "!c", t0, t0.Add(time.Hour-time.Second)) // marked again while it was read
-		if all, _ = db.Readback.All(ctx); len(all) != 2 || !all["!a"].Equal(t0) || !all["!c"].Equal(t0) {
+		if all, _ = db.Readback.All(ctx); len(all) != 2 || !all["!a"].Since.Equal(t0) || !all["!c"].Since.Equal(t0) {
 			t.Fatalf("after reading back: %v", all)
+		}
+	})
+}
+
+// TestReadbackProgress: how far a room's read-back got is kept with its mark, survives a later mark, and is
+// cleared when the room is marked from earlier than the progress reads back to; progress for a since later than
+// the mark's is not kept.
+func TestReadbackProgress(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		t0 := time.UnixMilli(1_700_000_000_000)
+		progress := func(room id.RoomID) string {
+			all, err := db.Readback.All(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return all[room].Progress
+		}
+		if err := db.Readback.Mark(ctx, "!a", t0, t0); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.Readback.SaveProgress(ctx, "!a", t0, `{"p":1}`); err != nil {
+			t.Fatal(err)
+		}
+		_ = db.Readback.Mark(ctx, "!a", t0.Add(time.Minute), t0.Add(time.Minute)) // later since: progress stays
+		if got := progress("!a"); got != `{"p":1}` {
+			t.Fatalf("progress after a later mark = %q", got)
+		}
+		_ = db.Readback.SaveProgress(ctx, "!a", t0.Add(time.Second), `{"p":2}`) // reads back less far than marked
+		if got := progress("!a"); got != `{"p":1}` {
+			t.Fatalf("progress from a later since was kept: %q", got)
+		}
+		_ = db.Readback.Mark(ctx, "!a", t0.Add(-time.Minute), t0.Add(2*time.Minute)) // earlier since: cleared
+		if got := progress("!a"); got != "" {
+			t.Fatalf("progress after an earlier mark = %q, want none", got)
+		}
+		_ = db.Readback.SaveProgress(ctx, "!gone", t0, `{"p":3}`) // no row: nothing is created
+		if all, _ := db.Readback.All(ctx); len(all) != 1 {
+			t.Fatalf("rows after saving progress for an unmarked room: %v", all)
 		}
 	})
 }

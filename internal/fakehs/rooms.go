@@ -172,7 +172,7 @@ func (s *Server) initRoomLocked(rm *room, creator id.UserID, name string, enc *e
 func (s *Server) stateEventLocked(rm *room, sender id.UserID, evtType, key string, content json.RawMessage, echo bool) (id.EventID, json.RawMessage) {
 	rm.events++
 	evtID := EventID(string(rm.id), string(sender), evtType, key, fmt.Sprint(rm.events))
-	raw := mustJSON(&wireEvent{ID: evtID, RoomID: rm.id, Sender: sender, Type: evtType, StateKey: &key, TS: time.Now().UnixMilli(), Content: content, Unsigned: map[string]any{}})
+	raw := mustJSON(&wireEvent{ID: evtID, RoomID: rm.id, Sender: sender, Type: evtType, StateKey: &key, TS: s.now().UnixMilli(), Content: content, Unsigned: map[string]any{}})
 	rm.state[stateKey{evtType, key}] = raw
 	switch evtType {
 	case event.StateMember.Type:
@@ -487,7 +487,7 @@ func (s *Server) send(w http.ResponseWriter, r *http.Request, c caller, evtType 
 		evtID = EventID(string(evtID), fmt.Sprint(rm.events))
 	}
 	s.eventIDs[evtID] = struct{}{}
-	raw := mustJSON(&wireEvent{ID: evtID, RoomID: rm.id, Sender: c.user, Type: evtType, Redacts: redacts, TS: received.UnixMilli(), Content: content, Unsigned: map[string]any{"transaction_id": txnID}})
+	raw := mustJSON(&wireEvent{ID: evtID, RoomID: rm.id, Sender: c.user, Type: evtType, Redacts: redacts, TS: s.now().UnixMilli(), Content: content, Unsigned: map[string]any{"transaction_id": txnID}})
 	s.txns[dedupe] = evtID
 	s.recordLocked(rm, evtID, c.user, nil, raw, true)
 	s.mu.Unlock()

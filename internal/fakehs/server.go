@@ -106,6 +106,17 @@ type Options struct {
 	// BeforeRequest, when set, sees every client-API request (its route pattern and body) before the server
 	// handles it; a test may block in it to hold a request, as a slow homeserver would.
 	BeforeRequest func(route string, body []byte)
+	// Clock, when set, gives the time events are stamped with (origin_server_ts); time.Now otherwise. A test
+	// may run it ahead, as for a room whose history spans hours.
+	Clock func() time.Time
+}
+
+// now is the time events are stamped with.
+func (s *Server) now() time.Time {
+	if s.opts.Clock != nil {
+		return s.opts.Clock()
+	}
+	return time.Now()
 }
 
 // Server is a running fake homeserver. Create it with New and Close it when done.
