@@ -323,8 +323,13 @@ func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
 		head, err := b.postBarrier(ctx, room)
 		if err != nil {
 			return fmt.Errorf("failed to read back what ferry may have sent: %w", err)
-		} else if head.IsZero() {
-			head = began
+		}
+		// What the homeserver posts after the barrier carries a later timestamp than the barrier's (give or take
+		// a send it was still preparing); without a barrier, ferry's clock says, give or take the clocks' lag.
+		if head.IsZero() {
+			head = began.Add(-b.health.clockLag())
+		} else {
+			head = head.Add(-clockLagMargin)
 		}
 		r, err := b.readBack(ctx, room, since, prog, head)
 		if err != nil && resumed && !Transient(err) && ctx.Err() == nil {
@@ -445,14 +450,14 @@ func retryInPlace(ctx context.Context, request func() error) error {
 }
 
 // readbackProgress is how far the read-back of a room got: where each of its passes (readBackPageSizes) goes on,
-// and since when the passes that have begun may have missed events (they read from the newest event at the time).
+// and what the passes that have begun may have missed (they read from the newest event at the time).
 // A read-back that is cut short (ferry died, a request kept failing) goes on from there next time, and first reads
 // what came since then: otherwise, under trouble long enough, the window to read (from since to the newest event)
 // grows with the room's history while no read-back gets through, until it is more than a read-back reads. Kept
 // in the room's mark, in memory and as JSON in the readback table.
 type readbackProgress struct {
-	Since  int64          `json:"since"`   // ms: the passes read back to here
-	HeadAt int64          `json:"head_at"` // ms: the passes begun cover what was in the room at their barrier
+	Since  int64          `json:"since"` // ms: the passes read back to here
+	Newer  int64          `json:"newer"` // ms: what the passes begun may not have read is newer than this
 	Passes []readbackPass `json:"passes"`
 }
 
@@ -511,14 +516,12 @@ type readBackResult struct {
 	complete    bool // every pass reached since
 }
 
-// readBack pages backwards through room until since, adding ferry's own events to the ledger, in a read whose
-// barrier was posted at head (the barrier's timestamp; without a barrier, when the read began). It goes on with
-// prog, which it updates and keeps after each page: the passes that had begun first read what came since
-// prog.HeadAt, from the newest event; then every pass goes on from where it stopped until since.
+// readBack pages backwards through room until since, adding ferry's own events to the ledger, in a read after
+// which the homeserver posts only events with later timestamps than head (see settle). It goes on with prog, which
+// it updates and keeps after each page: the passes that had begun first read what is newer than prog.Newer, from
+// the newest event; then every pass goes on from where it stopped until since.
 func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time, prog *readbackProgress, head time.Time) (res readBackResult, err error) {
-	// What came since the passes began: what the homeserver posted after a barrier carries a later timestamp than
-	// the barrier's, give or take the lag (a send it was still preparing; without a barrier, ferry's clock).
-	newer := time.UnixMilli(prog.HeadAt).Add(-b.health.clockLag())
+	newer := time.UnixMilli(prog.Newer)
 	if newer.Before(since) {
 		newer = since
 	}
@@ -535,7 +538,7 @@ func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time, 
 			return res, err
 		}
 	}
-	prog.HeadAt = head.UnixMilli()
+	prog.Newer = head.UnixMilli()
 	if err = b.saveProgress(ctx, room, prog); err != nil {
 		return res, err
 	}

@@ -642,7 +642,7 @@ func TestReadBackStartsOverWhereItsPlaceIsRefused(t *testing.T) {
 	since := time.Now().Add(-time.Minute)
 	f.br.markReadback(ctx, f.roomB, since)
 	prog := newProgress(since)
-	prog.HeadAt = time.Now().UnixMilli()
+	prog.Newer = time.Now().UnixMilli()
 	prog.Passes[0] = readbackPass{From: "t-unknown", Read: 300}
 	if err := f.br.saveProgress(ctx, f.roomB, prog); err != nil {
 		t.Fatal(err)
