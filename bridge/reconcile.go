@@ -313,6 +313,30 @@ func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
 	}
 	var began time.Time
 	var res readBackResult
+	step := func(read func(*readbackProgress) (readBackResult, error)) error {
+		r, err := read(prog)
+		if err != nil && resumed && !Transient(err) && ctx.Err() == nil {
+			// The homeserver refuses where the last read-back stopped (a pagination token it no longer takes,
+			// after an upgrade): read the room again from its newest event.
+			zerolog.Ctx(ctx).Warn().Err(err).Stringer("room_id", room).
+				Msg("Could not go on with a read-back where the last one stopped; reading the room back from its newest event")
+			prog, resumed = newProgress(since), false
+			r, err = read(prog)
+		}
+		res.found += r.found
+		res.read += r.read
+		res.complete = r.complete
+		if err != nil {
+			return fmt.Errorf("failed to read back what ferry may have sent: %w", err)
+		}
+		return nil
+	}
+	// The passes an earlier read-back began go on first: what lies below where they began is in place (what the
+	// homeserver held then was posted before their barrier), so they need not wait for a new barrier, nor for the
+	// homeserver to settle. A run that dies every few seconds still gets on with them meanwhile.
+	if err := step(func(p *readbackProgress) (readBackResult, error) { return b.readBackRest(ctx, room, since, p, true) }); err != nil {
+		return err
+	}
 	for {
 		// After an outage of the homeserver, events it accepted before going away may still be appearing: a
 		// read-back counts only when the homeserver had been answering for a while before it began.
@@ -331,21 +355,9 @@ func (b *Bridge) settle(ctx context.Context, room id.RoomID) error {
 		} else {
 			head = head.Add(-clockLagMargin)
 		}
-		r, err := b.readBack(ctx, room, since, prog, head)
-		if err != nil && resumed && !Transient(err) && ctx.Err() == nil {
-			// The homeserver refuses where the last read-back stopped (a pagination token it no longer takes,
-			// after an upgrade): read the room again from its newest event.
-			zerolog.Ctx(ctx).Warn().Err(err).Stringer("room_id", room).
-				Msg("Could not go on with a read-back where the last one stopped; reading the room back from its newest event")
-			prog, resumed = newProgress(since), false
-			r, err = b.readBack(ctx, room, since, prog, head)
+		if err := step(func(p *readbackProgress) (readBackResult, error) { return b.readBack(ctx, room, since, p, head) }); err != nil {
+			return err
 		}
-		res.found += r.found
-		res.read += r.read
-		if err != nil {
-			return fmt.Errorf("failed to read back what ferry may have sent: %w", err)
-		}
-		res.complete = r.complete
 		if !b.health.recoveredSince(began) {
 			break
 		}
@@ -519,7 +531,8 @@ type readBackResult struct {
 // readBack pages backwards through room until since, adding ferry's own events to the ledger, in a read after
 // which the homeserver posts only events with later timestamps than head (see settle). It goes on with prog, which
 // it updates and keeps after each page: the passes that had begun first read what is newer than prog.Newer, from
-// the newest event; then every pass goes on from where it stopped until since.
+// the newest event; then every pass goes on from where it stopped until since (readBackRest), those that had not
+// begun from the newest event.
 func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time, prog *readbackProgress, head time.Time) (res readBackResult, err error) {
 	newer := time.UnixMilli(prog.Newer)
 	if newer.Before(since) {
@@ -542,10 +555,24 @@ func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time, 
 	if err = b.saveProgress(ctx, room, prog); err != nil {
 		return res, err
 	}
+	rest, err := b.readBackRest(ctx, room, since, prog, false)
+	res.found += rest.found
+	res.read += rest.read
+	res.complete = complete && rest.complete
+	return res, err
+}
+
+// readBackRest carries every pass of prog that is not done (with begun, only those that have begun) on until
+// since, keeping prog after each page; complete tells whether every pass reached since.
+func (b *Bridge) readBackRest(ctx context.Context, room id.RoomID, since time.Time, prog *readbackProgress, begun bool) (res readBackResult, err error) {
+	complete := true
 	for i, size := range readBackPageSizes {
 		p := &prog.Passes[i]
 		if p.Done {
 			complete = complete && !p.Cut
+			continue
+		} else if begun && p.From == "" {
+			complete = false
 			continue
 		}
 		n, r, from, c, err := b.readBackPass(ctx, room, p.From, since, size, reconcileLimit-p.Read, func(from string, read int) error {

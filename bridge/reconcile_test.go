@@ -568,24 +568,7 @@ func TestReadBackReachesBackToTheDeadRun(t *testing.T) {
 // each time never gets through, and the window it must cover grows until it is more than a read-back reads (1 of
 // 10,000 posted twice in a chaos run on Dendrite).
 func TestReadBackGoesOnWhereItStopped(t *testing.T) {
-	ctx := context.Background()
-	// Each run comes a minute after the last by the homeserver's clock, as in a room with hours of trouble.
-	var ahead atomic.Int64
-	f := newRelayFixtureOn(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}}, dbtest.Postgres(t), func(o *fakehs.Options) {
-		o.Clock = func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) }
-	})
-	f.relayOne(t)
-	evtID, posted := f.stopWithSendInFlight(t, false)
-	bob := id.UserID("@bob:ferry.test")
-	events := 0
-	more := func(n int) {
-		for range n {
-			events++
-			if err := f.hs.SetState(f.roomB, bob, "im.ferry.test.filler", fmt.Sprint(events), map[string]any{}); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
+	f, more, evtID, posted := newReadBackRunsFixture(t)
 	more(20 * reconcilePage) // 20 + 23 + 33 pages for the three passes
 	const pagesPerRun, maxRuns = 10, 25
 	runs := 0
@@ -593,42 +576,106 @@ func TestReadBackGoesOnWhereItStopped(t *testing.T) {
 		if runs++; runs > maxRuns {
 			t.Fatalf("the read-back did not get through in %d runs of %d pages each", maxRuns, pagesPerRun)
 		}
-		ahead.Add(int64(time.Minute))
-		more(30)                 // the room goes on meanwhile
-		f.br.sent = sentLedger{} // a new run: what it knows is in the database
-		if err := f.br.loadReadback(ctx); err != nil {
-			t.Fatal(err)
-		}
-		_, prevStart, err := f.br.markRunning(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err = f.br.markInFlight(ctx, prevStart); err != nil {
-			t.Fatal(err)
-		}
-		run, die := context.WithCancel(ctx)
+		more(30) // the room goes on meanwhile
 		var pages atomic.Int32
-		f.faultOn(func(r *http.Request) bool {
+		err := f.crashingRun(t, func(r *http.Request) bool {
 			// The read-back's pages (not the look for the barrier, 50 events): the run dies at the 11th.
-			if strings.HasSuffix(r.URL.Path, "/messages") && r.URL.Query().Get("limit") != "50" && pages.Add(1) > pagesPerRun {
-				die()
-				return true
-			}
-			return false
+			return strings.HasSuffix(r.URL.Path, "/messages") && r.URL.Query().Get("limit") != "50" && pages.Add(1) > pagesPerRun
 		})
-		err = f.br.settle(run, f.roomB)
-		die()
 		if err == nil {
 			break
 		}
 	}
-	f.faultOn(nil)
 	t.Logf("read back in %d runs", runs)
 	if got, ok := f.br.sent.take(f.roomB, TxnID(evtID, f.roomB)); !ok || got != posted {
 		t.Fatalf("the read-back found %q, want the copy posted before the crash, %s", got, posted)
 	}
 	f.br.sent = sentLedger{}
 	f.restartAndExpectOneCopy(t, evtID, posted)
+}
+
+// TestBegunPassesGoOnBeforeTheBarrier: what lies below where a read-back's passes began is in place, so a run
+// goes on with them before it waits for the homeserver to settle and posts its barrier: a run that dies at its
+// barrier (ferry killed every few seconds, the first seconds of each run spent waiting) still gets on.
+func TestBegunPassesGoOnBeforeTheBarrier(t *testing.T) {
+	ctx := context.Background()
+	f, more, _, _ := newReadBackRunsFixture(t)
+	more(20 * reconcilePage)
+	var pages atomic.Int32
+	pageLimit := func(r *http.Request) bool {
+		return strings.HasSuffix(r.URL.Path, "/messages") && r.URL.Query().Get("limit") != "50" && pages.Add(1) > 10
+	}
+	if err := f.crashingRun(t, pageLimit); err == nil {
+		t.Fatal("the first run got through")
+	}
+	_, first, _ := f.br.sent.pending(f.roomB)
+	pages.Store(0)
+	if err := f.crashingRun(t, func(r *http.Request) bool {
+		return strings.Contains(r.URL.Path, "/send/im.ferry.barrier/") || pageLimit(r)
+	}); err == nil {
+		t.Fatal("the second run got through")
+	}
+	f.br.sent = sentLedger{}
+	if err := f.br.loadReadback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	_, second, _ := f.br.sent.pending(f.roomB)
+	if first == nil || second == nil || second.Passes[0].Read <= first.Passes[0].Read {
+		t.Fatalf("a run that died at its barrier did not go on with the pass begun before: %+v, then %+v", first, second)
+	}
+}
+
+// newReadBackRunsFixture sets up a relay fixture whose ferry died with a copy's send in flight (the homeserver
+// posted it), for runs that read room B back; more adds n events to room B, each a minute later than the last by
+// the homeserver's clock, as in a room with hours of trouble.
+func newReadBackRunsFixture(t *testing.T) (f *relayFixture, more func(n int), evtID, posted id.EventID) {
+	var ahead atomic.Int64
+	f = newRelayFixtureOn(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}}, dbtest.Postgres(t), func(o *fakehs.Options) {
+		o.Clock = func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) }
+	})
+	f.relayOne(t)
+	evtID, posted = f.stopWithSendInFlight(t, false)
+	bob := id.UserID("@bob:ferry.test")
+	events := 0
+	more = func(n int) {
+		ahead.Add(int64(time.Minute))
+		for range n {
+			events++
+			if err := f.hs.SetState(f.roomB, bob, "im.ferry.test.filler", fmt.Sprint(events), map[string]any{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return f, more, evtID, posted
+}
+
+// crashingRun starts a run after an unclean stop (what it knows is in the database) and reads room B back in it;
+// the run dies at the first request that dies picks (the request fails). It returns the read-back's error.
+func (f *relayFixture) crashingRun(t *testing.T, dies func(*http.Request) bool) error {
+	t.Helper()
+	ctx := context.Background()
+	f.br.sent = sentLedger{}
+	if err := f.br.loadReadback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	_, prevStart, err := f.br.markRunning(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err = f.br.markInFlight(ctx, prevStart); err != nil {
+		t.Fatal(err)
+	}
+	run, die := context.WithCancel(ctx)
+	defer die()
+	f.faultOn(func(r *http.Request) bool {
+		if dies(r) {
+			die()
+			return true
+		}
+		return false
+	})
+	defer f.faultOn(nil)
+	return f.br.settle(run, f.roomB)
 }
 
 // TestReadBackStartsOverWhereItsPlaceIsRefused: the homeserver refuses the pagination token a cut-short
