@@ -24,6 +24,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -461,23 +462,31 @@ func retryInPlace(ctx context.Context, request func() error) error {
 	}
 }
 
-// readbackProgress is how far the read-back of a room got: where each of its passes (readBackPageSizes) goes on,
-// and what the passes that have begun may have missed (they read from the newest event at the time).
-// A read-back that is cut short (ferry died, a request kept failing) goes on from there next time, and first reads
-// what came since then: otherwise, under trouble long enough, the window to read (from since to the newest event)
-// grows with the room's history while no read-back gets through, until it is more than a read-back reads. Kept
-// in the room's mark, in memory and as JSON in the readback table.
+// readbackProgress is how far the read-back of a room got, kept so that a read-back cut short (ferry died, a
+// request kept failing) goes on from there next time instead of starting over from the room's newest event: under
+// trouble long enough, the window to read (from since to the newest event) would otherwise grow with the room's
+// history while no read-back gets through, until it is more than a read-back reads. Each pass keeps the ranges of
+// history it has still to read: a range runs from a pagination token (or the newest event, for one not begun) down
+// to a time. A read-back first carries on with the ranges begun (what lies below them is in place: the homeserver
+// posted what it held before the barrier of the read that began them); after its own barrier each pass adds the
+// range from the newest event down to where its last such range began. Kept in the room's mark, in memory and as
+// JSON in the readback table.
 type readbackProgress struct {
 	Since  int64          `json:"since"` // ms: the passes read back to here
-	Newer  int64          `json:"newer"` // ms: what the passes begun may not have read is newer than this
 	Passes []readbackPass `json:"passes"`
 }
 
 type readbackPass struct {
-	From string `json:"from,omitempty"` // pagination token the pass goes on from; "" while it has not begun
-	Read int    `json:"read,omitempty"` // events it has read from its start, in every run
-	Done bool   `json:"done,omitempty"`
-	Cut  bool   `json:"cut,omitempty"` // it stopped at reconcileLimit before reaching Since
+	Ranges []readbackRange `json:"ranges,omitempty"`
+	// Newer (ms): what the pass's ranges do not cover is newer than this (zero: the pass has not begun).
+	Newer int64 `json:"newer,omitempty"`
+	Read  int   `json:"read,omitempty"` // events it has read, in every run
+	Cut   bool  `json:"cut,omitempty"`  // it stopped at reconcileLimit with history left to read
+}
+
+type readbackRange struct {
+	From string `json:"from,omitempty"` // pagination token to go on from; "" for a range not begun (the newest event)
+	Down int64  `json:"down"`           // ms: down to here
 }
 
 func newProgress(since time.Time) *readbackProgress {
@@ -495,6 +504,9 @@ func (p *readbackProgress) clone() *readbackProgress {
 	}
 	c := *p
 	c.Passes = append([]readbackPass(nil), p.Passes...)
+	for i := range c.Passes {
+		c.Passes[i].Ranges = append([]readbackRange(nil), p.Passes[i].Ranges...)
+	}
 	return &c
 }
 
@@ -525,71 +537,61 @@ func (b *Bridge) saveProgress(ctx context.Context, room id.RoomID, prog *readbac
 
 type readBackResult struct {
 	found, read int  // ferry's events found that the ledger did not have; events read
-	complete    bool // every pass reached since
+	complete    bool // every pass read all its ranges
 }
 
 // readBack pages backwards through room until since, adding ferry's own events to the ledger, in a read after
 // which the homeserver posts only events with later timestamps than head (see settle). It goes on with prog, which
-// it updates and keeps after each page: the passes that had begun first read what is newer than prog.Newer, from
-// the newest event; then every pass goes on from where it stopped until since (readBackRest), those that had not
-// begun from the newest event.
-func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time, prog *readbackProgress, head time.Time) (res readBackResult, err error) {
-	newer := time.UnixMilli(prog.Newer)
-	if newer.Before(since) {
-		newer = since
-	}
-	complete := true
-	for i, size := range readBackPageSizes {
-		if p := prog.Passes[i]; p.From == "" && !p.Done {
-			continue // it has not begun: it starts from the newest event below
+// it updates and keeps after each page: each pass adds the range from the newest event down to what it has
+// covered (down to since, for a pass not begun), and reads all its ranges.
+func (b *Bridge) readBack(ctx context.Context, room id.RoomID, since time.Time, prog *readbackProgress, head time.Time) (readBackResult, error) {
+	for i := range prog.Passes {
+		p := &prog.Passes[i]
+		if p.Cut || slices.ContainsFunc(p.Ranges, func(r readbackRange) bool { return r.From == "" }) {
+			continue // a range from the newest event is waiting already
 		}
-		n, r, _, c, err := b.readBackPass(ctx, room, "", newer, size, reconcileLimit, nil)
-		res.found += n
-		res.read += r
-		complete = complete && c
-		if err != nil {
-			return res, err
-		}
+		p.Ranges = append(p.Ranges, readbackRange{Down: max(p.Newer, since.UnixMilli())})
+		p.Newer = head.UnixMilli()
 	}
-	prog.Newer = head.UnixMilli()
-	if err = b.saveProgress(ctx, room, prog); err != nil {
-		return res, err
+	if err := b.saveProgress(ctx, room, prog); err != nil {
+		return readBackResult{}, err
 	}
-	rest, err := b.readBackRest(ctx, room, since, prog, false)
-	res.found += rest.found
-	res.read += rest.read
-	res.complete = complete && rest.complete
-	return res, err
+	return b.readBackRest(ctx, room, since, prog, false)
 }
 
-// readBackRest carries every pass of prog that is not done (with begun, only those that have begun) on until
-// since, keeping prog after each page; complete tells whether every pass reached since.
+// readBackRest reads the ranges of every pass of prog (with begun, only those begun), keeping prog after each
+// page; complete tells whether every pass read all its ranges.
 func (b *Bridge) readBackRest(ctx context.Context, room id.RoomID, since time.Time, prog *readbackProgress, begun bool) (res readBackResult, err error) {
 	complete := true
 	for i, size := range readBackPageSizes {
 		p := &prog.Passes[i]
-		if p.Done {
-			complete = complete && !p.Cut
-			continue
-		} else if begun && p.From == "" {
-			complete = false
-			continue
+		for k := 0; k < len(p.Ranges); {
+			rg := &p.Ranges[k]
+			if begun && rg.From == "" {
+				k++
+				continue
+			}
+			n, r, c, err := b.readBackPass(ctx, room, rg.From, time.UnixMilli(max(rg.Down, since.UnixMilli())), size, reconcileLimit-p.Read, func(from string, read int) error {
+				rg.From = from
+				p.Read += read
+				return b.saveProgress(ctx, room, prog)
+			})
+			res.found += n
+			res.read += r
+			if err != nil {
+				return res, err
+			}
+			if !c {
+				// At its limit: the pass gives up on what it has left to read.
+				p.Cut, p.Ranges = true, nil
+			} else {
+				p.Ranges = slices.Delete(p.Ranges, k, k+1)
+			}
+			if err = b.saveProgress(ctx, room, prog); err != nil {
+				return res, err
+			}
 		}
-		n, r, from, c, err := b.readBackPass(ctx, room, p.From, since, size, reconcileLimit-p.Read, func(from string, read int) error {
-			p.From = from
-			p.Read += read
-			return b.saveProgress(ctx, room, prog)
-		})
-		res.found += n
-		res.read += r
-		if err != nil {
-			return res, err
-		}
-		p.From, p.Done, p.Cut = from, true, !c
-		complete = complete && c
-		if err = b.saveProgress(ctx, room, prog); err != nil {
-			return res, err
-		}
+		complete = complete && !p.Cut && len(p.Ranges) == 0
 	}
 	res.complete = complete
 	return res, nil
@@ -598,9 +600,9 @@ func (b *Bridge) readBackRest(ctx context.Context, room id.RoomID, since time.Ti
 // readBackPass is one pass of readBack with pages of size events, from the pagination token from ("": the newest
 // event) back to since, reading at most limit events. After each page but the last it calls kept (when not nil)
 // with the token of the next page and the events read; the events of ferry's found on the page are kept by then.
-// It returns how many of ferry's events it found that the ledger did not have, how many events it read, the
-// token of the page it would read next, and whether it reached since (or the room's first event).
-func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, from string, since time.Time, size, limit int, kept func(from string, read int) error) (found, read int, next string, complete bool, err error) {
+// It returns how many of ferry's events it found that the ledger did not have, how many events it read, and
+// whether it reached since (or the room's first event).
+func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, from string, since time.Time, size, limit int, kept func(from string, read int) error) (found, read int, complete bool, err error) {
 	cli := b.AS.BotClient()
 	for read < limit {
 		var resp *mautrix.RespMessages
@@ -609,7 +611,7 @@ func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, from string, 
 			return err
 		})
 		if err != nil {
-			return found, read, from, false, err
+			return found, read, false, err
 		}
 		read += len(resp.Chunk)
 		older := false
@@ -624,29 +626,29 @@ func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, from string, 
 			evt.RoomID = room
 			txnID, origin, err := b.sentWith(ctx, evt)
 			if err != nil {
-				return found, read, from, false, err
+				return found, read, false, err
 			}
 			if txnID == "" {
 				continue
 			}
 			if err = b.keepFound(ctx, room, txnID, origin, evt.ID); err != nil {
-				return found, read, from, false, err
+				return found, read, false, err
 			}
 			if b.sent.put(room, txnID, evt.ID) {
 				found++
 			}
 		}
 		if older || resp.End == "" || len(resp.Chunk) == 0 || resp.End == from {
-			return found, read, from, true, nil
+			return found, read, true, nil
 		}
 		from = resp.End
 		if kept != nil {
 			if err = kept(from, len(resp.Chunk)); err != nil {
-				return found, read, from, false, err
+				return found, read, false, err
 			}
 		}
 	}
-	return found, read, from, false, nil
+	return found, read, false, nil
 }
 
 // foundKeepFor is how long a found send is kept durably (found_sends) when ferry has not recorded it.

@@ -594,6 +594,33 @@ func TestReadBackGoesOnWhereItStopped(t *testing.T) {
 	f.restartAndExpectOneCopy(t, evtID, posted)
 }
 
+// TestReadBackKeepsUpWithABusyRoom: ferry keeps dying while it reads back a room that gets more events between
+// two runs than a run reads from the newest event in one go. What a pass has read from the newest event is kept
+// as well, so the read-back still gets through.
+func TestReadBackKeepsUpWithABusyRoom(t *testing.T) {
+	f, more, evtID, posted := newReadBackRunsFixture(t)
+	more(10 * reconcilePage)
+	const pagesPerRun, maxRuns = 35, 30
+	runs := 0
+	for {
+		if runs++; runs > maxRuns {
+			t.Fatalf("the read-back did not get through in %d runs of %d pages each", maxRuns, pagesPerRun)
+		}
+		more(6 * reconcilePage) // 6 + 7 + 10 pages for the three passes
+		var pages atomic.Int32
+		err := f.crashingRun(t, func(r *http.Request) bool {
+			return strings.HasSuffix(r.URL.Path, "/messages") && r.URL.Query().Get("limit") != "50" && pages.Add(1) > pagesPerRun
+		})
+		if err == nil {
+			break
+		}
+	}
+	t.Logf("read back in %d runs", runs)
+	if got, ok := f.br.sent.take(f.roomB, TxnID(evtID, f.roomB)); !ok || got != posted {
+		t.Fatalf("the read-back found %q, want the copy posted before the crash, %s", got, posted)
+	}
+}
+
 // TestBegunPassesGoOnBeforeTheBarrier: what lies below where a read-back's passes began is in place, so a run
 // goes on with them before it waits for the homeserver to settle and posts its barrier: a run that dies at its
 // barrier (ferry killed every few seconds, the first seconds of each run spent waiting) still gets on.
@@ -626,8 +653,8 @@ func TestBegunPassesGoOnBeforeTheBarrier(t *testing.T) {
 }
 
 // newReadBackRunsFixture sets up a relay fixture whose ferry died with a copy's send in flight (the homeserver
-// posted it), for runs that read room B back; more adds n events to room B, each a minute later than the last by
-// the homeserver's clock, as in a room with hours of trouble.
+// posted it), for runs that read room B back; more adds n events to room B a minute after what came before by
+// the homeserver's clock, and what comes after them comes a minute later, as in a room with hours of trouble.
 func newReadBackRunsFixture(t *testing.T) (f *relayFixture, more func(n int), evtID, posted id.EventID) {
 	var ahead atomic.Int64
 	f = newRelayFixtureOn(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}}, dbtest.Postgres(t), func(o *fakehs.Options) {
@@ -645,6 +672,7 @@ func newReadBackRunsFixture(t *testing.T) (f *relayFixture, more func(n int), ev
 				t.Fatal(err)
 			}
 		}
+		ahead.Add(int64(time.Minute)) // what follows (a run, its barrier) comes a minute later
 	}
 	return f, more, evtID, posted
 }
@@ -689,8 +717,7 @@ func TestReadBackStartsOverWhereItsPlaceIsRefused(t *testing.T) {
 	since := time.Now().Add(-time.Minute)
 	f.br.markReadback(ctx, f.roomB, since)
 	prog := newProgress(since)
-	prog.Newer = time.Now().UnixMilli()
-	prog.Passes[0] = readbackPass{From: "t-unknown", Read: 300}
+	prog.Passes[0] = readbackPass{Ranges: []readbackRange{{From: "t-unknown", Down: since.UnixMilli()}}, Newer: time.Now().UnixMilli(), Read: 300}
 	if err := f.br.saveProgress(ctx, f.roomB, prog); err != nil {
 		t.Fatal(err)
 	}
@@ -698,7 +725,7 @@ func TestReadBackStartsOverWhereItsPlaceIsRefused(t *testing.T) {
 	if err := f.br.loadReadback(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if _, p, _ := f.br.sent.pending(f.roomB); p == nil || p.Passes[0].From != "t-unknown" {
+	if _, p, _ := f.br.sent.pending(f.roomB); p == nil || len(p.Passes[0].Ranges) != 1 || p.Passes[0].Ranges[0].From != "t-unknown" {
 		t.Fatalf("the progress kept is %+v", p)
 	}
 	time.Sleep(2 * time.Millisecond) // the read-back begins after the mark (marks keep milliseconds)
