@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"sync"
 	"time"
+
+	"github.com/rs/zerolog"
 )
 
 // Outages of the homeserver. A single failed request (a reset connection, one gateway error) says little; a run
@@ -53,7 +55,7 @@ func (h *hsHealth) clockLag() time.Duration {
 }
 
 // noteClock records how far the homeserver's clock (its Date header, whole seconds) is from ferry's.
-func (h *hsHealth) noteClock(resp *http.Response, sent, received time.Time) {
+func (h *hsHealth) noteClock(req *http.Request, resp *http.Response, sent, received time.Time) {
 	date, err := http.ParseTime(resp.Header.Get("Date"))
 	if err != nil {
 		return
@@ -67,8 +69,14 @@ func (h *hsHealth) noteClock(resp *http.Response, sent, received time.Time) {
 	}
 	off = min(off, maxClockSkew)
 	h.lock.Lock()
+	grew := off > h.skew
 	h.skew = max(h.skew, off)
 	h.lock.Unlock()
+	if grew {
+		zerolog.Ctx(req.Context()).Debug().Dur("off", off).Str("date", resp.Header.Get("Date")).Time("sent", sent).
+			Time("received", received).Str("method", req.Method).Str("path", req.URL.Path).Int("status", resp.StatusCode).
+			Msg("The homeserver's clock looks off from ferry's; read-backs look that much further back")
+	}
 }
 
 // watchHomeserver wraps client's transport; recovered is called (in its own goroutine) when the homeserver
@@ -90,7 +98,7 @@ func (h *hsHealth) RoundTrip(req *http.Request) (*http.Response, error) {
 		return resp, err // the caller gave up: says nothing about the homeserver
 	}
 	if resp != nil {
-		h.noteClock(resp, sent, time.Now())
+		h.noteClock(req, resp, sent, time.Now())
 	}
 	failed := err != nil
 	if resp != nil {

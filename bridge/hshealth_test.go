@@ -16,7 +16,8 @@ func TestClockLagFollowsHomeserverClock(t *testing.T) {
 	now := time.Now()
 	for _, off := range []time.Duration{0, -30 * time.Second, 5 * time.Second} {
 		resp := &http.Response{Header: http.Header{"Date": {now.Add(off).UTC().Format(http.TimeFormat)}}}
-		h.noteClock(resp, now, now)
+		req, _ := http.NewRequest(http.MethodGet, "http://hs/_matrix/client/v3/sync", nil)
+		h.noteClock(req, resp, now, now)
 	}
 	if lag := h.clockLag(); lag < clockLagMargin+28*time.Second || lag > clockLagMargin+31*time.Second {
 		t.Fatalf("lag %v with the homeserver's clock 30 s behind, want about %v", lag, clockLagMargin+30*time.Second)
