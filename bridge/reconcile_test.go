@@ -570,26 +570,8 @@ func TestReadBackReachesBackToTheDeadRun(t *testing.T) {
 func TestReadBackGoesOnWhereItStopped(t *testing.T) {
 	f, more, evtID, posted := newReadBackRunsFixture(t)
 	more(20 * reconcilePage) // 20 + 23 + 33 pages for the three passes
-	const pagesPerRun, maxRuns = 10, 25
-	runs := 0
-	for {
-		if runs++; runs > maxRuns {
-			t.Fatalf("the read-back did not get through in %d runs of %d pages each", maxRuns, pagesPerRun)
-		}
-		more(30) // the room goes on meanwhile
-		var pages atomic.Int32
-		err := f.crashingRun(t, func(r *http.Request) bool {
-			// The read-back's pages (not the look for the barrier, 50 events): the run dies at the 11th.
-			return strings.HasSuffix(r.URL.Path, "/messages") && r.URL.Query().Get("limit") != "50" && pages.Add(1) > pagesPerRun
-		})
-		if err == nil {
-			break
-		}
-	}
-	t.Logf("read back in %d runs", runs)
-	if got, ok := f.br.sent.take(f.roomB, TxnID(evtID, f.roomB)); !ok || got != posted {
-		t.Fatalf("the read-back found %q, want the copy posted before the crash, %s", got, posted)
-	}
+	// Runs of 10 pages; the room goes on meanwhile, 30 events between two runs.
+	t.Logf("read back in %d runs", f.readBackInRuns(t, more, 30, 10, 25, evtID, posted))
 	f.br.sent = sentLedger{}
 	f.restartAndExpectOneCopy(t, evtID, posted)
 }
@@ -600,24 +582,35 @@ func TestReadBackGoesOnWhereItStopped(t *testing.T) {
 func TestReadBackKeepsUpWithABusyRoom(t *testing.T) {
 	f, more, evtID, posted := newReadBackRunsFixture(t)
 	more(10 * reconcilePage)
-	const pagesPerRun, maxRuns = 35, 30
-	runs := 0
-	for {
-		if runs++; runs > maxRuns {
+	// 6 + 7 + 10 pages for the three passes between two runs
+	t.Logf("read back in %d runs", f.readBackInRuns(t, more, 6*reconcilePage, 35, 30, evtID, posted))
+}
+
+// readBackInRuns starts runs that die at their read-back's page after pagesPerRun (crashingRun), each after grow
+// more events in room B, until one gets through, failing the test after maxRuns; it checks that the read-back
+// found the copy posted before the crash, and returns how many runs it took.
+func (f *relayFixture) readBackInRuns(t *testing.T, more func(int), grow, pagesPerRun, maxRuns int, evtID, posted id.EventID) int {
+	t.Helper()
+	for runs := 1; ; runs++ {
+		if runs > maxRuns {
 			t.Fatalf("the read-back did not get through in %d runs of %d pages each", maxRuns, pagesPerRun)
 		}
-		more(6 * reconcilePage) // 6 + 7 + 10 pages for the three passes
-		var pages atomic.Int32
-		err := f.crashingRun(t, func(r *http.Request) bool {
-			return strings.HasSuffix(r.URL.Path, "/messages") && r.URL.Query().Get("limit") != "50" && pages.Add(1) > pagesPerRun
-		})
-		if err == nil {
-			break
+		more(grow)
+		if f.crashingRun(t, pagesOver(pagesPerRun)) == nil {
+			if got, ok := f.br.sent.take(f.roomB, TxnID(evtID, f.roomB)); !ok || got != posted {
+				t.Fatalf("the read-back found %q, want the copy posted before the crash, %s", got, posted)
+			}
+			return runs
 		}
 	}
-	t.Logf("read back in %d runs", runs)
-	if got, ok := f.br.sent.take(f.roomB, TxnID(evtID, f.roomB)); !ok || got != posted {
-		t.Fatalf("the read-back found %q, want the copy posted before the crash, %s", got, posted)
+}
+
+// pagesOver picks, for crashingRun, the read-back's page after the first limit (the look for the barrier, 50
+// events, does not count).
+func pagesOver(limit int) func(*http.Request) bool {
+	var pages atomic.Int32
+	return func(r *http.Request) bool {
+		return strings.HasSuffix(r.URL.Path, "/messages") && r.URL.Query().Get("limit") != "50" && int(pages.Add(1)) > limit
 	}
 }
 
@@ -628,15 +621,11 @@ func TestBegunPassesGoOnBeforeTheBarrier(t *testing.T) {
 	ctx := context.Background()
 	f, more, _, _ := newReadBackRunsFixture(t)
 	more(20 * reconcilePage)
-	var pages atomic.Int32
-	pageLimit := func(r *http.Request) bool {
-		return strings.HasSuffix(r.URL.Path, "/messages") && r.URL.Query().Get("limit") != "50" && pages.Add(1) > 10
-	}
-	if err := f.crashingRun(t, pageLimit); err == nil {
+	if err := f.crashingRun(t, pagesOver(10)); err == nil {
 		t.Fatal("the first run got through")
 	}
 	_, first, _ := f.br.sent.pending(f.roomB)
-	pages.Store(0)
+	pageLimit := pagesOver(10)
 	if err := f.crashingRun(t, func(r *http.Request) bool {
 		return strings.Contains(r.URL.Path, "/send/im.ferry.barrier/") || pageLimit(r)
 	}); err == nil {
