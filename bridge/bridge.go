@@ -122,7 +122,7 @@ func New(log zerolog.Logger, cfg *Config, perms Permissions, db *database.Databa
 	// their own backoff and read only the Retry-After header, which Dendrite does not send.
 	as.DefaultHTTPRetries = 0
 	// Every client of the appservice shares its HTTP client: one watch sees all of ferry's requests.
-	b.health = watchHomeserver(as.HTTPClient, b.homeserverRecovered)
+	b.health = watchHomeserver(as.HTTPClient, b.Log, b.homeserverRecovered)
 	b.pushes.watchSends(as.HTTPClient)
 	b.SetPermissions(perms)
 	b.roomNames.names = make(map[id.RoomID]string)

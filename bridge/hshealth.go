@@ -27,6 +27,7 @@ const (
 type hsHealth struct {
 	next      http.RoundTripper
 	recovered func(outageStart time.Time)
+	log       zerolog.Logger
 
 	// guards the following fields
 	lock        sync.Mutex
@@ -73,7 +74,7 @@ func (h *hsHealth) noteClock(req *http.Request, resp *http.Response, sent, recei
 	h.skew = max(h.skew, off)
 	h.lock.Unlock()
 	if grew {
-		zerolog.Ctx(req.Context()).Debug().Dur("off", off).Str("date", resp.Header.Get("Date")).Time("sent", sent).
+		h.log.Debug().Dur("off", off).Str("date", resp.Header.Get("Date")).Time("sent", sent).
 			Time("received", received).Str("method", req.Method).Str("path", req.URL.Path).Int("status", resp.StatusCode).
 			Msg("The homeserver's clock looks off from ferry's; read-backs look that much further back")
 	}
@@ -81,12 +82,12 @@ func (h *hsHealth) noteClock(req *http.Request, resp *http.Response, sent, recei
 
 // watchHomeserver wraps client's transport; recovered is called (in its own goroutine) when the homeserver
 // answers again after an outage.
-func watchHomeserver(client *http.Client, recovered func(outageStart time.Time)) *hsHealth {
+func watchHomeserver(client *http.Client, log zerolog.Logger, recovered func(outageStart time.Time)) *hsHealth {
 	next := client.Transport
 	if next == nil {
 		next = http.DefaultTransport
 	}
-	h := &hsHealth{next: next, recovered: recovered}
+	h := &hsHealth{next: next, recovered: recovered, log: log}
 	client.Transport = h
 	return h
 }

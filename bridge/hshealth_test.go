@@ -1,15 +1,20 @@
 package bridge
 
 import (
+	"bytes"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/rs/zerolog"
 )
 
 // TestClockLagFollowsHomeserverClock: the read-back looks back further when the homeserver's Date headers show
 // its clock behind ferry's (its events then carry earlier timestamps than ferry's clock would say).
 func TestClockLagFollowsHomeserverClock(t *testing.T) {
-	h := &hsHealth{}
+	var logged bytes.Buffer
+	h := &hsHealth{log: zerolog.New(&logged)}
 	if lag := h.clockLag(); lag != clockLagMargin {
 		t.Fatalf("lag %v before any answer, want %v", lag, clockLagMargin)
 	}
@@ -21,6 +26,10 @@ func TestClockLagFollowsHomeserverClock(t *testing.T) {
 	}
 	if lag := h.clockLag(); lag < clockLagMargin+28*time.Second || lag > clockLagMargin+31*time.Second {
 		t.Fatalf("lag %v with the homeserver's clock 30 s behind, want about %v", lag, clockLagMargin+30*time.Second)
+	}
+	// The estimate grew once (to 30 s): one line says so, naming the request.
+	if n := strings.Count(logged.String(), "clock looks off"); n != 1 || !strings.Contains(logged.String(), "/_matrix/client/v3/sync") {
+		t.Fatalf("%d lines about the clock, want 1 naming the request: %s", n, logged.String())
 	}
 }
 
