@@ -40,6 +40,9 @@ func newDevice(userID id.UserID, client *mautrix.Client, store *crypto.SQLCrypto
 	}
 	olm := newOlmStore(base)
 	mach.CryptoStore = olm
+	// mautrix reads the account's identity keys into fields of its own on first use, without a lock: read them
+	// now, before the machine's goroutines (decrypting, handling to-device messages) can race to do it.
+	_ = mach.OwnIdentity()
 	return &device{userID: userID, client: client, store: store, olm: olm, mach: mach,
 		shareLock: exsync.NewKeyedMutex[id.RoomID](), noOlm: exsync.NewSet[id.IdentityKey]()}
 }
