@@ -58,7 +58,10 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 		if m.takeProbe(evt, botCount) {
 			continue
 		}
-		m.routeToDevice(ctx, evt)
+		if err := m.routeToDevice(ctx, evt); err != nil {
+			// Refused, the transaction comes again (and what Synapse drops meanwhile, the catch-up fetches).
+			return err
+		}
 	}
 	lists := txn.DeviceLists
 	if lists == nil {
@@ -102,27 +105,27 @@ type cryptoTransaction struct {
 }
 
 // routeToDevice hands one pushed to-device event to the device it is addressed to.
-func (m *Machine) routeToDevice(ctx context.Context, evt *event.Event) {
+func (m *Machine) routeToDevice(ctx context.Context, evt *event.Event) error {
 	evt.Type.Class = event.ToDeviceEventType
 	if err := evt.Content.ParseRaw(evt.Type); err != nil {
-		return
+		return nil
 	}
 	if evt.ToUserID == m.bot.userID && evt.ToDeviceID == m.bot.client.DeviceID {
-		m.bot.mach.HandleToDeviceEvent(ctx, evt)
-		return
+		return m.handleBotToDevice(ctx, evt)
 	}
 	if evt.Type != event.ToDeviceRoomKeyRequest || m.isOwn == nil || !m.isOwn(evt.ToUserID) {
-		return
+		return nil
 	}
 	m.ghostsLock.Lock()
 	st := m.ghosts[evt.ToUserID]
 	m.ghostsLock.Unlock()
 	if st == nil || st.dev == nil || st.dev.client.DeviceID != evt.ToDeviceID {
-		return // a ghost device not in use since the start has no session anyone could ask for yet
+		return nil // a ghost device not in use since the start has no session anyone could ask for yet
 	}
 	if req := evt.Content.AsRoomKeyRequest(); req != nil && req.Action == event.KeyRequestActionRequest {
 		st.dev.mach.HandleRoomKeyRequest(ctx, evt.Sender, req)
 	}
+	return nil
 }
 
 // catchUpDeviceLists re-reads the device lists of every user ferry tracks and rotates ferry's sessions in the rooms

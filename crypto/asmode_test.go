@@ -88,6 +88,12 @@ type asRig struct {
 
 func newASRig(t *testing.T, opts fakehs.Options, sharedSecret string) *asRig {
 	t.Helper()
+	return newASRigOn(t, opts, sharedSecret, dbtest.Open(t, "postgres"))
+}
+
+// newASRigOn is newASRig on the given database.
+func newASRigOn(t *testing.T, opts fakehs.Options, sharedSecret string, db *dbutil.Database) *asRig {
+	t.Helper()
 	ctx := context.Background()
 	opts.ASID, opts.ASToken, opts.HSToken, opts.ASBotLocalpart = "ferry", asmodeASToken, "asmode-hs-token", "ferrybot"
 	opts.ASUsers = regexp.MustCompile(`^@ghost_.*:` + regexp.QuoteMeta(fakehs.DefaultDomain) + `$`)
@@ -108,7 +114,6 @@ func newASRig(t *testing.T, opts fakehs.Options, sharedSecret string) *asRig {
 		t.Fatal(err)
 	}
 
-	db := dbtest.Open(t, "postgres")
 	ss := sqlstatestore.NewSQLStateStore(db, dbutil.NoopLogger, false)
 	if err = ss.Upgrade(ctx); err != nil {
 		t.Fatal(err)

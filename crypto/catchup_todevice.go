@@ -48,10 +48,12 @@ func (m *Machine) CatchUpToDevice(ctx context.Context, asked time.Time) (int, er
 	began := time.Now()
 	handled := 0
 	for page := 0; page < toDeviceCatchUpPages; page++ {
-		_, more, err := m.bot.syncToDevice(ctx, func(evt *event.Event) {
-			if m.handleCaughtUp(ctx, evt) {
+		_, more, err := m.bot.syncToDevice(ctx, func(evt *event.Event) error {
+			done, err := m.handleCaughtUp(ctx, evt)
+			if done {
 				handled++
 			}
+			return err
 		})
 		if err != nil {
 			return handled, fmt.Errorf("to-device catch-up: %w", err)
@@ -68,29 +70,32 @@ func (m *Machine) CatchUpToDevice(ctx context.Context, asked time.Time) (int, er
 }
 
 // handleCaughtUp hands one fetched to-device event to the bot's OlmMachine unless the push delivered it already
-// (or it is ferry's own push probe); it reports whether it did.
-func (m *Machine) handleCaughtUp(ctx context.Context, evt *event.Event) bool {
+// (or it is ferry's own push probe); it reports whether it did, and the error of a handling that must be tried
+// again (handleBotToDevice).
+func (m *Machine) handleCaughtUp(ctx context.Context, evt *event.Event) (bool, error) {
 	if evt.Type.Type == probeEventType.Type {
-		return false
+		return false, nil
 	}
 	evt.Type.Class = event.ToDeviceEventType
 	if err := evt.Content.ParseRaw(evt.Type); err != nil {
-		return false
+		return false, nil
 	}
 	if enc, ok := evt.Content.Parsed.(*event.EncryptedEventContent); ok && enc.Algorithm == id.AlgorithmOlmV1 {
 		own, ok := enc.OlmCiphertext[m.bot.mach.OwnIdentity().IdentityKey]
 		if !ok {
-			return false
+			return false, nil
 		}
 		if hash, err := olmHash(own.Body); err == nil {
 			if at, err := m.bot.store.GetOlmHash(ctx, hash); err == nil && !at.IsZero() {
-				return false // decrypted already, when the homeserver pushed it
+				return false, nil // decrypted already, when the homeserver pushed it
 			}
 		}
 	}
 	evt.ToUserID, evt.ToDeviceID = m.bot.userID, m.bot.client.DeviceID
-	m.bot.mach.HandleToDeviceEvent(ctx, evt)
-	return true
+	if err := m.handleBotToDevice(ctx, evt); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 // olmHash is the hash mautrix records for each Olm message it decrypted (its duplicate check).

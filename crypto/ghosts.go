@@ -514,18 +514,19 @@ func (m *Machine) DrainGhost(ctx context.Context, ghost id.UserID) (*DrainStats,
 // stores the sync token (which acknowledges the fetched events at the next drain).
 func (d *device) drain(ctx context.Context) (*DrainStats, error) {
 	stats := &DrainStats{}
-	n, _, err := d.syncToDevice(ctx, func(evt *event.Event) {
+	n, _, err := d.syncToDevice(ctx, func(evt *event.Event) error {
 		if evt.Type != event.ToDeviceRoomKeyRequest {
-			return
+			return nil
 		}
 		evt.Type.Class = event.ToDeviceEventType
 		if err := evt.Content.ParseRaw(evt.Type); err != nil {
-			return
+			return nil
 		}
 		if req := evt.Content.AsRoomKeyRequest(); req != nil && req.Action == event.KeyRequestActionRequest {
 			stats.KeyRequest++
 			d.mach.HandleRoomKeyRequest(ctx, evt.Sender, req)
 		}
+		return nil
 	})
 	stats.Events = n
 	if err != nil {
@@ -536,8 +537,9 @@ func (d *device) drain(ctx context.Context) (*DrainStats, error) {
 
 // syncToDevice fetches one page of the device's queued to-device events with a /sync that reads nothing else
 // (drainFilter), hands each to handle, and stores the sync token, which acknowledges them at the next fetch. more
-// tells whether the homeserver may hold further pages.
-func (d *device) syncToDevice(ctx context.Context, handle func(*event.Event)) (n int, more bool, err error) {
+// tells whether the homeserver may hold further pages. An error of handle stops the page before its token is
+// stored: the next fetch gets the page again.
+func (d *device) syncToDevice(ctx context.Context, handle func(*event.Event) error) (n int, more bool, err error) {
 	since, err := d.store.GetNextBatch(ctx)
 	if err != nil {
 		return 0, false, fmt.Errorf("failed to read the device's to-device token: %w", err)
@@ -547,7 +549,9 @@ func (d *device) syncToDevice(ctx context.Context, handle func(*event.Event)) (n
 		return 0, false, fmt.Errorf("to-device sync failed: %w", err)
 	}
 	for _, evt := range resp.ToDevice.Events {
-		handle(evt)
+		if err = handle(evt); err != nil {
+			return 0, false, err
+		}
 	}
 	if err = d.store.PutNextBatch(ctx, resp.NextBatch); err != nil {
 		return 0, false, fmt.Errorf("failed to store the device's to-device token: %w", err)

@@ -100,6 +100,8 @@ type Machine struct {
 	asMode atomic.Bool
 	// missedPushes: ferry answered a transaction with an error since the last catch-up on device lists.
 	missedPushes atomic.Bool
+	// toDeviceUnits serialises the handling of the bot's encrypted to-device messages (todevice.go).
+	toDeviceUnits sync.Mutex
 	// toDeviceCatchUp serialises fetches of the to-device messages the homeserver did not push (catchup_todevice.go).
 	toDeviceCatchUp toDeviceCatchUp
 
@@ -256,7 +258,7 @@ func (m *Machine) initBot(ctx context.Context) error {
 		if m.SyncedEphemeral != nil {
 			m.SyncedEphemeral(ctx, evts)
 		}
-	}, deviceChanges: m.rotateForDeviceChanges}
+	}, deviceChanges: m.rotateForDeviceChanges, toDevice: m.handleBotToDevice}
 	if err = mach.Load(ctx); err != nil {
 		return fmt.Errorf("failed to load the bot's Olm account: %w", err)
 	}
@@ -901,6 +903,8 @@ type cryptoSyncer struct {
 	log      zerolog.Logger
 	keyLocks *keyLocks // the store cache's: device-list fetches take them, as key shares do (device.devicesOf)
 	timeline func(ctx context.Context, batch SyncedBatch) error
+	// toDevice handles one to-device message of the batch (Machine.handleBotToDevice).
+	toDevice func(ctx context.Context, evt *event.Event) error
 	// ephemeral receives typing notifications and read receipts; it must not block.
 	ephemeral func(ctx context.Context, evts []*event.Event)
 	// requestedAfter: the request of the next batch starts after this (the loop's start, or the end of the
@@ -920,9 +924,11 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 		s.mach.HandleDeviceLists(ctx, &lists, since)
 		unlock()
 	}
-	resp.DeviceLists.Changed = nil
+	// ferry handles the to-device messages itself, each as a unit (todevice.go), after mautrix's part.
+	toDevice := resp.ToDevice.Events
+	resp.DeviceLists.Changed, resp.ToDevice.Events = nil, nil
 	s.mach.ProcessSyncResponse(ctx, resp, since)
-	resp.DeviceLists.Changed = lists.Changed
+	resp.DeviceLists.Changed, resp.ToDevice.Events = lists.Changed, toDevice
 	// Homeservers report users whose keys did not change too (Dendrite 0.13.8 reports a user's every upload, and
 	// again and again after restarts): only a real change of devices or cross-signing keys rotates.
 	changed := slices.Clone(lists.Left)
@@ -936,6 +942,16 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 	}
 	// From here on, what fails is retried (the database restarting, the homeserver busy) while the loop waits:
 	// the token moves past the batch only once it is handled.
+	for _, evt := range toDevice {
+		evt.Type.Class = event.ToDeviceEventType
+		if err := evt.Content.ParseRaw(evt.Type); err != nil {
+			s.log.Warn().Str("event_type", evt.Type.Type).Err(err).Msg("Failed to parse to-device event")
+			continue
+		}
+		if err := s.retry(ctx, "handle a to-device message", func() error { return s.toDevice(ctx, evt) }); err != nil {
+			return err
+		}
+	}
 	if since != "" && len(changed) > 0 {
 		if err := s.retry(ctx, "rotate after device list changes", func() error { return s.deviceChanges(ctx, changed) }); err != nil {
 			return err

@@ -7,6 +7,7 @@ import (
 	"math"
 
 	"go.mau.fi/util/dbutil"
+	goolmaccount "maunium.net/go/mautrix/crypto/goolm/account"
 	"maunium.net/go/mautrix/crypto/goolm/message"
 	"maunium.net/go/mautrix/crypto/goolm/session"
 	"maunium.net/go/mautrix/crypto/olm"
@@ -60,6 +61,10 @@ const (
 	sqlDeleteAllOutbound  = `DELETE FROM crypto_megolm_outbound_session`
 	sqlDeleteRoomOutbound = `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1`
 	sqlDeleteOutbound     = `DELETE FROM crypto_megolm_outbound_session WHERE room_id=$1 AND session_id=$2`
+
+	// The stored Olm state a to-device message that could not be handled is set back to (todevice.go).
+	sqlAccountPickle    = `SELECT account FROM crypto_account WHERE account_id=$1`
+	sqlOlmSessionPickle = `SELECT session FROM crypto_olm_session WHERE account_id=$1 AND session_id=$2`
 
 	// Inbound sessions (crypto_megolm_inbound_session), under every account that holds a copy.
 	sqlDeleteInbound        = `DELETE FROM crypto_megolm_inbound_session WHERE room_id=$1 AND session_id=$2`
@@ -209,4 +214,32 @@ func copyGoolmInbound(internal olm.InboundGroupSession) olm.InboundGroupSession 
 	}
 	cp := *s
 	return &cp
+}
+
+// restoreGoolmSession overwrites a goolm Olm session with a stored pickle of it.
+func restoreGoolmSession(internal olm.Session, pickle, key []byte) error {
+	dst, ok := internal.(*session.OlmSession)
+	if !ok {
+		return errors.New("not a goolm Olm session")
+	}
+	fresh := newBlankOlmSession()
+	if err := fresh.Unpickle(pickle, key); err != nil {
+		return err
+	}
+	*dst = *fresh.(*session.OlmSession)
+	return nil
+}
+
+// restoreGoolmAccount overwrites a goolm Olm account with a stored pickle of it.
+func restoreGoolmAccount(internal olm.Account, pickle, key []byte) error {
+	dst, ok := internal.(*goolmaccount.Account)
+	if !ok {
+		return errors.New("not a goolm Olm account")
+	}
+	fresh := olm.NewBlankAccount()
+	if err := fresh.Unpickle(pickle, key); err != nil {
+		return err
+	}
+	*dst = *fresh.(*goolmaccount.Account)
+	return nil
 }

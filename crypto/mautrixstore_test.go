@@ -11,6 +11,7 @@ import (
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/crypto/olm"
+	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database/dbtest"
 )
@@ -35,8 +36,8 @@ func TestMautrixStoreStatements(t *testing.T) {
 		sqlDeleteAllOutbound: {}, sqlDeleteRoomOutbound: {"x"}, sqlDeleteOutbound: {"x", "x"}, sqlDeleteInbound: {"x", "x"},
 		sqlDeleteGhostInbound: {"x", "x", "x"}, sqlInboundCopyAccounts: {"x", "x"}, sqlInboundKeyAccounts: {"x", "x"},
 		sqlDeleteSessionShared: {"x"}, sqlIsSessionRecipient: {"x", "x"}, sqlAllTrackedUsers: {}, sqlDrainState: {"x", "x"},
-		sqlReplayIndexOfSession: {"x"},
-		sqlTrackedUsersIn(n):    args(n), sqlDevicesOf(n): args(n), sqlCrossSigningKeysOf(n): args(n + 1),
+		sqlReplayIndexOfSession: {"x"}, sqlAccountPickle: {"x"}, sqlOlmSessionPickle: {"x", "x"},
+		sqlTrackedUsersIn(n): args(n), sqlDevicesOf(n): args(n), sqlCrossSigningKeysOf(n): args(n + 1),
 		sqlSelfSignaturesOf(n): args(n + 1), sqlOlmSessionsWith(n): args(n + 1),
 		sqlSaveSessionShared(n): args(3 * n),
 	}
@@ -148,5 +149,69 @@ func TestGoolmInternals(t *testing.T) {
 	advanceInboundRatchet(cp, 1) // backwards: ignored
 	if _, _, err = cp.Decrypt(ciphertexts[2]); err != nil {
 		t.Fatalf("a backward step moved the ratchet: %v", err)
+	}
+}
+
+// TestGoolmRestore: the Olm session and account a to-device message advanced are set back to a stored pickle in
+// place (the OlmMachine and the store's cache hold those objects), after which the message decrypts again.
+func TestGoolmRestore(t *testing.T) {
+	key := []byte("pickle key")
+	alice, err := olm.NewAccount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bob, err := olm.NewAccount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err = bob.GenOneTimeKeys(1); err != nil {
+		t.Fatal(err)
+	}
+	_, bobIdentity, _ := bob.IdentityKeys()
+	otks, _ := bob.OneTimeKeys()
+	var otk id.Curve25519
+	for _, k := range otks {
+		otk = k
+	}
+	out, err := alice.NewOutboundSession(bobIdentity, otk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	typ, first, _ := out.Encrypt([]byte("first"))
+	_, second, _ := out.Encrypt([]byte("second"))
+
+	storedAccount, _ := bob.Pickle(key)
+	in, err := bob.NewInboundSession(string(first))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err = bob.RemoveOneTimeKeys(in); err != nil {
+		t.Fatal(err)
+	}
+	if _, err = bob.NewInboundSession(string(first)); err == nil {
+		t.Fatal("the account still has the one-time key it used: this test shows nothing")
+	}
+	if err = restoreGoolmAccount(bob, storedAccount, key); err != nil {
+		t.Fatalf("the account is not goolm's: %v (build with -tags goolm)", err)
+	}
+	if _, err = bob.NewInboundSession(string(first)); err != nil {
+		t.Fatalf("the restored account cannot take the message again: %v", err)
+	}
+
+	if _, err = in.Decrypt(string(first), typ); err != nil {
+		t.Fatal(err)
+	}
+	storedSession, _ := in.Pickle(key)
+	if _, err = in.Decrypt(string(second), typ); err != nil {
+		t.Fatal(err)
+	}
+	if _, err = in.Decrypt(string(second), typ); err == nil {
+		t.Fatal("the session decrypts a message twice: this test shows nothing")
+	}
+	if err = restoreGoolmSession(in, storedSession, key); err != nil {
+		t.Fatalf("the session is not goolm's: %v (build with -tags goolm)", err)
+	}
+	if got, err := in.Decrypt(string(second), typ); err != nil || string(got) != "second" {
+		t.Fatalf("the restored session decrypts the message as %q (%v)", got, err)
 	}
 }

@@ -157,7 +157,7 @@ func (s *olmStore) GetSessions(ctx context.Context, key id.SenderKey) (crypto.Ol
 	for i, sess := range list {
 		list[i] = s.adopt(sess)
 	}
-	return list, err
+	return list, unitFrom(ctx).noteErr(err)
 }
 
 func (s *olmStore) AddSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
@@ -173,6 +173,12 @@ func (s *olmStore) AddSession(ctx context.Context, key id.SenderKey, sess *crypt
 		b.mu.Unlock()
 		return nil
 	}
+	if u := unitFrom(ctx); u != nil {
+		u.mu.Lock()
+		u.added[sess.ID()] = pendingOlm{key: key, sess: sess}
+		u.mu.Unlock()
+		return nil
+	}
 	err := s.SQLCryptoStore.AddSession(ctx, key, sess)
 	s.adopt(sess)
 	return err
@@ -181,6 +187,12 @@ func (s *olmStore) AddSession(ctx context.Context, key id.SenderKey, sess *crypt
 func (s *olmStore) UpdateSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
 	if b := batchFrom(ctx); b != nil {
 		return s.record(b, key, sess)
+	}
+	if u := unitFrom(ctx); u != nil {
+		u.mu.Lock()
+		u.updated[sess.ID()] = pendingOlm{key: key, sess: sess}
+		u.mu.Unlock()
+		return nil
 	}
 	return s.SQLCryptoStore.UpdateSession(ctx, key, sess)
 }

@@ -45,7 +45,15 @@ func (jsonTextDriver) Open(dsn string) (driver.Conn, error) {
 // starting up"). A statement that needs a new connection then waits instead of failing: mautrix's stores log
 // and drop what they could not store (a room key that arrived in that moment would be lost for good), and
 // ferry's own callers would retry anyway.
-var connectWait = 30 * time.Second
+var connectWait atomic.Int64
+
+func init() { connectWait.Store(int64(30 * time.Second)) }
+
+// SetConnectWait changes connectWait (tests of outages longer than it) and returns a function that restores it.
+func SetConnectWait(d time.Duration) (restore func()) {
+	old := connectWait.Swap(int64(d))
+	return func() { connectWait.Store(old) }
+}
 
 // OpenConnector makes database/sql open connections through retryConnector.
 func (jsonTextDriver) OpenConnector(dsn string) (driver.Connector, error) {
@@ -70,7 +78,7 @@ type retryConnector struct {
 }
 
 func (c *retryConnector) Connect(ctx context.Context) (driver.Conn, error) {
-	deadline := time.Now().Add(connectWait)
+	deadline := time.Now().Add(time.Duration(connectWait.Load()))
 	backoff := 100 * time.Millisecond
 	for {
 		conn, err := c.pq.Connect(ctx)

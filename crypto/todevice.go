@@ -1,0 +1,216 @@
+package crypto
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database"
+)
+
+// A member's room key reaches ferry in an Olm-encrypted to-device message, and mautrix handles one in separate
+// writes: it records the message's hash (its duplicate check), saves the Olm session that decrypting advanced
+// (for a new session, also the account without the one-time key it used), and only then stores the Megolm
+// session the message carried. A crash between those writes, or a database error in one of them, lost the key
+// for good: the homeserver delivers the message again (ferry had not acknowledged it), but mautrix ignored it as
+// a duplicate, or could no longer decrypt it with the advanced session. Clients give a key again only to their
+// own user's devices, so every message of that session stayed unreadable to ferry.
+//
+// ferry therefore handles each encrypted to-device message of the bot as one unit (Machine.handleBotToDevice):
+// the Olm writes (the hash, sessions, the account) wait in the unit while mautrix handles the message and are
+// saved together, in one transaction, after what the message carried is stored. A crash before that transaction
+// leaves the Olm state as it was before the message, so the redelivery decrypts again (storing a Megolm session
+// a second time changes nothing); a crash after it makes the redelivery a duplicate with nothing lost. A database
+// error while the unit runs aborts it: the Olm session and account that decrypting advanced in memory are set
+// back to what the database holds, and the caller has the message delivered again.
+
+type toDeviceUnitKey struct{}
+
+// toDeviceUnit is what mautrix's handling of one to-device message wrote to the Olm state, held until the end.
+type toDeviceUnit struct {
+	mu      sync.Mutex
+	err     error // the first error of the store while the unit ran
+	hashes  map[[32]byte]time.Time
+	added   map[id.SessionID]pendingOlm
+	updated map[id.SessionID]pendingOlm
+	account *crypto.OlmAccount
+}
+
+type pendingOlm struct {
+	key  id.SenderKey
+	sess *crypto.OlmSession
+}
+
+// unitFrom returns the unit ctx belongs to, or nil outside one.
+func unitFrom(ctx context.Context) *toDeviceUnit {
+	u, _ := ctx.Value(toDeviceUnitKey{}).(*toDeviceUnit)
+	return u
+}
+
+// noteErr records err as the unit's failure (the first one counts) and returns it. It is safe on a nil unit.
+func (u *toDeviceUnit) noteErr(err error) error {
+	if u == nil || err == nil {
+		return err
+	}
+	u.mu.Lock()
+	if u.err == nil {
+		u.err = err
+	}
+	u.mu.Unlock()
+	return err
+}
+
+// ErrToDeviceAborted wraps the database error that stopped the handling of a to-device message: nothing of it was
+// kept, and the message must be delivered again.
+var ErrToDeviceAborted = errors.New("a to-device message could not be handled")
+
+// handleUnit runs handle (mautrix handling one to-device message) as a unit and then saves its Olm writes. On a
+// transient database error it sets the Olm state in memory back to the stored one and returns an error wrapping
+// ErrToDeviceAborted; other errors of the store are logged by mautrix, as before, and the rest is saved.
+func (s *olmStore) handleUnit(ctx context.Context, handle func(ctx context.Context)) error {
+	u := &toDeviceUnit{hashes: make(map[[32]byte]time.Time), added: make(map[id.SessionID]pendingOlm),
+		updated: make(map[id.SessionID]pendingOlm)}
+	handle(context.WithValue(ctx, toDeviceUnitKey{}, u))
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	err := u.err
+	if err == nil || !database.Transient(err) {
+		if err = s.saveUnit(ctx, u); err == nil {
+			return nil
+		}
+	}
+	s.revertUnit(context.WithoutCancel(ctx), u)
+	return fmt.Errorf("%w: %w", ErrToDeviceAborted, err)
+}
+
+// saveUnit writes what the unit held back, in one transaction.
+func (s *olmStore) saveUnit(ctx context.Context, u *toDeviceUnit) error {
+	if len(u.hashes)+len(u.added)+len(u.updated) == 0 && u.account == nil {
+		return nil
+	}
+	err := s.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
+		for _, p := range u.added {
+			if err := s.SQLCryptoStore.AddSession(ctx, p.key, p.sess); err != nil {
+				return err
+			}
+		}
+		for _, p := range u.updated {
+			if err := s.SQLCryptoStore.UpdateSession(ctx, p.key, p.sess); err != nil {
+				return err
+			}
+		}
+		if u.account != nil {
+			if err := s.SQLCryptoStore.PutAccount(ctx, u.account); err != nil {
+				return err
+			}
+		}
+		for h, at := range u.hashes {
+			if err := s.SQLCryptoStore.PutOlmHash(ctx, h, at); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("failed to save the Olm state of a to-device message: %w", err)
+	}
+	for _, p := range u.added {
+		s.adopt(p.sess)
+	}
+	return nil
+}
+
+// revertUnit sets the Olm sessions and the account the unit advanced back to their stored state, so that the
+// message's redelivery decrypts as the first delivery did. A session the unit created is forgotten.
+func (s *olmStore) revertUnit(ctx context.Context, u *toDeviceUnit) {
+	s.mu.Lock()
+	for id := range u.added {
+		delete(s.canon, id)
+	}
+	s.mu.Unlock()
+	for sid, p := range u.updated {
+		var pickle []byte
+		err := s.DB.QueryRow(ctx, sqlOlmSessionPickle, s.AccountID, sid).Scan(&pickle)
+		if err == nil {
+			err = restoreGoolmSession(p.sess.Internal, pickle, s.PickleKey)
+		}
+		if err != nil {
+			// Left as it is, the session cannot decrypt the redelivery; it is dropped from use instead.
+			s.mu.Lock()
+			delete(s.canon, sid)
+			s.mu.Unlock()
+		}
+	}
+	if u.account != nil {
+		var pickle []byte
+		if err := s.DB.QueryRow(ctx, sqlAccountPickle, s.AccountID).Scan(&pickle); err == nil {
+			_ = restoreGoolmAccount(u.account.Internal, pickle, s.PickleKey)
+		}
+	}
+}
+
+// The Olm writes mautrix makes while handling a to-device message: inside a unit they wait for its end.
+
+func (s *olmStore) PutOlmHash(ctx context.Context, hash [32]byte, at time.Time) error {
+	if u := unitFrom(ctx); u != nil {
+		u.mu.Lock()
+		u.hashes[hash] = at
+		u.mu.Unlock()
+		return nil
+	}
+	return s.SQLCryptoStore.PutOlmHash(ctx, hash, at)
+}
+
+func (s *olmStore) PutAccount(ctx context.Context, account *crypto.OlmAccount) error {
+	if u := unitFrom(ctx); u != nil {
+		u.mu.Lock()
+		u.account = account
+		u.mu.Unlock()
+		return nil
+	}
+	return s.SQLCryptoStore.PutAccount(ctx, account)
+}
+
+// The reads and Megolm writes of that handling: inside a unit, their errors abort it.
+
+func (s *olmStore) GetOlmHash(ctx context.Context, hash [32]byte) (time.Time, error) {
+	at, err := s.SQLCryptoStore.GetOlmHash(ctx, hash)
+	return at, unitFrom(ctx).noteErr(err)
+}
+
+func (s *olmStore) FindDeviceByKey(ctx context.Context, userID id.UserID, key id.IdentityKey) (*id.Device, error) {
+	dev, err := s.cachedStore.FindDeviceByKey(ctx, userID, key)
+	return dev, unitFrom(ctx).noteErr(err)
+}
+
+func (s *olmStore) GetGroupSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (*crypto.InboundGroupSession, error) {
+	sess, err := s.cachedStore.GetGroupSession(ctx, roomID, sessionID)
+	return sess, unitFrom(ctx).noteErr(err)
+}
+
+func (s *olmStore) PutGroupSession(ctx context.Context, sess *crypto.InboundGroupSession) error {
+	return unitFrom(ctx).noteErr(s.cachedStore.PutGroupSession(ctx, sess))
+}
+
+func (s *olmStore) PutWithheldGroupSession(ctx context.Context, content event.RoomKeyWithheldEventContent) error {
+	return unitFrom(ctx).noteErr(s.cachedStore.PutWithheldGroupSession(ctx, content))
+}
+
+// handleBotToDevice hands one parsed to-device event addressed to the bot's device to its OlmMachine. An
+// encrypted one is handled as a unit (see above), one at a time: it returns an error wrapping
+// ErrToDeviceAborted when the database failed meanwhile, and the caller must then not acknowledge the message.
+func (m *Machine) handleBotToDevice(ctx context.Context, evt *event.Event) error {
+	if _, ok := evt.Content.Parsed.(*event.EncryptedEventContent); !ok {
+		m.bot.mach.HandleToDeviceEvent(ctx, evt)
+		return nil
+	}
+	m.toDeviceUnits.Lock()
+	defer m.toDeviceUnits.Unlock()
+	return m.bot.olm.handleUnit(ctx, func(ctx context.Context) { m.bot.mach.HandleToDeviceEvent(ctx, evt) })
+}

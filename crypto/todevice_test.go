@@ -1,0 +1,233 @@
+package crypto
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/event"
+
+	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/database/dbtest"
+	"go.ferry.im/ferry/internal/fakehs"
+	"go.ferry.im/ferry/internal/faultproxy"
+)
+
+// cutAfter takes the database away (as a crash or a restart of PostgreSQL does) right after the first statement
+// containing match that runs while it is armed: what ferry does next cannot reach the database.
+type cutAfter struct {
+	dbutil.DatabaseLogger
+	proxy *faultproxy.TCP
+	mu    sync.Mutex
+	match string
+	cut   chan struct{}
+}
+
+func (c *cutAfter) arm(match string) {
+	c.mu.Lock()
+	c.match, c.cut = match, make(chan struct{})
+	c.mu.Unlock()
+}
+
+func (c *cutAfter) QueryTiming(_ context.Context, _, query string, _ []any, _ int, _ time.Duration, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.match != "" && err == nil && strings.Contains(query, c.match) {
+		c.match = ""
+		c.proxy.Down()
+		close(c.cut)
+	}
+}
+
+// toDeviceRig is the appservice rig on a database the test can cut off, in either encryption mode.
+type toDeviceRig struct {
+	*asRig
+	cut    *cutAfter
+	asMode bool
+}
+
+func newToDeviceRig(t *testing.T, asMode bool) *toDeviceRig {
+	t.Helper()
+	db, proxy := dbtest.PostgresThroughProxy(t)
+	cut := &cutAfter{DatabaseLogger: dbutil.NoopLogger, proxy: proxy}
+	db.Log = cut
+	r := newASRigOn(t, fakehs.Options{NoMSC4190: !asMode}, "", db)
+	return &toDeviceRig{asRig: r, cut: cut, asMode: asMode}
+}
+
+// start initialises and starts a Machine (a fresh one after a "crash"), stopped when the test ends.
+func (r *toDeviceRig) start(ctx context.Context, t *testing.T) {
+	t.Helper()
+	// On the /sync path encryption.appservice is off, as on Dendrite.
+	r.m.cfg.Appservice = r.asMode
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if r.m.AppserviceMode() != r.asMode {
+		t.Fatalf("the Machine's appservice mode is %v, want %v", r.m.AppserviceMode(), r.asMode)
+	}
+	r.m.Start(ctx)
+	t.Cleanup(r.m.Stop)
+}
+
+// deliver hands the bot the member's to-device messages: in appservice mode as one transaction, whose body it
+// returns with the Machine's answer; on the /sync path the Machine's own loop fetches them.
+func (r *toDeviceRig) deliver(ctx context.Context) (json.RawMessage, error) {
+	if !r.asMode {
+		return nil, nil
+	}
+	txn := r.srv.TakeAppserviceTransaction()
+	return txn, r.m.HandleTransactionCrypto(ctx, txn)
+}
+
+// botReads waits until the bot decrypts evt.
+func (r *toDeviceRig) botReads(ctx context.Context, t *testing.T, evt *event.Event, body, when string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		dec, err := r.m.Decrypt(ctx, evt)
+		if err == nil {
+			if got := dec.Content.AsMessage().Body; got != body {
+				t.Fatalf("%s: the bot decrypted %q, want %q", when, got, body)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: the bot cannot decrypt the member's %q: %v (its room key was lost)", when, body, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// newMemberSession makes the member's client start a new Megolm session at its next message (as it does after
+// 100 messages or a week), so that message carries a new room key to the bot.
+func (r *toDeviceRig) newMemberSession(ctx context.Context, t *testing.T) {
+	t.Helper()
+	if err := r.member.Machine.CryptoStore.RemoveOutboundGroupSession(ctx, r.room); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRoomKeyOutlivesACrashWhileItIsStored: ferry is killed while it stores a member's room key, at each point
+// where the key's Olm message was partly handled, and the homeserver delivers the message again to the next
+// run (ferry had not acknowledged it). The next run must read the member's messages of that session, and the
+// member's next room key must reach it too. Before the key's handling was one unit, a kill after mautrix
+// recorded the message's hash, or saved the Olm session it advanced, lost the key for good: the redelivery was
+// ignored as a duplicate, and clients forward an old session's key to no other user.
+func TestRoomKeyOutlivesACrashWhileItIsStored(t *testing.T) {
+	defer database.SetConnectWait(300 * time.Millisecond)() // the killed run's statements fail at once
+	for _, mode := range []struct {
+		name   string
+		asMode bool
+	}{{"sync", false}, {"appservice", true}} {
+		for _, tc := range []struct {
+			name     string
+			existing bool   // the member's Olm session with the bot exists (an earlier key came through it)
+			after    string // the statement the kill follows
+		}{
+			{"new Olm session, after the message hash", false, "INSERT INTO crypto_olm_message_hash"},
+			{"new Olm session, after the Olm session", false, "INSERT INTO crypto_olm_session"},
+			{"new Olm session, after the room key", false, "INSERT INTO crypto_megolm_inbound_session"},
+			{"existing Olm session, after the message hash", true, "INSERT INTO crypto_olm_message_hash"},
+			{"existing Olm session, after the Olm session", true, "UPDATE crypto_olm_session"},
+		} {
+			t.Run(mode.name+"/"+tc.name, func(t *testing.T) {
+				ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+				defer cancel()
+				r := newToDeviceRig(t, mode.asMode)
+				// The first run works under a context of its own: cancelling it is the kill (no clean stop).
+				runCtx, kill := context.WithCancel(ctx)
+				r.start(runCtx, t)
+				if tc.existing {
+					warm := r.memberSends(t, "before")
+					if _, err := r.deliver(runCtx); err != nil {
+						t.Fatal(err)
+					}
+					r.botReads(ctx, t, warm, "before", "the first key")
+					r.newMemberSession(ctx, t)
+				}
+
+				r.cut.arm(tc.after)
+				msg := r.memberSends(t, "the key of this one was being stored")
+				delivered := make(chan json.RawMessage, 1)
+				go func() {
+					txn, _ := r.deliver(runCtx)
+					delivered <- txn
+				}()
+				select {
+				case <-r.cut.cut:
+				case <-ctx.Done():
+					t.Fatalf("ferry never ran %q while handling the room key", tc.after)
+				}
+				// The kill: this run is gone, nothing it does from here reaches the database.
+				kill()
+				txn := <-delivered
+				r.cut.proxy.Up()
+
+				r.m = r.newMachine(t)
+				r.start(ctx, t)
+				if mode.asMode {
+					// The transaction was never answered: the homeserver sends it again.
+					if err := r.m.HandleTransactionCrypto(ctx, txn); err != nil {
+						t.Fatal(err)
+					}
+				}
+				r.botReads(ctx, t, msg, "the key of this one was being stored", "after the restart")
+
+				r.newMemberSession(ctx, t)
+				next := r.memberSends(t, "a new session after the restart")
+				if _, err := r.deliver(ctx); err != nil {
+					t.Fatal(err)
+				}
+				r.botReads(ctx, t, next, "a new session after the restart", "the member's next key")
+			})
+		}
+	}
+}
+
+// TestRoomKeyOutlivesADatabaseOutage: PostgreSQL goes away while ferry handles a member's room key, for longer
+// than a statement waits for a connection, and comes back; ferry keeps running. The key must arrive: on the
+// /sync path the batch is handled again once the database is back, in appservice mode the transaction is refused
+// and the homeserver's retry carries it. Before, the failed reads made mautrix drop the message ("Failed to
+// decrypt to-device event") and ferry acknowledged it.
+func TestRoomKeyOutlivesADatabaseOutage(t *testing.T) {
+	defer database.SetConnectWait(300 * time.Millisecond)()
+	for _, mode := range []struct {
+		name   string
+		asMode bool
+	}{{"sync", false}, {"appservice", true}} {
+		t.Run(mode.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+			defer cancel()
+			r := newToDeviceRig(t, mode.asMode)
+			r.start(ctx, t)
+			r.cut.arm("crypto_olm_message_hash")
+			go func() {
+				select {
+				case <-r.cut.cut:
+					time.Sleep(1500 * time.Millisecond)
+					r.cut.proxy.Up()
+				case <-ctx.Done():
+				}
+			}()
+			msg := r.memberSends(t, "sent while the database restarts")
+			txn, err := r.deliver(ctx)
+			if mode.asMode {
+				<-r.cut.cut
+				if err == nil {
+					t.Log("the transaction was answered as handled: the homeserver will not send it again")
+				} else {
+					for err != nil && ctx.Err() == nil {
+						time.Sleep(500 * time.Millisecond) // the homeserver's retry
+						err = r.m.HandleTransactionCrypto(ctx, txn)
+					}
+				}
+			}
+			r.botReads(ctx, t, msg, "sent while the database restarts", "after the outage")
+		})
+	}
+}
