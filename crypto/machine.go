@@ -63,6 +63,10 @@ type Machine struct {
 	// IsOwn tells ferry's own users (bot and ghosts) apart from real users; they never receive ferry's keys.
 	isOwn func(id.UserID) bool
 
+	// Transient tells the database errors that may pass on a later try (a lost connection, a restart) from those
+	// that will not (database.Transient): a to-device message whose handling met one is handled again
+	// (todevice.go). nil counts every error of the crypto store as transient. Set before Start.
+	Transient func(error) bool
 	// SharedSecret is homeserver.registration_shared_secret. With it ferry registers its accounts with passwords
 	// (see registeringStateStore), which Dendrite's cross-signing upload asks for. Set before Init.
 	SharedSecret string

@@ -10,8 +10,6 @@ import (
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
-
-	"go.ferry.im/ferry/database"
 )
 
 // A member's room key reaches ferry in an Olm-encrypted to-device message, and mautrix handles one in separate
@@ -71,16 +69,17 @@ func (u *toDeviceUnit) noteErr(err error) error {
 var ErrToDeviceAborted = errors.New("a to-device message could not be handled")
 
 // handleUnit runs handle (mautrix handling one to-device message) as a unit and then saves its Olm writes. On a
-// transient database error it sets the Olm state in memory back to the stored one and returns an error wrapping
-// ErrToDeviceAborted; other errors of the store are logged by mautrix, as before, and the rest is saved.
-func (s *olmStore) handleUnit(ctx context.Context, handle func(ctx context.Context)) error {
+// database error that transient says may pass, it sets the Olm state in memory back to the stored one and returns
+// an error wrapping ErrToDeviceAborted; other errors of the store (a corrupt row would fail every try) are logged
+// by mautrix, as before, and the rest is saved.
+func (s *olmStore) handleUnit(ctx context.Context, transient func(error) bool, handle func(ctx context.Context)) error {
 	u := &toDeviceUnit{hashes: make(map[[32]byte]time.Time), added: make(map[id.SessionID]pendingOlm),
 		updated: make(map[id.SessionID]pendingOlm)}
 	handle(context.WithValue(ctx, toDeviceUnitKey{}, u))
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	err := u.err
-	if err == nil || !database.Transient(err) {
+	if err == nil || !transient(err) {
 		if err = s.saveUnit(ctx, u); err == nil {
 			return nil
 		}
@@ -212,5 +211,9 @@ func (m *Machine) handleBotToDevice(ctx context.Context, evt *event.Event) error
 	}
 	m.toDeviceUnits.Lock()
 	defer m.toDeviceUnits.Unlock()
-	return m.bot.olm.handleUnit(ctx, func(ctx context.Context) { m.bot.mach.HandleToDeviceEvent(ctx, evt) })
+	transient := m.Transient
+	if transient == nil {
+		transient = func(error) bool { return true }
+	}
+	return m.bot.olm.handleUnit(ctx, transient, func(ctx context.Context) { m.bot.mach.HandleToDeviceEvent(ctx, evt) })
 }

@@ -11,7 +11,6 @@ import (
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/event"
 
-	"go.ferry.im/ferry/database"
 	"go.ferry.im/ferry/database/dbtest"
 	"go.ferry.im/ferry/internal/fakehs"
 	"go.ferry.im/ferry/internal/faultproxy"
@@ -119,7 +118,7 @@ func (r *toDeviceRig) newMemberSession(ctx context.Context, t *testing.T) {
 // recorded the message's hash, or saved the Olm session it advanced, lost the key for good: the redelivery was
 // ignored as a duplicate, and clients forward an old session's key to no other user.
 func TestRoomKeyOutlivesACrashWhileItIsStored(t *testing.T) {
-	defer database.SetConnectWait(300 * time.Millisecond)() // the killed run's statements fail at once
+	defer dbtest.SetConnectWait(300 * time.Millisecond)() // the killed run's statements fail at once
 	for _, mode := range []struct {
 		name   string
 		asMode bool
@@ -195,7 +194,7 @@ func TestRoomKeyOutlivesACrashWhileItIsStored(t *testing.T) {
 // and the homeserver's retry carries it. Before, the failed reads made mautrix drop the message ("Failed to
 // decrypt to-device event") and ferry acknowledged it.
 func TestRoomKeyOutlivesADatabaseOutage(t *testing.T) {
-	defer database.SetConnectWait(300 * time.Millisecond)()
+	defer dbtest.SetConnectWait(300 * time.Millisecond)()
 	for _, mode := range []struct {
 		name   string
 		asMode bool

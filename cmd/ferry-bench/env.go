@@ -224,6 +224,7 @@ func (e *env) startFerry(ctx context.Context, asToken, hsToken, sharedSecret str
 	e.br = br
 	mach.SetIsOwn(br.Ghosts.IsOwn)
 	mach.SharedSecret = sharedSecret
+	mach.Transient = database.Transient
 	mach.NewUserClient = as.NewMautrixClient
 	as.StateStore = mach.WrapStateStore(stateStore)
 	mach.SessionReceived = func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) {

@@ -289,6 +289,7 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 	// Per-ghost devices: ghost clients come from the appservice, and with a shared secret ferry registers its
 	// accounts with passwords (for Dendrite's cross-signing UIA) before the appservice would register them.
 	mach.SharedSecret = cfg.Homeserver.RegistrationSharedSecret
+	mach.Transient = database.Transient
 	mach.NewUserClient = as.NewMautrixClient
 	as.StateStore = mach.WrapStateStore(stateStore)
 	// The reload command re-reads only the permissions; everything else needs a restart.

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	_ "github.com/lib/pq"
 	"go.mau.fi/util/dbutil"
@@ -76,6 +77,10 @@ func Postgres(t testing.TB) *dbutil.Database {
 	t.Helper()
 	return open(t, database.TuneURI("postgres", PostgresURI(t)), database.DriverFor("postgres"))
 }
+
+// SetConnectWait shortens how long a statement waits for a database that refuses connections (30 s in ferry),
+// for tests of outages longer than that wait; the returned function restores it.
+func SetConnectWait(d time.Duration) (restore func()) { return database.SetConnectWait(d) }
 
 // PostgresThroughProxy is Postgres, reached through a TCP proxy the test can cut (proxy.Down, then Up) to make
 // the database go away and come back, as a restarting server does.
