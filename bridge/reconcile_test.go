@@ -758,3 +758,41 @@ func TestFoundSendSurvivesTheNextCrash(t *testing.T) {
 	}
 	f.restartAndExpectOneCopy(t, evtID, posted)
 }
+
+// TestOneReadBackOfARoomAtATime: the workers of two rooms that relay into the same room (a link of three rooms)
+// both have to settle it after a crash, at the same moment. One reads it back; the other waits for that one and
+// then finds the room read back: one barrier in the room, not two, and its history read once.
+func TestOneReadBackOfARoomAtATime(t *testing.T) {
+	ctx := context.Background()
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t)
+	evtID, posted := f.stopWithSendInFlight(t, false)
+	f.br.markReadback(ctx, f.roomB, time.Now().Add(-time.Minute))
+	time.Sleep(2 * time.Millisecond) // the read-back begins after the mark (marks keep milliseconds)
+	var barriers, pages atomic.Int32
+	f.faultOn(func(r *http.Request) bool {
+		switch {
+		case strings.Contains(r.URL.Path, "/send/"+barrierType.Type+"/"):
+			barriers.Add(1)
+		case strings.HasSuffix(r.URL.Path, "/messages"):
+			pages.Add(1)
+		}
+		return false
+	})
+	defer f.faultOn(nil)
+	errs := make(chan error, 2)
+	for range 2 {
+		go func() { errs <- f.br.settle(ctx, f.roomB) }()
+	}
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatalf("a read-back failed: %v", err)
+		}
+	}
+	if n := barriers.Load(); n != 1 {
+		t.Errorf("%d barriers posted into the room, want 1: both workers read it back (%d pages of history read)", n, pages.Load())
+	}
+	if got, ok := f.br.sent.take(f.roomB, TxnID(evtID, f.roomB)); !ok || got != posted {
+		t.Fatalf("the read-back found %q, want the copy posted before the crash, %s", got, posted)
+	}
+}
