@@ -157,7 +157,7 @@ func (s *olmStore) GetSessions(ctx context.Context, key id.SenderKey) (crypto.Ol
 	for i, sess := range list {
 		list[i] = s.adopt(sess)
 	}
-	return list, unitFrom(ctx).noteErr(err)
+	return list, noteStoreErr(ctx, err)
 }
 
 func (s *olmStore) AddSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {

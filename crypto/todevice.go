@@ -51,16 +51,19 @@ func unitFrom(ctx context.Context) *toDeviceUnit {
 	return u
 }
 
-// noteErr records err as the unit's failure (the first one counts) and returns it. It is safe on a nil unit.
-func (u *toDeviceUnit) noteErr(err error) error {
-	if u == nil || err == nil {
-		return err
+// noteStoreErr records err as the failure of the unit ctx belongs to (the first one counts) and returns it. The
+// unit is looked up only for an error: the store's reads on the decrypt path of every message pass here.
+func noteStoreErr(ctx context.Context, err error) error {
+	if err == nil {
+		return nil
 	}
-	u.mu.Lock()
-	if u.err == nil {
-		u.err = err
+	if u := unitFrom(ctx); u != nil {
+		u.mu.Lock()
+		if u.err == nil {
+			u.err = err
+		}
+		u.mu.Unlock()
 	}
-	u.mu.Unlock()
 	return err
 }
 
@@ -180,25 +183,25 @@ func (s *olmStore) PutAccount(ctx context.Context, account *crypto.OlmAccount) e
 
 func (s *olmStore) GetOlmHash(ctx context.Context, hash [32]byte) (time.Time, error) {
 	at, err := s.SQLCryptoStore.GetOlmHash(ctx, hash)
-	return at, unitFrom(ctx).noteErr(err)
+	return at, noteStoreErr(ctx, err)
 }
 
 func (s *olmStore) FindDeviceByKey(ctx context.Context, userID id.UserID, key id.IdentityKey) (*id.Device, error) {
 	dev, err := s.cachedStore.FindDeviceByKey(ctx, userID, key)
-	return dev, unitFrom(ctx).noteErr(err)
+	return dev, noteStoreErr(ctx, err)
 }
 
 func (s *olmStore) GetGroupSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (*crypto.InboundGroupSession, error) {
 	sess, err := s.cachedStore.GetGroupSession(ctx, roomID, sessionID)
-	return sess, unitFrom(ctx).noteErr(err)
+	return sess, noteStoreErr(ctx, err)
 }
 
 func (s *olmStore) PutGroupSession(ctx context.Context, sess *crypto.InboundGroupSession) error {
-	return unitFrom(ctx).noteErr(s.cachedStore.PutGroupSession(ctx, sess))
+	return noteStoreErr(ctx, s.cachedStore.PutGroupSession(ctx, sess))
 }
 
 func (s *olmStore) PutWithheldGroupSession(ctx context.Context, content event.RoomKeyWithheldEventContent) error {
-	return unitFrom(ctx).noteErr(s.cachedStore.PutWithheldGroupSession(ctx, content))
+	return noteStoreErr(ctx, s.cachedStore.PutWithheldGroupSession(ctx, content))
 }
 
 // handleBotToDevice hands one parsed to-device event addressed to the bot's device to its OlmMachine. An
