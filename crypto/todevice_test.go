@@ -3,12 +3,14 @@ package crypto
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 
 	"go.ferry.im/ferry/database/dbtest"
@@ -228,5 +230,40 @@ func TestRoomKeyOutlivesADatabaseOutage(t *testing.T) {
 			}
 			r.botReads(ctx, t, msg, "sent while the database restarts", "after the outage")
 		})
+	}
+}
+
+// TestToDeviceUnitAbortsOnlyOnPassingErrors: a store error the caller counts as passing (the database away) aborts
+// the unit, keeping none of its Olm writes so that the message is handled again; any other (a corrupt row, which
+// would fail every try) leaves the handling as mautrix ended it, and the Olm writes are saved.
+func TestToDeviceUnitAbortsOnlyOnPassingErrors(t *testing.T) {
+	ctx := context.Background()
+	store := crypto.NewSQLCryptoStore(dbtest.Open(t, "postgres"), dbutil.NoopLogger, "acct", "DEVICE", []byte("pickle key"))
+	if err := store.DB.Upgrade(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := store.PutAccount(ctx, crypto.NewOlmAccount()); err != nil {
+		t.Fatal(err)
+	}
+	s := newOlmStore(&cachedStore{SQLCryptoStore: store, c: newStoreCache()})
+	for i, tc := range []struct {
+		passing bool
+		kept    bool
+	}{{passing: true, kept: false}, {passing: false, kept: true}} {
+		hash := [32]byte{byte(i + 1)}
+		err := s.handleUnit(ctx, func(error) bool { return tc.passing }, func(ctx context.Context) {
+			_ = s.PutOlmHash(ctx, hash, time.Now())
+			_ = noteStoreErr(ctx, errors.New("the store failed"))
+		})
+		if got := errors.Is(err, ErrToDeviceAborted); got == tc.kept {
+			t.Errorf("passing error %v: aborted %v (%v), want %v", tc.passing, got, err, !tc.kept)
+		}
+		at, err := store.GetOlmHash(ctx, hash)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if kept := !at.IsZero(); kept != tc.kept {
+			t.Errorf("passing error %v: the message hash was kept: %v, want %v", tc.passing, kept, tc.kept)
+		}
 	}
 }
