@@ -141,9 +141,10 @@ func (b *Bridge) Permission(user id.UserID) Level {
 
 // Start launches workers for every room with recorded, unfinished events and the background loops.
 func (b *Bridge) Start(ctx context.Context) error {
-	// mautrix creates the bot's client on first use, without a lock; room workers and the preparation of new
-	// senders (prepare.go) ask for intents side by side, so it is created here, before any of them runs.
+	// mautrix creates the bot's client and intent on first use, without a lock; room workers and the preparation
+	// of new senders (prepare.go) ask for them side by side, so both are created here, before any of them runs.
 	_ = b.AS.BotClient()
+	_ = b.AS.BotIntent()
 	rooms, err := b.DB.Inbox.RoomsWithWork(ctx)
 	if err != nil {
 		return err
