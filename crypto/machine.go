@@ -893,7 +893,7 @@ func (s *afterBatchStore) commit(ctx context.Context, userID id.UserID) error {
 // Limits of filling a gap in a limited /sync timeline.
 const (
 	gapPage  = 100
-	gapPages = 10
+	gapPages = 50
 )
 
 // syncEphemeralTypes are the ephemeral event types the bot's /sync asks for: typing and read receipts, which ferry
@@ -962,25 +962,38 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 		}
 	}
 	var evts []*event.Event
+	incomplete := make(map[id.RoomID]bool)
 	for roomID, room := range resp.Rooms.Join {
 		if room.Timeline.Limited && since != "" && room.Timeline.PrevBatch != "" {
 			// More happened than the timeline holds: fetch the rest, or a redaction in the gap is never relayed.
 			var gap []*event.Event
+			var complete bool
 			err := s.retry(ctx, "fill a gap in the timeline", func() (err error) {
-				gap, err = s.fillGap(ctx, roomID, room.Timeline.PrevBatch, since)
+				gap, complete, err = s.fillGap(ctx, roomID, room.Timeline.PrevBatch, since)
 				return err
 			})
 			if err != nil {
 				return err
 			}
-			evts = append(evts, gap...)
+			if !complete {
+				incomplete[roomID] = true
+			}
+			inTimeline := make(map[id.EventID]bool, len(room.Timeline.Events))
+			for _, evt := range room.Timeline.Events {
+				inTimeline[evt.ID] = true
+			}
+			for _, evt := range gap {
+				if !inTimeline[evt.ID] {
+					evts = append(evts, evt)
+				}
+			}
 		}
 		for _, evt := range room.Timeline.Events {
 			evt.RoomID = roomID
 			evts = append(evts, evt)
 		}
 	}
-	batch := SyncedBatch{Events: evts, Initial: since == "", Covers: s.requestedAfter}
+	batch := SyncedBatch{Events: evts, Initial: since == "", Covers: s.requestedAfter, Incomplete: incomplete}
 	if err := s.retry(ctx, "record synced room events", func() error { return s.timeline(ctx, batch) }); err != nil {
 		return err
 	}
@@ -1012,6 +1025,10 @@ type SyncedBatch struct {
 	// Covers: every room event the homeserver had before this time is in this batch or an earlier one (the
 	// request started after it).
 	Covers time.Time
+	// Incomplete lists rooms whose gap in the timeline was longer than ferry reads: events between the previous
+	// batch and this one's are missing there. In every other room of a batch that is not Initial, the batch holds
+	// everything the room had between the two.
+	Incomplete map[id.RoomID]bool
 }
 
 // keysOf fingerprints the devices and cross-signing keys ferry's store has for each user; a user whose keys
@@ -1061,30 +1078,43 @@ func (s *cryptoSyncer) retry(ctx context.Context, what string, fn func() error) 
 	}
 }
 
-// fillGap reads a room's events between the previous /sync token (to) and the start of a limited timeline
-// (from), oldest first.
-func (s *cryptoSyncer) fillGap(ctx context.Context, roomID id.RoomID, from, to string) ([]*event.Event, error) {
-	var out []*event.Event
-	for page := 0; page < gapPages; page++ {
-		resp, err := s.client.Messages(ctx, roomID, from, to, mautrix.DirectionBackward, nil, gapPage)
+// fillGap reads a room's events between the previous /sync token (since) and the start of a limited timeline
+// (prevBatch), oldest first. complete is false when the gap held more than ferry reads (gapPages pages): the
+// events returned are then only its most recent part.
+//
+// Dendrite 0.13.8 does not stop at since: its pages go on backwards past it, one event at a time, up to the room's
+// creation, always with an end token. It also leaves the first event after since out of its pages when since is a
+// position of another room; only the first page past since holds it. So the fill reads one page past the first
+// that is not full, and no further: what that page adds before since is already recorded and sorts first.
+func (s *cryptoSyncer) fillGap(ctx context.Context, roomID id.RoomID, prevBatch, since string) (out []*event.Event, complete bool, err error) {
+	from := prevBatch
+	short := false
+	for page := 0; page < gapPages && !complete; page++ {
+		resp, err := s.client.Messages(ctx, roomID, from, since, mautrix.DirectionBackward, nil, gapPage)
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		for _, evt := range resp.Chunk {
 			evt.RoomID = roomID
 			out = append(out, evt)
 		}
-		// A page may hold no event and still not be the last: only a missing end says so.
-		if resp.End == "" || resp.End == from {
-			break
-		}
+		// A page may hold fewer events than asked for and still not be the last: only a missing end says so
+		// (or, for Dendrite, the page after a short one).
+		complete = resp.End == "" || resp.End == from || short
+		short = len(resp.Chunk) < gapPage
 		from = resp.End
-		if page == gapPages-1 {
-			s.log.Warn().Stringer("room_id", roomID).Int("events", gapPage*gapPages).Msg("Filled only the most recent part of a gap in the timeline")
-		}
 	}
 	slices.Reverse(out)
-	return out, nil
+	seen := make(map[id.EventID]bool, len(out))
+	out = slices.DeleteFunc(out, func(evt *event.Event) bool {
+		dup := seen[evt.ID]
+		seen[evt.ID] = true
+		return dup
+	})
+	if !complete {
+		s.log.Warn().Stringer("room_id", roomID).Int("events", len(out)).Msg("Filled only the most recent part of a gap in the timeline")
+	}
+	return out, complete, nil
 }
 
 func (s *cryptoSyncer) OnFailedSync(_ *mautrix.RespSync, err error) (time.Duration, error) {
