@@ -312,7 +312,10 @@ func (b *Bridge) IngestSynced(ctx context.Context, batch crypto.SyncedBatch) err
 	}
 	for _, room := range rooms {
 		if b.SyncOrders.Load() {
-			moved, err := b.DB.Inbox.ConfirmOrder(ctx, room, byRoom[room])
+			// A batch that holds all the room had since the previous one places the pushes it does not show
+			// after its own events.
+			complete := !initial && !batch.Incomplete[room]
+			moved, err := b.DB.Inbox.ConfirmOrder(ctx, room, byRoom[room], complete)
 			if err != nil {
 				return fmt.Errorf("failed to confirm the order of synced events: %w", err)
 			} else if moved > 0 {

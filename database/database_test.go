@@ -370,7 +370,7 @@ func TestConfirmOrder(t *testing.T) {
 			t.Fatal(err)
 		}
 		// /sync shows e1 … e5 in the room's order.
-		moved, err := db.Inbox.ConfirmOrder(ctx, "!r", []id.EventID{"$e1", "$e2", "$e3", "$e4", "$e5", "$unknown"})
+		moved, err := db.Inbox.ConfirmOrder(ctx, "!r", []id.EventID{"$e1", "$e2", "$e3", "$e4", "$e5", "$unknown"}, false)
 		if err != nil || moved != 3 {
 			t.Fatalf("moved %d rows (%v), want 3 (e3, e4, e5)", moved, err)
 		}
@@ -387,6 +387,59 @@ func TestConfirmOrder(t *testing.T) {
 		}
 		if want := []id.EventID{"$e2", "$e3", "$e4", "$e5", "$e6"}; !slices.Equal(got, want) {
 			t.Fatalf("queue %v, want %v", got, want)
+		}
+	})
+}
+
+// TestConfirmOrderPlacesUnshownPushesAfter: a batch that shows all the room had since the previous one (complete)
+// puts the pushed events it does not show after its own, whose rows may be newer (first seen in this batch);
+// an incomplete one leaves them where they are.
+func TestConfirmOrderPlacesUnshownPushesAfter(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		insert := func(evtID id.EventID, synced bool) {
+			t.Helper()
+			row := &database.InboxEvent{EventID: evtID, RoomID: "!r", Sender: "@a:x", Type: "m.room.message", Raw: []byte(`{}`),
+				State: database.InboxPending, ReceivedAt: time.Now(), Synced: synced}
+			if _, err := db.Inbox.Insert(ctx, []*database.InboxEvent{row}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		queue := func() (got []id.EventID) {
+			t.Helper()
+			rows, err := db.Inbox.NextInRoom(ctx, "!r", 10)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range rows {
+				got = append(got, r.EventID)
+			}
+			return got
+		}
+		// Pushed: p3, p4 (not shown yet). The batch then shows e1, e2 for the first time.
+		insert("$p3", false)
+		insert("$p4", false)
+		insert("$e1", true)
+		insert("$e2", true)
+		if _, err := db.Inbox.ConfirmOrder(ctx, "!r", []id.EventID{"$e1", "$e2"}, false); err != nil {
+			t.Fatal(err)
+		}
+		if got, want := queue(), []id.EventID{"$p3", "$p4", "$e1", "$e2"}; !slices.Equal(got, want) {
+			t.Fatalf("after an incomplete batch: queue %v, want %v", got, want)
+		}
+		moved, err := db.Inbox.ConfirmOrder(ctx, "!r", []id.EventID{"$e1", "$e2"}, true)
+		if err != nil || moved != 4 {
+			t.Fatalf("moved %d rows (%v), want 4", moved, err)
+		}
+		if got, want := queue(), []id.EventID{"$e1", "$e2", "$p3", "$p4"}; !slices.Equal(got, want) {
+			t.Fatalf("after a complete batch: queue %v, want %v", got, want)
+		}
+		// The next batch shows p4 before p3: they take that order, still after e1 and e2.
+		if _, err = db.Inbox.ConfirmOrder(ctx, "!r", []id.EventID{"$p4", "$p3"}, true); err != nil {
+			t.Fatal(err)
+		}
+		if got, want := queue(), []id.EventID{"$e1", "$e2", "$p4", "$p3"}; !slices.Equal(got, want) {
+			t.Fatalf("after the second batch: queue %v, want %v", got, want)
 		}
 	})
 }

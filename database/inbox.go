@@ -76,6 +76,7 @@ const (
 	confirmOrderHead     = `UPDATE inbox SET synced=true WHERE room_id=$1 AND event_id IN `
 	confirmOrderTail     = ` RETURNING seq, event_id, state, ` + inboxOrder
 	setInboxOrderQuery   = `UPDATE inbox SET ord=$2 WHERE seq=$1`
+	unshownInRoomQuery   = `SELECT seq, ` + inboxOrder + ` AS k FROM inbox WHERE room_id=$1 AND state=$2 AND NOT synced ORDER BY k`
 	finishInboxQuery     = `UPDATE inbox SET state=$2, raw=NULL, last_error=$3 WHERE seq=$1`
 	finishManyInboxQuery = `UPDATE inbox SET state=$1, raw=NULL, last_error=NULL WHERE seq IN `
 	parkInboxQuery       = `UPDATE inbox SET state=$2, session_id=$3, attempts=attempts+1 WHERE seq=$1`
@@ -171,9 +172,11 @@ func (iq *InboxQuery) NextInRoom(ctx context.Context, roomID id.RoomID, limit in
 
 // ConfirmOrder records that the homeserver's /sync showed evtIDs, one room's events in the room's order: their
 // rows are marked synced, and pending ones whose delivery order (a homeserver that pushed an event late) disagrees
-// take the room's order, keeping their places among the room's other pending events. It reports how many rows
-// moved. Events not in the inbox are ignored.
-func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evtIDs []id.EventID) (moved int, err error) {
+// take the room's order, keeping their places among the room's other pending events. With complete (the batch
+// showed everything the room had up to its end, since the previous batch), a pushed event /sync has not shown
+// yet came after all of evtIDs: its pending row moves behind theirs. It reports how many rows moved. Events not
+// in the inbox are ignored.
+func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evtIDs []id.EventID, complete bool) (moved int, err error) {
 	if len(evtIDs) == 0 {
 		return 0, nil
 	}
@@ -215,6 +218,21 @@ func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evtIDs
 				inOrder = append(inOrder, p)
 				keys = append(keys, p.key)
 				delete(byID, e) // an ID listed twice keeps its first place
+			}
+		}
+		if complete && len(inOrder) > 0 {
+			// Pushed events not shown yet follow, in the order they hold now. Without this, an event /sync shows
+			// for the first time (its row new, so last in the queue) would stay behind a later one pushed before it.
+			rows, err := iq.db.Query(ctx, unshownInRoomQuery, roomID, InboxPending)
+			unshown, err := dbutil.NewRowIterWithError(rows, func(row dbutil.Scannable) (p placed, err error) {
+				return p, row.Scan(&p.seq, &p.key)
+			}, err).AsList()
+			if err != nil {
+				return err
+			}
+			for _, p := range unshown {
+				inOrder = append(inOrder, p)
+				keys = append(keys, p.key)
 			}
 		}
 		slices.Sort(keys)
