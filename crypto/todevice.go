@@ -71,10 +71,15 @@ func noteStoreErr(ctx context.Context, err error) error {
 // kept, and the message must be delivered again.
 var ErrToDeviceAborted = errors.New("a to-device message could not be handled")
 
+// ErrToDeviceDropped wraps the error that kept the Olm state of a handled to-device message from being saved when
+// retrying cannot help (a constraint the write breaks): the state in memory is set back to the stored one, and the
+// message must be acknowledged anyway, or it would hold every later one up for good.
+var ErrToDeviceDropped = errors.New("the Olm state of a to-device message could not be saved")
+
 // handleUnit runs handle (mautrix handling one to-device message) as a unit and then saves its Olm writes. On a
 // database error that transient says may pass, it sets the Olm state in memory back to the stored one and returns
 // an error wrapping ErrToDeviceAborted; other errors of the store (a corrupt row would fail every try) are logged
-// by mautrix, as before, and the rest is saved.
+// by mautrix, as before, and the rest is saved. When saving fails for good, it returns ErrToDeviceDropped.
 func (s *olmStore) handleUnit(ctx context.Context, transient func(error) bool, handle func(ctx context.Context)) error {
 	u := &toDeviceUnit{hashes: make(map[[32]byte]time.Time), added: make(map[id.SessionID]pendingOlm),
 		updated: make(map[id.SessionID]pendingOlm)}
@@ -85,6 +90,10 @@ func (s *olmStore) handleUnit(ctx context.Context, transient func(error) bool, h
 	if err == nil || !transient(err) {
 		if err = s.saveUnit(ctx, u); err == nil {
 			return nil
+		}
+		if !transient(err) {
+			s.revertUnit(context.WithoutCancel(ctx), u)
+			return fmt.Errorf("%w: %w", ErrToDeviceDropped, err)
 		}
 	}
 	s.revertUnit(context.WithoutCancel(ctx), u)
@@ -206,7 +215,8 @@ func (s *olmStore) PutWithheldGroupSession(ctx context.Context, content event.Ro
 
 // handleBotToDevice hands one parsed to-device event addressed to the bot's device to its OlmMachine. An
 // encrypted one is handled as a unit (see above), one at a time: it returns an error wrapping
-// ErrToDeviceAborted when the database failed meanwhile, and the caller must then not acknowledge the message.
+// ErrToDeviceAborted when the database failed meanwhile, and the caller must then not acknowledge the message. A
+// message whose Olm state cannot be saved for good is logged and acknowledged.
 func (m *Machine) handleBotToDevice(ctx context.Context, evt *event.Event) error {
 	if _, ok := evt.Content.Parsed.(*event.EncryptedEventContent); !ok {
 		m.bot.mach.HandleToDeviceEvent(ctx, evt)
@@ -218,5 +228,10 @@ func (m *Machine) handleBotToDevice(ctx context.Context, evt *event.Event) error
 	if transient == nil {
 		transient = func(error) bool { return true }
 	}
-	return m.bot.olm.handleUnit(ctx, transient, func(ctx context.Context) { m.bot.mach.HandleToDeviceEvent(ctx, evt) })
+	err := m.bot.olm.handleUnit(ctx, transient, func(ctx context.Context) { m.bot.mach.HandleToDeviceEvent(ctx, evt) })
+	if errors.Is(err, ErrToDeviceDropped) {
+		m.log.Error().Err(err).Stringer("sender", evt.Sender).Msg("Dropped a to-device message whose Olm state could not be saved")
+		return nil
+	}
+	return err
 }

@@ -267,3 +267,29 @@ func TestToDeviceUnitAbortsOnlyOnPassingErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestToDeviceUnitDropsWhatCannotBeSaved: when saving a unit's Olm writes fails with an error that will not pass
+// (here a table the write needs is gone), the unit is not aborted (the caller would be handed the message again
+// and again, holding every later one up): it reports ErrToDeviceDropped; an error that may pass still aborts.
+func TestToDeviceUnitDropsWhatCannotBeSaved(t *testing.T) {
+	ctx := context.Background()
+	store := crypto.NewSQLCryptoStore(dbtest.Open(t, "postgres"), dbutil.NoopLogger, "acct", "DEVICE", []byte("pickle key"))
+	if err := store.DB.Upgrade(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := store.PutAccount(ctx, crypto.NewOlmAccount()); err != nil {
+		t.Fatal(err)
+	}
+	s := newOlmStore(&cachedStore{SQLCryptoStore: store, c: newStoreCache()})
+	if _, err := store.DB.Exec(ctx, "ALTER TABLE crypto_olm_message_hash RENAME TO crypto_olm_message_hash_gone"); err != nil {
+		t.Fatal(err)
+	}
+	for _, passing := range []bool{false, true} {
+		err := s.handleUnit(ctx, func(error) bool { return passing }, func(ctx context.Context) {
+			_ = s.PutOlmHash(ctx, [32]byte{1}, time.Now())
+		})
+		if dropped, aborted := errors.Is(err, ErrToDeviceDropped), errors.Is(err, ErrToDeviceAborted); dropped == passing || aborted != passing {
+			t.Errorf("save error that may pass: %v: dropped %v, aborted %v (%v)", passing, dropped, aborted, err)
+		}
+	}
+}
