@@ -28,19 +28,11 @@ func encryptedEvent(evtID id.EventID, room id.RoomID, sender id.UserID) json.Raw
 // waits for it before relaying pushed events, and relays both in that order.
 func TestLatePushIsRelayedInRoomOrder(t *testing.T) {
 	ctx := context.Background()
-	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
-	f.relayOne(t)
-	f.br.SyncOrders.Store(true)
-	if err := f.br.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	f := startSyncOrdered(t)
 	defer f.br.Stop()
 	early, late := id.EventID("$sent-first"), id.EventID("$sent-second")
 	// The push of the first is delayed; the second is pushed at once.
-	txn := fmt.Sprintf(`{"events":[%s]}`, encryptedEvent(late, f.roomA, f.alice))
-	if rec := doRequest(f.br.Router(nil), "PUT", "/_matrix/app/v1/transactions/1", "Bearer "+benchHSToken, txn); rec.Code != 200 {
-		t.Fatalf("transaction = %d %s", rec.Code, rec.Body.String())
-	}
+	f.push(t, late)
 	time.Sleep(500 * time.Millisecond)
 	// The bot's /sync shows both, in the room's order.
 	if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Events: syncedEvents(t, f.roomA, f.alice, early, late), Covers: time.Now()}); err != nil {
@@ -58,18 +50,10 @@ func TestLatePushIsRelayedInRoomOrder(t *testing.T) {
 // restart, ferry relays as soon as its /sync has caught up.
 func TestCoveringSyncReleasesPushes(t *testing.T) {
 	ctx := context.Background()
-	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
-	f.relayOne(t)
-	f.br.SyncOrders.Store(true)
-	if err := f.br.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	f := startSyncOrdered(t)
 	defer f.br.Stop()
 	pushed := id.EventID("$pushed-only")
-	txn := fmt.Sprintf(`{"events":[%s]}`, encryptedEvent(pushed, f.roomA, f.alice))
-	if rec := doRequest(f.br.Router(nil), "PUT", "/_matrix/app/v1/transactions/1", "Bearer "+benchHSToken, txn); rec.Code != 200 {
-		t.Fatalf("transaction = %d %s", rec.Code, rec.Body.String())
-	}
+	f.push(t, pushed)
 	time.Sleep(200 * time.Millisecond)
 	if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row == nil || row.State != database.InboxPending {
 		t.Fatalf("the pushed event did not wait for /sync: %+v", row)
@@ -96,20 +80,12 @@ func TestCoveringSyncReleasesPushes(t *testing.T) {
 // after its restart: 7 messages of each member relayed after the 9 that followed them.
 func TestLatePushAcrossSyncBatches(t *testing.T) {
 	ctx := context.Background()
-	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
-	f.relayOne(t)
-	f.br.SyncOrders.Store(true)
-	if err := f.br.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	f := startSyncOrdered(t)
 	defer f.br.Stop()
 	early, late := id.EventID("$sent-first"), id.EventID("$sent-second")
 	firstRequested := time.Now()
 	time.Sleep(5 * time.Millisecond)
-	txn := fmt.Sprintf(`{"events":[%s]}`, encryptedEvent(late, f.roomA, f.alice))
-	if rec := doRequest(f.br.Router(nil), "PUT", "/_matrix/app/v1/transactions/1", "Bearer "+benchHSToken, txn); rec.Code != 200 {
-		t.Fatalf("transaction = %d %s", rec.Code, rec.Body.String())
-	}
+	f.push(t, late)
 	time.Sleep(100 * time.Millisecond)
 	// The first batch was requested before the push arrived: it shows the earlier message only.
 	if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Events: syncedEvents(t, f.roomA, f.alice, early), Covers: firstRequested}); err != nil {
@@ -159,4 +135,25 @@ func copiedFrom(t *testing.T, f *relayFixture, ghost id.UserID) []id.EventID {
 		}
 	}
 	return order
+}
+
+// startSyncOrdered starts a relay of room A to B (one message relayed already) that checks pushes against /sync.
+func startSyncOrdered(t *testing.T) *relayFixture {
+	t.Helper()
+	f := newRelayFixtureWith(t, &sealCrypto{benchCrypto{plaintext: benchMessage()}})
+	f.relayOne(t)
+	f.br.SyncOrders.Store(true)
+	if err := f.br.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// push hands ferry a transaction with alice's encrypted event evtID in room A.
+func (f *relayFixture) push(t *testing.T, evtID id.EventID) {
+	t.Helper()
+	txn := fmt.Sprintf(`{"events":[%s]}`, encryptedEvent(evtID, f.roomA, f.alice))
+	if rec := doRequest(f.br.Router(nil), "PUT", "/_matrix/app/v1/transactions/1", "Bearer "+benchHSToken, txn); rec.Code != 200 {
+		t.Fatalf("transaction = %d %s", rec.Code, rec.Body.String())
+	}
 }

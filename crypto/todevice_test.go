@@ -238,14 +238,7 @@ func TestRoomKeyOutlivesADatabaseOutage(t *testing.T) {
 // would fail every try) leaves the handling as mautrix ended it, and the Olm writes are saved.
 func TestToDeviceUnitAbortsOnlyOnPassingErrors(t *testing.T) {
 	ctx := context.Background()
-	store := crypto.NewSQLCryptoStore(dbtest.Open(t, "postgres"), dbutil.NoopLogger, "acct", "DEVICE", []byte("pickle key"))
-	if err := store.DB.Upgrade(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := store.PutAccount(ctx, crypto.NewOlmAccount()); err != nil {
-		t.Fatal(err)
-	}
-	s := newOlmStore(&cachedStore{SQLCryptoStore: store, c: newStoreCache()})
+	store, s := newUnitStore(t)
 	for i, tc := range []struct {
 		passing bool
 		kept    bool
@@ -273,14 +266,7 @@ func TestToDeviceUnitAbortsOnlyOnPassingErrors(t *testing.T) {
 // and again, holding every later one up): it reports ErrToDeviceDropped; an error that may pass still aborts.
 func TestToDeviceUnitDropsWhatCannotBeSaved(t *testing.T) {
 	ctx := context.Background()
-	store := crypto.NewSQLCryptoStore(dbtest.Open(t, "postgres"), dbutil.NoopLogger, "acct", "DEVICE", []byte("pickle key"))
-	if err := store.DB.Upgrade(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := store.PutAccount(ctx, crypto.NewOlmAccount()); err != nil {
-		t.Fatal(err)
-	}
-	s := newOlmStore(&cachedStore{SQLCryptoStore: store, c: newStoreCache()})
+	store, s := newUnitStore(t)
 	if _, err := store.DB.Exec(ctx, "ALTER TABLE crypto_olm_message_hash RENAME TO crypto_olm_message_hash_gone"); err != nil {
 		t.Fatal(err)
 	}
@@ -292,4 +278,18 @@ func TestToDeviceUnitDropsWhatCannotBeSaved(t *testing.T) {
 			t.Errorf("save error that may pass: %v: dropped %v, aborted %v (%v)", passing, dropped, aborted, err)
 		}
 	}
+}
+
+// newUnitStore is a crypto store on PostgreSQL with an account, and ferry's Olm store over it.
+func newUnitStore(t *testing.T) (*crypto.SQLCryptoStore, *olmStore) {
+	t.Helper()
+	ctx := context.Background()
+	store := crypto.NewSQLCryptoStore(dbtest.Open(t, "postgres"), dbutil.NoopLogger, "acct", "DEVICE", []byte("pickle key"))
+	if err := store.DB.Upgrade(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := store.PutAccount(ctx, crypto.NewOlmAccount()); err != nil {
+		t.Fatal(err)
+	}
+	return store, newOlmStore(&cachedStore{SQLCryptoStore: store, c: newStoreCache()})
 }
