@@ -233,6 +233,47 @@ func TestRoomKeyOutlivesADatabaseOutage(t *testing.T) {
 	}
 }
 
+// TestCatchUpKeepsItsPageOnAnOutage: in appservice mode a room key whose push was lost is fetched from the bot
+// device's to-device inbox (CatchUpToDevice). When the database goes away while the key is handled, the catch-up
+// fails without storing the page's token, so the next catch-up fetches the key again and the bot reads the message;
+// a stored token would have let the homeserver delete it for good.
+func TestCatchUpKeepsItsPageOnAnOutage(t *testing.T) {
+	defer dbtest.SetConnectWait(300 * time.Millisecond)()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	r := newToDeviceRig(t, true)
+	r.start(ctx, t)
+	msg := r.memberSends(t, "its push was lost")
+	// The push never comes; the key waits in the bot device's inbox. The database goes away right after the
+	// catch-up's duplicate check and comes back 1.5 s later.
+	r.cut.arm("crypto_olm_message_hash")
+	go func() {
+		select {
+		case <-r.cut.cut:
+			time.Sleep(1500 * time.Millisecond)
+			r.cut.proxy.Up()
+		case <-ctx.Done():
+		}
+	}()
+	if _, err := r.m.CatchUpToDevice(ctx, time.Now()); err == nil {
+		t.Fatal("the catch-up succeeded although the database went away while it handled the key")
+	}
+	for {
+		n, err := r.m.CatchUpToDevice(ctx, time.Now())
+		if err == nil {
+			if n != 1 {
+				t.Fatalf("the catch-up after the outage handled %d messages, want the room key again", n)
+			}
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	r.botReads(ctx, t, msg, "its push was lost", "after the outage")
+}
+
 // TestToDeviceUnitAbortsOnlyOnPassingErrors: a store error the caller counts as passing (the database away) aborts
 // the unit, keeping none of its Olm writes so that the message is handled again; any other (a corrupt row, which
 // would fail every try) leaves the handling as mautrix ended it, and the Olm writes are saved.
