@@ -299,6 +299,11 @@ func (b *Bridge) IngestSynced(ctx context.Context, batch crypto.SyncedBatch) err
 		if initial || (evt.StateKey == nil && b.Ghosts.IsOwn(evt.Sender)) {
 			continue // as intake: ferry's own echoes are never relayed
 		}
+		if batch.Edge[evt.ID] && time.Since(time.UnixMilli(evt.Timestamp)) > inboxRetention-time.Hour {
+			// Read at the previous batch's end, and so old that its inbox row may be pruned: were it an event of
+			// an earlier batch, recording it again would relay it twice. Its place is still confirmed below.
+			continue
+		}
 		raw, err := json.Marshal(evt)
 		if err != nil {
 			continue

@@ -157,3 +157,29 @@ func (f *relayFixture) push(t *testing.T, evtID id.EventID) {
 		t.Fatalf("transaction = %d %s", rec.Code, rec.Body.String())
 	}
 }
+
+// TestOldEventsAtAGapsEdgeAreNotRecordedAgain: filling a gap on Dendrite reads a page past the previous batch's
+// end, which can hold an event of an earlier batch. One older than the inbox keeps handled rows (so that its row
+// may be gone) is not recorded again: it would be relayed a second time. A recent one, and any old event inside
+// the gap, are.
+func TestOldEventsAtAGapsEdgeAreNotRecordedAgain(t *testing.T) {
+	ctx := context.Background()
+	f := startSyncOrdered(t)
+	defer f.br.Stop()
+	evts := syncedEvents(t, f.roomA, f.alice, "$edge-old", "$edge-new", "$gap-old")
+	old := time.Now().Add(-inboxRetention).UnixMilli()
+	evts[0].Timestamp, evts[2].Timestamp = old, old
+	batch := crypto.SyncedBatch{Events: evts, Covers: time.Now(), Edge: map[id.EventID]bool{"$edge-old": true, "$edge-new": true}}
+	if err := f.br.IngestSynced(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	for evtID, want := range map[id.EventID]bool{"$edge-old": false, "$edge-new": true, "$gap-old": true} {
+		row, err := f.br.DB.Inbox.Get(ctx, evtID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if (row != nil) != want {
+			t.Errorf("%s recorded: %v, want %v", evtID, row != nil, want)
+		}
+	}
+}

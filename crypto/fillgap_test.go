@@ -79,11 +79,12 @@ func TestFillGapStopsAtThePreviousBatch(t *testing.T) {
 				t.Fatal(err)
 			}
 			s := &cryptoSyncer{client: cli, log: zerolog.Nop()}
-			got, complete, err := s.fillGap(context.Background(), "!r:x", "t949", fmt.Sprintf("s%d", k))
+			gap, err := s.fillGap(context.Background(), "!r:x", "t949", fmt.Sprintf("s%d", k))
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !complete {
+			got := gap.events
+			if !gap.complete {
 				t.Fatal("the fill says it is incomplete")
 			}
 			// Events before the gap may lead (Dendrite's page past it); the gap must follow, whole and in order.
@@ -108,6 +109,12 @@ func TestFillGapStopsAtThePreviousBatch(t *testing.T) {
 			if first > 2 || p.requests > 5 {
 				t.Fatalf("%d requests, %d events before the gap: the fill did not stop at the previous batch", p.requests, first)
 			}
+			// Those before the gap are marked as read past the previous batch's end.
+			for _, evt := range got[:first] {
+				if !gap.edge[evt.ID] {
+					t.Fatalf("%s, before the gap, is not marked as read past its start", evt.ID)
+				}
+			}
 		})
 	}
 	t.Run("longer than ferry reads", func(t *testing.T) {
@@ -116,10 +123,11 @@ func TestFillGapStopsAtThePreviousBatch(t *testing.T) {
 		defer srv.Close()
 		cli, _ := mautrix.NewClient(srv.URL, "@bot:x", "token")
 		s := &cryptoSyncer{client: cli, log: zerolog.Nop()}
-		got, complete, err := s.fillGap(context.Background(), "!r:x", "t19999", "s10")
+		gap, err := s.fillGap(context.Background(), "!r:x", "t19999", "s10")
 		if err != nil {
 			t.Fatal(err)
 		}
+		got, complete := gap.events, gap.complete
 		if complete || len(got) != gapPage*gapPages || got[len(got)-1].ID != "$e19999" {
 			t.Fatalf("complete %v with %d events ending at %s; want incomplete, the most recent %d", complete, len(got), got[len(got)-1].ID, gapPage*gapPages)
 		}

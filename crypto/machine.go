@@ -16,6 +16,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"slices"
 	"strings"
@@ -963,26 +964,27 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 	}
 	var evts []*event.Event
 	incomplete := make(map[id.RoomID]bool)
+	edge := make(map[id.EventID]bool)
 	for roomID, room := range resp.Rooms.Join {
 		if room.Timeline.Limited && since != "" && room.Timeline.PrevBatch != "" {
 			// More happened than the timeline holds: fetch the rest, or a redaction in the gap is never relayed.
-			var gap []*event.Event
-			var complete bool
+			var gap filledGap
 			err := s.retry(ctx, "fill a gap in the timeline", func() (err error) {
-				gap, complete, err = s.fillGap(ctx, roomID, room.Timeline.PrevBatch, since)
+				gap, err = s.fillGap(ctx, roomID, room.Timeline.PrevBatch, since)
 				return err
 			})
 			if err != nil {
 				return err
 			}
-			if !complete {
+			if !gap.complete {
 				incomplete[roomID] = true
 			}
+			maps.Copy(edge, gap.edge)
 			inTimeline := make(map[id.EventID]bool, len(room.Timeline.Events))
 			for _, evt := range room.Timeline.Events {
 				inTimeline[evt.ID] = true
 			}
-			for _, evt := range gap {
+			for _, evt := range gap.events {
 				if !inTimeline[evt.ID] {
 					evts = append(evts, evt)
 				}
@@ -993,7 +995,7 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 			evts = append(evts, evt)
 		}
 	}
-	batch := SyncedBatch{Events: evts, Initial: since == "", Covers: s.requestedAfter, Incomplete: incomplete}
+	batch := SyncedBatch{Events: evts, Initial: since == "", Covers: s.requestedAfter, Incomplete: incomplete, Edge: edge}
 	if err := s.retry(ctx, "record synced room events", func() error { return s.timeline(ctx, batch) }); err != nil {
 		return err
 	}
@@ -1029,6 +1031,9 @@ type SyncedBatch struct {
 	// batch and this one's are missing there. In every other room of a batch that is not Initial, the batch holds
 	// everything the room had between the two.
 	Incomplete map[id.RoomID]bool
+	// Edge holds events a gap fill read at the previous batch's end, where some homeservers' pages include events
+	// of earlier batches (fillGap): the relay may have handled them long ago.
+	Edge map[id.EventID]bool
 }
 
 // keysOf fingerprints the devices and cross-signing keys ferry's store has for each user; a user whose keys
@@ -1078,24 +1083,38 @@ func (s *cryptoSyncer) retry(ctx context.Context, what string, fn func() error) 
 	}
 }
 
+// filledGap is what fillGap read of a gap in a room's timeline.
+type filledGap struct {
+	events []*event.Event // oldest first
+	// complete is false when the gap held more than ferry reads (gapPages pages): events are then only its most
+	// recent part.
+	complete bool
+	// edge holds the events of the page read past the previous batch's end (below): some may be older than it.
+	edge map[id.EventID]bool
+}
+
 // fillGap reads a room's events between the previous /sync token (since) and the start of a limited timeline
-// (prevBatch), oldest first. complete is false when the gap held more than ferry reads (gapPages pages): the
-// events returned are then only its most recent part.
+// (prevBatch).
 //
 // Dendrite 0.13.8 does not stop at since: its pages go on backwards past it, one event at a time, up to the room's
 // creation, always with an end token. It also leaves the first event after since out of its pages when since is a
 // position of another room; only the first page past since holds it. So the fill reads one page past the first
-// that is not full, and no further: what that page adds before since is already recorded and sorts first.
-func (s *cryptoSyncer) fillGap(ctx context.Context, roomID id.RoomID, prevBatch, since string) (out []*event.Event, complete bool, err error) {
+// that is not full, and no further: what that page adds before since was in an earlier batch and sorts first.
+func (s *cryptoSyncer) fillGap(ctx context.Context, roomID id.RoomID, prevBatch, since string) (filledGap, error) {
+	var out []*event.Event
+	edge := make(map[id.EventID]bool)
 	from := prevBatch
-	short := false
+	short, complete := false, false
 	for page := 0; page < gapPages && !complete; page++ {
 		resp, err := s.client.Messages(ctx, roomID, from, since, mautrix.DirectionBackward, nil, gapPage)
 		if err != nil {
-			return nil, false, err
+			return filledGap{}, err
 		}
 		for _, evt := range resp.Chunk {
 			evt.RoomID = roomID
+			if short {
+				edge[evt.ID] = true
+			}
 			out = append(out, evt)
 		}
 		// A page may hold fewer events than asked for and still not be the last: only a missing end says so
@@ -1114,7 +1133,7 @@ func (s *cryptoSyncer) fillGap(ctx context.Context, roomID id.RoomID, prevBatch,
 	if !complete {
 		s.log.Warn().Stringer("room_id", roomID).Int("events", len(out)).Msg("Filled only the most recent part of a gap in the timeline")
 	}
-	return out, complete, nil
+	return filledGap{events: out, complete: complete, edge: edge}, nil
 }
 
 func (s *cryptoSyncer) OnFailedSync(_ *mautrix.RespSync, err error) (time.Duration, error) {
