@@ -86,12 +86,17 @@ func (s *olmStore) handleUnit(ctx context.Context, transient func(error) bool, h
 	handle(context.WithValue(ctx, toDeviceUnitKey{}, u))
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	// An error of a context that ended (ferry stopping, a request given up) passes too: the message is delivered
+	// again to the next run.
+	passing := func(err error) bool {
+		return transient(err) || ctx.Err() != nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+	}
 	err := u.err
-	if err == nil || !transient(err) {
+	if err == nil || !passing(err) {
 		if err = s.saveUnit(ctx, u); err == nil {
 			return nil
 		}
-		if !transient(err) {
+		if !passing(err) {
 			s.revertUnit(context.WithoutCancel(ctx), u)
 			return fmt.Errorf("%w: %w", ErrToDeviceDropped, err)
 		}

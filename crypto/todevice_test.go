@@ -319,6 +319,15 @@ func TestToDeviceUnitDropsWhatCannotBeSaved(t *testing.T) {
 			t.Errorf("save error that may pass: %v: dropped %v, aborted %v (%v)", passing, dropped, aborted, err)
 		}
 	}
+	// A save cut short by ferry stopping is not dropped, whatever the error: the message comes again.
+	stopping, stop := context.WithCancel(ctx)
+	err := s.handleUnit(stopping, func(error) bool { return false }, func(ctx context.Context) {
+		_ = s.PutOlmHash(ctx, [32]byte{2}, time.Now())
+		stop()
+	})
+	if !errors.Is(err, ErrToDeviceAborted) {
+		t.Errorf("a save whose context ended: %v, want it aborted", err)
+	}
 }
 
 // newUnitStore is a crypto store on PostgreSQL with an account, and ferry's Olm store over it.
