@@ -85,6 +85,19 @@ func (r *toDeviceRig) deliver(ctx context.Context) (json.RawMessage, error) {
 	return txn, r.m.HandleTransactionCrypto(ctx, txn)
 }
 
+// outageAfter takes the database away right after the next statement that mentions match, for 1.5 s.
+func (r *toDeviceRig) outageAfter(ctx context.Context, match string) {
+	r.cut.arm(match)
+	go func() {
+		select {
+		case <-r.cut.cut:
+			time.Sleep(1500 * time.Millisecond)
+			r.cut.proxy.Up()
+		case <-ctx.Done():
+		}
+	}()
+}
+
 // botReads waits until the bot decrypts evt.
 func (r *toDeviceRig) botReads(ctx context.Context, t *testing.T, evt *event.Event, body, when string) {
 	t.Helper()
@@ -206,15 +219,7 @@ func TestRoomKeyOutlivesADatabaseOutage(t *testing.T) {
 			defer cancel()
 			r := newToDeviceRig(t, mode.asMode)
 			r.start(ctx, t)
-			r.cut.arm("crypto_olm_message_hash")
-			go func() {
-				select {
-				case <-r.cut.cut:
-					time.Sleep(1500 * time.Millisecond)
-					r.cut.proxy.Up()
-				case <-ctx.Done():
-				}
-			}()
+			r.outageAfter(ctx, "crypto_olm_message_hash")
 			msg := r.memberSends(t, "sent while the database restarts")
 			txn, err := r.deliver(ctx)
 			if mode.asMode {
@@ -246,15 +251,7 @@ func TestCatchUpKeepsItsPageOnAnOutage(t *testing.T) {
 	msg := r.memberSends(t, "its push was lost")
 	// The push never comes; the key waits in the bot device's inbox. The database goes away right after the
 	// catch-up's duplicate check and comes back 1.5 s later.
-	r.cut.arm("crypto_olm_message_hash")
-	go func() {
-		select {
-		case <-r.cut.cut:
-			time.Sleep(1500 * time.Millisecond)
-			r.cut.proxy.Up()
-		case <-ctx.Done():
-		}
-	}()
+	r.outageAfter(ctx, "crypto_olm_message_hash")
 	if _, err := r.m.CatchUpToDevice(ctx, time.Now()); err == nil {
 		t.Fatal("the catch-up succeeded although the database went away while it handled the key")
 	}
