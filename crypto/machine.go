@@ -990,6 +990,9 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 				}
 			}
 		}
+		if room.Timeline.Limited && room.Timeline.PrevBatch == "" {
+			incomplete[roomID] = true // cut, with nowhere to read the rest from
+		}
 		for _, evt := range room.Timeline.Events {
 			evt.RoomID = roomID
 			evts = append(evts, evt)
