@@ -96,12 +96,11 @@ func (s *olmStore) handleUnit(ctx context.Context, transient func(error) bool, h
 		if err = s.saveUnit(ctx, u); err == nil {
 			return nil
 		}
-		if !passing(err) {
-			s.revertUnit(context.WithoutCancel(ctx), u)
-			return fmt.Errorf("%w: %w", ErrToDeviceDropped, err)
-		}
 	}
 	s.revertUnit(context.WithoutCancel(ctx), u)
+	if !passing(err) {
+		return fmt.Errorf("%w: %w", ErrToDeviceDropped, err)
+	}
 	return fmt.Errorf("%w: %w", ErrToDeviceAborted, err)
 }
 
