@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"path"
 	"regexp"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -150,10 +151,17 @@ func newEnv(ctx context.Context, st settings, log zerolog.Logger) (*env, error) 
 		hsOpts.SharedSecret = randomToken()
 	}
 	e.asToken, e.hsToken, e.sharedSecret = asToken, hsToken, hsOpts.SharedSecret
-	e.hs = fakehs.New(hsOpts)
+	// Goroutines inherit their creator's profiler labels: everything the fake homeserver and ferry start (their
+	// HTTP servers' connections, ferry's workers and clients, the homeserver's transaction sender) is labelled
+	// side=homeserver or side=ferry in CPU profiles, so a profile tells how much of this process is ferry's own
+	// (go tool pprof -tags; unlabelled: the benchmark's clients and the Go runtime's background work).
+	pprof.Do(ctx, pprof.Labels(profileSide, "homeserver"), func(context.Context) { e.hs = fakehs.New(hsOpts) })
 	e.hs.OnSend = e.onSend
 	e.hs.OnTransaction = e.onTransaction
-	if err = e.startFerry(ctx, asToken, hsToken, hsOpts.SharedSecret, users); err != nil {
+	pprof.Do(ctx, pprof.Labels(profileSide, "ferry"), func(ctx context.Context) {
+		err = e.startFerry(ctx, asToken, hsToken, hsOpts.SharedSecret, users)
+	})
+	if err != nil {
 		e.close()
 		return nil, err
 	}
@@ -163,6 +171,9 @@ func newEnv(ctx context.Context, st settings, log zerolog.Logger) (*env, error) 
 	}
 	return e, nil
 }
+
+// profileSide is the CPU profile label that tells ferry's goroutines from the fake homeserver's.
+const profileSide = "side"
 
 func randomToken() string {
 	b := make([]byte, 32)
