@@ -127,7 +127,7 @@ func (m *Machine) sharedSecretRegister(ctx context.Context, localpart, password 
 // which Dendrite creates itself, and ghosts the appservice registered): it sets a random password through
 // Dendrite's admin API, as ferry's admin helper account. Without a shared secret, or on homeservers without that
 // API, it returns ErrNoPassword.
-func (m *Machine) provisionPassword(ctx context.Context, userID id.UserID, store *crypto.SQLCryptoStore) (string, error) {
+func (m *Machine) provisionPassword(ctx context.Context, userID id.UserID, store secretStore) (string, error) {
 	if m.SharedSecret == "" {
 		return "", ErrNoPassword
 	}

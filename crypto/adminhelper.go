@@ -125,7 +125,8 @@ func (m *Machine) adminDone(ctx context.Context, s *adminSession) {
 // adminLogin logs the helper in (or registers it), returning a client holding a fresh access token, unless an
 // admin removed it.
 func (m *Machine) adminLogin(ctx context.Context) (*mautrix.Client, error) {
-	store := m.adminStore()
+	// Its state in one read (under adminLock's single login, nothing else writes it meanwhile).
+	store := newSecretCache(m.adminStore())
 	if removed, err := store.GetSecret(ctx, secretAdminRemoved); err != nil {
 		return nil, fmt.Errorf("failed to read the admin helper's state: %w", err)
 	} else if removed != "" {
@@ -163,7 +164,9 @@ func (m *Machine) adminLogin(ctx context.Context) (*mautrix.Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("failed to log in the admin helper %s: %w", userID, err)
 	}
-	_ = store.PutSecret(ctx, secretAccessToken, string(resp.DeviceID))
+	if resp.DeviceID != id.DeviceID(deviceID) {
+		_ = store.PutSecret(ctx, secretAccessToken, string(resp.DeviceID))
+	}
 	return m.userClient(userID, resp.DeviceID, resp.AccessToken), nil
 }
 

@@ -134,6 +134,7 @@ func (m *Machine) forgetGhost(ghost id.UserID) {
 // recorded before the next, so a crash or error resumes where it stopped.
 func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool, error) {
 	store := m.storeFor(ghost)
+	sec := newSecretCache(store)
 	deviceID, err := store.FindDeviceID(ctx)
 	if err != nil {
 		return nil, false, fmt.Errorf("failed to read the ghost's device: %w", err)
@@ -141,16 +142,16 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 	if !m.asMode.Load() && !m.publishedWithoutUIA.Load() {
 		// Without MSC4190 the cross-signing upload needs the password (unless the homeserver accepted the bot's
 		// first setup without one): without one, don't create a device that would only ever be unsigned.
-		published, err := store.GetSecret(ctx, secretPublishedMaster)
+		published, err := sec.GetSecret(ctx, secretPublishedMaster)
 		if err != nil {
 			return nil, false, err
 		}
 		if published == "" {
-			if password, err := store.GetSecret(ctx, secretPassword); err != nil {
+			if password, err := sec.GetSecret(ctx, secretPassword); err != nil {
 				return nil, false, err
 			} else if password == "" {
 				// Registered without a password (by the appservice): set one through the admin API.
-				if _, err = m.provisionPassword(ctx, ghost, store); err != nil {
+				if _, err = m.provisionPassword(ctx, ghost, sec); err != nil {
 					return nil, false, fmt.Errorf("%w: %w", errGhostFallback, err)
 				}
 			}
@@ -173,7 +174,7 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 			cli.SetAppServiceDeviceID = true
 		}
 	} else {
-		saved, err := store.GetSecret(ctx, secretAccessToken)
+		saved, err := sec.GetSecret(ctx, secretAccessToken)
 		if err != nil {
 			return nil, false, fmt.Errorf("failed to read the ghost's access token: %w", err)
 		}
@@ -186,7 +187,7 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 			created = deviceID == "" || resp.DeviceID != deviceID
 			relogged = !created
 			savedDevice, token = string(resp.DeviceID), resp.AccessToken
-			if err = store.PutSecret(ctx, secretAccessToken, savedDevice+" "+token); err != nil {
+			if err = sec.PutSecret(ctx, secretAccessToken, savedDevice+" "+token); err != nil {
 				return nil, false, fmt.Errorf("failed to store the ghost's access token: %w", err)
 			}
 		}
@@ -206,7 +207,7 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 		} else if !ok {
 			m.log.Warn().Stringer("ghost", ghost).Msg("A ghost's device vanished from the homeserver; uploading its keys again")
 			mach.GetAccount().Shared = false
-			_ = store.DeleteSecret(ctx, secretSignedDevice)
+			_ = sec.DeleteSecret(ctx, secretSignedDevice)
 		}
 	}
 	if acct := mach.GetAccount(); !acct.Shared {
@@ -218,7 +219,7 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 		created = true
 	}
 	mach.AllowKeyShare = m.allowKeyShare(dev)
-	if err = m.crossSign(ctx, dev, false, ""); err != nil {
+	if err = m.crossSign(ctx, dev, sec, false, ""); err != nil {
 		return nil, false, err
 	}
 	return dev, created, nil

@@ -25,8 +25,8 @@ const secretPublishedWithoutUIA id.Secret = "im.ferry.cross_signing_without_uia"
 // are also put in the account's secret storage, and the storage's recovery key is kept for the admin command.
 // serverMaster, when known, is the master key the homeserver currently publishes for the user: a mismatch means
 // the identity must be published again.
-func (m *Machine) crossSign(ctx context.Context, d *device, ssss bool, serverMaster id.Ed25519) error {
-	keys, err := loadSeeds(ctx, d.store)
+func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ssss bool, serverMaster id.Ed25519) error {
+	keys, err := loadSeeds(ctx, sec)
 	if err != nil {
 		return err
 	} else if keys == nil {
@@ -34,7 +34,7 @@ func (m *Machine) crossSign(ctx context.Context, d *device, ssss bool, serverMas
 			return fmt.Errorf("failed to generate cross-signing keys: %w", err)
 		}
 		// Stored before publishing, so a retry publishes the same identity.
-		if err = storeSeeds(ctx, d.store, keys); err != nil {
+		if err = storeSeeds(ctx, sec, keys); err != nil {
 			return err
 		}
 	}
@@ -42,26 +42,26 @@ func (m *Machine) crossSign(ctx context.Context, d *device, ssss bool, serverMas
 		return fmt.Errorf("failed to load cross-signing keys: %w", err)
 	}
 	master := keys.MasterKey.PublicKey()
-	published, err := d.store.GetSecret(ctx, secretPublishedMaster)
+	published, err := sec.GetSecret(ctx, secretPublishedMaster)
 	if err != nil {
 		return fmt.Errorf("failed to read the publication marker: %w", err)
 	}
 	republish := published != master.String() || (serverMaster != "" && serverMaster != master)
 	if republish {
-		if err = m.publishIdentity(ctx, d, keys); err != nil {
+		if err = m.publishIdentity(ctx, d, sec, keys); err != nil {
 			return err
 		}
-		if err = d.store.PutSecret(ctx, secretPublishedMaster, master.String()); err != nil {
+		if err = sec.PutSecret(ctx, secretPublishedMaster, master.String()); err != nil {
 			return fmt.Errorf("failed to store the publication marker: %w", err)
 		}
-		_ = d.store.DeleteSecret(ctx, secretSignedDevice)
+		_ = sec.DeleteSecret(ctx, secretSignedDevice)
 	}
 	if ssss {
-		if err = m.ensureSecretStorage(ctx, d, keys); err != nil {
+		if err = m.ensureSecretStorage(ctx, d, sec, keys); err != nil {
 			return err
 		}
 	}
-	signed, err := d.store.GetSecret(ctx, secretSignedDevice)
+	signed, err := sec.GetSecret(ctx, secretSignedDevice)
 	if err != nil {
 		return fmt.Errorf("failed to read the device signature marker: %w", err)
 	} else if signed != string(d.client.DeviceID) {
@@ -71,7 +71,7 @@ func (m *Machine) crossSign(ctx context.Context, d *device, ssss bool, serverMas
 		if err = d.mach.SignOwnMasterKey(ctx); err != nil {
 			return fmt.Errorf("failed to sign the master key with the device: %w", err)
 		}
-		if err = d.store.PutSecret(ctx, secretSignedDevice, string(d.client.DeviceID)); err != nil {
+		if err = sec.PutSecret(ctx, secretSignedDevice, string(d.client.DeviceID)); err != nil {
 			return fmt.Errorf("failed to store the device signature marker: %w", err)
 		}
 		m.waitSignatureServed(ctx, d)
@@ -104,8 +104,8 @@ func (m *Machine) waitSignatureServed(ctx context.Context, d *device) {
 // publishIdentity uploads the public cross-signing keys. Homeservers that implement MSC4190 or spec v1.17 let
 // appservice users do this without UIA; Dendrite 0.13.8 asks for the account password, which ferry knows only
 // for accounts it registered through the shared-secret API.
-func (m *Machine) publishIdentity(ctx context.Context, d *device, keys *crypto.CrossSigningKeysCache) error {
-	password, err := d.store.GetSecret(ctx, secretPassword)
+func (m *Machine) publishIdentity(ctx context.Context, d *device, sec *secretCache, keys *crypto.CrossSigningKeysCache) error {
+	password, err := sec.GetSecret(ctx, secretPassword)
 	if err != nil {
 		return fmt.Errorf("failed to read the account password: %w", err)
 	}
@@ -114,14 +114,14 @@ func (m *Machine) publishIdentity(ctx context.Context, d *device, keys *crypto.C
 		// Published without any password: the homeserver lets a user set up cross-signing the first time
 		// without UIA (Synapse), or lets the appservice skip it (MSC4190). Remembered, so a restart knows it.
 		m.publishedWithoutUIA.Store(true)
-		if err = d.store.PutSecret(ctx, secretPublishedWithoutUIA, "yes"); err != nil {
+		if err = sec.PutSecret(ctx, secretPublishedWithoutUIA, "yes"); err != nil {
 			return fmt.Errorf("failed to store the publication marker: %w", err)
 		}
 	}
 	var httpErr mautrix.HTTPError
 	if err != nil && password == "" && errors.As(err, &httpErr) && httpErr.IsStatus(http.StatusUnauthorized) {
 		// The server wants the password, and the account has none ferry knows: set one, then try again.
-		if password, err = m.provisionPassword(ctx, d.userID, d.store); err != nil {
+		if password, err = m.provisionPassword(ctx, d.userID, sec); err != nil {
 			return err
 		}
 		err = d.mach.PublishCrossSigningKeys(ctx, keys, passwordUIA(d.userID, password))
@@ -134,8 +134,8 @@ func (m *Machine) publishIdentity(ctx context.Context, d *device, keys *crypto.C
 
 // ensureSecretStorage puts the cross-signing private keys into the account's secret storage (SSSS) under a
 // fresh default key, once, and keeps that key's recovery key (encrypted) for the recovery-key command.
-func (m *Machine) ensureSecretStorage(ctx context.Context, d *device, keys *crypto.CrossSigningKeysCache) error {
-	existing, err := d.store.GetSecret(ctx, secretRecoveryKey)
+func (m *Machine) ensureSecretStorage(ctx context.Context, d *device, sec *secretCache, keys *crypto.CrossSigningKeysCache) error {
+	existing, err := sec.GetSecret(ctx, secretRecoveryKey)
 	if err != nil {
 		return fmt.Errorf("failed to read the recovery key: %w", err)
 	} else if existing != "" {
@@ -151,7 +151,7 @@ func (m *Machine) ensureSecretStorage(ctx context.Context, d *device, keys *cryp
 	if err = d.mach.SSSS.SetDefaultKeyID(ctx, key.ID); err != nil {
 		return fmt.Errorf("failed to make the secret storage key the default: %w", err)
 	}
-	if err = d.store.PutSecret(ctx, secretRecoveryKey, key.RecoveryKey()); err != nil {
+	if err = sec.PutSecret(ctx, secretRecoveryKey, key.RecoveryKey()); err != nil {
 		return fmt.Errorf("failed to store the recovery key: %w", err)
 	}
 	return nil
@@ -160,10 +160,10 @@ func (m *Machine) ensureSecretStorage(ctx context.Context, d *device, keys *cryp
 var seedNames = [3]id.Secret{id.SecretXSMaster, id.SecretXSSelfSigning, id.SecretXSUserSigning}
 
 // loadSeeds reads the account's cross-signing private keys; nil when it has none.
-func loadSeeds(ctx context.Context, store *crypto.SQLCryptoStore) (*crypto.CrossSigningKeysCache, error) {
+func loadSeeds(ctx context.Context, sec *secretCache) (*crypto.CrossSigningKeysCache, error) {
 	var raw [3][]byte
 	for i, name := range seedNames {
-		v, err := store.GetSecret(ctx, name)
+		v, err := sec.GetSecret(ctx, name)
 		if err != nil {
 			return nil, fmt.Errorf("failed to read cross-signing key %s: %w", name, err)
 		} else if v == "" {
@@ -181,12 +181,15 @@ func loadSeeds(ctx context.Context, store *crypto.SQLCryptoStore) (*crypto.Cross
 	return &keys, nil
 }
 
-func storeSeeds(ctx context.Context, store *crypto.SQLCryptoStore, keys *crypto.CrossSigningKeysCache) error {
+// storeSeeds stores the account's cross-signing private keys, all three in one statement.
+func storeSeeds(ctx context.Context, sec *secretCache, keys *crypto.CrossSigningKeysCache) error {
 	seeds := keys.Seeds()
-	for i, seed := range [3][]byte{seeds.MasterKey, seeds.SelfSigningKey, seeds.UserSigningKey} {
-		if err := store.PutSecret(ctx, seedNames[i], base64.RawStdEncoding.EncodeToString(seed)); err != nil {
-			return fmt.Errorf("failed to store cross-signing key %s: %w", seedNames[i], err)
-		}
+	var values []string
+	for _, seed := range [3][]byte{seeds.MasterKey, seeds.SelfSigningKey, seeds.UserSigningKey} {
+		values = append(values, base64.RawStdEncoding.EncodeToString(seed))
+	}
+	if err := sec.PutSecrets(ctx, seedNames[:], values); err != nil {
+		return fmt.Errorf("failed to store the cross-signing keys: %w", err)
 	}
 	return nil
 }

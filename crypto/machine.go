@@ -282,7 +282,7 @@ func (m *Machine) initBot(ctx context.Context) error {
 	} else if err = mach.ShareKeys(ctx, -1); err != nil {
 		return fmt.Errorf("failed to upload the bot's device keys: %w", err)
 	}
-	if err = m.crossSign(ctx, m.bot, true, serverMaster); err != nil {
+	if err = m.crossSign(ctx, m.bot, newSecretCache(m.bot.store), true, serverMaster); err != nil {
 		m.botSigned = false
 		if errors.Is(err, ErrNoPassword) {
 			m.log.Warn().Err(err).Msg("The bot's device is not cross-signed: the homeserver asks for the bot's password before accepting cross-signing keys, and ferry cannot set one (set homeserver.registration_shared_secret on Dendrite)")

@@ -82,6 +82,20 @@ const (
 const sqlDrainState = `SELECT a.sync_token, s.secret FROM crypto_account a
 	LEFT JOIN crypto_secrets s ON s.account_id=a.account_id AND s.name=$2 WHERE a.account_id=$1`
 
+// An account's secrets (crypto_secrets, pickled with the pickle key as the store's PutSecret writes them), read
+// all at once and written several in one statement (secretCache).
+const (
+	sqlAccountSecrets     = `SELECT name, secret FROM crypto_secrets WHERE account_id=$1`
+	sqlPutSecretsHead     = `INSERT INTO crypto_secrets (account_id, name, secret) VALUES `
+	sqlPutSecretsTail     = ` ON CONFLICT (account_id, name) DO UPDATE SET secret=excluded.secret`
+	sqlPutSecretsRowWidth = 3
+)
+
+// sqlPutSecrets upserts n secrets (account_id, name, secret each).
+func sqlPutSecrets(n int) string {
+	return sqlPutSecretsHead + placeholders(1, n, sqlPutSecretsRowWidth) + sqlPutSecretsTail
+}
+
 // StoredCopiesOf lists the crypto store accounts (the bot's, ghosts') that hold key material of a Megolm session
 // (withheld sessions have none). ferry-keycheck uses it to tell whether ferry's database can decrypt an event.
 func StoredCopiesOf(ctx context.Context, db *dbutil.Database, roomID id.RoomID, sessionID id.SessionID) ([]string, error) {

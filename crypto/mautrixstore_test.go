@@ -39,12 +39,13 @@ func TestMautrixStoreStatements(t *testing.T) {
 		sqlReplayIndexOfSession: {"x"}, sqlAccountPickle: {"x"}, sqlOlmSessionPickle: {"x", "x"},
 		sqlTrackedUsersIn(n): args(n), sqlDevicesOf(n): args(n), sqlCrossSigningKeysOf(n): args(n + 1),
 		sqlSelfSignaturesOf(n): args(n + 1), sqlOlmSessionsWith(n): args(n + 1),
-		sqlSaveSessionShared(n): args(3 * n),
+		sqlSaveSessionShared(n): args(3 * n), sqlAccountSecrets: {"x"},
 	}
 	// Typed values where the schema needs them.
 	now := time.Now()
 	olmRow := []any{"acct", "sess", "key", []byte("pickle"), now, now, now}
 	statements[sqlSaveOlmSessions(1)] = olmRow
+	statements[sqlPutSecrets(n)] = []any{"acct", "a", []byte("1"), "acct", "b", []byte("2")}
 	// The replay index insert as the relay's batch renders it (database.Batch adds the rows' placeholders).
 	replay := ReplayIndexInsert([]ReplayEntry{{SessionID: "sess", Index: 1, EventID: "$event", Timestamp: 1}, {SessionID: "sess", Index: 2, EventID: "$next", Timestamp: 2}})
 	statements[replay.Head+placeholders(1, len(replay.Args)/replay.Width, replay.Width)+replay.Tail] = replay.Args

@@ -1,0 +1,129 @@
+package crypto
+
+import (
+	"context"
+	"fmt"
+
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/crypto/goolm/libolmpickle"
+	"maunium.net/go/mautrix/id"
+)
+
+// secretStore reads and writes one account's secrets: the crypto store itself, or a secretCache over it.
+type secretStore interface {
+	GetSecret(ctx context.Context, name id.Secret) (string, error)
+	PutSecret(ctx context.Context, name id.Secret, value string) error
+	DeleteSecret(ctx context.Context, name id.Secret) error
+}
+
+var (
+	_ secretStore = (*crypto.SQLCryptoStore)(nil)
+	_ secretStore = (*secretCache)(nil)
+)
+
+// secretCache is one account's secrets as a set-up reads and writes them: a new ghost's device asks for a dozen
+// (its password, access token, cross-signing seeds and the markers of what it published and signed), each its own
+// statement through the store. The cache reads them all in one statement when first asked and answers from
+// memory after that; writes go to the store at once, as before (each step is recorded before the next), and
+// into memory.
+//
+// It is valid only while nothing else writes the account's secrets: make one per set-up, under the lock that
+// keeps other set-ups of the same account away (ghostCreate for a ghost, Init for the bot, adminLock's single
+// login for the admin helper), and drop it afterwards.
+type secretCache struct {
+	store *crypto.SQLCryptoStore
+	vals  map[id.Secret]string
+	// bad holds the secrets that could not be unpickled: asking for one returns its error, as the store would.
+	bad map[id.Secret]error
+}
+
+func newSecretCache(store *crypto.SQLCryptoStore) *secretCache {
+	return &secretCache{store: store}
+}
+
+func (c *secretCache) load(ctx context.Context) error {
+	if c.vals != nil {
+		return nil
+	}
+	rows, err := c.store.DB.Query(ctx, sqlAccountSecrets, c.store.AccountID)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	vals, bad := make(map[id.Secret]string), make(map[id.Secret]error)
+	for rows.Next() {
+		var name id.Secret
+		var pickled []byte
+		if err = rows.Scan(&name, &pickled); err != nil {
+			return err
+		}
+		if plain, err := libolmpickle.Unpickle(c.store.PickleKey, pickled); err != nil {
+			bad[name] = err
+		} else {
+			vals[name] = string(plain)
+		}
+	}
+	if err = rows.Err(); err != nil {
+		return err
+	}
+	c.vals, c.bad = vals, bad
+	return nil
+}
+
+// GetSecret returns the named secret, "" when the account has none.
+func (c *secretCache) GetSecret(ctx context.Context, name id.Secret) (string, error) {
+	if err := c.load(ctx); err != nil {
+		return "", err
+	}
+	if err := c.bad[name]; err != nil {
+		return "", err
+	}
+	return c.vals[name], nil
+}
+
+// PutSecret stores the named secret.
+func (c *secretCache) PutSecret(ctx context.Context, name id.Secret, value string) error {
+	if err := c.store.PutSecret(ctx, name, value); err != nil {
+		return err
+	}
+	c.remember(name, value)
+	return nil
+}
+
+// PutSecrets stores several secrets in one statement: all or none.
+func (c *secretCache) PutSecrets(ctx context.Context, names []id.Secret, values []string) error {
+	args := make([]any, 0, len(names)*sqlPutSecretsRowWidth)
+	for i, name := range names {
+		pickled, err := libolmpickle.Pickle(c.store.PickleKey, []byte(values[i]))
+		if err != nil {
+			return fmt.Errorf("failed to pickle secret %s: %w", name, err)
+		}
+		args = append(args, c.store.AccountID, name, pickled)
+	}
+	if _, err := c.store.DB.Exec(ctx, sqlPutSecrets(len(names)), args...); err != nil {
+		return err
+	}
+	for i, name := range names {
+		c.remember(name, values[i])
+	}
+	return nil
+}
+
+// DeleteSecret removes the named secret.
+func (c *secretCache) DeleteSecret(ctx context.Context, name id.Secret) error {
+	if err := c.store.DeleteSecret(ctx, name); err != nil {
+		return err
+	}
+	if c.vals != nil {
+		delete(c.vals, name)
+		delete(c.bad, name)
+	}
+	return nil
+}
+
+func (c *secretCache) remember(name id.Secret, value string) {
+	if c.vals != nil {
+		c.vals[name] = value
+		delete(c.bad, name)
+	}
+}
