@@ -62,6 +62,25 @@ func (s *syncRewriter) RoundTrip(req *http.Request) (*http.Response, error) {
 	return resp, nil
 }
 
+// timelineOf reads room's timeline at the fake homeserver as it stands: at gives an event's position (a /messages
+// token "t<position>" reads back from it), rawOf the event as the server serves it.
+func timelineOf(t *testing.T, srv *fakehs.Server, room id.RoomID) (at func(id.EventID) int, rawOf func(id.EventID) json.RawMessage) {
+	timeline := srv.Timeline(room)
+	at = func(evtID id.EventID) int {
+		for i, raw := range timeline {
+			var e struct {
+				ID id.EventID `json:"event_id"`
+			}
+			if json.Unmarshal(raw, &e) == nil && e.ID == evtID {
+				return i
+			}
+		}
+		t.Fatalf("%s is not in the room's timeline", evtID)
+		return -1
+	}
+	return at, func(evtID id.EventID) json.RawMessage { return timeline[at(evtID)] }
+}
+
 // TestSyncTokenMovesOnlyAfterTheBatchIsRecorded: on the /sync path (homeservers without appservice to-device
 // pushes), the token that ends a batch is saved only after the batch's room events are recorded: while recording
 // fails (the database away), the saved token still points before the batch, so a crash then fetches the batch
@@ -85,20 +104,7 @@ func TestSyncTokenMovesOnlyAfterTheBatchIsRecorded(t *testing.T) {
 	}
 	_, r1 := redact()
 	_, r2 := redact()
-	timeline := r.srv.Timeline(room)
-	at := func(evtID id.EventID) int {
-		for i, raw := range timeline {
-			var e struct {
-				ID id.EventID `json:"event_id"`
-			}
-			if json.Unmarshal(raw, &e) == nil && e.ID == evtID {
-				return i
-			}
-		}
-		t.Fatalf("%s is not in the room's timeline", evtID)
-		return -1
-	}
-	rawOf := func(evtID id.EventID) json.RawMessage { return timeline[at(evtID)] }
+	at, rawOf := timelineOf(t, r.srv, room)
 
 	var lock sync.Mutex
 	var recorded []id.EventID
@@ -243,5 +249,79 @@ func TestOnlyRealDeviceChangesRotate(t *testing.T) {
 			}
 		}
 		t.Fatal("the member's new identity did not rotate the room's session")
+	}
+}
+
+// TestLimitedTimelineWithoutPrevBatchIsIncomplete: a /sync batch whose room timeline is cut (limited) says so to
+// the relay (SyncedBatch.Incomplete) unless its gap was filled: with a prev_batch token the gap is read and the
+// batch holds the whole room; without one nothing can be read, and the relay must not take the batch as whole
+// (it would place pushed events the batch does not show behind it, out of the room's order).
+func TestLimitedTimelineWithoutPrevBatchIsIncomplete(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	r := newASRig(t, fakehs.Options{NoMSC4190: true, KeepTimeline: true}, "")
+	room := r.srv.CreateRoom(r.member.ID, fakehs.RoomOptions{Members: []id.UserID{r.bot}})
+	var sent []id.EventID
+	for i := 0; i < 3; i++ {
+		resp, err := r.member.Client.SendMessageEvent(ctx, room, event.EventMessage, map[string]any{"msgtype": "m.text", "body": fmt.Sprint(i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sent = append(sent, resp.EventID)
+	}
+	at, rawOf := timelineOf(t, r.srv, room)
+
+	var lock sync.Mutex
+	var incomplete []bool // per batch with events: was the room marked incomplete
+	r.m.SyncedTimeline = func(ctx context.Context, batch SyncedBatch) error {
+		if len(batch.Events) == 0 || batch.Initial {
+			return nil
+		}
+		lock.Lock()
+		defer lock.Unlock()
+		incomplete = append(incomplete, batch.Incomplete[room])
+		return nil
+	}
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var first string
+	r.m.client.Client = &http.Client{Transport: &syncRewriter{next: http.DefaultTransport, room: room, inject: func(since string) map[string]any {
+		lock.Lock()
+		defer lock.Unlock()
+		switch {
+		case since == "":
+			return nil
+		case len(incomplete) == 0 && (first == "" || since == first):
+			first = since
+			// Cut, and no token to read the rest with.
+			return map[string]any{"events": []json.RawMessage{rawOf(sent[1])}, "limited": true}
+		case len(incomplete) == 1:
+			// Cut, with its token: the gap (sent[1]) is read from /messages up to the previous batch.
+			return map[string]any{"events": []json.RawMessage{rawOf(sent[2])}, "limited": true, "prev_batch": fmt.Sprintf("t%d", at(sent[2]))}
+		}
+		return nil
+	}}}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	for {
+		lock.Lock()
+		n := len(incomplete)
+		lock.Unlock()
+		if n >= 2 {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("batches recorded: %d, want 2", n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	lock.Lock()
+	defer lock.Unlock()
+	if !incomplete[0] {
+		t.Error("a limited timeline without prev_batch was taken as the room's whole batch")
+	}
+	if incomplete[1] {
+		t.Error("a limited timeline whose gap was filled is marked incomplete")
 	}
 }
