@@ -340,3 +340,59 @@ func newUnitStore(t *testing.T) (*crypto.SQLCryptoStore, *olmStore) {
 	}
 	return store, newOlmStore(&cachedStore{SQLCryptoStore: store, c: newStoreCache()})
 }
+
+// TestDroppedToDeviceMessageIsAcknowledged: a member's room key whose Olm state cannot be saved for good (here a
+// table the save needs is gone, an error retrying cannot fix) is dropped and acknowledged: in appservice mode the
+// transaction is answered as handled, on the /sync path the loop goes on. Refused instead, the homeserver would
+// send the message again and again, and hold every later one up behind it: the member's next room key, sent once
+// the table is back, must reach the bot.
+func TestDroppedToDeviceMessageIsAcknowledged(t *testing.T) {
+	for _, mode := range []struct {
+		name   string
+		asMode bool
+	}{{"sync", false}, {"appservice", true}} {
+		t.Run(mode.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+			defer cancel()
+			r := newToDeviceRig(t, mode.asMode)
+			r.m.Transient = func(error) bool { return false }
+			r.start(ctx, t)
+			rename := func(from, to string) {
+				t.Helper()
+				if _, err := r.db.Exec(ctx, "ALTER TABLE "+from+" RENAME TO "+to); err != nil {
+					t.Fatal(err)
+				}
+			}
+			rename("crypto_olm_message_hash", "crypto_olm_message_hash_gone")
+			r.memberSends(t, "its key cannot be saved")
+			if _, err := r.deliver(ctx); err != nil {
+				t.Fatalf("the transaction with the message that cannot be saved was refused: %v", err)
+			}
+			if mode.asMode {
+				rename("crypto_olm_message_hash_gone", "crypto_olm_message_hash")
+			} else {
+				// The /sync loop takes the message in its own time: wait until it was dropped.
+				deadline := time.Now().Add(20 * time.Second)
+				for len(r.logs.warnings("Dropped a to-device message")) == 0 {
+					if time.Now().After(deadline) {
+						t.Fatal("the /sync loop did not drop the message that cannot be saved")
+					}
+					time.Sleep(50 * time.Millisecond)
+				}
+				// Acknowledged: the loop does not take the same message again (a refused one is retried after
+				// 0.5 s, 1.5 s, …, and dropped again each time).
+				time.Sleep(2 * time.Second)
+				if n := len(r.logs.warnings("Dropped a to-device message")); n != 1 {
+					t.Fatalf("the message was dropped %d times: the /sync loop took it again", n)
+				}
+				rename("crypto_olm_message_hash_gone", "crypto_olm_message_hash")
+			}
+			r.newMemberSession(ctx, t)
+			msg := r.memberSends(t, "sent after it")
+			if _, err := r.deliver(ctx); err != nil {
+				t.Fatalf("the next transaction was refused: %v", err)
+			}
+			r.botReads(ctx, t, msg, "sent after it", "after a dropped message")
+		})
+	}
+}
