@@ -2,6 +2,7 @@ package crypto
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"sync"
@@ -97,7 +98,7 @@ func (s *olmStore) handleUnit(ctx context.Context, transient func(error) bool, h
 			return nil
 		}
 	}
-	s.revertUnit(context.WithoutCancel(ctx), u)
+	s.revertUnit(ctx, transient, u)
 	if !passing(err) {
 		return fmt.Errorf("%w: %w", ErrToDeviceDropped, err)
 	}
@@ -141,17 +142,43 @@ func (s *olmStore) saveUnit(ctx context.Context, u *toDeviceUnit) error {
 	return nil
 }
 
-// revertUnit sets the Olm sessions and the account the unit advanced back to their stored state, so that the
-// message's redelivery decrypts as the first delivery did. A session the unit created is forgotten.
-func (s *olmStore) revertUnit(ctx context.Context, u *toDeviceUnit) {
+// revertUnitWait bounds how long revertUnit keeps reading the stored Olm state while the database is away.
+const revertUnitWait = 2 * time.Minute
+
+// revertUnit sets the Olm sessions and the account the unit advanced back to their stored state, in place, so
+// that the message's redelivery decrypts as the first delivery did. A session the unit created is forgotten.
+//
+// It must be in place: mautrix's SQL store keeps every Olm session it loaded in a cache of its own and hands out
+// those objects again, so a session forgotten here would still be the advanced one to mautrix. When the database
+// is away (the usual reason a unit aborts), the stored state is read again, with backoff, until it answers, for up
+// to revertUnitWait or until ctx ends (ferry stopping: what is in memory goes with it). Only a session whose stored
+// state is gone or unreadable is dropped from ferry's use instead.
+func (s *olmStore) revertUnit(ctx context.Context, transient func(error) bool, u *toDeviceUnit) {
+	readCtx := context.WithoutCancel(ctx)
+	deadline := time.Now().Add(revertUnitWait)
+	stored := func(query string, args ...any) ([]byte, error) {
+		backoff := 100 * time.Millisecond
+		for {
+			var pickle []byte
+			err := s.DB.QueryRow(readCtx, query, args...).Scan(&pickle)
+			if err == nil || errors.Is(err, sql.ErrNoRows) || !transient(err) || time.Now().Add(backoff).After(deadline) {
+				return pickle, err
+			}
+			select {
+			case <-ctx.Done():
+				return nil, err
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 5*time.Second)
+		}
+	}
 	s.mu.Lock()
 	for id := range u.added {
 		delete(s.canon, id)
 	}
 	s.mu.Unlock()
 	for sid, p := range u.updated {
-		var pickle []byte
-		err := s.DB.QueryRow(ctx, sqlOlmSessionPickle, s.AccountID, sid).Scan(&pickle)
+		pickle, err := stored(sqlOlmSessionPickle, s.AccountID, sid)
 		if err == nil {
 			err = restoreGoolmSession(p.sess.Internal, pickle, s.PickleKey)
 		}
@@ -163,8 +190,7 @@ func (s *olmStore) revertUnit(ctx context.Context, u *toDeviceUnit) {
 		}
 	}
 	if u.account != nil {
-		var pickle []byte
-		if err := s.DB.QueryRow(ctx, sqlAccountPickle, s.AccountID).Scan(&pickle); err == nil {
+		if pickle, err := stored(sqlAccountPickle, s.AccountID); err == nil {
 			_ = restoreGoolmAccount(u.account.Internal, pickle, s.PickleKey)
 		}
 	}

@@ -11,7 +11,9 @@ import (
 
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/crypto/olm"
 	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database/dbtest"
 	"go.ferry.im/ferry/internal/fakehs"
@@ -207,19 +209,36 @@ func TestRoomKeyOutlivesACrashWhileItIsStored(t *testing.T) {
 // than a statement waits for a connection, and comes back; ferry keeps running. The key must arrive: on the
 // /sync path the batch is handled again once the database is back, in appservice mode the transaction is refused
 // and the homeserver's retry carries it. Before, the failed reads made mautrix drop the message ("Failed to
-// decrypt to-device event") and ferry acknowledged it.
+// decrypt to-device event") and ferry acknowledged it. With an existing Olm session the outage also hits the
+// save of the session the key advanced.
 func TestRoomKeyOutlivesADatabaseOutage(t *testing.T) {
 	defer dbtest.SetConnectWait(300 * time.Millisecond)()
 	for _, mode := range []struct {
-		name   string
-		asMode bool
-	}{{"sync", false}, {"appservice", true}} {
+		name     string
+		asMode   bool
+		existing bool // the member's Olm session with the bot exists: the key advances it
+	}{{"sync", false, false}, {"appservice", true, false}, {"sync/existing Olm session", false, true}, {"appservice/existing Olm session", true, true}} {
 		t.Run(mode.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 			defer cancel()
 			r := newToDeviceRig(t, mode.asMode)
 			r.start(ctx, t)
-			r.outageAfter(ctx, "crypto_olm_message_hash")
+			if mode.existing {
+				warm := r.memberSends(t, "before")
+				if _, err := r.deliver(ctx); err != nil {
+					t.Fatal(err)
+				}
+				r.botReads(ctx, t, warm, "before", "the first key")
+				r.newMemberSession(ctx, t)
+			}
+			// New session: the database goes away after the duplicate check, before the key is read. Existing
+			// session: after the unit's save began, which then fails with the Olm session advanced in memory
+			// (set back in place, TestUnitRevertWaitsForTheDatabase).
+			cut := "crypto_olm_message_hash"
+			if mode.existing {
+				cut = "INSERT INTO crypto_olm_message_hash"
+			}
+			r.outageAfter(ctx, cut)
 			msg := r.memberSends(t, "sent while the database restarts")
 			txn, err := r.deliver(ctx)
 			if mode.asMode {
@@ -330,8 +349,13 @@ func TestToDeviceUnitDropsWhatCannotBeSaved(t *testing.T) {
 // newUnitStore is a crypto store on PostgreSQL with an account, and ferry's Olm store over it.
 func newUnitStore(t *testing.T) (*crypto.SQLCryptoStore, *olmStore) {
 	t.Helper()
+	return newUnitStoreOn(t, dbtest.Open(t, "postgres"))
+}
+
+func newUnitStoreOn(t *testing.T, db *dbutil.Database) (*crypto.SQLCryptoStore, *olmStore) {
+	t.Helper()
 	ctx := context.Background()
-	store := crypto.NewSQLCryptoStore(dbtest.Open(t, "postgres"), dbutil.NoopLogger, "acct", "DEVICE", []byte("pickle key"))
+	store := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "acct", "DEVICE", []byte("pickle key"))
 	if err := store.DB.Upgrade(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -394,5 +418,74 @@ func TestDroppedToDeviceMessageIsAcknowledged(t *testing.T) {
 			}
 			r.botReads(ctx, t, msg, "sent after it", "after a dropped message")
 		})
+	}
+}
+
+// TestUnitRevertWaitsForTheDatabase: when a to-device message's unit is aborted because the database went away,
+// the Olm session it advanced is set back to its stored state although the database is still away at that
+// moment (it is read once it is back): the message's redelivery must decrypt. The revert used to try once and
+// then only forget the session, which mautrix's own session cache kept handing out advanced, so the redelivery
+// could not be decrypted (an Olm message decrypts once) and the room key it carried was lost.
+func TestUnitRevertWaitsForTheDatabase(t *testing.T) {
+	defer dbtest.SetConnectWait(300 * time.Millisecond)()
+	ctx := context.Background()
+	db, proxy := dbtest.PostgresThroughProxy(t)
+	store, s := newUnitStoreOn(t, db)
+
+	alice, _ := olm.NewAccount()
+	bob, _ := olm.NewAccount()
+	if err := bob.GenOneTimeKeys(1); err != nil {
+		t.Fatal(err)
+	}
+	_, bobIdentity, _ := bob.IdentityKeys()
+	_, aliceIdentity, _ := alice.IdentityKeys()
+	otks, _ := bob.OneTimeKeys()
+	var otk id.Curve25519
+	for _, k := range otks {
+		otk = k
+	}
+	out, err := alice.NewOutboundSession(bobIdentity, otk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	typ, first, _ := out.Encrypt([]byte("first"))
+	_, second, _ := out.Encrypt([]byte("second"))
+	in, err := bob.NewInboundSession(string(first))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err = in.Decrypt(string(first), typ); err != nil {
+		t.Fatal(err)
+	}
+	key := id.SenderKey(aliceIdentity)
+	if err = store.AddSession(ctx, key, &crypto.OlmSession{Internal: in}); err != nil {
+		t.Fatal(err)
+	}
+	sessions, err := s.GetSessions(ctx, key)
+	if err != nil || len(sessions) != 1 {
+		t.Fatalf("stored sessions: %d (%v)", len(sessions), err)
+	}
+	inUse := sessions[0]
+
+	up := make(chan struct{})
+	err = s.handleUnit(ctx, func(error) bool { return true }, func(ctx context.Context) {
+		if _, err := inUse.Internal.Decrypt(string(second), typ); err != nil {
+			t.Errorf("the first delivery does not decrypt: %v", err)
+		}
+		_ = s.UpdateSession(ctx, key, inUse)
+		proxy.Down()
+		_ = noteStoreErr(ctx, errors.New("the database went away"))
+		time.AfterFunc(time.Second, func() { proxy.Up(); close(up) })
+	})
+	if !errors.Is(err, ErrToDeviceAborted) {
+		t.Fatalf("the unit: %v, want it aborted", err)
+	}
+	<-up
+	sessions, err = s.GetSessions(ctx, key)
+	if err != nil || len(sessions) != 1 {
+		t.Fatalf("stored sessions after the outage: %d (%v)", len(sessions), err)
+	}
+	if got, err := sessions[0].Internal.Decrypt(string(second), typ); err != nil || string(got) != "second" {
+		t.Fatalf("the redelivery decrypts as %q (%v): the advanced session is still in use", got, err)
 	}
 }
