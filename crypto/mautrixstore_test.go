@@ -157,30 +157,7 @@ func TestGoolmInternals(t *testing.T) {
 // place (the OlmMachine and the store's cache hold those objects), after which the message decrypts again.
 func TestGoolmRestore(t *testing.T) {
 	key := []byte("pickle key")
-	alice, err := olm.NewAccount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bob, err := olm.NewAccount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err = bob.GenOneTimeKeys(1); err != nil {
-		t.Fatal(err)
-	}
-	_, bobIdentity, _ := bob.IdentityKeys()
-	otks, _ := bob.OneTimeKeys()
-	var otk id.Curve25519
-	for _, k := range otks {
-		otk = k
-	}
-	out, err := alice.NewOutboundSession(bobIdentity, otk)
-	if err != nil {
-		t.Fatal(err)
-	}
-	typ, first, _ := out.Encrypt([]byte("first"))
-	_, second, _ := out.Encrypt([]byte("second"))
-
+	bob, _, typ, first, second := olmPair(t)
 	storedAccount, _ := bob.Pickle(key)
 	in, err := bob.NewInboundSession(string(first))
 	if err != nil {
@@ -215,4 +192,34 @@ func TestGoolmRestore(t *testing.T) {
 	if got, err := in.Decrypt(string(second), typ); err != nil || string(got) != "second" {
 		t.Fatalf("the restored session decrypts the message as %q (%v)", got, err)
 	}
+}
+
+// olmPair makes two Olm accounts, alice and bob, and the first two messages of alice's new Olm session with bob
+// (pre-key messages of type typ, "first" and "second"); it returns bob's account, alice's identity key and them.
+func olmPair(t *testing.T) (bob olm.Account, aliceIdentity id.Curve25519, typ id.OlmMsgType, first, second []byte) {
+	t.Helper()
+	alice, err := olm.NewAccount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bob, err = olm.NewAccount(); err != nil {
+		t.Fatal(err)
+	}
+	if err = bob.GenOneTimeKeys(1); err != nil {
+		t.Fatal(err)
+	}
+	_, bobIdentity, _ := bob.IdentityKeys()
+	_, aliceIdentity, _ = alice.IdentityKeys()
+	otks, _ := bob.OneTimeKeys()
+	var otk id.Curve25519
+	for _, k := range otks {
+		otk = k
+	}
+	out, err := alice.NewOutboundSession(bobIdentity, otk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	typ, first, _ = out.Encrypt([]byte("first"))
+	_, second, _ = out.Encrypt([]byte("second"))
+	return bob, aliceIdentity, typ, first, second
 }

@@ -62,6 +62,19 @@ func (s *syncRewriter) RoundTrip(req *http.Request) (*http.Response, error) {
 	return resp, nil
 }
 
+// rewriteSync puts a syncRewriter in front of m's /sync: inject runs under lock for every request but the first
+// (since ""), which is left as the server answers it.
+func rewriteSync(m *Machine, room id.RoomID, lock *sync.Mutex, inject func(since string) map[string]any) {
+	m.client.Client = &http.Client{Transport: &syncRewriter{next: http.DefaultTransport, room: room, inject: func(since string) map[string]any {
+		lock.Lock()
+		defer lock.Unlock()
+		if since == "" {
+			return nil
+		}
+		return inject(since)
+	}}}
+}
+
 // timelineOf reads room's timeline at the fake homeserver as it stands: at gives an event's position (a /messages
 // token "t<position>" reads back from it), rawOf the event as the server serves it.
 func timelineOf(t *testing.T, srv *fakehs.Server, room id.RoomID) (at func(id.EventID) int, rawOf func(id.EventID) json.RawMessage) {
@@ -136,12 +149,8 @@ func TestSyncTokenMovesOnlyAfterTheBatchIsRecorded(t *testing.T) {
 	if r.m.AppserviceMode() {
 		t.Fatal("the rig's homeserver lacks MSC4190: the Machine should use /sync")
 	}
-	r.m.client.Client = &http.Client{Transport: &syncRewriter{next: http.DefaultTransport, room: room, inject: func(since string) map[string]any {
-		lock.Lock()
-		defer lock.Unlock()
+	rewriteSync(r.m, room, &lock, func(since string) map[string]any {
 		switch {
-		case since == "":
-			return nil
 		case phase == 0 && (batchSince == "" || since == batchSince):
 			batchSince = since
 			return map[string]any{"events": []json.RawMessage{rawOf(r1)}}
@@ -149,7 +158,7 @@ func TestSyncTokenMovesOnlyAfterTheBatchIsRecorded(t *testing.T) {
 			return map[string]any{"events": []json.RawMessage{rawOf(r2)}, "limited": true, "prev_batch": fmt.Sprintf("t%d", at(r2))}
 		}
 		return nil
-	}}}
+	})
 	r.m.Start(ctx)
 	defer r.m.Stop()
 	for {
@@ -286,12 +295,8 @@ func TestLimitedTimelineWithoutPrevBatchIsIncomplete(t *testing.T) {
 		t.Fatal(err)
 	}
 	var first string
-	r.m.client.Client = &http.Client{Transport: &syncRewriter{next: http.DefaultTransport, room: room, inject: func(since string) map[string]any {
-		lock.Lock()
-		defer lock.Unlock()
+	rewriteSync(r.m, room, &lock, func(since string) map[string]any {
 		switch {
-		case since == "":
-			return nil
 		case len(incomplete) == 0 && (first == "" || since == first):
 			first = since
 			// Cut, and no token to read the rest with.
@@ -301,7 +306,7 @@ func TestLimitedTimelineWithoutPrevBatchIsIncomplete(t *testing.T) {
 			return map[string]any{"events": []json.RawMessage{rawOf(sent[2])}, "limited": true, "prev_batch": fmt.Sprintf("t%d", at(sent[2]))}
 		}
 		return nil
-	}}}
+	})
 	r.m.Start(ctx)
 	defer r.m.Stop()
 	for {

@@ -11,7 +11,6 @@ import (
 
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/crypto"
-	"maunium.net/go/mautrix/crypto/olm"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -432,24 +431,7 @@ func TestUnitRevertWaitsForTheDatabase(t *testing.T) {
 	db, proxy := dbtest.PostgresThroughProxy(t)
 	store, s := newUnitStoreOn(t, db)
 
-	alice, _ := olm.NewAccount()
-	bob, _ := olm.NewAccount()
-	if err := bob.GenOneTimeKeys(1); err != nil {
-		t.Fatal(err)
-	}
-	_, bobIdentity, _ := bob.IdentityKeys()
-	_, aliceIdentity, _ := alice.IdentityKeys()
-	otks, _ := bob.OneTimeKeys()
-	var otk id.Curve25519
-	for _, k := range otks {
-		otk = k
-	}
-	out, err := alice.NewOutboundSession(bobIdentity, otk)
-	if err != nil {
-		t.Fatal(err)
-	}
-	typ, first, _ := out.Encrypt([]byte("first"))
-	_, second, _ := out.Encrypt([]byte("second"))
+	bob, aliceIdentity, typ, first, second := olmPair(t)
 	in, err := bob.NewInboundSession(string(first))
 	if err != nil {
 		t.Fatal(err)
