@@ -68,6 +68,9 @@ type Machine struct {
 	// that will not (database.Transient): a to-device message whose handling met one is handled again
 	// (todevice.go). nil counts every error of the crypto store as transient. Set before Start.
 	Transient func(error) bool
+	// RetryWait is how long to wait before the bot's next /sync after a failed one, given ferry's backoff: what a
+	// rate limit asked for (bridge.RetryWait), else the backoff. nil waits the backoff. Set before Start.
+	RetryWait func(err error, backoff time.Duration) time.Duration
 	// SharedSecret is homeserver.registration_shared_secret. With it ferry registers its accounts with passwords
 	// (see registeringStateStore), which Dendrite's cross-signing upload asks for. Set before Init.
 	SharedSecret string
@@ -263,7 +266,12 @@ func (m *Machine) initBot(ctx context.Context) error {
 		if m.SyncedEphemeral != nil {
 			m.SyncedEphemeral(ctx, evts)
 		}
-	}, deviceChanges: m.rotateForDeviceChanges, toDevice: m.handleBotToDevice}
+	}, deviceChanges: m.rotateForDeviceChanges, toDevice: m.handleBotToDevice, retryWait: func(err error, backoff time.Duration) time.Duration {
+		if m.RetryWait != nil {
+			return m.RetryWait(err, backoff)
+		}
+		return backoff
+	}}
 	if err = mach.Load(ctx); err != nil {
 		return fmt.Errorf("failed to load the bot's Olm account: %w", err)
 	}
@@ -916,6 +924,10 @@ type cryptoSyncer struct {
 	// previous batch). Only the sync loop's goroutine uses it.
 	requestedAfter time.Time
 	deviceChanges  func(ctx context.Context, users []id.UserID) error
+	// failures counts the /sync requests that failed since the last batch was handled (OnFailedSync's backoff);
+	// retryWait turns the backoff into the wait (a rate limit's). Only the sync loop's goroutine uses them.
+	failures  int
+	retryWait func(err error, backoff time.Duration) time.Duration
 }
 
 func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSync, since string) error {
@@ -1006,6 +1018,7 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 		return err
 	}
 	s.requestedAfter = time.Now()
+	s.failures = 0
 	// Typing and receipts are news only once: relayed after the batch is recorded, never from the first /sync
 	// (which reports old receipts).
 	var eph []*event.Event
@@ -1139,12 +1152,31 @@ func (s *cryptoSyncer) fillGap(ctx context.Context, roomID id.RoomID, prevBatch,
 	return filledGap{events: out, complete: complete, edge: edge}, nil
 }
 
+// syncRetryFirst and syncRetryMax bound the wait before the bot's next /sync after a failed one: it starts short
+// and doubles while the requests keep failing. Room keys reach the bot's device through /sync, and a member's
+// message whose key has not arrived holds its room for bridge.key_wait (5 s by default) before later messages
+// pass it: a fixed 5 s pause after every failed request (a 502, a connection reset) let a key arrive just after
+// its message gave up waiting, and the message was relayed after the next ones.
+const (
+	syncRetryFirst = 250 * time.Millisecond
+	syncRetryMax   = 5 * time.Second
+)
+
 func (s *cryptoSyncer) OnFailedSync(_ *mautrix.RespSync, err error) (time.Duration, error) {
 	if errors.Is(err, mautrix.MUnknownToken) {
 		return 0, err
 	}
-	s.log.Warn().Err(err).Msg("To-device sync failed, retrying in 5 seconds")
-	return 5 * time.Second, nil
+	backoff := syncRetryMax
+	if s.failures < 5 {
+		backoff = min(syncRetryFirst<<s.failures, syncRetryMax)
+	}
+	s.failures++
+	wait := backoff
+	if s.retryWait != nil {
+		wait = s.retryWait(err, backoff)
+	}
+	s.log.Warn().Err(err).Dur("retry_in", wait).Msg("To-device sync failed, retrying")
+	return wait, nil
 }
 
 func (s *cryptoSyncer) GetFilterJSON(_ id.UserID) *mautrix.Filter {

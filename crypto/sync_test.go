@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -328,5 +329,46 @@ func TestLimitedTimelineWithoutPrevBatchIsIncomplete(t *testing.T) {
 	}
 	if incomplete[1] {
 		t.Error("a limited timeline whose gap was filled is marked incomplete")
+	}
+}
+
+// TestFailedSyncRetriesSoon: after a failed /sync (a 502, a reset) the bot's next request comes soon and backs off
+// only while requests keep failing, so a room key sent meanwhile is not held back for seconds (a member's message
+// waits bridge.key_wait, 5 s by default, for its key before later messages pass it; the wait used to be a fixed 5 s).
+// A rate limit's wait is what retryWait says; a handled batch starts the backoff over.
+func TestFailedSyncRetriesSoon(t *testing.T) {
+	limited := errors.New("rate limited")
+	s := &cryptoSyncer{retryWait: func(err error, backoff time.Duration) time.Duration {
+		if err == limited {
+			return 7 * time.Second
+		}
+		return backoff
+	}}
+	fail := func(err error) time.Duration {
+		t.Helper()
+		wait, stop := s.OnFailedSync(nil, err)
+		if stop != nil {
+			t.Fatalf("the sync loop stops on %v: %v", err, stop)
+		}
+		return wait
+	}
+	bad := errors.New("502 Bad Gateway")
+	var got []time.Duration
+	for range 7 {
+		got = append(got, fail(bad))
+	}
+	want := []time.Duration{250 * time.Millisecond, 500 * time.Millisecond, time.Second, 2 * time.Second, 4 * time.Second, 5 * time.Second, 5 * time.Second}
+	if !slices.Equal(got, want) {
+		t.Fatalf("waits after successive failures: %v, want %v", got, want)
+	}
+	if wait := fail(limited); wait != 7*time.Second {
+		t.Errorf("a rate limit's wait: %v, want what it asked for", wait)
+	}
+	s.failures = 0 // what handling a batch does (ProcessResponse)
+	if wait := fail(bad); wait != 250*time.Millisecond {
+		t.Errorf("the first failure after a handled batch waits %v, want 250ms", wait)
+	}
+	if _, stop := s.OnFailedSync(nil, mautrix.MUnknownToken); stop == nil {
+		t.Error("a lost token does not stop the loop (ferry logs the device in again)")
 	}
 }

@@ -236,6 +236,7 @@ func (e *env) startFerry(ctx context.Context, asToken, hsToken, sharedSecret str
 	mach.SetIsOwn(br.Ghosts.IsOwn)
 	mach.SharedSecret = sharedSecret
 	mach.Transient = database.Transient
+	mach.RetryWait = bridge.RetryWait
 	mach.NewUserClient = as.NewMautrixClient
 	as.StateStore = mach.WrapStateStore(stateStore)
 	mach.SessionReceived = func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) {

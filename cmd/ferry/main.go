@@ -290,6 +290,7 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 	// accounts with passwords (for Dendrite's cross-signing UIA) before the appservice would register them.
 	mach.SharedSecret = cfg.Homeserver.RegistrationSharedSecret
 	mach.Transient = database.Transient
+	mach.RetryWait = bridge.RetryWait
 	mach.NewUserClient = as.NewMautrixClient
 	as.StateStore = mach.WrapStateStore(stateStore)
 	// The reload command re-reads only the permissions; everything else needs a restart.
