@@ -25,6 +25,20 @@ const SEED = Number(process.env.FERRY_CHAOS_SEED || 13);
 const RATE = Number(process.env.FERRY_CHAOS_RATE || 0.09);
 const BODY = /^chaos ([ab]) (\d+)$/;
 
+/** ferry's log lines (all runs) that name an event, in short: time, level, message and the fields that place it. */
+function ferryLogAbout(eventId) {
+    return stack.ferry
+        .logLines()
+        .filter((l) => l.event_id === eventId || l.source_event === eventId || JSON.stringify(l).includes(eventId))
+        .map((l) => {
+            const extra = Object.entries(l)
+                .filter(([k]) => !["time", "level", "message", "event_id", "room_id", "component"].includes(k))
+                .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`)
+                .join(" ");
+            return `${l.time ?? ""} ${l.level ?? ""} ${l.message ?? ""} ${extra}`.slice(0, 300);
+        });
+}
+
 /** A small seeded generator (mulberry32): the kill schedule follows the seed like the proxies' faults. */
 function generator(seed) {
     let a = seed >>> 0;
@@ -161,6 +175,7 @@ async function countDirection(label, sender, src, reader, dst, decrypt) {
     let outOfOrder = 0;
     let highest = -1;
     const details = []; // the first doubled and out-of-order copies, for the log
+    const late = []; // originals whose copy came after a later one's, with the original sent right after
     for (const raw of dstHistory) {
         if (!raw.sender.startsWith("@_ferry_")) continue;
         const c = await decrypt.dst(raw);
@@ -183,6 +198,7 @@ async function countDirection(label, sender, src, reader, dst, decrypt) {
         if (position.get(origin) < highest) {
             outOfOrder++;
             if (details.length < 10) details.push(`${c.content.body} (${raw.event_id}) after #${highest}`);
+            if (late.length < 3) late.push({ origin, before: originals[position.get(origin) + 1] });
         }
         highest = Math.max(highest, position.get(origin));
     }
@@ -199,6 +215,15 @@ async function countDirection(label, sender, src, reader, dst, decrypt) {
     for (const id of missing) {
         const row = stack.sql(`SELECT state, attempts, coalesce(last_error, ''), coalesce(session_id, '') FROM inbox WHERE event_id='${id}'`)[0];
         details.push(`  ${id}: ${row ? `inbox ${row[0]}, ${row[1]} attempts, session ${row[3]}${row[2] ? `, last error: ${row[2]}` : ""}` : "never received by ferry"}`);
+    }
+    // What ferry knew and did about an original that arrived late, and about the one sent right after it: their
+    // inbox rows and ferry's log lines naming them, so that a slip in a run whose files are gone can be read.
+    for (const { origin, before } of late) {
+        for (const id of [origin, before].filter(Boolean)) {
+            const row = stack.sql(`SELECT seq, state, attempts, synced, received_at, coalesce(session_id, '') FROM inbox WHERE event_id='${id}'`)[0];
+            details.push(`  ${id === origin ? "late" : "next"} ${id}: ${row ? `inbox seq ${row[0]}, ${row[1]}, ${row[2]} attempts, synced ${row[3]}, received ${row[4]}, session ${row[5]}` : "not in the inbox"}`);
+            for (const l of ferryLogAbout(id).slice(0, 12)) details.push(`    ${l}`);
+        }
     }
     return { label, originals: originals.length, copies: [...copies.values()].reduce((a, n) => a + n, 0), lost, doubled, outOfOrder, undecryptable, stray, details };
 }
