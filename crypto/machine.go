@@ -1153,10 +1153,9 @@ func (s *cryptoSyncer) fillGap(ctx context.Context, roomID id.RoomID, prevBatch,
 }
 
 // syncRetryFirst and syncRetryMax bound the wait before the bot's next /sync after a failed one: it starts short
-// and doubles while the requests keep failing. Room keys reach the bot's device through /sync, and a member's
-// message whose key has not arrived holds its room for bridge.key_wait (5 s by default) before later messages
-// pass it: a fixed 5 s pause after every failed request (a 502, a connection reset) let a key arrive just after
-// its message gave up waiting, and the message was relayed after the next ones.
+// and doubles while the requests keep failing. On this path room keys reach the bot's device through /sync, and
+// a pushed event is relayed once a /sync batch has shown it: a fixed 5 s pause after every failed request (a 502,
+// a connection reset) held every message in flight 5 s more.
 const (
 	syncRetryFirst = 250 * time.Millisecond
 	syncRetryMax   = 5 * time.Second
