@@ -25,12 +25,32 @@ const SEED = Number(process.env.FERRY_CHAOS_SEED || 13);
 const RATE = Number(process.env.FERRY_CHAOS_RATE || 0.09);
 const BODY = /^chaos ([ab]) (\d+)$/;
 
-/** ferry's log lines (all runs) that name an event, in short: time, level, message and the fields that place it. */
-function ferryLogAbout(eventId) {
-    return stack.ferry
-        .logLines()
-        .filter((l) => l.event_id === eventId || l.source_event === eventId || JSON.stringify(l).includes(eventId))
-        .map((l) => {
+/**
+ * The details of each direction's count, and for an original that arrived late and the one sent right after it,
+ * what ferry knew and did about them: their inbox rows and ferry's log lines naming them, so that a slip in a run
+ * whose files are gone can be read. Run once, when the counts are printed: ferry's log is read a single time.
+ */
+function detailsOf(results) {
+    const out = [];
+    const lines = results.some((r) => r.late.length) ? stack.ferry.logLines().map((l) => [l, JSON.stringify(l)]) : [];
+    for (const r of results) {
+        for (const d of r.details) out.push(`${r.label}: ${d}`);
+        for (const { origin, before } of r.late) {
+            for (const id of [origin, before].filter(Boolean)) {
+                const row = stack.sql(`SELECT seq, state, attempts, synced, received_at, coalesce(session_id, '') FROM inbox WHERE event_id='${id}'`)[0];
+                out.push(`${r.label}:   ${id === origin ? "late" : "next"} ${id}: ${row ? `inbox seq ${row[0]}, ${row[1]}, ${row[2]} attempts, synced ${row[3]}, received ${row[4]}, session ${row[5]}` : "not in the inbox"}`);
+                for (const l of ferryLogAbout(lines, id).slice(0, 12)) out.push(`${r.label}:     ${l}`);
+            }
+        }
+    }
+    return out;
+}
+
+/** ferry's log lines (all runs; [parsed, JSON] pairs) that name an event, in short: time, level, message, fields. */
+function ferryLogAbout(lines, eventId) {
+    return lines
+        .filter(([, text]) => text.includes(eventId))
+        .map(([l]) => {
             const extra = Object.entries(l)
                 .filter(([k]) => !["time", "level", "message", "event_id", "room_id", "component"].includes(k))
                 .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`)
@@ -216,16 +236,7 @@ async function countDirection(label, sender, src, reader, dst, decrypt) {
         const row = stack.sql(`SELECT state, attempts, coalesce(last_error, ''), coalesce(session_id, '') FROM inbox WHERE event_id='${id}'`)[0];
         details.push(`  ${id}: ${row ? `inbox ${row[0]}, ${row[1]} attempts, session ${row[3]}${row[2] ? `, last error: ${row[2]}` : ""}` : "never received by ferry"}`);
     }
-    // What ferry knew and did about an original that arrived late, and about the one sent right after it: their
-    // inbox rows and ferry's log lines naming them, so that a slip in a run whose files are gone can be read.
-    for (const { origin, before } of late) {
-        for (const id of [origin, before].filter(Boolean)) {
-            const row = stack.sql(`SELECT seq, state, attempts, synced, received_at, coalesce(session_id, '') FROM inbox WHERE event_id='${id}'`)[0];
-            details.push(`  ${id === origin ? "late" : "next"} ${id}: ${row ? `inbox seq ${row[0]}, ${row[1]}, ${row[2]} attempts, synced ${row[3]}, received ${row[4]}, session ${row[5]}` : "not in the inbox"}`);
-            for (const l of ferryLogAbout(id).slice(0, 12)) details.push(`    ${l}`);
-        }
-    }
-    return { label, originals: originals.length, copies: [...copies.values()].reduce((a, n) => a + n, 0), lost, doubled, outOfOrder, undecryptable, stray, details };
+    return { label, originals: originals.length, copies: [...copies.values()].reduce((a, n) => a + n, 0), lost, doubled, outOfOrder, undecryptable, stray, details, late };
 }
 
 const line = (r) =>
@@ -331,7 +342,7 @@ test(`chaos on ${HS_LABEL}: ${MESSAGES} messages, faults both ways, SIGKILLs, a 
     await pollUntil(() => !ferryBusy(), { timeoutMs: wait, intervalMs: 2000, what: "ferry to finish its inbox" }).catch(() => {});
     await pollUntil(count, { timeoutMs: Math.max(waitUntil - Date.now(), 30000), intervalMs: 10000, what: "every message to arrive" }).catch((e) => {
         for (const r of results ?? []) console.log(`# ${line(r)}`);
-        for (const r of results ?? []) for (const d of r.details) console.log(`#   ${r.label}: ${d}`);
+        for (const d of detailsOf(results ?? [])) console.log(`#   ${d}`);
         throw e;
     });
     await sleep(5000); // a late duplicate would show up by now
@@ -340,7 +351,7 @@ test(`chaos on ${HS_LABEL}: ${MESSAGES} messages, faults both ways, SIGKILLs, a 
     const totalSeconds = (Date.now() - started) / 1000;
     console.log(`# chaos on ${HS_LABEL}: ${MESSAGES} messages sent in ${sendSeconds.toFixed(0)} s, all counted after ${totalSeconds.toFixed(0)} s; ferry SIGKILLed ${kills} times`);
     for (const r of results) console.log(`# ${line(r)}`);
-    for (const r of results) for (const d of r.details) console.log(`#   ${r.label}: ${d}`);
+    for (const d of detailsOf(results)) console.log(`#   ${d}`);
     for (const t of tallies) console.log(`# ${t.line}`);
 
     assert.equal(stack.ferry.exitInfo, null, "ferry is running at the end");
