@@ -35,7 +35,13 @@ function detailsOf(results) {
     const lines = results.some((r) => r.late.length) ? stack.ferry.logLines().map((l) => [l, JSON.stringify(l)]) : [];
     for (const r of results) {
         for (const d of r.details) out.push(`${r.label}: ${d}`);
-        for (const { origin, before } of r.late) {
+        for (const { origin, before, window } of r.late) {
+            // From the first late original to the later one its copy came after: where each stands in ferry's
+            // inbox (place in the room's queue, whether /sync showed it, when it arrived) and where its copy went.
+            for (const id of window.slice(0, 60)) {
+                const row = stack.sql(`SELECT seq, coalesce(ord, seq*1000), synced, received_at FROM inbox WHERE event_id='${id}'`)[0];
+                out.push(`${r.label}:   #${r.position.get(id)} copy #${r.copyIndex.get(id) ?? "-"} ${id}: ${row ? `seq ${row[0]}, place ${row[1]}, synced ${row[2]}, received ${row[3]}` : "not in the inbox"}`);
+            }
             for (const id of [origin, before].filter(Boolean)) {
                 const row = stack.sql(`SELECT seq, state, attempts, synced, received_at, coalesce(session_id, '') FROM inbox WHERE event_id='${id}'`)[0];
                 out.push(`${r.label}:   ${id === origin ? "late" : "next"} ${id}: ${row ? `inbox seq ${row[0]}, ${row[1]}, ${row[2]} attempts, synced ${row[3]}, received ${row[4]}, session ${row[5]}` : "not in the inbox"}`);
@@ -196,6 +202,7 @@ async function countDirection(label, sender, src, reader, dst, decrypt) {
     let highest = -1;
     const details = []; // the first doubled and out-of-order copies, for the log
     const late = []; // originals whose copy came after a later one's, with the original sent right after
+    const copyIndex = new Map(); // original event ID -> its first copy's place among the copies
     for (const raw of dstHistory) {
         if (!raw.sender.startsWith("@_ferry_")) continue;
         const c = await decrypt.dst(raw);
@@ -215,10 +222,11 @@ async function countDirection(label, sender, src, reader, dst, decrypt) {
             if (details.length < 10) details.push(`${c.content.body} again as ${raw.event_id}`);
             continue;
         }
+        copyIndex.set(origin, copyIndex.size);
         if (position.get(origin) < highest) {
             outOfOrder++;
             if (details.length < 10) details.push(`${c.content.body} (${raw.event_id}) after #${highest}`);
-            if (late.length < 3) late.push({ origin, before: originals[position.get(origin) + 1] });
+            if (late.length < 3) late.push({ origin, before: originals[position.get(origin) + 1], window: late.length ? [] : originals.slice(position.get(origin), highest + 1) });
         }
         highest = Math.max(highest, position.get(origin));
     }
@@ -236,7 +244,7 @@ async function countDirection(label, sender, src, reader, dst, decrypt) {
         const row = stack.sql(`SELECT state, attempts, coalesce(last_error, ''), coalesce(session_id, '') FROM inbox WHERE event_id='${id}'`)[0];
         details.push(`  ${id}: ${row ? `inbox ${row[0]}, ${row[1]} attempts, session ${row[3]}${row[2] ? `, last error: ${row[2]}` : ""}` : "never received by ferry"}`);
     }
-    return { label, originals: originals.length, copies: [...copies.values()].reduce((a, n) => a + n, 0), lost, doubled, outOfOrder, undecryptable, stray, details, late };
+    return { label, originals: originals.length, copies: [...copies.values()].reduce((a, n) => a + n, 0), lost, doubled, outOfOrder, undecryptable, stray, details, late, position, copyIndex };
 }
 
 const line = (r) =>
