@@ -287,7 +287,7 @@ func (b *Bridge) IngestSynced(ctx context.Context, batch crypto.SyncedBatch) err
 	evts, initial := batch.Events, batch.Initial
 	var rows []*database.InboxEvent
 	var rooms []id.RoomID
-	byRoom := make(map[id.RoomID][]id.EventID)
+	byRoom := make(map[id.RoomID][]database.ShownEvent)
 	for _, evt := range evts {
 		if evt.ID == "" || evt.RoomID == "" {
 			continue
@@ -295,7 +295,7 @@ func (b *Bridge) IngestSynced(ctx context.Context, batch crypto.SyncedBatch) err
 		if _, ok := byRoom[evt.RoomID]; !ok {
 			rooms = append(rooms, evt.RoomID)
 		}
-		byRoom[evt.RoomID] = append(byRoom[evt.RoomID], evt.ID)
+		byRoom[evt.RoomID] = append(byRoom[evt.RoomID], database.ShownEvent{ID: evt.ID, Server: evt.Sender.Homeserver(), TS: evt.Timestamp})
 		if initial || (evt.StateKey == nil && b.Ghosts.IsOwn(evt.Sender)) {
 			continue // as intake: ferry's own echoes are never relayed
 		}
@@ -318,7 +318,7 @@ func (b *Bridge) IngestSynced(ctx context.Context, batch crypto.SyncedBatch) err
 	for _, room := range rooms {
 		if b.SyncOrders.Load() {
 			// A batch that holds all the room had since the previous one places the pushes it does not show
-			// after its own events.
+			// after its own events (unless older than one of them: then the batch skipped them).
 			complete := !initial && !batch.Incomplete[room]
 			moved, err := b.DB.Inbox.ConfirmOrder(ctx, room, byRoom[room], complete)
 			if err != nil {

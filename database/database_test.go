@@ -370,7 +370,7 @@ func TestConfirmOrder(t *testing.T) {
 			t.Fatal(err)
 		}
 		// /sync shows e1 … e5 in the room's order.
-		moved, err := db.Inbox.ConfirmOrder(ctx, "!r", []id.EventID{"$e1", "$e2", "$e3", "$e4", "$e5", "$unknown"}, false)
+		moved, err := db.Inbox.ConfirmOrder(ctx, "!r", shown("$e1", "$e2", "$e3", "$e4", "$e5", "$unknown"), false)
 		if err != nil || moved != 3 {
 			t.Fatalf("moved %d rows (%v), want 3 (e3, e4, e5)", moved, err)
 		}
@@ -421,13 +421,13 @@ func TestConfirmOrderPlacesUnshownPushesAfter(t *testing.T) {
 		insert("$p4", false)
 		insert("$e1", true)
 		insert("$e2", true)
-		if _, err := db.Inbox.ConfirmOrder(ctx, "!r", []id.EventID{"$e1", "$e2"}, false); err != nil {
+		if _, err := db.Inbox.ConfirmOrder(ctx, "!r", shown("$e1", "$e2"), false); err != nil {
 			t.Fatal(err)
 		}
 		if got, want := queue(), []id.EventID{"$p3", "$p4", "$e1", "$e2"}; !slices.Equal(got, want) {
 			t.Fatalf("after an incomplete batch: queue %v, want %v", got, want)
 		}
-		moved, err := db.Inbox.ConfirmOrder(ctx, "!r", []id.EventID{"$e1", "$e2"}, true)
+		moved, err := db.Inbox.ConfirmOrder(ctx, "!r", shown("$e1", "$e2"), true)
 		if err != nil || moved != 4 {
 			t.Fatalf("moved %d rows (%v), want 4", moved, err)
 		}
@@ -435,11 +435,64 @@ func TestConfirmOrderPlacesUnshownPushesAfter(t *testing.T) {
 			t.Fatalf("after a complete batch: queue %v, want %v", got, want)
 		}
 		// The next batch shows p4 before p3: they take that order, still after e1 and e2.
-		if _, err = db.Inbox.ConfirmOrder(ctx, "!r", []id.EventID{"$p4", "$p3"}, true); err != nil {
+		if _, err = db.Inbox.ConfirmOrder(ctx, "!r", shown("$p4", "$p3"), true); err != nil {
 			t.Fatal(err)
 		}
 		if got, want := queue(), []id.EventID{"$e1", "$e2", "$p4", "$p3"}; !slices.Equal(got, want) {
 			t.Fatalf("after the second batch: queue %v, want %v", got, want)
+		}
+	})
+}
+
+// shown lists events as /sync shows them, without timestamps.
+func shown(ids ...id.EventID) []database.ShownEvent {
+	evts := make([]database.ShownEvent, len(ids))
+	for i, e := range ids {
+		evts[i] = database.ShownEvent{ID: e, Server: "x"}
+	}
+	return evts
+}
+
+// TestConfirmOrderKeepsSkippedPushesInPlace: a complete batch that does not show a pushed event older than one
+// it shows from the same server skipped it (Dendrite's /sync did, after its restart: the first message sent then
+// was pushed but never shown to the bot, and went after the 18 that followed it). It keeps its place before the
+// first such event; pushes with no older-than evidence (a later one, one of another server, whose clock says
+// nothing) still follow the batch.
+func TestConfirmOrderKeepsSkippedPushesInPlace(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, db *database.Database) {
+		ctx := context.Background()
+		insert := func(evtID id.EventID, sender id.UserID, ts int64, synced bool) {
+			t.Helper()
+			row := &database.InboxEvent{EventID: evtID, RoomID: "!r", Sender: sender, Type: "m.room.message",
+				Raw: []byte(fmt.Sprintf(`{"event_id":%q,"origin_server_ts":%d}`, evtID, ts)), State: database.InboxPending,
+				ReceivedAt: time.Now(), Synced: synced}
+			if _, err := db.Inbox.Insert(ctx, []*database.InboxEvent{row}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Pushed in this order: s1, r (another server, its clock behind), e2, e3, p5 (sent later), m (sent
+		// between e2 and e3, pushed late); /sync then shows e2, e3 and, for the first time, e4.
+		insert("$s1", "@a:x", 100, false)
+		insert("$r", "@b:y", 50, false)
+		insert("$e2", "@a:x", 200, false)
+		insert("$e3", "@a:x", 300, false)
+		insert("$p5", "@a:x", 500, false)
+		insert("$m", "@c:x", 250, false)
+		insert("$e4", "@a:x", 400, true)
+		batch := []database.ShownEvent{{ID: "$e2", Server: "x", TS: 200}, {ID: "$e3", Server: "x", TS: 300}, {ID: "$e4", Server: "x", TS: 400}}
+		if _, err := db.Inbox.ConfirmOrder(ctx, "!r", batch, true); err != nil {
+			t.Fatal(err)
+		}
+		rows, err := db.Inbox.NextInRoom(ctx, "!r", 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []id.EventID
+		for _, r := range rows {
+			got = append(got, r.EventID)
+		}
+		if want := []id.EventID{"$s1", "$e2", "$m", "$e3", "$e4", "$r", "$p5"}; !slices.Equal(got, want) {
+			t.Fatalf("queue %v, want %v", got, want)
 		}
 	})
 }

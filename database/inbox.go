@@ -3,6 +3,7 @@ package database
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"slices"
 	"strconv"
@@ -76,7 +77,7 @@ const (
 	confirmOrderHead     = `UPDATE inbox SET synced=true WHERE room_id=$1 AND event_id IN `
 	confirmOrderTail     = ` RETURNING seq, event_id, state, ` + inboxOrder
 	setInboxOrderQuery   = `UPDATE inbox SET ord=$2 WHERE seq=$1`
-	unshownInRoomQuery   = `SELECT seq, ` + inboxOrder + ` AS k FROM inbox WHERE room_id=$1 AND state=$2 AND NOT synced ORDER BY k`
+	unshownInRoomQuery   = `SELECT seq, ` + inboxOrder + ` AS k, sender, raw FROM inbox WHERE room_id=$1 AND state=$2 AND NOT synced ORDER BY k`
 	finishInboxQuery     = `UPDATE inbox SET state=$2, raw=NULL, last_error=$3 WHERE seq=$1`
 	finishManyInboxQuery = `UPDATE inbox SET state=$1, raw=NULL, last_error=NULL WHERE seq IN `
 	parkInboxQuery       = `UPDATE inbox SET state=$2, session_id=$3, attempts=attempts+1 WHERE seq=$1`
@@ -170,33 +171,40 @@ func (iq *InboxQuery) NextInRoom(ctx context.Context, roomID id.RoomID, limit in
 	return dbutil.NewRowIterWithError(rows, scanInbox, err).AsList()
 }
 
-// ConfirmOrder records that the homeserver's /sync showed evtIDs, one room's events in the room's order: their
+// ShownEvent is an event as the homeserver's /sync showed it: its ID, and its sender's server and timestamp,
+// which tell whether a pushed event /sync did not show is older than it (ConfirmOrder).
+type ShownEvent struct {
+	ID     id.EventID
+	Server string // the sender's server name
+	TS     int64  // origin_server_ts: that server's clock
+}
+
+// ConfirmOrder records that the homeserver's /sync showed evts, one room's events in the room's order: their
 // rows are marked synced, and pending ones whose delivery order (a homeserver that pushed an event late) disagrees
 // take the room's order, keeping their places among the room's other pending events. With complete (the batch
 // showed everything the room had up to its end, since the previous batch), a pushed event /sync has not shown
-// yet came after all of evtIDs: its pending row moves behind theirs. It reports how many rows moved. Events not
-// in the inbox are ignored.
-func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evtIDs []id.EventID, complete bool) (moved int, err error) {
-	if len(evtIDs) == 0 {
+// yet came after all of evts: its pending row moves behind theirs. Unless it is older than one of them from the
+// same server (by that server's clock): then the batch skipped it (Dendrite's /sync can, around its restart,
+// when it answered a /sync with a later position than it then gives the events it was still writing), and it
+// goes right before the first such one. It reports how many rows moved. Events not in the inbox are ignored.
+func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evts []ShownEvent, complete bool) (moved int, err error) {
+	if len(evts) == 0 {
 		return 0, nil
 	}
 	err = iq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		args := make([]any, 0, len(evtIDs)+1)
+		args := make([]any, 0, len(evts)+1)
 		args = append(args, roomID)
-		for _, e := range evtIDs {
-			args = append(args, e)
+		for _, e := range evts {
+			args = append(args, e.ID)
 		}
-		in := placeholders(1, len(evtIDs))
+		in := placeholders(1, len(evts))
 		rows, err := iq.db.Query(ctx, confirmOrderHead+in+confirmOrderTail, args...)
 		if err != nil {
 			return err
 		}
-		type placed struct {
-			seq, key int64
-		}
-		byID := make(map[id.EventID]placed, len(evtIDs))
+		byID := make(map[id.EventID]placedRow, len(evts))
 		for rows.Next() {
-			var p placed
+			var p placedRow
 			var evtID id.EventID
 			var state InboxState
 			if err = rows.Scan(&p.seq, &evtID, &state, &p.key); err != nil {
@@ -211,29 +219,30 @@ func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evtIDs
 			return err
 		}
 		// The pending rows in the room's order, and the places they hold: the k-th takes the k-th smallest.
-		var inOrder []placed
-		var keys []int64
-		for _, e := range evtIDs {
-			if p, ok := byID[e]; ok {
+		// before[i] is where the pending rows of evts[i:] begin in inOrder.
+		var inOrder []placedRow
+		before := make([]int, len(evts))
+		for i, e := range evts {
+			before[i] = len(inOrder)
+			if p, ok := byID[e.ID]; ok {
 				inOrder = append(inOrder, p)
-				keys = append(keys, p.key)
-				delete(byID, e) // an ID listed twice keeps its first place
+				delete(byID, e.ID) // an ID listed twice keeps its first place
 			}
 		}
 		if complete && len(inOrder) > 0 {
-			// Pushed events not shown yet follow, in the order they hold now. Without this, an event /sync shows
-			// for the first time (its row new, so last in the queue) would stay behind a later one pushed before it.
+			// Pushed events not shown yet follow, in the order they hold now (an older one goes before the
+			// first event of its server it is older than). Without this, an event /sync shows for the first time
+			// (its row new, so last in the queue) would stay behind a later one pushed before it.
 			rows, err := iq.db.Query(ctx, unshownInRoomQuery, roomID, InboxPending)
-			unshown, err := dbutil.NewRowIterWithError(rows, func(row dbutil.Scannable) (p placed, err error) {
-				return p, row.Scan(&p.seq, &p.key)
-			}, err).AsList()
+			unshown, err := dbutil.NewRowIterWithError(rows, scanUnshown, err).AsList()
 			if err != nil {
 				return err
 			}
-			for _, p := range unshown {
-				inOrder = append(inOrder, p)
-				keys = append(keys, p.key)
-			}
+			inOrder = placeUnshown(inOrder, before, evts, unshown)
+		}
+		keys := make([]int64, len(inOrder))
+		for i, p := range inOrder {
+			keys[i] = p.key
 		}
 		slices.Sort(keys)
 		for i, p := range inOrder {
@@ -248,6 +257,54 @@ func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evtIDs
 		return nil
 	})
 	return moved, err
+}
+
+// placedRow is a pending inbox row and its place in the room's queue (inboxOrder); an unshown one also carries
+// its sender's server and timestamp.
+type placedRow struct {
+	seq, key int64
+	server   string
+	ts       int64
+}
+
+func scanUnshown(row dbutil.Scannable) (p placedRow, err error) {
+	var sender id.UserID
+	var raw []byte
+	if err = row.Scan(&p.seq, &p.key, &sender, &raw); err != nil {
+		return p, err
+	}
+	var head struct {
+		TS int64 `json:"origin_server_ts"`
+	}
+	_ = json.Unmarshal(raw, &head) // no timestamp: nothing says it is older, so it follows the batch
+	p.server, p.ts = sender.Homeserver(), head.TS
+	return p, nil
+}
+
+// placeUnshown merges the unshown pending rows (in their queue order) into inOrder, the shown pending rows in
+// the batch's order (before[i]: where those of evts[i:] begin): each goes right before the first shown event of
+// its server with a later timestamp, or after all of them.
+func placeUnshown(inOrder []placedRow, before []int, evts []ShownEvent, unshown []placedRow) []placedRow {
+	at := make(map[int][]placedRow) // index in inOrder -> unshown rows that go before it
+	var after []placedRow
+	for _, u := range unshown {
+		i := -1
+		if u.ts > 0 {
+			i = slices.IndexFunc(evts, func(e ShownEvent) bool { return e.Server == u.server && e.TS > u.ts })
+		}
+		if i < 0 {
+			after = append(after, u)
+		} else {
+			at[before[i]] = append(at[before[i]], u)
+		}
+	}
+	merged := make([]placedRow, 0, len(inOrder)+len(unshown))
+	for k, p := range inOrder {
+		merged = append(merged, at[k]...)
+		merged = append(merged, p)
+	}
+	merged = append(merged, at[len(inOrder)]...)
+	return append(merged, after...)
 }
 
 // Finish marks an event handled and drops its payload.
