@@ -320,10 +320,14 @@ func (b *Bridge) IngestSynced(ctx context.Context, batch crypto.SyncedBatch) err
 			// A batch that holds all the room had since the previous one places the pushes it does not show
 			// after its own events (unless older than one of them: then the batch skipped them).
 			complete := !initial && !batch.Incomplete[room]
-			moved, err := b.DB.Inbox.ConfirmOrder(ctx, room, byRoom[room], complete)
+			moved, skipped, err := b.DB.Inbox.ConfirmOrder(ctx, room, byRoom[room], complete)
 			if err != nil {
 				return fmt.Errorf("failed to confirm the order of synced events: %w", err)
-			} else if moved > 0 {
+			}
+			if skipped > 0 {
+				b.Log.Info().Stringer("room_id", room).Int("events", skipped).Msg("The homeserver's /sync skipped pushed events older than those it showed; they keep their place")
+			}
+			if moved > 0 {
 				b.Log.Info().Stringer("room_id", room).Int("events", moved).Msg("The homeserver pushed events out of the room's order; relaying them in the room's order")
 			}
 		}

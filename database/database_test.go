@@ -370,7 +370,7 @@ func TestConfirmOrder(t *testing.T) {
 			t.Fatal(err)
 		}
 		// /sync shows e1 … e5 in the room's order.
-		moved, err := db.Inbox.ConfirmOrder(ctx, "!r", shown("$e1", "$e2", "$e3", "$e4", "$e5", "$unknown"), false)
+		moved, _, err := db.Inbox.ConfirmOrder(ctx, "!r", shown("$e1", "$e2", "$e3", "$e4", "$e5", "$unknown"), false)
 		if err != nil || moved != 3 {
 			t.Fatalf("moved %d rows (%v), want 3 (e3, e4, e5)", moved, err)
 		}
@@ -421,13 +421,13 @@ func TestConfirmOrderPlacesUnshownPushesAfter(t *testing.T) {
 		insert("$p4", false)
 		insert("$e1", true)
 		insert("$e2", true)
-		if _, err := db.Inbox.ConfirmOrder(ctx, "!r", shown("$e1", "$e2"), false); err != nil {
+		if _, _, err := db.Inbox.ConfirmOrder(ctx, "!r", shown("$e1", "$e2"), false); err != nil {
 			t.Fatal(err)
 		}
 		if got, want := queue(), []id.EventID{"$p3", "$p4", "$e1", "$e2"}; !slices.Equal(got, want) {
 			t.Fatalf("after an incomplete batch: queue %v, want %v", got, want)
 		}
-		moved, err := db.Inbox.ConfirmOrder(ctx, "!r", shown("$e1", "$e2"), true)
+		moved, _, err := db.Inbox.ConfirmOrder(ctx, "!r", shown("$e1", "$e2"), true)
 		if err != nil || moved != 4 {
 			t.Fatalf("moved %d rows (%v), want 4", moved, err)
 		}
@@ -435,7 +435,7 @@ func TestConfirmOrderPlacesUnshownPushesAfter(t *testing.T) {
 			t.Fatalf("after a complete batch: queue %v, want %v", got, want)
 		}
 		// The next batch shows p4 before p3: they take that order, still after e1 and e2.
-		if _, err = db.Inbox.ConfirmOrder(ctx, "!r", shown("$p4", "$p3"), true); err != nil {
+		if _, _, err = db.Inbox.ConfirmOrder(ctx, "!r", shown("$p4", "$p3"), true); err != nil {
 			t.Fatal(err)
 		}
 		if got, want := queue(), []id.EventID{"$e1", "$e2", "$p4", "$p3"}; !slices.Equal(got, want) {
@@ -480,8 +480,8 @@ func TestConfirmOrderKeepsSkippedPushesInPlace(t *testing.T) {
 		insert("$m", "@c:x", 250, false)
 		insert("$e4", "@a:x", 400, true)
 		batch := []database.ShownEvent{{ID: "$e2", Server: "x", TS: 200}, {ID: "$e3", Server: "x", TS: 300}, {ID: "$e4", Server: "x", TS: 400}}
-		if _, err := db.Inbox.ConfirmOrder(ctx, "!r", batch, true); err != nil {
-			t.Fatal(err)
+		if _, skipped, err := db.Inbox.ConfirmOrder(ctx, "!r", batch, true); err != nil || skipped != 2 {
+			t.Fatalf("skipped %d (%v), want 2 (s1, m)", skipped, err)
 		}
 		rows, err := db.Inbox.NextInRoom(ctx, "!r", 10)
 		if err != nil {

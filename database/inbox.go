@@ -186,10 +186,11 @@ type ShownEvent struct {
 // yet came after all of evts: its pending row moves behind theirs. Unless it is older than one of them from the
 // same server (by that server's clock): then the batch skipped it (Dendrite's /sync can, around its restart,
 // when it answered a /sync with a later position than it then gives the events it was still writing), and it
-// goes right before the first such one. It reports how many rows moved. Events not in the inbox are ignored.
-func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evts []ShownEvent, complete bool) (moved int, err error) {
+// goes right before the first such one. It reports how many rows moved, and how many of those not shown it found
+// skipped. Events not in the inbox are ignored.
+func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evts []ShownEvent, complete bool) (moved, skipped int, err error) {
 	if len(evts) == 0 {
-		return 0, nil
+		return 0, 0, nil
 	}
 	err = iq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
 		args := make([]any, 0, len(evts)+1)
@@ -238,7 +239,7 @@ func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evts [
 			if err != nil {
 				return err
 			}
-			inOrder = placeUnshown(inOrder, before, evts, unshown)
+			inOrder, skipped = placeUnshown(inOrder, before, evts, unshown)
 		}
 		keys := make([]int64, len(inOrder))
 		for i, p := range inOrder {
@@ -256,7 +257,7 @@ func (iq *InboxQuery) ConfirmOrder(ctx context.Context, roomID id.RoomID, evts [
 		}
 		return nil
 	})
-	return moved, err
+	return moved, skipped, err
 }
 
 // placedRow is a pending inbox row and its place in the room's queue (inboxOrder); an unshown one also carries
@@ -283,8 +284,8 @@ func scanUnshown(row dbutil.Scannable) (p placedRow, err error) {
 
 // placeUnshown merges the unshown pending rows (in their queue order) into inOrder, the shown pending rows in
 // the batch's order (before[i]: where those of evts[i:] begin): each goes right before the first shown event of
-// its server with a later timestamp, or after all of them.
-func placeUnshown(inOrder []placedRow, before []int, evts []ShownEvent, unshown []placedRow) []placedRow {
+// its server with a later timestamp (skipped counts those), or after all of them.
+func placeUnshown(inOrder []placedRow, before []int, evts []ShownEvent, unshown []placedRow) (merged []placedRow, skipped int) {
 	at := make(map[int][]placedRow) // index in inOrder -> unshown rows that go before it
 	var after []placedRow
 	for _, u := range unshown {
@@ -296,15 +297,16 @@ func placeUnshown(inOrder []placedRow, before []int, evts []ShownEvent, unshown 
 			after = append(after, u)
 		} else {
 			at[before[i]] = append(at[before[i]], u)
+			skipped++
 		}
 	}
-	merged := make([]placedRow, 0, len(inOrder)+len(unshown))
+	merged = make([]placedRow, 0, len(inOrder)+len(unshown))
 	for k, p := range inOrder {
 		merged = append(merged, at[k]...)
 		merged = append(merged, p)
 	}
 	merged = append(merged, at[len(inOrder)]...)
-	return append(merged, after...)
+	return append(merged, after...), skipped
 }
 
 // Finish marks an event handled and drops its payload.
