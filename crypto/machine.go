@@ -480,6 +480,14 @@ func (m *Machine) Start(ctx context.Context) {
 				syncer.requestedAfter = time.Now()
 			}
 			err := m.client.SyncWithContext(ctx)
+			if errors.Is(err, errRereadBatch) && syncer != nil {
+				// Started again from the token saved before the last batch (cryptoSyncer.OnFailedSync).
+				select {
+				case <-ctx.Done():
+				case <-time.After(syncer.rereadWait):
+				}
+				continue
+			}
 			if err != nil && ctx.Err() == nil {
 				m.log.Err(err).Msg("To-device sync stopped, restarting in 5 seconds")
 				select {
@@ -928,7 +936,24 @@ type cryptoSyncer struct {
 	// retryWait turns the backoff into the wait (a rate limit's). Only the sync loop's goroutine uses them.
 	failures  int
 	retryWait func(err error, backoff time.Duration) time.Duration
+	// lastSince is the since of the last batch handled, lastHandled when it was; cleared once that batch was read
+	// again (OnFailedSync). Only the sync loop's goroutine uses them.
+	lastSince   string
+	lastHandled time.Time
+	// rereadWait is how long the loop waits before it reads the batch again (errRereadBatch).
+	rereadWait time.Duration
 }
+
+// rereadWindow: a /sync that fails this soon after the previous batch was handled, and the first to fail since,
+// may follow an answer the homeserver gave as it went away. Dendrite 0.13.8 answers the /sync requests in flight
+// when it shuts down with a next_batch past events it has not written yet, and gives those events positions
+// before it after its restart: read on from that token, /sync never shows them (seen in chaos runs: the first
+// message sent as it restarted, and another time the twelve sent while it was shutting down, pushed late and never
+// shown, and relayed after the messages that followed them). So the batch before is read again.
+const rereadWindow = 2 * time.Second
+
+// errRereadBatch ends the sync loop so that it starts again from the token it saved before the last batch.
+var errRereadBatch = errors.New("reading the last /sync batch again")
 
 func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSync, since string) error {
 	// mautrix fetches the changed device lists first thing in ProcessSyncResponse; ferry does it here instead,
@@ -1019,6 +1044,7 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 	}
 	s.requestedAfter = time.Now()
 	s.failures = 0
+	s.lastSince, s.lastHandled = since, time.Now()
 	// Typing and receipts are news only once: relayed after the batch is recorded, never from the first /sync
 	// (which reports old receipts).
 	var eph []*event.Event
@@ -1169,12 +1195,28 @@ func (s *cryptoSyncer) OnFailedSync(_ *mautrix.RespSync, err error) (time.Durati
 	if s.failures < 5 {
 		backoff = min(syncRetryFirst<<s.failures, syncRetryMax)
 	}
+	first := s.failures == 0
 	s.failures++
 	wait := backoff
 	if s.retryWait != nil {
 		wait = s.retryWait(err, backoff)
 	}
 	s.log.Warn().Err(err).Dur("retry_in", wait).Msg("To-device sync failed, retrying")
+	if first && s.lastSince != "" && time.Since(s.lastHandled) < rereadWindow && !errors.Is(err, mautrix.MLimitExceeded) {
+		// The homeserver may have answered the last batch as it went away (rereadWindow): read it again. Events
+		// already recorded are recognised by ID, to-device messages already handled by their hash.
+		since := s.lastSince
+		s.lastSince = ""
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if serr := s.store.SyncStore.SaveNextBatch(ctx, s.client.UserID, since); serr != nil {
+			s.log.Warn().Err(serr).Msg("Failed to set the bot's /sync back to before its last batch; going on from that batch's end")
+			return wait, nil
+		}
+		s.log.Info().Dur("retry_in", wait).Msg("The bot's /sync failed right after a batch, which the homeserver may have answered as it went away; reading that batch again")
+		s.rereadWait = wait
+		return wait, errRereadBatch
+	}
 	return wait, nil
 }
 

@@ -372,3 +372,85 @@ func TestFailedSyncRetriesSoon(t *testing.T) {
 		t.Error("a lost token does not stop the loop (ferry logs the device in again)")
 	}
 }
+
+// failAfter fails the first /sync request whose since fail says, as a connection the homeserver closed does.
+type failAfter struct {
+	next http.RoundTripper
+	lock *sync.Mutex
+	fail func(since string) bool
+}
+
+func (f *failAfter) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Path == "/_matrix/client/v3/sync" {
+		f.lock.Lock()
+		fail := f.fail(req.URL.Query().Get("since"))
+		f.lock.Unlock()
+		if fail {
+			return nil, errors.New("connection refused")
+		}
+	}
+	return f.next.RoundTrip(req)
+}
+
+// TestSyncAnsweredAsTheHomeserverWentAwayIsReadAgain: Dendrite answers a /sync in flight when it shuts down with a
+// token past events it has not written yet, and the request after it fails (it is gone). Read on from that token,
+// /sync never shows those events (after its restart they sit before it). The bot's /sync reads the batch before
+// the failure again: a member's message the bad answer skipped is recorded.
+func TestSyncAnsweredAsTheHomeserverWentAwayIsReadAgain(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	r := newASRig(t, fakehs.Options{NoMSC4190: true, KeepTimeline: true}, "")
+	room := r.srv.CreateRoom(r.member.ID, fakehs.RoomOptions{Members: []id.UserID{r.bot}})
+	sent, err := r.member.Client.SendMessageEvent(ctx, room, event.EventMessage, map[string]any{"msgtype": "m.text", "body": "as it went away"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rawOf := timelineOf(t, r.srv, room)
+
+	var lock sync.Mutex
+	var recorded bool
+	r.m.SyncedTimeline = func(ctx context.Context, batch SyncedBatch) error {
+		lock.Lock()
+		defer lock.Unlock()
+		for _, e := range batch.Events {
+			recorded = recorded || e.ID == sent.EventID
+		}
+		return nil
+	}
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var away string // the since of the request the homeserver answered as it went away
+	var failed bool
+	rewriteSync(r.m, room, &lock, func(since string) map[string]any {
+		switch {
+		case away == "":
+			away = since // answered without the message, with a token past it
+		case since == away:
+			return map[string]any{"events": []json.RawMessage{rawOf(sent.EventID)}}
+		}
+		return nil
+	})
+	r.m.client.Client.Transport = &failAfter{next: r.m.client.Client.Transport, lock: &lock, fail: func(since string) bool {
+		if failed || away == "" || since == "" || since == away {
+			return false
+		}
+		failed = true // the request after that answer: the homeserver is gone
+		return true
+	}}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		lock.Lock()
+		done, f := recorded, failed
+		lock.Unlock()
+		if done {
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			t.Fatalf("the message the homeserver's last answer skipped was never recorded (the request after it failed: %v)", f)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
