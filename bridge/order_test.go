@@ -46,11 +46,7 @@ func TestLatePushIsRelayedInRoomOrder(t *testing.T) {
 	if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Events: evts, Covers: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
-	ghost := f.br.Ghosts.Ghost(f.alice)
-	waitFor(t, "both copies", func() bool { return len(f.ghostEvents(f.roomB, ghost)) == 3 })
-	if order := copiedFrom(t, f, ghost); len(order) != 3 || order[1] != early || order[2] != late {
-		t.Fatalf("copies in B come from %v, want …, %s, %s", order, early, late)
-	}
+	wantCopiesFrom(t, f, early, late)
 }
 
 // TestCoveringSyncReleasesPushes: a pushed event that no /sync batch shows (a type or room the sync does not
@@ -105,11 +101,7 @@ func TestLatePushAcrossSyncBatches(t *testing.T) {
 	if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Events: syncedEvents(t, f.roomA, f.alice, late), Covers: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
-	ghost := f.br.Ghosts.Ghost(f.alice)
-	waitFor(t, "both copies", func() bool { return len(f.ghostEvents(f.roomB, ghost)) == 3 })
-	if order := copiedFrom(t, f, ghost); len(order) != 3 || order[1] != early || order[2] != late {
-		t.Fatalf("copies in B come from %v, want …, %s, %s", order, early, late)
-	}
+	wantCopiesFrom(t, f, early, late)
 }
 
 // TestPushSkippedBySyncKeepsItsPlace: the bot's /sync never shows a pushed message, but shows the one sent after
@@ -130,10 +122,17 @@ func TestPushSkippedBySyncKeepsItsPlace(t *testing.T) {
 	if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Events: syncedEvents(t, f.roomA, f.alice, next), Covers: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
+	wantCopiesFrom(t, f, skipped, next)
+}
+
+// wantCopiesFrom waits for alice's ghost to have sent two copies into B after the fixture's first, and checks
+// they come from first and second, in that order.
+func wantCopiesFrom(t *testing.T, f *relayFixture, first, second id.EventID) {
+	t.Helper()
 	ghost := f.br.Ghosts.Ghost(f.alice)
 	waitFor(t, "both copies", func() bool { return len(f.ghostEvents(f.roomB, ghost)) == 3 })
-	if order := copiedFrom(t, f, ghost); len(order) != 3 || order[1] != skipped || order[2] != next {
-		t.Fatalf("copies in B come from %v, want …, %s, %s", order, skipped, next)
+	if order := copiedFrom(t, f, ghost); len(order) != 3 || order[1] != first || order[2] != second {
+		t.Fatalf("copies in B come from %v, want …, %s, %s", order, first, second)
 	}
 }
 

@@ -351,6 +351,25 @@ func TestReadbackProgress(t *testing.T) {
 	})
 }
 
+// queueOf lists the room's pending events in the order the worker takes them.
+func queueOf(ctx context.Context, t *testing.T, db *database.Database, room id.RoomID) []*database.InboxEvent {
+	t.Helper()
+	rows, err := db.Inbox.NextInRoom(ctx, room, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rows
+}
+
+// idsOf lists the event IDs of rows.
+func idsOf(rows []*database.InboxEvent) []id.EventID {
+	ids := make([]id.EventID, len(rows))
+	for i, r := range rows {
+		ids[i] = r.EventID
+	}
+	return ids
+}
+
 // TestConfirmOrder: events delivered out of the room's order (e3 late) take the order /sync showed, keeping the
 // places pending events hold among the room's others; they are marked synced; done events stay where they are.
 func TestConfirmOrder(t *testing.T) {
@@ -374,18 +393,13 @@ func TestConfirmOrder(t *testing.T) {
 		if err != nil || moved != 3 {
 			t.Fatalf("moved %d rows (%v), want 3 (e3, e4, e5)", moved, err)
 		}
-		rows, err := db.Inbox.NextInRoom(ctx, "!r", 10)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var got []id.EventID
+		rows := queueOf(ctx, t, db, "!r")
 		for _, r := range rows {
-			got = append(got, r.EventID)
 			if r.Synced != (r.EventID != "$e6") {
 				t.Fatalf("%s synced = %v", r.EventID, r.Synced)
 			}
 		}
-		if want := []id.EventID{"$e2", "$e3", "$e4", "$e5", "$e6"}; !slices.Equal(got, want) {
+		if got, want := idsOf(rows), []id.EventID{"$e2", "$e3", "$e4", "$e5", "$e6"}; !slices.Equal(got, want) {
 			t.Fatalf("queue %v, want %v", got, want)
 		}
 	})
@@ -405,17 +419,7 @@ func TestConfirmOrderPlacesUnshownPushesAfter(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		queue := func() (got []id.EventID) {
-			t.Helper()
-			rows, err := db.Inbox.NextInRoom(ctx, "!r", 10)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for _, r := range rows {
-				got = append(got, r.EventID)
-			}
-			return got
-		}
+		queue := func() []id.EventID { return idsOf(queueOf(ctx, t, db, "!r")) }
 		// Pushed: p3, p4 (not shown yet). The batch then shows e1, e2 for the first time.
 		insert("$p3", false)
 		insert("$p4", false)
@@ -483,15 +487,7 @@ func TestConfirmOrderKeepsSkippedPushesInPlace(t *testing.T) {
 		if _, skipped, err := db.Inbox.ConfirmOrder(ctx, "!r", batch, true); err != nil || skipped != 2 {
 			t.Fatalf("skipped %d (%v), want 2 (s1, m)", skipped, err)
 		}
-		rows, err := db.Inbox.NextInRoom(ctx, "!r", 10)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var got []id.EventID
-		for _, r := range rows {
-			got = append(got, r.EventID)
-		}
-		if want := []id.EventID{"$s1", "$e2", "$m", "$e3", "$e4", "$r", "$p5"}; !slices.Equal(got, want) {
+		if got, want := idsOf(queueOf(ctx, t, db, "!r")), []id.EventID{"$s1", "$e2", "$m", "$e3", "$e4", "$r", "$p5"}; !slices.Equal(got, want) {
 			t.Fatalf("queue %v, want %v", got, want)
 		}
 	})
