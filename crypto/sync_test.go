@@ -454,3 +454,43 @@ func TestSyncAnsweredAsTheHomeserverWentAwayIsReadAgain(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestRereadOnlyRightAfterABatch: the batch before a failed /sync is read again only when the failure is the
+// first since that batch, comes within rereadWindow of it and is not a rate limit (which says nothing about the
+// homeserver going away); then the token saved before the batch is its since.
+func TestRereadOnlyRightAfterABatch(t *testing.T) {
+	ctx := context.Background()
+	bot := id.UserID("@bot:example.org")
+	newSyncer := func(handledAgo time.Duration) *cryptoSyncer {
+		store := &afterBatchStore{SyncStore: mautrix.NewMemorySyncStore()}
+		_ = store.SyncStore.SaveNextBatch(ctx, bot, "after")
+		return &cryptoSyncer{client: &mautrix.Client{UserID: bot}, store: store, lastSince: "before", lastHandled: time.Now().Add(-handledAgo)}
+	}
+	gone := errors.New("connection refused")
+	limited := mautrix.HTTPError{RespError: &mautrix.RespError{ErrCode: mautrix.MLimitExceeded.ErrCode}}
+	cases := []struct {
+		name       string
+		handledAgo time.Duration
+		errs       []error // the failures in a row; the last one is checked
+		reread     bool
+	}{
+		{"the first failure right after a batch", 0, []error{gone}, true},
+		{"a rate limit right after a batch", 0, []error{limited}, false},
+		{"a failure long after the batch", 2 * rereadWindow, []error{gone}, false},
+		{"a second failure in a row", 0, []error{limited, gone}, false},
+	}
+	for _, c := range cases {
+		s := newSyncer(c.handledAgo)
+		var err error
+		for _, e := range c.errs {
+			_, err = s.OnFailedSync(nil, e)
+		}
+		token, _ := s.store.SyncStore.LoadNextBatch(ctx, bot)
+		if got := errors.Is(err, errRereadBatch); got != c.reread {
+			t.Errorf("%s: read again %v, want %v", c.name, got, c.reread)
+		}
+		if want := map[bool]string{true: "before", false: "after"}[c.reread]; token != want {
+			t.Errorf("%s: saved token %q, want %q", c.name, token, want)
+		}
+	}
+}
