@@ -19,7 +19,8 @@ import path from "node:path";
 import {
     freePort,
     httpStatus,
-    keepArtifacts,
+    keepReason,
+    keeping,
     makeTempDir,
     pollUntil,
     removeTempDir,
@@ -328,7 +329,7 @@ function dropDatabaseSync(adminUrl, name) {
 /**
  * Creates a fresh database on the server named by FERRY_TEST_PG (a postgres:// admin URL, e.g.
  * postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable). Returns { type: "postgres", uri, name, drop() }.
- * Databases not dropped are dropped at process exit (unless FERRY_E2E_KEEP=1).
+ * Databases not dropped are dropped at process exit (unless kept: FERRY_E2E_KEEP=1 or a failed test).
  */
 export function createTestDatabase() {
     const adminUrl = process.env.FERRY_TEST_PG;
@@ -343,7 +344,7 @@ export function createTestDatabase() {
     if (!pgExitHook) {
         pgExitHook = true;
         process.on("exit", () => {
-            if (keepArtifacts) return;
+            if (keeping()) return;
             for (const [n, url] of openDatabases) {
                 try {
                     dropDatabaseSync(url, n);
@@ -361,9 +362,9 @@ export function createTestDatabase() {
         name,
         drop() {
             if (!openDatabases.has(name)) return;
-            if (keepArtifacts) {
+            if (keeping()) {
                 openDatabases.delete(name);
-                console.log(`e2e: kept database ${name} (FERRY_E2E_KEEP=1)`);
+                console.log(`e2e: kept database ${name} (${keepReason()})`);
                 return;
             }
             dropDatabaseSync(adminUrl, name);

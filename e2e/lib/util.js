@@ -1,5 +1,5 @@
 // Shared helpers for ferry's end-to-end harness: repo paths, free ports, timeouts, child processes that never
-// outlive the test process, and temp dirs that are removed unless FERRY_E2E_KEEP=1.
+// outlive the test process, and temp dirs that are removed unless FERRY_E2E_KEEP=1 or a test of the file failed.
 import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import net from "node:net";
@@ -9,6 +9,27 @@ import { fileURLToPath } from "node:url";
 
 export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
 export const keepArtifacts = process.env.FERRY_E2E_KEEP === "1";
+
+// Under `node --test` each test file runs in a process of its own: once one of its tests fails, the homeserver's
+// and ferry's directories (logs, configs, SQLite files) and databases of that file are kept, so a failure that
+// comes once in many runs can still be read afterwards.
+let failedTest = null;
+if (process.env.NODE_TEST_CONTEXT) {
+    const { afterEach } = await import("node:test");
+    afterEach((t) => {
+        if (!t.passed && !failedTest) failedTest = t.name;
+    });
+}
+
+/** Whether temp dirs and databases are kept: FERRY_E2E_KEEP=1, or a test in this process failed. */
+export function keeping() {
+    return keepArtifacts || failedTest !== null;
+}
+
+/** Why artifacts are kept, for the line that names them. */
+export function keepReason() {
+    return keepArtifacts ? "FERRY_E2E_KEEP=1" : `the test "${failedTest}" failed`;
+}
 
 let printedNode = false;
 /** Prints the Node version once per process (matrix-js-sdk 43 needs Node >= 22). */
@@ -130,9 +151,9 @@ export function makeTempDir(prefix) {
 }
 
 function keepOrRemove(dir) {
-    if (keepArtifacts) {
+    if (keeping()) {
         fs.rmSync(path.join(dir, OWNER_FILE), { force: true });
-        console.log(`e2e: kept ${dir} (FERRY_E2E_KEEP=1)`);
+        console.log(`e2e: kept ${dir} (${keepReason()})`);
     } else {
         fs.rmSync(dir, { recursive: true, force: true });
     }

@@ -35,8 +35,9 @@ after(async () => {
 
 test("SIGKILL in the middle of a burst of 200 messages: each arrives exactly once, in order", async () => {
     const bodies = Array.from({ length: 200 }, (_, i) => `burst ${String(i).padStart(3, "0")}`);
+    const sent = [];
     for (let i = 0; i < bodies.length; i++) {
-        await alice.sendText(roomA, bodies[i]);
+        sent.push(await alice.sendText(roomA, bodies[i]));
         if (i === 60) await stack.stopFerry({ kill: true }); // mid-stream, with copies in flight
         if (i === 120) await stack.startFerryAgain();
     }
@@ -63,7 +64,9 @@ test("SIGKILL in the middle of a burst of 200 messages: each arrives exactly onc
         what: "all 200 burst copies",
     }).catch(async (e) => {
         const have = new Set(await burstCopies());
-        console.log(`# room B's history: ${have.size} burst copies, ${undecryptable} of the ghosts' events undecryptable; missing ${bodies.filter((b) => !have.has(b)).join(", ")}`);
+        const missing = bodies.flatMap((b, i) => (have.has(b) ? [] : [i]));
+        console.log(`# room B's history: ${have.size} burst copies, ${undecryptable} of the ghosts' events undecryptable; missing ${missing.map((i) => bodies[i]).join(", ")}`);
+        for (const i of missing.slice(0, 5)) await explainMissing(sent[i], bodies[i], decrypt);
         throw e;
     });
     await sleep(2000); // a duplicate, if any, would show up by now
@@ -73,6 +76,43 @@ test("SIGKILL in the middle of a burst of 200 messages: each arrives exactly onc
     assert.deepEqual(got, bodies, "copies arrive in the order alice sent them");
     assert.equal(undecryptable, 0, "bob's client decrypts every event of the ghosts");
 });
+
+/**
+ * Prints what ferry knows of a source event whose copy room B's history lacks: its inbox row, its event map (and
+ * whether the homeserver gives bob the copy it names when asked for it by ID), and its log lines.
+ */
+async function explainMissing(eventId, body, decrypt) {
+    console.log(`# ${body} = ${eventId}`);
+    const q = (what, sql) => {
+        try {
+            console.log(`#   ${what}: ${JSON.stringify(stack.sql(sql))}`);
+        } catch (e) {
+            console.log(`#   ${what}: ${e.message}`);
+        }
+    };
+    q("inbox (seq, state, session, attempts, last error, synced, ord, received)", `SELECT seq, state, session_id, attempts, last_error, synced, ord, received_at FROM inbox WHERE event_id='${eventId}'`);
+    q("event map", `SELECT target_room, target_event, created_at FROM event_map WHERE source_event='${eventId}'`);
+    for (const [copyId] of stack.sql(`SELECT target_event FROM event_map WHERE source_event='${eventId}' AND target_room='${roomB}'`)) {
+        try {
+            const raw = await bob.client.fetchRoomEvent(roomB, copyId);
+            const c = await decrypt(raw);
+            console.log(`#   the copy ${copyId}, asked for by ID: sender ${raw.sender}, ${c ? `body "${c.content.body}"` : "undecryptable"}`);
+        } catch (e) {
+            console.log(`#   the copy ${copyId}, asked for by ID: ${e.errcode ?? ""} ${e.message}`);
+        }
+    }
+    const session = stack.sql(`SELECT session_id FROM inbox WHERE event_id='${eventId}'`)[0]?.[0];
+    // The event's own lines, and those about its Megolm session that name no event (the key's arrival, requests).
+    const lines = stack.ferry.logLines().filter((l) => {
+        const text = JSON.stringify(l);
+        return text.includes(eventId) || (session && !l.event_id && text.includes(session));
+    });
+    for (const { time, level, message, ...rest } of lines.slice(0, 40)) {
+        console.log(`#   ferry ${time} ${level} ${message} ${JSON.stringify(rest).slice(0, 300)}`);
+    }
+    const hsLines = stack.hs.logs?.().split("\n").filter((l) => l.includes(eventId)) ?? [];
+    for (const l of hsLines.slice(0, 20)) console.log(`#   homeserver: ${l}`);
+}
 
 test("a message whose room key arrives late is parked, survives a restart and relays when the key comes", async () => {
     // carol's to-device messages go through a proxy that keeps them: the room key her client sends to ferry's
