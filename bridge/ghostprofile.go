@@ -23,7 +23,7 @@ func (b *Bridge) ensureGhost(ctx context.Context, intent *appservice.IntentAPI, 
 	if b.hot.ghostReady(key) {
 		return nil
 	}
-	gen := b.hot.generation()
+	gen := b.hot.generation(key)
 	// Checked only when the cache has no entry: a member event in target (a kick, a ban) drops the entry.
 	if err := b.checkModeration(ctx, realUser, intent.UserID, target); err != nil {
 		return err
@@ -35,7 +35,7 @@ func (b *Bridge) ensureGhost(ctx context.Context, intent *appservice.IntentAPI, 
 	} else if err := b.joinGhost(ctx, intent, sourceRoom, realUser, target); err != nil {
 		return err
 	}
-	b.hot.setGhostReady(key, gen)
+	b.hot.setGhostReady(key, intent.UserID, gen)
 	return nil
 }
 

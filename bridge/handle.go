@@ -89,7 +89,10 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent, run *even
 	}
 	evt.Mautrix.ReceivedAt = row.ReceivedAt // decryption keeps it: relay latency counts from here
 	if evt.Type.Class == event.StateEventType {
-		b.hot.stateChanged(evt.Type, evt.RoomID)
+		forget := !b.ownJoinEcho(ctx, evt)
+		if forget {
+			b.hot.stateChanged(evt.Type, evt.RoomID, *evt.StateKey)
+		}
 		// The state store decides who gets room keys, and a member who left must not get the next one: a
 		// transient failure (the database restarting) retries the event, holding the room's order, rather than
 		// passing it with the state unapplied or a rotation skipped. Applying an event again is harmless.
@@ -99,7 +102,9 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent, run *even
 		}
 		// Again once what the event changed is recorded (a kick, moderation.go): a ghost checked in between
 		// must not stay cached.
-		b.hot.stateChanged(evt.Type, evt.RoomID)
+		if forget {
+			b.hot.stateChanged(evt.Type, evt.RoomID, *evt.StateKey)
+		}
 		if err != nil && Transient(err) {
 			return outcome{err: err}
 		} else if err != nil {

@@ -17,13 +17,20 @@ type hotCache struct {
 	encrypted sync.Map // id.RoomID → struct{}
 
 	lock sync.Mutex
-	// gen counts membership and room-name changes: an entry computed while one happened is not stored.
-	gen uint64
-	// ghosts holds (source room, real user, target room) whose ghost was in the target with the name and
-	// avatar derived from the source the last time it was checked, and no member, name or alias event has been
-	// handled since.
-	ghosts map[ghostKey]struct{}
+	// roomGen counts, per room, the membership and room-name changes handled there, and epoch counts clears of
+	// roomGen: an entry computed while a change happened in its source or target room is not stored. Changes in
+	// other rooms (ghosts joining elsewhere, at every new sender) leave it alone.
+	roomGen map[id.RoomID]uint64
+	epoch   uint64
+	// ghosts holds (source room, real user, target room), with the ghost's user ID, whose ghost was in the
+	// target with the name and avatar derived from the source the last time it was checked, and since then no
+	// name or alias event was handled in the source, nor a member event of the real user there, nor one of the
+	// real user or the ghost in the target.
+	ghosts map[ghostKey]id.UserID
 }
+
+// hotGen is what an entry's rooms had seen when its computation began (see generation).
+type hotGen struct{ epoch, changes uint64 }
 
 type ghostKey struct {
 	source id.RoomID
@@ -38,48 +45,83 @@ func (h *hotCache) ghostReady(k ghostKey) bool {
 	return ok
 }
 
-func (h *hotCache) generation() uint64 {
+// generation is taken before an entry is computed and handed to setGhostReady after. The two rooms' counters
+// only grow, so their sum changes whenever either does.
+func (h *hotCache) generation(k ghostKey) hotGen {
 	h.lock.Lock()
 	defer h.lock.Unlock()
-	return h.gen
+	return h.genLocked(k)
 }
 
-func (h *hotCache) setGhostReady(k ghostKey, gen uint64) {
+func (h *hotCache) genLocked(k ghostKey) hotGen {
+	return hotGen{h.epoch, h.roomGen[k.source] + h.roomGen[k.target]}
+}
+
+func (h *hotCache) setGhostReady(k ghostKey, ghost id.UserID, gen hotGen) {
 	h.lock.Lock()
 	defer h.lock.Unlock()
-	if h.gen != gen {
+	if h.genLocked(k) != gen {
 		return
 	}
 	if h.ghosts == nil || boundedCacheFull(len(h.ghosts)) {
-		h.ghosts = make(map[ghostKey]struct{})
+		h.ghosts = make(map[ghostKey]id.UserID)
 	}
-	h.ghosts[k] = struct{}{}
+	h.ghosts[k] = ghost
 }
 
-// stateChanged forgets the ghost entries of room (as source or target) when a state event there that a ghost's
-// membership or profile depends on is handled (a member leaving or being kicked, a profile change, a room rename
-// used by the name template). Entries of other rooms cannot depend on it.
-func (h *hotCache) stateChanged(t event.Type, room id.RoomID) {
+// changedLocked counts a change in room. A full counter map starts again empty under a new epoch, which every
+// computation under way then misses.
+func (h *hotCache) changedLocked(room id.RoomID) {
+	if h.roomGen == nil || boundedCacheFull(len(h.roomGen)) {
+		h.roomGen = make(map[id.RoomID]uint64)
+		h.epoch++
+	}
+	h.roomGen[room]++
+}
+
+// stateChanged forgets the ghost entries a state event in room may change: those of the member a member event is
+// about (the real user in the source; the real user or the ghost in the target: a kick, a ban, a profile change),
+// or all of the room's for a rename used by the name template. Other state events, and other rooms' entries, are
+// left alone: ghosts joining a busy room one after another do not make each other's entries computed again.
+func (h *hotCache) stateChanged(t event.Type, room id.RoomID, stateKey string) {
 	switch t {
 	case event.StateMember, event.StateRoomName, event.StateCanonicalAlias:
 	default:
 		return
 	}
+	member := id.UserID(stateKey)
 	h.lock.Lock()
 	defer h.lock.Unlock()
-	h.gen++
-	for k := range h.ghosts {
-		if k.source == room || k.target == room {
+	h.changedLocked(room)
+	for k, ghost := range h.ghosts {
+		switch {
+		case t != event.StateMember:
+			if k.source == room || k.target == room {
+				delete(h.ghosts, k)
+			}
+		case k.source == room && k.real == member, k.target == room && (k.real == member || ghost == member):
 			delete(h.ghosts, k)
 		}
 	}
+}
+
+// concerns reports whether an entry depends on member's member event in room (see stateChanged).
+func (h *hotCache) concerns(room id.RoomID, member id.UserID) bool {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	for k, ghost := range h.ghosts {
+		if (k.source == room && k.real == member) || (k.target == room && (k.real == member || ghost == member)) {
+			return true
+		}
+	}
+	return false
 }
 
 // forgetGhost forgets one entry (a send as that ghost failed: its membership is checked again next time).
 func (h *hotCache) forgetGhost(k ghostKey) {
 	h.lock.Lock()
 	defer h.lock.Unlock()
-	h.gen++
+	h.changedLocked(k.target)
 	delete(h.ghosts, k)
 }
 
@@ -93,4 +135,20 @@ func (b *Bridge) isEncrypted(ctx context.Context, room id.RoomID) (bool, error) 
 		b.hot.encrypted.Store(room, struct{}{})
 	}
 	return enc, err
+}
+
+// ownJoinEcho reports whether evt is the homeserver's echo of a join (or profile change) a ghost of ferry's sent
+// itself and the state store already holds as the event has it: the ghost's cached entries were computed with it,
+// and forgetting them would only make the ghost's next messages check it all again.
+func (b *Bridge) ownJoinEcho(ctx context.Context, evt *event.Event) bool {
+	if evt.Type != event.StateMember || evt.StateKey == nil || id.UserID(*evt.StateKey) != evt.Sender || !b.Ghosts.IsOwn(evt.Sender) {
+		return false
+	}
+	content := evt.Content.AsMember()
+	if content.Membership != event.MembershipJoin || !b.hot.concerns(evt.RoomID, evt.Sender) {
+		return false
+	}
+	stored, err := b.StateStore.TryGetMember(ctx, evt.RoomID, evt.Sender)
+	return err == nil && stored != nil && stored.Membership == event.MembershipJoin &&
+		stored.Displayname == content.Displayname && stored.AvatarURL == content.AvatarURL
 }

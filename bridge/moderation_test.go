@@ -118,3 +118,47 @@ func TestModerationHoldsAcrossTheLink(t *testing.T) {
 		t.Fatal("after bob invited the ghost back, alice's message did not cross")
 	}
 }
+
+// TestGhostJoinEchoKeepsItsCacheEntry: the homeserver's echo of the join a ghost sent leaves the ghost's cached
+// entry alone (the entry was computed with it), an echo that disagrees with the stored member (an older name)
+// forgets it, and so does a moderator's kick of the ghost sent after it.
+func TestGhostJoinEchoKeepsItsCacheEntry(t *testing.T) {
+	cr := newScriptedCrypto()
+	f := newRelayFixtureWith(t, cr)
+	ctx := context.Background()
+	f.n++
+	f.process(t, encryptedFrom(id.EventID(fmt.Sprintf("$echo%d", f.n)), f.roomA, f.alice))
+	ghost := f.br.Ghosts.Ghost(f.alice)
+	key := ghostKey{f.roomA, f.alice, f.roomB}
+	if !f.br.hot.ghostReady(key) {
+		t.Fatal("the ghost's entry was not cached after its first message")
+	}
+	stored, err := f.br.StateStore.TryGetMember(ctx, f.roomB, ghost)
+	if err != nil || stored == nil || stored.Membership != event.MembershipJoin {
+		t.Fatalf("the ghost's stored member: %+v, %v", stored, err)
+	}
+	echo := func(name string) {
+		f.n++
+		f.process(t, map[string]any{
+			"event_id": fmt.Sprintf("$echo%d", f.n), "room_id": f.roomB, "sender": ghost, "type": "m.room.member", "state_key": string(ghost),
+			"origin_server_ts": time.Now().UnixMilli(), "content": map[string]any{"membership": "join", "displayname": name, "avatar_url": stored.AvatarURL},
+		})
+	}
+	echo(stored.Displayname)
+	if !f.br.hot.ghostReady(key) {
+		t.Error("the echo of the ghost's own join forgot its entry")
+	}
+	echo(stored.Displayname + " (old)")
+	if f.br.hot.ghostReady(key) {
+		t.Error("an echo that disagrees with the stored member kept the entry")
+	}
+	f.n++
+	f.process(t, encryptedFrom(id.EventID(fmt.Sprintf("$echo%d", f.n)), f.roomA, f.alice))
+	if !f.br.hot.ghostReady(key) {
+		t.Fatal("the entry was not cached again")
+	}
+	f.member(t, f.roomB, "@bob:ferry.test", ghost, event.MembershipLeave, event.MembershipJoin)
+	if f.br.hot.ghostReady(key) {
+		t.Error("the kick of the ghost kept its entry")
+	}
+}
