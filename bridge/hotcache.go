@@ -99,7 +99,7 @@ func (h *hotCache) stateChanged(t event.Type, room id.RoomID, stateKey string) {
 			if k.source == room || k.target == room {
 				delete(h.ghosts, k)
 			}
-		case k.source == room && k.real == member, k.target == room && (k.real == member || ghost == member):
+		case memberAffects(k, ghost, room, member):
 			delete(h.ghosts, k)
 		}
 	}
@@ -110,11 +110,17 @@ func (h *hotCache) concerns(room id.RoomID, member id.UserID) bool {
 	h.lock.Lock()
 	defer h.lock.Unlock()
 	for k, ghost := range h.ghosts {
-		if (k.source == room && k.real == member) || (k.target == room && (k.real == member || ghost == member)) {
+		if memberAffects(k, ghost, room, member) {
 			return true
 		}
 	}
 	return false
+}
+
+// memberAffects reports whether member's member event in room can change the entry k of ghost: the real user's
+// own in the source (their name and avatar), the real user's or the ghost's in the target (a kick, a ban).
+func memberAffects(k ghostKey, ghost id.UserID, room id.RoomID, member id.UserID) bool {
+	return (k.source == room && k.real == member) || (k.target == room && (k.real == member || ghost == member))
 }
 
 // forgetGhost forgets one entry (a send as that ghost failed: its membership is checked again next time).
