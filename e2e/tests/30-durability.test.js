@@ -67,6 +67,7 @@ test("SIGKILL in the middle of a burst of 200 messages: each arrives exactly onc
         const missing = bodies.flatMap((b, i) => (have.has(b) ? [] : [i]));
         console.log(`# room B's history: ${have.size} burst copies, ${undecryptable} of the ghosts' events undecryptable; missing ${missing.map((i) => bodies[i]).join(", ")}`);
         for (const i of missing.slice(0, 5)) await explainMissing(sent[i], bodies[i], decrypt);
+        explainPushes();
         throw e;
     });
     await sleep(2000); // a duplicate, if any, would show up by now
@@ -112,6 +113,30 @@ async function explainMissing(eventId, body, decrypt) {
     }
     const hsLines = stack.hs.logs?.().split("\n").filter((l) => l.includes(eventId)) ?? [];
     for (const l of hsLines.slice(0, 20)) console.log(`#   homeserver: ${l}`);
+}
+
+/**
+ * Prints the homeserver's transaction IDs that never reached ferry (between the first and the last it recorded)
+ * and the homeserver's log lines about its retries of transactions. Synapse numbers an appservice's transactions
+ * one after another (with one appservice, as here), and stores one that it creates while it counts the
+ * appservice as down for its retries to send; one created as its retries end would be sent by none.
+ */
+function explainPushes() {
+    const ids = [
+        ...new Set(
+            stack.ferry
+                .logLines()
+                .filter((l) => l.message === "Recorded transaction" && /^[0-9]+$/.test(l.transaction_id ?? ""))
+                .map((l) => Number(l.transaction_id)),
+        ),
+    ].sort((a, b) => a - b);
+    const gaps = ids.slice(1).flatMap((id, k) => (id - ids[k] > 1 ? [`${ids[k] + 1}..${id - 1}`] : []));
+    console.log(`# transactions recorded: ${ids.length} (${ids[0]}..${ids.at(-1)}); never recorded: ${gaps.join(", ") || "none"}`);
+    const hsLog = stack.hs.logs?.().split("\n") ?? [];
+    console.log(`#   homeserver: ${hsLog.filter((l) => l.includes("Retrying transaction")).length} transactions sent again by its retries`);
+    for (const l of hsLog.filter((l) => /recover|Scheduling retries|not forcing retry|Error starting|Unexpected error/.test(l)).slice(-30)) {
+        console.log(`#   homeserver: ${l.slice(0, 200)}`);
+    }
 }
 
 test("a message whose room key arrives late is parked, survives a restart and relays when the key comes", async () => {
