@@ -3,6 +3,8 @@
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
 import { test } from "node:test";
 import {
     createTestDatabase,
@@ -15,6 +17,7 @@ import {
     yamlTopLevel,
 } from "../lib/ferry.js";
 import { ferryConfigFor, HS_LABEL, startHomeserver } from "../lib/homeserver.js";
+import { repoRoot } from "../lib/util.js";
 
 test("toYaml writes block YAML that keeps keys, quoting and nesting", () => {
     const text = toYaml({
@@ -145,5 +148,36 @@ test(`ferry starts against ${HS_LABEL}, answers ready, restarts and stops`, asyn
         await ferry?.kill9();
         await hs?.stop();
         prepared.cleanup();
+    }
+});
+
+test("a test file whose test failed keeps its temp dirs; one whose tests passed removes them", () => {
+    const work = fs.mkdtempSync(path.join(os.tmpdir(), "ferry-keeptest-"));
+    try {
+        const util = path.join(repoRoot, "e2e", "lib", "util.js");
+        const dirOf = (pass) => {
+            const file = path.join(work, `${pass ? "passes" : "fails"}.test.mjs`);
+            fs.writeFileSync(
+                file,
+                `import { test } from "node:test";\nimport { makeTempDir, removeTempDir } from ${JSON.stringify(util)};\n` +
+                    `test("makes a dir", () => {\n  const dir = makeTempDir("ferry-keeptest-${pass ? "p" : "f"}-");\n  console.log("DIR=" + dir);\n` +
+                    `  ${pass ? "" : 'throw new Error("fails on purpose");'}\n});\n` +
+                    `test("removes it afterwards", () => {});\n`,
+            );
+            const env = { ...process.env };
+            delete env.NODE_TEST_CONTEXT;
+            delete env.FERRY_E2E_KEEP;
+            const r = spawnSync(process.execPath, ["--test", file], { encoding: "utf8", env });
+            assert.equal(r.status, pass ? 0 : 1, r.stdout + r.stderr);
+            const dir = r.stdout.match(/DIR=(\S+)/)?.[1];
+            assert.ok(dir, r.stdout);
+            return dir;
+        };
+        const kept = dirOf(false);
+        assert.ok(fs.existsSync(kept), "the failed file's dir was removed");
+        fs.rmSync(kept, { recursive: true, force: true });
+        assert.ok(!fs.existsSync(dirOf(true)), "the passing file's dir was kept");
+    } finally {
+        fs.rmSync(work, { recursive: true, force: true });
     }
 });
