@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 
 	"maunium.net/go/mautrix/event"
@@ -28,8 +29,8 @@ func TestGhostCacheForgetsWhatAStateChangeAffects(t *testing.T) {
 	want := func(what string, kept ...ghostKey) {
 		t.Helper()
 		for _, k := range keys {
-			if h.ghostReady(k) != (indexOf(kept, k) >= 0) {
-				t.Errorf("%s: entry %v kept %v, want %v", what, k, h.ghostReady(k), indexOf(kept, k) >= 0)
+			if h.ghostReady(k) != slices.Contains(kept, k) {
+				t.Errorf("%s: entry %v kept %v, want %v", what, k, h.ghostReady(k), slices.Contains(kept, k))
 			}
 		}
 	}
@@ -77,15 +78,6 @@ func TestGhostCacheForgetsWhatAStateChangeAffects(t *testing.T) {
 	if !h.concerns("!b", "@_g_alice:x") || !h.concerns("!a", "@alice:x") || h.concerns("!b", "@dave:x") || h.concerns("!z", "@alice:x") {
 		t.Error("concerns disagrees with what a member event forgets")
 	}
-}
-
-func indexOf(keys []ghostKey, k ghostKey) int {
-	for i, x := range keys {
-		if x == k {
-			return i
-		}
-	}
-	return -1
 }
 
 // TestGhostCacheCountersStayBounded: rooms' change counters start again empty once maxCacheEntries rooms have

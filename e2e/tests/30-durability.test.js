@@ -84,16 +84,11 @@ test("SIGKILL in the middle of a burst of 200 messages: each arrives exactly onc
  */
 async function explainMissing(eventId, body, decrypt) {
     console.log(`# ${body} = ${eventId}`);
-    const q = (what, sql) => {
-        try {
-            console.log(`#   ${what}: ${JSON.stringify(stack.sql(sql))}`);
-        } catch (e) {
-            console.log(`#   ${what}: ${e.message}`);
-        }
-    };
-    q("inbox (seq, state, session, attempts, last error, synced, ord, received)", `SELECT seq, state, session_id, attempts, last_error, synced, ord, received_at FROM inbox WHERE event_id='${eventId}'`);
-    q("event map", `SELECT target_room, target_event, created_at FROM event_map WHERE source_event='${eventId}'`);
-    for (const [copyId] of stack.sql(`SELECT target_event FROM event_map WHERE source_event='${eventId}' AND target_room='${roomB}'`)) {
+    const inbox = stack.sql(`SELECT seq, state, session_id, attempts, last_error, synced, ord, received_at FROM inbox WHERE event_id='${eventId}'`);
+    const copies = stack.sql(`SELECT target_room, target_event, created_at FROM event_map WHERE source_event='${eventId}'`);
+    console.log(`#   inbox (seq, state, session, attempts, last error, synced, ord, received): ${JSON.stringify(inbox)}`);
+    console.log(`#   event map: ${JSON.stringify(copies)}`);
+    for (const [, copyId] of copies.filter(([target]) => target === roomB)) {
         try {
             const raw = await bob.client.fetchRoomEvent(roomB, copyId);
             const c = await decrypt(raw);
@@ -102,7 +97,7 @@ async function explainMissing(eventId, body, decrypt) {
             console.log(`#   the copy ${copyId}, asked for by ID: ${e.errcode ?? ""} ${e.message}`);
         }
     }
-    const session = stack.sql(`SELECT session_id FROM inbox WHERE event_id='${eventId}'`)[0]?.[0];
+    const session = inbox[0]?.[2];
     // The event's own lines, and those about its Megolm session that name no event (the key's arrival, requests).
     const lines = stack.ferry.logLines().filter((l) => {
         const text = JSON.stringify(l);
