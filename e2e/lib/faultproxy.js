@@ -6,6 +6,7 @@
 //   const p = await startFaultProxy({ target: "http://127.0.0.1:8008", name: "ferry→hs", seed: 7, rate: 0.09,
 //                                     faults: "429=2,502=2,reset-after=2,lost=1,slow=1", forgetTxn: true });
 //   p.url; await p.off(); await p.on(); await p.tallies(); await p.stop();  // stop() resolves the final tallies
+//   await p.dropNext([roomId, "m.megolm.v1.aes-sha2"], ["m.olm.v1"]);  // the next matching request: 200, never forwarded
 import fs from "node:fs";
 import path from "node:path";
 import { freePort, httpStatus, makeTempDir, pollUntil, removeTempDir, repoRoot, spawnTracked, tailFile } from "./util.js";
@@ -32,8 +33,8 @@ export async function startFaultProxy({ target, name = "faultproxy", seed = 1, r
     const outFile = path.join(dir, "faultproxy.out");
     const child = spawnTracked(bin, args, { logFile: outFile });
     const url = `http://127.0.0.1:${port}`;
-    const control = async (p, method = "POST") => {
-        const res = await fetch(`${url}/_faultproxy/${p}`, { method });
+    const control = async (p, method = "POST", query = "") => {
+        const res = await fetch(`${url}/_faultproxy/${p}${query}`, { method });
         if (!res.ok) throw new Error(`fault proxy ${name}: ${p} answered ${res.status}`);
         return withLine(await res.json());
     };
@@ -54,6 +55,12 @@ export async function startFaultProxy({ target, name = "faultproxy", seed = 1, r
         port,
         on: () => control("on"),
         off: () => control("off"),
+        /** Arms one drop: the next request whose body holds every string of `contains` and none of `without` is
+         * answered 200 {} and never forwarded (as a transaction the homeserver never sends). */
+        dropNext: (contains, without = []) => {
+            const q = new URLSearchParams([...contains.map((c) => ["contains", c]), ...without.map((w) => ["without", w])]);
+            return control("drop-next", "POST", `?${q}`);
+        },
         tallies: () => (child.exitInfo ? Promise.resolve(last) : control("tallies", "GET")),
         /** Stops the proxy; resolves its last tallies. */
         async stop() {
@@ -78,5 +85,6 @@ function withLine(t) {
     if (kinds.length) line += ` (${kinds.join(" ")})`;
     if (t.txn_forgotten) line += `, ${t.txn_forgotten} forwarded under a forgotten transaction ID`;
     if (t.upstream_unreachable) line += `, upstream unreachable ${t.upstream_unreachable} times`;
+    if (t.dropped) line += `, ${t.dropped} dropped as asked`;
     return { ...t, injected, line };
 }

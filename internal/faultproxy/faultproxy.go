@@ -151,6 +151,28 @@ type Proxy struct {
 	unreachable int64
 	faults      map[Kind]int64
 	forgotten   int64
+	dropped     int64
+	// drops are the armed DropNext matches, oldest first.
+	drops []dropMatch
+}
+
+// dropMatch picks a request body: it holds every string of contains and none of without.
+type dropMatch struct {
+	contains, without []string
+}
+
+func (d dropMatch) matches(body []byte) bool {
+	for _, c := range d.contains {
+		if !bytes.Contains(body, []byte(c)) {
+			return false
+		}
+	}
+	for _, c := range d.without {
+		if bytes.Contains(body, []byte(c)) {
+			return false
+		}
+	}
+	return true
 }
 
 // New builds a proxy. It is on (injecting faults) from the start unless cfg.Rate is 0.
@@ -220,6 +242,7 @@ type Tallies struct {
 	Unreachable int64          `json:"upstream_unreachable"`
 	Faults      map[Kind]int64 `json:"faults"`
 	Forgotten   int64          `json:"txn_forgotten"`
+	Dropped     int64          `json:"dropped"`
 }
 
 // Injected is the number of faults injected.
@@ -251,6 +274,9 @@ func (t Tallies) String() string {
 	if t.Unreachable > 0 {
 		fmt.Fprintf(&sb, ", upstream unreachable %d times", t.Unreachable)
 	}
+	if t.Dropped > 0 {
+		fmt.Fprintf(&sb, ", %d dropped as asked", t.Dropped)
+	}
 	return sb.String()
 }
 
@@ -259,7 +285,7 @@ func (p *Proxy) Tallies() Tallies {
 	p.lock.Lock()
 	defer p.lock.Unlock()
 	t := Tallies{Name: p.cfg.Name, Enabled: p.enabled, Requests: p.requests, Forwarded: p.forwarded,
-		Unreachable: p.unreachable, Faults: make(map[Kind]int64, len(p.faults)), Forgotten: p.forgotten}
+		Unreachable: p.unreachable, Faults: make(map[Kind]int64, len(p.faults)), Forgotten: p.forgotten, Dropped: p.dropped}
 	for k, c := range p.faults {
 		t.Faults[k] = c
 	}
@@ -270,12 +296,53 @@ func (p *Proxy) Tallies() Tallies {
 //
 //	POST /_faultproxy/on, POST /_faultproxy/off   switch fault injection
 //	GET  /_faultproxy/tallies                     the tallies as JSON
+//	POST /_faultproxy/drop-next?contains=…&without=…   DropNext (each parameter may repeat)
 const ControlPrefix = "/_faultproxy/"
+
+// DropNext arms the proxy to answer the next request whose body holds every string of contains and none of
+// without with 200 {} and never forward it: a request its sender counts as delivered that the upstream never
+// got, as a homeserver's appservice transaction that it never sends is. Each call arms one drop; a request meets
+// at most one. Independent of SetEnabled.
+func (p *Proxy) DropNext(contains, without []string) {
+	p.lock.Lock()
+	p.drops = append(p.drops, dropMatch{contains: contains, without: without})
+	p.lock.Unlock()
+}
+
+// takeDrop reads r's body (leaving it readable) and tells whether an armed drop matches it, disarming that one.
+func (p *Proxy) takeDrop(r *http.Request) bool {
+	p.lock.Lock()
+	armed := len(p.drops) > 0
+	p.lock.Unlock()
+	if !armed {
+		return false
+	}
+	body, err := io.ReadAll(r.Body)
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	if err != nil {
+		return false
+	}
+	p.lock.Lock()
+	defer p.lock.Unlock()
+	for i, d := range p.drops {
+		if d.matches(body) {
+			p.drops = slices.Delete(p.drops, i, i+1)
+			p.requests++
+			p.dropped++
+			return true
+		}
+	}
+	return false
+}
 
 // ServeHTTP forwards one request, or fails it.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if strings.HasPrefix(r.URL.Path, ControlPrefix) {
 		p.control(w, r)
+		return
+	}
+	if p.takeDrop(r) {
+		writeJSON(w, http.StatusOK, map[string]any{})
 		return
 	}
 	kind, slow, n := p.draw(r)
@@ -418,6 +485,13 @@ func (p *Proxy) control(w http.ResponseWriter, r *http.Request) {
 	case "off":
 		p.SetEnabled(false)
 	case "tallies":
+	case "drop-next":
+		q := r.URL.Query()
+		if r.Method != http.MethodPost || len(q["contains"]) == 0 {
+			writeJSON(w, http.StatusBadRequest, map[string]any{"errcode": "M_INVALID_PARAM", "error": "drop-next is a POST with at least one contains parameter"})
+			return
+		}
+		p.DropNext(q["contains"], q["without"])
 	default:
 		writeJSON(w, http.StatusNotFound, map[string]any{"errcode": "M_UNRECOGNIZED", "error": "Unknown control path"})
 		return

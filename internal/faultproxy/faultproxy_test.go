@@ -250,3 +250,46 @@ func TestParseMix(t *testing.T) {
 		t.Fatalf("all gave %v", mix)
 	}
 }
+
+// TestDropNext: an armed drop answers the first request whose body matches 200 {} without forwarding it, and only
+// that one; requests that do not match, and the ones after it, go through.
+func TestDropNext(t *testing.T) {
+	up := newUpstream(t)
+	_, srv := newProxy(t, Config{Name: "to-ferry", Target: up.URL})
+	post := func(path, body string) *http.Response {
+		t.Helper()
+		resp, err := client.Post(srv.URL+path, "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = resp.Body.Close()
+		return resp
+	}
+	if resp := post(ControlPrefix+"drop-next?contains=m.megolm&contains=!a:test&without=m.olm", ""); resp.StatusCode != 200 {
+		t.Fatalf("arming answered %d", resp.StatusCode)
+	}
+	post("/txn/1", `{"events":[{"room_id":"!b:test","algorithm":"m.megolm"}]}`)                                     // other room
+	post("/txn/2", `{"events":[{"room_id":"!a:test","algorithm":"m.megolm"}],"to_device":[{"algorithm":"m.olm"}]}`) // carries a key
+	if resp := post("/txn/3", `{"events":[{"room_id":"!a:test","algorithm":"m.megolm"}]}`); resp.StatusCode != 200 {
+		t.Fatalf("the dropped request was answered %d", resp.StatusCode)
+	}
+	post("/txn/4", `{"events":[{"room_id":"!a:test","algorithm":"m.megolm"}]}`)
+	if got := strings.Join(up.seen(), " "); got != "/txn/1 /txn/2 /txn/4" {
+		t.Fatalf("the upstream got %s, want /txn/1 /txn/2 /txn/4", got)
+	}
+	resp, err := client.Get(srv.URL + ControlPrefix + "tallies")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var tl Tallies
+	if err = json.NewDecoder(resp.Body).Decode(&tl); err != nil {
+		t.Fatal(err)
+	}
+	if tl.Dropped != 1 || tl.Requests != 4 || !strings.Contains(tl.String(), "1 dropped as asked") {
+		t.Fatalf("tallies %+v (%s)", tl, tl)
+	}
+	if resp := post(ControlPrefix+"drop-next", ""); resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("drop-next without contains answered %d, want 400", resp.StatusCode)
+	}
+}
