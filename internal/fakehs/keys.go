@@ -381,11 +381,15 @@ func (s *Server) putSendToDevice(w http.ResponseWriter, r *http.Request, c calle
 func (s *Server) getSync(w http.ResponseWriter, r *http.Request, c caller) {
 	q := r.URL.Query()
 	s.mu.Lock()
-	s.syncCalls = append(s.syncCalls, SyncCall{User: c.user, Device: c.device, Appservice: c.appservice, Filter: q.Get("filter")})
+	s.syncCalls = append(s.syncCalls, SyncCall{User: c.user, Device: c.device, Appservice: c.appservice, Filter: q.Get("filter"), Since: q.Get("since")})
 	s.mu.Unlock()
 	since := parseSince(q.Get("since"))
 	timeout, _ := strconv.Atoi(q.Get("timeout"))
 	deadline := time.Now().Add(time.Duration(timeout) * time.Millisecond)
+	if c.appservice && c.device == "" {
+		s.roomSync(w, r, c, since, deadline)
+		return
+	}
 	for {
 		s.mu.Lock()
 		dev := s.deviceFor(w, c)

@@ -214,6 +214,7 @@ func (s *Server) setMembershipLocked(rm *room, sender, target id.UserID, members
 func (s *Server) recordLocked(rm *room, evtID id.EventID, sender id.UserID, stateKey *string, raw json.RawMessage, echo bool) {
 	if s.opts.KeepTimeline {
 		rm.timeline = append(rm.timeline, raw)
+		s.logRoomEventLocked(rm.id, raw)
 	}
 	if !echo || s.opts.NoEcho || s.opts.ASToken == "" {
 		return

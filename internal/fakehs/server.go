@@ -65,6 +65,9 @@ type Options struct {
 	// KeepTimeline records every event created through the client API, for Timeline. Off by default: long
 	// benchmarks would hold every event in memory.
 	KeepTimeline bool
+	// RefuseRoomSync answers the /sync of a user without a device 403 M_FORBIDDEN, as a homeserver that does not
+	// let appservices /sync as their users would.
+	RefuseRoomSync bool
 	// Latency delays every request by this long before it is handled, as a homeserver's own work and network
 	// would (0: none).
 	Latency time.Duration
@@ -156,6 +159,10 @@ type Server struct {
 	nonces       map[string]struct{}
 	// asListsPos is the stream position up to which TakeAppserviceTransaction reported device-list changes.
 	asListsPos int64
+	// roomLog holds the room events of rooms kept with Options.KeepTimeline, at their stream positions, for the
+	// /sync of a user without a device (roomsync.go); roomNotify is closed (and replaced) when one is added.
+	roomLog    []loggedEvent
+	roomNotify chan struct{}
 
 	as asSender
 
@@ -403,6 +410,7 @@ type SyncCall struct {
 	Device     id.DeviceID
 	Appservice bool
 	Filter     string
+	Since      string
 }
 
 // SyncCalls returns every /sync request so far, in order.
