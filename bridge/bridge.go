@@ -60,8 +60,10 @@ type Bridge struct {
 	// Reload re-reads the permissions from the config file (the reload command); nil when unavailable.
 	Reload func() (Permissions, error)
 	// SyncOrders: the homeserver may push events out of their room's order (Dendrite 0.13.8 does after a restart)
-	// and ferry's bot device runs a /sync that shows the order (IngestSynced). Events the homeserver pushes then
-	// wait, holding their room's queue, until /sync has shown them (at most syncOrderWait).
+	// or not at all (Synapse 1.163.2 can leave a transaction unsent), and ferry's bot runs a /sync that shows the
+	// order (IngestSynced): its device's, or the bot user's rooms-only one with appservice-mode encryption. Events
+	// the homeserver pushes then wait, holding their room's queue, until /sync has shown them (at most
+	// syncOrderWait).
 	SyncOrders atomic.Bool
 	// syncCovers (Unix ns): every room event the homeserver had before it was in a /sync batch IngestSynced
 	// recorded (crypto.SyncedBatch.Covers).

@@ -89,6 +89,11 @@ type Machine struct {
 	// room IDs): homeservers push them to appservices only with appservice-mode encryption's receive_ephemeral,
 	// and Dendrite 0.13.8 never does. It must not block.
 	SyncedEphemeral func(ctx context.Context, evts []*event.Event)
+	// RoomSync: in appservice mode, also run the bot user's /sync without a device, for the rooms' events
+	// (roomsync.go), each batch to SyncedTimeline. Set before Start; needs NewUserClient.
+	RoomSync bool
+	// RoomSyncRefused is called when the homeserver refuses that /sync for good; it ends then. It must not block.
+	RoomSyncRefused func(err error)
 
 	shareLevel, receiveLevel trustLevel
 	// perGhost is the effective device mode (device_mode per_ghost and a way to cross-sign ghosts).
@@ -143,8 +148,9 @@ type Machine struct {
 	adminGate sync.RWMutex
 
 	// guards the following fields
-	lock       sync.Mutex
-	syncCancel context.CancelFunc
+	lock        sync.Mutex
+	syncCancel  context.CancelFunc
+	roomsClient *mautrix.Client // the rooms-only /sync's (roomsync.go)
 }
 
 // NewMachine prepares the crypto layer. client must be a fresh appservice client for the bot (it will be logged
@@ -467,36 +473,16 @@ func (m *Machine) Start(ctx context.Context) {
 		}
 		// And so are to-device messages: room keys sent while ferry was down wait in the device's inbox.
 		go m.catchUpToDeviceLogged(ctx, time.Now(), "after the start")
+		if m.RoomSync {
+			m.startRoomSync(ctx)
+		}
 		return
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	m.lock.Lock()
 	m.syncCancel = cancel
 	m.lock.Unlock()
-	syncer, _ := m.client.Syncer.(*cryptoSyncer)
-	go func() {
-		for ctx.Err() == nil {
-			if syncer != nil {
-				syncer.requestedAfter = time.Now()
-			}
-			err := m.client.SyncWithContext(ctx)
-			if errors.Is(err, errRereadBatch) && syncer != nil {
-				// Started again from the token saved before the last batch (cryptoSyncer.OnFailedSync).
-				select {
-				case <-ctx.Done():
-				case <-time.After(syncer.rereadWait):
-				}
-				continue
-			}
-			if err != nil && ctx.Err() == nil {
-				m.log.Err(err).Msg("To-device sync stopped, restarting in 5 seconds")
-				select {
-				case <-ctx.Done():
-				case <-time.After(5 * time.Second):
-				}
-			}
-		}
-	}()
+	go m.syncLoop(ctx, m.client)
 	if m.perGhost {
 		go m.drainLoop(ctx)
 	}
@@ -511,6 +497,9 @@ func (m *Machine) Stop() {
 		m.syncCancel()
 	}
 	m.client.StopSync()
+	if m.roomsClient != nil {
+		m.roomsClient.StopSync()
+	}
 	if m.bot == nil {
 		return
 	}
@@ -918,12 +907,15 @@ const (
 var syncEphemeralTypes = []event.Type{event.EphemeralEventTyping, event.EphemeralEventReceipt}
 
 type cryptoSyncer struct {
-	mach     *crypto.OlmMachine
-	client   *mautrix.Client
-	store    *afterBatchStore
-	log      zerolog.Logger
-	keyLocks *keyLocks // the store cache's: device-list fetches take them, as key shares do (device.devicesOf)
-	timeline func(ctx context.Context, batch SyncedBatch) error
+	// roomsOnly: the /sync of the appservice's bot user without a device (roomsync.go): its batches hold room
+	// events only, and no key counts (which the device parts would read as zero).
+	roomsOnly bool
+	mach      *crypto.OlmMachine
+	client    *mautrix.Client
+	store     *afterBatchStore
+	log       zerolog.Logger
+	keyLocks  *keyLocks // the store cache's: device-list fetches take them, as key shares do (device.devicesOf)
+	timeline  func(ctx context.Context, batch SyncedBatch) error
 	// toDevice handles one to-device message of the batch (Machine.handleBotToDevice).
 	toDevice func(ctx context.Context, evt *event.Event) error
 	// ephemeral receives typing notifications and read receipts; it must not block.
@@ -956,6 +948,16 @@ const rereadWindow = 2 * time.Second
 var errRereadBatch = errors.New("reading the last /sync batch again")
 
 func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSync, since string) error {
+	if !s.roomsOnly {
+		if err := s.deviceParts(ctx, resp, since); err != nil {
+			return err
+		}
+	}
+	return s.roomParts(ctx, resp, since)
+}
+
+// deviceParts handles what a /sync batch holds for the bot's device: device lists, key counts, to-device messages.
+func (s *cryptoSyncer) deviceParts(ctx context.Context, resp *mautrix.RespSync, since string) error {
 	// mautrix fetches the changed device lists first thing in ProcessSyncResponse; ferry does it here instead,
 	// under the changed users' key locks, so a key share never sees a user's new devices before their signatures.
 	lists := resp.DeviceLists
@@ -999,6 +1001,12 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 			return err
 		}
 	}
+	return nil
+}
+
+// roomParts records a batch's room events (limited timelines filled in), then saves the token, then hands on the
+// batch's typing notifications and receipts.
+func (s *cryptoSyncer) roomParts(ctx context.Context, resp *mautrix.RespSync, since string) error {
 	var evts []*event.Event
 	incomplete := make(map[id.RoomID]bool)
 	edge := make(map[id.EventID]bool)
@@ -1054,7 +1062,7 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 			eph = append(eph, evt)
 		}
 	}
-	if len(eph) > 0 && since != "" {
+	if len(eph) > 0 && since != "" && s.ephemeral != nil {
 		s.ephemeral(ctx, eph)
 	}
 	return nil
@@ -1201,7 +1209,11 @@ func (s *cryptoSyncer) OnFailedSync(_ *mautrix.RespSync, err error) (time.Durati
 	if s.retryWait != nil {
 		wait = s.retryWait(err, backoff)
 	}
-	s.log.Warn().Err(err).Dur("retry_in", wait).Msg("To-device sync failed, retrying")
+	if s.roomsOnly && refusedForGood(err) {
+		// Waiting would not help: the homeserver does not let the appservice /sync as its bot.
+		return 0, fmt.Errorf("%w: %w", errRoomSyncRefused, err)
+	}
+	s.log.Warn().Err(err).Dur("retry_in", wait).Str("sync", s.kind()).Msg("The bot's /sync failed, retrying")
 	if first && s.lastSince != "" && time.Since(s.lastHandled) < rereadWindow && !errors.Is(err, mautrix.MLimitExceeded) {
 		// The homeserver may have answered the last batch as it went away (rereadWindow): read it again. Events
 		// already recorded are recognised by ID, to-device messages already handled by their hash.

@@ -308,9 +308,12 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 	mach.SessionReceived = br.SessionArrived
 	mach.SyncedTimeline = br.IngestSynced
 	mach.SyncedEphemeral = br.HandleEphemeral
-	// Without appservice-mode encryption the bot's device runs /sync, which shows each room's order: on such
-	// homeservers (Dendrite) pushed events are checked against it. Init may still fall back to /sync below.
-	br.SyncOrders.Store(!cfg.Encryption.Appservice)
+	// The bot's /sync shows each room's events in the room's order, and pushed events are checked against it:
+	// the device's /sync without appservice-mode encryption (Dendrite's path), a rooms-only /sync of the bot user
+	// with it (Synapse can leave a transaction unsent: crypto/roomsync.go).
+	br.SyncOrders.Store(true)
+	mach.RoomSync = true
+	mach.RoomSyncRefused = func(error) { br.SyncOrders.Store(false) }
 	listener, err := net.Listen("tcp", net.JoinHostPort(cfg.Appservice.Hostname, fmt.Sprint(cfg.Appservice.Port)))
 	if err != nil {
 		log.Error().Err(err).Msg("Failed to listen for the homeserver")
@@ -371,7 +374,6 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 		// The homeserver lacks MSC4190 or does not push to-device messages: Init or the probe said so and fell
 		// back to logins and /sync.
 		path = encryptionPathSync
-		br.SyncOrders.Store(true)
 	}
 	br.EncryptionPath = path
 	mach.Start(ctx)

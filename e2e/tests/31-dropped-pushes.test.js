@@ -1,4 +1,4 @@
-// Room keys the homeserver never pushed. Synapse counts an appservice as down after any transaction that failed,
+// Pushes the homeserver never made. Room keys first: Synapse counts an appservice as down after any transaction that failed,
 // and until its retry goes through it drops the to-device messages it would have pushed: room keys for ferry's
 // bot device are lost on the way. A key request gets a lost key back only while it is its sender's current
 // session (clients forward nothing else to another user's device); a message sent just before a rotation would
@@ -8,7 +8,8 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { inviteBot, linkWithPower, startStack } from "../lib/stack.js";
 import { createUser } from "../lib/users.js";
-import { sleep } from "../lib/util.js";
+import { decrypter, serverHistory } from "../lib/history.js";
+import { pollUntil, sleep } from "../lib/util.js";
 
 let stack, alice, bob, roomA, roomB;
 const isGhost = (u) => u.startsWith("@_ferry_");
@@ -49,4 +50,33 @@ test("a room key the homeserver dropped instead of pushing, for a session its se
     assert.equal(second.isDecryptionFailure, false);
     const tallies = await toFerry.tallies();
     assert.ok(tallies.faults["503"] > 0, `transactions failed: ${tallies.line}`);
+});
+
+// A message whose transaction never reaches ferry. Synapse 1.163.2 can leave a transaction unsent after ferry's
+// restart (its retry loop counts the appservice as up again while one is being stored: docs/OPERATING.md); here the
+// proxy answers the homeserver's transaction for it and never hands it on, and the homeserver counts it as
+// delivered. ferry's bot sees the message in its /sync (on both paths) and relays it in its place, before the
+// messages that followed it.
+test("a message whose transaction never reached ferry is relayed, in its place", async () => {
+    const { toFerry } = stack.faultProxies;
+    const before = (await toFerry.tallies()).dropped ?? 0;
+    // Only a transaction without Olm to-device messages: a room key lost on the way is the test above.
+    await toFerry.dropNext([roomA, "m.megolm.v1.aes-sha2"], ["m.olm.v1.curve25519-aes-sha2"]);
+    const bodies = ["its transaction never reached ferry", "sent after the lost transaction", "and one more"];
+    await alice.sendText(roomA, bodies[0]);
+    await pollUntil(async () => ((await toFerry.tallies()).dropped ?? 0) > before, { timeoutMs: 30000, what: "the proxy to drop the message's transaction" });
+    await alice.sendText(roomA, bodies[1]);
+    await alice.sendText(roomA, bodies[2]);
+    for (const body of bodies) {
+        const copy = await bob.waitForEvent(roomB, (e) => isGhost(e.sender) && e.content.body === body, 60000, `the copy of "${body}"`);
+        assert.equal(copy.isDecryptionFailure, false, `the copy of "${body}" cannot be decrypted`);
+    }
+    // In the linked room's server-side history, once each and in the order sent.
+    const decrypt = decrypter(bob);
+    const seen = [];
+    for (const raw of await serverHistory(bob, roomB)) {
+        const body = isGhost(raw.sender) ? (await decrypt(raw))?.content?.body : undefined;
+        if (bodies.includes(body)) seen.push(body);
+    }
+    assert.deepEqual(seen, bodies, `copies in bob's room, oldest first: ${JSON.stringify(seen)}`);
 });

@@ -1,0 +1,153 @@
+package crypto
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/internal/fakehs"
+)
+
+// batchWatch collects the rooms-only /sync's batches.
+type batchWatch struct {
+	got chan SyncedBatch
+}
+
+func watchBatches(m *Machine) *batchWatch {
+	w := &batchWatch{got: make(chan SyncedBatch, 100)}
+	m.SyncedTimeline = func(_ context.Context, b SyncedBatch) error {
+		w.got <- b
+		return nil
+	}
+	return w
+}
+
+// waitFor waits for a batch holding evtID and returns it.
+func (w *batchWatch) waitFor(t *testing.T, evtID id.EventID) SyncedBatch {
+	t.Helper()
+	deadline := time.After(15 * time.Second)
+	for {
+		select {
+		case b := <-w.got:
+			if slices.ContainsFunc(b.Events, func(e *event.Event) bool { return e.ID == evtID }) {
+				return b
+			}
+		case <-deadline:
+			t.Fatalf("no /sync batch showed %s", evtID)
+		}
+	}
+}
+
+// In appservice mode the bot user's /sync without a device shows the rooms' events (a transaction the homeserver
+// never sends is still seen), and it leaves everything of the device to the transactions: it never names the
+// device (whose to-device messages such a /sync would take) and never uploads keys for it.
+func TestRoomSyncShowsRoomEventsWithoutTheDevice(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r := newASRig(t, fakehs.Options{KeepTimeline: true}, "")
+	r.m.RoomSync = true
+	w := watchBatches(r.m)
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	room := r.srv.CreateRoom(r.member.ID, fakehs.RoomOptions{Name: "synced", Encryption: r.enc, Members: []id.UserID{r.bot, r.ghost}})
+	// The first batch (no token yet) only marks where the sync starts.
+	select {
+	case b := <-w.got:
+		if !b.Initial {
+			t.Fatal("the first batch of the rooms-only /sync is not marked initial")
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("the rooms-only /sync never answered")
+	}
+	uploads := r.srv.Counts()["POST /_matrix/client/v3/keys/upload"]
+	resp, err := r.asClient(t, r.ghost).SendMessageEvent(ctx, room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "seen by /sync"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := w.waitFor(t, resp.EventID)
+	if b.Initial {
+		t.Error("a later batch is marked initial")
+	}
+	for _, e := range b.Events {
+		if e.ID == resp.EventID && e.RoomID != room {
+			t.Errorf("the synced event has room %s, want %s", e.RoomID, room)
+		}
+	}
+	if n := r.srv.Counts()["POST /_matrix/client/v3/keys/upload"]; n != uploads {
+		t.Errorf("the rooms-only /sync uploaded keys %d times (its answers have no key counts)", n-uploads)
+	}
+	calls := roomSyncCalls(r.srv)
+	if len(calls) < 2 {
+		t.Fatalf("%d /sync calls with the rooms-only filter, want at least 2", len(calls))
+	}
+	for _, c := range calls {
+		if c.User != r.bot || !c.Appservice || c.Device != "" {
+			t.Fatalf("a rooms-only /sync as %s, device %q, appservice token %v: want the bot with the appservice token and no device", c.User, c.Device, c.Appservice)
+		}
+	}
+
+	// A restart reads on from the saved token: the first /sync of the new run is not initial, and shows what
+	// happened while ferry was away.
+	r.m.Stop()
+	resp, err = r.asClient(t, r.ghost).SendMessageEvent(ctx, room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "sent while ferry was away"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := len(roomSyncCalls(r.srv))
+	r.m = r.newMachine(t)
+	r.m.RoomSync = true
+	w = watchBatches(r.m)
+	if err = r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	if b = w.waitFor(t, resp.EventID); b.Initial {
+		t.Error("after a restart the rooms-only /sync started over instead of reading on from its token")
+	}
+	if c := roomSyncCalls(r.srv)[before]; c.Since == "" {
+		t.Error("the first /sync after the restart had no since token")
+	}
+}
+
+// A homeserver that refuses the rooms-only /sync for good ends it, and says so once; it is not asked again and
+// again.
+func TestRoomSyncRefusedForGoodEnds(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r := newASRig(t, fakehs.Options{KeepTimeline: true, RefuseRoomSync: true}, "")
+	r.m.RoomSync = true
+	refused := make(chan error, 1)
+	r.m.RoomSyncRefused = func(err error) { refused <- err }
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	select {
+	case <-refused:
+	case <-time.After(15 * time.Second):
+		t.Fatal("a refused rooms-only /sync was never reported")
+	}
+	n := len(roomSyncCalls(r.srv))
+	time.Sleep(time.Second)
+	if again := len(roomSyncCalls(r.srv)); again != n {
+		t.Errorf("the refused /sync was asked again %d times", again-n)
+	}
+	if got := r.logs.warnings("refuses the bot's rooms-only /sync"); len(got) != 1 {
+		t.Errorf("%d warnings about the refusal, want 1", len(got))
+	}
+}
+
+// roomSyncCalls are the /sync calls of the rooms-only sync loop: those with a stored filter (the to-device
+// catch-ups of appservice mode give theirs inline).
+func roomSyncCalls(srv *fakehs.Server) []fakehs.SyncCall {
+	return slices.DeleteFunc(srv.SyncCalls(), func(c fakehs.SyncCall) bool { return strings.HasPrefix(c.Filter, "{") })
+}
