@@ -13,6 +13,7 @@ import (
 
 	"github.com/tidwall/gjson"
 	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/crypto"
@@ -312,11 +313,25 @@ func (b *Bridge) IngestSynced(ctx context.Context, batch crypto.SyncedBatch) err
 		rows = append(rows, &database.InboxEvent{EventID: evt.ID, RoomID: evt.RoomID, Sender: evt.Sender, Type: evt.Type.Type, Raw: raw,
 			State: database.InboxPending, SessionID: head.SessionID, ReceivedAt: time.Now(), Synced: true})
 	}
-	if _, err := b.DB.Inbox.Insert(ctx, rows); err != nil {
-		return fmt.Errorf("failed to record synced events: %w", err)
+	if len(rows) == 0 && !initial && onlyOwn(evts, b.Ghosts.IsOwn) {
+		// Only echoes of ferry's own messages, which the inbox never holds: nothing to record or place (every
+		// event of the rooms since the previous batch is one of them, so no pushed event comes before them).
+		b.syncCovers.Store(batch.Covers.UnixNano())
+		return nil
 	}
-	for _, room := range rooms {
-		if b.SyncOrders.Load() {
+	// The rows and their places in one transaction: one commit per batch, on the path of every pushed event
+	// that waits for /sync (orderHold).
+	type placed struct{ moved, skipped int }
+	places := make(map[id.RoomID]placed, len(rooms))
+	err := b.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
+		clear(places)
+		if _, err := b.DB.Inbox.Insert(ctx, rows); err != nil {
+			return fmt.Errorf("failed to record synced events: %w", err)
+		}
+		if !b.SyncOrders.Load() {
+			return nil
+		}
+		for _, room := range rooms {
 			// A batch that holds all the room had since the previous one places the pushes it does not show
 			// after its own events (unless older than one of them: then the batch skipped them).
 			complete := !initial && !batch.Incomplete[room]
@@ -324,12 +339,19 @@ func (b *Bridge) IngestSynced(ctx context.Context, batch crypto.SyncedBatch) err
 			if err != nil {
 				return fmt.Errorf("failed to confirm the order of synced events: %w", err)
 			}
-			if skipped > 0 {
-				b.Log.Info().Stringer("room_id", room).Int("events", skipped).Msg("The homeserver's /sync skipped pushed events older than those it showed; they keep their place")
-			}
-			if moved > 0 {
-				b.Log.Info().Stringer("room_id", room).Int("events", moved).Msg("The homeserver pushed events out of the room's order; relaying them in the room's order")
-			}
+			places[room] = placed{moved, skipped}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, room := range rooms {
+		if p := places[room]; p.skipped > 0 {
+			b.Log.Info().Stringer("room_id", room).Int("events", p.skipped).Msg("The homeserver's /sync skipped pushed events older than those it showed; they keep their place")
+		}
+		if p := places[room]; p.moved > 0 {
+			b.Log.Info().Stringer("room_id", room).Int("events", p.moved).Msg("The homeserver pushed events out of the room's order; relaying them in the room's order")
 		}
 		// The worker reads the inbox: new rows, confirmed ones and new places are there.
 		b.Notify(room)
@@ -370,4 +392,14 @@ func HomeserverTransport() *http.Transport {
 	t.MaxIdleConnsPerHost = 128
 	t.IdleConnTimeout = 90 * time.Second
 	return t
+}
+
+// onlyOwn tells whether every event is a non-state event of one of ferry's own users.
+func onlyOwn(evts []*event.Event, isOwn func(id.UserID) bool) bool {
+	for _, evt := range evts {
+		if evt.StateKey != nil || !isOwn(evt.Sender) {
+			return false
+		}
+	}
+	return true
 }

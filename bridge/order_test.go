@@ -78,6 +78,39 @@ func TestCoveringSyncReleasesPushes(t *testing.T) {
 	}
 }
 
+// TestOwnEchoBatchReleasesPushes: a /sync batch that holds only echoes of ferry's own copies (recorded without a
+// database write) still covers the pushes received before its request: they do not wait out syncOrderWait.
+func TestOwnEchoBatchReleasesPushes(t *testing.T) {
+	ctx := context.Background()
+	f := startSyncOrdered(t)
+	defer f.br.Stop()
+	pushed := id.EventID("$pushed-before-echoes")
+	f.push(t, pushed)
+	time.Sleep(200 * time.Millisecond)
+	if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row == nil || row.State != database.InboxPending {
+		t.Fatalf("the pushed event did not wait for /sync: %+v", row)
+	}
+	echoes := syncedEvents(t, f.roomB, f.br.Ghosts.Ghost(f.alice), "$echo-1", "$echo-2")
+	if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Events: echoes, Covers: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(syncOrderWait / 2)
+	for {
+		if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row != nil && row.State == database.InboxDone {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the pushed event still waits %v after a covering batch of echoes", syncOrderWait/2)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for _, e := range echoes {
+		if row, _ := f.br.DB.Inbox.Get(ctx, e.ID); row != nil {
+			t.Errorf("an echo of ferry's own copy was recorded: %+v", row)
+		}
+	}
+}
+
 // TestLatePushAcrossSyncBatches: the homeserver pushes a message before the one that preceded it, and the bot's
 // /sync shows them in two batches: the earlier message in the first, the later one (which was pushed before the
 // first batch was recorded) in the next. ferry relays the earlier message first. Seen in a chaos run on Dendrite

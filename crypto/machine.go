@@ -1234,11 +1234,16 @@ func (s *cryptoSyncer) OnFailedSync(_ *mautrix.RespSync, err error) (time.Durati
 
 func (s *cryptoSyncer) GetFilterJSON(_ id.UserID) *mautrix.Filter {
 	everything := []event.Type{{Type: "*"}}
+	ephemeral := &mautrix.FilterPart{Types: syncEphemeralTypes}
+	if s.roomsOnly {
+		// Typing and receipts come in transactions with appservice-mode encryption; each would wake this /sync.
+		ephemeral = &mautrix.FilterPart{NotTypes: everything}
+	}
 	return &mautrix.Filter{
 		Presence:    &mautrix.FilterPart{NotTypes: everything},
 		AccountData: &mautrix.FilterPart{NotTypes: everything},
 		Room: &mautrix.RoomFilter{
-			Ephemeral:   &mautrix.FilterPart{Types: syncEphemeralTypes},
+			Ephemeral:   ephemeral,
 			AccountData: &mautrix.FilterPart{NotTypes: everything},
 			State:       &mautrix.FilterPart{NotTypes: everything},
 			Timeline:    &mautrix.FilterPart{Limit: syncTimelineLimit},

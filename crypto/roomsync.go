@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 )
 
@@ -51,6 +52,8 @@ func (m *Machine) startRoomSync(ctx context.Context) {
 		return
 	}
 	cli := m.NewUserClient(m.client.UserID) // the as_token and user_id, never a device_id
+	// Each /sync request would otherwise set the bot online: presence work on the homeserver for every batch.
+	cli.SyncPresence = event.PresenceOffline
 	store := &afterBatchStore{SyncStore: roomSyncStore{dev: m.bot}}
 	cli.Store = store
 	cli.Syncer = &cryptoSyncer{roomsOnly: true, client: cli, store: store, log: m.log, timeline: func(ctx context.Context, batch SyncedBatch) error {
