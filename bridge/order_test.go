@@ -51,63 +51,50 @@ func TestLatePushIsRelayedInRoomOrder(t *testing.T) {
 
 // TestCoveringSyncReleasesPushes: a pushed event that no /sync batch shows (a type or room the sync does not
 // carry) waits only until a batch that must have shown it is recorded, not the whole syncOrderWait: after a
-// restart, ferry relays as soon as its /sync has caught up.
+// restart, ferry relays as soon as its /sync has caught up. A batch that holds only echoes of ferry's own copies
+// (recorded without a database write) covers it too, and its echoes are not recorded.
 func TestCoveringSyncReleasesPushes(t *testing.T) {
-	ctx := context.Background()
-	f := startSyncOrdered(t)
-	defer f.br.Stop()
-	pushed := id.EventID("$pushed-only")
-	f.push(t, pushed)
-	time.Sleep(200 * time.Millisecond)
-	if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row == nil || row.State != database.InboxPending {
-		t.Fatalf("the pushed event did not wait for /sync: %+v", row)
-	}
-	// A batch without it, requested after it arrived: it will not be shown.
-	if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Covers: time.Now()}); err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(syncOrderWait / 2)
-	for {
-		if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row != nil && row.State == database.InboxDone {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the pushed event still waits %v after a covering /sync batch", syncOrderWait/2)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// TestOwnEchoBatchReleasesPushes: a /sync batch that holds only echoes of ferry's own copies (recorded without a
-// database write) still covers the pushes received before its request: they do not wait out syncOrderWait.
-func TestOwnEchoBatchReleasesPushes(t *testing.T) {
-	ctx := context.Background()
-	f := startSyncOrdered(t)
-	defer f.br.Stop()
-	pushed := id.EventID("$pushed-before-echoes")
-	f.push(t, pushed)
-	time.Sleep(200 * time.Millisecond)
-	if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row == nil || row.State != database.InboxPending {
-		t.Fatalf("the pushed event did not wait for /sync: %+v", row)
-	}
-	echoes := syncedEvents(t, f.roomB, f.br.Ghosts.Ghost(f.alice), "$echo-1", "$echo-2")
-	if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Events: echoes, Covers: time.Now()}); err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(syncOrderWait / 2)
-	for {
-		if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row != nil && row.State == database.InboxDone {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the pushed event still waits %v after a covering batch of echoes", syncOrderWait/2)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	for _, e := range echoes {
-		if row, _ := f.br.DB.Inbox.Get(ctx, e.ID); row != nil {
-			t.Errorf("an echo of ferry's own copy was recorded: %+v", row)
-		}
+	for _, tc := range []struct {
+		name    string
+		batch   func(f *relayFixture) []*event.Event
+		release string
+	}{
+		{"empty batch", func(*relayFixture) []*event.Event { return nil }, "a covering /sync batch"},
+		{"own echoes", func(f *relayFixture) []*event.Event {
+			return syncedEvents(t, f.roomB, f.br.Ghosts.Ghost(f.alice), "$echo-1", "$echo-2")
+		}, "a covering batch of echoes"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			f := startSyncOrdered(t)
+			defer f.br.Stop()
+			pushed := id.EventID("$pushed-only")
+			f.push(t, pushed)
+			time.Sleep(200 * time.Millisecond)
+			if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row == nil || row.State != database.InboxPending {
+				t.Fatalf("the pushed event did not wait for /sync: %+v", row)
+			}
+			// A batch without it, requested after it arrived: it will not be shown.
+			evts := tc.batch(f)
+			if err := f.br.IngestSynced(ctx, crypto.SyncedBatch{Events: evts, Covers: time.Now()}); err != nil {
+				t.Fatal(err)
+			}
+			deadline := time.Now().Add(syncOrderWait / 2)
+			for {
+				if row, _ := f.br.DB.Inbox.Get(ctx, pushed); row != nil && row.State == database.InboxDone {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the pushed event still waits %v after %s", syncOrderWait/2, tc.release)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			for _, e := range evts {
+				if row, _ := f.br.DB.Inbox.Get(ctx, e.ID); row != nil {
+					t.Errorf("an echo of ferry's own copy was recorded: %+v", row)
+				}
+			}
+		})
 	}
 }
 

@@ -444,20 +444,27 @@ func (s *Server) getSync(w http.ResponseWriter, r *http.Request, c caller) {
 		}
 		notify := dev.notify
 		s.mu.Unlock()
-		timer := time.NewTimer(time.Until(deadline))
-		select {
-		case <-notify:
-		case <-timer.C:
-		case <-r.Context().Done():
-			timer.Stop()
-			return
-		case <-s.closing:
-			timer.Stop()
-			writeError(w, http.StatusServiceUnavailable, "M_UNKNOWN", "Server shutting down")
+		if !s.waitSync(w, r, notify, deadline) {
 			return
 		}
-		timer.Stop()
 	}
+}
+
+// waitSync waits, for a /sync, until notify fires or the deadline passes: false when the request ended or the
+// server is closing (then answered).
+func (s *Server) waitSync(w http.ResponseWriter, r *http.Request, notify <-chan struct{}, deadline time.Time) bool {
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+	select {
+	case <-notify:
+	case <-timer.C:
+	case <-r.Context().Done():
+		return false
+	case <-s.closing:
+		writeError(w, http.StatusServiceUnavailable, "M_UNKNOWN", "Server shutting down")
+		return false
+	}
+	return true
 }
 
 // changedSinceLocked lists users whose keys changed in (from, to] and who share a room with user (or are

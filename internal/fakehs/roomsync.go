@@ -60,18 +60,8 @@ func (s *Server) roomSync(w http.ResponseWriter, r *http.Request, c caller, sinc
 		}
 		notify := s.roomNotify
 		s.mu.Unlock()
-		timer := time.NewTimer(time.Until(deadline))
-		select {
-		case <-notify:
-		case <-timer.C:
-		case <-r.Context().Done():
-			timer.Stop()
-			return
-		case <-s.closing:
-			timer.Stop()
-			writeError(w, http.StatusServiceUnavailable, "M_UNKNOWN", "Server shutting down")
+		if !s.waitSync(w, r, notify, deadline) {
 			return
 		}
-		timer.Stop()
 	}
 }

@@ -174,18 +174,7 @@ func TestSeedDecidesFaults(t *testing.T) {
 func TestSwitchAndTallies(t *testing.T) {
 	up := newUpstream(t)
 	_, srv := newProxy(t, Config{Name: "hs", Target: up.URL, Rate: 1, Mix: map[Kind]int{Status503: 1}})
-	ctl := func(path string) Tallies {
-		resp, err := client.Post(srv.URL+ControlPrefix+path, "application/json", nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		var tl Tallies
-		if err = json.NewDecoder(resp.Body).Decode(&tl); err != nil {
-			t.Fatal(err)
-		}
-		return tl
-	}
+	ctl := func(path string) Tallies { return control(t, srv, http.MethodPost, path) }
 	if resp, _, _ := put(srv.URL); resp == nil || resp.StatusCode != 503 {
 		t.Fatal("the proxy is not on from the start")
 	}
@@ -277,7 +266,22 @@ func TestDropNext(t *testing.T) {
 	if got := strings.Join(up.seen(), " "); got != "/txn/1 /txn/2 /txn/4" {
 		t.Fatalf("the upstream got %s, want /txn/1 /txn/2 /txn/4", got)
 	}
-	resp, err := client.Get(srv.URL + ControlPrefix + "tallies")
+	if tl := control(t, srv, http.MethodGet, "tallies"); tl.Dropped != 1 || tl.Requests != 4 || !strings.Contains(tl.String(), "1 dropped as asked") {
+		t.Fatalf("tallies %+v (%s)", tl, tl)
+	}
+	if resp := post(ControlPrefix+"drop-next", ""); resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("drop-next without contains answered %d, want 400", resp.StatusCode)
+	}
+}
+
+// control calls one of the proxy's control paths and returns the tallies it answers with.
+func control(t *testing.T, srv *httptest.Server, method, path string) Tallies {
+	t.Helper()
+	req, err := http.NewRequest(method, srv.URL+ControlPrefix+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -286,10 +290,5 @@ func TestDropNext(t *testing.T) {
 	if err = json.NewDecoder(resp.Body).Decode(&tl); err != nil {
 		t.Fatal(err)
 	}
-	if tl.Dropped != 1 || tl.Requests != 4 || !strings.Contains(tl.String(), "1 dropped as asked") {
-		t.Fatalf("tallies %+v (%s)", tl, tl)
-	}
-	if resp := post(ControlPrefix+"drop-next", ""); resp.StatusCode != http.StatusBadRequest {
-		t.Fatalf("drop-next without contains answered %d, want 400", resp.StatusCode)
-	}
+	return tl
 }
