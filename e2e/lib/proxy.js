@@ -14,7 +14,7 @@ export async function startSyncHoldProxy(targetPort) {
     const requests = []; // every request ferry made: see the returned object
     const server = http.createServer((req, res) => {
         const url = new URL(req.url, "http://x");
-        const record = { method: req.method, path: decodeURIComponent(url.pathname), userId: url.searchParams.get("user_id"), deviceId: url.searchParams.get("device_id"), filter: url.searchParams.get("filter"), status: 0, uia: false };
+        const record = { method: req.method, path: decodeURIComponent(url.pathname), userId: url.searchParams.get("user_id"), deviceId: url.searchParams.get("device_id"), filter: url.searchParams.get("filter"), presence: url.searchParams.get("set_presence"), status: 0, uia: false };
         requests.push(record);
         const forward = () => {
             const up = http.request({ host: "127.0.0.1", port: targetPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
@@ -91,7 +91,7 @@ export async function startSyncHoldProxy(targetPort) {
         get held() {
             return waiters.length;
         },
-        /** Every request ferry made through the proxy: { method, path (decoded), userId, deviceId, filter, status, uia }. */
+        /** Every request ferry made through the proxy: { method, path (decoded), userId, deviceId, filter, presence (set_presence), status, uia }. */
         requests,
         close() {
             server.closeAllConnections?.();

@@ -67,14 +67,21 @@ test(`${HS_LABEL}: ferry's devices get their keys the way this homeserver allows
             what: "a transaction carrying bob's device-list change",
         });
         assert.deepEqual(called(requests, "POST", /\/login$/), [], "ferry logged nothing in");
-        // The only /sync: catch-ups of the bot device's to-device messages that Synapse held back instead of
-        // pushing (the appservice's token as that device; rooms, presence and account data filtered out).
-        for (const r of called(requests, "GET", /\/sync$/)) {
+        // Two kinds of /sync, both the bot's: catch-ups of the bot device's to-device messages that Synapse held
+        // back instead of pushing (the appservice's token as that device; rooms, presence and account data
+        // filtered out), and the bot user's rooms-only /sync, which names no device (it would take the device's
+        // to-device messages) and does not set the bot online.
+        const syncs = called(requests, "GET", /\/sync$/);
+        for (const r of syncs) {
             assert.ok(!r.userId || r.userId === stack.botUserId, `a /sync as ${r.userId}`);
-            assert.ok(r.deviceId, "a /sync as no particular device");
-            const filter = JSON.parse(r.filter ?? "{}");
-            assert.deepEqual(filter.room?.rooms, [], `a /sync that reads rooms: ${r.filter}`);
+            if (r.deviceId) {
+                const filter = JSON.parse(r.filter ?? "{}");
+                assert.deepEqual(filter.room?.rooms, [], `a device's /sync that reads rooms: ${r.filter}`);
+            } else {
+                assert.equal(r.presence, "offline", "the rooms-only /sync sets the bot online");
+            }
         }
+        assert.ok(syncs.some((r) => !r.deviceId), "the bot reads its rooms with a /sync of its own");
         assert.deepEqual(requests.filter((r) => /^\/_(synapse|dendrite)\/admin\//.test(r.path)), [], "ferry used no admin API (no admin account, no password)");
         const created = called(requests, "PUT", /\/_matrix\/client\/v3\/devices\/[^/]+$/).filter((r) => r.status === 200 || r.status === 201);
         assert.ok(created.some((r) => !r.userId || r.userId === stack.botUserId), "the bot's device was created through the appservice");
