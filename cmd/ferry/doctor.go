@@ -116,6 +116,7 @@ func runDoctor(args []string, out io.Writer) int {
 	d.standIn()
 	d.checkPing(ctx)
 	d.checkAppserviceMode(ctx)
+	d.checkRoomSync(ctx)
 	d.checkPower(ctx)
 	if d.listener != nil {
 		d.listener.close()
@@ -654,6 +655,39 @@ func (d *doctor) checkAppserviceMode(ctx context.Context) {
 	d.report(statusFail, check, "the homeserver creates appservice devices but pushed no to-device message to ferry's address within "+doctorProbeWait.String()+
 		" (a homeserver holding room events for a stopped ferry may hold pushes back too: then start ferry and read its log)",
 		"on Synapse set experimental_features.msc2409_to_device_messages_enabled and msc3202_transaction_extensions to true, install the registration ferry -g wrote with encryption.appservice: true and restart Synapse; or set encryption.appservice to false")
+}
+
+// checkRoomSync: with appservice-mode encryption ferry's bot reads its rooms with a /sync of its own, without a
+// device (crypto/roomsync.go), to relay in its place an event whose transaction the homeserver never sends.
+func (d *doctor) checkRoomSync(ctx context.Context) {
+	const check = "bot's rooms /sync"
+	if !d.cfg.Encryption.Appservice {
+		d.report(statusOK, check, "not needed: the bot's device runs /sync (encryption.appservice: false)", "")
+		return
+	}
+	if d.skipped(check) {
+		return
+	}
+	if !d.tokenValid {
+		d.report(statusSkip, check, "needs a working as_token (see above)", "")
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, doctorTimeout)
+	defer cancel()
+	if err := d.as.BotIntent().EnsureRegistered(ctx); err != nil {
+		d.report(statusFail, check, "the bot could not be registered ("+errcodeOf(err)+"): "+err.Error(), "see the homeserver's log")
+		return
+	}
+	cli := d.as.NewMautrixClient(d.as.BotMXID()) // no device_id: it must not take the device's to-device messages
+	cli.DefaultHTTPRetries = 0
+	// Rooms filtered out: the check asks only whether the homeserver allows it.
+	filter := `{"room":{"rooms":[]},"presence":{"not_types":["*"]},"account_data":{"not_types":["*"]}}`
+	if _, err := cli.FullSyncRequest(ctx, mautrix.ReqSync{FilterID: filter, SetPresence: event.PresenceOffline}); err != nil {
+		d.report(statusFail, check, "the homeserver refuses the bot's /sync without a device ("+errcodeOf(err)+"): ferry would rely on transactions alone, and miss an event whose transaction the homeserver never sends",
+			"let the appservice /sync as the users of its namespace (Synapse and Dendrite do), then restart ferry")
+		return
+	}
+	d.report(statusOK, check, "allowed: the bot reads its rooms' order with a /sync of its own, without a device", "")
 }
 
 func (d *doctor) checkPower(ctx context.Context) {

@@ -64,9 +64,11 @@ test(`${HS_LABEL}: a healthy set-up passes, with ferry stopped and with ferry ru
     if (onSynapse) {
         assert.match(stopped.byCheck("homeserver reaches ferry"), /^ok .*ferry doctor \(standing in for the stopped ferry\).*hs_token matches/);
         assert.match(stopped.byCheck("appservice-mode encryption"), /^ok .*MSC4190.*MSC2409.*MSC3202/);
+        assert.match(stopped.byCheck("bot's rooms /sync"), /^ok .*allowed/);
     } else {
         assert.match(stopped.byCheck("homeserver reaches ferry"), /^skip .*no appservice ping/);
         assert.match(stopped.byCheck("appservice-mode encryption"), /^ok .*off/);
+        assert.match(stopped.byCheck("bot's rooms /sync"), /^ok .*not needed/);
     }
     assert.match(stopped.byCheck("bot's power"), /^ok .*no linked rooms yet/);
 
