@@ -588,15 +588,7 @@ func (d *doctor) checkPing(ctx context.Context) {
 
 func (d *doctor) checkAppserviceMode(ctx context.Context) {
 	const check = "appservice-mode encryption"
-	if !d.cfg.Encryption.Appservice {
-		d.report(statusOK, check, "off (encryption.appservice: false): ferry's devices log in and run /sync", "")
-		return
-	}
-	if d.skipped(check) {
-		return
-	}
-	if !d.tokenValid {
-		d.report(statusSkip, check, "needs a working as_token (see above)", "")
+	if !d.appserviceModeCheck(check, "off (encryption.appservice: false): ferry's devices log in and run /sync") {
 		return
 	}
 	if d.listener == nil {
@@ -657,19 +649,27 @@ func (d *doctor) checkAppserviceMode(ctx context.Context) {
 		"on Synapse set experimental_features.msc2409_to_device_messages_enabled and msc3202_transaction_extensions to true, install the registration ferry -g wrote with encryption.appservice: true and restart Synapse; or set encryption.appservice to false")
 }
 
+// appserviceModeCheck tells whether a check of appservice-mode encryption can run; if not, it reports why (off
+// says what encryption.appservice: false means for it).
+func (d *doctor) appserviceModeCheck(check, off string) bool {
+	switch {
+	case !d.cfg.Encryption.Appservice:
+		d.report(statusOK, check, off, "")
+		return false
+	case d.skipped(check):
+		return false
+	case !d.tokenValid:
+		d.report(statusSkip, check, "needs a working as_token (see above)", "")
+		return false
+	}
+	return true
+}
+
 // checkRoomSync: with appservice-mode encryption ferry's bot reads its rooms with a /sync of its own, without a
 // device (crypto/roomsync.go), to relay in its place an event whose transaction the homeserver never sends.
 func (d *doctor) checkRoomSync(ctx context.Context) {
 	const check = "bot's rooms /sync"
-	if !d.cfg.Encryption.Appservice {
-		d.report(statusOK, check, "not needed: the bot's device runs /sync (encryption.appservice: false)", "")
-		return
-	}
-	if d.skipped(check) {
-		return
-	}
-	if !d.tokenValid {
-		d.report(statusSkip, check, "needs a working as_token (see above)", "")
+	if !d.appserviceModeCheck(check, "not needed: the bot's device runs /sync (encryption.appservice: false)") {
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, doctorTimeout)
