@@ -324,7 +324,6 @@ func (b *Bridge) IngestSynced(ctx context.Context, batch crypto.SyncedBatch) err
 	type placed struct{ moved, skipped int }
 	places := make(map[id.RoomID]placed, len(rooms))
 	err := b.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
-		clear(places)
 		if _, err := b.DB.Inbox.Insert(ctx, rows); err != nil {
 			return fmt.Errorf("failed to record synced events: %w", err)
 		}

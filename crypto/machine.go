@@ -148,9 +148,8 @@ type Machine struct {
 	adminGate sync.RWMutex
 
 	// guards the following fields
-	lock        sync.Mutex
-	syncCancel  context.CancelFunc
-	roomsClient *mautrix.Client // the rooms-only /sync's (roomsync.go)
+	lock       sync.Mutex
+	syncCancel context.CancelFunc // ends the bot's /sync loop: the device's, or the rooms-only one (roomsync.go)
 }
 
 // NewMachine prepares the crypto layer. client must be a fresh appservice client for the bot (it will be logged
@@ -497,9 +496,6 @@ func (m *Machine) Stop() {
 		m.syncCancel()
 	}
 	m.client.StopSync()
-	if m.roomsClient != nil {
-		m.roomsClient.StopSync()
-	}
 	if m.bot == nil {
 		return
 	}

@@ -70,7 +70,6 @@ func (m *Machine) startRoomSync(ctx context.Context) {
 	ctx, cancel := context.WithCancel(ctx)
 	m.lock.Lock()
 	m.syncCancel = cancel
-	m.roomsClient = cli
 	m.lock.Unlock()
 	go m.syncLoop(ctx, cli)
 }

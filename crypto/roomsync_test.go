@@ -80,6 +80,11 @@ func TestRoomSyncShowsRoomEventsWithoutTheDevice(t *testing.T) {
 			t.Errorf("the synced event has room %s, want %s", e.RoomID, room)
 		}
 	}
+	// Its token is kept apart from the device's (which the to-device catch-ups use): a device /sync never reads
+	// on from it.
+	if tok, err := r.m.bot.store.GetSecret(ctx, secretRoomSyncToken); err != nil || tok == "" {
+		t.Errorf("the rooms-only /sync did not keep its token apart (%q, %v)", tok, err)
+	}
 	if n := r.srv.Counts()["POST /_matrix/client/v3/keys/upload"]; n != uploads {
 		t.Errorf("the rooms-only /sync uploaded keys %d times (its answers have no key counts)", n-uploads)
 	}
