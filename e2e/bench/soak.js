@@ -168,27 +168,10 @@ function histQuantile(prev, cur, q) {
 // ---- the stack ----------------------------------------------------------------------------------------------------
 const metricsPort = await freePort();
 const metricsUrl = `http://127.0.0.1:${metricsPort}/metrics`;
-// FERRY_SOAK_HS_PG=1: Synapse on its own database in the same Postgres cluster instead of SQLite.
-// Synapse wants the C collation, so this database is made here rather than by createTestDatabase.
-let hsDatabase = null;
-if (process.env.FERRY_SOAK_HS_PG === "1") {
-    const name = `ferry_soak_synapse_${Date.now().toString(36)}`;
-    const admin = process.env.FERRY_TEST_PG;
-    const psqlAdmin = (sql) => execFileSync("psql", [admin, "-X", "-qtA", "-c", sql], { encoding: "utf8" });
-    psqlAdmin(`CREATE DATABASE "${name}" TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'`);
-    const u = new URL(admin);
-    u.pathname = `/${name}`;
-    hsDatabase = { uri: u.toString(), drop: () => psqlAdmin(`DROP DATABASE IF EXISTS "${name}" WITH (FORCE)`) };
-    process.on("exit", () => {
-        try {
-            hsDatabase.drop();
-        } catch {
-            // best effort
-        }
-    });
-}
+// FERRY_SOAK_HS_PG=1: Synapse on its own database in the same Postgres cluster instead of SQLite (as
+// FERRY_E2E_SYNAPSE_DB=postgres, lib/synapse.js).
+if (process.env.FERRY_SOAK_HS_PG === "1") process.env.FERRY_E2E_SYNAPSE_DB = "postgres";
 const stack = await startStack({
-    homeserver: hsDatabase ? { postgres: hsDatabase.uri } : {},
     extraConfig: { logging: { min_level: "info" }, metrics: { enabled: true, listen: `127.0.0.1:${metricsPort}` } },
 });
 const adminPg = process.env.FERRY_TEST_PG;

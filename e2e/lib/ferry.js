@@ -330,8 +330,9 @@ function dropDatabaseSync(adminUrl, name) {
  * Creates a fresh database on the server named by FERRY_TEST_PG (a postgres:// admin URL, e.g.
  * postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable). Returns { type: "postgres", uri, name, drop() }.
  * Databases not dropped are dropped at process exit (unless kept: FERRY_E2E_KEEP=1 or a failed test).
+ * { collateC: true } makes it with the C collation, which Synapse requires of its database.
  */
-export function createTestDatabase() {
+export function createTestDatabase({ collateC = false } = {}) {
     const adminUrl = process.env.FERRY_TEST_PG;
     if (!adminUrl) {
         throw new Error(
@@ -339,7 +340,7 @@ export function createTestDatabase() {
         );
     }
     const name = `ferry_e2e_${Date.now().toString(36)}_${crypto.randomBytes(3).toString("hex")}`;
-    psql(adminUrl, `CREATE DATABASE "${name}"`);
+    psql(adminUrl, `CREATE DATABASE "${name}"${collateC ? ` TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'` : ""}`);
     openDatabases.set(name, adminUrl);
     if (!pgExitHook) {
         pgExitHook = true;

@@ -5,8 +5,11 @@
 //   hs.url, hs.serverName ("ferry.test"), hs.dir; await hs.restart(); await hs.stop();
 //
 // Env: FERRY_E2E_KEEP=1 keeps the temp dir (homeserver.yaml, homeserver.db, homeserver.log);
+//      FERRY_E2E_SYNAPSE_DB=postgres gives every Synapse started without its own postgres URL a fresh database
+//      in the test cluster (FERRY_TEST_PG) instead of SQLite, as production Synapse runs;
 //      FERRY_E2E_SYNAPSE_LOG=DEBUG|INFO|WARNING sets Synapse's log level (default INFO).
 import { execFileSync } from "node:child_process";
+import { createTestDatabase } from "./ferry.js";
 import fs from "node:fs";
 import path from "node:path";
 import {
@@ -56,6 +59,12 @@ export async function startSynapse({
     for (const reg of appserviceRegistrations) {
         if (!fs.existsSync(reg)) throw new Error(`startSynapse: appservice registration ${reg} does not exist`);
     }
+    const dbChoice = (process.env.FERRY_E2E_SYNAPSE_DB || "sqlite").toLowerCase();
+    if (dbChoice !== "sqlite" && dbChoice !== "postgres") {
+        throw new Error(`FERRY_E2E_SYNAPSE_DB=${process.env.FERRY_E2E_SYNAPSE_DB}: expected sqlite or postgres`);
+    }
+    const ownDatabase = !postgres && dbChoice === "postgres" ? createTestDatabase({ collateC: true }) : null;
+    if (ownDatabase) postgres = ownDatabase.uri;
     const dir = makeTempDir("ferry-synapse-");
     port ??= await freePort();
     const args = ["config", dir, "--port", String(port), "--server-name", serverName, "--shared-secret", sharedSecret];
@@ -130,6 +139,7 @@ export async function startSynapse({
             stopped = true;
             await child.stop("SIGTERM", 10000);
             removeTempDir(dir);
+            ownDatabase?.drop();
         },
     };
 }
