@@ -65,6 +65,11 @@ type Bridge struct {
 	// the homeserver pushes then wait, holding their room's queue, until /sync has shown them (at most
 	// syncOrderWait).
 	SyncOrders atomic.Bool
+	// HoldOnGaps (with SyncOrders, the rooms-only /sync): pushed events wait only when their transaction does not
+	// follow the last one recorded (txngaps.go); WakeRoomSync then gets the /sync reading at once.
+	HoldOnGaps   atomic.Bool
+	WakeRoomSync func()
+	gaps         txnGaps
 	// syncCovers (Unix ns): every room event the homeserver had before it was in a /sync batch IngestSynced
 	// recorded (crypto.SyncedBatch.Covers).
 	syncCovers atomic.Int64

@@ -18,6 +18,7 @@ import (
 
 	"go.ferry.im/ferry/crypto"
 	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/internal/metrics"
 )
 
 // maxTransactionBytes bounds one transaction body. Synapse sends at most 100 PDUs + 100 EDUs + 100 to-device
@@ -195,6 +196,13 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 		}
 		rows := make([]*database.InboxEvent, 0, len(events))
 		now := time.Now()
+		hold := b.SyncOrders.Load()
+		if hold && b.HoldOnGaps.Load() {
+			why := b.gaps.hold(txnID, now, b.syncCovers.Load())
+			if hold = why != ""; hold {
+				metrics.HeldTransactions.WithLabelValues(why).Inc()
+			}
+		}
 		var ids []id.EventID // for the push watch, where it runs
 		watching := b.pushes.on.Load()
 		for _, e := range events {
@@ -210,7 +218,7 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 			rows = append(rows, &database.InboxEvent{
 				EventID: head.ID, RoomID: head.RoomID, Sender: head.Sender, Type: head.Type, Raw: raw,
 				// State events are applied as they come (the bot's invites never show in its /sync timeline).
-				State: database.InboxPending, SessionID: head.SessionID, ReceivedAt: now, Synced: !b.SyncOrders.Load() || head.IsState,
+				State: database.InboxPending, SessionID: head.SessionID, ReceivedAt: now, Synced: !hold || head.IsState,
 			})
 		}
 		// Keep handling even if the homeserver hangs up: the transaction is answered only once recorded.
@@ -239,7 +247,11 @@ func (b *Bridge) putTransaction(w http.ResponseWriter, r *http.Request, toDevice
 			// messages of a failed transaction and of the time until its retry went through.
 			toDevice.TransactionFailed()
 		}
-		log.Debug().Int("events", len(rows)).Int("new", inserted).Msg("Recorded transaction")
+		b.gaps.recorded(txnID)
+		if hold && b.HoldOnGaps.Load() && b.WakeRoomSync != nil {
+			b.WakeRoomSync()
+		}
+		log.Debug().Int("events", len(rows)).Int("new", inserted).Bool("held", hold).Msg("Recorded transaction")
 		writeJSON(w, http.StatusOK, struct{}{})
 		if watching {
 			b.pushes.pushed(time.Now(), ids)

@@ -3,7 +3,6 @@ package bridge
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"testing"
 	"time"
 
@@ -203,13 +202,10 @@ func startSyncOrdered(t *testing.T) *relayFixture {
 	return f
 }
 
-// push hands ferry a transaction with alice's encrypted event evtID in room A.
+// push hands ferry a transaction (always numbered 1) with alice's encrypted event evtID in room A.
 func (f *relayFixture) push(t *testing.T, evtID id.EventID) {
 	t.Helper()
-	txn := fmt.Sprintf(`{"events":[%s]}`, encryptedEvent(evtID, f.roomA, f.alice))
-	if rec := doRequest(f.br.Router(nil), "PUT", "/_matrix/app/v1/transactions/1", "Bearer "+benchHSToken, txn); rec.Code != 200 {
-		t.Fatalf("transaction = %d %s", rec.Code, rec.Body.String())
-	}
+	f.pushTxn(t, "1", evtID)
 }
 
 // TestOldEventsAtAGapsEdgeAreNotRecordedAgain: filling a gap on Dendrite reads a page past the previous batch's

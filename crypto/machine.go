@@ -94,6 +94,9 @@ type Machine struct {
 	RoomSync bool
 	// RoomSyncRefused is called when the homeserver refuses that /sync for good; it ends then. It must not block.
 	RoomSyncRefused func(err error)
+	// RoomSyncWanted, when set, lets that /sync idle: after each batch it reads on only while this says so, and
+	// otherwise reads once every roomSyncIdle or when WakeRoomSync is called. It must not block.
+	RoomSyncWanted func() bool
 
 	shareLevel, receiveLevel trustLevel
 	// perGhost is the effective device mode (device_mode per_ghost and a way to cross-sign ghosts).
@@ -150,6 +153,7 @@ type Machine struct {
 	// guards the following fields
 	lock       sync.Mutex
 	syncCancel context.CancelFunc // ends the bot's /sync loop: the device's, or the rooms-only one (roomsync.go)
+	roomWake   chan struct{}      // WakeRoomSync's signal to an idle rooms-only /sync (buffered, one)
 }
 
 // NewMachine prepares the crypto layer. client must be a fresh appservice client for the bot (it will be logged
@@ -164,6 +168,7 @@ func NewMachine(log zerolog.Logger, cfg Config, db *dbutil.Database, ss *sqlstat
 		ghosts:      make(map[id.UserID]*ghostState),
 		drained:     make(map[id.UserID]time.Time),
 		lastSent:    make(map[id.UserID]time.Time),
+		roomWake:    make(chan struct{}, 1),
 	}
 }
 
@@ -906,12 +911,14 @@ type cryptoSyncer struct {
 	// roomsOnly: the /sync of the appservice's bot user without a device (roomsync.go): its batches hold room
 	// events only, and no key counts (which the device parts would read as zero).
 	roomsOnly bool
-	mach      *crypto.OlmMachine
-	client    *mautrix.Client
-	store     *afterBatchStore
-	log       zerolog.Logger
-	keyLocks  *keyLocks // the store cache's: device-list fetches take them, as key shares do (device.devicesOf)
-	timeline  func(ctx context.Context, batch SyncedBatch) error
+	// wanted (rooms-only, may be nil): after a batch, false ends the run with errRoomSyncIdle.
+	wanted   func() bool
+	mach     *crypto.OlmMachine
+	client   *mautrix.Client
+	store    *afterBatchStore
+	log      zerolog.Logger
+	keyLocks *keyLocks // the store cache's: device-list fetches take them, as key shares do (device.devicesOf)
+	timeline func(ctx context.Context, batch SyncedBatch) error
 	// toDevice handles one to-device message of the batch (Machine.handleBotToDevice).
 	toDevice func(ctx context.Context, evt *event.Event) error
 	// ephemeral receives typing notifications and read receipts; it must not block.
@@ -1060,6 +1067,9 @@ func (s *cryptoSyncer) roomParts(ctx context.Context, resp *mautrix.RespSync, si
 	}
 	if len(eph) > 0 && since != "" && s.ephemeral != nil {
 		s.ephemeral(ctx, eph)
+	}
+	if s.wanted != nil && !s.wanted() {
+		return errRoomSyncIdle // recorded and its token saved: the loop reads again when woken
 	}
 	return nil
 }

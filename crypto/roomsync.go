@@ -20,10 +20,29 @@ import (
 // batches show each room's events in the room's order, which the relay records and orders pushes by
 // (bridge.Bridge.SyncOrders), as it does with the device's /sync on the login + /sync path. Without a device the
 // homeserver sends no to-device messages, device lists or key counts here; those stay with the transactions.
+// A waiting /sync costs the homeserver a computation per event in the bot's rooms, and pushes need its order only
+// where a transaction may be missing (bridge/txngaps.go): so with RoomSyncWanted it idles between those times,
+// reading once every roomSyncIdle, and reads at once when WakeRoomSync is called.
 
 // secretRoomSyncToken holds the rooms-only /sync's token in the bot's crypto store, apart from the device's
 // token: a device /sync read on from a token of this one could skip to-device messages.
 const secretRoomSyncToken = "im.ferry.room_sync_token"
+
+// roomSyncIdle: how often an idle rooms-only /sync reads (Machine.RoomSyncWanted). Its reads keep its token
+// recent, so that the read after a wake-up has little to catch up on, and find a transaction left unsent with
+// none after it to show the gap. A variable for tests.
+var roomSyncIdle = 10 * time.Second
+
+// errRoomSyncIdle ends a run of the rooms-only /sync after a batch: RoomSyncWanted said it may idle.
+var errRoomSyncIdle = errors.New("the rooms-only /sync idles")
+
+// WakeRoomSync gets an idle rooms-only /sync reading at once (a pushed event waits for it). It does not block.
+func (m *Machine) WakeRoomSync() {
+	select {
+	case m.roomWake <- struct{}{}:
+	default:
+	}
+}
 
 // errRoomSyncRefused ends the rooms-only /sync: the homeserver refused it in a way waiting does not mend.
 var errRoomSyncRefused = errors.New("the homeserver refuses the bot's rooms-only /sync")
@@ -56,7 +75,7 @@ func (m *Machine) startRoomSync(ctx context.Context) {
 	cli.SyncPresence = event.PresenceOffline
 	store := &afterBatchStore{SyncStore: roomSyncStore{dev: m.bot}}
 	cli.Store = store
-	cli.Syncer = &cryptoSyncer{roomsOnly: true, client: cli, store: store, log: m.log, timeline: func(ctx context.Context, batch SyncedBatch) error {
+	cli.Syncer = &cryptoSyncer{roomsOnly: true, wanted: m.RoomSyncWanted, client: cli, store: store, log: m.log, timeline: func(ctx context.Context, batch SyncedBatch) error {
 		if m.SyncedTimeline != nil {
 			return m.SyncedTimeline(ctx, batch)
 		}
@@ -87,6 +106,14 @@ func (m *Machine) syncLoop(ctx context.Context, cli *mautrix.Client) {
 			select {
 			case <-ctx.Done():
 			case <-time.After(syncer.rereadWait):
+			}
+			continue
+		}
+		if errors.Is(err, errRoomSyncIdle) {
+			select {
+			case <-ctx.Done():
+			case <-m.roomWake:
+			case <-time.After(roomSyncIdle):
 			}
 			continue
 		}

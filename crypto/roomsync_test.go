@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -149,6 +150,55 @@ func TestRoomSyncRefusedForGoodEnds(t *testing.T) {
 	if got := r.logs.warnings("refuses the bot's rooms-only /sync"); len(got) != 1 {
 		t.Errorf("%d warnings about the refusal, want 1", len(got))
 	}
+}
+
+// With RoomSyncWanted false the rooms-only /sync idles after a batch: no request waits at the homeserver (each
+// would be computed again for every event in the bot's rooms), and it reads once when woken, or after
+// roomSyncIdle. While wanted, it reads on.
+func TestRoomSyncIdlesUntilWoken(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	defer func(d time.Duration) { roomSyncIdle = d }(roomSyncIdle)
+	roomSyncIdle = time.Hour
+	r := newASRig(t, fakehs.Options{KeepTimeline: true}, "")
+	r.m.RoomSync = true
+	var wanted atomic.Bool
+	r.m.RoomSyncWanted = wanted.Load
+	w := watchBatches(r.m)
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	room := r.srv.CreateRoom(r.member.ID, fakehs.RoomOptions{Name: "idle", Encryption: r.enc, Members: []id.UserID{r.bot, r.ghost}})
+	send := func(body string) id.EventID {
+		resp, err := r.asClient(t, r.ghost).SendMessageEvent(ctx, room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: body})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.EventID
+	}
+	select {
+	case <-w.got: // the first batch
+	case <-time.After(15 * time.Second):
+		t.Fatal("the rooms-only /sync never answered")
+	}
+	time.Sleep(200 * time.Millisecond)
+	idle := len(roomSyncCalls(r.srv))
+	quiet := send("no /sync waits for this")
+	time.Sleep(500 * time.Millisecond)
+	if n := len(roomSyncCalls(r.srv)); n != idle {
+		t.Fatalf("the idle rooms-only /sync made %d more requests", n-idle)
+	}
+	r.m.WakeRoomSync()
+	if b := w.waitFor(t, quiet); b.Initial {
+		t.Fatal("the read after a wake-up is marked initial")
+	}
+	// Wanted, it reads on: a message sent later is shown without another wake-up.
+	wanted.Store(true)
+	r.m.WakeRoomSync()
+	time.Sleep(300 * time.Millisecond)
+	w.waitFor(t, send("shown by the waiting /sync"))
 }
 
 // roomSyncCalls are the /sync calls of the rooms-only sync loop: those with a stored filter (the to-device

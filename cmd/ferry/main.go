@@ -314,6 +314,8 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 	br.SyncOrders.Store(true)
 	mach.RoomSync = true
 	mach.RoomSyncRefused = func(error) { br.SyncOrders.Store(false) }
+	mach.RoomSyncWanted = br.RoomSyncWanted
+	br.WakeRoomSync = mach.WakeRoomSync
 	listener, err := net.Listen("tcp", net.JoinHostPort(cfg.Appservice.Hostname, fmt.Sprint(cfg.Appservice.Port)))
 	if err != nil {
 		log.Error().Err(err).Msg("Failed to listen for the homeserver")
@@ -376,6 +378,9 @@ func start(ctx context.Context, cfg *config.Config, configPath string, log zerol
 		path = encryptionPathSync
 	}
 	br.EncryptionPath = path
+	// The rooms-only /sync orders only transactions that do not follow the last one, and idles otherwise
+	// (bridge/txngaps.go); the device's /sync orders every pushed event (Dendrite pushes late without a sign).
+	br.HoldOnGaps.Store(mach.AppserviceMode())
 	mach.Start(ctx)
 	defer mach.Stop()
 	if err = retryStartup(ctx, log, "start the relay", func() error { return br.Start(ctx) }); err != nil {

@@ -16,7 +16,7 @@ import { HS_LABEL, onSynapse, skipUnless, startHomeserver } from "../lib/homeser
 import { startSyncHoldProxy } from "../lib/proxy.js";
 import { command, linkedPair, SHARED_SECRET, startStack } from "../lib/stack.js";
 import { loginUser } from "../lib/users.js";
-import { freePort, pollUntil } from "../lib/util.js";
+import { freePort, pollUntil, sleep } from "../lib/util.js";
 
 const T = 30000;
 const isGhost = (u) => u.startsWith("@_ferry_");
@@ -113,6 +113,15 @@ test(`${HS_LABEL}: ferry's devices get their keys the way this homeserver allows
         assert.ok(probe, "ferry proved the pushes at start");
         const status = await command(stack, alice, users.roomA, "!ferry status");
         assert.match(status.content.body, /appservice mode/);
+        // While each transaction follows the one before, nothing can be missing, and the rooms-only /sync idles:
+        // messages cross without it (a waiting /sync is computed again for every event in the bot's rooms, the
+        // originals and ferry's copies).
+        await sleep(6000); // past the reading that the transactions after ferry's start began
+        const roomSyncs = () => called(requests, "GET", /\/sync$/).filter((r) => !r.deviceId).length;
+        const before = roomSyncs();
+        for (let i = 0; i < 4; i++) await relayBothWays(users, `steady ${i}`);
+        const during = roomSyncs() - before;
+        assert.ok(during <= 2, `${during} rooms-only /sync requests while 8 messages crossed, their transactions in sequence`);
     } else {
         // Dendrite: each device logs in with m.login.application_service and the bot's runs a /sync.
         assert.ok(called(requests, "POST", /\/login$/).length >= 3, "the bot and both ghosts logged in");

@@ -55,6 +55,15 @@ var (
 	latenessBuckets = []float64{.1, .5, 1, 5, 10, 30, 60, 300, 900, 3600, 21600}
 )
 
+// Why a transaction's events waited for /sync (HeldTransactions).
+const (
+	HeldStart      = "start"      // the first transaction since ferry started
+	HeldGap        = "gap"        // its number skips one or more
+	HeldRedelivery = "redelivery" // its number is not above the last one recorded
+	HeldUnnumbered = "unnumbered" // its ID is not a number
+	HeldUncovered  = "uncovered"  // it follows, but no /sync batch has shown what came before it since a held one
+)
+
 var (
 	// RelayedEvents counts events by type and outcome, once per target room.
 	RelayedEvents = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -114,6 +123,12 @@ var (
 		Help: "Time of database commits ferry waits for, by operation (intake, relay).",
 	}, []string{"operation"})
 	// buildInfo is 1, labelled with the version.
+	// HeldTransactions counts transactions whose events waited for the bot's /sync to show their room's order
+	// (appservice-mode encryption), by why (bridge/txngaps.go).
+	HeldTransactions = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "held_transactions_total",
+		Help: "Pushed transactions whose events waited for the bot's /sync, by reason (start, gap, redelivery, unnumbered, uncovered).",
+	}, []string{"reason"})
 	buildInfo = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: namespace, Name: "build_info", Help: "ferry's version, commit and Go version; always 1.",
 	}, []string{"version", "commit", "goversion"})
@@ -125,7 +140,7 @@ var Registry = prometheus.NewRegistry()
 func init() {
 	Registry.MustRegister(RelayedEvents, RelayLatency, UndecryptableEvents, ParkedEvents, KeyShares, KeyShareDevices,
 		KeyShareDuration, OlmSessionsCreated, DisappearRedactions, DisappearLateness, HomeserverRequests, DatabaseCommit,
-		buildInfo, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		HeldTransactions, buildInfo, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Every series of a fixed label set exists from the start, at 0: a rate over a series that appears only with
 	// its first event misses that event.
 	for _, reason := range []string{ReasonKeyMissing, ReasonKeyWithheld, ReasonUntrustedDevice, ReasonDecryptError} {
@@ -133,6 +148,9 @@ func init() {
 	}
 	for _, reason := range []string{ReasonKeyMissing, ReasonKeyWithheld} {
 		ParkedEvents.WithLabelValues(reason)
+	}
+	for _, reason := range []string{HeldStart, HeldGap, HeldRedelivery, HeldUnnumbered, HeldUncovered} {
+		HeldTransactions.WithLabelValues(reason)
 	}
 	for _, result := range []string{"shared", "withheld", "no_olm"} {
 		KeyShareDevices.WithLabelValues(result)
