@@ -309,8 +309,8 @@ func (b *Bridge) IngestSynced(ctx context.Context, batch crypto.SyncedBatch) err
 			rooms = append(rooms, evt.RoomID)
 		}
 		byRoom[evt.RoomID] = append(byRoom[evt.RoomID], database.ShownEvent{ID: evt.ID, Server: evt.Sender.Homeserver(), TS: evt.Timestamp})
-		if initial || (evt.StateKey == nil && b.Ghosts.IsOwn(evt.Sender)) {
-			continue // as intake: ferry's own echoes are never relayed
+		if initial || batch.BeforeJoin[evt.ID] || (evt.StateKey == nil && b.Ghosts.IsOwn(evt.Sender)) {
+			continue // history from before the bot was there; and, as intake, ferry's own echoes are never relayed
 		}
 		if batch.Edge[evt.ID] && time.Since(time.UnixMilli(evt.Timestamp)) > inboxRetention-time.Hour {
 			// Read at the previous batch's end, and so old that its inbox row may be pruned: were it an event of

@@ -233,3 +233,24 @@ func TestOldEventsAtAGapsEdgeAreNotRecordedAgain(t *testing.T) {
 		}
 	}
 }
+
+// TestHistoryBeforeTheBotsJoinIsNotRecorded: a /sync batch that shows the bot's join shows some of the room's
+// history with it. Those events are only confirmed: recorded, the relay would apply old state over newer state
+// it has handled since (an old power-levels event taking the bot's power away again) and could relay messages
+// from before the bot was there.
+func TestHistoryBeforeTheBotsJoinIsNotRecorded(t *testing.T) {
+	ctx := context.Background()
+	f := startSyncOrdered(t)
+	defer f.br.Stop()
+	evts := syncedEvents(t, f.roomA, f.alice, "$before-join", "$after-join")
+	batch := crypto.SyncedBatch{Events: evts, Covers: time.Now(), BeforeJoin: map[id.EventID]bool{"$before-join": true}}
+	if err := f.br.IngestSynced(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	if row, _ := f.br.DB.Inbox.Get(ctx, "$before-join"); row != nil {
+		t.Errorf("an event from before the bot's join was recorded: %+v", row)
+	}
+	if row, _ := f.br.DB.Inbox.Get(ctx, "$after-join"); row == nil {
+		t.Error("an event after the bot's join was not recorded")
+	}
+}

@@ -1013,8 +1013,15 @@ func (s *cryptoSyncer) roomParts(ctx context.Context, resp *mautrix.RespSync, si
 	var evts []*event.Event
 	incomplete := make(map[id.RoomID]bool)
 	edge := make(map[id.EventID]bool)
+	beforeJoin := make(map[id.EventID]bool)
 	for roomID, room := range resp.Rooms.Join {
-		if room.Timeline.Limited && since != "" && room.Timeline.PrevBatch != "" {
+		// A room the bot joined since the previous batch comes with events from before the join: the room's
+		// history, not news (see SyncedBatch.BeforeJoin).
+		joinedAt := s.ownJoin(room.Timeline.Events)
+		for _, evt := range room.Timeline.Events[:max(joinedAt, 0)] {
+			beforeJoin[evt.ID] = true
+		}
+		if room.Timeline.Limited && since != "" && room.Timeline.PrevBatch != "" && joinedAt < 0 {
 			// More happened than the timeline holds: fetch the rest, or a redaction in the gap is never relayed.
 			var gap filledGap
 			err := s.retry(ctx, "fill a gap in the timeline", func() (err error) {
@@ -1028,6 +1035,14 @@ func (s *cryptoSyncer) roomParts(ctx context.Context, resp *mautrix.RespSync, si
 				incomplete[roomID] = true
 			}
 			maps.Copy(edge, gap.edge)
+			if at := s.ownJoin(gap.events); at >= 0 {
+				// The join is in the gap: what the gap holds before it is history too, and the room's events since
+				// the join are all here.
+				for _, evt := range gap.events[:at] {
+					beforeJoin[evt.ID] = true
+				}
+				delete(incomplete, roomID)
+			}
 			inTimeline := make(map[id.EventID]bool, len(room.Timeline.Events))
 			for _, evt := range room.Timeline.Events {
 				inTimeline[evt.ID] = true
@@ -1046,7 +1061,7 @@ func (s *cryptoSyncer) roomParts(ctx context.Context, resp *mautrix.RespSync, si
 			evts = append(evts, evt)
 		}
 	}
-	batch := SyncedBatch{Events: evts, Initial: since == "", Covers: s.requestedAfter, Incomplete: incomplete, Edge: edge}
+	batch := SyncedBatch{Events: evts, Initial: since == "", Covers: s.requestedAfter, Incomplete: incomplete, Edge: edge, BeforeJoin: beforeJoin}
 	if err := s.retry(ctx, "record synced room events", func() error { return s.timeline(ctx, batch) }); err != nil {
 		return err
 	}
@@ -1090,6 +1105,37 @@ type SyncedBatch struct {
 	// Edge holds events a gap fill read at the previous batch's end, where some homeservers' pages include events
 	// of earlier batches (fillGap): the relay may have handled them long ago.
 	Edge map[id.EventID]bool
+	// BeforeJoin holds the events of a room the bot joined since the previous batch that came before its join
+	// (the join's batch shows some of the room's history). Like an initial batch's, they are only confirmed: were
+	// they recorded, the relay would apply old state over what it learned since (the rooms-only /sync may idle
+	// for seconds after the join was pushed) and could relay messages from before the bot was there.
+	BeforeJoin map[id.EventID]bool
+}
+
+// ownJoin is the index in evts of the event that made the syncing user (the bot) a member of the room, or -1.
+func (s *cryptoSyncer) ownJoin(evts []*event.Event) int {
+	self := s.client.UserID.String()
+	for i := len(evts) - 1; i >= 0; i-- {
+		evt := evts[i]
+		if evt.Type != event.StateMember || evt.StateKey == nil || *evt.StateKey != self || membershipOf(&evt.Content) != event.MembershipJoin {
+			continue
+		}
+		if evt.Unsigned.PrevContent == nil || membershipOf(evt.Unsigned.PrevContent) != event.MembershipJoin {
+			return i
+		}
+	}
+	return -1
+}
+
+// membershipOf reads the membership of a member event's content, parsed or not.
+func membershipOf(c *event.Content) event.Membership {
+	if m, ok := c.Raw["membership"].(string); ok {
+		return event.Membership(m)
+	}
+	if mc, ok := c.Parsed.(*event.MemberEventContent); ok {
+		return mc.Membership
+	}
+	return ""
 }
 
 // keysOf fingerprints the devices and cross-signing keys ferry's store has for each user; a user whose keys

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -206,3 +208,52 @@ func TestRoomSyncIdlesUntilWoken(t *testing.T) {
 func roomSyncCalls(srv *fakehs.Server) []fakehs.SyncCall {
 	return slices.DeleteFunc(srv.SyncCalls(), func(c fakehs.SyncCall) bool { return strings.HasPrefix(c.Filter, "{") })
 }
+
+// A room the bot joined since the previous batch comes with events from before the join (Synapse shows the
+// room's recent history with it). They are marked BeforeJoin, and no gap before them is filled: they are the
+// room's past, which the relay must not apply over newer state or relay. A later join of someone else, or the
+// bot's own profile change, marks nothing.
+func TestSyncedBatchMarksHistoryBeforeTheBotsJoin(t *testing.T) {
+	ctx := context.Background()
+	bot := id.UserID("@bot:example.org")
+	member := func(evtID id.EventID, user id.UserID, membership string, prev string) *event.Event {
+		evt := &event.Event{ID: evtID, Type: event.StateMember, Sender: user, StateKey: ptr(user.String()),
+			Content: event.Content{Raw: map[string]any{"membership": membership}}}
+		if prev != "" {
+			evt.Unsigned.PrevContent = &event.Content{Raw: map[string]any{"membership": prev}}
+		}
+		return evt
+	}
+	plain := func(evtID id.EventID, t event.Type) *event.Event {
+		return &event.Event{ID: evtID, Type: t, Sender: "@alice:example.org", StateKey: ptr("")}
+	}
+	var got SyncedBatch
+	store := &afterBatchStore{SyncStore: mautrix.NewMemorySyncStore()}
+	s := &cryptoSyncer{roomsOnly: true, client: &mautrix.Client{UserID: bot}, store: store, log: zerolog.Nop(),
+		timeline: func(_ context.Context, b SyncedBatch) error { got = b; return nil }}
+	resp := &mautrix.RespSync{NextBatch: "s2"}
+	resp.Rooms.Join = map[id.RoomID]*mautrix.SyncJoinedRoom{
+		// Joined in this batch, with a limited timeline: the old power levels come before the join.
+		"!new:example.org": {Timeline: mautrix.SyncTimeline{Limited: true, PrevBatch: "p1", SyncEventsList: mautrix.SyncEventsList{Events: []*event.Event{
+			plain("$create", event.StateCreate), plain("$old-power", event.StatePowerLevels),
+			member("$invite", bot, "invite", ""), member("$join", bot, "join", "invite"), plain("$new-power", event.StatePowerLevels),
+		}}}},
+		// A room the bot was in already: someone else joins, the bot changes its name.
+		"!old:example.org": {Timeline: mautrix.SyncTimeline{SyncEventsList: mautrix.SyncEventsList{Events: []*event.Event{
+			plain("$topic", event.StateTopic), member("$carol", "@carol:example.org", "join", ""), member("$rename", bot, "join", "join"),
+		}}}},
+	}
+	if err := s.ProcessResponse(ctx, resp, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	for evtID, want := range map[id.EventID]bool{"$create": true, "$old-power": true, "$invite": true, "$join": false, "$new-power": false, "$topic": false, "$carol": false, "$rename": false} {
+		if got.BeforeJoin[evtID] != want {
+			t.Errorf("%s: BeforeJoin %v, want %v", evtID, got.BeforeJoin[evtID], want)
+		}
+	}
+	if got.Incomplete["!new:example.org"] {
+		t.Error("the joined room is marked incomplete: its events since the join are all there")
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
