@@ -9,18 +9,35 @@ export async function startSyncHoldProxy(targetPort) {
     const port = await freePort();
     let holding = false;
     let waiters = [];
+    let holdAnswer = null; // (body) => true for a /sync answer to keep from ferry: see holdAnswers
+    let heldAnswers = []; // the kept answers' deliveries
     let lose = null; // { roomId, resolve }: see loseNextSend
     const inFlight = new Set(); // open /sync long-polls, cut when holding starts
     const requests = []; // every request ferry made: see the returned object
     const server = http.createServer((req, res) => {
         const url = new URL(req.url, "http://x");
+        const isSync = req.url.includes("/sync");
         const record = { method: req.method, path: decodeURIComponent(url.pathname), userId: url.searchParams.get("user_id"), deviceId: url.searchParams.get("device_id"), filter: url.searchParams.get("filter"), presence: url.searchParams.get("set_presence"), status: 0, uia: false };
         requests.push(record);
         const forward = () => {
             const up = http.request({ host: "127.0.0.1", port: targetPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
                 record.status = upRes.statusCode;
-                res.writeHead(upRes.statusCode, upRes.headers);
-                upRes.pipe(res);
+                if (!holdAnswer || !isSync || record.deviceId) {
+                    res.writeHead(upRes.statusCode, upRes.headers);
+                    upRes.pipe(res);
+                    return;
+                }
+                const chunks = [];
+                upRes.on("data", (c) => chunks.push(c));
+                upRes.on("end", () => {
+                    const body = Buffer.concat(chunks);
+                    const deliver = () => {
+                        res.writeHead(upRes.statusCode, upRes.headers);
+                        res.end(body);
+                    };
+                    if (holdAnswer?.(body.toString())) heldAnswers.push(deliver);
+                    else deliver();
+                });
             });
             up.on("error", () => res.destroy());
             if (record.path.endsWith("/keys/device_signing/upload")) {
@@ -56,7 +73,6 @@ export async function startSyncHoldProxy(targetPort) {
             req.pipe(up);
             return; // res is left open until ferry goes away
         }
-        const isSync = req.url.includes("/sync");
         if (isSync) {
             inFlight.add(res);
             res.on("close", () => inFlight.delete(res));
@@ -77,6 +93,24 @@ export async function startSyncHoldProxy(targetPort) {
             const w = waiters;
             waiters = [];
             for (const f of w) f();
+        },
+        /**
+         * Keeps the answers to ferry's /sync requests that read rooms (not the to-device catch-ups that name the
+         * bot's device) whose body matches (body string => bool) from here on, until releaseAnswers: ferry reads
+         * them late, after what happened since (the homeserver computed them when it answered).
+         */
+        holdAnswers(matches) {
+            holdAnswer = matches;
+        },
+        releaseAnswers() {
+            holdAnswer = null;
+            const w = heldAnswers;
+            heldAnswers = [];
+            for (const f of w) f();
+        },
+        /** How many /sync answers are kept (holdAnswers). */
+        get heldAnswers() {
+            return heldAnswers.length;
         },
         /**
          * The next event ferry sends into roomId (other than a read-back's barrier) reaches Dendrite (posted under

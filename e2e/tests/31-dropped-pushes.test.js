@@ -16,6 +16,7 @@ const isGhost = (u) => u.startsWith("@_ferry_");
 
 before(async () => {
     stack = await startStack({
+        syncProxy: true, // to hand ferry a /sync answer late (the last test)
         // Every transaction to ferry fails while the proxy is on.
         faults: { toFerry: { seed: 31, rate: 1, off: true, faults: "503=1" } },
     });
@@ -79,4 +80,30 @@ test("a message whose transaction never reached ferry is relayed, in its place",
         if (bodies.includes(body)) seen.push(body);
     }
     assert.deepEqual(seen, bodies, `copies in bob's room, oldest first: ${JSON.stringify(seen)}`);
+});
+
+// The /sync answer that first shows a room the bot joined shows some of the room's history with it, the power
+// levels from before the bot's join among it; on Synapse the bot's rooms-only /sync idles for up to 10 s, so that
+// answer can reach ferry after the power the room's members gave the bot since. Recorded as new, the old power
+// levels took the bot's power away again (seen as disappearing originals that ferry would not redact: "the bot's
+// power level 0"). Here the proxy hands ferry that answer late, for certain.
+test("an old /sync answer that shows the bot's join does not take away the power it was given since", async () => {
+    const roomC = await alice.createEncryptedRoom({ name: "Joined C" });
+    const roomD = await bob.createEncryptedRoom({ name: "Joined D" });
+    await inviteBot(stack, bob, roomD);
+    const { proxy } = stack;
+    // The answer that shows the bot's join (and so the room's history before it).
+    proxy.holdAnswers((body) => body.includes(roomC) && body.includes(`"state_key":"${stack.botUserId}"`) && body.includes('"membership":"join"'));
+    try {
+        await inviteBot(stack, alice, roomC, { power: 0 });
+        await pollUntil(() => proxy.heldAnswers > 0, { timeoutMs: 15000, what: "the /sync answer that shows the bot's join" });
+        await alice.client.setPowerLevel(roomC, stack.botUserId, 50);
+        await sleep(2000); // ferry handles the pushed power levels
+    } finally {
+        proxy.releaseAnswers();
+    }
+    await sleep(2000); // ferry records the late answer
+    // The power ferry goes by (its state store), as the homeserver has it.
+    const [[levels]] = stack.sql(`SELECT power_levels FROM mx_room_state WHERE room_id='${roomC}'`);
+    assert.equal(JSON.parse(levels).users?.[stack.botUserId], 50, "the bot's power level in ferry's state store");
 });
