@@ -203,6 +203,35 @@ func TestRoomSyncIdlesUntilWoken(t *testing.T) {
 	w.waitFor(t, send("shown by the waiting /sync"))
 }
 
+// An idle rooms-only /sync still reads every roomSyncIdle, unwoken: an event no push brought, with no transaction
+// after it to show the gap, is shown within that time.
+func TestIdleRoomSyncReadsOnItsOwn(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	defer func(d time.Duration) { roomSyncIdle = d }(roomSyncIdle)
+	roomSyncIdle = 300 * time.Millisecond
+	r := newASRig(t, fakehs.Options{KeepTimeline: true}, "")
+	r.m.RoomSync = true
+	r.m.RoomSyncWanted = func() bool { return false }
+	w := watchBatches(r.m)
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	select {
+	case <-w.got: // the first batch
+	case <-time.After(15 * time.Second):
+		t.Fatal("the rooms-only /sync never answered")
+	}
+	room := r.srv.CreateRoom(r.member.ID, fakehs.RoomOptions{Name: "unwoken", Encryption: r.enc, Members: []id.UserID{r.bot, r.ghost}})
+	resp, err := r.asClient(t, r.ghost).SendMessageEvent(ctx, room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "never pushed"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.waitFor(t, resp.EventID)
+}
+
 // roomSyncCalls are the /sync calls of the rooms-only sync loop: those with a stored filter (the to-device
 // catch-ups of appservice mode give theirs inline).
 func roomSyncCalls(srv *fakehs.Server) []fakehs.SyncCall {
