@@ -32,8 +32,6 @@ type txnGaps struct {
 	// heldAt: when the last held transaction arrived. Until a /sync batch requested after it is recorded, every
 	// transaction waits: the one missing may hold events of any room, which must go before theirs.
 	heldAt time.Time
-	// until: the rooms-only /sync keeps reading until then.
-	until time.Time
 }
 
 // hold tells why the events of transaction txnID, arriving at now, wait for /sync to show their order
@@ -57,7 +55,7 @@ func (g *txnGaps) hold(txnID string, now time.Time, covers int64) string {
 	default:
 		return ""
 	}
-	g.heldAt, g.until = now, now.Add(holdLinger)
+	g.heldAt = now
 	return why
 }
 
@@ -81,7 +79,7 @@ func (g *txnGaps) recorded(txnID string) {
 func (g *txnGaps) wanted(now time.Time, covers int64) bool {
 	g.lock.Lock()
 	defer g.lock.Unlock()
-	return g.uncovered(covers) || now.Before(g.until)
+	return g.uncovered(covers) || (!g.heldAt.IsZero() && now.Before(g.heldAt.Add(holdLinger)))
 }
 
 // RoomSyncWanted tells the rooms-only /sync whether to keep reading (crypto.Machine.RoomSyncWanted): always,
