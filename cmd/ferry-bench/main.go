@@ -18,6 +18,7 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -180,6 +181,12 @@ func run(args []string) int {
 		v, err := strconv.ParseFloat(r, 64)
 		if err != nil || v <= 0 {
 			fmt.Fprintf(os.Stderr, "ferry-bench: -rate: %q is not a positive number\n", r)
+			return 2
+		}
+		// Each rate's messages are told apart by the run's name (rate100): two rates with one name would
+		// count each other's copies.
+		if slices.ContainsFunc(st.rates, func(o float64) bool { return fmt.Sprintf("%.0f", o) == fmt.Sprintf("%.0f", v) }) {
+			fmt.Fprintf(os.Stderr, "ferry-bench: -rate: %s msg/s is given twice (rounded to whole messages per second); use -rate-duration for a longer run\n", r)
 			return 2
 		}
 		st.rates = append(st.rates, v)
