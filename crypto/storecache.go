@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sync"
 
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -18,7 +19,7 @@ import (
 //
 // Every OlmMachine ferry creates uses the crypto store through cachedStore, so every write that can change a
 // cached answer (devices, cross-signing keys, signatures, inbound sessions) passes through it and drops the
-// entries it affects. Devices and cross-signing data are shared by all of ferry's accounts in the store;
+// entries it affects, or, for a committed cross-signing key or signature, applies itself to them. Devices and cross-signing data are shared by all of ferry's accounts in the store;
 // inbound sessions are per account.
 type storeCache struct {
 	// keyLocks serialise device-list checks and fetches per user (see keyLocks).
@@ -50,6 +51,9 @@ type storeCache struct {
 	outboundLock sync.Mutex
 	outboundGen  uint64
 	outbound     map[outboundKey]*outboundEntry
+	// noOutbound holds accounts and rooms known to have no outbound session in the store: a new ghost's first
+	// message in a room asks three times before its first session is created.
+	noOutbound map[outboundKey]struct{}
 
 	// successors shared ahead of time (preshare.go)
 	preLock sync.Mutex
@@ -103,6 +107,10 @@ type ReplayEntry struct {
 // maxTrustUsers bounds the users whose keys, signatures and devices the cache holds.
 const maxTrustUsers = 16384
 
+// maxNoOutbound bounds the accounts and rooms known to have no outbound session (storeCache.noOutbound); when
+// full it starts again empty.
+const maxNoOutbound = 16384
+
 // maxReplaySessions bounds the sessions whose replay index stays in memory; fully written ones are dropped
 // beyond it (and read again from the store when they come back).
 const maxReplaySessions = 4096
@@ -114,8 +122,14 @@ func newStoreCache() *storeCache {
 // trustChanged drops what the cache holds about user.
 func (c *storeCache) trustChanged(user id.UserID) {
 	c.lock.Lock()
-	c.gen++
+	c.writtenLocked(user)
 	delete(c.trust, user)
+	c.lock.Unlock()
+}
+
+// writtenLocked counts a write about user, so that reads about user in flight do not fill the cache.
+func (c *storeCache) writtenLocked(user id.UserID) {
+	c.gen++
 	if len(c.trustGen) >= 4*maxTrustUsers {
 		c.trustGen, c.allGen = nil, c.gen // forget who was written when: reads in flight do not fill
 	}
@@ -123,7 +137,31 @@ func (c *storeCache) trustChanged(user id.UserID) {
 		c.trustGen = make(map[id.UserID]uint64)
 	}
 	c.trustGen[user] = c.gen
-	c.lock.Unlock()
+}
+
+// trustWrite begins a write about a user's cross-signing keys or signatures: trustWritten ends it.
+func (c *storeCache) trustWrite() uint64 {
+	c.lock.Lock()
+	defer c.lock.Unlock()
+	return c.gen
+}
+
+// trustWritten ends a write about user that began at since (trustWrite). A write that committed on its own
+// (done; not inside a transaction, which may still roll back) is applied to user's entry by update, so that the
+// reads which follow it (a key fetch stores a user's keys one by one, each followed by a read of them, then trust
+// is resolved from them) are answered from memory. Any other write about user, or a drop of every entry, between
+// since and now makes the order of the two writes in the store unknown: the entry is dropped, as for a write that
+// failed or is not committed yet.
+func (c *storeCache) trustWritten(user id.UserID, since uint64, done bool, update func(*cachedTrust)) {
+	c.lock.Lock()
+	defer c.lock.Unlock()
+	stale := !done || c.allGen > since || c.trustGen[user] > since
+	c.writtenLocked(user)
+	if stale {
+		delete(c.trust, user)
+		return
+	}
+	update(c.entryLocked(user))
 }
 
 // allTrustChanged drops every device and cross-signing entry.
@@ -146,6 +184,11 @@ func (c *storeCache) fillTrust(user id.UserID, gen uint64) *cachedTrust {
 	if c.allGen > gen || c.trustGen[user] > gen {
 		return nil
 	}
+	return c.entryLocked(user)
+}
+
+// entryLocked returns user's entry, creating an empty one.
+func (c *storeCache) entryLocked(user id.UserID) *cachedTrust {
 	if c.trust == nil {
 		c.trust = make(map[id.UserID]*cachedTrust)
 	}
@@ -273,9 +316,28 @@ func (s *cachedStore) PutDevices(ctx context.Context, userID id.UserID, devices 
 	return s.SQLCryptoStore.PutDevices(ctx, userID, devices)
 }
 
+// committed reports whether a write through ctx commits when it returns (it is not part of a transaction).
+func (s *cachedStore) committed(ctx context.Context) bool {
+	_, inTxn := s.DB.Execable(ctx).(dbutil.Transaction)
+	return !inTxn
+}
+
+// PutCrossSigningKey writes through to the cache: the store keeps the first key seen for a usage and replaces
+// the current one.
 func (s *cachedStore) PutCrossSigningKey(ctx context.Context, userID id.UserID, usage id.CrossSigningUsage, key id.Ed25519) error {
-	defer s.c.trustChanged(userID)
-	return s.SQLCryptoStore.PutCrossSigningKey(ctx, userID, usage, key)
+	since := s.c.trustWrite()
+	err := s.SQLCryptoStore.PutCrossSigningKey(ctx, userID, usage, key)
+	s.c.trustWritten(userID, since, err == nil && s.committed(ctx), func(t *cachedTrust) {
+		if t.xsKeys == nil {
+			return // not read yet: the next read fills it
+		}
+		first := key
+		if cur, ok := t.xsKeys[usage]; ok {
+			first = cur.First
+		}
+		t.xsKeys[usage] = id.CrossSigningKey{Key: key, First: first}
+	})
+	return err
 }
 
 func (s *cachedStore) ResetMasterKeyTOFU(ctx context.Context, userID id.UserID, key id.Ed25519) error {
@@ -283,9 +345,17 @@ func (s *cachedStore) ResetMasterKeyTOFU(ctx context.Context, userID id.UserID, 
 	return s.SQLCryptoStore.ResetMasterKeyTOFU(ctx, userID, key)
 }
 
+// PutSignature writes through to the cache: the signature is known to exist.
 func (s *cachedStore) PutSignature(ctx context.Context, signedUser id.UserID, signedKey id.Ed25519, signerUser id.UserID, signerKey id.Ed25519, signature string) error {
-	defer s.c.trustChanged(signedUser)
-	return s.SQLCryptoStore.PutSignature(ctx, signedUser, signedKey, signerUser, signerKey, signature)
+	since := s.c.trustWrite()
+	err := s.SQLCryptoStore.PutSignature(ctx, signedUser, signedKey, signerUser, signerKey, signature)
+	s.c.trustWritten(signedUser, since, err == nil && s.committed(ctx), func(t *cachedTrust) {
+		if t.signedBy == nil {
+			t.signedBy = make(map[signatureKey]bool)
+		}
+		t.signedBy[signatureKey{signedKey, signerUser, signerKey}] = true
+	})
+	return err
 }
 
 // DropSignaturesByKey drops the signatures userID made with key, on anyone's keys: every user's entry goes (a
@@ -503,6 +573,10 @@ func (s *cachedStore) GetOutboundGroupSession(ctx context.Context, roomID id.Roo
 		s.c.outboundLock.Unlock()
 		return e.sess, nil
 	}
+	if _, none := s.c.noOutbound[k]; none {
+		s.c.outboundLock.Unlock()
+		return nil, nil
+	}
 	if e != nil {
 		// Expired: write its final state so that the share path (which reads the store) sees it expired too.
 		delete(s.c.outbound, k)
@@ -518,6 +592,16 @@ func (s *cachedStore) GetOutboundGroupSession(ctx context.Context, roomID id.Roo
 		return e.sess, nil
 	}
 	sess, err := s.SQLCryptoStore.GetOutboundGroupSession(ctx, roomID)
+	if err == nil && sess == nil {
+		s.c.outboundLock.Lock()
+		if s.c.outboundGen == gen {
+			if s.c.noOutbound == nil || len(s.c.noOutbound) >= maxNoOutbound {
+				s.c.noOutbound = make(map[outboundKey]struct{})
+			}
+			s.c.noOutbound[k] = struct{}{}
+		}
+		s.c.outboundLock.Unlock()
+	}
 	if err != nil || sess == nil || !sess.Shared || sess.Expired() {
 		return sess, err
 	}
@@ -583,6 +667,11 @@ func (c *storeCache) outboundChanged(account string, room id.RoomID) {
 	for k := range c.outbound {
 		if (room == "" || k.room == room) && (account == "" || k.account == account) {
 			delete(c.outbound, k)
+		}
+	}
+	for k := range c.noOutbound {
+		if (room == "" || k.room == room) && (account == "" || k.account == account) {
+			delete(c.noOutbound, k)
 		}
 	}
 }

@@ -193,8 +193,13 @@ func TestTrustCacheKeepsOtherUsersEntries(t *testing.T) {
 	if keys, _ := bot.GetCrossSigningKeys(ctx, alice); keys[id.XSUsageMaster].Key != testKey("new-master") {
 		t.Errorf("Alice's new master key not seen: %v", keys)
 	}
+	// A device write about her drops her entry (a cross-signing write applies itself to it: see
+	// TestTrustCacheWritesThrough).
+	if err := ghost.PutDevice(ctx, alice, dev); err != nil {
+		t.Fatal(err)
+	}
 	if signed, _ := bot.IsKeySignedBy(ctx, alice, ssk, alice, master); signed {
-		t.Error("after a write about Alice, her removed signature is still cached")
+		t.Error("after a device write about Alice, her removed signature is still cached")
 	}
 }
 
@@ -423,5 +428,132 @@ func TestInboundRatchetFollowsDecrypts(t *testing.T) {
 	stored, err := s.SQLCryptoStore.GetGroupSession(ctx, room, out.ID())
 	if err != nil || stored.Internal.(*session.MegolmInboundSession).Ratchet.Counter != 0 {
 		t.Fatalf("the stored session's ratchet moved: %v", err)
+	}
+}
+
+// TestTrustCacheWritesThrough: a committed cross-signing key or signature applies itself to the cached entry, with
+// the store's rules (the first key seen for a usage is kept), so the reads that follow it are answered from memory:
+// a key fetch stores a user's keys one by one, reading them between, and trust is resolved from them right after.
+// A write inside a transaction, or one that overlapped another write about the same user, drops the entry.
+func TestTrustCacheWritesThrough(t *testing.T) {
+	ctx := context.Background()
+	db, bot, ghost := twoCachedStores(t)
+	const alice = id.UserID("@alice:x")
+	m1, m2, ssk := testKey("master-1"), testKey("master-2"), testKey("ssk")
+	same := func(step string) {
+		t.Helper()
+		cached, err := bot.GetCrossSigningKeys(ctx, alice)
+		stored, err2 := bot.SQLCryptoStore.GetCrossSigningKeys(ctx, alice)
+		if err != nil || err2 != nil || fmt.Sprint(cached) != fmt.Sprint(stored) {
+			t.Fatalf("%s: cached keys %v (%v), stored %v (%v)", step, cached, err, stored, err2)
+		}
+	}
+	same("before any")
+	if err := ghost.PutCrossSigningKey(ctx, alice, id.XSUsageMaster, m1); err != nil {
+		t.Fatal(err)
+	}
+	same("first master key")
+	if err := ghost.PutCrossSigningKey(ctx, alice, id.XSUsageMaster, m2); err != nil {
+		t.Fatal(err)
+	}
+	same("replaced master key (the first seen is kept)")
+	if err := ghost.PutSignature(ctx, alice, ssk, alice, m2, "sig"); err != nil {
+		t.Fatal(err)
+	}
+	// Alice's rows go behind the cache's back: what follows is answered from memory.
+	for _, q := range []string{`DELETE FROM crypto_cross_signing_keys WHERE user_id=$1`, `DELETE FROM crypto_cross_signing_signatures WHERE signed_user_id=$1`} {
+		if _, err := db.Exec(ctx, q, alice); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if keys, _ := bot.GetCrossSigningKeys(ctx, alice); keys[id.XSUsageMaster] != (id.CrossSigningKey{Key: m2, First: m1}) {
+		t.Errorf("keys after the writes were read again: %v", keys)
+	}
+	if signed, _ := bot.IsKeySignedBy(ctx, alice, ssk, alice, m2); !signed {
+		t.Error("the signature just written was read again")
+	}
+
+	// A signature written in a transaction that rolls back is not cached.
+	other := testKey("other-ssk")
+	_ = db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if err := ghost.PutSignature(ctx, alice, other, alice, m2, "sig"); err != nil {
+			t.Fatal(err)
+		}
+		return fmt.Errorf("roll back")
+	})
+	if signed, _ := bot.IsKeySignedBy(ctx, alice, other, alice, m2); signed {
+		t.Error("a signature whose transaction rolled back is cached as written")
+	}
+
+	// A write that overlapped a drop of every entry (a signer's keys reset) leaves nothing behind.
+	since := bot.c.trustWrite()
+	bot.c.allTrustChanged()
+	bot.c.trustWritten(alice, since, true, func(t *cachedTrust) {
+		t.xsKeys = map[id.CrossSigningUsage]id.CrossSigningKey{id.XSUsageMaster: {Key: m1}}
+	})
+	if keys, _ := bot.GetCrossSigningKeys(ctx, alice); len(keys) != 0 {
+		t.Errorf("an overlapping write filled the cache: %v", keys)
+	}
+}
+
+// TestNoOutboundSessionIsRemembered: that an account has no outbound session in a room is read from the store
+// once (a new ghost's first message asks three times before its session exists); adding or removing a session
+// through the store is seen at once, and other rooms are read as before.
+func TestNoOutboundSessionIsRemembered(t *testing.T) {
+	ctx := context.Background()
+	db := dbtest.Open(t, "postgres")
+	s := newCachedStore(t, db, "@ghost:x", newStoreCache())
+	const room, other = id.RoomID("!r:x"), id.RoomID("!other:x")
+	newSession := func(room id.RoomID) *crypto.OutboundGroupSession {
+		t.Helper()
+		sess, err := crypto.NewOutboundGroupSession(room, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sess.Shared = true
+		return sess
+	}
+	get := func(room id.RoomID) *crypto.OutboundGroupSession {
+		t.Helper()
+		got, err := s.GetOutboundGroupSession(ctx, room)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	if get(room) != nil {
+		t.Fatal("a session before any was added")
+	}
+	// Behind the cache's back: the absence is remembered.
+	if err := s.SQLCryptoStore.AddOutboundGroupSession(ctx, newSession(room)); err != nil {
+		t.Fatal(err)
+	}
+	if get(room) != nil {
+		t.Fatal("the store was read again for a room known to have no session")
+	}
+	if err := s.SQLCryptoStore.RemoveOutboundGroupSession(ctx, room); err != nil {
+		t.Fatal(err)
+	}
+	// Through the store: seen at once.
+	added := newSession(room)
+	if err := s.AddOutboundGroupSession(ctx, added); err != nil {
+		t.Fatal(err)
+	}
+	if got := get(room); got == nil || got.ID() != added.ID() {
+		t.Fatalf("added session not seen: %v", got)
+	}
+	if err := s.RemoveOutboundGroupSession(ctx, room); err != nil {
+		t.Fatal(err)
+	}
+	if get(room) != nil {
+		t.Fatal("removed session still seen")
+	}
+	// Another room of the same account is not marked by the first: its session, added behind the back, is read.
+	fresh := newSession(other)
+	if err := s.SQLCryptoStore.AddOutboundGroupSession(ctx, fresh); err != nil {
+		t.Fatal(err)
+	}
+	if got := get(other); got == nil || got.ID() != fresh.ID() {
+		t.Fatalf("another room's session not read: %v", got)
 	}
 }
