@@ -91,7 +91,8 @@ type Bridge struct {
 	stats     stats
 	commits   groupCommit // room workers' batches, written together (worker.go)
 	hot       hotCache
-	prep      senderPrep // new senders' devices prepared side by side (prepare.go)
+	removals  removalCache // moderation.go
+	prep      senderPrep   // new senders' devices prepared side by side (prepare.go)
 
 	disappearOnce sync.Once
 	disappearing  *disappearer // see disappear.go

@@ -12,10 +12,13 @@ package bridge
 import (
 	"context"
 	"errors"
+	"sync"
 
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database"
 )
 
 // errModerated is returned by ensureGhost when the real user or their ghost was removed from the target room by
@@ -31,9 +34,73 @@ const (
 	removalBan  removal = "ban"
 )
 
+// removedPrefix starts every removedKey.
+const removedPrefix = "removed:"
+
 // removedKey names the kv entry recording that user was kicked or banned from room.
 func removedKey(room id.RoomID, user id.UserID) string {
-	return "removed:" + string(room) + " " + string(user)
+	return removedPrefix + string(room) + " " + string(user)
+}
+
+// removalCache holds every removal entry in memory once read: each ghost's join, and each check of a ghost not yet
+// known to be ready in a target room, asks for one (two statements of a new sender's first message each), and a
+// removal is rare. noteRemoval writes through it.
+type removalCache struct {
+	lock sync.Mutex
+	// marks holds every removedKey in the store with its removal; nil: not read yet, or forgotten after a write
+	// that failed (whether it was stored is unknown).
+	marks map[string]removal
+	// gen counts writes: a read of the store that overlapped one is used for its answer but not kept.
+	gen uint64
+}
+
+// get returns the removal recorded under key.
+func (r *removalCache) get(ctx context.Context, kv *database.KVQuery, key string) (removal, error) {
+	r.lock.Lock()
+	if r.marks != nil {
+		v := r.marks[key]
+		r.lock.Unlock()
+		return v, nil
+	}
+	gen := r.gen
+	r.lock.Unlock()
+	stored, err := kv.Prefixed(ctx, removedPrefix)
+	if err != nil {
+		return removalNone, err
+	}
+	marks := make(map[string]removal, len(stored))
+	for k, v := range stored {
+		marks[k] = removal(v)
+	}
+	r.lock.Lock()
+	if r.gen == gen {
+		r.marks = marks
+	}
+	r.lock.Unlock()
+	return marks[key], nil
+}
+
+// set records removal v under key (removalNone deletes it) in the store, then in memory.
+func (r *removalCache) set(ctx context.Context, kv *database.KVQuery, key string, v removal) error {
+	var err error
+	if v == removalNone {
+		err = kv.Delete(ctx, key)
+	} else {
+		err = kv.Set(ctx, key, string(v))
+	}
+	r.lock.Lock()
+	defer r.lock.Unlock()
+	r.gen++
+	switch {
+	case err != nil:
+		r.marks = nil
+	case r.marks == nil:
+	case v == removalNone:
+		delete(r.marks, key)
+	default:
+		r.marks[key] = v
+	}
+	return err
 }
 
 // moderatedNoticeKey names the kv entry recording that user was told their messages do not reach room.
@@ -78,12 +145,12 @@ func (b *Bridge) noteRemoval(ctx context.Context, evt *event.Event, member *even
 	log := zerolog.Ctx(ctx)
 	switch {
 	case r != removalNone:
-		if err := b.DB.KV.Set(ctx, removedKey(evt.RoomID, target), string(r)); err != nil {
+		if err := b.removals.set(ctx, b.DB.KV, removedKey(evt.RoomID, target), r); err != nil {
 			log.Warn().Err(err).Msg("Failed to record a removal")
 		}
 	case lifted:
-		if v, err := b.DB.KV.Get(ctx, removedKey(evt.RoomID, target)); err == nil && v != "" {
-			_ = b.DB.KV.Delete(ctx, removedKey(evt.RoomID, target))
+		if v, err := b.removals.get(ctx, b.DB.KV, removedKey(evt.RoomID, target)); err == nil && v != removalNone {
+			_ = b.removals.set(ctx, b.DB.KV, removedKey(evt.RoomID, target), removalNone)
 			_ = b.DB.KV.Delete(ctx, moderatedNoticeKey(evt.RoomID, target))
 		}
 	}
@@ -96,16 +163,16 @@ func (b *Bridge) removedFrom(ctx context.Context, room id.RoomID, user id.UserID
 	} else if m == event.MembershipBan {
 		return removalBan, nil
 	}
-	v, err := b.DB.KV.Get(ctx, removedKey(room, user))
+	v, err := b.removals.get(ctx, b.DB.KV, removedKey(room, user))
 	if err != nil {
 		return removalNone, err
 	}
-	if removal(v) == removalBan {
+	if v == removalBan {
 		// The ban was lifted in state the store already has (the user is not banned any more) but its event
 		// has not been handled yet; the state store is the room's current state.
 		return removalNone, nil
 	}
-	return removal(v), nil
+	return v, nil
 }
 
 // checkModeration returns errModerated when realUser or their ghost was removed from target by a moderator.

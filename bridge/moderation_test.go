@@ -7,8 +7,12 @@ import (
 	"testing"
 	"time"
 
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database"
+	"go.ferry.im/ferry/database/dbtest"
 )
 
 func TestRemovalOf(t *testing.T) {
@@ -160,5 +164,66 @@ func TestGhostJoinEchoKeepsItsCacheEntry(t *testing.T) {
 	f.member(t, f.roomB, "@bob:ferry.test", ghost, event.MembershipLeave, event.MembershipJoin)
 	if f.br.hot.ghostReady(key) {
 		t.Error("the kick of the ghost kept its entry")
+	}
+}
+
+// TestRemovalCacheWritesThrough: removals are read from the store once, then answered from memory; a removal
+// recorded or lifted is written to the store and to memory; after a write that failed, the store is read again.
+func TestRemovalCacheWritesThrough(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			db := database.New(dbtest.Open(t, dialect), dbutil.NoopLogger)
+			if err := db.Upgrade(ctx); err != nil {
+				t.Fatal(err)
+			}
+			kicked, banned := removedKey("!r:x", "@kicked:x"), removedKey("!r:x", "@banned:x")
+			if err := db.KV.Set(ctx, kicked, string(removalKick)); err != nil {
+				t.Fatal(err)
+			}
+			var r removalCache
+			expect := func(key string, want removal) {
+				t.Helper()
+				if got, err := r.get(ctx, db.KV, key); err != nil || got != want {
+					t.Fatalf("get %s = %q, %v; want %q", key, got, err, want)
+				}
+			}
+			stored := func(key string, want removal) {
+				t.Helper()
+				if got, err := db.KV.Get(ctx, key); err != nil || removal(got) != want {
+					t.Fatalf("stored %s = %q, %v; want %q", key, got, err, want)
+				}
+			}
+			expect(kicked, removalKick) // read from the store
+			expect(banned, removalNone)
+			// Behind the cache's back: not seen, the answers come from memory.
+			if err := db.KV.Set(ctx, banned, string(removalBan)); err != nil {
+				t.Fatal(err)
+			}
+			expect(banned, removalNone)
+			if err := db.KV.Delete(ctx, banned); err != nil {
+				t.Fatal(err)
+			}
+			// Through the cache: in the store and in memory.
+			if err := r.set(ctx, db.KV, banned, removalBan); err != nil {
+				t.Fatal(err)
+			}
+			expect(banned, removalBan)
+			stored(banned, removalBan)
+			if err := r.set(ctx, db.KV, kicked, removalNone); err != nil {
+				t.Fatal(err)
+			}
+			expect(kicked, removalNone)
+			stored(kicked, removalNone)
+			// A write that fails leaves the store's answer to the next read.
+			broken := database.New(dbtest.Open(t, dialect), dbutil.NoopLogger) // no tables
+			if err := r.set(ctx, broken.KV, kicked, removalKick); err == nil {
+				t.Fatal("a write to a store without its tables succeeded")
+			}
+			if err := db.KV.Set(ctx, kicked, string(removalKick)); err != nil { // as if the failed write had landed
+				t.Fatal(err)
+			}
+			expect(kicked, removalKick)
+		})
 	}
 }

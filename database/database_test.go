@@ -283,6 +283,16 @@ func TestKV(t *testing.T) {
 		if v, _ := db.KV.Get(ctx, "k"); v != "" {
 			t.Fatalf("deleted = %q", v)
 		}
+		for _, k := range []string{"ab:1", "ab:2", "AB:3", "aXb:4", "a:5"} {
+			_ = db.KV.Set(ctx, k, "v"+k)
+		}
+		got, err := db.KV.Prefixed(ctx, "ab:")
+		if err != nil || len(got) != 2 || got["ab:1"] != "vab:1" || got["ab:2"] != "vab:2" {
+			t.Fatalf("prefixed ab: = %v, %v; want exactly ab:1 and ab:2", got, err)
+		}
+		if got, _ = db.KV.Prefixed(ctx, "a_:"); len(got) != 0 {
+			t.Fatalf("prefixed a_: = %v; _ is not a wildcard", got)
+		}
 	})
 }
 

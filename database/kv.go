@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"strings"
 
 	"go.mau.fi/util/dbutil"
 )
@@ -13,6 +14,8 @@ const (
 	getKVQuery    = `SELECT value FROM kv_store WHERE key=$1`
 	setKVQuery    = `INSERT INTO kv_store (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value=excluded.value`
 	deleteKVQuery = `DELETE FROM kv_store WHERE key=$1`
+	// LIKE narrows the scan; the exact prefix is checked in Go (SQLite's LIKE ignores case, and _ matches anything).
+	prefixedKVQuery = `SELECT key, value FROM kv_store WHERE key LIKE $1`
 )
 
 // KVQuery stores small durable facts. Never message plaintext.
@@ -40,4 +43,25 @@ func (kq *KVQuery) Set(ctx context.Context, key, value string) error {
 func (kq *KVQuery) Delete(ctx context.Context, key string) error {
 	_, err := kq.db.Exec(ctx, deleteKVQuery, key)
 	return err
+}
+
+// Prefixed returns every key starting with prefix, with its value. For families of facts that are few (such as
+// removals by moderators) and read far more often than written.
+func (kq *KVQuery) Prefixed(ctx context.Context, prefix string) (map[string]string, error) {
+	rows, err := kq.db.Query(ctx, prefixedKVQuery, prefix+"%")
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := make(map[string]string)
+	for rows.Next() {
+		var k, v string
+		if err = rows.Scan(&k, &v); err != nil {
+			return nil, err
+		}
+		if strings.HasPrefix(k, prefix) {
+			out[k] = v
+		}
+	}
+	return out, rows.Err()
 }
