@@ -1,5 +1,5 @@
-// A loopback HTTP proxy between ferry and the homeserver that can hold ferry's /sync requests, or swallow the
-// answer to one of its sends. On homeservers
+// A loopback HTTP proxy between ferry and the homeserver that can hold ferry's /sync requests, swallow the
+// answer to one of its sends, or refuse requests as a homeserver would. On homeservers
 // without appservice to-device pushes (Dendrite), room keys reach ferry's bot device only through /sync, so
 // holding it makes "the message arrives before its room key" deterministic.
 import http from "node:http";
@@ -12,6 +12,7 @@ export async function startSyncHoldProxy(targetPort) {
     let holdAnswer = null; // (body) => true for a /sync answer to keep from ferry: see holdAnswers
     let heldAnswers = []; // the kept answers' deliveries
     let lose = null; // { roomId, resolve }: see loseNextSend
+    let refusal = null; // { matches, status, body }: see refuse
     const inFlight = new Set(); // open /sync long-polls, cut when holding starts
     const requests = []; // every request ferry made: see the returned object
     const server = http.createServer((req, res) => {
@@ -55,6 +56,12 @@ export async function startSyncHoldProxy(targetPort) {
             }
             req.pipe(up);
         };
+        if (refusal?.matches(record)) {
+            record.status = refusal.status;
+            res.writeHead(refusal.status, { "content-type": "application/json" });
+            res.end(JSON.stringify(refusal.body));
+            return;
+        }
         // ferry's barrier before a read-back (an empty im.ferry.barrier event) is not the send a test means to lose.
         const sendPath = decodeURIComponent(req.url);
         if (lose && req.method === "PUT" && sendPath.includes(`/rooms/${lose.roomId}/send/`) && !sendPath.includes("/send/im.ferry.barrier/")) {
@@ -124,6 +131,13 @@ export async function startSyncHoldProxy(targetPort) {
         },
         get held() {
             return waiters.length;
+        },
+        /**
+         * Answers every request whose record (see requests) matches (record => bool) with status and the JSON body
+         * itself, as a homeserver that refuses it would; refuse(null) forwards them again.
+         */
+        refuse(matches, status = 403, body = { errcode: "M_FORBIDDEN", error: "refused by the test's proxy" }) {
+            refusal = matches && { matches, status, body };
         },
         /** Every request ferry made through the proxy: { method, path (decoded), userId, deviceId, filter, presence (set_presence), status, uia }. */
         requests,
