@@ -19,8 +19,8 @@ import (
 //
 // Every OlmMachine ferry creates uses the crypto store through cachedStore, so every write that can change a
 // cached answer (devices, cross-signing keys, signatures, inbound sessions) passes through it and drops the
-// entries it affects, or, for a committed cross-signing key or signature, applies itself to them. Devices and cross-signing data are shared by all of ferry's accounts in the store;
-// inbound sessions are per account.
+// entries it affects, or, for a committed cross-signing key or signature, applies itself to them. Devices and
+// cross-signing data are shared by all of ferry's accounts in the store; inbound sessions are per account.
 type storeCache struct {
 	// keyLocks serialise device-list checks and fetches per user (see keyLocks).
 	keyLocks keyLocks
