@@ -23,7 +23,7 @@ func (b *Bridge) ensureGhost(ctx context.Context, intent *appservice.IntentAPI, 
 	if b.hot.ghostReady(key) {
 		return nil
 	}
-	gen := b.hot.generation(key)
+	gen := b.hot.generation(key, intent.UserID)
 	// Checked only when the cache has no entry: a member event in target (a kick, a ban) drops the entry.
 	if err := b.checkModeration(ctx, realUser, intent.UserID, target); err != nil {
 		return err

@@ -17,11 +17,13 @@ type hotCache struct {
 	encrypted sync.Map // id.RoomID → struct{}
 
 	lock sync.Mutex
-	// roomGen counts, per room, the membership and room-name changes handled there, and epoch counts clears of
-	// roomGen: an entry computed while a change happened in its source or target room is not stored. Changes in
-	// other rooms (ghosts joining elsewhere, at every new sender) leave it alone.
-	roomGen map[id.RoomID]uint64
-	epoch   uint64
+	// roomGen counts, per room, the name and alias changes handled there (and failed sends into it), memberGen
+	// the member events per room and member, and epoch counts clears of both: an entry computed while a change
+	// that would have forgotten it was handled (see stateChanged) is not stored. Other changes (other ghosts
+	// joining the same busy room, at every new sender of a room just linked) leave it alone.
+	roomGen   map[id.RoomID]uint64
+	memberGen map[roomMember]uint64
+	epoch     uint64
 	// ghosts holds (source room, real user, target room), with the ghost's user ID, whose ghost was in the
 	// target with the name and avatar derived from the source the last time it was checked, and since then no
 	// name or alias event was handled in the source, nor a member event of the real user there, nor one of the
@@ -38,6 +40,11 @@ type ghostKey struct {
 	target id.RoomID
 }
 
+type roomMember struct {
+	room   id.RoomID
+	member id.UserID
+}
+
 func (h *hotCache) ghostReady(k ghostKey) bool {
 	h.lock.Lock()
 	defer h.lock.Unlock()
@@ -45,22 +52,24 @@ func (h *hotCache) ghostReady(k ghostKey) bool {
 	return ok
 }
 
-// generation is taken before an entry is computed and handed to setGhostReady after. The two rooms' counters
-// only grow, so their sum changes whenever either does.
-func (h *hotCache) generation(k ghostKey) hotGen {
+// generation is taken before the entry of ghost is computed and handed to setGhostReady after. It sums the
+// counters of what the entry depends on (memberAffects, and both rooms' names): they only grow, so the sum changes
+// whenever one does.
+func (h *hotCache) generation(k ghostKey, ghost id.UserID) hotGen {
 	h.lock.Lock()
 	defer h.lock.Unlock()
-	return h.genLocked(k)
+	return h.genLocked(k, ghost)
 }
 
-func (h *hotCache) genLocked(k ghostKey) hotGen {
-	return hotGen{h.epoch, h.roomGen[k.source] + h.roomGen[k.target]}
+func (h *hotCache) genLocked(k ghostKey, ghost id.UserID) hotGen {
+	return hotGen{h.epoch, h.roomGen[k.source] + h.roomGen[k.target] + h.memberGen[roomMember{k.source, k.real}] +
+		h.memberGen[roomMember{k.target, k.real}] + h.memberGen[roomMember{k.target, ghost}]}
 }
 
 func (h *hotCache) setGhostReady(k ghostKey, ghost id.UserID, gen hotGen) {
 	h.lock.Lock()
 	defer h.lock.Unlock()
-	if h.genLocked(k) != gen {
+	if h.genLocked(k, ghost) != gen {
 		return
 	}
 	if h.ghosts == nil || boundedCacheFull(len(h.ghosts)) {
@@ -69,14 +78,27 @@ func (h *hotCache) setGhostReady(k ghostKey, ghost id.UserID, gen hotGen) {
 	h.ghosts[k] = ghost
 }
 
-// changedLocked counts a change in room. A full counter map starts again empty under a new epoch, which every
-// computation under way then misses.
+// changedLocked counts a change of room itself (its name or alias). A full counter map starts both again empty
+// under a new epoch, which every computation under way then misses.
 func (h *hotCache) changedLocked(room id.RoomID) {
 	if h.roomGen == nil || boundedCacheFull(len(h.roomGen)) {
-		h.roomGen = make(map[id.RoomID]uint64)
-		h.epoch++
+		h.clearCountersLocked()
 	}
 	h.roomGen[room]++
+}
+
+// memberChangedLocked counts a member event of member in room, like changedLocked.
+func (h *hotCache) memberChangedLocked(room id.RoomID, member id.UserID) {
+	if h.memberGen == nil || boundedCacheFull(len(h.memberGen)) {
+		h.clearCountersLocked()
+	}
+	h.memberGen[roomMember{room, member}]++
+}
+
+func (h *hotCache) clearCountersLocked() {
+	h.roomGen = make(map[id.RoomID]uint64)
+	h.memberGen = make(map[roomMember]uint64)
+	h.epoch++
 }
 
 // stateChanged forgets the ghost entries a state event in room may change: those of the member a member event is
@@ -92,7 +114,11 @@ func (h *hotCache) stateChanged(t event.Type, room id.RoomID, stateKey string) {
 	member := id.UserID(stateKey)
 	h.lock.Lock()
 	defer h.lock.Unlock()
-	h.changedLocked(room)
+	if t == event.StateMember {
+		h.memberChangedLocked(room, member)
+	} else {
+		h.changedLocked(room)
+	}
 	for k, ghost := range h.ghosts {
 		switch {
 		case t != event.StateMember:
