@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"context"
+	"slices"
 	"sync"
 
 	"maunium.net/go/mautrix/event"
@@ -62,8 +63,11 @@ func (h *hotCache) generation(k ghostKey, ghost id.UserID) hotGen {
 }
 
 func (h *hotCache) genLocked(k ghostKey, ghost id.UserID) hotGen {
-	return hotGen{h.epoch, h.roomGen[k.source] + h.roomGen[k.target] + h.memberGen[roomMember{k.source, k.real}] +
-		h.memberGen[roomMember{k.target, k.real}] + h.memberGen[roomMember{k.target, ghost}]}
+	changes := h.roomGen[k.source] + h.roomGen[k.target]
+	for _, dep := range memberDeps(k, ghost) {
+		changes += h.memberGen[dep]
+	}
+	return hotGen{h.epoch, changes}
 }
 
 func (h *hotCache) setGhostReady(k ghostKey, ghost id.UserID, gen hotGen) {
@@ -143,10 +147,17 @@ func (h *hotCache) concerns(room id.RoomID, member id.UserID) bool {
 	return false
 }
 
-// memberAffects reports whether member's member event in room can change the entry k of ghost: the real user's
-// own in the source (their name and avatar), the real user's or the ghost's in the target (a kick, a ban).
+// memberDeps are the member events the entry k of ghost depends on: the real user's own in the source (their name
+// and avatar), the real user's and the ghost's in the target (a kick, a ban). Eviction (memberAffects) and the
+// in-flight check (genLocked) both go by it.
+func memberDeps(k ghostKey, ghost id.UserID) [3]roomMember {
+	return [3]roomMember{{k.source, k.real}, {k.target, k.real}, {k.target, ghost}}
+}
+
+// memberAffects reports whether member's member event in room can change the entry k of ghost (memberDeps).
 func memberAffects(k ghostKey, ghost id.UserID, room id.RoomID, member id.UserID) bool {
-	return (k.source == room && k.real == member) || (k.target == room && (k.real == member || ghost == member))
+	deps := memberDeps(k, ghost)
+	return slices.Contains(deps[:], roomMember{room, member})
 }
 
 // forgetGhost forgets one entry (a send as that ghost failed: its membership is checked again next time).

@@ -98,7 +98,8 @@ func TestGhostCacheForgetsWhatAStateChangeAffects(t *testing.T) {
 }
 
 // TestGhostCacheCountersStayBounded: rooms' and members' change counters start again empty once maxCacheEntries
-// of either have changed, and a computation under way across that is not stored (its rooms' counters may read the same again).
+// of either have changed, and a computation under way across that is not stored (its counters may read the same
+// again).
 func TestGhostCacheCountersStayBounded(t *testing.T) {
 	var h hotCache
 	k := ghostKey{"!a", "@alice:x", "!b"}
