@@ -373,7 +373,13 @@ func (c *rotationCrypto) DestroySession(ctx context.Context, room id.RoomID, ses
 // upgradedDB opens a fresh database with ferry's tables.
 func upgradedDB(t *testing.T) *database.Database {
 	t.Helper()
-	db := database.New(dbtest.Open(t, dbtest.Dialects[0]), dbutil.NoopLogger)
+	return upgradedDBOn(t, dbtest.Dialects[0])
+}
+
+// upgradedDBOn opens a fresh database of dialect with ferry's tables.
+func upgradedDBOn(t *testing.T, dialect string) *database.Database {
+	t.Helper()
+	db := database.New(dbtest.Open(t, dialect), dbutil.NoopLogger)
 	if err := db.Upgrade(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -173,10 +173,7 @@ func TestRemovalCacheWritesThrough(t *testing.T) {
 	for _, dialect := range dbtest.Dialects {
 		t.Run(dialect, func(t *testing.T) {
 			ctx := context.Background()
-			db := database.New(dbtest.Open(t, dialect), dbutil.NoopLogger)
-			if err := db.Upgrade(ctx); err != nil {
-				t.Fatal(err)
-			}
+			db := upgradedDBOn(t, dialect)
 			kicked, banned := removedKey("!r:x", "@kicked:x"), removedKey("!r:x", "@banned:x")
 			if err := db.KV.Set(ctx, kicked, string(removalKick)); err != nil {
 				t.Fatal(err)
