@@ -10,7 +10,7 @@ export async function startSyncHoldProxy(targetPort) {
     let holding = false;
     let waiters = [];
     let holdAnswer = null; // (body) => true for a /sync answer to keep from ferry: see holdAnswers
-    let heldAnswers = []; // the kept answers' deliveries
+    let heldAnswers = []; // the kept answers: { deliver, record }
     let lose = null; // { roomId, resolve }: see loseNextSend
     let refusal = null; // { matches, status, body }: see refuse
     const inFlight = new Set(); // open /sync long-polls, cut when holding starts
@@ -36,7 +36,7 @@ export async function startSyncHoldProxy(targetPort) {
                         res.writeHead(upRes.statusCode, upRes.headers);
                         res.end(body);
                     };
-                    if (holdAnswer?.(body.toString())) heldAnswers.push(deliver);
+                    if (holdAnswer?.(body.toString())) heldAnswers.push({ deliver, record });
                     else deliver();
                 });
             });
@@ -109,11 +109,13 @@ export async function startSyncHoldProxy(targetPort) {
         holdAnswers(matches) {
             holdAnswer = matches;
         },
+        /** Hands ferry the kept answers, in order; returns the records (see requests) of the requests they answer. */
         releaseAnswers() {
             holdAnswer = null;
             const w = heldAnswers;
             heldAnswers = [];
-            for (const f of w) f();
+            for (const { deliver } of w) deliver();
+            return w.map(({ record }) => record);
         },
         /** How many /sync answers are kept (holdAnswers). */
         get heldAnswers() {

@@ -92,18 +92,31 @@ test("an old /sync answer that shows the bot's join does not take away the power
     const roomD = await bob.createEncryptedRoom({ name: "Joined D" });
     await inviteBot(stack, bob, roomD);
     const { proxy } = stack;
+    // The power ferry goes by (its state store).
+    const botLevel = () => {
+        const [[levels] = []] = stack.sql(`SELECT power_levels FROM mx_room_state WHERE room_id='${roomC}'`);
+        return levels ? JSON.parse(levels).users?.[stack.botUserId] : undefined;
+    };
     // The answer that shows the bot's join (and so the room's history before it).
     proxy.holdAnswers((body) => body.includes(roomC) && body.includes(`"state_key":"${stack.botUserId}"`) && body.includes('"membership":"join"'));
+    let held = [];
+    let mark = 0;
     try {
         await inviteBot(stack, alice, roomC, { power: 0 });
         await pollUntil(() => proxy.heldAnswers > 0, { timeoutMs: 15000, what: "the /sync answer that shows the bot's join" });
         await alice.client.setPowerLevel(roomC, stack.botUserId, 50);
-        await sleep(2000); // ferry handles the pushed power levels
+        await pollUntil(() => botLevel() === 50, { timeoutMs: 15000, what: "ferry to handle the pushed power levels" });
     } finally {
-        proxy.releaseAnswers();
+        mark = proxy.requests.length;
+        held = proxy.releaseAnswers();
     }
-    await sleep(2000); // ferry records the late answer
-    // The power ferry goes by (its state store), as the homeserver has it.
-    const [[levels]] = stack.sql(`SELECT power_levels FROM mx_room_state WHERE room_id='${roomC}'`);
-    assert.equal(JSON.parse(levels).users?.[stack.botUserId], 50, "the bot's power level in ferry's state store");
+    // ferry reads its next /sync only once it has recorded the late answer, and its room worker then handles
+    // whatever it recorded.
+    const sameLoop = (q) => q.path.endsWith("/sync") && held.some((h) => h.filter === q.filter && h.userId === q.userId && h.deviceId === q.deviceId);
+    await pollUntil(() => proxy.requests.slice(mark).some(sameLoop), { timeoutMs: 30000, what: "ferry's next /sync after the late answer" });
+    await pollUntil(() => Number(stack.sql(`SELECT count(*) FROM inbox WHERE room_id='${roomC}' AND state='pending'`)[0][0]) === 0, {
+        timeoutMs: 15000,
+        what: "ferry's worker to handle what it recorded of room C",
+    });
+    assert.equal(botLevel(), 50, "the bot's power level in ferry's state store, as the homeserver has it");
 });
