@@ -97,6 +97,9 @@ func main() {
 	os.Exit(run(os.Args[1:]))
 }
 
+// rateRun names the fixed-rate run at rate msg/s; its messages are told apart by it.
+func rateRun(rate float64) string { return fmt.Sprintf("rate%.0f", rate) }
+
 func run(args []string) int {
 	fs := flag.NewFlagSet("ferry-bench", flag.ContinueOnError)
 	var st settings
@@ -185,7 +188,7 @@ func run(args []string) int {
 		}
 		// Each rate's messages are told apart by the run's name (rate100): two rates with one name would
 		// count each other's copies.
-		if slices.ContainsFunc(st.rates, func(o float64) bool { return fmt.Sprintf("%.0f", o) == fmt.Sprintf("%.0f", v) }) {
+		if slices.ContainsFunc(st.rates, func(o float64) bool { return rateRun(o) == rateRun(v) }) {
 			fmt.Fprintf(os.Stderr, "ferry-bench: -rate: %s msg/s is given twice (rounded to whole messages per second); use -rate-duration for a longer run\n", r)
 			return 2
 		}
@@ -276,7 +279,7 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 	all := append(append([]*msg(nil), warm...), full...)
 	if st.phases["rate"] {
 		for _, rate := range st.rates {
-			msgs, err := e.generate(ctx, fmt.Sprintf("rate%.0f", rate), max(int(rate*st.rateDuration.Seconds()), 1))
+			msgs, err := e.generate(ctx, rateRun(rate), max(int(rate*st.rateDuration.Seconds()), 1))
 			if err != nil {
 				fmt.Fprintf(os.Stderr, "ferry-bench: %v\n", err)
 				return 1
