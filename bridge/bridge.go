@@ -92,7 +92,10 @@ type Bridge struct {
 	commits   groupCommit // room workers' batches, written together (worker.go)
 	hot       hotCache
 	removals  removalCache // moderation.go
-	prep      senderPrep   // new senders' devices prepared side by side (prepare.go)
+	// inviteFirst holds the target rooms where a ghost's join was refused until the bot invited it
+	// (ghostprofile.go): one entry per such room, at most one per room ferry brings ghosts into.
+	inviteFirst sync.Map   // id.RoomID → struct{}
+	prep        senderPrep // new senders' devices prepared side by side (prepare.go)
 
 	disappearOnce sync.Once
 	disappearing  *disappearer // see disappear.go

@@ -25,10 +25,11 @@ func (b *Bridge) ensureGhost(ctx context.Context, intent *appservice.IntentAPI, 
 	}
 	gen := b.hot.generation(key, intent.UserID)
 	// Checked only when the cache has no entry: a member event in target (a kick, a ban) drops the entry.
-	if err := b.checkModeration(ctx, realUser, intent.UserID, target); err != nil {
+	ghostMembership, err := b.checkModeration(ctx, realUser, intent.UserID, target)
+	if err != nil {
 		return err
 	}
-	if b.StateStore.IsInRoom(ctx, target, intent.UserID) {
+	if ghostMembership == event.MembershipJoin {
 		if err := b.syncGhostProfile(ctx, intent, sourceRoom, realUser, target); err != nil {
 			return err
 		}
@@ -43,27 +44,52 @@ func (b *Bridge) ensureGhost(ctx context.Context, intent *appservice.IntentAPI, 
 // members never see the ghost's raw ID join and then change its name. A ghost that joins its first room gets its
 // global profile first (the real user's own name and avatar): homeservers copy the global profile into every room
 // of the user when it changes, so it is set only while the ghost is in no room. The bot invites the ghost when the
-// room does not let it join by itself.
+// room does not let it join by itself; once one ghost needed that in target, the ghosts after it are invited
+// before they join rather than refused first (see Bridge.inviteFirst).
 func (b *Bridge) joinGhost(ctx context.Context, intent *appservice.IntentAPI, sourceRoom id.RoomID, realUser id.UserID, target id.RoomID) error {
 	if err := intent.EnsureRegistered(ctx); err != nil {
 		return err
 	}
-	name, avatar := b.ghostProfile(ctx, sourceRoom, realUser)
-	if err := b.setGlobalProfileOnce(ctx, intent, sourceRoom, realUser); err != nil {
+	realName, realAvatar := b.realProfile(ctx, sourceRoom, realUser)
+	name, avatar := b.renderGhostProfile(ctx, sourceRoom, realUser, realName, realAvatar)
+	if err := b.setGlobalProfileOnce(ctx, intent, realName, realAvatar); err != nil {
 		return err
+	}
+	invited := false
+	if _, ok := b.inviteFirst.Load(target); ok {
+		// If this invite fails (the ghost is already invited, say), the join below tells what holds.
+		invited = b.inviteGhost(ctx, target, intent.UserID, name, avatar) == nil
 	}
 	content := &event.MemberEventContent{Membership: event.MembershipJoin, Displayname: name, AvatarURL: avatar}
 	_, err := intent.SendStateEvent(ctx, target, event.StateMember, intent.UserID.String(), content)
-	if errors.Is(err, mautrix.MForbidden) {
-		// The invite carries the name too (Dendrite leaves it out of an ordinary invite).
-		invite := &event.MemberEventContent{Membership: event.MembershipInvite, Displayname: name, AvatarURL: avatar}
-		if _, inviteErr := b.AS.BotIntent().SendStateEvent(ctx, target, event.StateMember, intent.UserID.String(), invite); inviteErr != nil {
+	if errors.Is(err, mautrix.MForbidden) && !invited {
+		if inviteErr := b.inviteGhost(ctx, target, intent.UserID, name, avatar); inviteErr != nil {
 			return fmt.Errorf("failed to invite the ghost: %w", inviteErr)
 		}
+		b.inviteFirst.Store(target, struct{}{})
 		_, err = intent.SendStateEvent(ctx, target, event.StateMember, intent.UserID.String(), content)
 	}
 	if err != nil {
 		return fmt.Errorf("failed to join the ghost: %w", err)
+	}
+	return b.recordOwnMember(ctx, intent, target, content)
+}
+
+// inviteGhost has the bot invite ghost into target. The invite carries the ghost's name too (Dendrite leaves it
+// out of an ordinary invite). It is sent without the intent's check that the bot is in target: ferry only brings
+// ghosts into rooms the bot is in, and a bot removed from target gets the homeserver's refusal either way.
+func (b *Bridge) inviteGhost(ctx context.Context, target id.RoomID, ghost id.UserID, name string, avatar id.ContentURIString) error {
+	invite := &event.MemberEventContent{Membership: event.MembershipInvite, Displayname: name, AvatarURL: avatar}
+	_, err := b.AS.BotClient().SendStateEvent(ctx, target, event.StateMember, ghost.String(), invite)
+	return err
+}
+
+// recordOwnMember puts the member event a ghost just sent in target into the state store, unless the ghost's
+// client did that itself (mautrix's client records the state events it sends when it has a state store: the
+// appservice gives every intent the bridge's).
+func (b *Bridge) recordOwnMember(ctx context.Context, intent *appservice.IntentAPI, target id.RoomID, content *event.MemberEventContent) error {
+	if intent.Client.StateStore != nil {
+		return nil
 	}
 	return b.StateStore.SetMember(ctx, target, intent.UserID, content)
 }
@@ -82,7 +108,7 @@ func (b *Bridge) syncGhostProfile(ctx context.Context, intent *appservice.Intent
 	if _, err = intent.SendStateEvent(ctx, target, event.StateMember, intent.UserID.String(), content); err != nil {
 		return err
 	}
-	return b.StateStore.SetMember(ctx, target, intent.UserID, content)
+	return b.recordOwnMember(ctx, intent, target, content)
 }
 
 // globalProfileKey marks (in the kv table) a ghost whose global profile ferry has set.
@@ -91,14 +117,13 @@ func globalProfileKey(ghost id.UserID) string { return "ghost_profile:" + string
 // setGlobalProfileOnce gives a ghost the real user's name and avatar as its global profile, before its first
 // join and never again: a homeserver copies a changed global profile into every room the user is in, over the
 // per-room names ferry gives it there.
-func (b *Bridge) setGlobalProfileOnce(ctx context.Context, intent *appservice.IntentAPI, sourceRoom id.RoomID, realUser id.UserID) error {
+func (b *Bridge) setGlobalProfileOnce(ctx context.Context, intent *appservice.IntentAPI, name string, avatar id.ContentURIString) error {
 	key := globalProfileKey(intent.UserID)
 	if done, err := b.DB.KV.Get(ctx, key); err != nil {
 		return err
 	} else if done != "" {
 		return nil
 	}
-	name, avatar := b.realProfile(ctx, sourceRoom, realUser)
 	if err := intent.Client.SetDisplayName(ctx, name); err != nil {
 		return fmt.Errorf("failed to set the ghost's global display name: %w", err)
 	}
@@ -126,6 +151,12 @@ func (b *Bridge) realProfile(ctx context.Context, room id.RoomID, realUser id.Us
 // ghostProfile renders the per-room display name and avatar of realUser's ghost.
 func (b *Bridge) ghostProfile(ctx context.Context, sourceRoom id.RoomID, realUser id.UserID) (string, id.ContentURIString) {
 	name, avatar := b.realProfile(ctx, sourceRoom, realUser)
+	return b.renderGhostProfile(ctx, sourceRoom, realUser, name, avatar)
+}
+
+// renderGhostProfile renders the per-room display name and avatar of realUser's ghost from realUser's own (name,
+// avatar: realProfile's).
+func (b *Bridge) renderGhostProfile(ctx context.Context, sourceRoom id.RoomID, realUser id.UserID, name string, avatar id.ContentURIString) (string, id.ContentURIString) {
 	if b.Config.DisplaynameTmpl == nil {
 		return name, avatar
 	}

@@ -156,36 +156,41 @@ func (b *Bridge) noteRemoval(ctx context.Context, evt *event.Event, member *even
 	}
 }
 
-// removedFrom tells whether user is banned from room (its state says so) or was kicked from it and not let back.
-func (b *Bridge) removedFrom(ctx context.Context, room id.RoomID, user id.UserID) (removal, error) {
-	if m, err := b.StateStore.GetMembership(ctx, room, user); err != nil {
-		return removalNone, err
+// removedFrom tells whether user is banned from room (its state says so) or was kicked from it and not let back,
+// and what user's membership in room is by the state store.
+func (b *Bridge) removedFrom(ctx context.Context, room id.RoomID, user id.UserID) (removal, event.Membership, error) {
+	m, err := b.StateStore.GetMembership(ctx, room, user)
+	if err != nil {
+		return removalNone, m, err
 	} else if m == event.MembershipBan {
-		return removalBan, nil
+		return removalBan, m, nil
 	}
 	v, err := b.removals.get(ctx, b.DB.KV, removedKey(room, user))
 	if err != nil {
-		return removalNone, err
+		return removalNone, m, err
 	}
 	if v == removalBan {
 		// The ban was lifted in state the store already has (the user is not banned any more) but its event
 		// has not been handled yet; the state store is the room's current state.
-		return removalNone, nil
+		return removalNone, m, nil
 	}
-	return v, nil
+	return v, m, nil
 }
 
-// checkModeration returns errModerated when realUser or their ghost was removed from target by a moderator.
-func (b *Bridge) checkModeration(ctx context.Context, realUser, ghost id.UserID, target id.RoomID) error {
+// checkModeration returns errModerated when realUser or their ghost was removed from target by a moderator;
+// otherwise the ghost's membership in target, which it read on the way.
+func (b *Bridge) checkModeration(ctx context.Context, realUser, ghost id.UserID, target id.RoomID) (event.Membership, error) {
+	var ghostMembership event.Membership
 	for _, u := range []id.UserID{realUser, ghost} {
-		r, err := b.removedFrom(ctx, target, u)
+		r, m, err := b.removedFrom(ctx, target, u)
 		if err != nil {
-			return err
+			return "", err
 		} else if r != removalNone {
-			return errModerated
+			return "", errModerated
 		}
+		ghostMembership = m
 	}
-	return nil
+	return ghostMembership, nil
 }
 
 // tellModerated tells source room, once per target room and user, that the user's messages do not reach target
