@@ -48,7 +48,13 @@ func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ss
 	}
 	republish := published != master.String() || (serverMaster != "" && serverMaster != master)
 	if republish {
-		if err = m.publishIdentity(ctx, d, sec, keys); err != nil {
+		// The identity's three signatures are stored in one statement once it is published.
+		bctx, batch := withSignatureBatch(ctx)
+		err = m.publishIdentity(bctx, d, sec, keys)
+		if flushErr := batch.flush(ctx); err == nil {
+			err = flushErr
+		}
+		if err != nil {
 			return err
 		}
 		if err = sec.PutSecret(ctx, secretPublishedMaster, master.String()); err != nil {
@@ -65,11 +71,8 @@ func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ss
 	if err != nil {
 		return fmt.Errorf("failed to read the device signature marker: %w", err)
 	} else if signed != string(d.client.DeviceID) {
-		if err = d.mach.SignOwnDevice(ctx, d.mach.OwnIdentity()); err != nil {
-			return fmt.Errorf("failed to sign the device with the self-signing key: %w", err)
-		}
-		if err = d.mach.SignOwnMasterKey(ctx); err != nil {
-			return fmt.Errorf("failed to sign the master key with the device: %w", err)
+		if err = signDevice(ctx, d); err != nil {
+			return err
 		}
 		if err = sec.PutSecret(ctx, secretSignedDevice, string(d.client.DeviceID)); err != nil {
 			return fmt.Errorf("failed to store the device signature marker: %w", err)
@@ -77,6 +80,23 @@ func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ss
 		m.waitSignatureServed(ctx, d)
 	}
 	return nil
+}
+
+// signDevice signs d's device with the self-signing key and the master key with the device, and stores both
+// signatures in one statement.
+func signDevice(ctx context.Context, d *device) error {
+	bctx, batch := withSignatureBatch(ctx)
+	err := d.mach.SignOwnDevice(bctx, d.mach.OwnIdentity())
+	if err != nil {
+		err = fmt.Errorf("failed to sign the device with the self-signing key: %w", err)
+	} else if err = d.mach.SignOwnMasterKey(bctx); err != nil {
+		err = fmt.Errorf("failed to sign the master key with the device: %w", err)
+	}
+	// What was signed is stored even when the second signature failed, as it was when each was written alone.
+	if flushErr := batch.flush(ctx); err == nil {
+		err = flushErr
+	}
+	return err
 }
 
 // signatureServeWait bounds how long a freshly signed device waits for the homeserver to serve its signature.

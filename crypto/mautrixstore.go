@@ -91,6 +91,19 @@ const (
 	sqlPutSecretsRowWidth = 3
 )
 
+// Cross-signing signatures written several in one statement (signatureBatch), as the store's PutSignature
+// writes each.
+const (
+	sqlPutSignaturesHead     = `INSERT INTO crypto_cross_signing_signatures (signed_user_id, signed_key, signer_user_id, signer_key, signature) VALUES `
+	sqlPutSignaturesTail     = ` ON CONFLICT (signed_user_id, signed_key, signer_user_id, signer_key) DO UPDATE SET signature=excluded.signature`
+	sqlPutSignaturesRowWidth = 5
+)
+
+// sqlPutSignatures upserts n signatures (signed_user_id, signed_key, signer_user_id, signer_key, signature each).
+func sqlPutSignatures(n int) string {
+	return sqlPutSignaturesHead + placeholders(1, n, sqlPutSignaturesRowWidth) + sqlPutSignaturesTail
+}
+
 // sqlPutSecrets upserts n secrets (account_id, name, secret each).
 func sqlPutSecrets(n int) string {
 	return sqlPutSecretsHead + placeholders(1, n, sqlPutSecretsRowWidth) + sqlPutSecretsTail

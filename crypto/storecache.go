@@ -345,8 +345,12 @@ func (s *cachedStore) ResetMasterKeyTOFU(ctx context.Context, userID id.UserID, 
 	return s.SQLCryptoStore.ResetMasterKeyTOFU(ctx, userID, key)
 }
 
-// PutSignature writes through to the cache: the signature is known to exist.
+// PutSignature writes through to the cache: the signature is known to exist. Through a context of
+// withSignatureBatch it only joins the batch, which its flush writes.
 func (s *cachedStore) PutSignature(ctx context.Context, signedUser id.UserID, signedKey id.Ed25519, signerUser id.UserID, signerKey id.Ed25519, signature string) error {
+	if b := signatureBatchFrom(ctx); b != nil && b.add(s, batchedSignature{signedUser, signedKey, signerUser, signerKey, signature}) {
+		return nil
+	}
 	since := s.c.trustWrite()
 	err := s.SQLCryptoStore.PutSignature(ctx, signedUser, signedKey, signerUser, signerKey, signature)
 	s.c.trustWritten(signedUser, since, err == nil && s.committed(ctx), func(t *cachedTrust) {

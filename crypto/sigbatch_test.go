@@ -1,0 +1,133 @@
+package crypto
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database/dbtest"
+)
+
+// statementCounter counts the statements a store runs on its database (dbutil reports each to its logger).
+type statementCounter struct {
+	dbutil.DatabaseLogger
+	writes atomic.Int32
+}
+
+func (c *statementCounter) QueryTiming(_ context.Context, _, query string, _ []any, _ int, _ time.Duration, _ error) {
+	if !strings.HasPrefix(strings.TrimSpace(query), "SELECT") {
+		c.writes.Add(1)
+	}
+}
+
+// TestSignatureBatch: the signatures an identity step stores through a batch (mautrix's PutSignature, one
+// statement and commit each) are written when the batch is flushed, all in one statement, and leave the rows the
+// same writes one by one leave (of two signatures of the same key by the same signer, the later one); the trust
+// cache answers for them from memory afterwards, but not for a flush inside a transaction that rolled back.
+func TestSignatureBatch(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			db := dbtest.Open(t, dialect)
+			// Statements are reported to the logger of the database the store's is a child of.
+			counter := &statementCounter{DatabaseLogger: db.Log}
+			db.Log = counter
+			sql := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "@ghost:x", "", []byte("pickle"))
+			if err := sql.DB.Upgrade(ctx); err != nil {
+				t.Fatal(err)
+			}
+			store := &cachedStore{SQLCryptoStore: sql, c: newStoreCache()}
+			master, ssk, device := testKey("master"), testKey("ssk"), testKey("device")
+			writes := func(user id.UserID) []batchedSignature {
+				return []batchedSignature{
+					{user, master, user, device, "master-by-device-1"},
+					{user, ssk, user, master, "ssk-by-master"},
+					{user, master, user, device, "master-by-device-2"}, // the same row again
+				}
+			}
+			rows := func(user id.UserID) string {
+				r, err := db.Query(ctx, `SELECT signed_key, signer_key, signature FROM crypto_cross_signing_signatures
+					WHERE signed_user_id=$1 ORDER BY signed_key, signer_key`, user)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var out []string
+				for r.Next() {
+					var a, b, c string
+					if err = r.Scan(&a, &b, &c); err != nil {
+						t.Fatal(err)
+					}
+					out = append(out, strings.Join([]string{a[:6], b[:6], c}, " "))
+				}
+				_ = r.Close()
+				return strings.Join(out, "; ")
+			}
+
+			const alone, batched = id.UserID("@alone:x"), id.UserID("@batched:x")
+			for _, w := range writes(alone) {
+				if err := store.PutSignature(ctx, w.signedUser, w.signedKey, w.signerUser, w.signerKey, w.signature); err != nil {
+					t.Fatal(err)
+				}
+			}
+			bctx, batch := withSignatureBatch(ctx)
+			counter.writes.Store(0)
+			for _, w := range writes(batched) {
+				if err := store.PutSignature(bctx, w.signedUser, w.signedKey, w.signerUser, w.signerKey, w.signature); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := rows(batched); got != "" || counter.writes.Load() != 0 {
+				t.Fatalf("before the flush: rows %q, %d statements written", got, counter.writes.Load())
+			}
+			if err := batch.flush(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if n := counter.writes.Load(); n != 1 {
+				t.Errorf("the flush wrote %d statements, want 1", n)
+			}
+			if got, want := rows(batched), rows(alone); got != want || want == "" {
+				t.Errorf("batched rows %q, one by one %q", got, want)
+			}
+			if err := batch.flush(ctx); err != nil || counter.writes.Load() != 1 {
+				t.Errorf("a second flush: %v, %d statements in all", err, counter.writes.Load())
+			}
+
+			// Written through: answered from memory once the rows are gone behind the cache's back.
+			if _, err := db.Exec(ctx, `DELETE FROM crypto_cross_signing_signatures WHERE signed_user_id=$1`, batched); err != nil {
+				t.Fatal(err)
+			}
+			for _, w := range writes(batched) {
+				if ok, err := store.IsKeySignedBy(ctx, w.signedUser, w.signedKey, w.signerUser, w.signerKey); !ok || err != nil {
+					t.Errorf("%s signed by %s: %v, %v, want answered from the cache", w.signedKey[:6], w.signerKey[:6], ok, err)
+				}
+			}
+
+			// A flush in a transaction that rolls back leaves nothing, in the store or the cache.
+			const rolledBack = id.UserID("@rolledback:x")
+			errRollback := errors.New("rollback")
+			err := db.DoTxn(ctx, nil, func(ctx context.Context) error {
+				bctx, batch := withSignatureBatch(ctx)
+				for _, w := range writes(rolledBack) {
+					_ = store.PutSignature(bctx, w.signedUser, w.signedKey, w.signerUser, w.signerKey, w.signature)
+				}
+				if err := batch.flush(ctx); err != nil {
+					return err
+				}
+				return errRollback
+			})
+			if !errors.Is(err, errRollback) {
+				t.Fatal(err)
+			}
+			if ok, err := store.IsKeySignedBy(ctx, rolledBack, master, rolledBack, device); ok || err != nil {
+				t.Errorf("a rolled-back batch's signature: %v, %v, want not signed", ok, err)
+			}
+		})
+	}
+}
