@@ -78,3 +78,49 @@ func TestSecretCacheAnswersAsTheStore(t *testing.T) {
 		})
 	}
 }
+
+// TestSecretCacheDeletesOnlyWhatExists: deleting a secret the account does not have (by the secrets the cache
+// read) writes nothing; one it has, or one that cannot be unpickled, is deleted in the store; before the cache
+// has read anything, a deletion goes to the store.
+func TestSecretCacheDeletesOnlyWhatExists(t *testing.T) {
+	ctx := context.Background()
+	db := dbtest.Open(t, "postgres")
+	counter := &statementCounter{DatabaseLogger: db.Log}
+	db.Log = counter
+	store := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "@ghost:test", "", []byte("pickle key"))
+	if err := store.DB.Upgrade(ctx); err != nil {
+		t.Fatal(err)
+	}
+	wrongKey := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "@ghost:test", "", []byte("another key"))
+	for _, err := range []error{store.PutSecret(ctx, secretPassword, "hunter2"), wrongKey.PutSecret(ctx, secretSignedDevice, "DEV")} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	deletes := func(c *secretCache, name id.Secret) int32 {
+		t.Helper()
+		before := counter.writes.Load()
+		if err := c.DeleteSecret(ctx, name); err != nil {
+			t.Fatal(err)
+		}
+		return counter.writes.Load() - before
+	}
+	if n := deletes(newSecretCache(store), secretRecoveryKey); n != 1 {
+		t.Errorf("a deletion before the cache read anything wrote %d statements, want 1", n)
+	}
+	c := newSecretCache(store)
+	if _, err := c.GetSecret(ctx, secretPassword); err != nil {
+		t.Fatal(err)
+	}
+	if n := deletes(c, secretRecoveryKey); n != 0 {
+		t.Errorf("deleting a secret the account does not have wrote %d statements", n)
+	}
+	for _, name := range []id.Secret{secretPassword, secretSignedDevice} {
+		if n := deletes(c, name); n != 1 {
+			t.Errorf("deleting %s wrote %d statements, want 1", name, n)
+		}
+		if v, err := wrongKey.GetSecret(ctx, name); err != nil || v != "" {
+			t.Errorf("%s after its deletion: %q, %v", name, v, err)
+		}
+	}
+}
