@@ -189,6 +189,7 @@ func (b *Bridge) relayTo(ctx context.Context, run *eventRun, evt *event.Event, t
 		return classify(fmt.Errorf("failed to bring the sender's ghost into the room: %w", err))
 	}
 	// Translate (and the call mapping) keep VeryRaw equal to Raw: sending the bytes spares encoding the map again.
+	processing := sinceReceived(evt)
 	resp, err := b.send(ctx, intent, target, targetEncrypted, evtType, &event.Content{VeryRaw: content.VeryRaw}, TxnID(evt.ID, target), run.disappear)
 	if err != nil {
 		// The ghost may have been removed meanwhile: check its membership again next time.
@@ -203,7 +204,7 @@ func (b *Bridge) relayTo(ctx context.Context, run *eventRun, evt *event.Event, t
 		return outcome{err: fmt.Errorf("failed to record the copy: %w", err)}
 	}
 	log.Debug().Stringer("target_room_id", target).Stringer("copy_event_id", resp).Msg("Relayed event")
-	return outcome{state: database.InboxDone, sent: true}
+	return outcome{state: database.InboxDone, sent: true, processing: processing}
 }
 
 // copyRoute is where one copy of an event goes.
@@ -296,6 +297,7 @@ func (b *Bridge) relayRedaction(ctx context.Context, run *eventRun, evt *event.E
 		sender = b.AS.BotMXID()
 	}
 	// No reason: redactions are read by the server, a reason would leak into cleartext.
+	processing := sinceReceived(evt)
 	resp, err := b.AS.Intent(sender).RedactEvent(ctx, target, counterpart, mautrix.ReqRedact{TxnID: TxnID(evt.ID, target)})
 	if err != nil {
 		return classify(err)
@@ -304,7 +306,15 @@ func (b *Bridge) relayRedaction(ctx context.Context, run *eventRun, evt *event.E
 	if err != nil {
 		return outcome{err: err}
 	}
-	return outcome{state: database.InboxDone, sent: true}
+	return outcome{state: database.InboxDone, sent: true, processing: processing}
+}
+
+// sinceReceived is how long ago the transaction that brought evt came in (0 when not known).
+func sinceReceived(evt *event.Event) time.Duration {
+	if evt.Mautrix.ReceivedAt.IsZero() {
+		return 0
+	}
+	return time.Since(evt.Mautrix.ReceivedAt)
 }
 
 // countRelayed counts the outcome of evt in one target room, and how long it took to relay when a copy was sent.
@@ -314,6 +324,7 @@ func countRelayed(evt *event.Event, res outcome) {
 		metrics.Relayed(evt.Type.Type, metrics.OutcomeSent)
 		if !evt.Mautrix.ReceivedAt.IsZero() {
 			metrics.RelayLatency.Observe(time.Since(evt.Mautrix.ReceivedAt).Seconds())
+			metrics.RelayProcessing.Observe(res.processing.Seconds())
 		}
 	case res.err == nil:
 		metrics.Relayed(evt.Type.Type, metrics.OutcomeDropped)

@@ -17,9 +17,10 @@
 import { performance } from "node:perf_hooks";
 import matrixSdk from "matrix-js-sdk";
 import { HS_LABEL } from "../lib/homeserver.js";
+import { histShare, msum, scrape } from "../lib/metrics.js";
 import { inviteBot, linkWithPower, startStack } from "../lib/stack.js";
 import { createUser } from "../lib/users.js";
-import { sleep } from "../lib/util.js";
+import { freePort, sleep } from "../lib/util.js";
 import { prepareFloor } from "./floor.js";
 
 const { RoomEvent } = matrixSdk;
@@ -46,7 +47,13 @@ function arrival(user, roomId, sender) {
 }
 
 const floor = await prepareFloor();
-const stack = await startStack({ extraConfig: { logging: { min_level: "info" } }, extraRegistrations: [floor.registrationPath] });
+// ferry's metrics tell how long its part of each relay took (from the transaction that brought an event to the
+// homeserver accepting its copy) and whether transactions waited for /sync.
+const metricsUrl = `http://127.0.0.1:${await freePort()}/metrics`;
+const stack = await startStack({
+    extraConfig: { logging: { min_level: "info" }, metrics: { enabled: true, listen: new URL(metricsUrl).host } },
+    extraRegistrations: [floor.registrationPath],
+});
 await floor.start(stack.hs.url);
 const [alice, bob, carol] = await Promise.all(["alice", "bob", "carol"].map((n) => createUser(stack.hs.url, n)));
 const isFerryGhost = (u) => u.startsWith("@_ferry_");
@@ -96,6 +103,7 @@ try {
         await got;
         await sleep(6000);
     }
+    const before = await scrape(metricsUrl);
     for (let i = 0; i < messages; i++) {
         const body = `latency ${i}`;
         const t0 = performance.now();
@@ -114,6 +122,7 @@ try {
         if (!phases) await floorMessage(body);
         await sleep(gapMs / 2);
     }
+    const after = await scrape(metricsUrl);
     for (let i = 0; phases && i < messages; i++) {
         await floorMessage(`latency ${i}`);
         await sleep(gapMs);
@@ -131,6 +140,20 @@ try {
     console.log(`floor's second hop (floor arrival - direct arrival, medians): ${fmt(med(r.floorArrived) - med(r.directArrived))}`);
     console.log(`second hops, per message (copy arrival - the original's arrival in its room), medians: ferry ${fmt(med(hops.ferry))}, floor ${fmt(med(hops.floor))}; ferry above the floor: ${fmt(med(hops.ferry) - med(hops.floor))}`);
     console.log(`ratio to a direct send (decrypted, medians): ${(med(r.ferryDecrypted) / med(r.directDecrypted)).toFixed(2)}x`);
+    // ferry's own part, from its metrics over its measured messages (histogram buckets: shares, not quantiles).
+    const share = (name, les, labels) =>
+        les.map((le) => {
+            const [s] = histShare(before, after, name, le, labels);
+            return `≤ ${le * 1000} ms ${(s * 100).toFixed(0)}%`;
+        });
+    const [, relayed] = histShare(before, after, "ferry_relay_processing_seconds", 1);
+    console.log(`ferry's own part (its transaction in → the copy's send), ${relayed} copies: ${share("ferry_relay_processing_seconds", [0.001, 0.0025, 0.005, 0.01]).join(", ")}`);
+    const [, commits] = histShare(before, after, "ferry_database_commit_seconds", 1, { operation: "intake" });
+    console.log(`intake commits (before a transaction is answered), ${commits}: ${share("ferry_database_commit_seconds", [0.001, 0.0025, 0.005], { operation: "intake" }).join(", ")}`);
+    const held = ["start", "gap", "redelivery", "unnumbered", "uncovered"]
+        .map((reason) => [reason, msum(after, "ferry_held_transactions_total", { reason }) - msum(before, "ferry_held_transactions_total", { reason })])
+        .filter(([, n]) => n > 0);
+    console.log(`transactions that waited for /sync: ${held.length ? held.map(([r, n]) => `${n} (${r})`).join(", ") : "none"}`);
 } finally {
     await Promise.all([alice.stop(), bob.stop(), carol.stop()]);
     await stack.stop();

@@ -39,6 +39,7 @@ import matrixSdk from "matrix-js-sdk";
 import { HS_LABEL } from "../lib/homeserver.js";
 import { inviteBot, linkWithPower, startStack } from "../lib/stack.js";
 import { createUser } from "../lib/users.js";
+import { buckets, histQuantile, msum, scrape } from "../lib/metrics.js";
 import { freePort, sleep } from "../lib/util.js";
 
 const { RoomEvent, MatrixEventEvent } = matrixSdk;
@@ -132,37 +133,6 @@ function pidListening(port) {
         if (socketInodes(pid).sockets.some((i) => listeners.has(i))) return pid;
     }
     return null;
-}
-
-// ---- ferry's metrics --------------------------------------------------------------------------------------------
-async function scrape(url) {
-    try {
-        const resp = await fetch(url, { signal: AbortSignal.timeout(5000) });
-        const out = [];
-        for (const line of (await resp.text()).split("\n")) {
-            const m = line.match(/^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$/);
-            if (!m) continue;
-            const labels = Object.fromEntries([...(m[2] ?? "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map(([, k, v]) => [k, v]));
-            out.push({ name: m[1], labels, value: Number(m[3]) });
-        }
-        return out;
-    } catch {
-        return null;
-    }
-}
-const msum = (ms, name, labels = {}) =>
-    ms ? ms.filter((s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v)).reduce((t, s) => t + s.value, 0) : NaN;
-/** Cumulative buckets of a histogram: [[le, count], ...]. */
-const buckets = (ms, name) =>
-    ms ? ms.filter((s) => s.name === `${name}_bucket`).map((s) => [Number(s.labels.le), s.value]).sort((a, b) => a[0] - b[0]) : [];
-/** Quantile q of the observations between two scrapes of a histogram (upper bucket bound; `prev` null after a
- * restart: the counters started again from zero). */
-function histQuantile(prev, cur, q) {
-    const d = cur.map(([le, c], i) => [le, c - (prev?.[i]?.[1] ?? 0)]);
-    const total = d.at(-1)?.[1] ?? 0;
-    if (total <= 0) return NaN;
-    const hit = d.find(([, c]) => c >= q * total);
-    return hit ? hit[0] : NaN;
 }
 
 // ---- the stack ----------------------------------------------------------------------------------------------------

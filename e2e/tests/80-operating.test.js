@@ -92,6 +92,8 @@ test(`${HS_LABEL}: the metrics move as ferry relays, shares keys and redacts dis
     assert.equal(moved("ferry_relayed_events_total", { outcome: "failed" }), 0, "nothing failed");
     assert.ok(moved("ferry_relay_latency_seconds_count") >= 1, "its latency is observed");
     assert.ok(moved("ferry_relay_latency_seconds_sum") > 0);
+    assert.ok(moved("ferry_relay_processing_seconds_count") >= 1, "ferry's own part of it too");
+    assert.ok(moved("ferry_relay_processing_seconds_sum") < moved("ferry_relay_latency_seconds_sum"), "which is less than all of it");
     assert.ok(moved("ferry_key_shares_total") >= 1, "the ghost shared a room key into room B");
     assert.ok(moved("ferry_key_share_devices_total", { result: "shared" }) >= 1, "to the admin's device");
     assert.ok(moved("ferry_olm_sessions_created_total") >= 1, "over a new Olm session");

@@ -47,6 +47,8 @@ const (
 var (
 	// relayBuckets span a message relayed in milliseconds to one that waited for its room key.
 	relayBuckets = []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300}
+	// processingBuckets span ferry's own part of a relay, from a millisecond to a wait for a room key.
+	processingBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300}
 	// shareBuckets span a key share to a few devices to one to thousands.
 	shareBuckets = []float64{.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30}
 	// commitBuckets span a loopback commit to a slow disk's.
@@ -74,6 +76,12 @@ var (
 	RelayLatency = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Namespace: namespace, Name: "relay_latency_seconds", Buckets: relayBuckets,
 		Help: "Time from receiving an event in a homeserver transaction to the homeserver accepting its copy.",
+	})
+	// RelayProcessing is ferry's own part of RelayLatency: from the transaction that brought an event to the
+	// copy's send (the rest is the homeserver's answer to it).
+	RelayProcessing = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: namespace, Name: "relay_processing_seconds", Buckets: processingBuckets,
+		Help: "Time from receiving an event in a homeserver transaction to sending its copy (relay latency without the homeserver's answer).",
 	})
 	// UndecryptableEvents counts decryption failures by reason.
 	UndecryptableEvents = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -138,7 +146,7 @@ var (
 var Registry = prometheus.NewRegistry()
 
 func init() {
-	Registry.MustRegister(RelayedEvents, RelayLatency, UndecryptableEvents, ParkedEvents, KeyShares, KeyShareDevices,
+	Registry.MustRegister(RelayedEvents, RelayLatency, RelayProcessing, UndecryptableEvents, ParkedEvents, KeyShares, KeyShareDevices,
 		KeyShareDuration, OlmSessionsCreated, DisappearRedactions, DisappearLateness, HomeserverRequests, DatabaseCommit,
 		HeldTransactions, buildInfo, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Every series of a fixed label set exists from the start, at 0: a rate over a series that appears only with
