@@ -89,14 +89,17 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent, run *even
 	}
 	evt.Mautrix.ReceivedAt = row.ReceivedAt // decryption keeps it: relay latency counts from here
 	if evt.Type.Class == event.StateEventType {
-		forget := !b.ownJoinEcho(ctx, evt)
+		stale := b.staleOwnInvite(ctx, evt)
+		forget := !stale && !b.ownJoinEcho(ctx, evt)
 		if forget {
 			b.hot.stateChanged(evt.Type, evt.RoomID, *evt.StateKey)
 		}
 		// The state store decides who gets room keys, and a member who left must not get the next one: a
 		// transient failure (the database restarting) retries the event, holding the room's order, rather than
 		// passing it with the state unapplied or a rotation skipped. Applying an event again is harmless.
-		err = b.applyState(ctx, evt)
+		if !stale {
+			err = b.applyState(ctx, evt)
+		}
 		if err == nil {
 			err = b.handleState(ctx, evt)
 		}

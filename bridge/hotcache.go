@@ -195,3 +195,18 @@ func (b *Bridge) ownJoinEcho(ctx context.Context, evt *event.Event) bool {
 	return err == nil && stored != nil && stored.Membership == event.MembershipJoin &&
 		stored.Displayname == content.Displayname && stored.AvatarURL == content.AvatarURL
 }
+
+// staleOwnInvite reports whether evt is the homeserver's echo of the bot's invite of one of ferry's ghosts that
+// has joined since: the state store holds the join (recorded when the ghost sent it), and a joined member cannot
+// be invited, so the invite is older than what the store holds. Applied, it would record the ghost as only
+// invited until the join's echo, and forget the ghost's cached entries, which were computed with the join.
+func (b *Bridge) staleOwnInvite(ctx context.Context, evt *event.Event) bool {
+	if evt.Type != event.StateMember || evt.StateKey == nil || evt.Sender != b.AS.BotMXID() || !b.Ghosts.IsOwn(id.UserID(*evt.StateKey)) {
+		return false
+	}
+	if evt.Content.AsMember().Membership != event.MembershipInvite {
+		return false
+	}
+	m, err := b.StateStore.GetMembership(ctx, evt.RoomID, id.UserID(*evt.StateKey))
+	return err == nil && m == event.MembershipJoin
+}

@@ -123,9 +123,11 @@ func TestModerationHoldsAcrossTheLink(t *testing.T) {
 	}
 }
 
-// TestGhostJoinEchoKeepsItsCacheEntry: the homeserver's echo of the join a ghost sent leaves the ghost's cached
-// entry alone (the entry was computed with it), an echo that disagrees with the stored member (an older name)
-// forgets it, and so does a moderator's kick of the ghost sent after it.
+// TestGhostJoinEchoKeepsItsCacheEntry: the homeserver's echoes of the bot's invite of a ghost and of the join the
+// ghost then sent (the target room is invite only) leave the ghost's cached entry alone (it was computed with the
+// join) and the stored member joined (the invite is older than the join ferry recorded when it sent it); an echo
+// that disagrees with the stored member (an older name) forgets the entry, and so does a moderator's kick of the
+// ghost sent after it; an invite of the ghost by the bot after that is recorded.
 func TestGhostJoinEchoKeepsItsCacheEntry(t *testing.T) {
 	cr := newScriptedCrypto()
 	f := newRelayFixtureWith(t, cr)
@@ -148,6 +150,20 @@ func TestGhostJoinEchoKeepsItsCacheEntry(t *testing.T) {
 			"origin_server_ts": time.Now().UnixMilli(), "content": map[string]any{"membership": "join", "displayname": name, "avatar_url": stored.AvatarURL},
 		})
 	}
+	invite := func() {
+		f.n++
+		f.process(t, map[string]any{
+			"event_id": fmt.Sprintf("$echo%d", f.n), "room_id": f.roomB, "sender": f.br.AS.BotMXID(), "type": "m.room.member", "state_key": string(ghost),
+			"origin_server_ts": time.Now().UnixMilli(), "content": map[string]any{"membership": "invite", "displayname": stored.Displayname, "avatar_url": stored.AvatarURL},
+		})
+	}
+	invite()
+	if !f.br.hot.ghostReady(key) {
+		t.Error("the echo of the bot's invite of the ghost forgot its entry")
+	}
+	if m, err := f.br.StateStore.GetMembership(ctx, f.roomB, ghost); err != nil || m != event.MembershipJoin {
+		t.Errorf("after the echo of the bot's invite, the ghost's stored membership is %q (%v), want join", m, err)
+	}
 	echo(stored.Displayname)
 	if !f.br.hot.ghostReady(key) {
 		t.Error("the echo of the ghost's own join forgot its entry")
@@ -164,6 +180,10 @@ func TestGhostJoinEchoKeepsItsCacheEntry(t *testing.T) {
 	f.member(t, f.roomB, "@bob:ferry.test", ghost, event.MembershipLeave, event.MembershipJoin)
 	if f.br.hot.ghostReady(key) {
 		t.Error("the kick of the ghost kept its entry")
+	}
+	invite()
+	if m, err := f.br.StateStore.GetMembership(ctx, f.roomB, ghost); err != nil || m != event.MembershipInvite {
+		t.Errorf("the bot's invite of the kicked ghost: stored membership %q (%v), want invite", m, err)
 	}
 }
 
