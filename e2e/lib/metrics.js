@@ -1,24 +1,31 @@
-// Reading ferry's Prometheus metrics in benchmarks: a scrape is a list of samples { name, labels, value }.
+// Reading ferry's Prometheus metrics in benchmarks and tests: a scrape is a list of samples { name, labels, value }.
+
+/** Parses Prometheus' text format into samples. */
+export function parseMetrics(text) {
+    const out = [];
+    for (const line of text.split("\n")) {
+        const m = line.match(/^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$/);
+        if (!m) continue;
+        const labels = Object.fromEntries([...(m[2] ?? "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map(([, k, v]) => [k, v]));
+        out.push({ name: m[1], labels, value: Number(m[3]) });
+    }
+    return out;
+}
 
 /** Scrapes url; null when ferry does not answer. */
 export async function scrape(url) {
     try {
         const resp = await fetch(url, { signal: AbortSignal.timeout(5000) });
-        const out = [];
-        for (const line of (await resp.text()).split("\n")) {
-            const m = line.match(/^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$/);
-            if (!m) continue;
-            const labels = Object.fromEntries([...(m[2] ?? "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map(([, k, v]) => [k, v]));
-            out.push({ name: m[1], labels, value: Number(m[3]) });
-        }
-        return out;
+        return parseMetrics(await resp.text());
     } catch {
         return null;
     }
 }
+
 /** The sum of the samples of name whose labels include labels (NaN without a scrape). */
 export const msum = (ms, name, labels = {}) =>
     ms ? ms.filter((s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v)).reduce((t, s) => t + s.value, 0) : NaN;
+
 /** Cumulative buckets of a histogram (the series whose labels include labels): [[le, count], ...]. */
 export const buckets = (ms, name, labels = {}) =>
     ms

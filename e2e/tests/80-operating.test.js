@@ -5,6 +5,7 @@ import assert from "node:assert/strict";
 import fs from "node:fs";
 import { after, before, test } from "node:test";
 import { HS_LABEL } from "../lib/homeserver.js";
+import { msum, parseMetrics } from "../lib/metrics.js";
 import { freePort } from "../lib/util.js";
 import { command, inviteBot, startStack } from "../lib/stack.js";
 import { createUser } from "../lib/users.js";
@@ -45,29 +46,15 @@ async function scrape() {
     const resp = await fetch(metricsUrl);
     assert.equal(resp.status, 200);
     assert.match(resp.headers.get("content-type"), /^text\/plain/);
-    const out = [];
-    for (const line of (await resp.text()).split("\n")) {
-        const m = line.match(/^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$/);
-        if (!m) continue;
-        const labels = Object.fromEntries([...(m[2] ?? "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map(([, k, v]) => [k, v]));
-        out.push({ name: m[1], labels, value: Number(m[3]) });
-    }
-    return out;
-}
-
-/** The sum of every series of `name` whose labels include `labels` ({ key: value }). */
-function sum(metrics, name, labels = {}) {
-    return metrics
-        .filter((s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v))
-        .reduce((total, s) => total + s.value, 0);
+    return parseMetrics(await resp.text());
 }
 
 test(`${HS_LABEL}: the metrics move as ferry relays, shares keys and redacts disappearing messages`, async () => {
     const roomB = await admin.createEncryptedRoom({ name: "Operating B" });
     await inviteBot(stack, admin, roomB);
     const before = await scrape();
-    assert.equal(sum(before, "ferry_database_up"), 1, "the scrape reads the database");
-    assert.equal(sum(before, "ferry_build_info"), 1, "build info is there");
+    assert.equal(msum(before, "ferry_database_up"), 1, "the scrape reads the database");
+    assert.equal(msum(before, "ferry_build_info"), 1, "build info is there");
     for (const reason of ["key_missing", "key_withheld", "untrusted_device", "decrypt_error"]) {
         assert.ok(before.some((m) => m.name === "ferry_undecryptable_events_total" && m.labels.reason === reason), `undecryptable ${reason} is a series from the start`);
     }
@@ -83,10 +70,10 @@ test(`${HS_LABEL}: the metrics move as ferry relays, shares keys and redacts dis
     let after;
     for (let i = 0; i < 50; i++) {
         after = await scrape();
-        if (sum(after, "ferry_disappear_redactions_total", { outcome: "done" }) - sum(before, "ferry_disappear_redactions_total", { outcome: "done" }) >= 2) break;
+        if (msum(after, "ferry_disappear_redactions_total", { outcome: "done" }) - msum(before, "ferry_disappear_redactions_total", { outcome: "done" }) >= 2) break;
         await new Promise((r) => setTimeout(r, 100));
     }
-    const moved = (name, labels) => sum(after, name, labels) - sum(before, name, labels);
+    const moved = (name, labels) => msum(after, name, labels) - msum(before, name, labels);
 
     assert.ok(moved("ferry_relayed_events_total", { type: "m.room.message", outcome: "sent" }) >= 1, "a relayed message is counted as sent");
     assert.equal(moved("ferry_relayed_events_total", { outcome: "failed" }), 0, "nothing failed");
@@ -104,9 +91,9 @@ test(`${HS_LABEL}: the metrics move as ferry relays, shares keys and redacts dis
     assert.ok(moved("ferry_disappear_redactions_total", { outcome: "done" }) >= 2, "the copy and the original were redacted");
     assert.ok(moved("ferry_disappear_redaction_lateness_seconds_count") >= 2, "their lateness is observed");
     assert.equal(moved("ferry_undecryptable_events_total"), 0, "every message decrypted");
-    assert.equal(sum(after, "ferry_inbox_events", { state: "pending" }), 0, "nothing is left waiting");
-    assert.equal(sum(after, "ferry_disappear_redactions_due"), 0, "no redaction is overdue");
-    assert.ok(sum(after, "go_goroutines") > 0, "the Go runtime's metrics are there");
+    assert.equal(msum(after, "ferry_inbox_events", { state: "pending" }), 0, "nothing is left waiting");
+    assert.equal(msum(after, "ferry_disappear_redactions_due"), 0, "no redaction is overdue");
+    assert.ok(msum(after, "go_goroutines") > 0, "the Go runtime's metrics are there");
 });
 
 test(`${HS_LABEL}: SIGHUP reopens the log file and reloads the permissions; ferry keeps running`, async () => {
