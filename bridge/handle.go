@@ -89,15 +89,16 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent, run *even
 	}
 	evt.Mautrix.ReceivedAt = row.ReceivedAt // decryption keeps it: relay latency counts from here
 	if evt.Type.Class == event.StateEventType {
-		stale := b.staleOwnInvite(ctx, evt)
-		forget := !stale && !b.ownJoinEcho(ctx, evt)
+		// The echoes of what ferry's own ghost and bot sent that the store already holds change nothing: not
+		// applied again, and the ghost's cached entries (computed with them) are kept.
+		forget := !b.staleOwnInvite(ctx, evt) && !b.ownJoinEcho(ctx, evt)
 		if forget {
 			b.hot.stateChanged(evt.Type, evt.RoomID, *evt.StateKey)
 		}
 		// The state store decides who gets room keys, and a member who left must not get the next one: a
 		// transient failure (the database restarting) retries the event, holding the room's order, rather than
 		// passing it with the state unapplied or a rotation skipped. Applying an event again is harmless.
-		if !stale {
+		if forget {
 			err = b.applyState(ctx, evt)
 		}
 		if err == nil {

@@ -135,18 +135,6 @@ func (h *hotCache) stateChanged(t event.Type, room id.RoomID, stateKey string) {
 	}
 }
 
-// concerns reports whether an entry depends on member's member event in room (see stateChanged).
-func (h *hotCache) concerns(room id.RoomID, member id.UserID) bool {
-	h.lock.Lock()
-	defer h.lock.Unlock()
-	for k, ghost := range h.ghosts {
-		if memberAffects(k, ghost, room, member) {
-			return true
-		}
-	}
-	return false
-}
-
 // memberDeps are the member events the entry k of ghost depends on: the real user's own in the source (their name
 // and avatar), the real user's and the ghost's in the target (a kick, a ban). Eviction (memberAffects) and the
 // in-flight check (genLocked) both go by it.
@@ -181,14 +169,15 @@ func (b *Bridge) isEncrypted(ctx context.Context, room id.RoomID) (bool, error) 
 }
 
 // ownJoinEcho reports whether evt is the homeserver's echo of a join (or profile change) a ghost of ferry's sent
-// itself and the state store already holds as the event has it: the ghost's cached entries were computed with it,
-// and forgetting them would only make the ghost's next messages check it all again.
+// itself and the state store already holds as the event has it: writing it again would change nothing, and the
+// ghost's entries were (or are being) computed with it, so forgetting them, or keeping one being computed from being
+// stored, would only make the ghost's next messages check it all again.
 func (b *Bridge) ownJoinEcho(ctx context.Context, evt *event.Event) bool {
 	if evt.Type != event.StateMember || evt.StateKey == nil || id.UserID(*evt.StateKey) != evt.Sender || !b.Ghosts.IsOwn(evt.Sender) {
 		return false
 	}
 	content := evt.Content.AsMember()
-	if content.Membership != event.MembershipJoin || !b.hot.concerns(evt.RoomID, evt.Sender) {
+	if content.Membership != event.MembershipJoin {
 		return false
 	}
 	stored, err := b.StateStore.TryGetMember(ctx, evt.RoomID, evt.Sender)

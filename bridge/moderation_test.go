@@ -127,7 +127,8 @@ func TestModerationHoldsAcrossTheLink(t *testing.T) {
 // ghost then sent (the target room is invite only) leave the ghost's cached entry alone (it was computed with the
 // join) and the stored member joined (the invite is older than the join ferry recorded when it sent it); an echo
 // that disagrees with the stored member (an older name) forgets the entry, and so does a moderator's kick of the
-// ghost sent after it; an invite of the ghost by the bot after that is recorded.
+// ghost sent after it; an invite of the ghost by the bot after that is recorded. The join's echo handled while the
+// entry is being computed does not keep it from being stored.
 func TestGhostJoinEchoKeepsItsCacheEntry(t *testing.T) {
 	cr := newScriptedCrypto()
 	f := newRelayFixtureWith(t, cr)
@@ -167,6 +168,15 @@ func TestGhostJoinEchoKeepsItsCacheEntry(t *testing.T) {
 	echo(stored.Displayname)
 	if !f.br.hot.ghostReady(key) {
 		t.Error("the echo of the ghost's own join forgot its entry")
+	}
+	// The echo often comes while the ghost's first message is still being relayed, its entry computed but not
+	// stored yet: it must not keep the entry from being stored.
+	f.br.hot.forgetGhost(key)
+	gen := f.br.hot.generation(key, ghost)
+	echo(stored.Displayname)
+	f.br.hot.setGhostReady(key, ghost, gen)
+	if !f.br.hot.ghostReady(key) {
+		t.Error("the echo of the ghost's own join, handled while its entry was computed, kept it from being stored")
 	}
 	echo(stored.Displayname + " (old)")
 	if f.br.hot.ghostReady(key) {
