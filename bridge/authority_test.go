@@ -125,6 +125,7 @@ func (c *scriptedCrypto) Decrypt(ctx context.Context, evt *event.Event) (*event.
 		dec := *clear
 		dec.ID, dec.RoomID, dec.Sender, dec.Timestamp = evt.ID, evt.RoomID, evt.Sender, evt.Timestamp
 		dec.Mautrix.WasEncrypted = true
+		dec.Mautrix.ReceivedAt = evt.Mautrix.ReceivedAt // as ferry's crypto keeps it
 		return &dec, nil
 	}
 	return c.benchCrypto.Decrypt(ctx, evt)

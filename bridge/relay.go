@@ -189,8 +189,7 @@ func (b *Bridge) relayTo(ctx context.Context, run *eventRun, evt *event.Event, t
 		return classify(fmt.Errorf("failed to bring the sender's ghost into the room: %w", err))
 	}
 	// Translate (and the call mapping) keep VeryRaw equal to Raw: sending the bytes spares encoding the map again.
-	processing := sinceReceived(evt)
-	resp, err := b.send(ctx, intent, target, targetEncrypted, evtType, &event.Content{VeryRaw: content.VeryRaw}, TxnID(evt.ID, target), run.disappear)
+	resp, posted, err := b.sendTimed(ctx, intent, target, targetEncrypted, evtType, &event.Content{VeryRaw: content.VeryRaw}, TxnID(evt.ID, target), run.disappear)
 	if err != nil {
 		// The ghost may have been removed meanwhile: check its membership again next time.
 		b.hot.forgetGhost(ghostKey{evt.RoomID, evt.Sender, target})
@@ -204,7 +203,7 @@ func (b *Bridge) relayTo(ctx context.Context, run *eventRun, evt *event.Event, t
 		return outcome{err: fmt.Errorf("failed to record the copy: %w", err)}
 	}
 	log.Debug().Stringer("target_room_id", target).Stringer("copy_event_id", resp).Msg("Relayed event")
-	return outcome{state: database.InboxDone, sent: true, processing: processing}
+	return outcome{state: database.InboxDone, sent: true, processing: receivedUntil(evt, posted)}
 }
 
 // copyRoute is where one copy of an event goes.
@@ -297,7 +296,7 @@ func (b *Bridge) relayRedaction(ctx context.Context, run *eventRun, evt *event.E
 		sender = b.AS.BotMXID()
 	}
 	// No reason: redactions are read by the server, a reason would leak into cleartext.
-	processing := sinceReceived(evt)
+	posted := time.Now()
 	resp, err := b.AS.Intent(sender).RedactEvent(ctx, target, counterpart, mautrix.ReqRedact{TxnID: TxnID(evt.ID, target)})
 	if err != nil {
 		return classify(err)
@@ -306,15 +305,15 @@ func (b *Bridge) relayRedaction(ctx context.Context, run *eventRun, evt *event.E
 	if err != nil {
 		return outcome{err: err}
 	}
-	return outcome{state: database.InboxDone, sent: true, processing: processing}
+	return outcome{state: database.InboxDone, sent: true, processing: receivedUntil(evt, posted)}
 }
 
-// sinceReceived is how long ago the transaction that brought evt came in (0 when not known).
-func sinceReceived(evt *event.Event) time.Duration {
+// receivedUntil is the time from the transaction that brought evt to t (0 when not known).
+func receivedUntil(evt *event.Event, t time.Time) time.Duration {
 	if evt.Mautrix.ReceivedAt.IsZero() {
 		return 0
 	}
-	return time.Since(evt.Mautrix.ReceivedAt)
+	return t.Sub(evt.Mautrix.ReceivedAt)
 }
 
 // countRelayed counts the outcome of evt in one target room, and how long it took to relay when a copy was sent.
@@ -323,7 +322,7 @@ func countRelayed(evt *event.Event, res outcome) {
 	case res.sent:
 		metrics.Relayed(evt.Type.Type, metrics.OutcomeSent)
 		if !evt.Mautrix.ReceivedAt.IsZero() {
-			metrics.RelayLatency.Observe(time.Since(evt.Mautrix.ReceivedAt).Seconds())
+			metrics.RelayLatency.Observe(receivedUntil(evt, time.Now()).Seconds())
 			metrics.RelayProcessing.Observe(res.processing.Seconds())
 		}
 	case res.err == nil:
@@ -338,16 +337,23 @@ func countRelayed(evt *event.Event, res outcome) {
 // send sends content into a room as intent's user, encrypting it when the room is encrypted. dis is when the
 // message disappears (zero: it stays), which decides the outbound session it may be encrypted with.
 func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id.RoomID, encrypted bool, evtType event.Type, content *event.Content, txnID string, dis disappearInfo) (id.EventID, error) {
+	evtID, _, err := b.sendTimed(ctx, intent, room, encrypted, evtType, content, txnID, dis)
+	return evtID, err
+}
+
+// sendTimed is send, also telling when ferry's part of it ended: when its request to the homeserver began, or
+// when it found that an earlier attempt had posted the event.
+func (b *Bridge) sendTimed(ctx context.Context, intent *appservice.IntentAPI, room id.RoomID, encrypted bool, evtType event.Type, content *event.Content, txnID string, dis disappearInfo) (id.EventID, time.Time, error) {
 	// Where ferry may have posted without knowing (reconcile.go), it reads the room back first.
 	if err := b.settle(ctx, room); err != nil {
-		return "", err
+		return "", time.Time{}, err
 	}
 	if evtID, ok := b.sent.take(room, txnID); ok {
 		// Posted by an attempt whose answer ferry never got (before an unclean stop, a dropped connection, a
 		// homeserver restart), and found in the room: not again.
 		zerolog.Ctx(ctx).Info().Stringer("target_room_id", room).Stringer("sent_event_id", evtID).
 			Msg("Found an unanswered send in the room; not sending it again")
-		return evtID, nil
+		return evtID, time.Now(), nil
 	}
 	if content.Parsed != nil && content.VeryRaw == nil {
 		// Notices and replies say which transaction sent them, for the read-back after an unclean stop.
@@ -365,7 +371,7 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 		b.beforeEncrypt(ctx, intent.UserID, room, dis) // disappearing messages: rotate the session when due
 		enc, err := b.Crypto.Encrypt(ctx, intent.UserID, room, evtType, content)
 		if err != nil {
-			return "", fmt.Errorf("failed to encrypt: %w", err)
+			return "", time.Time{}, fmt.Errorf("failed to encrypt: %w", err)
 		}
 		b.afterEncrypt(ctx, intent.UserID, room, enc, dis)
 		sendType = event.EventEncrypted
@@ -381,9 +387,9 @@ func (b *Bridge) send(ctx context.Context, intent *appservice.IntentAPI, room id
 			// which may still post the event): the request may have been processed.
 			b.markReadback(ctx, room, began.Add(-b.health.clockLag()))
 		}
-		return "", err
+		return "", began, err
 	}
-	return resp.EventID, nil
+	return resp.EventID, began, nil
 }
 
 // reportFailure tells the sender, in the source room, that a copy could not be delivered, for good (status.go).

@@ -150,7 +150,8 @@ type outcome struct {
 	retryIn   time.Duration       // with retry
 	err       error
 	sent      bool // the homeserver accepted a copy (for the relayed-events metric)
-	// processing is, with sent, the time from the transaction that brought the event to the copy's send.
+	// processing is, with sent, the time from the transaction that brought the event to the copy's request to the
+	// homeserver (the copy encrypted).
 	processing time.Duration
 }
 

@@ -147,7 +147,7 @@ try {
             return `≤ ${le * 1000} ms ${(s * 100).toFixed(0)}%`;
         });
     const [, relayed] = histShare(before, after, "ferry_relay_processing_seconds", 1);
-    console.log(`ferry's own part (its transaction in → the copy's send), ${relayed} copies: ${share("ferry_relay_processing_seconds", [0.001, 0.0025, 0.005, 0.01]).join(", ")}`);
+    console.log(`ferry's own part (its transaction in → the copy, encrypted, sent to the homeserver), ${relayed} copies: ${share("ferry_relay_processing_seconds", [0.001, 0.0025, 0.005, 0.01]).join(", ")}`);
     const [, commits] = histShare(before, after, "ferry_database_commit_seconds", 1, { operation: "intake" });
     console.log(`intake commits (before a transaction is answered), ${commits}: ${share("ferry_database_commit_seconds", [0.001, 0.0025, 0.005], { operation: "intake" }).join(", ")}`);
     const held = ["start", "gap", "redelivery", "unnumbered", "uncovered"]

@@ -78,10 +78,10 @@ var (
 		Help: "Time from receiving an event in a homeserver transaction to the homeserver accepting its copy.",
 	})
 	// RelayProcessing is ferry's own part of RelayLatency: from the transaction that brought an event to the
-	// copy's send (the rest is the homeserver's answer to it).
+	// copy's request to the homeserver, its encryption included (the rest is the homeserver's answer to it).
 	RelayProcessing = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Namespace: namespace, Name: "relay_processing_seconds", Buckets: processingBuckets,
-		Help: "Time from receiving an event in a homeserver transaction to sending its copy (relay latency without the homeserver's answer).",
+		Help: "Time from receiving an event in a homeserver transaction to its copy's request to the homeserver, encryption included (relay latency without the homeserver's answer).",
 	})
 	// UndecryptableEvents counts decryption failures by reason.
 	UndecryptableEvents = prometheus.NewCounterVec(prometheus.CounterOpts{
