@@ -20,11 +20,8 @@ type signatureBatch struct {
 }
 
 type batchedSignature struct {
-	signedUser id.UserID
-	signedKey  id.Ed25519
-	signerUser id.UserID
-	signerKey  id.Ed25519
-	signature  string
+	row       signatureRow
+	signature string
 }
 
 type signatureBatchKey struct{}
@@ -65,35 +62,35 @@ func (b *signatureBatch) flush(ctx context.Context) error {
 	if len(sigs) == 0 {
 		return nil
 	}
-	last := make(map[signatureRow]int, len(sigs))
-	for i, sig := range sigs {
-		last[signatureRow{sig.signedUser, signatureKey{sig.signedKey, sig.signerUser, sig.signerKey}}] = i
-	}
-	var args []any
-	users := map[id.UserID][]batchedSignature{}
-	for i, sig := range sigs {
-		if last[signatureRow{sig.signedUser, signatureKey{sig.signedKey, sig.signerUser, sig.signerKey}}] != i {
-			continue
+	// One row per signed key and signer, the last written, in the order first written.
+	var order []signatureRow
+	latest := make(map[signatureRow]string, len(sigs))
+	for _, sig := range sigs {
+		if _, ok := latest[sig.row]; !ok {
+			order = append(order, sig.row)
 		}
-		args = append(args, sig.signedUser, sig.signedKey, sig.signerUser, sig.signerKey, sig.signature)
-		users[sig.signedUser] = append(users[sig.signedUser], sig)
+		latest[sig.row] = sig.signature
 	}
-	rows := len(args) / sqlPutSignaturesRowWidth
+	args := make([]any, 0, len(order)*sqlPutSignaturesRowWidth)
+	for _, r := range order {
+		args = append(args, r.signedUser, r.key, r.signer, r.sKey, latest[r])
+	}
 	since := s.c.trustWrite()
-	_, err := s.DB.Exec(ctx, sqlPutSignatures(rows), args...)
+	_, err := s.DB.Exec(ctx, sqlPutSignatures(len(order)), args...)
 	done := err == nil && s.committed(ctx)
-	for user, userSigs := range users {
+	users := make(map[id.UserID][]signatureKey)
+	for _, r := range order {
+		users[r.signedUser] = append(users[r.signedUser], r.signatureKey)
+	}
+	for user, keys := range users {
 		s.c.trustWritten(user, since, done, func(t *cachedTrust) {
-			if t.signedBy == nil {
-				t.signedBy = make(map[signatureKey]bool)
-			}
-			for _, sig := range userSigs {
-				t.signedBy[signatureKey{sig.signedKey, sig.signerUser, sig.signerKey}] = true
+			for _, k := range keys {
+				t.signed(k)
 			}
 		})
 	}
 	if err != nil {
-		return fmt.Errorf("failed to store %d cross-signing signatures: %w", rows, err)
+		return fmt.Errorf("failed to store %d cross-signing signatures: %w", len(order), err)
 	}
 	return nil
 }

@@ -27,6 +27,15 @@ func (c *statementCounter) QueryTiming(_ context.Context, _, query string, _ []a
 	}
 }
 
+// sigWrite is one PutSignature call.
+type sigWrite struct {
+	signedUser id.UserID
+	signedKey  id.Ed25519
+	signerUser id.UserID
+	signerKey  id.Ed25519
+	signature  string
+}
+
 // TestSignatureBatch: the signatures an identity step stores through a batch (mautrix's PutSignature, one
 // statement and commit each) are written when the batch is flushed, all in one statement, and leave the rows the
 // same writes one by one leave (of two signatures of the same key by the same signer, the later one); the trust
@@ -45,8 +54,8 @@ func TestSignatureBatch(t *testing.T) {
 			}
 			store := &cachedStore{SQLCryptoStore: sql, c: newStoreCache()}
 			master, ssk, device := testKey("master"), testKey("ssk"), testKey("device")
-			writes := func(user id.UserID) []batchedSignature {
-				return []batchedSignature{
+			writes := func(user id.UserID) []sigWrite {
+				return []sigWrite{
 					{user, master, user, device, "master-by-device-1"},
 					{user, ssk, user, master, "ssk-by-master"},
 					{user, master, user, device, "master-by-device-2"}, // the same row again

@@ -74,6 +74,14 @@ type signatureKey struct {
 	sKey   id.Ed25519
 }
 
+// signed records that the signature k exists (a write of it committed).
+func (t *cachedTrust) signed(k signatureKey) {
+	if t.signedBy == nil {
+		t.signedBy = make(map[signatureKey]bool)
+	}
+	t.signedBy[k] = true
+}
+
 type accountSession struct {
 	account string
 	session id.SessionID
@@ -348,16 +356,14 @@ func (s *cachedStore) ResetMasterKeyTOFU(ctx context.Context, userID id.UserID, 
 // PutSignature writes through to the cache: the signature is known to exist. Through a context of
 // withSignatureBatch it only joins the batch, which its flush writes.
 func (s *cachedStore) PutSignature(ctx context.Context, signedUser id.UserID, signedKey id.Ed25519, signerUser id.UserID, signerKey id.Ed25519, signature string) error {
-	if b := signatureBatchFrom(ctx); b != nil && b.add(s, batchedSignature{signedUser, signedKey, signerUser, signerKey, signature}) {
+	row := signatureRow{signedUser, signatureKey{signedKey, signerUser, signerKey}}
+	if b := signatureBatchFrom(ctx); b != nil && b.add(s, batchedSignature{row, signature}) {
 		return nil
 	}
 	since := s.c.trustWrite()
 	err := s.SQLCryptoStore.PutSignature(ctx, signedUser, signedKey, signerUser, signerKey, signature)
 	s.c.trustWritten(signedUser, since, err == nil && s.committed(ctx), func(t *cachedTrust) {
-		if t.signedBy == nil {
-			t.signedBy = make(map[signatureKey]bool)
-		}
-		t.signedBy[signatureKey{signedKey, signerUser, signerKey}] = true
+		t.signed(row.signatureKey)
 	})
 	return err
 }
