@@ -96,6 +96,35 @@ test(`${HS_LABEL}: the metrics move as ferry relays, shares keys and redacts dis
     assert.ok(msum(after, "go_goroutines") > 0, "the Go runtime's metrics are there");
 });
 
+test(`${HS_LABEL}: in a private room only the first new ghost's join is refused; the ghosts after it are invited first`, async () => {
+    // Element's rooms are private: a ghost may join only once invited. ferry learns that from the first refusal in a
+    // room and invites the ghosts after it before they join, instead of a refused join for every new sender.
+    const source = await admin.createEncryptedRoom({ name: "Operating C" });
+    const target = await admin.createEncryptedRoom({ name: "Operating D" });
+    await inviteBot(stack, admin, source);
+    await inviteBot(stack, admin, target);
+    await admin.invite(source, mallory.userId);
+    await mallory.join(source);
+    await admin.waitForMembership(source, mallory.userId, "join");
+    const linked = await command(stack, admin, source, `!ferry link ${target}`, T);
+    assert.match(linked.content.body, /^Linked/);
+
+    const memberPut = { method: "PUT", endpoint: "/_matrix/client/v3/rooms/{roomId}/state/{id}/{userId}" };
+    const before = await scrape();
+    const ghosts = new Set();
+    for (const [member, text] of [[admin, "first new sender"], [mallory, "second new sender"]]) {
+        await member.sendText(source, text);
+        const copy = await admin.waitForEvent(target, (e) => e.content.body === text && e.sender.startsWith("@_ferry_"), T, `the copy of "${text}"`);
+        ghosts.add(copy.sender);
+    }
+    assert.equal(ghosts.size, 2, "each sender has a ghost of its own");
+    for (const ghost of ghosts) await admin.waitForMembership(target, ghost, "join");
+    const after = await scrape();
+    const moved = (labels) => msum(after, "ferry_homeserver_requests_total", labels) - msum(before, "ferry_homeserver_requests_total", labels);
+    assert.equal(moved({ ...memberPut, errcode: "M_FORBIDDEN" }), 1, "one refused join: the first ghost's");
+    assert.equal(moved({ ...memberPut, errcode: "none" }), 4, "an invite and a join for each ghost");
+});
+
 test(`${HS_LABEL}: SIGHUP reopens the log file and reloads the permissions; ferry keeps running`, async () => {
     const refused = await command(stack, mallory, room, "!ferry ping", T);
     assert.match(refused.content.body, /yours is `relay`/);
