@@ -2,8 +2,10 @@ package crypto
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -114,4 +116,81 @@ func ghostSetUpsAreBounded(t *testing.T, opts fakehs.Options) {
 	if most < 2 {
 		t.Errorf("ghost devices were set up one at a time (%d side by side)", most)
 	}
+}
+
+// TestNewGhostSignsItsDeviceInOneRequest: a new ghost's device is signed by its self-signing key, and its master
+// key by the device, in one signature upload, built from the device's own keys rather than from a query of what the
+// homeserver holds; a member's client sees the device cross-signed by its owner, on both device paths.
+func TestNewGhostSignsItsDeviceInOneRequest(t *testing.T) {
+	for name, opts := range map[string]fakehs.Options{
+		"appservice": {CrossSigningUIA: true},
+		"login":      {NoMSC4190: true, CrossSigningUIA: true, SharedSecret: "asmode-secret"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var mu sync.Mutex
+			var uploads []map[id.UserID]map[string]json.RawMessage
+			ownQueriesBefore := 0
+			const ghostLocalpart = "ghost_alice" // the rig's ghost
+			opts.BeforeRequest = func(route string, body []byte) {
+				mu.Lock()
+				defer mu.Unlock()
+				switch route {
+				case "POST /_matrix/client/v3/keys/signatures/upload":
+					var req map[id.UserID]map[string]json.RawMessage
+					if err := json.Unmarshal(body, &req); err != nil {
+						t.Errorf("signature upload %s: %v", body, err)
+					}
+					uploads = append(uploads, req)
+				case "POST /_matrix/client/v3/keys/query":
+					if len(uploads) == 0 && strings.Contains(string(body), ghostLocalpart) {
+						ownQueriesBefore++
+					}
+				}
+			}
+			r := startASRig(ctx, t, opts, opts.SharedSecret)
+			defer r.m.Stop()
+			if r.ghost.Localpart() != ghostLocalpart {
+				t.Fatalf("the rig's ghost is %s", r.ghost)
+			}
+			if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+				t.Fatal(err)
+			}
+			mu.Lock()
+			var ghostUploads []map[string]json.RawMessage
+			for _, u := range uploads {
+				if objs, ok := u[r.ghost]; ok {
+					ghostUploads = append(ghostUploads, objs)
+				}
+			}
+			queries := ownQueriesBefore
+			mu.Unlock()
+			if len(ghostUploads) != 1 {
+				t.Fatalf("the ghost's set-up uploaded signatures %d times, want once", len(ghostUploads))
+			}
+			devices := r.srv.Devices(r.ghost)
+			if len(devices) != 1 {
+				t.Fatalf("the ghost has devices %v, want one", devices)
+			}
+			if _, ok := ghostUploads[0][string(devices[0])]; !ok || len(ghostUploads[0]) != 2 {
+				t.Errorf("the upload signs %v, want the device %s and the master key", keysOf(ghostUploads[0]), devices[0])
+			}
+			if queries != 0 {
+				t.Errorf("the ghost queried its own keys %d times before signing its device", queries)
+			}
+			sent := r.sendAs(t, r.ghost, "signed words")
+			if trust := r.memberReads(t, sent, "signed words"); trust != id.TrustStateCrossSignedTOFU {
+				t.Errorf("the member's client sees the ghost's device as %s, want cross-signed by its owner (%s)", trust, id.TrustStateCrossSignedTOFU)
+			}
+		})
+	}
+}
+
+func keysOf(m map[string]json.RawMessage) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
 }

@@ -10,6 +10,7 @@ import (
 
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/crypto/signatures"
 	"maunium.net/go/mautrix/id"
 )
 
@@ -82,21 +83,61 @@ func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ss
 	return nil
 }
 
-// signDevice signs d's device with the self-signing key and the master key with the device, and stores both
-// signatures in one statement.
+// signDevice signs d's device with the self-signing key and the master key with the device, uploads both in one
+// request and stores both in one statement. The device's keys are the ones its account uploaded (mautrix's device
+// upload: its Curve25519 and Ed25519 keys, Megolm and Olm), so they are built here instead of read back from the
+// homeserver: a signature is made only over keys ferry holds.
 func signDevice(ctx context.Context, d *device) error {
-	bctx, batch := withSignatureBatch(ctx)
-	err := d.mach.SignOwnDevice(bctx, d.mach.OwnIdentity())
+	keys, account := d.mach.CrossSigningKeys, d.mach.GetAccount()
+	if keys == nil || keys.SelfSigningKey == nil || keys.MasterKey == nil {
+		return fmt.Errorf("failed to sign the device: %w", crypto.ErrSelfSigningKeyNotCached)
+	} else if account == nil {
+		return fmt.Errorf("failed to sign the device: %w", crypto.ErrOlmAccountNotLoaded)
+	}
+	user, dev := d.client.UserID, d.client.DeviceID
+	deviceKeys := mautrix.ReqKeysSignatures{
+		UserID:     user,
+		DeviceID:   dev,
+		Algorithms: []id.Algorithm{id.AlgorithmMegolmV1, id.AlgorithmOlmV1},
+		Keys: map[id.KeyID]string{
+			id.NewKeyID(id.KeyAlgorithmCurve25519, dev.String()): account.IdentityKey().String(),
+			id.NewKeyID(id.KeyAlgorithmEd25519, dev.String()):    account.SigningKey().String(),
+		},
+	}
+	selfSigning, master := keys.SelfSigningKey.PublicKey(), keys.MasterKey.PublicKey()
+	deviceSig, err := keys.SelfSigningKey.SignJSON(deviceKeys)
 	if err != nil {
-		err = fmt.Errorf("failed to sign the device with the self-signing key: %w", err)
-	} else if err = d.mach.SignOwnMasterKey(bctx); err != nil {
-		err = fmt.Errorf("failed to sign the master key with the device: %w", err)
+		return fmt.Errorf("failed to sign the device with the self-signing key: %w", err)
 	}
-	// What was signed is stored even when the second signature failed, as it was when each was written alone.
-	if flushErr := batch.flush(ctx); err == nil {
-		err = flushErr
+	deviceKeys.Signatures = signatures.NewSingleSignature(user, id.KeyAlgorithmEd25519, selfSigning.String(), deviceSig)
+	masterKey := mautrix.ReqKeysSignatures{
+		UserID: user,
+		Usage:  []id.CrossSigningUsage{id.XSUsageMaster},
+		Keys:   map[id.KeyID]string{id.NewKeyID(id.KeyAlgorithmEd25519, master.String()): master.String()},
 	}
-	return err
+	masterSig, err := account.SignJSON(masterKey)
+	if err != nil {
+		return fmt.Errorf("failed to sign the master key with the device: %w", err)
+	}
+	masterKey.Signatures = signatures.NewSingleSignature(user, id.KeyAlgorithmEd25519, dev.String(), masterSig)
+	resp, err := d.client.UploadSignatures(ctx, &mautrix.ReqUploadSignatures{
+		user: {dev.String(): deviceKeys, master.String(): masterKey},
+	})
+	if err != nil {
+		return fmt.Errorf("failed to upload the device's cross-signing signatures: %w", err)
+	} else if len(resp.Failures) > 0 {
+		return fmt.Errorf("failed to upload the device's cross-signing signatures: %w: %+v", crypto.ErrSignatureUploadFail, resp.Failures)
+	}
+	bctx, batch := withSignatureBatch(ctx)
+	for _, sig := range []struct {
+		signed, signer id.Ed25519
+		signature      string
+	}{{account.SigningKey(), selfSigning, deviceSig}, {master, account.SigningKey(), masterSig}} {
+		if err = d.mach.CryptoStore.PutSignature(bctx, user, sig.signed, user, sig.signer, sig.signature); err != nil {
+			return fmt.Errorf("failed to store the device's cross-signing signature: %w", err)
+		}
+	}
+	return batch.flush(ctx)
 }
 
 // signatureServeWait bounds how long a freshly signed device waits for the homeserver to serve its signature.
