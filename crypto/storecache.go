@@ -319,9 +319,16 @@ func (s *cachedStore) PutDevice(ctx context.Context, userID id.UserID, device *i
 	return s.SQLCryptoStore.PutDevice(ctx, userID, device)
 }
 
+// PutDevices writes through to the cache: on Postgres in one statement (putDevices), which tells the rows as stored;
+// otherwise through mautrix's store, after which the user's devices are read again.
 func (s *cachedStore) PutDevices(ctx context.Context, userID id.UserID, devices map[id.DeviceID]*id.Device) error {
-	defer s.c.trustChanged(userID)
-	return s.SQLCryptoStore.PutDevices(ctx, userID, devices)
+	since := s.c.trustWrite()
+	stored, ok, err := s.putDevices(ctx, userID, devices)
+	if !ok {
+		err = s.SQLCryptoStore.PutDevices(ctx, userID, devices)
+	}
+	s.c.devicesWritten(userID, since, ok && err == nil && s.committed(ctx), stored)
+	return err
 }
 
 // committed reports whether a write through ctx commits when it returns (it is not part of a transaction).
