@@ -20,8 +20,8 @@ var hiddenInputPackages = []string{".", "../crypto", "../database"}
 var hiddenInputAllowed = map[string]string{
 	"crypto/share.go withShareBatch": "mautrix's crypto.Store methods receive nothing per call but the context",
 	"crypto/todevice.go handleUnit":  "the same: the Olm writes of one to-device message are told apart only by it",
-	"crypto/sigbatch.go withSignatureBatch": "the same: the signatures mautrix stores while an account publishes its identity " +
-		"or signs its device are told apart only by it",
+	"crypto/trustbatch.go withTrustBatch": "the same: the cross-signing keys and signatures mautrix stores while an account " +
+		"publishes its identity or signs its device, or while a member's keys are fetched, are told apart only by it",
 }
 
 // TestNoHiddenInputs fails when a context.WithValue call appears in bridge, crypto or database outside tests

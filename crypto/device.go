@@ -332,7 +332,11 @@ func (d *device) devicesOf(ctx context.Context, users []id.UserID) (map[id.UserI
 		}
 	}
 	if len(fetch) > 0 {
-		fetched, err := d.mach.FetchKeys(ctx, fetch, true)
+		bctx, batch := withTrustBatch(ctx)
+		fetched, err := d.mach.FetchKeys(bctx, fetch, true)
+		if flushErr := batch.flush(ctx); err == nil && flushErr != nil {
+			err = flushErr
+		}
 		if err != nil {
 			return nil, fmt.Errorf("failed to fetch device keys: %w", err)
 		}

@@ -50,7 +50,7 @@ func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ss
 	republish := published != master.String() || (serverMaster != "" && serverMaster != master)
 	if republish {
 		// The identity's three signatures are stored in one statement once it is published.
-		bctx, batch := withSignatureBatch(ctx)
+		bctx, batch := withTrustBatch(ctx)
 		err = m.publishIdentity(bctx, d, sec, keys)
 		if flushErr := batch.flush(ctx); err == nil {
 			err = flushErr
@@ -128,7 +128,7 @@ func signDevice(ctx context.Context, d *device) error {
 	} else if len(resp.Failures) > 0 {
 		return fmt.Errorf("failed to upload the device's cross-signing signatures: %w: %+v", crypto.ErrSignatureUploadFail, resp.Failures)
 	}
-	bctx, batch := withSignatureBatch(ctx)
+	bctx, batch := withTrustBatch(ctx)
 	for _, sig := range []struct {
 		signed, signer id.Ed25519
 		signature      string

@@ -563,7 +563,12 @@ func (m *Machine) DeviceID() id.DeviceID { return m.client.DeviceID }
 // Decrypt decrypts a Megolm event received by the bot. A missing session is ErrKeyMissing; a sending device
 // below encryption.receive_min_trust is ErrUntrustedSender.
 func (m *Machine) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
-	dec, err := m.bot.mach.DecryptMegolmEvent(ctx, evt)
+	// A sender ferry meets for the first time has their keys fetched here: stored in a statement per kind.
+	bctx, batch := withTrustBatch(ctx)
+	dec, err := m.bot.mach.DecryptMegolmEvent(bctx, evt)
+	if flushErr := batch.flush(ctx); flushErr != nil {
+		return nil, flushErr
+	}
 	switch {
 	case errors.Is(err, crypto.ErrNoSessionFound):
 		return nil, fmt.Errorf("%w: %w", ErrKeyMissing, err)

@@ -91,7 +91,7 @@ const (
 	sqlPutSecretsRowWidth = 3
 )
 
-// Cross-signing signatures written several in one statement (signatureBatch), as the store's PutSignature
+// Cross-signing signatures written several in one statement (trustBatch), as the store's PutSignature
 // writes each.
 const (
 	sqlPutSignaturesHead     = `INSERT INTO crypto_cross_signing_signatures (signed_user_id, signed_key, signer_user_id, signer_key, signature) VALUES `
@@ -102,6 +102,19 @@ const (
 // sqlPutSignatures upserts n signatures (signed_user_id, signed_key, signer_user_id, signer_key, signature each).
 func sqlPutSignatures(n int) string {
 	return sqlPutSignaturesHead + placeholders(1, n, sqlPutSignaturesRowWidth) + sqlPutSignaturesTail
+}
+
+// Cross-signing keys written several in one statement (trustBatch), as the store's PutCrossSigningKey writes
+// each: a new row's first seen key is its key, an existing row keeps its own.
+const (
+	sqlPutCrossSigningKeysHead     = `INSERT INTO crypto_cross_signing_keys (user_id, usage, key, first_seen_key) VALUES `
+	sqlPutCrossSigningKeysTail     = ` ON CONFLICT (user_id, usage) DO UPDATE SET key=excluded.key`
+	sqlPutCrossSigningKeysRowWidth = 4
+)
+
+// sqlPutCrossSigningKeys upserts n cross-signing keys (user_id, usage, key, first_seen_key each).
+func sqlPutCrossSigningKeys(n int) string {
+	return sqlPutCrossSigningKeysHead + placeholders(1, n, sqlPutCrossSigningKeysRowWidth) + sqlPutCrossSigningKeysTail
 }
 
 // sqlPutSecrets upserts n secrets (account_id, name, secret each).

@@ -232,15 +232,31 @@ type cachedStore struct {
 
 var _ crypto.Store = (*cachedStore)(nil)
 
+// GetCrossSigningKeys answers from the cache. A user's keys waiting in ctx's trust batch are applied to the
+// cached ones, as the store would answer after writing them; when the cache does not hold the user, the batch is
+// written first.
 func (s *cachedStore) GetCrossSigningKeys(ctx context.Context, userID id.UserID) (map[id.CrossSigningUsage]id.CrossSigningKey, error) {
+	var pending []batchedKey
+	if b := trustBatchFrom(ctx); b != nil {
+		pending = b.keysOf(s, userID)
+	}
 	s.c.lock.Lock()
 	t, gen := s.c.readTrust(userID)
 	if t != nil && t.xsKeys != nil {
-		keys := copyKeys(t.xsKeys)
+		answer := &cachedTrust{xsKeys: copyKeys(t.xsKeys)}
 		s.c.lock.Unlock()
-		return keys, nil
+		for _, k := range pending {
+			answer.keyWritten(k.usage, k.key)
+		}
+		return answer.xsKeys, nil
 	}
 	s.c.lock.Unlock()
+	if len(pending) > 0 {
+		if err := s.flushFor(ctx); err != nil {
+			return nil, err
+		}
+		return s.GetCrossSigningKeys(ctx, userID)
+	}
 	keys, err := s.SQLCryptoStore.GetCrossSigningKeys(ctx, userID)
 	if err != nil {
 		return nil, err
@@ -261,7 +277,11 @@ func copyKeys(in map[id.CrossSigningUsage]id.CrossSigningKey) map[id.CrossSignin
 	return out
 }
 
+// IsKeySignedBy answers from the cache, after writing ctx's trust batch.
 func (s *cachedStore) IsKeySignedBy(ctx context.Context, userID id.UserID, key id.Ed25519, signedByUser id.UserID, signedByKey id.Ed25519) (bool, error) {
+	if err := s.flushFor(ctx); err != nil {
+		return false, err
+	}
 	k := signatureKey{key, signedByUser, signedByKey}
 	s.c.lock.Lock()
 	t, gen := s.c.readTrust(userID)
@@ -285,6 +305,14 @@ func (s *cachedStore) IsKeySignedBy(ctx context.Context, userID id.UserID, key i
 	}
 	s.c.lock.Unlock()
 	return signed, nil
+}
+
+// GetSignaturesForKeyBy reads the store after writing ctx's trust batch.
+func (s *cachedStore) GetSignaturesForKeyBy(ctx context.Context, userID id.UserID, key id.Ed25519, signerID id.UserID) (map[id.Ed25519]string, error) {
+	if err := s.flushFor(ctx); err != nil {
+		return nil, err
+	}
+	return s.SQLCryptoStore.GetSignaturesForKeyBy(ctx, userID, key, signerID)
 }
 
 func (s *cachedStore) FindDeviceByKey(ctx context.Context, userID id.UserID, identityKey id.IdentityKey) (*id.Device, error) {
@@ -338,33 +366,46 @@ func (s *cachedStore) committed(ctx context.Context) bool {
 }
 
 // PutCrossSigningKey writes through to the cache: the store keeps the first key seen for a usage and replaces
-// the current one.
+// the current one. Through a context of withTrustBatch it only joins the batch, which its flush writes.
 func (s *cachedStore) PutCrossSigningKey(ctx context.Context, userID id.UserID, usage id.CrossSigningUsage, key id.Ed25519) error {
+	if b := trustBatchFrom(ctx); b != nil && b.addKey(s, batchedKey{userID, usage, key}) {
+		return nil
+	}
+	return s.putCrossSigningKey(ctx, userID, usage, key)
+}
+
+func (s *cachedStore) putCrossSigningKey(ctx context.Context, userID id.UserID, usage id.CrossSigningUsage, key id.Ed25519) error {
 	since := s.c.trustWrite()
 	err := s.SQLCryptoStore.PutCrossSigningKey(ctx, userID, usage, key)
-	s.c.trustWritten(userID, since, err == nil && s.committed(ctx), func(t *cachedTrust) {
-		if t.xsKeys == nil {
-			return // not read yet: the next read fills it
-		}
-		first := key
-		if cur, ok := t.xsKeys[usage]; ok {
-			first = cur.First
-		}
-		t.xsKeys[usage] = id.CrossSigningKey{Key: key, First: first}
-	})
+	s.c.trustWritten(userID, since, err == nil && s.committed(ctx), func(t *cachedTrust) { t.keyWritten(usage, key) })
 	return err
 }
 
+// keyWritten applies a committed write of a cross-signing key to the entry, when its keys were read.
+func (t *cachedTrust) keyWritten(usage id.CrossSigningUsage, key id.Ed25519) {
+	if t.xsKeys == nil {
+		return // not read yet: the next read fills it
+	}
+	first := key
+	if cur, ok := t.xsKeys[usage]; ok {
+		first = cur.First
+	}
+	t.xsKeys[usage] = id.CrossSigningKey{Key: key, First: first}
+}
+
 func (s *cachedStore) ResetMasterKeyTOFU(ctx context.Context, userID id.UserID, key id.Ed25519) error {
+	if err := s.flushFor(ctx); err != nil {
+		return err
+	}
 	defer s.c.trustChanged(userID)
 	return s.SQLCryptoStore.ResetMasterKeyTOFU(ctx, userID, key)
 }
 
 // PutSignature writes through to the cache: the signature is known to exist. Through a context of
-// withSignatureBatch it only joins the batch, which its flush writes.
+// withTrustBatch it only joins the batch, which its flush writes.
 func (s *cachedStore) PutSignature(ctx context.Context, signedUser id.UserID, signedKey id.Ed25519, signerUser id.UserID, signerKey id.Ed25519, signature string) error {
 	row := signatureRow{signedUser, signatureKey{signedKey, signerUser, signerKey}}
-	if b := signatureBatchFrom(ctx); b != nil && b.add(s, batchedSignature{row, signature}) {
+	if b := trustBatchFrom(ctx); b != nil && b.addSignature(s, batchedSignature{row, signature}) {
 		return nil
 	}
 	since := s.c.trustWrite()
@@ -378,6 +419,9 @@ func (s *cachedStore) PutSignature(ctx context.Context, signedUser id.UserID, si
 // DropSignaturesByKey drops the signatures userID made with key, on anyone's keys: every user's entry goes (a
 // user's cross-signing reset, which is rare).
 func (s *cachedStore) DropSignaturesByKey(ctx context.Context, userID id.UserID, key id.Ed25519) (int64, error) {
+	if err := s.flushFor(ctx); err != nil {
+		return 0, err
+	}
 	defer s.c.allTrustChanged()
 	return s.SQLCryptoStore.DropSignaturesByKey(ctx, userID, key)
 }

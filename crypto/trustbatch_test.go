@@ -3,6 +3,7 @@ package crypto
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -85,7 +86,7 @@ func TestSignatureBatch(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			bctx, batch := withSignatureBatch(ctx)
+			bctx, batch := withTrustBatch(ctx)
 			counter.writes.Store(0)
 			for _, w := range writes(batched) {
 				if err := store.PutSignature(bctx, w.signedUser, w.signedKey, w.signerUser, w.signerKey, w.signature); err != nil {
@@ -122,7 +123,7 @@ func TestSignatureBatch(t *testing.T) {
 			const rolledBack = id.UserID("@rolledback:x")
 			errRollback := errors.New("rollback")
 			err := db.DoTxn(ctx, nil, func(ctx context.Context) error {
-				bctx, batch := withSignatureBatch(ctx)
+				bctx, batch := withTrustBatch(ctx)
 				for _, w := range writes(rolledBack) {
 					_ = store.PutSignature(bctx, w.signedUser, w.signedKey, w.signerUser, w.signerKey, w.signature)
 				}
@@ -136,6 +137,74 @@ func TestSignatureBatch(t *testing.T) {
 			}
 			if ok, err := store.IsKeySignedBy(ctx, rolledBack, master, rolledBack, device); ok || err != nil {
 				t.Errorf("a rolled-back batch's signature: %v, %v, want not signed", ok, err)
+			}
+		})
+	}
+}
+
+// TestTrustBatchKeys: cross-signing keys written through a batch leave the rows mautrix's one-by-one writes leave
+// (the first key seen for a usage stays first, also when a usage comes twice in one batch); a read of a user's
+// keys in the batch's context answers as the store would after the writes, from memory when the cache holds the
+// user and by writing the batch first when it does not.
+func TestTrustBatchKeys(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			db := dbtest.Open(t, dialect)
+			counter := &allStatements{DatabaseLogger: db.Log}
+			db.Log = counter
+			sql := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "@ghost:x", "", []byte("pickle"))
+			if err := sql.DB.Upgrade(ctx); err != nil {
+				t.Fatal(err)
+			}
+			store := &cachedStore{SQLCryptoStore: sql, c: newStoreCache()}
+			const user = id.UserID("@member:x")
+			k1, k2, a, b := testKey("k1"), testKey("k2"), testKey("a"), testKey("b")
+			stored := func() string {
+				fresh := &cachedStore{SQLCryptoStore: sql, c: newStoreCache()}
+				keys, err := fresh.GetCrossSigningKeys(ctx, user)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return fmt.Sprintf("master %.4s/%.4s ssk %.4s/%.4s", keys[id.XSUsageMaster].Key, keys[id.XSUsageMaster].First,
+					keys[id.XSUsageSelfSigning].Key, keys[id.XSUsageSelfSigning].First)
+			}
+
+			bctx, batch := withTrustBatch(ctx)
+			if err := store.PutCrossSigningKey(bctx, user, id.XSUsageMaster, k1); err != nil {
+				t.Fatal(err)
+			}
+			// Not cached yet: the read writes the batch first.
+			counter.n.Store(0)
+			keys, err := store.GetCrossSigningKeys(bctx, user)
+			if err != nil || keys[id.XSUsageMaster].Key != k1 || keys[id.XSUsageMaster].First != k1 {
+				t.Fatalf("first read in the batch: %+v, %v", keys, err)
+			}
+			if n := counter.n.Load(); n != 2 {
+				t.Errorf("the first read ran %d statements, want 2 (the batch's write, the read)", n)
+			}
+			// Cached now: a new master key and a self-signing key seen twice are answered from memory.
+			for _, k := range []struct {
+				usage id.CrossSigningUsage
+				key   id.Ed25519
+			}{{id.XSUsageMaster, k2}, {id.XSUsageSelfSigning, a}, {id.XSUsageSelfSigning, b}} {
+				if err = store.PutCrossSigningKey(bctx, user, k.usage, k.key); err != nil {
+					t.Fatal(err)
+				}
+			}
+			counter.n.Store(0)
+			keys, err = store.GetCrossSigningKeys(bctx, user)
+			if err != nil || counter.n.Load() != 0 {
+				t.Fatalf("second read: %v, %d statements", err, counter.n.Load())
+			}
+			got := fmt.Sprintf("master %.4s/%.4s ssk %.4s/%.4s", keys[id.XSUsageMaster].Key, keys[id.XSUsageMaster].First,
+				keys[id.XSUsageSelfSigning].Key, keys[id.XSUsageSelfSigning].First)
+			if err = batch.flush(ctx); err != nil {
+				t.Fatal(err)
+			}
+			want := fmt.Sprintf("master %.4s/%.4s ssk %.4s/%.4s", k2, k1, b, a) // as one-by-one writes leave them
+			if s := stored(); s != want || got != want {
+				t.Errorf("answered %s in the batch, stored %s after it; want %s", got, s, want)
 			}
 		})
 	}

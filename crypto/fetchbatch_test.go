@@ -1,0 +1,117 @@
+package crypto
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/internal/fakehs"
+)
+
+// writeLog records the write statements a database runs, by the first words of each.
+type writeLog struct {
+	dbutil.DatabaseLogger
+	lock   sync.Mutex
+	writes []string
+}
+
+func (l *writeLog) QueryTiming(_ context.Context, method, query string, _ []any, _ int, _ time.Duration, _ error) {
+	q := strings.Join(strings.Fields(query), " ")
+	if method == "EndRows" || method == "<Transaction>" || strings.HasPrefix(q, "SELECT") {
+		return
+	}
+	if method == "Begin" || method == "Commit" || method == "Rollback" {
+		q = strings.ToUpper(method)
+	}
+	l.lock.Lock()
+	l.writes = append(l.writes, q)
+	l.lock.Unlock()
+}
+
+// take returns the writes since the last take that touch one of tables.
+func (l *writeLog) take(tables ...string) []string {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	var out []string
+	for _, w := range l.writes {
+		keep := false
+		for _, table := range tables {
+			keep = keep || strings.Contains(w, table+" ")
+		}
+		if keep {
+			out = append(out, w[:min(len(w), 60)])
+		}
+	}
+	l.writes = nil
+	return out
+}
+
+// TestKeyFetchWritesInFewStatements: the bot meets a new member (its first message): ferry fetches the member's
+// device list, cross-signing keys and signatures and stores them in three statements (devices, keys,
+// signatures), where mautrix's store writes a statement and commit each; the member's device is then trusted as
+// cross-signed by its owner, from what was stored.
+func TestKeyFetchWritesInFewStatements(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r := newASRig(t, fakehs.Options{CrossSigningUIA: true}, "")
+	log := &writeLog{DatabaseLogger: r.db.Log}
+	r.db.Log = log
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	tables := []string{"crypto_device", "crypto_tracked_user", "crypto_cross_signing_keys", "crypto_cross_signing_signatures"}
+	log.take()
+	msg := r.memberSends(t, "first words")
+	if err := r.m.HandleTransactionCrypto(ctx, r.srv.TakeAppserviceTransaction()); err != nil {
+		t.Fatal(err)
+	}
+	log.take()
+	dec, err := r.m.Decrypt(ctx, msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dec.Mautrix.TrustState != id.TrustStateCrossSignedTOFU {
+		t.Errorf("the member's device is %s, want cross-signed by its owner", dec.Mautrix.TrustState)
+	}
+	if writes := log.take(tables...); len(writes) > 3 {
+		t.Errorf("the member's keys were stored in %d statements, want 3:\n%s", len(writes), strings.Join(writes, "\n"))
+	}
+
+	// What was stored, read without the cache: the member's two public cross-signing keys, first seen as they
+	// are, and the four signatures a fetch verifies (the device by itself and by the self-signing key, the
+	// self-signing key by the master key, the master key by the device).
+	fresh := &cachedStore{SQLCryptoStore: r.m.storeFor(r.bot), c: newStoreCache()}
+	member := r.member.Machine
+	master, selfSigning := member.CrossSigningKeys.MasterKey.PublicKey(), member.CrossSigningKeys.SelfSigningKey.PublicKey()
+	deviceKey := member.OwnIdentity().SigningKey
+	keys, err := fresh.GetCrossSigningKeys(ctx, r.member.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := keys[id.XSUsageMaster]; got.Key != master || got.First != master {
+		t.Errorf("stored master key %+v, want %s", got, master)
+	}
+	if got := keys[id.XSUsageSelfSigning]; got.Key != selfSigning || got.First != selfSigning {
+		t.Errorf("stored self-signing key %+v, want %s", got, selfSigning)
+	}
+	for _, sig := range []struct {
+		what           string
+		signed, signer id.Ed25519
+	}{
+		{"the device by itself", deviceKey, deviceKey},
+		{"the device by the self-signing key", deviceKey, selfSigning},
+		{"the self-signing key by the master key", selfSigning, master},
+		{"the master key by the device", master, deviceKey},
+	} {
+		if ok, err := fresh.IsKeySignedBy(ctx, r.member.ID, sig.signed, r.member.ID, sig.signer); !ok || err != nil {
+			t.Errorf("%s: stored %v, %v", sig.what, ok, err)
+		}
+	}
+}
