@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -193,4 +194,70 @@ func keysOf(m map[string]json.RawMessage) []string {
 		out = append(out, k)
 	}
 	return out
+}
+
+// TestNewIdentityStoredInThreeStatements: a new ghost's identity is stored in three statements (its private
+// keys, the signatures of its publication and of its device, the markers of both steps); when signing the device
+// fails, the publication's marker is stored all the same, so the retry signs the device without publishing the
+// identity again, and a member's client then sees the device cross-signed by its owner.
+func TestNewIdentityStoredInThreeStatements(t *testing.T) {
+	for name, failSigning := range map[string]bool{"clean": false, "signing fails once": true} {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var published, signed atomic.Int32
+			opts := fakehs.Options{CrossSigningUIA: true}
+			opts.BeforeRequest = func(route string, _ []byte) {
+				switch route {
+				case "POST /_matrix/client/v3/keys/device_signing/upload":
+					published.Add(1)
+				case "POST /_matrix/client/v3/keys/signatures/upload":
+					signed.Add(1)
+				}
+			}
+			r := newASRig(t, opts, "")
+			log := &writeLog{DatabaseLogger: r.db.Log}
+			r.db.Log = log
+			if err := r.m.Init(ctx); err != nil {
+				t.Fatal(err)
+			}
+			r.m.Start(ctx)
+			defer r.m.Stop()
+			if failSigning {
+				fail := &failOnce{next: r.srv.Client().Transport, suffix: "/keys/signatures/upload"}
+				r.m.NewUserClient = func(u id.UserID) *mautrix.Client {
+					cli := r.asClient(t, u)
+					cli.Client = &http.Client{Transport: fail}
+					return cli
+				}
+			}
+			published.Store(0)
+			signed.Store(0)
+			log.take()
+			err := r.m.PrepareSender(ctx, r.ghost)
+			if failSigning {
+				if err == nil {
+					t.Fatal("the failed signature upload did not reach the set-up")
+				}
+				err = r.m.PrepareSender(ctx, r.ghost)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			writes := log.take("crypto_secrets", "crypto_cross_signing_signatures")
+			if want := 3; !failSigning && len(writes) != want {
+				t.Errorf("the identity was stored in %d statements, want %d:\n%s", len(writes), want, strings.Join(writes, "\n"))
+			}
+			if n := published.Load(); n != 1 {
+				t.Errorf("the identity was published %d times, want once", n)
+			}
+			if n := signed.Load(); n != 1 { // the failed upload is answered before it reaches the server
+				t.Errorf("%d signature uploads reached the server, want 1", n)
+			}
+			sent := r.sendAs(t, r.ghost, "after the set-up")
+			if trust := r.memberReads(t, sent, "after the set-up"); trust != id.TrustStateCrossSignedTOFU {
+				t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+			}
+		})
+	}
 }

@@ -47,46 +47,62 @@ func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ss
 	if err != nil {
 		return fmt.Errorf("failed to read the publication marker: %w", err)
 	}
-	republish := published != master.String() || (serverMaster != "" && serverMaster != master)
-	if republish {
-		// The identity's three signatures are stored in one statement once it is published.
-		bctx, batch := withTrustBatch(ctx)
-		err = m.publishIdentity(bctx, d, sec, keys)
-		if flushErr := batch.flush(ctx); err == nil {
-			err = flushErr
+	// The steps' signatures are stored in one statement, then the markers of the steps done in another, whether
+	// or not a later step failed: a marker is only ever written after what it stands for.
+	bctx, batch := withTrustBatch(ctx)
+	var markers []id.Secret
+	var values []string
+	settle := func(err error) error {
+		if flushErr := batch.flush(ctx); flushErr != nil {
+			return errors.Join(err, flushErr)
 		}
+		if len(markers) > 0 {
+			if putErr := sec.PutSecrets(ctx, markers, values); putErr != nil {
+				return errors.Join(err, fmt.Errorf("failed to store the identity's markers: %w", putErr))
+			}
+		}
+		return err
+	}
+	if published != master.String() || (serverMaster != "" && serverMaster != master) {
+		withoutUIA, err := m.publishIdentity(bctx, d, sec, keys)
 		if err != nil {
-			return err
+			return settle(err)
 		}
-		if err = sec.PutSecret(ctx, secretPublishedMaster, master.String()); err != nil {
-			return fmt.Errorf("failed to store the publication marker: %w", err)
+		// A device signed by the identity this replaces is signed again (before the new marker is written).
+		if err = sec.DeleteSecret(ctx, secretSignedDevice); err != nil {
+			return settle(fmt.Errorf("failed to forget the device signature marker: %w", err))
 		}
-		_ = sec.DeleteSecret(ctx, secretSignedDevice)
+		markers, values = append(markers, secretPublishedMaster), append(values, master.String())
+		if withoutUIA {
+			markers, values = append(markers, secretPublishedWithoutUIA), append(values, "yes")
+		}
 	}
 	if ssss {
 		if err = m.ensureSecretStorage(ctx, d, sec, keys); err != nil {
-			return err
+			return settle(err)
 		}
 	}
 	signed, err := sec.GetSecret(ctx, secretSignedDevice)
 	if err != nil {
-		return fmt.Errorf("failed to read the device signature marker: %w", err)
-	} else if signed != string(d.client.DeviceID) {
-		if err = signDevice(ctx, d); err != nil {
-			return err
-		}
-		if err = sec.PutSecret(ctx, secretSignedDevice, string(d.client.DeviceID)); err != nil {
-			return fmt.Errorf("failed to store the device signature marker: %w", err)
-		}
-		m.waitSignatureServed(ctx, d)
+		return settle(fmt.Errorf("failed to read the device signature marker: %w", err))
+	} else if signed == string(d.client.DeviceID) {
+		return settle(nil)
 	}
+	if err = signDevice(bctx, d); err != nil {
+		return settle(err)
+	}
+	markers, values = append(markers, secretSignedDevice), append(values, string(d.client.DeviceID))
+	if err = settle(nil); err != nil {
+		return err
+	}
+	m.waitSignatureServed(ctx, d)
 	return nil
 }
 
 // signDevice signs d's device with the self-signing key and the master key with the device, uploads both in one
-// request and stores both in one statement. The device's keys are the ones its account uploaded (mautrix's device
-// upload: its Curve25519 and Ed25519 keys, Megolm and Olm), so they are built here instead of read back from the
-// homeserver: a signature is made only over keys ferry holds.
+// request and stores both (in ctx's trust batch, if any). The device's keys are the ones its account uploaded
+// (mautrix's device upload: its Curve25519 and Ed25519 keys, Megolm and Olm), so they are built here instead of
+// read back from the homeserver: a signature is made only over keys ferry holds.
 func signDevice(ctx context.Context, d *device) error {
 	keys, account := d.mach.CrossSigningKeys, d.mach.GetAccount()
 	if keys == nil || keys.SelfSigningKey == nil || keys.MasterKey == nil {
@@ -128,16 +144,15 @@ func signDevice(ctx context.Context, d *device) error {
 	} else if len(resp.Failures) > 0 {
 		return fmt.Errorf("failed to upload the device's cross-signing signatures: %w: %+v", crypto.ErrSignatureUploadFail, resp.Failures)
 	}
-	bctx, batch := withTrustBatch(ctx)
 	for _, sig := range []struct {
 		signed, signer id.Ed25519
 		signature      string
 	}{{account.SigningKey(), selfSigning, deviceSig}, {master, account.SigningKey(), masterSig}} {
-		if err = d.mach.CryptoStore.PutSignature(bctx, user, sig.signed, user, sig.signer, sig.signature); err != nil {
+		if err = d.mach.CryptoStore.PutSignature(ctx, user, sig.signed, user, sig.signer, sig.signature); err != nil {
 			return fmt.Errorf("failed to store the device's cross-signing signature: %w", err)
 		}
 	}
-	return batch.flush(ctx)
+	return nil
 }
 
 // signatureServeWait bounds how long a freshly signed device waits for the homeserver to serve its signature.
@@ -165,32 +180,31 @@ func (m *Machine) waitSignatureServed(ctx context.Context, d *device) {
 // publishIdentity uploads the public cross-signing keys. Homeservers that implement MSC4190 or spec v1.17 let
 // appservice users do this without UIA; Dendrite 0.13.8 asks for the account password, which ferry knows only
 // for accounts it registered through the shared-secret API.
-func (m *Machine) publishIdentity(ctx context.Context, d *device, sec *secretCache, keys *crypto.CrossSigningKeysCache) error {
+func (m *Machine) publishIdentity(ctx context.Context, d *device, sec *secretCache, keys *crypto.CrossSigningKeysCache) (withoutUIA bool, err error) {
 	password, err := sec.GetSecret(ctx, secretPassword)
 	if err != nil {
-		return fmt.Errorf("failed to read the account password: %w", err)
+		return false, fmt.Errorf("failed to read the account password: %w", err)
 	}
 	err = d.mach.PublishCrossSigningKeys(ctx, keys, passwordUIA(d.userID, password))
 	if err == nil && password == "" {
 		// Published without any password: the homeserver lets a user set up cross-signing the first time
-		// without UIA (Synapse), or lets the appservice skip it (MSC4190). Remembered, so a restart knows it.
+		// without UIA (Synapse), or lets the appservice skip it (MSC4190). Remembered (the caller stores the
+		// marker), so a restart knows it.
 		m.publishedWithoutUIA.Store(true)
-		if err = sec.PutSecret(ctx, secretPublishedWithoutUIA, "yes"); err != nil {
-			return fmt.Errorf("failed to store the publication marker: %w", err)
-		}
+		return true, nil
 	}
 	var httpErr mautrix.HTTPError
 	if err != nil && password == "" && errors.As(err, &httpErr) && httpErr.IsStatus(http.StatusUnauthorized) {
 		// The server wants the password, and the account has none ferry knows: set one, then try again.
 		if password, err = m.provisionPassword(ctx, d.userID, sec); err != nil {
-			return err
+			return false, err
 		}
 		err = d.mach.PublishCrossSigningKeys(ctx, keys, passwordUIA(d.userID, password))
 	}
 	if err != nil {
-		return fmt.Errorf("failed to publish cross-signing keys: %w", err)
+		return false, fmt.Errorf("failed to publish cross-signing keys: %w", err)
 	}
-	return nil
+	return false, nil
 }
 
 // ensureSecretStorage puts the cross-signing private keys into the account's secret storage (SSSS) under a
