@@ -334,7 +334,7 @@ func (d *device) devicesOf(ctx context.Context, users []id.UserID) (map[id.UserI
 	if len(fetch) > 0 {
 		bctx, batch := withTrustBatch(ctx)
 		fetched, err := d.mach.FetchKeys(bctx, fetch, true)
-		if flushErr := batch.flush(ctx); err == nil && flushErr != nil {
+		if flushErr := batch.finish(ctx); err == nil && flushErr != nil {
 			err = flushErr
 		}
 		if err != nil {

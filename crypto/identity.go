@@ -53,7 +53,7 @@ func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ss
 	var markers []id.Secret
 	var values []string
 	settle := func(err error) error {
-		if flushErr := batch.flush(ctx); flushErr != nil {
+		if flushErr := batch.finish(ctx); flushErr != nil {
 			return errors.Join(err, flushErr)
 		}
 		if len(markers) > 0 {

@@ -566,7 +566,7 @@ func (m *Machine) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, 
 	// A sender ferry meets for the first time has their keys fetched here: stored in a statement per kind.
 	bctx, batch := withTrustBatch(ctx)
 	dec, err := m.bot.mach.DecryptMegolmEvent(bctx, evt)
-	if flushErr := batch.flush(ctx); flushErr != nil {
+	if flushErr := batch.finish(ctx); flushErr != nil {
 		return nil, flushErr
 	}
 	switch {

@@ -20,10 +20,11 @@ import (
 // Only writes through a context from withTrustBatch are collected, and only the cachedStore that first added to
 // a batch writes it.
 type trustBatch struct {
-	lock  sync.Mutex
-	store *cachedStore
-	sigs  []batchedSignature
-	keys  []batchedKey
+	lock   sync.Mutex
+	store  *cachedStore
+	sigs   []batchedSignature
+	keys   []batchedKey
+	closed bool // finished: later writes through the context are the callers' own
 }
 
 type batchedSignature struct {
@@ -40,7 +41,8 @@ type batchedKey struct {
 
 type trustBatchKey struct{}
 
-// withTrustBatch returns a context whose cross-signing writes through a cachedStore wait for batch.flush.
+// withTrustBatch returns a context whose cross-signing writes through a cachedStore wait for the batch's flush
+// (or finish).
 func withTrustBatch(ctx context.Context) (context.Context, *trustBatch) {
 	b := &trustBatch{}
 	return context.WithValue(ctx, trustBatchKey{}, b), b
@@ -51,9 +53,12 @@ func trustBatchFrom(ctx context.Context) *trustBatch {
 	return b
 }
 
-// joinLocked reports whether s may add to the batch (the first store to add owns it). Callers hold b.lock.
+// joinLocked reports whether s may add to the batch (the first store to add owns it, until the batch is
+// finished). Callers hold b.lock.
 func (b *trustBatch) joinLocked(s *cachedStore) bool {
-	if b.store == nil {
+	if b.closed {
+		return false
+	} else if b.store == nil {
 		b.store = s
 	}
 	return b.store == s
@@ -151,6 +156,15 @@ func (b *trustBatch) flush(ctx context.Context) error {
 		return fmt.Errorf("failed to store %d cross-signing signatures: %w", len(order), err)
 	}
 	return nil
+}
+
+// finish writes what the batch holds and closes it: a write through its context after this (by something the
+// step left running) is written at once, as without a batch.
+func (b *trustBatch) finish(ctx context.Context) error {
+	b.lock.Lock()
+	b.closed = true
+	b.lock.Unlock()
+	return b.flush(ctx)
 }
 
 // flushFor writes ctx's batch, if s has one there, before a read or write that depends on it.

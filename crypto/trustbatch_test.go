@@ -206,6 +206,16 @@ func TestTrustBatchKeys(t *testing.T) {
 			if s := stored(); s != want || got != want {
 				t.Errorf("answered %s in the batch, stored %s after it; want %s", got, s, want)
 			}
+
+			// Once finished, a write through the batch's context (something the step left running) is written
+			// at once.
+			if err = batch.finish(ctx); err != nil {
+				t.Fatal(err)
+			}
+			counter.n.Store(0)
+			if err = store.PutCrossSigningKey(bctx, user, id.XSUsageUserSigning, k1); err != nil || counter.n.Load() != 1 {
+				t.Errorf("a write after the batch finished: %v, %d statements, want written at once", err, counter.n.Load())
+			}
 		})
 	}
 }
