@@ -88,8 +88,7 @@ func (s *cachedStore) putDevices(ctx context.Context, userID id.UserID, devices 
 
 // devicesWritten ends a write of user's device list that began at since (trustWrite). A device list changes no
 // cross-signing key or signature, so those stay cached; the devices found by key are replaced by what the write
-// stored when it committed on its own and no other write about user overlapped it (devices it no longer lists
-// are then marked deleted, as the store marks them), and dropped otherwise.
+// stored when it committed on its own and no other write about user overlapped it, and dropped otherwise.
 func (c *storeCache) devicesWritten(user id.UserID, since uint64, done bool, stored []*id.Device) {
 	c.lock.Lock()
 	defer c.lock.Unlock()
@@ -102,7 +101,12 @@ func (c *storeCache) devicesWritten(user id.UserID, since uint64, done bool, sto
 		}
 		return
 	}
-	t = c.entryLocked(user)
+	c.entryLocked(user).devicesStored(stored)
+}
+
+// devicesStored applies a committed write of the user's device list, which stored these rows: the devices it no
+// longer lists are marked deleted, as the store marks them.
+func (t *cachedTrust) devicesStored(stored []*id.Device) {
 	listed := make(map[id.DeviceID]bool, len(stored))
 	for _, d := range stored {
 		listed[d.DeviceID] = true

@@ -110,6 +110,8 @@ type Machine struct {
 	// publishedWithoutUIA: the homeserver accepted a cross-signing identity without a password (first-time setup
 	// without UIA, or MSC4190), so ghosts can be cross-signed on the login path without passwords too.
 	publishedWithoutUIA atomic.Bool
+	// refetchKeys holds the senders whose key fetch during a decryption failed to be stored (Decrypt).
+	refetchKeys sync.Map
 	// asMode is the effective encryption.appservice: true while ferry's devices are created through the
 	// appservice (MSC4190) and get their to-device events in transactions; Init turns it off when the
 	// homeserver does not offer MSC4190 (see login). Read by the transaction handler, hence atomic.
@@ -563,11 +565,24 @@ func (m *Machine) DeviceID() id.DeviceID { return m.client.DeviceID }
 // Decrypt decrypts a Megolm event received by the bot. A missing session is ErrKeyMissing; a sending device
 // below encryption.receive_min_trust is ErrUntrustedSender.
 func (m *Machine) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
-	// A sender ferry meets for the first time has their keys fetched here: stored in a statement per kind.
+	// A sender ferry meets for the first time has their keys fetched here; what the fetch stores is written
+	// together, all or nothing (trustBatch).
 	bctx, batch := withTrustBatch(ctx)
+	_, again := m.refetchKeys.Load(evt.Sender)
+	if again {
+		// mautrix fetches a sender's keys once per device key and machine: after a fetch whose writes failed
+		// (nothing of it stored), ferry fetches them again itself.
+		if _, err := m.bot.mach.FetchKeys(bctx, []id.UserID{evt.Sender}, true); err != nil {
+			_ = batch.finish(ctx)
+			return nil, fmt.Errorf("failed to fetch the keys of %s again: %w", evt.Sender, err)
+		}
+	}
 	dec, err := m.bot.mach.DecryptMegolmEvent(bctx, evt)
 	if flushErr := batch.finish(ctx); flushErr != nil {
+		m.refetchKeys.Store(evt.Sender, struct{}{})
 		return nil, flushErr
+	} else if again {
+		m.refetchKeys.Delete(evt.Sender)
 	}
 	switch {
 	case errors.Is(err, crypto.ErrNoSessionFound):

@@ -104,18 +104,12 @@ func sqlPutSignatures(n int) string {
 	return sqlPutSignaturesHead + placeholders(1, n, sqlPutSignaturesRowWidth) + sqlPutSignaturesTail
 }
 
-// Cross-signing keys written several in one statement (trustBatch), as the store's PutCrossSigningKey writes
-// each: a new row's first seen key is its key, an existing row keeps its own.
+// Cross-signing keys written several in one statement (trustBatch's, with its own placeholders), as the store's
+// PutCrossSigningKey writes each: a new row's first seen key is its key, an existing row keeps its own.
 const (
-	sqlPutCrossSigningKeysHead     = `INSERT INTO crypto_cross_signing_keys (user_id, usage, key, first_seen_key) VALUES `
-	sqlPutCrossSigningKeysTail     = ` ON CONFLICT (user_id, usage) DO UPDATE SET key=excluded.key`
-	sqlPutCrossSigningKeysRowWidth = 4
+	sqlPutCrossSigningKeysHead = `INSERT INTO crypto_cross_signing_keys (user_id, usage, key, first_seen_key) VALUES `
+	sqlPutCrossSigningKeysTail = ` ON CONFLICT (user_id, usage) DO UPDATE SET key=excluded.key`
 )
-
-// sqlPutCrossSigningKeys upserts n cross-signing keys (user_id, usage, key, first_seen_key each).
-func sqlPutCrossSigningKeys(n int) string {
-	return sqlPutCrossSigningKeysHead + placeholders(1, n, sqlPutCrossSigningKeysRowWidth) + sqlPutCrossSigningKeysTail
-}
 
 // sqlPutSecrets upserts n secrets (account_id, name, secret each).
 func sqlPutSecrets(n int) string {

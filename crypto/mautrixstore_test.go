@@ -46,7 +46,6 @@ func TestMautrixStoreStatements(t *testing.T) {
 	olmRow := []any{"acct", "sess", "key", []byte("pickle"), now, now, now}
 	statements[sqlSaveOlmSessions(1)] = olmRow
 	statements[sqlPutSecrets(n)] = []any{"acct", "a", []byte("1"), "acct", "b", []byte("2")}
-	statements[sqlPutCrossSigningKeys(n)] = []any{"@u:x", "master", "key1", "key1", "@u:x", "self_signing", "key2", "key2"}
 	statements[sqlPutSignatures(n)] = []any{"@u:x", "key1", "@u:x", "signer", "sig", "@u:x", "key2", "@u:x", "signer", "sig"}
 	// The replay index insert as the relay's batch renders it (database.Batch adds the rows' placeholders).
 	replay := ReplayIndexInsert([]ReplayEntry{{SessionID: "sess", Index: 1, EventID: "$event", Timestamp: 1}, {SessionID: "sess", Index: 2, EventID: "$next", Timestamp: 2}})

@@ -316,6 +316,9 @@ func (s *cachedStore) GetSignaturesForKeyBy(ctx context.Context, userID id.UserI
 }
 
 func (s *cachedStore) FindDeviceByKey(ctx context.Context, userID id.UserID, identityKey id.IdentityKey) (*id.Device, error) {
+	if err := s.flushForDevicesOf(ctx, userID); err != nil {
+		return nil, err
+	}
 	s.c.lock.Lock()
 	t, gen := s.c.readTrust(userID)
 	if t != nil {
@@ -343,13 +346,20 @@ func (s *cachedStore) FindDeviceByKey(ctx context.Context, userID id.UserID, ide
 }
 
 func (s *cachedStore) PutDevice(ctx context.Context, userID id.UserID, device *id.Device) error {
+	if err := s.flushForDevicesOf(ctx, userID); err != nil {
+		return err
+	}
 	defer s.c.trustChanged(userID)
 	return s.SQLCryptoStore.PutDevice(ctx, userID, device)
 }
 
 // PutDevices writes through to the cache: on Postgres in one statement (putDevices), which tells the rows as stored;
-// otherwise through mautrix's store, after which the user's devices are read again.
+// otherwise through mautrix's store, after which the user's devices are read again. Through a context of
+// withTrustBatch it only joins the batch, which its flush writes.
 func (s *cachedStore) PutDevices(ctx context.Context, userID id.UserID, devices map[id.DeviceID]*id.Device) error {
+	if b := trustBatchFrom(ctx); b != nil && b.addDevices(s, userID, devices) {
+		return nil
+	}
 	since := s.c.trustWrite()
 	stored, ok, err := s.putDevices(ctx, userID, devices)
 	if !ok {
@@ -357,6 +367,51 @@ func (s *cachedStore) PutDevices(ctx context.Context, userID id.UserID, devices 
 	}
 	s.c.devicesWritten(userID, since, ok && err == nil && s.committed(ctx), stored)
 	return err
+}
+
+// The reads and writes of devices and tracked users below come after ctx's trust batch when it holds a device
+// list they concern.
+
+func (s *cachedStore) GetDevices(ctx context.Context, userID id.UserID) (map[id.DeviceID]*id.Device, error) {
+	if err := s.flushForDevicesOf(ctx, userID); err != nil {
+		return nil, err
+	}
+	return s.SQLCryptoStore.GetDevices(ctx, userID)
+}
+
+func (s *cachedStore) GetDevice(ctx context.Context, userID id.UserID, deviceID id.DeviceID) (*id.Device, error) {
+	if err := s.flushForDevicesOf(ctx, userID); err != nil {
+		return nil, err
+	}
+	return s.SQLCryptoStore.GetDevice(ctx, userID, deviceID)
+}
+
+func (s *cachedStore) FilterTrackedUsers(ctx context.Context, users []id.UserID) ([]id.UserID, error) {
+	if err := s.flushForDevicesOf(ctx, users...); err != nil {
+		return nil, err
+	}
+	return s.SQLCryptoStore.FilterTrackedUsers(ctx, users)
+}
+
+func (s *cachedStore) MarkTrackedUsersOutdated(ctx context.Context, users []id.UserID) error {
+	if err := s.flushForDevicesOf(ctx, users...); err != nil {
+		return err
+	}
+	return s.SQLCryptoStore.MarkTrackedUsersOutdated(ctx, users)
+}
+
+func (s *cachedStore) IncrementTrackedUsersErrorCount(ctx context.Context, users []id.UserID) error {
+	if err := s.flushForDevicesOf(ctx, users...); err != nil {
+		return err
+	}
+	return s.SQLCryptoStore.IncrementTrackedUsersErrorCount(ctx, users)
+}
+
+func (s *cachedStore) GetOutdatedTrackedUsers(ctx context.Context) ([]id.UserID, error) {
+	if err := s.flushForDevicesOf(ctx); err != nil {
+		return nil, err
+	}
+	return s.SQLCryptoStore.GetOutdatedTrackedUsers(ctx)
 }
 
 // committed reports whether a write through ctx commits when it returns (it is not part of a transaction).
