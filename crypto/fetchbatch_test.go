@@ -51,6 +51,19 @@ func (l *writeLog) take(tables ...string) []string {
 	return out
 }
 
+// startASRigLogged is startASRig with the rig's write statements recorded from before the Machine starts.
+func startASRigLogged(ctx context.Context, t *testing.T, opts fakehs.Options) (*asRig, *writeLog) {
+	t.Helper()
+	r := newASRig(t, opts, "")
+	log := &writeLog{DatabaseLogger: r.db.Log}
+	r.db.Log = log
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	return r, log
+}
+
 // TestKeyFetchWritesInFewStatements: the bot meets a new member (its first message): ferry fetches the member's
 // device list, cross-signing keys and signatures and stores them in one statement, where mautrix's store writes a
 // statement and commit each; the member's device is then trusted as cross-signed by its owner, from what was
@@ -58,13 +71,7 @@ func (l *writeLog) take(tables ...string) []string {
 func TestKeyFetchWritesInFewStatements(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	r := newASRig(t, fakehs.Options{CrossSigningUIA: true}, "")
-	log := &writeLog{DatabaseLogger: r.db.Log}
-	r.db.Log = log
-	if err := r.m.Init(ctx); err != nil {
-		t.Fatal(err)
-	}
-	r.m.Start(ctx)
+	r, log := startASRigLogged(ctx, t, fakehs.Options{CrossSigningUIA: true})
 	defer r.m.Stop()
 	tables := []string{"crypto_device", "crypto_tracked_user", "crypto_cross_signing_keys", "crypto_cross_signing_signatures"}
 	log.take()

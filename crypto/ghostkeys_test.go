@@ -17,14 +17,20 @@ import (
 	"go.ferry.im/ferry/internal/fakehs"
 )
 
+// devicePaths are the homeserver options of the two ways a ghost's device is made: through the appservice
+// (MSC4190) and by logging in.
+func devicePaths() map[string]fakehs.Options {
+	return map[string]fakehs.Options{
+		"appservice": {CrossSigningUIA: true},
+		"login":      {NoMSC4190: true, CrossSigningUIA: true, SharedSecret: "asmode-secret"},
+	}
+}
+
 // TestGhostDeviceUploadsFewOneTimeKeys: a ghost's new device uploads ghostOneTimeKeys one-time keys, on both
 // device paths, and still works for what members do with it: their client opens an Olm channel to the ghost's
 // device with one of those keys when it shares its own room key, and reads the ghost's message.
 func TestGhostDeviceUploadsFewOneTimeKeys(t *testing.T) {
-	for name, opts := range map[string]fakehs.Options{
-		"appservice": {CrossSigningUIA: true},
-		"login":      {NoMSC4190: true, CrossSigningUIA: true, SharedSecret: "asmode-secret"},
-	} {
+	for name, opts := range devicePaths() {
 		t.Run(name, func(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
@@ -56,10 +62,7 @@ func TestGhostDeviceUploadsFewOneTimeKeys(t *testing.T) {
 // devices are set up side by side (the rest wait their turn), so that their requests and statements leave the
 // established links' messages room; every one of them is set up in the end.
 func TestGhostSetUpsAreBounded(t *testing.T) {
-	for name, opts := range map[string]fakehs.Options{
-		"appservice": {CrossSigningUIA: true},
-		"login":      {NoMSC4190: true, CrossSigningUIA: true, SharedSecret: "asmode-secret"},
-	} {
+	for name, opts := range devicePaths() {
 		t.Run(name, func(t *testing.T) { ghostSetUpsAreBounded(t, opts) })
 	}
 }
@@ -123,10 +126,7 @@ func ghostSetUpsAreBounded(t *testing.T, opts fakehs.Options) {
 // key by the device, in one signature upload, built from the device's own keys rather than from a query of what the
 // homeserver holds; a member's client sees the device cross-signed by its owner, on both device paths.
 func TestNewGhostSignsItsDeviceInOneRequest(t *testing.T) {
-	for name, opts := range map[string]fakehs.Options{
-		"appservice": {CrossSigningUIA: true},
-		"login":      {NoMSC4190: true, CrossSigningUIA: true, SharedSecret: "asmode-secret"},
-	} {
+	for name, opts := range devicePaths() {
 		t.Run(name, func(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
@@ -215,13 +215,7 @@ func TestNewIdentityStoredInThreeStatements(t *testing.T) {
 					signed.Add(1)
 				}
 			}
-			r := newASRig(t, opts, "")
-			log := &writeLog{DatabaseLogger: r.db.Log}
-			r.db.Log = log
-			if err := r.m.Init(ctx); err != nil {
-				t.Fatal(err)
-			}
-			r.m.Start(ctx)
+			r, log := startASRigLogged(ctx, t, opts)
 			defer r.m.Stop()
 			if failSigning {
 				fail := &failOnce{next: r.srv.Client().Transport, suffix: "/keys/signatures/upload"}

@@ -82,42 +82,37 @@ func (b *trustBatch) joinLocked(s *cachedStore) bool {
 	return b.store == s
 }
 
-// addSignature keeps a signature for flush; false when the caller must write it itself.
-func (b *trustBatch) addSignature(s *cachedStore, sig batchedSignature) bool {
+// add runs keep under the batch's lock when s may add to it; false when the caller must write itself.
+func (b *trustBatch) add(s *cachedStore, keep func()) bool {
 	b.lock.Lock()
 	defer b.lock.Unlock()
 	if !b.joinLocked(s) {
 		return false
 	}
-	b.sigs = append(b.sigs, sig)
+	keep()
 	return true
+}
+
+// addSignature keeps a signature for flush; false when the caller must write it itself.
+func (b *trustBatch) addSignature(s *cachedStore, sig batchedSignature) bool {
+	return b.add(s, func() { b.sigs = append(b.sigs, sig) })
 }
 
 // addKey keeps a cross-signing key for flush; false when the caller must write it itself.
 func (b *trustBatch) addKey(s *cachedStore, k batchedKey) bool {
-	b.lock.Lock()
-	defer b.lock.Unlock()
-	if !b.joinLocked(s) {
-		return false
-	}
-	b.keys = append(b.keys, k)
-	return true
+	return b.add(s, func() { b.keys = append(b.keys, k) })
 }
 
 // addDevices keeps a copy of user's device list for flush; false when the caller must write it itself.
 func (b *trustBatch) addDevices(s *cachedStore, user id.UserID, devices map[id.DeviceID]*id.Device) bool {
-	b.lock.Lock()
-	defer b.lock.Unlock()
-	if !b.joinLocked(s) {
-		return false
-	}
-	cp := make(map[id.DeviceID]*id.Device, len(devices))
-	for k, d := range devices {
-		dev := *d
-		cp[k] = &dev
-	}
-	b.devices = append(b.devices, batchedDevices{user, cp})
-	return true
+	return b.add(s, func() {
+		cp := make(map[id.DeviceID]*id.Device, len(devices))
+		for k, d := range devices {
+			dev := *d
+			cp[k] = &dev
+		}
+		b.devices = append(b.devices, batchedDevices{user, cp})
+	})
 }
 
 // holds reports whether the batch has anything for s to write.

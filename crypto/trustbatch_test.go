@@ -37,6 +37,16 @@ type sigWrite struct {
 	signature  string
 }
 
+// newBatchStore is a ghost account's cached crypto store over db, with mautrix's schema.
+func newBatchStore(ctx context.Context, t *testing.T, db *dbutil.Database) *cachedStore {
+	t.Helper()
+	sql := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "@ghost:x", "", []byte("pickle"))
+	if err := sql.DB.Upgrade(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return &cachedStore{SQLCryptoStore: sql, c: newStoreCache()}
+}
+
 // TestSignatureBatch: the signatures an identity step stores through a batch (mautrix's PutSignature, one
 // statement and commit each) are written when the batch is flushed, all in one statement, and leave the rows the
 // same writes one by one leave (of two signatures of the same key by the same signer, the later one); the trust
@@ -49,11 +59,7 @@ func TestSignatureBatch(t *testing.T) {
 			// Statements are reported to the logger of the database the store's is a child of.
 			counter := &statementCounter{DatabaseLogger: db.Log}
 			db.Log = counter
-			sql := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "@ghost:x", "", []byte("pickle"))
-			if err := sql.DB.Upgrade(ctx); err != nil {
-				t.Fatal(err)
-			}
-			store := &cachedStore{SQLCryptoStore: sql, c: newStoreCache()}
+			store := newBatchStore(ctx, t, db)
 			master, ssk, device := testKey("master"), testKey("ssk"), testKey("device")
 			writes := func(user id.UserID) []sigWrite {
 				return []sigWrite{
@@ -153,11 +159,8 @@ func TestTrustBatchKeys(t *testing.T) {
 			db := dbtest.Open(t, dialect)
 			counter := &allStatements{DatabaseLogger: db.Log}
 			db.Log = counter
-			sql := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "@ghost:x", "", []byte("pickle"))
-			if err := sql.DB.Upgrade(ctx); err != nil {
-				t.Fatal(err)
-			}
-			store := &cachedStore{SQLCryptoStore: sql, c: newStoreCache()}
+			store := newBatchStore(ctx, t, db)
+			sql := store.SQLCryptoStore
 			const user = id.UserID("@member:x")
 			k1, k2, a, b := testKey("k1"), testKey("k2"), testKey("a"), testKey("b")
 			stored := func() string {
