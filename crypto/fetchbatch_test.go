@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/internal/fakehs"
@@ -123,14 +124,9 @@ func TestKeyFetchWritesInFewStatements(t *testing.T) {
 	}
 }
 
-// TestFailedKeyFetchIsFetchedAgain: when storing a new sender's keys fails half-way (the database refuses the
-// cross-signing keys once), nothing of the fetch stays stored: the next decryption fetches the sender's keys again
-// and trusts their device as cross-signed by its owner, instead of finding the device stored without them.
-func TestFailedKeyFetchIsFetchedAgain(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	r := startASRig(ctx, t, fakehs.Options{CrossSigningUIA: true}, "")
-	defer r.m.Stop()
+// failKeysOnce has the rig's database refuse the next write of cross-signing keys, once.
+func failKeysOnce(ctx context.Context, t *testing.T, r *asRig) {
+	t.Helper()
 	for _, q := range []string{
 		`CREATE SEQUENCE fail_keys_once`,
 		`CREATE FUNCTION fail_keys_once() RETURNS trigger AS $$ BEGIN
@@ -142,6 +138,42 @@ func TestFailedKeyFetchIsFetchedAgain(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// TestFailedShareFetchIsFetchedAgain: the same on a ghost's first key share, which fetches the member's keys
+// itself: the failed write fails that message's encryption and stores nothing of the member; the next message
+// fetches the member again, shares its key and reaches the member.
+func TestFailedShareFetchIsFetchedAgain(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r := startASRig(ctx, t, fakehs.Options{CrossSigningUIA: true}, "")
+	defer r.m.Stop()
+	if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+		t.Fatal(err)
+	}
+	failKeysOnce(ctx, t, r)
+	if _, err := r.m.Encrypt(ctx, r.ghost, r.room, event.EventMessage, &event.Content{Parsed: &event.MessageEventContent{MsgType: event.MsgText, Body: "lost"}}); err == nil {
+		t.Fatal("the injected failure did not reach the ghost's first message (test setup)")
+	}
+	var devices int
+	if err := r.db.QueryRow(ctx, `SELECT COUNT(*) FROM crypto_device WHERE user_id=$1`, r.member.ID).Scan(&devices); err != nil {
+		t.Fatal(err)
+	} else if devices != 0 {
+		t.Errorf("after the failed fetch %d of the member's devices are stored, want none", devices)
+	}
+	sent := r.sendAs(t, r.ghost, "after the failure")
+	r.memberReads(t, sent, "after the failure")
+}
+
+// TestFailedKeyFetchIsFetchedAgain: when storing a new sender's keys fails half-way (the database refuses the
+// cross-signing keys once), nothing of the fetch stays stored: the next decryption fetches the sender's keys again
+// and trusts their device as cross-signed by its owner, instead of finding the device stored without them.
+func TestFailedKeyFetchIsFetchedAgain(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r := startASRig(ctx, t, fakehs.Options{CrossSigningUIA: true}, "")
+	defer r.m.Stop()
+	failKeysOnce(ctx, t, r)
 	msg := r.memberSends(t, "first words")
 	if err := r.m.HandleTransactionCrypto(ctx, r.srv.TakeAppserviceTransaction()); err != nil {
 		t.Fatal(err)
