@@ -353,20 +353,14 @@ func (s *cachedStore) PutDevice(ctx context.Context, userID id.UserID, device *i
 	return s.SQLCryptoStore.PutDevice(ctx, userID, device)
 }
 
-// PutDevices writes through to the cache: on Postgres in one statement (putDevices), which tells the rows as stored;
-// otherwise through mautrix's store, after which the user's devices are read again. Through a context of
-// withTrustBatch it only joins the batch, which its flush writes.
+// PutDevices writes through to the cache as a trust batch's flush does (on Postgres in one statement, which tells
+// the rows as stored; otherwise through mautrix's store, after which the user's devices are read again). Through a
+// context of withTrustBatch it only joins the batch.
 func (s *cachedStore) PutDevices(ctx context.Context, userID id.UserID, devices map[id.DeviceID]*id.Device) error {
 	if b := trustBatchFrom(ctx); b != nil && b.addDevices(s, userID, devices) {
 		return nil
 	}
-	since := s.c.trustWrite()
-	stored, ok, err := s.putDevices(ctx, userID, devices)
-	if !ok {
-		err = s.SQLCryptoStore.PutDevices(ctx, userID, devices)
-	}
-	s.c.devicesWritten(userID, since, ok && err == nil && s.committed(ctx), stored)
-	return err
+	return s.writeTrust(ctx, []batchedDevices{{userID, devices}}, nil, nil)
 }
 
 // The reads and writes of devices and tracked users below come after ctx's trust batch when it holds a device
@@ -434,6 +428,31 @@ func (s *cachedStore) putCrossSigningKey(ctx context.Context, userID id.UserID, 
 	err := s.SQLCryptoStore.PutCrossSigningKey(ctx, userID, usage, key)
 	s.c.trustWritten(userID, since, err == nil && s.committed(ctx), func(t *cachedTrust) { t.keyWritten(usage, key) })
 	return err
+}
+
+// devicesStored applies a committed write of the user's device list, which stored these rows: the devices it no
+// longer lists are marked deleted, as the store marks them.
+func (t *cachedTrust) devicesStored(stored []*id.Device) {
+	listed := make(map[id.DeviceID]bool, len(stored))
+	for _, d := range stored {
+		listed[d.DeviceID] = true
+	}
+	byKey := make(map[id.IdentityKey]*id.Device, len(stored)+len(t.devByKey))
+	for key, d := range t.devByKey {
+		if !listed[d.DeviceID] {
+			cp := *d
+			cp.Deleted = true
+			byKey[key] = &cp
+		}
+	}
+	for _, d := range stored {
+		if _, twice := byKey[d.IdentityKey]; twice {
+			t.devByKey = nil // two devices with one key: the store's answer is not known
+			return
+		}
+		byKey[d.IdentityKey] = d
+	}
+	t.devByKey = byKey
 }
 
 // keyWritten applies a committed write of a cross-signing key to the entry, when its keys were read.

@@ -204,6 +204,10 @@ func (s *cachedStore) flushForDevicesOf(ctx context.Context, users ...id.UserID)
 	return nil
 }
 
+// maxPutDevices bounds the devices of one user that writeTrust writes in its one statement (mautrix writes 100 a
+// statement); a longer list goes through mautrix's transaction.
+const maxPutDevices = 100
+
 // userTrustWrite is what one write of a batch changed about one user, for the trust cache.
 type userTrustWrite struct {
 	devices bool         // a device list was written
