@@ -41,10 +41,8 @@ func (s *Server) keyChangedLocked(user id.UserID) {
 	s.stream++
 	s.keyChanges = append(s.keyChanges, keyChange{pos: s.stream, user: user})
 	s.markPushLocked("")
-	for _, acc := range s.accounts {
-		for _, dev := range acc.devices {
-			dev.wake()
-		}
+	for dev := range s.waiting {
+		s.wakeLocked(dev)
 	}
 }
 
@@ -193,7 +191,7 @@ func (s *Server) postKeysClaim(w http.ResponseWriter, r *http.Request, _ caller)
 			}
 			out[user][devID] = map[string]json.RawMessage{key.id: key.raw}
 			dev.otkDirty = true
-			dev.wake()
+			s.wakeLocked(dev)
 			s.markPushLocked(user)
 		}
 	}
@@ -367,7 +365,7 @@ func (s *Server) putSendToDevice(w http.ResponseWriter, r *http.Request, c calle
 				}
 				s.stream++
 				dev.inbox = append(dev.inbox, queuedToDevice{pos: s.stream, raw: raw})
-				dev.wake()
+				s.wakeLocked(dev)
 				s.markPushLocked(user)
 			}
 		}
@@ -442,7 +440,7 @@ func (s *Server) getSync(w http.ResponseWriter, r *http.Request, c caller) {
 			writeJSON(w, http.StatusOK, resp)
 			return
 		}
-		notify := dev.notify
+		notify := s.notifyLocked(dev)
 		s.mu.Unlock()
 		if !s.waitSync(w, r, notify, deadline) {
 			return

@@ -169,6 +169,10 @@ type Server struct {
 	// pushUsers (guarded by mu) are the appservice users whose devices changed since the last pushed transaction
 	// (PushEncryption).
 	pushUsers map[id.UserID]struct{}
+	// waiting (guarded by mu) are the devices a /sync is waiting on (their notify channel is open), so that a key
+	// change wakes those instead of walking every device of every account, as a homeserver wakes only the
+	// connected syncers.
+	waiting map[*device]struct{}
 }
 
 // session is who an access token belongs to.
@@ -200,7 +204,8 @@ type device struct {
 	inbox       []queuedToDevice
 	// otkDirty: a key was claimed since the last /sync answer, so the next one reports the new count.
 	otkDirty bool
-	// notify is closed (and replaced) whenever something a /sync waiter cares about happens.
+	// notify, made when a /sync waits on the device (Server.notifyLocked), is closed and cleared whenever
+	// something a waiter cares about happens (Server.wakeLocked).
 	notify chan struct{}
 }
 
@@ -250,6 +255,7 @@ func New(opts Options) *Server {
 		eventIDs:     make(map[id.EventID]struct{}),
 		unrecognized: make(map[string]int64),
 		nonces:       make(map[string]struct{}),
+		waiting:      make(map[*device]struct{}),
 	}
 	mux := http.NewServeMux()
 	s.routes(mux)
@@ -876,13 +882,26 @@ func (s *Server) loginLocked(acc *account, devID id.DeviceID) (id.DeviceID, stri
 }
 
 func newDevice(devID id.DeviceID) *device {
-	return &device{id: devID, notify: make(chan struct{})}
+	return &device{id: devID}
 }
 
-// wake tells /sync waiters of a device that something changed. s.mu must be held.
-func (d *device) wake() {
+// notifyLocked is the channel a /sync of d waits on: closed when something changes for d. s.mu must be held.
+func (s *Server) notifyLocked(d *device) <-chan struct{} {
+	if d.notify == nil {
+		d.notify = make(chan struct{})
+		s.waiting[d] = struct{}{}
+	}
+	return d.notify
+}
+
+// wakeLocked tells /sync waiters of a device that something changed. s.mu must be held.
+func (s *Server) wakeLocked(d *device) {
+	if d.notify == nil {
+		return
+	}
 	close(d.notify)
-	d.notify = make(chan struct{})
+	d.notify = nil
+	delete(s.waiting, d)
 }
 
 // EventID derives a deterministic room-version-4 style event ID from its parts.
