@@ -14,16 +14,22 @@ import (
 	"go.ferry.im/ferry/internal/fakehs"
 )
 
-// writeLog records the write statements a database runs, by the first words of each.
+// writeLog records the write statements a database runs, by the first words of each, and its reads apart.
 type writeLog struct {
 	dbutil.DatabaseLogger
 	lock   sync.Mutex
 	writes []string
+	reads  []string
 }
 
 func (l *writeLog) QueryTiming(_ context.Context, method, query string, _ []any, _ int, _ time.Duration, _ error) {
 	q := strings.Join(strings.Fields(query), " ")
-	if method == "EndRows" || method == "<Transaction>" || strings.HasPrefix(q, "SELECT") {
+	if method == "EndRows" || method == "<Transaction>" {
+		return
+	} else if strings.HasPrefix(q, "SELECT") {
+		l.lock.Lock()
+		l.reads = append(l.reads, q)
+		l.lock.Unlock()
 		return
 	}
 	if method == "Begin" || method == "Commit" || method == "Rollback" {
@@ -49,6 +55,20 @@ func (l *writeLog) take(tables ...string) []string {
 		}
 	}
 	l.writes = nil
+	return out
+}
+
+// takeReads returns the reads since the last takeReads that read table.
+func (l *writeLog) takeReads(table string) []string {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	var out []string
+	for _, r := range l.reads {
+		if strings.Contains(r, "FROM "+table+" ") {
+			out = append(out, r[:min(len(r), 60)])
+		}
+	}
+	l.reads = nil
 	return out
 }
 

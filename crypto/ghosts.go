@@ -138,6 +138,9 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 	deviceID, err := store.FindDeviceID(ctx)
 	if err != nil {
 		return nil, false, fmt.Errorf("failed to read the ghost's device: %w", err)
+	} else if deviceID == "" {
+		// No account stored, so no outbound session either (they are stored after it and deleted with it).
+		m.cache.markFreshOutbound(store.AccountID)
 	}
 	if !m.asMode.Load() && !m.publishedWithoutUIA.Load() {
 		// Without MSC4190 the cross-signing upload needs the password (unless the homeserver accepted the bot's

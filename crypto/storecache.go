@@ -49,11 +49,19 @@ type storeCache struct {
 	pending   []ReplayEntry
 
 	outboundLock sync.Mutex
+	// outboundGen counts changes of stored outbound sessions; outboundRoom holds the count at a room's last
+	// change and outboundAll at the last change of every room, so that what was read from the store (or written
+	// to it) while its room changed is not kept (outboundStaleLocked).
 	outboundGen  uint64
+	outboundAll  uint64
+	outboundRoom map[id.RoomID]uint64
 	outbound     map[outboundKey]*outboundEntry
 	// noOutbound holds accounts and rooms known to have no outbound session in the store: a new ghost's first
 	// message in a room asks three times before its first session is created.
 	noOutbound map[outboundKey]struct{}
+	// freshOutbound holds the accounts created by this process that have not added an outbound session yet: none
+	// is stored for them in any room.
+	freshOutbound map[string]struct{}
 
 	// successors shared ahead of time (preshare.go)
 	preLock sync.Mutex
@@ -712,6 +720,10 @@ func (s *cachedStore) GetOutboundGroupSession(ctx context.Context, roomID id.Roo
 		s.c.outboundLock.Unlock()
 		return nil, nil
 	}
+	if _, fresh := s.c.freshOutbound[s.AccountID]; fresh && e == nil {
+		s.c.outboundLock.Unlock()
+		return nil, nil
+	}
 	if e != nil {
 		// Expired: write its final state so that the share path (which reads the store) sees it expired too.
 		delete(s.c.outbound, k)
@@ -729,7 +741,7 @@ func (s *cachedStore) GetOutboundGroupSession(ctx context.Context, roomID id.Roo
 	sess, err := s.SQLCryptoStore.GetOutboundGroupSession(ctx, roomID)
 	if err == nil && sess == nil {
 		s.c.outboundLock.Lock()
-		if s.c.outboundGen == gen {
+		if !s.c.outboundStaleLocked(roomID, gen) {
 			if s.c.noOutbound == nil || len(s.c.noOutbound) >= maxNoOutbound {
 				s.c.noOutbound = make(map[outboundKey]struct{})
 			}
@@ -742,7 +754,7 @@ func (s *cachedStore) GetOutboundGroupSession(ctx context.Context, roomID id.Roo
 	}
 	s.c.outboundLock.Lock()
 	defer s.c.outboundLock.Unlock()
-	if s.c.outboundGen != gen {
+	if s.c.outboundStaleLocked(roomID, gen) {
 		return sess, nil
 	}
 	if cur := s.c.outbound[k]; cur != nil {
@@ -767,9 +779,43 @@ func (s *cachedStore) UpdateOutboundGroupSession(ctx context.Context, sess *cryp
 	return s.SQLCryptoStore.UpdateOutboundGroupSession(ctx, sess)
 }
 
+// AddOutboundGroupSession stores a session as the account's in its room. A shared one (the session a share has
+// just sent, which the next message encrypts with) is kept in memory as stored, unless its room changed while it
+// was written; others are forgotten, to be read again.
 func (s *cachedStore) AddOutboundGroupSession(ctx context.Context, sess *crypto.OutboundGroupSession) error {
-	defer s.c.outboundChanged(s.AccountID, sess.RoomID)
-	return s.SQLCryptoStore.AddOutboundGroupSession(ctx, sess)
+	k := outboundKey{s.AccountID, sess.RoomID}
+	s.c.outboundLock.Lock()
+	delete(s.c.freshOutbound, s.AccountID)
+	gen := s.c.outboundGen
+	s.c.outboundLock.Unlock()
+	err := s.SQLCryptoStore.AddOutboundGroupSession(ctx, sess)
+	s.c.outboundLock.Lock()
+	defer s.c.outboundLock.Unlock()
+	keep := err == nil && sess.Shared && !sess.Expired() && !s.c.outboundStaleLocked(sess.RoomID, gen)
+	s.c.outboundChangedLocked(s.AccountID, sess.RoomID)
+	if keep {
+		if s.c.outbound == nil {
+			s.c.outbound = make(map[outboundKey]*outboundEntry)
+		}
+		s.c.outbound[k] = &outboundEntry{sess: sess, store: s.SQLCryptoStore}
+	}
+	return err
+}
+
+// markFreshOutbound records that account was created by this process: it has no outbound session stored.
+func (c *storeCache) markFreshOutbound(account string) {
+	c.outboundLock.Lock()
+	defer c.outboundLock.Unlock()
+	if c.freshOutbound == nil || len(c.freshOutbound) >= maxNoOutbound {
+		c.freshOutbound = make(map[string]struct{})
+	}
+	c.freshOutbound[account] = struct{}{}
+}
+
+// outboundStaleLocked tells whether room's stored outbound sessions changed since the change count was since.
+// c.outboundLock must be held.
+func (c *storeCache) outboundStaleLocked(room id.RoomID, since uint64) bool {
+	return c.outboundAll > since || c.outboundRoom[room] > since
 }
 
 // RemoveOutboundGroupSession removes the account's session in a room; any successor prepared in the room is
@@ -798,7 +844,20 @@ func (c *storeCache) cachedOutbound(k outboundKey) *crypto.OutboundGroupSession 
 func (c *storeCache) outboundChanged(account string, room id.RoomID) {
 	c.outboundLock.Lock()
 	defer c.outboundLock.Unlock()
-	c.outboundGen++
+	c.outboundChangedLocked(account, room)
+}
+
+// outboundChangedLocked is outboundChanged with c.outboundLock held.
+func (c *storeCache) outboundChangedLocked(account string, room id.RoomID) {
+	c.noteOutboundLocked(room)
+	if room == "" {
+		clear(c.freshOutbound)
+	}
+	if account != "" && room != "" {
+		delete(c.outbound, outboundKey{account, room})
+		delete(c.noOutbound, outboundKey{account, room})
+		return
+	}
 	for k := range c.outbound {
 		if (room == "" || k.room == room) && (account == "" || k.account == account) {
 			delete(c.outbound, k)
@@ -809,6 +868,22 @@ func (c *storeCache) outboundChanged(account string, room id.RoomID) {
 			delete(c.noOutbound, k)
 		}
 	}
+}
+
+// noteOutboundLocked counts a change of room's stored outbound sessions (of every room when room is "").
+// c.outboundLock must be held.
+func (c *storeCache) noteOutboundLocked(room id.RoomID) {
+	c.outboundGen++
+	if room == "" {
+		c.outboundAll = c.outboundGen
+		return
+	}
+	if c.outboundRoom == nil || len(c.outboundRoom) >= maxNoOutbound {
+		// Starting the map again forgets when its rooms changed: count that as a change of every room.
+		c.outboundRoom = make(map[id.RoomID]uint64)
+		c.outboundAll = c.outboundGen
+	}
+	c.outboundRoom[room] = c.outboundGen
 }
 
 // flushOutbound writes the state of every cached outbound session that encrypted since it was last written.
@@ -840,7 +915,7 @@ func (c *storeCache) flushOutbound(ctx context.Context) error {
 // inbound copies of every account.
 func (c *storeCache) forgetSession(room id.RoomID, session id.SessionID) {
 	c.outboundLock.Lock()
-	c.outboundGen++
+	c.noteOutboundLocked(room)
 	for k, e := range c.outbound {
 		if k.room == room && e.sess.ID() == session {
 			delete(c.outbound, k)

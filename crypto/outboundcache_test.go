@@ -1,0 +1,157 @@
+package crypto
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"go.ferry.im/ferry/database/dbtest"
+	"go.ferry.im/ferry/internal/fakehs"
+)
+
+// TestNewGhostReadsNoOutboundSession: a ghost whose account this process created has no outbound session stored,
+// and the session it shares is the one its next messages are encrypted with, so its first messages read no
+// outbound session from the store. What a rotation forgot is read again (once), and after a restart the stored
+// session is read and kept.
+func TestNewGhostReadsNoOutboundSession(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r, log := startASRigLogged(ctx, t, fakehs.Options{})
+	reads := func(step string, want int) {
+		t.Helper()
+		if got := log.takeReads("crypto_megolm_outbound_session"); len(got) != want {
+			t.Errorf("%s: %d reads of outbound sessions, want %d:\n%s", step, len(got), want, strings.Join(got, "\n"))
+		}
+	}
+	session := func(evt *event.Event) id.SessionID { return evt.Content.AsEncrypted().SessionID }
+	log.takeReads("")
+	var first *event.Event
+	for _, body := range []string{"first words", "second words"} {
+		sent := r.sendAs(t, r.ghost, body)
+		reads(body, 0)
+		r.memberReads(t, sent, body)
+		if first == nil {
+			first = sent
+		} else if session(sent) != session(first) {
+			t.Errorf("the second message has session %s, want the first's %s", session(sent), session(first))
+		}
+	}
+
+	if err := r.m.Rotate(ctx, r.room); err != nil {
+		t.Fatal(err)
+	}
+	log.takeReads("")
+	rotated := r.sendAs(t, r.ghost, "after the rotation")
+	reads("after the rotation", 1)
+	r.memberReads(t, rotated, "after the rotation")
+	if session(rotated) == session(first) {
+		t.Error("the message after the rotation kept the rotated session")
+	}
+
+	r.m.Stop()
+	r.m = r.newMachine(t)
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	defer r.m.Stop()
+	log.takeReads("")
+	restarted := r.sendAs(t, r.ghost, "after a restart")
+	reads("after a restart", 1)
+	r.memberReads(t, restarted, "after a restart")
+	if session(restarted) != session(rotated) {
+		t.Errorf("after a clean restart the ghost encrypted with session %s, want the stored %s", session(restarted), session(rotated))
+	}
+}
+
+// hookLog calls after with each statement a database ran.
+type hookLog struct {
+	dbutil.DatabaseLogger
+	after func(query string)
+}
+
+func (l *hookLog) QueryTiming(_ context.Context, _, query string, _ []any, _ int, _ time.Duration, _ error) {
+	if l.after != nil {
+		l.after(query)
+	}
+}
+
+// TestAddedOutboundSessionKeptAsStored: a shared session just added is answered from memory, unless its room's
+// sessions were deleted while it was being written (then the store's answer, none, is given); a session added
+// before it was shared is read from the store; an account marked fresh has none until it adds one.
+func TestAddedOutboundSessionKeptAsStored(t *testing.T) {
+	ctx := context.Background()
+	db := dbtest.Open(t, "postgres")
+	hook := &hookLog{DatabaseLogger: db.Log}
+	db.Log = hook
+	store := newBatchStore(ctx, t, db)
+	room := id.RoomID("!room:x")
+	var reads int
+	hook.after = func(q string) {
+		if strings.Contains(q, "FROM crypto_megolm_outbound_session") && strings.HasPrefix(strings.TrimSpace(q), "SELECT") {
+			reads++
+		}
+	}
+	get := func(step string, want *crypto.OutboundGroupSession, wantReads int) {
+		t.Helper()
+		reads = 0
+		got, err := store.GetOutboundGroupSession(ctx, room)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if (got == nil) != (want == nil) || (got != nil && got.ID() != want.ID()) {
+			t.Errorf("%s: got session %v, want %v", step, got, want)
+		}
+		if reads != wantReads {
+			t.Errorf("%s: %d reads, want %d", step, reads, wantReads)
+		}
+	}
+	newSession := func() *crypto.OutboundGroupSession {
+		sess, err := crypto.NewOutboundGroupSession(room, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return sess
+	}
+
+	store.c.markFreshOutbound(store.AccountID)
+	get("a fresh account", nil, 0)
+	sess := newSession()
+	if err := store.AddOutboundGroupSession(ctx, sess); err != nil {
+		t.Fatal(err)
+	}
+	get("added before it was shared", sess, 1)
+	sess.Shared = true
+	if err := store.AddOutboundGroupSession(ctx, sess); err != nil {
+		t.Fatal(err)
+	}
+	get("added shared", sess, 0)
+
+	// A rotation of the room runs while the next shared session is being written, after its row: the row is gone.
+	next := newSession()
+	next.Shared = true
+	hook.after = func(q string) {
+		if strings.HasPrefix(strings.TrimSpace(q), "INSERT INTO crypto_megolm_outbound_session") {
+			hook.after = nil
+			if _, err := db.Exec(ctx, sqlDeleteRoomOutbound, room); err != nil {
+				t.Error(err)
+			}
+			store.c.outboundChanged("", room)
+		}
+	}
+	if err := store.AddOutboundGroupSession(ctx, next); err != nil {
+		t.Fatal(err)
+	}
+	hook.after = func(q string) {
+		if strings.Contains(q, "FROM crypto_megolm_outbound_session") && strings.HasPrefix(strings.TrimSpace(q), "SELECT") {
+			reads++
+		}
+	}
+	get("added shared while the room was rotated", nil, 1)
+}
