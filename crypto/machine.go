@@ -14,6 +14,8 @@ package crypto
 
 import (
 	"context"
+	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -760,15 +762,42 @@ func (m *Machine) resolver() *trustResolver {
 }
 
 func (m *Machine) roomEncryption(ctx context.Context, roomID id.RoomID) (*event.EncryptionEventContent, *event.HistoryVisibilityEventContent) {
-	enc, err := m.stateStore.GetEncryptionEvent(ctx, roomID)
+	enc, hv, err := roomSessionSettings(ctx, m.stateStore.Database, roomID)
 	if err != nil {
 		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to read m.room.encryption; using default rotation")
 	}
-	hv, err := m.stateStore.GetHistoryVisibility(ctx, roomID)
-	if err != nil {
-		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to read history visibility")
-	}
 	return enc, hv
+}
+
+// sqlRoomSessionSettings reads the room's m.room.encryption and m.room.history_visibility contents from mautrix's
+// state store in one statement (its GetEncryptionEvent and GetHistoryVisibility read one each).
+const sqlRoomSessionSettings = `SELECT encryption, history_visibility FROM mx_room_state WHERE room_id=$1`
+
+// roomSessionSettings returns what the state store's GetEncryptionEvent and GetHistoryVisibility return for
+// roomID (nil for what it does not hold), in one read.
+func roomSessionSettings(ctx context.Context, db *dbutil.Database, roomID id.RoomID) (*event.EncryptionEventContent, *event.HistoryVisibilityEventContent, error) {
+	var encData, hvData []byte
+	err := db.QueryRow(ctx, sqlRoomSessionSettings, roomID).Scan(&encData, &hvData)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil, nil
+	} else if err != nil {
+		return nil, nil, err
+	}
+	var enc *event.EncryptionEventContent
+	var hv *event.HistoryVisibilityEventContent
+	if encData != nil {
+		enc = &event.EncryptionEventContent{}
+		if err = json.Unmarshal(encData, enc); err != nil {
+			return nil, nil, fmt.Errorf("failed to parse the stored m.room.encryption: %w", err)
+		}
+	}
+	if hvData != nil {
+		// Into the pointer, as the store does: a stored JSON null reads as none.
+		if err = json.Unmarshal(hvData, &hv); err != nil {
+			return enc, nil, fmt.Errorf("failed to parse the stored m.room.history_visibility: %w", err)
+		}
+	}
+	return enc, hv, nil
 }
 
 func (m *Machine) realMembersFunc(roomID id.RoomID) func(context.Context) ([]id.UserID, error) {

@@ -20,9 +20,13 @@ import (
 type statementCounter struct {
 	dbutil.DatabaseLogger
 	writes atomic.Int32
+	all    atomic.Int32 // reads too
 }
 
-func (c *statementCounter) QueryTiming(_ context.Context, _, query string, _ []any, _ int, _ time.Duration, _ error) {
+func (c *statementCounter) QueryTiming(_ context.Context, method, query string, _ []any, _ int, _ time.Duration, _ error) {
+	if method != "EndRows" {
+		c.all.Add(1)
+	}
 	if !strings.HasPrefix(strings.TrimSpace(query), "SELECT") {
 		c.writes.Add(1)
 	}
