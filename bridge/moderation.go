@@ -156,39 +156,69 @@ func (b *Bridge) noteRemoval(ctx context.Context, evt *event.Event, member *even
 	}
 }
 
-// removedFrom tells whether user is banned from room (its state says so) or was kicked from it and not let back,
-// and what user's membership in room is by the state store.
-func (b *Bridge) removedFrom(ctx context.Context, room id.RoomID, user id.UserID) (removal, event.Membership, error) {
-	m, err := b.StateStore.GetMembership(ctx, room, user)
-	if err != nil {
-		return removalNone, m, err
-	} else if m == event.MembershipBan {
-		return removalBan, m, nil
+// removedFrom tells whether user, whose membership in room by the state store is m, is banned from room (its
+// state says so) or was kicked from it and not let back.
+func (b *Bridge) removedFrom(ctx context.Context, room id.RoomID, user id.UserID, m event.Membership) (removal, error) {
+	if m == event.MembershipBan {
+		return removalBan, nil
 	}
 	v, err := b.removals.get(ctx, b.DB.KV, removedKey(room, user))
 	if err != nil {
-		return removalNone, m, err
+		return removalNone, err
 	}
 	if v == removalBan {
 		// The ban was lifted in state the store already has (the user is not banned any more) but its event
 		// has not been handled yet; the state store is the room's current state.
-		return removalNone, m, nil
+		return removalNone, nil
 	}
-	return v, m, nil
+	return v, nil
+}
+
+// sqlTwoMemberships reads two users' memberships in one room from mautrix's state store in one statement (its
+// GetMembership reads one).
+const sqlTwoMemberships = `SELECT user_id, membership FROM mx_user_profile WHERE room_id=$1 AND user_id IN ($2, $3)`
+
+// twoMemberships returns u1's and u2's memberships in room as the state store's GetMembership does (leave for a
+// user it holds no row of), in one read.
+func (b *Bridge) twoMemberships(ctx context.Context, room id.RoomID, u1, u2 id.UserID) (event.Membership, event.Membership, error) {
+	m1, m2 := event.MembershipLeave, event.MembershipLeave
+	rows, err := b.StateStore.Query(ctx, sqlTwoMemberships, room, u1, u2)
+	if err != nil {
+		return m1, m2, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var user id.UserID
+		var m event.Membership
+		if err = rows.Scan(&user, &m); err != nil {
+			return m1, m2, err
+		}
+		if user == u1 {
+			m1 = m
+		}
+		if user == u2 {
+			m2 = m
+		}
+	}
+	return m1, m2, rows.Err()
 }
 
 // checkModeration returns errModerated when realUser or their ghost was removed from target by a moderator;
 // otherwise the ghost's membership in target, which it read on the way.
 func (b *Bridge) checkModeration(ctx context.Context, realUser, ghost id.UserID, target id.RoomID) (event.Membership, error) {
-	var ghostMembership event.Membership
-	for _, u := range []id.UserID{realUser, ghost} {
-		r, m, err := b.removedFrom(ctx, target, u)
-		if err != nil {
+	realMembership, ghostMembership, err := b.twoMemberships(ctx, target, realUser, ghost)
+	if err != nil {
+		return "", err
+	}
+	for _, u := range []struct {
+		id id.UserID
+		m  event.Membership
+	}{{realUser, realMembership}, {ghost, ghostMembership}} {
+		if r, err := b.removedFrom(ctx, target, u.id, u.m); err != nil {
 			return "", err
 		} else if r != removalNone {
 			return "", errModerated
 		}
-		ghostMembership = m
 	}
 	return ghostMembership, nil
 }

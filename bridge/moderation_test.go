@@ -2,8 +2,10 @@ package bridge
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -251,6 +253,70 @@ func TestRemovalCacheWritesThrough(t *testing.T) {
 				t.Fatal(err)
 			}
 			expect(kicked, removalKick)
+		})
+	}
+}
+
+// memberReads counts the statements a database runs on the state store's members (dbutil reports each to its
+// logger).
+type memberReads struct {
+	dbutil.DatabaseLogger
+	n atomic.Int32
+}
+
+func (c *memberReads) QueryTiming(_ context.Context, method, query string, _ []any, _ int, _ time.Duration, _ error) {
+	if method != "EndRows" && strings.Contains(query, "mx_user_profile") {
+		c.n.Add(1)
+	}
+}
+
+// TestModerationCheckReadsOnce: the moderation check before a ghost speaks in a room reads the real user's and the
+// ghost's memberships in one statement, and decides as the state store's answers one by one say: a banned real
+// user or ghost is refused, a member, a stranger and a ghost that left are not.
+func TestModerationCheckReadsOnce(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			root := dbtest.Open(t, dialect)
+			b := newTestBridgeOn(t, root)
+			room := id.RoomID("!target:x")
+			ghost := id.UserID("@_ferry_alice:ferry.test")
+			set := map[id.UserID]event.Membership{
+				"@member:x": event.MembershipJoin, "@banned:x": event.MembershipBan, "@left:x": event.MembershipLeave,
+				ghost: event.MembershipJoin, "@_ferry_banned:ferry.test": event.MembershipBan,
+				"@_ferry_left:ferry.test": event.MembershipLeave,
+			}
+			for u, m := range set {
+				if err := b.StateStore.SetMembership(ctx, room, u, m); err != nil {
+					t.Fatal(err)
+				}
+			}
+			users := []id.UserID{"@member:x", "@banned:x", "@left:x", "@stranger:x", ghost, "@_ferry_banned:ferry.test",
+				"@_ferry_left:ferry.test", "@_ferry_new:ferry.test"}
+			for _, u1 := range users {
+				for _, u2 := range users {
+					want1, _ := b.StateStore.GetMembership(ctx, room, u1)
+					want2, _ := b.StateStore.GetMembership(ctx, room, u2)
+					got1, got2, err := b.twoMemberships(ctx, room, u1, u2)
+					counter := &memberReads{DatabaseLogger: root.Log}
+					root.Log = counter
+					_, modErr := b.checkModeration(ctx, u1, u2, room)
+					root.Log = counter.DatabaseLogger
+					if err != nil {
+						t.Fatal(err)
+					}
+					if got1 != want1 || got2 != want2 {
+						t.Errorf("%s and %s: read %s and %s, the state store says %s and %s", u1, u2, got1, got2, want1, want2)
+					}
+					wantModerated := want1 == event.MembershipBan || want2 == event.MembershipBan
+					if moderated := errors.Is(modErr, errModerated); moderated != wantModerated || (modErr != nil && !moderated) {
+						t.Errorf("%s and %s: moderation check %v, want moderated %v", u1, u2, modErr, wantModerated)
+					}
+					if n := counter.n.Load(); n != 1 {
+						t.Errorf("%s and %s: the moderation check read members in %d statements, want 1", u1, u2, n)
+					}
+				}
+			}
 		})
 	}
 }
