@@ -58,6 +58,18 @@ func (l *writeLog) take(tables ...string) []string {
 	return out
 }
 
+// takeAll returns every write since the last take, BEGIN and COMMIT included.
+func (l *writeLog) takeAll() []string {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	out := make([]string, 0, len(l.writes))
+	for _, w := range l.writes {
+		out = append(out, w[:min(len(w), 60)])
+	}
+	l.writes = nil
+	return out
+}
+
 // takeReads returns the reads since the last takeReads that read table.
 func (l *writeLog) takeReads(table string) []string {
 	l.lock.Lock()

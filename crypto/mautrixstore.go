@@ -191,6 +191,12 @@ func sqlSaveSessionShared(n int) string {
 	return sqlSaveSessionSharedHead + placeholders(1, n, 3) + sqlSaveSessionSharedTail
 }
 
+// sqlSaveShare saves n Olm sessions and records m recipients of a Megolm session in one statement (Postgres):
+// sqlSaveOlmSessions' parameters, then sqlSaveSessionShared's.
+func sqlSaveShare(n, m int) string {
+	return "WITH olm AS (" + sqlSaveOlmSessions(n) + ") " + sqlSaveSessionSharedHead + placeholders(7*n+1, m, 3) + sqlSaveSessionSharedTail
+}
+
 // RowInsert is a multi-row insert into one of mautrix's tables that ferry's relay runs in its own statement or
 // transaction: Head, then one (...) group of Width parameters per row (Args), then Tail. The relay hands it to
 // database.Batch (whose RowInsert has the same fields): database never imports crypto, so the statement is

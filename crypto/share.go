@@ -273,6 +273,17 @@ func (s *olmStore) saveShare(ctx context.Context, b *shareBatch, recipients []re
 		p := b.dirty[sid]
 		sessions = append(sessions, s.AccountID, sid, p.senderKey, p.pickle, p.created, p.lastEncrypted, p.lastDecrypt)
 	}
+	if s.DB.Dialect == dbutil.Postgres && len(ids) > 0 && len(ids) <= shareChunkRows && len(recipients) > 0 && len(recipients) <= shareChunkRows {
+		// One statement, as atomic as the transaction below, without its BEGIN and COMMIT: a share's usual size.
+		args := sessions
+		for _, r := range recipients {
+			args = append(args, r.userID, r.identityKey, sessionID)
+		}
+		if _, err := s.DB.Exec(ctx, sqlSaveShare(len(ids), len(recipients)), args...); err != nil {
+			return fmt.Errorf("failed to save Olm sessions and session recipients: %w", err)
+		}
+		return nil
+	}
 	return s.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
 		for start := 0; start < len(sessions); start += shareChunkRows * 7 {
 			chunk := sessions[start:min(start+shareChunkRows*7, len(sessions))]
