@@ -255,3 +255,41 @@ func TestNewIdentityStoredInThreeStatements(t *testing.T) {
 		})
 	}
 }
+
+// TestGhostChecksItsSignatureOnlyWhereServedLate: after signing a new device, a ghost asks the homeserver whether it
+// serves the signature yet only on the login path (Dendrite's: it applies signature uploads later, and a member's
+// client that saw the device unsigned would refuse its first messages). A homeserver with MSC4190 (Synapse) stores
+// the signatures before it answers the upload: no query there, one round trip fewer on a new sender's first message.
+func TestGhostChecksItsSignatureOnlyWhereServedLate(t *testing.T) {
+	for name, opts := range devicePaths() {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var signed, queriesAfter atomic.Int32
+			opts.BeforeRequest = func(route string, body []byte) {
+				switch {
+				case route == "POST /_matrix/client/v3/keys/signatures/upload" && strings.Contains(string(body), "ghost_alice"):
+					signed.Add(1)
+				case route == "POST /_matrix/client/v3/keys/query" && signed.Load() > 0 && strings.Contains(string(body), "ghost_alice"):
+					queriesAfter.Add(1)
+				}
+			}
+			r := startASRig(ctx, t, opts, opts.SharedSecret)
+			defer r.m.Stop()
+			if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+				t.Fatal(err)
+			}
+			want := int32(1)
+			if r.m.AppserviceMode() {
+				want = 0
+			}
+			if n := queriesAfter.Load(); signed.Load() != 1 || n != want {
+				t.Errorf("after %d signature uploads the ghost queried its keys %d times, want %d", signed.Load(), n, want)
+			}
+			sent := r.sendAs(t, r.ghost, "first words")
+			if trust := r.memberReads(t, sent, "first words"); trust != id.TrustStateCrossSignedTOFU {
+				t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+			}
+		})
+	}
+}
