@@ -470,26 +470,54 @@ func (s *Server) waitSync(w http.ResponseWriter, r *http.Request, notify <-chan 
 func (s *Server) changedSinceLocked(user id.UserID, from, to int64) []id.UserID {
 	seen := map[id.UserID]bool{}
 	var out []id.UserID
-	for _, kc := range s.keyChanges {
-		if kc.pos <= from || kc.pos > to || seen[kc.user] {
+	var rooms []*room // user's rooms, found at the first change of another user
+	for _, kc := range s.keyChangesAfterLocked(from) {
+		if kc.pos > to {
+			break
+		}
+		if seen[kc.user] {
 			continue
 		}
 		seen[kc.user] = true
-		if kc.user == user || s.shareRoomLocked(user, kc.user) {
+		if kc.user == user {
 			out = append(out, kc.user)
+			continue
+		}
+		if rooms == nil {
+			rooms = s.roomsOfLocked(user)
+		}
+		for _, rm := range rooms {
+			if inRoom(rm.members[kc.user]) {
+				out = append(out, kc.user)
+				break
+			}
 		}
 	}
 	return out
 }
 
-func (s *Server) shareRoomLocked(a, b id.UserID) bool {
+// keyChangesAfterLocked returns the key changes after stream position pos (the list is in position order, so
+// each /sync and push reads only what is new). s.mu must be held.
+func (s *Server) keyChangesAfterLocked(pos int64) []keyChange {
+	i := sort.Search(len(s.keyChanges), func(i int) bool { return s.keyChanges[i].pos > pos })
+	return s.keyChanges[i:]
+}
+
+// roomsOfLocked lists the rooms user is joined to or invited into (an empty, non-nil list when none). s.mu must
+// be held.
+func (s *Server) roomsOfLocked(user id.UserID) []*room {
+	out := []*room{}
 	for _, rm := range s.rooms {
-		ma, mb := rm.members[a], rm.members[b]
-		if (ma == event.MembershipJoin || ma == event.MembershipInvite) && (mb == event.MembershipJoin || mb == event.MembershipInvite) {
-			return true
+		if inRoom(rm.members[user]) {
+			out = append(out, rm)
 		}
 	}
-	return false
+	return out
+}
+
+// inRoom tells whether a membership makes its user share the room's device-list updates (joined or invited).
+func inRoom(m event.Membership) bool {
+	return m == event.MembershipJoin || m == event.MembershipInvite
 }
 
 func parseSince(s string) int64 {

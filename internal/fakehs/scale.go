@@ -59,8 +59,8 @@ func (s *Server) takePushed() map[string]any {
 	clear(s.pushUsers)
 	changed := []id.UserID{}
 	seen := map[id.UserID]bool{}
-	for _, kc := range s.keyChanges {
-		if kc.pos > s.asListsPos && !seen[kc.user] {
+	for _, kc := range s.keyChangesAfterLocked(s.asListsPos) {
+		if !seen[kc.user] {
 			seen[kc.user] = true
 			changed = append(changed, kc.user)
 		}
