@@ -506,11 +506,9 @@ func (s *Server) keyChangesAfterLocked(pos int64) []keyChange {
 // roomsOfLocked lists the rooms user is joined to or invited into (an empty, non-nil list when none). s.mu must
 // be held.
 func (s *Server) roomsOfLocked(user id.UserID) []*room {
-	out := []*room{}
-	for _, rm := range s.rooms {
-		if inRoom(rm.members[user]) {
-			out = append(out, rm)
-		}
+	out := make([]*room, 0, len(s.memberRooms[user]))
+	for _, rm := range s.memberRooms[user] {
+		out = append(out, rm)
 	}
 	return out
 }

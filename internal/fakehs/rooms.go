@@ -180,10 +180,19 @@ func (s *Server) stateEventLocked(rm *room, sender id.UserID, evtType, key strin
 			Membership event.Membership `json:"membership"`
 		}
 		_ = json.Unmarshal(content, &m)
+		user := id.UserID(key)
 		if m.Membership == event.MembershipLeave {
-			delete(rm.members, id.UserID(key))
+			delete(rm.members, user)
 		} else {
-			rm.members[id.UserID(key)] = m.Membership
+			rm.members[user] = m.Membership
+		}
+		if inRoom(m.Membership) {
+			if s.memberRooms[user] == nil {
+				s.memberRooms[user] = make(map[id.RoomID]*room)
+			}
+			s.memberRooms[user][rm.id] = rm
+		} else {
+			delete(s.memberRooms[user], rm.id)
 		}
 	case event.StateJoinRules.Type:
 		var jr struct {

@@ -173,6 +173,8 @@ type Server struct {
 	// change wakes those instead of walking every device of every account, as a homeserver wakes only the
 	// connected syncers.
 	waiting map[*device]struct{}
+	// memberRooms (guarded by mu) indexes the rooms each user is joined to or invited into.
+	memberRooms map[id.UserID]map[id.RoomID]*room
 }
 
 // session is who an access token belongs to.
@@ -256,6 +258,7 @@ func New(opts Options) *Server {
 		unrecognized: make(map[string]int64),
 		nonces:       make(map[string]struct{}),
 		waiting:      make(map[*device]struct{}),
+		memberRooms:  make(map[id.UserID]map[id.RoomID]*room),
 	}
 	mux := http.NewServeMux()
 	s.routes(mux)
