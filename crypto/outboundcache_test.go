@@ -93,11 +93,12 @@ func TestAddedOutboundSessionKeptAsStored(t *testing.T) {
 	store := newBatchStore(ctx, t, db)
 	room := id.RoomID("!room:x")
 	var reads int
-	hook.after = func(q string) {
+	countReads := func(q string) {
 		if strings.Contains(q, "FROM crypto_megolm_outbound_session") && strings.HasPrefix(strings.TrimSpace(q), "SELECT") {
 			reads++
 		}
 	}
+	hook.after = countReads
 	get := func(step string, want *crypto.OutboundGroupSession, wantReads int) {
 		t.Helper()
 		reads = 0
@@ -148,10 +149,6 @@ func TestAddedOutboundSessionKeptAsStored(t *testing.T) {
 	if err := store.AddOutboundGroupSession(ctx, next); err != nil {
 		t.Fatal(err)
 	}
-	hook.after = func(q string) {
-		if strings.Contains(q, "FROM crypto_megolm_outbound_session") && strings.HasPrefix(strings.TrimSpace(q), "SELECT") {
-			reads++
-		}
-	}
+	hook.after = countReads
 	get("added shared while the room was rotated", nil, 1)
 }
