@@ -57,11 +57,9 @@ type storeCache struct {
 	outboundRoom map[id.RoomID]uint64
 	outbound     map[outboundKey]*outboundEntry
 	// noOutbound holds accounts and rooms known to have no outbound session in the store: a new ghost's first
-	// message in a room asks three times before its first session is created.
+	// message in a room asks three times before its first session is created. Room "" stands for every room: an
+	// account this process created, before it adds its first session (markFreshOutbound).
 	noOutbound map[outboundKey]struct{}
-	// freshOutbound holds the accounts created by this process that have not added an outbound session yet: none
-	// is stored for them in any room.
-	freshOutbound map[string]struct{}
 
 	// successors shared ahead of time (preshare.go)
 	preLock sync.Mutex
@@ -716,11 +714,9 @@ func (s *cachedStore) GetOutboundGroupSession(ctx context.Context, roomID id.Roo
 		s.c.outboundLock.Unlock()
 		return e.sess, nil
 	}
-	if _, none := s.c.noOutbound[k]; none {
-		s.c.outboundLock.Unlock()
-		return nil, nil
-	}
-	if _, fresh := s.c.freshOutbound[s.AccountID]; fresh && e == nil {
+	_, none := s.c.noOutbound[k]
+	_, fresh := s.c.noOutbound[outboundKey{s.AccountID, ""}]
+	if none || fresh {
 		s.c.outboundLock.Unlock()
 		return nil, nil
 	}
@@ -742,10 +738,7 @@ func (s *cachedStore) GetOutboundGroupSession(ctx context.Context, roomID id.Roo
 	if err == nil && sess == nil {
 		s.c.outboundLock.Lock()
 		if !s.c.outboundStaleLocked(roomID, gen) {
-			if s.c.noOutbound == nil || len(s.c.noOutbound) >= maxNoOutbound {
-				s.c.noOutbound = make(map[outboundKey]struct{})
-			}
-			s.c.noOutbound[k] = struct{}{}
+			s.c.noOutboundLocked(k)
 		}
 		s.c.outboundLock.Unlock()
 	}
@@ -760,10 +753,7 @@ func (s *cachedStore) GetOutboundGroupSession(ctx context.Context, roomID id.Roo
 	if cur := s.c.outbound[k]; cur != nil {
 		return cur.sess, nil
 	}
-	if s.c.outbound == nil {
-		s.c.outbound = make(map[outboundKey]*outboundEntry)
-	}
-	s.c.outbound[k] = &outboundEntry{sess: sess, store: s.SQLCryptoStore}
+	s.c.keepOutboundLocked(k, sess, s.SQLCryptoStore)
 	return sess, nil
 }
 
@@ -785,7 +775,7 @@ func (s *cachedStore) UpdateOutboundGroupSession(ctx context.Context, sess *cryp
 func (s *cachedStore) AddOutboundGroupSession(ctx context.Context, sess *crypto.OutboundGroupSession) error {
 	k := outboundKey{s.AccountID, sess.RoomID}
 	s.c.outboundLock.Lock()
-	delete(s.c.freshOutbound, s.AccountID)
+	delete(s.c.noOutbound, outboundKey{s.AccountID, ""})
 	gen := s.c.outboundGen
 	s.c.outboundLock.Unlock()
 	err := s.SQLCryptoStore.AddOutboundGroupSession(ctx, sess)
@@ -794,22 +784,33 @@ func (s *cachedStore) AddOutboundGroupSession(ctx context.Context, sess *crypto.
 	keep := err == nil && sess.Shared && !sess.Expired() && !s.c.outboundStaleLocked(sess.RoomID, gen)
 	s.c.outboundChangedLocked(s.AccountID, sess.RoomID)
 	if keep {
-		if s.c.outbound == nil {
-			s.c.outbound = make(map[outboundKey]*outboundEntry)
-		}
-		s.c.outbound[k] = &outboundEntry{sess: sess, store: s.SQLCryptoStore}
+		s.c.keepOutboundLocked(k, sess, s.SQLCryptoStore)
 	}
 	return err
 }
 
-// markFreshOutbound records that account was created by this process: it has no outbound session stored.
+// keepOutboundLocked holds sess in memory as k's stored session. c.outboundLock must be held.
+func (c *storeCache) keepOutboundLocked(k outboundKey, sess *crypto.OutboundGroupSession, store *crypto.SQLCryptoStore) {
+	if c.outbound == nil {
+		c.outbound = make(map[outboundKey]*outboundEntry)
+	}
+	c.outbound[k] = &outboundEntry{sess: sess, store: store}
+}
+
+// noOutboundLocked remembers that k has no outbound session stored. c.outboundLock must be held.
+func (c *storeCache) noOutboundLocked(k outboundKey) {
+	if c.noOutbound == nil || len(c.noOutbound) >= maxNoOutbound {
+		c.noOutbound = make(map[outboundKey]struct{})
+	}
+	c.noOutbound[k] = struct{}{}
+}
+
+// markFreshOutbound records that account was created by this process: it has no outbound session stored, in
+// any room, until it adds one.
 func (c *storeCache) markFreshOutbound(account string) {
 	c.outboundLock.Lock()
 	defer c.outboundLock.Unlock()
-	if c.freshOutbound == nil || len(c.freshOutbound) >= maxNoOutbound {
-		c.freshOutbound = make(map[string]struct{})
-	}
-	c.freshOutbound[account] = struct{}{}
+	c.noOutboundLocked(outboundKey{account, ""})
 }
 
 // outboundStaleLocked tells whether room's stored outbound sessions changed since the change count was since.
@@ -850,9 +851,6 @@ func (c *storeCache) outboundChanged(account string, room id.RoomID) {
 // outboundChangedLocked is outboundChanged with c.outboundLock held.
 func (c *storeCache) outboundChangedLocked(account string, room id.RoomID) {
 	c.noteOutboundLocked(room)
-	if room == "" {
-		clear(c.freshOutbound)
-	}
 	if account != "" && room != "" {
 		delete(c.outbound, outboundKey{account, room})
 		delete(c.noOutbound, outboundKey{account, room})
