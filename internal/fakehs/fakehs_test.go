@@ -219,3 +219,74 @@ func TestSharedSecretRegistrationAndCrossSigningUIA(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestSyncWakesForKeyChangesOfRoomMates: a /sync waiting on a device returns when a user who shares a room with its
+// owner uploads keys, listing that user and not a user it shares no room with (whose upload came first and did not
+// end the wait); a room mate who left is no longer listed.
+func TestSyncWakesForKeyChangesOfRoomMates(t *testing.T) {
+	ctx := context.Background()
+	s := New(Options{})
+	defer s.Close()
+	alice, err := s.NewUser(ctx, "@alice:fakehs.test", UserOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	room := s.CreateRoom(alice.ID, RoomOptions{Name: "shared", Members: []id.UserID{"@dave:fakehs.test"}})
+	waitChanged := func(step string, since string, upload func()) (*mautrix.RespSync, string) {
+		t.Helper()
+		type result struct {
+			resp *mautrix.RespSync
+			err  error
+		}
+		done := make(chan result, 1)
+		calls := len(s.SyncCalls())
+		go func() {
+			resp, err := alice.Client.SyncRequest(ctx, 300000, since, "", false, "")
+			done <- result{resp, err}
+		}()
+		for len(s.SyncCalls()) == calls {
+			time.Sleep(time.Millisecond)
+		}
+		upload()
+		select {
+		case r := <-done:
+			if r.err != nil {
+				t.Fatalf("%s: %v", step, r.err)
+			}
+			return r.resp, r.resp.NextBatch
+		case <-time.After(30 * time.Second):
+			t.Fatalf("%s: the waiting /sync was not woken", step)
+		}
+		return nil, ""
+	}
+	first, err := alice.Client.SyncRequest(ctx, 0, "", "", false, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, next := waitChanged("a room mate's keys", first.NextBatch, func() {
+		if _, err := s.NewUser(ctx, "@carol:fakehs.test", UserOptions{}); err != nil { // no room with alice
+			t.Error(err)
+		}
+		if _, err := s.NewUser(ctx, "@dave:fakehs.test", UserOptions{}); err != nil {
+			t.Error(err)
+		}
+	})
+	if got := resp.DeviceLists.Changed; len(got) != 1 || got[0] != "@dave:fakehs.test" {
+		t.Errorf("the /sync listed %v as changed, want dave only", got)
+	}
+
+	if err = s.SetState(room, "@dave:fakehs.test", event.StateMember.Type, "@dave:fakehs.test", map[string]any{"membership": "leave"}); err != nil {
+		t.Fatal(err)
+	}
+	resp, _ = waitChanged("after the room mate left", next, func() {
+		if _, err := s.NewUser(ctx, "@dave:fakehs.test", UserOptions{DeviceID: "SECOND"}); err != nil {
+			t.Error(err)
+		}
+		if _, err := s.NewUser(ctx, "@alice:fakehs.test", UserOptions{DeviceID: "SECOND"}); err != nil {
+			t.Error(err)
+		}
+	})
+	if got := resp.DeviceLists.Changed; len(got) != 1 || got[0] != alice.ID {
+		t.Errorf("the /sync listed %v as changed, want alice's own only", got)
+	}
+}

@@ -470,7 +470,7 @@ func (s *Server) waitSync(w http.ResponseWriter, r *http.Request, notify <-chan 
 func (s *Server) changedSinceLocked(user id.UserID, from, to int64) []id.UserID {
 	seen := map[id.UserID]bool{}
 	var out []id.UserID
-	var rooms []*room // user's rooms, found at the first change of another user
+	rooms := s.memberRooms[user]
 	for _, kc := range s.keyChangesAfterLocked(from) {
 		if kc.pos > to {
 			break
@@ -482,9 +482,6 @@ func (s *Server) changedSinceLocked(user id.UserID, from, to int64) []id.UserID 
 		if kc.user == user {
 			out = append(out, kc.user)
 			continue
-		}
-		if rooms == nil {
-			rooms = s.roomsOfLocked(user)
 		}
 		for _, rm := range rooms {
 			if inRoom(rm.members[kc.user]) {
@@ -501,16 +498,6 @@ func (s *Server) changedSinceLocked(user id.UserID, from, to int64) []id.UserID 
 func (s *Server) keyChangesAfterLocked(pos int64) []keyChange {
 	i := sort.Search(len(s.keyChanges), func(i int) bool { return s.keyChanges[i].pos > pos })
 	return s.keyChanges[i:]
-}
-
-// roomsOfLocked lists the rooms user is joined to or invited into (an empty, non-nil list when none). s.mu must
-// be held.
-func (s *Server) roomsOfLocked(user id.UserID) []*room {
-	out := make([]*room, 0, len(s.memberRooms[user]))
-	for _, rm := range s.memberRooms[user] {
-		out = append(out, rm)
-	}
-	return out
 }
 
 // inRoom tells whether a membership makes its user share the room's device-list updates (joined or invited).
