@@ -82,9 +82,10 @@ func (l *hookLog) QueryTiming(_ context.Context, _, query string, _ []any, _ int
 	}
 }
 
-// TestAddedOutboundSessionKeptAsStored: a shared session just added is answered from memory, unless its room's
-// sessions were deleted while it was being written (then the store's answer, none, is given); a session added
-// before it was shared is read from the store; an account marked fresh has none until it adds one.
+// TestAddedOutboundSessionKeptAsStored: a shared session just added is answered from memory, also when another
+// room's sessions changed meanwhile, unless its own room's sessions were deleted while it was being written (then
+// the store's answer, none, is given); a session added before it was shared is read from the store; an account
+// marked fresh has none until it adds one.
 func TestAddedOutboundSessionKeptAsStored(t *testing.T) {
 	ctx := context.Background()
 	db := dbtest.Open(t, "postgres")
@@ -133,6 +134,21 @@ func TestAddedOutboundSessionKeptAsStored(t *testing.T) {
 		t.Fatal(err)
 	}
 	get("added shared", sess, 0)
+
+	// Another room's sessions change while a shared session is being written: this room's is still kept.
+	other := newSession()
+	other.Shared = true
+	hook.after = func(q string) {
+		if strings.HasPrefix(strings.TrimSpace(q), "INSERT INTO crypto_megolm_outbound_session") {
+			hook.after = nil
+			store.c.outboundChanged("", "!another:x")
+		}
+	}
+	if err := store.AddOutboundGroupSession(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	hook.after = countReads
+	get("added shared while another room changed", other, 0)
 
 	// A rotation of the room runs while the next shared session is being written, after its row: the row is gone.
 	next := newSession()
