@@ -135,36 +135,34 @@ func TestAddedOutboundSessionKeptAsStored(t *testing.T) {
 	}
 	get("added shared", sess, 0)
 
-	// Another room's sessions change while a shared session is being written: this room's is still kept.
-	other := newSession()
-	other.Shared = true
-	hook.after = func(q string) {
-		if strings.HasPrefix(strings.TrimSpace(q), "INSERT INTO crypto_megolm_outbound_session") {
-			hook.after = nil
-			store.c.outboundChanged("", "!another:x")
+	// addShared adds a new shared session and runs during right after the store wrote its row.
+	addShared := func(during func()) *crypto.OutboundGroupSession {
+		t.Helper()
+		sess := newSession()
+		sess.Shared = true
+		hook.after = func(q string) {
+			if strings.HasPrefix(strings.TrimSpace(q), "INSERT INTO crypto_megolm_outbound_session") {
+				hook.after = nil
+				during()
+			}
 		}
+		if err := store.AddOutboundGroupSession(ctx, sess); err != nil {
+			t.Fatal(err)
+		}
+		hook.after = countReads
+		return sess
 	}
-	if err := store.AddOutboundGroupSession(ctx, other); err != nil {
-		t.Fatal(err)
-	}
-	hook.after = countReads
+
+	// Another room's sessions change while a shared session is being written: this room's is still kept.
+	other := addShared(func() { store.c.outboundChanged("", "!another:x") })
 	get("added shared while another room changed", other, 0)
 
 	// A rotation of the room runs while the next shared session is being written, after its row: the row is gone.
-	next := newSession()
-	next.Shared = true
-	hook.after = func(q string) {
-		if strings.HasPrefix(strings.TrimSpace(q), "INSERT INTO crypto_megolm_outbound_session") {
-			hook.after = nil
-			if _, err := db.Exec(ctx, sqlDeleteRoomOutbound, room); err != nil {
-				t.Error(err)
-			}
-			store.c.outboundChanged("", room)
+	addShared(func() {
+		if _, err := db.Exec(ctx, sqlDeleteRoomOutbound, room); err != nil {
+			t.Error(err)
 		}
-	}
-	if err := store.AddOutboundGroupSession(ctx, next); err != nil {
-		t.Fatal(err)
-	}
-	hook.after = countReads
+		store.c.outboundChanged("", room)
+	})
 	get("added shared while the room was rotated", nil, 1)
 }
