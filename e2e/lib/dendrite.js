@@ -4,10 +4,13 @@
 //   hs.url, hs.serverName ("ferry.test"), hs.dir; await hs.restart(); await hs.stop();
 //
 // Env: FERRY_E2E_KEEP=1 keeps the temp dir (config, SQLite files, dendrite.log);
-//      FERRY_E2E_DENDRITE_LOG=trace|debug|info|warn sets Dendrite's log level (default info).
+//      FERRY_E2E_DENDRITE_LOG=trace|debug|info|warn sets Dendrite's log level (default info);
+//      FERRY_E2E_DENDRITE_DB=postgres puts every component on one fresh database of the Postgres from
+//      scripts/with-postgres.sh instead of SQLite files (as large deployments run it).
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
+import { createTestDatabase } from "./ferry.js";
 import {
     freePort,
     httpStatus,
@@ -32,14 +35,22 @@ function binary(name) {
     return p;
 }
 
-/** Dendrite config: every component on its own SQLite file in `dir`, federation and rate limits off. */
-function configYaml({ dir, serverName, sharedSecret, registrations, logLevel }) {
-    const db = (name) => `    connection_string: ${yq(`file:${path.join(dir, `${name}.db`)}`)}\n`;
+/**
+ * Dendrite config: every component on its own SQLite file in `dir` (or, with `postgres`, all on that one database),
+ * federation and rate limits off.
+ */
+function configYaml({ dir, serverName, sharedSecret, registrations, logLevel, postgres }) {
+    // With a global database the components' own database sections stay out: Dendrite then uses the global pool.
+    const db = (name) =>
+        postgres ? "" : `  database:\n    connection_string: ${yq(`file:${path.join(dir, `${name}.db`)}`)}\n`;
+    const globalDb = postgres
+        ? `  database:\n    connection_string: ${yq(postgres)}\n    max_open_conns: 50\n    max_idle_conns: 10\n    conn_max_lifetime: -1\n`
+        : "";
     const list = (xs) => (xs.length ? "\n" + xs.map((x) => `    - ${yq(x)}`).join("\n") : " []");
     return `version: 2
 global:
   server_name: ${yq(serverName)}
-  private_key: ${yq(path.join(dir, "matrix_key.pem"))}
+${globalDb}  private_key: ${yq(path.join(dir, "matrix_key.pem"))}
   key_validity_period: 168h0m0s
   disable_federation: true
   trusted_third_party_id_servers: []
@@ -79,30 +90,23 @@ client_api:
     threshold: 5
     cooloff_ms: 500
 federation_api:
-  database:
 ${db("federationapi")}  send_max_retries: 1
   key_perspectives: []
 key_server:
-  database:
 ${db("keyserver")}media_api:
-  database:
 ${db("mediaapi")}  base_path: ${yq(path.join(dir, "media"))}
   max_file_size_bytes: 10485760
   dynamic_thumbnails: false
 room_server:
-  database:
-${db("roomserver")}sync_api:
-  database:
+${db("roomserver")}  default_room_version: "10"
+sync_api:
 ${db("syncapi")}  search:
     enabled: false
 user_api:
   bcrypt_cost: 4
-  account_database:
-${db("userapi")}relay_api:
-  database:
+${db("userapi").replace("  database:", "  account_database:")}relay_api:
 ${db("relayapi")}mscs:
   mscs: []
-  database:
 ${db("mscs")}tracing:
   enabled: false
 logging:
@@ -136,6 +140,11 @@ export async function startDendrite({
         if (!fs.existsSync(reg)) throw new Error(`startDendrite: appservice registration ${reg} does not exist`);
     }
 
+    const dbChoice = (process.env.FERRY_E2E_DENDRITE_DB || "sqlite").toLowerCase();
+    if (dbChoice !== "sqlite" && dbChoice !== "postgres") {
+        throw new Error(`FERRY_E2E_DENDRITE_DB=${process.env.FERRY_E2E_DENDRITE_DB}: expected sqlite or postgres`);
+    }
+    const database = dbChoice === "postgres" ? createTestDatabase() : null;
     const dir = makeTempDir("ferry-dendrite-");
     const keyPath = path.join(dir, "matrix_key.pem");
     const keys = spawnSync(generateKeys, ["--private-key", keyPath], { encoding: "utf8" });
@@ -152,6 +161,7 @@ export async function startDendrite({
             sharedSecret,
             registrations: appserviceRegistrations.map((p) => path.resolve(p)),
             logLevel: process.env.FERRY_E2E_DENDRITE_LOG || "info",
+            postgres: database?.uri,
         }),
     );
     port ??= await freePort();
@@ -214,6 +224,7 @@ export async function startDendrite({
             stopped = true;
             await child.stop("SIGTERM", 5000);
             removeTempDir(dir);
+            database?.drop();
         },
     };
 }
