@@ -9,8 +9,7 @@
 //
 // Env: FERRY_CEILING_USERS (default 32, an even number: two per room), FERRY_CEILING_INFLIGHT (default 2),
 // FERRY_E2E_SYNAPSE_DB=postgres or FERRY_E2E_DENDRITE_DB=postgres (the homeserver on a database of the Postgres
-// from with-postgres.sh), TMPDIR (where the
-// homeserver keeps its files; /dev/shm takes the disk's flushes out).
+// from with-postgres.sh), TMPDIR (where the homeserver keeps its files; /dev/shm takes the disk's flushes out).
 import fs from "node:fs";
 import { performance } from "node:perf_hooks";
 import { HS_LABEL, startHomeserver } from "../lib/homeserver.js";
