@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"go.ferry.im/ferry/database/dbtest"
 	"go.ferry.im/ferry/internal/fakehs"
 )
 
@@ -52,4 +53,73 @@ func TestShareSavedInOneStatement(t *testing.T) {
 		}
 	}
 	r.memberReads(t, again, "no second share")
+}
+
+// TestShareLargerThanOneStatement: a share to more devices than one statement carries (shareChunkRows) is saved
+// in chunks inside one transaction. Every member reads the message, every Olm session and recipient is stored
+// (a restart shares the next session over the same Olm sessions), and a failure in a later chunk stores and sends
+// nothing, after which the share goes through whole.
+func TestShareLargerThanOneStatement(t *testing.T) {
+	n := shareChunkRows + 30
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			r := newShareRig(t, dbtest.Open(t, dialect), n)
+			all := func(int) bool { return true }
+			count := func(query string, arg any) int {
+				t.Helper()
+				var c int
+				if err := r.db.QueryRow(ctx, query, arg).Scan(&c); err != nil {
+					t.Fatal(err)
+				}
+				return c
+			}
+			olmSessions := func() int {
+				return count(`SELECT COUNT(*) FROM crypto_olm_session WHERE account_id=$1`, string(r.ghost.userID))
+			}
+
+			// A failure in the last chunk of recipients: the constraint refuses one member near the end.
+			last := string(r.members[n-1].ID)
+			if _, err := r.db.Exec(ctx, `ALTER TABLE crypto_megolm_outbound_session_shared ADD CONSTRAINT share_test_not_last CHECK (user_id <> '`+last+`')`); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := r.ghost.share(ctx, r.room, r.users, r.policy()); err == nil {
+				t.Fatal("share succeeded although its last recipient could not be recorded")
+			}
+			if sent := r.takeAll(); sent != 0 {
+				t.Errorf("%d to-device messages went out although the share's state was not saved", sent)
+			}
+			if c := olmSessions(); c != 0 {
+				t.Errorf("the failed share left %d Olm sessions stored, want 0 (one transaction)", c)
+			}
+			if _, err := r.db.Exec(ctx, `ALTER TABLE crypto_megolm_outbound_session_shared DROP CONSTRAINT share_test_not_last`); err != nil {
+				t.Fatal(err)
+			}
+
+			r.rotate(t)
+			stats, err := r.ghost.share(ctx, r.room, r.users, r.policy())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if stats.Shared != n {
+				t.Errorf("share: %+v, want %d shared", stats, n)
+			}
+			if c := count(`SELECT COUNT(*) FROM crypto_megolm_outbound_session_shared WHERE session_id=$1`, string(stats.SessionID)); c != n {
+				t.Errorf("stored %d recipients of the session, want %d", c, n)
+			}
+			if c := olmSessions(); c != n {
+				t.Errorf("stored %d Olm sessions, want %d", c, n)
+			}
+			r.checkDecrypts(t, r.members, all, "to many")
+
+			r.ghost = r.openGhost(t, r.ghost.client.DeviceID)
+			r.rotate(t)
+			if stats, err = r.ghost.share(ctx, r.room, r.users, r.policy()); err != nil {
+				t.Fatal(err)
+			} else if stats.NewOlm != 0 || stats.Shared != n {
+				t.Errorf("after a restart: %+v, want %d shared over stored Olm sessions", stats, n)
+			}
+			r.checkDecrypts(t, r.members, all, "to many again")
+		})
+	}
 }
