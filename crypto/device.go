@@ -133,7 +133,10 @@ func (d *device) shareStamped(ctx context.Context, roomID id.RoomID, users []id.
 		return &ShareStats{SessionID: session.ID()}, nil
 	}
 	if session == nil || session.Expired() {
-		if session, err = d.newSession(ctx, roomID, policy); err != nil {
+		// Stored once, below, when shared: before that no message is encrypted with it, and a share cut short
+		// (a crash, a failed request) leaves nothing that a retry could not replace with a new session. An
+		// unshared session found here is one stored by an earlier version, shared again.
+		if session, err = d.createSession(ctx, roomID, policy); err != nil {
 			return nil, err
 		}
 	}
@@ -269,21 +272,8 @@ func (d *device) shareSession(ctx context.Context, session *crypto.OutboundGroup
 	return stats, nil
 }
 
-// newSession creates an outbound session from the room's m.room.encryption rotation settings and keeps an
-// inbound copy, which answering key requests needs.
-func (d *device) newSession(ctx context.Context, roomID id.RoomID, policy sharePolicy) (*crypto.OutboundGroupSession, error) {
-	session, err := d.createSession(ctx, roomID, policy)
-	if err != nil {
-		return nil, err
-	}
-	// Saved before any ciphertext that depends on it exists.
-	if err = d.olm.AddOutboundGroupSession(ctx, session); err != nil {
-		return nil, fmt.Errorf("failed to store the outbound session: %w", err)
-	}
-	return session, nil
-}
-
-// createSession creates an outbound session and stores its inbound copy, but not the session itself.
+// createSession creates an outbound session from the room's m.room.encryption rotation settings and stores its
+// inbound copy (which answering key requests needs), but not the session itself.
 func (d *device) createSession(ctx context.Context, roomID id.RoomID, policy sharePolicy) (*crypto.OutboundGroupSession, error) {
 	encEvt, histVis := policy.encEvent(ctx, roomID)
 	session, err := crypto.NewOutboundGroupSession(roomID, encEvt, histVis)

@@ -123,3 +123,32 @@ func TestShareLargerThanOneStatement(t *testing.T) {
 		})
 	}
 }
+
+// TestNewSessionWrittenOnce: a ghost's first message in a room writes its new outbound session once, when it has
+// been shared (as a session shared ahead of time is), not also before the share; the member reads the message,
+// and the stored session is marked shared.
+func TestNewSessionWrittenOnce(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r, log := startASRigLogged(ctx, t, fakehs.Options{})
+	defer r.m.Stop()
+	if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+		t.Fatal(err)
+	}
+	log.takeAll()
+	sent := r.sendAs(t, r.ghost, "one write")
+	var writes []string
+	for _, w := range log.takeAll() {
+		if strings.Contains(w, "crypto_megolm_outbound_session (") {
+			writes = append(writes, w)
+		}
+	}
+	if len(writes) != 1 {
+		t.Errorf("the first message wrote the outbound session %d times, want 1:\n%s", len(writes), strings.Join(writes, "\n"))
+	}
+	r.memberReads(t, sent, "one write")
+	var shared bool
+	if err := r.db.QueryRow(ctx, `SELECT shared FROM crypto_megolm_outbound_session WHERE account_id=$1 AND room_id=$2`, string(r.ghost), string(r.room)).Scan(&shared); err != nil || !shared {
+		t.Errorf("stored outbound session: shared=%v, err %v; want a shared session", shared, err)
+	}
+}
