@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 
+	"maunium.net/go/mautrix/event"
+
 	"go.ferry.im/ferry/database/dbtest"
 	"go.ferry.im/ferry/internal/fakehs"
 )
@@ -15,15 +17,10 @@ import (
 func TestShareSavedInOneStatement(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	r, log := startASRigLogged(ctx, t, fakehs.Options{})
+	r, log, sent, writes := ghostFirstMessage(ctx, t, "shared once")
 	defer r.m.Stop()
-	if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
-		t.Fatal(err)
-	}
-	log.takeAll()
-	sent := r.sendAs(t, r.ghost, "shared once")
 	var share, txn []string
-	for _, w := range log.takeAll() {
+	for _, w := range writes {
 		switch {
 		case w == "BEGIN" || w == "COMMIT":
 			txn = append(txn, w)
@@ -130,25 +127,34 @@ func TestShareLargerThanOneStatement(t *testing.T) {
 func TestNewSessionWrittenOnce(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	r, log := startASRigLogged(ctx, t, fakehs.Options{})
+	r, _, sent, writes := ghostFirstMessage(ctx, t, "one write")
 	defer r.m.Stop()
-	if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
-		t.Fatal(err)
-	}
-	log.takeAll()
-	sent := r.sendAs(t, r.ghost, "one write")
-	var writes []string
-	for _, w := range log.takeAll() {
+	var stored []string
+	for _, w := range writes {
 		if strings.Contains(w, "crypto_megolm_outbound_session (") {
-			writes = append(writes, w)
+			stored = append(stored, w)
 		}
 	}
-	if len(writes) != 1 {
-		t.Errorf("the first message wrote the outbound session %d times, want 1:\n%s", len(writes), strings.Join(writes, "\n"))
+	if len(stored) != 1 {
+		t.Errorf("the first message wrote the outbound session %d times, want 1:\n%s", len(stored), strings.Join(stored, "\n"))
 	}
 	r.memberReads(t, sent, "one write")
 	var shared bool
 	if err := r.db.QueryRow(ctx, `SELECT shared FROM crypto_megolm_outbound_session WHERE account_id=$1 AND room_id=$2`, string(r.ghost), string(r.room)).Scan(&shared); err != nil || !shared {
 		t.Errorf("stored outbound session: shared=%v, err %v; want a shared session", shared, err)
 	}
+}
+
+// ghostFirstMessage starts an appservice-mode rig (the caller stops its Machine), sets up its ghost as a sender
+// and has it send body: the sent event, and the statements written while it was encrypted and its key shared.
+func ghostFirstMessage(ctx context.Context, t *testing.T, body string) (*asRig, *writeLog, *event.Event, []string) {
+	t.Helper()
+	r, log := startASRigLogged(ctx, t, fakehs.Options{})
+	if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+		r.m.Stop()
+		t.Fatal(err)
+	}
+	log.takeAll()
+	sent := r.sendAs(t, r.ghost, body)
+	return r, log, sent, log.takeAll()
 }
