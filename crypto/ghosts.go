@@ -20,12 +20,13 @@ const ghostDeviceDisplayName = "ferry"
 
 // ghostOneTimeKeys is how many one-time keys a ghost's new device uploads (mautrix uploads 50, and the bot tops its
 // own up). Members' clients claim one to open an Olm channel to the device, only to share their room keys with
-// it, which ferry never needs: the bot's device decrypts, and a ghost answers room key requests over channels it
-// opens itself with the requester's keys. Each key costs a Curve25519 key, a signature and room in the stored
-// account: 50 of them were about a fifth of a new sender's first message. Ghosts' keys are never topped up, so a
-// member device that finds none left shares its keys without the ghost's device (its client records it as
-// unreachable), as it did after 50 before.
-const ghostOneTimeKeys = 5
+// it, which ferry never needs: the bot's device decrypts, and a ghost answers room key requests and sends its own
+// keys over channels it opens itself with the members' keys. Each key costs a Curve25519 key and a signature
+// (about 0.2 ms on a small server), room in the stored account, and later the Olm decryption of every room key a
+// member sends to it. Ghosts' keys are never topped up: a member device that finds none left shares its keys
+// without the ghost's device (its client records it as unreachable), and reads the ghost's messages as before
+// (TestGhostDeviceKeysRunOut). Two cover a member with two devices in a room linked one to one.
+const ghostOneTimeKeys = 2
 
 // Drain timing, for homeservers that do not push to-device messages to appservices. What reaches a ghost's device
 // comes from members of the rooms it is in, and ferry sees when: a member's new room key reaches the bot's device
