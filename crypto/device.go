@@ -302,15 +302,7 @@ func (d *device) devicesOf(ctx context.Context, users []id.UserID) (map[id.UserI
 	// between shares, and between a share and the fetches for device-list changes (HandleDeviceLists, which
 	// ferry calls under the same lock from /sync and from appservice transactions).
 	defer d.olm.c.keyLocks.lock(users)()
-	outdated, err := d.store.GetOutdatedTrackedUsers(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("failed to list outdated device lists: %w", err)
-	}
-	stale := make(map[id.UserID]bool, len(outdated))
-	for _, u := range outdated {
-		stale[u] = true
-	}
-	out, err := loadDevices(ctx, d.store.DB, users)
+	out, stale, err := loadDeviceLists(ctx, d.store.DB, users, time.Now())
 	if err != nil {
 		return nil, err
 	}

@@ -370,47 +370,59 @@ func sendToDeviceChunked(ctx context.Context, cli *mautrix.Client, evtType event
 // loadDevices reads the stored devices of users in a few queries: users whose device list ferry does not track
 // yet are left out (the caller fetches them).
 func loadDevices(ctx context.Context, db *dbutil.Database, users []id.UserID) (map[id.UserID]map[id.DeviceID]*id.Device, error) {
+	out, _, err := loadDeviceLists(ctx, db, users, time.Now())
+	return out, err
+}
+
+// loadDeviceLists is loadDevices that also tells which of the tracked lists are to be fetched again at now
+// (outdated, and not waiting out the backoff of failed fetches), from the same rows.
+func loadDeviceLists(ctx context.Context, db *dbutil.Database, users []id.UserID, now time.Time) (map[id.UserID]map[id.DeviceID]*id.Device, map[id.UserID]bool, error) {
 	out := make(map[id.UserID]map[id.DeviceID]*id.Device, len(users))
+	stale := make(map[id.UserID]bool)
 	for start := 0; start < len(users); start += shareChunkRows * 5 {
 		chunk := users[start:min(start+shareChunkRows*5, len(users))]
-		args := make([]any, len(chunk))
+		args := make([]any, len(chunk), len(chunk)+1)
 		for i, u := range chunk {
 			args[i] = u
 		}
-		rows, err := db.Query(ctx, sqlTrackedUsersIn(len(chunk)), args...)
+		rows, err := db.Query(ctx, sqlTrackedStaleIn(db.Dialect, len(chunk)), append([]any{now.Unix()}, args...)...)
 		if err != nil {
-			return nil, fmt.Errorf("failed to read tracked users: %w", err)
+			return nil, nil, fmt.Errorf("failed to read tracked users: %w", err)
 		}
 		for rows.Next() {
 			var u id.UserID
-			if err = rows.Scan(&u); err != nil {
+			var outdated bool
+			if err = rows.Scan(&u, &outdated); err != nil {
 				_ = rows.Close()
-				return nil, err
+				return nil, nil, err
 			}
 			out[u] = make(map[id.DeviceID]*id.Device)
+			if outdated {
+				stale[u] = true
+			}
 		}
 		if err = closeRows(rows); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		rows, err = db.Query(ctx, sqlDevicesOf(len(chunk)), args...)
 		if err != nil {
-			return nil, fmt.Errorf("failed to read devices: %w", err)
+			return nil, nil, fmt.Errorf("failed to read devices: %w", err)
 		}
 		for rows.Next() {
 			var dev id.Device
 			if err = rows.Scan(&dev.UserID, &dev.DeviceID, &dev.IdentityKey, &dev.SigningKey, &dev.Trust, &dev.Deleted, &dev.Name); err != nil {
 				_ = rows.Close()
-				return nil, err
+				return nil, nil, err
 			}
 			if devs := out[dev.UserID]; devs != nil {
 				devs[dev.DeviceID] = &dev
 			}
 		}
 		if err = closeRows(rows); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
-	return out, nil
+	return out, stale, nil
 }
 
 // prefetch loads the cross-signing keys of users and the signatures over them (by themselves or by the bot) in a

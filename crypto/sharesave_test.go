@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"maunium.net/go/mautrix/event"
 
@@ -187,5 +188,59 @@ func TestShareCutShortBeforeItsSessionIsStored(t *testing.T) {
 	if err = r.db.QueryRow(ctx, `SELECT COUNT(*) FROM crypto_megolm_outbound_session WHERE account_id=$1 AND session_id=$2 AND shared`,
 		string(r.ghost), string(sent.Content.AsEncrypted().SessionID)).Scan(&stored); err != nil || stored != 1 {
 		t.Errorf("the session of the message sent after the failure is stored shared %d times (err %v), want 1", stored, err)
+	}
+}
+
+// TestShareFetchesOutdatedDeviceLists: a share fetches a member's devices again when their list is outdated, not
+// while the fetches of that list keep failing and their backoff runs (mautrix's rule: after 5 failures, wait the
+// cube of the failures in seconds, at most 3 hours), and again once it ran out; it reads the member's tracking and
+// devices once per share, without listing every outdated user of the store.
+func TestShareFetchesOutdatedDeviceLists(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			r := newShareRig(t, dbtest.Open(t, dialect), 1)
+			member := r.members[0].ID
+			if _, err := r.ghost.share(ctx, r.room, r.users, r.policy()); err != nil {
+				t.Fatal(err)
+			}
+			log := &writeLog{DatabaseLogger: r.db.Log}
+			r.db.Log = log
+			now := time.Now().Unix()
+			for _, c := range []struct {
+				what                  string
+				outdated              bool
+				errors, sinceAttempt  int64
+				fetches, trackedReads int
+			}{
+				{"an up-to-date list", false, 0, 0, 0, 1},
+				{"an outdated list", true, 0, 0, 1, 1},
+				{"an outdated list after 5 failed fetches, 10 s after the last", true, 5, 10, 0, 1},
+				{"an outdated list after 5 failed fetches, 200 s after the last", true, 5, 200, 1, 1},
+			} {
+				if _, err := r.db.Exec(ctx, `UPDATE crypto_tracked_user SET devices_outdated=$1, error_count=$2, last_attempt=$3 WHERE user_id=$4`,
+					c.outdated, c.errors, now-c.sinceAttempt, member); err != nil {
+					t.Fatal(err)
+				}
+				r.rotate(t)
+				r.srv.ResetCounts()
+				log.takeReads("crypto_tracked_user")
+				stats, err := r.ghost.share(ctx, r.room, r.users, r.policy())
+				if err != nil {
+					t.Fatalf("%s: %v", c.what, err)
+				} else if stats.Shared != 1 {
+					t.Errorf("%s: %+v, want the member's device shared", c.what, stats)
+				}
+				if n := r.srv.Counts()["POST /_matrix/client/v3/keys/query"]; n != int64(c.fetches) {
+					t.Errorf("%s: the share fetched the member's devices %d times, want %d", c.what, n, c.fetches)
+				}
+				tracked := len(log.takeReads("crypto_tracked_user"))
+				// A fetch reads the tracking again in mautrix's own code; the share itself reads it once.
+				if want := c.trackedReads + c.fetches; tracked != want {
+					t.Errorf("%s: the share read crypto_tracked_user %d times, want %d", c.what, tracked, want)
+				}
+			}
+			r.checkDecrypts(t, r.members, func(int) bool { return true }, "after the fetches")
+		})
 	}
 }
