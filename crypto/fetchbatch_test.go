@@ -84,10 +84,11 @@ func (l *writeLog) takeReads(table string) []string {
 	return out
 }
 
-// startASRigLogged is startASRig with the rig's write statements recorded from before the Machine starts.
+// startASRigLogged is startASRig (with opts.SharedSecret) with the rig's write statements recorded from before the
+// Machine starts.
 func startASRigLogged(ctx context.Context, t *testing.T, opts fakehs.Options) (*asRig, *writeLog) {
 	t.Helper()
-	r := newASRig(t, opts, "")
+	r := newASRig(t, opts, opts.SharedSecret)
 	log := &writeLog{DatabaseLogger: r.db.Log}
 	r.db.Log = log
 	if err := r.m.Init(ctx); err != nil {

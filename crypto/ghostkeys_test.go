@@ -297,50 +297,55 @@ func TestGhostChecksItsSignatureOnlyWhereServedLate(t *testing.T) {
 
 // TestGhostDeviceKeysRunOut: more member devices share their room keys with a ghost's device than it has one-time
 // keys. The ones after the keys ran out share without the ghost's device (ferry never needs their keys there), and
-// every member still reads the ghost's messages, whose keys ferry sends over channels it opens itself.
+// every member still reads the ghost's messages, whose keys ferry sends over channels it opens itself. On both
+// device paths.
 func TestGhostDeviceKeysRunOut(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	r := startASRig(ctx, t, fakehs.Options{}, "")
-	defer r.m.Stop()
-	if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
-		t.Fatal(err)
-	}
-	ghostDevice := r.srv.Devices(r.ghost)[0]
-	members := []*fakehs.User{r.member}
-	for i := 1; i <= ghostOneTimeKeys; i++ {
-		u, err := r.srv.NewUser(ctx, id.NewUserID(fmt.Sprintf("member%d", i), r.srv.Domain()), fakehs.UserOptions{CrossSign: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		members = append(members, u)
-	}
-	inRoom := []id.UserID{r.bot, r.ghost}
-	for _, u := range members {
-		inRoom = append(inRoom, u.ID)
-		if err := r.ss.SetMembership(ctx, r.room, u.ID, event.MembershipJoin); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, u := range members {
-		if err := u.SetRoom(ctx, r.room, inRoom, r.enc); err != nil {
-			t.Fatal(err)
-		}
-		if _, _, err := u.Encrypt(ctx, r.room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "hello from " + u.ID.Localpart()}); err != nil {
-			t.Fatalf("%s cannot send once the ghost's keys are gone: %v", u.ID, err)
-		}
-	}
-	if n := r.srv.OTKCount(r.ghost, ghostDevice); n != 0 {
-		t.Fatalf("after %d member devices shared their room keys the ghost's device has %d one-time keys left, want 0", len(members), n)
-	}
-	sent := r.sendAs(t, r.ghost, "to everyone")
-	for _, u := range members {
-		u.ReceiveToDevice(ctx)
-		dec, err := u.Decrypt(ctx, sent)
-		if err != nil {
-			t.Errorf("%s cannot read the ghost's message: %v", u.ID, err)
-		} else if dec.Content.AsMessage().Body != "to everyone" {
-			t.Errorf("%s read %q", u.ID, dec.Content.AsMessage().Body)
-		}
+	for name, opts := range devicePaths() {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			r := startASRig(ctx, t, opts, opts.SharedSecret)
+			defer r.m.Stop()
+			if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+				t.Fatal(err)
+			}
+			ghostDevice := r.srv.Devices(r.ghost)[0]
+			members := []*fakehs.User{r.member}
+			for i := 1; i <= ghostOneTimeKeys; i++ {
+				u, err := r.srv.NewUser(ctx, id.NewUserID(fmt.Sprintf("member%d", i), r.srv.Domain()), fakehs.UserOptions{CrossSign: true})
+				if err != nil {
+					t.Fatal(err)
+				}
+				members = append(members, u)
+			}
+			inRoom := []id.UserID{r.bot, r.ghost}
+			for _, u := range members {
+				inRoom = append(inRoom, u.ID)
+				if err := r.ss.SetMembership(ctx, r.room, u.ID, event.MembershipJoin); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for _, u := range members {
+				if err := u.SetRoom(ctx, r.room, inRoom, r.enc); err != nil {
+					t.Fatal(err)
+				}
+				if _, _, err := u.Encrypt(ctx, r.room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "hello from " + u.ID.Localpart()}); err != nil {
+					t.Fatalf("%s cannot send once the ghost's keys are gone: %v", u.ID, err)
+				}
+			}
+			if n := r.srv.OTKCount(r.ghost, ghostDevice); n != 0 {
+				t.Fatalf("after %d member devices shared their room keys the ghost's device has %d one-time keys left, want 0", len(members), n)
+			}
+			sent := r.sendAs(t, r.ghost, "to everyone")
+			for _, u := range members {
+				u.ReceiveToDevice(ctx)
+				dec, err := u.Decrypt(ctx, sent)
+				if err != nil {
+					t.Errorf("%s cannot read the ghost's message: %v", u.ID, err)
+				} else if dec.Content.AsMessage().Body != "to everyone" {
+					t.Errorf("%s read %q", u.ID, dec.Content.AsMessage().Body)
+				}
+			}
+		})
 	}
 }
