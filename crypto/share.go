@@ -381,7 +381,7 @@ func loadDeviceLists(ctx context.Context, db *dbutil.Database, users []id.UserID
 	stale := make(map[id.UserID]bool)
 	for start := 0; start < len(users); start += shareChunkRows * 5 {
 		chunk := users[start:min(start+shareChunkRows*5, len(users))]
-		args := make([]any, len(chunk), len(chunk)+1)
+		args := make([]any, len(chunk))
 		for i, u := range chunk {
 			args[i] = u
 		}

@@ -41,8 +41,8 @@ function binary(name) {
  */
 function configYaml({ dir, serverName, sharedSecret, registrations, logLevel, postgres }) {
     // With a global database the components' own database sections stay out: Dendrite then uses the global pool.
-    const db = (name) =>
-        postgres ? "" : `  database:\n    connection_string: ${yq(`file:${path.join(dir, `${name}.db`)}`)}\n`;
+    const db = (name, key = "database") =>
+        postgres ? "" : `  ${key}:\n    connection_string: ${yq(`file:${path.join(dir, `${name}.db`)}`)}\n`;
     const globalDb = postgres
         ? `  database:\n    connection_string: ${yq(postgres)}\n    max_open_conns: 50\n    max_idle_conns: 10\n    conn_max_lifetime: -1\n`
         : "";
@@ -104,7 +104,7 @@ ${db("syncapi")}  search:
     enabled: false
 user_api:
   bcrypt_cost: 4
-${db("userapi").replace("  database:", "  account_database:")}relay_api:
+${db("userapi", "account_database")}relay_api:
 ${db("relayapi")}mscs:
   mscs: []
 ${db("mscs")}tracing:
