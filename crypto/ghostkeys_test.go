@@ -27,10 +27,8 @@ func devicePaths() map[string]fakehs.Options {
 	}
 }
 
-// TestGhostDeviceUploadsFewOneTimeKeys: a ghost's new device uploads ghostOneTimeKeys one-time keys, on both
-// device paths, and still works for what members do with it: their client opens an Olm channel to the ghost's
-// device with one of those keys when it shares its own room key, and reads the ghost's message.
-func TestGhostDeviceUploadsFewOneTimeKeys(t *testing.T) {
+// onEachDevicePath runs test, as a subtest per device path, with a started rig whose ghost is set up as a sender.
+func onEachDevicePath(t *testing.T, test func(ctx context.Context, t *testing.T, r *asRig)) {
 	for name, opts := range devicePaths() {
 		t.Run(name, func(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
@@ -40,23 +38,32 @@ func TestGhostDeviceUploadsFewOneTimeKeys(t *testing.T) {
 			if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
 				t.Fatal(err)
 			}
-			devices := r.srv.Devices(r.ghost)
-			if len(devices) != 1 {
-				t.Fatalf("the ghost has devices %v, want one", devices)
-			}
-			if n := r.srv.OTKCount(r.ghost, devices[0]); n != ghostOneTimeKeys {
-				t.Fatalf("the ghost's new device uploaded %d one-time keys, want %d", n, ghostOneTimeKeys)
-			}
-			// The member writes before the ghost ever did: its client has no Olm channel to the ghost's device yet
-			// and claims one of its keys.
-			r.memberSends(t, "a room key for every device")
-			if n := r.srv.OTKCount(r.ghost, devices[0]); n != ghostOneTimeKeys-1 {
-				t.Fatalf("after the member shared its room key the ghost's device has %d one-time keys, want %d (one claimed)", n, ghostOneTimeKeys-1)
-			}
-			sent := r.sendAs(t, r.ghost, "first words")
-			r.memberReads(t, sent, "first words")
+			test(ctx, t, r)
 		})
 	}
+}
+
+// TestGhostDeviceUploadsFewOneTimeKeys: a ghost's new device uploads ghostOneTimeKeys one-time keys, on both
+// device paths, and still works for what members do with it: their client opens an Olm channel to the ghost's
+// device with one of those keys when it shares its own room key, and reads the ghost's message.
+func TestGhostDeviceUploadsFewOneTimeKeys(t *testing.T) {
+	onEachDevicePath(t, func(ctx context.Context, t *testing.T, r *asRig) {
+		devices := r.srv.Devices(r.ghost)
+		if len(devices) != 1 {
+			t.Fatalf("the ghost has devices %v, want one", devices)
+		}
+		if n := r.srv.OTKCount(r.ghost, devices[0]); n != ghostOneTimeKeys {
+			t.Fatalf("the ghost's new device uploaded %d one-time keys, want %d", n, ghostOneTimeKeys)
+		}
+		// The member writes before the ghost ever did: its client has no Olm channel to the ghost's device yet
+		// and claims one of its keys.
+		r.memberSends(t, "a room key for every device")
+		if n := r.srv.OTKCount(r.ghost, devices[0]); n != ghostOneTimeKeys-1 {
+			t.Fatalf("after the member shared its room key the ghost's device has %d one-time keys, want %d (one claimed)", n, ghostOneTimeKeys-1)
+		}
+		sent := r.sendAs(t, r.ghost, "first words")
+		r.memberReads(t, sent, "first words")
+	})
 }
 
 // TestGhostSetUpsAreBounded: when many new senders speak at once, at most ghostSetUpParallel of their ghosts'
@@ -300,52 +307,43 @@ func TestGhostChecksItsSignatureOnlyWhereServedLate(t *testing.T) {
 // every member still reads the ghost's messages, whose keys ferry sends over channels it opens itself. On both
 // device paths.
 func TestGhostDeviceKeysRunOut(t *testing.T) {
-	for name, opts := range devicePaths() {
-		t.Run(name, func(t *testing.T) {
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			r := startASRig(ctx, t, opts, opts.SharedSecret)
-			defer r.m.Stop()
-			if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+	onEachDevicePath(t, func(ctx context.Context, t *testing.T, r *asRig) {
+		ghostDevice := r.srv.Devices(r.ghost)[0]
+		members := []*fakehs.User{r.member}
+		for i := 1; i <= ghostOneTimeKeys; i++ {
+			u, err := r.srv.NewUser(ctx, id.NewUserID(fmt.Sprintf("member%d", i), r.srv.Domain()), fakehs.UserOptions{CrossSign: true})
+			if err != nil {
 				t.Fatal(err)
 			}
-			ghostDevice := r.srv.Devices(r.ghost)[0]
-			members := []*fakehs.User{r.member}
-			for i := 1; i <= ghostOneTimeKeys; i++ {
-				u, err := r.srv.NewUser(ctx, id.NewUserID(fmt.Sprintf("member%d", i), r.srv.Domain()), fakehs.UserOptions{CrossSign: true})
-				if err != nil {
-					t.Fatal(err)
-				}
-				members = append(members, u)
+			members = append(members, u)
+		}
+		inRoom := []id.UserID{r.bot, r.ghost}
+		for _, u := range members {
+			inRoom = append(inRoom, u.ID)
+			if err := r.ss.SetMembership(ctx, r.room, u.ID, event.MembershipJoin); err != nil {
+				t.Fatal(err)
 			}
-			inRoom := []id.UserID{r.bot, r.ghost}
-			for _, u := range members {
-				inRoom = append(inRoom, u.ID)
-				if err := r.ss.SetMembership(ctx, r.room, u.ID, event.MembershipJoin); err != nil {
-					t.Fatal(err)
-				}
+		}
+		for _, u := range members {
+			if err := u.SetRoom(ctx, r.room, inRoom, r.enc); err != nil {
+				t.Fatal(err)
 			}
-			for _, u := range members {
-				if err := u.SetRoom(ctx, r.room, inRoom, r.enc); err != nil {
-					t.Fatal(err)
-				}
-				if _, _, err := u.Encrypt(ctx, r.room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "hello from " + u.ID.Localpart()}); err != nil {
-					t.Fatalf("%s cannot send once the ghost's keys are gone: %v", u.ID, err)
-				}
+			if _, _, err := u.Encrypt(ctx, r.room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "hello from " + u.ID.Localpart()}); err != nil {
+				t.Fatalf("%s cannot send once the ghost's keys are gone: %v", u.ID, err)
 			}
-			if n := r.srv.OTKCount(r.ghost, ghostDevice); n != 0 {
-				t.Fatalf("after %d member devices shared their room keys the ghost's device has %d one-time keys left, want 0", len(members), n)
+		}
+		if n := r.srv.OTKCount(r.ghost, ghostDevice); n != 0 {
+			t.Fatalf("after %d member devices shared their room keys the ghost's device has %d one-time keys left, want 0", len(members), n)
+		}
+		sent := r.sendAs(t, r.ghost, "to everyone")
+		for _, u := range members {
+			u.ReceiveToDevice(ctx)
+			dec, err := u.Decrypt(ctx, sent)
+			if err != nil {
+				t.Errorf("%s cannot read the ghost's message: %v", u.ID, err)
+			} else if dec.Content.AsMessage().Body != "to everyone" {
+				t.Errorf("%s read %q", u.ID, dec.Content.AsMessage().Body)
 			}
-			sent := r.sendAs(t, r.ghost, "to everyone")
-			for _, u := range members {
-				u.ReceiveToDevice(ctx)
-				dec, err := u.Decrypt(ctx, sent)
-				if err != nil {
-					t.Errorf("%s cannot read the ghost's message: %v", u.ID, err)
-				} else if dec.Content.AsMessage().Body != "to everyone" {
-					t.Errorf("%s read %q", u.ID, dec.Content.AsMessage().Body)
-				}
-			}
-		})
-	}
+		}
+	})
 }

@@ -168,35 +168,26 @@ func ghostFirstMessage(ctx context.Context, t *testing.T, opts fakehs.Options, b
 // or a database failure between the share and the write), the message is not sent, nothing of the session is
 // left to encrypt with, and the next attempt shares a session the member can read. On both device paths.
 func TestShareCutShortBeforeItsSessionIsStored(t *testing.T) {
-	for name, opts := range devicePaths() {
-		t.Run(name, func(t *testing.T) {
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			r := startASRig(ctx, t, opts, opts.SharedSecret)
-			defer r.m.Stop()
-			if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := r.db.Exec(ctx, `ALTER TABLE crypto_megolm_outbound_session ADD CONSTRAINT share_test_no_session CHECK (false) NOT VALID`); err != nil {
-				t.Fatal(err)
-			}
-			_, err := r.m.Encrypt(ctx, r.ghost, r.room, event.EventMessage, &event.Content{Parsed: &event.MessageEventContent{MsgType: event.MsgText, Body: "lost"}})
-			if err == nil {
-				t.Fatal("the message was encrypted although its session could not be stored")
-			}
-			if _, err = r.db.Exec(ctx, `ALTER TABLE crypto_megolm_outbound_session DROP CONSTRAINT share_test_no_session`); err != nil {
-				t.Fatal(err)
-			}
-			r.member.ReceiveToDevice(ctx) // the key of the session that was never stored
-			sent := r.sendAs(t, r.ghost, "after the failure")
-			r.memberReads(t, sent, "after the failure")
-			var stored int
-			if err = r.db.QueryRow(ctx, `SELECT COUNT(*) FROM crypto_megolm_outbound_session WHERE account_id=$1 AND session_id=$2 AND shared`,
-				string(r.ghost), string(sent.Content.AsEncrypted().SessionID)).Scan(&stored); err != nil || stored != 1 {
-				t.Errorf("the session of the message sent after the failure is stored shared %d times (err %v), want 1", stored, err)
-			}
-		})
-	}
+	onEachDevicePath(t, func(ctx context.Context, t *testing.T, r *asRig) {
+		if _, err := r.db.Exec(ctx, `ALTER TABLE crypto_megolm_outbound_session ADD CONSTRAINT share_test_no_session CHECK (false) NOT VALID`); err != nil {
+			t.Fatal(err)
+		}
+		_, err := r.m.Encrypt(ctx, r.ghost, r.room, event.EventMessage, &event.Content{Parsed: &event.MessageEventContent{MsgType: event.MsgText, Body: "lost"}})
+		if err == nil {
+			t.Fatal("the message was encrypted although its session could not be stored")
+		}
+		if _, err = r.db.Exec(ctx, `ALTER TABLE crypto_megolm_outbound_session DROP CONSTRAINT share_test_no_session`); err != nil {
+			t.Fatal(err)
+		}
+		r.member.ReceiveToDevice(ctx) // the key of the session that was never stored
+		sent := r.sendAs(t, r.ghost, "after the failure")
+		r.memberReads(t, sent, "after the failure")
+		var stored int
+		if err = r.db.QueryRow(ctx, `SELECT COUNT(*) FROM crypto_megolm_outbound_session WHERE account_id=$1 AND session_id=$2 AND shared`,
+			string(r.ghost), string(sent.Content.AsEncrypted().SessionID)).Scan(&stored); err != nil || stored != 1 {
+			t.Errorf("the session of the message sent after the failure is stored shared %d times (err %v), want 1", stored, err)
+		}
+	})
 }
 
 // TestShareFetchesOutdatedDeviceLists: a share fetches a member's devices again when their list is outdated, not
