@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/crypto/goolm/libolmpickle"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -198,11 +199,19 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 		cli = m.userClient(ghost, id.DeviceID(savedDevice), token)
 	}
 	store.DeviceID = cli.DeviceID
+	if deviceID == "" {
+		// No account stored: the new one Load would make after reading that none is, without the read.
+		store.Account = crypto.NewOlmAccount()
+	}
 	mach := m.newOlmMachine(cli, store)
 	if err = mach.Load(ctx); err != nil {
 		return nil, false, fmt.Errorf("failed to load the ghost's Olm account: %w", err)
 	}
 	dev := newDevice(ghost, cli, store, mach)
+	if deviceID == "" {
+		// Nor any Olm session: the account's first share need not look for them.
+		dev.olm.noSessions.Store(true)
+	}
 	if relogged {
 		// The token was revoked: if the device went with it, the homeserver recreated it empty on login.
 		// Upload the same device keys again and sign the device again.

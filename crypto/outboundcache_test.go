@@ -2,6 +2,7 @@ package crypto
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -165,4 +166,66 @@ func TestAddedOutboundSessionKeptAsStored(t *testing.T) {
 		store.c.outboundChanged("", room)
 	})
 	get("added shared while the room was rotated", nil, 1)
+}
+
+// TestNewGhostLooksForNoAccountOrOlmSession: a ghost without a stored account gets a new one without reading the
+// account a second time, and its first share looks for no Olm session (the new account has none). Once it has
+// added one, shares find it: a rotation in the same process, and one after a restart, share over the stored Olm
+// session (no new one, so no one-time key claimed), and the member reads every message. On both device paths.
+func TestNewGhostLooksForNoAccountOrOlmSession(t *testing.T) {
+	for name, opts := range devicePaths() {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			r, log := startASRigLogged(ctx, t, opts)
+			defer func() { r.m.Stop() }()
+			olmSessions := func() int {
+				var n int
+				if err := r.db.QueryRow(ctx, `SELECT COUNT(*) FROM crypto_olm_session WHERE account_id=$1`, string(r.ghost)).Scan(&n); err != nil {
+					t.Fatal(err)
+				}
+				return n
+			}
+			log.takeReads("")
+			if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+				t.Fatal(err)
+			}
+			// (The login path's first drain of the device's to-device queue reads its token from the same row.)
+			got := slices.DeleteFunc(log.takeReads("crypto_account"), func(q string) bool { return strings.HasPrefix(q, "SELECT sync_token ") })
+			if len(got) != 1 {
+				t.Errorf("the new ghost's set-up read its account %d times, want once:\n%s", len(got), strings.Join(got, "\n"))
+			}
+			sent := r.sendAs(t, r.ghost, "first words")
+			if got := log.takeReads("crypto_olm_session"); len(got) != 0 {
+				t.Errorf("the new ghost's first share looked for Olm sessions %d times, want none:\n%s", len(got), strings.Join(got, "\n"))
+			}
+			r.memberReads(t, sent, "first words")
+			if n := olmSessions(); n != 1 {
+				t.Fatalf("the ghost stored %d Olm sessions, want 1", n)
+			}
+
+			for _, step := range []string{"after a rotation", "after a restart"} {
+				if step == "after a restart" {
+					r.m.Stop()
+					r.m = r.newMachine(t)
+					if err := r.m.Init(ctx); err != nil {
+						t.Fatal(err)
+					}
+					r.m.Start(ctx)
+				}
+				if err := r.m.Rotate(ctx, r.room); err != nil {
+					t.Fatal(err)
+				}
+				log.takeReads("")
+				sent = r.sendAs(t, r.ghost, step)
+				if got := log.takeReads("crypto_olm_session"); len(got) == 0 {
+					t.Errorf("%s: the share did not look for the ghost's Olm sessions", step)
+				}
+				r.memberReads(t, sent, step)
+				if n := olmSessions(); n != 1 {
+					t.Errorf("%s: the ghost has %d Olm sessions, want its first one only", step, n)
+				}
+			}
+		})
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.mau.fi/util/dbutil"
@@ -47,6 +48,9 @@ type olmStore struct {
 	*cachedStore
 	mu    sync.Mutex
 	canon map[id.SessionID]*crypto.OlmSession
+	// noSessions: the account was created by this process and has added no Olm session since, so the store
+	// holds none of it (loadShareBatch). Cleared before any session is added, in a share or otherwise.
+	noSessions atomic.Bool
 }
 
 var _ crypto.Store = (*olmStore)(nil)
@@ -162,6 +166,7 @@ func (s *olmStore) GetSessions(ctx context.Context, key id.SenderKey) (crypto.Ol
 
 func (s *olmStore) AddSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
 	metrics.OlmSessionsCreated.Inc()
+	s.noSessions.Store(false)
 	if b := batchFrom(ctx); b != nil {
 		sess = s.adopt(sess)
 		if err := s.record(b, key, sess); err != nil {
@@ -208,6 +213,9 @@ func (s *olmStore) loadShareBatch(ctx context.Context, devices map[id.UserID]map
 				keys = append(keys, dev.IdentityKey)
 			}
 		}
+	}
+	if s.noSessions.Load() {
+		return b, nil
 	}
 	type row struct {
 		sessionID     id.SessionID
