@@ -132,15 +132,16 @@ func (d *device) shareStamped(ctx context.Context, roomID id.RoomID, users []id.
 	} else if session != nil && session.Shared && !session.Expired() {
 		return &ShareStats{SessionID: session.ID()}, nil
 	}
+	var inbound *crypto.InboundGroupSession
 	if session == nil || session.Expired() {
 		// Stored once, below, when shared: before that no message is encrypted with it, and a share cut short
 		// (a crash, a failed request) leaves nothing that a retry could not replace with a new session. An
 		// unshared session found here is one stored by an earlier version, shared again.
-		if session, err = d.createSession(ctx, roomID, policy); err != nil {
+		if session, inbound, err = d.createSession(ctx, roomID, policy); err != nil {
 			return nil, err
 		}
 	}
-	stats, err := d.shareSession(ctx, session, users, policy, start)
+	stats, err := d.shareSession(ctx, session, inbound, users, policy, start)
 	if err != nil {
 		return nil, err
 	}
@@ -163,9 +164,10 @@ func (d *device) shareStamped(ctx context.Context, roomID id.RoomID, users []id.
 }
 
 // shareSession sends session (Olm-encrypted) to every device of users that the policy admits and
-// m.room_key.withheld to the others, and records every device of every user as entitled to it. It neither marks
-// the session shared nor stores it as the device's outbound session: share and preshare do.
-func (d *device) shareSession(ctx context.Context, session *crypto.OutboundGroupSession, users []id.UserID, policy sharePolicy, start time.Time) (*ShareStats, error) {
+// m.room_key.withheld to the others, and records every device of every user as entitled to it, with inbound, the
+// inbound copy of a session createSession just made (nil for one stored before). It neither marks the session
+// shared nor stores it as the device's outbound session: share and preshare do.
+func (d *device) shareSession(ctx context.Context, session *crypto.OutboundGroupSession, inbound *crypto.InboundGroupSession, users []id.UserID, policy sharePolicy, start time.Time) (*ShareStats, error) {
 	roomID := session.RoomID
 	log := zerolog.Ctx(ctx).With().Stringer("room_id", roomID).Stringer("session_id", session.ID()).Stringer("sender", d.userID).Logger()
 	stats := &ShareStats{SessionID: session.ID()}
@@ -242,7 +244,7 @@ func (d *device) shareSession(ctx context.Context, session *crypto.OutboundGroup
 	stats.Encrypt, mark = time.Since(mark), time.Now()
 	// Saved before sending: a crash after this point can only lose messages, never encrypt twice with the same
 	// Olm ratchet state.
-	if err = d.olm.saveShare(ctx, batch, recipients, session.ID()); err != nil {
+	if err = d.olm.saveShare(ctx, batch, recipients, session.ID(), inbound); err != nil {
 		return nil, err
 	}
 	stats.Save, mark = time.Since(mark), time.Now()
@@ -272,25 +274,23 @@ func (d *device) shareSession(ctx context.Context, session *crypto.OutboundGroup
 	return stats, nil
 }
 
-// createSession creates an outbound session from the room's m.room.encryption rotation settings and stores its
-// inbound copy (which answering key requests needs), but not the session itself.
-func (d *device) createSession(ctx context.Context, roomID id.RoomID, policy sharePolicy) (*crypto.OutboundGroupSession, error) {
+// createSession creates an outbound session from the room's m.room.encryption rotation settings and its inbound
+// copy (which answering key requests needs). Neither is stored: the share stores the inbound copy with its Olm
+// sessions, before the key goes out (saveShare), and the session once shared.
+func (d *device) createSession(ctx context.Context, roomID id.RoomID, policy sharePolicy) (*crypto.OutboundGroupSession, *crypto.InboundGroupSession, error) {
 	encEvt, histVis := policy.encEvent(ctx, roomID)
 	session, err := crypto.NewOutboundGroupSession(roomID, encEvt, histVis)
 	if err != nil {
-		return nil, fmt.Errorf("failed to create an outbound session: %w", err)
+		return nil, nil, fmt.Errorf("failed to create an outbound session: %w", err)
 	}
 	own := d.mach.OwnIdentity()
 	igs, err := crypto.NewInboundGroupSession(own.IdentityKey, own.SigningKey, roomID, session.Internal.Key(),
 		session.MaxAge, session.MaxMessages, session.SharedHistory, false)
 	if err != nil {
-		return nil, fmt.Errorf("failed to create the inbound copy of the session: %w", err)
+		return nil, nil, fmt.Errorf("failed to create the inbound copy of the session: %w", err)
 	}
 	igs.SourceUser = d.userID
-	if err = d.olm.PutGroupSession(ctx, igs); err != nil {
-		return nil, fmt.Errorf("failed to store the inbound copy of the session: %w", err)
-	}
-	return session, nil
+	return session, igs, nil
 }
 
 // devicesOf returns the known devices of users, fetching users whose device lists are unknown or outdated. The

@@ -2,11 +2,15 @@ package crypto
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
+	"strings"
+	"time"
 
 	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/crypto"
 	goolmaccount "maunium.net/go/mautrix/crypto/goolm/account"
 	"maunium.net/go/mautrix/crypto/goolm/message"
 	"maunium.net/go/mautrix/crypto/goolm/session"
@@ -201,9 +205,53 @@ func sqlSaveSessionShared(n int) string {
 }
 
 // sqlSaveShare saves n Olm sessions and records m recipients of a Megolm session in one statement (Postgres):
-// sqlSaveOlmSessions' parameters, then sqlSaveSessionShared's.
-func sqlSaveShare(n, m int) string {
-	return "WITH olm AS (" + sqlSaveOlmSessions(n) + ") " + sqlSaveSessionSharedHead + placeholders(7*n+1, m, 3) + sqlSaveSessionSharedTail
+// sqlSaveOlmSessions' parameters, then (withInbound) sqlPutInboundSession's, then sqlSaveSessionShared's.
+func sqlSaveShare(n, m int, withInbound bool) string {
+	next := 7*n + 1
+	q := "WITH olm AS (" + sqlSaveOlmSessions(n) + ")"
+	if withInbound {
+		q += ", inbound AS (" + sqlPutInboundSession(next) + ")"
+		next += sqlPutInboundSessionWidth
+	}
+	return q + " " + sqlSaveSessionSharedHead + placeholders(next, m, 3) + sqlSaveSessionSharedTail
+}
+
+// sqlPutInboundSession stores an inbound Megolm session as mautrix's store does (PutGroupSession, the same upsert),
+// with its sqlPutInboundSessionWidth parameters (inboundSessionArgs) numbered from first.
+func sqlPutInboundSession(first int) string {
+	return `INSERT INTO crypto_megolm_inbound_session (
+			session_id, sender_key, signing_key, room_id, session, forwarding_chains, shared_history,
+			ratchet_safety, received_at, max_age, max_messages, is_scheduled, key_backup_version, key_source,
+			source_user, account_id
+		) VALUES ` + placeholders(first, 1, sqlPutInboundSessionWidth) + `
+		ON CONFLICT (session_id, account_id) DO UPDATE
+			SET withheld_code=NULL, withheld_reason=NULL, sender_key=excluded.sender_key, signing_key=excluded.signing_key,
+				room_id=excluded.room_id, session=excluded.session, forwarding_chains=excluded.forwarding_chains,
+				shared_history=excluded.shared_history, ratchet_safety=excluded.ratchet_safety, received_at=excluded.received_at,
+				max_age=excluded.max_age, max_messages=excluded.max_messages, is_scheduled=excluded.is_scheduled,
+				key_backup_version=excluded.key_backup_version, key_source=excluded.key_source, source_user=excluded.source_user`
+}
+
+const sqlPutInboundSessionWidth = 16
+
+// inboundSessionArgs are sqlPutInboundSession's parameters for sess in account, the values mautrix's
+// PutGroupSession writes.
+func inboundSessionArgs(account string, pickleKey []byte, sess *crypto.InboundGroupSession) ([]any, error) {
+	pickle, err := sess.Internal.Pickle(pickleKey)
+	if err != nil {
+		return nil, err
+	}
+	ratchetSafety, err := json.Marshal(&sess.RatchetSafety)
+	if err != nil {
+		return nil, fmt.Errorf("failed to marshal ratchet safety info: %w", err)
+	}
+	var receivedAt *time.Time
+	if !sess.ReceivedAt.IsZero() {
+		receivedAt = &sess.ReceivedAt
+	}
+	return []any{sess.ID(), sess.SenderKey, sess.SigningKey, sess.RoomID, pickle, strings.Join(sess.ForwardingChains, ","),
+		sess.SharedHistory, ratchetSafety, receivedAt, dbutil.NumPtr(sess.MaxAge), dbutil.NumPtr(sess.MaxMessages),
+		sess.IsScheduled, sess.KeyBackupVersion, sess.KeySource, sess.SourceUser, account}, nil
 }
 
 // RowInsert is a multi-row insert into one of mautrix's tables that ferry's relay runs in its own statement or

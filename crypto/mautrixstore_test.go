@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"maps"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -46,6 +47,24 @@ func TestMautrixStoreStatements(t *testing.T) {
 	now := time.Now()
 	olmRow := []any{"acct", "sess", "key", []byte("pickle"), now, now, now}
 	statements[sqlSaveOlmSessions(1)] = olmRow
+	out, err := crypto.NewOutboundGroupSession("!room:x", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	igs, err := crypto.NewInboundGroupSession("senderkey", "signingkey", "!room:x", out.Internal.Key(), 0, 0, nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inboundRow, err := inboundSessionArgs("acct", []byte("pickle key"), igs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	statements[sqlPutInboundSession(1)] = inboundRow
+	// Postgres only (a data-modifying WITH): saveShare's one statement.
+	postgresOnly := map[string][]any{
+		sqlSaveShare(1, 1, true):  append(append(slices.Clone(olmRow), inboundRow...), "@u:x", "key", "sess"),
+		sqlSaveShare(1, 1, false): append(slices.Clone(olmRow), "@u:x", "key", "sess"),
+	}
 	statements[sqlPutSecrets(n)] = []any{"acct", "a", []byte("1"), "acct", "b", []byte("2")}
 	statements[sqlPutSignatures(n)] = []any{"@u:x", "key1", "@u:x", "signer", "sig", "@u:x", "key2", "@u:x", "signer", "sig"}
 	// The replay index insert as the relay's batch renders it (database.Batch adds the rows' placeholders).
@@ -67,6 +86,9 @@ func TestMautrixStoreStatements(t *testing.T) {
 			// Statements written for each dialect.
 			all := maps.Clone(statements)
 			all[sqlTrackedStaleIn(db.Dialect, n)] = append([]any{now.Unix()}, args(n)...)
+			if db.Dialect == dbutil.Postgres {
+				maps.Copy(all, postgresOnly)
+			}
 			for q, a := range all {
 				// Each in a transaction of its own, rolled back: nothing stays, and one failure does not hide others.
 				err := db.DoTxn(ctx, nil, func(ctx context.Context) error {

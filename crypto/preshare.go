@@ -246,11 +246,11 @@ func (d *device) preshare(ctx context.Context, k outboundKey, stamp rotationStam
 		return err
 	}
 	start := time.Now()
-	session, err := d.createSession(ctx, k.room, policy)
+	session, inbound, err := d.createSession(ctx, k.room, policy)
 	if err != nil {
 		return err
 	}
-	stats, err := d.shareSession(ctx, session, members, policy, start)
+	stats, err := d.shareSession(ctx, session, inbound, members, policy, start)
 	if err != nil {
 		return err
 	}

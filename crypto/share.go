@@ -265,10 +265,14 @@ func (s *olmStore) loadShareBatch(ctx context.Context, devices map[id.UserID]map
 	return b, nil
 }
 
-// saveShare saves, in one transaction, the Olm sessions the share created or advanced and the recipients
-// entitled to the Megolm session. A session row is only overwritten by a state at least as new as the stored
-// one (last_encrypted), so a slower concurrent save never puts back an older ratchet.
-func (s *olmStore) saveShare(ctx context.Context, b *shareBatch, recipients []recipient, sessionID id.SessionID) error {
+// saveShare saves, in one transaction, the Olm sessions the share created or advanced, the recipients entitled to
+// the Megolm session and, for a new session, its inbound copy (nil for a session stored before). A session row is
+// only overwritten by a state at least as new as the stored one (last_encrypted), so a slower concurrent save
+// never puts back an older ratchet.
+func (s *olmStore) saveShare(ctx context.Context, b *shareBatch, recipients []recipient, sessionID id.SessionID, inbound *crypto.InboundGroupSession) error {
+	if inbound != nil {
+		defer s.c.sessionsChanged(&inboundKey{s.AccountID, inbound.RoomID, inbound.ID()})
+	}
 	// Rows in a fixed order: concurrent shares of one device into different rooms upsert overlapping sessions,
 	// and two transactions locking the same rows in different orders deadlock.
 	ids := make([]id.SessionID, 0, len(b.dirty))
@@ -281,18 +285,30 @@ func (s *olmStore) saveShare(ctx context.Context, b *shareBatch, recipients []re
 		p := b.dirty[sid]
 		sessions = append(sessions, s.AccountID, sid, p.senderKey, p.pickle, p.created, p.lastEncrypted, p.lastDecrypt)
 	}
+	var inboundArgs []any
+	if inbound != nil {
+		var err error
+		if inboundArgs, err = inboundSessionArgs(s.AccountID, s.PickleKey, inbound); err != nil {
+			return fmt.Errorf("failed to store the inbound copy of the session: %w", err)
+		}
+	}
 	if s.DB.Dialect == dbutil.Postgres && len(ids) > 0 && len(ids) <= shareChunkRows && len(recipients) > 0 && len(recipients) <= shareChunkRows {
 		// One statement, as atomic as the transaction below, without its BEGIN and COMMIT: a share's usual size.
-		args := sessions
+		args := append(sessions, inboundArgs...)
 		for _, r := range recipients {
 			args = append(args, r.userID, r.identityKey, sessionID)
 		}
-		if _, err := s.DB.Exec(ctx, sqlSaveShare(len(ids), len(recipients)), args...); err != nil {
+		if _, err := s.DB.Exec(ctx, sqlSaveShare(len(ids), len(recipients), inbound != nil), args...); err != nil {
 			return fmt.Errorf("failed to save Olm sessions and session recipients: %w", err)
 		}
 		return nil
 	}
 	return s.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if inbound != nil {
+			if _, err := s.DB.Exec(ctx, sqlPutInboundSession(1), inboundArgs...); err != nil {
+				return fmt.Errorf("failed to store the inbound copy of the session: %w", err)
+			}
+		}
 		for start := 0; start < len(sessions); start += shareChunkRows * 7 {
 			chunk := sessions[start:min(start+shareChunkRows*7, len(sessions))]
 			if _, err := s.DB.Exec(ctx, sqlSaveOlmSessions(len(chunk)/7), chunk...); err != nil {

@@ -12,9 +12,10 @@ import (
 	"go.ferry.im/ferry/internal/fakehs"
 )
 
-// TestShareSavedInOneStatement: a ghost's key share stores the Olm session it created and the member's device as
-// a recipient of the Megolm session in one statement on Postgres, where a transaction took four (BEGIN, two
-// inserts, COMMIT); what it stored lets the member read the message, and the session is not shared again.
+// TestShareSavedInOneStatement: a ghost's key share stores the Olm session it created, the member's device as a
+// recipient of the Megolm session and the new session's inbound copy in one statement on Postgres, where a
+// transaction took four (BEGIN, two inserts, COMMIT) and the inbound copy one more; what it stored lets the
+// member read the message, and the session is not shared again.
 func TestShareSavedInOneStatement(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -25,7 +26,8 @@ func TestShareSavedInOneStatement(t *testing.T) {
 		switch {
 		case w == "BEGIN" || w == "COMMIT":
 			txn = append(txn, w)
-		case strings.Contains(w, "crypto_olm_session ") || strings.Contains(w, "crypto_megolm_outbound_session_shared "):
+		case strings.Contains(w, "crypto_olm_session ") || strings.Contains(w, "crypto_megolm_outbound_session_shared ") ||
+			strings.Contains(w, "crypto_megolm_inbound_session "):
 			share = append(share, w)
 		}
 	}
@@ -42,6 +44,11 @@ func TestShareSavedInOneStatement(t *testing.T) {
 	}
 	if recipients != 1 || sessions != 1 {
 		t.Errorf("stored %d recipients of the session and %d Olm sessions of the ghost, want 1 and 1", recipients, sessions)
+	}
+	var source string
+	if err := r.db.QueryRow(ctx, `SELECT source_user FROM crypto_megolm_inbound_session WHERE account_id=$1 AND session_id=$2`,
+		string(r.ghost), sent.Content.AsEncrypted().SessionID).Scan(&source); err != nil || source != string(r.ghost) {
+		t.Errorf("the session's inbound copy: source %q, err %v; want one stored with the ghost as its source", source, err)
 	}
 	log.takeAll()
 	again := r.sendAs(t, r.ghost, "no second share")
@@ -90,6 +97,12 @@ func TestShareLargerThanOneStatement(t *testing.T) {
 			if c := olmSessions(); c != 0 {
 				t.Errorf("the failed share left %d Olm sessions stored, want 0 (one transaction)", c)
 			}
+			inboundCopies := func() int {
+				return count(`SELECT COUNT(*) FROM crypto_megolm_inbound_session WHERE account_id=$1`, string(r.ghost.userID))
+			}
+			if c := inboundCopies(); c != 0 {
+				t.Errorf("the failed share left %d inbound copies of its session stored, want 0 (one transaction)", c)
+			}
 			if _, err := r.db.Exec(ctx, `ALTER TABLE crypto_megolm_outbound_session_shared DROP CONSTRAINT share_test_not_last`); err != nil {
 				t.Fatal(err)
 			}
@@ -107,6 +120,9 @@ func TestShareLargerThanOneStatement(t *testing.T) {
 			}
 			if c := olmSessions(); c != n {
 				t.Errorf("stored %d Olm sessions, want %d", c, n)
+			}
+			if c := inboundCopies(); c != 1 {
+				t.Errorf("stored %d inbound copies of the session, want 1", c)
 			}
 			r.checkDecrypts(t, r.members, all, "to many")
 
