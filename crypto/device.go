@@ -38,7 +38,7 @@ func newDevice(userID id.UserID, client *mautrix.Client, store *crypto.SQLCrypto
 	if !ok {
 		base = &cachedStore{SQLCryptoStore: store, c: newStoreCache()}
 	}
-	olm := newOlmStore(base)
+	olm := newOlmStore(base, userID)
 	mach.CryptoStore = olm
 	// mautrix reads the account's identity keys into fields of its own on first use, without a lock: read them
 	// now, before the machine's goroutines (decrypting, handling to-device messages) can race to do it.

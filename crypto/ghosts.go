@@ -211,6 +211,7 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 	if deviceID == "" {
 		// Nor any Olm session: the account's first share need not look for them.
 		dev.olm.noSessions.Store(true)
+		dev.olm.unstored.Store(true)
 	}
 	if relogged {
 		// The token was revoked: if the device went with it, the homeserver recreated it empty on login.

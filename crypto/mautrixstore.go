@@ -234,6 +234,18 @@ func sqlPutInboundSession(first int) string {
 
 const sqlPutInboundSessionWidth = 16
 
+// sqlPutAccountWithDevice stores a new account's own device and the account, as mautrix's PutDevice and
+// PutAccount do (the same upserts), in one statement (Postgres): the device's seven parameters, then the
+// account's six.
+const sqlPutAccountWithDevice = `WITH dev AS (
+		INSERT INTO crypto_device (user_id, device_id, identity_key, signing_key, trust, deleted, name)
+		VALUES ($1, $2, $3, $4, $5, $6, $7)
+		ON CONFLICT (user_id, device_id) DO UPDATE
+			SET identity_key=excluded.identity_key, deleted=excluded.deleted, trust=excluded.trust, name=excluded.name)
+	INSERT INTO crypto_account (device_id, shared, sync_token, account, account_id, key_backup_version) VALUES ($8, $9, $10, $11, $12, $13)
+	ON CONFLICT (account_id) DO UPDATE SET shared=excluded.shared, sync_token=excluded.sync_token,
+		account=excluded.account, account_id=excluded.account_id, key_backup_version=excluded.key_backup_version`
+
 // inboundSessionArgs are sqlPutInboundSession's parameters for sess in account, the values mautrix's
 // PutGroupSession writes.
 func inboundSessionArgs(account string, pickleKey []byte, sess *crypto.InboundGroupSession) ([]any, error) {

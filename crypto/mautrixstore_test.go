@@ -64,6 +64,7 @@ func TestMautrixStoreStatements(t *testing.T) {
 	postgresOnly := map[string][]any{
 		sqlSaveShare(1, 1, true):  append(append(slices.Clone(olmRow), inboundRow...), "@u:x", "key", "sess"),
 		sqlSaveShare(1, 1, false): append(slices.Clone(olmRow), "@u:x", "key", "sess"),
+		sqlPutAccountWithDevice:   {"@u:x", "DEVICE", "ik", "sk", 0, false, "name", "DEVICE", false, "", []byte("pickle"), "acct", ""},
 	}
 	statements[sqlPutSecrets(n)] = []any{"acct", "a", []byte("1"), "acct", "b", []byte("2")}
 	statements[sqlPutSignatures(n)] = []any{"@u:x", "key1", "@u:x", "signer", "sig", "@u:x", "key2", "@u:x", "signer", "sig"}

@@ -51,12 +51,17 @@ type olmStore struct {
 	// noSessions: the account was created by this process and has added no Olm session since, so the store
 	// holds none of it (loadShareBatch). Cleared before any session is added, in a share or otherwise.
 	noSessions atomic.Bool
+	// owner is the user whose device the account is. While unstored (a new account, not yet written), PutDevice
+	// holds the account's own device back in ownDevice for the PutAccount that follows it (see PutDevice).
+	owner     id.UserID
+	unstored  atomic.Bool
+	ownDevice atomic.Pointer[id.Device]
 }
 
 var _ crypto.Store = (*olmStore)(nil)
 
-func newOlmStore(base *cachedStore) *olmStore {
-	return &olmStore{cachedStore: base, canon: make(map[id.SessionID]*crypto.OlmSession)}
+func newOlmStore(base *cachedStore, owner id.UserID) *olmStore {
+	return &olmStore{cachedStore: base, canon: make(map[id.SessionID]*crypto.OlmSession), owner: owner}
 }
 
 // adopt returns the one object that stands for sess's Olm session.

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -215,7 +216,43 @@ func (s *olmStore) PutAccount(ctx context.Context, account *crypto.OlmAccount) e
 		u.mu.Unlock()
 		return nil
 	}
-	return s.SQLCryptoStore.PutAccount(ctx, account)
+	dev := s.ownDevice.Swap(nil)
+	if dev == nil || s.DB.Dialect != dbutil.Postgres {
+		if dev != nil {
+			if err := s.cachedStore.PutDevice(ctx, s.owner, dev); err != nil {
+				return err
+			}
+		}
+		err := s.SQLCryptoStore.PutAccount(ctx, account)
+		if err == nil {
+			s.unstored.Store(false)
+		}
+		return err
+	}
+	// The new account's first write, with its own device (held back by PutDevice), in one statement.
+	defer s.c.trustChanged(s.owner)
+	pickled, err := account.Internal.Pickle(s.PickleKey)
+	if err != nil {
+		return err
+	}
+	if _, err = s.DB.Exec(ctx, sqlPutAccountWithDevice, s.owner, dev.DeviceID, dev.IdentityKey, dev.SigningKey, dev.Trust, dev.Deleted, dev.Name,
+		s.DeviceID, account.Shared, s.SyncToken, pickled, s.AccountID, account.KeyBackupVersion); err != nil {
+		return err
+	}
+	s.Account = account
+	s.unstored.Store(false)
+	return nil
+}
+
+// PutDevice holds the account's own device back while the account is new and unstored: mautrix's ShareKeys
+// stores that device and then the account, one after the other, before their first upload, and PutAccount
+// writes both in one statement. Every other device write goes to the store at once.
+func (s *olmStore) PutDevice(ctx context.Context, userID id.UserID, device *id.Device) error {
+	if userID == s.owner && device.DeviceID == s.DeviceID && s.unstored.Load() && unitFrom(ctx) == nil && trustBatchFrom(ctx) == nil {
+		s.ownDevice.Store(device)
+		return nil
+	}
+	return s.cachedStore.PutDevice(ctx, userID, device)
 }
 
 // The reads and Megolm writes of that handling: inside a unit, their errors abort it.

@@ -361,7 +361,7 @@ func newUnitStoreOn(t *testing.T, db *dbutil.Database) (*crypto.SQLCryptoStore, 
 	if err := store.PutAccount(ctx, crypto.NewOlmAccount()); err != nil {
 		t.Fatal(err)
 	}
-	return store, newOlmStore(&cachedStore{SQLCryptoStore: store, c: newStoreCache()})
+	return store, newOlmStore(&cachedStore{SQLCryptoStore: store, c: newStoreCache()}, "@acct:x")
 }
 
 // TestDroppedToDeviceMessageIsAcknowledged: a member's room key whose Olm state cannot be saved for good (here a
