@@ -47,16 +47,28 @@ func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ss
 	if err != nil {
 		return fmt.Errorf("failed to read the publication marker: %w", err)
 	}
-	// The steps' signatures are stored in one statement, then the markers of the steps done in another, whether
-	// or not a later step failed: a marker is only ever written after what it stands for.
+	// The steps' signatures and the markers of the steps done are stored in one statement (one transaction on
+	// SQLite), whether or not a later step failed: a marker is only ever written with or after what it stands for.
 	bctx, batch := withTrustBatch(ctx)
 	var markers []id.Secret
 	var values []string
 	settle := func(err error) error {
-		if flushErr := batch.finish(ctx); flushErr != nil {
+		var rows *RowInsert
+		if len(markers) > 0 {
+			var rowsErr error
+			if rows, rowsErr = sec.rows(markers, values); rowsErr != nil {
+				// The signatures are still stored; without markers the steps are done again.
+				markers, rows = nil, nil
+				err = errors.Join(err, fmt.Errorf("failed to store the identity's markers: %w", rowsErr))
+			}
+		}
+		carried, flushErr := batch.finishWith(ctx, rows)
+		if flushErr != nil {
 			return errors.Join(err, flushErr)
 		}
-		if len(markers) > 0 {
+		if carried {
+			sec.stored(markers, values)
+		} else if len(markers) > 0 {
 			if putErr := sec.PutSecrets(ctx, markers, values); putErr != nil {
 				return errors.Join(err, fmt.Errorf("failed to store the identity's markers: %w", putErr))
 			}

@@ -92,21 +92,36 @@ func (c *secretCache) PutSecret(ctx context.Context, name id.Secret, value strin
 
 // PutSecrets stores several secrets in one statement: all or none.
 func (c *secretCache) PutSecrets(ctx context.Context, names []id.Secret, values []string) error {
+	rows, err := c.rows(names, values)
+	if err != nil {
+		return err
+	}
+	if _, err := c.store.DB.Exec(ctx, sqlPutSecrets(len(names)), rows.Args...); err != nil {
+		return err
+	}
+	c.stored(names, values)
+	return nil
+}
+
+// rows renders secrets as the rows PutSecrets writes, for a statement that writes them with others (then
+// stored, once it committed).
+func (c *secretCache) rows(names []id.Secret, values []string) (*RowInsert, error) {
 	args := make([]any, 0, len(names)*sqlPutSecretsRowWidth)
 	for i, name := range names {
 		pickled, err := libolmpickle.Pickle(c.store.PickleKey, []byte(values[i]))
 		if err != nil {
-			return fmt.Errorf("failed to pickle secret %s: %w", name, err)
+			return nil, fmt.Errorf("failed to pickle secret %s: %w", name, err)
 		}
 		args = append(args, c.store.AccountID, name, pickled)
 	}
-	if _, err := c.store.DB.Exec(ctx, sqlPutSecrets(len(names)), args...); err != nil {
-		return err
-	}
+	return &RowInsert{Head: sqlPutSecretsHead, Tail: sqlPutSecretsTail, Width: sqlPutSecretsRowWidth, Args: args}, nil
+}
+
+// stored records secrets written by a statement of rows.
+func (c *secretCache) stored(names []id.Secret, values []string) {
 	for i, name := range names {
 		c.remember(name, values[i])
 	}
-	return nil
 }
 
 // DeleteSecret removes the named secret. Once the account's secrets are read, deleting one it does not have

@@ -366,7 +366,7 @@ func (s *cachedStore) PutDevices(ctx context.Context, userID id.UserID, devices 
 	if b := trustBatchFrom(ctx); b != nil && b.addDevices(s, userID, devices) {
 		return nil
 	}
-	return s.writeTrust(ctx, []batchedDevices{{userID, devices}}, nil, nil)
+	return s.writeTrust(ctx, []batchedDevices{{userID, devices}}, nil, nil, nil)
 }
 
 // The reads and writes of devices and tracked users below come after ctx's trust batch when it holds a device

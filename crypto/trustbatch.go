@@ -156,14 +156,21 @@ func (b *trustBatch) keysOf(s *cachedStore, user id.UserID) []batchedKey {
 // flush writes what the batch holds (see trustBatch) and applies it to the trust cache as cachedStore's single
 // writes do. ctx is the caller's. A failure is also kept for finish.
 func (b *trustBatch) flush(ctx context.Context) error {
+	_, err := b.flushWith(ctx, nil)
+	return err
+}
+
+// flushWith is flush with rows (of another table) written in the same statement or transaction, when the batch
+// holds anything: carried tells whether it did (and so whether rows were written, when err is nil).
+func (b *trustBatch) flushWith(ctx context.Context, rows *RowInsert) (carried bool, err error) {
 	b.lock.Lock()
 	s, devices, keys, sigs := b.store, b.devices, b.keys, b.sigs
 	b.devices, b.keys, b.sigs = nil, nil, nil
 	b.lock.Unlock()
 	if len(devices)+len(keys)+len(sigs) == 0 {
-		return nil
+		return false, nil
 	}
-	err := s.writeTrust(ctx, devices, keys, sigs)
+	err = s.writeTrust(ctx, devices, keys, sigs, rows)
 	if err != nil {
 		b.lock.Lock()
 		if b.err == nil {
@@ -171,20 +178,28 @@ func (b *trustBatch) flush(ctx context.Context) error {
 		}
 		b.lock.Unlock()
 	}
-	return err
+	return rows != nil, err
 }
 
 // finish writes what the batch holds and closes it: a write through its context after this (by something the
 // step left running) is written at once, as without a batch. It returns the error of any flush that failed, as
 // what that flush held is not stored (a read that wrote the batch may have had its error swallowed by mautrix).
 func (b *trustBatch) finish(ctx context.Context) error {
+	_, err := b.finishWith(ctx, nil)
+	return err
+}
+
+// finishWith is finish with rows (of another table: a step's markers) written all or nothing with what the batch
+// still holds, in its statement or transaction. carried tells whether they were part of that write; when the
+// batch held nothing more, the caller writes them itself.
+func (b *trustBatch) finishWith(ctx context.Context, rows *RowInsert) (carried bool, err error) {
 	b.lock.Lock()
 	b.closed = true
 	b.lock.Unlock()
-	_ = b.flush(ctx)
+	carried, _ = b.flushWith(ctx, rows)
 	b.lock.Lock()
 	defer b.lock.Unlock()
-	return b.err
+	return carried, b.err
 }
 
 // flushFor writes ctx's batch, if s has one there, before a read or write that depends on it.
@@ -220,8 +235,9 @@ type userTrustWrite struct {
 // writeTrust writes device lists, cross-signing keys and signatures all or nothing: on Postgres in one statement,
 // otherwise (or when a user or a key's usage comes twice, or the lists are long) in one transaction of the
 // store's own statements. One device list per user in the batch replaces it as mautrix's PutDevices does; of two
-// signatures with the same signer and signed key the last wins; the first key seen for a usage stays.
-func (s *cachedStore) writeTrust(ctx context.Context, devices []batchedDevices, keys []batchedKey, sigs []batchedSignature) error {
+// signatures with the same signer and signed key the last wins; the first key seen for a usage stays. extra, when
+// set, is written with them (rows of another table: trustBatch.finishWith).
+func (s *cachedStore) writeTrust(ctx context.Context, devices []batchedDevices, keys []batchedKey, sigs []batchedSignature, extra *RowInsert) error {
 	writes := make(map[id.UserID]*userTrustWrite)
 	of := func(user id.UserID) *userTrustWrite {
 		if writes[user] == nil {
@@ -264,7 +280,7 @@ func (s *cachedStore) writeTrust(ctx context.Context, devices []batchedDevices, 
 	var err error
 	if single {
 		var stored []*id.Device
-		stored, err = s.writeTrustStatement(ctx, devices, keys, order, latest)
+		stored, err = s.writeTrustStatement(ctx, devices, keys, order, latest, extra)
 		for _, d := range stored {
 			w := writes[d.UserID]
 			w.stored, w.exact = append(w.stored, d), true
@@ -302,6 +318,10 @@ func (s *cachedStore) writeTrust(ctx context.Context, devices []batchedDevices, 
 				return err
 			})
 		}
+		if extra != nil {
+			query := extra.Head + placeholders(1, len(extra.Args)/extra.Width, extra.Width) + extra.Tail
+			steps = append(steps, func(ctx context.Context) error { _, err := s.DB.Exec(ctx, query, extra.Args...); return err })
+		}
 		if len(steps) == 1 && len(devices) == 0 {
 			err = steps[0](ctx)
 		} else {
@@ -324,9 +344,9 @@ func (s *cachedStore) writeTrust(ctx context.Context, devices []batchedDevices, 
 }
 
 // writeTrustStatement is writeTrust's one statement (Postgres): the users' tracking, their devices no longer
-// listed marked deleted, the keys and the signatures in data-modifying WITH clauses, the listed devices upserted
-// by the statement itself, which returns them as stored.
-func (s *cachedStore) writeTrustStatement(ctx context.Context, devices []batchedDevices, keys []batchedKey, order []signatureRow, latest map[signatureRow]string) ([]*id.Device, error) {
+// listed marked deleted, the keys, the signatures and extra in data-modifying WITH clauses, the listed devices
+// upserted by the statement itself, which returns them as stored.
+func (s *cachedStore) writeTrustStatement(ctx context.Context, devices []batchedDevices, keys []batchedKey, order []signatureRow, latest map[signatureRow]string, extra *RowInsert) ([]*id.Device, error) {
 	var sb strings.Builder
 	var args []any
 	arg := func(v any) string {
@@ -396,6 +416,20 @@ func (s *cachedStore) writeTrustStatement(ctx context.Context, devices []batched
 			sb.WriteString("(" + arg(r.signedUser) + "," + arg(r.key) + "," + arg(r.signer) + "," + arg(r.sKey) + "," + arg(latest[r]) + ")")
 		}
 		sb.WriteString(sqlPutSignaturesTail + ")")
+	}
+	if extra != nil {
+		clause("extra")
+		sb.WriteString(extra.Head)
+		for i := 0; i < len(extra.Args); i += extra.Width {
+			sep(i)
+			sb.WriteByte('(')
+			for j, v := range extra.Args[i : i+extra.Width] {
+				sep(j)
+				sb.WriteString(arg(v))
+			}
+			sb.WriteByte(')')
+		}
+		sb.WriteString(extra.Tail + ")")
 	}
 	n := 0
 	for _, d := range devices {

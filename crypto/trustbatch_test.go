@@ -226,3 +226,89 @@ func TestTrustBatchKeys(t *testing.T) {
 		})
 	}
 }
+
+// TestTrustBatchCarriesMarkers: an identity step's markers (secrets of the account) handed to the batch's finish
+// are written all or nothing with the signatures the batch holds (one statement on Postgres, one transaction on
+// SQLite): a marker that cannot be stored leaves no signature behind, and the reverse; with nothing left in the
+// batch the markers are not carried, and the caller writes them.
+func TestTrustBatchCarriesMarkers(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			db := dbtest.Open(t, dialect)
+			store := newBatchStore(ctx, t, db)
+			const user = id.UserID("@ghost:x")
+			master, device := testKey("master"), testKey("device")
+			signed := func() bool {
+				fresh := &cachedStore{SQLCryptoStore: store.SQLCryptoStore, c: newStoreCache()}
+				ok, err := fresh.IsKeySignedBy(ctx, user, master, user, device)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return ok
+			}
+			marker := func(name id.Secret) string {
+				v, err := newSecretCache(store.SQLCryptoStore).GetSecret(ctx, name)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return v
+			}
+			step := func(name id.Secret) (bool, error) {
+				bctx, batch := withTrustBatch(ctx)
+				if err := store.PutSignature(bctx, user, master, user, device, "master-by-device"); err != nil {
+					t.Fatal(err)
+				}
+				rows, err := newSecretCache(store.SQLCryptoStore).rows([]id.Secret{name}, []string{"done"})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return batch.finishWith(ctx, rows)
+			}
+
+			// A trigger refuses the marker named "refused".
+			refuse := map[string][]string{
+				"postgres": {
+					`CREATE FUNCTION marker_refused() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$`,
+					`CREATE TRIGGER marker_refused BEFORE INSERT ON crypto_secrets FOR EACH ROW WHEN (NEW.name = 'refused') EXECUTE FUNCTION marker_refused()`,
+				},
+				"sqlite3-fk-wal": {
+					`CREATE TRIGGER marker_refused BEFORE INSERT ON crypto_secrets FOR EACH ROW WHEN NEW.name = 'refused' BEGIN SELECT RAISE(ABORT, 'refused'); END`,
+				},
+			}[dialect]
+			if len(refuse) == 0 {
+				t.Fatalf("no trigger for %s", dialect)
+			}
+			for _, q := range refuse {
+				if _, err := db.Exec(ctx, q); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if carried, err := step("refused"); !carried || err == nil {
+				t.Fatalf("a marker that cannot be stored: carried %v, err %v; want carried and failed", carried, err)
+			}
+			if signed() || marker("refused") != "" {
+				t.Errorf("the failed write left signature %v, marker %q; want neither", signed(), marker("refused"))
+			}
+
+			if carried, err := step("published"); !carried || err != nil {
+				t.Fatalf("carried %v, err %v; want carried and written", carried, err)
+			}
+			if !signed() || marker("published") != "done" {
+				t.Errorf("after the write: signature %v, marker %q; want both", signed(), marker("published"))
+			}
+
+			_, batch := withTrustBatch(ctx)
+			rows, err := newSecretCache(store.SQLCryptoStore).rows([]id.Secret{"alone"}, []string{"done"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if carried, err := batch.finishWith(ctx, rows); carried || err != nil {
+				t.Errorf("an empty batch: carried %v, err %v; want neither", carried, err)
+			}
+			if v := marker("alone"); v != "" {
+				t.Errorf("an empty batch wrote the marker %q", v)
+			}
+		})
+	}
+}
