@@ -91,7 +91,7 @@ func (b *Bridge) handle(ctx context.Context, row *database.InboxEvent, run *even
 	if evt.Type.Class == event.StateEventType {
 		// The echoes of what ferry's own ghost and bot sent that the store already holds change nothing: not
 		// applied again, and the ghost's cached entries (computed with them) are kept.
-		forget := !b.staleOwnInvite(ctx, evt) && !b.ownJoinEcho(ctx, evt)
+		forget := !b.ownInviteEcho(ctx, evt) && !b.ownJoinEcho(ctx, evt)
 		if forget {
 			b.hot.stateChanged(evt.Type, evt.RoomID, *evt.StateKey)
 		}

@@ -185,17 +185,23 @@ func (b *Bridge) ownJoinEcho(ctx context.Context, evt *event.Event) bool {
 		stored.Displayname == content.Displayname && stored.AvatarURL == content.AvatarURL
 }
 
-// staleOwnInvite reports whether evt is the homeserver's echo of the bot's invite of one of ferry's ghosts that
-// has joined since: the state store holds the join (recorded when the ghost sent it), and a joined member cannot
-// be invited, so the invite is older than what the store holds. Applied, it would record the ghost as only
-// invited until the join's echo, and forget the ghost's cached entries, which were computed with the join.
-func (b *Bridge) staleOwnInvite(ctx context.Context, evt *event.Event) bool {
+// ownInviteEcho reports whether evt is the homeserver's echo of the bot's invite of one of ferry's ghosts that
+// changes nothing the state store holds: the invite itself as the event has it (mautrix's client recorded it when
+// the bot sent it), or the ghost's join since (recorded when the ghost sent it; a joined member cannot be
+// invited, so the invite is older than the join). Applied, the first would write the same row again, the second
+// would record the ghost as only invited until the join's echo; either would forget the ghost's cached entries.
+func (b *Bridge) ownInviteEcho(ctx context.Context, evt *event.Event) bool {
 	if evt.Type != event.StateMember || evt.StateKey == nil || evt.Sender != b.AS.BotMXID() || !b.Ghosts.IsOwn(id.UserID(*evt.StateKey)) {
 		return false
 	}
-	if evt.Content.AsMember().Membership != event.MembershipInvite {
+	content := evt.Content.AsMember()
+	if content.Membership != event.MembershipInvite {
 		return false
 	}
-	m, err := b.StateStore.GetMembership(ctx, evt.RoomID, id.UserID(*evt.StateKey))
-	return err == nil && m == event.MembershipJoin
+	stored, err := b.StateStore.TryGetMember(ctx, evt.RoomID, id.UserID(*evt.StateKey))
+	if err != nil || stored == nil {
+		return false
+	}
+	return stored.Membership == event.MembershipJoin ||
+		(stored.Membership == event.MembershipInvite && stored.Displayname == content.Displayname && stored.AvatarURL == content.AvatarURL)
 }

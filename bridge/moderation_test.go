@@ -320,3 +320,51 @@ func TestModerationCheckReadsOnce(t *testing.T) {
 		})
 	}
 }
+
+// memberWrites counts the statements that write the state store's members.
+type memberWrites struct {
+	dbutil.DatabaseLogger
+	n atomic.Int32
+}
+
+func (c *memberWrites) QueryTiming(_ context.Context, method, query string, _ []any, _ int, _ time.Duration, _ error) {
+	q := strings.TrimSpace(query)
+	if method != "EndRows" && strings.Contains(q, "mx_user_profile") && !strings.HasPrefix(q, "SELECT") {
+		c.n.Add(1)
+	}
+}
+
+// TestGhostInviteEchoWritesNothingNew: the homeserver's echo of the bot's invite of a ghost, which mautrix's client
+// recorded when the bot sent it, is not written again (a new sender's first message in an invite-only room); an
+// invite echo that differs from what is stored (another name) is applied.
+func TestGhostInviteEchoWritesNothingNew(t *testing.T) {
+	root := dbtest.Postgres(t)
+	f := newRelayFixtureOn(t, newScriptedCrypto(), root)
+	ctx := context.Background()
+	ghost := f.br.Ghosts.Ghost(f.alice)
+	sent := &event.MemberEventContent{Membership: event.MembershipInvite, Displayname: "alice (A)"}
+	if err := f.br.StateStore.SetMember(ctx, f.roomB, ghost, sent); err != nil {
+		t.Fatal(err)
+	}
+	counter := &memberWrites{DatabaseLogger: root.Log}
+	root.Log = counter
+	defer func() { root.Log = counter.DatabaseLogger }()
+	echo := func(name string) {
+		f.n++
+		f.process(t, map[string]any{
+			"event_id": fmt.Sprintf("$invite%d", f.n), "room_id": f.roomB, "sender": f.br.AS.BotMXID(), "type": "m.room.member", "state_key": string(ghost),
+			"origin_server_ts": time.Now().UnixMilli(), "content": map[string]any{"membership": "invite", "displayname": name},
+		})
+	}
+	echo(sent.Displayname)
+	if n := counter.n.Load(); n != 0 {
+		t.Errorf("the echo of the invite the store holds wrote members %d times, want none", n)
+	}
+	echo("alice (renamed)")
+	if n := counter.n.Load(); n != 1 {
+		t.Errorf("an invite echo that differs from the store wrote members %d times, want once", n)
+	}
+	if m, err := f.br.StateStore.TryGetMember(ctx, f.roomB, ghost); err != nil || m == nil || m.Membership != event.MembershipInvite || m.Displayname != "alice (renamed)" {
+		t.Errorf("after the differing echo the store holds %+v (%v), want the invite with the new name", m, err)
+	}
+}
