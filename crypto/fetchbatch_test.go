@@ -70,13 +70,15 @@ func (l *writeLog) takeAll() []string {
 	return out
 }
 
-// takeReads returns the reads since the last takeReads that read table.
+// takeReads returns the reads since the last takeReads that read table ("": every read, whole).
 func (l *writeLog) takeReads(table string) []string {
 	l.lock.Lock()
 	defer l.lock.Unlock()
 	var out []string
 	for _, r := range l.reads {
-		if strings.Contains(r, "FROM "+table+" ") {
+		if table == "" {
+			out = append(out, r)
+		} else if strings.Contains(r, "FROM "+table+" ") {
 			out = append(out, r[:min(len(r), 60)])
 		}
 	}

@@ -129,13 +129,15 @@ func StoredCopiesOf(ctx context.Context, db *dbutil.Database, roomID id.RoomID, 
 
 // Statements with a list of parameters: each is its head, placeholders (see the functions below) and its tail.
 const (
-	// Which of the users' tracked lists a share fetches again: mautrix's rule for outdated lists
+	// The users' tracked device lists, a row per device not deleted (a tracked user without any: one row with NULL
+	// device columns), with whether a share fetches the list again: mautrix's rule for outdated lists
 	// (SQLCryptoStore.GetOutdatedTrackedUsers: after 5 failed fetches, wait the cube of the failures in seconds, at
 	// most 3 hours), for these users only. $1 is the time now (Unix seconds); %s is least (Postgres) or min (SQLite).
-	sqlTrackedStaleInHead = `SELECT user_id, COALESCE(devices_outdated AND (error_count IS NULL OR error_count < 5
-		OR last_attempt + %s(error_count*error_count*error_count, 10800) < $1), false) FROM crypto_tracked_user WHERE user_id IN (`
-	sqlDevicesOfHead = `SELECT user_id, device_id, identity_key, signing_key, trust, deleted, name FROM crypto_device
-		WHERE deleted=false AND user_id IN (`
+	sqlDeviceListsOfHead = `SELECT t.user_id, COALESCE(t.devices_outdated AND (t.error_count IS NULL OR t.error_count < 5
+		OR t.last_attempt + %s(t.error_count*t.error_count*t.error_count, 10800) < $1), false),
+		d.device_id, d.identity_key, d.signing_key, d.trust, d.name
+		FROM crypto_tracked_user t LEFT JOIN crypto_device d ON d.user_id=t.user_id AND d.deleted=false
+		WHERE t.user_id IN (`
 	sqlCrossSigningKeysOfHead = `SELECT user_id, usage, key, first_seen_key FROM crypto_cross_signing_keys
 		WHERE user_id IN (`
 	sqlCrossSigningKeysOfTail = `) AND user_id<>$1`
@@ -164,19 +166,14 @@ const (
 	sqlSaveReplayIndexTail  = ` ON CONFLICT (session_id, "index") DO NOTHING`
 )
 
-// sqlTrackedStaleIn selects which of n users (parameters $2..$n+1) have tracked device lists, and whether each is
-// to be fetched again now ($1), in dialect's SQL.
-func sqlTrackedStaleIn(dialect dbutil.Dialect, n int) string {
+// sqlDeviceListsOf reads the tracked device lists of n users ($2..$n+1), with whether each is to be fetched again
+// now ($1), in dialect's SQL.
+func sqlDeviceListsOf(dialect dbutil.Dialect, n int) string {
 	least := "least"
 	if dialect == dbutil.SQLite {
 		least = "min"
 	}
-	return fmt.Sprintf(sqlTrackedStaleInHead, least) + placeholders(2, n, 1) + sqlInListTail
-}
-
-// sqlDevicesOf reads the stored devices of n users (parameters $1..$n).
-func sqlDevicesOf(n int) string {
-	return sqlDevicesOfHead + placeholders(1, n, 1) + sqlInListTail
+	return fmt.Sprintf(sqlDeviceListsOfHead, least) + placeholders(2, n, 1) + sqlInListTail
 }
 
 // sqlCrossSigningKeysOf reads the cross-signing keys of n users ($2..$n+1), other than the one in $1.

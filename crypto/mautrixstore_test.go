@@ -39,8 +39,7 @@ func TestMautrixStoreStatements(t *testing.T) {
 		sqlDeleteGhostInbound: {"x", "x", "x"}, sqlInboundCopyAccounts: {"x", "x"}, sqlInboundKeyAccounts: {"x", "x"},
 		sqlDeleteSessionShared: {"x"}, sqlIsSessionRecipient: {"x", "x"}, sqlAllTrackedUsers: {}, sqlDrainState: {"x", "x"},
 		sqlReplayIndexOfSession: {"x"}, sqlAccountPickle: {"x"}, sqlOlmSessionPickle: {"x", "x"},
-		sqlDevicesOf(n): args(n), sqlCrossSigningKeysOf(n): args(n + 1),
-		sqlSelfSignaturesOf(n): args(n + 1), sqlOlmSessionsWith(n): args(n + 1),
+		sqlCrossSigningKeysOf(n): args(n + 1), sqlSelfSignaturesOf(n): args(n + 1), sqlOlmSessionsWith(n): args(n + 1),
 		sqlSaveSessionShared(n): args(3 * n), sqlAccountSecrets: {"x"},
 	}
 	// Typed values where the schema needs them.
@@ -86,7 +85,7 @@ func TestMautrixStoreStatements(t *testing.T) {
 			}
 			// Statements written for each dialect.
 			all := maps.Clone(statements)
-			all[sqlTrackedStaleIn(db.Dialect, n)] = append([]any{now.Unix()}, args(n)...)
+			all[sqlDeviceListsOf(db.Dialect, n)] = append([]any{now.Unix()}, args(n)...)
 			if db.Dialect == dbutil.Postgres {
 				maps.Copy(all, postgresOnly)
 			}

@@ -2,6 +2,7 @@ package crypto
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"slices"
 	"strings"
@@ -414,37 +415,30 @@ func loadDeviceLists(ctx context.Context, db *dbutil.Database, users []id.UserID
 		for i, u := range chunk {
 			args[i] = u
 		}
-		rows, err := db.Query(ctx, sqlTrackedStaleIn(db.Dialect, len(chunk)), append([]any{now.Unix()}, args...)...)
+		// The tracking and the devices in one read: a row per device of a tracked user, or one without a device.
+		rows, err := db.Query(ctx, sqlDeviceListsOf(db.Dialect, len(chunk)), append([]any{now.Unix()}, args...)...)
 		if err != nil {
-			return nil, nil, fmt.Errorf("failed to read tracked users: %w", err)
+			return nil, nil, fmt.Errorf("failed to read tracked users and their devices: %w", err)
 		}
 		for rows.Next() {
 			var u id.UserID
 			var outdated bool
-			if err = rows.Scan(&u, &outdated); err != nil {
+			var deviceID, identityKey, signingKey, name sql.NullString
+			var trust sql.NullInt64
+			if err = rows.Scan(&u, &outdated, &deviceID, &identityKey, &signingKey, &trust, &name); err != nil {
 				_ = rows.Close()
 				return nil, nil, err
 			}
-			out[u] = make(map[id.DeviceID]*id.Device)
+			if out[u] == nil {
+				out[u] = make(map[id.DeviceID]*id.Device)
+			}
 			if outdated {
 				stale[u] = true
 			}
-		}
-		if err = closeRows(rows); err != nil {
-			return nil, nil, err
-		}
-		rows, err = db.Query(ctx, sqlDevicesOf(len(chunk)), args...)
-		if err != nil {
-			return nil, nil, fmt.Errorf("failed to read devices: %w", err)
-		}
-		for rows.Next() {
-			var dev id.Device
-			if err = rows.Scan(&dev.UserID, &dev.DeviceID, &dev.IdentityKey, &dev.SigningKey, &dev.Trust, &dev.Deleted, &dev.Name); err != nil {
-				_ = rows.Close()
-				return nil, nil, err
-			}
-			if devs := out[dev.UserID]; devs != nil {
-				devs[dev.DeviceID] = &dev
+			if deviceID.Valid {
+				out[u][id.DeviceID(deviceID.String)] = &id.Device{UserID: u, DeviceID: id.DeviceID(deviceID.String),
+					IdentityKey: id.Curve25519(identityKey.String), SigningKey: id.Ed25519(signingKey.String),
+					Trust: id.TrustState(trust.Int64), Name: name.String}
 			}
 		}
 		if err = closeRows(rows); err != nil {
