@@ -168,6 +168,8 @@ func signDevice(ctx context.Context, d *device) error {
 			return fmt.Errorf("failed to store the device's cross-signing signature: %w", err)
 		}
 	}
+	// (Written with ctx's trust batch; a device whose batch fails is not used.)
+	d.olm.ownSig.Store(&ownSignature{device: account.SigningKey(), selfSigning: selfSigning, signature: deviceSig})
 	return nil
 }
 

@@ -2,6 +2,7 @@ package crypto
 
 import (
 	"context"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
@@ -169,9 +170,10 @@ func TestAddedOutboundSessionKeptAsStored(t *testing.T) {
 }
 
 // TestNewGhostLooksForNoAccountOrOlmSession: a ghost without a stored account gets a new one without reading the
-// account a second time, and its first share looks for no Olm session (the new account has none). Once it has
-// added one, shares find it: a rotation in the same process, and one after a restart, share over the stored Olm
-// session (no new one, so no one-time key claimed), and the member reads every message. On both device paths.
+// account a second time, and its first share looks for no Olm session (the new account has none) nor reads back
+// the signature of its device it just made (answered as the store holds it). Once it has added an Olm session,
+// shares find it: a rotation in the same process, and one after a restart, share over the stored Olm session (no
+// new one, so no one-time key claimed), and the member reads every message. On both device paths.
 func TestNewGhostLooksForNoAccountOrOlmSession(t *testing.T) {
 	for name, opts := range devicePaths() {
 		t.Run(name, func(t *testing.T) {
@@ -196,8 +198,32 @@ func TestNewGhostLooksForNoAccountOrOlmSession(t *testing.T) {
 				t.Errorf("the new ghost's set-up read its account %d times, want once:\n%s", len(got), strings.Join(got, "\n"))
 			}
 			sent := r.sendAs(t, r.ghost, "first words")
-			if got := log.takeReads("crypto_olm_session"); len(got) != 0 {
-				t.Errorf("the new ghost's first share looked for Olm sessions %d times, want none:\n%s", len(got), strings.Join(got, "\n"))
+			reads := log.takeReads("")
+			if n := countReads(reads, "FROM crypto_olm_session "); n != 0 {
+				t.Errorf("the new ghost's first share looked for Olm sessions %d times, want none", n)
+			}
+			// Its Olm messages carry its device's keys with the signature it just made, which it need not read back.
+			if n := countReads(reads, ownSignatureRead); n != 0 {
+				t.Errorf("the new ghost's first share read its own device's signature %d times, want none", n)
+			}
+			dev, err := r.m.ghostDevice(ctx, r.ghost)
+			if err != nil || dev == nil {
+				t.Fatalf("the ghost's device: %v, %v", dev, err)
+			}
+			own := dev.mach.OwnIdentity().SigningKey
+			stored, err := crypto.NewSQLCryptoStore(r.db, dbutil.NoopLogger, string(r.ghost), "", nil).GetSignaturesForKeyBy(ctx, r.ghost, own, r.ghost)
+			if err != nil {
+				t.Fatal(err)
+			}
+			answered, err := dev.olm.GetSignaturesForKeyBy(ctx, r.ghost, own, r.ghost)
+			if err != nil || len(answered) != 1 || len(stored) == 0 {
+				t.Fatalf("the own device's signatures: answered %v (%v), stored %v", answered, err, stored)
+			}
+			for ssk, sig := range answered {
+				// (Postgres pads the stored signature to its column's width, CHAR(88).)
+				if strings.TrimRight(stored[ssk], " ") != sig {
+					t.Errorf("answered the own device's signature by %s as %q, the store holds %q", ssk, sig, stored[ssk])
+				}
 			}
 			r.memberReads(t, sent, "first words")
 			if n := olmSessions(); n != 1 {
@@ -218,8 +244,20 @@ func TestNewGhostLooksForNoAccountOrOlmSession(t *testing.T) {
 				}
 				log.takeReads("")
 				sent = r.sendAs(t, r.ghost, step)
-				if got := log.takeReads("crypto_olm_session"); len(got) == 0 {
+				reads := log.takeReads("")
+				if countReads(reads, "FROM crypto_olm_session ") == 0 {
 					t.Errorf("%s: the share did not look for the ghost's Olm sessions", step)
+				}
+				// A restarted process has not made the signature: it reads it, as it was made (without padding).
+				if n, want := countReads(reads, ownSignatureRead), map[bool]int{true: 1, false: 0}[step == "after a restart"]; n != want {
+					t.Errorf("%s: the share read the own device's signature %d times, want %d", step, n, want)
+				}
+				dev, err := r.m.ghostDevice(ctx, r.ghost)
+				if err != nil || dev == nil {
+					t.Fatalf("%s: the ghost's device: %v, %v", step, dev, err)
+				}
+				if again, err := dev.olm.GetSignaturesForKeyBy(ctx, r.ghost, own, r.ghost); err != nil || !maps.Equal(again, answered) {
+					t.Errorf("%s: the own device's signatures read %v (%v), want %v", step, again, err, answered)
 				}
 				r.memberReads(t, sent, step)
 				if n := olmSessions(); n != 1 {
@@ -229,3 +267,6 @@ func TestNewGhostLooksForNoAccountOrOlmSession(t *testing.T) {
 		})
 	}
 }
+
+// ownSignatureRead is the start of mautrix's read of a key's signatures by one signer (GetSignaturesForKeyBy).
+const ownSignatureRead = "SELECT signer_key, signature FROM crypto_cross_signing_signatures"
