@@ -44,6 +44,20 @@ func onEachDevicePath(t *testing.T, test func(ctx context.Context, t *testing.T,
 	}
 }
 
+// onEachDevicePathLogged runs test, as a subtest per device path, with a started rig whose statements log records
+// (nothing set up for its ghost yet); the rig's Machine, even one test replaced, is stopped after test.
+func onEachDevicePathLogged(t *testing.T, test func(ctx context.Context, t *testing.T, r *asRig, log *writeLog)) {
+	for name, opts := range devicePaths() {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			r, log := startASRigLogged(ctx, t, opts)
+			defer func() { r.m.Stop() }()
+			test(ctx, t, r, log)
+		})
+	}
+}
+
 // TestGhostDeviceUploadsFewOneTimeKeys: a ghost's new device uploads ghostOneTimeKeys one-time keys, on both
 // device paths, and still works for what members do with it: their client opens an Olm channel to the ghost's
 // device with one of those keys when it shares its own room key, and reads the ghost's message.
@@ -354,45 +368,39 @@ func TestGhostDeviceKeysRunOut(t *testing.T) {
 // after the other before their first upload, are written in one statement on Postgres; the stored device is the
 // one the homeserver publishes (the keys members' clients see), and members read the ghost. On both device paths.
 func TestNewGhostStoresItsDeviceWithItsAccount(t *testing.T) {
-	for name, opts := range devicePaths() {
-		t.Run(name, func(t *testing.T) {
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			r, log := startASRigLogged(ctx, t, opts)
-			defer r.m.Stop()
-			log.take()
-			if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
-				t.Fatal(err)
-			}
-			// Its first write (device and account) and the account marked shared after the upload (the login
-			// path's first drain of the device's to-device queue also stores its token in the account's row).
-			writes := slices.DeleteFunc(log.take("crypto_device", "crypto_account"), func(w string) bool {
-				return strings.HasPrefix(w, "UPDATE crypto_account SET sync_token=")
-			})
-			if len(writes) != 2 {
-				t.Errorf("the new ghost's device and account were written in %d statements, want 2:\n%s", len(writes), strings.Join(writes, "\n"))
-			}
-			devices := r.srv.Devices(r.ghost)
-			if len(devices) != 1 {
-				t.Fatalf("the ghost has devices %v, want one", devices)
-			}
-			resp, err := r.member.Client.QueryKeys(ctx, &mautrix.ReqQueryKeys{DeviceKeys: map[id.UserID]mautrix.DeviceIDList{r.ghost: nil}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			published := resp.DeviceKeys[r.ghost][devices[0]]
-			var identity, signing string
-			var shared bool
-			if err = r.db.QueryRow(ctx, `SELECT d.identity_key, d.signing_key, a.shared FROM crypto_device d JOIN crypto_account a ON a.account_id=$1 AND a.device_id=d.device_id
-				WHERE d.user_id=$1 AND d.device_id=$2`, string(r.ghost), string(devices[0])).Scan(&identity, &signing, &shared); err != nil {
-				t.Fatalf("the ghost's own device and account: %v", err)
-			}
-			if identity != published.Keys.GetCurve25519(devices[0]).String() || signing != published.Keys.GetEd25519(devices[0]).String() || !shared {
-				t.Errorf("stored own device %s/%s (account shared %v), the homeserver publishes %s/%s", identity, signing, shared,
-					published.Keys.GetCurve25519(devices[0]), published.Keys.GetEd25519(devices[0]))
-			}
-			sent := r.sendAs(t, r.ghost, "stored together")
-			r.memberReads(t, sent, "stored together")
+	onEachDevicePathLogged(t, func(ctx context.Context, t *testing.T, r *asRig, log *writeLog) {
+		log.take()
+		if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+			t.Fatal(err)
+		}
+		// Its first write (device and account) and the account marked shared after the upload (the login
+		// path's first drain of the device's to-device queue also stores its token in the account's row).
+		writes := slices.DeleteFunc(log.take("crypto_device", "crypto_account"), func(w string) bool {
+			return strings.HasPrefix(w, "UPDATE crypto_account SET sync_token=")
 		})
-	}
+		if len(writes) != 2 {
+			t.Errorf("the new ghost's device and account were written in %d statements, want 2:\n%s", len(writes), strings.Join(writes, "\n"))
+		}
+		devices := r.srv.Devices(r.ghost)
+		if len(devices) != 1 {
+			t.Fatalf("the ghost has devices %v, want one", devices)
+		}
+		resp, err := r.member.Client.QueryKeys(ctx, &mautrix.ReqQueryKeys{DeviceKeys: map[id.UserID]mautrix.DeviceIDList{r.ghost: nil}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		published := resp.DeviceKeys[r.ghost][devices[0]]
+		var identity, signing string
+		var shared bool
+		if err = r.db.QueryRow(ctx, `SELECT d.identity_key, d.signing_key, a.shared FROM crypto_device d JOIN crypto_account a ON a.account_id=$1 AND a.device_id=d.device_id
+				WHERE d.user_id=$1 AND d.device_id=$2`, string(r.ghost), string(devices[0])).Scan(&identity, &signing, &shared); err != nil {
+			t.Fatalf("the ghost's own device and account: %v", err)
+		}
+		if identity != published.Keys.GetCurve25519(devices[0]).String() || signing != published.Keys.GetEd25519(devices[0]).String() || !shared {
+			t.Errorf("stored own device %s/%s (account shared %v), the homeserver publishes %s/%s", identity, signing, shared,
+				published.Keys.GetCurve25519(devices[0]), published.Keys.GetEd25519(devices[0]))
+		}
+		sent := r.sendAs(t, r.ghost, "stored together")
+		r.memberReads(t, sent, "stored together")
+	})
 }

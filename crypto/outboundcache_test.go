@@ -175,97 +175,91 @@ func TestAddedOutboundSessionKeptAsStored(t *testing.T) {
 // shares find it: a rotation in the same process, and one after a restart, share over the stored Olm session (no
 // new one, so no one-time key claimed), and the member reads every message. On both device paths.
 func TestNewGhostLooksForNoAccountOrOlmSession(t *testing.T) {
-	for name, opts := range devicePaths() {
-		t.Run(name, func(t *testing.T) {
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			r, log := startASRigLogged(ctx, t, opts)
-			defer func() { r.m.Stop() }()
-			olmSessions := func() int {
-				var n int
-				if err := r.db.QueryRow(ctx, `SELECT COUNT(*) FROM crypto_olm_session WHERE account_id=$1`, string(r.ghost)).Scan(&n); err != nil {
-					t.Fatal(err)
-				}
-				return n
-			}
-			log.takeReads("")
-			if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+	onEachDevicePathLogged(t, func(ctx context.Context, t *testing.T, r *asRig, log *writeLog) {
+		olmSessions := func() int {
+			var n int
+			if err := r.db.QueryRow(ctx, `SELECT COUNT(*) FROM crypto_olm_session WHERE account_id=$1`, string(r.ghost)).Scan(&n); err != nil {
 				t.Fatal(err)
 			}
-			// (The login path's first drain of the device's to-device queue reads its token from the same row.)
-			got := slices.DeleteFunc(log.takeReads("crypto_account"), func(q string) bool { return strings.HasPrefix(q, "SELECT sync_token ") })
-			if len(got) != 1 {
-				t.Errorf("the new ghost's set-up read its account %d times, want once:\n%s", len(got), strings.Join(got, "\n"))
+			return n
+		}
+		log.takeReads("")
+		if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+			t.Fatal(err)
+		}
+		// (The login path's first drain of the device's to-device queue reads its token from the same row.)
+		got := slices.DeleteFunc(log.takeReads("crypto_account"), func(q string) bool { return strings.HasPrefix(q, "SELECT sync_token ") })
+		if len(got) != 1 {
+			t.Errorf("the new ghost's set-up read its account %d times, want once:\n%s", len(got), strings.Join(got, "\n"))
+		}
+		sent := r.sendAs(t, r.ghost, "first words")
+		reads := log.takeReads("")
+		if n := countReads(reads, "FROM crypto_olm_session "); n != 0 {
+			t.Errorf("the new ghost's first share looked for Olm sessions %d times, want none", n)
+		}
+		// Its Olm messages carry its device's keys with the signature it just made, which it need not read back.
+		if n := countReads(reads, ownSignatureRead); n != 0 {
+			t.Errorf("the new ghost's first share read its own device's signature %d times, want none", n)
+		}
+		dev, err := r.m.ghostDevice(ctx, r.ghost)
+		if err != nil || dev == nil {
+			t.Fatalf("the ghost's device: %v, %v", dev, err)
+		}
+		own := dev.mach.OwnIdentity().SigningKey
+		stored, err := crypto.NewSQLCryptoStore(r.db, dbutil.NoopLogger, string(r.ghost), "", nil).GetSignaturesForKeyBy(ctx, r.ghost, own, r.ghost)
+		if err != nil {
+			t.Fatal(err)
+		}
+		answered, err := dev.olm.GetSignaturesForKeyBy(ctx, r.ghost, own, r.ghost)
+		if err != nil || len(answered) != 1 || len(stored) == 0 {
+			t.Fatalf("the own device's signatures: answered %v (%v), stored %v", answered, err, stored)
+		}
+		for ssk, sig := range answered {
+			// (Postgres pads the stored signature to its column's width, CHAR(88).)
+			if strings.TrimRight(stored[ssk], " ") != sig {
+				t.Errorf("answered the own device's signature by %s as %q, the store holds %q", ssk, sig, stored[ssk])
 			}
-			sent := r.sendAs(t, r.ghost, "first words")
+		}
+		r.memberReads(t, sent, "first words")
+		if n := olmSessions(); n != 1 {
+			t.Fatalf("the ghost stored %d Olm sessions, want 1", n)
+		}
+
+		for _, step := range []string{"after a rotation", "after a restart"} {
+			if step == "after a restart" {
+				r.m.Stop()
+				r.m = r.newMachine(t)
+				if err := r.m.Init(ctx); err != nil {
+					t.Fatal(err)
+				}
+				r.m.Start(ctx)
+			}
+			if err := r.m.Rotate(ctx, r.room); err != nil {
+				t.Fatal(err)
+			}
+			log.takeReads("")
+			sent = r.sendAs(t, r.ghost, step)
 			reads := log.takeReads("")
-			if n := countReads(reads, "FROM crypto_olm_session "); n != 0 {
-				t.Errorf("the new ghost's first share looked for Olm sessions %d times, want none", n)
+			if countReads(reads, "FROM crypto_olm_session ") == 0 {
+				t.Errorf("%s: the share did not look for the ghost's Olm sessions", step)
 			}
-			// Its Olm messages carry its device's keys with the signature it just made, which it need not read back.
-			if n := countReads(reads, ownSignatureRead); n != 0 {
-				t.Errorf("the new ghost's first share read its own device's signature %d times, want none", n)
+			// A restarted process has not made the signature: it reads it, as it was made (without padding).
+			if n, want := countReads(reads, ownSignatureRead), map[bool]int{true: 1, false: 0}[step == "after a restart"]; n != want {
+				t.Errorf("%s: the share read the own device's signature %d times, want %d", step, n, want)
 			}
 			dev, err := r.m.ghostDevice(ctx, r.ghost)
 			if err != nil || dev == nil {
-				t.Fatalf("the ghost's device: %v, %v", dev, err)
+				t.Fatalf("%s: the ghost's device: %v, %v", step, dev, err)
 			}
-			own := dev.mach.OwnIdentity().SigningKey
-			stored, err := crypto.NewSQLCryptoStore(r.db, dbutil.NoopLogger, string(r.ghost), "", nil).GetSignaturesForKeyBy(ctx, r.ghost, own, r.ghost)
-			if err != nil {
-				t.Fatal(err)
+			if again, err := dev.olm.GetSignaturesForKeyBy(ctx, r.ghost, own, r.ghost); err != nil || !maps.Equal(again, answered) {
+				t.Errorf("%s: the own device's signatures read %v (%v), want %v", step, again, err, answered)
 			}
-			answered, err := dev.olm.GetSignaturesForKeyBy(ctx, r.ghost, own, r.ghost)
-			if err != nil || len(answered) != 1 || len(stored) == 0 {
-				t.Fatalf("the own device's signatures: answered %v (%v), stored %v", answered, err, stored)
-			}
-			for ssk, sig := range answered {
-				// (Postgres pads the stored signature to its column's width, CHAR(88).)
-				if strings.TrimRight(stored[ssk], " ") != sig {
-					t.Errorf("answered the own device's signature by %s as %q, the store holds %q", ssk, sig, stored[ssk])
-				}
-			}
-			r.memberReads(t, sent, "first words")
+			r.memberReads(t, sent, step)
 			if n := olmSessions(); n != 1 {
-				t.Fatalf("the ghost stored %d Olm sessions, want 1", n)
+				t.Errorf("%s: the ghost has %d Olm sessions, want its first one only", step, n)
 			}
-
-			for _, step := range []string{"after a rotation", "after a restart"} {
-				if step == "after a restart" {
-					r.m.Stop()
-					r.m = r.newMachine(t)
-					if err := r.m.Init(ctx); err != nil {
-						t.Fatal(err)
-					}
-					r.m.Start(ctx)
-				}
-				if err := r.m.Rotate(ctx, r.room); err != nil {
-					t.Fatal(err)
-				}
-				log.takeReads("")
-				sent = r.sendAs(t, r.ghost, step)
-				reads := log.takeReads("")
-				if countReads(reads, "FROM crypto_olm_session ") == 0 {
-					t.Errorf("%s: the share did not look for the ghost's Olm sessions", step)
-				}
-				// A restarted process has not made the signature: it reads it, as it was made (without padding).
-				if n, want := countReads(reads, ownSignatureRead), map[bool]int{true: 1, false: 0}[step == "after a restart"]; n != want {
-					t.Errorf("%s: the share read the own device's signature %d times, want %d", step, n, want)
-				}
-				dev, err := r.m.ghostDevice(ctx, r.ghost)
-				if err != nil || dev == nil {
-					t.Fatalf("%s: the ghost's device: %v, %v", step, dev, err)
-				}
-				if again, err := dev.olm.GetSignaturesForKeyBy(ctx, r.ghost, own, r.ghost); err != nil || !maps.Equal(again, answered) {
-					t.Errorf("%s: the own device's signatures read %v (%v), want %v", step, again, err, answered)
-				}
-				r.memberReads(t, sent, step)
-				if n := olmSessions(); n != 1 {
-					t.Errorf("%s: the ghost has %d Olm sessions, want its first one only", step, n)
-				}
-			}
-		})
-	}
+		}
+	})
 }
 
 // ownSignatureRead is the start of mautrix's read of a key's signatures by one signer (GetSignaturesForKeyBy).
