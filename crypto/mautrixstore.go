@@ -115,11 +115,6 @@ const (
 	sqlPutCrossSigningKeysTail = ` ON CONFLICT (user_id, usage) DO UPDATE SET key=excluded.key`
 )
 
-// sqlPutSecrets upserts n secrets (account_id, name, secret each).
-func sqlPutSecrets(n int) string {
-	return sqlPutSecretsHead + placeholders(1, n, sqlPutSecretsRowWidth) + sqlPutSecretsTail
-}
-
 // StoredCopiesOf lists the crypto store accounts (the bot's, ghosts') that hold key material of a Megolm session
 // (withheld sessions have none). ferry-keycheck uses it to tell whether ferry's database can decrypt an event.
 func StoredCopiesOf(ctx context.Context, db *dbutil.Database, roomID id.RoomID, sessionID id.SessionID) ([]string, error) {
@@ -271,6 +266,11 @@ type RowInsert struct {
 	Head, Tail string
 	Width      int
 	Args       []any
+}
+
+// statement is r's SQL with its parameters numbered from first.
+func (r *RowInsert) statement(first int) string {
+	return r.Head + placeholders(first, len(r.Args)/r.Width, r.Width) + r.Tail
 }
 
 // ReplayIndexInsert is the insert of replay index entries (TakeReplayIndex) that the relay commits together with

@@ -65,11 +65,12 @@ func TestMautrixStoreStatements(t *testing.T) {
 		sqlSaveShare(1, 1, false): append(slices.Clone(olmRow), "@u:x", "key", "sess"),
 		sqlPutAccountWithDevice:   {"@u:x", "DEVICE", "ik", "sk", 0, false, "name", "DEVICE", false, "", []byte("pickle"), "acct", ""},
 	}
-	statements[sqlPutSecrets(n)] = []any{"acct", "a", []byte("1"), "acct", "b", []byte("2")}
+	secrets := &RowInsert{Head: sqlPutSecretsHead, Tail: sqlPutSecretsTail, Width: sqlPutSecretsRowWidth, Args: []any{"acct", "a", []byte("1"), "acct", "b", []byte("2")}}
+	statements[secrets.statement(1)] = secrets.Args
 	statements[sqlPutSignatures(n)] = []any{"@u:x", "key1", "@u:x", "signer", "sig", "@u:x", "key2", "@u:x", "signer", "sig"}
 	// The replay index insert as the relay's batch renders it (database.Batch adds the rows' placeholders).
 	replay := ReplayIndexInsert([]ReplayEntry{{SessionID: "sess", Index: 1, EventID: "$event", Timestamp: 1}, {SessionID: "sess", Index: 2, EventID: "$next", Timestamp: 2}})
-	statements[replay.Head+placeholders(1, len(replay.Args)/replay.Width, replay.Width)+replay.Tail] = replay.Args
+	statements[replay.statement(1)] = replay.Args
 	statements[sqlStoreVersion] = []any{}
 
 	for _, dialect := range dbtest.Dialects {

@@ -96,7 +96,7 @@ func (c *secretCache) PutSecrets(ctx context.Context, names []id.Secret, values 
 	if err != nil {
 		return err
 	}
-	if _, err := c.store.DB.Exec(ctx, sqlPutSecrets(len(names)), rows.Args...); err != nil {
+	if _, err := c.store.DB.Exec(ctx, rows.statement(1), rows.Args...); err != nil {
 		return err
 	}
 	c.stored(names, values)

@@ -319,8 +319,10 @@ func (s *cachedStore) writeTrust(ctx context.Context, devices []batchedDevices, 
 			})
 		}
 		if extra != nil {
-			query := extra.Head + placeholders(1, len(extra.Args)/extra.Width, extra.Width) + extra.Tail
-			steps = append(steps, func(ctx context.Context) error { _, err := s.DB.Exec(ctx, query, extra.Args...); return err })
+			steps = append(steps, func(ctx context.Context) error {
+				_, err := s.DB.Exec(ctx, extra.statement(1), extra.Args...)
+				return err
+			})
 		}
 		if len(steps) == 1 && len(devices) == 0 {
 			err = steps[0](ctx)
@@ -419,17 +421,8 @@ func (s *cachedStore) writeTrustStatement(ctx context.Context, devices []batched
 	}
 	if extra != nil {
 		clause("extra")
-		sb.WriteString(extra.Head)
-		for i := 0; i < len(extra.Args); i += extra.Width {
-			sep(i)
-			sb.WriteByte('(')
-			for j, v := range extra.Args[i : i+extra.Width] {
-				sep(j)
-				sb.WriteString(arg(v))
-			}
-			sb.WriteByte(')')
-		}
-		sb.WriteString(extra.Tail + ")")
+		sb.WriteString(extra.statement(len(args)+1) + ")")
+		args = append(args, extra.Args...)
 	}
 	n := 0
 	for _, d := range devices {
