@@ -217,12 +217,7 @@ func (s *olmStore) PutAccount(ctx context.Context, account *crypto.OlmAccount) e
 		return nil
 	}
 	dev := s.ownDevice.Swap(nil)
-	if dev == nil || s.DB.Dialect != dbutil.Postgres {
-		if dev != nil {
-			if err := s.cachedStore.PutDevice(ctx, s.owner, dev); err != nil {
-				return err
-			}
-		}
+	if dev == nil {
 		err := s.SQLCryptoStore.PutAccount(ctx, account)
 		if err == nil {
 			s.unstored.Store(false)
@@ -246,9 +241,11 @@ func (s *olmStore) PutAccount(ctx context.Context, account *crypto.OlmAccount) e
 
 // PutDevice holds the account's own device back while the account is new and unstored: mautrix's ShareKeys
 // stores that device and then the account, one after the other, before their first upload, and PutAccount
-// writes both in one statement. Every other device write goes to the store at once.
+// writes both in one statement (Postgres; SQLite has no data-modifying WITH). Every other device write goes to
+// the store at once.
 func (s *olmStore) PutDevice(ctx context.Context, userID id.UserID, device *id.Device) error {
-	if userID == s.owner && device.DeviceID == s.DeviceID && s.unstored.Load() && unitFrom(ctx) == nil && trustBatchFrom(ctx) == nil {
+	if s.DB.Dialect == dbutil.Postgres && userID == s.owner && device.DeviceID == s.DeviceID && s.unstored.Load() &&
+		unitFrom(ctx) == nil && trustBatchFrom(ctx) == nil {
 		s.ownDevice.Store(device)
 		return nil
 	}
