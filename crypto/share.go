@@ -71,17 +71,12 @@ type ownSignature struct {
 // GetSignaturesForKeyBy answers mautrix's one question of it, the own device's signature by the owner's
 // self-signing key (which every Olm message carries with the device's keys; mautrix asks once per device), from
 // the signature this process made and stored, when it made one: the answer holds that signature only. Every other
-// question goes to the store, whose answer comes without the padding Postgres adds to the signatures' CHAR(88)
-// column (mautrix would put a signature with two trailing spaces, which is not base64, into the Olm messages).
+// question goes to the store.
 func (s *olmStore) GetSignaturesForKeyBy(ctx context.Context, userID id.UserID, key id.Ed25519, signerID id.UserID) (map[id.Ed25519]string, error) {
 	if p := s.ownSig.Load(); p != nil && userID == s.owner && signerID == s.owner && key == p.device {
 		return map[id.Ed25519]string{p.selfSigning: p.signature}, nil
 	}
-	sigs, err := s.cachedStore.GetSignaturesForKeyBy(ctx, userID, key, signerID)
-	for k, sig := range sigs {
-		sigs[k] = strings.TrimRight(sig, " ")
-	}
-	return sigs, err
+	return s.cachedStore.GetSignaturesForKeyBy(ctx, userID, key, signerID)
 }
 
 var _ crypto.Store = (*olmStore)(nil)

@@ -3,6 +3,7 @@ package crypto
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 
 	"go.mau.fi/util/dbutil"
@@ -313,12 +314,18 @@ func (s *cachedStore) IsKeySignedBy(ctx context.Context, userID id.UserID, key i
 	return signed, nil
 }
 
-// GetSignaturesForKeyBy reads the store after writing ctx's trust batch.
+// GetSignaturesForKeyBy reads the store after writing ctx's trust batch, and answers the signatures without the
+// padding Postgres adds to their CHAR(88) column: mautrix would put a signature with two trailing spaces, which is
+// not base64, into every Olm message (the sending device's keys).
 func (s *cachedStore) GetSignaturesForKeyBy(ctx context.Context, userID id.UserID, key id.Ed25519, signerID id.UserID) (map[id.Ed25519]string, error) {
 	if err := s.flushFor(ctx); err != nil {
 		return nil, err
 	}
-	return s.SQLCryptoStore.GetSignaturesForKeyBy(ctx, userID, key, signerID)
+	sigs, err := s.SQLCryptoStore.GetSignaturesForKeyBy(ctx, userID, key, signerID)
+	for k, sig := range sigs {
+		sigs[k] = strings.TrimRight(sig, " ")
+	}
+	return sigs, err
 }
 
 func (s *cachedStore) FindDeviceByKey(ctx context.Context, userID id.UserID, identityKey id.IdentityKey) (*id.Device, error) {
