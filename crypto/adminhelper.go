@@ -125,8 +125,15 @@ func (m *Machine) adminDone(ctx context.Context, s *adminSession) {
 // adminLogin logs the helper in (or registers it), returning a client holding a fresh access token, unless an
 // admin removed it.
 func (m *Machine) adminLogin(ctx context.Context) (*mautrix.Client, error) {
-	// Its state in one read (under adminLock's single login, nothing else writes it meanwhile).
-	store := newSecretCache(m.adminStore())
+	// Its state in one read, kept for the next logins (one login at a time: under adminLock's single login and
+	// adminGate, nothing else writes it meanwhile).
+	m.adminLock.Lock()
+	store := m.adminSecrets
+	if store == nil {
+		store = newSecretCache(m.adminStore())
+		m.adminSecrets = store
+	}
+	m.adminLock.Unlock()
 	if removed, err := store.GetSecret(ctx, secretAdminRemoved); err != nil {
 		return nil, fmt.Errorf("failed to read the admin helper's state: %w", err)
 	} else if removed != "" {
@@ -222,6 +229,9 @@ func (m *Machine) RemoveAdminHelper(ctx context.Context) (bool, error) {
 	}
 	m.adminGate.Lock() // no call uses the helper while it is marked removed
 	defer m.adminGate.Unlock()
+	m.adminLock.Lock()
+	m.adminSecrets = nil // written below without it
+	m.adminLock.Unlock()
 	if err = store.PutSecret(ctx, secretAdminRemoved, time.Now().UTC().Format(time.RFC3339)); err != nil {
 		return false, err
 	}

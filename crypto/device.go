@@ -29,6 +29,9 @@ type device struct {
 	shareLock *exsync.KeyedMutex[id.RoomID]
 	// noOlm remembers devices already told m.no_olm, which the spec wants sent once per device.
 	noOlm *exsync.Set[id.IdentityKey]
+	// newKeys are the cross-signing keys stored with the device's new account, until crossSign takes them
+	// (holdNewSeeds); only the set-up's goroutine uses it.
+	newKeys *crypto.CrossSigningKeysCache
 }
 
 func newDevice(userID id.UserID, client *mautrix.Client, store *crypto.SQLCryptoStore, mach *crypto.OlmMachine) *device {

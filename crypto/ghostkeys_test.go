@@ -220,7 +220,7 @@ func keysOf(m map[string]json.RawMessage) []string {
 }
 
 // TestNewIdentityStoredInTwoStatements: a new ghost's identity is stored in two statements (its private keys
-// before they are published; then the signatures of its publication and of its device with the markers of both
+// before they are published, in its account's first write; then the signatures of its publication and of its device with the markers of both
 // steps); when signing the device fails, the publication's marker is stored all the same (with the publication's
 // signatures), so the retry signs the device without publishing the identity again, and a member's client then
 // sees the device cross-signed by its owner.
@@ -403,4 +403,141 @@ func TestNewGhostStoresItsDeviceWithItsAccount(t *testing.T) {
 		sent := r.sendAs(t, r.ghost, "stored together")
 		r.memberReads(t, sent, "stored together")
 	})
+}
+
+// TestNewGhostReadsItsAccountAndSecretsOnce: setting up a new ghost's device reads what its account holds (its
+// device, its secrets: cross-signing keys, markers, the login path's token and password) in one query, on both
+// device paths, and on the login path the admin helper's state, once read, is not read again for each ghost it
+// gives a password; restarted, ferry reads them the same way and the ghost keeps its identity.
+func TestNewGhostReadsItsAccountAndSecretsOnce(t *testing.T) {
+	onEachDevicePathLogged(t, func(ctx context.Context, t *testing.T, r *asRig, log *writeLog) {
+		// Another ghost first: on the login path its password is the admin helper's first use.
+		if err := r.m.PrepareSender(ctx, id.NewUserID("ghost_first", r.srv.Domain())); err != nil {
+			t.Fatal(err)
+		}
+		log.takeReads("")
+		if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+			t.Fatal(err)
+		}
+		// (The login path's first drain of the device's to-device queue reads its token from the account's row.)
+		reads := slices.DeleteFunc(log.takeReads(""), func(q string) bool {
+			return strings.HasPrefix(q, "SELECT sync_token ") || !(strings.Contains(q, "FROM crypto_account ") || strings.Contains(q, "FROM crypto_secrets "))
+		})
+		if len(reads) != 1 {
+			t.Errorf("the new ghost's set-up read its account and secrets in %d queries, want 1:\n%s", len(reads), strings.Join(reads, "\n"))
+		}
+		sent := r.sendAs(t, r.ghost, "first words")
+		r.memberReads(t, sent, "first words")
+		master := r.publishedMaster(ctx, t, r.ghost)
+
+		r.restart(ctx, t)
+		sent = r.sendAs(t, r.ghost, "after a restart")
+		r.memberReads(t, sent, "after a restart")
+		if now := r.publishedMaster(ctx, t, r.ghost); now != master {
+			t.Errorf("after a restart the ghost's master key is %s, was %s", now, master)
+		}
+	})
+}
+
+// TestNewGhostStoresItsSeedsWithItsAccount: a new ghost's cross-signing keys are stored in the statement that
+// first stores its account (before its keys are uploaded, so a retry publishes the same identity), and they are
+// the keys the homeserver publishes.
+func TestNewGhostStoresItsSeedsWithItsAccount(t *testing.T) {
+	onEachDevicePathLogged(t, func(ctx context.Context, t *testing.T, r *asRig, log *writeLog) {
+		log.take()
+		if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+			t.Fatal(err)
+		}
+		writes := slices.DeleteFunc(log.take("crypto_secrets", "crypto_account", "crypto_device"), func(w string) bool {
+			return strings.HasPrefix(w, "UPDATE crypto_account SET sync_token=")
+		})
+		// The account with its device and cross-signing keys; the account marked shared after the upload; the
+		// device's signatures with the markers of the steps done. The login path stores the ghost's password
+		// and then its access token before the device exists.
+		want := 3
+		if !r.m.asMode.Load() {
+			want += 2
+		}
+		if len(writes) != want {
+			t.Errorf("the new ghost's account, device, keys and markers were written in %d statements, want %d:\n%s", len(writes), want, strings.Join(writes, "\n"))
+		}
+		keys, err := loadSeeds(ctx, newSecretCache(r.m.storeFor(r.ghost)))
+		if err != nil || keys == nil {
+			t.Fatalf("the ghost's stored cross-signing keys: %v, %v", keys, err)
+		}
+		if published := r.publishedMaster(ctx, t, r.ghost); keys.MasterKey.PublicKey() != published {
+			t.Errorf("the stored master key is %s, the homeserver publishes %s", keys.MasterKey.PublicKey(), published)
+		}
+		sent := r.sendAs(t, r.ghost, "signed with stored keys")
+		r.memberReads(t, sent, "signed with stored keys")
+	})
+}
+
+// TestNewGhostKeepsItsIdentityAfterAFailedUpload: a new ghost's cross-signing keys, stored with its account
+// before its device keys are uploaded, are the ones it publishes when that upload failed and the set-up runs
+// again: the retry neither makes nor publishes another identity. (Through the appservice's clients, where the
+// rig can fail a request; the login path stores the keys the same way.)
+func TestNewGhostKeepsItsIdentityAfterAFailedUpload(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var published atomic.Int32
+	opts := devicePaths()["appservice"]
+	opts.BeforeRequest = func(route string, body []byte) {
+		if route == "POST /_matrix/client/v3/keys/device_signing/upload" && strings.Contains(string(body), "ghost_alice") {
+			published.Add(1)
+		}
+	}
+	r := startASRig(ctx, t, opts, opts.SharedSecret)
+	defer r.m.Stop()
+	fail := &failOnce{next: r.srv.Client().Transport, suffix: "/keys/upload"}
+	r.m.NewUserClient = func(u id.UserID) *mautrix.Client {
+		cli := r.asClient(t, u)
+		cli.Client = &http.Client{Transport: fail}
+		return cli
+	}
+	if err := r.m.PrepareSender(ctx, r.ghost); err == nil {
+		t.Fatal("the failed key upload did not reach the set-up")
+	}
+	stored, err := loadSeeds(ctx, newSecretCache(r.m.storeFor(r.ghost)))
+	if err != nil || stored == nil {
+		t.Fatalf("the ghost's cross-signing keys after the failed upload: %v, %v", stored, err)
+	}
+	if err = r.m.PrepareSender(ctx, r.ghost); err != nil {
+		t.Fatal(err)
+	}
+	if n := published.Load(); n != 1 {
+		t.Errorf("the ghost's identity was published %d times, want once", n)
+	}
+	if master := r.publishedMaster(ctx, t, r.ghost); master != stored.MasterKey.PublicKey() {
+		t.Errorf("the ghost published master key %s, not the one stored before the failed upload (%s)", master, stored.MasterKey.PublicKey())
+	}
+	sent := r.sendAs(t, r.ghost, "after the retry")
+	if trust := r.memberReads(t, sent, "after the retry"); trust != id.TrustStateCrossSignedTOFU {
+		t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+	}
+}
+
+// restart stops the rig's Machine and starts a new one over the same database, as a restart of ferry does.
+func (r *asRig) restart(ctx context.Context, t *testing.T) {
+	t.Helper()
+	r.m.Stop()
+	r.m = r.newMachine(t)
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatalf("start after a restart: %v", err)
+	}
+	r.m.Start(ctx)
+}
+
+// publishedMaster is user's master key as the homeserver publishes it to the member.
+func (r *asRig) publishedMaster(ctx context.Context, t *testing.T, user id.UserID) id.Ed25519 {
+	t.Helper()
+	resp, err := r.member.Client.QueryKeys(ctx, &mautrix.ReqQueryKeys{DeviceKeys: map[id.UserID]mautrix.DeviceIDList{user: nil}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	master, ok := resp.MasterKeys[user]
+	if !ok {
+		t.Fatalf("the homeserver publishes no master key of %s", user)
+	}
+	return master.FirstKey()
 }

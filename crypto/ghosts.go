@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/crypto/goolm/libolmpickle"
@@ -137,9 +138,9 @@ func (m *Machine) forgetGhost(ghost id.UserID) {
 func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool, error) {
 	store := m.storeFor(ghost)
 	sec := newSecretCache(store)
-	deviceID, err := store.FindDeviceID(ctx)
+	deviceID, err := sec.loadWithDevice(ctx)
 	if err != nil {
-		return nil, false, fmt.Errorf("failed to read the ghost's device: %w", err)
+		return nil, false, fmt.Errorf("failed to read the ghost's device and secrets: %w", err)
 	} else if deviceID == "" {
 		// No account stored, so no outbound session either (they are stored after it and deleted with it).
 		m.cache.markFreshOutbound(store.AccountID)
@@ -212,6 +213,11 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 		// Nor any Olm session: the account's first share need not look for them.
 		dev.olm.noSessions.Store(true)
 		dev.olm.unstored.Store(true)
+		if store.DB.Dialect == dbutil.Postgres { // where the account's first write can carry them
+			if err = holdNewSeeds(ctx, dev, sec); err != nil {
+				return nil, false, err
+			}
+		}
 	}
 	if relogged {
 		// The token was revoked: if the device went with it, the homeserver recreated it empty on login.

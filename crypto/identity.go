@@ -27,7 +27,12 @@ const secretPublishedWithoutUIA id.Secret = "im.ferry.cross_signing_without_uia"
 // serverMaster, when known, is the master key the homeserver currently publishes for the user: a mismatch means
 // the identity must be published again.
 func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ssss bool, serverMaster id.Ed25519) error {
-	keys, err := loadSeeds(ctx, sec)
+	// A new account's keys, stored with it (holdNewSeeds), or the stored ones, or new ones.
+	keys, err := d.newKeys, error(nil)
+	d.newKeys = nil
+	if keys == nil {
+		keys, err = loadSeeds(ctx, sec)
+	}
 	if err != nil {
 		return err
 	} else if keys == nil {
@@ -276,14 +281,44 @@ func loadSeeds(ctx context.Context, sec *secretCache) (*crypto.CrossSigningKeysC
 
 // storeSeeds stores the account's cross-signing private keys, all three in one statement.
 func storeSeeds(ctx context.Context, sec *secretCache, keys *crypto.CrossSigningKeysCache) error {
+	if err := sec.PutSecrets(ctx, seedNames[:], seedValues(keys)); err != nil {
+		return fmt.Errorf("failed to store the cross-signing keys: %w", err)
+	}
+	return nil
+}
+
+// seedValues are the secrets that store keys' private keys, in seedNames' order.
+func seedValues(keys *crypto.CrossSigningKeysCache) []string {
 	seeds := keys.Seeds()
-	var values []string
+	values := make([]string, 0, len(seedNames))
 	for _, seed := range [3][]byte{seeds.MasterKey, seeds.SelfSigningKey, seeds.UserSigningKey} {
 		values = append(values, base64.RawStdEncoding.EncodeToString(seed))
 	}
-	if err := sec.PutSecrets(ctx, seedNames[:], values); err != nil {
-		return fmt.Errorf("failed to store the cross-signing keys: %w", err)
+	return values
+}
+
+// holdNewSeeds generates the cross-signing keys of d's new account, unless it has some stored, and hands them to
+// the account's first write (olmStore.PutAccount, before any upload), which stores them in its own statement:
+// one write less for a new ghost, and still stored before anything is published. Once that write committed,
+// crossSign takes them from d.newKeys; had it not (PutAccount without the own device), crossSign finds none
+// stored and makes its own.
+func holdNewSeeds(ctx context.Context, d *device, sec *secretCache) error {
+	if stored, err := sec.GetSecret(ctx, seedNames[0]); err != nil || stored != "" {
+		return err
 	}
+	keys, err := d.mach.GenerateCrossSigningKeys()
+	if err != nil {
+		return fmt.Errorf("failed to generate cross-signing keys: %w", err)
+	}
+	values := seedValues(keys)
+	rows, err := sec.rows(seedNames[:], values)
+	if err != nil {
+		return err
+	}
+	d.olm.withAccount.Store(&heldSecrets{rows: rows, stored: func() {
+		sec.stored(seedNames[:], values)
+		d.newKeys = keys
+	}})
 	return nil
 }
 

@@ -151,6 +151,9 @@ type Machine struct {
 	// call runs. adminGone is closed when the last login's logout ended (nil before the first).
 	admin     *adminSession
 	adminGone chan struct{}
+	// adminSecrets holds the admin helper's secrets once a login read them (its password, device, removal
+	// marker): logins write them only through it, and RemoveAdminHelper drops it.
+	adminSecrets *secretCache
 	// adminGate is held for reading by every call that uses the admin helper, and for writing while it is removed.
 	adminGate sync.RWMutex
 

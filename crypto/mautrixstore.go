@@ -89,7 +89,11 @@ const sqlDrainState = `SELECT a.sync_token, s.secret FROM crypto_account a
 // An account's secrets (crypto_secrets, pickled with the pickle key as the store's PutSecret writes them), read
 // all at once and written several in one statement (secretCache).
 const (
-	sqlAccountSecrets     = `SELECT name, secret FROM crypto_secrets WHERE account_id=$1`
+	sqlAccountSecrets = `SELECT name, secret FROM crypto_secrets WHERE account_id=$1`
+	// sqlAccountDeviceAndSecrets: the device ID of the account's Olm account (the store's FindDeviceID; a row
+	// whose name is NULL) and the account's secrets, in one query.
+	sqlAccountDeviceAndSecrets = `SELECT device_id, NULL, NULL FROM crypto_account WHERE account_id=$1
+		UNION ALL SELECT NULL, name, secret FROM crypto_secrets WHERE account_id=$1`
 	sqlPutSecretsHead     = `INSERT INTO crypto_secrets (account_id, name, secret) VALUES `
 	sqlPutSecretsTail     = ` ON CONFLICT (account_id, name) DO UPDATE SET secret=excluded.secret`
 	sqlPutSecretsRowWidth = 3
@@ -229,14 +233,23 @@ const sqlPutInboundSessionWidth = 16
 // sqlPutAccountWithDevice stores a new account's own device and the account, as mautrix's PutDevice and
 // PutAccount do (the same upserts), in one statement (Postgres): the device's seven parameters, then the
 // account's six.
-const sqlPutAccountWithDevice = `WITH dev AS (
-		INSERT INTO crypto_device (user_id, device_id, identity_key, signing_key, trust, deleted, name)
+const sqlPutAccountWithDevice = `WITH dev AS (` + sqlPutOwnDevice + `) ` + sqlPutOwnAccount
+
+const (
+	sqlPutOwnDevice = `INSERT INTO crypto_device (user_id, device_id, identity_key, signing_key, trust, deleted, name)
 		VALUES ($1, $2, $3, $4, $5, $6, $7)
 		ON CONFLICT (user_id, device_id) DO UPDATE
-			SET identity_key=excluded.identity_key, deleted=excluded.deleted, trust=excluded.trust, name=excluded.name)
-	INSERT INTO crypto_account (device_id, shared, sync_token, account, account_id, key_backup_version) VALUES ($8, $9, $10, $11, $12, $13)
+			SET identity_key=excluded.identity_key, deleted=excluded.deleted, trust=excluded.trust, name=excluded.name`
+	sqlPutOwnAccount = `INSERT INTO crypto_account (device_id, shared, sync_token, account, account_id, key_backup_version) VALUES ($8, $9, $10, $11, $12, $13)
 	ON CONFLICT (account_id) DO UPDATE SET shared=excluded.shared, sync_token=excluded.sync_token,
 		account=excluded.account, account_id=excluded.account_id, key_backup_version=excluded.key_backup_version`
+)
+
+// sqlPutAccountWithDeviceAnd is sqlPutAccountWithDevice that also writes rows (their parameters after the
+// account's).
+func sqlPutAccountWithDeviceAnd(rows *RowInsert) string {
+	return `WITH dev AS (` + sqlPutOwnDevice + `), also AS (` + rows.statement(14) + `) ` + sqlPutOwnAccount
+}
 
 // inboundSessionArgs are sqlPutInboundSession's parameters for sess in account, the values mautrix's
 // PutGroupSession writes.

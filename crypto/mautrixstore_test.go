@@ -40,7 +40,7 @@ func TestMautrixStoreStatements(t *testing.T) {
 		sqlDeleteSessionShared: {"x"}, sqlIsSessionRecipient: {"x", "x"}, sqlAllTrackedUsers: {}, sqlDrainState: {"x", "x"},
 		sqlReplayIndexOfSession: {"x"}, sqlAccountPickle: {"x"}, sqlOlmSessionPickle: {"x", "x"},
 		sqlCrossSigningKeysOf(n): args(n + 1), sqlSelfSignaturesOf(n): args(n + 1), sqlOlmSessionsWith(n): args(n + 1),
-		sqlSaveSessionShared(n): args(3 * n), sqlAccountSecrets: {"x"},
+		sqlSaveSessionShared(n): args(3 * n), sqlAccountSecrets: {"x"}, sqlAccountDeviceAndSecrets: {"x"},
 	}
 	// Typed values where the schema needs them.
 	now := time.Now()
@@ -66,6 +66,7 @@ func TestMautrixStoreStatements(t *testing.T) {
 		sqlPutAccountWithDevice:   {"@u:x", "DEVICE", "ik", "sk", 0, false, "name", "DEVICE", false, "", []byte("pickle"), "acct", ""},
 	}
 	secrets := &RowInsert{Head: sqlPutSecretsHead, Tail: sqlPutSecretsTail, Width: sqlPutSecretsRowWidth, Args: []any{"acct", "a", []byte("1"), "acct", "b", []byte("2")}}
+	postgresOnly[sqlPutAccountWithDeviceAnd(secrets)] = append(slices.Clone(postgresOnly[sqlPutAccountWithDevice]), secrets.Args...)
 	statements[secrets.statement(1)] = secrets.Args
 	statements[sqlPutSignatures(n)] = []any{"@u:x", "key1", "@u:x", "signer", "sig", "@u:x", "key2", "@u:x", "signer", "sig"}
 	// The replay index insert as the relay's batch renders it (database.Batch adds the rows' placeholders).

@@ -2,6 +2,7 @@ package crypto
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 
 	"maunium.net/go/mautrix/crypto"
@@ -57,17 +58,50 @@ func (c *secretCache) load(ctx context.Context) error {
 		if err = rows.Scan(&name, &pickled); err != nil {
 			return err
 		}
-		if plain, err := libolmpickle.Unpickle(c.store.PickleKey, pickled); err != nil {
-			bad[name] = err
-		} else {
-			vals[name] = string(plain)
-		}
+		c.unpickle(vals, bad, name, pickled)
 	}
 	if err = rows.Err(); err != nil {
 		return err
 	}
 	c.vals, c.bad = vals, bad
 	return nil
+}
+
+// loadWithDevice reads the account's secrets and, in the same query, the device ID of its stored Olm account
+// ("" when none is stored), which a ghost's set-up needs first (the store's FindDeviceID).
+func (c *secretCache) loadWithDevice(ctx context.Context) (id.DeviceID, error) {
+	rows, err := c.store.DB.Query(ctx, sqlAccountDeviceAndSecrets, c.store.AccountID)
+	if err != nil {
+		return "", err
+	}
+	defer rows.Close()
+	var deviceID id.DeviceID
+	vals, bad := make(map[id.Secret]string), make(map[id.Secret]error)
+	for rows.Next() {
+		var device, name sql.NullString
+		var pickled []byte
+		if err = rows.Scan(&device, &name, &pickled); err != nil {
+			return "", err
+		}
+		if device.Valid {
+			deviceID = id.DeviceID(device.String)
+		} else {
+			c.unpickle(vals, bad, id.Secret(name.String), pickled)
+		}
+	}
+	if err = rows.Err(); err != nil {
+		return "", err
+	}
+	c.vals, c.bad = vals, bad
+	return deviceID, nil
+}
+
+func (c *secretCache) unpickle(vals map[id.Secret]string, bad map[id.Secret]error, name id.Secret, pickled []byte) {
+	if plain, err := libolmpickle.Unpickle(c.store.PickleKey, pickled); err != nil {
+		bad[name] = err
+	} else {
+		vals[name] = string(plain)
+	}
 }
 
 // GetSecret returns the named secret, "" when the account has none.

@@ -57,9 +57,18 @@ type olmStore struct {
 	owner     id.UserID
 	unstored  atomic.Bool
 	ownDevice atomic.Pointer[id.Device]
+	// withAccount holds secrets (a new ghost's cross-signing keys) for the statement of that same PutAccount.
+	withAccount atomic.Pointer[heldSecrets]
 	// ownSig is the signature of the account's device by the owner's self-signing key this process made (nil:
 	// none yet), for GetSignaturesForKeyBy.
 	ownSig atomic.Pointer[ownSignature]
+}
+
+// heldSecrets are secrets PutAccount writes in the statement that first stores a new account with its own device;
+// stored runs once that statement committed.
+type heldSecrets struct {
+	rows   *RowInsert
+	stored func()
 }
 
 // ownSignature is a device's signature by its owner's self-signing key.

@@ -216,26 +216,35 @@ func (s *olmStore) PutAccount(ctx context.Context, account *crypto.OlmAccount) e
 		u.mu.Unlock()
 		return nil
 	}
-	dev := s.ownDevice.Swap(nil)
+	dev, held := s.ownDevice.Swap(nil), s.withAccount.Swap(nil)
 	if dev == nil {
+		// (Held secrets go only with the own device; their owner, not finding them stored, stores its own.)
 		err := s.SQLCryptoStore.PutAccount(ctx, account)
 		if err == nil {
 			s.unstored.Store(false)
 		}
 		return err
 	}
-	// The new account's first write, with its own device (held back by PutDevice), in one statement.
+	// The new account's first write, with its own device (held back by PutDevice) and the held secrets, in one
+	// statement.
 	defer s.c.trustChanged(s.owner)
 	pickled, err := account.Internal.Pickle(s.PickleKey)
 	if err != nil {
 		return err
 	}
-	if _, err = s.DB.Exec(ctx, sqlPutAccountWithDevice, s.owner, dev.DeviceID, dev.IdentityKey, dev.SigningKey, dev.Trust, dev.Deleted, dev.Name,
-		s.DeviceID, account.Shared, s.SyncToken, pickled, s.AccountID, account.KeyBackupVersion); err != nil {
+	query, args := sqlPutAccountWithDevice, []any{s.owner, dev.DeviceID, dev.IdentityKey, dev.SigningKey, dev.Trust, dev.Deleted, dev.Name,
+		s.DeviceID, account.Shared, s.SyncToken, pickled, s.AccountID, account.KeyBackupVersion}
+	if held != nil {
+		query, args = sqlPutAccountWithDeviceAnd(held.rows), append(args, held.rows.Args...)
+	}
+	if _, err = s.DB.Exec(ctx, query, args...); err != nil {
 		return err
 	}
 	s.Account = account
 	s.unstored.Store(false)
+	if held != nil {
+		held.stored()
+	}
 	return nil
 }
 
