@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"unicode"
 
 	"github.com/rs/zerolog"
@@ -77,21 +78,31 @@ func (b *Bridge) joinGhost(ctx context.Context, intent *appservice.IntentAPI, so
 
 // inviteGhost has the bot invite ghost into target. The invite carries the ghost's name too (Dendrite leaves it
 // out of an ordinary invite). It is sent without the intent's check that the bot is in target: ferry only brings
-// ghosts into rooms the bot is in, and a bot removed from target gets the homeserver's refusal either way.
+// ghosts into rooms the bot is in, and a bot removed from target gets the homeserver's refusal either way. The
+// state store does not record it (the client's send would): the ghost's join follows at once and is recorded,
+// and a ghost found not joined is invited again; its echo is known by what ferry sent (ownInviteEcho).
 func (b *Bridge) inviteGhost(ctx context.Context, target id.RoomID, ghost id.UserID, name string, avatar id.ContentURIString) error {
 	invite := &event.MemberEventContent{Membership: event.MembershipInvite, Displayname: name, AvatarURL: avatar}
-	_, err := b.AS.BotClient().SendStateEvent(ctx, target, event.StateMember, ghost.String(), invite)
-	return err
+	bot := b.AS.BotClient()
+	url := bot.BuildClientURL("v3", "rooms", target, "state", event.StateMember.String(), ghost.String())
+	if _, err := bot.MakeRequest(ctx, http.MethodPut, url, invite, nil); err != nil {
+		return err
+	}
+	b.hot.noteSent(target, ghost, invite)
+	return nil
 }
 
 // recordOwnMember puts the member event a ghost just sent in target into the state store, unless the ghost's
 // client did that itself (mautrix's client records the state events it sends when it has a state store: the
-// appservice gives every intent the bridge's).
+// appservice gives every intent the bridge's), and notes it for its echo (ownJoinEcho).
 func (b *Bridge) recordOwnMember(ctx context.Context, intent *appservice.IntentAPI, target id.RoomID, content *event.MemberEventContent) error {
-	if intent.Client.StateStore != nil {
-		return nil
+	if intent.Client.StateStore == nil {
+		if err := b.StateStore.SetMember(ctx, target, intent.UserID, content); err != nil {
+			return err
+		}
 	}
-	return b.StateStore.SetMember(ctx, target, intent.UserID, content)
+	b.hot.noteSent(target, intent.UserID, content)
+	return nil
 }
 
 // syncGhostProfile sends the ghost's m.room.member event in target when its name or avatar is out of date.

@@ -30,6 +30,18 @@ type hotCache struct {
 	// name or alias event was handled in the source, nor a member event of the real user there, nor one of the
 	// real user or the ghost in the target.
 	ghosts map[ghostKey]id.UserID
+	// sent holds, per room and ghost, the last member event ferry sent for the ghost (its join or profile
+	// change, recorded in the state store; the bot's invite of it, which need not be), so that their echoes are
+	// known as ferry's own without reading the store (ownJoinEcho, ownInviteEcho). An entry goes when the join's
+	// echo came or a member event of the ghost in the room was applied (stateChanged).
+	sent map[roomMember]sentMember
+}
+
+// sentMember is what a member event ferry sent set.
+type sentMember struct {
+	membership event.Membership
+	name       string
+	avatar     id.ContentURIString
 }
 
 // hotGen is what an entry's rooms had seen when its computation began (see generation).
@@ -120,6 +132,7 @@ func (h *hotCache) stateChanged(t event.Type, room id.RoomID, stateKey string) {
 	defer h.lock.Unlock()
 	if t == event.StateMember {
 		h.memberChangedLocked(room, member)
+		delete(h.sent, roomMember{room, member})
 	} else {
 		h.changedLocked(room)
 	}
@@ -156,6 +169,27 @@ func (h *hotCache) forgetGhost(k ghostKey) {
 	delete(h.ghosts, k)
 }
 
+// noteSent records the member event ferry just sent for ghost in room (sent).
+func (h *hotCache) noteSent(room id.RoomID, ghost id.UserID, content *event.MemberEventContent) {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	if h.sent == nil || boundedCacheFull(len(h.sent)) {
+		h.sent = make(map[roomMember]sentMember)
+	}
+	h.sent[roomMember{room, ghost}] = sentMember{content.Membership, content.Displayname, content.AvatarURL}
+}
+
+// lastSent is the member event ferry last sent for ghost in room, if sent still holds it; done drops it.
+func (h *hotCache) lastSent(room id.RoomID, ghost id.UserID, done bool) (sentMember, bool) {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	m, ok := h.sent[roomMember{room, ghost}]
+	if ok && done {
+		delete(h.sent, roomMember{room, ghost})
+	}
+	return m, ok
+}
+
 // isEncrypted is StateStore.IsEncrypted, remembering rooms found encrypted.
 func (b *Bridge) isEncrypted(ctx context.Context, room id.RoomID) (bool, error) {
 	if _, ok := b.hot.encrypted.Load(room); ok {
@@ -180,6 +214,12 @@ func (b *Bridge) ownJoinEcho(ctx context.Context, evt *event.Event) bool {
 	if content.Membership != event.MembershipJoin {
 		return false
 	}
+	// What ferry sent, when it still knows: the store holds that (a later change of the ghost there would have
+	// dropped it). The echo of the ghost's join is the last one it waits for.
+	if sent, ok := b.hot.lastSent(evt.RoomID, evt.Sender, false); ok && sent == (sentMember{event.MembershipJoin, content.Displayname, content.AvatarURL}) {
+		b.hot.lastSent(evt.RoomID, evt.Sender, true)
+		return true
+	}
 	stored, err := b.StateStore.TryGetMember(ctx, evt.RoomID, evt.Sender)
 	return err == nil && stored != nil && stored.Membership == event.MembershipJoin &&
 		stored.Displayname == content.Displayname && stored.AvatarURL == content.AvatarURL
@@ -197,6 +237,12 @@ func (b *Bridge) ownInviteEcho(ctx context.Context, evt *event.Event) bool {
 	content := evt.Content.AsMember()
 	if content.Membership != event.MembershipInvite {
 		return false
+	}
+	// What ferry sent since, when it still knows: the ghost's join, or this invite (which the store need not hold:
+	// the join follows it, and a ghost found not joined is invited again).
+	if sent, ok := b.hot.lastSent(evt.RoomID, id.UserID(*evt.StateKey), false); ok &&
+		(sent.membership == event.MembershipJoin || sent == (sentMember{event.MembershipInvite, content.Displayname, content.AvatarURL})) {
+		return true
 	}
 	stored, err := b.StateStore.TryGetMember(ctx, evt.RoomID, id.UserID(*evt.StateKey))
 	if err != nil || stored == nil {

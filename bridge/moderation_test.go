@@ -368,3 +368,63 @@ func TestGhostInviteEchoWritesNothingNew(t *testing.T) {
 		t.Errorf("after the differing echo the store holds %+v (%v), want the invite with the new name", m, err)
 	}
 }
+
+// memberQueries counts the reads and the writes of the state store's members.
+type memberQueries struct {
+	dbutil.DatabaseLogger
+	reads, writes atomic.Int32
+}
+
+func (c *memberQueries) QueryTiming(_ context.Context, method, query string, _ []any, _ int, _ time.Duration, _ error) {
+	q := strings.TrimSpace(query)
+	if method == "EndRows" || !strings.Contains(q, "mx_user_profile") {
+		return
+	} else if strings.HasPrefix(q, "SELECT") {
+		c.reads.Add(1)
+	} else {
+		c.writes.Add(1)
+	}
+}
+
+// TestGhostFirstJoinWritesItsMembershipOnce: a new sender's ghost, invited by the bot into an invite-only room
+// and joining it, is recorded in the state store once (joined); the homeserver's echoes of that invite and that
+// join are then recognised as ferry's own without reading the store. An echo that differs from what ferry sent
+// (another name) is still applied.
+func TestGhostFirstJoinWritesItsMembershipOnce(t *testing.T) {
+	root := dbtest.Postgres(t)
+	f := newRelayFixtureOn(t, newScriptedCrypto(), root)
+	ctx := context.Background()
+	ghost := f.br.Ghosts.Ghost(f.alice)
+	counter := &memberQueries{DatabaseLogger: root.Log}
+	root.Log = counter
+	defer func() { root.Log = counter.DatabaseLogger }()
+
+	if row := f.relayOne(t); row.State != database.InboxDone {
+		t.Fatalf("the first message ended %s (%s)", row.State, row.LastError)
+	}
+	if n := counter.writes.Load(); n != 1 {
+		t.Errorf("the ghost's invite and join were written to the state store %d times, want once", n)
+	}
+	joined, err := f.br.StateStore.TryGetMember(ctx, f.roomB, ghost)
+	if err != nil || joined == nil || joined.Membership != event.MembershipJoin {
+		t.Fatalf("after the first message the store holds %+v (%v), want the ghost joined", joined, err)
+	}
+	counter.reads.Store(0)
+	counter.writes.Store(0)
+	member := func(sender id.UserID, membership event.Membership, name string) {
+		f.n++
+		f.process(t, map[string]any{
+			"event_id": fmt.Sprintf("$member%d", f.n), "room_id": f.roomB, "sender": sender, "type": "m.room.member", "state_key": string(ghost),
+			"origin_server_ts": time.Now().UnixMilli(), "content": map[string]any{"membership": membership, "displayname": name},
+		})
+	}
+	member(f.br.AS.BotMXID(), event.MembershipInvite, joined.Displayname)
+	member(ghost, event.MembershipJoin, joined.Displayname)
+	if r, w := counter.reads.Load(), counter.writes.Load(); r != 0 || w != 0 {
+		t.Errorf("the echoes of the ghost's invite and join read the store's members %d times and wrote them %d times, want neither", r, w)
+	}
+	member(ghost, event.MembershipJoin, "alice (renamed)")
+	if m, err := f.br.StateStore.TryGetMember(ctx, f.roomB, ghost); err != nil || m == nil || m.Displayname != "alice (renamed)" {
+		t.Errorf("after a join echo with another name the store holds %+v (%v), want that name", m, err)
+	}
+}
