@@ -145,51 +145,18 @@ func loadIdentities(ctx context.Context, db *dbutil.Database, users []id.UserID)
 		}
 		return st
 	}
-	for start := 0; start < len(users); start += shareChunkRows * 5 {
-		chunk := users[start:min(start+shareChunkRows*5, len(users))]
-		// $1 is a user no row names: only the users' own signatures are read.
-		args := make([]any, 0, len(chunk)+1)
-		args = append(args, "")
-		for _, u := range chunk {
-			args = append(args, u)
+	// "" is a user no row names: only the users' own signatures are read.
+	err := readTrust(ctx, db, "", users, func(u id.UserID, usage id.CrossSigningUsage, key, _ id.Ed25519) {
+		get(u).keys[usage] = key
+	}, func(s signature) {
+		st := get(s.signedUser)
+		if st.sigs[string(s.signedKey)] == nil {
+			st.sigs[string(s.signedKey)] = map[string]bool{}
 		}
-		rows, err := db.Query(ctx, sqlCrossSigningKeysOf(len(chunk)), args...)
-		if err != nil {
-			return nil, fmt.Errorf("failed to read cross-signing keys: %w", err)
-		}
-		for rows.Next() {
-			var u id.UserID
-			var usage id.CrossSigningUsage
-			var key, first id.Ed25519
-			if err = rows.Scan(&u, &usage, &key, &first); err != nil {
-				_ = rows.Close()
-				return nil, err
-			}
-			get(u).keys[usage] = key
-		}
-		if err = closeRows(rows); err != nil {
-			return nil, err
-		}
-		rows, err = db.Query(ctx, sqlSelfSignaturesOf(len(chunk)), args...)
-		if err != nil {
-			return nil, fmt.Errorf("failed to read signatures: %w", err)
-		}
-		for rows.Next() {
-			var signedUser, signerUser id.UserID
-			var signed, signer string
-			if err = rows.Scan(&signedUser, &signed, &signerUser, &signer); err != nil {
-				_ = rows.Close()
-				return nil, err
-			}
-			st := get(signedUser)
-			if st.sigs[signed] == nil {
-				st.sigs[signed] = map[string]bool{}
-			}
-			st.sigs[signed][strings.TrimPrefix(signer, "ed25519:")] = true
-		}
-		if err = closeRows(rows); err != nil {
-			return nil, err
-		}
+		st.sigs[string(s.signedKey)][strings.TrimPrefix(string(s.signerKey), "ed25519:")] = true
+	})
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
 }

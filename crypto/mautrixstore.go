@@ -185,6 +185,13 @@ func sqlSelfSignaturesOf(n int) string {
 	return sqlSelfSignaturesOfHead + placeholders(2, n, 1) + sqlSelfSignaturesOfTail
 }
 
+// sqlTrustOf is sqlCrossSigningKeysOf and sqlSelfSignaturesOf in one query, each row led by its kind: 'k' for a
+// key, 's' for a signature.
+func sqlTrustOf(n int) string {
+	return `SELECT 'k', user_id, usage, key, first_seen_key FROM (` + sqlCrossSigningKeysOf(n) + `) AS k
+		UNION ALL SELECT 's', signed_user_id, signed_key, signer_user_id, signer_key FROM (` + sqlSelfSignaturesOf(n) + `) AS s`
+}
+
 // sqlOlmSessionsWith reads an account's ($1) Olm sessions with n sender keys ($2..$n+1).
 func sqlOlmSessionsWith(n int) string {
 	return sqlOlmSessionsWithHead + placeholders(2, n, 1) + sqlInListTail

@@ -487,50 +487,52 @@ func (r *trustResolver) prefetch(ctx context.Context, users []id.UserID) error {
 	}
 	keys := make(map[id.UserID]map[id.CrossSigningUsage]id.CrossSigningKey, len(users))
 	signed := make(map[signature]bool)
+	for _, u := range users {
+		keys[u] = make(map[id.CrossSigningUsage]id.CrossSigningKey)
+	}
+	err := readTrust(ctx, store.DB, r.bot, users, func(u id.UserID, usage id.CrossSigningUsage, key, first id.Ed25519) {
+		keys[u][usage] = id.CrossSigningKey{Key: key, First: first}
+	}, func(s signature) { signed[s] = true })
+	if err != nil {
+		return err
+	}
+	// The bot's own keys are never prefetched: it is not a recipient.
+	delete(keys, r.bot)
+	r.prefetched, r.signed = keys, signed
+	return nil
+}
+
+// readTrust reads the cross-signing keys of users other than self, and the signatures on them by their owners
+// or by self, in one query per chunk of users (sqlTrustOf), handing each key to key and each signature to sig.
+func readTrust(ctx context.Context, db *dbutil.Database, self id.UserID, users []id.UserID,
+	key func(u id.UserID, usage id.CrossSigningUsage, key, first id.Ed25519), sig func(s signature)) error {
 	for start := 0; start < len(users); start += shareChunkRows * 5 {
 		chunk := users[start:min(start+shareChunkRows*5, len(users))]
 		args := make([]any, 0, len(chunk)+1)
-		args = append(args, r.bot)
+		args = append(args, self)
 		for _, u := range chunk {
 			args = append(args, u)
-			keys[u] = make(map[id.CrossSigningUsage]id.CrossSigningKey)
 		}
-		rows, err := store.DB.Query(ctx, sqlCrossSigningKeysOf(len(chunk)), args...)
+		rows, err := db.Query(ctx, sqlTrustOf(len(chunk)), args...)
 		if err != nil {
-			return fmt.Errorf("failed to read cross-signing keys: %w", err)
+			return fmt.Errorf("failed to read cross-signing keys and signatures: %w", err)
 		}
 		for rows.Next() {
-			var u id.UserID
-			var usage id.CrossSigningUsage
-			var key, first id.Ed25519
-			if err = rows.Scan(&u, &usage, &key, &first); err != nil {
+			var kind, a, b, c, d string
+			if err = rows.Scan(&kind, &a, &b, &c, &d); err != nil {
 				_ = rows.Close()
 				return err
 			}
-			keys[u][usage] = id.CrossSigningKey{Key: key, First: first}
-		}
-		if err = closeRows(rows); err != nil {
-			return err
-		}
-		rows, err = store.DB.Query(ctx, sqlSelfSignaturesOf(len(chunk)), args...)
-		if err != nil {
-			return fmt.Errorf("failed to read cross-signing signatures: %w", err)
-		}
-		for rows.Next() {
-			var s signature
-			if err = rows.Scan(&s.signedUser, &s.signedKey, &s.signerUser, &s.signerKey); err != nil {
-				_ = rows.Close()
-				return err
+			if kind == "k" {
+				key(id.UserID(a), id.CrossSigningUsage(b), id.Ed25519(c), id.Ed25519(d))
+			} else {
+				sig(signature{signedUser: id.UserID(a), signedKey: id.Ed25519(b), signerUser: id.UserID(c), signerKey: id.Ed25519(d)})
 			}
-			signed[s] = true
 		}
 		if err = closeRows(rows); err != nil {
 			return err
 		}
 	}
-	// The bot's own keys are never prefetched: it is not a recipient.
-	delete(keys, r.bot)
-	r.prefetched, r.signed = keys, signed
 	return nil
 }
 

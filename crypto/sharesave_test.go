@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
 
 	"go.ferry.im/ferry/database/dbtest"
 	"go.ferry.im/ferry/internal/fakehs"
@@ -273,4 +274,26 @@ func countReads(reads []string, part string) int {
 		}
 	}
 	return n
+}
+
+// TestShareReadsTrustInOneQuery: a key share reads its members' cross-signing keys and the signatures on them
+// (which decide whether each device gets the key) in one query, on a rotation as on a first message, and the
+// member's cross-signed device still gets the key.
+func TestShareReadsTrustInOneQuery(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r, log := startASRigLogged(ctx, t, fakehs.Options{})
+	defer r.m.Stop()
+	r.memberReads(t, r.sendAs(t, r.ghost, "first words"), "first words")
+	if err := r.m.Rotate(ctx, r.room); err != nil {
+		t.Fatal(err)
+	}
+	log.takeReads("")
+	sent := r.sendAs(t, r.ghost, "after the rotation")
+	if got := countReads(log.takeReads(""), "FROM crypto_cross_signing_"); got != 1 {
+		t.Errorf("the share after the rotation read cross-signing keys and signatures in %d queries, want 1", got)
+	}
+	if trust := r.memberReads(t, sent, "after the rotation"); trust != id.TrustStateCrossSignedTOFU {
+		t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+	}
 }
