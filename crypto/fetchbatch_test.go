@@ -225,3 +225,27 @@ func TestFailedKeyFetchIsFetchedAgain(t *testing.T) {
 		t.Errorf("after a failed fetch the member's device is %s, want cross-signed by its owner (first attempt: %v)", dec.Mautrix.TrustState, firstErr)
 	}
 }
+
+// TestReceivedRoomKeyIsNotReadBack: the room key a member's client sends the bot is stored when it arrives, and the
+// member's message is then decrypted with it without reading it back from the store.
+func TestReceivedRoomKeyIsNotReadBack(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r, log := startASRigLogged(ctx, t, fakehs.Options{CrossSigningUIA: true})
+	defer r.m.Stop()
+	msg := r.memberSends(t, "first words")
+	if err := r.m.HandleTransactionCrypto(ctx, r.srv.TakeAppserviceTransaction()); err != nil {
+		t.Fatal(err)
+	}
+	log.takeReads("")
+	dec, err := r.m.Decrypt(ctx, msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body := dec.Content.AsMessage().Body; body != "first words" {
+		t.Errorf("decrypted %q, want %q", body, "first words")
+	}
+	if got := log.takeReads("crypto_megolm_inbound_session"); len(got) != 0 {
+		t.Errorf("decrypting read the room key back %d times, want none:\n%s", len(got), strings.Join(got, "\n"))
+	}
+}

@@ -534,14 +534,7 @@ func (s *cachedStore) GetGroupSession(ctx context.Context, roomID id.RoomID, ses
 	if cp := copyInbound(sess); cp != nil {
 		s.c.lock.Lock()
 		if s.c.sessionGen == gen {
-			if s.c.inbound == nil {
-				s.c.inbound = make(map[inboundKey]*crypto.InboundGroupSession)
-			}
-			if s.c.inboundRoom == nil {
-				s.c.inboundRoom = make(map[accountSession]id.RoomID)
-			}
-			s.c.inbound[k] = cp
-			s.c.inboundRoom[accountSession{k.account, k.session}] = roomID
+			s.c.keepInboundLocked(k, cp)
 		}
 		s.c.lock.Unlock()
 	}
@@ -550,6 +543,18 @@ func (s *cachedStore) GetGroupSession(ctx context.Context, roomID id.RoomID, ses
 
 // copyInbound copies a session whose Megolm state is goolm's (plain values); other implementations are not
 // cached (nil).
+// keepInboundLocked caches sess as the stored session k.
+func (c *storeCache) keepInboundLocked(k inboundKey, sess *crypto.InboundGroupSession) {
+	if c.inbound == nil {
+		c.inbound = make(map[inboundKey]*crypto.InboundGroupSession)
+	}
+	if c.inboundRoom == nil {
+		c.inboundRoom = make(map[accountSession]id.RoomID)
+	}
+	c.inbound[k] = sess
+	c.inboundRoom[accountSession{k.account, k.session}] = k.room
+}
+
 func copyInbound(sess *crypto.InboundGroupSession) *crypto.InboundGroupSession {
 	internal := copyGoolmInbound(sess.Internal)
 	if internal == nil {
@@ -560,9 +565,29 @@ func copyInbound(sess *crypto.InboundGroupSession) *crypto.InboundGroupSession {
 	return &cp
 }
 
+// PutGroupSession stores sess and keeps a copy in the cache: a session just received is read next by the
+// decryption of the message it came for. The copy is kept only when no other change of the account's sessions
+// came between the write and now (the cache would not know which write the store holds last).
 func (s *cachedStore) PutGroupSession(ctx context.Context, sess *crypto.InboundGroupSession) error {
-	defer s.c.sessionsChanged(&inboundKey{s.AccountID, sess.RoomID, sess.ID()})
-	return s.SQLCryptoStore.PutGroupSession(ctx, sess)
+	k := inboundKey{s.AccountID, sess.RoomID, sess.ID()}
+	s.c.lock.Lock()
+	gen := s.c.sessionGen
+	s.c.lock.Unlock()
+	err := s.SQLCryptoStore.PutGroupSession(ctx, sess)
+	var cp *crypto.InboundGroupSession
+	if err == nil {
+		cp = copyInbound(sess)
+	}
+	s.c.lock.Lock()
+	defer s.c.lock.Unlock()
+	kept := s.c.sessionGen == gen && cp != nil
+	s.c.sessionGen++
+	delete(s.c.inbound, k)
+	delete(s.c.inboundRoom, accountSession{k.account, k.session})
+	if kept {
+		s.c.keepInboundLocked(k, cp)
+	}
+	return err
 }
 
 func (s *cachedStore) RedactGroupSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, reason string) error {
