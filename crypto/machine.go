@@ -713,16 +713,52 @@ func (m *Machine) Encrypt(ctx context.Context, sender id.UserID, roomID id.RoomI
 			m.markSent(sender)
 		}
 	}
-	enc, err := d.encrypt(ctx, roomID, evtType, content, m.realMembersFunc(roomID), m.policy())
+	room := &roomRead{m: m, roomID: roomID}
+	policy := m.policy()
+	policy.encEvent = room.settings
+	enc, err := d.encrypt(ctx, roomID, evtType, content, room.members, policy)
 	if err != nil && d != m.bot && errors.Is(err, mautrix.MUnknownToken) {
 		// The ghost's access token was revoked: log the same device in again and retry once.
 		m.forgetGhost(sender)
 		_ = m.storeFor(sender).DeleteSecret(ctx, secretAccessToken)
 		if d, err = m.ghostDevice(ctx, sender); err == nil && d != nil {
-			enc, err = d.encrypt(ctx, roomID, evtType, content, m.realMembersFunc(roomID), m.policy())
+			enc, err = d.encrypt(ctx, roomID, evtType, content, room.members, policy)
 		}
 	}
 	return enc, err
+}
+
+// roomRead reads what a key share needs of a room: its real members and, in the same query, the settings a new
+// session takes from the room's state (sqlRoomShare). A session made after the members were read takes the
+// settings read with them; before any such read, settings reads them alone (roomEncryption).
+type roomRead struct {
+	m      *Machine
+	roomID id.RoomID
+	mu     sync.Mutex
+	read   bool
+	enc    *event.EncryptionEventContent
+	hv     *event.HistoryVisibilityEventContent
+}
+
+func (r *roomRead) members(ctx context.Context) ([]id.UserID, error) {
+	members, enc, hv, err := roomShareState(ctx, r.m.stateStore.Database, r.roomID, r.m.isOwn)
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	r.read, r.enc, r.hv = true, enc, hv
+	r.mu.Unlock()
+	return members, nil
+}
+
+func (r *roomRead) settings(ctx context.Context, roomID id.RoomID) (*event.EncryptionEventContent, *event.HistoryVisibilityEventContent) {
+	r.mu.Lock()
+	read, enc, hv := r.read, r.enc, r.hv
+	r.mu.Unlock()
+	if read && roomID == r.roomID {
+		return enc, hv
+	}
+	return r.m.roomEncryption(ctx, roomID)
 }
 
 // PrepareSender creates (or loads) the device a ghost sends from, cross-signed and with its signature served by
@@ -786,6 +822,50 @@ func roomSessionSettings(ctx context.Context, db *dbutil.Database, roomID id.Roo
 	} else if err != nil {
 		return nil, nil, err
 	}
+	return parseSessionSettings(encData, hvData)
+}
+
+// sqlRoomShare reads a room's joined and invited members (the state store's GetRoomJoinedOrInvitedMembers) and,
+// in a row whose user is NULL, what sqlRoomSessionSettings reads.
+const sqlRoomShare = `SELECT user_id, NULL, NULL FROM mx_user_profile WHERE room_id=$1 AND membership IN ('join', 'invite')
+	UNION ALL SELECT NULL, encryption, history_visibility FROM mx_room_state WHERE room_id=$1`
+
+// roomShareState is RealMembers (the members isOwn does not claim) and roomSessionSettings in one query. A
+// setting that cannot be parsed is left out and logged, as roomEncryption does; the members are returned all the
+// same.
+func roomShareState(ctx context.Context, db *dbutil.Database, roomID id.RoomID, isOwn func(id.UserID) bool) ([]id.UserID, *event.EncryptionEventContent, *event.HistoryVisibilityEventContent, error) {
+	rows, err := db.Query(ctx, sqlRoomShare, roomID)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	defer rows.Close()
+	var members []id.UserID
+	var encData, hvData []byte
+	for rows.Next() {
+		var user sql.NullString
+		var e, h []byte
+		if err = rows.Scan(&user, &e, &h); err != nil {
+			return nil, nil, nil, err
+		}
+		if !user.Valid {
+			encData, hvData = e, h
+		} else if u := id.UserID(user.String); isOwn == nil || !isOwn(u) {
+			members = append(members, u)
+		}
+	}
+	if err = rows.Err(); err != nil {
+		return nil, nil, nil, err
+	}
+	enc, hv, err := parseSessionSettings(encData, hvData)
+	if err != nil {
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to read m.room.encryption; using default rotation")
+	}
+	return members, enc, hv, nil
+}
+
+// parseSessionSettings parses the stored m.room.encryption and m.room.history_visibility contents (nil: none).
+func parseSessionSettings(encData, hvData []byte) (*event.EncryptionEventContent, *event.HistoryVisibilityEventContent, error) {
+	var err error
 	var enc *event.EncryptionEventContent
 	var hv *event.HistoryVisibilityEventContent
 	if encData != nil {
@@ -801,10 +881,6 @@ func roomSessionSettings(ctx context.Context, db *dbutil.Database, roomID id.Roo
 		}
 	}
 	return enc, hv, nil
-}
-
-func (m *Machine) realMembersFunc(roomID id.RoomID) func(context.Context) ([]id.UserID, error) {
-	return func(ctx context.Context) ([]id.UserID, error) { return m.RealMembers(ctx, roomID) }
 }
 
 // RealMembers lists a room's joined and invited members that are not ferry's own users.

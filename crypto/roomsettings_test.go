@@ -3,6 +3,8 @@ package crypto
 import (
 	"context"
 	"reflect"
+	"slices"
+	"strings"
 	"testing"
 
 	"go.mau.fi/util/dbutil"
@@ -68,6 +70,52 @@ func TestRoomSessionSettingsAsStateStore(t *testing.T) {
 				if n := counter.all.Load(); n != 1 {
 					t.Errorf("%s: %d statements, want 1", name, n)
 				}
+			}
+		})
+	}
+}
+
+// TestRoomShareState: the one query of a share's room (roomShareState) answers what the state store's joined or
+// invited members (less ferry's own) and the room's encryption and history visibility settings answer, on both
+// databases.
+func TestRoomShareState(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			db := dbtest.Open(t, dialect)
+			ss := sqlstatestore.NewSQLStateStore(db, dbutil.NoopLogger, false)
+			if err := ss.Upgrade(ctx); err != nil {
+				t.Fatal(err)
+			}
+			room, other := id.RoomID("!room:x"), id.RoomID("!other:x")
+			isOwn := func(u id.UserID) bool { return strings.HasPrefix(string(u), "@ghost_") }
+			for u, m := range map[id.UserID]event.Membership{"@joined:x": event.MembershipJoin, "@invited:x": event.MembershipInvite,
+				"@left:x": event.MembershipLeave, "@banned:x": event.MembershipBan, "@ghost_a:x": event.MembershipJoin} {
+				if err := ss.SetMembership(ctx, room, u, m); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := ss.SetMembership(ctx, other, "@elsewhere:x", event.MembershipJoin); err != nil {
+				t.Fatal(err)
+			}
+			members, enc, hv, err := roomShareState(ctx, db, room, isOwn)
+			slices.Sort(members)
+			if err != nil || !slices.Equal(members, []id.UserID{"@invited:x", "@joined:x"}) || enc != nil || hv != nil {
+				t.Fatalf("without settings: %v, %v, %v, %v", members, enc, hv, err)
+			}
+			if err = ss.SetEncryptionEvent(ctx, room, &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1, RotationPeriodMessages: 7}); err != nil {
+				t.Fatal(err)
+			}
+			if err = ss.SetHistoryVisibility(ctx, room, &event.HistoryVisibilityEventContent{HistoryVisibility: event.HistoryVisibilityJoined}); err != nil {
+				t.Fatal(err)
+			}
+			members, enc, hv, err = roomShareState(ctx, db, room, isOwn)
+			if err != nil || len(members) != 2 || enc == nil || enc.RotationPeriodMessages != 7 || hv == nil || hv.HistoryVisibility != event.HistoryVisibilityJoined {
+				t.Fatalf("with settings: %v, %+v, %+v, %v", members, enc, hv, err)
+			}
+			wantEnc, wantHV, err := roomSessionSettings(ctx, db, room)
+			if err != nil || wantEnc.RotationPeriodMessages != enc.RotationPeriodMessages || wantHV.HistoryVisibility != hv.HistoryVisibility {
+				t.Errorf("roomSessionSettings answers %+v, %+v (%v), the share's query %+v, %+v", wantEnc, wantHV, err, enc, hv)
 			}
 		})
 	}

@@ -2,6 +2,7 @@ package crypto
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -296,4 +297,36 @@ func TestShareReadsTrustInOneQuery(t *testing.T) {
 	if trust := r.memberReads(t, sent, "after the rotation"); trust != id.TrustStateCrossSignedTOFU {
 		t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
 	}
+}
+
+// TestShareReadsTheRoomOnce: a new session's share reads the room's members and the settings the session takes
+// from the room's state (m.room.encryption's rotation) in one query, and the session follows those settings.
+func TestShareReadsTheRoomOnce(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r, log := startASRigLogged(ctx, t, fakehs.Options{})
+	defer r.m.Stop()
+	if err := r.ss.SetEncryptionEvent(ctx, r.room, &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1, RotationPeriodMessages: 2}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+		t.Fatal(err)
+	}
+	log.takeReads("")
+	first := r.sendAs(t, r.ghost, "first words")
+	reads := log.takeReads("")
+	room := slices.DeleteFunc(slices.Clone(reads), func(q string) bool {
+		return !strings.Contains(q, "FROM mx_room_state ") && !strings.Contains(q, "FROM mx_user_profile ")
+	})
+	if n := len(room); n != 1 {
+		t.Errorf("the first share read the room's members and settings in %d queries, want 1:\n%s", n, strings.Join(reads, "\n"))
+	}
+	r.memberReads(t, first, "first words")
+	session := func(evt *event.Event) id.SessionID { return evt.Content.AsEncrypted().SessionID }
+	second := r.sendAs(t, r.ghost, "second words")
+	third := r.sendAs(t, r.ghost, "third words")
+	if session(second) != session(first) || session(third) == session(first) {
+		t.Errorf("sessions %s, %s, %s: want the room's rotation after two messages", session(first), session(second), session(third))
+	}
+	r.memberReads(t, third, "third words")
 }
