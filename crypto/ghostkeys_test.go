@@ -441,7 +441,7 @@ func TestNewGhostReadsItsAccountAndSecretsOnce(t *testing.T) {
 
 // TestNewGhostStoresItsSeedsWithItsAccount: a new ghost's cross-signing keys are stored in the statement that
 // first stores its account (before its keys are uploaded, so a retry publishes the same identity), and they are
-// the keys the homeserver publishes.
+// the keys the homeserver publishes; the account as its upload left it is stored with the identity's signatures.
 func TestNewGhostStoresItsSeedsWithItsAccount(t *testing.T) {
 	onEachDevicePathLogged(t, func(ctx context.Context, t *testing.T, r *asRig, log *writeLog) {
 		log.take()
@@ -451,10 +451,10 @@ func TestNewGhostStoresItsSeedsWithItsAccount(t *testing.T) {
 		writes := slices.DeleteFunc(log.take("crypto_secrets", "crypto_account", "crypto_device"), func(w string) bool {
 			return strings.HasPrefix(w, "UPDATE crypto_account SET sync_token=")
 		})
-		// The account with its device and cross-signing keys; the account marked shared after the upload; the
-		// device's signatures with the markers of the steps done. The login path stores the ghost's password
-		// and then its access token before the device exists.
-		want := 3
+		// The account with its device and cross-signing keys; then the device's signatures with the markers of
+		// the steps done and the account as its upload left it (shared). The login path stores the ghost's
+		// password and then its access token before the device exists.
+		want := 2
 		if !r.m.asMode.Load() {
 			want += 2
 		}
@@ -514,6 +514,46 @@ func TestNewGhostKeepsItsIdentityAfterAFailedUpload(t *testing.T) {
 	sent := r.sendAs(t, r.ghost, "after the retry")
 	if trust := r.memberReads(t, sent, "after the retry"); trust != id.TrustStateCrossSignedTOFU {
 		t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+	}
+}
+
+// TestNewGhostUploadsItsKeysOnceWhenItsIdentityFails: when publishing a new ghost's identity fails after its
+// device keys were uploaded, the account is still stored as uploaded: the retry publishes the identity without
+// uploading the device keys again.
+func TestNewGhostUploadsItsKeysOnceWhenItsIdentityFails(t *testing.T) {
+	for _, suffix := range []string{"/keys/device_signing/upload", "/keys/signatures/upload"} {
+		t.Run(suffix, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var uploads atomic.Int32
+			opts := devicePaths()["appservice"]
+			opts.BeforeRequest = func(route string, body []byte) {
+				if route == "POST /_matrix/client/v3/keys/upload" && strings.Contains(string(body), "device_keys") && strings.Contains(string(body), "ghost_alice") {
+					uploads.Add(1)
+				}
+			}
+			r := startASRig(ctx, t, opts, opts.SharedSecret)
+			defer r.m.Stop()
+			fail := &failOnce{next: r.srv.Client().Transport, suffix: suffix}
+			r.m.NewUserClient = func(u id.UserID) *mautrix.Client {
+				cli := r.asClient(t, u)
+				cli.Client = &http.Client{Transport: fail}
+				return cli
+			}
+			if err := r.m.PrepareSender(ctx, r.ghost); err == nil {
+				t.Fatal("the failed request did not reach the set-up")
+			}
+			if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+				t.Fatal(err)
+			}
+			if n := uploads.Load(); n != 1 {
+				t.Errorf("the ghost's device keys were uploaded %d times, want once", n)
+			}
+			sent := r.sendAs(t, r.ghost, "after the retry")
+			if trust := r.memberReads(t, sent, "after the retry"); trust != id.TrustStateCrossSignedTOFU {
+				t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+			}
+		})
 	}
 }
 

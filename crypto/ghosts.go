@@ -217,6 +217,7 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 			if err = holdNewSeeds(ctx, dev, sec); err != nil {
 				return nil, false, err
 			}
+			dev.olm.holdUploaded.Store(true)
 		}
 	}
 	if relogged {
@@ -239,7 +240,14 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 		created = true
 	}
 	mach.AllowKeyShare = m.allowKeyShare(dev)
-	if err = m.crossSign(ctx, dev, sec, false, ""); err != nil {
+	err = m.crossSign(ctx, dev, sec, false, "")
+	// The account as its upload left it, if crossSign's statement did not carry it: written before the device is
+	// used (nothing else can change the account before then).
+	dev.olm.holdUploaded.Store(false)
+	if writeErr := dev.olm.writeUploaded(ctx); writeErr != nil {
+		err = errors.Join(err, writeErr)
+	}
+	if err != nil {
 		return nil, false, err
 	}
 	return dev, created, nil

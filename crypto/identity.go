@@ -58,16 +58,25 @@ func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ss
 	var markers []id.Secret
 	var values []string
 	settle := func(err error) error {
-		var rows *RowInsert
+		var rows []*RowInsert
 		if len(markers) > 0 {
-			var rowsErr error
-			if rows, rowsErr = sec.rows(markers, values); rowsErr != nil {
+			if markerRows, rowsErr := sec.rows(markers, values); rowsErr != nil {
 				// The signatures are still stored; without markers the steps are done again.
-				markers, rows = nil, nil
+				markers = nil
 				err = errors.Join(err, fmt.Errorf("failed to store the identity's markers: %w", rowsErr))
+			} else {
+				rows = append(rows, markerRows)
 			}
 		}
-		carried, flushErr := batch.finishWith(ctx, rows)
+		// A new account as its upload left it, held back for this statement (olmStore.holdUploaded).
+		uploaded := d.olm.uploaded.Swap(nil)
+		if uploaded != nil {
+			rows = append(rows, uploaded)
+		}
+		carried, flushErr := batch.finishWith(ctx, rows...)
+		if uploaded != nil && (!carried || flushErr != nil) {
+			d.olm.uploaded.CompareAndSwap(nil, uploaded) // loadGhost writes it (writeUploaded)
+		}
 		if flushErr != nil {
 			return errors.Join(err, flushErr)
 		}

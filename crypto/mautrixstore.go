@@ -247,9 +247,14 @@ const (
 		VALUES ($1, $2, $3, $4, $5, $6, $7)
 		ON CONFLICT (user_id, device_id) DO UPDATE
 			SET identity_key=excluded.identity_key, deleted=excluded.deleted, trust=excluded.trust, name=excluded.name`
-	sqlPutOwnAccount = `INSERT INTO crypto_account (device_id, shared, sync_token, account, account_id, key_backup_version) VALUES ($8, $9, $10, $11, $12, $13)
-	ON CONFLICT (account_id) DO UPDATE SET shared=excluded.shared, sync_token=excluded.sync_token,
-		account=excluded.account, account_id=excluded.account_id, key_backup_version=excluded.key_backup_version`
+	sqlPutOwnAccount = sqlPutAccountHead + `($8, $9, $10, $11, $12, $13)` + sqlPutAccountTail
+)
+
+// The account's upsert as mautrix's PutAccount writes it, as a RowInsert's parts (accountRow).
+const (
+	sqlPutAccountHead     = `INSERT INTO crypto_account (device_id, shared, sync_token, account, account_id, key_backup_version) VALUES `
+	sqlPutAccountTail     = ` ON CONFLICT (account_id) DO UPDATE SET shared=excluded.shared, sync_token=excluded.sync_token, account=excluded.account, account_id=excluded.account_id, key_backup_version=excluded.key_backup_version`
+	sqlPutAccountRowWidth = 6
 )
 
 // sqlPutAccountWithDeviceAnd is sqlPutAccountWithDevice that also writes rows (their parameters after the

@@ -59,6 +59,10 @@ type olmStore struct {
 	ownDevice atomic.Pointer[id.Device]
 	// withAccount holds secrets (a new ghost's cross-signing keys) for the statement of that same PutAccount.
 	withAccount atomic.Pointer[heldSecrets]
+	// holdUploaded makes the next PutAccount of the account as uploaded (shared) wait in uploaded, for the
+	// statement that stores the new identity's signatures (crossSign): one write less for a new ghost.
+	holdUploaded atomic.Bool
+	uploaded     atomic.Pointer[RowInsert]
 	// ownSig is the signature of the account's device by the owner's self-signing key this process made (nil:
 	// none yet), for GetSignaturesForKeyBy.
 	ownSig atomic.Pointer[ownSignature]

@@ -217,6 +217,18 @@ func (s *olmStore) PutAccount(ctx context.Context, account *crypto.OlmAccount) e
 		return nil
 	}
 	dev, held := s.ownDevice.Swap(nil), s.withAccount.Swap(nil)
+	if dev == nil && account.Shared && s.holdUploaded.CompareAndSwap(true, false) {
+		// The account as its upload left it: written by crossSign with the identity's signatures, or by
+		// loadGhost after it (writeUploaded). Until then a restart finds it not uploaded and uploads the same
+		// keys again, as after a stop between the upload and a write of its own.
+		rows, err := s.accountRow(account)
+		if err != nil {
+			return err
+		}
+		s.Account = account
+		s.uploaded.Store(rows)
+		return nil
+	}
 	if dev == nil {
 		// (Held secrets go only with the own device; their owner, not finding them stored, stores its own.)
 		err := s.SQLCryptoStore.PutAccount(ctx, account)
@@ -244,6 +256,29 @@ func (s *olmStore) PutAccount(ctx context.Context, account *crypto.OlmAccount) e
 	s.unstored.Store(false)
 	if held != nil {
 		held.stored()
+	}
+	return nil
+}
+
+// accountRow is account's row as PutAccount writes it.
+func (s *olmStore) accountRow(account *crypto.OlmAccount) (*RowInsert, error) {
+	pickled, err := account.Internal.Pickle(s.PickleKey)
+	if err != nil {
+		return nil, err
+	}
+	return &RowInsert{Head: sqlPutAccountHead, Tail: sqlPutAccountTail, Width: sqlPutAccountRowWidth,
+		Args: []any{s.DeviceID, account.Shared, s.SyncToken, pickled, s.AccountID, account.KeyBackupVersion}}, nil
+}
+
+// writeUploaded writes the account PutAccount held back (holdUploaded), if it still holds it.
+func (s *olmStore) writeUploaded(ctx context.Context) error {
+	rows := s.uploaded.Swap(nil)
+	if rows == nil {
+		return nil
+	}
+	if _, err := s.DB.Exec(ctx, rows.statement(1), rows.Args...); err != nil {
+		s.uploaded.CompareAndSwap(nil, rows)
+		return fmt.Errorf("failed to store the ghost's account after its upload: %w", err)
 	}
 	return nil
 }

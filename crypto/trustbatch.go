@@ -156,13 +156,13 @@ func (b *trustBatch) keysOf(s *cachedStore, user id.UserID) []batchedKey {
 // flush writes what the batch holds (see trustBatch) and applies it to the trust cache as cachedStore's single
 // writes do. ctx is the caller's. A failure is also kept for finish.
 func (b *trustBatch) flush(ctx context.Context) error {
-	_, err := b.flushWith(ctx, nil)
+	_, err := b.flushWith(ctx)
 	return err
 }
 
 // flushWith is flush with rows (of another table) written in the same statement or transaction, when the batch
 // holds anything: carried tells whether it did (and so whether rows were written, when err is nil).
-func (b *trustBatch) flushWith(ctx context.Context, rows *RowInsert) (carried bool, err error) {
+func (b *trustBatch) flushWith(ctx context.Context, rows ...*RowInsert) (carried bool, err error) {
 	b.lock.Lock()
 	s, devices, keys, sigs := b.store, b.devices, b.keys, b.sigs
 	b.devices, b.keys, b.sigs = nil, nil, nil
@@ -178,25 +178,25 @@ func (b *trustBatch) flushWith(ctx context.Context, rows *RowInsert) (carried bo
 		}
 		b.lock.Unlock()
 	}
-	return rows != nil, err
+	return len(rows) > 0, err
 }
 
 // finish writes what the batch holds and closes it: a write through its context after this (by something the
 // step left running) is written at once, as without a batch. It returns the error of any flush that failed, as
 // what that flush held is not stored (a read that wrote the batch may have had its error swallowed by mautrix).
 func (b *trustBatch) finish(ctx context.Context) error {
-	_, err := b.finishWith(ctx, nil)
+	_, err := b.finishWith(ctx)
 	return err
 }
 
-// finishWith is finish with rows (of another table: a step's markers) written all or nothing with what the batch
-// still holds, in its statement or transaction. carried tells whether they were part of that write; when the
-// batch held nothing more, the caller writes them itself.
-func (b *trustBatch) finishWith(ctx context.Context, rows *RowInsert) (carried bool, err error) {
+// finishWith is finish with rows (of other tables: a step's markers, an account) written all or nothing with what
+// the batch still holds, in its statement or transaction. carried tells whether they were part of that write; when
+// the batch held nothing more, the caller writes them itself.
+func (b *trustBatch) finishWith(ctx context.Context, rows ...*RowInsert) (carried bool, err error) {
 	b.lock.Lock()
 	b.closed = true
 	b.lock.Unlock()
-	carried, _ = b.flushWith(ctx, rows)
+	carried, _ = b.flushWith(ctx, rows...)
 	b.lock.Lock()
 	defer b.lock.Unlock()
 	return carried, b.err
@@ -235,9 +235,9 @@ type userTrustWrite struct {
 // writeTrust writes device lists, cross-signing keys and signatures all or nothing: on Postgres in one statement,
 // otherwise (or when a user or a key's usage comes twice, or the lists are long) in one transaction of the
 // store's own statements. One device list per user in the batch replaces it as mautrix's PutDevices does; of two
-// signatures with the same signer and signed key the last wins; the first key seen for a usage stays. extra, when
-// set, is written with them (rows of another table: trustBatch.finishWith).
-func (s *cachedStore) writeTrust(ctx context.Context, devices []batchedDevices, keys []batchedKey, sigs []batchedSignature, extra *RowInsert) error {
+// signatures with the same signer and signed key the last wins; the first key seen for a usage stays. extra is
+// written with them (rows of other tables: trustBatch.finishWith).
+func (s *cachedStore) writeTrust(ctx context.Context, devices []batchedDevices, keys []batchedKey, sigs []batchedSignature, extra []*RowInsert) error {
 	writes := make(map[id.UserID]*userTrustWrite)
 	of := func(user id.UserID) *userTrustWrite {
 		if writes[user] == nil {
@@ -318,9 +318,9 @@ func (s *cachedStore) writeTrust(ctx context.Context, devices []batchedDevices, 
 				return err
 			})
 		}
-		if extra != nil {
+		for _, rows := range extra {
 			steps = append(steps, func(ctx context.Context) error {
-				_, err := s.DB.Exec(ctx, extra.statement(1), extra.Args...)
+				_, err := s.DB.Exec(ctx, rows.statement(1), rows.Args...)
 				return err
 			})
 		}
@@ -348,7 +348,7 @@ func (s *cachedStore) writeTrust(ctx context.Context, devices []batchedDevices, 
 // writeTrustStatement is writeTrust's one statement (Postgres): the users' tracking, their devices no longer
 // listed marked deleted, the keys, the signatures and extra in data-modifying WITH clauses, the listed devices
 // upserted by the statement itself, which returns them as stored.
-func (s *cachedStore) writeTrustStatement(ctx context.Context, devices []batchedDevices, keys []batchedKey, order []signatureRow, latest map[signatureRow]string, extra *RowInsert) ([]*id.Device, error) {
+func (s *cachedStore) writeTrustStatement(ctx context.Context, devices []batchedDevices, keys []batchedKey, order []signatureRow, latest map[signatureRow]string, extra []*RowInsert) ([]*id.Device, error) {
 	var sb strings.Builder
 	var args []any
 	arg := func(v any) string {
@@ -419,10 +419,10 @@ func (s *cachedStore) writeTrustStatement(ctx context.Context, devices []batched
 		}
 		sb.WriteString(sqlPutSignaturesTail + ")")
 	}
-	if extra != nil {
-		clause("extra")
-		sb.WriteString(extra.statement(len(args)+1) + ")")
-		args = append(args, extra.Args...)
+	for i, rows := range extra {
+		clause("extra" + strconv.Itoa(i))
+		sb.WriteString(rows.statement(len(args)+1) + ")")
+		args = append(args, rows.Args...)
 	}
 	n := 0
 	for _, d := range devices {
