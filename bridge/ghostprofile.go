@@ -3,6 +3,7 @@ package bridge
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"net/http"
@@ -26,35 +27,96 @@ func (b *Bridge) ensureGhost(ctx context.Context, intent *appservice.IntentAPI, 
 	}
 	gen := b.hot.generation(key, intent.UserID)
 	// Checked only when the cache has no entry: a member event in target (a kick, a ban) drops the entry.
-	ghostMembership, err := b.checkModeration(ctx, realUser, intent.UserID, target)
+	facts, err := b.readGhostFacts(ctx, sourceRoom, realUser, intent.UserID, target)
 	if err != nil {
 		return err
 	}
-	if ghostMembership == event.MembershipJoin {
-		if err := b.syncGhostProfile(ctx, intent, sourceRoom, realUser, target); err != nil {
+	if err = b.checkModeration(ctx, realUser, intent.UserID, target, facts.realMembership, facts.ghostMembership()); err != nil {
+		return err
+	}
+	realName, realAvatar := realProfileOf(facts.real, realUser)
+	if facts.ghostMembership() == event.MembershipJoin {
+		if err := b.syncGhostProfileTo(ctx, intent, sourceRoom, realUser, target, realName, realAvatar, facts.ghost); err != nil {
 			return err
 		}
-	} else if err := b.joinGhost(ctx, intent, sourceRoom, realUser, target); err != nil {
+	} else if err := b.joinGhost(ctx, intent, sourceRoom, realUser, target, realName, realAvatar, facts.profileSet); err != nil {
 		return err
 	}
 	b.hot.setGhostReady(key, intent.UserID, gen)
 	return nil
 }
 
+// ghostFacts is what bringing a ghost into a target room reads of the stores, in one query (sqlGhostFacts).
+type ghostFacts struct {
+	realMembership event.Membership          // the real user's in the target (leave when the store has none)
+	ghost          *event.MemberEventContent // the ghost's member event in the target; nil when the store has none
+	real           *event.MemberEventContent // the real user's in the source room; nil when the store has none
+	profileSet     bool                      // ferry set the ghost's global profile (globalProfileKey)
+}
+
+// ghostMembership is the ghost's membership in the target as the state store's GetMembership answers it.
+func (f ghostFacts) ghostMembership() event.Membership {
+	if f.ghost == nil {
+		return event.MembershipLeave
+	}
+	return f.ghost.Membership
+}
+
+// sqlGhostFacts reads, each row led by its kind: the members ($2, $3: the real user, the ghost) of the target
+// room ($1) with their names and avatars ('t'), the real user's member event in the source room ($4, 's'), and
+// the ghost's global profile marker ($5, 'k').
+const sqlGhostFacts = `SELECT 't', user_id, CAST(membership AS TEXT), displayname, avatar_url FROM mx_user_profile WHERE room_id=$1 AND user_id IN ($2, $3)
+	UNION ALL SELECT 's', user_id, CAST(membership AS TEXT), displayname, avatar_url FROM mx_user_profile WHERE room_id=$4 AND user_id=$2
+	UNION ALL SELECT 'k', key, value, NULL, NULL FROM kv_store WHERE key=$5`
+
+// readGhostFacts reads ghostFacts for realUser's ghost in target, with realUser's profile in sourceRoom.
+func (b *Bridge) readGhostFacts(ctx context.Context, sourceRoom id.RoomID, realUser, ghost id.UserID, target id.RoomID) (ghostFacts, error) {
+	facts := ghostFacts{realMembership: event.MembershipLeave}
+	rows, err := b.StateStore.Query(ctx, sqlGhostFacts, target, realUser, ghost, sourceRoom, globalProfileKey(ghost))
+	if err != nil {
+		return facts, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var kind, user string
+		var membership, name, avatar sql.NullString
+		if err = rows.Scan(&kind, &user, &membership, &name, &avatar); err != nil {
+			return facts, err
+		}
+		m := &event.MemberEventContent{Membership: event.Membership(membership.String), Displayname: name.String, AvatarURL: id.ContentURIString(avatar.String)}
+		switch kind {
+		case "k":
+			facts.profileSet = membership.String != ""
+		case "s":
+			facts.real = m
+		default:
+			if id.UserID(user) == ghost {
+				facts.ghost = m
+			}
+			if id.UserID(user) == realUser {
+				facts.realMembership = m.Membership
+			}
+		}
+	}
+	return facts, rows.Err()
+}
+
 // joinGhost brings realUser's ghost into target with its per-room name and avatar in the join event itself, so
 // members never see the ghost's raw ID join and then change its name. A ghost that joins its first room gets its
-// global profile first (the real user's own name and avatar): homeservers copy the global profile into every room
-// of the user when it changes, so it is set only while the ghost is in no room. The bot invites the ghost when the
-// room does not let it join by itself; once one ghost needed that in target, the ghosts after it are invited
-// before they join rather than refused first (see Bridge.inviteFirst).
-func (b *Bridge) joinGhost(ctx context.Context, intent *appservice.IntentAPI, sourceRoom id.RoomID, realUser id.UserID, target id.RoomID) error {
+// global profile first (the real user's own name and avatar, realName and realAvatar; profileSet when ferry set it
+// already): homeservers copy the global profile into every room of the user when it changes, so it is set only
+// while the ghost is in no room. The bot invites the ghost when the room does not let it join by itself; once one
+// ghost needed that in target, the ghosts after it are invited before they join rather than refused first (see
+// Bridge.inviteFirst).
+func (b *Bridge) joinGhost(ctx context.Context, intent *appservice.IntentAPI, sourceRoom id.RoomID, realUser id.UserID, target id.RoomID, realName string, realAvatar id.ContentURIString, profileSet bool) error {
 	if err := intent.EnsureRegistered(ctx); err != nil {
 		return err
 	}
-	realName, realAvatar := b.realProfile(ctx, sourceRoom, realUser)
 	name, avatar := b.renderGhostProfile(ctx, sourceRoom, realUser, realName, realAvatar)
-	if err := b.setGlobalProfileOnce(ctx, intent, realName, realAvatar); err != nil {
-		return err
+	if !profileSet {
+		if err := b.setGlobalProfile(ctx, intent, realName, realAvatar); err != nil {
+			return err
+		}
 	}
 	invited := false
 	if _, ok := b.inviteFirst.Load(target); ok {
@@ -107,16 +169,23 @@ func (b *Bridge) recordOwnMember(ctx context.Context, intent *appservice.IntentA
 
 // syncGhostProfile sends the ghost's m.room.member event in target when its name or avatar is out of date.
 func (b *Bridge) syncGhostProfile(ctx context.Context, intent *appservice.IntentAPI, sourceRoom id.RoomID, realUser id.UserID, target id.RoomID) error {
-	wantName, wantAvatar := b.ghostProfile(ctx, sourceRoom, realUser)
+	realName, realAvatar := b.realProfile(ctx, sourceRoom, realUser)
 	current, err := b.StateStore.TryGetMember(ctx, target, intent.UserID)
 	if err != nil {
 		return err
 	}
+	return b.syncGhostProfileTo(ctx, intent, sourceRoom, realUser, target, realName, realAvatar, current)
+}
+
+// syncGhostProfileTo is syncGhostProfile with realUser's own name and avatar (realProfile's) and the ghost's
+// member event in target as the store holds it (current; nil: none) already read.
+func (b *Bridge) syncGhostProfileTo(ctx context.Context, intent *appservice.IntentAPI, sourceRoom id.RoomID, realUser id.UserID, target id.RoomID, realName string, realAvatar id.ContentURIString, current *event.MemberEventContent) error {
+	wantName, wantAvatar := b.renderGhostProfile(ctx, sourceRoom, realUser, realName, realAvatar)
 	if current != nil && current.Displayname == wantName && current.AvatarURL == wantAvatar {
 		return nil
 	}
 	content := &event.MemberEventContent{Membership: event.MembershipJoin, Displayname: wantName, AvatarURL: wantAvatar}
-	if _, err = intent.SendStateEvent(ctx, target, event.StateMember, intent.UserID.String(), content); err != nil {
+	if _, err := intent.SendStateEvent(ctx, target, event.StateMember, intent.UserID.String(), content); err != nil {
 		return err
 	}
 	return b.recordOwnMember(ctx, intent, target, content)
@@ -125,16 +194,12 @@ func (b *Bridge) syncGhostProfile(ctx context.Context, intent *appservice.Intent
 // globalProfileKey marks (in the kv table) a ghost whose global profile ferry has set.
 func globalProfileKey(ghost id.UserID) string { return "ghost_profile:" + string(ghost) }
 
-// setGlobalProfileOnce gives a ghost the real user's name and avatar as its global profile, before its first
-// join and never again: a homeserver copies a changed global profile into every room the user is in, over the
-// per-room names ferry gives it there.
-func (b *Bridge) setGlobalProfileOnce(ctx context.Context, intent *appservice.IntentAPI, name string, avatar id.ContentURIString) error {
+// setGlobalProfile gives a ghost the real user's name and avatar as its global profile and marks it set. Its caller
+// calls it before the ghost's first join and never again (the marker, read with the ghost's facts, says): a
+// homeserver copies a changed global profile into every room the user is in, over the per-room names ferry gives
+// it there.
+func (b *Bridge) setGlobalProfile(ctx context.Context, intent *appservice.IntentAPI, name string, avatar id.ContentURIString) error {
 	key := globalProfileKey(intent.UserID)
-	if done, err := b.DB.KV.Get(ctx, key); err != nil {
-		return err
-	} else if done != "" {
-		return nil
-	}
 	if err := intent.Client.SetDisplayName(ctx, name); err != nil {
 		return fmt.Errorf("failed to set the ghost's global display name: %w", err)
 	}
@@ -148,9 +213,15 @@ func (b *Bridge) setGlobalProfileOnce(ctx context.Context, intent *appservice.In
 
 // realProfile is realUser's display name (their localpart when they have none) and avatar in room.
 func (b *Bridge) realProfile(ctx context.Context, room id.RoomID, realUser id.UserID) (string, id.ContentURIString) {
+	m, _ := b.StateStore.TryGetMember(ctx, room, realUser)
+	return realProfileOf(m, realUser)
+}
+
+// realProfileOf is realProfile from realUser's member event in the room (nil: none stored).
+func realProfileOf(m *event.MemberEventContent, realUser id.UserID) (string, id.ContentURIString) {
 	var name string
 	var avatar id.ContentURIString
-	if m, _ := b.StateStore.TryGetMember(ctx, room, realUser); m != nil {
+	if m != nil {
 		name, avatar = m.Displayname, m.AvatarURL
 	}
 	if name = cleanName(name, maxNameRunes); name == "" {

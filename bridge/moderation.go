@@ -174,53 +174,20 @@ func (b *Bridge) removedFrom(ctx context.Context, room id.RoomID, user id.UserID
 	return v, nil
 }
 
-// sqlTwoMemberships reads two users' memberships in one room from mautrix's state store in one statement (its
-// GetMembership reads one).
-const sqlTwoMemberships = `SELECT user_id, membership FROM mx_user_profile WHERE room_id=$1 AND user_id IN ($2, $3)`
-
-// twoMemberships returns u1's and u2's memberships in room as the state store's GetMembership does (leave for a
-// user it holds no row of), in one read.
-func (b *Bridge) twoMemberships(ctx context.Context, room id.RoomID, u1, u2 id.UserID) (event.Membership, event.Membership, error) {
-	m1, m2 := event.MembershipLeave, event.MembershipLeave
-	rows, err := b.StateStore.Query(ctx, sqlTwoMemberships, room, u1, u2)
-	if err != nil {
-		return m1, m2, err
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var user id.UserID
-		var m event.Membership
-		if err = rows.Scan(&user, &m); err != nil {
-			return m1, m2, err
-		}
-		if user == u1 {
-			m1 = m
-		}
-		if user == u2 {
-			m2 = m
-		}
-	}
-	return m1, m2, rows.Err()
-}
-
-// checkModeration returns errModerated when realUser or their ghost was removed from target by a moderator;
-// otherwise the ghost's membership in target, which it read on the way.
-func (b *Bridge) checkModeration(ctx context.Context, realUser, ghost id.UserID, target id.RoomID) (event.Membership, error) {
-	realMembership, ghostMembership, err := b.twoMemberships(ctx, target, realUser, ghost)
-	if err != nil {
-		return "", err
-	}
+// checkModeration returns errModerated when realUser or their ghost was removed from target by a moderator, given
+// their memberships there as the state store holds them.
+func (b *Bridge) checkModeration(ctx context.Context, realUser, ghost id.UserID, target id.RoomID, realMembership, ghostMembership event.Membership) error {
 	for _, u := range []struct {
 		id id.UserID
 		m  event.Membership
 	}{{realUser, realMembership}, {ghost, ghostMembership}} {
 		if r, err := b.removedFrom(ctx, target, u.id, u.m); err != nil {
-			return "", err
+			return err
 		} else if r != removalNone {
-			return "", errModerated
+			return errModerated
 		}
 	}
-	return ghostMembership, nil
+	return nil
 }
 
 // tellModerated tells source room, once per target room and user, that the user's messages do not reach target

@@ -271,7 +271,7 @@ func (c *memberReads) QueryTiming(_ context.Context, method, query string, _ []a
 }
 
 // TestModerationCheckReadsOnce: the moderation check before a ghost speaks in a room reads the real user's and the
-// ghost's memberships in one statement, and decides as the state store's answers one by one say: a banned real
+// ghost's memberships in one statement (readGhostFacts, with what else bringing the ghost in needs), and decides as the state store's answers one by one say: a banned real
 // user or ghost is refused, a member, a stranger and a ghost that left are not.
 func TestModerationCheckReadsOnce(t *testing.T) {
 	for _, dialect := range dbtest.Dialects {
@@ -297,14 +297,15 @@ func TestModerationCheckReadsOnce(t *testing.T) {
 				for _, u2 := range users {
 					want1, _ := b.StateStore.GetMembership(ctx, room, u1)
 					want2, _ := b.StateStore.GetMembership(ctx, room, u2)
-					got1, got2, err := b.twoMemberships(ctx, room, u1, u2)
 					counter := &memberReads{DatabaseLogger: root.Log}
 					root.Log = counter
-					_, modErr := b.checkModeration(ctx, u1, u2, room)
+					facts, err := b.readGhostFacts(ctx, "!source:x", u1, u2, room)
 					root.Log = counter.DatabaseLogger
 					if err != nil {
 						t.Fatal(err)
 					}
+					got1, got2 := facts.realMembership, facts.ghostMembership()
+					modErr := b.checkModeration(ctx, u1, u2, room, got1, got2)
 					if got1 != want1 || got2 != want2 {
 						t.Errorf("%s and %s: read %s and %s, the state store says %s and %s", u1, u2, got1, got2, want1, want2)
 					}
@@ -426,5 +427,44 @@ func TestGhostFirstJoinWritesItsMembershipOnce(t *testing.T) {
 	member(ghost, event.MembershipJoin, "alice (renamed)")
 	if m, err := f.br.StateStore.TryGetMember(ctx, f.roomB, ghost); err != nil || m == nil || m.Displayname != "alice (renamed)" {
 		t.Errorf("after a join echo with another name the store holds %+v (%v), want that name", m, err)
+	}
+}
+
+// stateReads counts the reads of the state store's members and of ferry's key-value table.
+type stateReads struct {
+	dbutil.DatabaseLogger
+	n atomic.Int32
+}
+
+func (c *stateReads) QueryTiming(_ context.Context, method, query string, _ []any, _ int, _ time.Duration, _ error) {
+	q := strings.TrimSpace(query)
+	if method != "EndRows" && strings.HasPrefix(q, "SELECT") && (strings.Contains(q, "FROM mx_user_profile") || strings.Contains(q, "FROM kv_store WHERE key=")) {
+		c.n.Add(1)
+	}
+}
+
+// TestGhostFirstCheckReadsOnce: bringing a new sender's ghost into the target room reads what it needs of the
+// state (the sender's and the ghost's memberships there, the sender's name and avatar in the source room, whether
+// the ghost's global profile was set) in one query, and the ghost then joins with the sender's name. (What a
+// moderator's kick or ban does to it is in the other tests of this file.)
+func TestGhostFirstCheckReadsOnce(t *testing.T) {
+	root := dbtest.Postgres(t)
+	f := newRelayFixtureOn(t, newScriptedCrypto(), root)
+	ctx := context.Background()
+	if err := f.br.StateStore.SetMember(ctx, f.roomA, f.alice, &event.MemberEventContent{Membership: event.MembershipJoin, Displayname: "Alice Liddell"}); err != nil {
+		t.Fatal(err)
+	}
+	counter := &stateReads{DatabaseLogger: root.Log}
+	root.Log = counter
+	defer func() { root.Log = counter.DatabaseLogger }()
+	if row := f.relayOne(t); row.State != database.InboxDone {
+		t.Fatalf("the first message ended %s (%s)", row.State, row.LastError)
+	}
+	if n := counter.n.Load(); n != 1 {
+		t.Errorf("bringing the ghost in read the members and the key-value table %d times, want once", n)
+	}
+	ghost := f.br.Ghosts.Ghost(f.alice)
+	if m, err := f.br.StateStore.TryGetMember(ctx, f.roomB, ghost); err != nil || m == nil || m.Membership != event.MembershipJoin || !strings.Contains(m.Displayname, "Alice Liddell") {
+		t.Errorf("the ghost in the target room: %+v (%v), want joined with the sender's name", m, err)
 	}
 }
