@@ -30,22 +30,25 @@ func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ss
 	// A new account's keys, stored with it (holdNewSeeds), or the stored ones, or new ones.
 	keys, err := d.newKeys, error(nil)
 	d.newKeys = nil
-	if keys == nil {
-		keys, err = loadSeeds(ctx, sec)
-	}
-	if err != nil {
-		return err
-	} else if keys == nil {
-		if keys, err = d.mach.GenerateCrossSigningKeys(); err != nil {
-			return fmt.Errorf("failed to generate cross-signing keys: %w", err)
-		}
-		// Stored before publishing, so a retry publishes the same identity.
-		if err = storeSeeds(ctx, sec, keys); err != nil {
+	if keys != nil {
+		// The machine is new with the account and has no cross-signing keys of its own yet: these are used as
+		// made, without the import's decoding of what was just generated.
+		d.mach.CrossSigningKeys = keys
+	} else {
+		if keys, err = loadSeeds(ctx, sec); err != nil {
 			return err
+		} else if keys == nil {
+			if keys, err = d.mach.GenerateCrossSigningKeys(); err != nil {
+				return fmt.Errorf("failed to generate cross-signing keys: %w", err)
+			}
+			// Stored before publishing, so a retry publishes the same identity.
+			if err = storeSeeds(ctx, sec, keys); err != nil {
+				return err
+			}
 		}
-	}
-	if err = d.mach.ImportCrossSigningKeys(keys.Seeds()); err != nil {
-		return fmt.Errorf("failed to load cross-signing keys: %w", err)
+		if err = d.mach.ImportCrossSigningKeys(keys.Seeds()); err != nil {
+			return fmt.Errorf("failed to load cross-signing keys: %w", err)
+		}
 	}
 	master := keys.MasterKey.PublicKey()
 	published, err := sec.GetSecret(ctx, secretPublishedMaster)
