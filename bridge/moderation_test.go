@@ -257,18 +257,32 @@ func TestRemovalCacheWritesThrough(t *testing.T) {
 	}
 }
 
-// memberReads counts the statements a database runs on the state store's members (dbutil reports each to its
-// logger).
-type memberReads struct {
+// queryCounter counts the statements a database runs (dbutil reports each to its logger) whose text match picks,
+// and passes each on to the logger it wraps.
+type queryCounter struct {
 	dbutil.DatabaseLogger
-	n atomic.Int32
+	match func(q string) bool
+	n     atomic.Int32
 }
 
-func (c *memberReads) QueryTiming(_ context.Context, method, query string, _ []any, _ int, _ time.Duration, _ error) {
-	if method != "EndRows" && strings.Contains(query, "mx_user_profile") {
+func (c *queryCounter) QueryTiming(ctx context.Context, method, query string, args []any, nrows int, duration time.Duration, err error) {
+	if method != "EndRows" && c.match(strings.TrimSpace(query)) {
 		c.n.Add(1)
 	}
+	c.DatabaseLogger.QueryTiming(ctx, method, query, args, nrows, duration, err)
 }
+
+// countQueries puts a queryCounter of the statements match picks in front of db's logger until the test ends.
+func countQueries(t *testing.T, db *dbutil.Database, match func(q string) bool) *queryCounter {
+	c := &queryCounter{DatabaseLogger: db.Log, match: match}
+	db.Log = c
+	t.Cleanup(func() { db.Log = c.DatabaseLogger })
+	return c
+}
+
+func isMemberQuery(q string) bool { return strings.Contains(q, "mx_user_profile") }
+func isMemberRead(q string) bool  { return isMemberQuery(q) && strings.HasPrefix(q, "SELECT") }
+func isMemberWrite(q string) bool { return isMemberQuery(q) && !strings.HasPrefix(q, "SELECT") }
 
 // TestModerationCheckReadsOnce: the moderation check before a ghost speaks in a room reads the real user's and the
 // ghost's memberships in one statement (readGhostFacts, with what else bringing the ghost in needs), and decides as the state store's answers one by one say: a banned real
@@ -297,7 +311,7 @@ func TestModerationCheckReadsOnce(t *testing.T) {
 				for _, u2 := range users {
 					want1, _ := b.StateStore.GetMembership(ctx, room, u1)
 					want2, _ := b.StateStore.GetMembership(ctx, room, u2)
-					counter := &memberReads{DatabaseLogger: root.Log}
+					counter := &queryCounter{DatabaseLogger: root.Log, match: isMemberQuery}
 					root.Log = counter
 					facts, err := b.readGhostFacts(ctx, "!source:x", u1, u2, room)
 					root.Log = counter.DatabaseLogger
@@ -322,19 +336,6 @@ func TestModerationCheckReadsOnce(t *testing.T) {
 	}
 }
 
-// memberWrites counts the statements that write the state store's members.
-type memberWrites struct {
-	dbutil.DatabaseLogger
-	n atomic.Int32
-}
-
-func (c *memberWrites) QueryTiming(_ context.Context, method, query string, _ []any, _ int, _ time.Duration, _ error) {
-	q := strings.TrimSpace(query)
-	if method != "EndRows" && strings.Contains(q, "mx_user_profile") && !strings.HasPrefix(q, "SELECT") {
-		c.n.Add(1)
-	}
-}
-
 // TestGhostInviteEchoWritesNothingNew: the homeserver's echo of the bot's invite of a ghost, which mautrix's client
 // recorded when the bot sent it, is not written again (a new sender's first message in an invite-only room); an
 // invite echo that differs from what is stored (another name) is applied.
@@ -347,9 +348,7 @@ func TestGhostInviteEchoWritesNothingNew(t *testing.T) {
 	if err := f.br.StateStore.SetMember(ctx, f.roomB, ghost, sent); err != nil {
 		t.Fatal(err)
 	}
-	counter := &memberWrites{DatabaseLogger: root.Log}
-	root.Log = counter
-	defer func() { root.Log = counter.DatabaseLogger }()
+	counter := countQueries(t, root, isMemberWrite)
 	echo := func(name string) {
 		f.n++
 		f.process(t, map[string]any{
@@ -370,23 +369,6 @@ func TestGhostInviteEchoWritesNothingNew(t *testing.T) {
 	}
 }
 
-// memberQueries counts the reads and the writes of the state store's members.
-type memberQueries struct {
-	dbutil.DatabaseLogger
-	reads, writes atomic.Int32
-}
-
-func (c *memberQueries) QueryTiming(_ context.Context, method, query string, _ []any, _ int, _ time.Duration, _ error) {
-	q := strings.TrimSpace(query)
-	if method == "EndRows" || !strings.Contains(q, "mx_user_profile") {
-		return
-	} else if strings.HasPrefix(q, "SELECT") {
-		c.reads.Add(1)
-	} else {
-		c.writes.Add(1)
-	}
-}
-
 // TestGhostFirstJoinWritesItsMembershipOnce: a new sender's ghost, invited by the bot into an invite-only room
 // and joining it, is recorded in the state store once (joined); the homeserver's echoes of that invite and that
 // join are then recognised as ferry's own without reading the store. An echo that differs from what ferry sent
@@ -396,22 +378,20 @@ func TestGhostFirstJoinWritesItsMembershipOnce(t *testing.T) {
 	f := newRelayFixtureOn(t, newScriptedCrypto(), root)
 	ctx := context.Background()
 	ghost := f.br.Ghosts.Ghost(f.alice)
-	counter := &memberQueries{DatabaseLogger: root.Log}
-	root.Log = counter
-	defer func() { root.Log = counter.DatabaseLogger }()
+	reads, writes := countQueries(t, root, isMemberRead), countQueries(t, root, isMemberWrite)
 
 	if row := f.relayOne(t); row.State != database.InboxDone {
 		t.Fatalf("the first message ended %s (%s)", row.State, row.LastError)
 	}
-	if n := counter.writes.Load(); n != 1 {
+	if n := writes.n.Load(); n != 1 {
 		t.Errorf("the ghost's invite and join were written to the state store %d times, want once", n)
 	}
 	joined, err := f.br.StateStore.TryGetMember(ctx, f.roomB, ghost)
 	if err != nil || joined == nil || joined.Membership != event.MembershipJoin {
 		t.Fatalf("after the first message the store holds %+v (%v), want the ghost joined", joined, err)
 	}
-	counter.reads.Store(0)
-	counter.writes.Store(0)
+	reads.n.Store(0)
+	writes.n.Store(0)
 	member := func(sender id.UserID, membership event.Membership, name string) {
 		f.n++
 		f.process(t, map[string]any{
@@ -421,25 +401,12 @@ func TestGhostFirstJoinWritesItsMembershipOnce(t *testing.T) {
 	}
 	member(f.br.AS.BotMXID(), event.MembershipInvite, joined.Displayname)
 	member(ghost, event.MembershipJoin, joined.Displayname)
-	if r, w := counter.reads.Load(), counter.writes.Load(); r != 0 || w != 0 {
+	if r, w := reads.n.Load(), writes.n.Load(); r != 0 || w != 0 {
 		t.Errorf("the echoes of the ghost's invite and join read the store's members %d times and wrote them %d times, want neither", r, w)
 	}
 	member(ghost, event.MembershipJoin, "alice (renamed)")
 	if m, err := f.br.StateStore.TryGetMember(ctx, f.roomB, ghost); err != nil || m == nil || m.Displayname != "alice (renamed)" {
 		t.Errorf("after a join echo with another name the store holds %+v (%v), want that name", m, err)
-	}
-}
-
-// stateReads counts the reads of the state store's members and of ferry's key-value table.
-type stateReads struct {
-	dbutil.DatabaseLogger
-	n atomic.Int32
-}
-
-func (c *stateReads) QueryTiming(_ context.Context, method, query string, _ []any, _ int, _ time.Duration, _ error) {
-	q := strings.TrimSpace(query)
-	if method != "EndRows" && strings.HasPrefix(q, "SELECT") && (strings.Contains(q, "FROM mx_user_profile") || strings.Contains(q, "FROM kv_store WHERE key=")) {
-		c.n.Add(1)
 	}
 }
 
@@ -454,9 +421,9 @@ func TestGhostFirstCheckReadsOnce(t *testing.T) {
 	if err := f.br.StateStore.SetMember(ctx, f.roomA, f.alice, &event.MemberEventContent{Membership: event.MembershipJoin, Displayname: "Alice Liddell"}); err != nil {
 		t.Fatal(err)
 	}
-	counter := &stateReads{DatabaseLogger: root.Log}
-	root.Log = counter
-	defer func() { root.Log = counter.DatabaseLogger }()
+	counter := countQueries(t, root, func(q string) bool {
+		return strings.HasPrefix(q, "SELECT") && (strings.Contains(q, "FROM mx_user_profile") || strings.Contains(q, "FROM kv_store WHERE key="))
+	})
 	if row := f.relayOne(t); row.State != database.InboxDone {
 		t.Fatalf("the first message ended %s (%s)", row.State, row.LastError)
 	}

@@ -242,12 +242,7 @@ func TestNewIdentityStoredInTwoStatements(t *testing.T) {
 			r, log := startASRigLogged(ctx, t, opts)
 			defer r.m.Stop()
 			if failSigning {
-				fail := &failOnce{next: r.srv.Client().Transport, suffix: "/keys/signatures/upload"}
-				r.m.NewUserClient = func(u id.UserID) *mautrix.Client {
-					cli := r.asClient(t, u)
-					cli.Client = &http.Client{Transport: fail}
-					return cli
-				}
+				r.failGhostRequestOnce(t, "/keys/signatures/upload")
 			}
 			published.Store(0)
 			signed.Store(0)
@@ -489,12 +484,7 @@ func TestNewGhostKeepsItsIdentityAfterAFailedUpload(t *testing.T) {
 	}
 	r := startASRig(ctx, t, opts, opts.SharedSecret)
 	defer r.m.Stop()
-	fail := &failOnce{next: r.srv.Client().Transport, suffix: "/keys/upload"}
-	r.m.NewUserClient = func(u id.UserID) *mautrix.Client {
-		cli := r.asClient(t, u)
-		cli.Client = &http.Client{Transport: fail}
-		return cli
-	}
+	r.failGhostRequestOnce(t, "/keys/upload")
 	if err := r.m.PrepareSender(ctx, r.ghost); err == nil {
 		t.Fatal("the failed key upload did not reach the set-up")
 	}
@@ -534,12 +524,7 @@ func TestNewGhostUploadsItsKeysOnceWhenItsIdentityFails(t *testing.T) {
 			}
 			r := startASRig(ctx, t, opts, opts.SharedSecret)
 			defer r.m.Stop()
-			fail := &failOnce{next: r.srv.Client().Transport, suffix: suffix}
-			r.m.NewUserClient = func(u id.UserID) *mautrix.Client {
-				cli := r.asClient(t, u)
-				cli.Client = &http.Client{Transport: fail}
-				return cli
-			}
+			r.failGhostRequestOnce(t, suffix)
 			if err := r.m.PrepareSender(ctx, r.ghost); err == nil {
 				t.Fatal("the failed request did not reach the set-up")
 			}
@@ -554,6 +539,17 @@ func TestNewGhostUploadsItsKeysOnceWhenItsIdentityFails(t *testing.T) {
 				t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
 			}
 		})
+	}
+}
+
+// failGhostRequestOnce makes the first request of ferry's appservice clients (the ghosts' devices) whose path
+// ends in suffix fail with a 500.
+func (r *asRig) failGhostRequestOnce(t *testing.T, suffix string) {
+	fail := &failOnce{next: r.srv.Client().Transport, suffix: suffix}
+	r.m.NewUserClient = func(u id.UserID) *mautrix.Client {
+		cli := r.asClient(t, u)
+		cli.Client = &http.Client{Transport: fail}
+		return cli
 	}
 }
 

@@ -22,11 +22,7 @@ func TestRoomSessionSettingsAsStateStore(t *testing.T) {
 	for _, dialect := range dbtest.Dialects {
 		t.Run(dialect, func(t *testing.T) {
 			ctx := context.Background()
-			db := dbtest.Open(t, dialect)
-			ss := sqlstatestore.NewSQLStateStore(db, dbutil.NoopLogger, false)
-			if err := ss.Upgrade(ctx); err != nil {
-				t.Fatal(err)
-			}
+			db, ss := openStateStore(t, dialect)
 			enc := &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1, RotationPeriodMillis: 3600000, RotationPeriodMessages: 25}
 			rooms := map[string]func(id.RoomID) error{
 				"nothing stored": func(id.RoomID) error { return nil },
@@ -82,11 +78,7 @@ func TestRoomShareState(t *testing.T) {
 	for _, dialect := range dbtest.Dialects {
 		t.Run(dialect, func(t *testing.T) {
 			ctx := context.Background()
-			db := dbtest.Open(t, dialect)
-			ss := sqlstatestore.NewSQLStateStore(db, dbutil.NoopLogger, false)
-			if err := ss.Upgrade(ctx); err != nil {
-				t.Fatal(err)
-			}
+			db, ss := openStateStore(t, dialect)
 			room, other := id.RoomID("!room:x"), id.RoomID("!other:x")
 			isOwn := func(u id.UserID) bool { return strings.HasPrefix(string(u), "@ghost_") }
 			for u, m := range map[id.UserID]event.Membership{"@joined:x": event.MembershipJoin, "@invited:x": event.MembershipInvite,
@@ -119,4 +111,15 @@ func TestRoomShareState(t *testing.T) {
 			}
 		})
 	}
+}
+
+// openStateStore opens a fresh database of dialect with mautrix's state store on it.
+func openStateStore(t *testing.T, dialect string) (*dbutil.Database, *sqlstatestore.SQLStateStore) {
+	t.Helper()
+	db := dbtest.Open(t, dialect)
+	ss := sqlstatestore.NewSQLStateStore(db, dbutil.NoopLogger, false)
+	if err := ss.Upgrade(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return db, ss
 }
