@@ -2,15 +2,19 @@ package crypto
 
 import (
 	"context"
+	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"go.ferry.im/ferry/database/dbtest"
 	"go.ferry.im/ferry/internal/fakehs"
 )
 
@@ -247,5 +251,80 @@ func TestReceivedRoomKeyIsNotReadBack(t *testing.T) {
 	}
 	if got := log.takeReads("crypto_megolm_inbound_session"); len(got) != 0 {
 		t.Errorf("decrypting read the room key back %d times, want none:\n%s", len(got), strings.Join(got, "\n"))
+	}
+}
+
+// TestKeyFetchReadsTheUserOnce: fetching a new member's keys (their first message) reads what the store holds of
+// them (tracked or not, their devices, their cross-signing keys) in one query, and the member's device is then
+// trusted as cross-signed by its owner.
+func TestKeyFetchReadsTheUserOnce(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r, log := startASRigLogged(ctx, t, fakehs.Options{CrossSigningUIA: true})
+	defer r.m.Stop()
+	msg := r.memberSends(t, "first words")
+	if err := r.m.HandleTransactionCrypto(ctx, r.srv.TakeAppserviceTransaction()); err != nil {
+		t.Fatal(err)
+	}
+	log.takeReads("")
+	dec, err := r.m.Decrypt(ctx, msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dec.Mautrix.TrustState != id.TrustStateCrossSignedTOFU {
+		t.Errorf("the member's device is %s, want cross-signed by its owner", dec.Mautrix.TrustState)
+	}
+	reads := slices.DeleteFunc(log.takeReads(""), func(q string) bool {
+		return !strings.Contains(q, "FROM crypto_tracked_user ") && !strings.Contains(q, "FROM crypto_cross_signing_keys ")
+	})
+	if len(reads) != 1 {
+		t.Errorf("the key fetch read the member's tracking and cross-signing keys in %d queries, want 1:\n%s", len(reads), strings.Join(reads, "\n"))
+	}
+}
+
+// TestGetDevicesAsStore: the cache's GetDevices answers as mautrix's store does (none for a user not tracked; a
+// tracked user's devices not deleted), on both databases, and fills the user's cross-signing keys it read with
+// them.
+func TestGetDevicesAsStore(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			db := dbtest.Open(t, dialect)
+			plain := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "acct", "", []byte("pickle key"))
+			if err := plain.DB.Upgrade(ctx); err != nil {
+				t.Fatal(err)
+			}
+			cached := &cachedStore{SQLCryptoStore: plain, c: newStoreCache()}
+			const tracked, untracked, keysOnly = id.UserID("@tracked:x"), id.UserID("@untracked:x"), id.UserID("@keys:x")
+			devs := []*id.Device{
+				{UserID: tracked, DeviceID: "A", IdentityKey: "ika", SigningKey: "ska", Trust: id.TrustStateVerified, Name: "phone"},
+				{UserID: tracked, DeviceID: "B", IdentityKey: "ikb", SigningKey: "skb", Deleted: true},
+			}
+			for _, d := range devs {
+				if err := plain.PutDevice(ctx, d.UserID, d); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := plain.PutDevice(ctx, untracked, &id.Device{UserID: untracked, DeviceID: "C", IdentityKey: "ikc", SigningKey: "skc"}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := db.Exec(ctx, `INSERT INTO crypto_tracked_user (user_id) VALUES ($1), ($2)`, tracked, keysOnly); err != nil {
+				t.Fatal(err)
+			}
+			if err := plain.PutCrossSigningKey(ctx, tracked, id.XSUsageMaster, "master"); err != nil {
+				t.Fatal(err)
+			}
+			for _, u := range []id.UserID{tracked, untracked, keysOnly, "@nobody:x"} {
+				want, wantErr := plain.GetDevices(ctx, u)
+				got, err := cached.GetDevices(ctx, u)
+				if err != nil || wantErr != nil || (want == nil) != (got == nil) || !reflect.DeepEqual(want, got) {
+					t.Errorf("%s: devices %v (%v), the store answers %v (%v)", u, got, err, want, wantErr)
+				}
+				wantKeys, _ := plain.GetCrossSigningKeys(ctx, u)
+				if keys, err := cached.GetCrossSigningKeys(ctx, u); err != nil || !reflect.DeepEqual(keys, wantKeys) {
+					t.Errorf("%s: cross-signing keys %v (%v), the store answers %v", u, keys, err, wantKeys)
+				}
+			}
+		})
 	}
 }

@@ -39,7 +39,7 @@ func TestMautrixStoreStatements(t *testing.T) {
 		sqlDeleteGhostInbound: {"x", "x", "x"}, sqlInboundCopyAccounts: {"x", "x"}, sqlInboundKeyAccounts: {"x", "x"},
 		sqlDeleteSessionShared: {"x"}, sqlIsSessionRecipient: {"x", "x"}, sqlAllTrackedUsers: {}, sqlDrainState: {"x", "x"},
 		sqlReplayIndexOfSession: {"x"}, sqlAccountPickle: {"x"}, sqlOlmSessionPickle: {"x", "x"},
-		sqlTrustOf(n): args(n + 1), sqlOlmSessionsWith(n): args(n + 1),
+		sqlTrustOf(n): args(n + 1), sqlDevicesAndKeysOf: {"@u:x"}, sqlOlmSessionsWith(n): args(n + 1),
 		sqlSaveSessionShared(n): args(3 * n), sqlAccountSecrets: {"x"}, sqlAccountDeviceAndSecrets: {"x"},
 	}
 	// Typed values where the schema needs them.

@@ -379,11 +379,53 @@ func (s *cachedStore) PutDevices(ctx context.Context, userID id.UserID, devices 
 // The reads and writes of devices and tracked users below come after ctx's trust batch when it holds a device
 // list they concern.
 
+// GetDevices answers as the store does (nil for a user it does not track; a tracked user's devices not deleted)
+// in one query (the store reads the tracking, then the devices), which also reads the user's cross-signing keys
+// into the cache: mautrix's key fetch asks for both, one after the other, about every user it fetches.
 func (s *cachedStore) GetDevices(ctx context.Context, userID id.UserID) (map[id.DeviceID]*id.Device, error) {
 	if err := s.flushForDevicesOf(ctx, userID); err != nil {
 		return nil, err
 	}
-	return s.SQLCryptoStore.GetDevices(ctx, userID)
+	s.c.lock.Lock()
+	_, gen := s.c.readTrust(userID)
+	s.c.lock.Unlock()
+	rows, err := s.DB.Query(ctx, sqlDevicesAndKeysOf, userID)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	tracked := false
+	devices := make(map[id.DeviceID]*id.Device)
+	keys := make(map[id.CrossSigningUsage]id.CrossSigningKey)
+	for rows.Next() {
+		var kind, a, b, c, name string
+		var trust id.TrustState
+		var deleted bool
+		if err = rows.Scan(&kind, &a, &b, &c, &trust, &deleted, &name); err != nil {
+			return nil, err
+		}
+		switch kind {
+		case "t":
+			tracked = true
+		case "d":
+			devices[id.DeviceID(a)] = &id.Device{UserID: userID, DeviceID: id.DeviceID(a), IdentityKey: id.IdentityKey(b),
+				SigningKey: id.Ed25519(c), Trust: trust, Deleted: deleted, Name: name}
+		case "k":
+			keys[id.CrossSigningUsage(a)] = id.CrossSigningKey{Key: id.Ed25519(b), First: id.Ed25519(c)}
+		}
+	}
+	if err = rows.Err(); err != nil {
+		return nil, err
+	}
+	s.c.lock.Lock()
+	if t := s.c.fillTrust(userID, gen); t != nil && t.xsKeys == nil {
+		t.xsKeys = keys
+	}
+	s.c.lock.Unlock()
+	if !tracked {
+		return nil, nil
+	}
+	return devices, nil
 }
 
 func (s *cachedStore) GetDevice(ctx context.Context, userID id.UserID, deviceID id.DeviceID) (*id.Device, error) {
