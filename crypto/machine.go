@@ -830,7 +830,7 @@ func roomSessionSettings(ctx context.Context, db *dbutil.Database, roomID id.Roo
 const sqlRoomShare = `SELECT user_id, NULL, NULL FROM mx_user_profile WHERE room_id=$1 AND membership IN ('join', 'invite')
 	UNION ALL SELECT NULL, encryption, history_visibility FROM mx_room_state WHERE room_id=$1`
 
-// roomShareState is RealMembers (the members isOwn does not claim) and roomSessionSettings in one query. A
+// roomShareState is a room's joined and invited members that isOwn does not claim, and roomSessionSettings, in one query. A
 // setting that cannot be parsed is left out and logged, as roomEncryption does; the members are returned all the
 // same.
 func roomShareState(ctx context.Context, db *dbutil.Database, roomID id.RoomID, isOwn func(id.UserID) bool) ([]id.UserID, *event.EncryptionEventContent, *event.HistoryVisibilityEventContent, error) {
@@ -881,21 +881,6 @@ func parseSessionSettings(encData, hvData []byte) (*event.EncryptionEventContent
 		}
 	}
 	return enc, hv, nil
-}
-
-// RealMembers lists a room's joined and invited members that are not ferry's own users.
-func (m *Machine) RealMembers(ctx context.Context, roomID id.RoomID) ([]id.UserID, error) {
-	all, err := m.stateStore.GetRoomJoinedOrInvitedMembers(ctx, roomID)
-	if err != nil {
-		return nil, err
-	}
-	out := all[:0]
-	for _, u := range all {
-		if m.isOwn == nil || !m.isOwn(u) {
-			out = append(out, u)
-		}
-	}
-	return out, nil
 }
 
 // HandleMemberEvent rotates the room's outbound sessions (of every ferry device) when a real member's

@@ -89,7 +89,6 @@ const sqlDrainState = `SELECT a.sync_token, s.secret FROM crypto_account a
 // An account's secrets (crypto_secrets, pickled with the pickle key as the store's PutSecret writes them), read
 // all at once and written several in one statement (secretCache).
 const (
-	sqlAccountSecrets = `SELECT name, secret FROM crypto_secrets WHERE account_id=$1`
 	// sqlAccountDeviceAndSecrets: the device ID of the account's Olm account (the store's FindDeviceID; a row
 	// whose name is NULL) and the account's secrets, in one query.
 	sqlAccountDeviceAndSecrets = `SELECT device_id, NULL, NULL FROM crypto_account WHERE account_id=$1

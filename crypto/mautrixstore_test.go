@@ -40,7 +40,7 @@ func TestMautrixStoreStatements(t *testing.T) {
 		sqlDeleteSessionShared: {"x"}, sqlIsSessionRecipient: {"x", "x"}, sqlAllTrackedUsers: {}, sqlDrainState: {"x", "x"},
 		sqlReplayIndexOfSession: {"x"}, sqlAccountPickle: {"x"}, sqlOlmSessionPickle: {"x", "x"},
 		sqlTrustOf(n): args(n + 1), sqlDevicesAndKeysOf: {"@u:x"}, sqlOlmSessionsWith(n): args(n + 1),
-		sqlSaveSessionShared(n): args(3 * n), sqlAccountSecrets: {"x"}, sqlAccountDeviceAndSecrets: {"x"},
+		sqlSaveSessionShared(n): args(3 * n), sqlAccountDeviceAndSecrets: {"x"},
 	}
 	// Typed values where the schema needs them.
 	now := time.Now()

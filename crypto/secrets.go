@@ -46,29 +46,13 @@ func (c *secretCache) load(ctx context.Context) error {
 	if c.vals != nil {
 		return nil
 	}
-	rows, err := c.store.DB.Query(ctx, sqlAccountSecrets, c.store.AccountID)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	vals, bad := make(map[id.Secret]string), make(map[id.Secret]error)
-	for rows.Next() {
-		var name id.Secret
-		var pickled []byte
-		if err = rows.Scan(&name, &pickled); err != nil {
-			return err
-		}
-		c.unpickle(vals, bad, name, pickled)
-	}
-	if err = rows.Err(); err != nil {
-		return err
-	}
-	c.vals, c.bad = vals, bad
-	return nil
+	_, err := c.loadWithDevice(ctx)
+	return err
 }
 
 // loadWithDevice reads the account's secrets and, in the same query, the device ID of its stored Olm account
-// ("" when none is stored), which a ghost's set-up needs first (the store's FindDeviceID).
+// ("" when none is stored), which a ghost's set-up needs first (the store's FindDeviceID); load, for the
+// accounts that need only the secrets, drops it.
 func (c *secretCache) loadWithDevice(ctx context.Context) (id.DeviceID, error) {
 	rows, err := c.store.DB.Query(ctx, sqlAccountDeviceAndSecrets, c.store.AccountID)
 	if err != nil {

@@ -240,12 +240,11 @@ func (s *olmStore) PutAccount(ctx context.Context, account *crypto.OlmAccount) e
 	// The new account's first write, with its own device (held back by PutDevice) and the held secrets, in one
 	// statement.
 	defer s.c.trustChanged(s.owner)
-	pickled, err := account.Internal.Pickle(s.PickleKey)
+	row, err := s.accountRow(account)
 	if err != nil {
 		return err
 	}
-	query, args := sqlPutAccountWithDevice, []any{s.owner, dev.DeviceID, dev.IdentityKey, dev.SigningKey, dev.Trust, dev.Deleted, dev.Name,
-		s.DeviceID, account.Shared, s.SyncToken, pickled, s.AccountID, account.KeyBackupVersion}
+	query, args := sqlPutAccountWithDevice, append([]any{s.owner, dev.DeviceID, dev.IdentityKey, dev.SigningKey, dev.Trust, dev.Deleted, dev.Name}, row.Args...)
 	if held != nil {
 		query, args = sqlPutAccountWithDeviceAnd(held.rows), append(args, held.rows.Args...)
 	}
@@ -260,7 +259,7 @@ func (s *olmStore) PutAccount(ctx context.Context, account *crypto.OlmAccount) e
 	return nil
 }
 
-// accountRow is account's row as PutAccount writes it.
+// accountRow is account's row as PutAccount writes it (sqlPutAccountWithDevice takes its values as its $8..$13).
 func (s *olmStore) accountRow(account *crypto.OlmAccount) (*RowInsert, error) {
 	pickled, err := account.Internal.Pickle(s.PickleKey)
 	if err != nil {
