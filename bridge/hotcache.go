@@ -179,15 +179,23 @@ func (h *hotCache) noteSent(room id.RoomID, ghost id.UserID, content *event.Memb
 	h.sent[roomMember{room, ghost}] = sentMember{content.Membership, content.Displayname, content.AvatarURL}
 }
 
-// lastSent is the member event ferry last sent for ghost in room, if sent still holds it; done drops it.
-func (h *hotCache) lastSent(room id.RoomID, ghost id.UserID, done bool) (sentMember, bool) {
+// lastSent is the member event ferry last sent for ghost in room, if sent still holds it.
+func (h *hotCache) lastSent(room id.RoomID, ghost id.UserID) (sentMember, bool) {
 	h.lock.Lock()
 	defer h.lock.Unlock()
 	m, ok := h.sent[roomMember{room, ghost}]
-	if ok && done {
-		delete(h.sent, roomMember{room, ghost})
-	}
 	return m, ok
+}
+
+// takeSent reports whether the member event ferry last sent for ghost in room is want, and drops it if so.
+func (h *hotCache) takeSent(room id.RoomID, ghost id.UserID, want sentMember) bool {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	if m, ok := h.sent[roomMember{room, ghost}]; !ok || m != want {
+		return false
+	}
+	delete(h.sent, roomMember{room, ghost})
+	return true
 }
 
 // isEncrypted is StateStore.IsEncrypted, remembering rooms found encrypted.
@@ -216,8 +224,7 @@ func (b *Bridge) ownJoinEcho(ctx context.Context, evt *event.Event) bool {
 	}
 	// What ferry sent, when it still knows: the store holds that (a later change of the ghost there would have
 	// dropped it). The echo of the ghost's join is the last one it waits for.
-	if sent, ok := b.hot.lastSent(evt.RoomID, evt.Sender, false); ok && sent == (sentMember{event.MembershipJoin, content.Displayname, content.AvatarURL}) {
-		b.hot.lastSent(evt.RoomID, evt.Sender, true)
+	if b.hot.takeSent(evt.RoomID, evt.Sender, sentMember{event.MembershipJoin, content.Displayname, content.AvatarURL}) {
 		return true
 	}
 	stored, err := b.StateStore.TryGetMember(ctx, evt.RoomID, evt.Sender)
@@ -240,7 +247,7 @@ func (b *Bridge) ownInviteEcho(ctx context.Context, evt *event.Event) bool {
 	}
 	// What ferry sent since, when it still knows: the ghost's join, or this invite (which the store need not hold:
 	// the join follows it, and a ghost found not joined is invited again).
-	if sent, ok := b.hot.lastSent(evt.RoomID, id.UserID(*evt.StateKey), false); ok &&
+	if sent, ok := b.hot.lastSent(evt.RoomID, id.UserID(*evt.StateKey)); ok &&
 		(sent.membership == event.MembershipJoin || sent == (sentMember{event.MembershipInvite, content.Displayname, content.AvatarURL})) {
 		return true
 	}
