@@ -16,6 +16,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"go.ferry.im/ferry/database/dbtest"
 	"go.ferry.im/ferry/internal/fakehs"
 )
 
@@ -576,4 +577,33 @@ func (r *asRig) publishedMaster(ctx context.Context, t *testing.T, user id.UserI
 		t.Fatalf("the homeserver publishes no master key of %s", user)
 	}
 	return master.FirstKey()
+}
+
+// TestNewGhostOnSQLite: on SQLite, where no statement carries a new account's device, keys and uploaded state
+// together, a new ghost is set up by the writes of their own, keeps its identity over a restart, and a member
+// reads its messages with its device cross-signed by its owner.
+func TestNewGhostOnSQLite(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r := newASRigOn(t, fakehs.Options{CrossSigningUIA: true}, "", dbtest.Open(t, "sqlite3-fk-wal"))
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	defer func() { r.m.Stop() }()
+	sent := r.sendAs(t, r.ghost, "first words")
+	if trust := r.memberReads(t, sent, "first words"); trust != id.TrustStateCrossSignedTOFU {
+		t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+	}
+	master := r.publishedMaster(ctx, t, r.ghost)
+	keys, err := loadSeeds(ctx, newSecretCache(r.m.storeFor(r.ghost)))
+	if err != nil || keys == nil || keys.MasterKey.PublicKey() != master {
+		t.Fatalf("stored cross-signing keys %v (%v), the homeserver publishes %s", keys, err, master)
+	}
+	r.restart(ctx, t)
+	sent = r.sendAs(t, r.ghost, "after a restart")
+	r.memberReads(t, sent, "after a restart")
+	if now := r.publishedMaster(ctx, t, r.ghost); now != master {
+		t.Errorf("after a restart the ghost's master key is %s, was %s", now, master)
+	}
 }
