@@ -607,3 +607,48 @@ func TestNewGhostOnSQLite(t *testing.T) {
 		t.Errorf("after a restart the ghost's master key is %s, was %s", now, master)
 	}
 }
+
+// TestLoginPathPublishesAnIdentityInOneUpload: on the login path (Dendrite's), where the homeserver asks for the
+// account password before it takes cross-signing keys, a new ghost sends its password with its first upload
+// instead of waiting to be challenged: one request. A homeserver that takes the password only within the session
+// of its challenge gets the upload again, answered in that session; the identity is published either way and a
+// member sees the ghost's device cross-signed by its owner.
+func TestLoginPathPublishesAnIdentityInOneUpload(t *testing.T) {
+	for name, sessionRequired := range map[string]bool{"password taken at once": false, "session required": true} {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var uploads atomic.Int32
+			opts := devicePaths()["login"]
+			opts.UIASessionRequired = sessionRequired
+			opts.BeforeRequest = func(route string, body []byte) {
+				if route == "POST /_matrix/client/v3/keys/device_signing/upload" && strings.Contains(string(body), "ghost_alice") {
+					uploads.Add(1)
+				}
+			}
+			r := startASRig(ctx, t, opts, opts.SharedSecret)
+			defer r.m.Stop()
+			if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+				t.Fatal(err)
+			}
+			want := int32(1)
+			if sessionRequired {
+				want = 2
+			}
+			if n := uploads.Load(); n != want {
+				t.Errorf("the ghost's identity took %d uploads, want %d", n, want)
+			}
+			stored, err := loadSeeds(ctx, newSecretCache(r.m.storeFor(r.ghost)))
+			if err != nil || stored == nil {
+				t.Fatalf("the ghost's stored cross-signing keys: %v, %v", stored, err)
+			}
+			if master := r.publishedMaster(ctx, t, r.ghost); master != stored.MasterKey.PublicKey() {
+				t.Errorf("the homeserver publishes master key %s, ferry stored %s", master, stored.MasterKey.PublicKey())
+			}
+			sent := r.sendAs(t, r.ghost, "first words")
+			if trust := r.memberReads(t, sent, "first words"); trust != id.TrustStateCrossSignedTOFU {
+				t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+			}
+		})
+	}
+}

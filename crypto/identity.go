@@ -177,10 +177,7 @@ func signDevice(ctx context.Context, d *device) error {
 	} else if len(resp.Failures) > 0 {
 		return fmt.Errorf("failed to upload the device's cross-signing signatures: %w: %+v", crypto.ErrSignatureUploadFail, resp.Failures)
 	}
-	for _, sig := range []struct {
-		signed, signer id.Ed25519
-		signature      string
-	}{{account.SigningKey(), selfSigning, deviceSig}, {master, account.SigningKey(), masterSig}} {
+	for _, sig := range []madeSignature{{account.SigningKey(), selfSigning, deviceSig}, {master, account.SigningKey(), masterSig}} {
 		if err = d.mach.CryptoStore.PutSignature(ctx, user, sig.signed, user, sig.signer, sig.signature); err != nil {
 			return fmt.Errorf("failed to store the device's cross-signing signature: %w", err)
 		}
@@ -188,6 +185,12 @@ func signDevice(ctx context.Context, d *device) error {
 	// (Written with ctx's trust batch; a device whose batch fails is not used.)
 	d.olm.ownSig.Store(&ownSignature{device: account.SigningKey(), selfSigning: selfSigning, signature: deviceSig})
 	return nil
+}
+
+// madeSignature is a signature ferry made of one of its user's keys (signed) by another (signer), for the store.
+type madeSignature struct {
+	signed, signer id.Ed25519
+	signature      string
 }
 
 // signatureServeWait bounds how long a freshly signed device waits for the homeserver to serve its signature.
@@ -220,7 +223,11 @@ func (m *Machine) publishIdentity(ctx context.Context, d *device, sec *secretCac
 	if err != nil {
 		return false, fmt.Errorf("failed to read the account password: %w", err)
 	}
-	err = d.mach.PublishCrossSigningKeys(ctx, keys, passwordUIA(d.userID, password))
+	if password != "" {
+		err = publishWithPassword(ctx, d, keys, password)
+	} else {
+		err = d.mach.PublishCrossSigningKeys(ctx, keys, passwordUIA(d.userID, password))
+	}
 	if err == nil && password == "" {
 		// Published without any password: the homeserver lets a user set up cross-signing the first time
 		// without UIA (Synapse), or lets the appservice skip it (MSC4190). Remembered (the caller stores the
@@ -234,12 +241,58 @@ func (m *Machine) publishIdentity(ctx context.Context, d *device, sec *secretCac
 		if password, err = m.provisionPassword(ctx, d.userID, sec); err != nil {
 			return false, err
 		}
-		err = d.mach.PublishCrossSigningKeys(ctx, keys, passwordUIA(d.userID, password))
+		err = publishWithPassword(ctx, d, keys, password)
 	}
 	if err != nil {
 		return false, fmt.Errorf("failed to publish cross-signing keys: %w", err)
 	}
 	return false, nil
+}
+
+// publishWithPassword publishes keys as mautrix's PublishCrossSigningKeys does (the master key signed by the
+// device, the other two by the master key; the three signatures stored once the homeserver took them), but sends
+// the password with the first upload: a homeserver that asks for it (Dendrite 0.13.8) takes the keys in one
+// request instead of answering the first with its challenge. One that wants the password only within the
+// session of a challenge answers with one, and the upload is sent again in it.
+func publishWithPassword(ctx context.Context, d *device, keys *crypto.CrossSigningKeysCache, password string) error {
+	account := d.mach.GetAccount()
+	if account == nil {
+		return crypto.ErrOlmAccountNotLoaded
+	}
+	user, master := d.userID, keys.MasterKey.PublicKey()
+	signed := func(usage id.CrossSigningUsage, key id.Ed25519) mautrix.CrossSigningKeys {
+		return mautrix.CrossSigningKeys{UserID: user, Usage: []id.CrossSigningUsage{usage}, Keys: map[id.KeyID]id.Ed25519{id.NewKeyID(id.KeyAlgorithmEd25519, key.String()): key}}
+	}
+	req := &mautrix.UploadCrossSigningKeysReq[any]{
+		Master:      signed(id.XSUsageMaster, master),
+		SelfSigning: signed(id.XSUsageSelfSigning, keys.SelfSigningKey.PublicKey()),
+		UserSigning: signed(id.XSUsageUserSigning, keys.UserSigningKey.PublicKey()),
+		Auth:        &uiaPassword{Type: mautrix.AuthTypePassword, Identifier: mautrix.UserIdentifier{Type: mautrix.IdentifierTypeUser, User: string(user)}, Password: password},
+	}
+	masterSig, err := account.SignJSON(req.Master)
+	if err != nil {
+		return fmt.Errorf("failed to sign the master key: %w", err)
+	}
+	req.Master.Signatures = signatures.NewSingleSignature(user, id.KeyAlgorithmEd25519, d.client.DeviceID.String(), masterSig)
+	stores := []madeSignature{{master, account.SigningKey(), masterSig}}
+	for _, k := range []*mautrix.CrossSigningKeys{&req.SelfSigning, &req.UserSigning} {
+		sig, err := keys.MasterKey.SignJSON(*k)
+		if err != nil {
+			return fmt.Errorf("failed to sign the %s key: %w", k.Usage[0], err)
+		}
+		k.Signatures = signatures.NewSingleSignature(user, id.KeyAlgorithmEd25519, master.String(), sig)
+		stores = append(stores, madeSignature{k.FirstKey(), master, sig})
+	}
+	if err = d.client.UploadCrossSigningKeys(ctx, req, passwordUIA(user, password)); err != nil {
+		return err
+	}
+	for _, sig := range stores {
+		if err = d.mach.CryptoStore.PutSignature(ctx, user, sig.signed, user, sig.signer, sig.signature); err != nil {
+			return fmt.Errorf("failed to store a signature of the new identity: %w", err)
+		}
+	}
+	d.mach.CrossSigningKeys = keys
+	return nil
 }
 
 // ensureSecretStorage puts the cross-signing private keys into the account's secret storage (SSSS) under a

@@ -166,7 +166,7 @@ func (s *Server) checkPasswordUIA(w http.ResponseWriter, auth json.RawMessage, c
 		"params":  map[string]any{},
 		"session": randomHex(8),
 	}
-	if a.Type == "" {
+	if a.Type == "" || (s.opts.UIASessionRequired && a.Session == "") {
 		writeJSON(w, http.StatusUnauthorized, challenge)
 		return false
 	}

@@ -84,6 +84,9 @@ type Options struct {
 	// as Dendrite 0.13.8 does even for appservice users. Accounts without a password cannot upload. Requests made
 	// with the as_token are exempt unless NoMSC4190 is set, as on Synapse with MSC4190 enabled.
 	CrossSigningUIA bool
+	// UIASessionRequired makes the password UIA refuse an answer without the session of an earlier challenge
+	// (the spec lets a server ask for it; Dendrite 0.13.8 and Synapse take a first answer without one).
+	UIASessionRequired bool
 	// NoMSC4190 turns appservice device creation (MSC4190, PUT /devices/{id} with the as_token) off: creating a
 	// device answers 404 M_NOT_FOUND like a homeserver without it (Dendrite 0.13.8), renaming an existing device
 	// still works, and cross-signing uploads with the as_token need the password UIA too.
