@@ -126,22 +126,28 @@ func (m *Machine) sharedSecretRegister(ctx context.Context, localpart, password 
 // provisionPassword gives one of ferry's existing accounts a password when it has none ferry knows (the bot,
 // which Dendrite creates itself, and ghosts the appservice registered): it sets a random password through
 // Dendrite's admin API, as ferry's admin helper account. Without a shared secret, or on homeservers without that
-// API, it returns ErrNoPassword.
+// API, it returns ErrNoPassword. The password is stored in store before the server is asked; with a nil store
+// the caller stores it (a new ghost's, with its account: a stop before leaves no password stored, and the next
+// set-up sets another).
 func (m *Machine) provisionPassword(ctx context.Context, userID id.UserID, store secretStore) (string, error) {
 	if m.SharedSecret == "" {
 		return "", ErrNoPassword
 	}
 	password := randomPassword()
 	err := m.withAdmin(ctx, func(admin *mautrix.Client) error {
-		if err := store.PutSecret(ctx, secretPassword, password); err != nil {
-			return fmt.Errorf("failed to store the new password: %w", err)
+		if store != nil {
+			if err := store.PutSecret(ctx, secretPassword, password); err != nil {
+				return fmt.Errorf("failed to store the new password: %w", err)
+			}
 		}
 		url := admin.BuildURL(mautrix.BaseURLPath{"_dendrite", "admin", "resetPassword", userID})
 		// logout_devices false: the bot's appservice "device" on Dendrite is the as_token itself.
 		body := map[string]any{"password": password, "logout_devices": false}
 		_, err := admin.MakeFullRequest(ctx, mautrix.FullRequest{Method: http.MethodPost, URL: url, RequestJSON: body, SensitiveContent: true})
 		if err != nil {
-			_ = store.DeleteSecret(ctx, secretPassword)
+			if store != nil {
+				_ = store.DeleteSecret(ctx, secretPassword)
+			}
 			return fmt.Errorf("setting a password through the admin API failed: %w", err)
 		}
 		return nil

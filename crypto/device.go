@@ -30,7 +30,7 @@ type device struct {
 	// noOlm remembers devices already told m.no_olm, which the spec wants sent once per device.
 	noOlm *exsync.Set[id.IdentityKey]
 	// newKeys are the cross-signing keys stored with the device's new account, until crossSign takes them
-	// (holdNewSeeds); only the set-up's goroutine uses it.
+	// (holdWithAccount); only the set-up's goroutine uses it.
 	newKeys *crypto.CrossSigningKeysCache
 }
 

@@ -447,15 +447,11 @@ func TestNewGhostStoresItsSeedsWithItsAccount(t *testing.T) {
 		writes := slices.DeleteFunc(log.take("crypto_secrets", "crypto_account", "crypto_device"), func(w string) bool {
 			return strings.HasPrefix(w, "UPDATE crypto_account SET sync_token=")
 		})
-		// The account with its device and cross-signing keys; then the device's signatures with the markers of
-		// the steps done and the account as its upload left it (shared). The login path stores the ghost's
-		// password and then its access token before the device exists.
-		want := 2
-		if !r.m.asMode.Load() {
-			want += 2
-		}
-		if len(writes) != want {
-			t.Errorf("the new ghost's account, device, keys and markers were written in %d statements, want %d:\n%s", len(writes), want, strings.Join(writes, "\n"))
+		// The account with its device and cross-signing keys (and on the login path the ghost's password and
+		// access token); then the device's signatures with the markers of the steps done and the account as its
+		// upload left it (shared).
+		if want := 2; len(writes) != want {
+			t.Errorf("the new ghost's account, device, keys and markers were written in %d statements, want %d:\n%s", len(writes), 2, strings.Join(writes, "\n"))
 		}
 		keys, err := loadSeeds(ctx, newSecretCache(r.m.storeFor(r.ghost)))
 		if err != nil || keys == nil {
@@ -650,5 +646,56 @@ func TestLoginPathPublishesAnIdentityInOneUpload(t *testing.T) {
 				t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
 			}
 		})
+	}
+}
+
+// TestLoginPathGhostKeepsItsDeviceAfterAFailedUpload: on the login path a new ghost's password and access token
+// are stored with its account, before its device keys are uploaded. When that upload fails, the retry uses the
+// same device: no second login and no second password, the identity published once; and after a restart the
+// ghost still speaks from that device, without logging in again.
+func TestLoginPathGhostKeepsItsDeviceAfterAFailedUpload(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var logins, resets, published atomic.Int32
+	var failed atomic.Bool
+	opts := devicePaths()["login"]
+	opts.BeforeRequest = func(route string, body []byte) {
+		ghost := strings.Contains(string(body), "ghost_alice")
+		switch {
+		case route == "POST /_matrix/client/v3/login" && ghost:
+			logins.Add(1)
+		case strings.HasPrefix(route, "POST /_dendrite/admin/resetPassword/"):
+			resets.Add(1)
+		case route == "POST /_matrix/client/v3/keys/device_signing/upload" && ghost:
+			published.Add(1)
+		}
+	}
+	opts.FailRequest = func(route string, body []byte) bool {
+		return route == "POST /_matrix/client/v3/keys/upload" && strings.Contains(string(body), "ghost_alice") && failed.CompareAndSwap(false, true)
+	}
+	r := startASRig(ctx, t, opts, opts.SharedSecret)
+	defer func() { r.m.Stop() }()
+	resets.Store(0)
+	if err := r.m.PrepareSender(ctx, r.ghost); err == nil {
+		t.Fatal("the failed key upload did not reach the set-up")
+	}
+	if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+		t.Fatal(err)
+	}
+	if l, p, n := logins.Load(), resets.Load(), published.Load(); l != 1 || p != 1 || n != 1 {
+		t.Errorf("the ghost logged in %d times, got %d passwords and published its identity %d times; want once each", l, p, n)
+	}
+	devices := r.srv.Devices(r.ghost)
+	sent := r.sendAs(t, r.ghost, "after the retry")
+	if trust := r.memberReads(t, sent, "after the retry"); trust != id.TrustStateCrossSignedTOFU {
+		t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+	}
+	r.restart(ctx, t)
+	sent = r.sendAs(t, r.ghost, "after a restart")
+	if trust := r.memberReads(t, sent, "after a restart"); trust != id.TrustStateCrossSignedTOFU {
+		t.Errorf("after a restart the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+	}
+	if l, now := logins.Load(), r.srv.Devices(r.ghost); l != 1 || !slices.Equal(now, devices) {
+		t.Errorf("after a restart the ghost logged in %d times in all and has devices %v, want once and %v", l, now, devices)
 	}
 }

@@ -145,6 +145,10 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 		// No account stored, so no outbound session either (they are stored after it and deleted with it).
 		m.cache.markFreshOutbound(store.AccountID)
 	}
+	// A new account on Postgres: what it gets before its device exists (a password, an access token) is written
+	// with the account's first write, before its keys are uploaded (holdWithAccount), not each on its own.
+	holding := deviceID == "" && store.DB.Dialect == dbutil.Postgres
+	var held heldValues
 	if !m.asMode.Load() && !m.publishedWithoutUIA.Load() {
 		// Without MSC4190 the cross-signing upload needs the password (unless the homeserver accepted the bot's
 		// first setup without one): without one, don't create a device that would only ever be unsigned.
@@ -157,8 +161,14 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 				return nil, false, err
 			} else if password == "" {
 				// Registered without a password (by the appservice): set one through the admin API.
-				if _, err = m.provisionPassword(ctx, ghost, sec); err != nil {
+				var into secretStore = sec
+				if holding {
+					into = nil
+				}
+				if password, err = m.provisionPassword(ctx, ghost, into); err != nil {
 					return nil, false, fmt.Errorf("%w: %w", errGhostFallback, err)
+				} else if holding {
+					held.add(secretPassword, password)
 				}
 			}
 		}
@@ -193,7 +203,9 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 			created = deviceID == "" || resp.DeviceID != deviceID
 			relogged = !created
 			savedDevice, token = string(resp.DeviceID), resp.AccessToken
-			if err = sec.PutSecret(ctx, secretAccessToken, savedDevice+" "+token); err != nil {
+			if holding {
+				held.add(secretAccessToken, savedDevice+" "+token)
+			} else if err = sec.PutSecret(ctx, secretAccessToken, savedDevice+" "+token); err != nil {
 				return nil, false, fmt.Errorf("failed to store the ghost's access token: %w", err)
 			}
 		}
@@ -213,8 +225,8 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 		// Nor any Olm session: the account's first share need not look for them.
 		dev.olm.noSessions.Store(true)
 		dev.olm.unstored.Store(true)
-		if store.DB.Dialect == dbutil.Postgres { // where the account's first write can carry them
-			if err = holdNewSeeds(ctx, dev, sec); err != nil {
+		if holding { // where the account's first write can carry them
+			if err = holdWithAccount(ctx, dev, sec, held); err != nil {
 				return nil, false, err
 			}
 			dev.olm.holdUploaded.Store(true)
@@ -238,6 +250,11 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 			return nil, false, fmt.Errorf("failed to upload the ghost's device keys: %w", err)
 		}
 		created = true
+	}
+	// What the account's first write did not carry (it always does for a new account: ShareKeys stores the own
+	// device first), before the device is used.
+	if err = dev.olm.writeHeld(ctx); err != nil {
+		return nil, false, err
 	}
 	mach.AllowKeyShare = m.allowKeyShare(dev)
 	err = m.crossSign(ctx, dev, sec, false, "")

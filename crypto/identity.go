@@ -27,7 +27,7 @@ const secretPublishedWithoutUIA id.Secret = "im.ferry.cross_signing_without_uia"
 // serverMaster, when known, is the master key the homeserver currently publishes for the user: a mismatch means
 // the identity must be published again.
 func (m *Machine) crossSign(ctx context.Context, d *device, sec *secretCache, ssss bool, serverMaster id.Ed25519) error {
-	// A new account's keys, stored with it (holdNewSeeds), or the stored ones, or new ones.
+	// A new account's keys, stored with it (holdWithAccount), or the stored ones, or new ones.
 	keys, err := d.newKeys, error(nil)
 	d.newKeys = nil
 	if keys != nil {
@@ -362,27 +362,47 @@ func seedValues(keys *crypto.CrossSigningKeysCache) []string {
 	return values
 }
 
-// holdNewSeeds generates the cross-signing keys of d's new account, unless it has some stored, and hands them to
-// the account's first write (olmStore.PutAccount, before any upload), which stores them in its own statement:
-// one write less for a new ghost, and still stored before anything is published. Once that write committed,
-// crossSign takes them from d.newKeys; had it not (PutAccount without the own device), crossSign finds none
-// stored and makes its own.
-func holdNewSeeds(ctx context.Context, d *device, sec *secretCache) error {
-	if stored, err := sec.GetSecret(ctx, seedNames[0]); err != nil || stored != "" {
+// heldValues are secrets a new ghost got before its account exists, for holdWithAccount.
+type heldValues struct {
+	names  []id.Secret
+	values []string
+}
+
+func (h *heldValues) add(name id.Secret, value string) {
+	h.names, h.values = append(h.names, name), append(h.values, value)
+}
+
+// holdWithAccount hands secrets to the first write of d's new account (olmStore.PutAccount, before any upload),
+// which stores them in its own statement: held (a password and an access token on the login path) and the
+// account's new cross-signing keys, generated here unless it has some stored. One write each less for a new ghost,
+// and all still stored before anything is published. Once that write committed, crossSign takes the keys from
+// d.newKeys; a write without the own device leaves them to olmStore.writeHeld.
+func holdWithAccount(ctx context.Context, d *device, sec *secretCache, held heldValues) error {
+	stored, err := sec.GetSecret(ctx, seedNames[0])
+	if err != nil {
 		return err
 	}
-	keys, err := d.mach.GenerateCrossSigningKeys()
-	if err != nil {
-		return fmt.Errorf("failed to generate cross-signing keys: %w", err)
+	var keys *crypto.CrossSigningKeysCache
+	if stored == "" {
+		if keys, err = d.mach.GenerateCrossSigningKeys(); err != nil {
+			return fmt.Errorf("failed to generate cross-signing keys: %w", err)
+		}
+		for i, value := range seedValues(keys) {
+			held.add(seedNames[i], value)
+		}
 	}
-	values := seedValues(keys)
-	rows, err := sec.rows(seedNames[:], values)
+	if len(held.names) == 0 {
+		return nil
+	}
+	rows, err := sec.rows(held.names, held.values)
 	if err != nil {
 		return err
 	}
 	d.olm.withAccount.Store(&heldSecrets{rows: rows, stored: func() {
-		sec.stored(seedNames[:], values)
-		d.newKeys = keys
+		sec.stored(held.names, held.values)
+		if keys != nil {
+			d.newKeys = keys
+		}
 	}})
 	return nil
 }

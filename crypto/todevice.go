@@ -230,7 +230,10 @@ func (s *olmStore) PutAccount(ctx context.Context, account *crypto.OlmAccount) e
 		return nil
 	}
 	if dev == nil {
-		// (Held secrets go only with the own device; their owner, not finding them stored, stores its own.)
+		// (Held secrets go only with the own device; otherwise writeHeld stores them.)
+		if held != nil {
+			s.withAccount.CompareAndSwap(nil, held)
+		}
 		err := s.SQLCryptoStore.PutAccount(ctx, account)
 		if err == nil {
 			s.unstored.Store(false)
@@ -279,6 +282,20 @@ func (s *olmStore) writeUploaded(ctx context.Context) error {
 		s.uploaded.CompareAndSwap(nil, rows)
 		return fmt.Errorf("failed to store the ghost's account after its upload: %w", err)
 	}
+	return nil
+}
+
+// writeHeld stores the secrets held for the account's first write (holdWithAccount) when that write did not
+// carry them.
+func (s *olmStore) writeHeld(ctx context.Context) error {
+	held := s.withAccount.Swap(nil)
+	if held == nil {
+		return nil
+	}
+	if _, err := s.DB.Exec(ctx, held.rows.statement(1), held.rows.Args...); err != nil {
+		return fmt.Errorf("failed to store the ghost's secrets: %w", err)
+	}
+	held.stored()
 	return nil
 }
 

@@ -112,6 +112,9 @@ type Options struct {
 	// BeforeRequest, when set, sees every client-API request (its route pattern and body) before the server
 	// handles it; a test may block in it to hold a request, as a slow homeserver would.
 	BeforeRequest func(route string, body []byte)
+	// FailRequest, when set, sees every client-API request after BeforeRequest; when it returns true the server
+	// answers 500 M_UNKNOWN without handling the request, as a homeserver failing for a moment does.
+	FailRequest func(route string, body []byte) bool
 	// Clock, when set, gives the time events are stamped with (origin_server_ts); time.Now otherwise. A test
 	// may run it ahead, as for a room whose history spans hours.
 	Clock func() time.Time
@@ -348,10 +351,16 @@ func (s *Server) handle(mux *http.ServeMux, pattern string, fn http.HandlerFunc)
 		if s.opts.Latency > 0 {
 			time.Sleep(s.opts.Latency)
 		}
-		if s.opts.BeforeRequest != nil {
+		if s.opts.BeforeRequest != nil || s.opts.FailRequest != nil {
 			body, _ := io.ReadAll(r.Body)
 			r.Body = io.NopCloser(bytes.NewReader(body))
-			s.opts.BeforeRequest(pattern, body)
+			if s.opts.BeforeRequest != nil {
+				s.opts.BeforeRequest(pattern, body)
+			}
+			if s.opts.FailRequest != nil && s.opts.FailRequest(pattern, body) {
+				writeError(w, http.StatusInternalServerError, "M_UNKNOWN", "Failing for a moment")
+				return
+			}
 		}
 		fn(w, r)
 	})
