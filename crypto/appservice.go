@@ -67,7 +67,10 @@ func (m *Machine) HandleTransactionCrypto(ctx context.Context, raw json.RawMessa
 	if lists == nil {
 		lists = txn.MSC3202DeviceLists
 	}
-	if lists != nil {
+	if lists != nil && len(lists.Changed) > 0 {
+		lists = &mautrix.DeviceLists{Changed: withoutGhosts(lists.Changed, m.isGhost), Left: lists.Left}
+	}
+	if lists != nil && len(lists.Changed)+len(lists.Left) > 0 {
 		// Under the changed users' key locks, as key shares fetch device lists (device.devicesOf).
 		unlock := m.cache.keyLocks.lock(lists.Changed)
 		m.bot.mach.HandleDeviceLists(ctx, lists, "")

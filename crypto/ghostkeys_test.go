@@ -699,3 +699,47 @@ func TestLoginPathGhostKeepsItsDeviceAfterAFailedUpload(t *testing.T) {
 		t.Errorf("after a restart the ghost logged in %d times in all and has devices %v, want once and %v", l, now, devices)
 	}
 }
+
+// TestGhostsDeviceListsAreIgnored: the homeserver reports every new ghost device as a device-list change to the
+// bot (the ghosts share its rooms): on the login path in the bot's /sync, on the appservice path in a
+// transaction. ferry never shares room keys with its own ghosts nor reads what they send, so such a change is
+// dropped before it is handled: no read and no key query about the ghost. A change of a member's devices in the
+// same batch is still fetched.
+func TestGhostsDeviceListsAreIgnored(t *testing.T) {
+	for name, opts := range devicePaths() {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			r, log := startASRigLogged(ctx, t, opts)
+			defer r.m.Stop()
+			if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+				t.Fatal(err)
+			}
+			r.sendAs(t, r.bot, "the member's devices are now tracked")
+			queries := func() int64 { return r.srv.Counts()[routeKeysQuery] }
+			change := func(users ...id.UserID) {
+				if name == "login" {
+					resp := &mautrix.RespSync{DeviceLists: mautrix.DeviceLists{Changed: users}}
+					if err := r.m.client.Syncer.(*cryptoSyncer).ProcessResponse(ctx, resp, "since"); err != nil {
+						t.Fatal(err)
+					}
+					return
+				}
+				raw, _ := json.Marshal(map[string]any{"events": []any{}, "device_lists": map[string]any{"changed": users}})
+				if err := r.m.HandleTransactionCrypto(ctx, raw); err != nil {
+					t.Fatal(err)
+				}
+			}
+			log.takeReads("")
+			before := queries()
+			change(r.ghost)
+			if reads, n := log.takeReads(""), queries()-before; len(reads) != 0 || n != 0 {
+				t.Errorf("a change of the ghost's device list made %d reads and %d key queries, want none:\n%s", len(reads), n, strings.Join(reads, "\n"))
+			}
+			change(r.ghost, r.member.ID)
+			if queries() == before {
+				t.Error("the member's changed device list was not fetched")
+			}
+		})
+	}
+}

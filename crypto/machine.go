@@ -283,7 +283,7 @@ func (m *Machine) initBot(ctx context.Context) error {
 		if m.SyncedEphemeral != nil {
 			m.SyncedEphemeral(ctx, evts)
 		}
-	}, deviceChanges: m.rotateForDeviceChanges, toDevice: m.handleBotToDevice, retryWait: func(err error, backoff time.Duration) time.Duration {
+	}, deviceChanges: m.rotateForDeviceChanges, ghost: m.isGhost, toDevice: m.handleBotToDevice, retryWait: func(err error, backoff time.Duration) time.Duration {
 		if m.RetryWait != nil {
 			return m.RetryWait(err, backoff)
 		}
@@ -830,6 +830,21 @@ func roomSessionSettings(ctx context.Context, db *dbutil.Database, roomID id.Roo
 const sqlRoomShare = `SELECT user_id, NULL, NULL FROM mx_user_profile WHERE room_id=$1 AND membership IN ('join', 'invite')
 	UNION ALL SELECT NULL, encryption, history_visibility FROM mx_room_state WHERE room_id=$1`
 
+// isGhost tells ferry's ghosts: its own users other than the bot.
+func (m *Machine) isGhost(u id.UserID) bool {
+	return u != m.client.UserID && m.isOwn != nil && m.isOwn(u)
+}
+
+// withoutGhosts is a device-list change's users without ferry's ghosts (isGhost), whose devices ferry never needs
+// to know: it never shares room keys with them nor reads what they send. A new ghost's device is reported to the
+// bot in every room the ghost joins.
+func withoutGhosts(changed []id.UserID, isGhost func(id.UserID) bool) []id.UserID {
+	if !slices.ContainsFunc(changed, isGhost) {
+		return changed
+	}
+	return slices.DeleteFunc(slices.Clone(changed), isGhost)
+}
+
 // roomShareState is a room's joined and invited members that isOwn does not claim, and roomSessionSettings, in one query. A
 // setting that cannot be parsed is left out and logged, as roomEncryption does; the members are returned all the
 // same.
@@ -1040,6 +1055,8 @@ type cryptoSyncer struct {
 	// previous batch). Only the sync loop's goroutine uses it.
 	requestedAfter time.Time
 	deviceChanges  func(ctx context.Context, users []id.UserID) error
+	// ghost tells ferry's ghosts (its own users other than the bot), whose device-list changes are dropped.
+	ghost func(id.UserID) bool
 	// failures counts the /sync requests that failed since the last batch was handled (OnFailedSync's backoff);
 	// retryWait turns the backoff into the wait (a rate limit's). Only the sync loop's goroutine uses them.
 	failures  int
@@ -1076,7 +1093,10 @@ func (s *cryptoSyncer) ProcessResponse(ctx context.Context, resp *mautrix.RespSy
 func (s *cryptoSyncer) deviceParts(ctx context.Context, resp *mautrix.RespSync, since string) error {
 	// mautrix fetches the changed device lists first thing in ProcessSyncResponse; ferry does it here instead,
 	// under the changed users' key locks, so a key share never sees a user's new devices before their signatures.
-	lists := resp.DeviceLists
+	lists, reported := resp.DeviceLists, resp.DeviceLists.Changed
+	if s.ghost != nil {
+		lists.Changed = withoutGhosts(lists.Changed, s.ghost)
+	}
 	var before map[id.UserID]string
 	if len(lists.Changed) > 0 {
 		unlock := s.keyLocks.lock(lists.Changed)
@@ -1088,7 +1108,7 @@ func (s *cryptoSyncer) deviceParts(ctx context.Context, resp *mautrix.RespSync, 
 	toDevice := resp.ToDevice.Events
 	resp.DeviceLists.Changed, resp.ToDevice.Events = nil, nil
 	s.mach.ProcessSyncResponse(ctx, resp, since)
-	resp.DeviceLists.Changed, resp.ToDevice.Events = lists.Changed, toDevice
+	resp.DeviceLists.Changed, resp.ToDevice.Events = reported, toDevice
 	// Homeservers report users whose keys did not change too (Dendrite 0.13.8 reports a user's every upload, and
 	// again and again after restarts): only a real change of devices or cross-signing keys rotates.
 	changed := slices.Clone(lists.Left)
