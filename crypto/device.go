@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -32,6 +33,9 @@ type device struct {
 	// newKeys are the cross-signing keys stored with the device's new account, until crossSign takes them
 	// (holdWithAccount); only the set-up's goroutine uses it.
 	newKeys *crypto.CrossSigningKeysCache
+	// noToken: the device's account was created by this process, so its to-device token is store.SyncToken
+	// (empty until its first drain stores one) without a read.
+	noToken atomic.Bool
 }
 
 func newDevice(userID id.UserID, client *mautrix.Client, store *crypto.SQLCryptoStore, mach *crypto.OlmMachine) *device {

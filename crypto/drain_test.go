@@ -2,6 +2,7 @@ package crypto
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -119,5 +120,30 @@ func TestBackstopInterval(t *testing.T) {
 		if got := backstopInterval(n); got != want {
 			t.Errorf("backstopInterval(%d) = %s, want %s", n, got, want)
 		}
+	}
+}
+
+// TestNewGhostDrainsWithoutReadingItsToken: a ghost device this process just created has no to-device token yet,
+// and its first drain knows that without reading its account (the bot's own /sync, running beside, reads what it
+// reads); what the drain fetched (a member's room key) is
+// acknowledged, so the next drain fetches nothing again.
+func TestNewGhostDrainsWithoutReadingItsToken(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r, log := startASRigLogged(ctx, t, devicePaths()["login"])
+	defer r.m.Stop()
+	sent := r.sendAs(t, r.ghost, "the ghost has a device")
+	r.memberReads(t, sent, "the ghost has a device")
+	r.memberSends(t, "a room key for every device")
+	log.takeReads("")
+	stats, err := r.m.DrainGhost(ctx, r.ghost)
+	if err != nil || stats == nil || stats.Events == 0 {
+		t.Fatalf("the drain did not fetch the queued room key: %+v, %v", stats, err)
+	}
+	if reads := log.takeReads("crypto_account"); len(reads) != 0 {
+		t.Errorf("the new device's first drain read its account %d times, want none:\n%s", len(reads), strings.Join(reads, "\n"))
+	}
+	if stats, err = r.m.DrainGhost(ctx, r.ghost); err != nil || stats == nil || stats.Events != 0 {
+		t.Fatalf("a second drain fetched again (the first did not acknowledge): %+v, %v", stats, err)
 	}
 }

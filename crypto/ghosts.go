@@ -222,8 +222,9 @@ func (m *Machine) loadGhost(ctx context.Context, ghost id.UserID) (*device, bool
 	}
 	dev := newDevice(ghost, cli, store, mach)
 	if deviceID == "" {
-		// Nor any Olm session: the account's first share need not look for them.
+		// Nor any Olm session: the account's first share need not look for them. Nor a to-device token.
 		dev.olm.noSessions.Store(true)
+		dev.noToken.Store(true)
 		dev.olm.unstored.Store(true)
 		if holding { // where the account's first write can carry them
 			if err = holdWithAccount(ctx, dev, sec, held); err != nil {
@@ -586,9 +587,12 @@ func (d *device) drain(ctx context.Context) (*DrainStats, error) {
 // tells whether the homeserver may hold further pages. An error of handle stops the page before its token is
 // stored: the next fetch gets the page again.
 func (d *device) syncToDevice(ctx context.Context, handle func(*event.Event) error) (n int, more bool, err error) {
-	since, err := d.store.GetNextBatch(ctx)
-	if err != nil {
-		return 0, false, fmt.Errorf("failed to read the device's to-device token: %w", err)
+	since := d.store.SyncToken
+	if !d.noToken.Load() {
+		var err error
+		if since, err = d.store.GetNextBatch(ctx); err != nil {
+			return 0, false, fmt.Errorf("failed to read the device's to-device token: %w", err)
+		}
 	}
 	resp, err := d.client.FullSyncRequest(ctx, mautrix.ReqSync{Since: since, FilterID: drainFilter})
 	if err != nil {
