@@ -470,7 +470,6 @@ func (s *Server) waitSync(w http.ResponseWriter, r *http.Request, notify <-chan 
 func (s *Server) changedSinceLocked(user id.UserID, from, to int64) []id.UserID {
 	seen := map[id.UserID]bool{}
 	var out []id.UserID
-	rooms := s.memberRooms[user]
 	for _, kc := range s.keyChangesAfterLocked(from) {
 		if kc.pos > to {
 			break
@@ -479,18 +478,27 @@ func (s *Server) changedSinceLocked(user id.UserID, from, to int64) []id.UserID 
 			continue
 		}
 		seen[kc.user] = true
-		if kc.user == user {
+		if kc.user == user || s.shareRoomLocked(user, kc.user) {
 			out = append(out, kc.user)
-			continue
-		}
-		for _, rm := range rooms {
-			if inRoom(rm.members[kc.user]) {
-				out = append(out, kc.user)
-				break
-			}
 		}
 	}
 	return out
+}
+
+// shareRoomLocked tells whether a and b are both joined to or invited into one room, looking through the rooms
+// of whichever has fewer (the bot of a bridge is in every linked room; a homeserver answers this from an index,
+// not by a walk through all of them). s.mu must be held.
+func (s *Server) shareRoomLocked(a, b id.UserID) bool {
+	mine, theirs := s.memberRooms[a], s.memberRooms[b]
+	if len(theirs) < len(mine) {
+		mine, theirs = theirs, mine
+	}
+	for rid := range mine {
+		if _, ok := theirs[rid]; ok {
+			return true
+		}
+	}
+	return false
 }
 
 // keyChangesAfterLocked returns the key changes after stream position pos (the list is in position order, so
