@@ -279,6 +279,72 @@ func TestKeyFetchReadsTheUserOnce(t *testing.T) {
 	}
 }
 
+// TestNewMemberTrustReadsNoSignature: the trust of a new member's device (their first message) is resolved
+// without reading signatures back: the key fetch found the member untracked and read every signature stored on
+// their keys (none) with their devices, and stored the ones it fetched; so whether ferry's bot verified them is
+// known to be "no" without a read, and the device is still cross-signed by its owner.
+func TestNewMemberTrustReadsNoSignature(t *testing.T) {
+	dec, reads := decryptMembersFirstMessage(t, "first words")
+	if dec.Mautrix.TrustState != id.TrustStateCrossSignedTOFU {
+		t.Errorf("the member's device is %s, want cross-signed by its owner", dec.Mautrix.TrustState)
+	}
+	alone := slices.DeleteFunc(slices.Clone(reads), func(q string) bool { return strings.Contains(q, "FROM crypto_tracked_user ") })
+	if n := countReads(alone, "FROM crypto_cross_signing_signatures "); n != 0 {
+		t.Errorf("resolving the new member's trust read signatures %d times apart from their devices, want none:\n%s", n, strings.Join(reads, "\n"))
+	}
+}
+
+// TestUntrackedUsersSignaturesAreKnown: for a user not tracked, GetDevices reads the signatures stored on their
+// keys as well, so the cache answers whether a key is signed, yes or no, as the store does, without asking it; a
+// tracked user's signatures are still read where asked about. On both databases.
+func TestUntrackedUsersSignaturesAreKnown(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			db := dbtest.Open(t, dialect)
+			plain := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "acct", "", []byte("pickle key"))
+			if err := plain.DB.Upgrade(ctx); err != nil {
+				t.Fatal(err)
+			}
+			log := &writeLog{DatabaseLogger: db.Log}
+			db.Log = log
+			cached := &cachedStore{SQLCryptoStore: plain, c: newStoreCache()}
+			const bot, untracked, tracked = id.UserID("@bot:x"), id.UserID("@untracked:x"), id.UserID("@tracked:x")
+			// The bot verified the untracked user once (its user-signing key signed their master key).
+			for _, u := range []id.UserID{untracked, tracked} {
+				if err := plain.PutSignature(ctx, u, "master-"+id.Ed25519(u), bot, "bot-usk", "sig"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, err := db.Exec(ctx, `INSERT INTO crypto_tracked_user (user_id) VALUES ($1)`, tracked); err != nil {
+				t.Fatal(err)
+			}
+			for _, u := range []id.UserID{untracked, tracked} {
+				if _, err := cached.GetDevices(ctx, u); err != nil {
+					t.Fatal(err)
+				}
+				log.takeReads("")
+				for _, q := range []struct {
+					key, signer id.Ed25519
+				}{{"master-" + id.Ed25519(u), "bot-usk"}, {"master-" + id.Ed25519(u), "other-usk"}, {"ssk", "master"}} {
+					want, _ := plain.IsKeySignedBy(ctx, u, q.key, bot, q.signer)
+					log.takeReads("")
+					got, err := cached.IsKeySignedBy(ctx, u, q.key, bot, q.signer)
+					if err != nil || got != want {
+						t.Errorf("%s: %s signed by %s: %v (%v), the store answers %v", u, q.key, q.signer, got, err, want)
+					}
+					reads := log.takeReads("crypto_cross_signing_signatures")
+					if u == untracked && len(reads) != 0 {
+						t.Errorf("%s: %s signed by %s was read from the store, want it known", u, q.key, q.signer)
+					} else if u == tracked && len(reads) != 1 {
+						t.Errorf("%s: %s signed by %s made %d reads, want 1 (a tracked user's signatures are not read ahead)", u, q.key, q.signer, len(reads))
+					}
+				}
+			}
+		})
+	}
+}
+
 // TestGetDevicesAsStore: the cache's GetDevices answers as mautrix's store does (none for a user not tracked; a
 // tracked user's devices not deleted), on both databases, and fills the user's cross-signing keys it read with
 // them.

@@ -186,10 +186,14 @@ func sqlSelfSignaturesOf(n int) string {
 
 // sqlDevicesAndKeysOf reads what the store's GetDevices and GetCrossSigningKeys read of a user ($1), each row led
 // by its kind: 't' when the user is tracked, 'd' a device not deleted (device ID, identity and signing keys,
-// trust, deleted, name), 'k' a cross-signing key (usage, key, first seen key).
+// trust, deleted, name), 'k' a cross-signing key (usage, key, first seen key); and for a user not tracked (one
+// about to be fetched, usually with nothing stored) 's', every signature on their keys (signed key, signer,
+// signer's key).
 const sqlDevicesAndKeysOf = `SELECT 't', '', '', '', 0, false, '' FROM crypto_tracked_user WHERE user_id=$1
 	UNION ALL SELECT 'd', device_id, identity_key, signing_key, trust, deleted, name FROM crypto_device WHERE user_id=$1 AND deleted=false
-	UNION ALL SELECT 'k', usage, key, first_seen_key, 0, false, '' FROM crypto_cross_signing_keys WHERE user_id=$1`
+	UNION ALL SELECT 'k', usage, key, first_seen_key, 0, false, '' FROM crypto_cross_signing_keys WHERE user_id=$1
+	UNION ALL SELECT 's', signed_key, signer_user_id, signer_key, 0, false, '' FROM crypto_cross_signing_signatures
+		WHERE signed_user_id=$1 AND NOT EXISTS (SELECT 1 FROM crypto_tracked_user WHERE user_id=$1)`
 
 // sqlTrustOf is sqlCrossSigningKeysOf and sqlSelfSignaturesOf in one query, each row led by its kind: 'k' for a
 // key, 's' for a signature.

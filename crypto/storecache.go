@@ -71,7 +71,10 @@ type storeCache struct {
 type cachedTrust struct {
 	xsKeys   map[id.CrossSigningUsage]id.CrossSigningKey // nil: not read
 	signedBy map[signatureKey]bool
-	devByKey map[id.IdentityKey]*id.Device
+	// allSigned: signedBy holds every signature stored on the user's keys (read with their devices while they
+	// were not tracked, then kept by the writes that followed), so one not in it does not exist.
+	allSigned bool
+	devByKey  map[id.IdentityKey]*id.Device
 }
 
 // signatureKey names a signature on one of a user's keys (the user is cachedTrust's).
@@ -293,7 +296,7 @@ func (s *cachedStore) IsKeySignedBy(ctx context.Context, userID id.UserID, key i
 	s.c.lock.Lock()
 	t, gen := s.c.readTrust(userID)
 	if t != nil {
-		if signed, ok := t.signedBy[k]; ok {
+		if signed, ok := t.signedBy[k]; ok || t.allSigned {
 			s.c.lock.Unlock()
 			return signed, nil
 		}
@@ -397,6 +400,7 @@ func (s *cachedStore) GetDevices(ctx context.Context, userID id.UserID) (map[id.
 	tracked := false
 	devices := make(map[id.DeviceID]*id.Device)
 	keys := make(map[id.CrossSigningUsage]id.CrossSigningKey)
+	var sigs []signatureKey
 	for rows.Next() {
 		var kind, a, b, c, name string
 		var trust id.TrustState
@@ -412,14 +416,24 @@ func (s *cachedStore) GetDevices(ctx context.Context, userID id.UserID) (map[id.
 				SigningKey: id.Ed25519(c), Trust: trust, Deleted: deleted, Name: name}
 		case "k":
 			keys[id.CrossSigningUsage(a)] = id.CrossSigningKey{Key: id.Ed25519(b), First: id.Ed25519(c)}
+		case "s":
+			sigs = append(sigs, signatureKey{id.Ed25519(a), id.UserID(b), id.Ed25519(c)})
 		}
 	}
 	if err = rows.Err(); err != nil {
 		return nil, err
 	}
 	s.c.lock.Lock()
-	if t := s.c.fillTrust(userID, gen); t != nil && t.xsKeys == nil {
-		t.xsKeys = keys
+	if t := s.c.fillTrust(userID, gen); t != nil {
+		if t.xsKeys == nil {
+			t.xsKeys = keys
+		}
+		if !tracked { // the query read every signature on the user's keys
+			for _, k := range sigs {
+				t.signed(k)
+			}
+			t.allSigned = true
+		}
 	}
 	s.c.lock.Unlock()
 	if !tracked {
