@@ -792,12 +792,14 @@ func (m *Machine) policy() sharePolicy {
 }
 
 func (m *Machine) resolver() *trustResolver {
-	return newTrustResolver(m.bot.store, m.client.UserID, func(ctx context.Context) id.Ed25519 {
+	r := newTrustResolver(m.bot.store, m.client.UserID, func(ctx context.Context) id.Ed25519 {
 		if !m.botSigned || m.bot.mach.CrossSigningKeys == nil {
 			return ""
 		}
 		return m.bot.mach.CrossSigningKeys.UserSigningKey.PublicKey()
 	})
+	r.cache = m.cache
+	return r
 }
 
 func (m *Machine) roomEncryption(ctx context.Context, roomID id.RoomID) (*event.EncryptionEventContent, *event.HistoryVisibilityEventContent) {

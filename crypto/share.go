@@ -491,10 +491,20 @@ func (r *trustResolver) prefetch(ctx context.Context, users []id.UserID) error {
 	}
 	keys := make(map[id.UserID]map[id.CrossSigningUsage]id.CrossSigningKey, len(users))
 	signed := make(map[signature]bool)
-	for _, u := range users {
+	// Users the cache knows whole (their keys, and every signature on them) are not read again.
+	unknown := users
+	if r.cache != nil {
+		unknown = r.cache.knownTrust(users, keys, signed)
+	}
+	for _, u := range unknown {
 		keys[u] = make(map[id.CrossSigningUsage]id.CrossSigningKey)
 	}
-	err := readTrust(ctx, store.DB, r.bot, users, func(u id.UserID, usage id.CrossSigningUsage, key, first id.Ed25519) {
+	if len(unknown) == 0 {
+		delete(keys, r.bot)
+		r.prefetched, r.signed = keys, signed
+		return nil
+	}
+	err := readTrust(ctx, store.DB, r.bot, unknown, func(u id.UserID, usage id.CrossSigningUsage, key, first id.Ed25519) {
 		keys[u][usage] = id.CrossSigningKey{Key: key, First: first}
 	}, func(s signature) { signed[s] = true })
 	if err != nil {

@@ -278,21 +278,54 @@ func countReads(reads []string, part string) int {
 }
 
 // TestShareReadsTrustInOneQuery: a key share reads its members' cross-signing keys and the signatures on them
-// (which decide whether each device gets the key) in one query, on a rotation as on a first message, and the
-// member's cross-signed device still gets the key.
+// (which decide whether each device gets the key) in one query, here on a rotation after a restart (nothing of
+// the member in memory), and the member's cross-signed device still gets the key.
 func TestShareReadsTrustInOneQuery(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	r, log := startASRigLogged(ctx, t, fakehs.Options{})
-	defer r.m.Stop()
+	defer func() { r.m.Stop() }()
 	r.memberReads(t, r.sendAs(t, r.ghost, "first words"), "first words")
+	r.restart(ctx, t)
 	if err := r.m.Rotate(ctx, r.room); err != nil {
 		t.Fatal(err)
 	}
 	log.takeReads("")
 	sent := r.sendAs(t, r.ghost, "after the rotation")
-	if got := countReads(log.takeReads(""), "FROM crypto_cross_signing_"); got != 1 {
+	if got := countReads(log.takeReads(""), "SELECT 'k', user_id, usage"); got != 1 {
 		t.Errorf("the share after the rotation read cross-signing keys and signatures in %d queries, want 1", got)
+	}
+	if trust := r.memberReads(t, sent, "after the rotation"); trust != id.TrustStateCrossSignedTOFU {
+		t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)
+	}
+}
+
+// TestShareReadsNoTrustOfAMemberFetchedWhole: a member ferry fetched while they were not tracked is known
+// whole in memory (their cross-signing keys, and every signature on them: read with their devices, then what the
+// fetch stored), so the key shares that follow (the first one, and another after a rotation) read neither; the
+// member's cross-signed device gets the key each time. A member ferry's bot has verified is still seen as
+// verified (a signature known in memory counts as in the store).
+func TestShareReadsNoTrustOfAMemberFetchedWhole(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r, log := startASRigLogged(ctx, t, fakehs.Options{})
+	defer r.m.Stop()
+	if err := r.m.PrepareSender(ctx, r.ghost); err != nil {
+		t.Fatal(err)
+	}
+	log.takeReads("")
+	first := r.sendAs(t, r.ghost, "first words")
+	if got := countReads(log.takeReads(""), "SELECT 'k', user_id, usage"); got != 0 {
+		t.Errorf("the first share read cross-signing keys and signatures %d times, want none", got)
+	}
+	r.memberReads(t, first, "first words")
+	if err := r.m.Rotate(ctx, r.room); err != nil {
+		t.Fatal(err)
+	}
+	log.takeReads("")
+	sent := r.sendAs(t, r.ghost, "after the rotation")
+	if got := countReads(log.takeReads(""), "SELECT 'k', user_id, usage"); got != 0 {
+		t.Errorf("the share after the rotation read cross-signing keys and signatures %d times, want none", got)
 	}
 	if trust := r.memberReads(t, sent, "after the rotation"); trust != id.TrustStateCrossSignedTOFU {
 		t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)

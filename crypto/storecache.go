@@ -3,6 +3,7 @@ package crypto
 import (
 	"context"
 	"fmt"
+	"maps"
 	"strings"
 	"sync"
 
@@ -285,6 +286,28 @@ func copyKeys(in map[id.CrossSigningUsage]id.CrossSigningKey) map[id.CrossSignin
 		out[k] = v
 	}
 	return out
+}
+
+// knownTrust fills keys and signed (as trustResolver.prefetch does) for the users whose cross-signing keys and
+// every signature on them the cache holds (cachedTrust.allSigned), and returns the others, to be read.
+func (c *storeCache) knownTrust(users []id.UserID, keys map[id.UserID]map[id.CrossSigningUsage]id.CrossSigningKey, signed map[signature]bool) []id.UserID {
+	c.lock.Lock()
+	defer c.lock.Unlock()
+	var unknown []id.UserID
+	for _, u := range users {
+		t := c.trust[u]
+		if t == nil || !t.allSigned || t.xsKeys == nil {
+			unknown = append(unknown, u)
+			continue
+		}
+		keys[u] = maps.Clone(t.xsKeys)
+		for k, ok := range t.signedBy {
+			if ok {
+				signed[signature{signedUser: u, signedKey: k.key, signerUser: k.signer, signerKey: k.sKey}] = true
+			}
+		}
+	}
+	return unknown
 }
 
 // IsKeySignedBy answers from the cache, after writing ctx's trust batch.

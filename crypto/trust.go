@@ -29,6 +29,8 @@ type trustResolver struct {
 	// signed holds every signature made by the user itself or by the bot over their keys.
 	prefetched map[id.UserID]map[id.CrossSigningUsage]id.CrossSigningKey
 	signed     map[signature]bool
+	// cache (may be nil) answers prefetch for the users it knows whole (storeCache.knownTrust).
+	cache *storeCache
 }
 
 // signature is one stored cross-signing signature (signed key, and the key that signed it).
