@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"go.mau.fi/util/dbutil"
-	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -301,11 +300,7 @@ func TestUntrackedUsersSignaturesAreKnown(t *testing.T) {
 	for _, dialect := range dbtest.Dialects {
 		t.Run(dialect, func(t *testing.T) {
 			ctx := context.Background()
-			db := dbtest.Open(t, dialect)
-			plain := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "acct", "", []byte("pickle key"))
-			if err := plain.DB.Upgrade(ctx); err != nil {
-				t.Fatal(err)
-			}
+			db, plain := openCryptoStore(t, dialect, "acct")
 			log := &writeLog{DatabaseLogger: db.Log}
 			db.Log = log
 			cached := &cachedStore{SQLCryptoStore: plain, c: newStoreCache()}
@@ -352,11 +347,7 @@ func TestGetDevicesAsStore(t *testing.T) {
 	for _, dialect := range dbtest.Dialects {
 		t.Run(dialect, func(t *testing.T) {
 			ctx := context.Background()
-			db := dbtest.Open(t, dialect)
-			plain := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "acct", "", []byte("pickle key"))
-			if err := plain.DB.Upgrade(ctx); err != nil {
-				t.Fatal(err)
-			}
+			db, plain := openCryptoStore(t, dialect, "acct")
 			cached := &cachedStore{SQLCryptoStore: plain, c: newStoreCache()}
 			const tracked, untracked, keysOnly = id.UserID("@tracked:x"), id.UserID("@untracked:x"), id.UserID("@keys:x")
 			devs := []*id.Device{

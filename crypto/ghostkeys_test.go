@@ -453,13 +453,7 @@ func TestNewGhostStoresItsSeedsWithItsAccount(t *testing.T) {
 		if want := 2; len(writes) != want {
 			t.Errorf("the new ghost's account, device, keys and markers were written in %d statements, want %d:\n%s", len(writes), 2, strings.Join(writes, "\n"))
 		}
-		keys, err := loadSeeds(ctx, newSecretCache(r.m.storeFor(r.ghost)))
-		if err != nil || keys == nil {
-			t.Fatalf("the ghost's stored cross-signing keys: %v, %v", keys, err)
-		}
-		if published := r.publishedMaster(ctx, t, r.ghost); keys.MasterKey.PublicKey() != published {
-			t.Errorf("the stored master key is %s, the homeserver publishes %s", keys.MasterKey.PublicKey(), published)
-		}
+		r.storedIdentityIsPublished(ctx, t)
 		sent := r.sendAs(t, r.ghost, "signed with stored keys")
 		r.memberReads(t, sent, "signed with stored keys")
 	})
@@ -561,6 +555,19 @@ func (r *asRig) restart(ctx context.Context, t *testing.T) {
 	r.m.Start(ctx)
 }
 
+// storedIdentityIsPublished checks that the rig's ghost has cross-signing keys stored and that the homeserver
+// publishes the stored master key.
+func (r *asRig) storedIdentityIsPublished(ctx context.Context, t *testing.T) {
+	t.Helper()
+	keys, err := loadSeeds(ctx, newSecretCache(r.m.storeFor(r.ghost)))
+	if err != nil || keys == nil {
+		t.Fatalf("the ghost's stored cross-signing keys: %v, %v", keys, err)
+	}
+	if published := r.publishedMaster(ctx, t, r.ghost); keys.MasterKey.PublicKey() != published {
+		t.Errorf("the stored master key is %s, the homeserver publishes %s", keys.MasterKey.PublicKey(), published)
+	}
+}
+
 // publishedMaster is user's master key as the homeserver publishes it to the member.
 func (r *asRig) publishedMaster(ctx context.Context, t *testing.T, user id.UserID) id.Ed25519 {
 	t.Helper()
@@ -634,13 +641,7 @@ func TestLoginPathPublishesAnIdentityInOneUpload(t *testing.T) {
 			if n := uploads.Load(); n != want {
 				t.Errorf("the ghost's identity took %d uploads, want %d", n, want)
 			}
-			stored, err := loadSeeds(ctx, newSecretCache(r.m.storeFor(r.ghost)))
-			if err != nil || stored == nil {
-				t.Fatalf("the ghost's stored cross-signing keys: %v, %v", stored, err)
-			}
-			if master := r.publishedMaster(ctx, t, r.ghost); master != stored.MasterKey.PublicKey() {
-				t.Errorf("the homeserver publishes master key %s, ferry stored %s", master, stored.MasterKey.PublicKey())
-			}
+			r.storedIdentityIsPublished(ctx, t)
 			sent := r.sendAs(t, r.ghost, "first words")
 			if trust := r.memberReads(t, sent, "first words"); trust != id.TrustStateCrossSignedTOFU {
 				t.Errorf("the member's client sees the ghost's device as %s, want %s", trust, id.TrustStateCrossSignedTOFU)

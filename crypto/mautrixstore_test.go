@@ -77,11 +77,7 @@ func TestMautrixStoreStatements(t *testing.T) {
 	for _, dialect := range dbtest.Dialects {
 		t.Run(dialect, func(t *testing.T) {
 			ctx := context.Background()
-			db := dbtest.Open(t, dialect)
-			store := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "acct", "", []byte("pickle key"))
-			if err := store.DB.Upgrade(ctx); err != nil {
-				t.Fatal(err)
-			}
+			db, _ := openCryptoStore(t, dialect, "acct")
 			if err := checkCryptoSchema(ctx, db); err != nil {
 				t.Fatalf("the crypto store this mautrix creates is not the one ferry knows: %v", err)
 			}

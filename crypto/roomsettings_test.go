@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 	"maunium.net/go/mautrix/sqlstatestore"
@@ -122,4 +123,15 @@ func openStateStore(t *testing.T, dialect string) (*dbutil.Database, *sqlstatest
 		t.Fatal(err)
 	}
 	return db, ss
+}
+
+// openCryptoStore opens a fresh database of dialect with mautrix's crypto store of account in it.
+func openCryptoStore(t *testing.T, dialect string, account string) (*dbutil.Database, *crypto.SQLCryptoStore) {
+	t.Helper()
+	db := dbtest.Open(t, dialect)
+	store := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, account, "", []byte("pickle key"))
+	if err := store.DB.Upgrade(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return db, store
 }

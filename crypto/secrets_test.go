@@ -19,11 +19,7 @@ func TestSecretCacheAnswersAsTheStore(t *testing.T) {
 	for _, dialect := range dbtest.Dialects {
 		t.Run(dialect, func(t *testing.T) {
 			ctx := context.Background()
-			db := dbtest.Open(t, dialect)
-			store := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "@ghost:test", "", []byte("pickle key"))
-			if err := store.DB.Upgrade(ctx); err != nil {
-				t.Fatal(err)
-			}
+			db, store := openCryptoStore(t, dialect, "@ghost:test")
 			other := crypto.NewSQLCryptoStore(db, dbutil.NoopLogger, "@other:test", "", []byte("pickle key"))
 			must := func(err error) {
 				t.Helper()
