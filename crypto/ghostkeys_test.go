@@ -426,12 +426,7 @@ func TestNewGhostReadsItsAccountAndSecretsOnce(t *testing.T) {
 		r.memberReads(t, sent, "first words")
 		master := r.publishedMaster(ctx, t, r.ghost)
 
-		r.restart(ctx, t)
-		sent = r.sendAs(t, r.ghost, "after a restart")
-		r.memberReads(t, sent, "after a restart")
-		if now := r.publishedMaster(ctx, t, r.ghost); now != master {
-			t.Errorf("after a restart the ghost's master key is %s, was %s", now, master)
-		}
+		r.keepsIdentityOverRestart(ctx, t, master)
 	})
 }
 
@@ -555,6 +550,18 @@ func (r *asRig) restart(ctx context.Context, t *testing.T) {
 	r.m.Start(ctx)
 }
 
+// keepsIdentityOverRestart restarts the rig's Machine and checks that the member reads the ghost's next message
+// and that the homeserver still publishes master as the ghost's master key.
+func (r *asRig) keepsIdentityOverRestart(ctx context.Context, t *testing.T, master id.Ed25519) {
+	t.Helper()
+	r.restart(ctx, t)
+	sent := r.sendAs(t, r.ghost, "after a restart")
+	r.memberReads(t, sent, "after a restart")
+	if now := r.publishedMaster(ctx, t, r.ghost); now != master {
+		t.Errorf("after a restart the ghost's master key is %s, was %s", now, master)
+	}
+}
+
 // storedIdentityIsPublished checks that the rig's ghost has cross-signing keys stored and that the homeserver
 // publishes the stored master key.
 func (r *asRig) storedIdentityIsPublished(ctx context.Context, t *testing.T) {
@@ -603,12 +610,7 @@ func TestNewGhostOnSQLite(t *testing.T) {
 	if err != nil || keys == nil || keys.MasterKey.PublicKey() != master {
 		t.Fatalf("stored cross-signing keys %v (%v), the homeserver publishes %s", keys, err, master)
 	}
-	r.restart(ctx, t)
-	sent = r.sendAs(t, r.ghost, "after a restart")
-	r.memberReads(t, sent, "after a restart")
-	if now := r.publishedMaster(ctx, t, r.ghost); now != master {
-		t.Errorf("after a restart the ghost's master key is %s, was %s", now, master)
-	}
+	r.keepsIdentityOverRestart(ctx, t, master)
 }
 
 // TestLoginPathPublishesAnIdentityInOneUpload: on the login path (Dendrite's), where the homeserver asks for the
