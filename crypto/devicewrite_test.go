@@ -167,3 +167,49 @@ func TestPutDevicesAsMautrix(t *testing.T) {
 		})
 	}
 }
+
+// TestHeldSecretsWithoutTheOwnDevice: secrets held for a new account's first write (holdWithAccount: a login-path
+// ghost's password and access token, its cross-signing keys) are not lost when that write comes without the
+// account's own device (mautrix's key upload always stores the device first, so this is the fallback): the account
+// is written alone, the secrets stay held, and writeHeld stores them. On both databases.
+func TestHeldSecretsWithoutTheOwnDevice(t *testing.T) {
+	for _, dialect := range dbtest.Dialects {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			_, store := openCryptoStore(t, dialect, "@ghost:test")
+			olm := newOlmStore(&cachedStore{SQLCryptoStore: store, c: newStoreCache()}, "@ghost:test")
+			sec := newSecretCache(store)
+			if err := sec.load(ctx); err != nil {
+				t.Fatal(err)
+			}
+			rows, err := sec.rows([]id.Secret{secretAccessToken}, []string{"DEVICE token"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var stored atomic.Bool
+			olm.withAccount.Store(&heldSecrets{rows: rows, stored: func() { stored.Store(true) }})
+			if err = olm.PutAccount(ctx, crypto.NewOlmAccount()); err != nil {
+				t.Fatal(err)
+			}
+			token := func() string {
+				v, err := newSecretCache(store).GetSecret(ctx, secretAccessToken)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return v
+			}
+			if v := token(); v != "" || stored.Load() {
+				t.Fatalf("the account's write without its device stored the held token (%q, %v)", v, stored.Load())
+			}
+			if err = olm.writeHeld(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if v := token(); v != "DEVICE token" || !stored.Load() {
+				t.Errorf("after writeHeld the token is %q (stored callback run: %v), want it stored", v, stored.Load())
+			}
+			if err = olm.writeHeld(ctx); err != nil {
+				t.Errorf("a second writeHeld, with nothing held: %v", err)
+			}
+		})
+	}
+}
