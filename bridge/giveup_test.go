@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -110,7 +111,14 @@ func TestRoomFailingForGoodIsGivenUp(t *testing.T) {
 	if _, err := f.br.DB.Links.Join(ctx, "other", roomD, roomE, dave, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	f.faultOn(func(r *http.Request) bool { return strings.Contains(r.URL.Path, "/rooms/"+string(f.roomB)+"/") })
+	var intoB atomic.Int64 // requests about B
+	f.faultOn(func(r *http.Request) bool {
+		if strings.Contains(r.URL.Path, "/rooms/"+string(f.roomB)+"/") {
+			intoB.Add(1)
+			return true
+		}
+		return false
+	})
 	if err := f.br.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -137,9 +145,14 @@ func TestRoomFailingForGoodIsGivenUp(t *testing.T) {
 		t.Fatalf("the event map holds a copy in B, which never got one: %+v", c)
 	}
 
-	// B still fails: the next message is not held for give_up_after again.
+	// B still fails: the next message is not held for give_up_after again, nor retried into B: its copy there
+	// (with the read-back the outage calls for, which is where its request goes) is tried once.
 	f.br.Config.GiveUpAfter = time.Hour
+	intoB.Store(0)
 	f.record(t, f.roomA, f.alice)
 	waitFor(t, "the next message's copy in C", func() bool { return f.copiesIn(roomC, aliceGhost) == 2 })
 	waitFor(t, "the next failure notice in A", func() bool { return f.noticesIn(t, f.roomA, bot) == 2 })
+	if n := intoB.Load(); n != 1 {
+		t.Errorf("the next message made %d requests into B, which ferry gave up on; want 1", n)
+	}
 }

@@ -401,7 +401,7 @@ func (b *Bridge) postBarrier(ctx context.Context, room id.RoomID) (time.Time, er
 	cli := b.AS.BotClient()
 	req := mautrix.ReqSendEvent{DontEncrypt: true, TransactionID: cli.TxnID()}
 	var resp *mautrix.RespSendEvent
-	err := retryInPlace(ctx, func() (err error) {
+	err := b.retryInPlace(ctx, room, func() (err error) {
 		resp, err = cli.SendMessageEvent(ctx, room, barrierType, struct{}{}, req)
 		return err
 	})
@@ -446,13 +446,19 @@ var readBackPageSizes = [...]int{reconcilePage, 87, 61}
 // many requests, and starting over after each transient failure would rarely get through a faulty path.
 const pageAttempts = 5
 
-// retryInPlace runs one request of a read-back, trying a transient failure again up to pageAttempts times with
-// backoff. It returns the last error (ctx's when it ended while waiting).
-func retryInPlace(ctx context.Context, request func() error) error {
+// retryInPlace runs one request of a read-back of room, trying a transient failure again up to pageAttempts times
+// with backoff; into a room ferry gave up on (bridge.give_up_after) it is tried once, as the copies into it are:
+// otherwise every later message of the link would wait out the retries of a room that keeps failing. It returns
+// the last error (ctx's when it ended while waiting).
+func (b *Bridge) retryInPlace(ctx context.Context, room id.RoomID, request func() error) error {
+	attempts := pageAttempts
+	if b.failing.gaveUp(room) {
+		attempts = 1
+	}
 	backoff := 500 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		err := request()
-		if err == nil || attempt == pageAttempts || !Transient(err) {
+		if err == nil || attempt >= attempts || !Transient(err) {
 			return err
 		}
 		if !sleep(ctx, RetryWait(err, backoff)) {
@@ -606,7 +612,7 @@ func (b *Bridge) readBackPass(ctx context.Context, room id.RoomID, from string, 
 	cli := b.AS.BotClient()
 	for read < limit {
 		var resp *mautrix.RespMessages
-		err = retryInPlace(ctx, func() (err error) {
+		err = b.retryInPlace(ctx, room, func() (err error) {
 			resp, err = cli.Messages(ctx, room, from, "", mautrix.DirectionBackward, nil, size)
 			return err
 		})

@@ -463,6 +463,13 @@ func (f *failingRooms) fail(room id.RoomID, now, eventFailingSince time.Time, gi
 	return r.gaveUp
 }
 
+// gaveUp tells whether ferry gave up on room: its copies are tried once each until one goes through.
+func (f *failingRooms) gaveUp(room id.RoomID) bool {
+	f.lock.Lock()
+	defer f.lock.Unlock()
+	return f.rooms[room].gaveUp
+}
+
 // ok notes a send into room that went through.
 func (f *failingRooms) ok(room id.RoomID) {
 	f.lock.Lock()
