@@ -147,6 +147,8 @@ func TestTransactionNotAcknowledgedUntilDurable(t *testing.T) {
 	b := newTestBridgeOn(t, root)
 	h := b.Router(nil)
 	ctx := context.Background()
+	// A connection is waited for (30 s by default) before the statement fails; the answer is the same sooner.
+	defer dbtest.SetConnectWait(time.Second)()
 	proxy.Down()
 	if rec := doRequest(h, "PUT", "/_matrix/app/v1/transactions/t1", "Bearer "+testHSToken, txnBody); rec.Code == 200 {
 		t.Fatal("a transaction was acknowledged while the database was away")

@@ -25,6 +25,7 @@ import (
 // TestCheckHomeserverRetriesUntilReachable: while the homeserver answers 502, ferry keeps retrying with backoff and
 // says why in its log; once it answers, the bot is registered and whoami is checked.
 func TestCheckHomeserverRetriesUntilReachable(t *testing.T) {
+	quickStartupRetries(t)
 	var versionCalls, registered atomic.Int32
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
@@ -127,12 +128,18 @@ func fakeStartupHS(t *testing.T, whoami func(w http.ResponseWriter) bool) (*http
 	return srv, counts
 }
 
+// quickStartupRetries makes start-up's retries wait 10 ms at first instead of a second, for the test.
+func quickStartupRetries(t *testing.T) {
+	old := startupBackoff
+	startupBackoff = 10 * time.Millisecond
+	t.Cleanup(func() { startupBackoff = old })
+}
+
 // TestCheckHomeserverRetriesTransientAnswers: a rate limit (either form), a server or gateway error, or a reset
 // connection at any step of the start-up check is retried with backoff until the step succeeds; none of them is
 // reported as a rejected as_token.
 func TestCheckHomeserverRetriesTransientAnswers(t *testing.T) {
-	defer func(b time.Duration) { startupBackoff = b }(startupBackoff)
-	startupBackoff = 10 * time.Millisecond
+	quickStartupRetries(t)
 	for _, step := range []string{"register", "whoami", "ping"} {
 		for _, kind := range []faultproxy.Kind{faultproxy.RateLimit, faultproxy.RateLimitHeader, faultproxy.Status500, faultproxy.Status502, faultproxy.Status503, faultproxy.Status504, faultproxy.ResetBefore, faultproxy.GatewayAfter} {
 			t.Run(step+"/"+string(kind), func(t *testing.T) {
@@ -217,6 +224,7 @@ func TestPingRetriesWhatMayPass(t *testing.T) {
 		"refused at once":                  {failures: 9, errcode: "M_FORBIDDEN", status: http.StatusForbidden, wantErr: true, wantPing: 1},
 	} {
 		t.Run(name, func(t *testing.T) {
+			quickStartupRetries(t)
 			var pings atomic.Int32
 			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				w.Header().Set("Content-Type", "application/json")

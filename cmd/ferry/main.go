@@ -407,7 +407,7 @@ const (
 // whoami, pings the appservice link where supported, and reports which encryption path the homeserver allows.
 func checkHomeserver(ctx context.Context, cfg *config.Config, as *appservice.AppService, log zerolog.Logger) (string, error) {
 	bot := as.BotIntent()
-	backoff := time.Second
+	backoff := startupBackoff
 	var versions *mautrix.RespVersions
 	// ferry's own loop retries (and logs why); the client's silent internal retries would hide the reason.
 	probe := as.NewMautrixClient(as.BotMXID())
@@ -491,7 +491,8 @@ func checkHomeserver(ctx context.Context, cfg *config.Config, as *appservice.App
 	return path, nil
 }
 
-// startupBackoff is the first wait between start-up retries; it doubles up to a minute.
+// startupBackoff is the first wait between start-up retries (the homeserver's reachability, each step of its
+// check, the appservice ping); it doubles, up to a minute.
 var startupBackoff = time.Second
 
 // retryStartup runs one start-up step until it succeeds or fails definitely: transient failures (rate limits,
@@ -531,7 +532,7 @@ const pingAttempts = 5
 // may fail) is tried again with backoff, pingAttempts times, honouring a rate limit's wait; a refusal of the ping
 // itself (M_FORBIDDEN, M_URL_NOT_SET, ferry refusing the homeserver's hs_token) is not.
 func pingUntilReached(ctx context.Context, as *appservice.AppService, log zerolog.Logger) error {
-	backoff := time.Second
+	backoff := startupBackoff
 	for attempt := 1; ; attempt++ {
 		_, err := as.BotIntent().AppservicePing(ctx, as.Registration.ID, "")
 		if err == nil {

@@ -8,7 +8,6 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/rs/zerolog"
 	"go.mau.fi/util/dbutil"
@@ -26,8 +25,7 @@ func (f *forgetRecorder) ForgetCleanStop(context.Context) error { f.calls.Add(1)
 // generation is retried as a start-up step, not taken as "cannot ask" (which would skip the restore check), so a
 // restored database is still noticed.
 func TestRestoreCheckRetriesARateLimit(t *testing.T) {
-	defer func(b time.Duration) { startupBackoff = b }(startupBackoff)
-	startupBackoff = 10 * time.Millisecond
+	quickStartupRetries(t)
 	ctx := context.Background()
 	db := database.New(dbtest.SQLite(t), dbutil.ZeroLogger(zerolog.Nop()))
 	if err := db.Upgrade(ctx); err != nil {
