@@ -30,8 +30,9 @@ import (
 // updated sessions, which ferry then saves in one transaction before anything is sent. Olm sessions stay in
 // mautrix's crypto_olm_session table with mautrix's pickles, so mautrix's own code reads them as before.
 
-// shareChunkRows bounds the rows of one multi-row statement (SQLite allows 999 parameters in old builds).
-const shareChunkRows = 100
+// shareChunkRows bounds the rows of one multi-row statement (SQLite allows 999 parameters in old builds). A
+// variable only so that a test can make a share of a few devices take several statements.
+var shareChunkRows = 100
 
 // toDeviceChunk bounds the devices per to-device request: a room key to 1,000 devices is about 1.5 MB of JSON,
 // which homeservers accept, but a few requests keep each one well under request body limits.
