@@ -38,7 +38,11 @@ out=$(mktemp -d)
 for hs in "${servers[@]}"; do
 	pg=()
 	if [ -n "${FERRY_TEST_PG_DATA:-}" ]; then pg=(env -u FERRY_TEST_PG -u FERRY_TEST_PG_DATA -u FERRY_TEST_PG_CTL scripts/with-postgres.sh); fi
-	(FERRY_E2E_HS=$hs "${pg[@]}" scripts/e2e.sh >"$out/$hs.log" 2>&1; echo $? >"$out/$hs.status") &
+	(
+		set +e # a failed suite must still write its status
+		FERRY_E2E_HS=$hs "${pg[@]}" scripts/e2e.sh >"$out/$hs.log" 2>&1
+		echo $? >"$out/$hs.status"
+	) &
 done
 echo "== end-to-end on ${servers[*]} beside each other (ferry + matrix-js-sdk); each suite's output follows when it ends"
 failed=()
