@@ -105,6 +105,7 @@ type Bridge struct {
 
 	sent    sentLedger   // rooms to read back before sending, and what read-backs found (reconcile.go)
 	failing failingRooms // rooms whose homeserver keeps failing sends (relay.go)
+	joins   joinWaits    // ghosts' joins whose first message has not gone out yet (joinwait.go)
 	health  *hsHealth    // outages of the homeserver (hshealth.go)
 	pushes  pushWatch    // signs that the homeserver holds its pushes back (pushwatch.go)
 

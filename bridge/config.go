@@ -18,6 +18,9 @@ const (
 	DefaultKeyNoticeAfter      = 60 * time.Second
 	DefaultDisappearKeyIdle    = time.Minute
 	DefaultGiveUpAfter         = 10 * time.Minute
+	DefaultGhostJoinWait       = 250 * time.Millisecond
+	// MaxGhostJoinWait bounds bridge.ghost_join_wait: the wait holds the room's queue.
+	MaxGhostJoinWait = 10 * time.Second
 )
 
 // DefaultConfig returns the `bridge` section with every default filled in.
@@ -32,6 +35,7 @@ func DefaultConfig() Config {
 		RedactOriginals:         true,
 		DisappearKeyIdle:        DefaultDisappearKeyIdle,
 		GiveUpAfter:             DefaultGiveUpAfter,
+		GhostJoinWait:           DefaultGhostJoinWait,
 	}
 }
 
@@ -61,6 +65,10 @@ type Config struct {
 	// GiveUpAfter is how long ferry keeps retrying a copy into a room whose homeserver keeps failing (server
 	// errors, no answer) before it tells the source room that the message could not be relayed there.
 	GiveUpAfter time.Duration `yaml:"give_up_after"`
+	// GhostJoinWait is how long after a ghost joins a room its first message there waits, so that members'
+	// clients, which fetch the ghost's keys when they see it join, know its cross-signing identity before the
+	// message arrives (joinWaits). 0: no wait.
+	GhostJoinWait time.Duration `yaml:"ghost_join_wait"`
 
 	// DisplaynameTmpl is DisplaynameTemplate compiled while loading.
 	DisplaynameTmpl *template.Template `yaml:"-"`

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"time"
 	"unicode"
 
 	"github.com/rs/zerolog"
@@ -135,6 +136,7 @@ func (b *Bridge) joinGhost(ctx context.Context, intent *appservice.IntentAPI, so
 	if err != nil {
 		return fmt.Errorf("failed to join the ghost: %w", err)
 	}
+	b.joins.note(intent.UserID, target, time.Now())
 	return b.recordOwnMember(ctx, intent, target, content)
 }
 

@@ -42,6 +42,7 @@ func TestRelayProcessingIsFerrysOwnPart(t *testing.T) {
 	const encrypt, answer = 60 * time.Millisecond, 200 * time.Millisecond
 	cr := newScriptedCrypto()
 	f := newRelayFixtureWith(t, slowEncrypt{cr, encrypt})
+	f.br.Config.GhostJoinWait = 0 // the ghost's first message would wait for its join to settle, in ferry's part
 	f.flaky.lock.Lock()
 	f.flaky.script = append(f.flaky.script, func(w http.ResponseWriter, r *http.Request) {
 		time.Sleep(answer)

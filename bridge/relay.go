@@ -188,6 +188,10 @@ func (b *Bridge) relayTo(ctx context.Context, run *eventRun, evt *event.Event, t
 	} else if err != nil {
 		return classify(fmt.Errorf("failed to bring the sender's ghost into the room: %w", err))
 	}
+	// A ghost that has just joined target waits until members' clients can know its identity (joinwait.go).
+	if !b.joins.wait(ctx, ghost, target, b.Config.GhostJoinWait) {
+		return outcome{err: ctx.Err()}
+	}
 	// Translate (and the call mapping) keep VeryRaw equal to Raw: sending the bytes spares encoding the map again.
 	resp, posted, err := b.sendTimed(ctx, intent, target, targetEncrypted, evtType, &event.Content{VeryRaw: content.VeryRaw}, TxnID(evt.ID, target), run.disappear)
 	if err != nil {

@@ -156,17 +156,21 @@ export async function startSyncHoldProxy(targetPort) {
  * the homeserver lost it) and kept; release() posts the kept ones to the homeserver, in order. Works the same on
  * every homeserver, whatever way ferry receives to-device messages (pushed or through /sync).
  *
+ * delayKeyQueries(ms) holds each of the client's /keys/query requests for ms before sending it on.
+ *
  *   const proxy = await startClientProxy(hs.port); const alice = await createUser(proxy.url, "alice");
  */
 export async function startClientProxy(targetPort) {
     const port = await freePort();
     let holding = false;
+    let keyQueryDelayMs = 0;
     const kept = []; // { method, path, headers, body }
     const server = http.createServer((req, res) => {
         const chunks = [];
         req.on("data", (c) => chunks.push(c));
-        req.on("end", () => {
+        req.on("end", async () => {
             const body = Buffer.concat(chunks);
+            if (keyQueryDelayMs && req.url.includes("/keys/query")) await new Promise((r) => setTimeout(r, keyQueryDelayMs));
             if (holding && req.method === "PUT" && req.url.includes("/sendToDevice/")) {
                 kept.push({ method: req.method, path: req.url, headers: req.headers, body });
                 res.writeHead(200, { "content-type": "application/json" });
@@ -206,6 +210,10 @@ export async function startClientProxy(targetPort) {
         dropToDevice() {
             holding = false;
             kept.length = 0;
+        },
+        /** Delays each of the client's key queries by ms before it is sent on (a client slow to learn keys). */
+        delayKeyQueries(ms) {
+            keyQueryDelayMs = ms;
         },
         /** How many to-device messages are kept. */
         get keptToDevice() {

@@ -5,8 +5,10 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import crypto from "node:crypto";
+import fs from "node:fs";
 import { createUser, loginUser } from "../lib/users.js";
 import { onDendrite, onSynapse } from "../lib/homeserver.js";
+import { startClientProxy } from "../lib/proxy.js";
 import { command, inviteBot, linkByRequest, startStack } from "../lib/stack.js";
 import { pollUntil } from "../lib/util.js";
 
@@ -236,6 +238,57 @@ test("a key request is answered for a member's later device, refused for an outs
         assert.notEqual(sessionOf(afterRemoval), beforeRemoval, "a removed device rotates the ghost's session");
     } finally {
         await Promise.all([bob2.stop(), mallory.stop()]);
+    }
+});
+
+/** Sets bridge.<key> in ferry's config file (kept as ferry wrote it: its generated pickle key stays). */
+function setBridgeKey(configPath, key, value) {
+    let text = fs.readFileSync(configPath, "utf8");
+    const line = new RegExp(`^  ${key}:.*$`, "m");
+    if (line.test(text)) text = text.replace(line, `  ${key}: ${value}`);
+    else if (/^bridge:[ \t]*$/m.test(text)) text = text.replace(/^bridge:[ \t]*$/m, `bridge:\n  ${key}: ${value}`);
+    else text += `\nbridge:\n  ${key}: ${value}\n`;
+    fs.writeFileSync(configPath, text);
+}
+
+test("a new ghost's first message reaches a member whose client learns keys slowly as cross-signed (bridge.ghost_join_wait)", async () => {
+    // carol's client answers for keys late (each key query held 300 ms on its way), as on a slow network: she
+    // learns a new ghost's identity that long after she sees it join. dave and erin write in the linked room; each
+    // first message brings a new ghost into carol's room.
+    const proxy = await startClientProxy(stack.hs.port);
+    const carol = await createUser(proxy.url, "carol", { excludeInsecureDevices: true });
+    const dave = await createUser(stack.hs.url, "dave");
+    const erin = await createUser(stack.hs.url, "erin");
+    try {
+        await carol.bootstrapCrossSigning();
+        const roomC = await carol.createEncryptedRoom({ name: "Slow keys C" });
+        const roomD = await dave.createEncryptedRoom({ name: "Slow keys D" });
+        await dave.invite(roomD, erin.userId);
+        await erin.join(roomD);
+        await inviteBot(stack, carol, roomC);
+        await inviteBot(stack, dave, roomD);
+        await linkByRequest(stack, carol, roomC, dave, roomD);
+        proxy.delayKeyQueries(300);
+
+        // Without the wait the ghost's first message comes before carol's client knows the ghost's identity: it
+        // judges the message as from an unsigned device and refuses it for good. (This shows the test can fail.)
+        setBridgeKey(stack.prepared.configPath, "ghost_join_wait", "0s");
+        await stack.restartFerry();
+        await dave.waitForMembership(roomD, erin.userId, "join");
+        await dave.sendText(roomD, "first from dave");
+        const refused = await carol.waitForEvent(roomC, (e) => isGhost(e.sender) && e.isDecryptionFailure, T, "dave's ghost's first message, refused");
+        assert.equal(refused.decryptionFailureReason, "UNSIGNED_SENDER_DEVICE");
+
+        // With the wait longer than carol's client takes, the same first message of a new ghost reads as signed.
+        setBridgeKey(stack.prepared.configPath, "ghost_join_wait", "1500ms");
+        await stack.restartFerry();
+        await erin.sendText(roomD, "first from erin");
+        const copy = await copyOf(carol, roomC, "first from erin");
+        await assertAuthentic(carol, copy, "a new ghost's first message to a slow client");
+    } finally {
+        setBridgeKey(stack.prepared.configPath, "ghost_join_wait", "250ms");
+        await Promise.all([carol.stop(), dave.stop(), erin.stop()]);
+        await proxy.close();
     }
 });
 

@@ -172,6 +172,7 @@ func TestExampleConfigDecodesStrictly(t *testing.T) {
 			"disappear_key_idle":        {d.Bridge.DisappearKeyIdle, time.Minute},
 			"peer_users":                {d.Bridge.PeerUsers, ""},
 			"give_up_after":             {d.Bridge.GiveUpAfter, 10 * time.Minute},
+			"ghost_join_wait":           {d.Bridge.GhostJoinWait, 250 * time.Millisecond},
 			"pickle_key":                {d.Encryption.PickleKey, crypto.PickleKeyGenerate},
 			"device_mode":               {d.Encryption.DeviceMode, "per_ghost"},
 			"appservice":                {d.Encryption.Appservice, false},
@@ -481,6 +482,14 @@ func TestValidateErrors(t *testing.T) {
 		"peer_users not a regular expression": {
 			old: "  key_wait: 5s", new: "  key_wait: 5s\n  peer_users: \"@(_ferry2_.*:example\\\\.org\"",
 			want: "config.yaml:11: bridge.peer_users: not a valid regular expression: error parsing regexp: missing closing ): `^(?:@(_ferry2_.*:example\\.org)$`",
+		},
+		"ghost_join_wait too long": {
+			old: "  key_wait: 5s", new: "  key_wait: 5s\n  ghost_join_wait: 1m",
+			want: `config.yaml:11: bridge.ghost_join_wait: must be between 0 and 10s, got 1m0s`,
+		},
+		"ghost_join_wait negative": {
+			old: "  key_wait: 5s", new: "  key_wait: 5s\n  ghost_join_wait: -1s",
+			want: `config.yaml:11: bridge.ghost_join_wait: must be between 0 and 10s, got -1s`,
 		},
 		"key_wait zero": {
 			old: "key_wait: 5s", new: "key_wait: 0s",

@@ -154,6 +154,9 @@ func (c *Config) validate(forRun bool) error {
 	if br.GiveUpAfter <= 0 {
 		v.fail("bridge.give_up_after", "must be positive, got %s", br.GiveUpAfter)
 	}
+	if br.GhostJoinWait < 0 || br.GhostJoinWait > bridge.MaxGhostJoinWait {
+		v.fail("bridge.ghost_join_wait", "must be between 0 and %s, got %s", bridge.MaxGhostJoinWait, br.GhostJoinWait)
+	}
 	if err := br.CompilePeerUsers(); err != nil {
 		v.fail("bridge.peer_users", "%s", oneLine(err.Error()))
 	}
