@@ -30,40 +30,67 @@ if [ ${#servers[@]} -eq 1 ] || [ -n "${FERRY_E2E_SERIAL:-}" ]; then
 	exit 0
 fi
 
-# The suites run beside each other: each test waits on its homeserver and clients far more than it computes, so
-# two suites share the two cores well. Each suite gets its own PostgreSQL cluster when this one is a throwaway
-# (the chaos test restarts its cluster, which must not cut off the other suite's tests), and its own output file,
-# printed whole when it ends.
+# The two suites run beside each other: each test waits on its homeserver and clients far more than it computes,
+# so two test files at a time share the two cores well. Two workers (e2e-worker.sh) take the files: each starts
+# with its own homeserver's and, when done, helps with the other's from its end (where the long chaos test is), so
+# both end together. Each worker has its own PostgreSQL cluster when this one is a throwaway (the chaos test
+# restarts its cluster, which must not cut off the other worker's test). A line per test file as it ends; each
+# suite's whole output in file order at the end.
 out=$(mktemp -d)
+files=(e2e/tests/*.test.js)
 for hs in "${servers[@]}"; do
-	pg=()
-	if [ -n "${FERRY_TEST_PG_DATA:-}" ]; then pg=(env -u FERRY_TEST_PG -u FERRY_TEST_PG_DATA -u FERRY_TEST_PG_CTL scripts/with-postgres.sh); fi
-	(
-		set +e # a failed suite must still write its status
-		FERRY_E2E_HS=$hs "${pg[@]}" scripts/e2e.sh >"$out/$hs.log" 2>&1
-		echo $? >"$out/$hs.status"
-	) &
+	for i in "${!files[@]}"; do echo "$i ${files[$i]}"; done >"$out/queue-$hs"
 done
-echo "== end-to-end on ${servers[*]} beside each other (ferry + matrix-js-sdk); each suite's output follows when it ends"
-failed=()
-left=("${servers[@]}")
-while [ ${#left[@]} -gt 0 ]; do
-	sleep 2
-	still=()
-	for hs in "${left[@]}"; do
-		if [ -e "$out/$hs.status" ]; then
-			echo "== end-to-end on $hs (ferry + matrix-js-sdk)"
-			cat "$out/$hs.log"
-			[ "$(cat "$out/$hs.status")" = 0 ] || failed+=("$hs")
-		else
-			still+=("$hs")
-		fi
+pg=()
+if [ -n "${FERRY_TEST_PG_DATA:-}" ]; then pg=(env -u FERRY_TEST_PG -u FERRY_TEST_PG_DATA -u FERRY_TEST_PG_CTL scripts/with-postgres.sh); fi
+echo "== end-to-end on ${servers[*]}, beside each other (ferry + matrix-js-sdk)"
+"${pg[@]}" scripts/e2e-worker.sh "$out" "${servers[1]}" "${servers[0]}" >"$out/worker-1.log" 2>&1 &
+w1=$!
+"${pg[@]}" scripts/e2e-worker.sh "$out" "${servers[0]}" "${servers[1]}" >"$out/worker-0.log" 2>&1 &
+w0=$!
+started=$(date +%s)
+declare -A shown=()
+progress() {
+	for status in "$out"/*-*.status; do
+		[ -e "$status" ] && [ -z "${shown[$status]:-}" ] || continue
+		shown[$status]=1
+		local name hs index verdict=ok
+		name=${status##*/}
+		hs=${name%%-*}
+		index=${name#*-}
+		index=${index%.status}
+		[ "$(cat "$status")" = 0 ] || verdict=FAILED
+		printf '  %4ds  %-8s %-40s %s\n' $(($(date +%s) - started)) "$hs" "$(basename "${files[$index]}")" "$verdict"
 	done
-	left=("${still[@]+"${still[@]}"}")
+}
+while kill -0 "$w0" 2>/dev/null || kill -0 "$w1" 2>/dev/null; do
+	progress
+	sleep 2
 done
-wait
+wait "$w0" "$w1" || true
+progress
+failed=()
+for hs in "${servers[@]}"; do
+	echo "== end-to-end on $hs (ferry + matrix-js-sdk)"
+	pass=0 fail=0 skip=0
+	for i in "${!files[@]}"; do
+		log="$out/$hs-$i.log"
+		if [ ! -e "$out/$hs-$i.status" ]; then
+			echo "${files[$i]}: not run" >&2
+			failed+=("$hs ${files[$i]}")
+			continue
+		fi
+		cat "$log"
+		[ "$(cat "$out/$hs-$i.status")" = 0 ] || failed+=("$hs ${files[$i]}")
+		pass=$((pass + $(sed -n 's/^# pass //p' "$log" | tail -n 1 | grep -o '[0-9]*' || echo 0)))
+		fail=$((fail + $(sed -n 's/^# fail //p' "$log" | tail -n 1 | grep -o '[0-9]*' || echo 0)))
+		skip=$((skip + $(sed -n 's/^# skipped //p' "$log" | tail -n 1 | grep -o '[0-9]*' || echo 0)))
+	done
+	echo "== $hs: $pass pass, $fail fail, $skip skipped"
+done
+cat "$out"/worker-*.log
 rm -rf "$out"
 if [ ${#failed[@]} -gt 0 ]; then
-	echo "end-to-end failed on: ${failed[*]}" >&2
+	printf 'end-to-end failed: %s\n' "${failed[@]}" >&2
 	exit 1
 fi
