@@ -26,12 +26,18 @@ type ghostRoom struct {
 	room  id.RoomID
 }
 
-// note records that ghost joined room at when.
+// note records that ghost joined room at when. Joins older than any wait (MaxGhostJoinWait) are forgotten then:
+// a ghost brought in whose message never went out (moderated, or failed for good) leaves no entry behind.
 func (j *joinWaits) note(ghost id.UserID, room id.RoomID, when time.Time) {
 	j.lock.Lock()
 	defer j.lock.Unlock()
 	if j.joined == nil {
 		j.joined = make(map[ghostRoom]time.Time)
+	}
+	for key, at := range j.joined {
+		if when.Sub(at) > MaxGhostJoinWait {
+			delete(j.joined, key)
+		}
 	}
 	j.joined[ghostRoom{ghost, room}] = when
 }

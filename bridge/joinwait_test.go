@@ -58,3 +58,19 @@ func TestFirstMessageWaitsForMembersToSeeTheJoin(t *testing.T) {
 		t.Errorf("%d joins still wait to be settled, want none once the ghost has spoken", n)
 	}
 }
+
+// TestJoinsOlderThanAnyWaitAreForgotten: a join whose ghost never spoke (its message was moderated away, say)
+// does not stay in memory once no wait could be left of it.
+func TestJoinsOlderThanAnyWaitAreForgotten(t *testing.T) {
+	var j joinWaits
+	start := time.Now()
+	j.note("@_ferry_a:x", "!r:x", start)
+	j.note("@_ferry_b:x", "!r:x", start.Add(MaxGhostJoinWait))
+	if n := j.pending(); n != 2 {
+		t.Fatalf("%d joins noted, want 2", n)
+	}
+	j.note("@_ferry_c:x", "!r:x", start.Add(MaxGhostJoinWait+time.Millisecond))
+	if n := j.pending(); n != 2 {
+		t.Errorf("%d joins kept, want 2: the first is older than any wait", n)
+	}
+}
