@@ -110,7 +110,9 @@ func TestHeldPushesResumeAfterFerrysOwnEventIsLate(t *testing.T) {
 // TestHeldPushesResumeWhenQuiet: a transaction fails on the way while ferry sends nothing; after pushQuiet
 // without a transaction ferry pings, and the held message crosses.
 func TestHeldPushesResumeWhenQuiet(t *testing.T) {
-	defer func(q time.Duration) { pushQuiet = q }(pushQuiet)
+	// Restored after the fixture's bridge has stopped (cleanups run last first): its watch reads pushQuiet.
+	old := pushQuiet
+	t.Cleanup(func() { pushQuiet = old })
 	pushQuiet = 2 * time.Second
 	f, failNext := heldPushFixture(t)
 	ghost := f.br.Ghosts.Ghost(f.alice)
