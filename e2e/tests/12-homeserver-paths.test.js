@@ -16,7 +16,7 @@ import { HS_LABEL, onSynapse, skipUnless, startHomeserver } from "../lib/homeser
 import { startSyncHoldProxy } from "../lib/proxy.js";
 import { command, linkedPair, SHARED_SECRET, startStack } from "../lib/stack.js";
 import { loginUser } from "../lib/users.js";
-import { freePort, pollUntil, sleep } from "../lib/util.js";
+import { freePort, pollUntil, sleep, withTimeout } from "../lib/util.js";
 
 const T = 30000;
 const isGhost = (u) => u.startsWith("@_ferry_");
@@ -197,7 +197,7 @@ test(`${HS_LABEL}: a Synapse that creates appservice devices but pushes nothing 
         prepared.cleanup();
     });
     ferry = await startFerry(prepared, { waitReady: false });
-    const exit = await Promise.race([ferry.exited, new Promise((r) => setTimeout(() => r(null), 90000))]);
+    const exit = await withTimeout(ferry.exited, 90000, "ferry to exit");
     assert.ok(exit, "ferry stopped");
     assert.equal(exit.code, 4, "exit code 4: the homeserver cannot serve this configuration");
     const errors = ferry.logLines().filter((l) => l.level === "error");

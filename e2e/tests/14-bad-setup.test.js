@@ -7,7 +7,7 @@ import { createTestDatabase, prepareFerry, startFerry } from "../lib/ferry.js";
 import { ferryConfigFor, HS_LABEL, onSynapse, startHomeserver } from "../lib/homeserver.js";
 import { command, inviteBot, SHARED_SECRET } from "../lib/stack.js";
 import { createUser } from "../lib/users.js";
-import { pollUntil } from "../lib/util.js";
+import { pollUntil, withTimeout } from "../lib/util.js";
 
 const cleanups = [];
 after(async () => {
@@ -36,7 +36,7 @@ async function homeserver(prepared, registrations = [prepared.registrationPath])
 async function exitOf(prepared) {
     const ferry = await startFerry(prepared, { waitReady: false });
     cleanups.push(() => ferry.stop());
-    const exit = await Promise.race([ferry.exited, new Promise((r) => setTimeout(() => r(null), 90000))]);
+    const exit = await withTimeout(ferry.exited, 90000, "ferry to exit");
     return { exit, errors: ferry.logLines().filter((l) => l.level === "error"), ferry };
 }
 
