@@ -67,8 +67,8 @@ func TestShareSavedInOneStatement(t *testing.T) {
 // (a restart shares the next session over the same Olm sessions), and a failure in a later chunk stores and sends
 // nothing, after which the share goes through whole.
 func TestShareLargerThanOneStatement(t *testing.T) {
-	// Chunks of 10 rows: 25 devices take three statements of each kind, as 250 would with the real size, at a
-	// tenth of the test's cost in members' keys.
+	// Chunks of 10 rows: 25 devices' Olm sessions and recipients take three statements each, as 250 devices'
+	// would with the real size, for a fifth of the members the test made before.
 	defer func(rows int) { shareChunkRows = rows }(shareChunkRows)
 	shareChunkRows = 10
 	n := 2*shareChunkRows + 5
