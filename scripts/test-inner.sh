@@ -69,6 +69,12 @@ while kill -0 "$w0" 2>/dev/null || kill -0 "$w1" 2>/dev/null; do
 done
 wait "$w0" "$w1" || true
 progress
+# tally LOG WORD prints the number on the last "# WORD N" line of a test file's TAP output (0 if none).
+tally() {
+	local n
+	n=$(sed -n "s/^# $2 \([0-9]*\)\$/\1/p" "$1" | tail -n 1)
+	echo "${n:-0}"
+}
 failed=()
 for hs in "${servers[@]}"; do
 	echo "== end-to-end on $hs (ferry + matrix-js-sdk)"
@@ -82,9 +88,9 @@ for hs in "${servers[@]}"; do
 		fi
 		cat "$log"
 		[ "$(cat "$out/$hs-$i.status")" = 0 ] || failed+=("$hs ${files[$i]}")
-		pass=$((pass + $(sed -n 's/^# pass //p' "$log" | tail -n 1 | grep -o '[0-9]*' || echo 0)))
-		fail=$((fail + $(sed -n 's/^# fail //p' "$log" | tail -n 1 | grep -o '[0-9]*' || echo 0)))
-		skip=$((skip + $(sed -n 's/^# skipped //p' "$log" | tail -n 1 | grep -o '[0-9]*' || echo 0)))
+		pass=$((pass + $(tally "$log" pass)))
+		fail=$((fail + $(tally "$log" fail)))
+		skip=$((skip + $(tally "$log" skipped)))
 	done
 	echo "== $hs: $pass pass, $fail fail, $skip skipped"
 done
