@@ -3,10 +3,11 @@
 // Postgres database, links N room pairs, lets simulated users (mautrix OlmMachines) send Megolm-encrypted
 // messages, pushes them to ferry as appservice transactions and waits for each re-encrypted copy at the fake
 // homeserver. It reports relayed messages/s, latency inside ferry, allocations, Postgres statements and round
-// trips per message, and in the same run two references: the crypto floor (raw Megolm decrypt + encrypt) and
-// the naive path (mautrix's OlmMachine on its SQL store, one message at a time). Numbers and their reading
-// live in docs/BENCHMARKS.md. It never asserts a timing; it exits non-zero only when the relay lost, doubled
-// or garbled messages.
+// trips per message, and in the same run references: the crypto floor (raw Megolm decrypt + encrypt), the
+// naive path (mautrix's OlmMachine on its SQL store, one message at a time), what a statement costs, and at
+// each fixed rate the relay floor (a minimal relay that keeps the same durability promises, relayfloor.go).
+// Numbers and their reading live in docs/BENCHMARKS.md. It never asserts a timing; it exits non-zero only when
+// the relay lost, doubled or garbled messages.
 package main
 
 import (
@@ -57,6 +58,7 @@ type settings struct {
 	phases                    map[string]bool
 	cpuProfile, memProfile    string
 	warmProfile, rateProfile  string
+	floorProfile              string
 	warmMutexProfile          string
 	encPath                   string
 	jsonOut                   string
@@ -89,8 +91,10 @@ type report struct {
 	Floor    *floorResult   `json:"crypto_floor,omitempty"`
 	Naive    *naiveResult   `json:"naive_path,omitempty"`
 	PG       *pgBaseline    `json:"postgres_baseline,omitempty"`
-	Scale    []*scaleResult `json:"scale,omitempty"`
-	Problems []string       `json:"problems,omitempty"`
+	// RelayFloor: the durable relay floor at each fixed rate (relayfloor.go).
+	RelayFloor []*relayFloorResult `json:"relay_floor,omitempty"`
+	Scale      []*scaleResult      `json:"scale,omitempty"`
+	Problems   []string            `json:"problems,omitempty"`
 }
 
 func main() {
@@ -127,6 +131,7 @@ func run(args []string) int {
 	fs.StringVar(&st.warmProfile, "warm-cpuprofile", "", "write a CPU profile of the warm-up (every sender's first message) to this file")
 	fs.StringVar(&st.warmMutexProfile, "warm-mutexprofile", "", "write a profile of lock contention during the warm-up (with -steady-rate: the established link's traffic beside it) to this file")
 	fs.StringVar(&st.rateProfile, "rate-cpuprofile", "", "write a CPU profile of the fixed-rate runs to this file")
+	fs.StringVar(&st.floorProfile, "floor-cpuprofile", "", "write a CPU profile of the relay floor's runs (with -phases refs,rate) to this file")
 	fs.StringVar(&st.memProfile, "memprofile", "", "write an allocation profile after the full-speed run to this file")
 	fs.StringVar(&st.jsonOut, "json", "", "also write the results as JSON to this file")
 	fs.BoolVar(&st.keepDB, "keep-db", false, "keep the benchmark database")
@@ -476,6 +481,10 @@ func (e *env) verify(ctx context.Context, msgs []*msg) verifyResult {
 
 func references(ctx context.Context, st settings, rep *report) error {
 	fmt.Printf("\n== references ==\n")
+	// First: the references after it leave Postgres backends and garbage behind.
+	if err := relayFloors(ctx, st, rep); err != nil {
+		return err
+	}
 	floor, err := cryptoFloor(st.floorMessages, megolmPlaintext(st.payload))
 	if err != nil {
 		return fmt.Errorf("crypto floor: %w", err)
@@ -501,6 +510,28 @@ func references(ctx context.Context, st settings, rep *report) error {
 	rep.PG = &pg
 	fmt.Printf("  Postgres          SELECT $1: %.0f µs, %.1f round trips (CPU %.0f µs Postgres + %.0f µs here); autocommit 1-row INSERT: %.0f µs (CPU %.0f + %.0f); %d-row INSERT: %.1f µs/row (Postgres CPU %.1f µs/row)\n",
 		pg.SelectUs, pg.SelectTrips, pg.SelectPGCPUUs, pg.SelectProcCPU, pg.InsertUs, pg.InsertPGCPUUs, pg.InsertProcCPU, pg.BatchRowsPerTx, pg.BatchRowUs, pg.BatchRowPGCPU)
+	return nil
+}
+
+// relayFloors runs the relay floor at each fixed rate of the relay runs.
+func relayFloors(ctx context.Context, st settings, rep *report) error {
+	if !st.phases["rate"] {
+		return nil
+	}
+	defer startCPUProfile(st.floorProfile)()
+	for _, rate := range st.rates {
+		if ctx.Err() != nil {
+			break
+		}
+		rf, err := relayFloor(ctx, st, rate, st.rateDuration)
+		if err != nil {
+			return fmt.Errorf("relay floor at %.0f msg/s: %w", rate, err)
+		}
+		rep.RelayFloor = append(rep.RelayFloor, &rf)
+		fmt.Printf("  relay floor       %.0f msg/s for %s: machine CPU %.0f µs/msg = %.0f µs this process (relay + its fake homeserver) + %.0f µs Postgres; %.1f statements, %.1f commits; CPU steal %.1f%%\n",
+			rate, st.rateDuration, rf.MachPerMsg, rf.ProcPerMsg, rf.PGCPUPerMsg, rf.StmtsPerMsg, rf.CommitsMsg, rf.StealPct)
+		fmt.Printf("                    (record before answering, decrypt, encrypt, send, record done: raw Megolm, one table, nothing else)\n")
+	}
 	return nil
 }
 
@@ -537,6 +568,12 @@ func summary(rep *report) {
 		}
 		fmt.Printf("  p99 in ferry ≤ %d ms at %.0f msg/s offered: p99 %.1f ms, relayed %.0f msg/s — %s\n",
 			targetP99Ms, r.Offered, r.Latency.P99, r.MsgsPerSec, label)
+		for _, f := range rep.RelayFloor {
+			if f.Offered == r.Offered && f.MachPerMsg > 0 {
+				fmt.Printf("  machine CPU per message at %.0f msg/s: ferry %.0f µs, the relay floor %.0f µs in the same run (%.2fx)\n",
+					r.Offered, r.MachCPUPerMsg, f.MachPerMsg, r.MachCPUPerMsg/f.MachPerMsg)
+			}
+		}
 	}
 	for _, p := range rep.Problems {
 		fmt.Printf("  PROBLEM: %s\n", p)
