@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -19,8 +20,9 @@ import (
 // sends []byte arguments in binary format, which Postgres rejects for jsonb columns (binary jsonb starts with a
 // version byte); mautrix's state and crypto stores pass JSON documents as []byte. The wrapper passes []byte
 // arguments that hold a JSON object or array as text instead. Each connection also prepares the statements it
-// runs with arguments (at most stmtCacheSize, least recently used dropped), so that Postgres parses and plans
-// them once per connection rather than at every run: about a third of Postgres's CPU per relayed message. A
+// runs with arguments (at most stmtCacheSize, least recently used dropped; those with many parameters once they
+// repeat), so that Postgres parses and plans them once per connection rather than at every run: about a third of
+// Postgres's CPU per relayed message. A
 // connection pooler that does not keep prepared statements (PgBouncer in transaction mode before 1.21) shows
 // itself by an unknown or duplicate statement name, and the connector stops preparing. dbutil treats every
 // driver name starting with "postgres" as Postgres.
@@ -112,6 +114,8 @@ type jsonTextConn struct {
 	// prepared statements by query text (database/sql uses a connection from one goroutine at a time)
 	stmts map[string]*cachedStmt
 	tick  uint64
+	// hashes of statements with many parameters run once and not kept (see prepared)
+	seen map[uint64]struct{}
 }
 
 // CheckNamedValue turns JSON documents given as []byte into strings and leaves every other argument to lib/pq's
@@ -181,25 +185,46 @@ func (c *jsonTextConn) QueryContext(ctx context.Context, query string, args []dr
 	return c.Conn.(driver.QueryerContext).QueryContext(ctx, query, args)
 }
 
-// Statement cache limits: statements kept per connection, and the statements worth keeping (a statement with
-// many parameters is a bulk insert or an IN list, whose text changes with its length).
+// Statement cache limits: statements kept per connection, the longest statement worth keeping, and how many
+// parameters a statement may have to be kept from its first run. One with more is a bulk insert or an IN list,
+// whose text changes with its length, or several writes merged into one statement (a new sender's account,
+// identity and first share), which repeat: those are kept from their second run on the connection, which
+// remembers the last stmtSeenSize such statements it ran once.
 const (
 	stmtCacheSize  = 256
 	stmtCacheArgs  = 16
-	stmtCacheBytes = 2048
+	stmtCacheBytes = 16384
+	stmtSeenSize   = 1024
 )
 
-// prepared returns the connection's prepared statement for query, preparing it the first time, or nil where
-// the statement is not worth keeping or could not be prepared (the plain path then runs it and reports any
-// error). Postgres parses and plans a prepared statement once per connection instead of at every execution.
+// seenSeed hashes the statements a connection ran once (jsonTextConn.seen).
+var seenSeed = maphash.MakeSeed()
+
+// prepared returns the connection's prepared statement for query, preparing it the first time (a statement with
+// more than stmtCacheArgs parameters: the second time), or nil where the statement is not worth keeping or could
+// not be prepared (the plain path then runs it and reports any error). Postgres parses and plans a prepared
+// statement once per connection instead of at every execution.
 func (c *jsonTextConn) prepared(ctx context.Context, query string, args []driver.NamedValue) driver.Stmt {
-	if len(args) == 0 || len(args) > stmtCacheArgs || len(query) > stmtCacheBytes || (c.noPrepare != nil && c.noPrepare.Load()) {
+	if len(args) == 0 || len(query) > stmtCacheBytes || (c.noPrepare != nil && c.noPrepare.Load()) {
 		return nil
 	}
 	if st, ok := c.stmts[query]; ok {
 		c.tick++
 		st.used = c.tick
 		return st.Stmt
+	}
+	if len(args) > stmtCacheArgs {
+		h := maphash.String(seenSeed, query)
+		if _, ok := c.seen[h]; !ok {
+			if len(c.seen) >= stmtSeenSize {
+				clear(c.seen)
+			} else if c.seen == nil {
+				c.seen = make(map[uint64]struct{})
+			}
+			c.seen[h] = struct{}{}
+			return nil
+		}
+		delete(c.seen, h)
 	}
 	st, err := c.Conn.(driver.ConnPrepareContext).PrepareContext(ctx, query)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -74,6 +75,47 @@ func TestStatementsArePreparedOncePerConnection(t *testing.T) {
 	}
 	if n := preparedCount(t, ctx, conn); n > 256 {
 		t.Fatalf("after 300 distinct statements the connection holds %d prepared statements, want at most 256", n)
+	}
+}
+
+// TestRepeatedLongStatementsArePrepared: a statement with many parameters (a bulk insert, an IN list, writes
+// merged into one statement) is often run once and never again, and is not kept at first; run a second time on a
+// connection, it is kept like any other. ferry merges a new sender's writes into such statements, each run once
+// per new sender with the same text: parsed and planned at every run, they cost Postgres more than executing them.
+func TestRepeatedLongStatementsArePrepared(t *testing.T) {
+	ctx := context.Background()
+	conn := pinned(t, ctx)
+	wide := func(tag string) (string, []any) {
+		var terms []string
+		var args []any
+		for i := range 20 {
+			terms = append(terms, fmt.Sprintf("$%d::int", i+1))
+			args = append(args, i)
+		}
+		return "SELECT " + strings.Join(terms, " + ") + " AS " + tag, args
+	}
+	for i := range 300 {
+		q, args := wide(fmt.Sprintf("once%d", i))
+		if _, err := conn.ExecContext(ctx, q, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := preparedCount(t, ctx, conn); n != 0 {
+		t.Fatalf("after 300 distinct statements of 20 parameters, each run once, the connection holds %d prepared statements, want 0", n)
+	}
+	q, args := wide("again")
+	for i := range 3 {
+		var got int
+		if err := conn.QueryRowContext(ctx, q, args...).Scan(&got); err != nil || got != 190 {
+			t.Fatalf("run %d: sum %d, %v", i+1, got, err)
+		}
+		want := 0
+		if i > 0 {
+			want = 1
+		}
+		if n := preparedCount(t, ctx, conn); n != want {
+			t.Fatalf("after running a statement of 20 parameters %d times the connection holds %d prepared statements, want %d", i+1, n, want)
+		}
 	}
 }
 

@@ -68,6 +68,7 @@ type settings struct {
 	hsLatency                 time.Duration
 	steadyRate                float64
 	steadyInLink              bool
+	warmWaves                 bool
 	// the scale runs
 	scaleLinks     []int
 	scaleGhosts    int
@@ -84,13 +85,15 @@ type report struct {
 	Machine  string         `json:"machine"`
 	SetupSec float64        `json:"setup_seconds"`
 	Warmup   *phaseResult   `json:"warmup,omitempty"`
-	Full     *phaseResult   `json:"full_speed,omitempty"`
-	Rates    []*phaseResult `json:"fixed_rate,omitempty"`
-	Steady   []*phaseResult `json:"steady,omitempty"`
-	Verify   *verifyResult  `json:"verify,omitempty"`
-	Floor    *floorResult   `json:"crypto_floor,omitempty"`
-	Naive    *naiveResult   `json:"naive_path,omitempty"`
-	PG       *pgBaseline    `json:"postgres_baseline,omitempty"`
+	// WarmupInUse: with -warm-waves, the second wave of the warm-up (new senders in rooms already in use).
+	WarmupInUse *phaseResult   `json:"warmup_rooms_in_use,omitempty"`
+	Full        *phaseResult   `json:"full_speed,omitempty"`
+	Rates       []*phaseResult `json:"fixed_rate,omitempty"`
+	Steady      []*phaseResult `json:"steady,omitempty"`
+	Verify      *verifyResult  `json:"verify,omitempty"`
+	Floor       *floorResult   `json:"crypto_floor,omitempty"`
+	Naive       *naiveResult   `json:"naive_path,omitempty"`
+	PG          *pgBaseline    `json:"postgres_baseline,omitempty"`
 	// RelayFloor: the durable relay floor at each fixed rate (relayfloor.go).
 	RelayFloor []*relayFloorResult `json:"relay_floor,omitempty"`
 	Scale      []*scaleResult      `json:"scale,omitempty"`
@@ -138,6 +141,7 @@ func run(args []string) int {
 	fs.StringVar(&st.logLevel, "log-level", "error", "ferry's log level (logs go to stderr)")
 	fs.DurationVar(&st.hsLatency, "hs-latency", 0, "the fake homeserver delays every request by this long")
 	fs.BoolVar(&st.steadyInLink, "steady-in-link", false, "with -steady-rate: the established sender speaks in the first link's room, beside its new senders (whose messages come first in the room's order), instead of in a link of its own")
+	fs.BoolVar(&st.warmWaves, "warm-waves", false, "relay runs: the warm-up in two waves, each reported: the first sender of every pair (a new sender in a room ferry has not used since it started), then, once those are relayed, the other senders (new senders in rooms in use)")
 	fs.Float64Var(&st.steadyRate, "steady-rate", 0, "relay runs: one more, established link carries this many msg/s alone for 10 s, then throughout the warm-up (every other sender's first message); its latencies are reported for both (0: no such link)")
 	fs.StringVar(&scaleLinks, "scale", "", "scale runs instead of the relay runs: ferry's binary on a database seeded with this many linked pairs, comma-separated (e.g. 100,1000,10000)")
 	fs.IntVar(&st.scaleGhosts, "scale-ghosts", 5, "scale runs: ghosts per linked pair")
@@ -347,19 +351,45 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 			steadyDone <- r
 		}()
 	}
+	// With -warm-waves, the senders after each pair's first speak in rooms ferry has used already (in a second
+	// phase, after the first wave was relayed).
+	waves := [][]*msg{warm}
+	if st.warmWaves && st.senders > 1 {
+		second := &phaseState{name: "warmup-rooms-in-use", msgs: warm[st.pairs:]}
+		for _, m := range second.msgs {
+			m.phase = second
+		}
+		warm[0].phase.msgs = warm[:st.pairs]
+		waves = [][]*msg{warm[:st.pairs], warm[st.pairs:]}
+	}
 	stopWarmProfile := startCPUProfile(st.warmProfile)
 	stopMutexProfile := startMutexProfile(st.warmMutexProfile)
-	before := e.snapshot()
-	n, start, end := e.run(ctx, warm[0].phase, 0, 0, time.Hour, st.drain)
+	for i, wave := range waves {
+		if ctx.Err() != nil {
+			break
+		}
+		before := e.snapshot()
+		n, start, end := e.run(ctx, wave[0].phase, 0, 0, time.Hour, st.drain)
+		mode := "first message of every sender (ghost registration, join, profile, room key share)"
+		switch {
+		case len(waves) > 1 && i == 0:
+			mode = "first message of each pair's first sender (a new sender in a room ferry has not used since it started)"
+		case i == 1:
+			mode = "first message of every other sender (a new sender in a room in use)"
+		}
+		if steadyDone != nil {
+			mode += fmt.Sprintf("; CPU and statement figures include the established link's %.0f msg/s", st.steadyRate)
+		}
+		res := e.result(wave[0].phase, mode, n, start, end, before, e.snapshot())
+		if i == 0 {
+			rep.Warmup = &res
+		} else {
+			rep.WarmupInUse = &res
+		}
+		printPhase(os.Stdout, res)
+	}
 	stopWarmProfile()
 	stopMutexProfile()
-	mode := "first message of every sender (ghost registration, join, profile, room key share)"
-	if steadyDone != nil {
-		mode += fmt.Sprintf("; CPU and statement figures include the established link's %.0f msg/s", st.steadyRate)
-	}
-	warmRes := e.result(warm[0].phase, mode, n, start, end, before, e.snapshot())
-	rep.Warmup = &warmRes
-	printPhase(os.Stdout, warmRes)
 	if steadyDone != nil {
 		steadyBusy[0].phase.stop.Store(true)
 		r := <-steadyDone
@@ -369,8 +399,8 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 
 	if len(full) > 0 && ctx.Err() == nil {
 		stopProfile := startCPUProfile(st.cpuProfile)
-		before = e.snapshot()
-		n, start, end = e.run(ctx, full[0].phase, 0, st.window, st.duration, st.drain)
+		before := e.snapshot()
+		n, start, end := e.run(ctx, full[0].phase, 0, st.window, st.duration, st.drain)
 		after := e.snapshot()
 		stopProfile()
 		writeMemProfile(st.memProfile)
@@ -389,8 +419,8 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 			break
 		}
 		rate := st.rates[i]
-		before = e.snapshot()
-		n, start, end = e.run(ctx, msgs[0].phase, rate, 0, st.rateDuration, st.drain)
+		before := e.snapshot()
+		n, start, end := e.run(ctx, msgs[0].phase, rate, 0, st.rateDuration, st.drain)
 		r := e.result(msgs[0].phase, fmt.Sprintf("fixed rate, open loop, %.0f msg/s offered for %s", rate, st.rateDuration), n, start, end, before, e.snapshot())
 		r.Offered = rate
 		rep.Rates = append(rep.Rates, &r)
@@ -404,7 +434,7 @@ func relayRuns(ctx context.Context, st settings, log zerolog.Logger, rep *report
 	fmt.Printf("  one-time key claims the homeserver could not serve (a device out of keys, no fallback key): %d\n", e.hs.ClaimMisses())
 	fmt.Printf("  duplicate copies %d, unencrypted copies %d, other events ferry sent: %v, echoes ferry received back: %d\n",
 		e.duplicates.Load(), e.plaintextCopies.Load(), e.otherSendsCopy(), e.echoes.Load())
-	for _, ph := range append(append([]*phaseResult{rep.Warmup, rep.Full}, rep.Rates...), rep.Steady...) {
+	for _, ph := range append(append([]*phaseResult{rep.Warmup, rep.WarmupInUse, rep.Full}, rep.Rates...), rep.Steady...) {
 		if ph != nil && (ph.Missing > 0 || ph.Duplicates > 0) {
 			rep.Problems = append(rep.Problems, fmt.Sprintf("%s: %d missing, %d duplicate copies", ph.Name, ph.Missing, ph.Duplicates))
 		}
