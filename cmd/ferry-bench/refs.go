@@ -44,15 +44,7 @@ func cryptoFloor(n int, plaintext []byte) (floorResult, error) {
 	per := max(n/rounds, 1)
 	var totals, decs, encs []float64
 	for range rounds {
-		source, err := olm.NewOutboundGroupSession()
-		if err != nil {
-			return res, err
-		}
-		inbound, err := olm.NewInboundGroupSession([]byte(source.Key()))
-		if err != nil {
-			return res, err
-		}
-		target, err := olm.NewOutboundGroupSession()
+		source, inbound, target, err := relaySessions()
 		if err != nil {
 			return res, err
 		}
@@ -99,6 +91,19 @@ func cryptoFloor(n int, plaintext []byte) (floorResult, error) {
 	}
 	res.Ed25519VerUs = float64(time.Since(start).Microseconds()) / sigs
 	return res, nil
+}
+
+// relaySessions are the Megolm sessions a relay works with: a sender's outbound session, the relay's inbound copy
+// of it, and the relay's own outbound session for the other room.
+func relaySessions() (source olm.OutboundGroupSession, inbound olm.InboundGroupSession, target olm.OutboundGroupSession, err error) {
+	if source, err = olm.NewOutboundGroupSession(); err != nil {
+		return
+	}
+	if inbound, err = olm.NewInboundGroupSession([]byte(source.Key())); err != nil {
+		return
+	}
+	target, err = olm.NewOutboundGroupSession()
+	return
 }
 
 func median(v []float64) float64 {
@@ -271,24 +276,35 @@ type pgBaseline struct {
 	BatchRowsPerTx int     `json:"batched_rows_per_statement"`
 }
 
+// scratchDatabase creates a fresh database with one table (schema), opened through the counting driver; done
+// closes and drops it.
+func scratchDatabase(ctx context.Context, st settings, schema string) (db *dbutil.Database, done func(), err error) {
+	bdb, err := createDatabase(st.adminURL)
+	if err != nil {
+		return nil, nil, err
+	}
+	if db, err = dbutil.NewWithDialect(bdb.uri, pgDriverName); err == nil {
+		if _, err = db.Exec(ctx, schema); err != nil {
+			_ = db.Close()
+		}
+	}
+	if err != nil {
+		bdb.drop()
+		return nil, nil, err
+	}
+	return db, func() { _ = db.Close(); bdb.drop() }, nil
+}
+
 // postgresBaseline times a trivial parameterised SELECT, a one-row autocommit INSERT (one WAL flush each) and
 // rows inserted 100 per statement, so per-message statement counts translate into time.
 func postgresBaseline(ctx context.Context, st settings) (pgBaseline, error) {
 	var res pgBaseline
-	bdb, err := createDatabase(st.adminURL)
+	db, done, err := scratchDatabase(ctx, st, `CREATE TABLE baseline (id BIGINT PRIMARY KEY, v TEXT NOT NULL)`)
 	if err != nil {
 		return res, err
 	}
-	defer bdb.drop()
-	db, err := dbutil.NewWithDialect(bdb.uri, pgDriverName)
-	if err != nil {
-		return res, err
-	}
-	defer db.Close()
+	defer done()
 	db.RawDB.SetMaxOpenConns(1)
-	if _, err = db.Exec(ctx, `CREATE TABLE baseline (id BIGINT PRIMARY KEY, v TEXT NOT NULL)`); err != nil {
-		return res, err
-	}
 	measure := func(n int, fn func(i int) error) (wall, trips, pgCPU, procCPU float64, err error) {
 		before := baseSnapshot()
 		for i := range n {

@@ -46,19 +46,11 @@ const floorTable = `CREATE TABLE floor_inbox (event_id TEXT PRIMARY KEY, raw TEX
 // relayFloor runs the durable relay floor at rate msg/s for dur.
 func relayFloor(ctx context.Context, st settings, rate float64, dur time.Duration) (relayFloorResult, error) {
 	res := relayFloorResult{Offered: rate, Messages: max(int(rate*dur.Seconds()), 1)}
-	bdb, err := createDatabase(st.adminURL)
+	db, done, err := scratchDatabase(ctx, st, floorTable)
 	if err != nil {
 		return res, err
 	}
-	defer bdb.drop()
-	db, err := dbutil.NewWithDialect(bdb.uri, pgDriverName)
-	if err != nil {
-		return res, err
-	}
-	defer db.Close()
-	if _, err = db.Exec(ctx, floorTable); err != nil {
-		return res, err
-	}
+	defer done()
 	asToken, hsToken := randomToken(), randomToken()
 	hs := fakehs.New(fakehs.Options{Domain: benchDomain, ASID: "floor", ASToken: asToken, HSToken: hsToken, ASBotLocalpart: "floorbot", Latency: st.hsLatency})
 	defer hs.Close()
@@ -68,15 +60,7 @@ func relayFloor(ctx context.Context, st settings, rate float64, dur time.Duratio
 	roomA := hs.CreateRoom(sender, fakehs.RoomOptions{Encryption: enc, Members: []id.UserID{bot}})
 	roomB := hs.CreateRoom(bot, fakehs.RoomOptions{Encryption: enc})
 
-	source, err := olm.NewOutboundGroupSession()
-	if err != nil {
-		return res, err
-	}
-	inbound, err := olm.NewInboundGroupSession([]byte(source.Key()))
-	if err != nil {
-		return res, err
-	}
-	target, err := olm.NewOutboundGroupSession()
+	source, inbound, target, err := relaySessions()
 	if err != nil {
 		return res, err
 	}
