@@ -116,6 +116,17 @@ func TestLinks(t *testing.T) {
 		if err != nil || len(link.Rooms) != 2 || link.ID != "L1" {
 			t.Fatalf("join = %+v, %v", link, err)
 		}
+		// Read back whole, by room and by ID (one statement each since the link's read was merged).
+		for _, read := range []func() (*database.Link, error){
+			func() (*database.Link, error) { return db.Links.GetByRoom(ctx, "!b") },
+			func() (*database.Link, error) { return db.Links.Get(ctx, "L1") },
+		} {
+			got, err := read()
+			if err != nil || got.ID != "L1" || got.CreatedBy != "@u:x" || got.CreatedAt.UnixMilli() != now.UnixMilli() ||
+				got.RequireEncryption || got.DisappearAfter != 0 || !slices.Equal(got.Rooms, []id.RoomID{"!a", "!b"}) || len(got.Retired) != 0 {
+				t.Fatalf("link read back = %+v, %v", got, err)
+			}
+		}
 		if _, err = db.Links.Join(ctx, "L2", "!a", "!b", "@u:x", now); !errors.Is(err, database.ErrRoomAlreadyLinked) {
 			t.Fatalf("linking two linked rooms: %v, want ErrRoomAlreadyLinked", err)
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -80,23 +81,18 @@ func (l *Link) Others(roomID id.RoomID) []id.RoomID {
 
 // SQL on link, link_room and link_predecessor.
 const (
-	getLinkQuery           = `SELECT id, created_by, created_at, require_encryption, disappear_ms FROM link WHERE id=$1`
 	allLinkIDsQuery        = `SELECT id FROM link ORDER BY created_at, id`
 	insertLinkQuery        = `INSERT INTO link (id, created_by, created_at) VALUES ($1, $2, $3)`
 	deleteLinkQuery        = `DELETE FROM link WHERE id=$1`
 	setLinkEncryptionQuery = `UPDATE link SET require_encryption=$2 WHERE id=$1`
 	setLinkDisappearQuery  = `UPDATE link SET disappear_ms=$2 WHERE id=$1`
 
-	getLinkIDByRoomQuery = `SELECT link_id FROM link_room WHERE room_id=$1`
-	getLinkRoomsQuery    = `SELECT room_id FROM link_room WHERE link_id=$1 ORDER BY added_at, room_id`
 	insertLinkRoomQuery  = `INSERT INTO link_room (room_id, link_id, added_by, added_at) VALUES ($1, $2, $3, $4)`
 	deleteLinkRoomQuery  = `DELETE FROM link_room WHERE room_id=$1`
 	deleteLinkRoomsQuery = `DELETE FROM link_room WHERE link_id=$1`
 	moveLinkRoomQuery    = `UPDATE link_room SET room_id=$2 WHERE room_id=$1`
 
-	getLinkIDByRetiredQuery = `SELECT link_id FROM link_predecessor WHERE room_id=$1`
-	getSuccessorQuery       = `SELECT successor FROM link_predecessor WHERE room_id=$1`
-	getRetiredRoomsQuery    = `SELECT room_id, successor, current_room, moved_at FROM link_predecessor WHERE link_id=$1 ORDER BY moved_at, room_id`
+	getSuccessorQuery = `SELECT successor FROM link_predecessor WHERE room_id=$1`
 	// A retired room's successor is its current room until that is upgraded too (moveRetiredQuery).
 	insertRetiredQuery   = `INSERT INTO link_predecessor (room_id, successor, current_room, link_id, moved_at) VALUES ($1, $2, $2, $3, $4)`
 	moveRetiredQuery     = `UPDATE link_predecessor SET current_room=$2 WHERE current_room=$1`
@@ -188,60 +184,79 @@ func (l *Link) clone() *Link {
 
 // getByRoom reads the link of a room from the database (inside a transaction, or to fill the cache).
 func (lq *LinkQuery) getByRoom(ctx context.Context, roomID id.RoomID) (*Link, error) {
-	var linkID string
-	err := lq.db.QueryRow(ctx, getLinkIDByRoomQuery, roomID).Scan(&linkID)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, ErrLinkNotFound
-	} else if err != nil {
-		return nil, err
-	}
-	return lq.Get(ctx, linkID)
+	return lq.read(ctx, linkWholeOfRoom, string(roomID))
 }
 
 // getByRetired reads the link a room was upgraded out of.
 func (lq *LinkQuery) getByRetired(ctx context.Context, roomID id.RoomID) (*Link, error) {
-	var linkID string
-	err := lq.db.QueryRow(ctx, getLinkIDByRetiredQuery, roomID).Scan(&linkID)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, ErrLinkNotFound
-	} else if err != nil {
-		return nil, err
-	}
-	return lq.Get(ctx, linkID)
+	return lq.read(ctx, linkWholeOfRetired, string(roomID))
 }
 
 // Get returns a link with its rooms, or ErrLinkNotFound.
 func (lq *LinkQuery) Get(ctx context.Context, linkID string) (*Link, error) {
-	var link Link
-	var createdAt, disappearMS int64
-	err := lq.db.QueryRow(ctx, getLinkQuery, linkID).
-		Scan(&link.ID, &link.CreatedBy, &createdAt, &link.RequireEncryption, &disappearMS)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, ErrLinkNotFound
-	} else if err != nil {
-		return nil, err
-	}
-	link.CreatedAt = time.UnixMilli(createdAt)
-	link.DisappearAfter = time.Duration(disappearMS) * time.Millisecond
-	rows, err := lq.db.Query(ctx, getLinkRoomsQuery, linkID)
-	link.Rooms, err = dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.RoomID], err).AsList()
-	if err != nil {
-		return nil, err
-	}
-	rows, err = lq.db.Query(ctx, getRetiredRoomsQuery, linkID)
-	link.Retired, err = dbutil.NewRowIterWithError(rows, scanRetired, err).AsList()
-	if err != nil {
-		return nil, err
-	}
-	return &link, nil
+	return lq.read(ctx, linkWholeOfID, linkID)
 }
 
-func scanRetired(row dbutil.Scannable) (RetiredRoom, error) {
-	var r RetiredRoom
-	var movedAt int64
-	err := row.Scan(&r.RoomID, &r.Successor, &r.Current, &movedAt)
-	r.MovedAt = time.UnixMilli(movedAt)
-	return r, err
+// How read finds the link it reads: by its ID, as the link of a room, or as the link a room was upgraded out of.
+const (
+	linkOfID      = `$1`
+	linkOfRoom    = `(SELECT link_id FROM link_room WHERE room_id=$1)`
+	linkOfRetired = `(SELECT link_id FROM link_predecessor WHERE room_id=$1)`
+)
+
+// sqlLinkWhole reads a link (kind 0), its rooms (1) and the rooms it moved out of (2) in one statement, each
+// kind in the order of the queries it replaces (rooms by added_at, retired rooms by moved_at, then room ID);
+// %s finds the link (linkOfID, linkOfRoom, linkOfRetired).
+const sqlLinkWhole = `WITH l AS (SELECT id, created_by, created_at, require_encryption, disappear_ms FROM link WHERE id=%s)
+	SELECT 0, id, created_by, created_at, require_encryption, disappear_ms, NULL FROM l
+	UNION ALL SELECT 1, room_id, NULL, added_at, NULL, NULL, NULL FROM link_room WHERE link_id=(SELECT id FROM l)
+	UNION ALL SELECT 2, room_id, successor, moved_at, NULL, NULL, current_room FROM link_predecessor WHERE link_id=(SELECT id FROM l)
+	ORDER BY 1, 4, 2`
+
+var (
+	linkWholeOfID      = fmt.Sprintf(sqlLinkWhole, linkOfID)
+	linkWholeOfRoom    = fmt.Sprintf(sqlLinkWhole, linkOfRoom)
+	linkWholeOfRetired = fmt.Sprintf(sqlLinkWhole, linkOfRetired)
+)
+
+// read returns the link query (linkWholeOf…) finds for arg, with its rooms, or ErrLinkNotFound: one statement,
+// where reading the link, its rooms and its retired rooms took four (with the lookup of a room's link).
+func (lq *LinkQuery) read(ctx context.Context, query, arg string) (*Link, error) {
+	rows, err := lq.db.Query(ctx, query, arg)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var link *Link
+	for rows.Next() {
+		var kind int
+		var a string
+		var b, f sql.NullString
+		var at, disappearMS sql.NullInt64
+		var requireEnc sql.NullBool
+		if err = rows.Scan(&kind, &a, &b, &at, &requireEnc, &disappearMS, &f); err != nil {
+			return nil, err
+		}
+		switch {
+		case kind == 0:
+			link = &Link{ID: a, CreatedBy: id.UserID(b.String), CreatedAt: time.UnixMilli(at.Int64),
+				RequireEncryption: requireEnc.Bool, DisappearAfter: time.Duration(disappearMS.Int64) * time.Millisecond}
+		case link == nil:
+			return nil, fmt.Errorf("link rows before the link itself (kind %d)", kind)
+		case kind == 1:
+			link.Rooms = append(link.Rooms, id.RoomID(a))
+		case kind == 2:
+			link.Retired = append(link.Retired, RetiredRoom{RoomID: id.RoomID(a), Successor: id.RoomID(b.String),
+				Current: id.RoomID(f.String), MovedAt: time.UnixMilli(at.Int64)})
+		}
+	}
+	if err = rows.Err(); err != nil {
+		return nil, err
+	}
+	if link == nil {
+		return nil, ErrLinkNotFound
+	}
+	return link, nil
 }
 
 // All lists every link.
