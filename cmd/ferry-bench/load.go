@@ -195,9 +195,7 @@ func (e *env) run(ctx context.Context, ph *phaseState, rate float64, window int,
 			break
 		}
 		if rate > 0 {
-			if wait := time.Until(start.Add(time.Duration(float64(i) / rate * float64(time.Second)))); wait > 0 {
-				time.Sleep(wait)
-			}
+			waitForSlot(start, i, rate)
 		} else if ph.sem != nil {
 			select {
 			case ph.sem <- struct{}{}:
@@ -227,6 +225,13 @@ func (e *env) run(ctx context.Context, ph *phaseState, rate float64, window int,
 		e.current.Store(nil)
 	}
 	return produced, start, end
+}
+
+// waitForSlot sleeps until the i-th message of an open-loop run at rate msg/s that started at start is due.
+func waitForSlot(start time.Time, i int, rate float64) {
+	if wait := time.Until(start.Add(time.Duration(float64(i) / rate * float64(time.Second)))); wait > 0 {
+		time.Sleep(wait)
+	}
 }
 
 // waitInboxDrained waits until ferry has no pending inbox rows (echoes included).

@@ -558,8 +558,8 @@ func relayFloors(ctx context.Context, st settings, rep *report) error {
 			return fmt.Errorf("relay floor at %.0f msg/s: %w", rate, err)
 		}
 		rep.RelayFloor = append(rep.RelayFloor, &rf)
-		fmt.Printf("  relay floor       %.0f msg/s for %s: machine CPU %.0f µs/msg = %.0f µs this process (relay + its fake homeserver) + %.0f µs Postgres; %.1f statements, %.1f commits; CPU steal %.1f%%\n",
-			rate, st.rateDuration, rf.MachPerMsg, rf.ProcPerMsg, rf.PGCPUPerMsg, rf.StmtsPerMsg, rf.CommitsMsg, rf.StealPct)
+		fmt.Printf("  relay floor       %.0f msg/s for %s: CPU %.0f µs/msg this process (relay + its fake homeserver) + %.0f µs Postgres (machine-wide %.0f µs); %.1f statements, %.1f commits; CPU steal %.1f%%\n",
+			rate, st.rateDuration, rf.ProcPerMsg, rf.PGCPUPerMsg, rf.MachPerMsg, rf.StmtsPerMsg, rf.CommitsMsg, rf.StealPct)
 		fmt.Printf("                    (record before answering, decrypt, encrypt, send, record done: raw Megolm, one table, nothing else)\n")
 	}
 	return nil

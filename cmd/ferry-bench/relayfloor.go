@@ -22,7 +22,7 @@ import (
 	"go.ferry.im/ferry/internal/fakehs"
 )
 
-// relayFloorResult is the durable relay floor at a fixed rate: the least machine CPU a relay spends per message
+// relayFloorResult is the durable relay floor at a fixed rate: the least CPU a relay spends per message
 // when it keeps ferry's two promises (a pushed event is recorded durably before the homeserver is answered, and
 // recorded done once its copy was sent, so that neither a crash nor a redelivery loses or doubles it) and
 // re-encrypts: one insert, a Megolm decrypt, a Megolm encrypt, the copy's send, one update. It uses the raw
@@ -102,9 +102,7 @@ func relayFloor(ctx context.Context, st settings, rate float64, dur time.Duratio
 	deliver := func(from, to int) {
 		start := time.Now()
 		for i := from; i < to && ctx.Err() == nil; i++ {
-			if wait := time.Until(start.Add(time.Duration(float64(i-from) / rate * float64(time.Second)))); wait > 0 {
-				time.Sleep(wait)
-			}
+			waitForSlot(start, i-from, rate)
 			hs.Deliver(ids[i:i+1], raws[i:i+1])
 		}
 	}
@@ -132,16 +130,12 @@ func relayFloor(ctx context.Context, st settings, rate float64, dur time.Duratio
 	if recorded != total || pending != 0 {
 		return res, fmt.Errorf("relay floor: %d of %d messages recorded, %d not recorded done", recorded, total, pending)
 	}
-	n := res.Relayed
+	// Measured as the relay runs measure ferry.
+	cpu := cpuBetween(before, after, res.Relayed)
+	res.ProcPerMsg, res.PGCPUPerMsg, res.MachPerMsg, res.StealPct = cpu.proc, cpu.pg, cpu.mach, cpu.stealPct
 	pg := after.pg.sub(before.pg)
-	res.ProcPerMsg = perMsg(float64((after.procCPU - before.procCPU).Microseconds()), n)
-	res.PGCPUPerMsg = perMsg(float64((after.pgCPU - before.pgCPU).Microseconds()), n)
-	res.MachPerMsg = perMsg(float64(after.machBusy-before.machBusy)/clockTicks*1e6, n)
-	res.StmtsPerMsg = perMsg(float64(pg.Statements), n)
-	res.CommitsMsg = perMsg(float64(pg.Commits), n)
-	if total := after.machTotal - before.machTotal; total > 0 {
-		res.StealPct = float64(after.machSteal-before.machSteal) / float64(total) * 100
-	}
+	res.StmtsPerMsg = perMsg(float64(pg.Statements), res.Relayed)
+	res.CommitsMsg = perMsg(float64(pg.Commits), res.Relayed)
 	return res, nil
 }
 

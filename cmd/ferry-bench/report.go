@@ -207,6 +207,22 @@ func perMsg(v float64, n int) float64 {
 }
 
 // result turns a finished run and the counters around it into a phaseResult.
+// cpuFigures is the CPU a run spent per message, from the snapshots around it: this process, the Postgres
+// cluster and the whole machine (µs), and the share of the machine's time the hypervisor gave to others.
+type cpuFigures struct{ proc, pg, mach, stealPct float64 }
+
+func cpuBetween(before, after snapshot, n int) cpuFigures {
+	c := cpuFigures{
+		proc: perMsg(float64((after.procCPU - before.procCPU).Microseconds()), n),
+		pg:   perMsg(float64((after.pgCPU - before.pgCPU).Microseconds()), n),
+		mach: perMsg(float64(after.machBusy-before.machBusy)/clockTicks*1e6, n),
+	}
+	if total := after.machTotal - before.machTotal; total > 0 {
+		c.stealPct = float64(after.machSteal-before.machSteal) / float64(total) * 100
+	}
+	return c
+}
+
 func (e *env) result(ph *phaseState, mode string, produced int, start, end time.Time, before, after snapshot) phaseResult {
 	r := phaseResult{Name: ph.name, Mode: mode, Produced: produced}
 	var inFerry, e2e []time.Duration
@@ -235,15 +251,12 @@ func (e *env) result(ph *phaseState, mode string, produced int, start, end time.
 	n := r.Relayed
 	wall := after.at.Sub(before.at).Seconds()
 	procCPU := after.procCPU - before.procCPU
-	machBusy := float64(after.machBusy-before.machBusy) / clockTicks
-	r.ProcCPUPerMsg = perMsg(float64(procCPU.Microseconds()), n)
-	r.MachCPUPerMsg = perMsg(machBusy*1e6, n)
+	pgCPU := after.pgCPU - before.pgCPU
+	cpu := cpuBetween(before, after, n)
+	r.ProcCPUPerMsg, r.PGCPUPerMsg, r.MachCPUPerMsg, r.StealPct = cpu.proc, cpu.pg, cpu.mach, cpu.stealPct
 	if total := after.machTotal - before.machTotal; total > 0 {
 		r.MachCoresBusy = float64(after.machBusy-before.machBusy) / float64(total) * float64(runtime.NumCPU())
-		r.StealPct = float64(after.machSteal-before.machSteal) / float64(total) * 100
 	}
-	pgCPU := after.pgCPU - before.pgCPU
-	r.PGCPUPerMsg = perMsg(float64(pgCPU.Microseconds()), n)
 	if wall > 0 {
 		r.ProcCoresBusy = procCPU.Seconds() / wall
 		r.PGCoresBusy = pgCPU.Seconds() / wall
