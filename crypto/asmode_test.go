@@ -277,18 +277,13 @@ func TestAppserviceModeMSC4190(t *testing.T) {
 	if counts[routeLogin] != 0 {
 		t.Errorf("appservice mode logged in %d times, want none", counts[routeLogin])
 	}
+	// (A device /sync loop begun by Start would have asked by now, through all the round trips above.)
 	onlyToDeviceCatchUps(t, r.srv, r.bot, first.DeviceID())
 	if counts[routePutDevice] != 2 {
 		t.Errorf("%d MSC4190 device creations, want 2 (the bot and the ghost)", counts[routePutDevice])
 	}
 	if n := counts["POST /_synapse/admin/v1/register"]; n != 0 {
 		t.Errorf("ferry used the shared-secret registration %d times without needing it", n)
-	}
-	r.m.lock.Lock()
-	syncing := r.m.syncCancel != nil
-	r.m.lock.Unlock()
-	if syncing {
-		t.Error("Start began a /sync loop in appservice mode")
 	}
 
 	// A restart reuses the bot's and the ghost's devices and identities: no new devices, and the member's

@@ -157,9 +157,13 @@ type Machine struct {
 	// adminGate is held for reading by every call that uses the admin helper, and for writing while it is removed.
 	adminGate sync.RWMutex
 
+	// loops counts the goroutines Start started (the /sync loops, the ghosts' drain, the to-device catch-up);
+	// Stop waits for them.
+	loops sync.WaitGroup
+
 	// guards the following fields
 	lock       sync.Mutex
-	syncCancel context.CancelFunc // ends the bot's /sync loop: the device's, or the rooms-only one (roomsync.go)
+	syncCancel context.CancelFunc // ends what Start started: the device's /sync loop, or the rooms-only one (roomsync.go)
 	roomWake   chan struct{}      // WakeRoomSync's signal to an idle rooms-only /sync (buffered, one)
 }
 
@@ -474,6 +478,10 @@ func (m *Machine) reset(ctx context.Context) error {
 // to-device events to appservices; in appservice mode it catches up on the device-list changes the homeserver
 // may not have pushed while ferry was down.
 func (m *Machine) Start(ctx context.Context) {
+	ctx, cancel := context.WithCancel(ctx)
+	m.lock.Lock()
+	m.syncCancel = cancel
+	m.lock.Unlock()
 	if m.asMode.Load() {
 		if err := m.catchUpDeviceLists(ctx); err != nil {
 			m.log.Warn().Err(err).Msg("Failed to catch up on device lists after the start; the next key share of each room fetches them")
@@ -483,31 +491,53 @@ func (m *Machine) Start(ctx context.Context) {
 			m.log.Warn().Err(err).Msg("Failed to check the bot's one-time keys after the start")
 		}
 		// And so are to-device messages: room keys sent while ferry was down wait in the device's inbox.
-		go m.catchUpToDeviceLogged(ctx, time.Now(), "after the start")
+		m.goLoop(func() { m.catchUpToDeviceLogged(ctx, time.Now(), "after the start") })
 		if m.RoomSync {
 			m.startRoomSync(ctx)
 		}
 		return
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	m.lock.Lock()
-	m.syncCancel = cancel
-	m.lock.Unlock()
-	go m.syncLoop(ctx, m.client)
+	m.goLoop(func() { m.syncLoop(ctx, m.client) })
 	if m.perGhost {
-		go m.drainLoop(ctx)
+		m.goLoop(func() { m.drainLoop(ctx) })
 	}
 }
+
+// goLoop runs f in a goroutine Stop waits for.
+func (m *Machine) goLoop(f func()) {
+	m.loops.Add(1)
+	go func() {
+		defer m.loops.Done()
+		f()
+	}()
+}
+
+// stopLoopsWait bounds Stop's wait for what Start started, each of which ends with its context.
+var stopLoopsWait = 15 * time.Second
 
 // Stop ends the sync loops and writes the outbound sessions held in memory, marking the stop as clean so that
 // the next start keeps them. Call it after the relay stopped.
 func (m *Machine) Stop() {
 	m.lock.Lock()
-	defer m.lock.Unlock()
-	if m.syncCancel != nil {
-		m.syncCancel()
+	cancel := m.syncCancel
+	m.lock.Unlock()
+	if cancel != nil {
+		cancel()
 	}
 	m.client.StopSync()
+	// A batch still being handled ends first: its token write or log line must not follow the caller's close.
+	ended := make(chan struct{})
+	go func() {
+		m.loops.Wait()
+		close(ended)
+	}()
+	select {
+	case <-ended:
+	case <-time.After(stopLoopsWait):
+		m.log.Warn().Dur("waited", stopLoopsWait).Msg("The /sync loop had not ended at shutdown; stopping without it")
+	}
+	m.lock.Lock()
+	defer m.lock.Unlock()
 	if m.bot == nil {
 		return
 	}

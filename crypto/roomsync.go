@@ -64,7 +64,7 @@ func (s roomSyncStore) LoadNextBatch(ctx context.Context, _ id.UserID) (string, 
 	return s.dev.store.GetSecret(ctx, secretRoomSyncToken)
 }
 
-// startRoomSync starts the rooms-only /sync (see above) under ctx; Stop ends it.
+// startRoomSync starts the rooms-only /sync (see above) under Start's ctx; Stop ends it.
 func (m *Machine) startRoomSync(ctx context.Context) {
 	if m.NewUserClient == nil {
 		m.log.Warn().Msg("No appservice client for the bot's rooms-only /sync: pushed events are relayed in the order they arrive")
@@ -86,11 +86,7 @@ func (m *Machine) startRoomSync(ctx context.Context) {
 		}
 		return backoff
 	}}
-	ctx, cancel := context.WithCancel(ctx)
-	m.lock.Lock()
-	m.syncCancel = cancel
-	m.lock.Unlock()
-	go m.syncLoop(ctx, cli)
+	m.goLoop(func() { m.syncLoop(ctx, cli) })
 }
 
 // syncLoop runs cli's /sync until ctx ends: the bot device's (login + /sync path) or the rooms-only one.

@@ -286,3 +286,45 @@ func TestSyncedBatchMarksHistoryBeforeTheBotsJoin(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// Stop returns only once the /sync loop has: a batch still being handled when Stop is called ends (its context
+// cancelled) before Stop returns, so nothing of the loop (a handler, a saved token, a log line) runs on after the
+// caller closed what it uses.
+func TestStopWaitsForTheSyncLoop(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r := newASRig(t, fakehs.Options{KeepTimeline: true}, "")
+	r.m.RoomSync = true
+	r.m.RoomSyncWanted = func() bool { return true }
+	entered := make(chan struct{})
+	var once atomic.Bool
+	var ended atomic.Bool
+	r.m.SyncedTimeline = func(ctx context.Context, _ SyncedBatch) error {
+		if !once.CompareAndSwap(false, true) {
+			return nil
+		}
+		close(entered)
+		<-ctx.Done()
+		time.Sleep(200 * time.Millisecond) // a handler finishing its write after the cancel
+		ended.Store(true)
+		return ctx.Err()
+	}
+	if err := r.m.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Start(ctx)
+	select {
+	case <-entered:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the rooms-only /sync never answered")
+	}
+	r.m.Stop()
+	if !ended.Load() {
+		t.Fatal("Stop returned while a /sync batch was still being handled")
+	}
+	calls := len(r.srv.SyncCalls())
+	time.Sleep(300 * time.Millisecond)
+	if n := len(r.srv.SyncCalls()); n != calls {
+		t.Fatalf("%d /sync requests after Stop returned", n-calls)
+	}
+}
