@@ -10,7 +10,10 @@ import http from "node:http";
 import path from "node:path";
 import { freePort, makeTempDir, removeTempDir } from "../lib/util.js";
 
-export async function prepareFloor({ serverName = "ferry.test" } = {}) {
+// With extensions, the floor's registration asks for what ferry's asks for with appservice-mode encryption:
+// ephemeral events and to-device messages (MSC2409) and device lists and one-time key counts (MSC3202) in every
+// transaction. The floor reads none of it; the homeserver computes it for each transaction all the same.
+export async function prepareFloor({ serverName = "ferry.test", extensions = false } = {}) {
     const dir = makeTempDir("ferry-floor-");
     const port = await freePort();
     const asToken = crypto.randomBytes(24).toString("hex");
@@ -30,6 +33,7 @@ export async function prepareFloor({ serverName = "ferry.test" } = {}) {
             "  users:",
             "    - exclusive: true",
             `      regex: "^@_floor_.*:${serverName.replace(/\./g, "\\\\.")}$"`,
+            ...(extensions ? ["de.sorunome.msc2409.push_ephemeral: true", "receive_ephemeral: true", "org.matrix.msc3202: true"] : []),
             "",
         ].join("\n"),
     );

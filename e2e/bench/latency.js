@@ -14,6 +14,8 @@
 // transaction that may be missing (bridge/txngaps.go): the worst case of an appservice sharing its homeserver
 // with others. FERRY_BENCH_PHASES=1 measures all of ferry's messages first, then all of the floor's, so that
 // ferry's transactions follow each other as on a homeserver where it is the only appservice.
+// FERRY_FLOOR_EXTENSIONS=1 registers the floor with the transaction extensions ferry's registration asks for in
+// appservice mode (floor.js): Synapse then computes for the floor's transactions what it computes for ferry's.
 import { performance } from "node:perf_hooks";
 import matrixSdk from "matrix-js-sdk";
 import { HS_LABEL } from "../lib/homeserver.js";
@@ -46,7 +48,8 @@ function arrival(user, roomId, sender) {
     });
 }
 
-const floor = await prepareFloor();
+const floorExtensions = process.env.FERRY_FLOOR_EXTENSIONS === "1";
+const floor = await prepareFloor({ extensions: floorExtensions });
 // ferry's metrics tell how long its part of each relay took (from the transaction that brought an event to the
 // homeserver accepting its copy) and whether transactions waited for /sync.
 const metricsUrl = `http://127.0.0.1:${await freePort()}/metrics`;
@@ -128,7 +131,7 @@ try {
         await sleep(gapMs);
     }
     const row = (name, xs) => `| ${name} | ${fmt(quantile(xs, 0.5))} | ${fmt(quantile(xs, 0.9))} |`;
-    console.log(`\n${HS_LABEL}, ${messages} messages, ${gapMs} ms apart (from alice's send), ${phases ? "ferry's then the floor's" : "ferry's and the floor's alternating"}\n`);
+    console.log(`\n${HS_LABEL}, ${messages} messages, ${gapMs} ms apart (from alice's send), ${phases ? "ferry's then the floor's" : "ferry's and the floor's alternating"}${floorExtensions ? ", the floor registered with ferry's transaction extensions" : ""}\n`);
     console.log("| path | median | p90 |\n|---|---|---|");
     console.log(row("direct: arrived at carol (same room)", r.directArrived));
     console.log(row("direct: decrypted by carol", r.directDecrypted));
