@@ -289,42 +289,56 @@ func ptr[T any](v T) *T { return &v }
 
 // Stop returns only once the /sync loop has: a batch still being handled when Stop is called ends (its context
 // cancelled) before Stop returns, so nothing of the loop (a handler, a saved token, a log line) runs on after the
-// caller closed what it uses.
+// caller closed what it uses. Both loops: the rooms-only /sync of appservice mode (Synapse), and the bot device's
+// /sync of the login + /sync path (a homeserver without MSC4190, as Dendrite).
 func TestStopWaitsForTheSyncLoop(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	r := newASRig(t, fakehs.Options{KeepTimeline: true}, "")
-	r.m.RoomSync = true
-	r.m.RoomSyncWanted = func() bool { return true }
-	entered := make(chan struct{})
-	var once atomic.Bool
-	var ended atomic.Bool
-	r.m.SyncedTimeline = func(ctx context.Context, _ SyncedBatch) error {
-		if !once.CompareAndSwap(false, true) {
-			return nil
-		}
-		close(entered)
-		<-ctx.Done()
-		time.Sleep(200 * time.Millisecond) // a handler finishing its write after the cancel
-		ended.Store(true)
-		return ctx.Err()
-	}
-	if err := r.m.Init(ctx); err != nil {
-		t.Fatal(err)
-	}
-	r.m.Start(ctx)
-	select {
-	case <-entered:
-	case <-time.After(15 * time.Second):
-		t.Fatal("the rooms-only /sync never answered")
-	}
-	r.m.Stop()
-	if !ended.Load() {
-		t.Fatal("Stop returned while a /sync batch was still being handled")
-	}
-	calls := len(r.srv.SyncCalls())
-	time.Sleep(300 * time.Millisecond)
-	if n := len(r.srv.SyncCalls()); n != calls {
-		t.Fatalf("%d /sync requests after Stop returned", n-calls)
+	for _, tc := range []struct {
+		name string
+		opts fakehs.Options
+	}{
+		{"rooms-only", fakehs.Options{KeepTimeline: true}},
+		{"device", fakehs.Options{KeepTimeline: true, NoMSC4190: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			r := newASRig(t, tc.opts, "")
+			r.m.RoomSync = true
+			r.m.RoomSyncWanted = func() bool { return true }
+			entered := make(chan struct{})
+			var once atomic.Bool
+			var ended atomic.Bool
+			r.m.SyncedTimeline = func(ctx context.Context, _ SyncedBatch) error {
+				if !once.CompareAndSwap(false, true) {
+					return nil
+				}
+				close(entered)
+				<-ctx.Done()
+				time.Sleep(200 * time.Millisecond) // a handler finishing its write after the cancel
+				ended.Store(true)
+				return ctx.Err()
+			}
+			if err := r.m.Init(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if got := r.m.AppserviceMode(); got != (tc.name == "rooms-only") {
+				t.Fatalf("appservice mode %v on this homeserver", got)
+			}
+			r.m.Start(ctx)
+			select {
+			case <-entered:
+			case <-time.After(15 * time.Second):
+				t.Fatal("the /sync never answered")
+			}
+			r.m.Stop()
+			if !ended.Load() {
+				t.Fatal("Stop returned while a /sync batch was still being handled")
+			}
+			calls := len(r.srv.SyncCalls())
+			time.Sleep(300 * time.Millisecond)
+			if n := len(r.srv.SyncCalls()); n != calls {
+				t.Fatalf("%d /sync requests after Stop returned", n-calls)
+			}
+		})
 	}
 }
