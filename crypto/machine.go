@@ -162,9 +162,9 @@ type Machine struct {
 	loops sync.WaitGroup
 
 	// guards the following fields
-	lock       sync.Mutex
-	syncCancel context.CancelFunc // ends what Start started: the device's /sync loop, or the rooms-only one (roomsync.go)
-	roomWake   chan struct{}      // WakeRoomSync's signal to an idle rooms-only /sync (buffered, one)
+	lock        sync.Mutex
+	startCancel context.CancelFunc // ends everything Start started (loops)
+	roomWake    chan struct{}      // WakeRoomSync's signal to an idle rooms-only /sync (buffered, one)
 }
 
 // NewMachine prepares the crypto layer. client must be a fresh appservice client for the bot (it will be logged
@@ -480,7 +480,7 @@ func (m *Machine) reset(ctx context.Context) error {
 func (m *Machine) Start(ctx context.Context) {
 	ctx, cancel := context.WithCancel(ctx)
 	m.lock.Lock()
-	m.syncCancel = cancel
+	m.startCancel = cancel
 	m.lock.Unlock()
 	if m.asMode.Load() {
 		if err := m.catchUpDeviceLists(ctx); err != nil {
@@ -519,7 +519,7 @@ var stopLoopsWait = 15 * time.Second
 // the next start keeps them. Call it after the relay stopped.
 func (m *Machine) Stop() {
 	m.lock.Lock()
-	cancel := m.syncCancel
+	cancel := m.startCancel
 	m.lock.Unlock()
 	if cancel != nil {
 		cancel()

@@ -206,11 +206,11 @@ func perMsg(v float64, n int) float64 {
 	return v / float64(n)
 }
 
-// result turns a finished run and the counters around it into a phaseResult.
 // cpuFigures is the CPU a run spent per message, from the snapshots around it: this process, the Postgres
 // cluster and the whole machine (µs), and the share of the machine's time the hypervisor gave to others.
 type cpuFigures struct{ proc, pg, mach, stealPct float64 }
 
+// cpuBetween is the CPU spent per message over n messages between two snapshots.
 func cpuBetween(before, after snapshot, n int) cpuFigures {
 	c := cpuFigures{
 		proc: perMsg(float64((after.procCPU - before.procCPU).Microseconds()), n),
@@ -223,6 +223,7 @@ func cpuBetween(before, after snapshot, n int) cpuFigures {
 	return c
 }
 
+// result turns a finished run and the counters around it into a phaseResult.
 func (e *env) result(ph *phaseState, mode string, produced int, start, end time.Time, before, after snapshot) phaseResult {
 	r := phaseResult{Name: ph.name, Mode: mode, Produced: produced}
 	var inFerry, e2e []time.Duration
