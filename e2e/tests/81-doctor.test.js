@@ -10,10 +10,11 @@ import { HS_LABEL, ferryConfigFor, onSynapse, startHomeserver } from "../lib/hom
 import { startSyncHoldProxy } from "../lib/proxy.js";
 import { SHARED_SECRET, command, inviteBot } from "../lib/stack.js";
 import { createUser } from "../lib/users.js";
-import { freePort } from "../lib/util.js";
+import { freePort, sleep } from "../lib/util.js";
 
 const T = 30000;
 let database, prepared, hs, ferry;
+let linked; // { alice, roomA }: a member and a linked room, from the first test
 const cleanups = [];
 
 before(async () => {
@@ -22,6 +23,7 @@ before(async () => {
     hs = await startHomeserver({ appserviceRegistrations: [prepared.registrationPath], sharedSecret: SHARED_SECRET, port: prepared.hsPort });
     // ferry starts once, as after an install, and stops: the doctor then stands in for it on its port.
     ferry = await startFerry(prepared, { readyTimeoutMs: 60000 });
+    await settlePushes();
     await ferry.stop();
 });
 
@@ -32,6 +34,27 @@ after(async () => {
     database?.drop();
     prepared?.cleanup();
 });
+
+/**
+ * Waits until Synapse has pushed ferry what there is to push: its log names every transaction it had an answer to,
+ * and none came for 2 s. Room events it pushes after ferry stopped are held for ferry, and every later push behind
+ * them, the doctor's probes included (the doctor refuses room events, so that ferry gets them).
+ */
+async function settlePushes() {
+    if (!onSynapse) return;
+    const answered = new RegExp(`Received response to PUT http://[^/]+:${prepared.port}/_matrix/app/v1/transactions/`, "g");
+    let seen = -1;
+    let quietSince = Date.now();
+    for (const deadline = Date.now() + 30000; Date.now() < deadline; await sleep(200)) {
+        const n = (hs.logs().match(answered) ?? []).length;
+        if (n !== seen) {
+            seen = n;
+            quietSince = Date.now();
+        } else if (Date.now() - quietSince >= 2000) {
+            return;
+        }
+    }
+}
 
 /**
  * Runs `ferry doctor`; returns { status, lines, byCheck(check) → the line of that check }. Without blocking: a
@@ -90,6 +113,7 @@ test(`${HS_LABEL}: a healthy set-up passes, with ferry stopped and with ferry ru
     await inviteBot(stack, alice, roomA);
     await inviteBot(stack, alice, roomB);
     assert.match((await command(stack, alice, roomA, `!ferry link ${roomB}`, T)).content.body, /^Linked/);
+    linked = { alice, roomA };
     await alice.client.setPowerLevel(roomB, prepared.botUserId, 0);
     const running = await doctor();
     assert.equal(running.status, 0, `warnings do not fail: ${running.text}`);
@@ -98,6 +122,7 @@ test(`${HS_LABEL}: a healthy set-up passes, with ferry stopped and with ferry ru
     assert.equal(power.length, 2, running.text);
     assert.ok(power.some((l) => l.startsWith("ok") && l.includes(roomA)), `enough power in room A: ${running.text}`);
     assert.ok(power.some((l) => l.startsWith("warn") && l.includes(roomB) && /fix: give .* moderator power/.test(l)), `too little in room B: ${running.text}`);
+    await settlePushes();
     await ferry.stop();
 });
 
@@ -179,4 +204,29 @@ test(`${HS_LABEL}: appservice-mode encryption the homeserver cannot do fails wit
     const line = r.byCheck("appservice-mode encryption");
     if (onSynapse) assert.match(line, /^FAIL .*pushed no to-device message.*-- fix: on Synapse set experimental_features\.msc2409_to_device_messages_enabled/);
     else assert.match(line, /^FAIL .*does not create devices for the appservice \(MSC4190\).*set encryption.appservice to false/);
+});
+
+test(`${HS_LABEL}: room events held for the stopped ferry make the probe wait, and the doctor says so instead of blaming the homeserver's settings`, async () => {
+    assert.ok(linked, "the first test linked a room");
+    // A message while ferry is stopped: the homeserver's push finds no one, and the homeserver holds it for ferry.
+    const before = onSynapse ? (hs.logs().match(/Error sending request to +PUT http:\/\/[^ ]*\/transactions\//g) ?? []).length : 0;
+    await linked.alice.sendText(linked.roomA, "while ferry is stopped");
+    if (onSynapse) {
+        for (const deadline = Date.now() + 30000; ; await sleep(200)) {
+            if ((hs.logs().match(/Error sending request to +PUT http:\/\/[^ ]*\/transactions\//g) ?? []).length > before) break;
+            assert.ok(Date.now() < deadline, "the homeserver tried to push the message to the stopped ferry");
+        }
+    }
+    const held = await doctor();
+    assert.equal(held.status, 0, `a check that could not be made fails nothing: ${held.text}`);
+    const line = held.byCheck("appservice-mode encryption");
+    if (onSynapse) assert.match(line, /^warn .*not checked: the homeserver holds room events for the stopped ferry.*-- fix: start ferry/);
+    else assert.match(line, /^ok .*off/);
+
+    // As the line says: ferry started takes them, and then the probe goes through.
+    ferry = await startFerry(prepared, { readyTimeoutMs: 60000 });
+    await settlePushes();
+    await ferry.stop();
+    const after = await doctor();
+    if (onSynapse) assert.match(after.byCheck("appservice-mode encryption"), /^ok .*MSC4190.*MSC2409.*MSC3202/, after.text);
 });
