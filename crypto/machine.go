@@ -459,7 +459,8 @@ func (m *Machine) reset(ctx context.Context) error {
 	if old := m.client.DeviceID; old != "" {
 		var err error
 		if m.asMode.Load() {
-			err = m.client.DeleteDevice(ctx, old, nil)
+			// An empty object, not no body: Synapse refuses a DELETE without one (M_BAD_JSON).
+			err = m.client.DeleteDevice(ctx, old, &mautrix.ReqDeleteDevice[any]{})
 		} else {
 			_, err = m.client.Logout(ctx)
 		}

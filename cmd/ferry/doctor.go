@@ -626,7 +626,8 @@ func (d *doctor) checkAppserviceMode(ctx context.Context) {
 	defer func() {
 		delCtx, delCancel := context.WithTimeout(context.Background(), doctorTimeout)
 		defer delCancel()
-		if err := cli.DeleteDevice(delCtx, deviceID, nil); err != nil {
+		// An empty object, not no body: Synapse refuses a DELETE without one (M_BAD_JSON).
+		if err := cli.DeleteDevice(delCtx, deviceID, &mautrix.ReqDeleteDevice[any]{}); err != nil {
 			fmt.Fprintf(d.out, "%-4s  %s: the probe device %s could not be deleted (%s); delete it as the bot\n", statusWarn, check, deviceID, errcodeOf(err))
 		}
 	}()

@@ -95,6 +95,7 @@ test(`${HS_LABEL}: a healthy set-up passes, with ferry stopped and with ferry ru
     if (onSynapse) {
         assert.match(stopped.byCheck("homeserver reaches ferry"), /^ok .*ferry doctor \(standing in for the stopped ferry\).*hs_token matches/);
         assert.match(stopped.byCheck("appservice-mode encryption"), /^ok .*MSC4190.*MSC2409.*MSC3202/);
+        assert.ok(!stopped.lines.some((l) => /probe device .* could not be deleted/.test(l)), `the probe device is deleted again: ${stopped.text}`);
         assert.match(stopped.byCheck("bot's rooms /sync"), /^ok .*allowed/);
     } else {
         assert.match(stopped.byCheck("homeserver reaches ferry"), /^skip .*no appservice ping/);

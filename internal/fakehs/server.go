@@ -680,6 +680,13 @@ func (s *Server) deleteDevice(w http.ResponseWriter, r *http.Request, c caller) 
 		writeJSON(w, http.StatusUnauthorized, map[string]any{"flows": []any{map[string]any{"stages": []string{"m.login.password"}}}, "session": randomHex(8)})
 		return
 	}
+	// Synapse 1.163.2 wants a JSON object here even without UIA: an empty body is refused (M_BAD_JSON).
+	body, _ := io.ReadAll(io.LimitReader(r.Body, maxBody))
+	var obj map[string]any
+	if json.Unmarshal(body, &obj) != nil || obj == nil {
+		writeError(w, http.StatusBadRequest, "M_BAD_JSON", "Content must be a JSON object.")
+		return
+	}
 	devID := id.DeviceID(r.PathValue("deviceID"))
 	s.mu.Lock()
 	acc := s.accounts[c.user]
